@@ -1,0 +1,33 @@
+# Two entry points, each self-contained on a machine with python3, pip and make:
+#   make demo   run examples/quickstart.py against a real MCP server it starts itself
+#   make test   lint, format check, type check and the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench stress clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,demo]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+	$(VENV)/bin/pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py
+
+stress: $(STAMP)
+	$(VENV)/bin/pytest -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,186 @@
+"""The RMCPError hierarchy: every failure a caller can see, in one place.
+
+Every error carries what the caller needs to decide what to do next: the logical call it
+belongs to (``request_id``, ``idempotency_key``, ``server``, ``tool``), whether the tool may
+have run (``may_have_executed``) and the call's ``outcome``. Transport and SDK exceptions are
+mapped to these classes at one boundary (``rmcp_actors.client._call``) and never leak.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+__all__ = [
+    "Outcome",
+    "RMCPConfigError",
+    "RMCPError",
+    "RMCPNetworkError",
+    "RMCPOutcomeUnknownError",
+    "RMCPOverloadedError",
+    "RMCPResultValidationError",
+    "RMCPServerError",
+    "RMCPSupervisorError",
+    "RMCPTimeoutAfterSendError",
+    "RMCPTimeoutError",
+    "UnknownServerError",
+    "UnknownToolError",
+]
+
+
+class Outcome(enum.Enum):
+    """What is known about a logical call's effect on the server.
+
+    ``SUCCEEDED``: the tool ran and answered normally. ``FAILED``: the call ended without
+    success; on a :class:`~rmcp_actors.CallResult` it means the tool ran and reported an error,
+    on an :class:`RMCPError` that nothing is known to have run. ``UNKNOWN``: the request may have
+    run (it was sent and the answer was lost) and could not be retried safely.
+    """
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+class RMCPError(Exception):
+    """Base class of every error rmcp_actors raises.
+
+    Attributes:
+        message: What happened and what the caller can do about it.
+        server: The server the call was addressed to, when there is one.
+        tool: The tool the call was addressed to, when there is one.
+        request_id: The logical call's request id, when the error belongs to a call.
+        idempotency_key: The key every attempt of the call carried.
+        may_have_executed: ``True`` when the tool may have run (its side effects may exist).
+        outcome: ``Outcome.UNKNOWN`` when the tool may have run, else ``Outcome.FAILED``.
+    """
+
+    #: Default for the class; an instance may say more (see ``may_have_executed`` above).
+    default_may_have_executed: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        server: str | None = None,
+        tool: str | None = None,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        may_have_executed: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.server = server
+        self.tool = tool
+        self.request_id = request_id
+        self.idempotency_key = idempotency_key
+        self.may_have_executed = (
+            self.default_may_have_executed if may_have_executed is None else may_have_executed
+        )
+
+    @property
+    def outcome(self) -> Outcome:
+        """``Outcome.UNKNOWN`` if the tool may have run, else ``Outcome.FAILED``."""
+        return Outcome.UNKNOWN if self.may_have_executed else Outcome.FAILED
+
+    def __str__(self) -> str:
+        where = "/".join(part for part in (self.server, self.tool) if part)
+        prefix = f"[{where}] " if where else ""
+        suffix = f" (request_id={self.request_id})" if self.request_id else ""
+        return f"{prefix}{self.message}{suffix}"
+
+
+class RMCPConfigError(RMCPError):
+    """The configuration is malformed: the message names the key path and the problem.
+
+    Attributes:
+        path: Dotted path of the offending key, e.g. ``servers.time.retry.max_attempts``.
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class UnknownServerError(RMCPError):
+    """The call named a server that is not configured; nothing was sent."""
+
+
+class UnknownToolError(RMCPError):
+    """The server does not list the tool (checked against the cached tool list); nothing was sent."""
+
+
+class RMCPNetworkError(RMCPError):
+    """The connection was down before sending, or could not be made: the tool did not run."""
+
+
+class RMCPOverloadedError(RMCPError):
+    """The call was refused at admission (queue full with ``overflow = "reject"``); nothing was sent."""
+
+
+class RMCPOutcomeUnknownError(RMCPError):
+    """The request was sent and its answer was lost; the tool may have run.
+
+    The call was not retried because the tool is not known to be safe to repeat. Check the
+    side effect (by ``idempotency_key`` where the tool supports it) before calling again.
+    """
+
+    default_may_have_executed = True
+
+
+class RMCPTimeoutError(RMCPError):
+    """The call's deadline passed before an answer arrived.
+
+    An instance of this class itself means the request was never sent (still queued, waiting
+    for a connection, or backing off between attempts). After sending, the raised class is
+    :class:`RMCPTimeoutAfterSendError`, which is also an :class:`RMCPOutcomeUnknownError`.
+    """
+
+
+class RMCPTimeoutAfterSendError(RMCPTimeoutError, RMCPOutcomeUnknownError):
+    """The deadline passed after the request was sent: the tool may have run."""
+
+    default_may_have_executed = True
+
+
+class RMCPServerError(RMCPError):
+    """The server answered with a JSON-RPC error instead of a result.
+
+    Protocol-level refusals (parse error, invalid request, method not found, invalid params)
+    mean the tool did not run; any other code may come from a tool that had started.
+
+    Attributes:
+        code: The JSON-RPC error code.
+        data: The error's ``data`` member, if any.
+    """
+
+    NOT_EXECUTED_CODES = frozenset({-32700, -32600, -32601, -32602})
+
+    def __init__(self, code: int, message: str, data: Any = None, **context: Any) -> None:
+        context.setdefault("may_have_executed", code not in self.NOT_EXECUTED_CODES)
+        super().__init__(f"server answered JSON-RPC error {code}: {message}", **context)
+        self.code = code
+        self.data = data
+
+
+class RMCPResultValidationError(RMCPError):
+    """The tool ran, but its result broke the tool's declared output schema.
+
+    The side effect, if any, happened: do not blindly call again.
+    """
+
+    default_may_have_executed = True
+
+
+class RMCPSupervisorError(RMCPError):
+    """A runtime actor kept failing beyond its restart intensity and the runtime stopped.
+
+    Raised by ``RMCPSupervisor.open()``; ``__cause__`` is the failing actor's last exception.
+
+    Attributes:
+        actor: Name of the actor whose failures escalated.
+    """
+
+    def __init__(self, message: str, *, actor: str) -> None:
+        super().__init__(message)
+        self.actor = actor
