@@ -4,6 +4,21 @@ The implementation lives in private modules and sub-packages; everything a user 
 re-exported here, and users import from ``rmcp_actors`` only.
 """
 
+from .client.connection import ConnectionState as ConnectionState
+from .client.connection import ConnectionStatistics as ConnectionStatistics
+from .client.scheduler import LaneStatistics as LaneStatistics
+from .client.scheduler import SchedulerStatistics as SchedulerStatistics
+from .config import CallPolicy as CallPolicy
+from .config import PolicyOverrides as PolicyOverrides
+from .config import ReconnectOverrides as ReconnectOverrides
+from .config import ReconnectPolicy as ReconnectPolicy
+from .config import RetryOverrides as RetryOverrides
+from .config import RetryPolicy as RetryPolicy
+from .config import RMCPConfig as RMCPConfig
+from .config import RuntimeSettings as RuntimeSettings
+from .config import ServerPolicy as ServerPolicy
+from .config import ServerSpec as ServerSpec
+from .config import ToolOverrides as ToolOverrides
 from .errors import Outcome as Outcome
 from .errors import RMCPConfigError as RMCPConfigError
 from .errors import RMCPError as RMCPError
@@ -17,3 +32,6 @@ from .errors import RMCPTimeoutAfterSendError as RMCPTimeoutAfterSendError
 from .errors import RMCPTimeoutError as RMCPTimeoutError
 from .errors import UnknownServerError as UnknownServerError
 from .errors import UnknownToolError as UnknownToolError
+from .result import CallResult as CallResult
+from .rmcp_supervisor import RMCPSupervisor as RMCPSupervisor
+from .rmcp_supervisor import RuntimeStatistics as RuntimeStatistics

@@ -1,0 +1,140 @@
+"""Build the SDK client for a ServerSpec, with a transport whose death can be observed.
+
+The SDK wakes every waiting request with ``MCPError(-32000)`` when a transport's read stream
+ends, but it does not tell the owner of the ``Client``. The connection actor needs to know at
+once (to fail fast or wait, and to reconnect), so stream-backed transports are wrapped: the
+read stream reports its end through a callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from mcp import Client, StdioServerParameters
+from mcp.client._memory import InMemoryTransport
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server import Server
+from mcp.server.mcpserver import MCPServer
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared._stream_protocols import ReadStream, WriteStream
+from mcp.shared.message import SessionMessage
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+
+from ..config import ServerSpec
+from ..errors import RMCPConfigError
+
+__all__ = ["ClosedCallback", "build_client", "client_mode"]
+
+ClosedCallback = Callable[[], None]
+_Streams = tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]
+
+
+class _ObservedReadStream:
+    """A read stream that calls ``on_closed`` once when the peer's side ends."""
+
+    def __init__(self, inner: ReadStream[SessionMessage | Exception], on_closed: ClosedCallback) -> None:
+        self._inner = inner
+        self._on_closed = on_closed
+
+    async def receive(self) -> SessionMessage | Exception:
+        try:
+            return await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._on_closed()
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> SessionMessage | Exception:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        # The dispatcher probes optional attributes (``last_context``) with getattr.
+        return getattr(self._inner, name)
+
+
+@asynccontextmanager
+async def _observed(
+    transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback
+) -> AsyncIterator[_Streams]:
+    async with transport as (read_stream, write_stream):
+        yield _ObservedReadStream(read_stream, on_closed), write_stream
+
+
+@asynccontextmanager
+async def _http_transport(url: str, headers: dict[str, str] | None) -> AsyncIterator[_Streams]:
+    async with AsyncExitStack() as stack:
+        http_client = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+        yield await stack.enter_async_context(streamable_http_client(url, http_client=http_client))
+
+
+def client_mode(protocol: str) -> str:
+    """Map a spec's ``protocol`` to the SDK's ``mode``.
+
+    A handshake-era version (``2025-11-25`` and older) is spoken through the initialize
+    handshake, which offers the newest handshake version the SDK knows.
+
+    Raises:
+        RMCPConfigError: The SDK does not know that protocol version.
+    """
+    if protocol in ("auto", "legacy") or protocol in MODERN_PROTOCOL_VERSIONS:
+        return protocol
+    if protocol in HANDSHAKE_PROTOCOL_VERSIONS:
+        return "legacy"
+    known = ", ".join(sorted({*MODERN_PROTOCOL_VERSIONS, *HANDSHAKE_PROTOCOL_VERSIONS}))
+    raise RMCPConfigError(f"unknown protocol version {protocol!r}; known: {known}", path="protocol")
+
+
+def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
+    """Return an un-entered ``mcp.Client`` for ``spec``.
+
+    Args:
+        spec: The server to reach.
+        on_closed: Called (synchronously, at most a few times) when the transport's read side
+            ends. The direct in-memory wire has no transport and never calls it.
+
+    Returns:
+        The client; the caller enters it with ``async with``.
+    """
+    mode = client_mode(spec.protocol)
+    if spec.transport == "stdio":
+        assert spec.command is not None  # validated by ServerSpec
+        params = StdioServerParameters(
+            command=spec.command,
+            args=list(spec.args),
+            env=dict(spec.env) if spec.env is not None else None,
+            cwd=spec.cwd,
+        )
+        return Client(_observed(stdio_client(params), on_closed), mode=mode)
+    if spec.transport == "http":
+        assert spec.url is not None  # validated by ServerSpec
+        headers = dict(spec.headers) if spec.headers is not None else None
+        return Client(_observed(_http_transport(spec.url, headers), on_closed), mode=mode)
+    server = spec.server
+    assert isinstance(server, MCPServer | Server)  # validated by ServerSpec
+    if spec.wire == "direct":
+        return Client(server, mode=mode)
+    return Client(_observed(InMemoryTransport(server), on_closed), mode=mode)

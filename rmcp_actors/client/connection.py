@@ -1,0 +1,312 @@
+"""The connection actor: one per MCP server, owning its ``mcp.Client`` across reconnects.
+
+The actor task owns the transport (``async with Client`` runs in a session task of its own
+nursery); callers never run inside it. They take a *lease* on the current session (a plain
+attribute read, no channel hop) and call the SDK in their own task, so the data plane costs
+nothing extra while connect, teardown and reconnect stay in the actor. When the transport
+dies the actor notices (the read stream ends, or a caller reports ``-32000``), tears the
+session down in its own task and reconnects with capped, jittered exponential backoff for as
+long as the server is configured. A flaky server is never a crash of the actor.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from typing import final
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import attrs
+from mcp import Client
+from mcp_types import Tool
+
+from ..config import ServerPolicy, ServerSpec
+from ..errors import RMCPNetworkError
+from ._transport import build_client
+from .retry import backoff_delay
+
+__all__ = ["Connection", "ConnectionState", "ConnectionStatistics", "Session"]
+
+_TOOLS_PAGE_CAP = 1000
+
+
+class ConnectionState(enum.Enum):
+    """Where a connection actor is in its life."""
+
+    CONNECTING = "connecting"
+    READY = "ready"
+    DISCONNECTED = "disconnected"
+    CLOSED = "closed"
+
+
+@final
+@attrs.define(eq=False)
+class Session:
+    """One connected generation of a server's transport; a caller's lease points at it."""
+
+    generation: int
+    client: Client | None = None
+    tools: dict[str, Tool] = attrs.Factory(dict[str, Tool])
+    protocol_version: str | None = None
+    ready: anyio.Event = attrs.Factory(anyio.Event)
+    broken: anyio.Event = attrs.Factory(anyio.Event)
+    ended: anyio.Event = attrs.Factory(anyio.Event)
+    scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
+    error: BaseException | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True while calls may be sent on this session."""
+        return self.client is not None and not self.broken.is_set()
+
+
+@final
+@attrs.frozen
+class ConnectionStatistics:
+    """A read-only snapshot of one connection actor."""
+
+    server: str
+    state: ConnectionState
+    generation: int
+    connects: int
+    failed_connects: int
+    protocol_version: str | None
+    tools: int
+    last_error: str | None
+
+
+@final
+@attrs.define(eq=False)
+class Connection:
+    """The actor owning one MCP server's connection.
+
+    Args:
+        spec: How to reach the server.
+        policy: The server's resolved policy (timeouts, reconnect backoff, when_disconnected).
+    """
+
+    spec: ServerSpec
+    policy: ServerPolicy
+    _state: ConnectionState = ConnectionState.CONNECTING
+    _session: Session | None = None
+    _generation: int = 0
+    _connects: int = 0
+    _failed_connects: int = 0
+    _last_error: BaseException | None = None
+    _tools: dict[str, Tool] = attrs.Factory(dict[str, Tool])
+    _state_changed: anyio.Event = attrs.Factory(anyio.Event)
+    _random: random.Random = attrs.Factory(random.Random)
+
+    @property
+    def name(self) -> str:
+        """The server's name."""
+        return self.spec.name
+
+    @property
+    def state(self) -> ConnectionState:
+        """The connection's current state."""
+        return self._state
+
+    @property
+    def tools(self) -> dict[str, Tool]:
+        """The tools the server listed at the latest connection, by name."""
+        return self._tools
+
+    def statistics(self) -> ConnectionStatistics:
+        """Return a snapshot of the connection's state and counters."""
+        session = self._session
+        return ConnectionStatistics(
+            server=self.name,
+            state=self._state,
+            generation=self._generation,
+            connects=self._connects,
+            failed_connects=self._failed_connects,
+            protocol_version=session.protocol_version if session else None,
+            tools=len(session.tools) if session else 0,
+            last_error=_describe(self._last_error) if self._last_error else None,
+        )
+
+    # -- data plane: what callers use -------------------------------------------------------
+
+    def current_session(self) -> Session | None:
+        """The usable session, or None while disconnected. Never waits."""
+        session = self._session
+        if session is not None and session.usable:
+            return session
+        return None
+
+    async def wait_session(self) -> Session:
+        """Return a usable session, waiting for a reconnect if the policy says ``wait``.
+
+        The caller's cancel scope bounds the wait.
+
+        Raises:
+            RMCPNetworkError: The server is disconnected and ``when_disconnected = "fail"``, or the
+                connection was closed.
+        """
+        while True:
+            session = self.current_session()
+            if session is not None:
+                return session
+            if self._state is ConnectionState.CLOSED:
+                raise RMCPNetworkError(
+                    f"the connection to {self.spec.describe()} is closed (server removed or runtime "
+                    "stopping); add the server again to call it",
+                    server=self.name,
+                )
+            if self.policy.when_disconnected == "fail":
+                raise RMCPNetworkError(
+                    f"not connected to {self.spec.describe()} ({self._reason()}); the runtime is "
+                    "reconnecting: retry later, or set when_disconnected = 'wait' to wait within "
+                    "the call's deadline",
+                    server=self.name,
+                )
+            await self._state_changed.wait()
+
+    def report_broken(self, session: Session) -> None:
+        """Tell the actor that a call saw ``session``'s transport fail (``MCPError -32000``)."""
+        session.broken.set()
+
+    # -- control plane: the actor ----------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, then keep the server connected until cancelled.
+
+        The first connection of the actor's life must succeed (``task_status.started()`` is
+        called once it has), so that ``add_server`` reports a bad command or URL at once. After
+        a restart by its supervisor, the actor starts at once and reconnects in the background.
+
+        Raises:
+            RMCPNetworkError: The first connection failed.
+        """
+        first_life = self._connects == 0
+        try:
+            async with anyio.create_task_group() as task_group:
+                if first_life:
+                    await self._connect(task_group)
+                task_status.started()
+                failures = 0 if first_life else 1
+                while True:
+                    if self._session is not None:
+                        await self._session.ended.wait()
+                        self._set_state(ConnectionState.DISCONNECTED)
+                        failures = 0
+                    delay = backoff_delay(
+                        failures + 1,
+                        self.policy.reconnect.base_delay_s,
+                        self.policy.reconnect.max_delay_s,
+                        self._random,
+                    )
+                    await anyio.sleep(delay)
+                    try:
+                        await self._connect(task_group)
+                    except RMCPNetworkError:
+                        failures += 1
+        finally:
+            self._set_state(ConnectionState.CLOSED)
+
+    async def _connect(self, task_group: anyio.abc.TaskGroup) -> None:
+        self._generation += 1
+        session = Session(generation=self._generation)
+        self._session = session
+        self._set_state(ConnectionState.CONNECTING)
+        task_group.start_soon(self._run_session, session)
+        with anyio.move_on_after(self.policy.connect_timeout_s):
+            await _first_of(session.ready, session.ended)
+        if session.ready.is_set() and not session.ended.is_set():
+            self._connects += 1
+            self._tools = session.tools
+            self._set_state(ConnectionState.READY)
+            return
+        session.scope.cancel()
+        # The SDK's own teardown (stdio: close stdin, SIGTERM, SIGKILL) is shielded and bounded.
+        await session.ended.wait()
+        self._failed_connects += 1
+        error = session.error
+        self._last_error = error
+        reason = (
+            _describe(error)
+            if error is not None
+            else f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
+        )
+        raise RMCPNetworkError(
+            f"could not connect to {self.spec.describe()}: {reason}; check the command or URL and "
+            "that the server speaks MCP on it",
+            server=self.name,
+        ) from error
+
+    async def _run_session(self, session: Session) -> None:
+        try:
+            with session.scope:
+                async with build_client(self.spec, session.broken.set) as client:
+                    session.tools = await _list_all_tools(client)
+                    session.protocol_version = client.protocol_version
+                    session.client = client
+                    session.ready.set()
+                    await session.broken.wait()
+        except BaseException as exc:
+            # Cancellation from above (runtime stopping) is re-raised by this checkpoint; what is
+            # left is the transport failing, which is ours to handle, not the supervisor's.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            cause = _root_cause(exc)
+            if isinstance(cause, KeyboardInterrupt | SystemExit):
+                raise
+            session.error = cause
+            self._last_error = session.error
+        finally:
+            session.broken.set()
+            session.client = None
+            session.ended.set()
+
+    def _set_state(self, state: ConnectionState) -> None:
+        self._state = state
+        changed, self._state_changed = self._state_changed, anyio.Event()
+        changed.set()
+
+    def _reason(self) -> str:
+        if self._last_error is not None:
+            return f"last error: {_describe(self._last_error)}"
+        return f"state {self._state.value}"
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    async with anyio.create_task_group() as task_group:
+
+        async def wait_then_cancel(event: anyio.Event) -> None:
+            await event.wait()
+            task_group.cancel_scope.cancel()
+
+        for event in events:
+            task_group.start_soon(wait_then_cancel, event)
+
+
+async def _list_all_tools(client: Client) -> dict[str, Tool]:
+    tools: dict[str, Tool] = {}
+    cursor: str | None = None
+    for _ in range(_TOOLS_PAGE_CAP):
+        page = await client.list_tools(cursor=cursor)
+        tools.update((tool.name, tool) for tool in page.tools)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return tools
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The most telling exception inside a (possibly nested) exception group."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        if not inner:
+            return exc
+        exc = inner[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"command not found ({exc.filename or exc})"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+

@@ -1,0 +1,258 @@
+"""RMCPSupervisor: the public entry point, owning the actor tree of one runtime.
+
+::
+
+    RMCPSupervisor.open()             root Supervisor "rmcp" (one_for_one)
+    └── Supervisor "connections"      one_for_one, dynamic: one Connection actor per server
+
+The scheduler is shared state, not an actor (see ``client/scheduler.py``); calls run in the
+caller's task and lease the connection's session, so a call crosses no inbox.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn, final
+
+import anyio
+import anyio.abc
+import attrs
+from mcp_types import Tool
+
+from .client._transport import client_mode
+from .client.call import CallRequest, perform_call
+from .client.connection import Connection, ConnectionState, ConnectionStatistics
+from .client.scheduler import Lane, Scheduler, SchedulerStatistics
+from .config import CallPolicy, RMCPConfig, ServerSpec
+from .errors import RMCPConfigError, RMCPSupervisorError, UnknownServerError
+from .result import CallResult
+from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
+
+__all__ = ["RMCPSupervisor", "RuntimeStatistics"]
+
+# The SDK's stdio shutdown waits 2 s for exit, then 2 s after SIGTERM before SIGKILL, then up
+# to 2 s to reap: a connection actor gets longer than that before its supervisor moves on.
+_CONNECTION_SHUTDOWN_S = 7.0
+
+
+@final
+@attrs.frozen
+class RuntimeStatistics:
+    """A snapshot of the whole runtime, built from each actor's ``statistics()``."""
+
+    scheduler: SchedulerStatistics
+    connections: tuple[ConnectionStatistics, ...]
+    supervisors: tuple[SupervisorStatistics, ...]
+
+
+@attrs.define(eq=False)
+class _Server:
+    spec: ServerSpec
+    connection: Connection
+    lane: Lane
+    policies: dict[str, CallPolicy] = attrs.Factory(dict[str, CallPolicy])
+
+
+@final
+class RMCPSupervisor:
+    """A running rmcp_actors runtime: servers, their connections, and reliable tool calls.
+
+    Not constructed directly: use ``async with RMCPSupervisor.open(config) as sup:``.
+    """
+
+    def __init__(
+        self,
+        config: RMCPConfig,
+        scheduler: Scheduler,
+        root: Supervisor,
+        connections: Supervisor,
+    ) -> None:
+        self._config = config
+        self._scheduler = scheduler
+        self._root = root
+        self._connections_supervisor = connections
+        self._servers: dict[str, _Server] = {}
+        self._random = random.Random()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: RMCPConfig | None = None) -> AsyncIterator[RMCPSupervisor]:
+        """Start a runtime, connect the configured servers, and stop everything on exit.
+
+        Leaving the block stops the actors in reverse start order (each stdio server gets the
+        SDK's terminate, wait, kill sequence) and joins every task the runtime started.
+
+        Args:
+            config: The configuration; ``None`` means built-in defaults and no servers.
+
+        Yields:
+            The running supervisor.
+
+        Raises:
+            RMCPNetworkError: A server named in the config could not be connected at start.
+            RMCPSupervisorError: A runtime actor failed beyond its restart intensity; the
+                failing actor's last exception is the ``__cause__``.
+        """
+        config = config if config is not None else RMCPConfig()
+        runtime = config.runtime
+        intensity = RestartIntensity(max_restarts=runtime.max_restarts, period_s=runtime.restart_period_s)
+        connections = Supervisor("connections", Strategy.ONE_FOR_ONE, intensity=intensity)
+        root = Supervisor(
+            "rmcp",
+            Strategy.ONE_FOR_ONE,
+            children=[ChildSpec("connections", connections.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)],
+            intensity=intensity,
+        )
+        scheduler = Scheduler(runtime.max_concurrency, runtime.max_queue, runtime.overflow)
+        supervisor = cls(config, scheduler, root, connections)
+        try:
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(root.run)
+                try:
+                    for spec in config.servers.values():
+                        await supervisor.add_server(spec)
+                    yield supervisor
+                finally:
+                    await root.stop()
+        except BaseExceptionGroup as group:
+            _raise_unwrapped(group)
+
+    async def add_server(self, spec: ServerSpec) -> None:
+        """Add a server and wait for its first connection.
+
+        Args:
+            spec: How to reach the server (``ServerSpec.stdio``, ``.http`` or ``.in_memory``).
+
+        Raises:
+            RMCPConfigError: A server with that name was already added.
+            RMCPNetworkError: The first connection failed within ``connect_timeout_s``; the
+                message names the command or URL and why.
+        """
+        if spec.name in self._servers:
+            raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
+        client_mode(spec.protocol)
+        policy = self._config.server_policy(spec)
+        connection = Connection(spec, policy)
+        lane = self._scheduler.lane(spec.name, policy.max_concurrency)
+        self._servers[spec.name] = _Server(spec, connection, lane)
+        child = ChildSpec(f"connection:{spec.name}", connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)
+        try:
+            await self._connections_supervisor.start_child(child)
+        except BaseException as error:
+            del self._servers[spec.name]
+            if isinstance(error, BaseExceptionGroup):
+                _raise_unwrapped(error)  # pyright: ignore[reportUnknownArgumentType]
+            raise
+
+    async def remove_server(self, name: str) -> None:
+        """Stop a server's connection and forget it; calls to it then raise UnknownServerError.
+
+        Raises:
+            UnknownServerError: No server of that name.
+        """
+        server = self._server(name)
+        await self._connections_supervisor.terminate_child(f"connection:{name}")
+        del self._servers[server.spec.name]
+
+    def servers(self) -> dict[str, ConnectionState]:
+        """Return each server's name and connection state."""
+        return {name: server.connection.state for name, server in self._servers.items()}
+
+    async def list_tools(self, server: str) -> list[Tool]:
+        """Return the tools ``server`` listed at its latest connection (every page).
+
+        Raises:
+            UnknownServerError: No server of that name.
+        """
+        return list(self._server(server).connection.tools.values())
+
+    async def call(
+        self,
+        server: str,
+        tool: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> CallResult:
+        """Call a tool reliably and return its result once it ran and answered.
+
+        Args:
+            server: The server's name.
+            tool: The tool's name, as the server lists it.
+            arguments: The tool's arguments.
+            idempotency_key: The key every attempt of this call carries; generated if omitted.
+            priority: Admission priority: higher runs first, FIFO within a priority.
+            timeout: Seconds for the whole call (queueing, attempts, backoff); defaults to the
+                tool's ``timeout_s``. An enclosing cancel scope also bounds the call, and its
+                cancellation propagates unchanged.
+
+        Returns:
+            The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.
+
+        Raises:
+            UnknownServerError: ``server`` is not configured.
+            UnknownToolError: The server does not list ``tool``.
+            RMCPNetworkError: The server could not be reached; nothing was sent.
+            RMCPOutcomeUnknownError: The request was sent, the answer was lost, and the tool was
+                not safe to retry.
+            RMCPTimeoutError: The deadline passed (``RMCPTimeoutAfterSendError`` after sending).
+            RMCPServerError: The server answered with a JSON-RPC error.
+            RMCPResultValidationError: The result breaks the tool's output schema.
+            RMCPOverloadedError: The admission queue is full and ``overflow = "reject"``.
+        """
+        entry = self._server(server)
+        policy = entry.policies.get(tool)
+        if policy is None:
+            policy = entry.policies[tool] = self._config.call_policy(entry.spec, tool)
+        request_id = uuid.uuid4().hex
+        request = CallRequest(
+            tool=tool,
+            arguments=dict(arguments) if arguments is not None else None,
+            request_id=request_id,
+            idempotency_key=idempotency_key if idempotency_key is not None else request_id,
+            priority=priority,
+            timeout_s=timeout if timeout is not None else policy.timeout_s,
+        )
+        return await perform_call(entry.connection, self._scheduler, entry.lane, policy, request, self._random)
+
+    def statistics(self) -> RuntimeStatistics:
+        """Return a snapshot of the scheduler, every connection and the supervisors."""
+        return RuntimeStatistics(
+            scheduler=self._scheduler.statistics(),
+            connections=tuple(server.connection.statistics() for server in self._servers.values()),
+            supervisors=(self._root.statistics(), self._connections_supervisor.statistics()),
+        )
+
+    def _server(self, name: str) -> _Server:
+        server = self._servers.get(name)
+        if server is None:
+            known = ", ".join(sorted(self._servers)) or "none"
+            raise UnknownServerError(
+                f"no server named {name!r} (configured: {known}); add it with add_server() or in config",
+                server=name,
+            )
+        return server
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)  # pyright: ignore[reportUnknownArgumentType]
+        else:
+            yield exc
+
+
+def _raise_unwrapped(group: BaseExceptionGroup[Any]) -> NoReturn:
+    """Raise the one exception a caller should see instead of a task group's wrapper."""
+    leaves = list(_leaves(group))
+    for leaf in leaves:
+        if isinstance(leaf, RMCPSupervisorError):
+            raise leaf
+    if len(leaves) == 1:
+        raise leaves[0]
+    raise group

@@ -1,0 +1,193 @@
+"""A real MCP server for the tests: in memory (``build_server()``) or over stdio (run this file).
+
+Usage over stdio::
+
+    python tests/mcp_test_server.py [--state-dir DIR] [--garbage] [--exit-at-once] [--lifetime S]
+
+``--state-dir`` keeps the side-effect ledger and the "started" markers in files, so that they
+survive a SIGKILL of the server and a test can read them. ``--garbage`` prints non-JSON-RPC
+lines on stdout and never answers; ``--exit-at-once`` exits before the handshake;
+``--lifetime S`` serves for S seconds, then exits (a server that keeps dying).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import MCPError
+from mcp.server import Server, ServerRequestContext
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import (
+    CallToolRequestParams,
+    CallToolResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    TextContent,
+    Tool,
+    ToolAnnotations,
+)
+
+READ_ONLY = ToolAnnotations(readOnlyHint=True)
+IDEMPOTENT = ToolAnnotations(idempotentHint=True)
+
+
+class State:
+    """Side effects a test can observe: a ledger of runs, concurrency, and started markers."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir
+        self.ledger: list[str] = []
+        self.running = 0
+        self.peak = 0
+        self.started: set[str] = set()
+
+    def record(self, label: str) -> None:
+        if self.state_dir is None:
+            self.ledger.append(label)
+            return
+        with (self.state_dir / "ledger").open("a") as ledger:
+            ledger.write(label + "\n")
+
+    def mark_started(self, label: str) -> bool:
+        """Mark ``label`` started; return False if it was already (survives a restart on disk)."""
+        if self.state_dir is None:
+            if label in self.started:
+                return False
+            self.started.add(label)
+            return True
+        marker = self.state_dir / f"{label}.started"
+        if marker.exists():
+            return False
+        marker.write_text(str(os.getpid()))
+        return True
+
+
+def build_server(state: State | None = None, name: str = "rmcp-test") -> MCPServer:
+    """Return the test server; ``state`` collects its side effects."""
+    state = state if state is not None else State()
+    app = MCPServer(name)
+
+    @app.tool(annotations=READ_ONLY)
+    async def echo(text: str) -> str:
+        """Return the text."""
+        return text
+
+    @app.tool()
+    async def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @app.tool(annotations=READ_ONLY)
+    async def sleep(seconds: float) -> str:
+        """Sleep, then answer: a server that hangs."""
+        await anyio.sleep(seconds)
+        return "slept"
+
+    @app.tool(annotations=READ_ONLY)
+    async def work(seconds: float) -> int:
+        """Take a slot for a while; return the peak concurrency seen so far."""
+        state.running += 1
+        state.peak = max(state.peak, state.running)
+        try:
+            await anyio.sleep(seconds)
+        finally:
+            state.running -= 1
+        return state.peak
+
+    @app.tool()
+    async def record(label: str) -> str:
+        """A side effect that must not run twice: append ``label`` to the ledger."""
+        state.record(label)
+        return f"recorded {label}"
+
+    @app.tool(annotations=IDEMPOTENT)
+    async def block_idempotent(label: str, seconds: float) -> str:
+        """First run: mark started and block; later runs (e.g. after a restart) answer at once."""
+        if state.mark_started(label):
+            await anyio.sleep(seconds)
+        return f"done {label}"
+
+    @app.tool()
+    async def block_unsafe(label: str, seconds: float) -> str:
+        """Like block_idempotent, but not annotated as safe to repeat."""
+        if state.mark_started(label):
+            await anyio.sleep(seconds)
+        state.record(label)
+        return f"done {label}"
+
+    @app.tool()
+    async def fail(reason: str) -> str:
+        """Report a tool error (an isError result)."""
+        raise ToolError(reason)
+
+    @app.tool()
+    async def rpc_error() -> str:
+        """Answer with a JSON-RPC error instead of a result."""
+        raise MCPError(code=-32050, message="the test server refuses")
+
+    @app.tool(annotations=READ_ONLY)
+    async def whoami(ctx: Context) -> dict[str, Any]:
+        """Return the ``_meta.rmcp`` this request carried."""
+        meta = ctx.request_context.meta or {}
+        return dict(meta.get("rmcp") or {})
+
+    @app.tool(annotations=READ_ONLY)
+    async def pid() -> int:
+        """The server's process id."""
+        return os.getpid()
+
+    return app
+
+
+def build_bad_schema_server() -> Server[Any]:
+    """A low-level server whose tool breaks its own output schema."""
+    tool = Tool(
+        name="broken",
+        input_schema={"type": "object"},
+        output_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+    )
+
+    async def list_tools(ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None) -> ListToolsResult:
+        return ListToolsResult(tools=[tool])
+
+    async def call_tool(ctx: ServerRequestContext[Any], params: CallToolRequestParams) -> CallToolResult:
+        return CallToolResult(content=[TextContent(type="text", text="n")], structured_content={"n": "nope"})
+
+    return Server("bad-schema", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state-dir", type=Path)
+    parser.add_argument("--garbage", action="store_true")
+    parser.add_argument("--exit-at-once", action="store_true")
+    parser.add_argument("--lifetime", type=float)
+    options = parser.parse_args()
+    if options.exit_at_once:
+        sys.exit(3)
+    if options.garbage:
+        while True:
+            print("this is not JSON-RPC", flush=True)
+            time.sleep(0.05)
+    app = build_server(State(options.state_dir))
+    if options.lifetime is None:
+        app.run("stdio")
+        return
+
+    async def serve_for_a_while() -> None:
+        with anyio.move_on_after(options.lifetime):
+            await app.run_stdio_async()
+        os._exit(4)
+
+    anyio.run(serve_for_a_while)
+
+
+if __name__ == "__main__":
+    main()

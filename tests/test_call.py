@@ -1,0 +1,268 @@
+"""The call path against a real MCP server in memory (JSON-RPC wire unless said), MockClock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+import trio
+import trio.testing
+from mcp.server.mcpserver import MCPServer
+from mcp_test_server import State, build_bad_schema_server
+
+from rmcp_actors import (
+    CallResult,
+    Outcome,
+    PolicyOverrides,
+    RMCPConfig,
+    RMCPOutcomeUnknownError,
+    RMCPOverloadedError,
+    RMCPResultValidationError,
+    RMCPServerError,
+    RMCPSupervisor,
+    RMCPTimeoutAfterSendError,
+    RMCPTimeoutError,
+    RuntimeSettings,
+    ServerSpec,
+    UnknownServerError,
+    UnknownToolError,
+)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "wire"), [("auto", "jsonrpc"), ("legacy", "jsonrpc"), ("auto", "direct"), ("2025-11-25", "jsonrpc")]
+)
+async def test_call_returns_the_tool_result(server: MCPServer, protocol: str, wire: Any) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server, wire=wire, protocol=protocol))
+        result = await sup.call("test", "add", {"a": 2, "b": 3})
+    assert isinstance(result, CallResult)
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.structured_content == {"result": 5}
+    assert result.text == "5"
+    assert (result.attempts, result.is_error, result.duplicate) == (1, False, False)
+    assert result.request_id and result.idempotency_key == result.request_id
+    assert (result.server, result.tool) == ("test", "add")
+
+
+async def test_request_carries_rmcp_meta_and_the_given_key(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        result = await sup.call("test", "whoami", idempotency_key="order-42", timeout=30)
+    meta = result.structured_content
+    assert meta is not None
+    assert meta["idempotency_key"] == "order-42" == result.idempotency_key
+    assert meta["request_id"] == result.request_id
+    assert meta["attempt"] == 1
+    assert 0 < meta["timeout_ms"] <= 30_000
+
+
+async def test_tool_error_is_a_failed_result_not_an_exception(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        result = await sup.call("test", "fail", {"reason": "bad input"})
+    assert result.outcome is Outcome.FAILED
+    assert result.is_error
+    assert "bad input" in result.text
+
+
+async def test_unknown_server_and_unknown_tool_raise_before_sending(server: MCPServer, state: State) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(UnknownServerError, match="no server named 'nope'") as server_error:
+            await sup.call("nope", "echo", {"text": "x"})
+        with pytest.raises(UnknownToolError, match="does not list tool 'nope'") as tool_error:
+            await sup.call("test", "nope")
+    assert "echo" in str(tool_error.value)
+    assert server_error.value.may_have_executed is False
+    assert tool_error.value.may_have_executed is False
+    assert tool_error.value.outcome is Outcome.FAILED
+
+
+async def test_json_rpc_error_raises_server_error(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(RMCPServerError) as caught:
+            await sup.call("test", "rpc_error")
+    assert caught.value.code == -32050
+    assert "refuses" in str(caught.value)
+    assert caught.value.request_id is not None
+
+
+async def test_result_breaking_output_schema_raises_validation_error() -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("bad", build_bad_schema_server()))
+        with pytest.raises(RMCPResultValidationError, match="output schema") as caught:
+            await sup.call("bad", "broken")
+    assert caught.value.may_have_executed is True
+
+
+async def test_deadline_after_sending_is_unknown_outcome(
+    server: MCPServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        started = trio.current_time()
+        with pytest.raises(RMCPTimeoutAfterSendError) as caught:
+            await sup.call("test", "sleep", {"seconds": 1000}, timeout=5)
+        assert trio.current_time() - started == pytest.approx(5, abs=0.1)
+        # The connection is still usable.
+        assert (await sup.call("test", "echo", {"text": "after"})).text == "after"
+    error = caught.value
+    assert isinstance(error, RMCPOutcomeUnknownError)
+    assert isinstance(error, RMCPTimeoutError)
+    assert error.may_have_executed is True
+    assert error.outcome is Outcome.UNKNOWN
+
+
+async def test_deadline_while_queued_is_a_timeout_that_never_ran(
+    server: MCPServer, state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    spec = ServerSpec.in_memory("test", server, overrides=PolicyOverrides(max_concurrency=1))
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(spec)
+        nursery.start_soon(sup.call, "test", "sleep", {"seconds": 50})
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPTimeoutError) as caught:
+            await sup.call("test", "record", {"label": "never"}, timeout=2)
+    assert not isinstance(caught.value, RMCPOutcomeUnknownError)
+    assert caught.value.may_have_executed is False
+    assert "nothing was sent" in str(caught.value)
+    assert state.ledger == []
+
+
+async def test_enclosing_cancel_scope_propagates_unchanged(
+    server: MCPServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with trio.move_on_after(3) as scope:
+            await sup.call("test", "sleep", {"seconds": 1000}, timeout=100)
+        assert scope.cancelled_caught
+        assert (await sup.call("test", "echo", {"text": "still usable"})).text == "still usable"
+        assert sup.statistics().scheduler.running == 0
+
+
+async def test_cancelling_the_caller_leaves_the_connection_usable(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.call, "test", "sleep", {"seconds": 1000})
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert (await sup.call("test", "add", {"a": 1, "b": 1})).structured_content == {"result": 2}
+
+
+async def test_max_concurrency_is_never_exceeded(
+    server: MCPServer, state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    spec = ServerSpec.in_memory("test", server, overrides=PolicyOverrides(max_concurrency=3))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        async with trio.open_nursery() as nursery:
+            for index in range(25):
+                nursery.start_soon(sup.call, "test", "work", {"seconds": 1 + index % 4})
+        stats = sup.statistics().scheduler
+    assert state.peak == 3
+    assert stats.lanes[0].peak_running == 3
+    assert stats.running == stats.queued == 0
+
+
+async def test_global_max_concurrency_spans_servers(autojump_clock: trio.testing.MockClock) -> None:
+    from mcp_test_server import build_server
+
+    shared = State()
+    config = RMCPConfig(runtime=RuntimeSettings(max_concurrency=2))
+    async with RMCPSupervisor.open(config) as sup:
+        await sup.add_server(ServerSpec.in_memory("a", build_server(shared)))
+        await sup.add_server(ServerSpec.in_memory("b", build_server(shared)))
+        async with trio.open_nursery() as nursery:
+            for index in range(12):
+                nursery.start_soon(sup.call, "ab"[index % 2], "work", {"seconds": 1})
+    assert shared.peak == 2
+
+
+async def test_priority_order_when_queued(
+    server: MCPServer, state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    spec = ServerSpec.in_memory("test", server, overrides=PolicyOverrides(max_concurrency=1))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.call, "test", "sleep", {"seconds": 10})
+            await trio.testing.wait_all_tasks_blocked()
+            for label, priority in [("low-a", 0), ("urgent", 9), ("low-b", 0), ("normal", 5)]:
+                nursery.start_soon(lambda lb=label, p=priority: sup.call("test", "record", {"label": lb}, priority=p))
+                await trio.testing.wait_all_tasks_blocked()
+    assert state.ledger == ["urgent", "normal", "low-a", "low-b"]
+
+
+@pytest.mark.parametrize("overflow", ["reject", "wait"])
+async def test_full_queue_under_each_overflow_policy(
+    server: MCPServer, state: State, overflow: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = RMCPConfig(runtime=RuntimeSettings(max_queue=2, overflow=overflow))
+    spec = ServerSpec.in_memory("test", server, overrides=PolicyOverrides(max_concurrency=1))
+    outcomes: list[str] = []
+
+    async def record(label: str) -> None:
+        try:
+            await sup.call("test", "record", {"label": label})
+            outcomes.append(f"ok {label}")
+        except RMCPOverloadedError as error:
+            assert error.may_have_executed is False
+            outcomes.append(f"rejected {label}")
+
+    async with RMCPSupervisor.open(config) as sup:
+        await sup.add_server(spec)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.call, "test", "sleep", {"seconds": 10})
+            await trio.testing.wait_all_tasks_blocked()
+            for label in ["q1", "q2", "overflow"]:
+                nursery.start_soon(record, label)
+                await trio.testing.wait_all_tasks_blocked()
+    if overflow == "reject":
+        assert outcomes[0] == "rejected overflow"
+        assert state.ledger == ["q1", "q2"]
+    else:
+        assert state.ledger == ["q1", "q2", "overflow"]
+        assert "rejected overflow" not in outcomes
+
+
+async def test_many_calls_complete_none_lost(server: MCPServer, state: State) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        results: list[CallResult] = []
+
+        async def one(index: int) -> None:
+            results.append(await sup.call("test", "record", {"label": str(index)}))
+
+        async with trio.open_nursery() as nursery:
+            for index in range(200):
+                nursery.start_soon(one, index)
+    assert len(results) == 200
+    assert sorted(state.ledger, key=int) == [str(i) for i in range(200)]
+
+
+async def test_list_tools_and_servers(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        tools = {tool.name: tool for tool in await sup.list_tools("test")}
+        assert sup.servers() == {"test": sup.servers()["test"]}
+        assert sup.servers()["test"].value == "ready"
+    assert {"echo", "add", "record", "block_unsafe"} <= set(tools)
+    assert tools["echo"].annotations is not None
+    assert tools["echo"].annotations.read_only_hint is True
+
+
+def test_smoke_under_asyncio() -> None:
+    from mcp_test_server import build_server
+
+    async def main() -> str:
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(ServerSpec.in_memory("test", build_server()))
+            result = await sup.call("test", "echo", {"text": "asyncio"})
+            return result.text
+
+    assert anyio.run(main, backend="asyncio") == "asyncio"
