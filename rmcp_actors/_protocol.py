@@ -7,9 +7,10 @@ server (or a log) can tie the attempts of one call together. Plain MCP servers i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 import msgspec
+from mcp_types import RequestParamsMeta
 
 __all__ = ["META_KEY", "PROTOCOL_VERSION", "RequestMeta", "encode_request_meta"]
 
@@ -27,6 +28,7 @@ class RequestMeta(msgspec.Struct, omit_defaults=True, kw_only=True):
     timeout_ms: int | None = None
 
 
-def encode_request_meta(meta: RequestMeta) -> dict[str, Any]:
+def encode_request_meta(meta: RequestMeta) -> RequestParamsMeta:
     """Return the ``_meta`` mapping of a request carrying ``meta``."""
-    return {META_KEY: msgspec.to_builtins(meta)}
+    # The SDK types request _meta as a TypedDict of its own keys; extension keys ride along.
+    return cast(RequestParamsMeta, {META_KEY: msgspec.to_builtins(meta)})

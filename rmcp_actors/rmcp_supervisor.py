@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, final
 
 import anyio
-import anyio.abc
 import attrs
 from mcp_types import Tool
 
@@ -79,7 +78,7 @@ class RMCPSupervisor:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: RMCPConfig | None = None) -> AsyncIterator[RMCPSupervisor]:
+    async def open(cls, config: RMCPConfig | None = None) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
         Leaving the block stops the actors in reverse start order (each stdio server gets the
@@ -138,7 +137,9 @@ class RMCPSupervisor:
         connection = Connection(spec, policy)
         lane = self._scheduler.lane(spec.name, policy.max_concurrency)
         self._servers[spec.name] = _Server(spec, connection, lane)
-        child = ChildSpec(f"connection:{spec.name}", connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)
+        child = ChildSpec(
+            f"connection:{spec.name}", connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S
+        )
         try:
             await self._connections_supervisor.start_child(child)
         except BaseException as error:
@@ -218,7 +219,9 @@ class RMCPSupervisor:
             priority=priority,
             timeout_s=timeout if timeout is not None else policy.timeout_s,
         )
-        return await perform_call(entry.connection, self._scheduler, entry.lane, policy, request, self._random)
+        return await perform_call(
+            entry.connection, self._scheduler, entry.lane, policy, request, self._random
+        )
 
     def statistics(self) -> RuntimeStatistics:
         """Return a snapshot of the scheduler, every connection and the supervisors."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ from mcp.types import (
     ToolAnnotations,
 )
 
-READ_ONLY = ToolAnnotations(readOnlyHint=True)
-IDEMPOTENT = ToolAnnotations(idempotentHint=True)
+READ_ONLY = ToolAnnotations(read_only_hint=True)
+IDEMPOTENT = ToolAnnotations(idempotent_hint=True)
 
 
 class State:
@@ -154,7 +155,9 @@ def build_bad_schema_server() -> Server[Any]:
         output_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
     )
 
-    async def list_tools(ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None) -> ListToolsResult:
+    async def list_tools(
+        ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
         return ListToolsResult(tools=[tool])
 
     async def call_tool(ctx: ServerRequestContext[Any], params: CallToolRequestParams) -> CallToolResult:
@@ -176,17 +179,11 @@ def main() -> None:
         while True:
             print("this is not JSON-RPC", flush=True)
             time.sleep(0.05)
-    app = build_server(State(options.state_dir))
-    if options.lifetime is None:
-        app.run("stdio")
-        return
-
-    async def serve_for_a_while() -> None:
-        with anyio.move_on_after(options.lifetime):
-            await app.run_stdio_async()
-        os._exit(4)
-
-    anyio.run(serve_for_a_while)
+    if options.lifetime is not None:
+        # A timer thread, because the stdio server blocks in a thread reading stdin and
+        # cannot be cancelled from the event loop.
+        threading.Timer(options.lifetime, os._exit, (4,)).start()
+    build_server(State(options.state_dir)).run("stdio")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ read stream reports its end through a callback.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import anyio
 from mcp import Client, StdioServerParameters
@@ -79,13 +79,13 @@ class _ObservedReadStream:
 @asynccontextmanager
 async def _observed(
     transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback
-) -> AsyncIterator[_Streams]:
+) -> AsyncGenerator[_Streams]:
     async with transport as (read_stream, write_stream):
         yield _ObservedReadStream(read_stream, on_closed), write_stream
 
 
 @asynccontextmanager
-async def _http_transport(url: str, headers: dict[str, str] | None) -> AsyncIterator[_Streams]:
+async def _http_transport(url: str, headers: dict[str, str] | None) -> AsyncGenerator[_Streams]:
     async with AsyncExitStack() as stack:
         http_client = await stack.enter_async_context(create_mcp_http_client(headers=headers))
         yield await stack.enter_async_context(streamable_http_client(url, http_client=http_client))
@@ -133,8 +133,8 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
         return Client(_observed(_http_transport(spec.url, headers), on_closed), mode=mode)
-    server = spec.server
-    assert isinstance(server, MCPServer | Server)  # validated by ServerSpec
+    # ServerSpec validated that a memory spec holds an MCPServer or a low-level Server.
+    server = cast("MCPServer[Any] | Server[Any]", spec.server)
     if spec.wire == "direct":
         return Client(server, mode=mode)
     return Client(_observed(InMemoryTransport(server), on_closed), mode=mode)

@@ -29,10 +29,10 @@ from ..errors import (
     RMCPTimeoutError,
     UnknownToolError,
 )
+from ..result import CallResult
 from .connection import Connection, Session
 from .retry import backoff_delay
 from .scheduler import Lane, Scheduler
-from ..result import CallResult
 
 __all__ = ["CallRequest", "perform_call"]
 
@@ -157,7 +157,9 @@ async def _attempts(
         await anyio.sleep(backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng))
 
 
-async def _send(session: Session, request: CallRequest, progress: _Progress, deadline: float) -> CallToolResult:
+async def _send(
+    session: Session, request: CallRequest, progress: _Progress, deadline: float
+) -> CallToolResult:
     client = session.client
     if client is None:
         raise _Ambiguous("connection closed before sending")

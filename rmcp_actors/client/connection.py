@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import final
+from typing import cast, final
 
 import anyio
 import anyio.abc
@@ -297,9 +297,10 @@ async def _list_all_tools(client: Client) -> dict[str, Tool]:
 def _root_cause(exc: BaseException) -> BaseException:
     """The most telling exception inside a (possibly nested) exception group."""
     while isinstance(exc, BaseExceptionGroup):
-        inner = [e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        group = cast("BaseExceptionGroup[BaseException]", exc)
+        inner = [e for e in group.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
         if not inner:
-            return exc
+            return group
         exc = inner[0]
     return exc
 
@@ -309,4 +310,3 @@ def _describe(exc: BaseException) -> str:
         return f"command not found ({exc.filename or exc})"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
-

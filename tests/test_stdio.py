@@ -1,0 +1,212 @@
+"""Real subprocess servers over stdio: the test server and mcp-server-time. Real time (no MockClock:
+a subprocess would see its deadlines fire at once)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import PYTHON, stdio_args
+
+from rmcp_actors import (
+    ConnectionState,
+    Outcome,
+    PolicyOverrides,
+    ReconnectOverrides,
+    RetryOverrides,
+    RMCPConfig,
+    RMCPNetworkError,
+    RMCPOutcomeUnknownError,
+    RMCPSupervisor,
+    ServerSpec,
+)
+
+FAST_RECONNECT = PolicyOverrides(
+    reconnect=ReconnectOverrides(base_delay_s=0.05, max_delay_s=0.2),
+    retry=RetryOverrides(base_delay_s=0.01, max_delay_s=0.05),
+    connect_timeout_s=10,
+)
+
+
+def stdio_test_server(
+    state_dir: Path, *extra: str, overrides: PolicyOverrides = FAST_RECONNECT
+) -> ServerSpec:
+    return ServerSpec.stdio(
+        "test", PYTHON, stdio_args("--state-dir", str(state_dir), *extra), overrides=overrides
+    )
+
+
+async def wait_for_file(path: Path, timeout: float = 10) -> str:
+    with trio.fail_after(timeout):
+        while not path.exists() or not path.read_text():
+            await trio.sleep(0.01)
+    return path.read_text()
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer exists (reaped), not merely a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("protocol", ["auto", "legacy"])
+async def test_call_over_stdio(tmp_path: Path, protocol: str) -> None:
+    spec = ServerSpec.stdio("test", PYTHON, stdio_args("--state-dir", str(tmp_path)), protocol=protocol)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        result = await sup.call("test", "add", {"a": 20, "b": 22})
+        expected_version = "2026-07-28" if protocol == "auto" else "2025-11-25"
+        assert sup.statistics().connections[0].protocol_version == expected_version
+    assert result.structured_content == {"result": 42}
+
+
+async def test_mcp_server_time() -> None:
+    spec = ServerSpec.stdio("time", PYTHON, ["-m", "mcp_server_time", "--local-timezone", "UTC"])
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        now = await sup.call("time", "get_current_time", {"timezone": "UTC"})
+        bad = await sup.call("time", "get_current_time", {"timezone": "Not/AZone"})
+    assert now.outcome is Outcome.SUCCEEDED
+    assert "UTC" in now.text
+    assert bad.outcome is Outcome.FAILED
+    assert bad.is_error
+
+
+async def test_kill_9_mid_call_idempotent_tool_is_retried_on_the_restarted_server(tmp_path: Path) -> None:
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(stdio_test_server(tmp_path))
+        first_pid = (await sup.call("test", "pid")).structured_content
+        results = []
+
+        async def call() -> None:
+            results.append(
+                await sup.call("test", "block_idempotent", {"label": "job", "seconds": 30}, timeout=20)
+            )
+
+        nursery.start_soon(call)
+        pid = int(await wait_for_file(tmp_path / "job.started"))
+        os.kill(pid, signal.SIGKILL)
+    [result] = results
+    assert result.text == "done job"
+    assert result.attempts == 2
+    assert first_pid == {"result": pid}
+    assert process_gone(pid)
+
+
+async def test_kill_9_mid_call_non_idempotent_tool_is_unknown_and_next_call_works(tmp_path: Path) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(stdio_test_server(tmp_path))
+        async with trio.open_nursery() as nursery:
+
+            async def kill_when_started() -> None:
+                pid = int(await wait_for_file(tmp_path / "order.started"))
+                os.kill(pid, signal.SIGKILL)
+
+            nursery.start_soon(kill_when_started)
+            with pytest.raises(RMCPOutcomeUnknownError) as caught:
+                await sup.call("test", "block_unsafe", {"label": "order", "seconds": 30}, timeout=20)
+        after = await sup.call("test", "echo", {"text": "next"})
+        stats = sup.statistics().connections[0]
+    error = caught.value
+    assert error.may_have_executed is True
+    assert error.outcome is Outcome.UNKNOWN
+    assert "not known to be idempotent" in str(error)
+    assert after.text == "next"
+    assert stats.connects == 2
+    # Not retried: the side effect's ledger has no entry from a second run.
+    assert not (tmp_path / "ledger").exists()
+
+
+async def test_when_disconnected_fail_raises_network_error_at_once(tmp_path: Path) -> None:
+    overrides = PolicyOverrides(
+        when_disconnected="fail", reconnect=ReconnectOverrides(base_delay_s=5, max_delay_s=5)
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(stdio_test_server(tmp_path, overrides=overrides))
+        pid = (await sup.call("test", "pid")).structured_content
+        assert pid is not None
+        os.kill(pid["result"], signal.SIGKILL)
+        with trio.fail_after(5):
+            while sup.servers()["test"] is ConnectionState.READY:
+                await trio.sleep(0.01)
+        with trio.fail_after(1), pytest.raises(RMCPNetworkError, match="not connected") as caught:
+            await sup.call("test", "record", {"label": "x"})
+    assert caught.value.may_have_executed is False
+
+
+async def test_server_printing_garbage_fails_connect_within_timeout(tmp_path: Path) -> None:
+    overrides = PolicyOverrides(connect_timeout_s=1)
+    async with RMCPSupervisor.open() as sup:
+        with trio.fail_after(15), pytest.raises(RMCPNetworkError, match="connect_timeout_s=1") as caught:
+            await sup.add_server(stdio_test_server(tmp_path, "--garbage", overrides=overrides))
+        assert sup.servers() == {}
+    assert "mcp_test_server.py" in str(caught.value)
+
+
+async def test_missing_command_is_a_network_error_naming_it() -> None:
+    async with RMCPSupervisor.open() as sup:
+        with pytest.raises(RMCPNetworkError, match="command not found") as caught:
+            await sup.add_server(ServerSpec.stdio("ghost", "/nonexistent/mcp-server-ghost"))
+    assert "/nonexistent/mcp-server-ghost" in str(caught.value)
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+
+
+async def test_server_exiting_at_once_is_a_network_error(tmp_path: Path) -> None:
+    async with RMCPSupervisor.open() as sup:
+        with trio.fail_after(15), pytest.raises(RMCPNetworkError, match="could not connect"):
+            await sup.add_server(stdio_test_server(tmp_path, "--exit-at-once"))
+
+
+async def test_server_that_keeps_dying_does_not_take_the_runtime_down(tmp_path: Path) -> None:
+    stable = ServerSpec.stdio("stable", PYTHON, stdio_args())
+    flaky = ServerSpec.stdio("flaky", PYTHON, stdio_args("--lifetime", "1.5"), overrides=FAST_RECONNECT)
+    config = RMCPConfig.from_dict({"runtime": {"max_restarts": 1, "restart_period_s": 60}})
+    async with RMCPSupervisor.open(config) as sup:
+        await sup.add_server(stable)
+        await sup.add_server(flaky)
+        with trio.fail_after(30):
+            while sup.statistics().connections[1].connects < 4:
+                await trio.sleep(0.05)
+        assert (await sup.call("stable", "echo", {"text": "alive"})).text == "alive"
+        assert (
+            await sup.call("flaky", "echo", {"text": "between deaths"}, timeout=10)
+        ).text == "between deaths"
+        supervisors = sup.statistics().supervisors
+    assert all(child.restarts == 0 for stats in supervisors for child in stats.children)
+
+
+async def test_shutdown_reaps_every_stdio_server(tmp_path: Path) -> None:
+    pids: list[int] = []
+    async with RMCPSupervisor.open() as sup:
+        for index in range(3):
+            await sup.add_server(ServerSpec.stdio(f"s{index}", PYTHON, stdio_args()))
+            pid = (await sup.call(f"s{index}", "pid")).structured_content
+            assert pid is not None
+            pids.append(pid["result"])
+    assert all(process_gone(pid) for pid in pids)
+
+
+async def test_config_servers_start_with_the_supervisor(tmp_path: Path) -> None:
+    config_file = tmp_path / "rmcp.toml"
+    config_file.write_text(
+        f"""
+[servers.time]
+transport = "stdio"
+command = "{PYTHON}"
+args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]
+
+[servers.time.tools.get_current_time]
+timeout_s = 5
+idempotent = true
+"""
+    )
+    async with RMCPSupervisor.open(RMCPConfig.from_toml(config_file)) as sup:
+        assert sup.servers() == {"time": ConnectionState.READY}
+        result = await sup.call("time", "get_current_time", {"timezone": "UTC"})
+    assert result.outcome is Outcome.SUCCEEDED
