@@ -140,6 +140,11 @@ def build_server(state: State | None = None, name: str = "rmcp-test") -> MCPServ
         return dict(meta.get("rmcp") or {})
 
     @app.tool(annotations=READ_ONLY)
+    async def header(name: str, ctx: Context) -> str:
+        """The value of an HTTP request header ("" when absent or not over HTTP)."""
+        return (ctx.headers or {}).get(name.lower(), "")
+
+    @app.tool(annotations=READ_ONLY)
     async def pid() -> int:
         """The server's process id."""
         return os.getpid()

@@ -1,0 +1,90 @@
+"""Streamable HTTP on 127.0.0.1 (hypercorn's trio worker, in process): calls, server death, reconnect."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from _http import serve_http
+from mcp.server.mcpserver import MCPServer
+from mcp_test_server import State
+
+from rmcp_actors import (
+    ConnectionState,
+    PolicyOverrides,
+    ReconnectOverrides,
+    RetryOverrides,
+    RMCPOutcomeUnknownError,
+    RMCPSupervisor,
+    ServerSpec,
+)
+
+FAST = PolicyOverrides(
+    reconnect=ReconnectOverrides(base_delay_s=0.02, max_delay_s=0.1),
+    retry=RetryOverrides(base_delay_s=0.01, max_delay_s=0.05),
+)
+
+
+async def wait_for_state(sup: RMCPSupervisor, state: ConnectionState) -> None:
+    with trio.fail_after(10):
+        while sup.servers()["web"] is not state:
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("protocol", ["auto", "legacy"])
+async def test_call_over_http(server: MCPServer, protocol: str) -> None:
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol=protocol))
+        result = await sup.call("web", "add", {"a": 1, "b": 2})
+    assert result.structured_content == {"result": 3}
+
+
+async def test_headers_reach_the_server(server: MCPServer) -> None:
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, headers={"X-Tenant": "acme"}))
+        assert (await sup.call("web", "header", {"name": "X-Tenant"})).text == "acme"
+
+
+async def test_http_server_dies_mid_call_non_idempotent_is_unknown_then_reconnects(
+    server: MCPServer, state: State
+) -> None:
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST))
+        async with trio.open_nursery() as nursery:
+
+            async def kill_when_started() -> None:
+                while "order" not in state.started:
+                    await trio.sleep(0.005)
+                await http.stop()
+
+            nursery.start_soon(kill_when_started)
+            with pytest.raises(RMCPOutcomeUnknownError) as caught:
+                await sup.call("web", "block_unsafe", {"label": "order", "seconds": 30}, timeout=20)
+        await wait_for_state(sup, ConnectionState.CONNECTING)
+        await http.restart()
+        await wait_for_state(sup, ConnectionState.READY)
+        assert (await sup.call("web", "echo", {"text": "back"})).text == "back"
+    assert caught.value.may_have_executed is True
+    assert state.ledger == []
+
+
+async def test_http_idempotent_call_waits_for_the_server_to_come_back(server: MCPServer, state: State) -> None:
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST))
+        results = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                results.append(
+                    await sup.call("web", "block_idempotent", {"label": "job", "seconds": 30}, timeout=20)
+                )
+
+            nursery.start_soon(call)
+            while "job" not in state.started:
+                await trio.sleep(0.005)
+            await http.stop()
+            await trio.sleep(0.3)  # the server stays down for a while; the call waits
+            assert sup.servers()["web"] is not ConnectionState.READY
+            await http.restart()
+        [result] = results
+    assert result.text == "done job"
+    assert result.attempts == 2
