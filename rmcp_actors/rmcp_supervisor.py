@@ -99,11 +99,14 @@ class RMCPSupervisor:
         runtime = config.runtime
         intensity = RestartIntensity(max_restarts=runtime.max_restarts, period_s=runtime.restart_period_s)
         connections = Supervisor("connections", Strategy.ONE_FOR_ONE, intensity=intensity)
+        # The root restarts nothing: its children hold state a restart cannot rebuild (the added
+        # servers), and they already applied the configured intensity to their own children, so
+        # an escalation reaching the root ends the runtime with RMCPSupervisorError.
         root = Supervisor(
             "rmcp",
             Strategy.ONE_FOR_ONE,
             children=[ChildSpec("connections", connections.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)],
-            intensity=intensity,
+            intensity=RestartIntensity(max_restarts=0, period_s=runtime.restart_period_s),
         )
         scheduler = Scheduler(runtime.max_concurrency, runtime.max_queue, runtime.overflow)
         supervisor = cls(config, scheduler, root, connections)
@@ -250,12 +253,19 @@ def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
             yield exc
 
 
+def _innermost_escalation(error: RMCPSupervisorError) -> RMCPSupervisorError:
+    """The escalation that names the actor which actually failed, not the supervisors above it."""
+    while isinstance(error.__cause__, RMCPSupervisorError):
+        error = error.__cause__
+    return error
+
+
 def _raise_unwrapped(group: BaseExceptionGroup[Any]) -> NoReturn:
     """Raise the one exception a caller should see instead of a task group's wrapper."""
     leaves = list(_leaves(group))
     for leaf in leaves:
         if isinstance(leaf, RMCPSupervisorError):
-            raise leaf
+            raise _innermost_escalation(leaf)
     if len(leaves) == 1:
         raise leaves[0]
     raise group

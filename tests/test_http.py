@@ -67,7 +67,9 @@ async def test_http_server_dies_mid_call_non_idempotent_is_unknown_then_reconnec
     assert state.ledger == []
 
 
-async def test_http_idempotent_call_waits_for_the_server_to_come_back(server: MCPServer, state: State) -> None:
+async def test_http_idempotent_call_waits_for_the_server_to_come_back(
+    server: MCPServer, state: State
+) -> None:
     async with serve_http(server) as http, RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST))
         results = []

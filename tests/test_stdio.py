@@ -21,8 +21,10 @@ from rmcp_actors import (
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPSupervisor,
+    RMCPSupervisorError,
     ServerSpec,
 )
+from rmcp_actors.client.connection import Connection
 
 FAST_RECONNECT = PolicyOverrides(
     reconnect=ReconnectOverrides(base_delay_s=0.05, max_delay_s=0.2),
@@ -210,3 +212,33 @@ idempotent = true
         assert sup.servers() == {"time": ConnectionState.READY}
         result = await sup.call("time", "get_current_time", {"timezone": "UTC"})
     assert result.outcome is Outcome.SUCCEEDED
+
+
+async def test_actor_failing_beyond_intensity_escalates_out_of_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a runtime actor (not a flaky server) is restarted, then escalated to open()."""
+    original = Connection._set_state  # pyright: ignore[reportPrivateUsage]
+
+    def buggy_set_state(self: Connection, state: ConnectionState) -> None:
+        if state is ConnectionState.DISCONNECTED:
+            raise ZeroDivisionError("simulated bug in the connection actor")
+        original(self, state)
+
+    config = RMCPConfig.from_dict({"runtime": {"max_restarts": 2, "restart_period_s": 60}})
+
+    async def run_until_escalation() -> None:
+        async with RMCPSupervisor.open(config) as sup:
+            await sup.add_server(stdio_test_server(tmp_path))
+            pid = (await sup.call("test", "pid")).structured_content
+            assert pid is not None
+            monkeypatch.setattr(Connection, "_set_state", buggy_set_state)
+            os.kill(pid["result"], signal.SIGKILL)
+            await trio.sleep_forever()
+
+    with pytest.raises(RMCPSupervisorError) as caught:
+        await run_until_escalation()
+    error = caught.value
+    assert error.actor == "connection:test"
+    assert isinstance(error.__cause__, ZeroDivisionError)
+    assert "failed 3 times" in str(error)

@@ -21,6 +21,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import cast
 
 import anyio
 import anyio.abc
@@ -425,8 +426,9 @@ class Supervisor:
             with incarnation.scope:
                 await incarnation.child.spec.start(task_status=incarnation)
         except Exception as exc:
-            incarnation.error = exc
-            incarnation.child.last_error = exc
+            error = _sole_exception(exc)
+            incarnation.error = error
+            incarnation.child.last_error = error
         finally:
             incarnation.exited.set()
             incarnation.settled.set()
@@ -442,3 +444,19 @@ class Supervisor:
             with anyio.move_on_after(child.spec.shutdown_timeout_s):
                 await incarnation.exited.wait()
             child.current = None
+
+
+def _sole_exception(exc: Exception) -> Exception:
+    """Unwrap an exception group holding one exception: an actor's own nursery adds the group,
+    while the failure a reader of the escalation wants to see is the one inside."""
+    while True:
+        inner = _group_members(exc)
+        if len(inner) != 1:
+            return exc
+        exc = inner[0]
+
+
+def _group_members(exc: Exception) -> tuple[Exception, ...]:
+    if isinstance(exc, ExceptionGroup):
+        return cast("ExceptionGroup[Exception]", exc).exceptions
+    return ()
