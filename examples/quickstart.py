@@ -26,7 +26,9 @@ async def main() -> None:
         print("tools:", ", ".join(tool.name for tool in await sup.list_tools("time")))
 
         result = await sup.call("time", "get_current_time", {"timezone": "UTC"})
-        print(f"\n{result.outcome.value} after {result.attempts} attempt(s) in {result.elapsed_s * 1000:.1f} ms")
+        print(
+            f"\n{result.outcome.value} after {result.attempts} attempt(s) in {result.elapsed_s * 1000:.1f} ms"
+        )
         print(result.text)
 
         # A tool that reports an error is a result with outcome "failed", not an exception.

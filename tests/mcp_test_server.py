@@ -193,3 +193,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def build_paginated_server(pages: int = 3, per_page: int = 2) -> Server[Any]:
+    """A low-level server listing its tools over several pages (cursor = page number)."""
+    tools = [Tool(name=f"tool{index}", input_schema={"type": "object"}) for index in range(pages * per_page)]
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        page = int(params.cursor) if params is not None and params.cursor else 0
+        next_cursor = str(page + 1) if page + 1 < pages else None
+        return ListToolsResult(tools=tools[page * per_page : (page + 1) * per_page], next_cursor=next_cursor)
+
+    async def call_tool(ctx: ServerRequestContext[Any], params: CallToolRequestParams) -> CallToolResult:
+        return CallToolResult(content=[TextContent(type="text", text=params.name)])
+
+    return Server("paginated", on_list_tools=list_tools, on_call_tool=call_tool)

@@ -16,6 +16,7 @@ from rmcp_actors import (
     Outcome,
     PolicyOverrides,
     RMCPConfig,
+    RMCPConfigError,
     RMCPOutcomeUnknownError,
     RMCPOverloadedError,
     RMCPResultValidationError,
@@ -272,3 +273,46 @@ def test_smoke_under_asyncio() -> None:
             return result.text
 
     assert anyio.run(main, backend="asyncio") == "asyncio"
+
+
+async def test_every_page_of_tools_is_listed_at_connect() -> None:
+    from mcp_test_server import build_paginated_server
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("paged", build_paginated_server(pages=3, per_page=2)))
+        names = sorted(tool.name for tool in await sup.list_tools("paged"))
+        result = await sup.call("paged", "tool5")
+    assert names == [f"tool{index}" for index in range(6)]
+    assert result.text == "tool5"
+
+
+async def test_unknown_protocol_version_is_a_config_error(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        with pytest.raises(RMCPConfigError, match="unknown protocol version '2030-01-01'"):
+            await sup.add_server(ServerSpec.in_memory("test", server, protocol="2030-01-01"))
+        assert sup.servers() == {}
+
+
+async def test_an_error_in_the_body_of_open_propagates_unwrapped(server: MCPServer) -> None:
+    async def body() -> None:
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(ServerSpec.in_memory("test", server))
+            raise LookupError("user code failed")
+
+    with pytest.raises(LookupError, match="user code failed"):
+        await body()
+
+
+async def test_adding_a_server_twice_is_a_config_error(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(RMCPConfigError, match="already added"):
+            await sup.add_server(ServerSpec.in_memory("test", server))
+
+
+async def test_removed_server_is_unknown(server: MCPServer, autojump_clock: trio.testing.MockClock) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        await sup.remove_server("test")
+        with pytest.raises(UnknownServerError):
+            await sup.call("test", "echo", {"text": "x"})
