@@ -143,8 +143,8 @@ def _number(*, positive: bool, optional: bool = False) -> _Validator:
             return
         if not _is_number(value):
             raise RMCPConfigError(f"expected a number, got {_show(value)}", path=attribute.name)
-        if math.isnan(value):
-            raise RMCPConfigError("must be a number, got NaN", path=attribute.name)
+        if not math.isfinite(value):
+            raise RMCPConfigError(f"must be a finite number, got {value}", path=attribute.name)
         if positive and value <= 0:
             raise RMCPConfigError(f"must be greater than 0, got {value}", path=attribute.name)
         if not positive and value < 0:

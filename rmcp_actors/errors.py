@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "Outcome",
+    "RMCPArgumentError",
     "RMCPConfigError",
     "RMCPError",
     "RMCPNetworkError",
@@ -100,6 +101,11 @@ class RMCPConfigError(RMCPError):
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
+
+
+class RMCPArgumentError(RMCPError, ValueError):
+    """The call itself is malformed (a timeout that is not a positive finite number, arguments
+    that cannot be serialized to JSON); nothing was sent."""
 
 
 class UnknownServerError(RMCPError):

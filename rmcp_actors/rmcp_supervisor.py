@@ -11,6 +11,7 @@ caller's task and lease the connection's session, so a call crosses no inbox.
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -26,7 +27,7 @@ from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics
 from .client.scheduler import Lane, Scheduler, SchedulerStatistics
 from .config import CallPolicy, RMCPConfig, ServerSpec
-from .errors import RMCPConfigError, RMCPSupervisorError, UnknownServerError
+from .errors import RMCPArgumentError, RMCPConfigError, RMCPSupervisorError, UnknownServerError
 from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
 
@@ -157,9 +158,10 @@ class RMCPSupervisor:
         Raises:
             UnknownServerError: No server of that name.
         """
-        server = self._server(name)
+        self._server(name)
+        # Forget it first: a concurrent or cancelled removal must not leave a half-removed entry.
+        del self._servers[name]
         await self._connections_supervisor.terminate_child(f"connection:{name}")
-        del self._servers[server.spec.name]
 
     def servers(self) -> dict[str, ConnectionState]:
         """Return each server's name and connection state."""
@@ -208,7 +210,15 @@ class RMCPSupervisor:
             RMCPServerError: The server answered with a JSON-RPC error.
             RMCPResultValidationError: The result breaks the tool's output schema.
             RMCPOverloadedError: The admission queue is full and ``overflow = "reject"``.
+            RMCPArgumentError: ``timeout`` is not a positive finite number, or ``arguments``
+                cannot be serialized to JSON.
         """
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise RMCPArgumentError(
+                f"timeout must be a positive, finite number of seconds, got {timeout!r}",
+                server=server,
+                tool=tool,
+            )
         entry = self._server(server)
         policy = entry.policies.get(tool)
         if policy is None:
@@ -262,10 +272,10 @@ def _innermost_escalation(error: RMCPSupervisorError) -> RMCPSupervisorError:
 
 def _raise_unwrapped(group: BaseExceptionGroup[Any]) -> NoReturn:
     """Raise the one exception a caller should see instead of a task group's wrapper."""
-    leaves = list(_leaves(group))
-    for leaf in leaves:
+    for leaf in _leaves(group):
         if isinstance(leaf, RMCPSupervisorError):
             raise _innermost_escalation(leaf)
-    if len(leaves) == 1:
-        raise leaves[0]
+    # Only the task group's own wrapper goes: a group raised by the caller's code stays whole.
+    if len(group.exceptions) == 1:
+        raise group.exceptions[0]
     raise group

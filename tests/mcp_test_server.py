@@ -133,6 +133,11 @@ def build_server(state: State | None = None, name: str = "rmcp-test") -> MCPServ
         """Answer with a JSON-RPC error instead of a result."""
         raise MCPError(code=-32050, message="the test server refuses")
 
+    @app.tool()
+    async def busy() -> str:
+        """Answer with a server-defined JSON-RPC error in the -32000 range."""
+        raise MCPError(code=-32000, message="server is busy")
+
     @app.tool(annotations=READ_ONLY)
     async def whoami(ctx: Context) -> dict[str, Any]:
         """Return the ``_meta.rmcp`` this request carried."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
@@ -15,8 +16,11 @@ from rmcp_actors import (
     CallResult,
     Outcome,
     PolicyOverrides,
+    ReconnectOverrides,
+    RMCPArgumentError,
     RMCPConfig,
     RMCPConfigError,
+    RMCPError,
     RMCPOutcomeUnknownError,
     RMCPOverloadedError,
     RMCPResultValidationError,
@@ -316,3 +320,98 @@ async def test_removed_server_is_unknown(server: MCPServer, autojump_clock: trio
         await sup.remove_server("test")
         with pytest.raises(UnknownServerError):
             await sup.call("test", "echo", {"text": "x"})
+
+
+async def test_server_sent_32000_is_a_server_error_not_a_lost_connection(
+    server: MCPServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        results: list[CallResult] = []
+
+        async def slow_call() -> None:
+            results.append(await sup.call("test", "sleep", {"seconds": 5}))
+
+        nursery.start_soon(slow_call)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPServerError) as caught:
+            await sup.call("test", "busy")
+    assert caught.value.code == -32000
+    assert caught.value.may_have_executed is True
+    # The healthy session was not torn down: the concurrent call finished on it.
+    assert [result.text for result in results] == ["slept"]
+    assert sup.statistics().connections[0].connects == 1
+
+
+async def test_a_sent_attempt_keeps_may_have_executed_when_the_retry_fails_cleanly(
+    server: MCPServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        errors: list[RMCPError] = []
+
+        async def call() -> None:
+            try:
+                await sup.call("test", "sleep", {"seconds": 100}, timeout=50)
+            except RMCPError as error:
+                errors.append(error)
+
+        nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        # The first attempt is in flight; the server goes away and the read-only tool's retry
+        # then finds the connection closed.
+        await sup.remove_server("test")
+    [error] = errors
+    assert isinstance(error, RMCPOutcomeUnknownError)
+    assert error.may_have_executed is True
+    assert "earlier attempt was sent" in str(error)
+
+
+async def test_reconnect_backoff_grows_while_connects_keep_failing(
+    server: MCPServer, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = PolicyOverrides(reconnect=ReconnectOverrides(base_delay_s=1, max_delay_s=30))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server, overrides=overrides))
+        connection = sup._servers["test"].connection  # pyright: ignore[reportPrivateUsage]
+
+        def refuse(*args: object) -> None:
+            raise ConnectionRefusedError("server down")
+
+        monkeypatch.setattr("rmcp_actors.client.connection.build_client", refuse)
+        session = connection.current_session()
+        assert session is not None
+        connection.report_broken(session)
+        await trio.sleep(300)
+        failed = connection.statistics().failed_connects
+    # Capped exponential backoff: about 15-25 attempts in 300 s; a backoff stuck at its base
+    # would make hundreds.
+    assert 5 <= failed <= 40
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan])
+async def test_bad_timeout_is_an_argument_error(server: MCPServer, timeout: float) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(RMCPArgumentError, match="positive, finite"):
+            await sup.call("test", "echo", {"text": "x"}, timeout=timeout)
+
+
+async def test_arguments_that_are_not_json_are_an_argument_error(server: MCPServer, state: State) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(RMCPArgumentError, match="cannot be serialized to JSON") as caught:
+            await sup.call("test", "record", {"label": object()})
+        assert (await sup.call("test", "echo", {"text": "fine"})).text == "fine"
+    assert caught.value.may_have_executed is False
+    assert state.ledger == []
+
+
+async def test_a_group_raised_by_user_code_in_open_stays_whole(server: MCPServer) -> None:
+    async def body() -> None:
+        async with RMCPSupervisor.open():
+            raise ExceptionGroup("user's own", [KeyError("a")])
+
+    with pytest.raises(ExceptionGroup) as caught:
+        await body()
+    assert caught.value.message == "user's own"

@@ -138,3 +138,27 @@ async def test_cancelled_waiter_frees_its_place_for_a_fast_path() -> None:
     with trio.fail_after(1):
         await scheduler.acquire(lane)
     assert scheduler.statistics().running == 1
+
+
+async def test_queue_space_is_passed_on_when_its_waiter_is_cancelled_as_it_wakes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Trio shuffles its run queue, so the race (the first space waiter woken and cancelled in
+    # the same instant) is tried many times.
+    for _ in range(40):
+        scheduler = Scheduler(max_concurrency=1, max_queue=1)
+        lane = scheduler.lane("s", 1)
+        await scheduler.acquire(lane)
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as doomed:
+                doomed.start_soon(scheduler.acquire, lane)  # queued
+                await trio.testing.wait_all_tasks_blocked()
+                doomed.start_soon(scheduler.acquire, lane)  # waits for queue space
+                await trio.testing.wait_all_tasks_blocked()
+                outer.start_soon(scheduler.acquire, lane)  # waits for queue space, behind it
+                await trio.testing.wait_all_tasks_blocked()
+                doomed.cancel_scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = scheduler.statistics()
+            assert (stats.queued, stats.waiting_for_queue_space) == (1, 0)
+            outer.cancel_scope.cancel()

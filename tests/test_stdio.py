@@ -221,7 +221,7 @@ async def test_actor_failing_beyond_intensity_escalates_out_of_open(
     original = Connection._set_state  # pyright: ignore[reportPrivateUsage]
 
     def buggy_set_state(self: Connection, state: ConnectionState) -> None:
-        if state is ConnectionState.DISCONNECTED:
+        if state is ConnectionState.CONNECTING:
             raise ZeroDivisionError("simulated bug in the connection actor")
         original(self, state)
 

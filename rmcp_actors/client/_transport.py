@@ -71,9 +71,11 @@ class _ObservedReadStream:
     ) -> None:
         await self.aclose()
 
-    def __getattr__(self, name: str) -> Any:
-        # The dispatcher probes optional attributes (``last_context``) with getattr.
-        return getattr(self._inner, name)
+    @property
+    def last_context(self) -> Any:
+        # The dispatcher reads this (via getattr) for every message: a property, not
+        # __getattr__, because the fallback path costs an AttributeError each time.
+        return getattr(self._inner, "last_context", None)
 
 
 @asynccontextmanager

@@ -12,7 +12,9 @@ import random
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
+import msgspec
 from mcp import MCPError
 from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, Tool
 from pydantic import ValidationError
@@ -21,6 +23,7 @@ from .._protocol import META_KEY, RequestMeta, encode_request_meta
 from ..config import CallPolicy
 from ..errors import (
     Outcome,
+    RMCPArgumentError,
     RMCPError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
@@ -35,6 +38,11 @@ from .retry import backoff_delay
 from .scheduler import Lane, Scheduler
 
 __all__ = ["CallRequest", "perform_call"]
+
+# The messages the SDK itself puts on -32000 when an answer can no longer arrive
+# (mcp/shared/jsonrpc_dispatcher.py, mcp/client/streamable_http.py).
+_SDK_LOST_ANSWER_MESSAGES = frozenset({"Connection closed", "SSE stream ended without a response"})
+_SDK_LOST_STREAM_PREFIX = "SSE stream failed:"
 
 # Headroom between the SDK's per-request timeout and the caller's deadline, so that the SDK
 # times out first and sends notifications/cancelled while the call is still ours to finish.
@@ -83,10 +91,19 @@ async def perform_call(
     started = anyio.current_time()
     deadline = started + request.timeout_s
     progress = _Progress()
-    with anyio.CancelScope(deadline=deadline):
+    # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
+    with anyio.move_on_at(deadline):
         try:
             result = await _attempts(connection, scheduler, lane, policy, request, rng, deadline, progress)
         except RMCPError as error:
+            if progress.sent and not error.may_have_executed:
+                # A later attempt failed cleanly, but an earlier one was sent and lost.
+                unknown = RMCPOutcomeUnknownError(
+                    f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
+                    f"tool may have run; the retry then failed: {error.message}",
+                )
+                _stamp(unknown, connection.name, request)
+                raise unknown from error
             _stamp(error, connection.name, request)
             raise
         tool_meta = result.meta or {}
@@ -129,9 +146,7 @@ async def _attempts(
                 f"server {connection.name!r} does not list tool {request.tool!r}; it lists: "
                 f"{', '.join(sorted(session.tools)) or '(no tools)'}",
             )
-        queued_at = anyio.current_time()
-        await scheduler.acquire(lane, request.priority)
-        progress.queued_s += anyio.current_time() - queued_at
+        progress.queued_s += await scheduler.acquire(lane, request.priority)
         try:
             if not session.usable:
                 # The connection dropped while this call waited for a slot: nothing was sent.
@@ -161,8 +176,10 @@ async def _send(
     session: Session, request: CallRequest, progress: _Progress, deadline: float
 ) -> CallToolResult:
     client = session.client
-    if client is None:
-        raise _Ambiguous("connection closed before sending")
+    assert client is not None  # the caller checked session.usable, with no checkpoint since
+    # A deadline that fired while this call waited for its slot ends it here, before it counts
+    # as sent (the SDK would refuse to write it anyway).
+    await anyio.lowlevel.checkpoint_if_cancelled()
     progress.attempts += 1
     remaining = deadline - anyio.current_time()
     meta = encode_request_meta(
@@ -182,13 +199,17 @@ async def _send(
             meta=meta,
         )
     except MCPError as error:
-        if error.code == CONNECTION_CLOSED:
+        if _answer_lost(session, error):
             raise _Ambiguous(error.message) from error
         if error.code == REQUEST_TIMEOUT:
             raise RMCPTimeoutAfterSendError(
                 f"no answer within the call's timeout of {request.timeout_s:g} s; the request was "
                 "sent, so the tool may have run: check its effect, or raise timeout_s",
             ) from error
+        if error.code == CONNECTION_CLOSED:
+            # A server's own error in the implementation-defined range: it answered, so the
+            # request reached it and may have run.
+            raise RMCPServerError(error.code, error.message, error.data, may_have_executed=True) from error
         raise RMCPServerError(error.code, error.message, error.data) from error
     except ValidationError as error:
         raise RMCPResultValidationError(
@@ -202,9 +223,37 @@ async def _send(
             f"the tool ran but its result breaks the tool's output schema: {error}",
         ) from error
     except Exception as error:
-        if not session.usable:
-            raise _Ambiguous(f"{type(error).__name__}: {error}") from error
-        raise
+        if not _json_serializable(request.arguments):
+            # Every attempt sends the same arguments, so this is the first: none was sent.
+            progress.sent = False
+            raise RMCPArgumentError(
+                f"the arguments cannot be serialized to JSON ({type(error).__name__}: {error}); nothing "
+                "was sent",
+            ) from error
+        # The SDK failed in a way it does not document: the request may have been written.
+        raise _Ambiguous(f"{type(error).__name__}: {error}") from error
+
+
+def _answer_lost(session: Session, error: MCPError) -> bool:
+    """True when ``error`` says the transport lost the answer, not that the server refused.
+
+    The SDK reports a closed connection, and the HTTP transport a response stream that ended,
+    with code -32000, which servers may also use for errors of their own: only a transport
+    known to be gone, or one of the SDK's own messages, counts as a lost answer.
+    """
+    if error.code != CONNECTION_CLOSED:
+        return False
+    if session.broken.is_set() or error.message in _SDK_LOST_ANSWER_MESSAGES:
+        return True
+    return error.message.startswith(_SDK_LOST_STREAM_PREFIX)
+
+
+def _json_serializable(arguments: dict[str, Any] | None) -> bool:
+    try:
+        msgspec.json.encode(arguments)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def _safe_to_repeat(policy: CallPolicy, tool: Tool) -> bool:

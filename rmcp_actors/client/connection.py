@@ -55,6 +55,7 @@ class Session:
     ended: anyio.Event = attrs.Factory(anyio.Event)
     scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
     error: BaseException | None = None
+    connected: bool = False
 
     @property
     def usable(self) -> bool:
@@ -182,6 +183,7 @@ class Connection:
             RMCPNetworkError: The first connection failed.
         """
         first_life = self._connects == 0
+        crashed = False
         try:
             async with anyio.create_task_group() as task_group:
                 if first_life:
@@ -189,8 +191,11 @@ class Connection:
                 task_status.started()
                 failures = 0 if first_life else 1
                 while True:
-                    if self._session is not None:
-                        await self._session.ended.wait()
+                    session = self._session
+                    if session is not None and session.connected:
+                        # Only a session that was up resets the backoff: failed connects grow it.
+                        session.connected = False
+                        await session.ended.wait()
                         self._set_state(ConnectionState.DISCONNECTED)
                         failures = 0
                     delay = backoff_delay(
@@ -204,8 +209,12 @@ class Connection:
                         await self._connect(task_group)
                     except RMCPNetworkError:
                         failures += 1
+        except Exception:
+            crashed = True
+            raise
         finally:
-            self._set_state(ConnectionState.CLOSED)
+            # After a crash the supervisor restarts the actor: callers may keep waiting.
+            self._set_state(ConnectionState.DISCONNECTED if crashed else ConnectionState.CLOSED)
 
     async def _connect(self, task_group: anyio.abc.TaskGroup) -> None:
         self._generation += 1
@@ -216,6 +225,7 @@ class Connection:
         with anyio.move_on_after(self.policy.connect_timeout_s):
             await _first_of(session.ready, session.ended)
         if session.ready.is_set() and not session.ended.is_set():
+            session.connected = True
             self._connects += 1
             self._tools = session.tools
             self._set_state(ConnectionState.READY)
@@ -245,7 +255,11 @@ class Connection:
                     session.protocol_version = client.protocol_version
                     session.client = client
                     session.ready.set()
-                    await session.broken.wait()
+                    try:
+                        await session.broken.wait()
+                    finally:
+                        # No new call may start on a client that is being torn down.
+                        session.broken.set()
         except BaseException as exc:
             # Cancellation from above (runtime stopping) is re-raised by this checkpoint; what is
             # left is the transport failing, which is ours to handle, not the supervisor's.

@@ -109,11 +109,14 @@ class Scheduler:
             lane.max_concurrency = max_concurrency
         return lane
 
-    async def acquire(self, lane: Lane, priority: int = 0) -> None:
+    async def acquire(self, lane: Lane, priority: int = 0) -> float:
         """Wait for a slot on ``lane``; pair every successful call with :meth:`release`.
 
         A call whose deadline has passed is never admitted: its cancel scope fires while it
         waits, and it leaves the queue.
+
+        Returns:
+            Seconds spent waiting (0.0 when a slot was free at once).
 
         Raises:
             RMCPOverloadedError: The queue is full and ``overflow = "reject"``.
@@ -121,7 +124,8 @@ class Scheduler:
         await anyio.lowlevel.checkpoint_if_cancelled()
         if self._running < self.max_concurrency and lane.running < lane.max_concurrency and not lane.waiters:
             self._admit(lane)
-            return
+            return 0.0
+        queued_at = anyio.current_time()
         while self._queued >= self.max_queue:
             if self.overflow == "reject":
                 raise RMCPOverloadedError(
@@ -133,16 +137,20 @@ class Scheduler:
             self._queue_space.append(space)
             try:
                 await space.wait()
-            finally:
-                if not space.is_set():
+            except BaseException:
+                if space.is_set():
+                    # Woken and cancelled at once: the space goes to the next in line.
+                    self._wake_queue_space()
+                else:
                     self._queue_space.remove(space)
+                raise
         waiter = _Waiter(priority, next(self._sequence), lane)
         heapq.heappush(lane.waiters, waiter)
         self._queued += 1
         # Only abandoned waiters may have blocked the fast path: a free slot goes out now.
         self._dispatch()
         if waiter.granted:
-            return
+            return anyio.current_time() - queued_at
         try:
             await waiter.event.wait()
         except BaseException:
@@ -154,6 +162,7 @@ class Scheduler:
                 self._queued -= 1
                 self._wake_queue_space()
             raise
+        return anyio.current_time() - queued_at
 
     def release(self, lane: Lane) -> None:
         """Give back a slot taken by :meth:`acquire` and hand it to the best waiter."""
