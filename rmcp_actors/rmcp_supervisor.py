@@ -24,10 +24,16 @@ from mcp_types import Tool
 
 from .client._transport import client_mode
 from .client.call import CallRequest, perform_call
-from .client.connection import Connection, ConnectionState, ConnectionStatistics
+from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .client.scheduler import Lane, Scheduler, SchedulerStatistics
 from .config import CallPolicy, RMCPConfig, ServerSpec
-from .errors import RMCPArgumentError, RMCPConfigError, RMCPSupervisorError, UnknownServerError
+from .errors import (
+    RMCPArgumentError,
+    RMCPConfigError,
+    RMCPSupervisorError,
+    RMCPTimeoutError,
+    UnknownServerError,
+)
 from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
 
@@ -138,7 +144,7 @@ class RMCPSupervisor:
             raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
         client_mode(spec.protocol)
         policy = self._config.server_policy(spec)
-        connection = Connection(spec, policy)
+        connection = Connection(spec.name, spec, policy)
         lane = self._scheduler.lane(spec.name, policy.max_concurrency)
         self._servers[spec.name] = _Server(spec, connection, lane)
         child = ChildSpec(
@@ -167,13 +173,29 @@ class RMCPSupervisor:
         """Return each server's name and connection state."""
         return {name: server.connection.state for name, server in self._servers.items()}
 
-    async def list_tools(self, server: str) -> list[Tool]:
+    async def list_tools(self, server: str, *, refresh: bool = False) -> list[Tool]:
         """Return the tools ``server`` listed at its latest connection (every page).
+
+        Args:
+            server: The server's name.
+            refresh: List them again now (the connection actor asks the server and updates its
+                cache, which the call path checks tool names against).
 
         Raises:
             UnknownServerError: No server of that name.
+            RMCPNetworkError: ``refresh`` and the server is not connected or did not answer.
+            RMCPTimeoutError: ``refresh`` and the connection actor did not answer in time.
         """
-        return list(self._server(server).connection.tools.values())
+        connection = self._server(server).connection
+        if not refresh:
+            return list(connection.tools.values())
+        with anyio.move_on_after(connection.policy.connect_timeout_s * 2):
+            return list((await connection.ask(RefreshTools)).values())
+        raise RMCPTimeoutError(
+            f"the connection actor of {server!r} did not answer a tools refresh within "
+            f"{connection.policy.connect_timeout_s * 2:g} s (restarting?); try again",
+            server=server,
+        )
 
     async def call(
         self,

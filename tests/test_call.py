@@ -415,3 +415,22 @@ async def test_a_group_raised_by_user_code_in_open_stays_whole(server: MCPServer
     with pytest.raises(ExceptionGroup) as caught:
         await body()
     assert caught.value.message == "user's own"
+
+
+async def test_refreshing_tools_goes_through_the_connection_actor(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(UnknownToolError):
+            await sup.call("test", "late_tool")
+
+        async def late_tool() -> str:
+            return "late"
+
+        server.add_tool(late_tool)
+        assert "late_tool" not in {tool.name for tool in await sup.list_tools("test")}
+        refreshed = {tool.name for tool in await sup.list_tools("test", refresh=True)}
+        result = await sup.call("test", "late_tool")
+        inbox = sup.statistics().connections[0]
+    assert "late_tool" in refreshed
+    assert result.text == "late"
+    assert (inbox.name, inbox.inbox_used) == ("test", 0)

@@ -19,15 +19,16 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import attrs
-from mcp import Client
+from mcp import Client, MCPError
 from mcp_types import Tool
 
 from ..config import ServerPolicy, ServerSpec
 from ..errors import RMCPNetworkError
+from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._transport import build_client
 from .retry import backoff_delay
 
-__all__ = ["Connection", "ConnectionState", "ConnectionStatistics", "Session"]
+__all__ = ["Connection", "ConnectionState", "ConnectionStatistics", "RefreshTools", "Session"]
 
 _TOOLS_PAGE_CAP = 1000
 
@@ -65,10 +66,9 @@ class Session:
 
 @final
 @attrs.frozen
-class ConnectionStatistics:
-    """A read-only snapshot of one connection actor."""
+class ConnectionStatistics(ActorStatistics):
+    """A read-only snapshot of one connection actor (``name`` is the server's name)."""
 
-    server: str
     state: ConnectionState
     generation: int
     connects: int
@@ -79,11 +79,26 @@ class ConnectionStatistics:
 
 
 @final
+@attrs.frozen
+class RefreshTools:
+    """Ask a connection actor to list the server's tools again (every page) and cache them."""
+
+    reply: ReplySlot[dict[str, Tool]]
+
+
+ConnectionRequest = RefreshTools
+
+
+@final
 @attrs.define(eq=False)
-class Connection:
+class Connection(Actor[ConnectionRequest]):
     """The actor owning one MCP server's connection.
 
+    Its inbox takes control requests (:class:`RefreshTools`); its reconnect loop runs beside
+    the inbox in the actor's own nursery.
+
     Args:
+        name: The server's name.
         spec: How to reach the server.
         policy: The server's resolved policy (timeouts, reconnect backoff, when_disconnected).
     """
@@ -101,11 +116,6 @@ class Connection:
     _random: random.Random = attrs.Factory(random.Random)
 
     @property
-    def name(self) -> str:
-        """The server's name."""
-        return self.spec.name
-
-    @property
     def state(self) -> ConnectionState:
         """The connection's current state."""
         return self._state
@@ -118,8 +128,11 @@ class Connection:
     def statistics(self) -> ConnectionStatistics:
         """Return a snapshot of the connection's state and counters."""
         session = self._session
+        inbox = super().statistics()
         return ConnectionStatistics(
-            server=self.name,
+            name=self.name,
+            inbox_used=inbox.inbox_used,
+            inbox_size=inbox.inbox_size,
             state=self._state,
             generation=self._generation,
             connects=self._connects,
@@ -188,6 +201,7 @@ class Connection:
             async with anyio.create_task_group() as task_group:
                 if first_life:
                     await self._connect(task_group)
+                await task_group.start(super().run)
                 task_status.started()
                 failures = 0 if first_life else 1
                 while True:
@@ -215,6 +229,30 @@ class Connection:
         finally:
             # After a crash the supervisor restarts the actor: callers may keep waiting.
             self._set_state(ConnectionState.DISCONNECTED if crashed else ConnectionState.CLOSED)
+
+    async def handle(self, message: ConnectionRequest) -> None:
+        """Serve one control request from the inbox; a server failure fails the reply, not the actor."""
+        session = self.current_session()
+        if session is None or session.client is None:
+            message.reply.fail(
+                RMCPNetworkError(
+                    f"not connected to {self.spec.describe()} ({self._reason()})", server=self.name
+                )
+            )
+            return
+        try:
+            with anyio.fail_after(self.policy.connect_timeout_s):
+                tools = await _list_all_tools(session.client)
+        except (MCPError, TimeoutError) as error:
+            message.reply.fail(
+                RMCPNetworkError(
+                    f"could not list the tools of {self.spec.describe()}: {error}", server=self.name
+                )
+            )
+            return
+        session.tools = tools
+        self._tools = tools
+        message.reply.set(tools)
 
     async def _connect(self, task_group: anyio.abc.TaskGroup) -> None:
         self._generation += 1
