@@ -36,3 +36,13 @@ from .errors import UnknownToolError as UnknownToolError
 from .result import CallResult as CallResult
 from .rmcp_supervisor import RMCPSupervisor as RMCPSupervisor
 from .rmcp_supervisor import RuntimeStatistics as RuntimeStatistics
+
+
+def _show_public_module() -> None:
+    """Make reprs and tracebacks say ``rmcp_actors.CallResult``, the name users import."""
+    for name, value in globals().items():
+        if not name.startswith("_") and getattr(value, "__module__", "").startswith("rmcp_actors."):
+            value.__module__ = __name__
+
+
+_show_public_module()
