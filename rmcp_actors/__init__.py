@@ -4,6 +4,8 @@ The implementation lives in private modules and sub-packages; everything a user 
 re-exported here, and users import from ``rmcp_actors`` only.
 """
 
+import attrs as _attrs
+
 from .client.connection import ConnectionState as ConnectionState
 from .client.connection import ConnectionStatistics as ConnectionStatistics
 from .client.scheduler import LaneStatistics as LaneStatistics
@@ -42,6 +44,9 @@ def _show_public_module() -> None:
     """Make reprs and tracebacks say ``rmcp_actors.CallResult``, the name users import."""
     for name, value in globals().items():
         if not name.startswith("_") and getattr(value, "__module__", "").startswith("rmcp_actors."):
+            if _attrs.has(value):
+                # String annotations resolve in the defining module: resolve them while it is known.
+                _attrs.resolve_types(value)
             value.__module__ = __name__
 
 
