@@ -9,6 +9,8 @@ import pytest
 from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
 
+from rmcp_actors import PolicyOverrides, ReconnectOverrides, RetryOverrides
+
 TEST_SERVER = Path(__file__).with_name("mcp_test_server.py")
 
 
@@ -18,6 +20,12 @@ def stdio_args(*extra: str) -> list[str]:
 
 
 PYTHON = sys.executable
+
+# Real-time tests (subprocess, HTTP) recover within tens of milliseconds, not seconds.
+FAST_RECOVERY = PolicyOverrides(
+    reconnect=ReconnectOverrides(base_delay_s=0.02, max_delay_s=0.2),
+    retry=RetryOverrides(base_delay_s=0.01, max_delay_s=0.05),
+)
 
 
 @pytest.fixture

@@ -5,22 +5,15 @@ from __future__ import annotations
 import pytest
 import trio
 from _http import serve_http
+from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State
 
 from rmcp_actors import (
     ConnectionState,
-    PolicyOverrides,
-    ReconnectOverrides,
-    RetryOverrides,
     RMCPOutcomeUnknownError,
     RMCPSupervisor,
     ServerSpec,
-)
-
-FAST = PolicyOverrides(
-    reconnect=ReconnectOverrides(base_delay_s=0.02, max_delay_s=0.1),
-    retry=RetryOverrides(base_delay_s=0.01, max_delay_s=0.05),
 )
 
 
@@ -48,7 +41,7 @@ async def test_http_server_dies_mid_call_non_idempotent_is_unknown_then_reconnec
     server: MCPServer, state: State
 ) -> None:
     async with serve_http(server) as http, RMCPSupervisor.open() as sup:
-        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST))
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST_RECOVERY))
         async with trio.open_nursery() as nursery:
 
             async def kill_when_started() -> None:
@@ -71,7 +64,7 @@ async def test_http_idempotent_call_waits_for_the_server_to_come_back(
     server: MCPServer, state: State
 ) -> None:
     async with serve_http(server) as http, RMCPSupervisor.open() as sup:
-        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST))
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST_RECOVERY))
         results = []
         async with trio.open_nursery() as nursery:
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import PYTHON, stdio_args
+from conftest import FAST_RECOVERY, PYTHON, stdio_args
 
 from rmcp_actors import (
     ConnectionState,
     Outcome,
     PolicyOverrides,
     ReconnectOverrides,
-    RetryOverrides,
     RMCPConfig,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
@@ -26,16 +25,8 @@ from rmcp_actors import (
 )
 from rmcp_actors.client.connection import Connection
 
-FAST_RECONNECT = PolicyOverrides(
-    reconnect=ReconnectOverrides(base_delay_s=0.05, max_delay_s=0.2),
-    retry=RetryOverrides(base_delay_s=0.01, max_delay_s=0.05),
-    connect_timeout_s=10,
-)
 
-
-def stdio_test_server(
-    state_dir: Path, *extra: str, overrides: PolicyOverrides = FAST_RECONNECT
-) -> ServerSpec:
+def stdio_test_server(state_dir: Path, *extra: str, overrides: PolicyOverrides = FAST_RECOVERY) -> ServerSpec:
     return ServerSpec.stdio(
         "test", PYTHON, stdio_args("--state-dir", str(state_dir), *extra), overrides=overrides
     )
@@ -167,7 +158,7 @@ async def test_server_exiting_at_once_is_a_network_error(tmp_path: Path) -> None
 
 async def test_server_that_keeps_dying_does_not_take_the_runtime_down(tmp_path: Path) -> None:
     stable = ServerSpec.stdio("stable", PYTHON, stdio_args())
-    flaky = ServerSpec.stdio("flaky", PYTHON, stdio_args("--lifetime", "1.5"), overrides=FAST_RECONNECT)
+    flaky = ServerSpec.stdio("flaky", PYTHON, stdio_args("--lifetime", "1.5"), overrides=FAST_RECOVERY)
     config = RMCPConfig.from_dict({"runtime": {"max_restarts": 1, "restart_period_s": 60}})
     async with RMCPSupervisor.open(config) as sup:
         await sup.add_server(stable)
