@@ -7,11 +7,13 @@ import os
 import signal
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from conftest import FAST_RECOVERY, PYTHON, stdio_args
 
 from rmcp_actors import (
+    CallResult,
     ConnectionState,
     Outcome,
     PolicyOverrides,
@@ -21,7 +23,9 @@ from rmcp_actors import (
     RMCPOutcomeUnknownError,
     RMCPSupervisor,
     RMCPSupervisorError,
+    RMCPTimeoutAfterSendError,
     ServerSpec,
+    ToolOverrides,
 )
 from rmcp_actors.client.connection import Connection
 
@@ -233,3 +237,56 @@ async def test_actor_failing_beyond_intensity_escalates_out_of_open(
     assert error.actor == "connection:test"
     assert isinstance(error.__cause__, ZeroDivisionError)
     assert "failed 3 times" in str(error)
+
+
+async def kill_mid_call(
+    tmp_path: Path, tool: str, *, overrides: PolicyOverrides, tools: dict[str, ToolOverrides] | None = None
+) -> int:
+    """Call ``tool`` on a stdio server, SIGKILL the server once the tool started; return attempts."""
+    spec = ServerSpec.stdio(
+        "test", PYTHON, stdio_args("--state-dir", str(tmp_path)), overrides=overrides, tools=tools or {}
+    )
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(spec)
+
+        async def kill_when_started() -> None:
+            os.kill(int(await wait_for_file(tmp_path / "job.started")), signal.SIGKILL)
+
+        nursery.start_soon(kill_when_started)
+        outcome: CallResult | RMCPOutcomeUnknownError
+        try:
+            outcome = await sup.call("test", tool, {"label": "job", "seconds": 30}, timeout=20)
+        except RMCPOutcomeUnknownError as error:
+            outcome = error
+    # Raised out here, not inside the nursery, so that it is not wrapped in an exception group.
+    if isinstance(outcome, RMCPOutcomeUnknownError):
+        raise outcome
+    return outcome.attempts
+
+
+async def test_untrusted_annotations_do_not_make_a_tool_retryable(tmp_path: Path) -> None:
+    untrusted = attrs.evolve(FAST_RECOVERY, trust_annotations=False)
+    with pytest.raises(RMCPOutcomeUnknownError):
+        await kill_mid_call(tmp_path, "block_idempotent", overrides=untrusted)
+
+
+async def test_idempotent_in_config_makes_an_unannotated_tool_retryable(tmp_path: Path) -> None:
+    attempts = await kill_mid_call(
+        tmp_path,
+        "block_unsafe",
+        overrides=FAST_RECOVERY,
+        tools={"block_unsafe": ToolOverrides(idempotent=True)},
+    )
+    assert attempts == 2
+    # It ran to completion once, on the restarted server (the killed run never got that far).
+    assert (tmp_path / "ledger").read_text().split() == ["job"]
+
+
+async def test_a_hanging_stdio_server_meets_the_deadline(tmp_path: Path) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(stdio_test_server(tmp_path))
+        started = trio.current_time()
+        with pytest.raises(RMCPTimeoutAfterSendError):
+            await sup.call("test", "sleep", {"seconds": 60}, timeout=0.5)
+        assert trio.current_time() - started < 2
+        assert (await sup.call("test", "echo", {"text": "still here"})).text == "still here"

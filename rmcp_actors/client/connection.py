@@ -138,7 +138,7 @@ class Connection(Actor[ConnectionRequest]):
             connects=self._connects,
             failed_connects=self._failed_connects,
             protocol_version=session.protocol_version if session else None,
-            tools=len(session.tools) if session else 0,
+            tools=len(self._tools),
             last_error=_describe(self._last_error) if self._last_error else None,
         )
 
