@@ -6,10 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench stress clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	# Debian-style Pythons may lack the venv module: fall back to virtualenv from PyPI.
+	$(PYTHON) -m venv $(VENV) || { $(PYTHON) -m pip install --user --quiet virtualenv && $(PYTHON) -m virtualenv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,demo]'
 	touch $(STAMP)
@@ -21,13 +22,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
-
-stress: $(STAMP)
-	$(VENV)/bin/pytest -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

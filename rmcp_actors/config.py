@@ -15,7 +15,6 @@ tool's table. A layer's ``None`` (or a key it does not name) inherits from the l
 from __future__ import annotations
 
 import ast
-import datetime
 import difflib
 import math
 import os
@@ -31,6 +30,7 @@ import cattrs
 from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.v import format_exception as _cattrs_format_exception
 from cattrs.v import transform_error
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from .errors import RMCPConfigError
 
@@ -417,27 +417,18 @@ _BUILTIN: Final = ServerPolicy(
 # Server specs
 # --------------------------------------------------------------------------------------------
 
-_PROTOCOL_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 
-
-def _valid_protocol(value: object) -> bool:
-    if value in ("auto", "legacy"):
-        return True
-    if not isinstance(value, str) or _PROTOCOL_RE.fullmatch(value) is None:
-        return False
-    try:
-        datetime.date.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
+_KNOWN_PROTOCOLS = frozenset({*MODERN_PROTOCOL_VERSIONS, *HANDSHAKE_PROTOCOL_VERSIONS})
 
 
 def _check_protocol(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not _valid_protocol(value):
-        raise RMCPConfigError(
-            f"must be 'auto', 'legacy' or a protocol version date like '2025-11-25', got {value!r}",
-            path=attribute.name,
-        )
+    if value in ("auto", "legacy") or value in _KNOWN_PROTOCOLS:
+        return
+    known = ", ".join(sorted(_KNOWN_PROTOCOLS))
+    raise RMCPConfigError(
+        f"must be 'auto', 'legacy' or a protocol version the MCP SDK knows ({known}), got {value!r}",
+        path=attribute.name,
+    )
 
 
 def _check_name(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

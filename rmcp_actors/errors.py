@@ -3,7 +3,7 @@
 Every error carries what the caller needs to decide what to do next: the logical call it
 belongs to (``request_id``, ``idempotency_key``, ``server``, ``tool``), whether the tool may
 have run (``may_have_executed``) and the call's ``outcome``. Transport and SDK exceptions are
-mapped to these classes at one boundary (``rmcp_actors.client._call``) and never leak.
+mapped to these classes at one boundary (``rmcp_actors.client.call``) and never leak.
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ class RMCPServerError(RMCPError):
 
     Attributes:
         code: The JSON-RPC error code.
+        server_message: The error's ``message`` member, as the server sent it.
         data: The error's ``data`` member, if any.
     """
 
@@ -166,6 +167,7 @@ class RMCPServerError(RMCPError):
         context.setdefault("may_have_executed", code not in self.NOT_EXECUTED_CODES)
         super().__init__(f"server answered JSON-RPC error {code}: {message}", **context)
         self.code = code
+        self.server_message = message
         self.data = data
 
 

@@ -22,7 +22,6 @@ import anyio
 import attrs
 from mcp_types import Tool
 
-from .client._transport import client_mode
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .client.scheduler import Lane, Scheduler, SchedulerStatistics
@@ -142,7 +141,6 @@ class RMCPSupervisor:
         """
         if spec.name in self._servers:
             raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
-        client_mode(spec.protocol)
         policy = self._config.server_policy(spec)
         connection = Connection(spec.name, spec, policy)
         lane = self._scheduler.lane(spec.name, policy.max_concurrency)

@@ -13,6 +13,7 @@ lines on stdout and never answers; ``--exit-at-once`` exits before the handshake
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -55,6 +56,14 @@ class State:
             return
         with (self.state_dir / "ledger").open("a") as ledger:
             ledger.write(label + "\n")
+
+    def record_meta(self, label: str, ctx: Context) -> None:
+        """Append the ``_meta.rmcp`` of this run of ``label`` (one JSON line per run, on disk)."""
+        if self.state_dir is None:
+            return
+        meta = (ctx.request_context.meta or {}).get("rmcp") or {}
+        with (self.state_dir / f"{label}.meta").open("a") as log:
+            log.write(json.dumps(meta) + "\n")
 
     def mark_started(self, label: str) -> bool:
         """Mark ``label`` started; return False if it was already (survives a restart on disk)."""
@@ -109,8 +118,9 @@ def build_server(state: State | None = None, name: str = "rmcp-test") -> MCPServ
         return f"recorded {label}"
 
     @app.tool(annotations=IDEMPOTENT)
-    async def block_idempotent(label: str, seconds: float) -> str:
+    async def block_idempotent(label: str, seconds: float, ctx: Context) -> str:
         """First run: mark started and block; later runs (e.g. after a restart) answer at once."""
+        state.record_meta(label, ctx)
         if state.mark_started(label):
             await anyio.sleep(seconds)
         return f"done {label}"
@@ -132,6 +142,11 @@ def build_server(state: State | None = None, name: str = "rmcp-test") -> MCPServ
     async def rpc_error() -> str:
         """Answer with a JSON-RPC error instead of a result."""
         raise MCPError(code=-32050, message="the test server refuses")
+
+    @app.tool()
+    async def invalid_params() -> str:
+        """Refuse with a protocol-level JSON-RPC error (the tool did not run)."""
+        raise MCPError(code=-32602, message="no such argument shape")
 
     @app.tool()
     async def busy() -> str:

@@ -291,10 +291,9 @@ async def test_every_page_of_tools_is_listed_at_connect() -> None:
 
 
 async def test_unknown_protocol_version_is_a_config_error(server: MCPServer) -> None:
-    async with RMCPSupervisor.open() as sup:
-        with pytest.raises(RMCPConfigError, match="unknown protocol version '2030-01-01'"):
-            await sup.add_server(ServerSpec.in_memory("test", server, protocol="2030-01-01"))
-        assert sup.servers() == {}
+    with pytest.raises(RMCPConfigError, match="protocol version the MCP SDK knows") as caught:
+        ServerSpec.in_memory("test", server, protocol="2030-01-01")
+    assert caught.value.path == "protocol"
 
 
 async def test_an_error_in_the_body_of_open_propagates_unwrapped(server: MCPServer) -> None:
@@ -434,3 +433,13 @@ async def test_refreshing_tools_goes_through_the_connection_actor(server: MCPSer
     assert "late_tool" in refreshed
     assert result.text == "late"
     assert (inbox.name, inbox.inbox_used) == ("test", 0)
+
+
+async def test_protocol_level_json_rpc_error_says_the_tool_did_not_run(server: MCPServer) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(RMCPServerError) as caught:
+            await sup.call("test", "invalid_params")
+    assert caught.value.code == -32602
+    assert caught.value.may_have_executed is False
+    assert caught.value.server_message == "no such argument shape"

@@ -28,7 +28,9 @@ async def test_call_over_http(server: MCPServer, protocol: str) -> None:
     async with serve_http(server) as http, RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.http("web", http.url, protocol=protocol))
         result = await sup.call("web", "add", {"a": 1, "b": 2})
+        negotiated = sup.statistics().connections[0].protocol_version
     assert result.structured_content == {"result": 3}
+    assert negotiated == ("2026-07-28" if protocol == "auto" else "2025-11-25")
 
 
 async def test_headers_reach_the_server(server: MCPServer) -> None:

@@ -3,6 +3,7 @@ a subprocess would see its deadlines fire at once)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -94,6 +95,11 @@ async def test_kill_9_mid_call_idempotent_tool_is_retried_on_the_restarted_serve
     assert result.attempts == 2
     assert first_pid == {"result": pid}
     assert process_gone(pid)
+    # Both runs (killed, then retried on the new server) carried the same logical call's identity.
+    runs = [json.loads(line) for line in (tmp_path / "job.meta").read_text().splitlines()]
+    assert [run["attempt"] for run in runs] == [1, 2]
+    assert {run["idempotency_key"] for run in runs} == {result.idempotency_key}
+    assert {run["request_id"] for run in runs} == {result.request_id}
 
 
 async def test_kill_9_mid_call_non_idempotent_tool_is_unknown_and_next_call_works(tmp_path: Path) -> None:

@@ -23,10 +23,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from ..config import ServerSpec
-from ..errors import RMCPConfigError
 
 __all__ = ["ClosedCallback", "build_client", "client_mode"]
 
@@ -94,20 +93,12 @@ async def _http_transport(url: str, headers: dict[str, str] | None) -> AsyncGene
 
 
 def client_mode(protocol: str) -> str:
-    """Map a spec's ``protocol`` to the SDK's ``mode``.
+    """Map a spec's ``protocol`` (validated by ServerSpec) to the SDK's ``mode``.
 
     A handshake-era version (``2025-11-25`` and older) is spoken through the initialize
     handshake, which offers the newest handshake version the SDK knows.
-
-    Raises:
-        RMCPConfigError: The SDK does not know that protocol version.
     """
-    if protocol in ("auto", "legacy") or protocol in MODERN_PROTOCOL_VERSIONS:
-        return protocol
-    if protocol in HANDSHAKE_PROTOCOL_VERSIONS:
-        return "legacy"
-    known = ", ".join(sorted({*MODERN_PROTOCOL_VERSIONS, *HANDSHAKE_PROTOCOL_VERSIONS}))
-    raise RMCPConfigError(f"unknown protocol version {protocol!r}; known: {known}", path="protocol")
+    return "legacy" if protocol in HANDSHAKE_PROTOCOL_VERSIONS else protocol
 
 
 def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:

@@ -96,7 +96,7 @@ async def perform_call(
         try:
             result = await _attempts(connection, scheduler, lane, policy, request, rng, deadline, progress)
         except RMCPError as error:
-            if progress.sent and not error.may_have_executed:
+            if progress.last_ambiguous is not None and not error.may_have_executed:
                 # A later attempt failed cleanly, but an earlier one was sent and lost.
                 unknown = RMCPOutcomeUnknownError(
                     f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
@@ -139,7 +139,7 @@ async def _attempts(
 ) -> CallToolResult:
     retry = policy.retry
     while True:
-        session = await connection.wait_session()
+        session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
         if tool is None:
             raise UnknownToolError(
