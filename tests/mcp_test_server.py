@@ -169,6 +169,13 @@ def build_server(state: State | None = None, name: str = "rmcp-test") -> MCPServ
         """The server's process id."""
         return os.getpid()
 
+    if state.state_dir is not None and (state.state_dir / "extra_tool").exists():
+
+        @app.tool()
+        async def extra() -> str:
+            """Listed only by servers started after the test created ``extra_tool``."""
+            return "extra"
+
     return app
 
 

@@ -296,3 +296,49 @@ async def test_a_hanging_stdio_server_meets_the_deadline(tmp_path: Path) -> None
             await sup.call("test", "sleep", {"seconds": 60}, timeout=0.5)
         assert trio.current_time() - started < 2
         assert (await sup.call("test", "echo", {"text": "still here"})).text == "still here"
+
+
+async def test_a_restarted_connection_actor_leaves_its_siblings_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Connection._set_state  # pyright: ignore[reportPrivateUsage]
+    crashes: list[str] = []
+
+    def crash_once(self: Connection, state: ConnectionState) -> None:
+        if self.name == "a" and state is ConnectionState.CONNECTING and not crashes:
+            crashes.append(self.name)
+            raise ZeroDivisionError("simulated bug in connection a")
+        original(self, state)
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.stdio("a", PYTHON, stdio_args(), overrides=FAST_RECOVERY))
+        await sup.add_server(ServerSpec.stdio("b", PYTHON, stdio_args(), overrides=FAST_RECOVERY))
+        pid_a = (await sup.call("a", "pid")).structured_content
+        pid_b = (await sup.call("b", "pid")).structured_content
+        assert pid_a is not None
+        monkeypatch.setattr(Connection, "_set_state", crash_once)
+        os.kill(pid_a["result"], signal.SIGKILL)
+        # A call made meanwhile waits through the crash and the restart (it is not told "closed").
+        result = await sup.call("a", "echo", {"text": "after restart"}, timeout=20)
+        assert (await sup.call("b", "pid")).structured_content == pid_b
+        stats = {connection.name: connection for connection in sup.statistics().connections}
+        [supervisor] = [s for s in sup.statistics().supervisors if s.name == "connections"]
+    assert crashes == ["a"]
+    assert result.text == "after restart"
+    assert stats["b"].connects == 1
+    restarts = {child.name: child.restarts for child in supervisor.children}
+    assert restarts == {"connection:a": 1, "connection:b": 0}
+
+
+async def test_tools_are_listed_again_on_reconnect(tmp_path: Path) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(stdio_test_server(tmp_path))
+        assert "extra" not in {tool.name for tool in await sup.list_tools("test")}
+        pid = (await sup.call("test", "pid")).structured_content
+        assert pid is not None
+        (tmp_path / "extra_tool").write_text("")
+        os.kill(pid["result"], signal.SIGKILL)
+        with trio.fail_after(15):
+            while "extra" not in {tool.name for tool in await sup.list_tools("test")}:
+                await trio.sleep(0.02)
+        assert (await sup.call("test", "extra")).text == "extra"
