@@ -85,3 +85,16 @@ async def test_http_idempotent_call_waits_for_the_server_to_come_back(
         [result] = results
     assert result.text == "done job"
     assert result.attempts == 2
+
+
+async def test_server_restarted_before_the_client_noticed_gets_a_new_session(server: MCPServer) -> None:
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
+        await http.stop()
+        await http.restart()
+        # The old session id is unknown to the new server process: HTTP 404, "Session not found".
+        result = await sup.call("web", "echo", {"text": "after"}, timeout=10)
+        connects = sup.statistics().connections[0].connects
+    assert result.text == "after"
+    assert connects == 2

@@ -16,7 +16,7 @@ import anyio.lowlevel
 import attrs
 import msgspec
 from mcp import MCPError
-from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, Tool
+from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST, REQUEST_TIMEOUT, CallToolResult, Tool
 from pydantic import ValidationError
 
 from .._protocol import META_KEY, RequestMeta, encode_request_meta
@@ -25,6 +25,7 @@ from ..errors import (
     Outcome,
     RMCPArgumentError,
     RMCPError,
+    RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
     RMCPServerError,
@@ -43,6 +44,9 @@ __all__ = ["CallRequest", "perform_call"]
 # (mcp/shared/jsonrpc_dispatcher.py, mcp/client/streamable_http.py).
 _SDK_LOST_ANSWER_MESSAGES = frozenset({"Connection closed", "SSE stream ended without a response"})
 _SDK_LOST_STREAM_PREFIX = "SSE stream failed:"
+# Streamable HTTP: a server that restarted answers an old session id with 404, which the SDK
+# server words "Session not found" and the SDK client "Session terminated". Nothing ran.
+_SESSION_LOST_MESSAGES = frozenset({"Session not found", "Session terminated"})
 
 # Headroom between the SDK's per-request timeout and the caller's deadline, so that the SDK
 # times out first and sends notifications/cancelled while the call is still ours to finish.
@@ -73,6 +77,10 @@ class _Progress:
 
 class _Ambiguous(Exception):
     """An attempt was sent and its answer was lost (the transport failed)."""
+
+
+class _SessionLost(Exception):
+    """The server refused the request because it no longer knows the transport's session."""
 
 
 async def perform_call(
@@ -156,6 +164,16 @@ async def _attempts(
             except _Ambiguous as lost:
                 connection.report_broken(session)
                 progress.last_ambiguous = lost.__cause__
+            except _SessionLost as refused:
+                # Refused, not run: safe to send again on a new session.
+                connection.report_broken(session)
+                progress.sent = progress.last_ambiguous is not None
+                if progress.attempts >= retry.max_attempts:
+                    raise RMCPNetworkError(
+                        f"the server kept refusing the session ({refused}) on all {progress.attempts} "
+                        "attempts; nothing ran: check the server, then call again",
+                    ) from refused.__cause__
+                continue
         finally:
             scheduler.release(lane)
         if not _safe_to_repeat(policy, tool):
@@ -201,6 +219,8 @@ async def _send(
     except MCPError as error:
         if _answer_lost(session, error):
             raise _Ambiguous(error.message) from error
+        if error.code == INVALID_REQUEST and error.message in _SESSION_LOST_MESSAGES:
+            raise _SessionLost(error.message) from error
         if error.code == REQUEST_TIMEOUT:
             raise RMCPTimeoutAfterSendError(
                 f"no answer within the call's timeout of {request.timeout_s:g} s; the request was "
