@@ -114,8 +114,7 @@ async def perform_call(
                 raise unknown from error
             _stamp(error, connection.name, request)
             raise
-        tool_meta = result.meta or {}
-        rmcp_meta = tool_meta.get(META_KEY)
+        rmcp_meta = (result.meta or {}).get(META_KEY)
         return CallResult(
             outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
             content=result.content,

@@ -118,6 +118,9 @@ class Connection(Actor[ConnectionRequest]):
     @property
     def state(self) -> ConnectionState:
         """The connection's current state."""
+        if self._state is ConnectionState.READY and self.current_session() is None:
+            # The transport broke a moment ago; the actor has not seen the session end yet.
+            return ConnectionState.DISCONNECTED
         return self._state
 
     @property
@@ -133,7 +136,7 @@ class Connection(Actor[ConnectionRequest]):
             name=self.name,
             inbox_used=inbox.inbox_used,
             inbox_size=inbox.inbox_size,
-            state=self._state,
+            state=self.state,
             generation=self._generation,
             connects=self._connects,
             failed_connects=self._failed_connects,
@@ -320,7 +323,7 @@ class Connection(Actor[ConnectionRequest]):
     def _reason(self) -> str:
         if self._last_error is not None:
             return f"last error: {_describe(self._last_error)}"
-        return f"state {self._state.value}"
+        return f"state {self.state.value}"
 
 
 async def _first_of(*events: anyio.Event) -> None:
