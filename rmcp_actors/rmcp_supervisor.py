@@ -15,8 +15,8 @@ import math
 import random
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping
-from contextlib import asynccontextmanager
-from typing import Any, NoReturn, final
+from contextlib import asynccontextmanager, suppress
+from typing import Any, NoReturn, cast, final
 
 import anyio
 import attrs
@@ -37,6 +37,8 @@ from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
 
 __all__ = ["RMCPSupervisor", "RuntimeStatistics"]
+
+_FATAL = (KeyboardInterrupt, SystemExit)
 
 # The SDK's stdio shutdown waits 2 s for exit, then 2 s after SIGTERM before SIGKILL, then up
 # to 2 s to reap: a connection actor gets longer than that before its supervisor moves on.
@@ -125,8 +127,16 @@ class RMCPSupervisor:
                     yield supervisor
                 finally:
                     await root.stop()
-        except BaseExceptionGroup as group:
-            _raise_unwrapped(group)
+        except BaseException as error:
+            # An escalation is what ended the runtime, whatever the body saw of it first (a
+            # closed connection, a supervisor that stopped): that is what the caller is told.
+            escalation = connections.last_escalation or root.last_escalation
+            if escalation is not None and not _fatal(error):
+                innermost = _innermost_escalation(escalation)
+                raise innermost from innermost.__cause__
+            if isinstance(error, BaseExceptionGroup):
+                _raise_unwrapped(error)  # pyright: ignore[reportUnknownArgumentType]
+            raise
 
     async def add_server(self, spec: ServerSpec) -> None:
         """Add a server and wait for its first connection.
@@ -144,17 +154,22 @@ class RMCPSupervisor:
         policy = self._config.server_policy(spec)
         connection = Connection(spec.name, spec, policy)
         lane = self._scheduler.lane(spec.name, policy.max_concurrency)
-        self._servers[spec.name] = _Server(spec, connection, lane)
-        child = ChildSpec(
-            f"connection:{spec.name}", connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S
-        )
+        entry = self._servers[spec.name] = _Server(spec, connection, lane)
+        child = ChildSpec(_child_name(spec.name), connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)
         try:
             await self._connections_supervisor.start_child(child)
         except BaseException as error:
-            del self._servers[spec.name]
+            # Only this call's entry: a remove and a new add of the name may have come between.
+            if self._servers.get(spec.name) is entry:
+                del self._servers[spec.name]
             if isinstance(error, BaseExceptionGroup):
                 _raise_unwrapped(error)  # pyright: ignore[reportUnknownArgumentType]
             raise
+        if self._servers.get(spec.name) is not entry:
+            await self._stop_connection(spec.name)
+            raise UnknownServerError(
+                f"server {spec.name!r} was removed while it was being added", server=spec.name
+            )
 
     async def remove_server(self, name: str) -> None:
         """Stop a server's connection and forget it; calls to it then raise UnknownServerError.
@@ -163,9 +178,16 @@ class RMCPSupervisor:
             UnknownServerError: No server of that name.
         """
         self._server(name)
-        # Forget it first: a concurrent or cancelled removal must not leave a half-removed entry.
+        # Forget it first: a concurrent removal must find it gone, not half-removed.
         del self._servers[name]
-        await self._connections_supervisor.terminate_child(f"connection:{name}")
+        await self._stop_connection(name)
+
+    async def _stop_connection(self, name: str) -> None:
+        # Shielded (and bounded by the child's shutdown timeout): a cancelled removal must not
+        # leave the connection and its subprocess running without an entry.
+        with anyio.CancelScope(shield=True), suppress(KeyError):
+            # KeyError: the child is not there yet (an add in progress stops it itself).
+            await self._connections_supervisor.terminate_child(_child_name(name))
 
     def servers(self) -> dict[str, ConnectionState]:
         """Return each server's name and connection state."""
@@ -275,6 +297,17 @@ class RMCPSupervisor:
         return server
 
 
+def _child_name(server: str) -> str:
+    return f"connection:{server}"
+
+
+def _fatal(error: BaseException) -> bool:
+    """True for KeyboardInterrupt and SystemExit, alone or anywhere in a group."""
+    if isinstance(error, BaseExceptionGroup):
+        return cast("BaseExceptionGroup[BaseException]", error).split(_FATAL)[0] is not None
+    return isinstance(error, _FATAL)
+
+
 def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
@@ -293,8 +326,8 @@ def _innermost_escalation(error: RMCPSupervisorError) -> RMCPSupervisorError:
 def _raise_unwrapped(group: BaseExceptionGroup[Any]) -> NoReturn:
     """Raise the one exception a caller should see instead of a task group's wrapper."""
     for leaf in _leaves(group):
-        if isinstance(leaf, RMCPSupervisorError):
-            raise _innermost_escalation(leaf)
+        if isinstance(leaf, _FATAL):
+            raise leaf
     # Only the task group's own wrapper goes: a group raised by the caller's code stays whole.
     if len(group.exceptions) == 1:
         raise group.exceptions[0]

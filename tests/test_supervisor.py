@@ -510,3 +510,21 @@ async def test_duplicate_static_names_are_rejected() -> None:
     harness = Harness()
     with pytest.raises(ValueError, match="duplicate child names"):
         await Supervisor("sup", children=harness.specs("a", "a")).run()
+
+
+async def test_start_child_cancelled_as_the_child_starts_takes_the_child_along() -> None:
+    supervisor = Supervisor("s")
+    async with anyio.create_task_group() as task_group:
+        await task_group.start(supervisor.run)
+        caller_scope = anyio.CancelScope()
+
+        async def child(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            caller_scope.cancel()  # the caller's deadline fires...
+            task_status.started()  # ...in the same instant the child reports ready
+            await anyio.sleep_forever()
+
+        with caller_scope:
+            await supervisor.start_child(ChildSpec("c", child))
+        assert caller_scope.cancelled_caught
+        assert supervisor.statistics().children == ()
+        await supervisor.stop()

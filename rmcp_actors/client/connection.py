@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import random
+import types
 from typing import cast, final
 
 import anyio
@@ -302,13 +303,12 @@ class Connection(Actor[ConnectionRequest]):
                         # No new call may start on a client that is being torn down.
                         session.broken.set()
         except BaseException as exc:
+            if _holds(exc, KeyboardInterrupt | SystemExit):
+                raise
             # Cancellation from above (runtime stopping) is re-raised by this checkpoint; what is
             # left is the transport failing, which is ours to handle, not the supervisor's.
             await anyio.lowlevel.checkpoint_if_cancelled()
-            cause = _root_cause(exc)
-            if isinstance(cause, KeyboardInterrupt | SystemExit):
-                raise
-            session.error = cause
+            session.error = _root_cause(exc)
             self._last_error = session.error
         finally:
             session.broken.set()
@@ -347,6 +347,14 @@ async def _list_all_tools(client: Client) -> dict[str, Tool]:
         if cursor is None:
             break
     return tools
+
+
+def _holds(exc: BaseException, kind: type[BaseException] | types.UnionType) -> bool:
+    """True when ``exc`` is of ``kind`` or a group holding one anywhere."""
+    if isinstance(exc, BaseExceptionGroup):
+        group = cast("BaseExceptionGroup[BaseException]", exc)
+        return any(_holds(inner, kind) for inner in group.exceptions)
+    return isinstance(exc, kind)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -206,6 +206,8 @@ class Supervisor:
     # Serialises changes to the set of children: restarts, start_child and terminate_child.
     _lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
     _running: _Running | None = attrs.field(default=None, init=False)
+    #: The escalation the latest run ended with, if it ended with one.
+    last_escalation: RMCPSupervisorError | None = attrs.field(default=None, init=False)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the static children, then supervise them until stopped, cancelled or escalating.
@@ -229,6 +231,7 @@ class Supervisor:
             raise ValueError(f"supervisor {self.name!r}: duplicate child names in {names}")
         self._children = children
         self._restart_times.clear()
+        self.last_escalation = None
         exits_send, exits_receive = anyio.create_memory_object_stream[_Incarnation](math.inf)
         finished = anyio.Event()
         escalation: _Escalation | None = None
@@ -257,7 +260,10 @@ class Supervisor:
                 f"in {self.intensity.period_s} s (max_restarts={self.intensity.max_restarts}); "
                 "all children stopped"
             )
-            raise RMCPSupervisorError(message, actor=escalation.child) from escalation.error
+            error = RMCPSupervisorError(message, actor=escalation.child)
+            # Kept, because a parent stopping this supervisor at the same moment would drop it.
+            self.last_escalation = error
+            raise error from escalation.error
 
     async def start_child(self, spec: ChildSpec) -> None:
         """Add a child while the supervisor runs and wait until it has started.
@@ -285,12 +291,18 @@ class Supervisor:
             incarnation = self._spawn(running, child)
             try:
                 await incarnation.settled.wait()
-            finally:
-                if not incarnation.has_started:
-                    # A child that never started belongs to the caller's failure, not to the
-                    # supervisor: it is neither kept nor restarted.
-                    incarnation.scope.cancel()
-                    self._children.remove(child)
+            except BaseException:
+                # The caller is leaving (cancelled) and takes the child along, even one that
+                # started in the same instant: stopped in order, never left running unowned.
+                self._children.remove(child)
+                with anyio.CancelScope(shield=True):
+                    await self._stop([child])
+                raise
+            if not incarnation.has_started:
+                # A child that never started belongs to the caller's failure, not to the
+                # supervisor: it is neither kept nor restarted.
+                incarnation.scope.cancel()
+                self._children.remove(child)
         if incarnation.has_started:
             return
         if incarnation.error is not None:

@@ -1,0 +1,101 @@
+"""RMCPSupervisor's own lifecycle under races: escalation, add and remove of the same name."""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+import anyio.abc
+import pytest
+from conftest import PYTHON, stdio_args
+from mcp_test_server import build_server
+
+from rmcp_actors import (
+    PolicyOverrides,
+    RMCPConfig,
+    RMCPNetworkError,
+    RMCPSupervisor,
+    RMCPSupervisorError,
+    RuntimeSettings,
+    ServerSpec,
+    UnknownServerError,
+)
+from rmcp_actors.runtime import ChildSpec
+
+NEVER_ANSWERS = ServerSpec.stdio(
+    "x", sys.executable, ["-c", "import time; time.sleep(60)"], overrides=PolicyOverrides(connect_timeout_s=1)
+)
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_escalation_is_what_open_reports_whatever_the_body_saw_first() -> None:
+    # Real time: the application below never lets every task idle, so a MockClock would not move.
+    async def crasher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await anyio.sleep(0.02)
+        raise Boom("a runtime actor's bug")
+
+    config = RMCPConfig(runtime=RuntimeSettings(max_restarts=2, restart_period_s=30))
+
+    async def application() -> None:
+        async with RMCPSupervisor.open(config) as sup:
+            connections = sup._connections_supervisor  # pyright: ignore[reportPrivateUsage]
+            await connections.start_child(ChildSpec("crasher", crasher))
+            index = 0
+            while True:  # the application keeps adding servers while the runtime fails
+                index += 1
+                await sup.add_server(ServerSpec.in_memory(f"m{index}", build_server()))
+
+    with pytest.raises(RMCPSupervisorError) as caught:
+        await application()
+    assert caught.value.actor == "crasher"
+    assert isinstance(caught.value.__cause__, Boom)
+
+
+async def test_remove_and_re_add_while_the_first_add_still_connects() -> None:
+    outcomes: list[str] = []
+    async with RMCPSupervisor.open() as sup, anyio.create_task_group() as task_group:
+
+        async def add(spec: ServerSpec, tag: str) -> None:
+            try:
+                await sup.add_server(spec)
+                outcomes.append(f"{tag} ok")
+            except RMCPNetworkError:
+                outcomes.append(f"{tag} failed")
+
+        task_group.start_soon(add, NEVER_ANSWERS, "first")
+        await anyio.sleep(0.2)
+        await sup.remove_server("x")  # the first add is still connecting
+        await add(ServerSpec.in_memory("x", build_server()), "second")
+        await anyio.sleep(3)  # the first add has failed by now
+        children = sup.statistics().supervisors[1].children
+        assert [child.name for child in children] == ["connection:x"]
+        assert (await sup.call("x", "echo", {"text": "the second one"})).text == "the second one"
+    assert sorted(outcomes) == ["first failed", "second ok"]
+
+
+async def test_a_cancelled_remove_server_still_stops_the_connection() -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.stdio("a", PYTHON, stdio_args()))
+        pid = (await sup.call("a", "pid")).structured_content
+        assert pid is not None
+        async with anyio.create_task_group() as task_group:
+
+            async def slow_add() -> None:
+                # Holds the connections supervisor for a second while it fails to connect.
+                with pytest.raises(RMCPNetworkError):
+                    await sup.add_server(NEVER_ANSWERS)
+
+            task_group.start_soon(slow_add)
+            await anyio.sleep(0.2)
+            with anyio.move_on_after(0.3):
+                await sup.remove_server("a")
+        assert sup.servers() == {}
+        assert sup.statistics().supervisors[1].children == ()
+        with pytest.raises(UnknownServerError):
+            await sup.remove_server("a")
+        await sup.add_server(ServerSpec.stdio("a", PYTHON, stdio_args()))
+        assert (await sup.call("a", "echo", {"text": "re-added"})).text == "re-added"
