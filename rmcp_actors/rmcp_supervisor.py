@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import Any, NoReturn, cast, final
+from typing import Any, NoReturn, final
 
 import anyio
 import attrs
 from mcp_types import Tool
 
+from ._exceptions import FATAL, is_fatal, leaves
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .client.scheduler import Lane, Scheduler, SchedulerStatistics
@@ -38,7 +39,6 @@ from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, Supervis
 
 __all__ = ["RMCPSupervisor", "RuntimeStatistics"]
 
-_FATAL = (KeyboardInterrupt, SystemExit)
 
 # The SDK's stdio shutdown waits 2 s for exit, then 2 s after SIGTERM before SIGKILL, then up
 # to 2 s to reap: a connection actor gets longer than that before its supervisor moves on.
@@ -131,7 +131,7 @@ class RMCPSupervisor:
             # An escalation is what ended the runtime, whatever the body saw of it first (a
             # closed connection, a supervisor that stopped): that is what the caller is told.
             escalation = connections.last_escalation or root.last_escalation
-            if escalation is not None and not _fatal(error):
+            if escalation is not None and not is_fatal(error):
                 innermost = _innermost_escalation(escalation)
                 raise innermost from innermost.__cause__
             if isinstance(error, BaseExceptionGroup):
@@ -301,21 +301,6 @@ def _child_name(server: str) -> str:
     return f"connection:{server}"
 
 
-def _fatal(error: BaseException) -> bool:
-    """True for KeyboardInterrupt and SystemExit, alone or anywhere in a group."""
-    if isinstance(error, BaseExceptionGroup):
-        return cast("BaseExceptionGroup[BaseException]", error).split(_FATAL)[0] is not None
-    return isinstance(error, _FATAL)
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> Iterable[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)  # pyright: ignore[reportUnknownArgumentType]
-        else:
-            yield exc
-
-
 def _innermost_escalation(error: RMCPSupervisorError) -> RMCPSupervisorError:
     """The escalation that names the actor which actually failed, not the supervisors above it."""
     while isinstance(error.__cause__, RMCPSupervisorError):
@@ -325,8 +310,8 @@ def _innermost_escalation(error: RMCPSupervisorError) -> RMCPSupervisorError:
 
 def _raise_unwrapped(group: BaseExceptionGroup[Any]) -> NoReturn:
     """Raise the one exception a caller should see instead of a task group's wrapper."""
-    for leaf in _leaves(group):
-        if isinstance(leaf, _FATAL):
+    for leaf in leaves(group):
+        if isinstance(leaf, FATAL):
             raise leaf
     # Only the task group's own wrapper goes: a group raised by the caller's code stays whole.
     if len(group.exceptions) == 1:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import random
-import types
 from typing import cast, final
 
 import anyio
@@ -23,6 +22,7 @@ import attrs
 from mcp import Client, MCPError
 from mcp_types import Tool
 
+from .._exceptions import is_fatal
 from ..config import ServerPolicy, ServerSpec
 from ..errors import RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
@@ -303,7 +303,7 @@ class Connection(Actor[ConnectionRequest]):
                         # No new call may start on a client that is being torn down.
                         session.broken.set()
         except BaseException as exc:
-            if _holds(exc, KeyboardInterrupt | SystemExit):
+            if is_fatal(exc):
                 raise
             # Cancellation from above (runtime stopping) is re-raised by this checkpoint; what is
             # left is the transport failing, which is ours to handle, not the supervisor's.
@@ -347,14 +347,6 @@ async def _list_all_tools(client: Client) -> dict[str, Tool]:
         if cursor is None:
             break
     return tools
-
-
-def _holds(exc: BaseException, kind: type[BaseException] | types.UnionType) -> bool:
-    """True when ``exc`` is of ``kind`` or a group holding one anywhere."""
-    if isinstance(exc, BaseExceptionGroup):
-        group = cast("BaseExceptionGroup[BaseException]", exc)
-        return any(_holds(inner, kind) for inner in group.exceptions)
-    return isinstance(exc, kind)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
