@@ -1,0 +1,60 @@
+"""Test utilities for code that calls MCP servers through rmcp_actors.
+
+``stdio_relay`` is a runnable module (``python -m rmcp_actors.testing.stdio_relay``) that relays
+a stdio MCP server and injects faults; ``relay_command`` builds its command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["relay_command"]
+
+
+def relay_command(
+    server_argv: Sequence[str],
+    *,
+    swallow_probability: float,
+    seed: int | None = None,
+    skip_first: int = 0,
+    log: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """Return the argv that runs ``server_argv`` behind the fault-injecting stdio relay.
+
+    With probability ``swallow_probability`` the relay drops the server's answer to a
+    ``tools/call`` and kills the server with SIGKILL: the tool ran, the client never hears.
+    Pass the first element as a ``ServerSpec.stdio`` command and the rest as its args.
+
+    Args:
+        server_argv: The server's command and arguments.
+        swallow_probability: Chance, from 0 to 1, that a tools/call answer is swallowed.
+        seed: Seed of the relay's RNG, for reproducible faults; random when None.
+        skip_first: How many tools/call answers are always delivered before any can be swallowed.
+        log: A file the relay appends one JSON line to per injected fault:
+            ``{"event": "swallowed", "id": <request id>, "pid": <server pid>}``.
+
+    Returns:
+        ``[sys.executable, <path of stdio_relay.py>, ..., "--", *server_argv]``: the file is run
+        as a script, so that each (re)start of the relay skips importing rmcp_actors and the
+        SDK (about 0.7 s).
+
+    Raises:
+        ValueError: ``server_argv`` is empty, or an option is out of range (the relay would
+            refuse it only once spawned, where the error is harder to see).
+    """
+    if not server_argv:
+        raise ValueError("server_argv is empty")
+    if not 0.0 <= swallow_probability <= 1.0:
+        raise ValueError(f"swallow_probability must be between 0 and 1, got {swallow_probability}")
+    if skip_first < 0:
+        raise ValueError(f"skip_first must be 0 or more, got {skip_first}")
+    argv = [sys.executable, str(Path(__file__).with_name("stdio_relay.py"))]
+    argv += ["--swallow-probability", repr(swallow_probability), "--skip-first", str(skip_first)]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if log is not None:
+        argv += ["--log", os.fspath(log)]
+    return [*argv, "--", *server_argv]
