@@ -1,0 +1,40 @@
+"""Dedup stores for the RMCP server side: the protocol, an in-memory store and a SQLite store.
+
+The protocol lives in ``_base``, each store in its own module; everything public is
+re-exported here, and users import from ``rmcp_actors.stores`` only.
+"""
+
+import attrs as _attrs
+
+from ._base import BeginOutcome as BeginOutcome
+from ._base import DedupRecord as DedupRecord
+from ._base import DedupStore as DedupStore
+from ._base import OwnerInfo as OwnerInfo
+from ._base import RecordState as RecordState
+from .memory import MemoryStore as MemoryStore
+from .sqlite import SQLiteStore as SQLiteStore
+from .sqlite import SQLiteStoreStatistics as SQLiteStoreStatistics
+
+__all__ = [
+    "BeginOutcome",
+    "DedupRecord",
+    "DedupStore",
+    "MemoryStore",
+    "OwnerInfo",
+    "RecordState",
+    "SQLiteStore",
+    "SQLiteStoreStatistics",
+]
+
+
+def _show_public_module() -> None:
+    """Make reprs and tracebacks say ``rmcp_actors.stores.MemoryStore``, the name users import."""
+    for name in __all__:
+        value = globals()[name]
+        if _attrs.has(value):
+            # String annotations resolve in the defining module: resolve them while it is known.
+            _attrs.resolve_types(value)
+        value.__module__ = __name__
+
+
+_show_public_module()

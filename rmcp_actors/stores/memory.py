@@ -1,0 +1,218 @@
+"""The in-memory dedup store: a bounded LRU with a TTL, for a single server process.
+
+Records die with the process, so a client must not retry an ambiguous call across a server
+restart against it (``durable`` is False). Nothing here does I/O: the methods are async only
+to satisfy :class:`~rmcp_actors.stores.DedupStore`, and each runs without a checkpoint, so
+every operation is atomic with respect to other tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import final
+
+import anyio
+import attrs
+
+from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
+
+__all__ = ["MemoryStore"]
+
+
+@attrs.define(eq=False)
+class _Entry:
+    fingerprint: str
+    tool: str
+    state: RecordState
+    owner: str
+    result: bytes | None
+    created_at: float
+    expires_at: float
+
+
+@final
+class MemoryStore:
+    """A dedup store held in this process's memory: least recently used records go first.
+
+    When the store is full, the least recently used ``COMPLETED`` or ``IN_DOUBT`` record (or
+    any expired one) is evicted to make room. A ``STARTED`` record is never evicted, because
+    losing it would let a duplicate run the tool a second time; when every record is
+    ``STARTED``, the store grows past ``max_entries`` until some of them finish.
+
+    Args:
+        max_entries: How many records to keep before evicting.
+        ttl_s: How long a record lives, counted from its creation.
+        clock: The time source for expiries and leases, in seconds; ``time.monotonic`` by
+            default. Tests pass ``trio.current_time`` to run under a mock clock.
+
+    Raises:
+        ValueError: When ``max_entries`` or ``ttl_s`` is not positive.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 100_000,
+        ttl_s: float = 86_400.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if max_entries <= 0:
+            raise ValueError(f"max_entries must be a positive number of records, got {max_entries!r}")
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+        self._max_entries = max_entries
+        self._ttl_s = ttl_s
+        self._clock = clock or time.monotonic
+        self._records: OrderedDict[str, _Entry] = OrderedDict()
+        # instance_id -> lease expiry, or None once released (a late renewal must not revive it).
+        self._owner_leases: dict[str, float | None] = {}
+        self._closed = False
+
+    @property
+    def durable(self) -> bool:
+        """Always False: records are lost when the process exits."""
+        return False
+
+    async def register_owner(self, owner: OwnerInfo, lease_s: float) -> None:
+        """Record ``owner`` as alive for ``lease_s`` seconds."""
+        self._check_open()
+        self._owner_leases[owner.instance_id] = self._clock() + lease_s
+
+    async def renew_owner(self, instance_id: str, lease_s: float) -> None:
+        """Extend the lease of a registered owner by ``lease_s`` from now.
+
+        A released owner stays released: renewing it does nothing.
+
+        Raises:
+            LookupError: When the owner was never registered.
+        """
+        self._check_open()
+        if instance_id not in self._owner_leases:
+            raise LookupError(f"owner {instance_id!r} is not registered: call register_owner first")
+        if self._owner_leases[instance_id] is not None:
+            self._owner_leases[instance_id] = self._clock() + lease_s
+
+    async def release_owner(self, instance_id: str) -> None:
+        """Mark the owner as gone; its unfinished records read ``owner_alive=False``."""
+        self._check_open()
+        if instance_id in self._owner_leases:
+            self._owner_leases[instance_id] = None
+
+    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
+        """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists."""
+        self._check_open()
+        now = self._clock()
+        existing = self._live_entry(key, now)
+        if existing is not None:
+            return BeginOutcome(claimed=False, existing=self._to_record(key, existing, now))
+        self._make_room(now)
+        self._records[key] = _Entry(
+            fingerprint=fingerprint,
+            tool=tool,
+            state=RecordState.STARTED,
+            owner=owner,
+            result=None,
+            created_at=now,
+            expires_at=now + self._ttl_s,
+        )
+        return BeginOutcome(claimed=True, existing=None)
+
+    async def complete(self, key: str, *, owner: str, result: bytes) -> None:
+        """Store the result of the run ``owner`` started.
+
+        Does nothing when ``key`` is no longer ``STARTED`` by ``owner`` (it expired and was
+        claimed again, or was already finished).
+        """
+        self._check_open()
+        entry = self._claimed_entry(key, owner)
+        if entry is not None:
+            entry.state = RecordState.COMPLETED
+            entry.result = result
+
+    async def mark_in_doubt(self, key: str, *, owner: str) -> None:
+        """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""
+        self._check_open()
+        entry = self._claimed_entry(key, owner)
+        if entry is not None:
+            entry.state = RecordState.IN_DOUBT
+
+    async def discard(self, key: str, *, owner: str) -> None:
+        """Delete the ``STARTED`` record ``owner`` claimed; no-op for any other record."""
+        self._check_open()
+        if self._claimed_entry(key, owner) is not None:
+            del self._records[key]
+
+    async def get(self, key: str) -> DedupRecord | None:
+        """Return the live record of ``key``, or None when absent or expired."""
+        self._check_open()
+        now = self._clock()
+        entry = self._live_entry(key, now)
+        return None if entry is None else self._to_record(key, entry, now)
+
+    async def purge_expired(self) -> int:
+        """Delete expired records; return how many were deleted."""
+        self._check_open()
+        now = self._clock()
+        expired = [key for key, entry in self._records.items() if entry.expires_at <= now]
+        for key in expired:
+            del self._records[key]
+        return len(expired)
+
+    async def aclose(self) -> None:
+        """Drop every record; further calls raise ``anyio.ClosedResourceError``."""
+        self._closed = True
+        self._records.clear()
+        self._owner_leases.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError("this MemoryStore was closed: create a new store")
+
+    def _live_entry(self, key: str, now: float) -> _Entry | None:
+        """The unexpired entry of ``key``, marked as the most recently used."""
+        entry = self._records.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at <= now:
+            del self._records[key]
+            return None
+        self._records.move_to_end(key)
+        return entry
+
+    def _claimed_entry(self, key: str, owner: str) -> _Entry | None:
+        entry = self._records.get(key)
+        if entry is None or entry.owner != owner or entry.state is not RecordState.STARTED:
+            return None
+        self._records.move_to_end(key)
+        return entry
+
+    def _make_room(self, now: float) -> None:
+        while len(self._records) >= self._max_entries:
+            victim = next(
+                (
+                    key
+                    for key, entry in self._records.items()
+                    if entry.state is not RecordState.STARTED or entry.expires_at <= now
+                ),
+                None,
+            )
+            if victim is None:
+                # Every record is a run in progress: exceed the bound rather than lose one.
+                return
+            del self._records[victim]
+
+    def _to_record(self, key: str, entry: _Entry, now: float) -> DedupRecord:
+        lease_expires_at = self._owner_leases.get(entry.owner)
+        return DedupRecord(
+            key=key,
+            fingerprint=entry.fingerprint,
+            tool=entry.tool,
+            state=entry.state,
+            owner=entry.owner,
+            owner_alive=lease_expires_at is not None and lease_expires_at > now,
+            result=entry.result,
+            created_at=entry.created_at,
+            expires_at=entry.expires_at,
+        )

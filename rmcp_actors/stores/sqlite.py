@@ -1,0 +1,522 @@
+"""The SQLite dedup store: durable across restarts, shared by the server processes of a host.
+
+Every sqlite call runs in a worker thread (``anyio.to_thread``), one at a time on the
+store's single connection, so the event loop never blocks on the disk; the store works
+under trio and asyncio alike.
+
+Writes are group-committed. The server commits twice per tool call (``begin``, then
+``complete``); with many calls in flight, one fsync per write would cap throughput at the
+disk's fsync rate. So a write that finds no flush running commits at once, alone; writes
+submitted while that flush runs wait in a queue, and the next flush commits the whole queue
+in one ``BEGIN IMMEDIATE ... COMMIT`` transaction, each write inside its own SAVEPOINT so
+that one failing write does not fail the others. The flusher is always one of the callers:
+it commits one batch, then hands the role to the oldest queued caller, so no caller works
+for the others for long and no background task is needed.
+
+Several processes may open the same file: every write transaction starts with ``BEGIN
+IMMEDIATE`` (the database's write lock, waited for up to ``busy_timeout_s``), which makes
+``begin()`` atomic across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import functools
+import math
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast, final
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
+
+__all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
+
+_T = TypeVar("_T")
+
+#: How often a flush also deletes expired records, so the file does not grow without bound.
+_PURGE_INTERVAL_S = 60.0
+
+# IF NOT EXISTS throughout: several processes may create the schema of a fresh file at once.
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS records (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        state TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        result BLOB,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS records_by_expiry ON records (expires_at)",
+    "CREATE INDEX IF NOT EXISTS records_by_owner ON records (owner)",
+    """CREATE TABLE IF NOT EXISTS owners (
+        instance_id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        lease_expires_at REAL NOT NULL,
+        released INTEGER NOT NULL
+    )""",
+)
+
+_SELECT_RECORD = """
+    SELECT r.key, r.fingerprint, r.tool, r.state, r.owner, r.result, r.created_at, r.expires_at,
+           o.pid, o.host, o.lease_expires_at, o.released
+    FROM records AS r LEFT JOIN owners AS o ON o.instance_id = r.owner
+    WHERE r.key = ?
+"""
+
+
+class _Status(enum.Enum):
+    QUEUED = enum.auto()
+    #: Woken to flush the queue: the previous flusher handed the role on.
+    PROMOTED = enum.auto()
+    RUNNING = enum.auto()
+    DONE = enum.auto()
+
+
+@attrs.define(eq=False)
+class _Write(Generic[_T]):
+    """One queued write: the function to run in the transaction, and its answer."""
+
+    apply: Callable[[sqlite3.Connection], _T]
+    wake: anyio.Event = attrs.Factory(anyio.Event)
+    status: _Status = _Status.QUEUED
+    value: _T | None = None
+    error: BaseException | None = None
+
+    def settle(self, value: _T | None, error: BaseException | None) -> None:
+        self.value, self.error = value, error
+        self.status = _Status.DONE
+        self.wake.set()
+
+    def unwrap(self) -> _T:
+        if self.error is not None:
+            raise self.error
+        return cast("_T", self.value)
+
+
+@final
+@attrs.frozen
+class SQLiteStoreStatistics:
+    """A snapshot of a :class:`SQLiteStore`'s group commit.
+
+    Attributes:
+        commits: Write transactions committed (or attempted) so far; one per flush.
+        writes: Writes carried by those transactions.
+        largest_batch: The most writes one transaction carried.
+        queued: Writes waiting for the next flush right now.
+    """
+
+    commits: int
+    writes: int
+    largest_batch: int
+    queued: int
+
+
+@final
+class SQLiteStore:
+    """A durable dedup store in one SQLite file, safe to share between processes of a host.
+
+    The file is in WAL mode with ``synchronous=FULL``: a write is on disk (fsynced) when its
+    method returns, so a completed result survives a power loss, not only a crash of the
+    process. Group commit pays the fsync once per batch of concurrent writes, not per write.
+
+    A ``STARTED`` record reads ``owner_alive=True`` while its owner is registered, not
+    released and within its lease. When the owner's host is this host, the owner's process
+    must also still exist: the records of a crashed local server are in doubt at once, not
+    only when its lease lapses. (A recycled pid can make a dead owner look alive until the
+    lease lapses; the pid check runs on POSIX only.)
+
+    Expired records are deleted by :meth:`purge_expired`, and at most once a minute as part
+    of an ordinary write.
+
+    Cancelling a write (``begin``, ``complete``, ...) before it reaches the database drops
+    it; once its transaction has started, it may be committed although the caller was
+    cancelled. A caller whose turn it is to flush others' writes finishes that flush
+    (shielded, bounded by ``busy_timeout_s``) before it sees its cancellation.
+
+    Args:
+        path: The database file; created with its schema if absent.
+        ttl_s: How long a record lives, counted from its creation.
+        clock: The time source for expiries and leases, in seconds since the epoch;
+            ``time.time`` by default, a wall clock because several processes share the file.
+        busy_timeout_s: How long a transaction waits for another process's write lock.
+
+    Raises:
+        ValueError: When ``ttl_s`` is not positive or ``busy_timeout_s`` is negative.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        ttl_s: float = 86_400.0,
+        clock: Callable[[], float] | None = None,
+        busy_timeout_s: float = 10.0,
+    ) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+        if not busy_timeout_s >= 0:
+            raise ValueError(f"busy_timeout_s must be zero or more seconds, got {busy_timeout_s!r}")
+        self._path = os.fspath(path)
+        self._ttl_s = ttl_s
+        self._clock = clock or time.time
+        self._busy_timeout_s = busy_timeout_s
+        self._host = socket.gethostname()
+        # Opened lazily, in a worker thread: opening may wait for another process's lock.
+        self._connection: sqlite3.Connection | None = None
+        # Set by aclose(): new calls are refused, and the connection is not (re)opened.
+        self._closing = False
+        self._connection_closed = False
+        # The connection is used by one worker thread at a time.
+        self._lock = anyio.Lock()
+        self._queue: list[_Write[Any]] = []
+        self._flushing = False
+        self._next_purge_at = -math.inf
+        self._commits = 0
+        self._writes = 0
+        self._largest_batch = 0
+
+    @property
+    def durable(self) -> bool:
+        """Always True: records are in the file, committed before a write returns."""
+        return True
+
+    def statistics(self) -> SQLiteStoreStatistics:
+        """Return a snapshot of the group commit counters."""
+        return SQLiteStoreStatistics(
+            commits=self._commits,
+            writes=self._writes,
+            largest_batch=self._largest_batch,
+            queued=len(self._queue),
+        )
+
+    async def register_owner(self, owner: OwnerInfo, lease_s: float) -> None:
+        """Record ``owner`` as alive for ``lease_s`` seconds (again, if it was released)."""
+        lease_expires_at = self._clock() + lease_s
+
+        def apply(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                """INSERT INTO owners (instance_id, pid, host, lease_expires_at, released)
+                VALUES (?, ?, ?, ?, 0)
+                ON CONFLICT (instance_id) DO UPDATE SET pid = excluded.pid, host = excluded.host,
+                    lease_expires_at = excluded.lease_expires_at, released = 0""",
+                (owner.instance_id, owner.pid, owner.host, lease_expires_at),
+            )
+
+        await self._write(apply)
+
+    async def renew_owner(self, instance_id: str, lease_s: float) -> None:
+        """Extend the lease of a registered owner by ``lease_s`` from now.
+
+        A released owner stays released: renewing it does nothing.
+
+        Raises:
+            LookupError: When the owner is not registered, or was purged because its lease
+                lapsed more than ``ttl_s`` ago.
+        """
+        lease_expires_at = self._clock() + lease_s
+
+        def apply(connection: sqlite3.Connection) -> None:
+            row = connection.execute(
+                "SELECT released FROM owners WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"owner {instance_id!r} is not registered: call register_owner first")
+            if not row[0]:
+                connection.execute(
+                    "UPDATE owners SET lease_expires_at = ? WHERE instance_id = ?",
+                    (lease_expires_at, instance_id),
+                )
+
+        await self._write(apply)
+
+    async def release_owner(self, instance_id: str) -> None:
+        """Mark the owner as gone; its unfinished records read ``owner_alive=False``."""
+
+        def apply(connection: sqlite3.Connection) -> None:
+            connection.execute("UPDATE owners SET released = 1 WHERE instance_id = ?", (instance_id,))
+
+        await self._write(apply)
+
+    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
+        """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists.
+
+        Atomic across processes: the check and the claim run in one write transaction.
+        """
+        now = self._clock()
+
+        def apply(connection: sqlite3.Connection) -> BeginOutcome:
+            row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
+            if row is not None and row[7] > now:
+                return BeginOutcome(claimed=False, existing=self._to_record(row, now))
+            connection.execute(
+                """INSERT OR REPLACE INTO records
+                (key, fingerprint, tool, state, owner, result, created_at, expires_at)
+                VALUES (?, ?, ?, ?, ?, NULL, ?, ?)""",
+                (key, fingerprint, tool, RecordState.STARTED.value, owner, now, now + self._ttl_s),
+            )
+            return BeginOutcome(claimed=True, existing=None)
+
+        return await self._write(apply)
+
+    async def complete(self, key: str, *, owner: str, result: bytes) -> None:
+        """Store the result of the run ``owner`` started; committed to disk once this returns.
+
+        Does nothing when ``key`` is no longer ``STARTED`` by ``owner`` (it expired and was
+        claimed again, or was already finished).
+        """
+        await self._finish(
+            "UPDATE records SET state = ?, result = ? WHERE key = ? AND owner = ? AND state = ?",
+            (RecordState.COMPLETED.value, result, key, owner, RecordState.STARTED.value),
+        )
+
+    async def mark_in_doubt(self, key: str, *, owner: str) -> None:
+        """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""
+        await self._finish(
+            "UPDATE records SET state = ? WHERE key = ? AND owner = ? AND state = ?",
+            (RecordState.IN_DOUBT.value, key, owner, RecordState.STARTED.value),
+        )
+
+    async def discard(self, key: str, *, owner: str) -> None:
+        """Delete the ``STARTED`` record ``owner`` claimed; no-op for any other record."""
+        await self._finish(
+            "DELETE FROM records WHERE key = ? AND owner = ? AND state = ?",
+            (key, owner, RecordState.STARTED.value),
+        )
+
+    async def get(self, key: str) -> DedupRecord | None:
+        """Return the live record of ``key``, or None when absent or expired."""
+        self._check_open()
+        now = self._clock()
+
+        def read() -> DedupRecord | None:
+            row = self._open_connection().execute(_SELECT_RECORD, (key,)).fetchone()
+            return None if row is None or row[7] <= now else self._to_record(row, now)
+
+        async with self._lock:
+            return await anyio.to_thread.run_sync(read)
+
+    async def purge_expired(self) -> int:
+        """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
+        that have no records left; return how many records were deleted."""
+        now = self._clock()
+        return await self._write(lambda connection: self._purge(connection, now))
+
+    async def aclose(self) -> None:
+        """Commit the writes already queued, then close the connection.
+
+        Further calls raise ``anyio.ClosedResourceError``. Closing twice is harmless.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        # Closing must finish even if the caller is cancelled, or the connection would leak.
+        with anyio.CancelScope(shield=True):
+            if self._flushing:
+                # Writes queued before this one are committed with it or before it.
+                await self._submit(_Write(lambda _connection: None))
+            async with self._lock:
+                await anyio.to_thread.run_sync(self._close_connection)
+
+    async def _finish(self, statement: str, parameters: tuple[object, ...]) -> None:
+        def apply(connection: sqlite3.Connection) -> None:
+            connection.execute(statement, parameters)
+
+        await self._write(apply)
+
+    async def _write(self, apply: Callable[[sqlite3.Connection], _T]) -> _T:
+        self._check_open()
+        return await self._submit(_Write(apply))
+
+    async def _submit(self, write: _Write[_T]) -> _T:
+        self._queue.append(write)
+        if not self._flushing:
+            self._flushing = True
+            await self._flush()
+            return write.unwrap()
+        try:
+            await write.wake.wait()
+        except BaseException:
+            if write.status is _Status.PROMOTED:
+                # The queue now relies on this task: flush it even though the caller left.
+                await self._flush()
+            elif write.status is _Status.QUEUED:
+                self._queue.remove(write)
+            raise
+        if write.status is _Status.PROMOTED:
+            await self._flush()
+        return write.unwrap()
+
+    async def _flush(self) -> None:
+        """Commit the whole queue in one transaction, then hand the flusher role on.
+
+        Shielded: the queued writes of other tasks depend on this flush finishing.
+        """
+        with anyio.CancelScope(shield=True):
+            batch, self._queue = self._queue, []
+            for write in batch:
+                write.status = _Status.RUNNING
+            now = self._clock()
+            purge_now = now if now >= self._next_purge_at else None
+            if purge_now is not None:
+                self._next_purge_at = now + _PURGE_INTERVAL_S
+            self._commits += 1
+            self._writes += len(batch)
+            self._largest_batch = max(self._largest_batch, len(batch))
+            try:
+                async with self._lock:
+                    answers = await anyio.to_thread.run_sync(self._commit_batch, batch, purge_now)
+            except Exception as exc:
+                for write in batch:
+                    write.settle(None, _fresh_copy(exc))
+            else:
+                for write, (value, error) in zip(batch, answers, strict=True):
+                    write.settle(value, error)
+            finally:
+                for write in batch:
+                    if write.status is not _Status.DONE:
+                        # Only a KeyboardInterrupt-like exception gets here.
+                        write.settle(None, anyio.BrokenResourceError("the commit was interrupted"))
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.status = _Status.PROMOTED
+                    successor.wake.set()
+                else:
+                    self._flushing = False
+
+    def _commit_batch(
+        self, batch: list[_Write[Any]], purge_now: float | None
+    ) -> list[tuple[object, Exception | None]]:
+        """Run in a worker thread: apply every write in one transaction, each in a savepoint."""
+        connection = self._open_connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
+            if purge_now is not None:
+                # An opportunistic purge that fails is rolled back alone and retried next time.
+                _apply_in_savepoint(connection, functools.partial(self._purge, now=purge_now))
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return answers
+
+    def _purge(self, connection: sqlite3.Connection, now: float) -> int:
+        deleted = connection.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
+        # An owner kept a while after its lease may still renew (a long pause, not a crash), and
+        # a released one must stay known as released to a late renewal.
+        connection.execute(
+            """DELETE FROM owners
+            WHERE lease_expires_at <= ?
+            AND NOT EXISTS (SELECT 1 FROM records WHERE records.owner = owners.instance_id)""",
+            (now - self._ttl_s,),
+        )
+        return deleted
+
+    def _open_connection(self) -> sqlite3.Connection:
+        """Run in a worker thread: the connection, opened and the schema created on first use."""
+        if self._connection_closed:
+            raise anyio.ClosedResourceError("this SQLiteStore was closed: create a new store")
+        if self._connection is not None:
+            return self._connection
+        connection = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout_s,
+            # Autocommit mode: transactions are only the explicit BEGIN IMMEDIATE ones.
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                connection.execute(statement)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
+
+    def _close_connection(self) -> None:
+        self._connection_closed = True
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise anyio.ClosedResourceError("this SQLiteStore was closed: create a new store")
+
+    def _to_record(self, row: tuple[Any, ...], now: float) -> DedupRecord:
+        key, fingerprint, tool, state, owner, result, created_at, expires_at = row[:8]
+        pid, host, lease_expires_at, released = row[8:]
+        owner_alive = (
+            pid is not None
+            and not released
+            and lease_expires_at > now
+            and (host != self._host or _process_exists(pid))
+        )
+        return DedupRecord(
+            key=key,
+            fingerprint=fingerprint,
+            tool=tool,
+            state=RecordState(state),
+            owner=owner,
+            owner_alive=owner_alive,
+            result=result,
+            created_at=created_at,
+            expires_at=expires_at,
+        )
+
+
+def _apply_in_savepoint(
+    connection: sqlite3.Connection, apply: Callable[[sqlite3.Connection], object]
+) -> tuple[object, Exception | None]:
+    """Apply one write; on error undo only its own changes and return the error."""
+    connection.execute("SAVEPOINT write")
+    try:
+        value = apply(connection)
+    except Exception as exc:
+        if not connection.in_transaction:
+            # SQLite rolled the whole transaction back (disk full, I/O error): the batch fails.
+            raise
+        connection.execute("ROLLBACK TO write")
+        connection.execute("RELEASE write")
+        return None, exc
+    connection.execute("RELEASE write")
+    return value, None
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name != "posix":
+        # os.kill on Windows terminates the process instead of probing it: trust the lease.
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The process exists but belongs to another user.
+        return True
+    return True
+
+
+def _fresh_copy(exc: Exception) -> Exception:
+    """A copy of ``exc`` for one waiter: one exception object raised in several tasks would
+    collect all their tracebacks."""
+    fresh = copy.copy(exc)
+    fresh.__cause__ = exc
+    return fresh

@@ -1,0 +1,561 @@
+"""The dedup stores: shared semantics over both stores, then each store's own guarantees."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from rmcp_actors.stores import (
+    DedupStore,
+    MemoryStore,
+    OwnerInfo,
+    RecordState,
+    SQLiteStore,
+)
+
+TTL_S = 3_600.0
+LEASE_S = 30.0
+
+
+class FakeClock:
+    """A wall clock that moves only when a test says so (shared by threads, unlike trio's)."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@attrs.frozen
+class Harness:
+    """A store under test and the way to move its clock forward."""
+
+    store: MemoryStore | SQLiteStore
+    advance: Callable[[float], Awaitable[None]]
+
+
+def owner_info(instance_id: str = "a") -> OwnerInfo:
+    return OwnerInfo(instance_id=instance_id, pid=os.getpid(), host=socket.gethostname())
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    """Each store with an injected clock. Tests that advance it take ``autojump_clock``: the
+    memory store reads ``trio.current_time`` and moves by ``trio.sleep``."""
+    if request.param == "memory":
+        store: MemoryStore | SQLiteStore = MemoryStore(ttl_s=TTL_S, clock=trio.current_time)
+
+        async def advance(seconds: float) -> None:
+            await trio.sleep(seconds)
+
+    else:
+        clock = FakeClock()
+        store = SQLiteStore(tmp_path / "dedup.db", ttl_s=TTL_S, clock=clock)
+
+        async def advance(seconds: float) -> None:
+            clock.now += seconds
+
+    yield Harness(store, advance)
+    await store.aclose()
+
+
+async def claim(store: DedupStore, key: str, owner: str = "a", fingerprint: str = "fp") -> bool:
+    outcome = await store.begin(key, fingerprint=fingerprint, tool="tool", owner=owner)
+    return outcome.claimed
+
+
+# Shared semantics
+
+
+async def test_stores_satisfy_the_protocol(harness: Harness) -> None:
+    assert isinstance(harness.store, DedupStore)
+    assert harness.store.durable is isinstance(harness.store, SQLiteStore)
+
+
+async def test_first_begin_claims_and_later_ones_see_the_claim(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    first = await store.begin("k", fingerprint="fp-1", tool="send_mail", owner="a")
+    assert first.claimed
+    assert first.existing is None
+
+    second = await store.begin("k", fingerprint="fp-2", tool="other", owner="b")
+    assert not second.claimed
+    existing = second.existing
+    assert existing is not None
+    assert (existing.key, existing.fingerprint, existing.tool) == ("k", "fp-1", "send_mail")
+    assert existing.state is RecordState.STARTED
+    assert existing.owner == "a"
+    assert existing.owner_alive
+    assert existing.result is None
+    assert existing.expires_at - existing.created_at == pytest.approx(TTL_S)
+    assert await store.get("k") == existing
+
+
+async def test_complete_stores_the_result_for_replay(harness: Harness) -> None:
+    store = harness.store
+    assert await claim(store, "k")
+    await store.complete("k", owner="a", result=b"\x00result\xff")
+
+    record = await store.get("k")
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+    assert record.result == b"\x00result\xff"
+    again = await store.begin("k", fingerprint="fp", tool="tool", owner="b")
+    assert not again.claimed
+    assert again.existing == record
+
+
+async def test_mark_in_doubt_is_final(harness: Harness) -> None:
+    store = harness.store
+    assert await claim(store, "k")
+    await store.mark_in_doubt("k", owner="a")
+    # A result arriving after the run was declared in doubt must not contradict that answer.
+    await store.complete("k", owner="a", result=b"late")
+
+    record = await store.get("k")
+    assert record is not None
+    assert record.state is RecordState.IN_DOUBT
+    assert record.result is None
+
+
+async def test_discard_frees_the_key(harness: Harness) -> None:
+    store = harness.store
+    assert await claim(store, "k")
+    await store.discard("k", owner="a")
+    assert await store.get("k") is None
+    assert await claim(store, "k", owner="b")
+
+
+async def test_only_the_owner_finishes_its_claim(harness: Harness) -> None:
+    store = harness.store
+    assert await claim(store, "k", owner="a")
+    await store.complete("k", owner="b", result=b"stolen")
+    await store.mark_in_doubt("k", owner="b")
+    await store.discard("k", owner="b")
+
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.owner, record.result) == (RecordState.STARTED, "a", None)
+
+
+async def test_completed_record_cannot_be_discarded(harness: Harness) -> None:
+    store = harness.store
+    assert await claim(store, "k")
+    await store.complete("k", owner="a", result=b"r")
+    await store.discard("k", owner="a")
+    record = await store.get("k")
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+
+
+async def test_get_of_an_absent_key_is_none(harness: Harness) -> None:
+    assert await harness.store.get("never-seen") is None
+
+
+async def test_records_expire_after_the_ttl(harness: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    store = harness.store
+    assert await claim(store, "k")
+    await store.complete("k", owner="a", result=b"r")
+
+    await harness.advance(TTL_S - 1)
+    assert await store.get("k") is not None
+    await harness.advance(2)
+    assert await store.get("k") is None
+    # An expired record is replaced as if absent.
+    assert await claim(store, "k", owner="b", fingerprint="new")
+    record = await store.get("k")
+    assert record is not None
+    assert (record.owner, record.fingerprint, record.state) == ("b", "new", RecordState.STARTED)
+
+
+async def test_owner_is_alive_only_within_its_lease(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    assert await claim(store, "k")
+
+    async def owner_alive() -> bool:
+        record = await store.get("k")
+        assert record is not None
+        return record.owner_alive
+
+    await harness.advance(LEASE_S - 1)
+    assert await owner_alive()
+    await harness.advance(2)
+    assert not await owner_alive()
+    await store.renew_owner("a", LEASE_S)
+    assert await owner_alive()
+
+
+async def test_released_owner_is_dead_and_renewal_does_not_revive_it(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    assert await claim(store, "k")
+    await store.release_owner("a")
+    # A lease task racing the shutdown may still renew once.
+    await store.renew_owner("a", LEASE_S)
+
+    record = await store.get("k")
+    assert record is not None
+    assert record.state is RecordState.STARTED
+    assert not record.owner_alive
+    await store.register_owner(owner_info("a"), LEASE_S)
+    record = await store.get("k")
+    assert record is not None
+    assert record.owner_alive
+
+
+async def test_unregistered_owner_is_dead_and_cannot_renew(harness: Harness) -> None:
+    store = harness.store
+    assert await claim(store, "k", owner="ghost")
+    record = await store.get("k")
+    assert record is not None
+    assert not record.owner_alive
+    with pytest.raises(LookupError, match="register_owner"):
+        await store.renew_owner("ghost", LEASE_S)
+
+
+async def test_purge_deletes_only_expired_records(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    for key in ("old-1", "old-2", "old-3"):
+        assert await claim(store, key)
+    await store.complete("old-1", owner="a", result=b"r")
+    await harness.advance(TTL_S / 2)
+    assert await claim(store, "young")
+    await harness.advance(TTL_S / 2 + 1)
+
+    assert await store.purge_expired() == 3
+    assert await store.purge_expired() == 0
+    assert await store.get("young") is not None
+
+
+async def test_closed_store_refuses_calls(harness: Harness) -> None:
+    store = harness.store
+    assert await claim(store, "k")
+    await store.aclose()
+    await store.aclose()
+    with pytest.raises(anyio.ClosedResourceError, match="closed"):
+        await store.get("k")
+    with pytest.raises(anyio.ClosedResourceError, match="closed"):
+        await claim(store, "other")
+
+
+# MemoryStore
+
+
+async def test_memory_eviction_takes_the_least_recently_used_finished_record() -> None:
+    store = MemoryStore(max_entries=3)
+    assert await claim(store, "running")
+    for key in ("done-1", "done-2"):
+        assert await claim(store, key)
+        await store.complete(key, owner="a", result=b"r")
+    # Reading done-1 makes done-2 the least recently used finished record.
+    assert await store.get("done-1") is not None
+
+    assert await claim(store, "new")
+    assert await store.get("done-2") is None
+    for key in ("running", "done-1", "new"):
+        assert await store.get(key) is not None
+
+
+async def test_memory_store_grows_rather_than_evict_runs_in_progress() -> None:
+    store = MemoryStore(max_entries=2)
+    for key in ("run-1", "run-2", "run-3"):
+        assert await claim(store, key)
+    for key in ("run-1", "run-2", "run-3"):
+        record = await store.get(key)
+        assert record is not None
+        assert record.state is RecordState.STARTED
+    # Once a run finishes, it is the first to go.
+    await store.complete("run-2", owner="a", result=b"r")
+    assert await claim(store, "run-4")
+    assert await store.get("run-2") is None
+    assert await store.get("run-1") is not None
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: MemoryStore(max_entries=0), "max_entries must be a positive"),
+        (lambda: MemoryStore(ttl_s=0.0), "ttl_s must be a positive"),
+        (lambda: MemoryStore(ttl_s=float("nan")), "ttl_s must be a positive"),
+    ],
+)
+def test_memory_store_rejects_bad_settings(make: Callable[[], MemoryStore], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# SQLiteStore
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SQLiteStore("unused.db", ttl_s=-1.0), "ttl_s must be a positive"),
+        (lambda: SQLiteStore("unused.db", busy_timeout_s=-1.0), "busy_timeout_s must be zero or more"),
+    ],
+)
+def test_sqlite_store_rejects_bad_settings(make: Callable[[], SQLiteStore], message: str) -> None:
+    # The file is opened on first use only: nothing is created here.
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+async def test_sqlite_records_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    first = SQLiteStore(path)
+    await first.register_owner(owner_info("a"), LEASE_S)
+    assert await claim(first, "done")
+    await first.complete("done", owner="a", result=b"kept")
+    assert await claim(first, "running")
+    await first.aclose()
+
+    second = SQLiteStore(path)
+    try:
+        done = await second.get("done")
+        assert done is not None
+        assert (done.state, done.result) == (RecordState.COMPLETED, b"kept")
+        running = await second.get("running")
+        assert running is not None
+        assert running.state is RecordState.STARTED
+        assert running.owner_alive
+        assert not await claim(second, "done", owner="b")
+    finally:
+        await second.aclose()
+
+
+async def test_sqlite_begin_is_atomic_across_connections(tmp_path: Path) -> None:
+    # Both stores also race to create the schema of the fresh file.
+    path = tmp_path / "dedup.db"
+    stores = [SQLiteStore(path), SQLiteStore(path)]
+    claims: list[str] = []
+
+    async def contend(store: SQLiteStore, owner: str) -> None:
+        if await claim(store, "shared", owner=owner):
+            claims.append(owner)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(50):
+                nursery.start_soon(contend, stores[index % 2], f"owner-{index}")
+        assert len(claims) == 1
+        for store in stores:
+            record = await store.get("shared")
+            assert record is not None
+            assert record.owner == claims[0]
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+CHILD_SERVER = """
+import os, socket, sys
+import anyio
+from rmcp_actors.stores import OwnerInfo, SQLiteStore
+
+async def main() -> None:
+    store = SQLiteStore(sys.argv[1])
+    owner = OwnerInfo(instance_id="child", pid=os.getpid(), host=socket.gethostname())
+    await store.register_owner(owner, 3600.0)
+    claimed = await store.begin("child-key", fingerprint="fp", tool="tool", owner="child")
+    assert claimed.claimed
+    print("ready", flush=True)
+    sys.stdin.read()
+
+anyio.run(main)  # asyncio: the store must not depend on trio
+"""
+
+
+async def test_sqlite_owner_dies_with_its_local_process(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", CHILD_SERVER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        output = b""
+        with trio.fail_after(30):
+            while not output.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"the child exited early with {await process.wait()}"
+                output += chunk
+        assert output == b"ready\n"
+
+        record = await store.get("child-key")
+        assert record is not None
+        assert record.owner_alive
+        process.kill()
+        await process.wait()
+        # The lease has an hour left: only the pid check can tell.
+        record = await store.get("child-key")
+        assert record is not None
+        assert record.state is RecordState.STARTED
+        assert not record.owner_alive
+    finally:
+        process.kill()
+        await process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                await stream.aclose()
+        await store.aclose()
+
+
+async def test_sqlite_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "dedup.db")
+
+    async def call(index: int) -> None:
+        assert await claim(store, f"k{index}")
+        await store.complete(f"k{index}", owner="a", result=f"r{index}".encode())
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(50):
+                nursery.start_soon(call, index)
+        for index in range(50):
+            record = await store.get(f"k{index}")
+            assert record is not None
+            assert (record.state, record.result) == (RecordState.COMPLETED, f"r{index}".encode())
+        statistics = store.statistics()
+        assert statistics.writes == 100
+        assert statistics.commits <= 10
+        assert statistics.largest_batch >= 25
+        assert statistics.queued == 0
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_a_failing_write_does_not_fail_its_batch(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "dedup.db")
+    failures: list[Exception] = []
+
+    async def renew_ghost() -> None:
+        try:
+            await store.renew_owner("ghost", LEASE_S)
+        except LookupError as exc:
+            failures.append(exc)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim, store, "first")
+            # The first write is in its flush: the next ones queue up for one batch.
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(claim, store, "before")
+            nursery.start_soon(renew_ghost)
+            nursery.start_soon(claim, store, "after")
+        assert len(failures) == 1
+        assert store.statistics().commits == 2
+        for key in ("first", "before", "after"):
+            assert await store.get(key) is not None
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_cancelled_flusher_still_commits_the_queue(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "dedup.db")
+    # With every worker thread taken, the flusher waits for one: a point where it can be cancelled.
+    threads = anyio.to_thread.current_default_thread_limiter()
+    threads.total_tokens = 1
+    try:
+        async with trio.open_nursery() as nursery:
+            flusher_scope = trio.CancelScope()
+
+            async def flusher() -> None:
+                with flusher_scope:
+                    await claim(store, "flusher")
+
+            async with threads:
+                nursery.start_soon(flusher)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(claim, store, "queued-1")
+                nursery.start_soon(claim, store, "queued-2")
+                await trio.testing.wait_all_tasks_blocked()
+                flusher_scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+        for key in ("flusher", "queued-1", "queued-2"):
+            assert await store.get(key) is not None
+        assert store.statistics().commits == 2
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_write_cancelled_while_queued_is_dropped(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "dedup.db")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim, store, "flusher")
+            await trio.testing.wait_all_tasks_blocked()
+            queued_scope = trio.CancelScope()
+
+            async def queued() -> None:
+                with queued_scope:
+                    await claim(store, "cancelled")
+
+            nursery.start_soon(queued)
+            await trio.testing.wait_all_tasks_blocked()
+            queued_scope.cancel()
+        assert queued_scope.cancelled_caught
+        assert await store.get("cancelled") is None
+        assert await store.get("flusher") is not None
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_aclose_commits_the_writes_already_queued(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claim, store, "flushing")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(claim, store, "queued")
+        await trio.testing.wait_all_tasks_blocked()
+        await store.aclose()
+    reopened = SQLiteStore(path)
+    try:
+        for key in ("flushing", "queued"):
+            assert await reopened.get(key) is not None
+    finally:
+        await reopened.aclose()
+
+
+def stored_keys(path: Path) -> set[str]:
+    """The keys in the file, expired or not, read behind the store's back."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return {key for (key,) in connection.execute("SELECT key FROM records")}
+
+
+async def test_sqlite_writes_purge_expired_records_once_a_minute(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    clock = FakeClock()
+    store = SQLiteStore(path, ttl_s=10.0, clock=clock)
+    try:
+        # The first write purges, the next purge is due a minute later.
+        assert await claim(store, "old")
+        clock.now += 20
+        assert await claim(store, "recent")
+        assert await store.get("old") is None
+        assert stored_keys(path) == {"old", "recent"}
+
+        clock.now += 41
+        assert await claim(store, "trigger")
+        assert stored_keys(path) == {"trigger"}
+    finally:
+        await store.aclose()
