@@ -25,6 +25,8 @@ from .errors import Outcome as Outcome
 from .errors import RMCPArgumentError as RMCPArgumentError
 from .errors import RMCPConfigError as RMCPConfigError
 from .errors import RMCPError as RMCPError
+from .errors import RMCPIdempotencyConflictError as RMCPIdempotencyConflictError
+from .errors import RMCPNackError as RMCPNackError
 from .errors import RMCPNetworkError as RMCPNetworkError
 from .errors import RMCPOutcomeUnknownError as RMCPOutcomeUnknownError
 from .errors import RMCPOverloadedError as RMCPOverloadedError
@@ -35,9 +37,17 @@ from .errors import RMCPTimeoutAfterSendError as RMCPTimeoutAfterSendError
 from .errors import RMCPTimeoutError as RMCPTimeoutError
 from .errors import UnknownServerError as UnknownServerError
 from .errors import UnknownToolError as UnknownToolError
+from .lifecycle import LifecycleEvent as LifecycleEvent
+from .lifecycle import RequestState as RequestState
 from .result import CallResult as CallResult
 from .rmcp_supervisor import RMCPSupervisor as RMCPSupervisor
 from .rmcp_supervisor import RuntimeStatistics as RuntimeStatistics
+from .server import FastRMCP as FastRMCP
+from .server import RMCPServerSide as RMCPServerSide
+from .server import ServerStatistics as ServerStatistics
+from .stores import DedupStore as DedupStore
+from .stores import MemoryStore as MemoryStore
+from .stores import SQLiteStore as SQLiteStore
 
 
 def _show_public_module() -> None:

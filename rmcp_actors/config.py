@@ -321,6 +321,9 @@ class PolicyOverrides:
         reconnect: Partial reconnect policy.
         when_disconnected: ``"wait"`` for the connection or ``"fail"`` at once.
         trust_annotations: Whether tool annotations (e.g. ``idempotentHint``) are believed.
+        ack_timeout_s: Seconds a call may go without the server's early ACK before it is
+            treated as lost (only against an RMCP server advertising ``early_ack`` with a
+            durable store, and not over HTTP); unset means no ACK timeout.
 
     Raises:
         RMCPConfigError: A value is out of range; ``path`` is the field name.
@@ -339,6 +342,7 @@ class PolicyOverrides:
         default=None, validator=_one_of("wait", "fail", optional=True)
     )
     trust_annotations: bool | None = attrs.field(default=None, validator=_opt_bool)
+    ack_timeout_s: float | None = attrs.field(default=None, validator=_number(positive=True, optional=True))
 
 
 @attrs.frozen
@@ -350,6 +354,7 @@ class ToolOverrides:
         retry: Partial retry policy for this tool.
         idempotent: Whether the tool is safe to repeat; ``None`` means "not said" (the tool's
             annotations may then decide, see ``trust_annotations``).
+        ack_timeout_s: ACK timeout of this tool (see :class:`PolicyOverrides`).
 
     Raises:
         RMCPConfigError: A value is out of range; ``path`` is the field name.
@@ -358,6 +363,7 @@ class ToolOverrides:
     timeout_s: float | None = attrs.field(default=None, validator=_number(positive=True, optional=True))
     retry: RetryOverrides = attrs.field(default=RetryOverrides(), validator=_instance_of(RetryOverrides))
     idempotent: bool | None = attrs.field(default=None, validator=_opt_bool)
+    ack_timeout_s: float | None = attrs.field(default=None, validator=_number(positive=True, optional=True))
 
 
 @attrs.frozen
@@ -377,6 +383,7 @@ class ServerPolicy:
     reconnect: ReconnectPolicy = attrs.field(validator=_instance_of(ReconnectPolicy))
     when_disconnected: WhenDisconnected = attrs.field(validator=_one_of("wait", "fail"))
     trust_annotations: bool = attrs.field(validator=_bool)
+    ack_timeout_s: float | None = attrs.field(default=None, validator=_number(positive=True, optional=True))
 
 
 @attrs.frozen
@@ -391,6 +398,8 @@ class CallPolicy:
         idempotent: The configured idempotency, or ``None`` when the config does not say.
         trust_annotations: Whether the tool's annotations may decide when ``idempotent`` is
             ``None``.
+        ack_timeout_s: Seconds without an early ACK before an attempt counts as lost, or
+            ``None`` for no ACK timeout.
 
     Raises:
         RMCPConfigError: A value is out of range; ``path`` is the field name.
@@ -400,6 +409,7 @@ class CallPolicy:
     retry: RetryPolicy = attrs.field(validator=_instance_of(RetryPolicy))
     idempotent: bool | None = attrs.field(validator=_opt_bool)
     trust_annotations: bool = attrs.field(validator=_bool)
+    ack_timeout_s: float | None = attrs.field(default=None, validator=_number(positive=True, optional=True))
 
 
 _BUILTIN: Final = ServerPolicy(
@@ -790,6 +800,7 @@ def _resolve_server(layers: Sequence[PolicyOverrides], where: str) -> ServerPoli
             trust_annotations=_pick(
                 _BUILTIN.trust_annotations, *(layer.trust_annotations for layer in layers)
             ),
+            ack_timeout_s=_pick(_BUILTIN.ack_timeout_s, *(layer.ack_timeout_s for layer in layers)),
         )
     except RMCPConfigError as exc:  # pragma: no cover - the layers are validated already
         raise _prefixed(exc, where) from None
@@ -949,6 +960,7 @@ class RMCPConfig:
             retry=retry,
             idempotent=overrides.idempotent,
             trust_annotations=server.trust_annotations,
+            ack_timeout_s=_pick(server.ack_timeout_s, overrides.ack_timeout_s),
         )
 
 

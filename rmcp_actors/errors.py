@@ -9,13 +9,18 @@ mapped to these classes at one boundary (``rmcp_actors.client.call``) and never 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .lifecycle import LifecycleEvent
 
 __all__ = [
     "Outcome",
     "RMCPArgumentError",
     "RMCPConfigError",
     "RMCPError",
+    "RMCPIdempotencyConflictError",
+    "RMCPNackError",
     "RMCPNetworkError",
     "RMCPOutcomeUnknownError",
     "RMCPOverloadedError",
@@ -54,6 +59,7 @@ class RMCPError(Exception):
         idempotency_key: The key every attempt of the call carried.
         may_have_executed: ``True`` when the tool may have run (its side effects may exist).
         outcome: ``Outcome.UNKNOWN`` when the tool may have run, else ``Outcome.FAILED``.
+        lifecycle: The steps of the call up to the error (empty outside a call).
     """
 
     #: Default for the class; an instance may say more (see ``may_have_executed`` above).
@@ -78,6 +84,7 @@ class RMCPError(Exception):
         self.may_have_executed = (
             self.default_may_have_executed if may_have_executed is None else may_have_executed
         )
+        self.lifecycle: tuple[LifecycleEvent, ...] = ()
 
     @property
     def outcome(self) -> Outcome:
@@ -169,6 +176,44 @@ class RMCPServerError(RMCPError):
         self.code = code
         self.server_message = message
         self.data = data
+
+
+class RMCPNackError(RMCPError):
+    """The server refused the call with a NACK: the tool did not run.
+
+    A retryable NACK (``overloaded``, ``rate_limited``, ``shutting_down``) was retried within
+    the call's policy and deadline before this was raised.
+
+    Attributes:
+        code: The NACK code, e.g. ``"overloaded"`` (see docs/protocol.md).
+        reason: The server's explanation.
+        retryable: Whether the server said a later attempt may succeed.
+        retry_after_ms: How long the server asked to wait before the next attempt, if it said.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        reason: str,
+        *,
+        retryable: bool = False,
+        retry_after_ms: int | None = None,
+        **context: Any,
+    ) -> None:
+        context.setdefault("may_have_executed", False)
+        super().__init__(f"the server refused the call ({code}): {reason}", **context)
+        self.code = code
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after_ms = retry_after_ms
+
+
+class RMCPIdempotencyConflictError(RMCPNackError):
+    """The idempotency key was already used for a different tool or different arguments.
+
+    The tool did not run. Use a new key for a new operation; reuse a key only to repeat the
+    very same call.
+    """
 
 
 class RMCPResultValidationError(RMCPError):

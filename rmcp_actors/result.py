@@ -8,6 +8,7 @@ import attrs
 from mcp_types import ContentBlock
 
 from .errors import Outcome
+from .lifecycle import LifecycleEvent
 
 __all__ = ["CallResult"]
 
@@ -31,6 +32,7 @@ class CallResult:
         queued_s: Seconds spent waiting for admission (all attempts).
         elapsed_s: Seconds from the call to its answer, retries and backoff included.
         meta: The ``_meta`` of the result, as the server sent it.
+        lifecycle: The steps of the call, from ``queued`` to ``acked`` or ``answered``.
     """
 
     outcome: Outcome
@@ -46,6 +48,7 @@ class CallResult:
     queued_s: float
     elapsed_s: float
     meta: dict[str, Any] | None = None
+    lifecycle: tuple[LifecycleEvent, ...] = ()
 
     @property
     def text(self) -> str:

@@ -34,6 +34,7 @@ from .errors import (
     RMCPTimeoutError,
     UnknownServerError,
 )
+from .lifecycle import LifecycleCallback
 from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
 
@@ -226,6 +227,7 @@ class RMCPSupervisor:
         idempotency_key: str | None = None,
         priority: int = 0,
         timeout: float | None = None,
+        on_lifecycle: LifecycleCallback | None = None,
     ) -> CallResult:
         """Call a tool reliably and return its result once it ran and answered.
 
@@ -238,6 +240,9 @@ class RMCPSupervisor:
             timeout: Seconds for the whole call (queueing, attempts, backoff); defaults to the
                 tool's ``timeout_s``. An enclosing cancel scope also bounds the call, and its
                 cancellation propagates unchanged.
+            on_lifecycle: Called at each step of the call (queued, sent, acked, nacked,
+                answered, failed, unknown); the same steps are on the result or error as
+                ``lifecycle``.
 
         Returns:
             The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.
@@ -247,7 +252,10 @@ class RMCPSupervisor:
             UnknownToolError: The server does not list ``tool``.
             RMCPNetworkError: The server could not be reached; nothing was sent.
             RMCPOutcomeUnknownError: The request was sent, the answer was lost, and the tool was
-                not safe to retry.
+                not safe to retry (or the RMCP server reported the key ``in_doubt``).
+            RMCPNackError: The RMCP server refused the call (the tool did not run), after
+                retries within the policy when the refusal was retryable.
+            RMCPIdempotencyConflictError: ``idempotency_key`` was used before for another call.
             RMCPTimeoutError: The deadline passed (``RMCPTimeoutAfterSendError`` after sending).
             RMCPServerError: The server answered with a JSON-RPC error.
             RMCPResultValidationError: The result breaks the tool's output schema.
@@ -273,6 +281,7 @@ class RMCPSupervisor:
             idempotency_key=idempotency_key if idempotency_key is not None else request_id,
             priority=priority,
             timeout_s=timeout if timeout is not None else policy.timeout_s,
+            on_lifecycle=on_lifecycle,
         )
         return await perform_call(
             entry.connection, self._scheduler, entry.lane, policy, request, self._random

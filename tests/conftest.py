@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
 
 from rmcp_actors import PolicyOverrides, ReconnectOverrides, RetryOverrides
+from rmcp_actors.stores import MemoryStore
 
 TEST_SERVER = Path(__file__).with_name("mcp_test_server.py")
 
@@ -36,3 +38,9 @@ def state() -> State:
 @pytest.fixture
 def server(state: State) -> MCPServer:
     return build_server(state)
+
+
+@pytest.fixture
+def rmcp_server(state: State) -> MCPServer:
+    """The test server with RMCP installed on a MemoryStore (TTLs on the event loop's clock)."""
+    return build_server(state, store=MemoryStore(clock=trio.current_time))

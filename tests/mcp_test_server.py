@@ -3,11 +3,13 @@
 Usage over stdio::
 
     python tests/mcp_test_server.py [--state-dir DIR] [--garbage] [--exit-at-once] [--lifetime S]
+                                    [--rmcp-store memory|PATH]
 
 ``--state-dir`` keeps the side-effect ledger and the "started" markers in files, so that they
 survive a SIGKILL of the server and a test can read them. ``--garbage`` prints non-JSON-RPC
 lines on stdout and never answers; ``--exit-at-once`` exits before the handshake;
-``--lifetime S`` serves for S seconds, then exits (a server that keeps dying).
+``--lifetime S`` serves for S seconds, then exits (a server that keeps dying);
+``--rmcp-store`` installs the RMCP server side with a MemoryStore or a SQLiteStore at PATH.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from mcp.types import (
     Tool,
     ToolAnnotations,
 )
+
+from rmcp_actors.server import install
+from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
 
 READ_ONLY = ToolAnnotations(read_only_hint=True)
 IDEMPOTENT = ToolAnnotations(idempotent_hint=True)
@@ -79,7 +84,17 @@ class State:
         return True
 
 
-def build_server(state: State | None = None, name: str = "rmcp-test") -> MCPServer:
+def build_server(
+    state: State | None = None, name: str = "rmcp-test", *, store: DedupStore | None = None
+) -> MCPServer:
+    """The test server; with ``store``, RMCP is installed on it (deduplicating in ``store``)."""
+    app = _build_plain_server(state, name)
+    if store is not None:
+        install(app, store=store)
+    return app
+
+
+def _build_plain_server(state: State | None, name: str) -> MCPServer:
     """Return the test server; ``state`` collects its side effects."""
     state = state if state is not None else State()
     app = MCPServer(name)
@@ -204,6 +219,7 @@ def main() -> None:
     parser.add_argument("--garbage", action="store_true")
     parser.add_argument("--exit-at-once", action="store_true")
     parser.add_argument("--lifetime", type=float)
+    parser.add_argument("--rmcp-store")
     options = parser.parse_args()
     if options.exit_at_once:
         sys.exit(3)
@@ -215,7 +231,12 @@ def main() -> None:
         # A timer thread, because the stdio server blocks in a thread reading stdin and
         # cannot be cancelled from the event loop.
         threading.Timer(options.lifetime, os._exit, (4,)).start()
-    build_server(State(options.state_dir)).run("stdio")
+    store: DedupStore | None = None
+    if options.rmcp_store == "memory":
+        store = MemoryStore()
+    elif options.rmcp_store is not None:
+        store = SQLiteStore(options.rmcp_store)
+    build_server(State(options.state_dir), store=store).run("stdio")
 
 
 if __name__ == "__main__":

@@ -53,9 +53,9 @@ async def test_call_returns_the_tool_result(server: MCPServer, protocol: str, wi
     assert (result.server, result.tool) == ("test", "add")
 
 
-async def test_request_carries_rmcp_meta_and_the_given_key(server: MCPServer) -> None:
+async def test_request_carries_rmcp_meta_and_the_given_key(rmcp_server: MCPServer) -> None:
     async with RMCPSupervisor.open() as sup:
-        await sup.add_server(ServerSpec.in_memory("test", server))
+        await sup.add_server(ServerSpec.in_memory("test", rmcp_server))
         result = await sup.call("test", "whoami", idempotency_key="order-42", timeout=30)
     meta = result.structured_content
     assert meta is not None

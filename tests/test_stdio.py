@@ -78,7 +78,9 @@ async def test_mcp_server_time() -> None:
 
 async def test_kill_9_mid_call_idempotent_tool_is_retried_on_the_restarted_server(tmp_path: Path) -> None:
     async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
-        await sup.add_server(stdio_test_server(tmp_path))
+        # RMCP on a memory store: the retry relies on the tool's annotation, not on dedup
+        # (a new process forgets the keys), and the runs show the meta they carried.
+        await sup.add_server(stdio_test_server(tmp_path, "--rmcp-store", "memory"))
         first_pid = (await sup.call("test", "pid")).structured_content
         results = []
 

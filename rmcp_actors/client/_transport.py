@@ -16,6 +16,7 @@ from typing import Any, Self, cast
 import anyio
 from mcp import Client, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
+from mcp.client.extension import advertise
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
@@ -25,6 +26,7 @@ from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
+from .._protocol import EXTENSION_ID, PROTOCOL_VERSION
 from ..config import ServerSpec
 
 __all__ = ["ClosedCallback", "build_client", "client_mode"]
@@ -113,6 +115,7 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
         The client; the caller enters it with ``async with``.
     """
     mode = client_mode(spec.protocol)
+    extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION})]
     if spec.transport == "stdio":
         assert spec.command is not None  # validated by ServerSpec
         params = StdioServerParameters(
@@ -121,13 +124,15 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
             env=dict(spec.env) if spec.env is not None else None,
             cwd=spec.cwd,
         )
-        return Client(_observed(stdio_client(params), on_closed), mode=mode)
+        return Client(_observed(stdio_client(params), on_closed), mode=mode, extensions=extensions)
     if spec.transport == "http":
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
-        return Client(_observed(_http_transport(spec.url, headers), on_closed), mode=mode)
+        return Client(
+            _observed(_http_transport(spec.url, headers), on_closed), mode=mode, extensions=extensions
+        )
     # ServerSpec validated that a memory spec holds an MCPServer or a low-level Server.
     server = cast("MCPServer[Any] | Server[Any]", spec.server)
     if spec.wire == "direct":
-        return Client(server, mode=mode)
-    return Client(_observed(InMemoryTransport(server), on_closed), mode=mode)
+        return Client(server, mode=mode, extensions=extensions)
+    return Client(_observed(InMemoryTransport(server), on_closed), mode=mode, extensions=extensions)

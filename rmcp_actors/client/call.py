@@ -8,6 +8,7 @@ so that the server receives a clean ``notifications/cancelled`` before the scope
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -16,15 +17,31 @@ import anyio.lowlevel
 import attrs
 import msgspec
 from mcp import MCPError
-from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST, REQUEST_TIMEOUT, CallToolResult, Tool
+from mcp_types import (
+    CONNECTION_CLOSED,
+    INVALID_REQUEST,
+    REQUEST_TIMEOUT,
+    CallToolResult,
+    RequestParamsMeta,
+    Tool,
+)
 from pydantic import ValidationError
 
-from .._protocol import META_KEY, RequestMeta, encode_request_meta
+from .._protocol import (
+    NackCode,
+    RequestMeta,
+    ResponseMeta,
+    ServerSettings,
+    decode_response_meta,
+    encode_request_meta,
+)
 from ..config import CallPolicy
 from ..errors import (
     Outcome,
     RMCPArgumentError,
     RMCPError,
+    RMCPIdempotencyConflictError,
+    RMCPNackError,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
@@ -33,6 +50,7 @@ from ..errors import (
     RMCPTimeoutError,
     UnknownToolError,
 )
+from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
 from .connection import Connection, Session
 from .retry import backoff_delay
@@ -55,7 +73,7 @@ _SDK_TIMEOUT_MARGIN_S = 0.02
 
 @attrs.frozen
 class CallRequest:
-    """One logical tool call, as the call path needs it."""
+    """One logical call, as the call path needs it."""
 
     tool: str
     arguments: dict[str, Any] | None
@@ -63,16 +81,27 @@ class CallRequest:
     idempotency_key: str
     priority: int
     timeout_s: float
+    on_lifecycle: LifecycleCallback | None = None
 
 
 @attrs.define
 class _Progress:
     """What is known about a call so far: decides the error when it ends early."""
 
+    request: CallRequest
     attempts: int = 0
     sent: bool = False
     queued_s: float = 0.0
     last_ambiguous: BaseException | None = None
+    # The RMCP server whose deduplication a retry after a lost answer relies on.
+    relied_on: ServerSettings | None = None
+    events: list[LifecycleEvent] = attrs.Factory(list[LifecycleEvent])
+
+    def record(self, state: RequestState, detail: str | None = None) -> None:
+        event = LifecycleEvent(state, self.attempts, anyio.current_time(), detail)
+        self.events.append(event)
+        if self.request.on_lifecycle is not None:
+            self.request.on_lifecycle(event)
 
 
 class _Ambiguous(Exception):
@@ -81,6 +110,14 @@ class _Ambiguous(Exception):
 
 class _SessionLost(Exception):
     """The server refused the request because it no longer knows the transport's session."""
+
+
+class _Nacked(Exception):
+    """The server refused the attempt with a retryable NACK: the tool did not run."""
+
+    def __init__(self, meta: ResponseMeta) -> None:
+        super().__init__(meta.code)
+        self.meta = meta
 
 
 async def perform_call(
@@ -98,11 +135,14 @@ async def perform_call(
     """
     started = anyio.current_time()
     deadline = started + request.timeout_s
-    progress = _Progress()
+    progress = _Progress(request)
+    progress.record(RequestState.QUEUED)
     # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
     with anyio.move_on_at(deadline):
         try:
-            result = await _attempts(connection, scheduler, lane, policy, request, rng, deadline, progress)
+            result, rmcp_meta = await _attempts(
+                connection, scheduler, lane, policy, request, rng, deadline, progress
+            )
         except RMCPError as error:
             if progress.last_ambiguous is not None and not error.may_have_executed:
                 # A later attempt failed cleanly, but an earlier one was sent and lost.
@@ -110,18 +150,17 @@ async def perform_call(
                     f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
                     f"tool may have run; the retry then failed: {error.message}",
                 )
-                _stamp(unknown, connection.name, request)
+                _stamp(unknown, connection.name, request, progress)
                 raise unknown from error
-            _stamp(error, connection.name, request)
+            _stamp(error, connection.name, request, progress)
             raise
-        rmcp_meta = (result.meta or {}).get(META_KEY)
         return CallResult(
             outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
             content=result.content,
             structured_content=result.structured_content,
             is_error=result.is_error,
             attempts=progress.attempts,
-            duplicate=isinstance(rmcp_meta, dict) and rmcp_meta.get("duplicate") is True,  # pyright: ignore[reportUnknownMemberType]
+            duplicate=rmcp_meta is not None and rmcp_meta.duplicate is True,
             request_id=request.request_id,
             idempotency_key=request.idempotency_key,
             server=connection.name,
@@ -129,6 +168,7 @@ async def perform_call(
             queued_s=progress.queued_s,
             elapsed_s=anyio.current_time() - started,
             meta=result.meta,
+            lifecycle=tuple(progress.events),
         )
     # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
     raise _timeout_error(connection, request, progress)
@@ -143,7 +183,7 @@ async def _attempts(
     rng: random.Random,
     deadline: float,
     progress: _Progress,
-) -> CallToolResult:
+) -> tuple[CallToolResult, ResponseMeta | None]:
     retry = policy.retry
     while True:
         session = connection.current_session() or await connection.wait_session()
@@ -153,16 +193,22 @@ async def _attempts(
                 f"server {connection.name!r} does not list tool {request.tool!r}; it lists: "
                 f"{', '.join(sorted(session.tools)) or '(no tools)'}",
             )
+        if progress.relied_on is not None:
+            _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
         progress.queued_s += await scheduler.acquire(lane, request.priority)
+        retry_after_s = 0.0
         try:
             if not session.usable:
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             try:
-                return await _send(session, request, progress, deadline)
+                return await _send(session, request, progress, deadline, policy, connection.spec.transport)
             except _Ambiguous as lost:
-                connection.report_broken(session)
+                if not isinstance(lost.__cause__, _AckTimeout):
+                    connection.report_broken(session)
                 progress.last_ambiguous = lost.__cause__
+                if not _safe_to_repeat(policy, tool):
+                    progress.relied_on = _deduplicating(session.rmcp, lost, progress)
             except _SessionLost as refused:
                 # Refused, not run: safe to send again on a new session.
                 connection.report_broken(session)
@@ -173,25 +219,80 @@ async def _attempts(
                         "attempts; nothing ran: check the server, then call again",
                     ) from refused.__cause__
                 continue
+            except _Nacked as refused:
+                meta = refused.meta
+                if progress.attempts >= retry.max_attempts:
+                    raise _nack_error(meta, f"after {progress.attempts} attempt(s)") from None
+                retry_after_s = (meta.retry_after_ms or 0) / 1000
+                if anyio.current_time() + retry_after_s >= deadline:
+                    raise _nack_error(
+                        meta, "and its retry_after_ms reaches past the call's deadline"
+                    ) from None
         finally:
             scheduler.release(lane)
-        if not _safe_to_repeat(policy, tool):
-            raise RMCPOutcomeUnknownError(
-                f"the request was sent but its answer was lost ({_cause_text(progress)}); the tool "
-                "may have run. It is not retried because the tool is not known to be idempotent: "
-                "check its effect before calling again, or mark it idempotent = true in config",
-            ) from progress.last_ambiguous
         if progress.attempts >= retry.max_attempts:
             raise RMCPOutcomeUnknownError(
                 f"the answer was lost on all {progress.attempts} attempts ({_cause_text(progress)}); "
                 "the tool may have run",
             ) from progress.last_ambiguous
-        await anyio.sleep(backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng))
+        delay = backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng)
+        await anyio.sleep(max(delay, retry_after_s))
+
+
+def _deduplicating(settings: ServerSettings | None, lost: _Ambiguous, progress: _Progress) -> ServerSettings:
+    """The server a retry of a non-idempotent tool relies on; raise when there is none."""
+    if settings is None or not settings.dedup:
+        raise RMCPOutcomeUnknownError(
+            f"the request was sent but its answer was lost ({_cause_text(progress)}); the tool "
+            "may have run. It is not retried because the tool is not known to be idempotent and "
+            "the server does not deduplicate (it does not speak RMCP): check its effect before "
+            "calling again, or mark it idempotent = true in config",
+        ) from lost.__cause__
+    return settings
+
+
+def _check_dedup_still_covers(
+    relied_on: ServerSettings, now: ServerSettings | None, progress: _Progress
+) -> None:
+    """A retry with the same key is safe on the same server instance, or on any instance
+    sharing a durable store; anything else could run the tool a second time."""
+    if now is not None and now.dedup and (relied_on.durable or now.instance_id == relied_on.instance_id):
+        return
+    why = (
+        "the server no longer deduplicates"
+        if now is None or not now.dedup
+        else "the server restarted and its idempotency store is not durable"
+    )
+    raise RMCPOutcomeUnknownError(
+        f"the request was sent but its answer was lost ({_cause_text(progress)}), and {why}, so "
+        "the call cannot be retried safely; the tool may have run: check its effect",
+    ) from progress.last_ambiguous
+
+
+def _nack_error(meta: ResponseMeta, when: str) -> RMCPError:
+    code = meta.code or "unknown"
+    reason = f"{meta.reason or 'no reason given'} ({when})"
+    if code == NackCode.IDEMPOTENCY_CONFLICT:
+        return RMCPIdempotencyConflictError(code, reason, retryable=False)
+    if code == NackCode.IN_DOUBT:
+        return RMCPOutcomeUnknownError(
+            f"the server cannot tell whether an earlier attempt ran ({code}): {meta.reason}"
+        )
+    return RMCPNackError(code, reason, retryable=bool(meta.retryable), retry_after_ms=meta.retry_after_ms)
+
+
+class _AckTimeout(Exception):
+    """No early ACK arrived within the policy's ``ack_timeout_s``."""
 
 
 async def _send(
-    session: Session, request: CallRequest, progress: _Progress, deadline: float
-) -> CallToolResult:
+    session: Session,
+    request: CallRequest,
+    progress: _Progress,
+    deadline: float,
+    policy: CallPolicy,
+    transport: str,
+) -> tuple[CallToolResult, ResponseMeta | None]:
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
     # A deadline that fired while this call waited for its slot ends it here, before it counts
@@ -199,22 +300,32 @@ async def _send(
     await anyio.lowlevel.checkpoint_if_cancelled()
     progress.attempts += 1
     remaining = deadline - anyio.current_time()
-    meta = encode_request_meta(
-        RequestMeta(
-            request_id=request.request_id,
-            idempotency_key=request.idempotency_key,
-            attempt=progress.attempts,
-            timeout_ms=int(remaining * 1000),
+    rmcp = session.rmcp
+    meta = (
+        encode_request_meta(
+            RequestMeta(
+                request_id=request.request_id,
+                idempotency_key=request.idempotency_key,
+                attempt=progress.attempts,
+                timeout_ms=int(remaining * 1000),
+            )
         )
+        if rmcp is not None
+        else None
     )
+    ack_timeout_s = _ack_timeout(policy, rmcp, transport)
     progress.sent = True
+    progress.record(RequestState.SENT)
     try:
-        return await client.call_tool(
-            request.tool,
-            request.arguments,
-            read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
-            meta=meta,
-        )
+        if ack_timeout_s is None:
+            result = await client.call_tool(
+                request.tool,
+                request.arguments,
+                read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                meta=meta,
+            )
+        else:
+            result = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
     except MCPError as error:
         if _answer_lost(session, error):
             raise _Ambiguous(error.message) from error
@@ -235,6 +346,8 @@ async def _send(
             f"the server's answer is not a valid tool result: {error.error_count()} problem(s), "
             f"first: {error.errors()[0]['msg']}; the tool ran",
         ) from error
+    except _AckTimeout as error:
+        raise _Ambiguous(str(error)) from error
     except RuntimeError as error:
         if not session.usable:
             raise _Ambiguous(str(error)) from error
@@ -251,6 +364,64 @@ async def _send(
             ) from error
         # The SDK failed in a way it does not document: the request may have been written.
         raise _Ambiguous(f"{type(error).__name__}: {error}") from error
+    if rmcp is None:
+        progress.record(RequestState.ANSWERED)
+        return result, None
+    rmcp_meta = decode_response_meta(result.meta)
+    if rmcp_meta is None:
+        progress.record(RequestState.ANSWERED)
+        return result, None
+    if rmcp_meta.ack:
+        progress.record(RequestState.ACKED, "duplicate" if rmcp_meta.duplicate else None)
+        return result, rmcp_meta
+    progress.record(RequestState.NACKED, rmcp_meta.code)
+    if rmcp_meta.retryable:
+        raise _Nacked(rmcp_meta)
+    raise _nack_error(rmcp_meta, f"on attempt {progress.attempts}")
+
+
+def _ack_timeout(policy: CallPolicy, rmcp: ServerSettings | None, transport: str) -> float | None:
+    """The ACK timeout of an attempt, or None when it does not apply.
+
+    It needs a server that sends early ACKs and whose store is durable (the only way to
+    recover a call that was never ACKed is a retry with its key). Over HTTP the early ACK
+    may never arrive (JSON-response mode drops progress), so it is off there.
+    """
+    if policy.ack_timeout_s is None or rmcp is None or not (rmcp.early_ack and rmcp.durable):
+        return None
+    if transport == "http":
+        return None
+    return policy.ack_timeout_s
+
+
+async def _call_with_ack_timeout(
+    session: Session,
+    request: CallRequest,
+    tracker: _Progress,
+    remaining: float,
+    meta: RequestParamsMeta | None,
+    ack_timeout_s: float,
+) -> CallToolResult:
+    client = session.client
+    assert client is not None
+    ack_scope = anyio.CancelScope(deadline=anyio.current_time() + ack_timeout_s)
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        del progress, total  # any progress at all is the ACK
+        if ack_scope.deadline != math.inf:
+            ack_scope.deadline = math.inf
+            tracker.record(RequestState.ACKED, f"early: {message}" if message else "early")
+
+    with ack_scope:
+        return await client.call_tool(
+            request.tool,
+            request.arguments,
+            read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
+            meta=meta,
+            progress_callback=on_progress,
+        )
+    # The SDK sent notifications/cancelled; the server's run, if it started, goes on.
+    raise _AckTimeout(f"no early ACK within ack_timeout_s={ack_timeout_s:g} s")
 
 
 def _answer_lost(session: Session, error: MCPError) -> bool:
@@ -297,15 +468,19 @@ def _timeout_error(connection: Connection, request: CallRequest, progress: _Prog
             f"{progress.queued_s:.3f} s, connection {connection.state.value}); nothing was sent: "
             "retry later, raise timeout_s, or lower the load",
         )
-    _stamp(error, connection.name, request)
+    _stamp(error, connection.name, request, progress)
     return error
 
 
-def _stamp(error: RMCPError, server: str, request: CallRequest) -> None:
+def _stamp(error: RMCPError, server: str, request: CallRequest, progress: _Progress) -> None:
     error.server = error.server or server
     error.tool = error.tool or request.tool
     error.request_id = request.request_id
     error.idempotency_key = request.idempotency_key
+    progress.record(
+        RequestState.UNKNOWN if error.may_have_executed else RequestState.FAILED, type(error).__name__
+    )
+    error.lifecycle = tuple(progress.events)
 
 
 def _cause_text(progress: _Progress) -> str:

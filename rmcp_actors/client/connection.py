@@ -23,6 +23,7 @@ from mcp import Client, MCPError
 from mcp_types import Tool
 
 from .._exceptions import is_fatal
+from .._protocol import EXPERIMENTAL_KEY, EXTENSION_ID, META_KEY, ServerSettings, decode_server_settings
 from ..config import ServerPolicy, ServerSpec
 from ..errors import RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
@@ -52,6 +53,7 @@ class Session:
     client: Client | None = None
     tools: dict[str, Tool] = attrs.Factory(dict[str, Tool])
     protocol_version: str | None = None
+    rmcp: ServerSettings | None = None
     ready: anyio.Event = attrs.Factory(anyio.Event)
     broken: anyio.Event = attrs.Factory(anyio.Event)
     ended: anyio.Event = attrs.Factory(anyio.Event)
@@ -255,6 +257,7 @@ class Connection(Actor[ConnectionRequest]):
             )
             return
         session.tools = tools
+        session.rmcp = _rmcp_settings(session.client, tools)
         self._tools = tools
         message.reply.set(tools)
 
@@ -294,6 +297,7 @@ class Connection(Actor[ConnectionRequest]):
             with session.scope:
                 async with build_client(self.spec, session.broken.set) as client:
                     session.tools = await _list_all_tools(client)
+                    session.rmcp = _rmcp_settings(client, session.tools)
                     session.protocol_version = client.protocol_version
                     session.client = client
                     session.ready.set()
@@ -335,6 +339,26 @@ async def _first_of(*events: anyio.Event) -> None:
 
         for event in events:
             task_group.start_soon(wait_then_cancel, event)
+
+
+def _rmcp_settings(client: Client, tools: dict[str, Tool]) -> ServerSettings | None:
+    """What the server advertises of RMCP: its capability on the modern protocol, the
+    experimental capability older clients read, or the stamp on its tools (which survives
+    every protocol version)."""
+    capabilities = client.server_capabilities
+    for section, key in (
+        (capabilities.extensions, EXTENSION_ID),
+        (capabilities.experimental, EXPERIMENTAL_KEY),
+    ):
+        if section is not None and (settings := decode_server_settings(section.get(key))) is not None:
+            return settings
+    for tool in tools.values():
+        if (
+            tool.meta is not None
+            and (settings := decode_server_settings(tool.meta.get(META_KEY))) is not None
+        ):
+            return settings
+    return None
 
 
 async def _list_all_tools(client: Client) -> dict[str, Tool]:

@@ -1,0 +1,17 @@
+"""The RMCP server side: install it on any MCP server, or start from :class:`FastRMCP`.
+
+Example::
+
+    from rmcp_actors.server import FastRMCP
+    from rmcp_actors.stores import SQLiteStore
+
+    app = FastRMCP("orders", store=SQLiteStore("rmcp.sqlite"))
+
+    @app.tool()
+    async def create_order(item: str) -> str: ...
+"""
+
+from .extension import RMCPServerSide, ServerStatistics
+from .install import FastRMCP, install, rmcp_of
+
+__all__ = ["FastRMCP", "RMCPServerSide", "ServerStatistics", "install", "rmcp_of"]

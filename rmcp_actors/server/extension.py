@@ -1,0 +1,463 @@
+"""The RMCP server side: a server middleware that deduplicates, ACKs and NACKs tool calls.
+
+It sees every inbound message of the server it is installed on (the SDK's ``middleware``
+list): it adds RMCP to the ``initialize`` and ``server/discover`` capabilities, stamps every
+tool in ``tools/list``, and handles each ``tools/call`` that carries ``_meta.rmcp``. Calls
+without it (plain MCP clients) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, cast
+
+import anyio
+import attrs
+import msgspec
+from mcp import MCPError
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.session import ServerSession
+from mcp_types import INTERNAL_ERROR
+from mcp_types.methods import serialize_server_result
+
+from .._protocol import (
+    EXPERIMENTAL_KEY,
+    EXTENSION_ID,
+    FEATURE_ACK,
+    FEATURE_DEDUP,
+    FEATURE_EARLY_ACK,
+    META_KEY,
+    InvalidMeta,
+    NackCode,
+    RequestMeta,
+    ServerSettings,
+    decode_request_meta,
+    fingerprint,
+)
+from ..stores import DedupRecord, DedupStore, MemoryStore, OwnerInfo, RecordState
+from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
+
+__all__ = ["RMCPServerSide", "ServerStatistics"]
+
+# A duplicate of a call running in another process polls the store at growing intervals.
+_FOREIGN_POLL_FIRST_S = 0.01
+_FOREIGN_POLL_MAX_S = 0.5
+_OVERLOADED_RETRY_AFTER_MS = 100
+_EARLY_ACK_PROGRESS = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class ServerStatistics:
+    """Counters of one installed RMCP server side since it was created."""
+
+    executed: int
+    """Tool runs started by this instance."""
+    replayed: int
+    """Calls answered from a stored result (``duplicate: true``)."""
+    coalesced: int
+    """Duplicates that waited for a run in flight and got its result."""
+    nacked: Mapping[str, int]
+    """NACKs sent, by code."""
+    in_flight: int
+    """Tool runs in progress now."""
+
+
+@attrs.define(eq=False)
+class _Run:
+    """A tool run in flight in this process: duplicates wait on ``done``."""
+
+    fingerprint: str
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    outcome: StoredOutcome | None = None
+
+
+@attrs.define(eq=False)
+class _TokenBucket:
+    rate_per_s: float
+    burst: float
+    tokens: float
+    updated: float | None = None
+
+    def take(self) -> int | None:
+        """Take a token; return None on success, else milliseconds until one is free."""
+        now = anyio.current_time()
+        if self.updated is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_s)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return None
+        return math.ceil((1.0 - self.tokens) / self.rate_per_s * 1000)
+
+
+class _ProgressAfterAck:
+    """The request's session as the tool sees it once the early ACK went out as progress 0.
+
+    Progress values must increase, so a tool's report that is not above the last value sent
+    (its own first report of 0, typically) is not forwarded.
+    """
+
+    def __init__(self, session: ServerSession) -> None:
+        self._session = session
+        self._last = _EARLY_ACK_PROGRESS
+
+    async def report_progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        if progress <= self._last:
+            return
+        self._last = progress
+        await self._session.report_progress(progress, total, message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def _validate_positive(name: str) -> Any:
+    def check(_instance: object, _attribute: object, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    return check
+
+
+@attrs.define(eq=False)
+class RMCPServerSide:
+    """RMCP installed on one MCP server (see :func:`rmcp_actors.server.install`).
+
+    Calls carrying ``_meta.rmcp`` with an idempotency key run at most once per key: a
+    completed key's result is replayed, a key in flight makes the duplicate wait for the
+    first run, a reused key with other arguments is refused, and a key whose run was cut
+    short is reported ``in_doubt``. Once a tool has started, the client's cancellation does
+    not stop it: it runs to completion (within ``max_execution_s``) and its result is stored
+    before the answer is sent.
+    """
+
+    store: DedupStore = attrs.field(factory=MemoryStore)
+    max_execution_s: float = attrs.field(default=300.0, validator=_validate_positive("max_execution_s"))
+    max_in_flight: int | None = attrs.field(default=None, validator=_validate_positive("max_in_flight"))
+    rate_limit_per_s: float | None = attrs.field(
+        default=None, validator=_validate_positive("rate_limit_per_s")
+    )
+    early_ack: bool = True
+    lease_s: float = attrs.field(default=30.0, validator=_validate_positive("lease_s"))
+    instance_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    _running: dict[str, _Run] = attrs.field(factory=dict[str, _Run], init=False)
+    _in_flight: int = attrs.field(default=0, init=False)
+    _idle: anyio.Event | None = attrs.field(default=None, init=False)
+    _draining: bool = attrs.field(default=False, init=False)
+    _owner_registered: bool = attrs.field(default=False, init=False)
+    _owner_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
+    _last_renewal: float = attrs.field(default=-math.inf, init=False)
+    _bucket: _TokenBucket | None = attrs.field(default=None, init=False)
+    _executed: int = attrs.field(default=0, init=False)
+    _replayed: int = attrs.field(default=0, init=False)
+    _coalesced: int = attrs.field(default=0, init=False)
+    _nacked: Counter[str] = attrs.field(factory=Counter[str], init=False)
+    _settings_wire: dict[str, Any] = attrs.field(factory=dict[str, Any], init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.rate_limit_per_s is not None:
+            burst = max(1.0, self.rate_limit_per_s)
+            self._bucket = _TokenBucket(rate_per_s=self.rate_limit_per_s, burst=burst, tokens=burst)
+        self._settings_wire = msgspec.to_builtins(self.settings)
+
+    @property
+    def settings(self) -> ServerSettings:
+        """What this server advertises to clients."""
+        features = [FEATURE_DEDUP, FEATURE_ACK]
+        if self.early_ack:
+            features.append(FEATURE_EARLY_ACK)
+        return ServerSettings(
+            features=features,
+            durable=self.store.durable,
+            instance_id=self.instance_id,
+            early_ack=self.early_ack,
+        )
+
+    def statistics(self) -> ServerStatistics:
+        """Counters since creation."""
+        return ServerStatistics(
+            executed=self._executed,
+            replayed=self._replayed,
+            coalesced=self._coalesced,
+            nacked=dict(self._nacked),
+            in_flight=self._in_flight,
+        )
+
+    async def start(self) -> None:
+        """Accept calls again (after :meth:`drain`) and register this instance in the store."""
+        self._draining = False
+        await self._ensure_owner()
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Refuse new calls with ``shutting_down``, wait for runs in flight, release the owner.
+
+        Runs still going after ``timeout_s`` (default: ``max_execution_s``) are left to their
+        own bound; their keys become ``in_doubt`` if they never finish.
+        """
+        self._draining = True
+        with anyio.move_on_after(self.max_execution_s if timeout_s is None else timeout_s):
+            while self._in_flight:
+                self._idle = self._idle or anyio.Event()
+                await self._idle.wait()
+        if self._owner_registered and not self._in_flight:
+            self._owner_registered = False
+            await self.store.release_owner(self.instance_id)
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """The middleware entry point: every inbound message of the server passes here."""
+        method = ctx.method
+        if method == "tools/call":
+            return await self._tools_call(ctx, call_next)
+        result = await call_next(ctx)
+        if method == "tools/list":
+            return self._stamp_tools(to_wire(result))
+        if method in ("initialize", "server/discover"):
+            return self._stamp_capabilities(to_wire(result))
+        return result
+
+    def _stamp_tools(self, result: dict[str, Any]) -> dict[str, Any]:
+        tools = result.get("tools")
+        if isinstance(tools, list):
+            stamped: list[Any] = []
+            for tool in cast(list[Any], tools):
+                if isinstance(tool, dict):
+                    tool_meta = cast(dict[str, Any], tool).get("_meta")
+                    merged = dict(cast(dict[str, Any], tool_meta)) if isinstance(tool_meta, dict) else {}
+                    merged[META_KEY] = self._settings_wire
+                    tool = {**cast(dict[str, Any], tool), "_meta": merged}
+                stamped.append(tool)
+            result = {**result, "tools": stamped}
+        return result
+
+    def _stamp_capabilities(self, result: dict[str, Any]) -> dict[str, Any]:
+        capabilities = result.get("capabilities")
+        if isinstance(capabilities, dict):
+            capabilities = dict(cast(dict[str, Any], capabilities))
+            for field, key in (("experimental", EXPERIMENTAL_KEY), ("extensions", EXTENSION_ID)):
+                current = capabilities.get(field)
+                section = dict(cast(dict[str, Any], current)) if isinstance(current, dict) else {}
+                section[key] = self._settings_wire
+                capabilities[field] = section
+            result = {**result, "capabilities": capabilities}
+        return result
+
+    async def _tools_call(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        params: Mapping[str, Any] = ctx.params or {}
+        raw_meta = params.get("_meta")
+        try:
+            meta = decode_request_meta(raw_meta if isinstance(raw_meta, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
+        except InvalidMeta as error:
+            return self._nack(ctx, NackCode.INVALID_META, f"_meta.rmcp is malformed ({error})")
+        if meta is None:
+            return await call_next(ctx)
+        if self._draining:
+            return self._nack(ctx, NackCode.SHUTTING_DOWN, "not accepting calls", meta)
+        if self._bucket is not None and (wait_ms := self._bucket.take()) is not None:
+            return self._nack(ctx, NackCode.RATE_LIMITED, "too many calls", meta, retry_after_ms=wait_ms)
+        if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+            return self._nack(
+                ctx,
+                NackCode.OVERLOADED,
+                f"{self._in_flight} calls running (limit {self.max_in_flight})",
+                meta,
+                retry_after_ms=_OVERLOADED_RETRY_AFTER_MS,
+            )
+        key = meta.dedup_key
+        if key is None:
+            outcome = await self._execute(ctx, call_next, None, None)
+            return self._answer(ctx, outcome, meta, duplicate=False)
+        name = params.get("name")
+        arguments = params.get("arguments")
+        tool = name if isinstance(name, str) else ""
+        call_print = fingerprint(tool, arguments if isinstance(arguments, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
+        return await self._deduplicated(ctx, call_next, meta, key, tool, call_print)
+
+    async def _deduplicated(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        meta: RequestMeta,
+        key: str,
+        tool: str,
+        call_print: str,
+    ) -> HandlerResult:
+        await self._ensure_owner()
+        poll_s = _FOREIGN_POLL_FIRST_S
+        acked = False
+        while True:
+            local = self._running.get(key)
+            if local is not None:
+                if local.fingerprint != call_print:
+                    return self._conflict(ctx, meta)
+                if not acked:
+                    acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
+                await local.done.wait()
+                if local.outcome is None:
+                    return self._nack(ctx, NackCode.IN_DOUBT, "the first run of this key was cut short", meta)
+                self._coalesced += 1
+                return self._answer(ctx, local.outcome, meta, duplicate=True)
+            run = _Run(fingerprint=call_print)
+            # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
+            self._running[key] = run
+            try:
+                begun = await self.store.begin(key, fingerprint=call_print, tool=tool, owner=self.instance_id)
+            except BaseException:
+                self._finish(key, run)
+                raise
+            if begun.claimed:
+                outcome = await self._execute(ctx, call_next, key, run)
+                return self._answer(ctx, outcome, meta, duplicate=False)
+            self._finish(key, run)
+            record = begun.existing
+            if record is None:
+                continue
+            if record.fingerprint != call_print:
+                return self._conflict(ctx, meta)
+            answer = self._from_record(ctx, record, meta)
+            if answer is not None:
+                return answer
+            # Started by another live process on the same store: wait for its result.
+            if not acked:
+                acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
+            await anyio.sleep(poll_s)
+            poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
+            polled = await self.store.get(key)
+            if polled is not None:
+                answer = self._from_record(ctx, polled, meta)
+                if answer is not None:
+                    return answer
+
+    def _from_record(
+        self, ctx: ServerRequestContext[Any, Any], record: DedupRecord, meta: RequestMeta
+    ) -> HandlerResult | None:
+        """The answer a stored record gives, or None while its run is in flight elsewhere."""
+        if record.state is RecordState.COMPLETED and record.result is not None:
+            self._replayed += 1
+            return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+        if record.state is RecordState.IN_DOUBT or not record.owner_alive:
+            return self._nack(ctx, NackCode.IN_DOUBT, "the run of this key never recorded a result", meta)
+        return None
+
+    async def _execute(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, key: str | None, run: _Run | None
+    ) -> StoredOutcome | None:
+        self._in_flight += 1
+        self._executed += 1
+        outcome: StoredOutcome | None = None
+        try:
+            # Once the tool started, the client's cancel must not cut it short: a retry with
+            # the same key would otherwise find no result and the effect could happen twice.
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self.max_execution_s):
+                    if self.store.durable and key is not None:
+                        async with anyio.create_task_group() as renewals:
+                            renewals.start_soon(self._keep_lease)
+                            outcome = await self._run_tool(ctx, call_next)
+                            renewals.cancel_scope.cancel()
+                    else:
+                        outcome = await self._run_tool(ctx, call_next)
+                if key is not None:
+                    if outcome is None:
+                        await self.store.mark_in_doubt(key, owner=self.instance_id)
+                    else:
+                        await self.store.complete(key, owner=self.instance_id, result=encode_outcome(outcome))
+        finally:
+            self._in_flight -= 1
+            if run is not None and key is not None:
+                run.outcome = outcome
+                self._finish(key, run)
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+        return outcome
+
+    async def _run_tool(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> StoredOutcome:
+        if await self._send_early_ack(ctx, "accepted"):
+            ctx = replace(ctx, session=cast(ServerSession, _ProgressAfterAck(ctx.session)))
+        try:
+            return StoredOutcome(result=to_wire(await call_next(ctx)))
+        except MCPError as error:
+            return StoredOutcome(
+                error_code=error.error.code, error_message=error.error.message, error_data=error.error.data
+            )
+        except Exception as error:
+            # The tool ran and failed: replaying its failure is honest, running it again is not.
+            return StoredOutcome(error_code=INTERNAL_ERROR, error_message=f"{type(error).__name__}: {error}")
+
+    async def _send_early_ack(self, ctx: ServerRequestContext[Any, Any], message: str) -> bool:
+        if not self.early_ack or not ctx.meta or ctx.meta.get("progress_token") is None:
+            return False
+        await ctx.session.report_progress(_EARLY_ACK_PROGRESS, None, f"rmcp: {message}")
+        return True
+
+    def _finish(self, key: str, run: _Run) -> None:
+        if self._running.get(key) is run:
+            del self._running[key]
+        run.done.set()
+
+    async def _ensure_owner(self) -> None:
+        if self._owner_registered:
+            return
+        async with self._owner_lock:
+            if not self._owner_registered:
+                owner = OwnerInfo(instance_id=self.instance_id, pid=os.getpid(), host=socket.gethostname())
+                await self.store.register_owner(owner, self.lease_s)
+                self._last_renewal = anyio.current_time()
+                self._owner_registered = True
+
+    async def _keep_lease(self) -> None:
+        interval = self.lease_s / 3
+        while True:
+            await anyio.sleep(interval)
+            # Concurrent long runs share one renewal per interval.
+            if anyio.current_time() - self._last_renewal >= interval:
+                self._last_renewal = anyio.current_time()
+                await self.store.renew_owner(self.instance_id, self.lease_s)
+
+    def _answer(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        outcome: StoredOutcome | None,
+        meta: RequestMeta,
+        *,
+        duplicate: bool,
+    ) -> HandlerResult:
+        if outcome is None:
+            return self._nack(
+                ctx, NackCode.IN_DOUBT, f"the run exceeded max_execution_s={self.max_execution_s:g}", meta
+            )
+        return ack(outcome.replay(), request_id=meta.request_id, attempt=meta.attempt_number, duplicate=duplicate)
+
+    def _conflict(self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta) -> HandlerResult:
+        return self._nack(ctx, NackCode.IDEMPOTENCY_CONFLICT, "key reused with a different call", meta)
+
+    def _nack(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        code: NackCode,
+        detail: str,
+        meta: RequestMeta | None = None,
+        *,
+        retry_after_ms: int | None = None,
+    ) -> HandlerResult:
+        self._nacked[code.value] += 1
+        refusal = nack(
+            code,
+            detail,
+            request_id=meta.request_id if meta else None,
+            attempt=meta.attempt_number if meta else None,
+            retry_after_ms=retry_after_ms,
+        )
+        # A middleware answering on its own owns the result's envelope: the SDK's serializer
+        # shapes it for the negotiated version (it drops resultType on the legacy protocol).
+        return serialize_server_result(
+            "tools/call", ctx.protocol_version, {"resultType": "complete", **refusal}
+        )

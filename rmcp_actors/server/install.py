@@ -1,0 +1,144 @@
+"""Putting RMCP on a server: :func:`install` for existing servers, :class:`FastRMCP` for new ones."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+from mcp.server.lowlevel.server import Server
+from mcp.server.mcpserver import MCPServer
+
+from ..stores import DedupStore, MemoryStore
+from .extension import RMCPServerSide
+
+__all__ = ["FastRMCP", "install", "rmcp_of"]
+
+_RELEASE_TIMEOUT_S = 5.0
+
+ServerT = TypeVar("ServerT", bound="Server[Any] | MCPServer[Any]")
+
+
+def install(
+    server: ServerT,
+    *,
+    store: DedupStore | None = None,
+    max_execution_s: float = 300.0,
+    max_in_flight: int | None = None,
+    rate_limit_per_s: float | None = None,
+    early_ack: bool = True,
+    lease_s: float = 30.0,
+) -> ServerT:
+    """Install the RMCP server side on ``server`` (an ``MCPServer`` or a low-level ``Server``)
+    and return it.
+
+    Args:
+        store: Where idempotency records live. ``MemoryStore()`` (the default) forgets them
+            when the process ends; ``SQLiteStore(path)`` survives restarts and is shared by
+            several processes on one host.
+        max_execution_s: Bound of a tool run that no client cancellation may cut short; a run
+            still going after it is stopped and its key reported ``in_doubt``.
+        max_in_flight: Runs allowed at once; more are refused with ``overloaded``.
+        rate_limit_per_s: Calls accepted per second (token bucket, burst of one second);
+            more are refused with ``rate_limited`` and a ``retry_after_ms``.
+        early_ack: Send a progress notification as soon as a run starts, for clients that
+            asked for progress (RMCP's early ACK).
+        lease_s: How long this instance's claim on running keys outlives its last renewal.
+
+    Raises:
+        ValueError: RMCP is already installed on ``server``, or an option is out of range.
+    """
+    if rmcp_of(server) is not None:
+        raise ValueError("RMCP is already installed on this server; install it once")
+    side = RMCPServerSide(
+        store=MemoryStore() if store is None else store,
+        max_execution_s=max_execution_s,
+        max_in_flight=max_in_flight,
+        rate_limit_per_s=rate_limit_per_s,
+        early_ack=early_ack,
+        lease_s=lease_s,
+    )
+    server.middleware.append(side)
+    lowlevel = _lowlevel(server)
+    lowlevel.lifespan = _with_rmcp_lifespan(side, lowlevel.lifespan)
+    return server
+
+
+def rmcp_of(server: Server[Any] | MCPServer[Any]) -> RMCPServerSide | None:
+    """Return the RMCP side installed on ``server``, or None."""
+    for middleware in server.middleware:
+        if isinstance(middleware, RMCPServerSide):
+            return middleware
+    return None
+
+
+class FastRMCP(MCPServer[Any]):
+    """An ``MCPServer`` with RMCP installed: define tools with ``@app.tool()`` as usual.
+
+    ``store`` and the keyword options of :func:`install` configure RMCP; every other
+    keyword goes to ``MCPServer``.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        store: DedupStore | None = None,
+        max_execution_s: float = 300.0,
+        max_in_flight: int | None = None,
+        rate_limit_per_s: float | None = None,
+        early_ack: bool = True,
+        lease_s: float = 30.0,
+        **mcpserver_kwargs: Any,
+    ) -> None:
+        super().__init__(name, **mcpserver_kwargs)
+        install(
+            self,
+            store=store,
+            max_execution_s=max_execution_s,
+            max_in_flight=max_in_flight,
+            rate_limit_per_s=rate_limit_per_s,
+            early_ack=early_ack,
+            lease_s=lease_s,
+        )
+
+    @property
+    def rmcp(self) -> RMCPServerSide:
+        """The RMCP side of this server (statistics, drain)."""
+        side = rmcp_of(self)
+        assert side is not None  # installed in __init__ and never removed
+        return side
+
+
+def _lowlevel(server: Server[Any] | MCPServer[Any]) -> Server[Any]:
+    if isinstance(server, MCPServer):
+        # MCPServer offers no public way to wrap the lifespan once constructed.
+        return server._lowlevel_server  # pyright: ignore[reportPrivateUsage]
+    return server
+
+
+def _with_rmcp_lifespan(
+    side: RMCPServerSide,
+    inner: Callable[[Server[Any]], AbstractAsyncContextManager[Any]],
+) -> Callable[[Server[Any]], AbstractAsyncContextManager[Any]]:
+    """Wrap a server lifespan: RMCP registers its instance on entry and drains on the last exit."""
+    entered = 0
+
+    @asynccontextmanager
+    async def lifespan(app: Server[Any]) -> AsyncGenerator[Any]:
+        nonlocal entered
+        entered += 1
+        try:
+            await side.start()
+            async with inner(app) as state:
+                yield state
+        finally:
+            entered -= 1
+            if not entered:
+                # The serve loop has ended, so no run is in flight: this only marks the
+                # instance gone in the store, and must happen even when cancelled.
+                with anyio.move_on_after(_RELEASE_TIMEOUT_S, shield=True):
+                    await side.drain(timeout_s=0)
+
+    return lifespan
