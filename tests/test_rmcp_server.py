@@ -6,14 +6,16 @@ client side; MockClock (autojump) for everything timed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import mcp
 import pytest
 import trio
 import trio.testing
+from mcp.server import Server
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_test_server import State, build_server
+from mcp_types import RequestParamsMeta
 
 from rmcp_actors import (
     FastRMCP,
@@ -32,25 +34,30 @@ from rmcp_actors import (
 )
 from rmcp_actors._protocol import EXTENSION_ID
 from rmcp_actors.server import install, rmcp_of
-from rmcp_actors.stores import BeginOutcome, DedupRecord, DedupStore, OwnerInfo
+from rmcp_actors.stores import DedupStore, OwnerInfo
 
 PROTOCOLS = ["auto", "legacy"]
 
 
+def as_meta(raw: dict[str, Any]) -> RequestParamsMeta:
+    """A request ``_meta`` as the SDK types it (an open TypedDict): extension keys ride along."""
+    return cast(RequestParamsMeta, raw)
+
+
 def rmcp_meta(
     key: str | None, *, request_id: str = "req-1", attempt: int = 1, **extra: Any
-) -> dict[str, Any]:
+) -> RequestParamsMeta:
     fields: dict[str, Any] = {"version": "0.2", "request_id": request_id, "attempt": attempt, **extra}
     if key is not None:
         fields["idempotency_key"] = key
-    return {"rmcp": fields}
+    return as_meta({"rmcp": fields})
 
 
 def wire_rmcp(result: Any) -> dict[str, Any]:
     return (result.meta or {})["rmcp"]
 
 
-def server_side(app: MCPServer) -> Any:
+def server_side(app: MCPServer | Server[Any]) -> Any:
     side = rmcp_of(app)
     assert side is not None
     return side
@@ -240,18 +247,22 @@ async def test_client_timeout_then_retry_with_the_same_key_runs_once(
 async def test_old_protocol_request_id_is_the_key_when_an_ack_is_expected(
     rmcp_server: MCPServer, state: State
 ) -> None:
-    legacy = {
-        "rmcp": {
-            "request_id": "r-9",
-            "retry_count": 1,
-            "expect_ack": True,
-            "timestamp": "2026-01-01T00:00:00Z",
+    legacy = as_meta(
+        {
+            "rmcp": {
+                "request_id": "r-9",
+                "retry_count": 1,
+                "expect_ack": True,
+                "timestamp": "2026-01-01T00:00:00Z",
+            }
         }
-    }
+    )
     async with mcp.Client(rmcp_server) as client:
         first = await client.call_tool("record", {"label": "v01"}, meta=legacy)
         second = await client.call_tool("record", {"label": "v01"}, meta=legacy)
-        unkeyed = await client.call_tool("record", {"label": "v01"}, meta={"rmcp": {"request_id": "r-10"}})
+        unkeyed = await client.call_tool(
+            "record", {"label": "v01"}, meta=as_meta({"rmcp": {"request_id": "r-10"}})
+        )
     assert state.ledger == ["v01", "v01"]
     assert wire_rmcp(first)["attempt"] == 2
     assert (wire_rmcp(second)["duplicate"], wire_rmcp(unkeyed)["duplicate"]) == (True, False)
@@ -271,7 +282,7 @@ async def test_malformed_meta_is_nacked_and_the_tool_does_not_run(
     rmcp_server: MCPServer, state: State, bad: Any
 ) -> None:
     async with mcp.Client(rmcp_server) as client:
-        result = await client.call_tool("record", {"label": "never"}, meta={"rmcp": bad})
+        result = await client.call_tool("record", {"label": "never"}, meta=as_meta({"rmcp": bad}))
     assert result.is_error is True
     meta = wire_rmcp(result)
     assert (meta["ack"], meta["processed"], meta["code"], meta["retryable"]) == (

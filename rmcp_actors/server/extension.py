@@ -434,7 +434,9 @@ class RMCPServerSide:
             return self._nack(
                 ctx, NackCode.IN_DOUBT, f"the run exceeded max_execution_s={self.max_execution_s:g}", meta
             )
-        return ack(outcome.replay(), request_id=meta.request_id, attempt=meta.attempt_number, duplicate=duplicate)
+        return ack(
+            outcome.replay(), request_id=meta.request_id, attempt=meta.attempt_number, duplicate=duplicate
+        )
 
     def _conflict(self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta) -> HandlerResult:
         return self._nack(ctx, NackCode.IDEMPOTENCY_CONFLICT, "key reused with a different call", meta)
