@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 from _http import serve_http
 from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
-from mcp_test_server import State
+from mcp_test_server import State, build_server
 
 from rmcp_actors import (
     ConnectionState,
+    PolicyOverrides,
+    RequestState,
     RMCPOutcomeUnknownError,
     RMCPSupervisor,
     ServerSpec,
+    SQLiteStore,
 )
 
 
@@ -98,3 +103,25 @@ async def test_server_restarted_before_the_client_noticed_gets_a_new_session(ser
         connects = sup.statistics().connections[0].connects
     assert result.text == "after"
     assert connects == 2
+
+
+@pytest.mark.parametrize("json_response", [False, True])
+async def test_rmcp_over_http_dedups_and_ignores_the_ack_timeout(
+    state: State, tmp_path: Path, json_response: bool
+) -> None:
+    """In JSON-response mode progress never reaches the client, so an early ACK cannot either:
+    over HTTP the ACK timeout is off and a slow tool is not mistaken for a lost request."""
+    app = build_server(state, store=SQLiteStore(tmp_path / "rmcp.sqlite"))
+    overrides = PolicyOverrides(ack_timeout_s=0.2)
+    async with serve_http(app, json_response=json_response) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=overrides))
+        arguments = {"label": "slow", "seconds": 0.6}
+        first = await sup.call("web", "block_unsafe", arguments, idempotency_key="k", timeout=10)
+        again = await sup.call("web", "block_unsafe", arguments, idempotency_key="k", timeout=10)
+    assert (first.attempts, first.duplicate, again.duplicate) == (1, False, True)
+    assert [event.state for event in first.lifecycle] == [
+        RequestState.QUEUED,
+        RequestState.SENT,
+        RequestState.ACKED,
+    ]
+    assert state.ledger == ["slow"]

@@ -19,6 +19,7 @@ from rmcp_actors import (
     Outcome,
     PolicyOverrides,
     ReconnectOverrides,
+    RequestState,
     RMCPConfig,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
@@ -125,6 +126,41 @@ async def test_kill_9_mid_call_non_idempotent_tool_is_unknown_and_next_call_work
     assert after.text == "next"
     assert stats.connects == 2
     # Not retried: the side effect's ledger has no entry from a second run.
+    assert not (tmp_path / "ledger").exists()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_kill_9_mid_run_against_rmcp_is_unknown_never_run_twice(tmp_path: Path, store: str) -> None:
+    """The server dies between starting the tool and storing its result.
+
+    With a memory store the restarted server forgot the key, so the client must not retry.
+    With SQLite the client retries with the same key and the new server finds the run started
+    by an owner that is gone: it answers ``in_doubt`` instead of running the tool again.
+    """
+    store_arg = "memory" if store == "memory" else str(tmp_path / "rmcp.sqlite")
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(stdio_test_server(tmp_path, "--rmcp-store", store_arg))
+        async with trio.open_nursery() as nursery:
+
+            async def kill_when_started() -> None:
+                pid = int(await wait_for_file(tmp_path / "order.started"))
+                os.kill(pid, signal.SIGKILL)
+
+            nursery.start_soon(kill_when_started)
+            with pytest.raises(RMCPOutcomeUnknownError) as caught:
+                await sup.call("test", "block_unsafe", {"label": "order", "seconds": 30}, timeout=20)
+        after = await sup.call("test", "echo", {"text": "next"})
+    error = caught.value
+    assert error.may_have_executed is True
+    if store == "memory":
+        assert "not durable" in str(error)
+        assert error.lifecycle[-1].state is RequestState.UNKNOWN
+    else:
+        assert "in_doubt" in str(error)
+        states = [event.state for event in error.lifecycle]
+        assert states[-2:] == [RequestState.NACKED, RequestState.UNKNOWN]
+        assert states.count(RequestState.SENT) == 2
+    assert after.text == "next"
     assert not (tmp_path / "ledger").exists()
 
 

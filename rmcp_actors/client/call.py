@@ -220,6 +220,8 @@ async def _attempts(
                     ) from refused.__cause__
                 continue
             except _Nacked as refused:
+                # Refused, not run: only an earlier lost answer leaves the effect in question.
+                progress.sent = progress.last_ambiguous is not None
                 meta = refused.meta
                 if progress.attempts >= retry.max_attempts:
                     raise _nack_error(meta, f"after {progress.attempts} attempt(s)") from None

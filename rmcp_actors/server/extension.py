@@ -8,6 +8,7 @@ without it (plain MCP clients) pass through untouched.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -40,10 +41,12 @@ from .._protocol import (
     decode_request_meta,
     fingerprint,
 )
-from ..stores import DedupRecord, DedupStore, MemoryStore, OwnerInfo, RecordState
+from ..stores import BeginOutcome, DedupRecord, DedupStore, MemoryStore, OwnerInfo, RecordState
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
 
 __all__ = ["RMCPServerSide", "ServerStatistics"]
+
+logger = logging.getLogger(__name__)
 
 # A duplicate of a call running in another process polls the store at growing intervals.
 _FOREIGN_POLL_FIRST_S = 0.01
@@ -308,7 +311,7 @@ class RMCPServerSide:
             # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
             self._running[key] = run
             try:
-                begun = await self.store.begin(key, fingerprint=call_print, tool=tool, owner=self.instance_id)
+                begun = await self._claim(key, call_print, tool)
             except BaseException:
                 self._finish(key, run)
                 raise
@@ -334,6 +337,15 @@ class RMCPServerSide:
                 answer = self._from_record(ctx, polled, meta)
                 if answer is not None:
                     return answer
+
+    async def _claim(self, key: str, call_print: str, tool: str) -> BeginOutcome:
+        # A claim committed for a caller that was cancelled meanwhile would be a STARTED
+        # record nobody runs: claiming is not interruptible.
+        begun: BeginOutcome | None = None
+        with anyio.CancelScope(shield=True):
+            begun = await self.store.begin(key, fingerprint=call_print, tool=tool, owner=self.instance_id)
+        assert begun is not None  # a shielded scope without a deadline is never cancelled
+        return begun
 
     def _from_record(
         self, ctx: ServerRequestContext[Any, Any], record: DedupRecord, meta: RequestMeta
@@ -365,10 +377,7 @@ class RMCPServerSide:
                     else:
                         outcome = await self._run_tool(ctx, call_next)
                 if key is not None:
-                    if outcome is None:
-                        await self.store.mark_in_doubt(key, owner=self.instance_id)
-                    else:
-                        await self.store.complete(key, owner=self.instance_id, result=encode_outcome(outcome))
+                    await self._record(key, outcome)
         finally:
             self._in_flight -= 1
             if run is not None and key is not None:
@@ -378,6 +387,23 @@ class RMCPServerSide:
                 self._idle.set()
                 self._idle = None
         return outcome
+
+    async def _record(self, key: str, outcome: StoredOutcome | None) -> None:
+        """Store a run's outcome. If the store fails, the caller still gets the result, and
+        the key is marked in doubt if possible: a STARTED record of a live owner would make
+        every retry wait for a result that never comes."""
+        try:
+            if outcome is None:
+                await self.store.mark_in_doubt(key, owner=self.instance_id)
+            else:
+                await self.store.complete(key, owner=self.instance_id, result=encode_outcome(outcome))
+            return
+        except Exception:
+            logger.exception("RMCP: could not store the outcome of idempotency key %r", key)
+        try:
+            await self.store.mark_in_doubt(key, owner=self.instance_id)
+        except Exception:
+            logger.exception("RMCP: could not mark idempotency key %r in doubt either", key)
 
     async def _run_tool(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> StoredOutcome:
         if await self._send_early_ack(ctx, "accepted"):
@@ -395,7 +421,12 @@ class RMCPServerSide:
     async def _send_early_ack(self, ctx: ServerRequestContext[Any, Any], message: str) -> bool:
         if not self.early_ack or not ctx.meta or ctx.meta.get("progress_token") is None:
             return False
-        await ctx.session.report_progress(_EARLY_ACK_PROGRESS, None, f"rmcp: {message}")
+        try:
+            await ctx.session.report_progress(_EARLY_ACK_PROGRESS, None, f"rmcp: {message}")
+        except Exception:
+            # The ACK is a courtesy; a transport that cannot carry it must not stop the run.
+            logger.warning("RMCP: could not send the early ACK", exc_info=True)
+            return False
         return True
 
     def _finish(self, key: str, run: _Run) -> None:
