@@ -12,8 +12,10 @@ stdio) three clients are opened side by side and kept open:
 * ``rmcp``: an ``RMCPSupervisor`` with ``ServerSpec.in_memory(..., wire="jsonrpc")`` /
   ``ServerSpec.stdio(...)`` running the same server
 
-Each raw call sends the same ``params._meta.rmcp`` as rmcp does (built per call, with a fresh
-request id) and a ``read_timeout_seconds``, so both sides do the same wire work. For each
+The no-op server is a plain MCP server, so rmcp sends it no ``_meta.rmcp`` (it sends that only
+to servers that advertise RMCP) and neither does raw; both pass a ``read_timeout_seconds``, so
+both sides do the same wire work. (The RMCP server side is measured by
+``benchmarks/server_overhead.py``.) For each
 concurrency (1 caller, then 50 callers) the clients run interleaved blocks of the same number
 of calls (raw, raw2, rmcp, raw, raw2, rmcp, ...), after a warm-up of each; ``gc.collect()``
 runs before every block. Reported figures are medians over blocks (throughput) and over all
@@ -34,7 +36,6 @@ import math
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,7 +47,6 @@ from mcp import Client, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 
 from rmcp_actors import RMCPSupervisor
-from rmcp_actors._protocol import RequestMeta, encode_request_meta
 from rmcp_actors.config import PolicyOverrides, RMCPConfig, RuntimeSettings, ServerSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,7 +64,6 @@ MAX_CONCURRENCY = 64
 RMCP_TIMEOUT_S = 60.0
 # rmcp passes the remaining deadline minus 20 ms; the raw baseline passes the same magnitude.
 RAW_READ_TIMEOUT_S = 60.0
-RAW_TIMEOUT_MS = int(RAW_READ_TIMEOUT_S * 1000)
 
 THROUGHPUT_GOAL: dict[Transport, float] = {"memory": 0.90, "stdio": 0.95}
 ADDED_LATENCY_GOAL_US = 75.0
@@ -205,16 +204,10 @@ class Row:
 
 
 def raw_caller(client: Client) -> Call:
-    """A call through the bare SDK client, carrying the same ``_meta`` as rmcp sends."""
+    """A call through the bare SDK client, with a read timeout as rmcp sets one."""
 
     async def call(n: int) -> None:
-        request_id = uuid.uuid4().hex
-        meta = encode_request_meta(
-            RequestMeta(
-                request_id=request_id, idempotency_key=request_id, attempt=1, timeout_ms=RAW_TIMEOUT_MS
-            )
-        )
-        result = await client.call_tool(TOOL, {"n": n}, read_timeout_seconds=RAW_READ_TIMEOUT_S, meta=meta)
+        result = await client.call_tool(TOOL, {"n": n}, read_timeout_seconds=RAW_READ_TIMEOUT_S)
         if result.is_error:
             raise RuntimeError(f"raw call failed: {result.content}")
 
