@@ -164,6 +164,28 @@ async def test_kill_9_mid_run_against_rmcp_is_unknown_never_run_twice(tmp_path: 
     assert not (tmp_path / "ledger").exists()
 
 
+async def test_two_server_processes_on_one_sqlite_file_share_dedup(tmp_path: Path) -> None:
+    """A key in flight in another live process is waited for, not reported in doubt."""
+    store = str(tmp_path / "rmcp.sqlite")
+    results: dict[str, CallResult] = {}
+    async with RMCPSupervisor.open() as sup:
+        for name in ("a", "b"):
+            spec = stdio_test_server(tmp_path, "--rmcp-store", store)
+            await sup.add_server(attrs.evolve(spec, name=name))
+        arguments = {"label": "shared", "seconds": 1.5}
+
+        async def call(name: str) -> None:
+            results[name] = await sup.call(name, "block_unsafe", arguments, idempotency_key="K", timeout=30)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "a")
+            await wait_for_file(tmp_path / "shared.started")
+            nursery.start_soon(call, "b")
+    assert (results["a"].duplicate, results["b"].duplicate) == (False, True)
+    assert results["a"].text == results["b"].text == "done shared"
+    assert (tmp_path / "ledger").read_text().splitlines() == ["shared"]
+
+
 async def test_when_disconnected_fail_raises_network_error_at_once(tmp_path: Path) -> None:
     overrides = PolicyOverrides(
         when_disconnected="fail", reconnect=ReconnectOverrides(base_delay_s=5, max_delay_s=5)
