@@ -293,7 +293,6 @@ class RMCPServerSide:
         call_print: str,
     ) -> HandlerResult:
         await self._ensure_owner()
-        poll_s = _FOREIGN_POLL_FIRST_S
         acked = False
         while True:
             local = self._running.get(key)
@@ -322,21 +321,31 @@ class RMCPServerSide:
             record = begun.existing
             if record is None:
                 continue
-            if record.fingerprint != call_print:
-                return self._conflict(ctx, meta)
-            answer = self._from_record(ctx, record, meta)
+            answer = self._from_record(ctx, record, meta, call_print)
             if answer is not None:
                 return answer
             # Started by another live process on the same store: wait for its result.
             if not acked:
                 acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
+            answer = await self._wait_foreign(ctx, key, meta, call_print)
+            if answer is not None:
+                return answer
+
+    async def _wait_foreign(
+        self, ctx: ServerRequestContext[Any, Any], key: str, meta: RequestMeta, call_print: str
+    ) -> HandlerResult | None:
+        """Poll the store until the run of another process ends; None if the key vanished
+        (expired), so that the caller tries to claim it."""
+        poll_s = _FOREIGN_POLL_FIRST_S
+        while True:
             await anyio.sleep(poll_s)
             poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
-            polled = await self.store.get(key)
-            if polled is not None:
-                answer = self._from_record(ctx, polled, meta)
-                if answer is not None:
-                    return answer
+            record = await self.store.get(key)
+            if record is None:
+                return None
+            answer = self._from_record(ctx, record, meta, call_print)
+            if answer is not None:
+                return answer
 
     async def _claim(self, key: str, call_print: str, tool: str) -> BeginOutcome:
         # A claim committed for a caller that was cancelled meanwhile would be a STARTED
@@ -348,9 +357,11 @@ class RMCPServerSide:
         return begun
 
     def _from_record(
-        self, ctx: ServerRequestContext[Any, Any], record: DedupRecord, meta: RequestMeta
+        self, ctx: ServerRequestContext[Any, Any], record: DedupRecord, meta: RequestMeta, call_print: str
     ) -> HandlerResult | None:
         """The answer a stored record gives, or None while its run is in flight elsewhere."""
+        if record.fingerprint != call_print:
+            return self._conflict(ctx, meta)
         if record.state is RecordState.COMPLETED and record.result is not None:
             self._replayed += 1
             return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
