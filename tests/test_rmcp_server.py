@@ -491,3 +491,23 @@ async def test_early_ack_never_breaks_the_tools_own_increasing_progress(
         await client.call_tool("steps", {}, meta=rmcp_meta("p"), progress_callback=on_progress)
     assert seen == [0, 0.5, 1.0]
     assert seen == sorted(set(seen))
+
+
+async def test_the_lifespan_keeps_the_lease_of_a_long_run_alive(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore(clock=trio.current_time)
+    app = install(build_server(state), store=store, lease_s=3)
+    async with mcp.Client(app) as client, trio.open_nursery() as nursery:
+
+        async def long_run() -> None:
+            arguments = {"label": "long", "seconds": 20}
+            await client.call_tool("block_unsafe", arguments, meta=rmcp_meta("lease"))
+
+        nursery.start_soon(long_run)
+        await trio.sleep(15)
+        record = await store.get("lease")
+        assert record is not None
+        # Five leases later, with no other call to renew it, the owner still reads alive.
+        assert (record.state.value, record.owner_alive) == ("started", True)
+    assert state.ledger == ["long"]

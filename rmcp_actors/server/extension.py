@@ -73,10 +73,13 @@ class ServerStatistics:
 
 @attrs.define(eq=False)
 class _Run:
-    """A tool run in flight in this process: duplicates wait on ``done``."""
+    """A tool run in flight in this process: duplicates wait on ``done``.
+
+    ``done`` is made by the first duplicate that waits: most runs have none.
+    """
 
     fingerprint: str
-    done: anyio.Event = attrs.Factory(anyio.Event)
+    done: anyio.Event | None = None
     outcome: StoredOutcome | None = None
 
 
@@ -130,7 +133,8 @@ def _validate_positive(name: str) -> Any:
     return check
 
 
-@attrs.define(eq=False)
+# Counters and state change on every call: no validators on assignment (they run at init).
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class RMCPServerSide:
     """RMCP installed on one MCP server (see :func:`rmcp_actors.server.install`).
 
@@ -275,7 +279,7 @@ class RMCPServerSide:
             )
         key = meta.dedup_key
         if key is None:
-            outcome = await self._execute(ctx, call_next, None, None)
+            outcome = await self._run_unkeyed(ctx, call_next)
             return self._answer(ctx, outcome, meta, duplicate=False)
         name = params.get("name")
         arguments = params.get("arguments")
@@ -301,6 +305,8 @@ class RMCPServerSide:
                     return self._conflict(ctx, meta)
                 if not acked:
                     acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
+                if local.done is None:
+                    local.done = anyio.Event()
                 await local.done.wait()
                 if local.outcome is None:
                     return self._nack(ctx, NackCode.IN_DOUBT, "the first run of this key was cut short", meta)
@@ -309,15 +315,9 @@ class RMCPServerSide:
             run = _Run(fingerprint=call_print)
             # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
             self._running[key] = run
-            try:
-                begun = await self._claim(key, call_print, tool)
-            except BaseException:
-                self._finish(key, run)
-                raise
+            begun = await self._claim_and_run(ctx, call_next, key, run, tool)
             if begun.claimed:
-                outcome = await self._execute(ctx, call_next, key, run)
-                return self._answer(ctx, outcome, meta, duplicate=False)
-            self._finish(key, run)
+                return self._answer(ctx, run.outcome, meta, duplicate=False)
             record = begun.existing
             if record is None:
                 continue
@@ -347,15 +347,6 @@ class RMCPServerSide:
             if answer is not None:
                 return answer
 
-    async def _claim(self, key: str, call_print: str, tool: str) -> BeginOutcome:
-        # A claim committed for a caller that was cancelled meanwhile would be a STARTED
-        # record nobody runs: claiming is not interruptible.
-        begun: BeginOutcome | None = None
-        with anyio.CancelScope(shield=True):
-            begun = await self.store.begin(key, fingerprint=call_print, tool=tool, owner=self.instance_id)
-        assert begun is not None  # a shielded scope without a deadline is never cancelled
-        return begun
-
     def _from_record(
         self, ctx: ServerRequestContext[Any, Any], record: DedupRecord, meta: RequestMeta, call_print: str
     ) -> HandlerResult | None:
@@ -369,35 +360,63 @@ class RMCPServerSide:
             return self._nack(ctx, NackCode.IN_DOUBT, "the run of this key never recorded a result", meta)
         return None
 
-    async def _execute(
-        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, key: str | None, run: _Run | None
+    async def _claim_and_run(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, key: str, run: _Run, tool: str
+    ) -> BeginOutcome:
+        """Claim ``key``; when claimed, run the tool and store its outcome in ``run``.
+
+        All of it is shielded from the caller's cancellation: a claim committed for a caller
+        that left would be a STARTED record nobody runs, and a run stopped by the client's
+        cancel (the SDK's ``notifications/cancelled`` after a client timeout) would leave the
+        retry to run the tool again. Only ``max_execution_s`` bounds the run; a run it cuts
+        short leaves the key in doubt.
+        """
+        begun: BeginOutcome | None = None
+        stored = False
+        try:
+            with anyio.CancelScope(shield=True) as scope:
+                begun = await self.store.begin(
+                    key, fingerprint=run.fingerprint, tool=tool, owner=self.instance_id
+                )
+                if begun.claimed:
+                    self._run_started()
+                    scope.deadline = anyio.current_time() + self.max_execution_s
+                    outcome = await self._run_tool(ctx, call_next)
+                    scope.deadline = math.inf
+                    await self._record(key, outcome)
+                    run.outcome, stored = outcome, True
+            if begun is not None and begun.claimed and not stored:
+                with anyio.CancelScope(shield=True):
+                    await self._record(key, None)
+        finally:
+            if begun is not None and begun.claimed:
+                self._run_ended()
+            self._finish(key, run)
+        assert begun is not None  # the scope's only deadline is set after the claim
+        return begun
+
+    async def _run_unkeyed(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> StoredOutcome | None:
+        """Run a call that has no dedup key: shielded and bounded like any run, not stored."""
+        outcome: StoredOutcome | None = None
+        self._run_started()
+        try:
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.max_execution_s):
+                outcome = await self._run_tool(ctx, call_next)
+        finally:
+            self._run_ended()
+        return outcome
+
+    def _run_started(self) -> None:
         self._in_flight += 1
         self._executed += 1
-        outcome: StoredOutcome | None = None
-        try:
-            # Once the tool started, the client's cancel must not cut it short: a retry with
-            # the same key would otherwise find no result and the effect could happen twice.
-            with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(self.max_execution_s):
-                    if self.store.durable and key is not None:
-                        async with anyio.create_task_group() as renewals:
-                            renewals.start_soon(self._keep_lease)
-                            outcome = await self._run_tool(ctx, call_next)
-                            renewals.cancel_scope.cancel()
-                    else:
-                        outcome = await self._run_tool(ctx, call_next)
-                if key is not None:
-                    await self._record(key, outcome)
-        finally:
-            self._in_flight -= 1
-            if run is not None and key is not None:
-                run.outcome = outcome
-                self._finish(key, run)
-            if not self._in_flight and self._idle is not None:
-                self._idle.set()
-                self._idle = None
-        return outcome
+
+    def _run_ended(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight and self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     async def _record(self, key: str, outcome: StoredOutcome | None) -> None:
         """Store a run's outcome. If the store fails, the caller still gets the result, and
@@ -443,10 +462,14 @@ class RMCPServerSide:
     def _finish(self, key: str, run: _Run) -> None:
         if self._running.get(key) is run:
             del self._running[key]
-        run.done.set()
+        if run.done is not None:
+            run.done.set()
 
     async def _ensure_owner(self) -> None:
         if self._owner_registered:
+            if anyio.current_time() - self._last_renewal >= self.lease_s / 3:
+                # Without a lifespan keeping the lease (a server driven by hand), calls do.
+                await self._renew()
             return
         async with self._owner_lock:
             if not self._owner_registered:
@@ -455,14 +478,23 @@ class RMCPServerSide:
                 self._last_renewal = anyio.current_time()
                 self._owner_registered = True
 
-    async def _keep_lease(self) -> None:
-        interval = self.lease_s / 3
+    async def keep_lease(self) -> None:
+        """Renew this instance's lease in the store for as long as it runs (never returns).
+
+        The server's lifespan runs it; a store failure is logged and retried at the next
+        interval, since records of a lapsed lease only read as in doubt, which is safe.
+        """
         while True:
-            await anyio.sleep(interval)
-            # Concurrent long runs share one renewal per interval.
-            if anyio.current_time() - self._last_renewal >= interval:
-                self._last_renewal = anyio.current_time()
-                await self.store.renew_owner(self.instance_id, self.lease_s)
+            await anyio.sleep(self.lease_s / 3)
+            if self._owner_registered:
+                try:
+                    await self._renew()
+                except Exception:
+                    logger.exception("RMCP: could not renew the lease of instance %s", self.instance_id)
+
+    async def _renew(self) -> None:
+        self._last_renewal = anyio.current_time()
+        await self.store.renew_owner(self.instance_id, self.lease_s)
 
     def _answer(
         self,

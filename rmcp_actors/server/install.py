@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -111,6 +111,26 @@ class FastRMCP(MCPServer[Any]):
         return side
 
 
+class _Beside:
+    """Run a task beside a block, cancelled when the block ends.
+
+    Not a generator with ``yield`` inside a task group: the block's own exception must leave
+    unchanged, not wrapped in an exception group by the task group.
+    """
+
+    def __init__(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._task = task
+        self._group = anyio.create_task_group()
+
+    async def __aenter__(self) -> None:
+        await self._group.__aenter__()
+        self._group.start_soon(self._task)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._group.cancel_scope.cancel()
+        await self._group.__aexit__(None, None, None)
+
+
 def _lowlevel(server: Server[Any] | MCPServer[Any]) -> Server[Any]:
     if isinstance(server, MCPServer):
         # MCPServer offers no public way to wrap the lifespan once constructed.
@@ -131,7 +151,7 @@ def _with_rmcp_lifespan(
         entered += 1
         try:
             await side.start()
-            async with inner(app) as state:
+            async with inner(app) as state, _Beside(side.keep_lease):
                 yield state
         finally:
             entered -= 1

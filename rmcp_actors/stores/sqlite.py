@@ -88,6 +88,8 @@ class _Write(Generic[_T]):
     """One queued write: the function to run in the transaction, and its answer."""
 
     apply: Callable[[sqlite3.Connection], _T]
+    # Whether the write must be on disk when it returns (an fsync), not only in the WAL.
+    sync: bool = True
     wake: anyio.Event = attrs.Factory(anyio.Event)
     status: _Status = _Status.QUEUED
     value: _T | None = None
@@ -126,9 +128,13 @@ class SQLiteStoreStatistics:
 class SQLiteStore:
     """A durable dedup store in one SQLite file, safe to share between processes of a host.
 
-    The file is in WAL mode with ``synchronous=FULL``: a write is on disk (fsynced) when its
-    method returns, so a completed result survives a power loss, not only a crash of the
-    process. Group commit pays the fsync once per batch of concurrent writes, not per write.
+    The file is in WAL mode. A result (``complete``), an in-doubt mark and owner changes are
+    committed with ``synchronous=FULL``: on disk (fsynced) when the method returns, so they
+    survive a power loss. A claim (``begin``) is committed with ``synchronous=NORMAL`` unless
+    ``fsync_claims``: it is in the WAL, which survives a crash of any process, and the next
+    FULL commit makes it durable too; only a power loss or an OS crash during the run can lose
+    it, and then a retry would run the tool again. Group commit pays the fsync once per batch
+    of concurrent writes, not per write.
 
     A ``STARTED`` record reads ``owner_alive=True`` while its owner is registered, not
     released and within its lease. When the owner's host is this host, the owner's process
@@ -150,6 +156,8 @@ class SQLiteStore:
         clock: The time source for expiries and leases, in seconds since the epoch;
             ``time.time`` by default, a wall clock because several processes share the file.
         busy_timeout_s: How long a transaction waits for another process's write lock.
+        fsync_claims: Fsync every claim as well (at-most-once across a power loss, at the
+            price of one more fsync per call when calls are sequential).
 
     Raises:
         ValueError: When ``ttl_s`` is not positive or ``busy_timeout_s`` is negative.
@@ -162,6 +170,7 @@ class SQLiteStore:
         ttl_s: float = 86_400.0,
         clock: Callable[[], float] | None = None,
         busy_timeout_s: float = 10.0,
+        fsync_claims: bool = False,
     ) -> None:
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
@@ -171,6 +180,8 @@ class SQLiteStore:
         self._ttl_s = ttl_s
         self._clock = clock or time.time
         self._busy_timeout_s = busy_timeout_s
+        self._fsync_claims = fsync_claims
+        self._synchronous: str | None = None
         self._host = socket.gethostname()
         # Opened lazily, in a worker thread: opening may wait for another process's lock.
         self._connection: sqlite3.Connection | None = None
@@ -267,7 +278,7 @@ class SQLiteStore:
             )
             return BeginOutcome(claimed=True, existing=None)
 
-        return await self._write(apply)
+        return await self._write(apply, sync=self._fsync_claims)
 
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         """Store the result of the run ``owner`` started; committed to disk once this returns.
@@ -334,9 +345,9 @@ class SQLiteStore:
 
         await self._write(apply)
 
-    async def _write(self, apply: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _write(self, apply: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
         self._check_open()
-        return await self._submit(_Write(apply))
+        return await self._submit(_Write(apply, sync=sync))
 
     async def _submit(self, write: _Write[_T]) -> _T:
         self._queue.append(write)
@@ -399,6 +410,11 @@ class SQLiteStore:
     ) -> list[tuple[object, Exception | None]]:
         """Run in a worker thread: apply every write in one transaction, each in a savepoint."""
         connection = self._open_connection()
+        synchronous = "FULL" if any(write.sync for write in batch) else "NORMAL"
+        if synchronous != self._synchronous:
+            # Only outside a transaction; it applies to the commits that follow.
+            connection.execute(f"PRAGMA synchronous = {synchronous}")
+            self._synchronous = synchronous
         connection.execute("BEGIN IMMEDIATE")
         try:
             answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
@@ -440,6 +456,7 @@ class SQLiteStore:
         try:
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
+            self._synchronous = "FULL"
             connection.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 connection.execute(statement)
