@@ -1,5 +1,6 @@
 # Two entry points, each self-contained on a machine with python3, pip and make:
-#   make demo   run examples/quickstart.py against a real MCP server it starts itself
+#   make demo   run examples/quickstart.py against a real MCP server it starts itself, then
+#               examples/exactly_once.py: raw MCP with naive retries vs rmcp_actors, under crashes
 #   make test   lint, format check, type check and the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -17,6 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
+	$(PY) examples/exactly_once.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -26,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/server_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -149,3 +149,16 @@ def test_relay_command_puts_the_server_after_the_options(tmp_path: Path) -> None
     }
     with pytest.raises(ValueError, match="swallow_probability"):
         relay_command(["server"], swallow_probability=2)
+
+
+def test_each_server_life_draws_afresh_but_reproducibly(tmp_path: Path) -> None:
+    from rmcp_actors.testing.stdio_relay import _life_seed  # pyright: ignore[reportPrivateUsage]
+
+    log = tmp_path / "faults"
+    first_life = _life_seed(7, str(log))
+    log.write_text('{"event": "swallowed"}\n')
+    second_life = _life_seed(7, str(log))
+    assert first_life != second_life
+    assert second_life == _life_seed(7, str(log))
+    assert _life_seed(7, None) == first_life
+    assert _life_seed(None, str(log)) is None

@@ -18,6 +18,12 @@ the relay closes the server's stdin, kills the server if it is still running 2 s
 exits 0.
 
 JSON-RPC batches (dropped from MCP in 2025-06-18) pass through but are never swallowed.
+
+A runtime restarts a killed server through a new relay. With a fixed ``--seed`` alone every
+server life would draw the same sequence (the k-th answer of every life lost, or with an
+unlucky seed every first answer, retries included, forever); with ``--log`` as well, each life
+is seeded with the seed and the number of faults already logged, so lives differ and a whole
+run is still reproducible.
 """
 
 from __future__ import annotations
@@ -90,7 +96,12 @@ def _parse_args(argv: Sequence[str]) -> _Options:
         metavar="P",
         help="chance (0..1) that a tools/call answer is swallowed and the server killed (default 0)",
     )
-    parser.add_argument("--seed", type=int, metavar="N", help="seed of the fault RNG (default: random)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed of the fault RNG, combined with the faults already in --log (default: random)",
+    )
     parser.add_argument(
         "--skip-first",
         type=_count,
@@ -274,6 +285,18 @@ class _Relay:
             await log.write(json.dumps(record) + "\n")
 
 
+def _life_seed(seed: int | None, log: str | None) -> str | None:
+    """The RNG seed of this server life: the seed and the faults logged by earlier lives."""
+    if seed is None:
+        return None
+    try:
+        with open(log or os.devnull, "rb") as earlier:
+            lives = sum(1 for _ in earlier)
+    except FileNotFoundError:
+        lives = 0
+    return f"{seed}:{lives}"
+
+
 async def _run(options: _Options) -> int:
     # The server stays in the relay's process group, so a signal to the group (Ctrl-C, the MCP
     # SDK's kill escalation) reaches both.
@@ -300,7 +323,7 @@ async def _run(options: _Options) -> int:
                 server_stdin=process.stdin,
                 server_stdout=process.stdout,
                 client_out=client_out,
-                rng=random.Random(options.seed),
+                rng=random.Random(_life_seed(options.seed, options.log)),
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(relay.client_to_server, client_in)
