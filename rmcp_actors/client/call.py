@@ -97,8 +97,9 @@ class _Progress:
     relied_on: ServerSettings | None = None
     events: list[LifecycleEvent] = attrs.Factory(list[LifecycleEvent])
 
-    def record(self, state: RequestState, detail: str | None = None) -> None:
-        event = LifecycleEvent(state, self.attempts, anyio.current_time(), detail)
+    def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
+        # ``at`` spares a clock read where the caller just made one (this is the hot path).
+        event = LifecycleEvent(state, self.attempts, anyio.current_time() if at is None else at, detail)
         self.events.append(event)
         if self.request.on_lifecycle is not None:
             self.request.on_lifecycle(event)
@@ -136,7 +137,7 @@ async def perform_call(
     started = anyio.current_time()
     deadline = started + request.timeout_s
     progress = _Progress(request)
-    progress.record(RequestState.QUEUED)
+    progress.record(RequestState.QUEUED, at=started)
     # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
     with anyio.move_on_at(deadline):
         try:
@@ -301,7 +302,8 @@ async def _send(
     # as sent (the SDK would refuse to write it anyway).
     await anyio.lowlevel.checkpoint_if_cancelled()
     progress.attempts += 1
-    remaining = deadline - anyio.current_time()
+    sent_at = anyio.current_time()
+    remaining = deadline - sent_at
     rmcp = session.rmcp
     meta = (
         encode_request_meta(
@@ -317,7 +319,7 @@ async def _send(
     )
     ack_timeout_s = _ack_timeout(policy, rmcp, transport)
     progress.sent = True
-    progress.record(RequestState.SENT)
+    progress.record(RequestState.SENT, at=sent_at)
     try:
         if ack_timeout_s is None:
             result = await client.call_tool(
