@@ -559,3 +559,59 @@ async def test_sqlite_writes_purge_expired_records_once_a_minute(tmp_path: Path)
         assert stored_keys(path) == {"trigger"}
     finally:
         await store.aclose()
+
+
+async def test_sqlite_claims_commit_inline_when_the_database_is_free(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path)
+    try:
+        assert await claim(store, "first")  # opens the file through the queue
+        for index in range(5):
+            assert await claim(store, f"key-{index}")
+        assert not await claim(store, "key-0")
+        stats = store.statistics()
+        # Committed, and visible to any other connection.
+        assert stored_keys(path) == {"first", *(f"key-{index}" for index in range(5))}
+    finally:
+        await store.aclose()
+    assert stats.inline_claims == 6
+    assert stats.commits == 1
+
+
+async def test_sqlite_claim_never_blocks_the_event_loop_on_another_writer(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    ticks = 0
+    try:
+        assert await claim(store, "open")
+        inline_before = store.statistics().inline_claims
+        other.execute("BEGIN IMMEDIATE")  # another process's write lock, held for a while
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            claimed = trio.Event()
+
+            async def claim_meanwhile() -> None:
+                assert await claim(store, "waits")
+                claimed.set()
+
+            nursery.start_soon(claim_meanwhile)
+            await trio.sleep(0.3)
+            assert not claimed.is_set()
+            other.execute("COMMIT")
+            with trio.fail_after(5):
+                await claimed.wait()
+            nursery.cancel_scope.cancel()
+        assert store.statistics().inline_claims == inline_before
+    finally:
+        other.close()
+        await store.aclose()
+    # The loop kept running while the claim waited for the lock in a worker thread.
+    assert ticks >= 20

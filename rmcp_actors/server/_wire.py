@@ -39,10 +39,10 @@ class StoredOutcome(msgspec.Struct, omit_defaults=True):
     error_data: Any = None
 
     def replay(self) -> dict[str, Any]:
-        """Return the stored result, or raise the stored JSON-RPC error."""
+        """Return the stored result (not to be mutated), or raise the stored JSON-RPC error."""
         if self.result is None:
             raise MCPError(self.error_code or 0, self.error_message or "", self.error_data)
-        return dict(self.result)
+        return self.result
 
 
 _encoder = msgspec.json.Encoder()
@@ -69,11 +69,19 @@ def to_wire(result: object) -> dict[str, Any]:
 
 
 def ack(result: dict[str, Any], *, request_id: str, attempt: int, duplicate: bool) -> dict[str, Any]:
-    """Stamp an ACK into a result's ``_meta`` (keeping whatever else the tool put there)."""
-    meta = ResponseMeta(ack=True, processed=True, duplicate=duplicate, request_id=request_id, attempt=attempt)
+    """Stamp an ACK into a copy of a result's ``_meta`` (keeping what the tool put there).
+
+    The fields of :class:`ResponseMeta` for an ACK, written out: this runs on every call.
+    """
     existing = result.get("_meta")
     merged: dict[str, Any] = dict(existing) if isinstance(existing, Mapping) else {}  # pyright: ignore[reportUnknownArgumentType]
-    merged[META_KEY] = msgspec.to_builtins(meta)
+    merged[META_KEY] = {
+        "ack": True,
+        "processed": True,
+        "duplicate": duplicate,
+        "request_id": request_id,
+        "attempt": attempt,
+    }
     return {**result, "_meta": merged}
 
 
