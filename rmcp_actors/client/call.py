@@ -257,9 +257,14 @@ def _deduplicating(settings: ServerSettings | None, lost: _Ambiguous, progress: 
 def _check_dedup_still_covers(
     relied_on: ServerSettings, now: ServerSettings | None, progress: _Progress
 ) -> None:
-    """A retry with the same key is safe on the same server instance, or on any instance
-    sharing a durable store; anything else could run the tool a second time."""
-    if now is not None and now.dedup and (relied_on.durable or now.instance_id == relied_on.instance_id):
+    """A retry with the same key is safe on the same server instance, or when the instance
+    that lost the answer and the one now serving both keep their keys in a durable store
+    (taken to be the same store: same server, same configuration); anything else could run
+    the tool a second time."""
+    same_instance = (
+        now is not None and now.instance_id is not None and now.instance_id == relied_on.instance_id
+    )
+    if now is not None and now.dedup and (same_instance or (relied_on.durable and now.durable)):
         return
     why = (
         "the server no longer deduplicates"

@@ -73,13 +73,15 @@ class ServerStatistics:
 
 @attrs.define(eq=False)
 class _Run:
-    """A tool run in flight in this process: duplicates wait on ``done``.
+    """A claim or run in flight in this process: duplicates wait on ``done``.
 
-    ``done`` is made by the first duplicate that waits: most runs have none.
+    ``claimed`` tells a waiter whether this handler got the key at all (it may have found
+    it taken, or the store may have failed): if not, the waiter looks again itself.
     """
 
     fingerprint: str
-    done: anyio.Event | None = None
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    claimed: bool = False
     outcome: StoredOutcome | None = None
 
 
@@ -168,6 +170,8 @@ class RMCPServerSide:
     _coalesced: int = attrs.field(default=0, init=False)
     _nacked: Counter[str] = attrs.field(factory=Counter[str], init=False)
     _settings_wire: dict[str, Any] = attrs.field(factory=dict[str, Any], init=False)
+    _unrecorded: set[str] = attrs.field(factory=set[str], init=False)
+    _active: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.rate_limit_per_s is not None:
@@ -211,10 +215,10 @@ class RMCPServerSide:
         """
         self._draining = True
         with anyio.move_on_after(self.max_execution_s if timeout_s is None else timeout_s):
-            while self._in_flight:
+            while self._active:
                 self._idle = self._idle or anyio.Event()
                 await self._idle.wait()
-        if self._owner_registered and not self._in_flight:
+        if self._owner_registered and not self._active:
             self._owner_registered = False
             await self.store.release_owner(self.instance_id)
 
@@ -277,15 +281,24 @@ class RMCPServerSide:
                 meta,
                 retry_after_ms=_OVERLOADED_RETRY_AFTER_MS,
             )
-        key = meta.dedup_key
-        if key is None:
-            outcome = await self._run_unkeyed(ctx, call_next)
-            return self._answer(ctx, outcome, meta, duplicate=False)
-        name = params.get("name")
-        arguments = params.get("arguments")
-        tool = name if isinstance(name, str) else ""
-        call_print = fingerprint(tool, arguments if isinstance(arguments, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
-        return await self._deduplicated(ctx, call_next, meta, key, tool, call_print)
+        # Counted from admission, not from the claim: drain() must not release the owner while
+        # an admitted call is still claiming its key.
+        self._active += 1
+        try:
+            key = meta.dedup_key
+            if key is None:
+                outcome = await self._run_unkeyed(ctx, call_next)
+                return self._answer(ctx, outcome, meta, duplicate=False)
+            name = params.get("name")
+            arguments = params.get("arguments")
+            tool = name if isinstance(name, str) else ""
+            call_print = fingerprint(tool, arguments if isinstance(arguments, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
+            return await self._deduplicated(ctx, call_next, meta, key, tool, call_print)
+        finally:
+            self._active -= 1
+            if not self._active and self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
     async def _deduplicated(
         self,
@@ -305,9 +318,9 @@ class RMCPServerSide:
                     return self._conflict(ctx, meta)
                 if not acked:
                     acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
-                if local.done is None:
-                    local.done = anyio.Event()
                 await local.done.wait()
+                if not local.claimed:
+                    continue
                 if local.outcome is None:
                     return self._nack(ctx, NackCode.IN_DOUBT, "the first run of this key was cut short", meta)
                 self._coalesced += 1
@@ -356,9 +369,14 @@ class RMCPServerSide:
         if record.state is RecordState.COMPLETED and record.result is not None:
             self._replayed += 1
             return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
-        if record.state is RecordState.IN_DOUBT or not record.owner_alive:
+        if record.state is RecordState.IN_DOUBT or not record.owner_alive or self._orphaned(record):
             return self._nack(ctx, NackCode.IN_DOUBT, "the run of this key never recorded a result", meta)
         return None
+
+    def _orphaned(self, record: DedupRecord) -> bool:
+        """A STARTED record of this very instance that no task here runs: its outcome could
+        not be stored (the store failed), so it will never complete."""
+        return record.owner == self.instance_id and record.key not in self._running
 
     async def _claim_and_run(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, key: str, run: _Run, tool: str
@@ -378,6 +396,7 @@ class RMCPServerSide:
                 begun = await self.store.begin(
                     key, fingerprint=run.fingerprint, tool=tool, owner=self.instance_id
                 )
+                run.claimed = begun.claimed
                 if begun.claimed:
                     self._run_started()
                     scope.deadline = anyio.current_time() + self.max_execution_s
@@ -414,9 +433,6 @@ class RMCPServerSide:
 
     def _run_ended(self) -> None:
         self._in_flight -= 1
-        if not self._in_flight and self._idle is not None:
-            self._idle.set()
-            self._idle = None
 
     async def _record(self, key: str, outcome: StoredOutcome | None) -> None:
         """Store a run's outcome. If the store fails, the caller still gets the result, and
@@ -433,6 +449,9 @@ class RMCPServerSide:
         try:
             await self.store.mark_in_doubt(key, owner=self.instance_id)
         except Exception:
+            # Other processes would wait on the STARTED record while this one lives: the
+            # lease keeper tries again.
+            self._unrecorded.add(key)
             logger.exception("RMCP: could not mark idempotency key %r in doubt either", key)
 
     async def _run_tool(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> StoredOutcome:
@@ -449,7 +468,9 @@ class RMCPServerSide:
             return StoredOutcome(error_code=INTERNAL_ERROR, error_message=f"{type(error).__name__}: {error}")
 
     async def _send_early_ack(self, ctx: ServerRequestContext[Any, Any], message: str) -> bool:
-        if not self.early_ack or not ctx.meta or ctx.meta.get("progress_token") is None:
+        # Without a progress token this is a no-op; the SDK's in-process direct wire carries
+        # the caller's progress callback without a token in the request's _meta.
+        if not self.early_ack:
             return False
         try:
             await ctx.session.report_progress(_EARLY_ACK_PROGRESS, None, f"rmcp: {message}")
@@ -462,8 +483,7 @@ class RMCPServerSide:
     def _finish(self, key: str, run: _Run) -> None:
         if self._running.get(key) is run:
             del self._running[key]
-        if run.done is not None:
-            run.done.set()
+        run.done.set()
 
     async def _ensure_owner(self) -> None:
         if self._owner_registered:
@@ -473,8 +493,7 @@ class RMCPServerSide:
             return
         async with self._owner_lock:
             if not self._owner_registered:
-                owner = OwnerInfo(instance_id=self.instance_id, pid=os.getpid(), host=socket.gethostname())
-                await self.store.register_owner(owner, self.lease_s)
+                await self.store.register_owner(self._owner_info(), self.lease_s)
                 self._last_renewal = anyio.current_time()
                 self._owner_registered = True
 
@@ -489,12 +508,23 @@ class RMCPServerSide:
             if self._owner_registered:
                 try:
                     await self._renew()
+                    for key in list(self._unrecorded):
+                        await self.store.mark_in_doubt(key, owner=self.instance_id)
+                        self._unrecorded.discard(key)
                 except Exception:
                     logger.exception("RMCP: could not renew the lease of instance %s", self.instance_id)
 
     async def _renew(self) -> None:
         self._last_renewal = anyio.current_time()
-        await self.store.renew_owner(self.instance_id, self.lease_s)
+        try:
+            await self.store.renew_owner(self.instance_id, self.lease_s)
+        except LookupError:
+            # Purged by another process while this one was suspended for longer than the
+            # store's TTL: register again, or new claims would read as owned by the dead.
+            await self.store.register_owner(self._owner_info(), self.lease_s)
+
+    def _owner_info(self) -> OwnerInfo:
+        return OwnerInfo(instance_id=self.instance_id, pid=os.getpid(), host=socket.gethostname())
 
     def _answer(
         self,

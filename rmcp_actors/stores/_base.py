@@ -3,7 +3,9 @@
 A store keeps one record per idempotency key. A record is created ``STARTED`` (owned by
 one server instance) just before the tool runs, and becomes ``COMPLETED`` (holding the
 encoded result) or ``IN_DOUBT`` (the run was cut short: it may or may not have had its
-effect). Records expire ``ttl_s`` after they were created.
+effect). Records expire ``ttl_s`` after they were created or, for a run that outlived that,
+after its outcome was recorded; a ``STARTED`` record whose owner is alive never expires (a
+second claim of its key would run the tool again).
 
 Owners: every server instance has an ``instance_id`` and keeps a lease alive in the store
 with :meth:`DedupStore.renew_owner`. A ``STARTED`` record whose owner's lease has lapsed

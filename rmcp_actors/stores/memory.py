@@ -130,6 +130,8 @@ class MemoryStore:
         if entry is not None:
             entry.state = RecordState.COMPLETED
             entry.result = result
+            # A run that outlived the TTL must not expire the moment it is recorded.
+            entry.expires_at = max(entry.expires_at, self._clock() + self._ttl_s)
 
     async def mark_in_doubt(self, key: str, *, owner: str) -> None:
         """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""
@@ -137,6 +139,7 @@ class MemoryStore:
         entry = self._claimed_entry(key, owner)
         if entry is not None:
             entry.state = RecordState.IN_DOUBT
+            entry.expires_at = max(entry.expires_at, self._clock() + self._ttl_s)
 
     async def discard(self, key: str, *, owner: str) -> None:
         """Delete the ``STARTED`` record ``owner`` claimed; no-op for any other record."""
@@ -155,7 +158,7 @@ class MemoryStore:
         """Delete expired records; return how many were deleted."""
         self._check_open()
         now = self._clock()
-        expired = [key for key, entry in self._records.items() if entry.expires_at <= now]
+        expired = [key for key, entry in self._records.items() if self._expired(entry, now)]
         for key in expired:
             del self._records[key]
         return len(expired)
@@ -175,11 +178,22 @@ class MemoryStore:
         entry = self._records.get(key)
         if entry is None:
             return None
-        if entry.expires_at <= now:
+        if self._expired(entry, now):
             del self._records[key]
             return None
         self._records.move_to_end(key)
         return entry
+
+    def _expired(self, entry: _Entry, now: float) -> bool:
+        """Past its TTL, unless it is a run whose owner is still alive: a run outliving the
+        TTL must not let another caller claim the key and run the tool again."""
+        if entry.expires_at > now:
+            return False
+        return entry.state is not RecordState.STARTED or not self._owner_alive(entry.owner, now)
+
+    def _owner_alive(self, owner: str, now: float) -> bool:
+        lease_expires_at = self._owner_leases.get(owner)
+        return lease_expires_at is not None and lease_expires_at > now
 
     def _claimed_entry(self, key: str, owner: str) -> _Entry | None:
         entry = self._records.get(key)
@@ -194,7 +208,7 @@ class MemoryStore:
                 (
                     key
                     for key, entry in self._records.items()
-                    if entry.state is not RecordState.STARTED or entry.expires_at <= now
+                    if entry.state is not RecordState.STARTED or self._expired(entry, now)
                 ),
                 None,
             )
@@ -204,14 +218,13 @@ class MemoryStore:
             del self._records[victim]
 
     def _to_record(self, key: str, entry: _Entry, now: float) -> DedupRecord:
-        lease_expires_at = self._owner_leases.get(entry.owner)
         return DedupRecord(
             key=key,
             fingerprint=entry.fingerprint,
             tool=entry.tool,
             state=entry.state,
             owner=entry.owner,
-            owner_alive=lease_expires_at is not None and lease_expires_at > now,
+            owner_alive=self._owner_alive(entry.owner, now),
             result=entry.result,
             created_at=entry.created_at,
             expires_at=entry.expires_at,

@@ -277,8 +277,9 @@ class SQLiteStore:
 
         def apply(connection: sqlite3.Connection) -> BeginOutcome:
             row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
-            if row is not None and row[7] > now:
-                return BeginOutcome(claimed=False, existing=self._to_record(row, now))
+            existing = None if row is None else self._live_record(row, now)
+            if existing is not None:
+                return BeginOutcome(claimed=False, existing=existing)
             connection.execute(
                 """INSERT OR REPLACE INTO records
                 (key, fingerprint, tool, state, owner, result, created_at, expires_at)
@@ -298,16 +299,21 @@ class SQLiteStore:
         Does nothing when ``key`` is no longer ``STARTED`` by ``owner`` (it expired and was
         claimed again, or was already finished).
         """
+        # A run that outlived the TTL must not expire the moment it is recorded.
+        expires_at = self._clock() + self._ttl_s
         await self._finish(
-            "UPDATE records SET state = ?, result = ? WHERE key = ? AND owner = ? AND state = ?",
-            (RecordState.COMPLETED.value, result, key, owner, RecordState.STARTED.value),
+            """UPDATE records SET state = ?, result = ?, expires_at = MAX(expires_at, ?)
+            WHERE key = ? AND owner = ? AND state = ?""",
+            (RecordState.COMPLETED.value, result, expires_at, key, owner, RecordState.STARTED.value),
         )
 
     async def mark_in_doubt(self, key: str, *, owner: str) -> None:
         """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""
+        expires_at = self._clock() + self._ttl_s
         await self._finish(
-            "UPDATE records SET state = ? WHERE key = ? AND owner = ? AND state = ?",
-            (RecordState.IN_DOUBT.value, key, owner, RecordState.STARTED.value),
+            """UPDATE records SET state = ?, expires_at = MAX(expires_at, ?)
+            WHERE key = ? AND owner = ? AND state = ?""",
+            (RecordState.IN_DOUBT.value, expires_at, key, owner, RecordState.STARTED.value),
         )
 
     async def discard(self, key: str, *, owner: str) -> None:
@@ -324,7 +330,7 @@ class SQLiteStore:
 
         def read() -> DedupRecord | None:
             row = self._open_connection().execute(_SELECT_RECORD, (key,)).fetchone()
-            return None if row is None or row[7] <= now else self._to_record(row, now)
+            return None if row is None else self._live_record(row, now)
 
         async with self._lock:
             return await anyio.to_thread.run_sync(read)
@@ -441,7 +447,12 @@ class SQLiteStore:
         return answers
 
     def _purge(self, connection: sqlite3.Connection, now: float) -> int:
-        deleted = connection.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
+        # A run whose owner still holds its lease is kept past its TTL (see _live_record).
+        deleted = connection.execute(
+            """DELETE FROM records WHERE expires_at <= ? AND (state != ? OR owner NOT IN
+            (SELECT instance_id FROM owners WHERE released = 0 AND lease_expires_at > ?))""",
+            (now, RecordState.STARTED.value, now),
+        ).rowcount
         # An owner kept a while after its lease may still renew (a long pause, not a crash), and
         # a released one must stay known as released to a late renewal.
         connection.execute(
@@ -527,6 +538,14 @@ class SQLiteStore:
     def _check_open(self) -> None:
         if self._closing:
             raise anyio.ClosedResourceError("this SQLiteStore was closed: create a new store")
+
+    def _live_record(self, row: tuple[Any, ...], now: float) -> DedupRecord | None:
+        """The record of ``row``, or None when it expired. A run whose owner is alive never
+        expires: another caller claiming its key would run the tool a second time."""
+        record = self._to_record(row, now)
+        if record.expires_at > now or (record.state is RecordState.STARTED and record.owner_alive):
+            return record
+        return None
 
     def _to_record(self, row: tuple[Any, ...], now: float) -> DedupRecord:
         key, fingerprint, tool, state, owner, result, created_at, expires_at = row[:8]

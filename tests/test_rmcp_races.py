@@ -1,0 +1,324 @@
+"""Races and failures of the RMCP server side found in review, each shown with real parts.
+
+In memory with MockClock where timing is the point; with SQLite (real time) where its
+worker threads and locks are.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import mcp
+import pytest
+import trio
+import trio.testing
+from mcp_types import RequestParamsMeta
+
+from rmcp_actors import FastRMCP, MemoryStore, SQLiteStore
+from rmcp_actors._protocol import ServerSettings
+from rmcp_actors.client.call import _check_dedup_still_covers, _Progress  # pyright: ignore[reportPrivateUsage]
+from rmcp_actors.errors import RMCPOutcomeUnknownError
+from rmcp_actors.stores import BeginOutcome, DedupRecord
+
+
+def meta(key: str, attempt: int = 1) -> RequestParamsMeta:
+    return cast(
+        RequestParamsMeta,
+        {"rmcp": {"version": "0.2", "request_id": "r", "attempt": attempt, "idempotency_key": key}},
+    )
+
+
+def answer(result: Any) -> str:
+    rmcp = result.meta["rmcp"]
+    return rmcp.get("code") or ("duplicate" if rmcp["duplicate"] else "ran")
+
+
+def hold_write_lock(path: Path, seconds: float) -> threading.Thread:
+    """Another process's write transaction on the file, for ``seconds``."""
+
+    def hold() -> None:
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("BEGIN IMMEDIATE")
+        time.sleep(seconds)
+        connection.execute("COMMIT")
+        connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("checkpoints", range(8))
+async def test_duplicate_arriving_as_the_first_run_ends_is_never_stranded(
+    checkpoints: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The duplicate sends its early ACK (an await) after it found the run: the run may end
+    meanwhile, and the duplicate must still be woken."""
+    app = FastRMCP("t", store=MemoryStore(clock=trio.current_time))
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        for _ in range(checkpoints):
+            await trio.lowlevel.checkpoint()
+        return "paid"
+
+    answers: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        pass
+
+    async with mcp.Client(app, mode="legacy") as client, trio.open_nursery() as nursery:
+
+        async def call(attempt: int) -> None:
+            with trio.fail_after(100):
+                result = await client.call_tool(
+                    "pay", {"amount": 5}, meta=meta("k", attempt), progress_callback=on_progress
+                )
+            answers.append(answer(result))
+
+        nursery.start_soon(call, 1)
+        await trio.lowlevel.checkpoint()
+        nursery.start_soon(call, 2)
+    assert sorted(answers) == ["duplicate", "ran"]
+    assert runs == [5]
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_local_duplicates_of_a_completed_key_wait_on_a_slow_claim_not_in_doubt(
+    tmp_path: Path, backend: str
+) -> None:
+    """The first handler found the key completed (it did not claim it): those waiting on it
+    must look again, not report the key in doubt."""
+    path = tmp_path / "rmcp.sqlite"
+
+    async def main() -> dict[int, str]:
+        app = FastRMCP("t", store=SQLiteStore(path))
+
+        @app.tool()
+        async def pay(amount: int) -> str:
+            return f"paid {amount}"
+
+        answers: dict[int, str] = {}
+        async with mcp.Client(app) as client:
+            answers[1] = answer(await client.call_tool("pay", {"amount": 5}, meta=meta("k", 1)))
+            holder = hold_write_lock(path, 0.2)
+            await anyio.sleep(0.02)
+
+            async def duplicate(attempt: int) -> None:
+                answers[attempt] = answer(
+                    await client.call_tool("pay", {"amount": 5}, meta=meta("k", attempt))
+                )
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(duplicate, 2)
+                group.start_soon(duplicate, 3)
+            holder.join()
+        return answers
+
+    assert anyio.run(main, backend=backend) == {1: "ran", 2: "duplicate", 3: "duplicate"}
+
+
+class FailingResults:
+    """A MemoryStore whose writes after a claim fail (a broken disk, say)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+
+    @property
+    def durable(self) -> bool:
+        return False
+
+    async def complete(self, key: str, *, owner: str, result: bytes) -> None:
+        raise OSError("disk I/O error")
+
+    async def mark_in_doubt(self, key: str, *, owner: str) -> None:
+        raise OSError("disk I/O error")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_store_that_cannot_record_the_outcome_leaves_no_retry_waiting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store: Any = FailingResults()
+    app = FastRMCP("t", store=store)
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        first = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 1))
+        with trio.fail_after(10):
+            retry = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 2))
+    # The caller got the result; a retry cannot know it and says so instead of waiting.
+    assert (answer(first), answer(retry)) == ("ran", "in_doubt")
+    assert runs == [5]
+
+
+class SlowClaims:
+    """A MemoryStore whose claims wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+        self.release = trio.Event()
+        self.released_owners: list[str] = []
+
+    @property
+    def durable(self) -> bool:
+        return False
+
+    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
+        await self.release.wait()
+        return await self.inner.begin(key, fingerprint=fingerprint, tool=tool, owner=owner)
+
+    async def release_owner(self, instance_id: str) -> None:
+        self.released_owners.append(instance_id)
+        await self.inner.release_owner(instance_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_drain_waits_for_a_call_still_claiming_its_key(autojump_clock: trio.testing.MockClock) -> None:
+    store = SlowClaims()
+    app = FastRMCP("t", store=cast(Any, store))
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        return "paid"
+
+    drained = trio.Event()
+    async with mcp.Client(app) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: client.call_tool("pay", {"amount": 5}, meta=meta("k")))
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def drain() -> None:
+            await app.rmcp.drain(timeout_s=50)
+            drained.set()
+
+        nursery.start_soon(drain)
+        await trio.sleep(10)
+        # The call was admitted before the drain: the owner is not released under it.
+        assert not drained.is_set()
+        assert store.released_owners == []
+        store.release.set()
+        await drained.wait()
+    assert store.released_owners == [app.rmcp.instance_id]
+    assert app.rmcp.statistics().executed == 1
+
+
+@pytest.mark.parametrize(
+    ("lost_on", "now", "covered"),
+    [
+        (
+            ServerSettings(features=["dedup"], instance_id="a"),
+            ServerSettings(features=["dedup"], instance_id="a"),
+            True,
+        ),
+        (
+            ServerSettings(features=["dedup"], instance_id="a"),
+            ServerSettings(features=["dedup"], instance_id="b"),
+            False,
+        ),
+        (
+            ServerSettings(features=["dedup"], durable=True, instance_id="a"),
+            ServerSettings(features=["dedup"], durable=True, instance_id="b"),
+            True,
+        ),
+        # A durable store before the restart and a memory store after: the keys are gone.
+        (
+            ServerSettings(features=["dedup"], durable=True, instance_id="a"),
+            ServerSettings(features=["dedup"], durable=False, instance_id="b"),
+            False,
+        ),
+        # Servers that name no instance are never taken to be the same one.
+        (ServerSettings(features=["dedup"]), ServerSettings(features=["dedup"]), False),
+        (ServerSettings(features=["dedup"], durable=True, instance_id="a"), None, False),
+    ],
+)
+def test_a_retry_after_a_lost_answer_needs_the_same_keys(
+    lost_on: ServerSettings, now: ServerSettings | None, covered: bool
+) -> None:
+    progress = _Progress(request=cast(Any, None))
+    if covered:
+        _check_dedup_still_covers(lost_on, now, progress)
+    else:
+        with pytest.raises(RMCPOutcomeUnknownError):
+            _check_dedup_still_covers(lost_on, now, progress)
+
+
+async def test_a_run_outliving_the_ttl_is_not_claimed_again_by_another_instance(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two server instances on one store (two processes on one SQLite file, here in memory)."""
+    store = MemoryStore(ttl_s=5, clock=trio.current_time)
+    runs: list[str] = []
+    apps = [FastRMCP(name, store=store) for name in ("a", "b")]
+    for app in apps:
+
+        @app.tool()
+        async def pay(amount: int) -> str:
+            runs.append("run")
+            await trio.sleep(20)
+            return "paid"
+
+    answers: list[str] = []
+    async with mcp.Client(apps[0]) as first, mcp.Client(apps[1]) as second, trio.open_nursery() as nursery:
+
+        async def call(client: mcp.Client, attempt: int) -> None:
+            answers.append(answer(await client.call_tool("pay", {"amount": 5}, meta=meta("k", attempt))))
+
+        nursery.start_soon(call, first, 1)
+        await trio.sleep(10)  # the record's TTL has passed; its owner is alive and running it
+        nursery.start_soon(call, second, 2)
+    assert runs == ["run"]
+    assert sorted(answers) == ["duplicate", "ran"]
+
+
+async def test_an_owner_purged_by_another_process_registers_again(tmp_path: Path) -> None:
+    path = tmp_path / "rmcp.sqlite"
+    app = FastRMCP("t", store=SQLiteStore(path))
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        return "paid"
+
+    side = app.rmcp
+    async with mcp.Client(app) as client:
+        await client.call_tool("pay", {"amount": 5}, meta=meta("k"))
+        with sqlite3.connect(path) as other:
+            other.execute("DELETE FROM owners")
+        await side._renew()  # pyright: ignore[reportPrivateUsage]
+        store = side.store
+        await store.begin("probe", fingerprint="f", tool="pay", owner=side.instance_id)
+        record = await store.get("probe")
+    assert isinstance(record, DedupRecord)
+    assert record.owner_alive is True
+
+
+async def test_early_ack_reaches_a_caller_on_the_in_process_direct_wire() -> None:
+    app = FastRMCP("t", store=MemoryStore())
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        return "paid"
+
+    messages: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message)
+
+    async with mcp.Client(app) as client:  # a server object: the SDK's direct dispatcher
+        await client.call_tool("pay", {"amount": 5}, meta=meta("k"), progress_callback=on_progress)
+    assert messages == ["rmcp: accepted"]
