@@ -154,26 +154,47 @@ def decode_request_meta(meta: Mapping[str, Any] | None) -> RequestMeta | None:
         raise InvalidMeta("retry_count must not be negative")
     if decoded.idempotency_key == "":
         raise InvalidMeta("idempotency_key must not be empty")
+    if decoded.request_id == "":
+        raise InvalidMeta("request_id must not be empty")
+    if decoded.timeout_ms is not None and decoded.timeout_ms < 0:
+        raise InvalidMeta("timeout_ms must not be negative")
     return decoded
 
 
 def decode_response_meta(meta: Mapping[str, Any] | None) -> ResponseMeta | None:
-    """Return the RMCP part of a result's ``_meta``; None when absent or malformed (a
-    result from a plain server is never refused for its ``_meta``)."""
+    """Return the RMCP part of a result's ``_meta``; None when absent or unreadable (a
+    result from a plain server is never refused for its ``_meta``).
+
+    Lenient, because other implementations write numbers their own way (``100.0``), and a
+    refusal must never pass for a result: anything that says ``ack: false`` is a NACK, with
+    whatever of its fields can be read.
+    """
     if not meta:
         return None
     raw = meta.get(META_KEY)
-    if raw is None:
+    if not isinstance(raw, Mapping):
         return None
     try:
-        return msgspec.convert(raw, ResponseMeta, strict=True)
+        return msgspec.convert(raw, ResponseMeta, strict=False)
     except msgspec.ValidationError:
+        pass
+    fields = cast(Mapping[str, Any], raw)
+    if fields.get("ack") is not False:
         return None
+    code, reason = fields.get("code"), fields.get("reason")
+    return ResponseMeta(
+        ack=False,
+        processed=False,
+        code=code if isinstance(code, str) else "unknown",
+        reason=reason if isinstance(reason, str) else None,
+        retryable=False,
+    )
 
 
 def decode_server_settings(raw: object) -> ServerSettings | None:
-    """Return advertised settings, or None when ``raw`` is absent or not RMCP settings."""
-    if not isinstance(raw, dict):
+    """Return advertised settings, or None when ``raw`` is absent or not RMCP settings (an
+    object without ``version`` is not taken for an advertisement)."""
+    if not isinstance(raw, dict) or "version" not in raw:
         return None
     try:
         return msgspec.convert(raw, ServerSettings, strict=True)

@@ -97,3 +97,27 @@ def test_settings_are_advertised_with_every_field() -> None:
     )
     assert decoded == settings
     assert settings.dedup
+
+
+def test_a_nack_is_a_nack_however_its_numbers_are_written() -> None:
+    written_by_javascript = {
+        "rmcp": {
+            "ack": False,
+            "processed": False,
+            "code": "overloaded",
+            "retryable": True,
+            "retry_after_ms": 100.0,
+        }
+    }
+    nack = decode_response_meta(written_by_javascript)
+    assert nack is not None
+    assert (nack.ack, nack.code, nack.retryable, nack.retry_after_ms) == (False, "overloaded", True, 100)
+    garbled = decode_response_meta({"rmcp": {"ack": False, "code": 7, "retry_after_ms": "soon"}})
+    assert garbled is not None
+    assert (garbled.ack, garbled.code, garbled.retryable) == (False, "unknown", False)
+    assert decode_response_meta({"rmcp": {"ack": "maybe"}}) is None
+
+
+def test_an_object_without_a_version_is_not_an_advertisement() -> None:
+    assert decode_server_settings({}) is None
+    assert decode_server_settings({"features": ["dedup"]}) is None

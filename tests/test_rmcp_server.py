@@ -145,6 +145,12 @@ async def test_install_on_a_low_level_server() -> None:
         second = await sup.call("low", tool, idempotency_key="k")
     assert (first.duplicate, second.duplicate) == (False, True)
     assert server_side(lowlevel).statistics().executed == 1
+    for mode in PROTOCOLS:
+        async with mcp.Client(lowlevel, mode=cast(Any, mode)) as client:
+            experimental = client.server_capabilities.experimental or {}
+            tools = (await client.list_tools()).tools
+        assert experimental["rmcp"]["instance_id"] == server_side(lowlevel).instance_id
+        assert all((tool.meta or {})["rmcp"] == experimental["rmcp"] for tool in tools)
 
 
 # --- Dedup -------------------------------------------------------------------------------------
@@ -275,13 +281,16 @@ async def test_old_protocol_request_id_is_the_key_when_an_ack_is_expected(
         {"request_id": "r", "attempt": 0},
         {"request_id": "r", "idempotency_key": ""},
         {"idempotency_key": "k"},
+        {"request_id": "", "expect_ack": True},
+        {"request_id": "r", "timeout_ms": -1},
         "not an object",
     ],
 )
+@pytest.mark.parametrize("mode", PROTOCOLS)
 async def test_malformed_meta_is_nacked_and_the_tool_does_not_run(
-    rmcp_server: MCPServer, state: State, bad: Any
+    rmcp_server: MCPServer, state: State, bad: Any, mode: Any
 ) -> None:
-    async with mcp.Client(rmcp_server) as client:
+    async with mcp.Client(rmcp_server, mode=mode) as client:
         result = await client.call_tool("record", {"label": "never"}, meta=as_meta({"rmcp": bad}))
     assert result.is_error is True
     meta = wire_rmcp(result)
@@ -469,6 +478,45 @@ async def test_no_ack_within_the_ack_timeout_is_retried_with_the_same_key(
         result = await sup.call("test", "record", {"label": "once"}, timeout=60)
     assert result.attempts == 2
     assert state.ledger == ["once"]
+
+
+async def test_without_a_durable_store_there_is_no_ack_timeout(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Recovering an unACKed attempt means retrying it with its key on a server that may be a
+    new process: with keys in memory that could run the tool twice, so the call just waits."""
+    app = build_server(state, store=MemoryStore(clock=trio.current_time))
+
+    async def stall(ctx: Any, call_next: Any) -> Any:
+        if ctx.method == "tools/call":
+            await trio.sleep(10)
+        return await call_next(ctx)
+
+    app.middleware.insert(0, stall)
+    policy = PolicyOverrides(ack_timeout_s=2)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", app, overrides=policy))
+        result = await sup.call("test", "record", {"label": "once"}, timeout=60)
+    assert result.attempts == 1
+    assert state.ledger == ["once"]
+
+
+async def test_a_draining_server_refuses_until_attempts_run_out(
+    rmcp_server: MCPServer, state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    policy = PolicyOverrides(retry=RetryOverrides(max_attempts=2, base_delay_s=0.1, max_delay_s=0.1))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", rmcp_server, overrides=policy))
+        await server_side(rmcp_server).drain()
+        with pytest.raises(RMCPNackError) as caught:
+            await sup.call("test", "record", {"label": "late"})
+    assert (caught.value.code, caught.value.retryable, caught.value.may_have_executed) == (
+        "shutting_down",
+        True,
+        False,
+    )
+    assert [event.state for event in caught.value.lifecycle].count(RequestState.NACKED) == 2
+    assert state.ledger == []
 
 
 async def test_early_ack_never_breaks_the_tools_own_increasing_progress(
