@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ from rmcp_actors import RMCPSupervisor
 from rmcp_actors.config import PolicyOverrides, RMCPConfig, RuntimeSettings, ServerSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import Block, Series, finite
 from _noop_server import TOOL, build_server
 
 NOOP_SERVER = Path(__file__).resolve().with_name("_noop_server.py")
@@ -93,42 +93,6 @@ QUICK = Mode(
     concurrent_calls={"memory": 500, "stdio": 400},
     warmup_calls=100,
 )
-
-
-@dataclass
-class Block:
-    """One timed block of one client."""
-
-    calls: int
-    elapsed_s: float
-    latencies_s: list[float]
-
-    @property
-    def throughput(self) -> float:
-        return self.calls / self.elapsed_s
-
-
-@dataclass
-class Series:
-    """Every measured block of one client in one row."""
-
-    blocks: list[Block] = field(default_factory=list[Block])
-
-    def throughput(self) -> float:
-        """Median calls/s over blocks."""
-        return statistics.median(block.throughput for block in self.blocks)
-
-    def latency_us(self) -> float:
-        """Median per-call latency over every measured call, in µs."""
-        return statistics.median(lat for block in self.blocks for lat in block.latencies_s) * 1e6
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "calls_per_s": self.throughput(),
-            "median_latency_us": self.latency_us(),
-            "block_calls_per_s": [block.throughput for block in self.blocks],
-            "block_median_latency_us": [statistics.median(b.latencies_s) * 1e6 for b in self.blocks],
-        }
 
 
 @dataclass
@@ -321,16 +285,6 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}  # pyright: ignore[reportUnknownVariableType]
-    if isinstance(value, list):
-        return [_finite(item) for item in value]  # pyright: ignore[reportUnknownVariableType]
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run of ~30 s")
@@ -381,7 +335,7 @@ def main() -> None:
             "wall_s": wall,
             "rows": [row.summary() for row in rows],
         }
-        options.json.write_text(json.dumps(_finite(document), indent=2) + "\n")
+        options.json.write_text(json.dumps(finite(document), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from mcp import Client, StdioServerParameters
 from mcp.types import RequestParamsMeta, TextContent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import Block, Series, finite
 from _rmcp_bench_server import ECHO_TOOL, STATS_TOOL
 
 from rmcp_actors._protocol import META_KEY, PROTOCOL_VERSION
@@ -85,44 +86,6 @@ class Mode:
 # Many short interleaved blocks give steadier medians than a few long ones on a noisy VM.
 FULL = Mode(rounds=9, sequential_calls=500, concurrent_calls=1000, warmup_calls=200)
 QUICK = Mode(rounds=3, sequential_calls=80, concurrent_calls=160, warmup_calls=32)
-
-
-@dataclass
-class Block:
-    """One timed block of one variant."""
-
-    calls: int
-    elapsed_s: float
-    latencies_s: list[float]
-
-    @property
-    def throughput(self) -> float:
-        return self.calls / self.elapsed_s
-
-
-@dataclass
-class Series:
-    """Every measured block of one variant in one row."""
-
-    blocks: list[Block] = field(default_factory=list[Block])
-
-    def throughput(self) -> float:
-        """Median calls/s over blocks."""
-        return statistics.median(block.throughput for block in self.blocks)
-
-    def latency_us(self) -> float:
-        """Median per-call latency over every measured call, in µs."""
-        return statistics.median(lat for block in self.blocks for lat in block.latencies_s) * 1e6
-
-    def calls(self) -> int:
-        return sum(block.calls for block in self.blocks)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "calls_per_s": self.throughput(),
-            "median_latency_us": self.latency_us(),
-            "block_calls_per_s": [block.throughput for block in self.blocks],
-        }
 
 
 @dataclass
@@ -423,16 +386,6 @@ def render_group_commit(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}  # pyright: ignore[reportUnknownVariableType]
-    if isinstance(value, list):
-        return [_finite(item) for item in value]  # pyright: ignore[reportUnknownVariableType]
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run of < 20 s")
@@ -479,7 +432,7 @@ def main() -> None:
             "wall_s": wall,
             "rows": [row.summary() for row in rows],
         }
-        options.json.write_text(json.dumps(_finite(document), indent=2) + "\n")
+        options.json.write_text(json.dumps(finite(document), indent=2) + "\n")
 
 
 if __name__ == "__main__":
