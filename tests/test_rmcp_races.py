@@ -19,7 +19,7 @@ import trio
 import trio.testing
 from mcp_types import RequestParamsMeta
 
-from rmcp_actors import FastRMCP, MemoryStore, SQLiteStore
+from rmcp_actors import FastRMCP, MemoryStore, PolicyOverrides, RMCPSupervisor, ServerSpec, SQLiteStore
 from rmcp_actors._protocol import ServerSettings
 from rmcp_actors.client.call import _check_dedup_still_covers, _Progress  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.errors import RMCPOutcomeUnknownError
@@ -307,18 +307,39 @@ async def test_an_owner_purged_by_another_process_registers_again(tmp_path: Path
     assert record.owner_alive is True
 
 
-async def test_early_ack_reaches_a_caller_on_the_in_process_direct_wire() -> None:
-    app = FastRMCP("t", store=MemoryStore())
+async def test_no_ack_timeout_on_the_in_process_direct_wire(autojump_clock: trio.testing.MockClock) -> None:
+    """The direct wire's requests carry no progress token, so no early ACK can come back:
+    the client must not wait for one (it would retry a healthy call until attempts ran out)."""
+    app = FastRMCP("t", store=cast(Any, DurableMemory()))
 
     @app.tool()
     async def pay(amount: int) -> str:
         return "paid"
 
-    messages: list[str | None] = []
+    async def slow_to_start(ctx: Any, call_next: Any) -> Any:
+        # Before the RMCP side, as a busy server would be: no ACK could come for 5 s anyway.
+        if ctx.method == "tools/call":
+            await trio.sleep(5)
+        return await call_next(ctx)
 
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        messages.append(message)
+    app.middleware.insert(0, slow_to_start)
+    policy = PolicyOverrides(ack_timeout_s=1)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("t", app, wire="direct", overrides=policy))
+        result = await sup.call("t", "pay", {"amount": 5}, timeout=60)
+    assert result.attempts == 1
+    assert app.rmcp.statistics().executed == 1
 
-    async with mcp.Client(app) as client:  # a server object: the SDK's direct dispatcher
-        await client.call_tool("pay", {"amount": 5}, meta=meta("k"), progress_callback=on_progress)
-    assert messages == ["rmcp: accepted"]
+
+class DurableMemory:
+    """A MemoryStore that says it is durable (the ACK timeout needs one; MockClock needs memory)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

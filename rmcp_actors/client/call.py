@@ -203,7 +203,7 @@ async def _attempts(
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             try:
-                return await _send(session, request, progress, deadline, policy, connection.spec.transport)
+                return await _send(session, request, progress, deadline, policy, _acks_arrive(connection))
             except _Ambiguous as lost:
                 if not isinstance(lost.__cause__, _AckTimeout):
                     connection.report_broken(session)
@@ -299,7 +299,7 @@ async def _send(
     progress: _Progress,
     deadline: float,
     policy: CallPolicy,
-    transport: str,
+    acks_arrive: bool,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
@@ -322,7 +322,7 @@ async def _send(
         if rmcp is not None
         else None
     )
-    ack_timeout_s = _ack_timeout(policy, rmcp, transport)
+    ack_timeout_s = _ack_timeout(policy, rmcp) if acks_arrive else None
     progress.sent = True
     progress.record(RequestState.SENT, at=sent_at)
     try:
@@ -389,16 +389,24 @@ async def _send(
     raise _nack_error(rmcp_meta, f"on attempt {progress.attempts}")
 
 
-def _ack_timeout(policy: CallPolicy, rmcp: ServerSettings | None, transport: str) -> float | None:
+def _acks_arrive(connection: Connection) -> bool:
+    """Whether an early ACK (a progress notification) can reach this client at all.
+
+    Not over HTTP, where JSON-response mode drops progress and the client cannot tell the
+    mode; not on the SDK's in-process direct wire, whose requests carry no progress token
+    for the server to answer.
+    """
+    spec = connection.spec
+    return spec.transport != "http" and spec.wire != "direct"
+
+
+def _ack_timeout(policy: CallPolicy, rmcp: ServerSettings | None) -> float | None:
     """The ACK timeout of an attempt, or None when it does not apply.
 
     It needs a server that sends early ACKs and whose store is durable (the only way to
-    recover a call that was never ACKed is a retry with its key). Over HTTP the early ACK
-    may never arrive (JSON-response mode drops progress), so it is off there.
+    recover a call that was never ACKed is a retry with its key).
     """
     if policy.ack_timeout_s is None or rmcp is None or not (rmcp.early_ack and rmcp.durable):
-        return None
-    if transport == "http":
         return None
     return policy.ack_timeout_s
 

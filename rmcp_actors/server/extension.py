@@ -468,9 +468,9 @@ class RMCPServerSide:
             return StoredOutcome(error_code=INTERNAL_ERROR, error_message=f"{type(error).__name__}: {error}")
 
     async def _send_early_ack(self, ctx: ServerRequestContext[Any, Any], message: str) -> bool:
-        # Without a progress token this is a no-op; the SDK's in-process direct wire carries
-        # the caller's progress callback without a token in the request's _meta.
-        if not self.early_ack:
+        # Only a caller that asked for progress can receive it. (The SDK's in-process direct
+        # wire carries no token: no early ACK there, and the client does not expect one.)
+        if not self.early_ack or not ctx.meta or ctx.meta.get("progress_token") is None:
             return False
         try:
             await ctx.session.report_progress(_EARLY_ACK_PROGRESS, None, f"rmcp: {message}")
