@@ -132,34 +132,15 @@ async def test_mark_in_doubt_is_final(harness: Harness) -> None:
     assert record.result is None
 
 
-async def test_discard_frees_the_key(harness: Harness) -> None:
-    store = harness.store
-    assert await claim(store, "k")
-    await store.discard("k", owner="a")
-    assert await store.get("k") is None
-    assert await claim(store, "k", owner="b")
-
-
 async def test_only_the_owner_finishes_its_claim(harness: Harness) -> None:
     store = harness.store
     assert await claim(store, "k", owner="a")
     await store.complete("k", owner="b", result=b"stolen")
     await store.mark_in_doubt("k", owner="b")
-    await store.discard("k", owner="b")
 
     record = await store.get("k")
     assert record is not None
     assert (record.state, record.owner, record.result) == (RecordState.STARTED, "a", None)
-
-
-async def test_completed_record_cannot_be_discarded(harness: Harness) -> None:
-    store = harness.store
-    assert await claim(store, "k")
-    await store.complete("k", owner="a", result=b"r")
-    await store.discard("k", owner="a")
-    record = await store.get("k")
-    assert record is not None
-    assert record.state is RecordState.COMPLETED
 
 
 async def test_get_of_an_absent_key_is_none(harness: Harness) -> None:

@@ -101,10 +101,6 @@ class DedupStore(Protocol):
         """Record that the run ``owner`` started was cut short without a result."""
         ...
 
-    async def discard(self, key: str, *, owner: str) -> None:
-        """Delete the ``STARTED`` record ``owner`` claimed, when the tool provably never began."""
-        ...
-
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""
         ...

@@ -141,12 +141,6 @@ class MemoryStore:
             entry.state = RecordState.IN_DOUBT
             entry.expires_at = max(entry.expires_at, self._clock() + self._ttl_s)
 
-    async def discard(self, key: str, *, owner: str) -> None:
-        """Delete the ``STARTED`` record ``owner`` claimed; no-op for any other record."""
-        self._check_open()
-        if self._claimed_entry(key, owner) is not None:
-            del self._records[key]
-
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""
         self._check_open()

@@ -316,13 +316,6 @@ class SQLiteStore:
             (RecordState.IN_DOUBT.value, expires_at, key, owner, RecordState.STARTED.value),
         )
 
-    async def discard(self, key: str, *, owner: str) -> None:
-        """Delete the ``STARTED`` record ``owner`` claimed; no-op for any other record."""
-        await self._finish(
-            "DELETE FROM records WHERE key = ? AND owner = ? AND state = ?",
-            (key, owner, RecordState.STARTED.value),
-        )
-
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""
         self._check_open()
