@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -11,7 +12,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
 
 from rmcp_actors import PolicyOverrides, ReconnectOverrides, RetryOverrides
-from rmcp_actors.stores import MemoryStore
+from rmcp_actors.stores import DedupStore, MemoryStore
 
 TEST_SERVER = Path(__file__).with_name("mcp_test_server.py")
 
@@ -44,3 +45,24 @@ def server(state: State) -> MCPServer:
 def rmcp_server(state: State) -> MCPServer:
     """The test server with RMCP installed on a MemoryStore (TTLs on the event loop's clock)."""
     return build_server(state, store=MemoryStore(clock=trio.current_time))
+
+
+class _DurableMemoryStore:
+    """A MemoryStore that claims to be durable: early ACK and ACK timeouts need a durable
+    store, and SQLite's worker threads would defeat MockClock's autojump."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def durable_store() -> DedupStore:
+    """A store that says it is durable and keeps time on the event loop's (mock) clock."""
+    store: Any = _DurableMemoryStore()
+    return store

@@ -17,6 +17,7 @@ import mcp
 import pytest
 import trio
 import trio.testing
+from conftest import durable_store
 from mcp_types import RequestParamsMeta
 
 from rmcp_actors import FastRMCP, MemoryStore, PolicyOverrides, RMCPSupervisor, ServerSpec, SQLiteStore
@@ -310,7 +311,7 @@ async def test_an_owner_purged_by_another_process_registers_again(tmp_path: Path
 async def test_no_ack_timeout_on_the_in_process_direct_wire(autojump_clock: trio.testing.MockClock) -> None:
     """The direct wire's requests carry no progress token, so no early ACK can come back:
     the client must not wait for one (it would retry a healthy call until attempts ran out)."""
-    app = FastRMCP("t", store=cast(Any, DurableMemory()))
+    app = FastRMCP("t", store=durable_store())
 
     @app.tool()
     async def pay(amount: int) -> str:
@@ -329,17 +330,3 @@ async def test_no_ack_timeout_on_the_in_process_direct_wire(autojump_clock: trio
         result = await sup.call("t", "pay", {"amount": 5}, timeout=60)
     assert result.attempts == 1
     assert app.rmcp.statistics().executed == 1
-
-
-class DurableMemory:
-    """A MemoryStore that says it is durable (the ACK timeout needs one; MockClock needs memory)."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStore(clock=trio.current_time)
-
-    @property
-    def durable(self) -> bool:
-        return True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)

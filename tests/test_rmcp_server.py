@@ -12,6 +12,7 @@ import mcp
 import pytest
 import trio
 import trio.testing
+from conftest import durable_store
 from mcp.server import Server
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_test_server import State, build_server
@@ -34,7 +35,7 @@ from rmcp_actors import (
 )
 from rmcp_actors._protocol import EXTENSION_ID
 from rmcp_actors.server import install, rmcp_of
-from rmcp_actors.stores import DedupStore, OwnerInfo
+from rmcp_actors.stores import OwnerInfo
 
 PROTOCOLS = ["auto", "legacy"]
 
@@ -422,26 +423,6 @@ async def test_draining_server_nacks_shutting_down(rmcp_server: MCPServer, state
 
 
 # --- Early ACK -----------------------------------------------------------------------------------
-
-
-class DurableMemoryStore:
-    """A MemoryStore that claims to be durable: early ACK and ACK timeouts need a durable
-    store, and SQLite's worker threads would defeat MockClock's autojump."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStore(clock=trio.current_time)
-
-    @property
-    def durable(self) -> bool:
-        return True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def durable_store() -> DedupStore:
-    store: Any = DurableMemoryStore()
-    return store
 
 
 async def test_early_ack_lets_a_slow_tool_outlive_the_ack_timeout(
