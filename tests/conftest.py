@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,12 @@ def durable_store() -> DedupStore:
     """A store that says it is durable and keeps time on the event loop's (mock) clock."""
     store: Any = _DurableMemoryStore()
     return store
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer exists (reaped), not merely a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

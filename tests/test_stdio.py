@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from conftest import FAST_RECOVERY, PYTHON, stdio_args
+from conftest import FAST_RECOVERY, PYTHON, process_gone, stdio_args
 
 from rmcp_actors import (
     CallResult,
@@ -45,13 +45,18 @@ async def wait_for_file(path: Path, timeout: float = 10) -> str:
     return path.read_text()
 
 
-def process_gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists (reaped), not merely a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+async def killed_mid_run(sup: RMCPSupervisor, tmp_path: Path) -> RMCPOutcomeUnknownError:
+    """Call ``block_unsafe`` and SIGKILL the server once the run started; return the error."""
+    async with trio.open_nursery() as nursery:
+
+        async def kill_when_started() -> None:
+            pid = int(await wait_for_file(tmp_path / "order.started"))
+            os.kill(pid, signal.SIGKILL)
+
+        nursery.start_soon(kill_when_started)
+        with pytest.raises(RMCPOutcomeUnknownError) as caught:
+            await sup.call("test", "block_unsafe", {"label": "order", "seconds": 30}, timeout=20)
+    return caught.value
 
 
 @pytest.mark.parametrize("protocol", ["auto", "legacy"])
@@ -108,18 +113,9 @@ async def test_kill_9_mid_call_idempotent_tool_is_retried_on_the_restarted_serve
 async def test_kill_9_mid_call_non_idempotent_tool_is_unknown_and_next_call_works(tmp_path: Path) -> None:
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(stdio_test_server(tmp_path))
-        async with trio.open_nursery() as nursery:
-
-            async def kill_when_started() -> None:
-                pid = int(await wait_for_file(tmp_path / "order.started"))
-                os.kill(pid, signal.SIGKILL)
-
-            nursery.start_soon(kill_when_started)
-            with pytest.raises(RMCPOutcomeUnknownError) as caught:
-                await sup.call("test", "block_unsafe", {"label": "order", "seconds": 30}, timeout=20)
+        error = await killed_mid_run(sup, tmp_path)
         after = await sup.call("test", "echo", {"text": "next"})
         stats = sup.statistics().connections[0]
-    error = caught.value
     assert error.may_have_executed is True
     assert error.outcome is Outcome.UNKNOWN
     assert "not known to be idempotent" in str(error)
@@ -140,17 +136,8 @@ async def test_kill_9_mid_run_against_rmcp_is_unknown_never_run_twice(tmp_path: 
     store_arg = "memory" if store == "memory" else str(tmp_path / "rmcp.sqlite")
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(stdio_test_server(tmp_path, "--rmcp-store", store_arg))
-        async with trio.open_nursery() as nursery:
-
-            async def kill_when_started() -> None:
-                pid = int(await wait_for_file(tmp_path / "order.started"))
-                os.kill(pid, signal.SIGKILL)
-
-            nursery.start_soon(kill_when_started)
-            with pytest.raises(RMCPOutcomeUnknownError) as caught:
-                await sup.call("test", "block_unsafe", {"label": "order", "seconds": 30}, timeout=20)
+        error = await killed_mid_run(sup, tmp_path)
         after = await sup.call("test", "echo", {"text": "next"})
-    error = caught.value
     assert error.may_have_executed is True
     if store == "memory":
         assert "not durable" in str(error)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from conftest import PYTHON, stdio_args
+from conftest import PYTHON, process_gone, stdio_args
 from mcp import Client, MCPError, StdioServerParameters
 
 from rmcp_actors.testing import relay_command
@@ -24,15 +23,6 @@ EXIT_TIMEOUT_S = 5
 def relayed_server(state_dir: Path, **relay: Any) -> StdioServerParameters:
     argv = relay_command([PYTHON, *stdio_args("--state-dir", str(state_dir))], **relay)
     return StdioServerParameters(command=argv[0], args=argv[1:])
-
-
-def process_gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists (reaped), not merely a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_line_splitter_joins_and_cuts_reads() -> None:
