@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import tomllib
-from typing import Any
+from typing import Any, Generic, Never
 
 import attrs
 import pytest
@@ -24,6 +24,10 @@ from rmcp_actors.config import (
     ServerSpec,
     ToolOverrides,
 )
+from rmcp_actors.config._checks import int_at_least, number
+from rmcp_actors.config._keys import V, policy_group, policy_key, policy_table, policy_variant, resolve
+from rmcp_actors.config._load import Schema, load_tables
+from rmcp_actors.config._policy import _EveryLevel, _ServerLevel, _ToolLevel
 from rmcp_actors.errors import RMCPConfigError
 
 EXAMPLE_TOML = """
@@ -767,3 +771,190 @@ def test_loader_only_raises_config_errors_for_servers(data: dict[str, Any]) -> N
         error = exc
     if error is not None:
         assert error.path.startswith("servers.")
+
+
+# ------------------------------------------------------------------------------------------
+# Regressions: keys that the hand-written tables used to miss, paths of odd keys
+# ------------------------------------------------------------------------------------------
+
+
+def test_per_server_ack_timeout_loads_from_toml(tmp_path: pathlib.Path) -> None:
+    text = EXAMPLE_TOML.replace("max_concurrency = 4", "max_concurrency = 4\nack_timeout_s = 2.5")
+    config = RMCPConfig.from_toml(write(tmp_path, text))
+    spec = config.servers["time"]
+    assert spec.overrides.ack_timeout_s == 2.5
+    assert config.server_policy(spec).ack_timeout_s == 2.5
+    assert config.call_policy(spec, "convert_time").ack_timeout_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        pytest.param({"": 1}, '""', id="top-level"),
+        pytest.param({"runtime": {"": 1}}, 'runtime.""', id="runtime"),
+        pytest.param({"servers": {"time": stdio_server(**{"": 1})}}, 'servers.time.""', id="server"),
+        pytest.param({"servers": {"a b": stdio_server(bogus=1)}}, 'servers."a b".bogus', id="quoted-name"),
+        pytest.param(
+            {"servers": {"a.b": stdio_server(tools={"t": {"max_concurrency": 1}})}},
+            'servers."a.b".tools.t.max_concurrency',
+            id="dotted-name",
+        ),
+    ],
+)
+def test_odd_keys_have_toml_paths(data: dict[str, Any], path: str) -> None:
+    error = config_error(data)
+    assert error.path == path
+    assert str(error).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "words"),
+    [
+        pytest.param(
+            {"servers": {"a": stdio_server(idempotent=True)}},
+            "servers.a.idempotent",
+            "cannot be set on the server, set it per tool",
+            id="tool-key-on-server",
+        ),
+        pytest.param(
+            {"defaults": {"idempotent": True}},
+            "defaults.idempotent",
+            "cannot be set in [defaults], set it per tool",
+            id="tool-key-in-defaults",
+        ),
+    ],
+)
+def test_misplaced_key_says_where_it_belongs(data: dict[str, Any], path: str, words: str) -> None:
+    error = config_error(data)
+    assert error.path == path
+    assert words in str(error)
+
+
+def test_every_key_records_its_tables() -> None:
+    def tables(cls: Any) -> dict[str, set[str]]:
+        return {f.name: set(f.metadata["rmcp_actors.policy_key"].tables) for f in attrs.fields(cls)}
+
+    assert tables(PolicyOverrides)["max_concurrency"] == {"defaults", "server"}
+    assert tables(ToolOverrides)["timeout_s"] == {"defaults", "server", "tool"}
+    assert tables(CallPolicy)["idempotent"] == {"tool"}
+
+
+# ------------------------------------------------------------------------------------------
+# Adding a key is one line: a group with one more key, through the same machinery
+# ------------------------------------------------------------------------------------------
+
+
+@policy_group()
+@attrs.frozen(slots=False)
+class _RateLimitKeys(Generic[V]):
+    rate: float | V = policy_key(50.0, number(positive=True), "Calls per second.")
+    burst: int | V = policy_key(50, int_at_least(1), "Calls allowed at once.")
+
+
+@policy_variant
+class RateLimitPolicy(_RateLimitKeys[Never]):
+    """A resolved token bucket."""
+
+
+@policy_variant
+class RateLimitOverrides(_RateLimitKeys[None]):
+    """A partial token bucket."""
+
+
+@policy_group("defaults", "server", "tool")
+@attrs.frozen(slots=False)
+class _EveryLevelPlus(_EveryLevel[V]):
+    # The additions: a nested table and a scalar, one line each.
+    rate_limit: _RateLimitKeys[V] = policy_table(_RateLimitKeys, "Token bucket of the calls.")
+    hedge_after_s: float | V = policy_key(1.5, number(positive=True), "Delay before a hedged attempt.")
+
+
+@policy_variant
+class _PlusOverrides(_EveryLevelPlus[None], _ServerLevel[None]):
+    """[defaults] and server layers with the new keys."""
+
+
+@policy_variant
+class _PlusToolOverrides(_EveryLevelPlus[None], _ToolLevel[None]):
+    """Tool layers with the new keys."""
+
+
+@policy_variant
+class _PlusServerPolicy(_EveryLevelPlus[Never], _ServerLevel[Never]):
+    """Resolved server policy with the new keys."""
+
+
+@policy_variant
+class _PlusCallPolicy(_EveryLevelPlus[Never], _ToolLevel[Never]):
+    """Resolved call policy with the new keys."""
+
+
+PLUS = Schema(_PlusOverrides, _PlusToolOverrides, _PlusServerPolicy, _PlusCallPolicy)
+
+
+def test_a_new_key_loads_from_every_table_and_layers() -> None:
+    data = {
+        "defaults": {"rate_limit": {"rate": 10}, "hedge_after_s": 3},
+        "servers": {
+            "a": stdio_server(
+                rate_limit={"burst": 5}, tools={"t": {"rate_limit": {"rate": 2}, "hedge_after_s": 0.5}}
+            ),
+            "b": stdio_server(),
+        },
+    }
+    tables = load_tables(data, PLUS)
+    a, b = tables.servers["a"], tables.servers["b"]
+
+    def call(server: Any, tool: str) -> _PlusCallPolicy:
+        layers = [tables.defaults, server.overrides, *([server.tools[tool]] if tool in server.tools else [])]
+        return resolve(_PlusCallPolicy, layers, f"servers.x.tools.{tool}")
+
+    assert call(a, "t").rate_limit == RateLimitPolicy(rate=2.0, burst=5)
+    assert call(a, "t").hedge_after_s == 0.5
+    assert call(a, "other").rate_limit == RateLimitPolicy(rate=10.0, burst=5)
+    assert call(b, "t").rate_limit == RateLimitPolicy(rate=10.0, burst=50)
+    assert call(b, "t").hedge_after_s == 3.0
+    server = resolve(_PlusServerPolicy, [tables.defaults, a.overrides], "servers.a")
+    assert (server.rate_limit, server.max_concurrency) == (RateLimitPolicy(rate=10.0, burst=5), 16)
+    assert resolve(_PlusServerPolicy, [], "") == _PlusServerPolicy()
+    assert _PlusServerPolicy().rate_limit == RateLimitPolicy(rate=50.0, burst=50)
+    assert _PlusOverrides().rate_limit == RateLimitOverrides()
+    assert "rate_limit: Token bucket of the calls." in (_PlusToolOverrides.__doc__ or "")
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "words"),
+    [
+        pytest.param({"defaults": {"rate_limit": {"rate": 0}}}, "defaults.rate_limit.rate", "greater than 0"),
+        pytest.param(
+            {"servers": {"a": stdio_server(rate_limit={"burst": "x"})}},
+            "servers.a.rate_limit.burst",
+            "expected an integer",
+        ),
+        pytest.param(
+            {"servers": {"a": stdio_server(tools={"t": {"rate_limit": {"bogus": 1}}})}},
+            "servers.a.tools.t.rate_limit.bogus",
+            "allowed keys here: rate, burst",
+        ),
+        pytest.param(
+            {"servers": {"a": stdio_server(tools={"t": {"rate_limt": {}}})}},
+            "servers.a.tools.t.rate_limt",
+            "did you mean 'rate_limit'",
+        ),
+        pytest.param(
+            {"servers": {"a": stdio_server(hedge_after_s=-1)}},
+            "servers.a.hedge_after_s",
+            "greater than 0",
+        ),
+    ],
+)
+def test_a_new_key_has_error_paths(data: dict[str, Any], path: str, words: str) -> None:
+    with pytest.raises(RMCPConfigError) as info:
+        load_tables(data, PLUS)
+    assert info.value.path == path
+    assert words in str(info.value)
+
+
+def test_public_policies_do_not_see_the_test_keys() -> None:
+    assert "rate_limit" not in attrs.fields_dict(PolicyOverrides)
+    assert "rate_limit" not in attrs.fields_dict(CallPolicy)
