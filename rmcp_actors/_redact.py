@@ -38,7 +38,10 @@ _TOKEN: Final = re.compile(
     r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
 )
 # A long run of letters and digits (both) reads as a key, not a word or a path.
-_OPAQUE: Final = re.compile(r"(?=[A-Za-z0-9_+/=-]*[0-9])(?=[A-Za-z0-9_+/=-]*[A-Za-z])[A-Za-z0-9_+/=-]{32,}")
+_OPAQUE: Final = re.compile(
+    r"(?<![A-Za-z0-9_+/=-])(?=[A-Za-z0-9_+/=-]*[0-9])(?=[A-Za-z0-9_+/=-]*[A-Za-z])[A-Za-z0-9_+/=-]{32,}"
+    r"(?![A-Za-z0-9_+/=-])"
+)
 _FLAG: Final = re.compile(r"(-{1,2}[A-Za-z][A-Za-z0-9_.-]*)(=)(.*)", re.DOTALL)
 _ASSIGNMENT: Final = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*)(=)(.*)", re.DOTALL)
 
@@ -48,7 +51,7 @@ def _secret_name(name: str) -> bool:
 
 
 def _secret_value(value: str) -> bool:
-    return _TOKEN.search(value) is not None or _OPAQUE.fullmatch(value) is not None
+    return _TOKEN.search(value) is not None or _OPAQUE.search(value) is not None
 
 
 def mask_url(url: str) -> str:
@@ -111,7 +114,7 @@ def _mask_arg(arg: str, after_secret_flag: bool) -> str:
             return f"{name}={_mask_arg(value, False)}" if "://" in value else arg
     if _OPAQUE.fullmatch(arg):
         return MASK
-    return _TOKEN.sub(MASK, arg)
+    return _OPAQUE.sub(MASK, _TOKEN.sub(MASK, arg))
 
 
 def mask_args(args: Sequence[str]) -> tuple[str, ...]:
@@ -142,8 +145,8 @@ def secrets_of_args(args: Sequence[str]) -> list[str]:
             found.append(arg)
         elif masked.endswith(f"={MASK}"):
             found.append(arg.partition("=")[2])
-        else:
-            found.extend(_TOKEN.findall(arg))
+        found.extend(_TOKEN.findall(arg))
+        found.extend(_OPAQUE.findall(arg))
     return found
 
 
