@@ -145,7 +145,7 @@ class Connection(Actor[ConnectionRequest]):
             failed_connects=self._failed_connects,
             protocol_version=session.protocol_version if session else None,
             tools=len(self._tools),
-            last_error=_describe(self._last_error) if self._last_error else None,
+            last_error=_describe(self._last_error, self.spec) if self._last_error else None,
         )
 
     # -- data plane: what callers use -------------------------------------------------------
@@ -252,7 +252,8 @@ class Connection(Actor[ConnectionRequest]):
         except (MCPError, TimeoutError) as error:
             message.reply.fail(
                 RMCPNetworkError(
-                    f"could not list the tools of {self.spec.describe()}: {error}", server=self.name
+                    f"could not list the tools of {self.spec.describe()}: {self.spec.redact(str(error))}",
+                    server=self.name,
                 )
             )
             return
@@ -282,7 +283,7 @@ class Connection(Actor[ConnectionRequest]):
         error = session.error
         self._last_error = error
         reason = (
-            _describe(error)
+            _describe(error, self.spec)
             if error is not None
             else f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
         )
@@ -326,7 +327,7 @@ class Connection(Actor[ConnectionRequest]):
 
     def _reason(self) -> str:
         if self._last_error is not None:
-            return f"last error: {_describe(self._last_error)}"
+            return f"last error: {_describe(self._last_error, self.spec)}"
         return f"state {self.state.value}"
 
 
@@ -384,8 +385,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, spec: ServerSpec) -> str:
+    """Why a connection failed, in words, with the spec's secrets masked."""
+    # The OS names the working directory when it is the one that is missing, not the command.
+    if isinstance(exc, OSError) and spec.cwd is not None and exc.filename == spec.cwd:
+        if isinstance(exc, NotADirectoryError):
+            return f"working directory is not a directory ({spec.cwd})"
+        if isinstance(exc, FileNotFoundError):
+            return f"working directory not found ({spec.cwd})"
     if isinstance(exc, FileNotFoundError):
-        return f"command not found ({exc.filename or exc})"
+        return spec.redact(f"command not found ({exc.filename or exc})")
     text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+    return spec.redact(f"{type(exc).__name__}: {text}")
