@@ -61,7 +61,9 @@ class _Server:
     spec: ServerSpec
     connection: Connection
     lane: Lane
-    policies: dict[str, CallPolicy] = attrs.Factory(dict[str, CallPolicy])
+    # Resolved once, for the configured tools only: callers' tool names never grow it.
+    policies: Mapping[str, CallPolicy]
+    default_policy: CallPolicy
 
 
 @final
@@ -155,7 +157,10 @@ class RMCPSupervisor:
         policy = self._config.server_policy(spec)
         connection = Connection(spec.name, spec, policy)
         lane = self._scheduler.lane(spec.name, policy.max_concurrency)
-        entry = self._servers[spec.name] = _Server(spec, connection, lane)
+        policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
+        entry = self._servers[spec.name] = _Server(
+            spec, connection, lane, policies, self._config.call_policy(spec, None)
+        )
         child = ChildSpec(_child_name(spec.name), connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)
         try:
             await self._connections_supervisor.start_child(child)
@@ -270,9 +275,7 @@ class RMCPSupervisor:
                 tool=tool,
             )
         entry = self._server(server)
-        policy = entry.policies.get(tool)
-        if policy is None:
-            policy = entry.policies[tool] = self._config.call_policy(entry.spec, tool)
+        policy = entry.policies.get(tool, entry.default_policy)
         request_id = uuid.uuid4().hex
         request = CallRequest(
             tool=tool,

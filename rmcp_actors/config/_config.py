@@ -136,7 +136,7 @@ class RMCPConfig:
         """
         return resolve(ServerPolicy, [self.defaults, spec.overrides], key_path("servers", spec.name))
 
-    def call_policy(self, spec: ServerSpec, tool: str) -> CallPolicy:
+    def call_policy(self, spec: ServerSpec, tool: str | None) -> CallPolicy:
         """Resolve the policy of calls to one tool: the server's policy, then the tool's layer.
 
         A tool without a table in ``spec.tools`` gets the server's values and
@@ -144,7 +144,7 @@ class RMCPConfig:
 
         Args:
             spec: The server (it need not be one of ``servers``).
-            tool: The tool's name.
+            tool: The tool's name, or ``None`` for the policy of every tool without a table.
 
         Returns:
             The resolved policy.
@@ -153,9 +153,10 @@ class RMCPConfig:
             RMCPConfigError: The layers combine into an invalid policy.
         """
         layers: list[object] = [self.defaults, spec.overrides]
-        if (overrides := spec.tools.get(tool)) is not None:
+        if tool is not None and (overrides := spec.tools.get(tool)) is not None:
             layers.append(overrides)
-        return resolve(CallPolicy, layers, key_path("servers", spec.name, "tools", tool))
+            return resolve(CallPolicy, layers, key_path("servers", spec.name, "tools", tool))
+        return resolve(CallPolicy, layers, key_path("servers", spec.name))
 
 
 def _spec(name: str, keys: dict[str, Any], overrides: PolicyOverrides, tools: dict[str, Any]) -> ServerSpec:
