@@ -75,8 +75,8 @@ def mask_url(url: str) -> str:
         user = MASK if parts.password is None else quote(unquote(parts.username or ""), safe="")
         netloc = f"{user}:{MASK}@{host}" if parts.password is not None else f"{user}@{host}"
     query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(_secret_name(k) or _secret_value(v) for k, v in pairs):
         query = urlencode(
             [(k, MASK if _secret_name(k) or _secret_value(v) else v) for k, v in pairs], safe="*"
         )

@@ -99,6 +99,25 @@ def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
 
 
+@given(
+    host=st.sampled_from(["example.com", "127.0.0.1", "[::1]", "mcp.internal"]),
+    port=st.none() | st.integers(1, 65535),
+    path=st.lists(st.text(alphabet=string.ascii_lowercase + "-_", min_size=1, max_size=8), max_size=3),
+    query=st.lists(
+        st.tuples(st.sampled_from(["page", "lang", "q", "v"]), st.text(string.ascii_lowercase, max_size=6)),
+        max_size=3,
+    ),
+)
+def test_urls_without_secrets_are_shown_as_written(
+    host: str, port: int | None, path: list[str], query: list[tuple[str, str]]
+) -> None:
+    url = f"https://{host}{f':{port}' if port else ''}/{'/'.join(path)}"
+    if query:
+        url += "?" + "&".join(f"{k}={v}" for k, v in query)
+    assert mask_url(url) == url
+    assert ServerSpec.http("web", url).describe() == url
+
+
 def test_url_password_is_scrubbed_encoded_and_decoded() -> None:
     spec = ServerSpec.http("web", "https://u:p%40ssw0rd@host/mcp")
     assert spec.redact("a p%40ssw0rd b p@ssw0rd c") == f"a {MASK} b {MASK} c"
@@ -186,3 +205,16 @@ async def test_masked_headers_and_arguments_still_reach_the_server(server: MCPSe
         assert token not in spec.describe()
         assert token not in repr(sup.statistics())
     assert any(state_dir.iterdir())
+
+
+@given(
+    values=st.lists(
+        st.text(alphabet=string.ascii_letters + string.digits + "-_.:/@", min_size=4), min_size=1
+    ),
+    filler=st.lists(st.text(max_size=10), min_size=1),
+)
+def test_scrub_leaves_no_secret(values: list[str], filler: list[str]) -> None:
+    text = "".join(f"{f}{v}" for f, v in zip(filler * len(values), values, strict=False))
+    scrubbed = scrub(text, values)
+    for value in values:
+        assert value not in scrubbed
