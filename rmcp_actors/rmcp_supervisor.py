@@ -206,6 +206,8 @@ class RMCPSupervisor:
             UnknownServerError: No server of that name.
             RMCPNetworkError: ``refresh`` and the server is not connected or did not answer.
             RMCPTimeoutError: ``refresh`` and the connection actor did not answer in time.
+            RMCPActorStoppedError: ``refresh`` and the connection actor is restarting after a
+                crash, or crashed or stopped before it answered.
         """
         connection = self._server(server).connection
         if not refresh:
