@@ -204,7 +204,8 @@ class RMCPSupervisor:
 
         Raises:
             UnknownServerError: No server of that name.
-            RMCPNetworkError: ``refresh`` and the server is not connected or did not answer.
+            RMCPNetworkError: ``refresh`` and the server is not connected, did not answer, or
+                answered with a tool list that is not valid (the cached list is kept).
             RMCPTimeoutError: ``refresh`` and the connection actor did not answer in time.
             RMCPActorStoppedError: ``refresh`` and the connection actor is restarting after a
                 crash, or crashed or stopped before it answered.
