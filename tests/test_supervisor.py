@@ -528,3 +528,75 @@ async def test_start_child_cancelled_as_the_child_starts_takes_the_child_along()
         assert caller_scope.cancelled_caught
         assert supervisor.statistics().children == ()
         await supervisor.stop()
+
+
+async def test_a_starting_child_may_start_a_sibling(autojump_clock: trio.testing.MockClock) -> None:
+    harness = Harness()
+    supervisor = Supervisor("sup")
+
+    async def parent(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        # Its start needs a sibling first: the supervisor must not be locked by our own start.
+        await supervisor.start_child(harness.spec("sibling"))
+        task_status.started()
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        with anyio.fail_after(SETTLE_S):
+            await supervisor.start_child(ChildSpec("parent", parent))
+        assert running(supervisor.statistics()) == {"sibling": True, "parent": True}
+        await supervisor.stop()
+
+
+async def test_a_restarting_child_may_start_a_sibling(autojump_clock: trio.testing.MockClock) -> None:
+    harness = Harness()
+    supervisor = Supervisor("sup", children=harness.specs("a"))
+    lives = 0
+
+    async def helper_starter(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        nonlocal lives
+        lives += 1
+        # Every life, restarts included, brings up a helper of its own before it is ready.
+        await supervisor.start_child(harness.spec(f"helper{lives}", Restart.TEMPORARY))
+        task_status.started()
+        await anyio.sleep(10)
+        raise Boom("again")
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await supervisor.start_child(ChildSpec("starter", helper_starter))
+        with anyio.fail_after(SETTLE_S + 10):
+            while lives < 2:
+                await anyio.sleep(1)
+        await anyio.sleep(1)
+        assert running(supervisor.statistics()) == {
+            "a": True,
+            "helper1": True,
+            "starter": True,
+            "helper2": True,
+        }
+        await supervisor.stop()
+
+
+async def test_start_child_does_not_wait_for_a_sibling_restart_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    harness = Harness(settle_s=0)
+    supervisor = Supervisor(
+        "sup",
+        children=harness.specs("a"),
+        intensity=RestartIntensity(backoff_base_s=100, backoff_max_s=100),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        # A backoff of zero is possible but unlikely: draw until the restart really waits.
+        while True:
+            await harness.crash("a")
+            await trio.testing.wait_all_tasks_blocked()
+            if not running(supervisor.statistics())["a"]:
+                break
+        before = anyio.current_time()
+        await supervisor.start_child(harness.spec("b"))
+        assert anyio.current_time() == before
+        assert running(supervisor.statistics()) == {"a": False, "b": True}
+        await supervisor.stop()

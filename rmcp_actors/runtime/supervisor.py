@@ -153,6 +153,9 @@ class _Incarnation:
     child: _Child
     scope: anyio.CancelScope = attrs.field(factory=lambda: anyio.CancelScope(shield=True))
     has_started: bool = False
+    # A start_child caller waits on this run: if it ends before starting, the failure is the
+    # caller's to raise, not a crash for the supervisor to restart.
+    caller_waits: bool = False
     # Set when the child called started() or ended, whichever comes first.
     settled: anyio.Event = attrs.field(factory=anyio.Event)
     exited: anyio.Event = attrs.field(factory=anyio.Event)
@@ -203,8 +206,6 @@ class Supervisor:
     intensity: RestartIntensity = attrs.field(factory=RestartIntensity)
     _children: list[_Child] = attrs.field(factory=list[_Child], init=False)
     _restart_times: deque[float] = attrs.field(factory=deque[float], init=False)
-    # Serialises changes to the set of children: restarts, start_child and terminate_child.
-    _lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
     _running: _Running | None = attrs.field(default=None, init=False)
     #: The escalation the latest run ended with, if it ended with one.
     last_escalation: RMCPSupervisorError | None = attrs.field(default=None, init=False)
@@ -280,36 +281,36 @@ class Supervisor:
             RMCPSupervisorError: The supervisor is not running, or stopped before the child started.
             ValueError: A child with that name exists.
         """
-        async with self._lock:
-            running = self._running
-            if running is None or running.closing:
-                raise RMCPSupervisorError(f"supervisor {self.name!r} is not running", actor=spec.name)
-            if any(child.spec.name == spec.name for child in self._children):
-                raise ValueError(f"supervisor {self.name!r} already has a child named {spec.name!r}")
-            child = _Child(spec)
-            self._children.append(child)
-            incarnation = self._spawn(running, child)
-            try:
-                await incarnation.settled.wait()
-            except BaseException:
-                # The caller is leaving (cancelled) and takes the child along, even one that
-                # started in the same instant: stopped in order, never left running unowned.
-                self._children.remove(child)
-                with anyio.CancelScope(shield=True):
-                    await self._stop([child])
-                raise
-            if not incarnation.has_started:
-                # A child that never started belongs to the caller's failure, not to the
-                # supervisor: it is neither kept nor restarted.
-                incarnation.scope.cancel()
-                self._children.remove(child)
+        running = self._running
+        if running is None or running.closing:
+            raise RMCPSupervisorError(f"supervisor {self.name!r} is not running", actor=spec.name)
+        if any(child.spec.name == spec.name for child in self._children):
+            raise ValueError(f"supervisor {self.name!r} already has a child named {spec.name!r}")
+        child = _Child(spec)
+        self._children.append(child)
+        incarnation = self._spawn(running, child, caller_waits=True)
+        try:
+            await incarnation.settled.wait()
+        except BaseException:
+            # The caller is leaving (cancelled) and takes the child along, even one that
+            # started in the same instant: stopped, never left running unowned.
+            self._forget(child)
+            with anyio.CancelScope(shield=True):
+                await self._stop([child])
+            raise
         if incarnation.has_started:
             return
+        # A child that never started belongs to the caller's failure, not to the supervisor:
+        # it is neither kept nor restarted.
+        incarnation.scope.cancel()
+        kept = self._forget(child)
         if incarnation.error is not None:
             raise incarnation.error
-        if running.closing:
+        if running.closing or not kept:
             raise RMCPSupervisorError(
-                f"supervisor {self.name!r} stopped before child {spec.name!r} started", actor=spec.name
+                f"supervisor {self.name!r} stopped child {spec.name!r} before it started (the "
+                "supervisor stopping, the child terminated, or a sibling's restart); start it again",
+                actor=spec.name,
             )
         raise RuntimeError(f"child {spec.name!r} returned without calling task_status.started()")
 
@@ -322,12 +323,11 @@ class Supervisor:
         Raises:
             KeyError: No child has that name.
         """
-        async with self._lock:
-            child = next((child for child in self._children if child.spec.name == name), None)
-            if child is None:
-                raise KeyError(name)
-            self._children.remove(child)
-            await self._stop([child])
+        child = next((child for child in self._children if child.spec.name == name), None)
+        if child is None:
+            raise KeyError(name)
+        self._children.remove(child)
+        await self._stop([child])
 
     async def stop(self) -> None:
         """Stop every child in reverse start order and make :meth:`run` return normally.
@@ -372,13 +372,12 @@ class Supervisor:
         self, running: _Running, exits: MemoryObjectReceiveStream[_Incarnation]
     ) -> _Escalation | None:
         async for incarnation in exits:
-            async with self._lock:
-                child = incarnation.child
-                # A child already stopped, terminated or restarted by then is no longer ours to handle.
-                if child.current is incarnation and child in self._children:
-                    escalation = await self._on_exit(running, incarnation)
-                    if escalation is not None:
-                        return escalation
+            child = incarnation.child
+            # A child already stopped, terminated or restarted by then is no longer ours to handle.
+            if child.current is incarnation and child in self._children:
+                escalation = await self._on_exit(running, incarnation)
+                if escalation is not None:
+                    return escalation
 
     async def _on_exit(self, running: _Running, incarnation: _Incarnation) -> _Escalation | None:
         child = incarnation.child
@@ -404,15 +403,24 @@ class Supervisor:
         await self._stop(reversed(affected))
         for sibling in affected:
             if sibling.spec.restart is Restart.TEMPORARY:
-                self._children.remove(sibling)
+                self._forget(sibling)
         # Capping the exponent keeps 2**n a finite float however large max_restarts is.
         ceiling = self.intensity.backoff_base_s * 2.0 ** min(earlier_restarts, 64)
         await anyio.sleep(random.uniform(0, min(self.intensity.backoff_max_s, ceiling)))
         for sibling in affected:
-            if sibling.spec.restart is not Restart.TEMPORARY:
+            # No lock is held across the stop, the backoff or a start (a starting child may
+            # call start_child): a sibling terminated meanwhile is no longer ours to restart.
+            if sibling in self._children and sibling.current is None:
                 sibling.restarts += 1
                 await self._start(running, sibling)
         return None
+
+    def _forget(self, child: _Child) -> bool:
+        """Remove ``child`` if it is still a child; return whether it was."""
+        if child in self._children:
+            self._children.remove(child)
+            return True
+        return False
 
     def _prune_window(self, now: float) -> None:
         while self._restart_times and self._restart_times[0] <= now - self.intensity.period_s:
@@ -422,8 +430,8 @@ class Supervisor:
         # Whether it started or ended first, an ended child is reported through the exit stream.
         await self._spawn(running, child).settled.wait()
 
-    def _spawn(self, running: _Running, child: _Child) -> _Incarnation:
-        incarnation = _Incarnation(child)
+    def _spawn(self, running: _Running, child: _Child, *, caller_waits: bool = False) -> _Incarnation:
+        incarnation = _Incarnation(child, caller_waits=caller_waits)
         child.current = incarnation
         running.task_group.start_soon(
             self._run_incarnation, incarnation, running.exits, name=f"{self.name}/{child.spec.name}"
@@ -444,7 +452,7 @@ class Supervisor:
         finally:
             incarnation.exited.set()
             incarnation.settled.set()
-        if not incarnation.scope.cancel_called:
+        if not incarnation.scope.cancel_called and (incarnation.has_started or not incarnation.caller_waits):
             exits.send_nowait(incarnation)
 
     async def _stop(self, children: Iterable[_Child]) -> None:
