@@ -90,8 +90,9 @@ class RMCPSupervisor:
     async def open(cls, config: RMCPConfig | None = None) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
-        Leaving the block stops the actors in reverse start order (each stdio server gets the
-        SDK's terminate, wait, kill sequence) and joins every task the runtime started.
+        Leaving the block stops the connections side by side, since they are independent (each
+        stdio server gets the SDK's terminate, wait, kill sequence: stopping many costs about one
+        sequence), and joins every task the runtime started.
 
         Args:
             config: The configuration; ``None`` means built-in defaults and no servers.

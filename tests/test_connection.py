@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import process_gone
 
 from rmcp_actors import Outcome, RMCPNetworkError, RMCPSupervisor, ServerSpec
 
@@ -40,3 +41,21 @@ async def test_an_invalid_tools_refresh_fails_the_request_not_the_actor() -> Non
         assert stats.connections[0].generation == generation
         assert stats.supervisors[1].children[0].restarts == 0
         assert {tool.name for tool in await sup.list_tools("raw")} == {"wait", "echo"}
+
+
+async def test_stubborn_servers_stop_concurrently_within_one_kill_sequence(tmp_path: Path) -> None:
+    """Four servers that ignore SIGTERM and stdin EOF: each costs the SDK's whole kill
+    sequence (close stdin, wait 2 s, SIGTERM, wait 2 s, SIGKILL). One after the other that
+    is 16 s; the connections supervisor (one_for_one) stops them side by side."""
+    pid_files = [tmp_path / f"server{index}.pid" for index in range(4)]
+    async with RMCPSupervisor.open() as sup:
+        for index, pid_file in enumerate(pid_files):
+            args = [RAW_SERVER, "--stubborn", "--pid-file", str(pid_file)]
+            await sup.add_server(
+                ServerSpec.stdio(f"stubborn{index}", sys.executable, args, protocol="legacy")
+            )
+        stopping = anyio.current_time()
+    elapsed = anyio.current_time() - stopping
+    assert elapsed < 9, f"stopping took {elapsed:.1f} s: the servers were stopped one after the other"
+    for pid_file in pid_files:
+        assert process_gone(int(pid_file.read_text()))

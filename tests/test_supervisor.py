@@ -90,9 +90,12 @@ def running(stats: SupervisorStatistics) -> dict[str, bool]:
     return {child.name: child.running for child in stats.children}
 
 
-async def test_starts_in_order_and_stops_in_reverse(autojump_clock: trio.testing.MockClock) -> None:
+@pytest.mark.parametrize("strategy", [Strategy.ONE_FOR_ALL, Strategy.REST_FOR_ONE])
+async def test_starts_in_order_and_stops_in_reverse(
+    autojump_clock: trio.testing.MockClock, strategy: Strategy
+) -> None:
     harness = Harness()
-    supervisor = Supervisor("sup", children=harness.specs("a", "b", "c"))
+    supervisor = Supervisor("sup", strategy, children=harness.specs("a", "b", "c"))
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
         assert harness.take() == ["start:a", "start:b", "start:c"]
@@ -195,8 +198,10 @@ async def test_intensity_exceeded_escalates_with_the_last_error(
     assert "'flaky' failed 3 times in 30" in str(error)
     assert len(raised) == 3
     assert error.__cause__ is raised[-1]
-    # Everyone else was stopped, in reverse order, before the error surfaced.
-    assert harness.take() == ["start:a", "start:c", "stop:c", "stop:a"]
+    # Everyone else was stopped (side by side: one_for_one) before the error surfaced.
+    events = harness.take()
+    assert events[:2] == ["start:a", "start:c"]
+    assert sorted(events[2:]) == ["stop:a", "stop:c"]
     assert not any(running(supervisor.statistics()).values())
 
 
@@ -256,17 +261,24 @@ async def test_escalation_reaches_the_parent_as_a_child_crash(autojump_clock: tr
     assert harness.take() == ["start:sibling", "stop:sibling"]
 
 
-async def test_cancelling_run_stops_children_in_reverse_and_propagates(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize("strategy", list(Strategy))
+async def test_cancelling_run_stops_children_and_propagates(
+    autojump_clock: trio.testing.MockClock, strategy: Strategy
 ) -> None:
     harness = Harness()
-    supervisor = Supervisor("sup", children=harness.specs("a", "b", "c"))
+    supervisor = Supervisor("sup", strategy, children=harness.specs("a", "b", "c"))
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
             await tg.start(supervisor.run)
             scope.cancel()
     assert scope.cancelled_caught
-    assert harness.take() == ["start:a", "start:b", "start:c", "stop:c", "stop:b", "stop:a"]
+    events = harness.take()
+    assert events[:3] == ["start:a", "start:b", "start:c"]
+    if strategy is Strategy.ONE_FOR_ONE:
+        # Independent children stop side by side, in no particular order.
+        assert sorted(events[3:]) == ["stop:a", "stop:b", "stop:c"]
+    else:
+        assert events[3:] == ["stop:c", "stop:b", "stop:a"]
     assert not any(running(supervisor.statistics()).values())
 
 
@@ -397,8 +409,13 @@ async def test_static_child_failing_start_is_a_crash(
         await supervisor.stop()
 
 
+@pytest.mark.parametrize(
+    ("strategy", "quick_stops_at"),
+    # In order, the quick child waits for the stubborn one's timeout; side by side, it does not.
+    [(Strategy.REST_FOR_ONE, 2), (Strategy.ONE_FOR_ALL, 2), (Strategy.ONE_FOR_ONE, 0)],
+)
 async def test_shutdown_timeout_bounds_wait_not_join(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, strategy: Strategy, quick_stops_at: float
 ) -> None:
     log: list[tuple[str, float]] = []
 
@@ -423,6 +440,7 @@ async def test_shutdown_timeout_bounds_wait_not_join(
 
     supervisor = Supervisor(
         "sup",
+        strategy,
         children=[ChildSpec("quick", quick), ChildSpec("stubborn", stubborn, shutdown_timeout_s=2)],
     )
     async with anyio.create_task_group() as tg:
@@ -434,7 +452,7 @@ async def test_shutdown_timeout_bounds_wait_not_join(
     stop_at = log[0][1]
     assert [(event, at - stop_at) for event, at in log] == [
         ("stop called", 0),
-        ("quick stopped", pytest.approx(2)),
+        ("quick stopped", pytest.approx(quick_stops_at)),
         ("stubborn cleaned up", pytest.approx(6)),
         ("stop returned", pytest.approx(6)),
         ("joined", pytest.approx(6)),

@@ -8,10 +8,16 @@ parent supervisor that treats it as a crash of its own child.
 
 Every child runs in a cancel scope of its own that is shielded from the supervisor's
 surroundings. A cancellation reaching the supervisor therefore cannot tear the children down
-all at once: the supervisor stops them itself, one by one in reverse start order, and only a
-child whose own scope the supervisor cancelled is ever cancelled. That also lets a child's exit
-be classified by the scope's ``cancel_called`` alone: cancelled by us means stopped, anything
-else is the child's own doing.
+behind its back: the supervisor stops them itself, and only a child whose own scope the
+supervisor cancelled is ever cancelled. That also lets a child's exit be classified by the
+scope's ``cancel_called`` alone: cancelled by us means stopped, anything else is the child's
+own doing.
+
+How a supervisor stops its children follows its strategy. Under ``ONE_FOR_ALL`` and
+``REST_FOR_ONE`` a later child may depend on an earlier one, so they are stopped one by one in
+reverse start order. Under ``ONE_FOR_ONE`` the children are independent by definition, so they
+are all stopped at once and waited on side by side, each within its own ``shutdown_timeout_s``:
+stopping N children costs the slowest one, not the sum.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ class ChildSpec:
             once ready, then run until done. Returning is a normal exit, raising is a crash.
         restart: When the child is restarted after it ends.
         shutdown_timeout_s: How long stopping waits for the child after cancelling it before
-            moving on to the next child (the child itself is never abandoned, only waited on later).
+            moving on (the child itself is never abandoned, only waited on later).
     """
 
     name: str
@@ -249,7 +255,7 @@ class Supervisor:
                     running.closing = True
                     # Cancelled or not, the children must be stopped in order before we leave.
                     with anyio.CancelScope(shield=True):
-                        await self._stop(reversed(self._children))
+                        await self._stop_all()
         finally:
             self._running = None
             exits_send.close()
@@ -330,10 +336,12 @@ class Supervisor:
         await self._stop([child])
 
     async def stop(self) -> None:
-        """Stop every child in reverse start order and make :meth:`run` return normally.
+        """Stop every child and make :meth:`run` return normally.
 
-        Each child is waited on for at most its ``shutdown_timeout_s`` before the next one is
-        stopped. Returns once :meth:`run` has returned; at once if it is not running.
+        Under ``ONE_FOR_ONE`` the children are stopped together, each waited on for at most its
+        ``shutdown_timeout_s``; under the other strategies one by one in reverse start order,
+        each waited on for at most its ``shutdown_timeout_s`` before the next one is stopped.
+        Returns once :meth:`run` has returned; at once if it is not running.
         """
         running = self._running
         if running is None:
@@ -454,6 +462,23 @@ class Supervisor:
             incarnation.settled.set()
         if not incarnation.scope.cancel_called and (incarnation.has_started or not incarnation.caller_waits):
             exits.send_nowait(incarnation)
+
+    async def _stop_all(self) -> None:
+        if self.strategy is not Strategy.ONE_FOR_ONE:
+            await self._stop(reversed(self._children))
+            return
+        stopping: list[tuple[_Child, _Incarnation, float]] = []
+        now = anyio.current_time()
+        for child in reversed(self._children):
+            incarnation = child.current
+            if incarnation is not None:
+                incarnation.scope.cancel()
+                stopping.append((child, incarnation, now + child.spec.shutdown_timeout_s))
+        # Waiting for each in turn costs the slowest: they all stop at the same time.
+        for child, incarnation, deadline in stopping:
+            with anyio.move_on_at(deadline):
+                await incarnation.exited.wait()
+            child.current = None
 
     async def _stop(self, children: Iterable[_Child]) -> None:
         for child in children:
