@@ -246,7 +246,8 @@ class RMCPSupervisor:
                 cancellation propagates unchanged.
             on_lifecycle: Called at each step of the call (queued, sent, acked, nacked,
                 answered, failed, unknown); the same steps are on the result or error as
-                ``lifecycle``.
+                ``lifecycle``. An exception it raises is logged (logger ``rmcp_actors``) and
+                changes nothing about the call.
 
         Returns:
             The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.
