@@ -22,6 +22,7 @@ from .config import ServerPolicy as ServerPolicy
 from .config import ServerSpec as ServerSpec
 from .config import ToolOverrides as ToolOverrides
 from .errors import Outcome as Outcome
+from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
 from .errors import RMCPConfigError as RMCPConfigError
 from .errors import RMCPError as RMCPError

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Outcome",
+    "RMCPActorStoppedError",
     "RMCPArgumentError",
     "RMCPConfigError",
     "RMCPError",
@@ -236,4 +237,21 @@ class RMCPSupervisorError(RMCPError):
 
     def __init__(self, message: str, *, actor: str) -> None:
         super().__init__(message)
+        self.actor = actor
+
+
+class RMCPActorStoppedError(RMCPError):
+    """A runtime actor stopped or crashed before it answered a request, or was not running.
+
+    A request still waiting in the actor's inbox was never handled (``may_have_executed`` is
+    ``False``) and never will be: the restarted actor skips it. The request the actor was
+    handling when it stopped may have had effects (``may_have_executed`` is ``True``). A
+    supervisor usually restarts the actor: ask again.
+
+    Attributes:
+        actor: Name of the actor that did not answer.
+    """
+
+    def __init__(self, message: str, *, actor: str = "", **context: Any) -> None:
+        super().__init__(message, **context)
         self.actor = actor

@@ -47,4 +47,5 @@ class LifecycleEvent:
 
 
 LifecycleCallback = Callable[[LifecycleEvent], None]
-"""Called synchronously at each step of a call; it must not block."""
+"""Called synchronously at each step of a call; it must not block. An exception it raises is
+logged to the ``rmcp_actors`` logger and changes nothing about the call."""

@@ -92,8 +92,9 @@ class RMCPSupervisor:
     async def open(cls, config: RMCPConfig | None = None) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
-        Leaving the block stops the actors in reverse start order (each stdio server gets the
-        SDK's terminate, wait, kill sequence) and joins every task the runtime started.
+        Leaving the block stops the connections side by side, since they are independent (each
+        stdio server gets the SDK's terminate, wait, kill sequence: stopping many costs about one
+        sequence), and joins every task the runtime started.
 
         Args:
             config: The configuration; ``None`` means built-in defaults and no servers.
@@ -209,8 +210,11 @@ class RMCPSupervisor:
 
         Raises:
             UnknownServerError: No server of that name.
-            RMCPNetworkError: ``refresh`` and the server is not connected or did not answer.
+            RMCPNetworkError: ``refresh`` and the server is not connected, did not answer, or
+                answered with a tool list that is not valid (the cached list is kept).
             RMCPTimeoutError: ``refresh`` and the connection actor did not answer in time.
+            RMCPActorStoppedError: ``refresh`` and the connection actor is restarting after a
+                crash, or crashed or stopped before it answered.
         """
         connection = self._server(server).connection
         if not refresh:
@@ -247,7 +251,8 @@ class RMCPSupervisor:
                 cancellation propagates unchanged.
             on_lifecycle: Called at each step of the call (queued, sent, acked, nacked,
                 answered, failed, unknown); the same steps are on the result or error as
-                ``lifecycle``.
+                ``lifecycle``. An exception it raises is logged (logger ``rmcp_actors``) and
+                changes nothing about the call.
 
         Returns:
             The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.

@@ -8,6 +8,7 @@ so that the server receives a clean ``notifications/cancelled`` before the scope
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any
@@ -58,6 +59,8 @@ from .scheduler import Lane, Scheduler
 
 __all__ = ["CallRequest", "perform_call"]
 
+_logger = logging.getLogger("rmcp_actors")
+
 # The messages the SDK itself puts on -32000 when an answer can no longer arrive
 # (mcp/shared/jsonrpc_dispatcher.py, mcp/client/streamable_http.py).
 _SDK_LOST_ANSWER_MESSAGES = frozenset({"Connection closed", "SSE stream ended without a response"})
@@ -102,7 +105,13 @@ class _Progress:
         event = LifecycleEvent(state, self.attempts, anyio.current_time() if at is None else at, detail)
         self.events.append(event)
         if self.request.on_lifecycle is not None:
-            self.request.on_lifecycle(event)
+            try:
+                self.request.on_lifecycle(event)
+            except Exception:
+                # The user's callback: its bug must not cost the result or change the outcome.
+                _logger.exception(
+                    "on_lifecycle callback raised at %s of request %s", state.value, self.request.request_id
+                )
 
 
 class _Ambiguous(Exception):

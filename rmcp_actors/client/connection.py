@@ -257,6 +257,17 @@ class Connection(Actor[ConnectionRequest]):
                 )
             )
             return
+        except Exception as error:
+            # Anything else (a tools/list the SDK's validation rejects) is this request's failure
+            # too: crashing here would cancel the session that callers are using.
+            message.reply.fail(
+                RMCPNetworkError(
+                    f"could not list the tools of {self.spec.describe()}: the server's answer was "
+                    f"rejected ({_describe(error)}); the cached list is kept, calls go on",
+                    server=self.name,
+                )
+            )
+            return
         session.tools = tools
         session.rmcp = _rmcp_settings(session.client, tools)
         self._tools = tools

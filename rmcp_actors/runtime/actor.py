@@ -4,17 +4,25 @@ An actor owns its state; other tasks talk to it only through its inbox, so the s
 locks. The inbox is bounded so a slow actor pushes back on its senders instead of growing
 without limit. Request/response goes through :meth:`Actor.ask` with a one-shot
 :class:`ReplySlot` carried inside the message.
+
+An ask never outlives its actor (Erlang's monitored ``gen_server:call``): when the actor
+crashes or stops, every ask waiting on it fails at once with
+:class:`~rmcp_actors.errors.RMCPActorStoppedError`, and an ask to an actor that is not running
+fails without waiting. Messages sent with :meth:`Actor.send` stay in the inbox across a restart;
+the queued requests of failed asks are skipped, since their askers were told they never ran.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..errors import RMCPActorStoppedError
 
 __all__ = ["Actor", "ActorStatistics", "ReplySlot"]
 
@@ -27,13 +35,15 @@ class ReplySlot(Generic[T]):
     """One-shot reply slot: the answer to one request, set once by the actor, awaited by the asker.
 
     :meth:`set` and :meth:`fail` never block, so an actor can answer without being slowed down
-    by the asker; each slot takes exactly one answer.
+    by the asker; each slot takes exactly one answer. An answer to a request whose actor was
+    already reported stopped (see :meth:`abandon`) is dropped: nobody waits for it.
     """
 
     _event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
     # A 1-tuple rather than the bare value so that ``None`` stays a legal answer.
     _value: tuple[T] | None = attrs.field(default=None, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
+    _abandoned: bool = attrs.field(default=False, init=False)
 
     @property
     def done(self) -> bool:
@@ -49,6 +59,8 @@ class ReplySlot(Generic[T]):
         Raises:
             RuntimeError: The slot was already answered.
         """
+        if self._abandoned:
+            return
         self._check_unanswered()
         self._value = (value,)
         self._event.set()
@@ -62,7 +74,24 @@ class ReplySlot(Generic[T]):
         Raises:
             RuntimeError: The slot was already answered.
         """
+        if self._abandoned:
+            return
         self._check_unanswered()
+        self._error = error
+        self._event.set()
+
+    def abandon(self, error: BaseException) -> None:
+        """Fail the request on the actor's behalf because it can no longer answer.
+
+        Does nothing if the slot was answered; once abandoned, the actor's own answer, should
+        it still come, is dropped instead of raising.
+
+        Args:
+            error: The exception that :meth:`wait` raises.
+        """
+        if self._event.is_set():
+            return
+        self._abandoned = True
         self._error = error
         self._event.set()
 
@@ -86,6 +115,9 @@ class ReplySlot(Generic[T]):
             raise RuntimeError("reply slot already answered")
 
 
+_Envelope = tuple[M, ReplySlot[Any] | None]
+
+
 @attrs.frozen
 class ActorStatistics:
     """A snapshot of an actor's inbox.
@@ -106,7 +138,8 @@ class Actor(Generic[M]):
     """Base class: an actor has a name, a bounded inbox of messages ``M`` and a :meth:`run` loop.
 
     Subclasses override :meth:`handle`. The inbox outlives :meth:`run`, so a supervisor can
-    restart the actor without losing the messages still queued. ``inbox_size`` is keyword-only
+    restart the actor without losing the messages still queued (but not the requests of asks,
+    which fail when the actor stops: see the module docstring). ``inbox_size`` is keyword-only
     so that subclasses can declare mandatory attributes of their own.
 
     Attributes:
@@ -116,11 +149,20 @@ class Actor(Generic[M]):
 
     name: str
     inbox_size: int = attrs.field(default=64, kw_only=True)
-    _send: MemoryObjectSendStream[M] = attrs.field(init=False)
-    _receive: MemoryObjectReceiveStream[M] = attrs.field(init=False)
+    # Each message travels with the reply slot of the ask that sent it (None for a plain send).
+    _send: MemoryObjectSendStream[_Envelope[M]] = attrs.field(init=False)
+    _receive: MemoryObjectReceiveStream[_Envelope[M]] = attrs.field(init=False)
+    _running: bool = attrs.field(default=False, init=False)
+    # Asks not yet answered, queued or in flight: failed at once when the actor stops.
+    _pending: set[ReplySlot[Any]] = attrs.field(factory=set[ReplySlot[Any]], init=False)
+    _in_flight: ReplySlot[Any] | None = attrs.field(default=None, init=False)
+    # Asks waiting for room in a full inbox, woken when the actor stops.
+    _blocked: dict[ReplySlot[Any], anyio.CancelScope] = attrs.field(
+        factory=dict[ReplySlot[Any], anyio.CancelScope], init=False
+    )
 
     def __attrs_post_init__(self) -> None:
-        self._send, self._receive = anyio.create_memory_object_stream[M](self.inbox_size)
+        self._send, self._receive = anyio.create_memory_object_stream[_Envelope[M]](self.inbox_size)
 
     async def send(self, message: M) -> None:
         """Put a message in the inbox, waiting while it is full (backpressure).
@@ -128,7 +170,7 @@ class Actor(Generic[M]):
         Args:
             message: The message to deliver.
         """
-        await self._send.send(message)
+        await self._send.send((message, None))
 
     def send_nowait(self, message: M) -> None:
         """Put a message in the inbox without waiting.
@@ -139,7 +181,7 @@ class Actor(Generic[M]):
         Raises:
             anyio.WouldBlock: The inbox is full.
         """
-        self._send.send_nowait(message)
+        self._send.send_nowait((message, None))
 
     async def ask(self, make: Callable[[ReplySlot[T]], M]) -> T:
         """Send a request and wait for its reply.
@@ -151,11 +193,32 @@ class Actor(Generic[M]):
             The value the actor set on the slot.
 
         Raises:
+            RMCPActorStoppedError: The actor is not running, or stopped or crashed before it
+                answered (``may_have_executed`` says whether it had started on the request).
             BaseException: The error the actor failed the slot with.
         """
+        if not self._running:
+            raise RMCPActorStoppedError(
+                f"actor {self.name!r} is not running (stopped, or restarting after a crash); "
+                "ask again once it has started",
+                actor=self.name,
+            )
         slot = ReplySlot[T]()
-        await self.send(make(slot))
-        return await slot.wait()
+        envelope = (make(slot), slot)
+        self._pending.add(slot)
+        try:
+            try:
+                self._send.send_nowait(envelope)
+            except anyio.WouldBlock:
+                with anyio.CancelScope() as sending:
+                    self._blocked[slot] = sending
+                    try:
+                        await self._send.send(envelope)
+                    finally:
+                        del self._blocked[slot]
+            return await slot.wait()
+        finally:
+            self._pending.discard(slot)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Handle messages one at a time, forever.
@@ -166,9 +229,44 @@ class Actor(Generic[M]):
         Raises:
             Exception: Whatever :meth:`handle` raises; the actor's supervisor decides what follows.
         """
-        task_status.started()
-        async for message in self._receive:
-            await self.handle(message)
+        self._running = True
+        crash: Exception | None = None
+        try:
+            task_status.started()
+            async for message, slot in self._receive:
+                if slot is not None:
+                    if slot.done:
+                        continue  # its asker was told the actor stopped before handling it
+                    self._in_flight = slot
+                await self.handle(message)
+                self._in_flight = None
+        except Exception as exc:
+            crash = exc
+            raise
+        finally:
+            self._running = False
+            self._fail_pending(crash)
+
+    def _fail_pending(self, crash: Exception | None) -> None:
+        how = f"crashed ({type(crash).__name__}: {crash})" if crash is not None else "stopped"
+        for slot in self._pending:
+            in_flight = slot is self._in_flight
+            done = (
+                "while handling this request, which may have had effects"
+                if in_flight
+                else "before handling this request, which will not be handled"
+            )
+            error = RMCPActorStoppedError(
+                f"actor {self.name!r} {how} {done}; ask again once it has restarted",
+                actor=self.name,
+                may_have_executed=in_flight,
+            )
+            error.__cause__ = crash
+            slot.abandon(error)
+        self._pending.clear()
+        self._in_flight = None
+        for sending in self._blocked.values():
+            sending.cancel()
 
     async def handle(self, message: M) -> None:
         """Handle one message; subclasses override this.

@@ -8,10 +8,16 @@ parent supervisor that treats it as a crash of its own child.
 
 Every child runs in a cancel scope of its own that is shielded from the supervisor's
 surroundings. A cancellation reaching the supervisor therefore cannot tear the children down
-all at once: the supervisor stops them itself, one by one in reverse start order, and only a
-child whose own scope the supervisor cancelled is ever cancelled. That also lets a child's exit
-be classified by the scope's ``cancel_called`` alone: cancelled by us means stopped, anything
-else is the child's own doing.
+behind its back: the supervisor stops them itself, and only a child whose own scope the
+supervisor cancelled is ever cancelled. That also lets a child's exit be classified by the
+scope's ``cancel_called`` alone: cancelled by us means stopped, anything else is the child's
+own doing.
+
+How a supervisor stops its children follows its strategy. Under ``ONE_FOR_ALL`` and
+``REST_FOR_ONE`` a later child may depend on an earlier one, so they are stopped one by one in
+reverse start order. Under ``ONE_FOR_ONE`` the children are independent by definition, so they
+are all stopped at once and waited on side by side, each within its own ``shutdown_timeout_s``:
+stopping N children costs the slowest one, not the sum.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ class ChildSpec:
             once ready, then run until done. Returning is a normal exit, raising is a crash.
         restart: When the child is restarted after it ends.
         shutdown_timeout_s: How long stopping waits for the child after cancelling it before
-            moving on to the next child (the child itself is never abandoned, only waited on later).
+            moving on (the child itself is never abandoned, only waited on later).
     """
 
     name: str
@@ -153,6 +159,9 @@ class _Incarnation:
     child: _Child
     scope: anyio.CancelScope = attrs.field(factory=lambda: anyio.CancelScope(shield=True))
     has_started: bool = False
+    # A start_child caller waits on this run: if it ends before starting, the failure is the
+    # caller's to raise, not a crash for the supervisor to restart.
+    caller_waits: bool = False
     # Set when the child called started() or ended, whichever comes first.
     settled: anyio.Event = attrs.field(factory=anyio.Event)
     exited: anyio.Event = attrs.field(factory=anyio.Event)
@@ -203,8 +212,6 @@ class Supervisor:
     intensity: RestartIntensity = attrs.field(factory=RestartIntensity)
     _children: list[_Child] = attrs.field(factory=list[_Child], init=False)
     _restart_times: deque[float] = attrs.field(factory=deque[float], init=False)
-    # Serialises changes to the set of children: restarts, start_child and terminate_child.
-    _lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
     _running: _Running | None = attrs.field(default=None, init=False)
     #: The escalation the latest run ended with, if it ended with one.
     last_escalation: RMCPSupervisorError | None = attrs.field(default=None, init=False)
@@ -248,7 +255,7 @@ class Supervisor:
                     running.closing = True
                     # Cancelled or not, the children must be stopped in order before we leave.
                     with anyio.CancelScope(shield=True):
-                        await self._stop(reversed(self._children))
+                        await self._stop_all()
         finally:
             self._running = None
             exits_send.close()
@@ -280,36 +287,36 @@ class Supervisor:
             RMCPSupervisorError: The supervisor is not running, or stopped before the child started.
             ValueError: A child with that name exists.
         """
-        async with self._lock:
-            running = self._running
-            if running is None or running.closing:
-                raise RMCPSupervisorError(f"supervisor {self.name!r} is not running", actor=spec.name)
-            if any(child.spec.name == spec.name for child in self._children):
-                raise ValueError(f"supervisor {self.name!r} already has a child named {spec.name!r}")
-            child = _Child(spec)
-            self._children.append(child)
-            incarnation = self._spawn(running, child)
-            try:
-                await incarnation.settled.wait()
-            except BaseException:
-                # The caller is leaving (cancelled) and takes the child along, even one that
-                # started in the same instant: stopped in order, never left running unowned.
-                self._children.remove(child)
-                with anyio.CancelScope(shield=True):
-                    await self._stop([child])
-                raise
-            if not incarnation.has_started:
-                # A child that never started belongs to the caller's failure, not to the
-                # supervisor: it is neither kept nor restarted.
-                incarnation.scope.cancel()
-                self._children.remove(child)
+        running = self._running
+        if running is None or running.closing:
+            raise RMCPSupervisorError(f"supervisor {self.name!r} is not running", actor=spec.name)
+        if any(child.spec.name == spec.name for child in self._children):
+            raise ValueError(f"supervisor {self.name!r} already has a child named {spec.name!r}")
+        child = _Child(spec)
+        self._children.append(child)
+        incarnation = self._spawn(running, child, caller_waits=True)
+        try:
+            await incarnation.settled.wait()
+        except BaseException:
+            # The caller is leaving (cancelled) and takes the child along, even one that
+            # started in the same instant: stopped, never left running unowned.
+            self._forget(child)
+            with anyio.CancelScope(shield=True):
+                await self._stop([child])
+            raise
         if incarnation.has_started:
             return
+        # A child that never started belongs to the caller's failure, not to the supervisor:
+        # it is neither kept nor restarted.
+        incarnation.scope.cancel()
+        kept = self._forget(child)
         if incarnation.error is not None:
             raise incarnation.error
-        if running.closing:
+        if running.closing or not kept:
             raise RMCPSupervisorError(
-                f"supervisor {self.name!r} stopped before child {spec.name!r} started", actor=spec.name
+                f"supervisor {self.name!r} stopped child {spec.name!r} before it started (the "
+                "supervisor stopping, the child terminated, or a sibling's restart); start it again",
+                actor=spec.name,
             )
         raise RuntimeError(f"child {spec.name!r} returned without calling task_status.started()")
 
@@ -322,18 +329,19 @@ class Supervisor:
         Raises:
             KeyError: No child has that name.
         """
-        async with self._lock:
-            child = next((child for child in self._children if child.spec.name == name), None)
-            if child is None:
-                raise KeyError(name)
-            self._children.remove(child)
-            await self._stop([child])
+        child = next((child for child in self._children if child.spec.name == name), None)
+        if child is None:
+            raise KeyError(name)
+        self._children.remove(child)
+        await self._stop([child])
 
     async def stop(self) -> None:
-        """Stop every child in reverse start order and make :meth:`run` return normally.
+        """Stop every child and make :meth:`run` return normally.
 
-        Each child is waited on for at most its ``shutdown_timeout_s`` before the next one is
-        stopped. Returns once :meth:`run` has returned; at once if it is not running.
+        Under ``ONE_FOR_ONE`` the children are stopped together, each waited on for at most its
+        ``shutdown_timeout_s``; under the other strategies one by one in reverse start order,
+        each waited on for at most its ``shutdown_timeout_s`` before the next one is stopped.
+        Returns once :meth:`run` has returned; at once if it is not running.
         """
         running = self._running
         if running is None:
@@ -372,13 +380,12 @@ class Supervisor:
         self, running: _Running, exits: MemoryObjectReceiveStream[_Incarnation]
     ) -> _Escalation | None:
         async for incarnation in exits:
-            async with self._lock:
-                child = incarnation.child
-                # A child already stopped, terminated or restarted by then is no longer ours to handle.
-                if child.current is incarnation and child in self._children:
-                    escalation = await self._on_exit(running, incarnation)
-                    if escalation is not None:
-                        return escalation
+            child = incarnation.child
+            # A child already stopped, terminated or restarted by then is no longer ours to handle.
+            if child.current is incarnation and child in self._children:
+                escalation = await self._on_exit(running, incarnation)
+                if escalation is not None:
+                    return escalation
 
     async def _on_exit(self, running: _Running, incarnation: _Incarnation) -> _Escalation | None:
         child = incarnation.child
@@ -404,15 +411,24 @@ class Supervisor:
         await self._stop(reversed(affected))
         for sibling in affected:
             if sibling.spec.restart is Restart.TEMPORARY:
-                self._children.remove(sibling)
+                self._forget(sibling)
         # Capping the exponent keeps 2**n a finite float however large max_restarts is.
         ceiling = self.intensity.backoff_base_s * 2.0 ** min(earlier_restarts, 64)
         await anyio.sleep(random.uniform(0, min(self.intensity.backoff_max_s, ceiling)))
         for sibling in affected:
-            if sibling.spec.restart is not Restart.TEMPORARY:
+            # No lock is held across the stop, the backoff or a start (a starting child may
+            # call start_child): a sibling terminated meanwhile is no longer ours to restart.
+            if sibling in self._children and sibling.current is None:
                 sibling.restarts += 1
                 await self._start(running, sibling)
         return None
+
+    def _forget(self, child: _Child) -> bool:
+        """Remove ``child`` if it is still a child; return whether it was."""
+        if child in self._children:
+            self._children.remove(child)
+            return True
+        return False
 
     def _prune_window(self, now: float) -> None:
         while self._restart_times and self._restart_times[0] <= now - self.intensity.period_s:
@@ -422,8 +438,8 @@ class Supervisor:
         # Whether it started or ended first, an ended child is reported through the exit stream.
         await self._spawn(running, child).settled.wait()
 
-    def _spawn(self, running: _Running, child: _Child) -> _Incarnation:
-        incarnation = _Incarnation(child)
+    def _spawn(self, running: _Running, child: _Child, *, caller_waits: bool = False) -> _Incarnation:
+        incarnation = _Incarnation(child, caller_waits=caller_waits)
         child.current = incarnation
         running.task_group.start_soon(
             self._run_incarnation, incarnation, running.exits, name=f"{self.name}/{child.spec.name}"
@@ -444,8 +460,25 @@ class Supervisor:
         finally:
             incarnation.exited.set()
             incarnation.settled.set()
-        if not incarnation.scope.cancel_called:
+        if not incarnation.scope.cancel_called and (incarnation.has_started or not incarnation.caller_waits):
             exits.send_nowait(incarnation)
+
+    async def _stop_all(self) -> None:
+        if self.strategy is not Strategy.ONE_FOR_ONE:
+            await self._stop(reversed(self._children))
+            return
+        stopping: list[tuple[_Child, _Incarnation, float]] = []
+        now = anyio.current_time()
+        for child in reversed(self._children):
+            incarnation = child.current
+            if incarnation is not None:
+                incarnation.scope.cancel()
+                stopping.append((child, incarnation, now + child.spec.shutdown_timeout_s))
+        # Waiting for each in turn costs the slowest: they all stop at the same time.
+        for child, incarnation, deadline in stopping:
+            with anyio.move_on_at(deadline):
+                await incarnation.exited.wait()
+            child.current = None
 
     async def _stop(self, children: Iterable[_Child]) -> None:
         for child in children:
