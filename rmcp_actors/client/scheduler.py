@@ -46,12 +46,34 @@ class Lane:
     running: int = 0
     peak_running: int = 0
     waiters: list[_Waiter] = attrs.Factory(list[_Waiter])
+    _abandoned: int = 0
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting on this lane (entries of calls that gave up are not counted)."""
+        return len(self.waiters) - self._abandoned
 
     def head(self) -> _Waiter | None:
         """The best waiter still waiting, dropping those that left."""
         while self.waiters and self.waiters[0].abandoned:
             heapq.heappop(self.waiters)
+            self._abandoned -= 1
         return self.waiters[0] if self.waiters else None
+
+    def abandon(self, waiter: _Waiter) -> None:
+        """Mark ``waiter`` as gone; its heap entry is freed lazily but within a bounded delay.
+
+        Removing an entry from the middle of a heap costs a search, so it is only marked, and
+        the heap is rebuilt once marked entries are the majority: each rebuild costs no more
+        than the abandonments that triggered it, and the heap never holds more than twice the
+        waiters still waiting, however long the lane stays saturated.
+        """
+        waiter.abandoned = True
+        self._abandoned += 1
+        if 2 * self._abandoned > len(self.waiters):
+            self.waiters[:] = [w for w in self.waiters if not w.abandoned]
+            heapq.heapify(self.waiters)
+            self._abandoned = 0
 
 
 @final
@@ -158,7 +180,7 @@ class Scheduler:
                 # Granted and cancelled in the same instant: pass the slot on.
                 self.release(lane)
             else:
-                waiter.abandoned = True
+                lane.abandon(waiter)
                 self._queued -= 1
                 self._wake_queue_space()
             raise
@@ -184,7 +206,7 @@ class Scheduler:
                     max_concurrency=lane.max_concurrency,
                     running=lane.running,
                     peak_running=lane.peak_running,
-                    queued=sum(1 for w in lane.waiters if not w.abandoned),
+                    queued=lane.queued,
                 )
                 for lane in self._lanes.values()
             ),
