@@ -47,6 +47,7 @@ class Lane:
     peak_running: int = 0
     waiters: list[_Waiter] = attrs.Factory(list[_Waiter])
     _abandoned: int = 0
+    retired: bool = False
 
     @property
     def queued(self) -> int:
@@ -129,7 +130,17 @@ class Scheduler:
             lane = self._lanes[name] = Lane(name, max_concurrency)
         else:
             lane.max_concurrency = max_concurrency
+            lane.retired = False
         return lane
+
+    def retire(self, lane: Lane) -> None:
+        """Forget ``lane`` (its server was removed) once no call runs or waits on it.
+
+        Calls still on it keep their place and their slots until they leave, so a lane is
+        never dropped under a caller; a server added again under the name before that reuses it.
+        """
+        lane.retired = True
+        self._prune(lane)
 
     async def acquire(self, lane: Lane, priority: int = 0) -> float:
         """Wait for a slot on ``lane``; pair every successful call with :meth:`release`.
@@ -183,6 +194,8 @@ class Scheduler:
                 lane.abandon(waiter)
                 self._queued -= 1
                 self._wake_queue_space()
+                if lane.retired:
+                    self._prune(lane)
             raise
         return anyio.current_time() - queued_at
 
@@ -191,6 +204,8 @@ class Scheduler:
         self._running -= 1
         lane.running -= 1
         self._dispatch()
+        if lane.retired:
+            self._prune(lane)
 
     def statistics(self) -> SchedulerStatistics:
         """Return a snapshot of running and queued calls."""
@@ -211,6 +226,10 @@ class Scheduler:
                 for lane in self._lanes.values()
             ),
         )
+
+    def _prune(self, lane: Lane) -> None:
+        if lane.running == 0 and lane.queued == 0 and self._lanes.get(lane.name) is lane:
+            del self._lanes[lane.name]
 
     def _admit(self, lane: Lane) -> None:
         self._running += 1
