@@ -86,6 +86,12 @@ class RMCPError(Exception):
         )
         self.lifecycle: tuple[LifecycleEvent, ...] = ()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls ``type(self)(*self.args)``, which fails for a subclass
+        # whose __init__ takes other arguments (RMCPNackError, RMCPServerError, ...) and would
+        # rebuild the message. Rebuild without __init__ and restore every attribute instead.
+        return (_restore_error, (type(self), self.args), self.__dict__)
+
     @property
     def outcome(self) -> Outcome:
         """``Outcome.UNKNOWN`` if the tool may have run, else ``Outcome.FAILED``."""
@@ -237,3 +243,8 @@ class RMCPSupervisorError(RMCPError):
     def __init__(self, message: str, *, actor: str) -> None:
         super().__init__(message)
         self.actor = actor
+
+
+def _restore_error(cls: type[RMCPError], args: tuple[Any, ...]) -> RMCPError:
+    """Unpickle an :class:`RMCPError` (see ``RMCPError.__reduce__``); attributes come after."""
+    return cls.__new__(cls, *args)
