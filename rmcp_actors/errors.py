@@ -87,6 +87,12 @@ class RMCPError(Exception):
         )
         self.lifecycle: tuple[LifecycleEvent, ...] = ()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls ``type(self)(*self.args)``, which fails for a subclass
+        # whose __init__ takes other arguments (RMCPNackError, RMCPServerError, ...) and would
+        # rebuild the message. Rebuild without __init__ and restore every attribute instead.
+        return (_restore_error, (type(self), self.args), self.__dict__)
+
     @property
     def outcome(self) -> Outcome:
         """``Outcome.UNKNOWN`` if the tool may have run, else ``Outcome.FAILED``."""
@@ -255,3 +261,8 @@ class RMCPActorStoppedError(RMCPError):
     def __init__(self, message: str, *, actor: str = "", **context: Any) -> None:
         super().__init__(message, **context)
         self.actor = actor
+
+
+def _restore_error(cls: type[RMCPError], args: tuple[Any, ...]) -> RMCPError:
+    """Unpickle an :class:`RMCPError` (see ``RMCPError.__reduce__``); attributes come after."""
+    return cls.__new__(cls, *args)

@@ -169,6 +169,7 @@ class RMCPSupervisor:
             # Only this call's entry: a remove and a new add of the name may have come between.
             if self._servers.get(spec.name) is entry:
                 del self._servers[spec.name]
+                self._scheduler.retire(lane)
             if isinstance(error, BaseExceptionGroup):
                 _raise_unwrapped(error)  # pyright: ignore[reportUnknownArgumentType]
             raise
@@ -184,9 +185,10 @@ class RMCPSupervisor:
         Raises:
             UnknownServerError: No server of that name.
         """
-        self._server(name)
+        entry = self._server(name)
         # Forget it first: a concurrent removal must find it gone, not half-removed.
         del self._servers[name]
+        self._scheduler.retire(entry.lane)
         await self._stop_connection(name)
 
     async def _stop_connection(self, name: str) -> None:

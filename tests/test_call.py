@@ -321,6 +321,43 @@ async def test_removed_server_is_unknown(server: MCPServer, autojump_clock: trio
             await sup.call("test", "echo", {"text": "x"})
 
 
+async def test_removed_servers_leave_no_scheduler_lane_behind(
+    server: MCPServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        for index in range(100):
+            await sup.add_server(ServerSpec.in_memory(f"s{index}", server))
+            await sup.call(f"s{index}", "echo", {"text": "x"})
+            await sup.remove_server(f"s{index}")
+        assert sup.statistics().scheduler.lanes == ()
+        # A removed lane with a call running and one queued goes once both have left it.
+        spec = ServerSpec.in_memory("busy", server, overrides=PolicyOverrides(max_concurrency=1))
+        await sup.add_server(spec)
+        errors: list[RMCPError] = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                try:
+                    await sup.call("busy", "sleep", {"seconds": 100}, timeout=500)
+                except RMCPError as error:
+                    errors.append(error)
+
+            nursery.start_soon(call)
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+            [lane] = sup.statistics().scheduler.lanes
+            assert (lane.running, lane.queued) == (1, 1)
+            await sup.remove_server("busy")
+        assert len(errors) == 2
+        assert sup.statistics().scheduler.lanes == ()
+        # The name can be used again, with a fresh limit.
+        await sup.add_server(
+            ServerSpec.in_memory("busy", server, overrides=PolicyOverrides(max_concurrency=3))
+        )
+        [lane] = sup.statistics().scheduler.lanes
+        assert (lane.name, lane.max_concurrency, lane.running) == ("busy", 3, 0)
+
+
 async def test_server_sent_32000_is_a_server_error_not_a_lost_connection(
     server: MCPServer, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -162,3 +162,88 @@ async def test_queue_space_is_passed_on_when_its_waiter_is_cancelled_as_it_wakes
             stats = scheduler.statistics()
             assert (stats.queued, stats.waiting_for_queue_space) == (1, 0)
             outer.cancel_scope.cancel()
+
+
+async def test_abandoned_waiters_free_their_heap_entries_while_the_lane_stays_saturated(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The lane never frees a slot, so nothing ever pops the heap from the top: entries of
+    # calls that gave up (deadline or cancel) must still go, or memory grows past max_queue.
+    scheduler = Scheduler(max_concurrency=1, max_queue=50, overflow="reject")
+    lane = scheduler.lane("s", 1)
+    await scheduler.acquire(lane)
+
+    async def gives_up_after(seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await scheduler.acquire(lane)
+            pytest.fail("admitted on a saturated lane")
+
+    async with trio.open_nursery() as nursery:
+        patient = trio.CancelScope()
+
+        async def waits_forever() -> None:
+            with patient:
+                await scheduler.acquire(lane)
+                scheduler.release(lane)
+
+        nursery.start_soon(waits_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        for wave in range(100):
+            async with trio.open_nursery() as impatient:
+                # A full queue of callers with deadlines, then one cancelled outright.
+                for index in range(49):
+                    impatient.start_soon(gives_up_after, 1.0 + index / 100)
+                await trio.testing.wait_all_tasks_blocked()
+                assert scheduler.statistics().queued == 50
+                with pytest.raises(RMCPOverloadedError):
+                    await scheduler.acquire(lane)
+                if wave % 2:
+                    impatient.cancel_scope.cancel()
+            # Nothing but the one patient waiter is queued, and the heap says so.
+            assert scheduler.statistics().queued == 1
+            assert len(lane.waiters) <= 2 * scheduler.max_queue
+        assert len(lane.waiters) <= 2
+        patient.cancel()
+    assert scheduler.statistics().queued == 0
+    assert len(lane.waiters) <= 1
+    # The admission count is exact: the queue takes max_queue calls again, and they run in order.
+    admitted: list[int] = []
+
+    async def caller(index: int) -> None:
+        await scheduler.acquire(lane)
+        admitted.append(index)
+        scheduler.release(lane)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(50):
+            nursery.start_soon(caller, index)
+            await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPOverloadedError):
+            await scheduler.acquire(lane)
+        scheduler.release(lane)
+    assert admitted == list(range(50))
+    assert (scheduler.statistics().running, len(lane.waiters)) == (0, 0)
+
+
+async def test_a_mass_abandonment_shrinks_the_heap_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    scheduler = Scheduler(max_concurrency=1, max_queue=100_000)
+    lane = scheduler.lane("s", 1)
+    await scheduler.acquire(lane)
+    async with trio.open_nursery() as nursery:
+        keep = trio.CancelScope()
+
+        async def kept() -> None:
+            with keep:
+                await scheduler.acquire(lane)
+
+        nursery.start_soon(kept)
+        async with trio.open_nursery() as doomed:
+            for _ in range(5_000):
+                doomed.start_soon(scheduler.acquire, lane)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(lane.waiters) == 5_001
+            doomed.cancel_scope.cancel()
+        assert scheduler.statistics().queued == 1
+        assert len(lane.waiters) <= 2
+        keep.cancel()
+    scheduler.release(lane)

@@ -596,3 +596,43 @@ async def test_sqlite_claim_never_blocks_the_event_loop_on_another_writer(tmp_pa
         await store.aclose()
     # The loop kept running while the claim waited for the lock in a worker thread.
     assert ticks >= 20
+
+
+async def test_owners_long_gone_are_forgotten(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Every server start registers a new instance: the store must not keep them all forever.
+    store = harness.store
+    await store.register_owner(owner_info("with-a-record"), 10 * TTL_S)
+    assert await claim(store, "k", owner="with-a-record")
+    for index in range(200):
+        await store.register_owner(owner_info(f"gone-{index}"), LEASE_S)
+        if index % 2:
+            await store.release_owner(f"gone-{index}")
+    await harness.advance(LEASE_S + TTL_S / 2)
+    await store.purge_expired()
+    # Within the grace period a released owner still reads as released, not unknown.
+    await store.renew_owner("gone-1", LEASE_S)
+    await harness.advance(TTL_S / 2 + 1)
+    await store.purge_expired()
+    for owner in ("gone-0", "gone-1", "gone-3"):
+        with pytest.raises(LookupError, match="register_owner"):
+            await store.renew_owner(owner, LEASE_S)
+    # An owner still alive, whose run is on record, is kept.
+    await store.renew_owner("with-a-record", LEASE_S)
+    record = await store.get("k")
+    assert record is not None
+    assert record.owner_alive
+
+
+async def test_memory_store_forgets_gone_owners_without_a_purge(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(ttl_s=TTL_S, clock=trio.current_time)
+    for index in range(1_000):
+        await store.register_owner(owner_info(f"instance-{index}"), LEASE_S)
+        await store.release_owner(f"instance-{index}")
+        await trio.sleep(LEASE_S)
+    # Only those released within the last TTL are kept (twice that at most, between prunes).
+    within_ttl = TTL_S / LEASE_S + 1
+    assert len(store._owner_leases) <= 2 * within_ttl + 16  # pyright: ignore[reportPrivateUsage]

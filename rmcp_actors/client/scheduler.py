@@ -46,12 +46,35 @@ class Lane:
     running: int = 0
     peak_running: int = 0
     waiters: list[_Waiter] = attrs.Factory(list[_Waiter])
+    _abandoned: int = 0
+    retired: bool = False
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting on this lane (entries of calls that gave up are not counted)."""
+        return len(self.waiters) - self._abandoned
 
     def head(self) -> _Waiter | None:
         """The best waiter still waiting, dropping those that left."""
         while self.waiters and self.waiters[0].abandoned:
             heapq.heappop(self.waiters)
+            self._abandoned -= 1
         return self.waiters[0] if self.waiters else None
+
+    def abandon(self, waiter: _Waiter) -> None:
+        """Mark ``waiter`` as gone; its heap entry is freed lazily but within a bounded delay.
+
+        Removing an entry from the middle of a heap costs a search, so it is only marked, and
+        the heap is rebuilt once marked entries are the majority: each rebuild costs no more
+        than the abandonments that triggered it, and the heap never holds more than twice the
+        waiters still waiting, however long the lane stays saturated.
+        """
+        waiter.abandoned = True
+        self._abandoned += 1
+        if 2 * self._abandoned > len(self.waiters):
+            self.waiters[:] = [w for w in self.waiters if not w.abandoned]
+            heapq.heapify(self.waiters)
+            self._abandoned = 0
 
 
 @final
@@ -107,7 +130,17 @@ class Scheduler:
             lane = self._lanes[name] = Lane(name, max_concurrency)
         else:
             lane.max_concurrency = max_concurrency
+            lane.retired = False
         return lane
+
+    def retire(self, lane: Lane) -> None:
+        """Forget ``lane`` (its server was removed) once no call runs or waits on it.
+
+        Calls still on it keep their place and their slots until they leave, so a lane is
+        never dropped under a caller; a server added again under the name before that reuses it.
+        """
+        lane.retired = True
+        self._prune(lane)
 
     async def acquire(self, lane: Lane, priority: int = 0) -> float:
         """Wait for a slot on ``lane``; pair every successful call with :meth:`release`.
@@ -158,9 +191,11 @@ class Scheduler:
                 # Granted and cancelled in the same instant: pass the slot on.
                 self.release(lane)
             else:
-                waiter.abandoned = True
+                lane.abandon(waiter)
                 self._queued -= 1
                 self._wake_queue_space()
+                if lane.retired:
+                    self._prune(lane)
             raise
         return anyio.current_time() - queued_at
 
@@ -169,6 +204,8 @@ class Scheduler:
         self._running -= 1
         lane.running -= 1
         self._dispatch()
+        if lane.retired:
+            self._prune(lane)
 
     def statistics(self) -> SchedulerStatistics:
         """Return a snapshot of running and queued calls."""
@@ -184,11 +221,15 @@ class Scheduler:
                     max_concurrency=lane.max_concurrency,
                     running=lane.running,
                     peak_running=lane.peak_running,
-                    queued=sum(1 for w in lane.waiters if not w.abandoned),
+                    queued=lane.queued,
                 )
                 for lane in self._lanes.values()
             ),
         )
+
+    def _prune(self, lane: Lane) -> None:
+        if lane.running == 0 and lane.queued == 0 and self._lanes.get(lane.name) is lane:
+            del self._lanes[lane.name]
 
     def _admit(self, lane: Lane) -> None:
         self._running += 1

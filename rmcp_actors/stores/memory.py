@@ -66,8 +66,13 @@ class MemoryStore:
         self._ttl_s = ttl_s
         self._clock = clock or time.monotonic
         self._records: OrderedDict[str, _Entry] = OrderedDict()
-        # instance_id -> lease expiry, or None once released (a late renewal must not revive it).
-        self._owner_leases: dict[str, float | None] = {}
+        # instance_id -> lease expiry. A released owner keeps its entry, as in SQLiteStore, for
+        # ttl_s after its lease: a late renewal must find it released, not revive it.
+        self._owner_leases: dict[str, float] = {}
+        self._released_owners: set[str] = set()
+        # Owners are pruned when their number doubles: a server restarting all day registers a
+        # new instance each time, and only those of the last ttl_s can still matter.
+        self._owners_after_prune = 0
         self._closed = False
 
     @property
@@ -78,7 +83,11 @@ class MemoryStore:
     async def register_owner(self, owner: OwnerInfo, lease_s: float) -> None:
         """Record ``owner`` as alive for ``lease_s`` seconds."""
         self._check_open()
-        self._owner_leases[owner.instance_id] = self._clock() + lease_s
+        now = self._clock()
+        self._owner_leases[owner.instance_id] = now + lease_s
+        self._released_owners.discard(owner.instance_id)
+        if len(self._owner_leases) > 2 * self._owners_after_prune + 16:
+            self._prune_owners(now)
 
     async def renew_owner(self, instance_id: str, lease_s: float) -> None:
         """Extend the lease of a registered owner by ``lease_s`` from now.
@@ -91,14 +100,14 @@ class MemoryStore:
         self._check_open()
         if instance_id not in self._owner_leases:
             raise LookupError(f"owner {instance_id!r} is not registered: call register_owner first")
-        if self._owner_leases[instance_id] is not None:
+        if instance_id not in self._released_owners:
             self._owner_leases[instance_id] = self._clock() + lease_s
 
     async def release_owner(self, instance_id: str) -> None:
         """Mark the owner as gone; its unfinished records read ``owner_alive=False``."""
         self._check_open()
         if instance_id in self._owner_leases:
-            self._owner_leases[instance_id] = None
+            self._released_owners.add(instance_id)
 
     async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
         """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists."""
@@ -149,12 +158,14 @@ class MemoryStore:
         return None if entry is None else self._to_record(key, entry, now)
 
     async def purge_expired(self) -> int:
-        """Delete expired records; return how many were deleted."""
+        """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
+        that have no records left; return how many records were deleted."""
         self._check_open()
         now = self._clock()
         expired = [key for key, entry in self._records.items() if self._expired(entry, now)]
         for key in expired:
             del self._records[key]
+        self._prune_owners(now)
         return len(expired)
 
     async def aclose(self) -> None:
@@ -162,6 +173,7 @@ class MemoryStore:
         self._closed = True
         self._records.clear()
         self._owner_leases.clear()
+        self._released_owners.clear()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -187,7 +199,16 @@ class MemoryStore:
 
     def _owner_alive(self, owner: str, now: float) -> bool:
         lease_expires_at = self._owner_leases.get(owner)
-        return lease_expires_at is not None and lease_expires_at > now
+        return lease_expires_at is not None and lease_expires_at > now and owner not in self._released_owners
+
+    def _prune_owners(self, now: float) -> None:
+        cutoff = now - self._ttl_s
+        on_record = {entry.owner for entry in self._records.values()}
+        for instance_id, lease_expires_at in list(self._owner_leases.items()):
+            if lease_expires_at <= cutoff and instance_id not in on_record:
+                del self._owner_leases[instance_id]
+                self._released_owners.discard(instance_id)
+        self._owners_after_prune = len(self._owner_leases)
 
     def _claimed_entry(self, key: str, owner: str) -> _Entry | None:
         entry = self._records.get(key)
