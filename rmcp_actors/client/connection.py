@@ -263,7 +263,7 @@ class Connection(Actor[ConnectionRequest]):
             message.reply.fail(
                 RMCPNetworkError(
                     f"could not list the tools of {self.spec.describe()}: the server's answer was "
-                    f"rejected ({_describe(error)}); the cached list is kept, calls go on",
+                    f"rejected ({_describe(error, self.spec)}); the cached list is kept, calls go on",
                     server=self.name,
                 )
             )
