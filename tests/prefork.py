@@ -4,8 +4,9 @@ Every fault in the chaos tests restarts the stdio server and its relay, and each
 spent most of its ~0.7 s (1.5 s on a loaded machine) importing the MCP SDK. Here one "zygote"
 process imports everything once; a stdio command is then a tiny stdlib-only *shim*
 (``python -I -S prefork.py shim SOCKET KIND ARGS...``, ~20 ms) that hands its stdin, stdout and
-stderr to the zygote over a Unix socket. The zygote forks a child that runs KIND's ``main`` on
-those descriptors: the very program the test would have spawned, already imported.
+stderr to the zygote over a Unix socket (SEQPACKET: one request is one message). The zygote
+forks a child that runs KIND's ``main`` on those descriptors: the very program the test would
+have spawned, already imported, holding nothing else of the zygote's.
 
 The shim stands for the child as far as its parent can tell:
 
@@ -69,7 +70,7 @@ _KINDS: dict[str, Callable[[list[str]], int]] = {"server": _run_server, "relay":
 
 
 def _shim(socket_path: str, kind: str, args: list[str]) -> None:
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     connection.connect(socket_path)
     request = json.dumps({"kind": kind, "args": args, "cwd": os.getcwd(), "env": dict(os.environ)})
     socket.send_fds(connection, [request.encode()], [0, 1, 2])
@@ -78,9 +79,9 @@ def _shim(socket_path: str, kind: str, args: list[str]) -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     status = b""
-    while chunk := connection.recv(64):
+    while not status.endswith(b"\n") and (chunk := connection.recv(64)):
         status += chunk
-    what, _, number = status.decode().partition(" ")
+    what, _, number = status.decode().strip().partition(" ")
     if what == "signal":
         signal.signal(int(number), signal.SIG_DFL)
         os.kill(os.getpid(), int(number))
@@ -98,7 +99,7 @@ def _zygote(socket_path: str) -> None:
     import rmcp_actors.stores.sqlite  # noqa: F401
     from rmcp_actors.testing import stdio_relay  # noqa: F401
 
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(socket_path)
     listener.listen(64)
     selector = selectors.DefaultSelector()
@@ -145,7 +146,7 @@ def _zygote(socket_path: str) -> None:
                     else:
                         report = f"exit {os.WEXITSTATUS(status)}"
                     with contextlib.suppress(OSError):  # the shim is gone already
-                        connection.sendall(report.encode())
+                        connection.sendall(report.encode() + b"\n")
                     connection.close()
     finally:
         for pid in children:
@@ -188,6 +189,8 @@ def _child(request: dict[str, object], fds: list[int]) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
+        # Nothing of the zygote's (other shims' sockets, pidfds) may outlive it in the child.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os.chdir(str(request["cwd"]))
         env = request["env"]
         assert isinstance(env, dict)
