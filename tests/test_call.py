@@ -17,6 +17,7 @@ from rmcp_actors import (
     Outcome,
     PolicyOverrides,
     ReconnectOverrides,
+    RequestState,
     RMCPArgumentError,
     RMCPConfig,
     RMCPConfigError,
@@ -399,7 +400,7 @@ async def test_bad_timeout_is_an_argument_error(server: MCPServer, timeout: floa
 async def test_arguments_that_are_not_json_are_an_argument_error(server: MCPServer, state: State) -> None:
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("test", server))
-        with pytest.raises(RMCPArgumentError, match="cannot be serialized to JSON") as caught:
+        with pytest.raises(RMCPArgumentError, match="cannot be sent as JSON") as caught:
             await sup.call("test", "record", {"label": object()})
         assert (await sup.call("test", "echo", {"text": "fine"})).text == "fine"
     assert caught.value.may_have_executed is False
@@ -443,3 +444,61 @@ async def test_protocol_level_json_rpc_error_says_the_tool_did_not_run(server: M
     assert caught.value.code == -32602
     assert caught.value.may_have_executed is False
     assert caught.value.server_message == "no such argument shape"
+
+
+def _circular() -> dict[str, Any]:
+    loop: dict[str, Any] = {"text": "x"}
+    loop["self"] = loop
+    return loop
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    nested: Any = "bottom"
+    for _ in range(levels):
+        nested = [nested]
+    return {"label": nested}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ({"label": b"\xff\xfe"}, "bytes"),
+        ({"label": b"ascii"}, "bytes"),
+        ({1: "x"}, "key"),
+        ({"label": {("a", "b"): 1}}, "key"),
+        ({"label": float("nan")}, "finite"),
+        ({"label": [1.0, float("inf")]}, "finite"),
+        ({"label": {1, 2}}, "set"),
+        (_circular(), "circular"),
+        (_deep(10_000), "deep"),
+    ],
+)
+async def test_arguments_the_wire_cannot_carry_fail_before_admission(
+    server: MCPServer, state: State, arguments: dict[Any, Any], says: str
+) -> None:
+    """A bad value never touches the session: a non-idempotent call in flight on the same
+    server finishes, nothing reconnects, and the bad call is not reported as maybe run."""
+    events: list[Any] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        async with trio.open_nursery() as nursery:
+            results: list[CallResult] = []
+
+            async def in_flight() -> None:
+                results.append(await sup.call("test", "block_unsafe", {"label": "order", "seconds": 0.05}))
+
+            nursery.start_soon(in_flight)
+            while "order" not in state.started:
+                await trio.sleep(0.001)
+            with pytest.raises(RMCPArgumentError, match=says) as caught:
+                await sup.call("test", "record", arguments, on_lifecycle=events.append)
+        stats = sup.statistics()
+    assert caught.value.may_have_executed is False
+    assert (caught.value.server, caught.value.tool) == ("test", "record")
+    # Refused before admission: never queued, never sent.
+    assert [event.state for event in caught.value.lifecycle] == [RequestState.FAILED]
+    assert [event.state for event in events] == [RequestState.FAILED]
+    assert results[0].text == "done order"
+    assert state.ledger == ["order"]
+    assert stats.connections[0].connects == 1
+    assert stats.scheduler.running == 0

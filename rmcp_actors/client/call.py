@@ -52,6 +52,7 @@ from ..errors import (
 )
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
+from ._arguments import check_arguments
 from .connection import Connection, Session
 from .retry import backoff_delay
 from .scheduler import Lane, Scheduler
@@ -137,6 +138,11 @@ async def perform_call(
     started = anyio.current_time()
     deadline = started + request.timeout_s
     progress = _Progress(request)
+    try:
+        check_arguments(request.arguments)
+    except RMCPArgumentError as error:
+        _stamp(error, connection.name, request, progress)
+        raise
     progress.record(RequestState.QUEUED, at=started)
     # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
     with anyio.move_on_at(deadline):
