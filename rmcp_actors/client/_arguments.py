@@ -26,6 +26,12 @@ _SCALARS = (str, int, bool)
 # Exact types whose values are always valid: one set lookup per item on the common path.
 _PLAIN = frozenset({str, int, bool, type(None)})
 _PATH_SHOWN = 8
+_HINTS: dict[type[object], str] = {
+    bytes: "decode it to str, or base64-encode it, as the tool expects",
+    bytearray: "decode it to str, or base64-encode it, as the tool expects",
+    set: "pass a list",
+    frozenset: "pass a list",
+}
 
 
 class _Bad(Exception):
@@ -97,12 +103,7 @@ def _check(value: Any, depth: int) -> None:
     if isinstance(value, list | tuple):
         _check_sequence(value, depth + 1)  # pyright: ignore[reportUnknownArgumentType]
         return
-    hint = {
-        bytes: "decode it to str, or base64-encode it, as the tool expects",
-        bytearray: "decode it to str, or base64-encode it, as the tool expects",
-        set: "pass a list",
-        frozenset: "pass a list",
-    }.get(kind, "convert it to one of the JSON types")
+    hint = _HINTS.get(kind, "convert it to one of the JSON types")
     raise _Bad(f"a {kind.__name__} is not a JSON value ({hint})")
 
 
