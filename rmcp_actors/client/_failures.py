@@ -136,16 +136,17 @@ def classify(error: BaseException, evidence: Evidence | None, *, transport_close
 def _classify_mcp_error(
     code: int, message: str, evidence: Evidence | None, transport_closed: bool
 ) -> Verdict:
+    said = f"MCPError {code}: {message or '(no message)'}"
     if message in SESSION_UNKNOWN_MESSAGES or (
         evidence is not None and evidence.status == 404 and code == INVALID_REQUEST
     ):
-        return Verdict(Attempt.REFUSED, True, f"the server does not know the session ({message})")
+        return Verdict(Attempt.REFUSED, True, f"the server does not know the session ({said})")
     if code == REQUEST_TIMEOUT and any(p.fullmatch(message) for p in TIMEOUT_MESSAGES):
         return Verdict(Attempt.TIMED_OUT, False, message)
     if code == PARSE_ERROR and message.startswith(PARSE_FAILED_PREFIXES):
         return Verdict(Attempt.UNREADABLE, False, f"the server's answer cannot be parsed: {message}")
     if code != CONNECTION_CLOSED:
-        return Verdict(Attempt.ANSWERED, False, message)
+        return Verdict(Attempt.ANSWERED, False, said)
     if message == CONNECTION_CLOSED_MESSAGE:
         if evidence is not None and evidence.refused is not None:
             refused = evidence.refused
@@ -170,5 +171,5 @@ def _classify_mcp_error(
     if transport_closed:
         # -32000 is also the implementation-defined range servers use for their own errors:
         # it means a lost answer only from a transport known to be gone.
-        return Verdict(Attempt.SENT_AND_LOST, True, message)
-    return Verdict(Attempt.ANSWERED, False, message)
+        return Verdict(Attempt.SENT_AND_LOST, True, said)
+    return Verdict(Attempt.ANSWERED, False, said)
