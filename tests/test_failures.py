@@ -91,7 +91,8 @@ def test_every_mcp_error_gets_a_verdict(
         return
     # Nothing is "not sent" without the transport's word for it.
     if verdict.attempt is Attempt.NOT_SENT:
-        assert evidence is not None and evidence.refused is not None
+        assert evidence is not None
+        assert evidence.refused is not None
         assert (code, message) == (-32000, CONNECTION_CLOSED_MESSAGE)
     # A server's answer, a timeout or an unreadable answer never marks the session broken.
     if verdict.attempt in {Attempt.ANSWERED, Attempt.TIMED_OUT, Attempt.UNREADABLE}:
