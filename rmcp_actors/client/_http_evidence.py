@@ -10,13 +10,15 @@ the connection around the handshake) names the :class:`Evidence` of that request
 from __future__ import annotations
 
 from contextvars import ContextVar
+from http import HTTPStatus
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT
 
 from ._failures import Evidence
 
-__all__ = ["current_evidence", "recording_http_client"]
+__all__ = ["current_evidence", "describe_refusal", "mask_password", "recording_http_client"]
 
 #: The evidence of the request the current task is sending, if anyone is recording.
 current_evidence: ContextVar[Evidence | None] = ContextVar("rmcp_actors_http_evidence", default=None)
@@ -54,3 +56,30 @@ def recording_http_client(headers: dict[str, str] | None) -> httpx2.AsyncClient:
         timeout=httpx2.Timeout(MCP_DEFAULT_TIMEOUT, read=MCP_DEFAULT_SSE_READ_TIMEOUT),
         transport=_RecordingTransport(httpx2.AsyncHTTPTransport()),
     )
+
+
+def describe_refusal(status: int | None) -> str | None:
+    """Why a handshake answered with HTTP ``status`` failed, or None for a status that is no refusal."""
+    if status is None or status < 400:
+        return None
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "error"
+    if status == 401:
+        return (
+            f"HTTP {status} {phrase}: the server wants credentials; give them in the spec's headers "
+            "(e.g. Authorization)"
+        )
+    if status == 403:
+        return f"HTTP {status} {phrase}: the server refuses these credentials; check the spec's headers"
+    return f"HTTP {status} {phrase}"
+
+
+def mask_password(url: str) -> str:
+    """``url`` with the password of its user info, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
