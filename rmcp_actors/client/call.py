@@ -256,8 +256,26 @@ def _raise_for(verdict: Verdict, cause: BaseException | None, request: CallReque
         raise RMCPResultValidationError(f"{verdict.reason}; the tool ran") from cause
 
 
+# The RMCP versions whose dedup this client knows how to use: 0.2 deduplicates on the
+# idempotency key; 0.1 on the request id, and only when the request says expect_ack (which
+# this client then sends, see _send). A version it does not know is not relied on.
+_DEDUP_VERSIONS = frozenset({"0.1", "0.2"})
+_EXPECT_ACK_VERSION = "0.1"
+
+
+def _dedups(settings: ServerSettings | None) -> bool:
+    return settings is not None and settings.dedup and settings.version in _DEDUP_VERSIONS
+
+
 def _deduplicating(settings: ServerSettings | None, progress: _Progress) -> ServerSettings:
     """The server a retry of a non-idempotent tool relies on; raise when there is none."""
+    if settings is not None and settings.dedup and settings.version not in _DEDUP_VERSIONS:
+        raise RMCPOutcomeUnknownError(
+            f"the request was sent but its answer was lost ({_cause_text(progress)}); the tool "
+            f"may have run. It is not retried: the server speaks RMCP version {settings.version!r}, "
+            f"whose deduplication this client does not know (it knows {sorted(_DEDUP_VERSIONS)}); "
+            "check its effect before calling again, or mark the tool idempotent = true in config",
+        ) from progress.last_ambiguous
     if settings is None or not settings.dedup:
         raise RMCPOutcomeUnknownError(
             f"the request was sent but its answer was lost ({_cause_text(progress)}); the tool "
@@ -278,11 +296,11 @@ def _check_dedup_still_covers(
     same_instance = (
         now is not None and now.instance_id is not None and now.instance_id == relied_on.instance_id
     )
-    if now is not None and now.dedup and (same_instance or (relied_on.durable and now.durable)):
+    if _dedups(now) and (same_instance or (relied_on.durable and now is not None and now.durable)):
         return
     why = (
         "the server no longer deduplicates"
-        if now is None or not now.dedup
+        if not _dedups(now)
         else "the server restarted and its idempotency store is not durable"
     )
     raise RMCPOutcomeUnknownError(
@@ -321,18 +339,19 @@ async def _send(
     sent_at = anyio.current_time()
     remaining = deadline - sent_at
     rmcp = session.rmcp
-    meta = (
-        encode_request_meta(
+    meta = None
+    if rmcp is not None:
+        expect_ack = rmcp.version == _EXPECT_ACK_VERSION
+        meta = encode_request_meta(
             RequestMeta(
                 request_id=request.request_id,
                 idempotency_key=request.idempotency_key,
                 attempt=progress.attempts,
                 timeout_ms=int(remaining * 1000),
+                retry_count=progress.attempts - 1 if expect_ack else None,
+                expect_ack=True if expect_ack else None,
             )
         )
-        if rmcp is not None
-        else None
-    )
     ack_timeout_s = _ack_timeout(policy, rmcp) if acks_arrive else None
     progress.sent = True
     progress.record(RequestState.SENT, at=sent_at)
