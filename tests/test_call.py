@@ -502,3 +502,27 @@ async def test_arguments_the_wire_cannot_carry_fail_before_admission(
     assert state.ledger == ["order"]
     assert stats.connections[0].connects == 1
     assert stats.scheduler.running == 0
+
+
+async def test_an_unsafe_attempt_with_too_little_time_left_is_not_sent(
+    server: MCPServer, state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    """It waited in the queue until 20 ms were left: sent, it would surely end "may have run"."""
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(
+            ServerSpec.in_memory("test", server, overrides=PolicyOverrides(max_concurrency=1))
+        )
+        nursery.start_soon(sup.call, "test", "sleep", {"seconds": 0.98})
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPTimeoutError) as caught:
+            await sup.call("test", "block_unsafe", {"label": "late", "seconds": 1}, timeout=1.0)
+        # A tool safe to repeat is still sent: its worst case is harmless.
+        nursery.start_soon(sup.call, "test", "sleep", {"seconds": 0.98})
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPTimeoutAfterSendError):
+            await sup.call("test", "block_idempotent", {"label": "safe", "seconds": 1}, timeout=1.0)
+    assert not isinstance(caught.value, RMCPTimeoutAfterSendError)
+    assert caught.value.may_have_executed is False
+    assert "too little" in str(caught.value)
+    assert "late" not in state.started
+    assert "safe" in state.started

@@ -55,6 +55,10 @@ __all__ = ["CallRequest", "perform_call"]
 # Headroom between the SDK's per-request timeout and the caller's deadline, so that the SDK
 # times out first and sends notifications/cancelled while the call is still ours to finish.
 _SDK_TIMEOUT_MARGIN_S = 0.02
+# An attempt of a tool that is not safe to repeat is not sent with less time than this left:
+# its answer could hardly arrive in time, and a timeout after sending leaves the outcome
+# unknown, where not sending leaves a clean "nothing ran".
+_MIN_TIME_FOR_ANSWER_S = 0.05
 
 
 @attrs.frozen
@@ -196,7 +200,14 @@ async def _attempts(
                 continue
             try:
                 return await _send(
-                    session, request, progress, deadline, policy, _acks_arrive(connection), http
+                    session,
+                    request,
+                    progress,
+                    deadline,
+                    policy,
+                    _acks_arrive(connection),
+                    http,
+                    not _safe_to_repeat(policy, tool),
                 )
             except _Failed as failed:
                 verdict = failed.verdict
@@ -329,15 +340,22 @@ async def _send(
     policy: CallPolicy,
     acks_arrive: bool,
     http: bool,
+    unsafe: bool,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
     # A deadline that fired while this call waited for its slot ends it here, before it counts
     # as sent (the SDK would refuse to write it anyway).
     await anyio.lowlevel.checkpoint_if_cancelled()
-    progress.attempts += 1
     sent_at = anyio.current_time()
     remaining = deadline - sent_at
+    if unsafe and remaining < _MIN_TIME_FOR_ANSWER_S:
+        raise RMCPTimeoutError(
+            f"only {remaining * 1000:.0f} ms of the call's timeout of {request.timeout_s:g} s were "
+            "left when it could be sent: too little for an answer, and the tool is not safe to "
+            "repeat, so it was not sent (this attempt ran nothing): raise timeout_s, or lower the load",
+        )
+    progress.attempts += 1
     rmcp = session.rmcp
     meta = None
     if rmcp is not None:
