@@ -526,3 +526,33 @@ async def test_an_unsafe_attempt_with_too_little_time_left_is_not_sent(
     assert "too little" in str(caught.value)
     assert "late" not in state.started
     assert "safe" in state.started
+
+
+async def test_a_call_sent_back_to_the_queue_by_a_reconnect_keeps_its_place(
+    server: MCPServer, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slot. A is in flight when the connection drops and backs off for 1 s. Meanwhile D
+    takes the slot and E queues behind it. A was in line before E, so A runs before E."""
+    monkeypatch.setattr("rmcp_actors.client.call.backoff_delay", lambda *_: 1.0)  # pyright: ignore[reportUnknownLambdaType]
+    overrides = PolicyOverrides(
+        max_concurrency=1, reconnect=ReconnectOverrides(base_delay_s=0.001, max_delay_s=0.001)
+    )
+    finished: list[str] = []
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(ServerSpec.in_memory("test", server, overrides=overrides))
+
+        async def call(label: str, seconds: float) -> None:
+            await sup.call("test", "block_idempotent", {"label": label, "seconds": seconds}, timeout=60)
+            finished.append(label)
+
+        nursery.start_soon(call, "a", 10)
+        await trio.testing.wait_all_tasks_blocked()
+        connection = sup._servers["test"].connection  # pyright: ignore[reportPrivateUsage]
+        session = connection.current_session()
+        assert session is not None
+        connection.report_broken(session)
+        await trio.sleep(0.5)  # reconnected; A still backing off
+        for label, seconds in (("d", 5), ("e", 0)):
+            nursery.start_soon(call, label, seconds)
+            await trio.testing.wait_all_tasks_blocked()
+    assert finished == ["d", "a", "e"]

@@ -82,6 +82,8 @@ class _Progress:
     attempts: int = 0
     sent: bool = False
     queued_s: float = 0.0
+    # The call's place in line, kept when a reconnect or a retry sends it back to the queue.
+    ticket: int | None = None
     last_ambiguous: BaseException | None = None
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
@@ -192,7 +194,9 @@ async def _attempts(
             )
         if progress.relied_on is not None:
             _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
-        progress.queued_s += await scheduler.acquire(lane, request.priority)
+        if progress.ticket is None:
+            progress.ticket = scheduler.ticket()
+        progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
         retry_after_s = 0.0
         try:
             if not session.usable:
