@@ -111,6 +111,8 @@ async def test_sse_resumability_kill_of_an_unsafe_call_is_outcome_unknown(
             async def kill_when_started() -> None:
                 while "order" not in state.started:
                     await trio.sleep(0.005)
+                # Let the stream's priming event (its id makes the stream resumable) arrive.
+                await trio.sleep(0.1)
                 await http.stop()
 
             nursery.start_soon(kill_when_started)
