@@ -10,7 +10,6 @@ the connection around the handshake) names the :class:`Evidence` of that request
 from __future__ import annotations
 
 from contextvars import ContextVar
-from http import HTTPStatus
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
@@ -59,21 +58,17 @@ def recording_http_client(headers: dict[str, str] | None) -> httpx2.AsyncClient:
 
 
 def describe_refusal(status: int | None) -> str | None:
-    """Why a handshake answered with HTTP ``status`` failed, or None for a status that is no refusal."""
-    if status is None or status < 400:
-        return None
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "error"
+    """Why a handshake answered with HTTP ``status`` failed, for the statuses that refuse the
+    client itself (401, 403); None otherwise. Other error statuses can come from a probe the
+    SDK falls back from (``server/discover`` on an older server), so they explain nothing."""
     if status == 401:
         return (
-            f"HTTP {status} {phrase}: the server wants credentials; give them in the spec's headers "
+            "HTTP 401 Unauthorized: the server wants credentials; give them in the spec's headers "
             "(e.g. Authorization)"
         )
     if status == 403:
-        return f"HTTP {status} {phrase}: the server refuses these credentials; check the spec's headers"
-    return f"HTTP {status} {phrase}"
+        return "HTTP 403 Forbidden: the server refuses these credentials; check the spec's headers"
+    return None
 
 
 def mask_password(url: str) -> str:
