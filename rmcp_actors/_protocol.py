@@ -62,7 +62,8 @@ class RequestMeta(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unkno
     """``params._meta.rmcp`` of a ``tools/call`` request.
 
     ``retry_count``, ``expect_ack`` and ``timestamp`` are the RMCP 0.1 fields, accepted from
-    older clients and never sent by this one.
+    older clients; this one sends ``retry_count`` and ``expect_ack`` only to a 0.1 server,
+    which deduplicates only when ``expect_ack`` is true.
     """
 
     version: str = PROTOCOL_VERSION

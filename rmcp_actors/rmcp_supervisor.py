@@ -273,7 +273,8 @@ class RMCPSupervisor:
             RMCPResultValidationError: The result breaks the tool's output schema.
             RMCPOverloadedError: The admission queue is full and ``overflow = "reject"``.
             RMCPArgumentError: ``timeout`` is not a positive finite number, or ``arguments``
-                cannot be serialized to JSON.
+                hold a value JSON cannot carry unchanged (bytes, a non-str key,
+                NaN, a set, a circular reference, nesting deeper than 190); nothing was sent.
         """
         if timeout is not None and not 0 < timeout < math.inf:
             raise RMCPArgumentError(

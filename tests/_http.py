@@ -16,9 +16,10 @@ Each (re)start builds a fresh Starlette app from ``app.streamable_http_app(...)`
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import attrs
 import trio
@@ -44,6 +45,9 @@ class HTTPServerHandle:
     _json_response: bool = attrs.field(repr=False, alias="json_response")
     _stateless: bool = attrs.field(repr=False, alias="stateless")
     _nursery: trio.Nursery = attrs.field(repr=False, alias="nursery")
+    # Put in front of the SDK's app on each (re)start, to play a server the SDK does not ship.
+    _wrap: Callable[[Any], Any] | None = attrs.field(default=None, repr=False, alias="wrap")
+    _app_options: dict[str, Any] = attrs.field(factory=dict[str, Any], repr=False, alias="app_options")
     _cancel_scope: trio.CancelScope | None = attrs.field(default=None, repr=False, init=False)
     _done: trio.Event | None = attrs.field(default=None, repr=False, init=False)
 
@@ -93,8 +97,10 @@ class HTTPServerHandle:
     ) -> None:
         # A StreamableHTTPSessionManager runs only once, so every (re)start needs a new Starlette app.
         asgi = self._app.streamable_http_app(
-            json_response=self._json_response, stateless_http=self._stateless, host=_HOST
+            json_response=self._json_response, stateless_http=self._stateless, host=_HOST, **self._app_options
         )
+        if self._wrap is not None:
+            asgi = self._wrap(asgi)
         try:
             with cancel_scope:
                 await serve(asgi, _config(port), task_status=task_status)  # pyright: ignore[reportArgumentType]
@@ -114,9 +120,18 @@ def _config(port: int) -> Config:
 
 @asynccontextmanager
 async def serve_http(
-    app: MCPServer, *, json_response: bool = False, stateless: bool = False
+    app: MCPServer,
+    *,
+    json_response: bool = False,
+    stateless: bool = False,
+    wrap: Callable[[Any], Any] | None = None,
+    **app_options: Any,
 ) -> AsyncIterator[HTTPServerHandle]:
-    """Serve ``app`` at ``http://127.0.0.1:<os-chosen port>/mcp`` for the duration of the block."""
+    """Serve ``app`` at ``http://127.0.0.1:<os-chosen port>/mcp`` for the duration of the block.
+
+    ``wrap`` is an ASGI middleware put in front of the SDK's app; ``app_options`` go to
+    ``streamable_http_app`` (e.g. ``event_store``, ``retry_interval``).
+    """
     async with trio.open_nursery() as nursery:
         handle = HTTPServerHandle(
             url="",
@@ -125,6 +140,8 @@ async def serve_http(
             json_response=json_response,
             stateless=stateless,
             nursery=nursery,
+            wrap=wrap,
+            app_options=app_options,
         )
         await handle._start(0)  # pyright: ignore[reportPrivateUsage]
         try:

@@ -17,6 +17,7 @@ from rmcp_actors import (
     Outcome,
     PolicyOverrides,
     ReconnectOverrides,
+    RequestState,
     RMCPArgumentError,
     RMCPConfig,
     RMCPConfigError,
@@ -436,7 +437,7 @@ async def test_bad_timeout_is_an_argument_error(server: MCPServer, timeout: floa
 async def test_arguments_that_are_not_json_are_an_argument_error(server: MCPServer, state: State) -> None:
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("test", server))
-        with pytest.raises(RMCPArgumentError, match="cannot be serialized to JSON") as caught:
+        with pytest.raises(RMCPArgumentError, match="cannot be sent as JSON") as caught:
             await sup.call("test", "record", {"label": object()})
         assert (await sup.call("test", "echo", {"text": "fine"})).text == "fine"
     assert caught.value.may_have_executed is False
@@ -480,3 +481,115 @@ async def test_protocol_level_json_rpc_error_says_the_tool_did_not_run(server: M
     assert caught.value.code == -32602
     assert caught.value.may_have_executed is False
     assert caught.value.server_message == "no such argument shape"
+
+
+def _circular() -> dict[str, Any]:
+    loop: dict[str, Any] = {"text": "x"}
+    loop["self"] = loop
+    return loop
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    nested: Any = "bottom"
+    for _ in range(levels):
+        nested = [nested]
+    return {"label": nested}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ({"label": b"\xff\xfe"}, "bytes"),
+        ({"label": b"ascii"}, "bytes"),
+        ({1: "x"}, "key"),
+        ({"label": {("a", "b"): 1}}, "key"),
+        ({"label": float("nan")}, "finite"),
+        ({"label": [1.0, float("inf")]}, "finite"),
+        ({"label": {1, 2}}, "set"),
+        (_circular(), "circular"),
+        (_deep(10_000), "deep"),
+    ],
+)
+async def test_arguments_the_wire_cannot_carry_fail_before_admission(
+    server: MCPServer, state: State, arguments: dict[Any, Any], says: str
+) -> None:
+    """A bad value never touches the session: a non-idempotent call in flight on the same
+    server finishes, nothing reconnects, and the bad call is not reported as maybe run."""
+    events: list[Any] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        async with trio.open_nursery() as nursery:
+            results: list[CallResult] = []
+
+            async def in_flight() -> None:
+                results.append(await sup.call("test", "block_unsafe", {"label": "order", "seconds": 0.05}))
+
+            nursery.start_soon(in_flight)
+            while "order" not in state.started:
+                await trio.sleep(0.001)
+            with pytest.raises(RMCPArgumentError, match=says) as caught:
+                await sup.call("test", "record", arguments, on_lifecycle=events.append)
+        stats = sup.statistics()
+    assert caught.value.may_have_executed is False
+    assert (caught.value.server, caught.value.tool) == ("test", "record")
+    # Refused before admission: never queued, never sent.
+    assert [event.state for event in caught.value.lifecycle] == [RequestState.FAILED]
+    assert [event.state for event in events] == [RequestState.FAILED]
+    assert results[0].text == "done order"
+    assert state.ledger == ["order"]
+    assert stats.connections[0].connects == 1
+    assert stats.scheduler.running == 0
+
+
+async def test_an_unsafe_attempt_with_too_little_time_left_is_not_sent(
+    server: MCPServer, state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    """It waited in the queue until 20 ms were left: sent, it would surely end "may have run"."""
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(
+            ServerSpec.in_memory("test", server, overrides=PolicyOverrides(max_concurrency=1))
+        )
+        nursery.start_soon(sup.call, "test", "sleep", {"seconds": 0.98})
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPTimeoutError) as caught:
+            await sup.call("test", "block_unsafe", {"label": "late", "seconds": 1}, timeout=1.0)
+        # A tool safe to repeat is still sent: its worst case is harmless.
+        nursery.start_soon(sup.call, "test", "sleep", {"seconds": 0.98})
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPTimeoutAfterSendError):
+            await sup.call("test", "block_idempotent", {"label": "safe", "seconds": 1}, timeout=1.0)
+    assert not isinstance(caught.value, RMCPTimeoutAfterSendError)
+    assert caught.value.may_have_executed is False
+    assert "too little" in str(caught.value)
+    assert "late" not in state.started
+    assert "safe" in state.started
+
+
+async def test_a_call_sent_back_to_the_queue_by_a_reconnect_keeps_its_place(
+    server: MCPServer, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slot. A is in flight when the connection drops and backs off for 1 s. Meanwhile D
+    takes the slot and E queues behind it. A was in line before E, so A runs before E."""
+    monkeypatch.setattr("rmcp_actors.client.call.backoff_delay", lambda *_: 1.0)  # pyright: ignore[reportUnknownLambdaType]
+    overrides = PolicyOverrides(
+        max_concurrency=1, reconnect=ReconnectOverrides(base_delay_s=0.001, max_delay_s=0.001)
+    )
+    finished: list[str] = []
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(ServerSpec.in_memory("test", server, overrides=overrides))
+
+        async def call(label: str, seconds: float) -> None:
+            await sup.call("test", "block_idempotent", {"label": label, "seconds": seconds}, timeout=60)
+            finished.append(label)
+
+        nursery.start_soon(call, "a", 10)
+        await trio.testing.wait_all_tasks_blocked()
+        connection = sup._servers["test"].connection  # pyright: ignore[reportPrivateUsage]
+        session = connection.current_session()
+        assert session is not None
+        connection.report_broken(session)
+        await trio.sleep(0.5)  # reconnected; A still backing off
+        for label, seconds in (("d", 5), ("e", 0)):
+            nursery.start_soon(call, label, seconds)
+            await trio.testing.wait_all_tasks_blocked()
+    assert finished == ["d", "a", "e"]

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -20,6 +21,7 @@ from rmcp_actors import (
     PolicyOverrides,
     ReconnectOverrides,
     RequestState,
+    RMCPArgumentError,
     RMCPConfig,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
@@ -389,3 +391,17 @@ async def test_tools_are_listed_again_on_reconnect(tmp_path: Path) -> None:
             while "extra" not in {tool.name for tool in await sup.list_tools("test")}:
                 await trio.sleep(0.02)
         assert (await sup.call("test", "extra")).text == "extra"
+
+
+async def test_arguments_the_wire_cannot_carry_never_reach_the_server_process(tmp_path: Path) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(stdio_test_server(tmp_path))
+        bad_arguments: list[Any] = [{"label": b"\xff"}, {1: "x"}, {"label": float("nan")}]
+        for bad in bad_arguments:
+            with pytest.raises(RMCPArgumentError) as caught:
+                await sup.call("test", "record", bad)
+            assert caught.value.may_have_executed is False
+        assert (await sup.call("test", "record", {"label": "fine"})).text == "recorded fine"
+        connects = sup.statistics().connections[0].connects
+    assert connects == 1
+    assert (tmp_path / "ledger").read_text() == "fine\n"

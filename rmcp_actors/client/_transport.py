@@ -21,13 +21,13 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from .._protocol import EXTENSION_ID, PROTOCOL_VERSION
 from ..config import ServerSpec
+from ._http_evidence import recording_http_client
 
 __all__ = ["ClosedCallback", "build_client", "client_mode"]
 
@@ -90,7 +90,7 @@ async def _observed(
 @asynccontextmanager
 async def _http_transport(url: str, headers: dict[str, str] | None) -> AsyncGenerator[_Streams]:
     async with AsyncExitStack() as stack:
-        http_client = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+        http_client = await stack.enter_async_context(recording_http_client(headers))
         yield await stack.enter_async_context(streamable_http_client(url, http_client=http_client))
 
 

@@ -16,17 +16,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import attrs
-import msgspec
 from mcp import MCPError
-from mcp_types import (
-    CONNECTION_CLOSED,
-    INVALID_REQUEST,
-    REQUEST_TIMEOUT,
-    CallToolResult,
-    RequestParamsMeta,
-    Tool,
-)
-from pydantic import ValidationError
+from mcp_types import CallToolResult, RequestParamsMeta, Tool
 
 from .._protocol import (
     NackCode,
@@ -53,6 +44,9 @@ from ..errors import (
 )
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
+from ._arguments import check_arguments
+from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
+from ._http_evidence import current_evidence
 from .connection import Connection, Session
 from .retry import backoff_delay
 from .scheduler import Lane, Scheduler
@@ -61,17 +55,13 @@ __all__ = ["CallRequest", "perform_call"]
 
 _logger = logging.getLogger("rmcp_actors")
 
-# The messages the SDK itself puts on -32000 when an answer can no longer arrive
-# (mcp/shared/jsonrpc_dispatcher.py, mcp/client/streamable_http.py).
-_SDK_LOST_ANSWER_MESSAGES = frozenset({"Connection closed", "SSE stream ended without a response"})
-_SDK_LOST_STREAM_PREFIX = "SSE stream failed:"
-# Streamable HTTP: a server that restarted answers an old session id with 404, which the SDK
-# server words "Session not found" and the SDK client "Session terminated". Nothing ran.
-_SESSION_LOST_MESSAGES = frozenset({"Session not found", "Session terminated"})
-
 # Headroom between the SDK's per-request timeout and the caller's deadline, so that the SDK
 # times out first and sends notifications/cancelled while the call is still ours to finish.
 _SDK_TIMEOUT_MARGIN_S = 0.02
+# An attempt of a tool that is not safe to repeat is not sent with less time than this left:
+# its answer could hardly arrive in time, and a timeout after sending leaves the outcome
+# unknown, where not sending leaves a clean "nothing ran".
+_MIN_TIME_FOR_ANSWER_S = 0.05
 
 
 @attrs.frozen
@@ -95,6 +85,8 @@ class _Progress:
     attempts: int = 0
     sent: bool = False
     queued_s: float = 0.0
+    # The call's place in line, kept when a reconnect or a retry sends it back to the queue.
+    ticket: int | None = None
     last_ambiguous: BaseException | None = None
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
@@ -114,12 +106,12 @@ class _Progress:
                 )
 
 
-class _Ambiguous(Exception):
-    """An attempt was sent and its answer was lost (the transport failed)."""
+class _Failed(Exception):
+    """An attempt failed; the verdict says what that means (see :mod:`._failures`)."""
 
-
-class _SessionLost(Exception):
-    """The server refused the request because it no longer knows the transport's session."""
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
 
 
 class _Nacked(Exception):
@@ -146,6 +138,11 @@ async def perform_call(
     started = anyio.current_time()
     deadline = started + request.timeout_s
     progress = _Progress(request)
+    try:
+        check_arguments(request.arguments)
+    except RMCPArgumentError as error:
+        _stamp(error, connection.name, request, progress)
+        raise
     progress.record(RequestState.QUEUED, at=started)
     # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
     with anyio.move_on_at(deadline):
@@ -195,6 +192,7 @@ async def _attempts(
     progress: _Progress,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     retry = policy.retry
+    http = connection.spec.transport == "http"
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -205,30 +203,47 @@ async def _attempts(
             )
         if progress.relied_on is not None:
             _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
-        progress.queued_s += await scheduler.acquire(lane, request.priority)
+        if progress.ticket is None:
+            progress.ticket = scheduler.ticket()
+        progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
         retry_after_s = 0.0
         try:
             if not session.usable:
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             try:
-                return await _send(session, request, progress, deadline, policy, _acks_arrive(connection))
-            except _Ambiguous as lost:
-                if not isinstance(lost.__cause__, _AckTimeout):
+                return await _send(
+                    session,
+                    request,
+                    progress,
+                    deadline,
+                    policy,
+                    _acks_arrive(connection),
+                    http,
+                    not _safe_to_repeat(policy, tool),
+                )
+            except _Failed as failed:
+                verdict = failed.verdict
+                if verdict.session_lost:
                     connection.report_broken(session)
-                progress.last_ambiguous = lost.__cause__
-                if not _safe_to_repeat(policy, tool):
-                    progress.relied_on = _deduplicating(session.rmcp, lost, progress)
-            except _SessionLost as refused:
-                # Refused, not run: safe to send again on a new session.
-                connection.report_broken(session)
-                progress.sent = progress.last_ambiguous is not None
-                if progress.attempts >= retry.max_attempts:
-                    raise RMCPNetworkError(
-                        f"the server kept refusing the session ({refused}) on all {progress.attempts} "
-                        "attempts; nothing ran: check the server, then call again",
-                    ) from refused.__cause__
-                continue
+                if verdict.attempt is Attempt.SENT_AND_LOST:
+                    progress.last_ambiguous = failed.__cause__
+                    if not _safe_to_repeat(policy, tool):
+                        progress.relied_on = _deduplicating(session.rmcp, progress)
+                else:
+                    # Nothing ran (or _raise_for raises): only an earlier lost answer leaves
+                    # the effect in question.
+                    _raise_for(verdict, failed.__cause__, request)
+                    progress.sent = progress.last_ambiguous is not None
+                    if progress.attempts >= retry.max_attempts:
+                        raise RMCPNetworkError(
+                            f"nothing was sent or run on all {progress.attempts} attempts "
+                            f"(last: {verdict.reason}): check that {connection.spec.describe()} is "
+                            "up, then call again",
+                        ) from failed.__cause__
+                    if verdict.attempt is Attempt.REFUSED:
+                        # A new session can take it at once; no backoff.
+                        continue
             except _Nacked as refused:
                 # Refused, not run: only an earlier lost answer leaves the effect in question.
                 progress.sent = progress.last_ambiguous is not None
@@ -251,15 +266,47 @@ async def _attempts(
         await anyio.sleep(max(delay, retry_after_s))
 
 
-def _deduplicating(settings: ServerSettings | None, lost: _Ambiguous, progress: _Progress) -> ServerSettings:
+def _raise_for(verdict: Verdict, cause: BaseException | None, request: CallRequest) -> None:
+    """Raise the caller's error for a verdict that ends the call; return for one that retries."""
+    if verdict.attempt is Attempt.ANSWERED:
+        assert isinstance(cause, MCPError)
+        raise RMCPServerError(cause.code, cause.message, cause.data) from cause
+    if verdict.attempt is Attempt.TIMED_OUT:
+        raise RMCPTimeoutAfterSendError(
+            f"no answer within the call's timeout of {request.timeout_s:g} s; the request was "
+            "sent, so the tool may have run: check its effect, or raise timeout_s",
+        ) from cause
+    if verdict.attempt is Attempt.UNREADABLE:
+        raise RMCPResultValidationError(f"{verdict.reason}; the tool ran") from cause
+
+
+# The RMCP versions whose dedup this client knows how to use: 0.2 deduplicates on the
+# idempotency key; 0.1 on the request id, and only when the request says expect_ack (which
+# this client then sends, see _send). A version it does not know is not relied on.
+_DEDUP_VERSIONS = frozenset({"0.1", "0.2"})
+_EXPECT_ACK_VERSION = "0.1"
+
+
+def _dedups(settings: ServerSettings | None) -> bool:
+    return settings is not None and settings.dedup and settings.version in _DEDUP_VERSIONS
+
+
+def _deduplicating(settings: ServerSettings | None, progress: _Progress) -> ServerSettings:
     """The server a retry of a non-idempotent tool relies on; raise when there is none."""
+    if settings is not None and settings.dedup and settings.version not in _DEDUP_VERSIONS:
+        raise RMCPOutcomeUnknownError(
+            f"the request was sent but its answer was lost ({_cause_text(progress)}); the tool "
+            f"may have run. It is not retried: the server speaks RMCP version {settings.version!r}, "
+            f"whose deduplication this client does not know (it knows {sorted(_DEDUP_VERSIONS)}); "
+            "check its effect before calling again, or mark the tool idempotent = true in config",
+        ) from progress.last_ambiguous
     if settings is None or not settings.dedup:
         raise RMCPOutcomeUnknownError(
             f"the request was sent but its answer was lost ({_cause_text(progress)}); the tool "
             "may have run. It is not retried because the tool is not known to be idempotent and "
             "the server does not deduplicate (it does not speak RMCP): check its effect before "
             "calling again, or mark it idempotent = true in config",
-        ) from lost.__cause__
+        ) from progress.last_ambiguous
     return settings
 
 
@@ -273,11 +320,11 @@ def _check_dedup_still_covers(
     same_instance = (
         now is not None and now.instance_id is not None and now.instance_id == relied_on.instance_id
     )
-    if now is not None and now.dedup and (same_instance or (relied_on.durable and now.durable)):
+    if _dedups(now) and (same_instance or (relied_on.durable and now is not None and now.durable)):
         return
     why = (
         "the server no longer deduplicates"
-        if now is None or not now.dedup
+        if not _dedups(now)
         else "the server restarted and its idempotency store is not durable"
     )
     raise RMCPOutcomeUnknownError(
@@ -298,10 +345,6 @@ def _nack_error(meta: ResponseMeta, when: str) -> RMCPError:
     return RMCPNackError(code, reason, retryable=bool(meta.retryable), retry_after_ms=meta.retry_after_ms)
 
 
-class _AckTimeout(Exception):
-    """No early ACK arrived within the policy's ``ack_timeout_s``."""
-
-
 async def _send(
     session: Session,
     request: CallRequest,
@@ -309,31 +352,42 @@ async def _send(
     deadline: float,
     policy: CallPolicy,
     acks_arrive: bool,
+    http: bool,
+    unsafe: bool,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
     # A deadline that fired while this call waited for its slot ends it here, before it counts
     # as sent (the SDK would refuse to write it anyway).
     await anyio.lowlevel.checkpoint_if_cancelled()
-    progress.attempts += 1
     sent_at = anyio.current_time()
     remaining = deadline - sent_at
+    if unsafe and remaining < _MIN_TIME_FOR_ANSWER_S:
+        raise RMCPTimeoutError(
+            f"only {remaining * 1000:.0f} ms of the call's timeout of {request.timeout_s:g} s were "
+            "left when it could be sent: too little for an answer, and the tool is not safe to "
+            "repeat, so it was not sent (this attempt ran nothing): raise timeout_s, or lower the load",
+        )
+    progress.attempts += 1
     rmcp = session.rmcp
-    meta = (
-        encode_request_meta(
+    meta = None
+    if rmcp is not None:
+        expect_ack = rmcp.version == _EXPECT_ACK_VERSION
+        meta = encode_request_meta(
             RequestMeta(
                 request_id=request.request_id,
                 idempotency_key=request.idempotency_key,
                 attempt=progress.attempts,
                 timeout_ms=int(remaining * 1000),
+                retry_count=progress.attempts - 1 if expect_ack else None,
+                expect_ack=True if expect_ack else None,
             )
         )
-        if rmcp is not None
-        else None
-    )
     ack_timeout_s = _ack_timeout(policy, rmcp) if acks_arrive else None
     progress.sent = True
     progress.record(RequestState.SENT, at=sent_at)
+    evidence = Evidence() if http else None
+    token = current_evidence.set(evidence) if http else None
     try:
         if ack_timeout_s is None:
             result = await client.call_tool(
@@ -344,44 +398,14 @@ async def _send(
             )
         else:
             result = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
-    except MCPError as error:
-        if _answer_lost(session, error):
-            raise _Ambiguous(error.message) from error
-        if error.code == INVALID_REQUEST and error.message in _SESSION_LOST_MESSAGES:
-            raise _SessionLost(error.message) from error
-        if error.code == REQUEST_TIMEOUT:
-            raise RMCPTimeoutAfterSendError(
-                f"no answer within the call's timeout of {request.timeout_s:g} s; the request was "
-                "sent, so the tool may have run: check its effect, or raise timeout_s",
-            ) from error
-        if error.code == CONNECTION_CLOSED:
-            # A server's own error in the implementation-defined range: it answered, so the
-            # request reached it and may have run.
-            raise RMCPServerError(error.code, error.message, error.data, may_have_executed=True) from error
-        raise RMCPServerError(error.code, error.message, error.data) from error
-    except ValidationError as error:
-        raise RMCPResultValidationError(
-            f"the server's answer is not a valid tool result: {error.error_count()} problem(s), "
-            f"first: {error.errors()[0]['msg']}; the tool ran",
-        ) from error
-    except _AckTimeout as error:
-        raise _Ambiguous(str(error)) from error
-    except RuntimeError as error:
-        if not session.usable:
-            raise _Ambiguous(str(error)) from error
-        raise RMCPResultValidationError(
-            f"the tool ran but its result breaks the tool's output schema: {error}",
-        ) from error
     except Exception as error:
-        if not _json_serializable(request.arguments):
-            # Every attempt sends the same arguments, so this is the first: none was sent.
-            progress.sent = False
-            raise RMCPArgumentError(
-                f"the arguments cannot be serialized to JSON ({type(error).__name__}: {error}); nothing "
-                "was sent",
-            ) from error
-        # The SDK failed in a way it does not document: the request may have been written.
-        raise _Ambiguous(f"{type(error).__name__}: {error}") from error
+        verdict = classify(error, evidence, transport_closed=session.broken.is_set())
+        if verdict is None:
+            raise
+        raise _Failed(verdict) from error
+    finally:
+        if token is not None:
+            current_evidence.reset(token)
     if rmcp is None:
         progress.record(RequestState.ANSWERED)
         return result, None
@@ -447,29 +471,7 @@ async def _call_with_ack_timeout(
             progress_callback=on_progress,
         )
     # The SDK sent notifications/cancelled; the server's run, if it started, goes on.
-    raise _AckTimeout(f"no early ACK within ack_timeout_s={ack_timeout_s:g} s")
-
-
-def _answer_lost(session: Session, error: MCPError) -> bool:
-    """True when ``error`` says the transport lost the answer, not that the server refused.
-
-    The SDK reports a closed connection, and the HTTP transport a response stream that ended,
-    with code -32000, which servers may also use for errors of their own: only a transport
-    known to be gone, or one of the SDK's own messages, counts as a lost answer.
-    """
-    if error.code != CONNECTION_CLOSED:
-        return False
-    if session.broken.is_set() or error.message in _SDK_LOST_ANSWER_MESSAGES:
-        return True
-    return error.message.startswith(_SDK_LOST_STREAM_PREFIX)
-
-
-def _json_serializable(arguments: dict[str, Any] | None) -> bool:
-    try:
-        msgspec.json.encode(arguments)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return True
+    raise AckTimeout(f"no early ACK within ack_timeout_s={ack_timeout_s:g} s")
 
 
 def _safe_to_repeat(policy: CallPolicy, tool: Tool) -> bool:

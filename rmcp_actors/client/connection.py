@@ -27,6 +27,8 @@ from .._protocol import EXPERIMENTAL_KEY, EXTENSION_ID, META_KEY, ServerSettings
 from ..config import ServerPolicy, ServerSpec
 from ..errors import RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
+from ._failures import Evidence
+from ._http_evidence import current_evidence, describe_refusal
 from ._transport import build_client
 from .retry import backoff_delay
 
@@ -60,6 +62,8 @@ class Session:
     scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
     error: BaseException | None = None
     connected: bool = False
+    # What the HTTP transport saw of the handshake (its status), to explain a refusal.
+    evidence: Evidence | None = None
 
     @property
     def usable(self) -> bool:
@@ -293,18 +297,23 @@ class Connection(Actor[ConnectionRequest]):
         self._failed_connects += 1
         error = session.error
         self._last_error = error
+        refusal = describe_refusal(session.evidence.status) if session.evidence is not None else None
         reason = (
-            _describe(error, self.spec)
-            if error is not None
-            else f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
+            refusal
+            or (_describe(error, self.spec) if error is not None else None)
+            or f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
         )
+        hint = "" if refusal else "; check the command or URL and that the server speaks MCP on it"
         raise RMCPNetworkError(
-            f"could not connect to {self.spec.describe()}: {reason}; check the command or URL and "
-            "that the server speaks MCP on it",
+            f"could not connect to {self.spec.describe()}: {reason}{hint}",
             server=self.name,
         ) from error
 
     async def _run_session(self, session: Session) -> None:
+        if self.spec.transport == "http":
+            # This task's context reaches the handshake's POST (see _http_evidence).
+            session.evidence = Evidence()
+            current_evidence.set(session.evidence)
         try:
             with session.scope:
                 async with build_client(self.spec, session.broken.set) as client:

@@ -142,8 +142,16 @@ class Scheduler:
         lane.retired = True
         self._prune(lane)
 
-    async def acquire(self, lane: Lane, priority: int = 0) -> float:
+    def ticket(self) -> int:
+        """A place in line for one call: pass it to each of the call's :meth:`acquire`, so a
+        call sent back to the queue (by a reconnect, a retry) keeps its place among equals."""
+        return next(self._sequence)
+
+    async def acquire(self, lane: Lane, priority: int = 0, ticket: int | None = None) -> float:
         """Wait for a slot on ``lane``; pair every successful call with :meth:`release`.
+
+        ``ticket`` (from :meth:`ticket`) orders the call among waiters of its priority; without
+        one it queues last.
 
         A call whose deadline has passed is never admitted: its cancel scope fires while it
         waits, and it leaves the queue.
@@ -177,7 +185,7 @@ class Scheduler:
                 else:
                     self._queue_space.remove(space)
                 raise
-        waiter = _Waiter(priority, next(self._sequence), lane)
+        waiter = _Waiter(priority, next(self._sequence) if ticket is None else ticket, lane)
         heapq.heappush(lane.waiters, waiter)
         self._queued += 1
         # Only abandoned waiters may have blocked the fast path: a free slot goes out now.

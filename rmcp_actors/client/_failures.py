@@ -1,0 +1,175 @@
+"""What a failed attempt means: the one place that reads SDK and transport exceptions.
+
+:func:`classify` is a pure function from (the exception ``call_tool`` raised, what the transport
+saw of the attempt, the transport's state) to a :class:`Verdict`: what happened to the request
+and whether the session is gone. The call path acts on the verdict and never looks at an SDK
+exception itself. Every SDK message matched here is checked against the installed SDK by
+``tests/test_failures.py`` (the contract test), and ``mcp`` is pinned to the tested minor range.
+
+Only transport-level evidence says a session is lost: the transport's read side ended, the SDK
+gave up reconnecting a response stream, or the server no longer knows the session. One failed
+response stream (one request) leaves the session to the other callers. An exception not listed
+here is not classified (``None``): it is a bug to report, not a lost answer to retry.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final, final
+
+import attrs
+from mcp import MCPError
+from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT
+from pydantic import ValidationError
+
+__all__ = ["AckTimeout", "Attempt", "Evidence", "Verdict", "classify"]
+
+
+class Attempt(enum.Enum):
+    """What happened to one attempt's request."""
+
+    #: Nothing reached the server (the connection could not be opened): sending again is safe.
+    NOT_SENT = "not_sent"
+    #: The request was (or may have been) delivered and its answer will not arrive.
+    SENT_AND_LOST = "sent_and_lost"
+    #: The server answered with a JSON-RPC error; its code says whether the tool may have run.
+    ANSWERED = "answered"
+    #: The server refused the request without running it: it does not know the session.
+    REFUSED = "refused"
+    #: No answer within the time the SDK was given; the request was sent.
+    TIMED_OUT = "timed_out"
+    #: The server answered but the answer cannot be read (too large, malformed, not a valid
+    #: result): the tool ran, and sending again would get the same answer.
+    UNREADABLE = "unreadable"
+
+
+@final
+@attrs.frozen
+class Verdict:
+    """The meaning of one failed attempt.
+
+    Attributes:
+        attempt: What happened to the request.
+        session_lost: The transport is gone (or the server forgot the session): reconnect.
+        reason: What the caller's error should say about the cause.
+    """
+
+    attempt: Attempt
+    session_lost: bool
+    reason: str
+
+
+@final
+@attrs.define
+class Evidence:
+    """What the transport saw of one attempt (filled in by the HTTP transport, if any).
+
+    Attributes:
+        refused: The connection for the request could not be opened, so nothing was written.
+        status: The HTTP status of the attempt's response, once one arrived.
+    """
+
+    refused: BaseException | None = None
+    status: int | None = None
+
+
+class AckTimeout(Exception):
+    """No early ACK arrived within the policy's ``ack_timeout_s``."""
+
+
+# The SDK's own messages (mcp/shared/jsonrpc_dispatcher.py, direct_dispatcher.py,
+# mcp/client/streamable_http.py, mcp/client/session.py).
+CONNECTION_CLOSED_MESSAGE: Final = "Connection closed"
+STREAM_ENDED_MESSAGE: Final = "SSE stream ended without a response"
+RECONNECT_EXHAUSTED_MESSAGE: Final = "SSE stream ended and reconnection attempts were exhausted"
+STREAM_FAILED_PREFIX: Final = "SSE stream failed: "
+PARSE_FAILED_PREFIXES: Final = ("Failed to parse JSON response: ", "Failed to parse SSE message: ")
+TIMEOUT_MESSAGES: Final = (
+    re.compile(r"Request '[^']*' timed out"),
+    re.compile(r"Timed out after \S+s waiting for '[^']*'"),
+)
+# httpx2's SSE decoder (httpx2/_sse.py), wrapped in STREAM_FAILED_PREFIX by the SDK.
+EVENT_TOO_LARGE: Final = re.compile(r"Server-sent event exceeded the (\d+) byte limit")
+SCHEMA_MESSAGES: Final = (
+    re.compile(r"Tool .* has an output schema but did not return structured content"),
+    re.compile(r"Invalid structured content returned by tool "),
+    re.compile(r"Invalid schema for tool "),
+)
+# A server that no longer knows the session id: the Python SDK's server says "Session not
+# found" (HTTP 404), its client "Session terminated" for a 404 without a JSON-RPC body, and
+# every TypeScript-SDK server answers HTTP 400 "Bad Request: No valid session ID provided".
+SESSION_UNKNOWN_MESSAGES: Final = frozenset(
+    {"Session not found", "Session terminated", "Bad Request: No valid session ID provided"}
+)
+
+
+def classify(error: BaseException, evidence: Evidence | None, *, transport_closed: bool) -> Verdict | None:
+    """Say what a failed ``call_tool`` means.
+
+    Args:
+        error: What ``call_tool`` raised (or :class:`AckTimeout`).
+        evidence: What the HTTP transport saw of this attempt; None on other transports.
+        transport_closed: The transport's read side had ended when the error arrived.
+
+    Returns:
+        The verdict, or None when the exception is not one the SDK documents for a failed
+        request (the caller lets it propagate).
+    """
+    if isinstance(error, MCPError):
+        return _classify_mcp_error(error.code, error.message, evidence, transport_closed)
+    if isinstance(error, AckTimeout):
+        return Verdict(Attempt.SENT_AND_LOST, False, str(error))
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]["msg"] if error.error_count() else "invalid"
+        return Verdict(
+            Attempt.UNREADABLE,
+            False,
+            f"the server's answer is not a valid tool result: {error.error_count()} problem(s), "
+            f"first: {first}",
+        )
+    if isinstance(error, RuntimeError) and any(p.match(str(error)) for p in SCHEMA_MESSAGES):
+        return Verdict(Attempt.UNREADABLE, False, f"the result breaks the tool's output schema: {error}")
+    return None
+
+
+def _classify_mcp_error(
+    code: int, message: str, evidence: Evidence | None, transport_closed: bool
+) -> Verdict:
+    said = f"MCPError {code}: {message or '(no message)'}"
+    if message in SESSION_UNKNOWN_MESSAGES or (
+        evidence is not None and evidence.status == 404 and code == INVALID_REQUEST
+    ):
+        return Verdict(Attempt.REFUSED, True, f"the server does not know the session ({said})")
+    if code == REQUEST_TIMEOUT and any(p.fullmatch(message) for p in TIMEOUT_MESSAGES):
+        return Verdict(Attempt.TIMED_OUT, False, message)
+    if code == PARSE_ERROR and message.startswith(PARSE_FAILED_PREFIXES):
+        return Verdict(Attempt.UNREADABLE, False, f"the server's answer cannot be parsed: {message}")
+    if code != CONNECTION_CLOSED:
+        return Verdict(Attempt.ANSWERED, False, said)
+    if message == CONNECTION_CLOSED_MESSAGE:
+        if evidence is not None and evidence.refused is not None:
+            refused = evidence.refused
+            return Verdict(Attempt.NOT_SENT, True, f"{type(refused).__name__}: {refused}".rstrip(": "))
+        return Verdict(Attempt.SENT_AND_LOST, True, message)
+    if message == RECONNECT_EXHAUSTED_MESSAGE:
+        return Verdict(Attempt.SENT_AND_LOST, True, message)
+    if message == STREAM_ENDED_MESSAGE:
+        return Verdict(Attempt.SENT_AND_LOST, transport_closed, message)
+    if message.startswith(STREAM_FAILED_PREFIX):
+        too_large = EVENT_TOO_LARGE.search(message)
+        if too_large is not None:
+            return Verdict(
+                Attempt.UNREADABLE,
+                False,
+                f"the answer is larger than the SDK's limit of {int(too_large.group(1)):,} bytes for "
+                "one server-sent event (the SDK's max_sse_event_size): the tool ran; ask the server "
+                "for a smaller result (pagination, a resource link), or have it answer with JSON "
+                "responses instead of SSE",
+            )
+        return Verdict(Attempt.SENT_AND_LOST, transport_closed, message)
+    if transport_closed:
+        # -32000 is also the implementation-defined range servers use for their own errors:
+        # it means a lost answer only from a transport known to be gone.
+        return Verdict(Attempt.SENT_AND_LOST, True, said)
+    return Verdict(Attempt.ANSWERED, False, said)

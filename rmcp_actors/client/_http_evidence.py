@@ -1,0 +1,70 @@
+"""What the HTTP transport saw of one attempt, recorded where the SDK cannot hide it.
+
+The SDK turns a refused connection into the same ``MCPError(-32000, "Connection closed")`` as a
+request that was delivered and lost, and drops the HTTP status of a refused handshake. The
+httpx transport under the SDK's client sees both. The SDK runs each request's POST in a copy of
+the sending task's context, so a context variable set by the caller around ``call_tool`` (or by
+the connection around the handshake) names the :class:`Evidence` of that request alone.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+import httpx2
+from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT
+
+from ._failures import Evidence
+
+__all__ = ["current_evidence", "describe_refusal", "recording_http_client"]
+
+#: The evidence of the request the current task is sending, if anyone is recording.
+current_evidence: ContextVar[Evidence | None] = ContextVar("rmcp_actors_http_evidence", default=None)
+
+
+class _RecordingTransport(httpx2.AsyncBaseTransport):
+    """Notes, for the request being sent, a connection that could not be opened and the status."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        evidence = current_evidence.get()
+        # Only the request's own POST counts: a courtesy cancel or the GET stream that runs in
+        # the same context must not overwrite what happened to the request.
+        if evidence is None or request.method != "POST" or evidence.status is not None or evidence.refused:
+            return await self._inner.handle_async_request(request)
+        try:
+            response = await self._inner.handle_async_request(request)
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as error:
+            # No connection, so not a byte of the request was written.
+            evidence.refused = error
+            raise
+        evidence.status = response.status_code
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def recording_http_client(headers: dict[str, str] | None) -> httpx2.AsyncClient:
+    """The SDK's default HTTP client (same timeouts), recording into :data:`current_evidence`."""
+    return httpx2.AsyncClient(
+        headers=headers,
+        timeout=httpx2.Timeout(MCP_DEFAULT_TIMEOUT, read=MCP_DEFAULT_SSE_READ_TIMEOUT),
+        transport=_RecordingTransport(httpx2.AsyncHTTPTransport()),
+    )
+
+
+def describe_refusal(status: int | None) -> str | None:
+    """Why a handshake answered with HTTP ``status`` failed, for the statuses that refuse the
+    client itself (401, 403); None otherwise. Other error statuses can come from a probe the
+    SDK falls back from (``server/discover`` on an older server), so they explain nothing."""
+    if status == 401:
+        return (
+            "HTTP 401 Unauthorized: the server wants credentials; give them in the spec's headers "
+            "(e.g. Authorization)"
+        )
+    if status == 403:
+        return "HTTP 403 Forbidden: the server refuses these credentials; check the spec's headers"
+    return None

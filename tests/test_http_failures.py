@@ -1,0 +1,153 @@
+"""Streamable HTTP failures as real servers produce them, each mapped to what the caller is owed."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from _http import serve_http
+from _http_faults import MemoryEventStore, require_bearer, typescript_session_errors
+from conftest import FAST_RECOVERY
+from mcp.server.mcpserver import MCPServer
+from mcp_test_server import State
+
+from rmcp_actors import (
+    ConnectionState,
+    PolicyOverrides,
+    RMCPNetworkError,
+    RMCPOutcomeUnknownError,
+    RMCPResultValidationError,
+    RMCPSupervisor,
+    RMCPTimeoutError,
+    ServerSpec,
+)
+
+FAIL_FAST = PolicyOverrides(
+    reconnect=FAST_RECOVERY.reconnect, retry=FAST_RECOVERY.retry, when_disconnected="fail"
+)
+
+
+async def wait_for_state(sup: RMCPSupervisor, state: ConnectionState) -> None:
+    with trio.fail_after(10):
+        while sup.servers()["web"] is not state:
+            await trio.sleep(0.01)
+
+
+async def test_typescript_servers_400_for_an_unknown_session_reconnects_and_sends_again(
+    server: MCPServer, state: State
+) -> None:
+    async with (
+        serve_http(server, wrap=typescript_session_errors) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
+        await http.stop()
+        await http.restart()
+        # HTTP 400 {-32000, "Bad Request: No valid session ID provided"}: nothing ran.
+        result = await sup.call("web", "record", {"label": "after"}, timeout=10)
+        connects = sup.statistics().connections[0].connects
+    assert result.text == "recorded after"
+    assert connects == 2
+    assert state.ledger == ["after"]
+
+
+@pytest.mark.parametrize("when_disconnected", ["fail", "wait"])
+async def test_connection_refused_is_not_sent_never_outcome_unknown(
+    server: MCPServer, state: State, when_disconnected: str
+) -> None:
+    overrides = FAIL_FAST if when_disconnected == "fail" else FAST_RECOVERY
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=overrides))
+        assert (await sup.call("web", "echo", {"text": "up"})).text == "up"
+        await http.stop()
+        with pytest.raises((RMCPNetworkError, RMCPTimeoutError)) as caught:
+            await sup.call("web", "record", {"label": "down"}, timeout=1)
+    assert not isinstance(caught.value, RMCPOutcomeUnknownError)
+    assert caught.value.may_have_executed is False
+    if when_disconnected == "fail":
+        assert isinstance(caught.value, RMCPNetworkError)
+    assert state.ledger == []
+
+
+async def test_sse_resumability_server_killed_mid_call_is_a_lost_answer(
+    server: MCPServer, state: State
+) -> None:
+    """The SDK reconnects the response stream, gives up ("reconnection attempts were
+    exhausted"): an idempotent call is sent again once the server is back."""
+    async with (
+        serve_http(server, event_store=MemoryEventStore(), retry_interval=20) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        results = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                results.append(
+                    await sup.call("web", "block_idempotent", {"label": "job", "seconds": 30}, timeout=20)
+                )
+
+            nursery.start_soon(call)
+            while "job" not in state.started:
+                await trio.sleep(0.005)
+            await http.stop()
+            await trio.sleep(0.5)  # longer than the SDK's two stream reconnections 20 ms apart
+            await http.restart()
+        [result] = results
+    assert result.text == "done job"
+    assert result.attempts == 2
+
+
+async def test_sse_resumability_kill_of_an_unsafe_call_is_outcome_unknown(
+    server: MCPServer, state: State
+) -> None:
+    async with (
+        serve_http(server, event_store=MemoryEventStore(), retry_interval=20) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        async with trio.open_nursery() as nursery:
+
+            async def kill_when_started() -> None:
+                while "order" not in state.started:
+                    await trio.sleep(0.005)
+                # Let the stream's priming event (its id makes the stream resumable) arrive.
+                await trio.sleep(0.1)
+                await http.stop()
+
+            nursery.start_soon(kill_when_started)
+            with pytest.raises(RMCPOutcomeUnknownError) as caught:
+                await sup.call("web", "block_unsafe", {"label": "order", "seconds": 30}, timeout=20)
+    assert caught.value.may_have_executed is True
+    assert "reconnection attempts were exhausted" in str(caught.value)
+
+
+async def test_a_result_larger_than_the_sse_event_limit_names_the_limit(state: State) -> None:
+    app = MCPServer("big")
+
+    @app.tool()
+    async def big(size: int) -> str:
+        state.record("big")
+        return "x" * size
+
+    async with serve_http(app) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        with pytest.raises(RMCPResultValidationError, match=r"1,048,576 bytes.*max_sse_event_size") as caught:
+            await sup.call("web", "big", {"size": 1_100_000}, timeout=20)
+        assert (await sup.call("web", "big", {"size": 10})).text == "x" * 10
+        connects = sup.statistics().connections[0].connects
+    assert caught.value.may_have_executed is True
+    assert state.ledger == ["big", "big"]  # ran once, not retried
+    assert connects == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_401_or_403_at_connect_says_so_with_the_url(server: MCPServer, status: int) -> None:
+    async with serve_http(server, wrap=require_bearer("good", status)) as http, RMCPSupervisor.open() as sup:
+        url = http.url.replace("http://", "http://alice:hunter2@")
+        with pytest.raises(RMCPNetworkError) as caught:
+            await sup.add_server(ServerSpec.http("web", url, overrides=FAST_RECOVERY))
+    message = str(caught.value)
+    assert f"HTTP {status}" in message
+    assert "http://alice:***@127.0.0.1" in message
+    assert "hunter2" not in message
