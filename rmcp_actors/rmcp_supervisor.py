@@ -152,6 +152,7 @@ class RMCPSupervisor:
             RMCPConfigError: A server with that name was already added.
             RMCPNetworkError: The first connection failed within ``connect_timeout_s``; the
                 message names the command or URL and why.
+            UnknownServerError: ``remove_server`` removed it before its first connection.
         """
         if spec.name in self._servers:
             raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
@@ -167,9 +168,15 @@ class RMCPSupervisor:
             await self._connections_supervisor.start_child(child)
         except BaseException as error:
             # Only this call's entry: a remove and a new add of the name may have come between.
-            if self._servers.get(spec.name) is entry:
+            removed = self._servers.get(spec.name) is not entry
+            if not removed:
                 del self._servers[spec.name]
                 self._scheduler.retire(lane)
+            elif isinstance(error, RMCPSupervisorError):
+                # remove_server stopped the connection while it was still connecting.
+                raise UnknownServerError(
+                    f"server {spec.name!r} was removed while it was being added", server=spec.name
+                ) from error
             if isinstance(error, BaseExceptionGroup):
                 _raise_unwrapped(error)  # pyright: ignore[reportUnknownArgumentType]
             raise
