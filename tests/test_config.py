@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import pickle
 import tomllib
 from typing import Any, Generic, Never
 
@@ -983,3 +984,11 @@ def test_a_group_must_say_its_tables() -> None:
         @policy_variant
         class _Bad(_Unmarked[None]):
             """A group without tables."""
+
+
+def test_config_and_policies_pickle(tmp_path: pathlib.Path) -> None:
+    config = RMCPConfig.from_toml(write(tmp_path, EXAMPLE_TOML))
+    spec = config.servers["time"]
+    assert pickle.loads(pickle.dumps(config)) == config
+    for policy in (config.server_policy(spec), config.call_policy(spec, "get_current_time")):
+        assert pickle.loads(pickle.dumps(policy)) == policy
