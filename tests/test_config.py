@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import pickle
 import tomllib
 from typing import Any, Generic, Never
 
@@ -958,3 +959,36 @@ def test_a_new_key_has_error_paths(data: dict[str, Any], path: str, words: str) 
 def test_public_policies_do_not_see_the_test_keys() -> None:
     assert "rate_limit" not in attrs.fields_dict(PolicyOverrides)
     assert "rate_limit" not in attrs.fields_dict(CallPolicy)
+
+
+def test_a_key_declared_twice_is_refused() -> None:
+    @policy_group("tool")
+    @attrs.frozen(slots=False)
+    class _Twice(Generic[V]):
+        timeout_s: float | V = policy_key(1.0, number(positive=True), "Again.")
+
+    with pytest.raises(TypeError, match="'timeout_s' is declared twice"):
+
+        @policy_variant
+        class _Clash(_EveryLevel[None], _Twice[None]):
+            """Two groups declaring one key."""
+
+
+def test_a_group_must_say_its_tables() -> None:
+    @attrs.frozen(slots=False)
+    class _Unmarked(Generic[V]):
+        extra: float | V = policy_key(1.0, number(positive=True), "Extra.")
+
+    with pytest.raises(TypeError, match="not marked with @policy_group"):
+
+        @policy_variant
+        class _Bad(_Unmarked[None]):
+            """A group without tables."""
+
+
+def test_config_and_policies_pickle(tmp_path: pathlib.Path) -> None:
+    config = RMCPConfig.from_toml(write(tmp_path, EXAMPLE_TOML))
+    spec = config.servers["time"]
+    assert pickle.loads(pickle.dumps(config)) == config
+    for policy in (config.server_policy(spec), config.call_policy(spec, "get_current_time")):
+        assert pickle.loads(pickle.dumps(policy)) == policy

@@ -123,6 +123,13 @@ def test_url_password_is_scrubbed_encoded_and_decoded() -> None:
     assert spec.redact("a p%40ssw0rd b p@ssw0rd c") == f"a {MASK} b {MASK} c"
 
 
+def test_a_quoted_url_is_masked_whole_even_with_short_secrets() -> None:
+    url = "https://u:pw@example.com/mcp?token=abc"
+    spec = ServerSpec.http("web", url)
+    message = spec.redact(f"Client error '401 Unauthorized' for url '{url}'")
+    assert message == "Client error '401 Unauthorized' for url 'https://u:***@example.com/mcp?token=***'"
+
+
 def test_short_values_are_masked_in_reprs_but_not_scrubbed_from_prose() -> None:
     spec = ServerSpec.stdio("s", "cmd", env={"DEBUG": "on"})
     assert "'on'" not in repr(spec)

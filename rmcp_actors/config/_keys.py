@@ -52,6 +52,7 @@ Table = Literal["defaults", "server", "tool"]
 """Where a key may be written: ``[defaults]``, ``[servers.<name>]``, ``[servers.<name>.tools.<tool>]``."""
 
 Kind = Literal["resolved", "overrides"]
+"""A variant: every key holds a value (``resolved``) or may be ``None``, inherited (``overrides``)."""
 
 _KEY: Final = "rmcp_actors.policy_key"
 
@@ -133,10 +134,13 @@ def policy_variant(cls: type[_C]) -> type[_C]:
     kind = kinds.pop()
     fields: dict[str, Any] = {}
     for group in groups:
-        tables = _GROUP_TABLES.get(group, frozenset[Table]())
+        if group not in _GROUP_TABLES:
+            raise TypeError(f"{cls.__name__}: {group.__name__} is not marked with @policy_group")
         hints = vars(sys.modules[group.__module__])
         for field in attrs.fields(group):
-            fields[field.name] = _variant_field(field, kind, tables, hints)
+            if field.name in fields:
+                raise TypeError(f"{cls.__name__}: the key {field.name!r} is declared twice")
+            fields[field.name] = _variant_field(field, kind, _GROUP_TABLES[group], hints)
     built = attrs.frozen(cls, these=fields)
     docs = "\n".join(f"        {field.name}: {key_info(field).doc}" for field in attrs.fields(built))
     built.__doc__ = f"{cls.__doc__}\n\n    Attributes:\n{docs}\n\n    Raises:\n" + (

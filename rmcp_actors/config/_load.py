@@ -212,11 +212,9 @@ _END: Final = "\x1e"
 _PATH_TOKEN: Final = re.compile(
     r"\.([A-Za-z_][A-Za-z0-9_]*)|\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|-?\d+)\]"
 )
-_WHERE: Final[dict[Table, str]] = {
-    "server": "on the server",
-    "defaults": "in [defaults]",
-    "tool": "per tool ([servers.<name>.tools.<tool>])",
-}
+# How a message names each table: where the key was found, and where it may go instead.
+_HERE: Final[dict[Table, str]] = {"server": "on the server", "defaults": "in [defaults]", "tool": "per tool"}
+_THERE: Final[dict[Table, str]] = {**_HERE, "tool": "per tool ([servers.<name>.tools.<tool>])"}
 
 
 def _misplaced(key: str, table: Table, schema: Schema) -> str | None:
@@ -225,8 +223,8 @@ def _misplaced(key: str, table: Table, schema: Schema) -> str | None:
         for field in attrs.fields(cast("type[attrs.AttrsInstance]", cls)):
             tables = key_info(field).tables
             if field.name == key and table not in tables:
-                allowed = " or ".join(_WHERE[t] for t in _WHERE if t in tables)
-                return f"{key!r} cannot be set {_WHERE[table].split(' (')[0]}, set it {allowed}"
+                allowed = " or ".join(_THERE[t] for t in _THERE if t in tables)
+                return f"{key!r} cannot be set {_HERE[table]}, set it {allowed}"
     return None
 
 

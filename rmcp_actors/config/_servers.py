@@ -380,6 +380,8 @@ class ServerSpec:
         """
         secrets: list[str] = []
         if self.url is not None:
+            # The whole URL first: that masks its short secrets too (``?token=abc``).
+            text = text.replace(self.url, mask_url(self.url))
             secrets += secrets_of_url(self.url)
         secrets += secrets_of_args(self.args)
         for mapping in (self.headers, self.env):
