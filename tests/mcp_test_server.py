@@ -184,6 +184,16 @@ def _build_plain_server(state: State | None, name: str) -> MCPServer:
         """The server's process id."""
         return os.getpid()
 
+    @app.tool(annotations=READ_ONLY)
+    async def blob(size: int) -> str:
+        """A text of ``size`` characters: a large result."""
+        return "x" * size
+
+    @app.tool(annotations=READ_ONLY)
+    async def length(text: str) -> int:
+        """The length of ``text``: a large argument, a small result."""
+        return len(text)
+
     if state.state_dir is not None and (state.state_dir / "extra_tool").exists():
 
         @app.tool()

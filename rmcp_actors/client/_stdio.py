@@ -36,8 +36,8 @@ TransportStreams = tuple[ReadStream[SessionMessage | Exception], WriteStream[Ses
 # What one read asks of the pipe: the pipe's own capacity on Linux, as the SDK reads.
 _READ_SIZE = 65536
 
-# The SDK's private helpers this transport reuses, so that process handling stays the SDK's
-# (tests/test_stdio_transport.py checks they are still there).
+# The SDK's private helpers this transport reuses, so that process handling stays the SDK's;
+# if an SDK release renames one, importing this module fails at once (mcp is pinned to a minor).
 _get_executable_command = sdk_stdio._get_executable_command  # pyright: ignore[reportPrivateUsage]
 _create_process = sdk_stdio._create_platform_compatible_process  # pyright: ignore[reportPrivateUsage]
 _stop_server_process = sdk_stdio._stop_server_process  # pyright: ignore[reportPrivateUsage]
