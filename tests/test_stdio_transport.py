@@ -16,7 +16,8 @@ from mcp import StdioServerParameters
 from mcp.shared.message import SessionMessage
 
 from rmcp_actors import RMCPSupervisor, ServerSpec
-from rmcp_actors.client._stdio import LineSplitter, stdio_client
+from rmcp_actors._framing import LineSplitter
+from rmcp_actors.client._stdio import stdio_client
 
 MIB = 1 << 20
 

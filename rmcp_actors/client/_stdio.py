@@ -1,8 +1,7 @@
 """The stdio client transport: the SDK's process handling with linear framing.
 
-The SDK's ``mcp.client.stdio.stdio_client`` joins its whole pending text to every chunk it reads
-and splits the result again (``(buffer + chunk).split("\\n")``), so a line of n bytes arriving in
-64 KiB chunks costs O(n²): a 20 MiB result takes seconds where the pipe needs a tenth of that.
+The SDK's ``mcp.client.stdio.stdio_client`` frames in time quadratic in a line's size (see
+``rmcp_actors/_framing.py``): a 20 MiB result takes seconds where the pipe needs a tenth of that.
 This transport keeps everything else of the SDK's, by calling the SDK's own functions: the same
 spawn (default environment merged under ``env``, ``cwd``, stderr to ``errlog``, a new session so
 the whole process group can be signalled), the same shutdown (close stdin, wait, SIGTERM the
@@ -26,6 +25,8 @@ from mcp.client import stdio as sdk_stdio
 from mcp.client.stdio import StdioServerParameters, get_default_environment
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
+
+from .._framing import LineSplitter, serialize
 
 __all__ = ["stdio_client"]
 
@@ -53,40 +54,6 @@ def parse_line(line: bytes | bytearray) -> SessionMessage | Exception:
         logger.warning("Failed to parse a JSON-RPC message from the MCP server: %s", exc)
         return exc
     return SessionMessage(message)
-
-
-def serialize(session_message: SessionMessage) -> bytes:
-    """One message as a line of UTF-8 JSON, as the SDK writes it (by alias, unset fields left out)."""
-    message = session_message.message
-    # model_dump_json() is this call followed by a decode, which the pipe would encode again.
-    return message.__pydantic_serializer__.to_json(message, by_alias=True, exclude_unset=True) + b"\n"
-
-
-class LineSplitter:
-    """Newline framing in time linear in the bytes received.
-
-    Each chunk is searched once, from its own start: a partial line waits in a list of pieces
-    that are joined once, when its newline arrives.
-    """
-
-    def __init__(self) -> None:
-        self._pieces: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """Return the lines that ``chunk`` completes, without their newlines."""
-        lines: list[bytes] = []
-        start = 0
-        while (end := chunk.find(b"\n", start)) != -1:
-            if self._pieces:
-                self._pieces.append(chunk[start:end])
-                lines.append(b"".join(self._pieces))
-                self._pieces.clear()
-            else:
-                lines.append(chunk[start:end])
-            start = end + 1
-        if start < len(chunk):
-            self._pieces.append(chunk[start:] if start else chunk)
-        return lines
 
 
 @asynccontextmanager
