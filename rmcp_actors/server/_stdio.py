@@ -33,6 +33,8 @@ ServerStreams = tuple[ReadStream[SessionMessage | Exception], WriteStream[Sessio
 
 # The pipe's capacity on Linux: one read takes what a writer could have put in it.
 _READ_SIZE = 65536
+# Most bytes one worker-thread hop gathers before handing them to the event loop.
+_MAX_READ_AHEAD = 16 << 20
 
 # The SDK's private fd claim, reused so that the fd handling stays the SDK's; if an SDK release
 # renames these, importing this module fails at once (mcp is pinned to a minor).
@@ -65,8 +67,21 @@ def _write_all(stream: BinaryIO, data: bytes) -> None:
 
 
 def _read_chunk(stream: BinaryIO) -> bytes:
-    read1: Callable[[int], bytes] | None = getattr(stream, "read1", None)
-    return read1(_READ_SIZE) if read1 is not None else stream.read(_READ_SIZE)
+    """Read what has arrived; while no newline has, keep reading in this same worker thread.
+
+    A line without its newline is incomplete, so waiting here for more costs no latency, and a
+    large message then takes one thread hop instead of one per pipe-sized read (the SDK's
+    ``readline`` also takes one).
+    """
+    read: Callable[[int], bytes] = getattr(stream, "read1", stream.read)
+    pieces: list[bytes] = []
+    received = 0
+    while received < _MAX_READ_AHEAD and (chunk := read(_READ_SIZE)):
+        pieces.append(chunk)
+        received += len(chunk)
+        if b"\n" in chunk:
+            break
+    return b"".join(pieces)
 
 
 @asynccontextmanager
