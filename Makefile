@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/server_overhead.py
+	$(PY) benchmarks/large_payloads.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

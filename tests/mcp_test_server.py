@@ -3,13 +3,14 @@
 Usage over stdio::
 
     python tests/mcp_test_server.py [--state-dir DIR] [--garbage] [--exit-at-once] [--lifetime S]
-                                    [--rmcp-store memory|PATH]
+                                    [--rmcp-store memory|PATH] [--linear-stdio]
 
 ``--state-dir`` keeps the side-effect ledger and the "started" markers in files, so that they
 survive a SIGKILL of the server and a test can read them. ``--garbage`` prints non-JSON-RPC
 lines on stdout and never answers; ``--exit-at-once`` exits before the handshake;
 ``--lifetime S`` serves for S seconds, then exits (a server that keeps dying);
-``--rmcp-store`` installs the RMCP server side with a MemoryStore or a SQLiteStore at PATH.
+``--rmcp-store`` installs the RMCP server side with a MemoryStore or a SQLiteStore at PATH;
+``--linear-stdio`` serves with ``rmcp_actors.server.run_stdio`` instead of the SDK's ``run("stdio")``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+if __name__ == "__main__":
+    # Run as a script, import the rmcp_actors of this checkout: the SDK's default environment
+    # drops PYTHONPATH, so the interpreter would otherwise find whichever copy is installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mcp import MCPError
 from mcp.server import Server, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
@@ -38,7 +44,7 @@ from mcp.types import (
     ToolAnnotations,
 )
 
-from rmcp_actors.server import install
+from rmcp_actors.server import install, run_stdio
 from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
 
 READ_ONLY = ToolAnnotations(read_only_hint=True)
@@ -184,6 +190,16 @@ def _build_plain_server(state: State | None, name: str) -> MCPServer:
         """The server's process id."""
         return os.getpid()
 
+    @app.tool(annotations=READ_ONLY)
+    async def blob(size: int) -> str:
+        """A text of ``size`` characters: a large result."""
+        return "x" * size
+
+    @app.tool(annotations=READ_ONLY)
+    async def length(text: str) -> int:
+        """The length of ``text``: a large argument, a small result."""
+        return len(text)
+
     if state.state_dir is not None and (state.state_dir / "extra_tool").exists():
 
         @app.tool()
@@ -220,6 +236,7 @@ def main() -> None:
     parser.add_argument("--exit-at-once", action="store_true")
     parser.add_argument("--lifetime", type=float)
     parser.add_argument("--rmcp-store")
+    parser.add_argument("--linear-stdio", action="store_true")
     options = parser.parse_args()
     if options.exit_at_once:
         sys.exit(3)
@@ -236,7 +253,11 @@ def main() -> None:
         store = MemoryStore()
     elif options.rmcp_store is not None:
         store = SQLiteStore(options.rmcp_store)
-    build_server(State(options.state_dir), store=store).run("stdio")
+    app = build_server(State(options.state_dir), store=store)
+    if options.linear_stdio:
+        run_stdio(app)
+    else:
+        app.run("stdio")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import anyio
 from mcp import Client, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.client.extension import advertise
-from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
@@ -28,6 +27,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from .._protocol import EXTENSION_ID, PROTOCOL_VERSION
 from ..config import ServerSpec
 from ._http_evidence import recording_http_client
+from ._stdio import stdio_client
 
 __all__ = ["ClosedCallback", "build_client", "client_mode"]
 

@@ -11,7 +11,17 @@ Example::
     async def create_order(item: str) -> str: ...
 """
 
+from ._stdio import run_stdio, serve_stdio, stdio_server
 from .extension import RMCPServerSide, ServerStatistics
 from .install import FastRMCP, install, rmcp_of
 
-__all__ = ["FastRMCP", "RMCPServerSide", "ServerStatistics", "install", "rmcp_of"]
+__all__ = [
+    "FastRMCP",
+    "RMCPServerSide",
+    "ServerStatistics",
+    "install",
+    "rmcp_of",
+    "run_stdio",
+    "serve_stdio",
+    "stdio_server",
+]

@@ -11,6 +11,7 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
 
 from ..stores import DedupStore, MemoryStore
+from ._stdio import serve_stdio
 from .extension import RMCPServerSide
 
 __all__ = ["FastRMCP", "install", "rmcp_of"]
@@ -109,6 +110,10 @@ class FastRMCP(MCPServer[Any]):
         side = rmcp_of(self)
         assert side is not None  # installed in __init__ and never removed
         return side
+
+    async def run_stdio_async(self) -> None:
+        """Serve over stdio with the linear-framing transport (``run()`` and ``run("stdio")``)."""
+        await serve_stdio(self)
 
 
 class _Beside:
