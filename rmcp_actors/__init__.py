@@ -1,15 +1,18 @@
 """rmcp_actors: Reliable MCP, a supervised actor runtime that makes MCP tool calls reliable.
 
-The implementation lives in private modules and sub-packages; everything a user needs is
-re-exported here, and users import from ``rmcp_actors`` only.
+The implementation lives in private modules and sub-packages; the everyday API is re-exported
+here, and users import from ``rmcp_actors`` only. What is not everyday API has a namespace of its
+own, as in trio: ``rmcp_actors.lowlevel`` (statistics snapshots, the server middleware class),
+``rmcp_actors.runtime`` (the actor kernel), ``rmcp_actors.server`` and ``rmcp_actors.stores``
+(the RMCP server side), ``rmcp_actors.testing`` (fault injection for tests).
 """
+
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 import attrs as _attrs
 
 from .client.connection import ConnectionState as ConnectionState
-from .client.connection import ConnectionStatistics as ConnectionStatistics
-from .client.scheduler import LaneStatistics as LaneStatistics
-from .client.scheduler import SchedulerStatistics as SchedulerStatistics
 from .config import CallPolicy as CallPolicy
 from .config import PolicyOverrides as PolicyOverrides
 from .config import ReconnectOverrides as ReconnectOverrides
@@ -42,19 +45,65 @@ from .lifecycle import LifecycleEvent as LifecycleEvent
 from .lifecycle import RequestState as RequestState
 from .result import CallResult as CallResult
 from .rmcp_supervisor import RMCPSupervisor as RMCPSupervisor
-from .rmcp_supervisor import RuntimeStatistics as RuntimeStatistics
 from .server import FastRMCP as FastRMCP
-from .server import RMCPServerSide as RMCPServerSide
-from .server import ServerStatistics as ServerStatistics
+from .server import install as install
 from .stores import DedupStore as DedupStore
 from .stores import MemoryStore as MemoryStore
 from .stores import SQLiteStore as SQLiteStore
 
+try:
+    __version__ = _version("rmcp-actors")
+except _PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "__version__",
+    "CallPolicy",
+    "CallResult",
+    "ConnectionState",
+    "DedupStore",
+    "FastRMCP",
+    "install",
+    "LifecycleEvent",
+    "MemoryStore",
+    "Outcome",
+    "PolicyOverrides",
+    "ReconnectOverrides",
+    "ReconnectPolicy",
+    "RequestState",
+    "RetryOverrides",
+    "RetryPolicy",
+    "RMCPActorStoppedError",
+    "RMCPArgumentError",
+    "RMCPConfig",
+    "RMCPConfigError",
+    "RMCPError",
+    "RMCPIdempotencyConflictError",
+    "RMCPNackError",
+    "RMCPNetworkError",
+    "RMCPOutcomeUnknownError",
+    "RMCPOverloadedError",
+    "RMCPResultValidationError",
+    "RMCPServerError",
+    "RMCPSupervisor",
+    "RMCPSupervisorError",
+    "RMCPTimeoutAfterSendError",
+    "RMCPTimeoutError",
+    "RuntimeSettings",
+    "ServerPolicy",
+    "ServerSpec",
+    "SQLiteStore",
+    "ToolOverrides",
+    "UnknownServerError",
+    "UnknownToolError",
+]
+
 
 def _show_public_module() -> None:
     """Make reprs and tracebacks say ``rmcp_actors.CallResult``, the name users import."""
-    for name, value in globals().items():
-        if not name.startswith("_") and getattr(value, "__module__", "").startswith("rmcp_actors."):
+    for name in __all__:
+        value = globals()[name]
+        if getattr(value, "__module__", "").startswith("rmcp_actors."):
             if _attrs.has(value):
                 # String annotations resolve in the defining module: resolve them while it is known.
                 _attrs.resolve_types(value)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 from pathlib import Path
 
+import pytest
+
 import rmcp_actors
-from rmcp_actors import errors
+from rmcp_actors import errors, lowlevel
 
 PUBLIC = {name: value for name, value in vars(rmcp_actors).items() if not name.startswith("_")}
 PUBLIC_OBJECTS = {name: value for name, value in PUBLIC.items() if not inspect.ismodule(value)}
@@ -46,3 +49,33 @@ def test_timeout_after_send_is_both_a_timeout_and_an_unknown_outcome() -> None:
     assert isinstance(error, rmcp_actors.RMCPOutcomeUnknownError)
     assert error.may_have_executed is True
     assert rmcp_actors.RMCPTimeoutError("early").may_have_executed is False
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    assert set(rmcp_actors.__all__) == {*PUBLIC_OBJECTS, "__version__"}
+
+
+@pytest.mark.parametrize("namespace", ["lowlevel", "runtime", "server", "stores", "testing"])
+def test_each_namespace_lists_its_names(namespace: str) -> None:
+    module = importlib.import_module(f"rmcp_actors.{namespace}")
+    assert module.__all__
+    for name in module.__all__:
+        assert inspect.getdoc(getattr(module, name)), f"rmcp_actors.{namespace}.{name} has no docstring"
+
+
+def test_version_is_the_installed_distributions() -> None:
+    assert rmcp_actors.__version__ == importlib.metadata.version("rmcp-actors")
+
+
+def test_install_is_exported_beside_fast_rmcp() -> None:
+    assert rmcp_actors.install is rmcp_actors.server.install
+    assert "install" in rmcp_actors.__all__
+    assert "FastRMCP" in rmcp_actors.__all__
+
+
+def test_lowlevel_names_are_documented_and_shown_under_their_namespace() -> None:
+    for name in lowlevel.__all__:
+        value = getattr(lowlevel, name)
+        assert inspect.getdoc(value), f"lowlevel.{name} has no docstring"
+        assert value.__module__ == "rmcp_actors.lowlevel", name
+        assert name not in rmcp_actors.__all__, f"{name} is not everyday API: keep it in lowlevel only"

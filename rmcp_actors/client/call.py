@@ -47,8 +47,8 @@ from ..result import CallResult
 from ._arguments import check_arguments
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
+from .backoff import backoff_delay
 from .connection import Connection, Session
-from .retry import backoff_delay
 from .scheduler import Lane, Scheduler
 
 __all__ = ["CallRequest", "perform_call"]

@@ -30,7 +30,7 @@ from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._failures import Evidence
 from ._http_evidence import current_evidence, describe_refusal
 from ._transport import build_client
-from .retry import backoff_delay
+from .backoff import backoff_delay
 
 __all__ = ["Connection", "ConnectionState", "ConnectionStatistics", "RefreshTools", "Session"]
 

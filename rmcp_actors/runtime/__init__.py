@@ -10,3 +10,16 @@ from .supervisor import RestartIntensity as RestartIntensity
 from .supervisor import Strategy as Strategy
 from .supervisor import Supervisor as Supervisor
 from .supervisor import SupervisorStatistics as SupervisorStatistics
+
+__all__ = [
+    "Actor",
+    "ActorStatistics",
+    "ReplySlot",
+    "ChildSpec",
+    "ChildStatistics",
+    "Restart",
+    "RestartIntensity",
+    "Strategy",
+    "Supervisor",
+    "SupervisorStatistics",
+]

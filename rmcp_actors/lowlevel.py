@@ -1,0 +1,38 @@
+"""Types a program meets but rarely names, kept out of the everyday namespace (as ``trio.lowlevel``).
+
+Statistics snapshots returned by ``statistics()`` methods, for monitoring and tests, and the
+class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a server.
+"""
+
+from .client.connection import ConnectionStatistics as ConnectionStatistics
+from .client.scheduler import LaneStatistics as LaneStatistics
+from .client.scheduler import SchedulerStatistics as SchedulerStatistics
+from .rmcp_supervisor import RuntimeStatistics as RuntimeStatistics
+from .server import RMCPServerSide as RMCPServerSide
+from .server import ServerStatistics as ServerStatistics
+from .server import rmcp_of as rmcp_of
+
+__all__ = [
+    "ConnectionStatistics",
+    "LaneStatistics",
+    "RMCPServerSide",
+    "RuntimeStatistics",
+    "SchedulerStatistics",
+    "ServerStatistics",
+    "rmcp_of",
+]
+
+
+def _show_public_module() -> None:
+    """Make reprs say ``rmcp_actors.lowlevel.LaneStatistics``, the name users import."""
+    import attrs
+
+    for name in __all__:
+        value = globals()[name]
+        if attrs.has(value):
+            # String annotations resolve in the defining module: resolve them while it is known.
+            attrs.resolve_types(value)
+        value.__module__ = __name__
+
+
+_show_public_module()
