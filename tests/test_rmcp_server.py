@@ -26,6 +26,7 @@ from rmcp_actors import (
     PolicyOverrides,
     RequestState,
     RetryOverrides,
+    RMCPConfigError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
     RMCPOutcomeUnknownError,
@@ -131,14 +132,15 @@ async def test_rmcp_client_against_rmcp_server_is_acked(rmcp_server: MCPServer, 
 
 def test_install_twice_is_refused() -> None:
     app = install(build_server())
-    with pytest.raises(ValueError, match="already installed"):
+    with pytest.raises(RMCPConfigError, match="already installed"):
         install(app)
 
 
 async def test_install_on_a_low_level_server() -> None:
     from mcp_test_server import build_paginated_server
 
-    lowlevel = install(build_paginated_server())
+    # Its lifespan runs once per client below: the store must outlive each of them.
+    lowlevel = install(build_paginated_server(), close_store=False)
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("low", lowlevel))
         tool = (await sup.list_tools("low"))[0].name

@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from rmcp_actors import RMCPStoreClosedError
 from rmcp_actors.stores import (
     DedupStore,
     MemoryStore,
@@ -24,6 +25,8 @@ from rmcp_actors.stores import (
     RecordState,
     SQLiteStore,
 )
+from rmcp_actors.stores import memory as memory_module
+from rmcp_actors.stores import sqlite as sqlite_module
 
 TTL_S = 3_600.0
 LEASE_S = 30.0
@@ -232,9 +235,9 @@ async def test_closed_store_refuses_calls(harness: Harness) -> None:
     assert await claim(store, "k")
     await store.aclose()
     await store.aclose()
-    with pytest.raises(anyio.ClosedResourceError, match="closed"):
+    with pytest.raises(RMCPStoreClosedError, match="closed"):
         await store.get("k")
-    with pytest.raises(anyio.ClosedResourceError, match="closed"):
+    with pytest.raises(RMCPStoreClosedError, match="closed"):
         await claim(store, "other")
 
 
@@ -596,3 +599,82 @@ async def test_sqlite_claim_never_blocks_the_event_loop_on_another_writer(tmp_pa
         await store.aclose()
     # The loop kept running while the claim waited for the lock in a worker thread.
     assert ticks >= 20
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_BUSY_SNAPSHOT,
+        sqlite3.SQLITE_BUSY_RECOVERY,
+        sqlite3.SQLITE_LOCKED_SHAREDCACHE,
+    ],
+)
+def test_sqlite_busy_is_read_from_the_primary_result_code(code: int) -> None:
+    """Extended codes (BUSY_SNAPSHOT = 517, ...) carry BUSY or LOCKED in their low byte."""
+    error = sqlite3.OperationalError("database is locked")
+    error.sqlite_errorcode = code
+    assert sqlite_module._is_busy(error)  # pyright: ignore[reportPrivateUsage]
+    other = sqlite3.OperationalError("disk I/O error")
+    other.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
+    assert not sqlite_module._is_busy(other)  # pyright: ignore[reportPrivateUsage]
+
+
+def insert_expired(path: Path, count: int, expires_at: float) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.executemany(
+            "INSERT INTO records (key, fingerprint, tool, state, owner, result, created_at, expires_at)"
+            " VALUES (?, 'fp', 'tool', 'completed', 'gone', NULL, 0, ?)",
+            [(f"old-{index}", expires_at) for index in range(count)],
+        )
+
+
+async def test_sqlite_purges_expired_records_in_bounded_batches(tmp_path: Path) -> None:
+    """One write never carries more than one batch of deletions; purge_expired() commits one
+    transaction per batch, so other writers get the lock between them."""
+    path = tmp_path / "dedup.db"
+    clock = FakeClock()
+    store = SQLiteStore(path, ttl_s=10.0, clock=clock)
+    batch = sqlite_module._PURGE_BATCH  # pyright: ignore[reportPrivateUsage]
+    try:
+        assert await claim(store, "first")  # creates the schema; expired with the others below
+        insert_expired(path, 2 * batch + 500, expires_at=clock.now - 1)
+        clock.now += 61
+        assert await claim(store, "trigger")
+        assert len(stored_keys(path)) == batch + 501 + 1
+        commits = store.statistics().commits
+        assert await store.purge_expired() == batch + 501
+        assert store.statistics().commits - commits >= 2
+        assert stored_keys(path) == {"trigger"}
+    finally:
+        await store.aclose()
+
+
+async def test_memory_purge_lets_other_tasks_run_between_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(ttl_s=10.0, clock=trio.current_time)
+    batch = memory_module._PURGE_BATCH  # pyright: ignore[reportPrivateUsage]
+    for index in range(3 * batch):
+        assert await claim(store, f"old-{index}")
+        await store.complete(f"old-{index}", owner="a", result=b"r")
+    await trio.sleep(11)
+    others_ran = 0
+    done = False
+
+    async def purge() -> None:
+        nonlocal done
+        assert await store.purge_expired() == 3 * batch
+        done = True
+
+    async def other() -> None:
+        nonlocal others_ran
+        while not done:
+            others_ran += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(purge)
+        nursery.start_soon(other)
+    assert others_ran >= 3

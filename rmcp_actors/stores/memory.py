@@ -13,12 +13,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import final
 
-import anyio
+import anyio.lowlevel
 import attrs
 
+from ..errors import RMCPStoreClosedError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
 
 __all__ = ["MemoryStore"]
+
+#: Records purge_expired() checks between two checkpoints.
+_PURGE_BATCH = 1_000
 
 
 @attrs.define(eq=False)
@@ -149,23 +153,34 @@ class MemoryStore:
         return None if entry is None else self._to_record(key, entry, now)
 
     async def purge_expired(self) -> int:
-        """Delete expired records; return how many were deleted."""
+        """Delete expired records; return how many were deleted.
+
+        Checks at most 1,000 records between two checkpoints, so that purging a large store
+        does not hold up the event loop's other tasks.
+        """
         self._check_open()
-        now = self._clock()
-        expired = [key for key, entry in self._records.items() if self._expired(entry, now)]
-        for key in expired:
-            del self._records[key]
-        return len(expired)
+        keys = list(self._records)
+        deleted = 0
+        for start in range(0, len(keys), _PURGE_BATCH):
+            now = self._clock()
+            for key in keys[start : start + _PURGE_BATCH]:
+                # Other tasks ran since the snapshot: the key may be gone, or claimed anew.
+                entry = self._records.get(key)
+                if entry is not None and self._expired(entry, now):
+                    del self._records[key]
+                    deleted += 1
+            await anyio.lowlevel.checkpoint()
+        return deleted
 
     async def aclose(self) -> None:
-        """Drop every record; further calls raise ``anyio.ClosedResourceError``."""
+        """Drop every record; further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`."""
         self._closed = True
         self._records.clear()
         self._owner_leases.clear()
 
     def _check_open(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError("this MemoryStore was closed: create a new store")
+            raise RMCPStoreClosedError("this MemoryStore was closed: create a new store")
 
     def _live_entry(self, key: str, now: float) -> _Entry | None:
         """The unexpired entry of ``key``, marked as the most recently used."""

@@ -39,6 +39,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
+from ..errors import RMCPStoreClosedError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
@@ -47,6 +48,9 @@ _T = TypeVar("_T")
 
 #: How often a flush also deletes expired records, so the file does not grow without bound.
 _PURGE_INTERVAL_S = 60.0
+#: Most records one transaction deletes: a purge must not hold the write lock (and the
+#: writes batched with it) for as long as a backlog of millions of records takes.
+_PURGE_BATCH = 1_000
 
 # IF NOT EXISTS throughout: several processes may create the schema of a fresh file at once.
 _SCHEMA = (
@@ -149,7 +153,8 @@ class SQLiteStore:
     lease lapses; the pid check runs on POSIX only.)
 
     Expired records are deleted by :meth:`purge_expired`, and at most once a minute as part
-    of an ordinary write.
+    of an ordinary write, in worker threads and in batches of at most 1,000 records per
+    transaction.
 
     Cancelling a write (``begin``, ``complete``, ...) before it reaches the database drops
     it; once its transaction has started, it may be committed although the caller was
@@ -330,14 +335,24 @@ class SQLiteStore:
 
     async def purge_expired(self) -> int:
         """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
-        that have no records left; return how many records were deleted."""
+        that have no records left; return how many records were deleted.
+
+        One transaction per batch of records, so other writes interleave with a long purge.
+        """
         now = self._clock()
-        return await self._write(lambda connection: self._purge(connection, now))
+        # This purge does the opportunistic one's work, and counts what it deletes.
+        self._next_purge_at = now + _PURGE_INTERVAL_S
+        deleted = 0
+        while True:
+            batch = await self._write(lambda connection: self._purge(connection, now))
+            deleted += batch
+            if batch < _PURGE_BATCH:
+                return deleted
 
     async def aclose(self) -> None:
         """Commit the writes already queued, then close the connection.
 
-        Further calls raise ``anyio.ClosedResourceError``. Closing twice is harmless.
+        Further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`. Closing twice is harmless.
         """
         if self._closing:
             return
@@ -391,13 +406,16 @@ class SQLiteStore:
             now = self._clock()
             purge_now = now if now >= self._next_purge_at else None
             if purge_now is not None:
-                self._next_purge_at = now + _PURGE_INTERVAL_S
+                # Until the flush tells that the backlog is gone, the next one purges too.
+                self._next_purge_at = now
             self._commits += 1
             self._writes += len(batch)
             self._largest_batch = max(self._largest_batch, len(batch))
             try:
                 async with self._lock:
-                    answers = await anyio.to_thread.run_sync(self._commit_batch, batch, purge_now)
+                    answers, purged = await anyio.to_thread.run_sync(self._commit_batch, batch, purge_now)
+                if purge_now is not None and purged < _PURGE_BATCH:
+                    self._next_purge_at = purge_now + _PURGE_INTERVAL_S
             except Exception as exc:
                 for write in batch:
                     write.settle(None, _fresh_copy(exc))
@@ -418,8 +436,9 @@ class SQLiteStore:
 
     def _commit_batch(
         self, batch: list[_Write[Any]], purge_now: float | None
-    ) -> list[tuple[object, Exception | None]]:
-        """Run in a worker thread: apply every write in one transaction, each in a savepoint."""
+    ) -> tuple[list[tuple[object, Exception | None]], int]:
+        """Run in a worker thread: apply every write in one transaction, each in a savepoint;
+        return their answers and how many expired records the transaction deleted."""
         connection = self._open_connection()
         synchronous = "FULL" if any(write.sync for write in batch) else "NORMAL"
         if synchronous != self._synchronous:
@@ -427,24 +446,29 @@ class SQLiteStore:
             connection.execute(f"PRAGMA synchronous = {synchronous}")
             self._synchronous = synchronous
         connection.execute("BEGIN IMMEDIATE")
+        purged = 0
         try:
             answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
             if purge_now is not None:
                 # An opportunistic purge that fails is rolled back alone and retried next time.
-                _apply_in_savepoint(connection, functools.partial(self._purge, now=purge_now))
+                value, _error = _apply_in_savepoint(connection, functools.partial(self._purge, now=purge_now))
+                purged = cast(int, value or 0)
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
-        return answers
+        return answers, purged
 
     def _purge(self, connection: sqlite3.Connection, now: float) -> int:
+        """Delete one batch of expired records (at most ``_PURGE_BATCH``); return how many."""
         # A run whose owner still holds its lease is kept past its TTL (see _live_record).
         deleted = connection.execute(
-            """DELETE FROM records WHERE expires_at <= ? AND (state != ? OR owner NOT IN
-            (SELECT instance_id FROM owners WHERE released = 0 AND lease_expires_at > ?))""",
-            (now, RecordState.STARTED.value, now),
+            """DELETE FROM records WHERE rowid IN (SELECT rowid FROM records
+            WHERE expires_at <= ? AND (state != ? OR owner NOT IN
+            (SELECT instance_id FROM owners WHERE released = 0 AND lease_expires_at > ?))
+            LIMIT ?)""",
+            (now, RecordState.STARTED.value, now, _PURGE_BATCH),
         ).rowcount
         # An owner kept a while after its lease may still renew (a long pause, not a crash), and
         # a released one must stay known as released to a late renewal.
@@ -459,7 +483,7 @@ class SQLiteStore:
     def _open_connection(self) -> sqlite3.Connection:
         """Run in a worker thread: the connection, opened and the schema created on first use."""
         if self._connection_closed:
-            raise anyio.ClosedResourceError("this SQLiteStore was closed: create a new store")
+            raise RMCPStoreClosedError("this SQLiteStore was closed: create a new store")
         if self._connection is not None:
             return self._connection
         connection = sqlite3.connect(
@@ -497,7 +521,7 @@ class SQLiteStore:
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            if _is_busy(exc):
                 return None
             raise
         try:
@@ -530,7 +554,7 @@ class SQLiteStore:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise anyio.ClosedResourceError("this SQLiteStore was closed: create a new store")
+            raise RMCPStoreClosedError("this SQLiteStore was closed: create a new store")
 
     def _live_record(self, row: tuple[Any, ...], now: float) -> DedupRecord | None:
         """The record of ``row``, or None when it expired. A run whose owner is alive never
@@ -578,6 +602,12 @@ def _apply_in_savepoint(
         return None, exc
     connection.execute("RELEASE write")
     return value, None
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite refused because another connection holds a lock. The primary result
+    code is the low byte: extended codes (``SQLITE_BUSY_SNAPSHOT`` = 517, ...) keep it."""
+    return error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _process_exists(pid: int) -> bool:
