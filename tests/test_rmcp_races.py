@@ -34,6 +34,7 @@ from rmcp_actors import (
 from rmcp_actors._protocol import ServerSettings
 from rmcp_actors.client.call import _check_dedup_still_covers, _Progress  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.errors import RMCPOutcomeUnknownError
+from rmcp_actors.server import store_key
 from rmcp_actors.stores import BeginOutcome, DedupRecord
 
 
@@ -465,7 +466,7 @@ async def test_an_unknown_tool_is_refused_before_its_key_is_claimed() -> None:
 
     async with mcp.Client(app) as client:
         refused = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 1))
-        assert await store.get("k") is None
+        assert await store.get(store_key("k")) is None
 
         @app.tool()
         async def pay(amount: int) -> str:
@@ -491,7 +492,7 @@ async def test_arguments_the_sdk_rejects_are_refused_before_the_key_is_claimed()
 
     async with mcp.Client(app) as client:
         refused = await client.call_tool("pay", {"amount": "lots"}, meta=meta("k", 1))
-        assert await store.get("k") is None
+        assert await store.get(store_key("k")) is None
         # Fixed arguments under the same key are a new call, not a conflict with a refusal.
         fixed = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 2))
         # As lax as the SDK itself: a numeric string is an integer to it.

@@ -35,7 +35,7 @@ from rmcp_actors import (
     ServerSpec,
 )
 from rmcp_actors._protocol import EXTENSION_ID
-from rmcp_actors.server import install, rmcp_of
+from rmcp_actors.server import install, rmcp_of, store_key
 from rmcp_actors.stores import OwnerInfo
 
 PROTOCOLS = ["auto", "legacy"]
@@ -331,7 +331,7 @@ async def test_started_key_of_a_gone_owner_is_in_doubt(state: State) -> None:
     call = {"label": "lost"}
     from rmcp_actors._protocol import fingerprint
 
-    await store.begin("k", fingerprint=fingerprint("record", call), tool="record", owner="crashed")
+    await store.begin(store_key("k"), fingerprint=fingerprint("record", call), tool="record", owner="crashed")
     await store.release_owner("crashed")
     app = build_server(state, store=store)
     async with RMCPSupervisor.open() as sup:
@@ -537,7 +537,7 @@ async def test_the_lifespan_keeps_the_lease_of_a_long_run_alive(
 
         nursery.start_soon(long_run)
         await trio.sleep(15)
-        record = await store.get("lease")
+        record = await store.get(store_key("lease"))
         assert record is not None
         # Five leases later, with no other call to renew it, the owner still reads alive.
         assert (record.state.value, record.owner_alive) == ("started", True)

@@ -11,7 +11,7 @@ Example::
     async def create_order(item: str) -> str: ...
 """
 
-from .extension import RMCPServerSide, ServerStatistics
+from .extension import RMCPServerSide, ServerStatistics, store_key
 from .install import FastRMCP, install, rmcp_of
 
-__all__ = ["FastRMCP", "RMCPServerSide", "ServerStatistics", "install", "rmcp_of"]
+__all__ = ["FastRMCP", "RMCPServerSide", "ServerStatistics", "install", "rmcp_of", "store_key"]

@@ -9,6 +9,7 @@ without it (plain MCP clients) pass through untouched.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import attrs
 import msgspec
 from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.request_state import authenticated_principal
 from mcp.server.session import ServerSession
 from mcp_types import INTERNAL_ERROR
 from mcp_types.methods import serialize_server_result, validate_client_request
@@ -47,7 +49,7 @@ from ..errors import RMCPConfigError, RMCPStoreError
 from ..stores import BeginOutcome, DedupRecord, DedupStore, MemoryStore, OwnerInfo, RecordState
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
 
-__all__ = ["CallCheck", "RMCPServerSide", "ServerStatistics"]
+__all__ = ["CallCheck", "RMCPServerSide", "ServerStatistics", "store_key"]
 
 _T = TypeVar("_T")
 
@@ -114,6 +116,20 @@ class _TokenBucket:
             self.tokens -= 1.0
             return None
         return math.ceil((1.0 - self.tokens) / self.rate_per_s * 1000)
+
+
+def store_key(key: str, principal: str | None = None) -> str:
+    """The key under which a store keeps a client's dedup key: scoped to the principal that
+    presents it (``mcp.server.request_state.authenticated_principal``; None when the caller
+    is not authenticated).
+
+    Another principal presenting the same key gets a key of its own, so it can neither replay
+    the result nor learn from a conflict that the key exists. Every scope, the unauthenticated
+    one too, is a fixed-length digest prefix, so no key chosen by a client can name another
+    scope's record.
+    """
+    scope = hashlib.sha256((principal or "").encode()).hexdigest()[:32]
+    return f"{scope}/{key}"
 
 
 class _ProgressAfterAck:
@@ -308,6 +324,8 @@ class RMCPServerSide:
         self._active += 1
         try:
             key = meta.dedup_key
+            if key is not None:
+                key = store_key(key, authenticated_principal(ctx))
             if key is None:
                 outcome = await self._run_unkeyed(ctx, call_next)
                 return self._answer(ctx, outcome, meta, duplicate=False)
