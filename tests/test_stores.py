@@ -678,3 +678,24 @@ async def test_memory_purge_lets_other_tasks_run_between_batches(
         nursery.start_soon(purge)
         nursery.start_soon(other)
     assert others_ran >= 3
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+async def test_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """Stored results are the tools' answers: no other user of the host may read them."""
+    path = tmp_path / "dedup.db"
+    old_umask = os.umask(0o022)
+    try:
+        store = SQLiteStore(path)
+        try:
+            assert await claim(store, "k")
+            await store.complete("k", owner="a", result=b"secret")
+            modes = {
+                suffix: path.with_name(path.name + suffix).stat().st_mode & 0o777
+                for suffix in ("", "-wal", "-shm")
+            }
+        finally:
+            await store.aclose()
+    finally:
+        os.umask(old_umask)
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}

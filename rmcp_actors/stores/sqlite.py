@@ -162,7 +162,8 @@ class SQLiteStore:
     (shielded, bounded by ``busy_timeout_s``) before it sees its cancellation.
 
     Args:
-        path: The database file; created with its schema if absent.
+        path: The database file; created with its schema if absent, readable by its owner
+            only (mode 0600, as its -wal and -shm files).
         ttl_s: How long a record lives, counted from its creation.
         clock: The time source for expiries and leases, in seconds since the epoch;
             ``time.time`` by default, a wall clock because several processes share the file.
@@ -486,6 +487,7 @@ class SQLiteStore:
             raise RMCPStoreClosedError("this SQLiteStore was closed: create a new store")
         if self._connection is not None:
             return self._connection
+        _create_private(self._path)
         connection = sqlite3.connect(
             self._path,
             timeout=self._busy_timeout_s,
@@ -602,6 +604,19 @@ def _apply_in_savepoint(
         return None, exc
     connection.execute("RELEASE write")
     return value, None
+
+
+def _create_private(path: str) -> None:
+    """Create the database file, if absent, readable and writable by its owner only: it holds
+    the tools' results. SQLite gives the -wal and -shm files the mode of the database file."""
+    if path == ":memory:":
+        return
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # An existing file keeps the mode its owner gave it.
+        return
+    os.close(descriptor)
 
 
 def _is_busy(error: sqlite3.Error) -> bool:
