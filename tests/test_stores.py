@@ -17,7 +17,12 @@ import pytest
 import trio
 import trio.testing
 
-from rmcp_actors import RMCPStoreClosedError
+from rmcp_actors import (
+    RMCPConfigError,
+    RMCPStoreClosedError,
+    RMCPStoreError,
+    RMCPUnknownOwnerError,
+)
 from rmcp_actors.stores import (
     DedupStore,
     MemoryStore,
@@ -210,7 +215,7 @@ async def test_unregistered_owner_is_dead_and_cannot_renew(harness: Harness) -> 
     record = await store.get("k")
     assert record is not None
     assert not record.owner_alive
-    with pytest.raises(LookupError, match="register_owner"):
+    with pytest.raises(RMCPUnknownOwnerError, match="register_owner"):
         await store.renew_owner("ghost", LEASE_S)
 
 
@@ -277,13 +282,13 @@ async def test_memory_store_grows_rather_than_evict_runs_in_progress() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: MemoryStore(max_entries=0), "max_entries must be a positive"),
-        (lambda: MemoryStore(ttl_s=0.0), "ttl_s must be a positive"),
-        (lambda: MemoryStore(ttl_s=float("nan")), "ttl_s must be a positive"),
+        (lambda: MemoryStore(max_entries=0), "max_entries: must be a positive"),
+        (lambda: MemoryStore(ttl_s=0.0), "ttl_s: must be a positive"),
+        (lambda: MemoryStore(ttl_s=float("nan")), "ttl_s: must be a positive"),
     ],
 )
 def test_memory_store_rejects_bad_settings(make: Callable[[], MemoryStore], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RMCPConfigError, match=message):
         make()
 
 
@@ -293,13 +298,13 @@ def test_memory_store_rejects_bad_settings(make: Callable[[], MemoryStore], mess
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: SQLiteStore("unused.db", ttl_s=-1.0), "ttl_s must be a positive"),
-        (lambda: SQLiteStore("unused.db", busy_timeout_s=-1.0), "busy_timeout_s must be zero or more"),
+        (lambda: SQLiteStore("unused.db", ttl_s=-1.0), "ttl_s: must be a positive"),
+        (lambda: SQLiteStore("unused.db", busy_timeout_s=-1.0), "busy_timeout_s: must be zero or more"),
     ],
 )
 def test_sqlite_store_rejects_bad_settings(make: Callable[[], SQLiteStore], message: str) -> None:
     # The file is opened on first use only: nothing is created here.
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RMCPConfigError, match=message):
         make()
 
 
@@ -699,3 +704,39 @@ async def test_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> 
     finally:
         os.umask(old_umask)
     assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+async def test_sqlite_failures_are_store_errors_naming_the_operation(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path, busy_timeout_s=0.05)
+    try:
+        await store.register_owner(owner_info("a"), LEASE_S)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(RMCPStoreError, match="locked") as caught:
+                await store.begin("k", fingerprint="fp", tool="tool", owner="a")
+            other.execute("ROLLBACK")
+    finally:
+        await store.aclose()
+    assert caught.value.operation == "begin"
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RMCPStoreError("the store failed", operation="begin"),
+        RMCPStoreClosedError("this store was closed"),
+        RMCPUnknownOwnerError("owner 'a' is not registered", operation="renew_owner"),
+        RMCPConfigError("must be a positive number", path="ttl_s"),
+    ],
+)
+def test_store_errors_pickle_with_their_fields(error: RMCPStoreError | RMCPConfigError) -> None:
+    """Servers run in process pools too: an error must cross a process boundary whole."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert vars(copy) == vars(error)
+    assert str(copy) == str(error)

@@ -16,7 +16,7 @@ from typing import final
 import anyio.lowlevel
 import attrs
 
-from ..errors import RMCPStoreClosedError
+from ..errors import RMCPConfigError, RMCPStoreClosedError, RMCPUnknownOwnerError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
 
 __all__ = ["MemoryStore"]
@@ -52,7 +52,7 @@ class MemoryStore:
             default. Tests pass ``trio.current_time`` to run under a mock clock.
 
     Raises:
-        ValueError: When ``max_entries`` or ``ttl_s`` is not positive.
+        RMCPConfigError: When ``max_entries`` or ``ttl_s`` is not positive.
     """
 
     def __init__(
@@ -63,9 +63,11 @@ class MemoryStore:
         clock: Callable[[], float] | None = None,
     ) -> None:
         if max_entries <= 0:
-            raise ValueError(f"max_entries must be a positive number of records, got {max_entries!r}")
+            raise RMCPConfigError(
+                f"must be a positive number of records, got {max_entries!r}", path="max_entries"
+            )
         if not ttl_s > 0:
-            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+            raise RMCPConfigError(f"must be a positive number of seconds, got {ttl_s!r}", path="ttl_s")
         self._max_entries = max_entries
         self._ttl_s = ttl_s
         self._clock = clock or time.monotonic
@@ -90,11 +92,13 @@ class MemoryStore:
         A released owner stays released: renewing it does nothing.
 
         Raises:
-            LookupError: When the owner was never registered.
+            RMCPUnknownOwnerError: When the owner was never registered.
         """
         self._check_open()
         if instance_id not in self._owner_leases:
-            raise LookupError(f"owner {instance_id!r} is not registered: call register_owner first")
+            raise RMCPUnknownOwnerError(
+                f"owner {instance_id!r} is not registered: call register_owner first", operation="renew_owner"
+            )
         if self._owner_leases[instance_id] is not None:
             self._owner_leases[instance_id] = self._clock() + lease_s
 

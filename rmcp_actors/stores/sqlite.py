@@ -39,7 +39,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from ..errors import RMCPStoreClosedError
+from ..errors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError, RMCPUnknownOwnerError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
@@ -171,8 +171,11 @@ class SQLiteStore:
         fsync_claims: Fsync every claim as well (at-most-once across a power loss, at the
             price of one more fsync per call when calls are sequential).
 
+    Failures of SQLite itself (a locked or unwritable file, a full disk) are raised as
+    :class:`~rmcp_actors.RMCPStoreError`, with the ``sqlite3`` error as ``__cause__``.
+
     Raises:
-        ValueError: When ``ttl_s`` is not positive or ``busy_timeout_s`` is negative.
+        RMCPConfigError: When ``ttl_s`` is not positive or ``busy_timeout_s`` is negative.
     """
 
     def __init__(
@@ -185,9 +188,11 @@ class SQLiteStore:
         fsync_claims: bool = False,
     ) -> None:
         if not ttl_s > 0:
-            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+            raise RMCPConfigError(f"must be a positive number of seconds, got {ttl_s!r}", path="ttl_s")
         if not busy_timeout_s >= 0:
-            raise ValueError(f"busy_timeout_s must be zero or more seconds, got {busy_timeout_s!r}")
+            raise RMCPConfigError(
+                f"must be zero or more seconds, got {busy_timeout_s!r}", path="busy_timeout_s"
+            )
         self._path = os.fspath(path)
         self._ttl_s = ttl_s
         self._clock = clock or time.time
@@ -239,7 +244,7 @@ class SQLiteStore:
                 (owner.instance_id, owner.pid, owner.host, lease_expires_at),
             )
 
-        await self._write(apply)
+        await self._write(apply, operation="register_owner")
 
     async def renew_owner(self, instance_id: str, lease_s: float) -> None:
         """Extend the lease of a registered owner by ``lease_s`` from now.
@@ -247,8 +252,8 @@ class SQLiteStore:
         A released owner stays released: renewing it does nothing.
 
         Raises:
-            LookupError: When the owner is not registered, or was purged because its lease
-                lapsed more than ``ttl_s`` ago.
+            RMCPUnknownOwnerError: When the owner is not registered, or was purged because its
+                lease lapsed more than ``ttl_s`` ago.
         """
         lease_expires_at = self._clock() + lease_s
 
@@ -257,14 +262,17 @@ class SQLiteStore:
                 "SELECT released FROM owners WHERE instance_id = ?", (instance_id,)
             ).fetchone()
             if row is None:
-                raise LookupError(f"owner {instance_id!r} is not registered: call register_owner first")
+                raise RMCPUnknownOwnerError(
+                    f"owner {instance_id!r} is not registered: call register_owner first",
+                    operation="renew_owner",
+                )
             if not row[0]:
                 connection.execute(
                     "UPDATE owners SET lease_expires_at = ? WHERE instance_id = ?",
                     (lease_expires_at, instance_id),
                 )
 
-        await self._write(apply)
+        await self._write(apply, operation="renew_owner")
 
     async def release_owner(self, instance_id: str) -> None:
         """Mark the owner as gone; its unfinished records read ``owner_alive=False``."""
@@ -272,7 +280,7 @@ class SQLiteStore:
         def apply(connection: sqlite3.Connection) -> None:
             connection.execute("UPDATE owners SET released = 1 WHERE instance_id = ?", (instance_id,))
 
-        await self._write(apply)
+        await self._write(apply, operation="release_owner")
 
     async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
         """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists.
@@ -294,10 +302,14 @@ class SQLiteStore:
             )
             return BeginOutcome(claimed=True, existing=None)
 
-        if not self._fsync_claims and (done := self._try_inline(apply)) is not None:
+        try:
+            done = None if self._fsync_claims else self._try_inline(apply)
+        except sqlite3.Error as error:
+            raise self._store_error("begin", error) from error
+        if done is not None:
             self._inline_claims += 1
             return done[0]
-        return await self._write(apply, sync=self._fsync_claims)
+        return await self._write(apply, operation="begin", sync=self._fsync_claims)
 
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         """Store the result of the run ``owner`` started; committed to disk once this returns.
@@ -308,6 +320,7 @@ class SQLiteStore:
         # A run that outlived the TTL must not expire the moment it is recorded.
         expires_at = self._clock() + self._ttl_s
         await self._finish(
+            "complete",
             """UPDATE records SET state = ?, result = ?, expires_at = MAX(expires_at, ?)
             WHERE key = ? AND owner = ? AND state = ?""",
             (RecordState.COMPLETED.value, result, expires_at, key, owner, RecordState.STARTED.value),
@@ -317,6 +330,7 @@ class SQLiteStore:
         """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""
         expires_at = self._clock() + self._ttl_s
         await self._finish(
+            "mark_in_doubt",
             """UPDATE records SET state = ?, expires_at = MAX(expires_at, ?)
             WHERE key = ? AND owner = ? AND state = ?""",
             (RecordState.IN_DOUBT.value, expires_at, key, owner, RecordState.STARTED.value),
@@ -332,7 +346,10 @@ class SQLiteStore:
             return None if row is None else self._live_record(row, now)
 
         async with self._lock:
-            return await anyio.to_thread.run_sync(read)
+            try:
+                return await anyio.to_thread.run_sync(read)
+            except (sqlite3.Error, OSError) as error:
+                raise self._store_error("get", error) from error
 
     async def purge_expired(self) -> int:
         """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
@@ -345,7 +362,9 @@ class SQLiteStore:
         self._next_purge_at = now + _PURGE_INTERVAL_S
         deleted = 0
         while True:
-            batch = await self._write(lambda connection: self._purge(connection, now))
+            batch = await self._write(
+                lambda connection: self._purge(connection, now), operation="purge_expired"
+            )
             deleted += batch
             if batch < _PURGE_BATCH:
                 return deleted
@@ -366,15 +385,28 @@ class SQLiteStore:
             async with self._lock:
                 await anyio.to_thread.run_sync(self._close_connection)
 
-    async def _finish(self, statement: str, parameters: tuple[object, ...]) -> None:
+    async def _finish(self, operation: str, statement: str, parameters: tuple[object, ...]) -> None:
         def apply(connection: sqlite3.Connection) -> None:
             connection.execute(statement, parameters)
 
-        await self._write(apply)
+        await self._write(apply, operation=operation)
 
-    async def _write(self, apply: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
+    async def _write(
+        self, apply: Callable[[sqlite3.Connection], _T], *, operation: str, sync: bool = True
+    ) -> _T:
         self._check_open()
-        return await self._submit(_Write(apply, sync=sync))
+        try:
+            return await self._submit(_Write(apply, sync=sync))
+        except (sqlite3.Error, OSError) as error:
+            # OSError: the file could not be created (_create_private).
+            raise self._store_error(operation, error) from error
+
+    def _store_error(self, operation: str, error: Exception) -> RMCPStoreError:
+        return RMCPStoreError(
+            f"the SQLite store {self._path} failed in {operation} ({type(error).__name__}: {error}); "
+            "check that the file is writable, its disk not full, and no process holds its lock for long",
+            operation=operation,
+        )
 
     async def _submit(self, write: _Write[_T]) -> _T:
         self._queue.append(write)
@@ -427,7 +459,7 @@ class SQLiteStore:
                 for write in batch:
                     if write.status is not _Status.DONE:
                         # Only a KeyboardInterrupt-like exception gets here.
-                        write.settle(None, anyio.BrokenResourceError("the commit was interrupted"))
+                        write.settle(None, RMCPStoreError("the commit was interrupted; retry the write"))
                 if self._queue:
                     successor = self._queue[0]
                     successor.status = _Status.PROMOTED
