@@ -12,6 +12,7 @@ from conftest import FAST_RECOVERY
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from pydantic import AnyHttpUrl
 
 from rmcp_actors import FastRMCP, MemoryStore, RMCPSupervisor, ServerSpec
 
@@ -33,7 +34,7 @@ def build_app(runs: list[str]) -> FastRMCP:
         "bank",
         store=MemoryStore(),
         token_verifier=Verifier(),
-        auth=AuthSettings(issuer_url="https://auth.example", resource_server_url=None),
+        auth=AuthSettings(issuer_url=AnyHttpUrl("https://auth.example"), resource_server_url=None),
     )
 
     @app.tool()
