@@ -323,12 +323,11 @@ class RMCPServerSide:
         # an admitted call is still claiming its key.
         self._active += 1
         try:
-            key = meta.dedup_key
-            if key is not None:
-                key = store_key(key, authenticated_principal(ctx))
-            if key is None:
+            client_key = meta.dedup_key
+            if client_key is None:
                 outcome = await self._run_unkeyed(ctx, call_next)
                 return self._answer(ctx, outcome, meta, duplicate=False)
+            key = store_key(client_key, authenticated_principal(ctx))
             try:
                 validate_client_request("tools/call", ctx.protocol_version, params)
             except ValidationError:
@@ -367,7 +366,7 @@ class RMCPServerSide:
     ) -> HandlerResult:
         try:
             await self._ensure_owner()
-        except Exception as error:
+        except RMCPStoreError as error:
             return self._unavailable(ctx, meta, error)
         acked = False
         while True:
