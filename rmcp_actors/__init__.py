@@ -36,9 +36,12 @@ from .errors import RMCPOutcomeUnknownError as RMCPOutcomeUnknownError
 from .errors import RMCPOverloadedError as RMCPOverloadedError
 from .errors import RMCPResultValidationError as RMCPResultValidationError
 from .errors import RMCPServerError as RMCPServerError
+from .errors import RMCPStoreClosedError as RMCPStoreClosedError
+from .errors import RMCPStoreError as RMCPStoreError
 from .errors import RMCPSupervisorError as RMCPSupervisorError
 from .errors import RMCPTimeoutAfterSendError as RMCPTimeoutAfterSendError
 from .errors import RMCPTimeoutError as RMCPTimeoutError
+from .errors import RMCPUnknownOwnerError as RMCPUnknownOwnerError
 from .errors import UnknownServerError as UnknownServerError
 from .errors import UnknownToolError as UnknownToolError
 from .lifecycle import LifecycleEvent as LifecycleEvent
@@ -87,6 +90,9 @@ __all__ = [
     "RMCPServerError",
     "RMCPSupervisor",
     "RMCPSupervisorError",
+    "RMCPUnknownOwnerError",
+    "RMCPStoreError",
+    "RMCPStoreClosedError",
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
     "RuntimeSettings",

@@ -53,9 +53,14 @@ class NackCode(enum.StrEnum):
     OVERLOADED = "overloaded"
     RATE_LIMITED = "rate_limited"
     SHUTTING_DOWN = "shutting_down"
+    UNAVAILABLE = "unavailable"
+    UNKNOWN_TOOL = "unknown_tool"
+    INVALID_ARGUMENTS = "invalid_arguments"
 
 
-RETRYABLE_NACKS: Final = frozenset({NackCode.OVERLOADED, NackCode.RATE_LIMITED, NackCode.SHUTTING_DOWN})
+RETRYABLE_NACKS: Final = frozenset(
+    {NackCode.OVERLOADED, NackCode.RATE_LIMITED, NackCode.SHUTTING_DOWN, NackCode.UNAVAILABLE}
+)
 
 
 class RequestMeta(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fields=False):

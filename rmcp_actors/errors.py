@@ -27,9 +27,12 @@ __all__ = [
     "RMCPOverloadedError",
     "RMCPResultValidationError",
     "RMCPServerError",
+    "RMCPStoreClosedError",
+    "RMCPStoreError",
     "RMCPSupervisorError",
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
+    "RMCPUnknownOwnerError",
     "UnknownServerError",
     "UnknownToolError",
 ]
@@ -266,3 +269,27 @@ class RMCPActorStoppedError(RMCPError):
 def _restore_error(cls: type[RMCPError], args: tuple[Any, ...]) -> RMCPError:
     """Unpickle an :class:`RMCPError` (see ``RMCPError.__reduce__``); attributes come after."""
     return cls.__new__(cls, *args)
+
+
+class RMCPStoreError(RMCPError):
+    """The RMCP server's dedup store failed, or did not answer within ``store_timeout_s``.
+
+    Raised by the stores in ``rmcp_actors.stores`` and by the server side. Before a key is
+    claimed, the server turns it into the retryable NACK ``unavailable``: the tool did not run.
+
+    Attributes:
+        operation: The store operation that failed (``"begin"``, ``"complete"``, ...), if known.
+    """
+
+    def __init__(self, message: str, *, operation: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.operation = operation
+
+
+class RMCPStoreClosedError(RMCPStoreError):
+    """The store was closed (``aclose()``, or the server's lifespan ended): create a new one."""
+
+
+class RMCPUnknownOwnerError(RMCPStoreError, LookupError):
+    """The store does not know the server instance (never registered, or purged after its
+    lease lapsed long ago): register it again with ``register_owner``."""

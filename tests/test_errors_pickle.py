@@ -33,6 +33,7 @@ EXAMPLES: dict[str, Callable[[Any], RMCPError]] = {
     "RMCPNackError": lambda cls: cls("overloaded", "busy", retryable=True, retry_after_ms=250, **CONTEXT),
     "RMCPSupervisorError": lambda cls: cls("connections escalated", actor="connection:a"),
     "RMCPActorStoppedError": lambda cls: cls("crashed", actor="connection:a", **CONTEXT),
+    "RMCPStoreError": lambda cls: cls("database is locked", operation="begin", **CONTEXT),
 }
 
 

@@ -20,10 +20,21 @@ import trio.testing
 from conftest import durable_store
 from mcp_types import RequestParamsMeta
 
-from rmcp_actors import FastRMCP, MemoryStore, PolicyOverrides, RMCPSupervisor, ServerSpec, SQLiteStore
+from rmcp_actors import (
+    FastRMCP,
+    MemoryStore,
+    PolicyOverrides,
+    RetryOverrides,
+    RMCPConfigError,
+    RMCPStoreClosedError,
+    RMCPSupervisor,
+    ServerSpec,
+    SQLiteStore,
+)
 from rmcp_actors._protocol import ServerSettings
 from rmcp_actors.client.call import _check_dedup_still_covers, _Progress  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.errors import RMCPOutcomeUnknownError
+from rmcp_actors.server import store_key
 from rmcp_actors.stores import BeginOutcome, DedupRecord
 
 
@@ -330,3 +341,197 @@ async def test_no_ack_timeout_on_the_in_process_direct_wire(autojump_clock: trio
         result = await sup.call("t", "pay", {"amount": 5}, timeout=60)
     assert result.attempts == 1
     assert app.rmcp.statistics().executed == 1
+
+
+# --- Store failures before the claim, refusals, and the store's lifetime (issue 7, section 3) ---
+
+
+def nack_of(result: Any) -> dict[str, Any]:
+    return result.meta["rmcp"]
+
+
+async def write_lock_held(path: Path, seconds: float) -> threading.Thread:
+    """Another process's write transaction on the file, for ``seconds`` from now on."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(seconds)
+        connection.execute("COMMIT")
+        connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    await trio.to_thread.run_sync(locked.wait)
+    return thread
+
+
+async def test_a_store_failing_before_the_claim_is_a_retryable_nack(tmp_path: Path) -> None:
+    """A locked SQLite file fails the claim: nothing ran, so the answer is "retry", not a
+    JSON-RPC -32603 that a client must read as "may have run"."""
+    path = tmp_path / "rmcp.sqlite"
+    app = FastRMCP("t", store=SQLiteStore(path, busy_timeout_s=0.05))
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        await client.call_tool("pay", {"amount": 1}, meta=meta("warm-up"))
+        holder = await write_lock_held(path, 0.5)
+        refused = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 1))
+        await trio.to_thread.run_sync(holder.join)
+        retried = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 2))
+    assert nack_of(refused)["code"] == "unavailable"
+    assert nack_of(refused)["retryable"] is True
+    assert refused.is_error is True
+    assert answer(retried) == "ran"
+    assert runs == [1, 5]
+
+
+async def test_the_client_retries_an_unavailable_store_until_it_answers(tmp_path: Path) -> None:
+    path = tmp_path / "rmcp.sqlite"
+    app = FastRMCP("t", store=SQLiteStore(path, busy_timeout_s=0.05))
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    fast = PolicyOverrides(retry=RetryOverrides(max_attempts=20, base_delay_s=0.05, max_delay_s=0.1))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("t", app, overrides=fast))
+        await sup.call("t", "pay", {"amount": 1}, timeout=10)
+        holder = await write_lock_held(path, 0.3)
+        result = await sup.call("t", "pay", {"amount": 5}, timeout=10)
+        await trio.to_thread.run_sync(holder.join)
+    assert result.text == "paid"
+    assert result.attempts >= 2
+    assert runs == [1, 5]
+
+
+class SilentClaims:
+    """A MemoryStore whose claims never answer (a hung network store, say)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+
+    @property
+    def durable(self) -> bool:
+        return False
+
+    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_every_store_call_is_bounded_by_store_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    app = FastRMCP("t", store=cast(Any, SilentClaims()), store_timeout_s=2.0)
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        started = trio.current_time()
+        with trio.fail_after(60):
+            refused = await client.call_tool("pay", {"amount": 5}, meta=meta("k"))
+        waited = trio.current_time() - started
+    assert nack_of(refused)["code"] == "unavailable"
+    assert 2.0 <= waited < 3.0
+    assert runs == []
+
+
+@pytest.mark.parametrize("bad_option", [{"store_timeout_s": 0}, {"store_timeout_s": -1.0}])
+def test_store_timeout_must_be_positive(bad_option: dict[str, Any]) -> None:
+    with pytest.raises(RMCPConfigError, match="store_timeout_s"):
+        FastRMCP("t", **bad_option)
+
+
+async def test_an_unknown_tool_is_refused_before_its_key_is_claimed() -> None:
+    """A refusal is not a run: the same key must work once the tool exists."""
+    store = MemoryStore(clock=trio.current_time)
+    app = FastRMCP("t", store=store)
+    runs: list[int] = []
+
+    async with mcp.Client(app) as client:
+        refused = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 1))
+        assert await store.get(store_key("k")) is None
+
+        @app.tool()
+        async def pay(amount: int) -> str:
+            runs.append(amount)
+            return "paid"
+
+        ran = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 2))
+    assert nack_of(refused)["code"] == "unknown_tool"
+    assert nack_of(refused)["retryable"] is False
+    assert answer(ran) == "ran"
+    assert runs == [5]
+
+
+async def test_arguments_the_sdk_rejects_are_refused_before_the_key_is_claimed() -> None:
+    store = MemoryStore(clock=trio.current_time)
+    app = FastRMCP("t", store=store)
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        refused = await client.call_tool("pay", {"amount": "lots"}, meta=meta("k", 1))
+        assert await store.get(store_key("k")) is None
+        # Fixed arguments under the same key are a new call, not a conflict with a refusal.
+        fixed = await client.call_tool("pay", {"amount": 5}, meta=meta("k", 2))
+        # As lax as the SDK itself: a numeric string is an integer to it.
+        lax = await client.call_tool("pay", {"amount": "7"}, meta=meta("other"))
+    assert nack_of(refused)["code"] == "invalid_arguments"
+    assert "amount" in nack_of(refused)["reason"]
+    assert (answer(fixed), answer(lax)) == ("ran", "ran")
+    assert runs == [5, 7]
+
+
+async def test_the_store_is_closed_when_the_server_stops(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "rmcp.sqlite")
+    app = FastRMCP("t", store=store)
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        await client.call_tool("pay", {"amount": 5}, meta=meta("k"))
+    with pytest.raises(RMCPStoreClosedError):
+        await store.get("k")
+
+
+async def test_a_store_shared_by_two_servers_is_closed_when_the_last_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(clock=trio.current_time)
+    apps = [FastRMCP(name, store=store) for name in ("a", "b")]
+    for app in apps:
+
+        @app.tool()
+        async def pay(amount: int) -> str:
+            return "paid"
+
+    async with mcp.Client(apps[0]) as first:
+        async with mcp.Client(apps[1]) as second:
+            await second.call_tool("pay", {"amount": 5}, meta=meta("k"))
+        replay = await first.call_tool("pay", {"amount": 5}, meta=meta("k", 2))
+    assert answer(replay) == "duplicate"
+    with pytest.raises(RMCPStoreClosedError):
+        await store.get("k")

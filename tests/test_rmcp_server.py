@@ -26,6 +26,7 @@ from rmcp_actors import (
     PolicyOverrides,
     RequestState,
     RetryOverrides,
+    RMCPConfigError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
     RMCPOutcomeUnknownError,
@@ -34,7 +35,7 @@ from rmcp_actors import (
     ServerSpec,
 )
 from rmcp_actors._protocol import EXTENSION_ID
-from rmcp_actors.server import install, rmcp_of
+from rmcp_actors.server import install, rmcp_of, store_key
 from rmcp_actors.stores import OwnerInfo
 
 PROTOCOLS = ["auto", "legacy"]
@@ -131,14 +132,15 @@ async def test_rmcp_client_against_rmcp_server_is_acked(rmcp_server: MCPServer, 
 
 def test_install_twice_is_refused() -> None:
     app = install(build_server())
-    with pytest.raises(ValueError, match="already installed"):
+    with pytest.raises(RMCPConfigError, match="already installed"):
         install(app)
 
 
 async def test_install_on_a_low_level_server() -> None:
     from mcp_test_server import build_paginated_server
 
-    lowlevel = install(build_paginated_server())
+    # Its lifespan runs once per client below: the store must outlive each of them.
+    lowlevel = install(build_paginated_server(), close_store=False)
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("low", lowlevel))
         tool = (await sup.list_tools("low"))[0].name
@@ -329,7 +331,7 @@ async def test_started_key_of_a_gone_owner_is_in_doubt(state: State) -> None:
     call = {"label": "lost"}
     from rmcp_actors._protocol import fingerprint
 
-    await store.begin("k", fingerprint=fingerprint("record", call), tool="record", owner="crashed")
+    await store.begin(store_key("k"), fingerprint=fingerprint("record", call), tool="record", owner="crashed")
     await store.release_owner("crashed")
     app = build_server(state, store=store)
     async with RMCPSupervisor.open() as sup:
@@ -535,7 +537,7 @@ async def test_the_lifespan_keeps_the_lease_of_a_long_run_alive(
 
         nursery.start_soon(long_run)
         await trio.sleep(15)
-        record = await store.get("lease")
+        record = await store.get(store_key("lease"))
         assert record is not None
         # Five leases later, with no other call to renew it, the owner still reads alive.
         assert (record.state.value, record.owner_alive) == ("started", True)

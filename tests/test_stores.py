@@ -17,6 +17,12 @@ import pytest
 import trio
 import trio.testing
 
+from rmcp_actors import (
+    RMCPConfigError,
+    RMCPStoreClosedError,
+    RMCPStoreError,
+    RMCPUnknownOwnerError,
+)
 from rmcp_actors.stores import (
     DedupStore,
     MemoryStore,
@@ -24,6 +30,8 @@ from rmcp_actors.stores import (
     RecordState,
     SQLiteStore,
 )
+from rmcp_actors.stores import memory as memory_module
+from rmcp_actors.stores import sqlite as sqlite_module
 
 TTL_S = 3_600.0
 LEASE_S = 30.0
@@ -207,7 +215,7 @@ async def test_unregistered_owner_is_dead_and_cannot_renew(harness: Harness) -> 
     record = await store.get("k")
     assert record is not None
     assert not record.owner_alive
-    with pytest.raises(LookupError, match="register_owner"):
+    with pytest.raises(RMCPUnknownOwnerError, match="register_owner"):
         await store.renew_owner("ghost", LEASE_S)
 
 
@@ -232,9 +240,9 @@ async def test_closed_store_refuses_calls(harness: Harness) -> None:
     assert await claim(store, "k")
     await store.aclose()
     await store.aclose()
-    with pytest.raises(anyio.ClosedResourceError, match="closed"):
+    with pytest.raises(RMCPStoreClosedError, match="closed"):
         await store.get("k")
-    with pytest.raises(anyio.ClosedResourceError, match="closed"):
+    with pytest.raises(RMCPStoreClosedError, match="closed"):
         await claim(store, "other")
 
 
@@ -274,13 +282,13 @@ async def test_memory_store_grows_rather_than_evict_runs_in_progress() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: MemoryStore(max_entries=0), "max_entries must be a positive"),
-        (lambda: MemoryStore(ttl_s=0.0), "ttl_s must be a positive"),
-        (lambda: MemoryStore(ttl_s=float("nan")), "ttl_s must be a positive"),
+        (lambda: MemoryStore(max_entries=0), "max_entries: must be a positive"),
+        (lambda: MemoryStore(ttl_s=0.0), "ttl_s: must be a positive"),
+        (lambda: MemoryStore(ttl_s=float("nan")), "ttl_s: must be a positive"),
     ],
 )
 def test_memory_store_rejects_bad_settings(make: Callable[[], MemoryStore], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RMCPConfigError, match=message):
         make()
 
 
@@ -290,13 +298,13 @@ def test_memory_store_rejects_bad_settings(make: Callable[[], MemoryStore], mess
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: SQLiteStore("unused.db", ttl_s=-1.0), "ttl_s must be a positive"),
-        (lambda: SQLiteStore("unused.db", busy_timeout_s=-1.0), "busy_timeout_s must be zero or more"),
+        (lambda: SQLiteStore("unused.db", ttl_s=-1.0), "ttl_s: must be a positive"),
+        (lambda: SQLiteStore("unused.db", busy_timeout_s=-1.0), "busy_timeout_s: must be zero or more"),
     ],
 )
 def test_sqlite_store_rejects_bad_settings(make: Callable[[], SQLiteStore], message: str) -> None:
     # The file is opened on first use only: nothing is created here.
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RMCPConfigError, match=message):
         make()
 
 
@@ -636,3 +644,139 @@ async def test_memory_store_forgets_gone_owners_without_a_purge(
     # Only those released within the last TTL are kept (twice that at most, between prunes).
     within_ttl = TTL_S / LEASE_S + 1
     assert len(store._owner_leases) <= 2 * within_ttl + 16  # pyright: ignore[reportPrivateUsage]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_BUSY_SNAPSHOT,
+        sqlite3.SQLITE_BUSY_RECOVERY,
+        sqlite3.SQLITE_LOCKED_SHAREDCACHE,
+    ],
+)
+def test_sqlite_busy_is_read_from_the_primary_result_code(code: int) -> None:
+    """Extended codes (BUSY_SNAPSHOT = 517, ...) carry BUSY or LOCKED in their low byte."""
+    error = sqlite3.OperationalError("database is locked")
+    error.sqlite_errorcode = code
+    assert sqlite_module._is_busy(error)  # pyright: ignore[reportPrivateUsage]
+    other = sqlite3.OperationalError("disk I/O error")
+    other.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
+    assert not sqlite_module._is_busy(other)  # pyright: ignore[reportPrivateUsage]
+
+
+def insert_expired(path: Path, count: int, expires_at: float) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.executemany(
+            "INSERT INTO records (key, fingerprint, tool, state, owner, result, created_at, expires_at)"
+            " VALUES (?, 'fp', 'tool', 'completed', 'gone', NULL, 0, ?)",
+            [(f"old-{index}", expires_at) for index in range(count)],
+        )
+
+
+async def test_sqlite_purges_expired_records_in_bounded_batches(tmp_path: Path) -> None:
+    """One write never carries more than one batch of deletions; purge_expired() commits one
+    transaction per batch, so other writers get the lock between them."""
+    path = tmp_path / "dedup.db"
+    clock = FakeClock()
+    store = SQLiteStore(path, ttl_s=10.0, clock=clock)
+    batch = sqlite_module._PURGE_BATCH  # pyright: ignore[reportPrivateUsage]
+    try:
+        assert await claim(store, "first")  # creates the schema; expired with the others below
+        insert_expired(path, 2 * batch + 500, expires_at=clock.now - 1)
+        clock.now += 61
+        assert await claim(store, "trigger")
+        assert len(stored_keys(path)) == batch + 501 + 1
+        commits = store.statistics().commits
+        assert await store.purge_expired() == batch + 501
+        assert store.statistics().commits - commits >= 2
+        assert stored_keys(path) == {"trigger"}
+    finally:
+        await store.aclose()
+
+
+async def test_memory_purge_lets_other_tasks_run_between_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(ttl_s=10.0, clock=trio.current_time)
+    batch = memory_module._PURGE_BATCH  # pyright: ignore[reportPrivateUsage]
+    for index in range(3 * batch):
+        assert await claim(store, f"old-{index}")
+        await store.complete(f"old-{index}", owner="a", result=b"r")
+    await trio.sleep(11)
+    others_ran = 0
+    done = False
+
+    async def purge() -> None:
+        nonlocal done
+        assert await store.purge_expired() == 3 * batch
+        done = True
+
+    async def other() -> None:
+        nonlocal others_ran
+        while not done:
+            others_ran += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(purge)
+        nursery.start_soon(other)
+    assert others_ran >= 3
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+async def test_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """Stored results are the tools' answers: no other user of the host may read them."""
+    path = tmp_path / "dedup.db"
+    old_umask = os.umask(0o022)
+    try:
+        store = SQLiteStore(path)
+        try:
+            assert await claim(store, "k")
+            await store.complete("k", owner="a", result=b"secret")
+            modes = {
+                suffix: path.with_name(path.name + suffix).stat().st_mode & 0o777
+                for suffix in ("", "-wal", "-shm")
+            }
+        finally:
+            await store.aclose()
+    finally:
+        os.umask(old_umask)
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+async def test_sqlite_failures_are_store_errors_naming_the_operation(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path, busy_timeout_s=0.05)
+    try:
+        await store.register_owner(owner_info("a"), LEASE_S)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(RMCPStoreError, match="locked") as caught:
+                await store.begin("k", fingerprint="fp", tool="tool", owner="a")
+            other.execute("ROLLBACK")
+    finally:
+        await store.aclose()
+    assert caught.value.operation == "begin"
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RMCPStoreError("the store failed", operation="begin"),
+        RMCPStoreClosedError("this store was closed"),
+        RMCPUnknownOwnerError("owner 'a' is not registered", operation="renew_owner"),
+        RMCPConfigError("must be a positive number", path="ttl_s"),
+    ],
+)
+def test_store_errors_pickle_with_their_fields(error: RMCPStoreError | RMCPConfigError) -> None:
+    """Servers run in process pools too: an error must cross a process boundary whole."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert vars(copy) == vars(error)
+    assert str(copy) == str(error)

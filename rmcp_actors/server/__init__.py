@@ -12,7 +12,7 @@ Example::
 """
 
 from ._stdio import run_stdio, serve_stdio, stdio_server
-from .extension import RMCPServerSide, ServerStatistics
+from .extension import RMCPServerSide, ServerStatistics, store_key
 from .install import FastRMCP, install, rmcp_of
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "run_stdio",
     "serve_stdio",
     "stdio_server",
+    "store_key",
 ]

@@ -27,6 +27,9 @@ _NACK_ADVICE = {
     NackCode.OVERLOADED: "the server is at its concurrency limit; the tool did not run, retry later",
     NackCode.RATE_LIMITED: "the server's rate limit was reached; the tool did not run, retry later",
     NackCode.SHUTTING_DOWN: "the server is shutting down; the tool did not run, retry on another instance",
+    NackCode.UNAVAILABLE: "the server's dedup store failed; the tool did not run, retry later",
+    NackCode.UNKNOWN_TOOL: "the server has no such tool; the tool did not run, list the tools again",
+    NackCode.INVALID_ARGUMENTS: "the arguments do not match the tool's input schema; the tool did not run",
 }
 
 

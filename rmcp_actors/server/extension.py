@@ -8,24 +8,28 @@ without it (plain MCP clients) pass through untouched.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
 import msgspec
 from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.request_state import authenticated_principal
 from mcp.server.session import ServerSession
 from mcp_types import INTERNAL_ERROR
-from mcp_types.methods import serialize_server_result
+from mcp_types.methods import serialize_server_result, validate_client_request
+from pydantic import ValidationError
 
 from .._protocol import (
     EXPERIMENTAL_KEY,
@@ -41,10 +45,17 @@ from .._protocol import (
     decode_request_meta,
     fingerprint,
 )
+from ..errors import RMCPConfigError, RMCPStoreError
 from ..stores import BeginOutcome, DedupRecord, DedupStore, MemoryStore, OwnerInfo, RecordState
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
 
-__all__ = ["RMCPServerSide", "ServerStatistics"]
+__all__ = ["CallCheck", "RMCPServerSide", "ServerStatistics", "store_key"]
+
+_T = TypeVar("_T")
+
+CallCheck = Callable[[str, Mapping[str, Any]], "tuple[NackCode, str] | None"]
+"""Tells whether the server would refuse a call to ``(tool, arguments)`` without running it:
+``(code, detail)`` of the NACK to send instead, or None to let the call through."""
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,9 @@ _FOREIGN_POLL_FIRST_S = 0.01
 _FOREIGN_POLL_MAX_S = 0.5
 _OVERLOADED_RETRY_AFTER_MS = 100
 _EARLY_ACK_PROGRESS = 0.0
+# Above SQLiteStore's default busy_timeout_s (10 s), so a locked SQLite file reports its own
+# "database is locked" first; well below any client's patience for an answer.
+DEFAULT_STORE_TIMEOUT_S = 15.0
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +118,20 @@ class _TokenBucket:
         return math.ceil((1.0 - self.tokens) / self.rate_per_s * 1000)
 
 
+def store_key(key: str, principal: str | None = None) -> str:
+    """The key under which a store keeps a client's dedup key: scoped to the principal that
+    presents it (``mcp.server.request_state.authenticated_principal``; None when the caller
+    is not authenticated).
+
+    Another principal presenting the same key gets a key of its own, so it can neither replay
+    the result nor learn from a conflict that the key exists. Every scope, the unauthenticated
+    one too, is a fixed-length digest prefix, so no key chosen by a client can name another
+    scope's record.
+    """
+    scope = hashlib.sha256((principal or "").encode()).hexdigest()[:32]
+    return f"{scope}/{key}"
+
+
 class _ProgressAfterAck:
     """The request's session as the tool sees it once the early ACK went out as progress 0.
 
@@ -130,7 +158,7 @@ class _ProgressAfterAck:
 def _validate_positive(name: str) -> Any:
     def check(_instance: object, _attribute: object, value: float | None) -> None:
         if value is not None and not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+            raise RMCPConfigError(f"must be a positive number, got {value!r}", path=name)
 
     return check
 
@@ -146,6 +174,11 @@ class RMCPServerSide:
     short is reported ``in_doubt``. Once a tool has started, the client's cancellation does
     not stop it: it runs to completion (within ``max_execution_s``) and its result is stored
     before the answer is sent.
+
+    Every store call is bounded by ``store_timeout_s``. A store that fails or times out before
+    the key is claimed is answered with the retryable NACK ``unavailable`` (the tool did not
+    run). A keyed call that ``check_call`` refuses (an unknown tool, arguments that break the
+    tool's input schema) is NACKed before any key is claimed, so the refusal is never stored.
     """
 
     store: DedupStore = attrs.field(factory=MemoryStore)
@@ -157,6 +190,11 @@ class RMCPServerSide:
     early_ack: bool = True
     lease_s: float = attrs.field(default=30.0, validator=_validate_positive("lease_s"))
     instance_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    store_timeout_s: float = attrs.field(
+        default=DEFAULT_STORE_TIMEOUT_S, validator=_validate_positive("store_timeout_s")
+    )
+    close_store: bool = True
+    check_call: CallCheck | None = None
     _running: dict[str, _Run] = attrs.field(factory=dict[str, _Run], init=False)
     _in_flight: int = attrs.field(default=0, init=False)
     _idle: anyio.Event | None = attrs.field(default=None, init=False)
@@ -220,7 +258,7 @@ class RMCPServerSide:
                 await self._idle.wait()
         if self._owner_registered and not self._active:
             self._owner_registered = False
-            await self.store.release_owner(self.instance_id)
+            await self._store_call("release_owner", lambda: self.store.release_owner(self.instance_id))
 
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         """The middleware entry point: every inbound message of the server passes here."""
@@ -285,14 +323,31 @@ class RMCPServerSide:
         # an admitted call is still claiming its key.
         self._active += 1
         try:
-            key = meta.dedup_key
-            if key is None:
+            client_key = meta.dedup_key
+            if client_key is None:
                 outcome = await self._run_unkeyed(ctx, call_next)
                 return self._answer(ctx, outcome, meta, duplicate=False)
+            key = store_key(client_key, authenticated_principal(ctx))
+            try:
+                validate_client_request("tools/call", ctx.protocol_version, params)
+            except ValidationError:
+                # The SDK refuses it on its own (INVALID_PARAMS) before any handler runs:
+                # nothing to claim, and the refusal must not be stored for the key.
+                return await call_next(ctx)
+            except (KeyError, ValueError):
+                # A protocol version this SDK cannot check against: claim as before.
+                pass
             name = params.get("name")
-            arguments = params.get("arguments")
+            raw_arguments = params.get("arguments")
             tool = name if isinstance(name, str) else ""
-            call_print = fingerprint(tool, arguments if isinstance(arguments, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
+            arguments = cast(
+                "Mapping[str, Any] | None", raw_arguments if isinstance(raw_arguments, Mapping) else None
+            )
+            if self.check_call is not None:
+                refusal = self.check_call(tool, arguments or {})
+                if refusal is not None:
+                    return self._nack(ctx, refusal[0], refusal[1], meta)
+            call_print = fingerprint(tool, arguments)
             return await self._deduplicated(ctx, call_next, meta, key, tool, call_print)
         finally:
             self._active -= 1
@@ -309,7 +364,10 @@ class RMCPServerSide:
         tool: str,
         call_print: str,
     ) -> HandlerResult:
-        await self._ensure_owner()
+        try:
+            await self._ensure_owner()
+        except RMCPStoreError as error:
+            return self._unavailable(ctx, meta, error)
         acked = False
         while True:
             local = self._running.get(key)
@@ -329,6 +387,8 @@ class RMCPServerSide:
             # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
             self._running[key] = run
             begun = await self._claim_and_run(ctx, call_next, key, run, tool)
+            if isinstance(begun, RMCPStoreError):
+                return self._unavailable(ctx, meta, begun)
             if begun.claimed:
                 return self._answer(ctx, run.outcome, meta, duplicate=False)
             record = begun.existing
@@ -340,7 +400,10 @@ class RMCPServerSide:
             # Started by another live process on the same store: wait for its result.
             if not acked:
                 acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
-            answer = await self._wait_foreign(ctx, key, meta, call_print)
+            try:
+                answer = await self._wait_foreign(ctx, key, meta, call_print)
+            except RMCPStoreError as error:
+                return self._unavailable(ctx, meta, error)
             if answer is not None:
                 return answer
 
@@ -353,7 +416,7 @@ class RMCPServerSide:
         while True:
             await anyio.sleep(poll_s)
             poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
-            record = await self.store.get(key)
+            record = await self._store_call("get", lambda: self.store.get(key))
             if record is None:
                 return None
             answer = self._from_record(ctx, record, meta, call_print)
@@ -380,8 +443,10 @@ class RMCPServerSide:
 
     async def _claim_and_run(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, key: str, run: _Run, tool: str
-    ) -> BeginOutcome:
+    ) -> BeginOutcome | RMCPStoreError:
         """Claim ``key``; when claimed, run the tool and store its outcome in ``run``.
+
+        Returns the store's error when the claim failed: nothing ran.
 
         All of it is shielded from the caller's cancellation: a claim committed for a caller
         that left would be a STARTED record nobody runs, and a run stopped by the client's
@@ -393,9 +458,15 @@ class RMCPServerSide:
         stored = False
         try:
             with anyio.CancelScope(shield=True) as scope:
-                begun = await self.store.begin(
-                    key, fingerprint=run.fingerprint, tool=tool, owner=self.instance_id
-                )
+                try:
+                    begun = await self._store_call(
+                        "begin",
+                        lambda: self.store.begin(
+                            key, fingerprint=run.fingerprint, tool=tool, owner=self.instance_id
+                        ),
+                    )
+                except RMCPStoreError as error:
+                    return error
                 run.claimed = begun.claimed
                 if begun.claimed:
                     self._run_started()
@@ -440,15 +511,22 @@ class RMCPServerSide:
         every retry wait for a result that never comes."""
         try:
             if outcome is None:
-                await self.store.mark_in_doubt(key, owner=self.instance_id)
+                await self._store_call(
+                    "mark_in_doubt", lambda: self.store.mark_in_doubt(key, owner=self.instance_id)
+                )
             else:
-                await self.store.complete(key, owner=self.instance_id, result=encode_outcome(outcome))
+                result = encode_outcome(outcome)
+                await self._store_call(
+                    "complete", lambda: self.store.complete(key, owner=self.instance_id, result=result)
+                )
             return
-        except Exception:
+        except RMCPStoreError:
             logger.exception("RMCP: could not store the outcome of idempotency key %r", key)
         try:
-            await self.store.mark_in_doubt(key, owner=self.instance_id)
-        except Exception:
+            await self._store_call(
+                "mark_in_doubt", lambda: self.store.mark_in_doubt(key, owner=self.instance_id)
+            )
+        except RMCPStoreError:
             # Other processes would wait on the STARTED record while this one lives: the
             # lease keeper tries again.
             self._unrecorded.add(key)
@@ -493,7 +571,7 @@ class RMCPServerSide:
             return
         async with self._owner_lock:
             if not self._owner_registered:
-                await self.store.register_owner(self._owner_info(), self.lease_s)
+                await self._register()
                 self._last_renewal = anyio.current_time()
                 self._owner_registered = True
 
@@ -509,22 +587,57 @@ class RMCPServerSide:
                 try:
                     await self._renew()
                     for key in list(self._unrecorded):
-                        await self.store.mark_in_doubt(key, owner=self.instance_id)
+                        mark = functools.partial(self.store.mark_in_doubt, key, owner=self.instance_id)
+                        await self._store_call("mark_in_doubt", mark)
                         self._unrecorded.discard(key)
-                except Exception:
+                except RMCPStoreError:
                     logger.exception("RMCP: could not renew the lease of instance %s", self.instance_id)
 
     async def _renew(self) -> None:
         self._last_renewal = anyio.current_time()
         try:
-            await self.store.renew_owner(self.instance_id, self.lease_s)
-        except LookupError:
+            await self._store_call(
+                "renew_owner", lambda: self.store.renew_owner(self.instance_id, self.lease_s)
+            )
+        except RMCPStoreError as error:
+            if not isinstance(error, LookupError) and not isinstance(error.__cause__, LookupError):
+                raise
             # Purged by another process while this one was suspended for longer than the
             # store's TTL: register again, or new claims would read as owned by the dead.
-            await self.store.register_owner(self._owner_info(), self.lease_s)
+            await self._register()
+
+    async def _register(self) -> None:
+        owner = self._owner_info()
+        await self._store_call("register_owner", lambda: self.store.register_owner(owner, self.lease_s))
+
+    async def _store_call(self, operation: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one store call within ``store_timeout_s``; any failure of it, or the deadline,
+        is raised as :class:`RMCPStoreError` (its ``__cause__`` is the store's own error)."""
+        try:
+            with anyio.fail_after(self.store_timeout_s):
+                return await call()
+        except TimeoutError as error:
+            raise RMCPStoreError(
+                f"the dedup store did not answer {operation} within store_timeout_s="
+                f"{self.store_timeout_s:g}; check the store, or raise store_timeout_s",
+                operation=operation,
+            ) from error
+        except RMCPStoreError:
+            raise
+        except Exception as error:
+            raise RMCPStoreError(
+                f"the dedup store failed in {operation} ({type(error).__name__}: {error})",
+                operation=operation,
+            ) from error
 
     def _owner_info(self) -> OwnerInfo:
         return OwnerInfo(instance_id=self.instance_id, pid=os.getpid(), host=socket.gethostname())
+
+    def _unavailable(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, error: BaseException
+    ) -> HandlerResult:
+        logger.warning("RMCP: the dedup store failed before the claim; NACK unavailable: %s", error)
+        return self._nack(ctx, NackCode.UNAVAILABLE, "the dedup store could not be reached", meta)
 
     def _answer(
         self,

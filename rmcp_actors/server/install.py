@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
 from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
+from pydantic import ValidationError
 
+from .._protocol import NackCode
+from ..errors import RMCPConfigError
 from ..stores import DedupStore, MemoryStore
 from ._stdio import serve_stdio
-from .extension import RMCPServerSide
+from .extension import DEFAULT_STORE_TIMEOUT_S, CallCheck, RMCPServerSide
 
 __all__ = ["FastRMCP", "install", "rmcp_of"]
 
 _RELEASE_TIMEOUT_S = 5.0
+
+# Lifespans running now per store object: servers of one process may share a store, which
+# is closed when the last of them stops.
+_store_users: dict[int, int] = {}
 
 ServerT = TypeVar("ServerT", bound="Server[Any] | MCPServer[Any]")
 
@@ -30,6 +37,8 @@ def install(
     rate_limit_per_s: float | None = None,
     early_ack: bool = True,
     lease_s: float = 30.0,
+    store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
+    close_store: bool = True,
 ) -> ServerT:
     """Install the RMCP server side on ``server`` (an ``MCPServer`` or a low-level ``Server``)
     and return it.
@@ -46,12 +55,18 @@ def install(
         early_ack: Send a progress notification as soon as a run starts, for clients that
             asked for progress (RMCP's early ACK).
         lease_s: How long this instance's claim on running keys outlives its last renewal.
+        store_timeout_s: Bound of every store call. A store that fails or does not answer in
+            time before a key is claimed gets the call the retryable NACK ``unavailable``.
+        close_store: Close the store (``aclose()``) when the server's lifespan ends (the last
+            of the servers of this process that share it). Pass False to use the store again
+            afterwards: a server whose lifespan runs several times in one process (successive
+            in-memory clients), or a store its creator closes.
 
     Raises:
-        ValueError: RMCP is already installed on ``server``, or an option is out of range.
+        RMCPConfigError: RMCP is already installed on ``server``, or an option is out of range.
     """
     if rmcp_of(server) is not None:
-        raise ValueError("RMCP is already installed on this server; install it once")
+        raise RMCPConfigError("RMCP is already installed on this server; install it once")
     side = RMCPServerSide(
         store=MemoryStore() if store is None else store,
         max_execution_s=max_execution_s,
@@ -59,6 +74,9 @@ def install(
         rate_limit_per_s=rate_limit_per_s,
         early_ack=early_ack,
         lease_s=lease_s,
+        store_timeout_s=store_timeout_s,
+        close_store=close_store,
+        check_call=_tool_check(server) if isinstance(server, MCPServer) else None,
     )
     server.middleware.append(side)
     lowlevel = _lowlevel(server)
@@ -91,6 +109,8 @@ class FastRMCP(MCPServer[Any]):
         rate_limit_per_s: float | None = None,
         early_ack: bool = True,
         lease_s: float = 30.0,
+        store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
+        close_store: bool = True,
         **mcpserver_kwargs: Any,
     ) -> None:
         super().__init__(name, **mcpserver_kwargs)
@@ -102,6 +122,8 @@ class FastRMCP(MCPServer[Any]):
             rate_limit_per_s=rate_limit_per_s,
             early_ack=early_ack,
             lease_s=lease_s,
+            store_timeout_s=store_timeout_s,
+            close_store=close_store,
         )
 
     @property
@@ -136,6 +158,29 @@ class _Beside:
         await self._group.__aexit__(None, None, None)
 
 
+def _tool_check(server: MCPServer[Any]) -> CallCheck:
+    """What ``MCPServer`` itself refuses before running a tool: an unknown name, and arguments
+    its own validator rejects (pydantic, lax as the SDK is: ``"5"`` passes for an integer)."""
+    # MCPServer has no public lookup of a tool object; the validator lives on it.
+    tools = server._tool_manager  # pyright: ignore[reportPrivateUsage]
+
+    def check(name: str, arguments: Mapping[str, Any]) -> tuple[NackCode, str] | None:
+        tool = tools.get_tool(name)
+        if tool is None:
+            return NackCode.UNKNOWN_TOOL, f"no tool named {name!r}"
+        try:
+            tool.fn_metadata.validate_arguments(dict(arguments))
+        except ValidationError as error:
+            fields = sorted({".".join(str(part) for part in detail["loc"]) for detail in error.errors()})
+            return NackCode.INVALID_ARGUMENTS, f"tool {name!r} rejected the arguments {fields}: {error}"
+        except Exception:
+            # A validator that crashes is the tool's failure, reported by the SDK as such.
+            return None
+        return None
+
+    return check
+
+
 def _lowlevel(server: Server[Any] | MCPServer[Any]) -> Server[Any]:
     if isinstance(server, MCPServer):
         # MCPServer offers no public way to wrap the lifespan once constructed.
@@ -147,23 +192,32 @@ def _with_rmcp_lifespan(
     side: RMCPServerSide,
     inner: Callable[[Server[Any]], AbstractAsyncContextManager[Any]],
 ) -> Callable[[Server[Any]], AbstractAsyncContextManager[Any]]:
-    """Wrap a server lifespan: RMCP registers its instance on entry and drains on the last exit."""
+    """Wrap a server lifespan: RMCP registers its instance on entry; on the last exit it drains
+    and closes the store."""
     entered = 0
 
     @asynccontextmanager
     async def lifespan(app: Server[Any]) -> AsyncGenerator[Any]:
         nonlocal entered
         entered += 1
+        _store_users[id(side.store)] = _store_users.get(id(side.store), 0) + 1
         try:
             await side.start()
             async with inner(app) as state, _Beside(side.keep_lease):
                 yield state
         finally:
             entered -= 1
-            if not entered:
-                # The serve loop has ended, so no run is in flight: this only marks the
-                # instance gone in the store, and must happen even when cancelled.
-                with anyio.move_on_after(_RELEASE_TIMEOUT_S, shield=True):
-                    await side.drain(timeout_s=0)
+            users = _store_users.pop(id(side.store)) - 1
+            if users:
+                _store_users[id(side.store)] = users
+            # The serve loop has ended, so no run is in flight: this only marks the instance
+            # gone in the store and closes it, and must happen even when cancelled.
+            with anyio.move_on_after(_RELEASE_TIMEOUT_S, shield=True):
+                try:
+                    if not entered:
+                        await side.drain(timeout_s=0)
+                finally:
+                    if not users and side.close_store:
+                        await side.store.aclose()
 
     return lifespan

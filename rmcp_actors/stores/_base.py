@@ -66,7 +66,14 @@ class BeginOutcome:
 @runtime_checkable
 class DedupStore(Protocol):
     """What the RMCP server side needs from a store. All methods are safe to call
-    concurrently from many tasks; none blocks the event loop."""
+    concurrently from many tasks; none blocks the event loop.
+
+    Failures are raised as :class:`~rmcp_actors.RMCPStoreError` (the backend's own error as
+    ``__cause__``), :class:`~rmcp_actors.RMCPStoreClosedError` after :meth:`aclose`, and
+    :class:`~rmcp_actors.RMCPUnknownOwnerError` (also a ``LookupError``) from
+    :meth:`renew_owner` for an owner the store does not know. The server bounds every call by
+    its ``store_timeout_s``.
+    """
 
     @property
     def durable(self) -> bool:

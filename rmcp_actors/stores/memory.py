@@ -13,12 +13,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import final
 
-import anyio
+import anyio.lowlevel
 import attrs
 
+from ..errors import RMCPConfigError, RMCPStoreClosedError, RMCPUnknownOwnerError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
 
 __all__ = ["MemoryStore"]
+
+#: Records purge_expired() checks between two checkpoints.
+_PURGE_BATCH = 1_000
 
 
 @attrs.define(eq=False)
@@ -48,7 +52,7 @@ class MemoryStore:
             default. Tests pass ``trio.current_time`` to run under a mock clock.
 
     Raises:
-        ValueError: When ``max_entries`` or ``ttl_s`` is not positive.
+        RMCPConfigError: When ``max_entries`` or ``ttl_s`` is not positive.
     """
 
     def __init__(
@@ -59,9 +63,11 @@ class MemoryStore:
         clock: Callable[[], float] | None = None,
     ) -> None:
         if max_entries <= 0:
-            raise ValueError(f"max_entries must be a positive number of records, got {max_entries!r}")
+            raise RMCPConfigError(
+                f"must be a positive number of records, got {max_entries!r}", path="max_entries"
+            )
         if not ttl_s > 0:
-            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+            raise RMCPConfigError(f"must be a positive number of seconds, got {ttl_s!r}", path="ttl_s")
         self._max_entries = max_entries
         self._ttl_s = ttl_s
         self._clock = clock or time.monotonic
@@ -95,11 +101,13 @@ class MemoryStore:
         A released owner stays released: renewing it does nothing.
 
         Raises:
-            LookupError: When the owner was never registered.
+            RMCPUnknownOwnerError: When the owner was never registered.
         """
         self._check_open()
         if instance_id not in self._owner_leases:
-            raise LookupError(f"owner {instance_id!r} is not registered: call register_owner first")
+            raise RMCPUnknownOwnerError(
+                f"owner {instance_id!r} is not registered: call register_owner first", operation="renew_owner"
+            )
         if instance_id not in self._released_owners:
             self._owner_leases[instance_id] = self._clock() + lease_s
 
@@ -159,17 +167,28 @@ class MemoryStore:
 
     async def purge_expired(self) -> int:
         """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
-        that have no records left; return how many records were deleted."""
+        that have no records left; return how many records were deleted.
+
+        Checks at most 1,000 records between two checkpoints, so that purging a large store
+        does not hold up the event loop's other tasks.
+        """
         self._check_open()
-        now = self._clock()
-        expired = [key for key, entry in self._records.items() if self._expired(entry, now)]
-        for key in expired:
-            del self._records[key]
-        self._prune_owners(now)
-        return len(expired)
+        keys = list(self._records)
+        deleted = 0
+        for start in range(0, len(keys), _PURGE_BATCH):
+            now = self._clock()
+            for key in keys[start : start + _PURGE_BATCH]:
+                # Other tasks ran since the snapshot: the key may be gone, or claimed anew.
+                entry = self._records.get(key)
+                if entry is not None and self._expired(entry, now):
+                    del self._records[key]
+                    deleted += 1
+            await anyio.lowlevel.checkpoint()
+        self._prune_owners(self._clock())
+        return deleted
 
     async def aclose(self) -> None:
-        """Drop every record; further calls raise ``anyio.ClosedResourceError``."""
+        """Drop every record; further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`."""
         self._closed = True
         self._records.clear()
         self._owner_leases.clear()
@@ -177,7 +196,7 @@ class MemoryStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError("this MemoryStore was closed: create a new store")
+            raise RMCPStoreClosedError("this MemoryStore was closed: create a new store")
 
     def _live_entry(self, key: str, now: float) -> _Entry | None:
         """The unexpired entry of ``key``, marked as the most recently used."""

@@ -39,6 +39,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
+from ..errors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError, RMCPUnknownOwnerError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
@@ -47,6 +48,9 @@ _T = TypeVar("_T")
 
 #: How often a flush also deletes expired records, so the file does not grow without bound.
 _PURGE_INTERVAL_S = 60.0
+#: Most records one transaction deletes: a purge must not hold the write lock (and the
+#: writes batched with it) for as long as a backlog of millions of records takes.
+_PURGE_BATCH = 1_000
 
 # IF NOT EXISTS throughout: several processes may create the schema of a fresh file at once.
 _SCHEMA = (
@@ -149,7 +153,8 @@ class SQLiteStore:
     lease lapses; the pid check runs on POSIX only.)
 
     Expired records are deleted by :meth:`purge_expired`, and at most once a minute as part
-    of an ordinary write.
+    of an ordinary write, in worker threads and in batches of at most 1,000 records per
+    transaction.
 
     Cancelling a write (``begin``, ``complete``, ...) before it reaches the database drops
     it; once its transaction has started, it may be committed although the caller was
@@ -157,7 +162,8 @@ class SQLiteStore:
     (shielded, bounded by ``busy_timeout_s``) before it sees its cancellation.
 
     Args:
-        path: The database file; created with its schema if absent.
+        path: The database file; created with its schema if absent, readable by its owner
+            only (mode 0600, as its -wal and -shm files).
         ttl_s: How long a record lives, counted from its creation.
         clock: The time source for expiries and leases, in seconds since the epoch;
             ``time.time`` by default, a wall clock because several processes share the file.
@@ -165,8 +171,11 @@ class SQLiteStore:
         fsync_claims: Fsync every claim as well (at-most-once across a power loss, at the
             price of one more fsync per call when calls are sequential).
 
+    Failures of SQLite itself (a locked or unwritable file, a full disk) are raised as
+    :class:`~rmcp_actors.RMCPStoreError`, with the ``sqlite3`` error as ``__cause__``.
+
     Raises:
-        ValueError: When ``ttl_s`` is not positive or ``busy_timeout_s`` is negative.
+        RMCPConfigError: When ``ttl_s`` is not positive or ``busy_timeout_s`` is negative.
     """
 
     def __init__(
@@ -179,9 +188,11 @@ class SQLiteStore:
         fsync_claims: bool = False,
     ) -> None:
         if not ttl_s > 0:
-            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+            raise RMCPConfigError(f"must be a positive number of seconds, got {ttl_s!r}", path="ttl_s")
         if not busy_timeout_s >= 0:
-            raise ValueError(f"busy_timeout_s must be zero or more seconds, got {busy_timeout_s!r}")
+            raise RMCPConfigError(
+                f"must be zero or more seconds, got {busy_timeout_s!r}", path="busy_timeout_s"
+            )
         self._path = os.fspath(path)
         self._ttl_s = ttl_s
         self._clock = clock or time.time
@@ -233,7 +244,7 @@ class SQLiteStore:
                 (owner.instance_id, owner.pid, owner.host, lease_expires_at),
             )
 
-        await self._write(apply)
+        await self._write(apply, operation="register_owner")
 
     async def renew_owner(self, instance_id: str, lease_s: float) -> None:
         """Extend the lease of a registered owner by ``lease_s`` from now.
@@ -241,8 +252,8 @@ class SQLiteStore:
         A released owner stays released: renewing it does nothing.
 
         Raises:
-            LookupError: When the owner is not registered, or was purged because its lease
-                lapsed more than ``ttl_s`` ago.
+            RMCPUnknownOwnerError: When the owner is not registered, or was purged because its
+                lease lapsed more than ``ttl_s`` ago.
         """
         lease_expires_at = self._clock() + lease_s
 
@@ -251,14 +262,17 @@ class SQLiteStore:
                 "SELECT released FROM owners WHERE instance_id = ?", (instance_id,)
             ).fetchone()
             if row is None:
-                raise LookupError(f"owner {instance_id!r} is not registered: call register_owner first")
+                raise RMCPUnknownOwnerError(
+                    f"owner {instance_id!r} is not registered: call register_owner first",
+                    operation="renew_owner",
+                )
             if not row[0]:
                 connection.execute(
                     "UPDATE owners SET lease_expires_at = ? WHERE instance_id = ?",
                     (lease_expires_at, instance_id),
                 )
 
-        await self._write(apply)
+        await self._write(apply, operation="renew_owner")
 
     async def release_owner(self, instance_id: str) -> None:
         """Mark the owner as gone; its unfinished records read ``owner_alive=False``."""
@@ -266,7 +280,7 @@ class SQLiteStore:
         def apply(connection: sqlite3.Connection) -> None:
             connection.execute("UPDATE owners SET released = 1 WHERE instance_id = ?", (instance_id,))
 
-        await self._write(apply)
+        await self._write(apply, operation="release_owner")
 
     async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
         """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists.
@@ -288,10 +302,14 @@ class SQLiteStore:
             )
             return BeginOutcome(claimed=True, existing=None)
 
-        if not self._fsync_claims and (done := self._try_inline(apply)) is not None:
+        try:
+            done = None if self._fsync_claims else self._try_inline(apply)
+        except sqlite3.Error as error:
+            raise self._store_error("begin", error) from error
+        if done is not None:
             self._inline_claims += 1
             return done[0]
-        return await self._write(apply, sync=self._fsync_claims)
+        return await self._write(apply, operation="begin", sync=self._fsync_claims)
 
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         """Store the result of the run ``owner`` started; committed to disk once this returns.
@@ -302,6 +320,7 @@ class SQLiteStore:
         # A run that outlived the TTL must not expire the moment it is recorded.
         expires_at = self._clock() + self._ttl_s
         await self._finish(
+            "complete",
             """UPDATE records SET state = ?, result = ?, expires_at = MAX(expires_at, ?)
             WHERE key = ? AND owner = ? AND state = ?""",
             (RecordState.COMPLETED.value, result, expires_at, key, owner, RecordState.STARTED.value),
@@ -311,6 +330,7 @@ class SQLiteStore:
         """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""
         expires_at = self._clock() + self._ttl_s
         await self._finish(
+            "mark_in_doubt",
             """UPDATE records SET state = ?, expires_at = MAX(expires_at, ?)
             WHERE key = ? AND owner = ? AND state = ?""",
             (RecordState.IN_DOUBT.value, expires_at, key, owner, RecordState.STARTED.value),
@@ -326,18 +346,33 @@ class SQLiteStore:
             return None if row is None else self._live_record(row, now)
 
         async with self._lock:
-            return await anyio.to_thread.run_sync(read)
+            try:
+                return await anyio.to_thread.run_sync(read)
+            except (sqlite3.Error, OSError) as error:
+                raise self._store_error("get", error) from error
 
     async def purge_expired(self) -> int:
         """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
-        that have no records left; return how many records were deleted."""
+        that have no records left; return how many records were deleted.
+
+        One transaction per batch of records, so other writes interleave with a long purge.
+        """
         now = self._clock()
-        return await self._write(lambda connection: self._purge(connection, now))
+        # This purge does the opportunistic one's work, and counts what it deletes.
+        self._next_purge_at = now + _PURGE_INTERVAL_S
+        deleted = 0
+        while True:
+            batch = await self._write(
+                lambda connection: self._purge(connection, now), operation="purge_expired"
+            )
+            deleted += batch
+            if batch < _PURGE_BATCH:
+                return deleted
 
     async def aclose(self) -> None:
         """Commit the writes already queued, then close the connection.
 
-        Further calls raise ``anyio.ClosedResourceError``. Closing twice is harmless.
+        Further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`. Closing twice is harmless.
         """
         if self._closing:
             return
@@ -350,15 +385,28 @@ class SQLiteStore:
             async with self._lock:
                 await anyio.to_thread.run_sync(self._close_connection)
 
-    async def _finish(self, statement: str, parameters: tuple[object, ...]) -> None:
+    async def _finish(self, operation: str, statement: str, parameters: tuple[object, ...]) -> None:
         def apply(connection: sqlite3.Connection) -> None:
             connection.execute(statement, parameters)
 
-        await self._write(apply)
+        await self._write(apply, operation=operation)
 
-    async def _write(self, apply: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
+    async def _write(
+        self, apply: Callable[[sqlite3.Connection], _T], *, operation: str, sync: bool = True
+    ) -> _T:
         self._check_open()
-        return await self._submit(_Write(apply, sync=sync))
+        try:
+            return await self._submit(_Write(apply, sync=sync))
+        except (sqlite3.Error, OSError) as error:
+            # OSError: the file could not be created (_create_private).
+            raise self._store_error(operation, error) from error
+
+    def _store_error(self, operation: str, error: Exception) -> RMCPStoreError:
+        return RMCPStoreError(
+            f"the SQLite store {self._path} failed in {operation} ({type(error).__name__}: {error}); "
+            "check that the file is writable, its disk not full, and no process holds its lock for long",
+            operation=operation,
+        )
 
     async def _submit(self, write: _Write[_T]) -> _T:
         self._queue.append(write)
@@ -391,13 +439,16 @@ class SQLiteStore:
             now = self._clock()
             purge_now = now if now >= self._next_purge_at else None
             if purge_now is not None:
-                self._next_purge_at = now + _PURGE_INTERVAL_S
+                # Until the flush tells that the backlog is gone, the next one purges too.
+                self._next_purge_at = now
             self._commits += 1
             self._writes += len(batch)
             self._largest_batch = max(self._largest_batch, len(batch))
             try:
                 async with self._lock:
-                    answers = await anyio.to_thread.run_sync(self._commit_batch, batch, purge_now)
+                    answers, purged = await anyio.to_thread.run_sync(self._commit_batch, batch, purge_now)
+                if purge_now is not None and purged < _PURGE_BATCH:
+                    self._next_purge_at = purge_now + _PURGE_INTERVAL_S
             except Exception as exc:
                 for write in batch:
                     write.settle(None, _fresh_copy(exc))
@@ -408,7 +459,7 @@ class SQLiteStore:
                 for write in batch:
                     if write.status is not _Status.DONE:
                         # Only a KeyboardInterrupt-like exception gets here.
-                        write.settle(None, anyio.BrokenResourceError("the commit was interrupted"))
+                        write.settle(None, RMCPStoreError("the commit was interrupted; retry the write"))
                 if self._queue:
                     successor = self._queue[0]
                     successor.status = _Status.PROMOTED
@@ -418,8 +469,9 @@ class SQLiteStore:
 
     def _commit_batch(
         self, batch: list[_Write[Any]], purge_now: float | None
-    ) -> list[tuple[object, Exception | None]]:
-        """Run in a worker thread: apply every write in one transaction, each in a savepoint."""
+    ) -> tuple[list[tuple[object, Exception | None]], int]:
+        """Run in a worker thread: apply every write in one transaction, each in a savepoint;
+        return their answers and how many expired records the transaction deleted."""
         connection = self._open_connection()
         synchronous = "FULL" if any(write.sync for write in batch) else "NORMAL"
         if synchronous != self._synchronous:
@@ -427,24 +479,29 @@ class SQLiteStore:
             connection.execute(f"PRAGMA synchronous = {synchronous}")
             self._synchronous = synchronous
         connection.execute("BEGIN IMMEDIATE")
+        purged = 0
         try:
             answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
             if purge_now is not None:
                 # An opportunistic purge that fails is rolled back alone and retried next time.
-                _apply_in_savepoint(connection, functools.partial(self._purge, now=purge_now))
+                value, _error = _apply_in_savepoint(connection, functools.partial(self._purge, now=purge_now))
+                purged = cast(int, value or 0)
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
-        return answers
+        return answers, purged
 
     def _purge(self, connection: sqlite3.Connection, now: float) -> int:
+        """Delete one batch of expired records (at most ``_PURGE_BATCH``); return how many."""
         # A run whose owner still holds its lease is kept past its TTL (see _live_record).
         deleted = connection.execute(
-            """DELETE FROM records WHERE expires_at <= ? AND (state != ? OR owner NOT IN
-            (SELECT instance_id FROM owners WHERE released = 0 AND lease_expires_at > ?))""",
-            (now, RecordState.STARTED.value, now),
+            """DELETE FROM records WHERE rowid IN (SELECT rowid FROM records
+            WHERE expires_at <= ? AND (state != ? OR owner NOT IN
+            (SELECT instance_id FROM owners WHERE released = 0 AND lease_expires_at > ?))
+            LIMIT ?)""",
+            (now, RecordState.STARTED.value, now, _PURGE_BATCH),
         ).rowcount
         # An owner kept a while after its lease may still renew (a long pause, not a crash), and
         # a released one must stay known as released to a late renewal.
@@ -459,9 +516,10 @@ class SQLiteStore:
     def _open_connection(self) -> sqlite3.Connection:
         """Run in a worker thread: the connection, opened and the schema created on first use."""
         if self._connection_closed:
-            raise anyio.ClosedResourceError("this SQLiteStore was closed: create a new store")
+            raise RMCPStoreClosedError("this SQLiteStore was closed: create a new store")
         if self._connection is not None:
             return self._connection
+        _create_private(self._path)
         connection = sqlite3.connect(
             self._path,
             timeout=self._busy_timeout_s,
@@ -497,7 +555,7 @@ class SQLiteStore:
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            if _is_busy(exc):
                 return None
             raise
         try:
@@ -530,7 +588,7 @@ class SQLiteStore:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise anyio.ClosedResourceError("this SQLiteStore was closed: create a new store")
+            raise RMCPStoreClosedError("this SQLiteStore was closed: create a new store")
 
     def _live_record(self, row: tuple[Any, ...], now: float) -> DedupRecord | None:
         """The record of ``row``, or None when it expired. A run whose owner is alive never
@@ -578,6 +636,25 @@ def _apply_in_savepoint(
         return None, exc
     connection.execute("RELEASE write")
     return value, None
+
+
+def _create_private(path: str) -> None:
+    """Create the database file, if absent, readable and writable by its owner only: it holds
+    the tools' results. SQLite gives the -wal and -shm files the mode of the database file."""
+    if path == ":memory:":
+        return
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # An existing file keeps the mode its owner gave it.
+        return
+    os.close(descriptor)
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite refused because another connection holds a lock. The primary result
+    code is the low byte: extended codes (``SQLITE_BUSY_SNAPSHOT`` = 517, ...) keep it."""
+    return error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _process_exists(pid: int) -> bool:
