@@ -47,7 +47,7 @@ from .errors import UnknownToolError as UnknownToolError
 from .lifecycle import LifecycleEvent as LifecycleEvent
 from .lifecycle import RequestState as RequestState
 from .result import CallResult as CallResult
-from .rmcp_supervisor import RMCPSupervisor as RMCPSupervisor
+from .root import RMCPSupervisor as RMCPSupervisor
 from .server import FastRMCP as FastRMCP
 from .server import install as install
 from .stores import DedupStore as DedupStore

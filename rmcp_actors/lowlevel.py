@@ -7,7 +7,7 @@ class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a s
 from .client.connection import ConnectionStatistics as ConnectionStatistics
 from .client.scheduler import LaneStatistics as LaneStatistics
 from .client.scheduler import SchedulerStatistics as SchedulerStatistics
-from .rmcp_supervisor import RuntimeStatistics as RuntimeStatistics
+from .root import RuntimeStatistics as RuntimeStatistics
 from .server import RMCPServerSide as RMCPServerSide
 from .server import ServerStatistics as ServerStatistics
 from .server import rmcp_of as rmcp_of

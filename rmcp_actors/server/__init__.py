@@ -12,8 +12,8 @@ Example::
 """
 
 from ._stdio import run_stdio, serve_stdio, stdio_server
-from .extension import RMCPServerSide, ServerStatistics, store_key
 from .install import FastRMCP, install, rmcp_of
+from .middleware import RMCPServerSide, ServerStatistics, store_key
 
 __all__ = [
     "FastRMCP",

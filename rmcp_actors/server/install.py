@@ -15,7 +15,7 @@ from .._protocol import NackCode
 from ..errors import RMCPConfigError
 from ..stores import DedupStore, MemoryStore
 from ._stdio import serve_stdio
-from .extension import DEFAULT_STORE_TIMEOUT_S, CallCheck, RMCPServerSide
+from .middleware import DEFAULT_STORE_TIMEOUT_S, CallCheck, RMCPServerSide
 
 __all__ = ["FastRMCP", "install", "rmcp_of"]
 
