@@ -26,6 +26,7 @@ from rmcp_actors import (
     PolicyOverrides,
     RequestState,
     RetryOverrides,
+    RMCPArgumentError,
     RMCPConfigError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
@@ -33,6 +34,7 @@ from rmcp_actors import (
     RMCPSupervisor,
     RMCPTimeoutAfterSendError,
     ServerSpec,
+    UnknownToolError,
 )
 from rmcp_actors._protocol import EXTENSION_ID
 from rmcp_actors.server import install, rmcp_of, store_key
@@ -542,3 +544,38 @@ async def test_the_lifespan_keeps_the_lease_of_a_long_run_alive(
         # Five leases later, with no other call to renew it, the owner still reads alive.
         assert (record.state.value, record.owner_alive) == ("started", True)
     assert state.ledger == ["long"]
+
+
+async def test_a_refusal_of_the_arguments_is_an_argument_error_that_never_ran() -> None:
+    app = FastRMCP("t", store=MemoryStore())
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("t", app))
+        with pytest.raises(RMCPArgumentError) as refused:
+            await sup.call("t", "pay", {"amount": "lots"})
+        assert (await sup.call("t", "pay", {"amount": 5})).text == "paid"
+    assert refused.value.may_have_executed is False
+    assert "amount" in str(refused.value)
+    assert runs == [5]
+
+
+async def test_a_tool_the_server_no_longer_has_is_an_unknown_tool_that_never_ran() -> None:
+    app = FastRMCP("t", store=MemoryStore())
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        return "paid"
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("t", app))
+        app.remove_tool("pay")  # the client's cached list still has it
+        with pytest.raises(UnknownToolError) as refused:
+            await sup.call("t", "pay", {"amount": 5})
+    assert refused.value.may_have_executed is False
+    assert "list the tools again" in str(refused.value)

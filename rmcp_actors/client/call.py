@@ -342,6 +342,14 @@ def _nack_error(meta: ResponseMeta, when: str) -> RMCPError:
         return RMCPOutcomeUnknownError(
             f"the server cannot tell whether an earlier attempt ran ({code}): {meta.reason}"
         )
+    # The same bad input the client checks before sending, found by the server: raised as the
+    # errors a caller already handles for it, not as a generic refusal.
+    if code == NackCode.UNKNOWN_TOOL:
+        return UnknownToolError(f"the server refused the call ({code}): {reason}")
+    if code == NackCode.INVALID_ARGUMENTS:
+        return RMCPArgumentError(
+            f"the server refused the arguments ({code}): {reason}; fix them and call again"
+        )
     return RMCPNackError(code, reason, retryable=bool(meta.retryable), retry_after_ms=meta.retry_after_ms)
 
 
