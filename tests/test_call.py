@@ -412,7 +412,7 @@ async def test_reconnect_backoff_grows_while_connects_keep_failing(
         await sup.add_server(ServerSpec.in_memory("test", server, overrides=overrides))
         connection = sup._servers["test"].connection  # pyright: ignore[reportPrivateUsage]
 
-        def refuse(*args: object) -> None:
+        def refuse(*args: object, **kwargs: object) -> None:
             raise ConnectionRefusedError("server down")
 
         monkeypatch.setattr("rmcp_actors.client.connection.build_client", refuse)

@@ -13,6 +13,7 @@ from mcp_test_server import State
 from rmcp_actors import (
     ConnectionState,
     PolicyOverrides,
+    RMCPConfig,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
@@ -132,13 +133,33 @@ async def test_a_result_larger_than_the_sse_event_limit_names_the_limit(state: S
 
     async with serve_http(app) as http, RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
-        with pytest.raises(RMCPResultValidationError, match=r"1,048,576 bytes.*max_sse_event_size") as caught:
+        with pytest.raises(
+            RMCPResultValidationError, match=r"1,048,576 bytes.*max_sse_event_bytes"
+        ) as caught:
             await sup.call("web", "big", {"size": 1_100_000}, timeout=20)
         assert (await sup.call("web", "big", {"size": 10})).text == "x" * 10
         connects = sup.statistics().connections[0].connects
     assert caught.value.may_have_executed is True
     assert state.ledger == ["big", "big"]  # ran once, not retried
     assert connects == 1
+
+
+async def test_max_sse_event_bytes_raises_the_limit(state: State) -> None:
+    app = MCPServer("big")
+
+    @app.tool()
+    async def big(size: int) -> str:
+        state.record("big")
+        return "x" * size
+
+    config = RMCPConfig.from_dict({"defaults": {"max_sse_event_bytes": 5_000_000}})
+    async with serve_http(app) as http, RMCPSupervisor.open(config) as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        assert len((await sup.call("web", "big", {"size": 1_100_000}, timeout=20)).text) == 1_100_000
+        # The text travels twice in one event (content and structured content).
+        with pytest.raises(RMCPResultValidationError, match=r"5,000,000 bytes.*max_sse_event_bytes"):
+            await sup.call("web", "big", {"size": 2_600_000}, timeout=20)
+    assert state.ledger == ["big", "big"]
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -88,10 +88,14 @@ async def _observed(
 
 
 @asynccontextmanager
-async def _http_transport(url: str, headers: dict[str, str] | None) -> AsyncGenerator[_Streams]:
+async def _http_transport(
+    url: str, headers: dict[str, str] | None, max_sse_event_bytes: int
+) -> AsyncGenerator[_Streams]:
     async with AsyncExitStack() as stack:
         http_client = await stack.enter_async_context(recording_http_client(headers))
-        yield await stack.enter_async_context(streamable_http_client(url, http_client=http_client))
+        yield await stack.enter_async_context(
+            streamable_http_client(url, http_client=http_client, max_sse_event_size=max_sse_event_bytes)
+        )
 
 
 def client_mode(protocol: str) -> str:
@@ -103,13 +107,14 @@ def client_mode(protocol: str) -> str:
     return "legacy" if protocol in HANDSHAKE_PROTOCOL_VERSIONS else protocol
 
 
-def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
+def build_client(spec: ServerSpec, on_closed: ClosedCallback, *, max_sse_event_bytes: int) -> Client:
     """Return an un-entered ``mcp.Client`` for ``spec``.
 
     Args:
         spec: The server to reach.
         on_closed: Called (synchronously, at most a few times) when the transport's read side
             ends. The direct in-memory wire has no transport and never calls it.
+        max_sse_event_bytes: Largest server-sent event accepted (http only).
 
     Returns:
         The client; the caller enters it with ``async with``.
@@ -129,7 +134,9 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
         return Client(
-            _observed(_http_transport(spec.url, headers), on_closed), mode=mode, extensions=extensions
+            _observed(_http_transport(spec.url, headers, max_sse_event_bytes), on_closed),
+            mode=mode,
+            extensions=extensions,
         )
     # ServerSpec validated that a memory spec holds an MCPServer or a low-level Server.
     server = cast("MCPServer[Any] | Server[Any]", spec.server)

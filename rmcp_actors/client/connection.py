@@ -316,7 +316,9 @@ class Connection(Actor[ConnectionRequest]):
             current_evidence.set(session.evidence)
         try:
             with session.scope:
-                async with build_client(self.spec, session.broken.set) as client:
+                async with build_client(
+                    self.spec, session.broken.set, max_sse_event_bytes=self.policy.max_sse_event_bytes
+                ) as client:
                     session.tools = await _list_all_tools(client)
                     session.rmcp = _rmcp_settings(client, session.tools)
                     session.protocol_version = client.protocol_version
