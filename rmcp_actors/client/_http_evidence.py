@@ -47,10 +47,13 @@ class _RecordingTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def recording_http_client(headers: dict[str, str] | None) -> httpx2.AsyncClient:
+def recording_http_client(
+    headers: dict[str, str] | None, auth: httpx2.BasicAuth | None = None
+) -> httpx2.AsyncClient:
     """The SDK's default HTTP client (same timeouts), recording into :data:`current_evidence`."""
     return httpx2.AsyncClient(
         headers=headers,
+        auth=auth,
         timeout=httpx2.Timeout(MCP_DEFAULT_TIMEOUT, read=MCP_DEFAULT_SSE_READ_TIMEOUT),
         transport=_RecordingTransport(httpx2.AsyncHTTPTransport()),
     )

@@ -8,12 +8,15 @@ read stream reports its end through a callback.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Final, Self, cast
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
+import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.client.extension import advertise
@@ -26,12 +29,15 @@ from mcp.shared.message import SessionMessage
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from .._protocol import EXTENSION_ID, PROTOCOL_VERSION
+from .._redact import URLMaskingFilter
 from ..config import ServerSpec
 from ._http_evidence import recording_http_client
 
 __all__ = ["ClosedCallback", "build_client", "client_mode"]
 
 ClosedCallback = Callable[[], None]
+# Loggers that print a request's URL: httpx2 at INFO for every request, the SDK at DEBUG.
+_URL_LOGGERS: Final = ("httpx2", "mcp.client.streamable_http")
 _Streams = tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]
 
 
@@ -87,12 +93,37 @@ async def _observed(
         yield _ObservedReadStream(read_stream, on_closed), write_stream
 
 
+def _credentials_out_of_url(url: str) -> tuple[str, httpx2.BasicAuth | None]:
+    """``url`` without its ``user:password@`` part, and that part as HTTP Basic auth.
+
+    httpx sends a URL's user info as Basic auth anyway, but logs the URL as written (password
+    included) for every request, as does the SDK: moved out of the URL, it is sent and never
+    printed.
+    """
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    auth = httpx2.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+    return urlunsplit(parts._replace(netloc=host)), auth
+
+
+def _mask_urls_in_logs() -> None:
+    """Mask secret query values in the request URLs these loggers print (idempotent)."""
+    for name in _URL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, URLMaskingFilter) for f in logger.filters):
+            logger.addFilter(URLMaskingFilter())
+
+
 @asynccontextmanager
 async def _http_transport(
     url: str, headers: dict[str, str] | None, max_sse_event_bytes: int
 ) -> AsyncGenerator[_Streams]:
+    _mask_urls_in_logs()
+    url, auth = _credentials_out_of_url(url)
     async with AsyncExitStack() as stack:
-        http_client = await stack.enter_async_context(recording_http_client(headers))
+        http_client = await stack.enter_async_context(recording_http_client(headers, auth))
         yield await stack.enter_async_context(
             streamable_http_client(url, http_client=http_client, max_sse_event_size=max_sse_event_bytes)
         )
