@@ -12,6 +12,7 @@ from mcp_test_server import State
 
 from rmcp_actors import (
     ConnectionState,
+    LifecycleEvent,
     PolicyOverrides,
     RMCPConfig,
     RMCPNetworkError,
@@ -19,6 +20,7 @@ from rmcp_actors import (
     RMCPResultValidationError,
     RMCPSupervisor,
     RMCPTimeoutError,
+    RequestState,
     ServerSpec,
 )
 
@@ -67,6 +69,30 @@ async def test_connection_refused_is_not_sent_never_outcome_unknown(
     assert caught.value.may_have_executed is False
     if when_disconnected == "fail":
         assert isinstance(caught.value, RMCPNetworkError)
+    assert state.ledger == []
+
+
+async def test_an_attempt_whose_connection_was_refused_records_no_sent_step(
+    server: MCPServer, state: State
+) -> None:
+    events: list[LifecycleEvent] = []
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAIL_FAST))
+        ok = await sup.call("web", "echo", {"text": "up"})
+        await http.stop()
+        with pytest.raises(RMCPNetworkError) as caught:
+            await sup.call("web", "record", {"label": "down"}, timeout=5, on_lifecycle=events.append)
+    # Sent on a live server, the step is there (recorded when the POST started writing).
+    assert [event.state for event in ok.lifecycle] == [
+        RequestState.QUEUED,
+        RequestState.SENT,
+        RequestState.ANSWERED,
+    ]
+    # The POST could not open a connection: nothing was written, so no attempt was "sent".
+    assert caught.value.may_have_executed is False
+    assert RequestState.SENT not in [event.state for event in caught.value.lifecycle]
+    assert RequestState.SENT not in [event.state for event in events]
+    assert caught.value.lifecycle[-1].state is RequestState.FAILED
     assert state.ledger == []
 
 

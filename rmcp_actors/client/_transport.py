@@ -26,12 +26,14 @@ from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
+from mcp_types import JSONRPCRequest
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from .._protocol import EXTENSION_ID, PROTOCOL_VERSION
 from .._redact import URLMaskingFilter
 from ..config import ServerSpec
 from ._http_evidence import recording_http_client
+from ._sent import request_handed_over
 
 __all__ = ["ClosedCallback", "build_client", "client_mode"]
 
@@ -85,12 +87,51 @@ class _ObservedReadStream:
         return getattr(self._inner, "last_context", None)
 
 
+class _ObservedWriteStream:
+    """A write stream that tells the sending attempt when it took its request (see ``_sent``)."""
+
+    def __init__(self, inner: WriteStream[SessionMessage]) -> None:
+        self._inner = inner
+
+    async def send(self, item: SessionMessage, /) -> None:
+        try:
+            await self._inner.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise  # the transport was gone: nothing was taken
+        except BaseException:
+            # Interrupted while sending (cancelled): a memory stream may have delivered it.
+            if isinstance(item.message, JSONRPCRequest):
+                request_handed_over()
+            raise
+        if isinstance(item.message, JSONRPCRequest):
+            request_handed_over()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
 @asynccontextmanager
 async def _observed(
-    transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback
+    transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback, *, writes: bool = True
 ) -> AsyncGenerator[_Streams]:
+    """The transport's streams, its read side observed; its write side too unless ``writes`` is
+    False (HTTP, whose request leaves when its POST writes, see ``_http_evidence``)."""
     async with transport as (read_stream, write_stream):
-        yield _ObservedReadStream(read_stream, on_closed), write_stream
+        yield (
+            _ObservedReadStream(read_stream, on_closed),
+            _ObservedWriteStream(write_stream) if writes else write_stream,
+        )
 
 
 def _credentials_out_of_url(url: str) -> tuple[str, httpx2.BasicAuth | None]:
@@ -165,7 +206,7 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback, *, max_sse_event_b
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
         return Client(
-            _observed(_http_transport(spec.url, headers, max_sse_event_bytes), on_closed),
+            _observed(_http_transport(spec.url, headers, max_sse_event_bytes), on_closed, writes=False),
             mode=mode,
             extensions=extensions,
         )
