@@ -14,13 +14,13 @@ from rmcp_actors import (
     ConnectionState,
     LifecycleEvent,
     PolicyOverrides,
+    RequestState,
     RMCPConfig,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
     RMCPSupervisor,
     RMCPTimeoutError,
-    RequestState,
     ServerSpec,
 )
 
