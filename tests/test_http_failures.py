@@ -20,6 +20,7 @@ from rmcp_actors import (
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
     RMCPSupervisor,
+    RMCPTimeoutAfterSendError,
     RMCPTimeoutError,
     ServerSpec,
 )
@@ -69,6 +70,32 @@ async def test_connection_refused_is_not_sent_never_outcome_unknown(
     assert caught.value.may_have_executed is False
     if when_disconnected == "fail":
         assert isinstance(caught.value, RMCPNetworkError)
+    assert state.ledger == []
+
+
+async def test_waiting_for_an_unreachable_server_times_out_saying_why(
+    server: MCPServer, state: State
+) -> None:
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        url = http.url.replace("http://", "http://alice:pw-s3cret@") + "?token=qs-s3cret"
+        await sup.add_server(ServerSpec.http("web", url, protocol="legacy", overrides=FAST_RECOVERY))
+        await http.stop()
+        # The first attempt is refused (nothing sent); the call then waits for a reconnect,
+        # refused again and again until its deadline.
+        with pytest.raises(RMCPTimeoutError) as caught:
+            await sup.call("web", "record", {"label": "down"}, timeout=1)
+        failed_connects = sup.statistics().connections[0].failed_connects
+    message = str(caught.value)
+    assert not isinstance(caught.value, RMCPTimeoutAfterSendError)
+    assert caught.value.may_have_executed is False
+    assert "nothing was sent" in message
+    assert "unreachable" in message
+    assert "ConnectError" in message
+    assert failed_connects > 0
+    assert "pw-s3cret" not in message
+    assert "qs-s3cret" not in message
+    assert "http://alice:***@127.0.0.1" in message
+    assert RequestState.SENT not in [event.state for event in caught.value.lifecycle]
     assert state.ledger == []
 
 

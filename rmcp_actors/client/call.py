@@ -510,11 +510,18 @@ def _safe_to_repeat(policy: CallPolicy, tool: Tool) -> bool:
 
 
 def _timeout_error(connection: Connection, request: CallRequest, progress: _Progress) -> RMCPTimeoutError:
-    where = f"{progress.attempts} attempt(s)" if progress.attempts else "before sending"
+    where = f"after {progress.attempts} attempt(s)" if progress.attempts else "before sending"
     if progress.sent:
         error: RMCPTimeoutError = RMCPTimeoutAfterSendError(
             f"the call's timeout of {request.timeout_s:g} s passed after {where}; the request was "
             "sent, so the tool may have run: check its effect, or raise timeout_s",
+        )
+    elif (unreachable := connection.unreachable_reason()) is not None:
+        # Waiting for a reconnect (when_disconnected = "wait") that never came: say why.
+        error = RMCPTimeoutError(
+            f"the call's timeout of {request.timeout_s:g} s passed {where} while waiting for the "
+            f"connection; nothing was sent: the server is unreachable ({unreachable}); check that "
+            f"{connection.spec.describe()} is up, or raise timeout_s",
         )
     else:
         error = RMCPTimeoutError(
