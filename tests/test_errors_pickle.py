@@ -32,6 +32,7 @@ EXAMPLES: dict[str, Callable[[Any], RMCPError]] = {
     "RMCPServerError": lambda cls: cls(-32050, "tool exploded", {"why": ["nested"]}, **CONTEXT),
     "RMCPNackError": lambda cls: cls("overloaded", "busy", retryable=True, retry_after_ms=250, **CONTEXT),
     "RMCPSupervisorError": lambda cls: cls("connections escalated", actor="connection:a"),
+    "RMCPActorStoppedError": lambda cls: cls("the actor stopped", actor="connection:a", **CONTEXT),
 }
 
 
