@@ -11,12 +11,22 @@ which may quote a URL or an argument).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-__all__ = ["MASK", "mask_args", "mask_mapping", "mask_url", "scrub", "secrets_of_args", "secrets_of_url"]
+__all__ = [
+    "MASK",
+    "URLMaskingFilter",
+    "mask_args",
+    "mask_mapping",
+    "mask_url",
+    "scrub",
+    "secrets_of_args",
+    "secrets_of_url",
+]
 
 MASK: Final = "***"
 
@@ -160,3 +170,22 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted({s for s in secrets if len(s) >= _MIN_SCRUB_LENGTH}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return _TOKEN.sub(MASK, text)
+
+
+_URL_IN_TEXT: Final = re.compile(r"https?://[^\s\"'<>]+")
+
+
+class URLMaskingFilter(logging.Filter):
+    """A logging filter that masks the secrets of every URL in a record (see :func:`mask_url`).
+
+    For loggers of libraries under the transport that print request URLs (``httpx2`` at INFO,
+    the SDK's streamable HTTP client at DEBUG), where a query-string token cannot be kept out
+    of the URL. A record without such a URL passes unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = _URL_IN_TEXT.sub(lambda match: mask_url(match.group()), message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True

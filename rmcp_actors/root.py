@@ -60,6 +60,8 @@ class RuntimeStatistics:
 class _Server:
     spec: ServerSpec
     connection: Connection
+    # The connection's child in the connections supervisor: what removing this entry stops.
+    child: ChildSpec
     lane: Lane
     # Resolved once, for the configured tools only: callers' tool names never grow it.
     policies: Mapping[str, CallPolicy]
@@ -160,10 +162,10 @@ class RMCPSupervisor:
         connection = Connection(spec.name, spec, policy)
         lane = self._scheduler.lane(spec.name, policy.max_concurrency)
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
-        entry = self._servers[spec.name] = _Server(
-            spec, connection, lane, policies, self._config.call_policy(spec, None)
-        )
         child = ChildSpec(_child_name(spec.name), connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)
+        entry = self._servers[spec.name] = _Server(
+            spec, connection, child, lane, policies, self._config.call_policy(spec, None)
+        )
         try:
             await self._connections_supervisor.start_child(child)
         except BaseException as error:
@@ -181,7 +183,8 @@ class RMCPSupervisor:
                 _raise_unwrapped(error)  # pyright: ignore[reportUnknownArgumentType]
             raise
         if self._servers.get(spec.name) is not entry:
-            await self._stop_connection(spec.name)
+            # Its own child only: the name may already belong to a newer add's connection.
+            await self._stop_connection(entry)
             raise UnknownServerError(
                 f"server {spec.name!r} was removed while it was being added", server=spec.name
             )
@@ -196,14 +199,16 @@ class RMCPSupervisor:
         # Forget it first: a concurrent removal must find it gone, not half-removed.
         del self._servers[name]
         self._scheduler.retire(entry.lane)
-        await self._stop_connection(name)
+        await self._stop_connection(entry)
 
-    async def _stop_connection(self, name: str) -> None:
+    async def _stop_connection(self, entry: _Server) -> None:
+        """Stop ``entry``'s own connection, never a newer one that took its server's name."""
         # Shielded (and bounded by the child's shutdown timeout): a cancelled removal must not
         # leave the connection and its subprocess running without an entry.
         with anyio.CancelScope(shield=True), suppress(KeyError):
-            # KeyError: the child is not there yet (an add in progress stops it itself).
-            await self._connections_supervisor.terminate_child(_child_name(name))
+            # KeyError: the child is gone already (its start failed, or the removal that made
+            # its add clean up stopped it).
+            await self._connections_supervisor.terminate_child(entry.child.name, spec=entry.child)
 
     def servers(self) -> dict[str, ConnectionState]:
         """Return each server's name and connection state."""

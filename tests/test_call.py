@@ -412,7 +412,7 @@ async def test_reconnect_backoff_grows_while_connects_keep_failing(
         await sup.add_server(ServerSpec.in_memory("test", server, overrides=overrides))
         connection = sup._servers["test"].connection  # pyright: ignore[reportPrivateUsage]
 
-        def refuse(*args: object) -> None:
+        def refuse(*args: object, **kwargs: object) -> None:
             raise ConnectionRefusedError("server down")
 
         monkeypatch.setattr("rmcp_actors.client.connection.build_client", refuse)
@@ -561,6 +561,7 @@ async def test_an_unsafe_attempt_with_too_little_time_left_is_not_sent(
     assert not isinstance(caught.value, RMCPTimeoutAfterSendError)
     assert caught.value.may_have_executed is False
     assert "too little" in str(caught.value)
+    assert [event.state for event in caught.value.lifecycle] == [RequestState.QUEUED, RequestState.FAILED]
     assert "late" not in state.started
     assert "safe" in state.started
 

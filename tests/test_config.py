@@ -11,6 +11,7 @@ import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mcp.client.streamable_http import DEFAULT_MAX_SSE_EVENT_SIZE
 
 from rmcp_actors.config import (
     CallPolicy,
@@ -171,6 +172,28 @@ def test_http_server_in_toml(tmp_path: pathlib.Path) -> None:
     )
     assert config.server_policy(spec).when_disconnected == "fail"
     assert spec.describe() == "https://example.com/mcp"
+
+
+def test_max_sse_event_bytes_defaults_to_the_sdks_limit_and_loads_per_server(tmp_path: pathlib.Path) -> None:
+    text = """
+    [defaults]
+    max_sse_event_bytes = 4_000_000
+    [servers.remote]
+    transport = "http"
+    url = "https://example.com/mcp"
+    max_sse_event_bytes = 8_000_000
+    """
+    config = RMCPConfig.from_toml(write(tmp_path, text))
+    assert config.server_policy(config.servers["remote"]).max_sse_event_bytes == 8_000_000
+    assert config.server_policy(ServerSpec.http("other", "https://x/")).max_sse_event_bytes == 4_000_000
+    assert RMCPConfig().server_policy(ServerSpec.http("o", "https://x/")).max_sse_event_bytes == (
+        DEFAULT_MAX_SSE_EVENT_SIZE
+    )
+    with pytest.raises(RMCPConfigError) as caught:
+        RMCPConfig.from_dict(
+            {"servers": {"r": {"transport": "http", "url": "https://x/", "max_sse_event_bytes": 0}}}
+        )
+    assert caught.value.path == "servers.r.max_sse_event_bytes"
 
 
 # ------------------------------------------------------------------------------------------

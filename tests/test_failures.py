@@ -115,7 +115,7 @@ def test_minus_32000_is_a_lost_answer_only_from_the_sdk_or_a_dead_transport(
     if "byte limit" in message and message.startswith(STREAM_FAILED_PREFIX):
         assert verdict.attempt is Attempt.UNREADABLE
         assert "1,048,576 bytes" in verdict.reason
-        assert "max_sse_event_size" in verdict.reason
+        assert "max_sse_event_bytes" in verdict.reason
     elif message == CONNECTION_CLOSED_MESSAGE:
         refused = evidence is not None and evidence.refused is not None
         assert verdict.attempt is (Attempt.NOT_SENT if refused else Attempt.SENT_AND_LOST)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -42,6 +45,32 @@ async def test_headers_reach_the_server(server: MCPServer) -> None:
     async with serve_http(server) as http, RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.http("web", http.url, headers={"X-Tenant": "acme"}))
         assert (await sup.call("web", "header", {"name": "X-Tenant"})).text == "acme"
+
+
+async def test_url_credentials_reach_the_server_but_never_a_log_record(
+    server: MCPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[bytes | None, bytes]] = []
+
+    def record_requests(app: Any) -> Any:
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                seen.append((dict(scope["headers"]).get(b"authorization"), scope["query_string"]))
+            await app(scope, receive, send)
+
+        return wrapped
+
+    caplog.set_level(logging.DEBUG)
+    async with serve_http(server, wrap=record_requests) as http, RMCPSupervisor.open() as sup:
+        url = http.url.replace("http://", "http://alice:pw-s3cret@") + "?token=qs-s3cret&page=2"
+        await sup.add_server(ServerSpec.http("web", url, protocol="legacy"))
+        assert (await sup.call("web", "echo", {"text": "hi"})).text == "hi"
+    basic = b"Basic " + base64.b64encode(b"alice:pw-s3cret")
+    assert seen
+    assert all(header == basic and query == b"token=qs-s3cret&page=2" for header, query in seen)
+    logged = [record.getMessage() + (record.exc_text or "") for record in caplog.records]
+    assert any("HTTP Request: POST http://127.0.0.1" in line for line in logged)
+    assert not [line for line in logged if "pw-s3cret" in line or "qs-s3cret" in line]
 
 
 async def test_http_server_dies_mid_call_non_idempotent_is_unknown_then_reconnects(

@@ -12,11 +12,15 @@ from mcp_test_server import State
 
 from rmcp_actors import (
     ConnectionState,
+    LifecycleEvent,
     PolicyOverrides,
+    RequestState,
+    RMCPConfig,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
     RMCPSupervisor,
+    RMCPTimeoutAfterSendError,
     RMCPTimeoutError,
     ServerSpec,
 )
@@ -66,6 +70,56 @@ async def test_connection_refused_is_not_sent_never_outcome_unknown(
     assert caught.value.may_have_executed is False
     if when_disconnected == "fail":
         assert isinstance(caught.value, RMCPNetworkError)
+    assert state.ledger == []
+
+
+async def test_waiting_for_an_unreachable_server_times_out_saying_why(
+    server: MCPServer, state: State
+) -> None:
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        url = http.url.replace("http://", "http://alice:pw-s3cret@") + "?token=qs-s3cret"
+        await sup.add_server(ServerSpec.http("web", url, protocol="legacy", overrides=FAST_RECOVERY))
+        await http.stop()
+        # The first attempt is refused (nothing sent); the call then waits for a reconnect,
+        # refused again and again until its deadline.
+        with pytest.raises(RMCPTimeoutError) as caught:
+            await sup.call("web", "record", {"label": "down"}, timeout=1)
+        failed_connects = sup.statistics().connections[0].failed_connects
+    message = str(caught.value)
+    assert not isinstance(caught.value, RMCPTimeoutAfterSendError)
+    assert caught.value.may_have_executed is False
+    assert "nothing was sent" in message
+    assert "unreachable" in message
+    assert "ConnectError" in message
+    assert failed_connects > 0
+    assert "pw-s3cret" not in message
+    assert "qs-s3cret" not in message
+    assert "http://alice:***@127.0.0.1" in message
+    assert RequestState.SENT not in [event.state for event in caught.value.lifecycle]
+    assert state.ledger == []
+
+
+async def test_an_attempt_whose_connection_was_refused_records_no_sent_step(
+    server: MCPServer, state: State
+) -> None:
+    events: list[LifecycleEvent] = []
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAIL_FAST))
+        ok = await sup.call("web", "echo", {"text": "up"})
+        await http.stop()
+        with pytest.raises(RMCPNetworkError) as caught:
+            await sup.call("web", "record", {"label": "down"}, timeout=5, on_lifecycle=events.append)
+    # Sent on a live server, the step is there (recorded when the POST started writing).
+    assert [event.state for event in ok.lifecycle] == [
+        RequestState.QUEUED,
+        RequestState.SENT,
+        RequestState.ANSWERED,
+    ]
+    # The POST could not open a connection: nothing was written, so no attempt was "sent".
+    assert caught.value.may_have_executed is False
+    assert RequestState.SENT not in [event.state for event in caught.value.lifecycle]
+    assert RequestState.SENT not in [event.state for event in events]
+    assert caught.value.lifecycle[-1].state is RequestState.FAILED
     assert state.ledger == []
 
 
@@ -132,13 +186,33 @@ async def test_a_result_larger_than_the_sse_event_limit_names_the_limit(state: S
 
     async with serve_http(app) as http, RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
-        with pytest.raises(RMCPResultValidationError, match=r"1,048,576 bytes.*max_sse_event_size") as caught:
+        with pytest.raises(
+            RMCPResultValidationError, match=r"1,048,576 bytes.*max_sse_event_bytes"
+        ) as caught:
             await sup.call("web", "big", {"size": 1_100_000}, timeout=20)
         assert (await sup.call("web", "big", {"size": 10})).text == "x" * 10
         connects = sup.statistics().connections[0].connects
     assert caught.value.may_have_executed is True
     assert state.ledger == ["big", "big"]  # ran once, not retried
     assert connects == 1
+
+
+async def test_max_sse_event_bytes_raises_the_limit(state: State) -> None:
+    app = MCPServer("big")
+
+    @app.tool()
+    async def big(size: int) -> str:
+        state.record("big")
+        return "x" * size
+
+    config = RMCPConfig.from_dict({"defaults": {"max_sse_event_bytes": 5_000_000}})
+    async with serve_http(app) as http, RMCPSupervisor.open(config) as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        assert len((await sup.call("web", "big", {"size": 1_100_000}, timeout=20)).text) == 1_100_000
+        # The text travels twice in one event (content and structured content).
+        with pytest.raises(RMCPResultValidationError, match=r"5,000,000 bytes.*max_sse_event_bytes"):
+            await sup.call("web", "big", {"size": 2_600_000}, timeout=20)
+    assert state.ledger == ["big", "big"]
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -11,6 +11,7 @@ from conftest import PYTHON, stdio_args
 from mcp_test_server import build_server
 
 from rmcp_actors import (
+    ConnectionState,
     PolicyOverrides,
     RMCPConfig,
     RMCPNetworkError,
@@ -20,7 +21,7 @@ from rmcp_actors import (
     ServerSpec,
     UnknownServerError,
 )
-from rmcp_actors.runtime import ChildSpec
+from rmcp_actors.runtime import ChildSpec, Supervisor
 
 NEVER_ANSWERS = ServerSpec.stdio(
     "x", sys.executable, ["-c", "import time; time.sleep(60)"], overrides=PolicyOverrides(connect_timeout_s=1)
@@ -80,6 +81,45 @@ async def test_remove_and_re_add_while_the_first_add_still_connects() -> None:
         assert [child.name for child in children] == ["connection:x"]
         assert (await sup.call("x", "echo", {"text": "the second one"})).text == "the second one"
     assert outcomes == ["first removed", "second ok"]
+
+
+async def test_a_finishing_add_does_not_stop_the_connection_of_a_re_add_under_its_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first add's connection is up, but the add has not resumed yet: meanwhile the server is
+    removed and added again. The first add's cleanup must stop its own connection (already
+    stopped by the removal), never the new one that now holds the name."""
+    first_started = anyio.Event()
+    resume_first = anyio.Event()
+    start_child = Supervisor.start_child
+    starts = 0
+
+    async def start_then_hold_the_first(self: Supervisor, spec: ChildSpec) -> None:
+        nonlocal starts
+        starts += 1
+        first = starts == 1
+        await start_child(self, spec)
+        if first:
+            first_started.set()
+            await resume_first.wait()
+
+    monkeypatch.setattr(Supervisor, "start_child", start_then_hold_the_first)
+    async with RMCPSupervisor.open() as sup, anyio.create_task_group() as task_group:
+
+        async def first_add() -> None:
+            with pytest.raises(UnknownServerError, match="removed while it was being added"):
+                await sup.add_server(ServerSpec.in_memory("x", build_server()))
+
+        task_group.start_soon(first_add)
+        await first_started.wait()
+        await sup.remove_server("x")
+        await sup.add_server(ServerSpec.in_memory("x", build_server()))
+        resume_first.set()
+        await anyio.wait_all_tasks_blocked()
+        children = sup.statistics().supervisors[1].children
+        assert [child.name for child in children] == ["connection:x"]
+        assert sup.servers() == {"x": ConnectionState.READY}
+        assert (await sup.call("x", "echo", {"text": "the second one"})).text == "the second one"
 
 
 async def test_a_cancelled_remove_server_still_stops_the_connection() -> None:

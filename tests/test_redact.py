@@ -4,9 +4,11 @@ values are what the connection uses."""
 
 from __future__ import annotations
 
+import logging
 import string
 from pathlib import Path
 
+import httpx2
 import pytest
 import trio
 from _http import serve_http
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from mcp.server.mcpserver import MCPServer
 
 from rmcp_actors import PolicyOverrides, RMCPConfig, RMCPNetworkError, RMCPSupervisor, ServerSpec
-from rmcp_actors._redact import MASK, mask_args, mask_url, scrub
+from rmcp_actors._redact import MASK, URLMaskingFilter, mask_args, mask_url, scrub
 
 # Secrets start with a marker no repr or message contains by chance.
 secrets = st.text(alphabet=string.ascii_letters + string.digits, min_size=8, max_size=40).map(
@@ -225,3 +227,20 @@ def test_scrub_leaves_no_secret(values: list[str], filler: list[str]) -> None:
     scrubbed = scrub(text, values)
     for value in values:
         assert value not in scrubbed
+
+
+def test_url_masking_filter_masks_query_tokens_and_leaves_other_records_alone() -> None:
+    url = httpx2.URL("http://127.0.0.1:8000/mcp?token=qs-s3cret&page=2")
+    fmt = 'HTTP Request: %s %s "%s %d %s"'
+    record = logging.LogRecord(
+        "httpx2", logging.INFO, __file__, 1, fmt, ("POST", url, "HTTP/1.1", 200, "OK"), None
+    )
+    assert URLMaskingFilter().filter(record) is True
+    assert (
+        record.getMessage()
+        == 'HTTP Request: POST http://127.0.0.1:8000/mcp?token=***&page=2 "HTTP/1.1 200 OK"'
+    )
+    args = ("GET", httpx2.URL("http://127.0.0.1:8000/mcp?page=2"), "HTTP/1.1", 200, "OK")
+    plain = logging.LogRecord("httpx2", logging.INFO, __file__, 1, fmt, args, None)
+    assert URLMaskingFilter().filter(plain) is True
+    assert (plain.msg, plain.args) == (fmt, args)

@@ -330,6 +330,28 @@ async def test_start_and_terminate_dynamic_children(autojump_clock: trio.testing
         await supervisor.start_child(harness.spec("late"))
 
 
+async def test_terminate_child_with_a_spec_stops_only_the_child_started_from_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    harness = Harness()
+    supervisor = Supervisor("sup", children=[])
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        old = harness.spec("d")
+        await supervisor.start_child(old)
+        await supervisor.terminate_child("d")
+        new = harness.spec("d")
+        await supervisor.start_child(new)
+        assert harness.take() == ["start:d", "stop:d", "start:d"]
+        # The old owner's cleanup: the name now belongs to a child started from another spec.
+        with pytest.raises(KeyError):
+            await supervisor.terminate_child("d", spec=old)
+        assert running(supervisor.statistics()) == {"d": True}
+        await supervisor.terminate_child("d", spec=new)
+        assert harness.take() == ["stop:d"]
+        await supervisor.stop()
+
+
 async def test_start_child_failure_propagates_and_siblings_keep_running(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -163,9 +163,9 @@ def _classify_mcp_error(
                 Attempt.UNREADABLE,
                 False,
                 f"the answer is larger than the SDK's limit of {int(too_large.group(1)):,} bytes for "
-                "one server-sent event (the SDK's max_sse_event_size): the tool ran; ask the server "
-                "for a smaller result (pagination, a resource link), or have it answer with JSON "
-                "responses instead of SSE",
+                "one server-sent event: the tool ran; raise max_sse_event_bytes in the server's "
+                "config ([servers.<name>] or [defaults]), ask the server for a smaller result "
+                "(pagination, a resource link), or have it answer with JSON responses instead of SSE",
             )
         return Verdict(Attempt.SENT_AND_LOST, transport_closed, message)
     if transport_closed:

@@ -9,17 +9,22 @@ the connection around the handshake) names the :class:`Evidence` of that request
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from typing import Any
 
 import httpx2
 from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT
 
 from ._failures import Evidence
+from ._sent import request_handed_over
 
 __all__ = ["current_evidence", "describe_refusal", "recording_http_client"]
 
 #: The evidence of the request the current task is sending, if anyone is recording.
 current_evidence: ContextVar[Evidence | None] = ContextVar("rmcp_actors_http_evidence", default=None)
+
+_Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class _RecordingTransport(httpx2.AsyncBaseTransport):
@@ -34,6 +39,7 @@ class _RecordingTransport(httpx2.AsyncBaseTransport):
         # the same context must not overwrite what happened to the request.
         if evidence is None or request.method != "POST" or evidence.status is not None or evidence.refused:
             return await self._inner.handle_async_request(request)
+        request.extensions = {**request.extensions, "trace": _tracer(request.extensions.get("trace"))}
         try:
             response = await self._inner.handle_async_request(request)
         except (httpx2.ConnectError, httpx2.ConnectTimeout) as error:
@@ -47,10 +53,26 @@ class _RecordingTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def recording_http_client(headers: dict[str, str] | None) -> httpx2.AsyncClient:
+def _tracer(inner: _Trace | None) -> _Trace:
+    """An httpcore trace callback that tells the attempt when its POST starts writing: the
+    connection is open, the request is leaving (see ``_sent``)."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith(".send_request_headers.started"):
+            request_handed_over()
+        if inner is not None:
+            await inner(event, info)
+
+    return trace
+
+
+def recording_http_client(
+    headers: dict[str, str] | None, auth: httpx2.BasicAuth | None = None
+) -> httpx2.AsyncClient:
     """The SDK's default HTTP client (same timeouts), recording into :data:`current_evidence`."""
     return httpx2.AsyncClient(
         headers=headers,
+        auth=auth,
         timeout=httpx2.Timeout(MCP_DEFAULT_TIMEOUT, read=MCP_DEFAULT_SSE_READ_TIMEOUT),
         transport=_RecordingTransport(httpx2.AsyncHTTPTransport()),
     )

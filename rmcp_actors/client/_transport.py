@@ -8,12 +8,15 @@ read stream reports its end through a callback.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Final, Self, cast
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
+import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.client.extension import advertise
@@ -22,16 +25,21 @@ from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
+from mcp_types import JSONRPCRequest
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from .._protocol import EXTENSION_ID, PROTOCOL_VERSION
+from .._redact import URLMaskingFilter
 from ..config import ServerSpec
 from ._http_evidence import recording_http_client
+from ._sent import request_handed_over
 from ._stdio import stdio_client
 
 __all__ = ["ClosedCallback", "build_client", "client_mode"]
 
 ClosedCallback = Callable[[], None]
+# Loggers that print a request's URL: httpx2 at INFO for every request, the SDK at DEBUG.
+_URL_LOGGERS: Final = ("httpx2", "mcp.client.streamable_http")
 _Streams = tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]
 
 
@@ -79,19 +87,87 @@ class _ObservedReadStream:
         return getattr(self._inner, "last_context", None)
 
 
+class _ObservedWriteStream:
+    """A write stream that tells the sending attempt when it took its request (see ``_sent``)."""
+
+    def __init__(self, inner: WriteStream[SessionMessage]) -> None:
+        self._inner = inner
+
+    async def send(self, item: SessionMessage, /) -> None:
+        try:
+            await self._inner.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise  # the transport was gone: nothing was taken
+        except BaseException:
+            # Interrupted while sending (cancelled): a memory stream may have delivered it.
+            if isinstance(item.message, JSONRPCRequest):
+                request_handed_over()
+            raise
+        if isinstance(item.message, JSONRPCRequest):
+            request_handed_over()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
 @asynccontextmanager
 async def _observed(
-    transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback
+    transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback, *, writes: bool = True
 ) -> AsyncGenerator[_Streams]:
+    """The transport's streams, its read side observed; its write side too unless ``writes`` is
+    False (HTTP, whose request leaves when its POST writes, see ``_http_evidence``)."""
     async with transport as (read_stream, write_stream):
-        yield _ObservedReadStream(read_stream, on_closed), write_stream
+        yield (
+            _ObservedReadStream(read_stream, on_closed),
+            _ObservedWriteStream(write_stream) if writes else write_stream,
+        )
+
+
+def _credentials_out_of_url(url: str) -> tuple[str, httpx2.BasicAuth | None]:
+    """``url`` without its ``user:password@`` part, and that part as HTTP Basic auth.
+
+    httpx sends a URL's user info as Basic auth anyway, but logs the URL as written (password
+    included) for every request, as does the SDK: moved out of the URL, it is sent and never
+    printed.
+    """
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    auth = httpx2.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+    return urlunsplit(parts._replace(netloc=host)), auth
+
+
+def _mask_urls_in_logs() -> None:
+    """Mask secret query values in the request URLs these loggers print (idempotent)."""
+    for name in _URL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, URLMaskingFilter) for f in logger.filters):
+            logger.addFilter(URLMaskingFilter())
 
 
 @asynccontextmanager
-async def _http_transport(url: str, headers: dict[str, str] | None) -> AsyncGenerator[_Streams]:
+async def _http_transport(
+    url: str, headers: dict[str, str] | None, max_sse_event_bytes: int
+) -> AsyncGenerator[_Streams]:
+    _mask_urls_in_logs()
+    url, auth = _credentials_out_of_url(url)
     async with AsyncExitStack() as stack:
-        http_client = await stack.enter_async_context(recording_http_client(headers))
-        yield await stack.enter_async_context(streamable_http_client(url, http_client=http_client))
+        http_client = await stack.enter_async_context(recording_http_client(headers, auth))
+        yield await stack.enter_async_context(
+            streamable_http_client(url, http_client=http_client, max_sse_event_size=max_sse_event_bytes)
+        )
 
 
 def client_mode(protocol: str) -> str:
@@ -103,13 +179,14 @@ def client_mode(protocol: str) -> str:
     return "legacy" if protocol in HANDSHAKE_PROTOCOL_VERSIONS else protocol
 
 
-def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
+def build_client(spec: ServerSpec, on_closed: ClosedCallback, *, max_sse_event_bytes: int) -> Client:
     """Return an un-entered ``mcp.Client`` for ``spec``.
 
     Args:
         spec: The server to reach.
         on_closed: Called (synchronously, at most a few times) when the transport's read side
             ends. The direct in-memory wire has no transport and never calls it.
+        max_sse_event_bytes: Largest server-sent event accepted (http only).
 
     Returns:
         The client; the caller enters it with ``async with``.
@@ -129,7 +206,9 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback) -> Client:
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
         return Client(
-            _observed(_http_transport(spec.url, headers), on_closed), mode=mode, extensions=extensions
+            _observed(_http_transport(spec.url, headers, max_sse_event_bytes), on_closed, writes=False),
+            mode=mode,
+            extensions=extensions,
         )
     # ServerSpec validated that a memory spec holds an MCPServer or a low-level Server.
     server = cast("MCPServer[Any] | Server[Any]", spec.server)

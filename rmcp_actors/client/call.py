@@ -47,6 +47,7 @@ from ..result import CallResult
 from ._arguments import check_arguments
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
+from ._sent import current_send_hook
 from .backoff import backoff_delay
 from .connection import Connection, Session
 from .scheduler import Lane, Scheduler
@@ -104,6 +105,21 @@ class _Progress:
                 _logger.exception(
                     "on_lifecycle callback raised at %s of request %s", state.value, self.request.request_id
                 )
+
+
+class _SentStep:
+    """Records one attempt's SENT step, once, while the attempt is open (the transport's hook)."""
+
+    __slots__ = ("open", "progress")
+
+    def __init__(self, progress: _Progress) -> None:
+        self.progress = progress
+        self.open = True
+
+    def __call__(self) -> None:
+        if self.open:
+            self.open = False
+            self.progress.record(RequestState.SENT)
 
 
 class _Failed(Exception):
@@ -193,6 +209,7 @@ async def _attempts(
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     retry = policy.retry
     http = connection.spec.transport == "http"
+    direct = connection.spec.wire == "direct"
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -220,6 +237,7 @@ async def _attempts(
                     policy,
                     _acks_arrive(connection),
                     http,
+                    direct,
                     not _safe_to_repeat(policy, tool),
                 )
             except _Failed as failed:
@@ -361,6 +379,7 @@ async def _send(
     policy: CallPolicy,
     acks_arrive: bool,
     http: bool,
+    direct: bool,
     unsafe: bool,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     client = session.client
@@ -368,8 +387,7 @@ async def _send(
     # A deadline that fired while this call waited for its slot ends it here, before it counts
     # as sent (the SDK would refuse to write it anyway).
     await anyio.lowlevel.checkpoint_if_cancelled()
-    sent_at = anyio.current_time()
-    remaining = deadline - sent_at
+    remaining = deadline - anyio.current_time()
     if unsafe and remaining < _MIN_TIME_FOR_ANSWER_S:
         raise RMCPTimeoutError(
             f"only {remaining * 1000:.0f} ms of the call's timeout of {request.timeout_s:g} s were "
@@ -392,8 +410,13 @@ async def _send(
             )
         )
     ack_timeout_s = _ack_timeout(policy, rmcp) if acks_arrive else None
+    # From here the request may reach the server: a deadline says "may have run". The
+    # lifecycle's SENT step waits for the transport to take the request (see _sent).
     progress.sent = True
-    progress.record(RequestState.SENT, at=sent_at)
+    sent_step = _SentStep(progress)
+    if direct:
+        sent_step()  # no transport: the server's handler is called in this task
+    sent_token = current_send_hook.set(sent_step)
     evidence = Evidence() if http else None
     token = current_evidence.set(evidence) if http else None
     try:
@@ -412,6 +435,9 @@ async def _send(
             raise
         raise _Failed(verdict) from error
     finally:
+        # A write the transport starts after the attempt ended is not this attempt's step.
+        sent_step.open = False
+        current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
     if rmcp is None:
@@ -492,11 +518,18 @@ def _safe_to_repeat(policy: CallPolicy, tool: Tool) -> bool:
 
 
 def _timeout_error(connection: Connection, request: CallRequest, progress: _Progress) -> RMCPTimeoutError:
-    where = f"{progress.attempts} attempt(s)" if progress.attempts else "before sending"
+    where = f"after {progress.attempts} attempt(s)" if progress.attempts else "before sending"
     if progress.sent:
         error: RMCPTimeoutError = RMCPTimeoutAfterSendError(
             f"the call's timeout of {request.timeout_s:g} s passed after {where}; the request was "
             "sent, so the tool may have run: check its effect, or raise timeout_s",
+        )
+    elif (unreachable := connection.unreachable_reason()) is not None:
+        # Waiting for a reconnect (when_disconnected = "wait") that never came: say why.
+        error = RMCPTimeoutError(
+            f"the call's timeout of {request.timeout_s:g} s passed {where} while waiting for the "
+            f"connection; nothing was sent: the server is unreachable ({unreachable}); check that "
+            f"{connection.spec.describe()} is up, or raise timeout_s",
         )
     else:
         error = RMCPTimeoutError(

@@ -189,6 +189,13 @@ class Connection(Actor[ConnectionRequest]):
                 )
             await self._state_changed.wait()
 
+    def unreachable_reason(self) -> str | None:
+        """Why the server cannot be reached now: its last connection error, secrets masked;
+        None while a session is usable or before any connection failed."""
+        if self.current_session() is not None or self._last_error is None:
+            return None
+        return f"last connection error: {_describe(self._last_error, self.spec)}"
+
     def report_broken(self, session: Session) -> None:
         """Tell the actor that a call saw ``session``'s transport fail (``MCPError -32000``)."""
         session.broken.set()
@@ -316,7 +323,9 @@ class Connection(Actor[ConnectionRequest]):
             current_evidence.set(session.evidence)
         try:
             with session.scope:
-                async with build_client(self.spec, session.broken.set) as client:
+                async with build_client(
+                    self.spec, session.broken.set, max_sse_event_bytes=self.policy.max_sse_event_bytes
+                ) as client:
                     session.tools = await _list_all_tools(client)
                     session.rmcp = _rmcp_settings(client, session.tools)
                     session.protocol_version = client.protocol_version

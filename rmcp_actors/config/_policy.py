@@ -139,6 +139,12 @@ class _ServerLevel(Generic[V]):
     when_disconnected: WhenDisconnected | V = policy_key(
         "wait", one_of("wait", "fail"), "'wait' for the connection or 'fail' at once."
     )
+    max_sse_event_bytes: int | V = policy_key(
+        1024 * 1024,
+        int_at_least(1),
+        "Largest server-sent event accepted over streamable HTTP, in bytes (the SDK's default, "
+        "1 MiB); a larger answer fails with RMCPResultValidationError (http only).",
+    )
 
 
 @policy_group("tool")

@@ -320,16 +320,25 @@ class Supervisor:
             )
         raise RuntimeError(f"child {spec.name!r} returned without calling task_status.started()")
 
-    async def terminate_child(self, name: str) -> None:
+    async def terminate_child(self, name: str, *, spec: ChildSpec | None = None) -> None:
         """Stop a child and remove it; it is not restarted.
 
         Args:
             name: The child's name.
+            spec: Stop the child only if it was started from this very spec: an owner cleaning
+                up after itself must not stop a newer child that has taken the name since.
 
         Raises:
-            KeyError: No child has that name.
+            KeyError: No child has that name (or, with ``spec``, none started from it).
         """
-        child = next((child for child in self._children if child.spec.name == name), None)
+        child = next(
+            (
+                child
+                for child in self._children
+                if child.spec.name == name and (spec is None or child.spec is spec)
+            ),
+            None,
+        )
         if child is None:
             raise KeyError(name)
         self._children.remove(child)
