@@ -8,11 +8,12 @@ from _http import serve_http
 from _http_faults import MemoryEventStore, require_bearer, typescript_session_errors
 from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
-from mcp_test_server import State
+from mcp_test_server import State, build_server
 
 from rmcp_actors import (
     ConnectionState,
     PolicyOverrides,
+    RMCPError,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
@@ -151,3 +152,69 @@ async def test_401_or_403_at_connect_says_so_with_the_url(server: MCPServer, sta
     assert f"HTTP {status}" in message
     assert "http://alice:***@127.0.0.1" in message
     assert "hunter2" not in message
+
+
+def _tool_calls_answered_as(status: int, content_type: bytes) -> object:
+    """A gateway that lets tools/call reach the server (the tool runs) and then replaces the
+    server's answer with ``status`` and a body of ``content_type`` (a proxy's page, a 202)."""
+
+    def wrap(app: object) -> object:
+        async def wrapped(scope: dict[str, object], receive: object, send: object) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                await app(scope, receive, send)  # type: ignore[operator]
+                return
+            messages: list[dict[str, object]] = []
+            while True:
+                message = await receive()  # type: ignore[operator]
+                messages.append(message)
+                if not message.get("more_body"):
+                    break
+            body = b"".join(m.get("body", b"") for m in messages)  # type: ignore[misc]
+            replayed = iter(messages)
+
+            async def replay() -> object:
+                return next(replayed, {"type": "http.disconnect"})
+
+            if b'"tools/call"' not in body:
+                await app(scope, replay, send)  # type: ignore[operator]
+                return
+            swallowed: list[object] = []
+
+            async def swallow(message: object) -> None:
+                swallowed.append(message)
+
+            await app(scope, replay, swallow)  # type: ignore[operator]
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", content_type)],
+                }
+            )  # type: ignore[operator]
+            await send(
+                {"type": "http.response.body", "body": b"" if status == 202 else b"<html>gateway</html>"}
+            )  # type: ignore[operator]
+
+        return wrapped
+
+    return wrap
+
+
+@pytest.mark.parametrize(("status", "content_type"), [(200, b"text/html"), (202, b"text/plain")])
+async def test_an_accepted_request_answered_oddly_may_have_run(status: int, content_type: bytes) -> None:
+    # The SDK maps "200 with an unexpected content type" and "202 for a request" to
+    # INVALID_REQUEST (-32600). The classifier calls it ANSWERED and RMCPServerError treats
+    # -32600 as "did not run" (may_have_executed=False), though the server accepted and ran
+    # the tool: the worst kind of misreport for a non-idempotent call.
+    state = State()
+    async with (
+        serve_http(
+            build_server(state), json_response=True, wrap=_tool_calls_answered_as(status, content_type)
+        ) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy"))
+        with pytest.raises(RMCPError) as caught:
+            await sup.call("web", "record", {"label": "x"}, timeout=10)
+    assert state.ledger == ["x"]  # it ran
+    assert caught.value.may_have_executed is True, caught.value

@@ -36,7 +36,8 @@ _Streams = tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMess
 
 
 class _ObservedReadStream:
-    """A read stream that calls ``on_closed`` once when the peer's side ends."""
+    """A read stream that calls ``on_closed`` when the peer's side ends, before the dispatcher
+    sees the end (and wakes every waiting request with "Connection closed")."""
 
     def __init__(self, inner: ReadStream[SessionMessage | Exception], on_closed: ClosedCallback) -> None:
         self._inner = inner
@@ -79,12 +80,47 @@ class _ObservedReadStream:
         return getattr(self._inner, "last_context", None)
 
 
+class _ObservedWriteStream:
+    """A write stream that calls ``on_closed`` when the transport no longer takes messages.
+
+    The dispatcher turns a failed write into the same ``MCPError(-32000, "Connection closed")``
+    as a server's own error in that range; the classifier trusts it only when the transport is
+    known to be gone, so the flag must be set before the dispatcher raises, not when the read
+    side notices the end some scheduling steps later.
+    """
+
+    def __init__(self, inner: WriteStream[SessionMessage], on_closed: ClosedCallback) -> None:
+        self._inner = inner
+        self._on_closed = on_closed
+
+    async def send(self, item: SessionMessage, /) -> None:
+        try:
+            await self._inner.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._on_closed()
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
 @asynccontextmanager
 async def _observed(
     transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback
 ) -> AsyncGenerator[_Streams]:
     async with transport as (read_stream, write_stream):
-        yield _ObservedReadStream(read_stream, on_closed), write_stream
+        yield _ObservedReadStream(read_stream, on_closed), _ObservedWriteStream(write_stream, on_closed)
 
 
 @asynccontextmanager
