@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import trio
 from _http import serve_http
@@ -154,11 +157,11 @@ async def test_401_or_403_at_connect_says_so_with_the_url(server: MCPServer, sta
     assert "hunter2" not in message
 
 
-def _tool_calls_answered_as(status: int, content_type: bytes) -> object:
+def _tool_calls_answered_as(status: int, content_type: bytes) -> Callable[[Any], Any]:
     """A gateway that lets tools/call reach the server (the tool runs) and then replaces the
     server's answer with ``status`` and a body of ``content_type`` (a proxy's page, a 202)."""
 
-    def wrap(app: object) -> object:
+    def wrap(app: Any) -> Any:
         async def wrapped(scope: dict[str, object], receive: object, send: object) -> None:
             if scope["type"] != "http" or scope["method"] != "POST":
                 await app(scope, receive, send)  # type: ignore[operator]

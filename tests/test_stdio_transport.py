@@ -183,11 +183,9 @@ while True:
 
 
 async def test_a_lone_surrogate_argument_is_refused_before_admission_over_stdio() -> None:
-    # check_arguments accepts any str, but a str holding a lone surrogate cannot be encoded as
-    # UTF-8: pydantic raises PydanticSerializationError inside _stdio.stdin_writer (the
-    # transport's task, not the caller's), which catches only Closed/Broken/OSError. The
-    # transport dies, the unrelated non-idempotent call in flight becomes "outcome unknown",
-    # and the session is reconnected: exactly the failure section 1 of the issue removes.
+    # A str holding a lone surrogate cannot be encoded as UTF-8: once, it passed the argument
+    # check and failed in the transport's writer task, killing the transport; the unrelated
+    # non-idempotent call in flight became "outcome unknown" and the session reconnected.
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.stdio("s", PYTHON, stdio_args()))
         outcome: list[object] = []
@@ -205,8 +203,8 @@ async def test_a_lone_surrogate_argument_is_refused_before_admission_over_stdio(
             await anyio.sleep(0.3)
             with pytest.raises(RMCPArgumentError) as caught:
                 await sup.call("s", "echo", {"text": "\ud800"}, timeout=5)
+            assert caught.value.may_have_executed is False
         connects = sup.statistics().connections[0].connects
-    assert caught.value.may_have_executed is False
     assert not isinstance(outcome[0], RMCPError), outcome[0]
     assert connects == 1
 
