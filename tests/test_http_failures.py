@@ -221,3 +221,41 @@ async def test_an_accepted_request_answered_oddly_may_have_run(status: int, cont
             await sup.call("web", "record", {"label": "x"}, timeout=10)
     assert state.ledger == ["x"]  # it ran
     assert caught.value.may_have_executed is True, caught.value
+
+
+async def test_an_http_server_behind_the_environments_proxy_is_reachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The SDK's default HTTP client honours HTTP(S)_PROXY / NO_PROXY (httpx trust_env). The
+    # recording client (_http_evidence.recording_http_client) passes transport=..., and httpx
+    # then ignores the environment's proxies ("allow_env_proxies = trust_env and transport is
+    # None"): every user behind a corporate proxy loses HTTP servers. Here the "proxy" is the
+    # MCP server itself (hypercorn serves absolute-form targets), the URL's host does not resolve.
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+    def as_origin(app: Any) -> Any:
+        # What a forward proxy does: the absolute-form target becomes an origin request.
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                path = scope["path"]
+                if "://" in path:
+                    path = "/" + path.split("://", 1)[1].split("/", 1)[1]
+                headers = [(k, v) for k, v in scope["headers"] if k != b"host"]
+                scope = {
+                    **scope,
+                    "path": path,
+                    "raw_path": path.encode(),
+                    "headers": [*headers, (b"host", f"127.0.0.1:{scope['server'][1]}".encode())],
+                }
+            await app(scope, receive, send)
+
+        return wrapped
+
+    async with serve_http(build_server(State()), wrap=as_origin) as http:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{http.port}")
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(ServerSpec.http("web", "http://mcp.invalid/mcp", protocol="legacy"))
+            result = await sup.call("web", "echo", {"text": "via proxy"}, timeout=10)
+    assert result.text == "via proxy"
