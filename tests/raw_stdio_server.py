@@ -7,6 +7,7 @@ Options:
     --stubborn: ignore SIGTERM and stdin EOF, so that only SIGKILL ends the process.
     --invalid-refresh: every tools/list after the first returns a tool without a name.
     --pid-file PATH: write the process id there at start.
+    --non-utf8-echo: echo's answer carries a byte that is not UTF-8 (a corrupt line).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--invalid-refresh", action="store_true")
     parser.add_argument("--wait-s", type=float, default=0.5)
     parser.add_argument("--pid-file", type=Path)
+    parser.add_argument("--non-utf8-echo", action="store_true")
     options = parser.parse_args()
     if options.pid_file is not None:
         options.pid_file.write_text(str(__import__("os").getpid()))
@@ -66,6 +68,11 @@ def main() -> None:
             }
             if name == "wait":
                 threading.Timer(options.wait_s, _send, (answer,)).start()
+            elif options.non_utf8_echo:
+                line = json.dumps(answer).encode().replace(b'"text": "echo"', b'"text": "\xff"')
+                with _write_lock:
+                    sys.stdout.buffer.write(line + b"\n")
+                    sys.stdout.flush()
             else:
                 _send(answer)
             continue

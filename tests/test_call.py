@@ -508,6 +508,8 @@ def _deep(levels: int) -> dict[str, Any]:
         ({"label": {1, 2}}, "set"),
         (_circular(), "circular"),
         (_deep(10_000), "deep"),
+        ({"label": "\ud800"}, "lone surrogate"),
+        ({"label": ["fine", {"caf\udce9": 1}]}, "lone surrogate"),
     ],
 )
 async def test_arguments_the_wire_cannot_carry_fail_before_admission(
@@ -539,6 +541,19 @@ async def test_arguments_the_wire_cannot_carry_fail_before_admission(
     assert state.ledger == ["order"]
     assert stats.connections[0].connects == 1
     assert stats.scheduler.running == 0
+
+
+async def test_an_idempotency_key_utf8_cannot_carry_fails_before_admission(
+    server: MCPServer, state: State
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(RMCPArgumentError, match=r"idempotency_key.*lone surrogate") as caught:
+            await sup.call("test", "record", {"label": "x"}, idempotency_key="order-\udc80")
+        # Non-ASCII that UTF-8 carries is a key like any other.
+        await sup.call("test", "record", {"label": "y"}, idempotency_key="commande-é")
+    assert caught.value.may_have_executed is False
+    assert state.ledger == ["y"]
 
 
 async def test_an_unsafe_attempt_with_too_little_time_left_is_not_sent(

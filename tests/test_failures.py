@@ -14,6 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import anyio
 import httpx2
 import mcp.client.session
 import mcp.client.streamable_http
@@ -22,6 +23,8 @@ import mcp.shared.direct_dispatcher
 import mcp.shared.jsonrpc_dispatcher
 import mcp_types
 import pytest
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from mcp import Client, MCPError
@@ -29,13 +32,17 @@ from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
 from pydantic import BaseModel, ValidationError
 
+from rmcp_actors import RMCPError, RMCPSupervisor, ServerSpec
 from rmcp_actors.client import _failures
 from rmcp_actors.client._failures import (
+    ACCEPTED_UNANSWERED_MESSAGE,
     CONNECTION_CLOSED_MESSAGE,
+    NO_VALID_SESSION_MESSAGE,
     RECONNECT_EXHAUSTED_MESSAGE,
     SESSION_UNKNOWN_MESSAGES,
     STREAM_ENDED_MESSAGE,
     STREAM_FAILED_PREFIX,
+    UNEXPECTED_CONTENT_TYPE_PREFIX,
     AckTimeout,
     Attempt,
     Evidence,
@@ -52,6 +59,9 @@ SDK_MESSAGES = [
     f"{STREAM_FAILED_PREFIX}peer closed connection",
     "Failed to parse JSON response: bad",
     *SESSION_UNKNOWN_MESSAGES,
+    NO_VALID_SESSION_MESSAGE,
+    ACCEPTED_UNANSWERED_MESSAGE,
+    f"{UNEXPECTED_CONTENT_TYPE_PREFIX}text/html",
 ]
 
 codes = st.one_of(
@@ -69,6 +79,24 @@ evidences = st.one_of(
 )
 
 
+def forgot_session(code: int, message: str, evidence: Evidence | None) -> bool:
+    """The server's HTTP status says it does not know the session (the only refusal)."""
+    if evidence is None:
+        return False
+    if evidence.status == 404:
+        return message in SESSION_UNKNOWN_MESSAGES or code == -32600
+    return evidence.status == 400 and message == NO_VALID_SESSION_MESSAGE
+
+
+def accepted_unanswered(code: int, message: str, evidence: Evidence | None) -> bool:
+    """The SDK's -32600 for an HTTP request accepted and then not answered readably."""
+    return (
+        evidence is not None
+        and code == -32600
+        and (message == ACCEPTED_UNANSWERED_MESSAGE or message.startswith(UNEXPECTED_CONTENT_TYPE_PREFIX))
+    )
+
+
 def is_sdk_lost_message(message: str) -> bool:
     return message in {CONNECTION_CLOSED_MESSAGE, STREAM_ENDED_MESSAGE, RECONNECT_EXHAUSTED_MESSAGE} or (
         message.startswith(STREAM_FAILED_PREFIX)
@@ -82,12 +110,15 @@ def test_every_mcp_error_gets_a_verdict(
     verdict = classify(MCPError(code=code, message=message), evidence, transport_closed=closed)
     assert verdict is not None
     assert verdict.reason
-    if message in SESSION_UNKNOWN_MESSAGES:
-        # Nothing ran, whatever the code: reconnect and send again.
+    if forgot_session(code, message, evidence):
+        # Nothing ran: reconnect and send again.
         assert (verdict.attempt, verdict.session_lost) == (Attempt.REFUSED, True)
         return
-    if evidence is not None and evidence.status == 404 and code == -32600:
-        assert (verdict.attempt, verdict.session_lost) == (Attempt.REFUSED, True)
+    # The session words without the HTTP status are a tool's own answer: the tool ran.
+    assert verdict.attempt is not Attempt.REFUSED
+    if accepted_unanswered(code, message, evidence):
+        # Delivered, and the tool may have run; one request's failure, not the session's.
+        assert (verdict.attempt, verdict.session_lost) == (Attempt.SENT_AND_LOST, False)
         return
     # Nothing is "not sent" without the transport's word for it.
     if verdict.attempt is Attempt.NOT_SENT:
@@ -99,7 +130,11 @@ def test_every_mcp_error_gets_a_verdict(
         assert verdict.session_lost is False
     # A lost answer marks the session broken only on transport-level evidence.
     if verdict.session_lost:
-        assert closed or message in {CONNECTION_CLOSED_MESSAGE, RECONNECT_EXHAUSTED_MESSAGE}
+        assert (
+            closed
+            or (evidence is not None and evidence.refused is not None)
+            or (evidence is not None and message == RECONNECT_EXHAUSTED_MESSAGE)
+        )
     if code not in {-32000, -32001, -32700}:
         assert verdict.attempt is Attempt.ANSWERED
 
@@ -110,16 +145,26 @@ def test_minus_32000_is_a_lost_answer_only_from_the_sdk_or_a_dead_transport(
 ) -> None:
     verdict = classify(MCPError(code=-32000, message=message), evidence, transport_closed=closed)
     assert verdict is not None
-    if message in SESSION_UNKNOWN_MESSAGES:
+    if forgot_session(-32000, message, evidence):
         return
-    if "byte limit" in message and message.startswith(STREAM_FAILED_PREFIX):
+    http = evidence is not None
+    if message == CONNECTION_CLOSED_MESSAGE and http and evidence.refused is not None:
+        assert (verdict.attempt, verdict.session_lost) == (Attempt.NOT_SENT, True)
+    elif message == CONNECTION_CLOSED_MESSAGE:
+        # The SDK's words, and also a server's own (its database connection closed): a lost
+        # answer only from a transport known to be gone.
+        assert (verdict.attempt, verdict.session_lost) == (
+            (Attempt.SENT_AND_LOST, True) if closed else (Attempt.ANSWERED, False)
+        )
+    elif not http:
+        # The SDK's HTTP client's words from another transport are the server's own.
+        assert (verdict.attempt, verdict.session_lost) == (
+            (Attempt.SENT_AND_LOST, True) if closed else (Attempt.ANSWERED, False)
+        )
+    elif "byte limit" in message and message.startswith(STREAM_FAILED_PREFIX):
         assert verdict.attempt is Attempt.UNREADABLE
         assert "1,048,576 bytes" in verdict.reason
         assert "max_sse_event_bytes" in verdict.reason
-    elif message == CONNECTION_CLOSED_MESSAGE:
-        refused = evidence is not None and evidence.refused is not None
-        assert verdict.attempt is (Attempt.NOT_SENT if refused else Attempt.SENT_AND_LOST)
-        assert verdict.session_lost is True
     elif message == RECONNECT_EXHAUSTED_MESSAGE:
         assert (verdict.attempt, verdict.session_lost) == (Attempt.SENT_AND_LOST, True)
     elif is_sdk_lost_message(message):
@@ -138,7 +183,7 @@ def test_minus_32001_is_a_timeout_only_in_the_sdks_words(
 ) -> None:
     verdict = classify(MCPError(code=-32001, message=message), evidence, transport_closed=closed)
     assert verdict is not None
-    if message in SESSION_UNKNOWN_MESSAGES:
+    if forgot_session(-32001, message, evidence):
         assert verdict.attempt is Attempt.REFUSED
     elif message.startswith(("Request '", "Timed out after ")) and "timed out" in message.lower():
         assert (verdict.attempt, verdict.session_lost) == (Attempt.TIMED_OUT, False)
@@ -209,6 +254,14 @@ def source(module: object) -> str:
         (mcp.client.streamable_http, f'"{RECONNECT_EXHAUSTED_MESSAGE}"'),
         (mcp.client.streamable_http, 'f"SSE stream failed: {exc}"'),
         (mcp.client.streamable_http, 'message="Session terminated"'),
+        (
+            mcp.client.streamable_http,
+            f'"{ACCEPTED_UNANSWERED_MESSAGE}",\n                        code=INVALID_REQUEST',
+        ),
+        (
+            mcp.client.streamable_http,
+            f'ErrorData(code=INVALID_REQUEST, message=f"{UNEXPECTED_CONTENT_TYPE_PREFIX}{{content_type}}")',
+        ),
         (mcp.client.streamable_http, 'message=f"Failed to parse JSON response: {exc}"'),
         (mcp.client.streamable_http, 'message=f"Failed to parse SSE message: {exc}"'),
         (mcp.client.streamable_http, "max_sse_event_size: int | None = DEFAULT_MAX_SSE_EVENT_SIZE"),
@@ -246,7 +299,9 @@ async def test_httpx2_names_the_sse_event_limit_as_the_classifier_expects() -> N
         async for _ in httpx2.EventSource(response, max_event_size=100):
             pass
     verdict = classify(
-        MCPError(code=-32000, message=f"SSE stream failed: {caught.value}"), None, transport_closed=False
+        MCPError(code=-32000, message=f"SSE stream failed: {caught.value}"),
+        Evidence(status=200),
+        transport_closed=False,
     )
     assert verdict is not None
     assert verdict.attempt is Attempt.UNREADABLE
@@ -271,3 +326,84 @@ def test_mcp_is_pinned_to_the_tested_minor_range() -> None:
     installed = tuple(int(part) for part in importlib.metadata.version("mcp").split(".")[:2])
     assert pin == "mcp>=2.3,<2.4", pin
     assert installed == (2, 3)
+
+
+# -- a server's own words are its answer -------------------------------------------------------
+
+
+def _server_whose_tool_ran_then_says(message: str, code: int) -> tuple[MCPServer, list[int]]:
+    """A tool that runs (counts) and then answers a JSON-RPC error of its own with ``message``."""
+    app = MCPServer("session-words")
+    runs: list[int] = []
+
+    @app.tool()
+    async def charge() -> str:
+        """Charge a card (not idempotent): it ran, then reports an app-level error."""
+        runs.append(1)
+        raise MCPError(code=code, message=message)
+
+    return app, runs
+
+
+@pytest.mark.parametrize("message", ["Session not found", "Session terminated"])
+async def test_a_tool_error_worded_like_a_lost_session_is_not_a_refusal(
+    message: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Over a transport with no MCP session at all (in memory, like stdio), a server's own
+    # -32603 "Session not found" (an app-level session, e.g. a browser or DB session) comes from
+    # a tool that ran. _failures.classify matches the message whatever the code and transport,
+    # so the call is reported REFUSED: session torn down, the non-idempotent tool sent again,
+    # and the caller finally told "nothing was sent or run" (may_have_executed=False).
+    app, runs = _server_whose_tool_ran_then_says(message, -32603)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("s", app))
+        with pytest.raises(RMCPError) as caught:
+            await sup.call("s", "charge", timeout=30)
+        connects = sup.statistics().connections[0].connects
+    assert len(runs) == 1, f"a non-idempotent tool ran {len(runs)} times"
+    assert caught.value.may_have_executed is True, caught.value
+    assert connects == 1
+
+
+async def test_a_servers_own_connection_closed_error_does_not_tear_down_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A tool may answer its own -32000 "Connection closed" (its database connection closed).
+    # classify() reads that message as the SDK's lost-answer evidence whatever the transport
+    # state, so the healthy session is reported broken and torn down: an unrelated
+    # non-idempotent call in flight on it becomes outcome-unknown. Only transport-level
+    # evidence may mark a session broken (issue section 1).
+    app = MCPServer("db")
+    runs: list[str] = []
+
+    @app.tool()
+    async def query() -> str:
+        """Its database connection dropped: a server error in the -32000 range."""
+        runs.append("query")
+        raise MCPError(code=-32000, message="Connection closed")
+
+    @app.tool()
+    async def transfer() -> str:
+        """A slow non-idempotent tool."""
+        await anyio.sleep(5)
+        runs.append("transfer")
+        return "done"
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("db", app))
+        outcome: list[object] = []
+
+        async def unrelated() -> None:
+            try:
+                outcome.append((await sup.call("db", "transfer", timeout=30)).text)
+            except RMCPError as error:
+                outcome.append(error)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(unrelated)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(RMCPError):
+                await sup.call("db", "query", timeout=30)
+        connects = sup.statistics().connections[0].connects
+    assert outcome == ["done"], outcome
+    assert connects == 1

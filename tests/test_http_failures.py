@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import trio
 from _http import serve_http
 from _http_faults import MemoryEventStore, require_bearer, typescript_session_errors
 from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
-from mcp_test_server import State
+from mcp_test_server import State, build_server
 
 from rmcp_actors import (
     ConnectionState,
@@ -16,6 +19,7 @@ from rmcp_actors import (
     PolicyOverrides,
     RequestState,
     RMCPConfig,
+    RMCPError,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
@@ -225,3 +229,107 @@ async def test_401_or_403_at_connect_says_so_with_the_url(server: MCPServer, sta
     assert f"HTTP {status}" in message
     assert "http://alice:***@127.0.0.1" in message
     assert "hunter2" not in message
+
+
+def _tool_calls_answered_as(status: int, content_type: bytes) -> Callable[[Any], Any]:
+    """A gateway that lets tools/call reach the server (the tool runs) and then replaces the
+    server's answer with ``status`` and a body of ``content_type`` (a proxy's page, a 202)."""
+
+    def wrap(app: Any) -> Any:
+        async def wrapped(scope: dict[str, object], receive: object, send: object) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                await app(scope, receive, send)  # type: ignore[operator]
+                return
+            messages: list[dict[str, object]] = []
+            while True:
+                message = await receive()  # type: ignore[operator]
+                messages.append(message)
+                if not message.get("more_body"):
+                    break
+            body = b"".join(m.get("body", b"") for m in messages)  # type: ignore[misc]
+            replayed = iter(messages)
+
+            async def replay() -> object:
+                return next(replayed, {"type": "http.disconnect"})
+
+            if b'"tools/call"' not in body:
+                await app(scope, replay, send)  # type: ignore[operator]
+                return
+            swallowed: list[object] = []
+
+            async def swallow(message: object) -> None:
+                swallowed.append(message)
+
+            await app(scope, replay, swallow)  # type: ignore[operator]
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", content_type)],
+                }
+            )  # type: ignore[operator]
+            await send(
+                {"type": "http.response.body", "body": b"" if status == 202 else b"<html>gateway</html>"}
+            )  # type: ignore[operator]
+
+        return wrapped
+
+    return wrap
+
+
+@pytest.mark.parametrize(("status", "content_type"), [(200, b"text/html"), (202, b"text/plain")])
+async def test_an_accepted_request_answered_oddly_may_have_run(status: int, content_type: bytes) -> None:
+    # The SDK maps "200 with an unexpected content type" and "202 for a request" to
+    # INVALID_REQUEST (-32600). The classifier calls it ANSWERED and RMCPServerError treats
+    # -32600 as "did not run" (may_have_executed=False), though the server accepted and ran
+    # the tool: the worst kind of misreport for a non-idempotent call.
+    state = State()
+    async with (
+        serve_http(
+            build_server(state), json_response=True, wrap=_tool_calls_answered_as(status, content_type)
+        ) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy"))
+        with pytest.raises(RMCPError) as caught:
+            await sup.call("web", "record", {"label": "x"}, timeout=10)
+    assert state.ledger == ["x"]  # it ran
+    assert caught.value.may_have_executed is True, caught.value
+
+
+async def test_an_http_server_behind_the_environments_proxy_is_reachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The SDK's default HTTP client honours HTTP(S)_PROXY / NO_PROXY (httpx trust_env). The
+    # recording client (_http_evidence.recording_http_client) passes transport=..., and httpx
+    # then ignores the environment's proxies ("allow_env_proxies = trust_env and transport is
+    # None"): every user behind a corporate proxy loses HTTP servers. Here the "proxy" is the
+    # MCP server itself (hypercorn serves absolute-form targets), the URL's host does not resolve.
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+    def as_origin(app: Any) -> Any:
+        # What a forward proxy does: the absolute-form target becomes an origin request.
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                path = scope["path"]
+                if "://" in path:
+                    path = "/" + path.split("://", 1)[1].split("/", 1)[1]
+                headers = [(k, v) for k, v in scope["headers"] if k != b"host"]
+                scope = {
+                    **scope,
+                    "path": path,
+                    "raw_path": path.encode(),
+                    "headers": [*headers, (b"host", f"127.0.0.1:{scope['server'][1]}".encode())],
+                }
+            await app(scope, receive, send)
+
+        return wrapped
+
+    async with serve_http(build_server(State()), wrap=as_origin) as http:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{http.port}")
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(ServerSpec.http("web", "http://mcp.invalid/mcp", protocol="legacy"))
+            result = await sup.call("web", "echo", {"text": "via proxy"}, timeout=10)
+    assert result.text == "via proxy"

@@ -96,12 +96,17 @@ SCHEMA_MESSAGES: Final = (
     re.compile(r"Invalid structured content returned by tool "),
     re.compile(r"Invalid schema for tool "),
 )
-# A server that no longer knows the session id: the Python SDK's server says "Session not
-# found" (HTTP 404), its client "Session terminated" for a 404 without a JSON-RPC body, and
-# every TypeScript-SDK server answers HTTP 400 "Bad Request: No valid session ID provided".
-SESSION_UNKNOWN_MESSAGES: Final = frozenset(
-    {"Session not found", "Session terminated", "Bad Request: No valid session ID provided"}
-)
+# A server that no longer knows the session id: the Python SDK's server says "Session not found"
+# (HTTP 404), its client "Session terminated" for a 404 without a JSON-RPC body, and every
+# TypeScript-SDK server answers HTTP 400 "Bad Request: No valid session ID provided". These words
+# mean a refusal only with that HTTP status: from a tool (an app's own browser or database session)
+# they are an answer, and the tool ran.
+SESSION_UNKNOWN_MESSAGES: Final = frozenset({"Session not found", "Session terminated"})
+NO_VALID_SESSION_MESSAGE: Final = "Bad Request: No valid session ID provided"
+# The SDK's -32600 for a request the server accepted but did not answer in a readable way (a
+# gateway's HTML page, a 202 for a request): the request was delivered and may have run.
+ACCEPTED_UNANSWERED_MESSAGE: Final = "server answered a request with 202 Accepted"
+UNEXPECTED_CONTENT_TYPE_PREFIX: Final = "Unexpected content type: "
 
 
 def classify(error: BaseException, evidence: Evidence | None, *, transport_closed: bool) -> Verdict | None:
@@ -133,30 +138,45 @@ def classify(error: BaseException, evidence: Evidence | None, *, transport_close
     return None
 
 
+def _server_forgot_session(code: int, message: str, evidence: Evidence | None) -> bool:
+    if evidence is None:
+        return False
+    if evidence.status == 404:
+        return message in SESSION_UNKNOWN_MESSAGES or code == INVALID_REQUEST
+    return evidence.status == 400 and message == NO_VALID_SESSION_MESSAGE
+
+
 def _classify_mcp_error(
     code: int, message: str, evidence: Evidence | None, transport_closed: bool
 ) -> Verdict:
     said = f"MCPError {code}: {message or '(no message)'}"
-    if message in SESSION_UNKNOWN_MESSAGES or (
-        evidence is not None and evidence.status == 404 and code == INVALID_REQUEST
-    ):
+    if _server_forgot_session(code, message, evidence):
         return Verdict(Attempt.REFUSED, True, f"the server does not know the session ({said})")
     if code == REQUEST_TIMEOUT and any(p.fullmatch(message) for p in TIMEOUT_MESSAGES):
         return Verdict(Attempt.TIMED_OUT, False, message)
     if code == PARSE_ERROR and message.startswith(PARSE_FAILED_PREFIXES):
         return Verdict(Attempt.UNREADABLE, False, f"the server's answer cannot be parsed: {message}")
+    # The SDK's HTTP client says the rest only over HTTP (evidence is recorded there alone);
+    # the same words from a stdio or in-memory peer are that server's own answer.
+    http = evidence is not None
+    if (
+        http
+        and code == INVALID_REQUEST
+        and (message == ACCEPTED_UNANSWERED_MESSAGE or message.startswith(UNEXPECTED_CONTENT_TYPE_PREFIX))
+    ):
+        return Verdict(Attempt.SENT_AND_LOST, False, f"the server accepted the request but {said}")
     if code != CONNECTION_CLOSED:
         return Verdict(Attempt.ANSWERED, False, said)
     if message == CONNECTION_CLOSED_MESSAGE:
         if evidence is not None and evidence.refused is not None:
+            # No connection for the request (the SDK's HTTP writer ends the transport with it).
             refused = evidence.refused
             return Verdict(Attempt.NOT_SENT, True, f"{type(refused).__name__}: {refused}".rstrip(": "))
+    elif http and message == RECONNECT_EXHAUSTED_MESSAGE:
         return Verdict(Attempt.SENT_AND_LOST, True, message)
-    if message == RECONNECT_EXHAUSTED_MESSAGE:
-        return Verdict(Attempt.SENT_AND_LOST, True, message)
-    if message == STREAM_ENDED_MESSAGE:
+    elif http and message == STREAM_ENDED_MESSAGE:
         return Verdict(Attempt.SENT_AND_LOST, transport_closed, message)
-    if message.startswith(STREAM_FAILED_PREFIX):
+    elif http and message.startswith(STREAM_FAILED_PREFIX):
         too_large = EVENT_TOO_LARGE.search(message)
         if too_large is not None:
             return Verdict(
@@ -169,7 +189,8 @@ def _classify_mcp_error(
             )
         return Verdict(Attempt.SENT_AND_LOST, transport_closed, message)
     if transport_closed:
-        # -32000 is also the implementation-defined range servers use for their own errors:
-        # it means a lost answer only from a transport known to be gone.
+        # -32000 is also the implementation-defined range servers use for their own errors
+        # (even "Connection closed", from a tool whose database dropped): it means a lost
+        # answer only from a transport known to be gone.
         return Verdict(Attempt.SENT_AND_LOST, True, said)
     return Verdict(Attempt.ANSWERED, False, said)

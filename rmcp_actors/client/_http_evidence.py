@@ -14,6 +14,9 @@ from contextvars import ContextVar
 from typing import Any
 
 import httpx2
+from httpx2 import USE_CLIENT_DEFAULT
+from httpx2._client import UseClientDefault  # send()'s own types, not re-exported
+from httpx2._types import AuthTypes
 from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT
 
 from ._failures import Evidence
@@ -27,30 +30,39 @@ current_evidence: ContextVar[Evidence | None] = ContextVar("rmcp_actors_http_evi
 _Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
-class _RecordingTransport(httpx2.AsyncBaseTransport):
-    """Notes, for the request being sent, a connection that could not be opened and the status."""
+class _RecordingClient(httpx2.AsyncClient):
+    """Notes, for the request being sent, a connection that could not be opened and the status.
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
-        self._inner = inner
+    Recorded around ``send`` rather than in a custom transport: passing ``transport=`` makes
+    httpx ignore the environment's proxies (``HTTP(S)_PROXY``, ``NO_PROXY``), which the SDK's
+    default client honours; ``send`` sees the same request whichever transport (direct or a
+    proxy's) httpx picks for the URL.
+    """
 
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+    async def send(
+        self,
+        request: httpx2.Request,
+        *,
+        stream: bool = False,
+        auth: AuthTypes | UseClientDefault | None = USE_CLIENT_DEFAULT,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> httpx2.Response:
         evidence = current_evidence.get()
         # Only the request's own POST counts: a courtesy cancel or the GET stream that runs in
         # the same context must not overwrite what happened to the request.
         if evidence is None or request.method != "POST" or evidence.status is not None or evidence.refused:
-            return await self._inner.handle_async_request(request)
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
         request.extensions = {**request.extensions, "trace": _tracer(request.extensions.get("trace"))}
         try:
-            response = await self._inner.handle_async_request(request)
+            response = await super().send(
+                request, stream=stream, auth=auth, follow_redirects=follow_redirects
+            )
         except (httpx2.ConnectError, httpx2.ConnectTimeout) as error:
-            # No connection, so not a byte of the request was written.
+            # No connection (to the server or to its proxy), so not a byte of it was written.
             evidence.refused = error
             raise
         evidence.status = response.status_code
         return response
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 def _tracer(inner: _Trace | None) -> _Trace:
@@ -69,12 +81,12 @@ def _tracer(inner: _Trace | None) -> _Trace:
 def recording_http_client(
     headers: dict[str, str] | None, auth: httpx2.BasicAuth | None = None
 ) -> httpx2.AsyncClient:
-    """The SDK's default HTTP client (same timeouts), recording into :data:`current_evidence`."""
-    return httpx2.AsyncClient(
+    """The SDK's default HTTP client (same timeouts, same use of the environment's proxies),
+    recording into :data:`current_evidence`."""
+    return _RecordingClient(
         headers=headers,
         auth=auth,
         timeout=httpx2.Timeout(MCP_DEFAULT_TIMEOUT, read=MCP_DEFAULT_SSE_READ_TIMEOUT),
-        transport=_RecordingTransport(httpx2.AsyncHTTPTransport()),
     )
 
 

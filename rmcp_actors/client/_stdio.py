@@ -8,6 +8,12 @@ the whole process group can be signalled), the same shutdown (close stdin, wait,
 group, wait, SIGKILL; same timeouts), the same drain of a server still writing. Only the two pipe
 tasks differ: the reader looks for newlines in the newly arrived chunk only and parses bytes, the
 writer serializes straight to bytes.
+
+Two failures stay where they belong. A message that cannot be serialized (text no UTF-8 can
+hold) fails that request alone, with an error answer written back to the session; the transport
+goes on. A line from the server that is not UTF-8 is corruption of the byte stream: the answer
+it carried belongs to a request nobody can name, so the transport ends (every call in flight
+learns at once that its answer is lost) instead of leaving one call to wait out its timeout.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import AsyncGenerator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import TextIO
 
 import anyio
@@ -46,14 +52,38 @@ _drain_stdout = sdk_stdio._drain_stdout  # pyright: ignore[reportPrivateUsage]
 _WRITER_FLUSH_TIMEOUT = sdk_stdio._WRITER_FLUSH_TIMEOUT  # pyright: ignore[reportPrivateUsage]
 
 
+class UnreadableLineError(ValueError):
+    """A line from the server is not UTF-8: the byte stream is corrupt."""
+
+
 def parse_line(line: bytes | bytearray) -> SessionMessage | Exception:
     """Parse one line of JSON-RPC, returning a parse error as a value for the session to surface."""
     try:
         message = mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
     except ValueError as exc:
+        try:
+            # Only on the failure path: a valid message is never decoded twice.
+            bytes(line).decode("utf-8")
+        except UnicodeDecodeError as not_utf8:
+            return UnreadableLineError(
+                f"a line of {len(line):,} bytes from the MCP server is not UTF-8: {not_utf8}"
+            )
         logger.warning("Failed to parse a JSON-RPC message from the MCP server: %s", exc)
         return exc
     return SessionMessage(message)
+
+
+def _unsendable_answer(session_message: SessionMessage, error: Exception) -> SessionMessage | None:
+    """The error answer that fails a request whose message cannot be serialized (None if it is
+    not a request: a notification or an answer to the server is dropped, and logged)."""
+    message = session_message.message
+    if not isinstance(message, mcp_types.JSONRPCRequest):
+        return None
+    data = mcp_types.ErrorData(
+        code=mcp_types.INVALID_PARAMS,
+        message=f"the request cannot be serialized, so nothing was sent: {type(error).__name__}: {error}",
+    )
+    return SessionMessage(mcp_types.JSONRPCError(jsonrpc="2.0", id=message.id, error=data))
 
 
 @asynccontextmanager
@@ -101,8 +131,14 @@ async def stdio_client(
                         except anyio.EndOfStream:
                             return
                         for line in splitter.feed(chunk):
+                            item = parse_line(line)
+                            if isinstance(item, UnreadableLineError):
+                                logger.error("Ending the session with the MCP server: %s", item)
+                                # Closed before the drain, which lasts until the process exits.
+                                await read_stream_writer.aclose()
+                                return
                             try:
-                                await read_stream_writer.send(parse_line(line))
+                                await read_stream_writer.send(item)
                             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                                 return  # the session is gone; only the drain below remains
                 finally:
@@ -113,12 +149,26 @@ async def stdio_client(
             if not shutting_down:
                 logger.exception("Reading from the MCP server's stdout failed mid-session")
 
+    async def fail_unsendable(session_message: SessionMessage, error: Exception) -> None:
+        answer = _unsendable_answer(session_message, error)
+        if answer is None:
+            logger.error("Dropped a message to the MCP server that cannot be serialized: %r", error)
+            return
+        # A closed read side means the session is gone, and its callers with it.
+        with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await read_stream_writer.send(answer)
+
     async def stdin_writer() -> None:
         assert process.stdin, "the server process is spawned with pipes"
         try:
             async with write_stream_reader:
                 async for session_message in write_stream_reader:
-                    await process.stdin.send(serialize(session_message))
+                    try:
+                        line = serialize(session_message)
+                    except Exception as error:  # whatever it is, it is that message's alone
+                        await fail_unsendable(session_message, error)
+                        continue
+                    await process.stdin.send(line)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
             # The server may still be alive: end the read side so that the session sees the
             # connection end instead of a request waiting forever.

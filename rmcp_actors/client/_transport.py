@@ -44,7 +44,8 @@ _Streams = tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMess
 
 
 class _ObservedReadStream:
-    """A read stream that calls ``on_closed`` once when the peer's side ends."""
+    """A read stream that calls ``on_closed`` when the peer's side ends, before the dispatcher
+    sees the end (and wakes every waiting request with "Connection closed")."""
 
     def __init__(self, inner: ReadStream[SessionMessage | Exception], on_closed: ClosedCallback) -> None:
         self._inner = inner
@@ -88,22 +89,35 @@ class _ObservedReadStream:
 
 
 class _ObservedWriteStream:
-    """A write stream that tells the sending attempt when it took its request (see ``_sent``)."""
+    """A write stream that calls ``on_closed`` when the transport no longer takes messages, and
+    tells the sending attempt when it took its request (see ``_sent``) unless ``hands_over`` is
+    False.
 
-    def __init__(self, inner: WriteStream[SessionMessage]) -> None:
+    The dispatcher turns a failed write into the same ``MCPError(-32000, "Connection closed")``
+    as a server's own error in that range; the classifier trusts it only when the transport is
+    known to be gone, so the flag must be set before the dispatcher raises, not when the read
+    side notices the end some scheduling steps later.
+    """
+
+    def __init__(
+        self, inner: WriteStream[SessionMessage], on_closed: ClosedCallback, *, hands_over: bool
+    ) -> None:
         self._inner = inner
+        self._on_closed = on_closed
+        self._hands_over = hands_over
 
     async def send(self, item: SessionMessage, /) -> None:
         try:
             await self._inner.send(item)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._on_closed()
             raise  # the transport was gone: nothing was taken
         except BaseException:
             # Interrupted while sending (cancelled): a memory stream may have delivered it.
-            if isinstance(item.message, JSONRPCRequest):
+            if self._hands_over and isinstance(item.message, JSONRPCRequest):
                 request_handed_over()
             raise
-        if isinstance(item.message, JSONRPCRequest):
+        if self._hands_over and isinstance(item.message, JSONRPCRequest):
             request_handed_over()
 
     async def aclose(self) -> None:
@@ -125,12 +139,12 @@ class _ObservedWriteStream:
 async def _observed(
     transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback, *, writes: bool = True
 ) -> AsyncGenerator[_Streams]:
-    """The transport's streams, its read side observed; its write side too unless ``writes`` is
-    False (HTTP, whose request leaves when its POST writes, see ``_http_evidence``)."""
+    """The transport's streams, both sides observed; ``writes`` False for HTTP, whose request
+    leaves when its POST writes (see ``_http_evidence``), not when the stream takes it."""
     async with transport as (read_stream, write_stream):
         yield (
             _ObservedReadStream(read_stream, on_closed),
-            _ObservedWriteStream(write_stream) if writes else write_stream,
+            _ObservedWriteStream(write_stream, on_closed, hands_over=writes),
         )
 
 

@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
-from ._arguments import check_arguments
+from ._arguments import check_arguments, check_idempotency_key
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
 from ._sent import current_send_hook
@@ -156,6 +156,7 @@ async def perform_call(
     progress = _Progress(request)
     try:
         check_arguments(request.arguments)
+        check_idempotency_key(request.idempotency_key)
     except RMCPArgumentError as error:
         _stamp(error, connection.name, request, progress)
         raise
