@@ -618,3 +618,50 @@ async def test_start_child_does_not_wait_for_a_sibling_restart_backoff(
         assert anyio.current_time() == before
         assert running(supervisor.statistics()) == {"a": False, "b": True}
         await supervisor.stop()
+
+
+async def test_start_child_stopped_by_a_one_for_all_restart_is_a_supervisor_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A sibling's crash restarts every child while "slow" is still starting: the supervisor
+    # stopped it, so start_child must say so, not blame the child for never calling started().
+    crash = anyio.Event()
+    lives = 0
+
+    async def crasher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        nonlocal lives
+        lives += 1
+        task_status.started()
+        if lives > 1:
+            await anyio.sleep_forever()
+        await crash.wait()
+        raise Boom("crasher")
+
+    async def slow_start(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await anyio.sleep(10)
+        task_status.started()
+        await anyio.sleep_forever()
+
+    supervisor = Supervisor("sup", Strategy.ONE_FOR_ALL, children=[ChildSpec("crasher", crasher)])
+    caught: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+
+        async def add() -> None:
+            try:
+                await supervisor.start_child(ChildSpec("slow", slow_start))
+            except Exception as error:
+                caught.append(error)
+
+        tg.start_soon(add)
+        await trio.testing.wait_all_tasks_blocked()
+        crash.set()
+        await anyio.sleep(SETTLE_S)
+        assert len(caught) == 1
+        assert isinstance(caught[0], RMCPSupervisorError), repr(caught[0])
+        assert caught[0].actor == "slow"
+        assert "start it again" in str(caught[0])
+        # Only the crasher was restarted; the stopped newcomer is gone, not restarted behind the caller.
+        assert running(supervisor.statistics()) == {"crasher": True}
+        assert lives == 2
+        await supervisor.stop()

@@ -166,6 +166,9 @@ class _Incarnation:
     settled: anyio.Event = attrs.field(factory=anyio.Event)
     exited: anyio.Event = attrs.field(factory=anyio.Event)
     error: Exception | None = None
+    # Whether it ended because the supervisor cancelled it (stopped, terminated or restarted
+    # with a sibling), as opposed to ending on its own.
+    stopped: bool = False
 
     def started(self, value: None = None) -> None:
         if self.has_started:
@@ -308,16 +311,17 @@ class Supervisor:
             return
         # A child that never started belongs to the caller's failure, not to the supervisor:
         # it is neither kept nor restarted.
-        incarnation.scope.cancel()
-        kept = self._forget(child)
-        if incarnation.error is not None:
-            raise incarnation.error
-        if running.closing or not kept:
+        self._forget(child)
+        # Still being a child proves nothing (a ONE_FOR_ALL restart stops it and keeps it):
+        # only our cancel of its scope says the supervisor, not the child, ended it.
+        if incarnation.stopped or (running.closing and incarnation.error is None):
             raise RMCPSupervisorError(
                 f"supervisor {self.name!r} stopped child {spec.name!r} before it started (the "
                 "supervisor stopping, the child terminated, or a sibling's restart); start it again",
                 actor=spec.name,
-            )
+            ) from incarnation.error
+        if incarnation.error is not None:
+            raise incarnation.error
         raise RuntimeError(f"child {spec.name!r} returned without calling task_status.started()")
 
     async def terminate_child(self, name: str) -> None:
@@ -458,9 +462,10 @@ class Supervisor:
             incarnation.error = error
             incarnation.child.last_error = error
         finally:
+            incarnation.stopped = incarnation.scope.cancel_called
             incarnation.exited.set()
             incarnation.settled.set()
-        if not incarnation.scope.cancel_called and (incarnation.has_started or not incarnation.caller_waits):
+        if not incarnation.stopped and (incarnation.has_started or not incarnation.caller_waits):
             exits.send_nowait(incarnation)
 
     async def _stop_all(self) -> None:
