@@ -17,7 +17,10 @@ How a supervisor stops its children follows its strategy. Under ``ONE_FOR_ALL`` 
 ``REST_FOR_ONE`` a later child may depend on an earlier one, so they are stopped one by one in
 reverse start order. Under ``ONE_FOR_ONE`` the children are independent by definition, so they
 are all stopped at once and waited on side by side, each within its own ``shutdown_timeout_s``:
-stopping N children costs the slowest one, not the sum.
+stopping N children costs the slowest one, not the sum. Restarts follow the same line: under
+``ONE_FOR_ONE`` each restart (its backoff, then its start) runs in the child's own task and the
+supervisor goes on handling other exits, while the group strategies restart the group in order
+before handling the next exit.
 """
 
 from __future__ import annotations
@@ -157,6 +160,8 @@ class _Incarnation:
     """One run of a child's ``start``; it is also the ``task_status`` handed to that run."""
 
     child: _Child
+    # A one_for_one restart's backoff, waited out in this run's own task before ``start``.
+    delay_s: float = 0.0
     scope: anyio.CancelScope = attrs.field(factory=lambda: anyio.CancelScope(shield=True))
     has_started: bool = False
     # A start_child caller waits on this run: if it ends before starting, the failure is the
@@ -404,21 +409,29 @@ class Supervisor:
         self._restart_times.append(now)
         if len(self._restart_times) > self.intensity.max_restarts:
             return _Escalation(child.spec.name, len(self._restart_times), incarnation.error)
+        # Capping the exponent keeps 2**n a finite float however large max_restarts is.
+        ceiling = self.intensity.backoff_base_s * 2.0 ** min(earlier_restarts, 64)
+        delay_s = random.uniform(0, min(self.intensity.backoff_max_s, ceiling))
+        if self.strategy is Strategy.ONE_FOR_ONE:
+            # Independent children restart independently: the backoff and the start run in the
+            # new incarnation's own task, so this loop goes on to the next exit at once and a
+            # slow start never keeps a crashed sibling down. Stopping or terminating the child
+            # during its backoff cancels that incarnation like any other.
+            child.restarts += 1
+            self._spawn(running, child, delay_s=delay_s)
+            return None
 
-        index = self._children.index(child)
         if self.strategy is Strategy.ONE_FOR_ALL:
             affected = list(self._children)
-        elif self.strategy is Strategy.REST_FOR_ONE:
-            affected = self._children[index:]
         else:
-            affected = [child]
+            affected = self._children[self._children.index(child) :]
         await self._stop(reversed(affected))
         for sibling in affected:
             if sibling.spec.restart is Restart.TEMPORARY:
                 self._forget(sibling)
-        # Capping the exponent keeps 2**n a finite float however large max_restarts is.
-        ceiling = self.intensity.backoff_base_s * 2.0 ** min(earlier_restarts, 64)
-        await anyio.sleep(random.uniform(0, min(self.intensity.backoff_max_s, ceiling)))
+        # A group restarts as a group: its exits wait here, as later members may depend on
+        # earlier ones being up.
+        await anyio.sleep(delay_s)
         for sibling in affected:
             # No lock is held across the stop, the backoff or a start (a starting child may
             # call start_child): a sibling terminated meanwhile is no longer ours to restart.
@@ -427,12 +440,10 @@ class Supervisor:
                 await self._start(running, sibling)
         return None
 
-    def _forget(self, child: _Child) -> bool:
-        """Remove ``child`` if it is still a child; return whether it was."""
+    def _forget(self, child: _Child) -> None:
+        """Remove ``child`` if it is still a child."""
         if child in self._children:
             self._children.remove(child)
-            return True
-        return False
 
     def _prune_window(self, now: float) -> None:
         while self._restart_times and self._restart_times[0] <= now - self.intensity.period_s:
@@ -442,8 +453,10 @@ class Supervisor:
         # Whether it started or ended first, an ended child is reported through the exit stream.
         await self._spawn(running, child).settled.wait()
 
-    def _spawn(self, running: _Running, child: _Child, *, caller_waits: bool = False) -> _Incarnation:
-        incarnation = _Incarnation(child, caller_waits=caller_waits)
+    def _spawn(
+        self, running: _Running, child: _Child, *, caller_waits: bool = False, delay_s: float = 0.0
+    ) -> _Incarnation:
+        incarnation = _Incarnation(child, delay_s=delay_s, caller_waits=caller_waits)
         child.current = incarnation
         running.task_group.start_soon(
             self._run_incarnation, incarnation, running.exits, name=f"{self.name}/{child.spec.name}"
@@ -456,6 +469,8 @@ class Supervisor:
         try:
             # The shielded scope absorbs the only cancellation that can reach the child: ours.
             with incarnation.scope:
+                if incarnation.delay_s:
+                    await anyio.sleep(incarnation.delay_s)
                 await incarnation.child.spec.start(task_status=incarnation)
         except Exception as exc:
             error = _sole_exception(exc)
