@@ -192,6 +192,10 @@ class Connection(Actor[ConnectionRequest]):
                 )
             await self._state_changed.wait()
 
+    def report_broken(self, session: Session) -> None:
+        """Tell the actor that a call saw ``session``'s transport fail (``MCPError -32000``)."""
+        session.broken.set()
+
     async def wait_first_connection(self) -> None:
         """Wait while the actor's first connection is being made (``add_server`` in progress).
 
@@ -216,10 +220,6 @@ class Connection(Actor[ConnectionRequest]):
             "(server removed or runtime stopping); add the server again to use it",
             server=self.name,
         )
-
-    def report_broken(self, session: Session) -> None:
-        """Tell the actor that a call saw ``session``'s transport fail (``MCPError -32000``)."""
-        session.broken.set()
 
     # -- control plane: the actor ----------------------------------------------------------
 
