@@ -225,19 +225,25 @@ class RMCPSupervisor:
         Raises:
             UnknownServerError: No server of that name.
             RMCPNetworkError: ``refresh`` and the server is not connected, did not answer, or
-                answered with a tool list that is not valid (the cached list is kept).
+                answered with a tool list that is not valid (the cached list is kept); or its
+                first connection, which the refresh waited for, failed or was closed.
             RMCPTimeoutError: ``refresh`` and the connection actor did not answer in time.
             RMCPActorStoppedError: ``refresh`` and the connection actor is restarting after a
                 crash, or crashed or stopped before it answered.
+
+        A refresh while ``add_server`` is still making the first connection waits for it.
         """
         connection = self._server(server).connection
         if not refresh:
             return list(connection.tools.values())
         with anyio.move_on_after(connection.policy.connect_timeout_s * 2):
+            # The actor runs only once its first connection is made: wait for that within the
+            # same bound rather than calling it stopped.
+            await connection.wait_first_connection()
             return list((await connection.ask(RefreshTools)).values())
         raise RMCPTimeoutError(
             f"the connection actor of {server!r} did not answer a tools refresh within "
-            f"{connection.policy.connect_timeout_s * 2:g} s (restarting?); try again",
+            f"{connection.policy.connect_timeout_s * 2:g} s (still connecting, or restarting?); try again",
             server=server,
         )
 

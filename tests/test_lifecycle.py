@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, nullcontext
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
+import trio.testing
 from conftest import PYTHON, stdio_args
+from mcp.server.mcpserver import MCPServer
 from mcp_test_server import build_server
 
 from rmcp_actors import (
     ConnectionState,
     PolicyOverrides,
     RMCPConfig,
+    RMCPError,
     RMCPNetworkError,
     RMCPSupervisor,
     RMCPSupervisorError,
@@ -144,3 +150,67 @@ async def test_a_cancelled_remove_server_still_stops_the_connection() -> None:
             await sup.remove_server("a")
         await sup.add_server(ServerSpec.stdio("a", PYTHON, stdio_args()))
         assert (await sup.call("a", "echo", {"text": "re-added"})).text == "re-added"
+
+
+def _server_that_starts_when(gate: anyio.Event) -> MCPServer:
+    """A real server whose handshake waits for ``gate`` (its lifespan does)."""
+
+    @asynccontextmanager
+    async def lifespan(app: MCPServer) -> AsyncIterator[dict[str, Any]]:
+        await gate.wait()
+        yield {}
+
+    app = MCPServer("late", lifespan=lifespan)
+
+    @app.tool()
+    def hello() -> str:
+        """Say hello."""
+        return "hello"
+
+    return app
+
+
+@pytest.mark.parametrize("first_connection", ["made", "failed", "removed"])
+async def test_a_tools_refresh_during_the_first_connection_waits_for_it(first_connection: str) -> None:
+    # The connection actor is not running until its first connection is made: a refresh then
+    # waits for it (within its own bound) instead of calling it "stopped, or restarting".
+    gate = anyio.Event()
+    spec = ServerSpec.in_memory(
+        "late", _server_that_starts_when(gate), overrides=PolicyOverrides(connect_timeout_s=2)
+    )
+    refreshed: list[object] = []
+    async with RMCPSupervisor.open() as sup, anyio.create_task_group() as task_group:
+
+        async def add() -> None:
+            expected = {"failed": RMCPNetworkError, "removed": UnknownServerError}.get(first_connection)
+            with pytest.raises(expected) if expected else nullcontext():
+                await sup.add_server(spec)
+
+        async def refresh() -> None:
+            try:
+                refreshed.append([tool.name for tool in await sup.list_tools("late", refresh=True)])
+            except RMCPError as error:
+                refreshed.append(error)
+
+        task_group.start_soon(add)
+        await trio.testing.wait_all_tasks_blocked()
+        task_group.start_soon(refresh)
+        await trio.testing.wait_all_tasks_blocked()
+        assert refreshed == []  # waiting, not failed
+        if first_connection == "made":
+            gate.set()
+        elif first_connection == "removed":
+            await sup.remove_server("late")
+        with anyio.fail_after(5):
+            while not refreshed:
+                await anyio.sleep(0.01)
+    [outcome] = refreshed
+    if first_connection == "made":
+        assert outcome == ["hello"]
+    elif first_connection == "failed":
+        assert isinstance(outcome, RMCPNetworkError), repr(outcome)
+        assert "could not connect" in str(outcome)
+        assert "first connection" in str(outcome)
+    else:
+        assert isinstance(outcome, RMCPNetworkError), repr(outcome)
+        assert "closed during its first connection (server removed" in str(outcome)

@@ -640,3 +640,176 @@ async def test_start_child_does_not_wait_for_a_sibling_restart_backoff(
         assert anyio.current_time() == before
         assert running(supervisor.statistics()) == {"a": False, "b": True}
         await supervisor.stop()
+
+
+async def test_start_child_stopped_by_a_one_for_all_restart_is_a_supervisor_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A sibling's crash restarts every child while "slow" is still starting: the supervisor
+    # stopped it, so start_child must say so, not blame the child for never calling started().
+    crash = anyio.Event()
+    lives = 0
+
+    async def crasher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        nonlocal lives
+        lives += 1
+        task_status.started()
+        if lives > 1:
+            await anyio.sleep_forever()
+        await crash.wait()
+        raise Boom("crasher")
+
+    async def slow_start(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await anyio.sleep(10)
+        task_status.started()
+        await anyio.sleep_forever()
+
+    supervisor = Supervisor("sup", Strategy.ONE_FOR_ALL, children=[ChildSpec("crasher", crasher)])
+    caught: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+
+        async def add() -> None:
+            try:
+                await supervisor.start_child(ChildSpec("slow", slow_start))
+            except Exception as error:
+                caught.append(error)
+
+        tg.start_soon(add)
+        await trio.testing.wait_all_tasks_blocked()
+        crash.set()
+        await anyio.sleep(SETTLE_S)
+        assert len(caught) == 1
+        assert isinstance(caught[0], RMCPSupervisorError), repr(caught[0])
+        assert caught[0].actor == "slow"
+        assert "start it again" in str(caught[0])
+        # Only the crasher was restarted; the stopped newcomer is gone, not restarted behind the caller.
+        assert running(supervisor.statistics()) == {"crasher": True}
+        assert lives == 2
+        await supervisor.stop()
+
+
+async def test_one_for_one_restart_of_a_slow_starter_does_not_hold_up_a_sibling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Independent children restart independently: "fast" crashes while "slow" takes 100 s to
+    # come back, and must not stay down behind it.
+    crash = anyio.Event()
+    lives = {"slow": 0, "fast": 0}
+    back_at: dict[str, float] = {}
+    crashed_at: dict[str, float] = {}
+
+    def child(name: str, restart_start_s: float) -> ChildSpec:
+        async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            lives[name] += 1
+            if lives[name] > 1:
+                await anyio.sleep(restart_start_s)
+                back_at[name] = anyio.current_time()
+                task_status.started()
+                await anyio.sleep_forever()
+            task_status.started()
+            await crash.wait()
+            if name == "fast":
+                await anyio.sleep(1)  # crashes second, while the slow one is restarting
+            crashed_at[name] = anyio.current_time()
+            raise Boom(name)
+
+        return ChildSpec(name, run)
+
+    supervisor = Supervisor(
+        "sup",
+        Strategy.ONE_FOR_ONE,
+        children=[child("slow", 100), child("fast", 0)],
+        intensity=RestartIntensity(backoff_base_s=0.001, backoff_max_s=0.001),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        crash.set()
+        await anyio.sleep(10)  # within the restart window (30 s)
+        # The fast one is back within its backoff; the slow one is still starting, not running.
+        assert back_at["fast"] - crashed_at["fast"] <= 0.001
+        stats = supervisor.statistics()
+        assert running(stats) == {"slow": False, "fast": True}
+        assert stats.restarts_in_window == 2  # both restarts counted as the crashes came
+        await anyio.sleep(100)
+        assert back_at["slow"] - crashed_at["slow"] == pytest.approx(100, abs=0.001)
+        stats = supervisor.statistics()
+        assert running(stats) == {"slow": True, "fast": True}
+        assert [child.restarts for child in stats.children] == [1, 1]
+        await supervisor.stop()
+
+
+async def _crash_into_a_long_backoff(harness: Harness, supervisor: Supervisor, name: str) -> None:
+    # A backoff of zero is possible but unlikely: draw until the restart really waits.
+    while True:
+        await harness.crash(name)
+        await trio.testing.wait_all_tasks_blocked()
+        if not running(supervisor.statistics())[name]:
+            return
+
+
+@pytest.mark.parametrize("how", ["terminate", "stop", "cancel"])
+async def test_a_one_for_one_restart_waiting_out_its_backoff_ends_with_the_child(
+    autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    # The backoff runs in the child's own next incarnation: terminating the child, stopping or
+    # cancelling the supervisor ends it at once, and nothing is started after.
+    harness = Harness(settle_s=0)
+    supervisor = Supervisor(
+        "sup",
+        children=harness.specs("a", "b"),
+        intensity=RestartIntensity(backoff_base_s=100, backoff_max_s=100),
+    )
+    before = anyio.current_time()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)
+            await _crash_into_a_long_backoff(harness, supervisor, "a")
+            harness.take()
+            before = anyio.current_time()
+            if how == "terminate":
+                await supervisor.terminate_child("a")
+                assert anyio.current_time() == before
+                await anyio.sleep(200)
+                assert running(supervisor.statistics()) == {"b": True}
+                await supervisor.stop()
+            elif how == "stop":
+                await supervisor.stop()
+            else:
+                scope.cancel()
+    assert anyio.current_time() - before == (200 if how == "terminate" else 0)
+    assert scope.cancelled_caught is (how == "cancel")
+    assert harness.take() == ["stop:b"]
+    assert not any(running(supervisor.statistics()).values())
+
+
+async def test_one_for_one_intensity_counts_every_crash_while_restarts_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Crashes of independent children are counted as they come, even while earlier restarts
+    # are still in their backoff: the third crash within the window escalates.
+    harness = Harness(settle_s=0)
+    supervisor = Supervisor(
+        "sup",
+        children=harness.specs("a", "b", "c"),
+        intensity=RestartIntensity(max_restarts=2, backoff_base_s=100, backoff_max_s=100),
+    )
+    escalations: list[RMCPSupervisorError] = []
+
+    async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            await supervisor.run(task_status=task_status)
+        except RMCPSupervisorError as error:
+            escalations.append(error)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(run)
+        for name in ("a", "b", "c"):
+            await harness.crash(name)
+    assert anyio.current_time() == 0  # no backoff was waited out first
+    [escalation] = escalations
+    assert escalation.actor == "c"
+    assert "failed 3 times" in str(escalation)
+    assert isinstance(escalation.__cause__, Boom)
+    assert harness.take() == ["start:a", "start:b", "start:c"]  # a and b never came back
+    assert not any(running(supervisor.statistics()).values())

@@ -120,6 +120,9 @@ class Connection(Actor[ConnectionRequest]):
     _last_error: BaseException | None = None
     _tools: dict[str, Tool] = attrs.Factory(dict[str, Tool])
     _state_changed: anyio.Event = attrs.Factory(anyio.Event)
+    # Set once the actor's first life accepts requests, or ended without ever accepting them.
+    _first_life_settled: anyio.Event = attrs.Factory(anyio.Event)
+    _first_life_failure: RMCPNetworkError | None = None
     _random: random.Random = attrs.Factory(random.Random)
 
     @property
@@ -200,6 +203,31 @@ class Connection(Actor[ConnectionRequest]):
         """Tell the actor that a call saw ``session``'s transport fail (``MCPError -32000``)."""
         session.broken.set()
 
+    async def wait_first_connection(self) -> None:
+        """Wait while the actor's first connection is being made (``add_server`` in progress).
+
+        Returns at once afterwards, whatever the state; the caller's cancel scope bounds the wait.
+
+        Raises:
+            RMCPNetworkError: The first connection failed, or the connection was closed first
+                (the server removed, or the runtime stopping).
+        """
+        await self._first_life_settled.wait()
+        if self._connects > 0:
+            return
+        failure = self._first_life_failure
+        if failure is not None:
+            raise RMCPNetworkError(
+                f"{failure.message} (the first connection, which add_server reported); add the "
+                "server again once it is reachable",
+                server=self.name,
+            ) from failure
+        raise RMCPNetworkError(
+            f"the connection to {self.spec.describe()} was closed during its first connection "
+            "(server removed or runtime stopping); add the server again to use it",
+            server=self.name,
+        )
+
     # -- control plane: the actor ----------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -217,8 +245,14 @@ class Connection(Actor[ConnectionRequest]):
         try:
             async with anyio.create_task_group() as task_group:
                 if first_life:
-                    await self._connect(task_group)
+                    try:
+                        await self._connect(task_group)
+                    except RMCPNetworkError as error:
+                        # A refresh waiting for this first connection tells its caller why.
+                        self._first_life_failure = error
+                        raise
                 await task_group.start(super().run)
+                self._first_life_settled.set()
                 task_status.started()
                 failures = 0 if first_life else 1
                 while True:
@@ -244,6 +278,7 @@ class Connection(Actor[ConnectionRequest]):
             crashed = True
             raise
         finally:
+            self._first_life_settled.set()
             # After a crash the supervisor restarts the actor: callers may keep waiting.
             self._set_state(ConnectionState.DISCONNECTED if crashed else ConnectionState.CLOSED)
 

@@ -17,7 +17,10 @@ How a supervisor stops its children follows its strategy. Under ``ONE_FOR_ALL`` 
 ``REST_FOR_ONE`` a later child may depend on an earlier one, so they are stopped one by one in
 reverse start order. Under ``ONE_FOR_ONE`` the children are independent by definition, so they
 are all stopped at once and waited on side by side, each within its own ``shutdown_timeout_s``:
-stopping N children costs the slowest one, not the sum.
+stopping N children costs the slowest one, not the sum. Restarts follow the same line: under
+``ONE_FOR_ONE`` each restart (its backoff, then its start) runs in the child's own task and the
+supervisor goes on handling other exits, while the group strategies restart the group in order
+before handling the next exit.
 """
 
 from __future__ import annotations
@@ -157,6 +160,8 @@ class _Incarnation:
     """One run of a child's ``start``; it is also the ``task_status`` handed to that run."""
 
     child: _Child
+    # A one_for_one restart's backoff, waited out in this run's own task before ``start``.
+    delay_s: float = 0.0
     scope: anyio.CancelScope = attrs.field(factory=lambda: anyio.CancelScope(shield=True))
     has_started: bool = False
     # A start_child caller waits on this run: if it ends before starting, the failure is the
@@ -166,6 +171,9 @@ class _Incarnation:
     settled: anyio.Event = attrs.field(factory=anyio.Event)
     exited: anyio.Event = attrs.field(factory=anyio.Event)
     error: Exception | None = None
+    # Whether it ended because the supervisor cancelled it (stopped, terminated or restarted
+    # with a sibling), as opposed to ending on its own.
+    stopped: bool = False
 
     def started(self, value: None = None) -> None:
         if self.has_started:
@@ -308,16 +316,17 @@ class Supervisor:
             return
         # A child that never started belongs to the caller's failure, not to the supervisor:
         # it is neither kept nor restarted.
-        incarnation.scope.cancel()
-        kept = self._forget(child)
-        if incarnation.error is not None:
-            raise incarnation.error
-        if running.closing or not kept:
+        self._forget(child)
+        # Still being a child proves nothing (a ONE_FOR_ALL restart stops it and keeps it):
+        # only our cancel of its scope says the supervisor, not the child, ended it.
+        if incarnation.stopped or (running.closing and incarnation.error is None):
             raise RMCPSupervisorError(
                 f"supervisor {self.name!r} stopped child {spec.name!r} before it started (the "
                 "supervisor stopping, the child terminated, or a sibling's restart); start it again",
                 actor=spec.name,
-            )
+            ) from incarnation.error
+        if incarnation.error is not None:
+            raise incarnation.error
         raise RuntimeError(f"child {spec.name!r} returned without calling task_status.started()")
 
     async def terminate_child(self, name: str, *, spec: ChildSpec | None = None) -> None:
@@ -409,21 +418,29 @@ class Supervisor:
         self._restart_times.append(now)
         if len(self._restart_times) > self.intensity.max_restarts:
             return _Escalation(child.spec.name, len(self._restart_times), incarnation.error)
+        # Capping the exponent keeps 2**n a finite float however large max_restarts is.
+        ceiling = self.intensity.backoff_base_s * 2.0 ** min(earlier_restarts, 64)
+        delay_s = random.uniform(0, min(self.intensity.backoff_max_s, ceiling))
+        if self.strategy is Strategy.ONE_FOR_ONE:
+            # Independent children restart independently: the backoff and the start run in the
+            # new incarnation's own task, so this loop goes on to the next exit at once and a
+            # slow start never keeps a crashed sibling down. Stopping or terminating the child
+            # during its backoff cancels that incarnation like any other.
+            child.restarts += 1
+            self._spawn(running, child, delay_s=delay_s)
+            return None
 
-        index = self._children.index(child)
         if self.strategy is Strategy.ONE_FOR_ALL:
             affected = list(self._children)
-        elif self.strategy is Strategy.REST_FOR_ONE:
-            affected = self._children[index:]
         else:
-            affected = [child]
+            affected = self._children[self._children.index(child) :]
         await self._stop(reversed(affected))
         for sibling in affected:
             if sibling.spec.restart is Restart.TEMPORARY:
                 self._forget(sibling)
-        # Capping the exponent keeps 2**n a finite float however large max_restarts is.
-        ceiling = self.intensity.backoff_base_s * 2.0 ** min(earlier_restarts, 64)
-        await anyio.sleep(random.uniform(0, min(self.intensity.backoff_max_s, ceiling)))
+        # A group restarts as a group: its exits wait here, as later members may depend on
+        # earlier ones being up.
+        await anyio.sleep(delay_s)
         for sibling in affected:
             # No lock is held across the stop, the backoff or a start (a starting child may
             # call start_child): a sibling terminated meanwhile is no longer ours to restart.
@@ -432,12 +449,10 @@ class Supervisor:
                 await self._start(running, sibling)
         return None
 
-    def _forget(self, child: _Child) -> bool:
-        """Remove ``child`` if it is still a child; return whether it was."""
+    def _forget(self, child: _Child) -> None:
+        """Remove ``child`` if it is still a child."""
         if child in self._children:
             self._children.remove(child)
-            return True
-        return False
 
     def _prune_window(self, now: float) -> None:
         while self._restart_times and self._restart_times[0] <= now - self.intensity.period_s:
@@ -447,8 +462,10 @@ class Supervisor:
         # Whether it started or ended first, an ended child is reported through the exit stream.
         await self._spawn(running, child).settled.wait()
 
-    def _spawn(self, running: _Running, child: _Child, *, caller_waits: bool = False) -> _Incarnation:
-        incarnation = _Incarnation(child, caller_waits=caller_waits)
+    def _spawn(
+        self, running: _Running, child: _Child, *, caller_waits: bool = False, delay_s: float = 0.0
+    ) -> _Incarnation:
+        incarnation = _Incarnation(child, delay_s=delay_s, caller_waits=caller_waits)
         child.current = incarnation
         running.task_group.start_soon(
             self._run_incarnation, incarnation, running.exits, name=f"{self.name}/{child.spec.name}"
@@ -461,15 +478,18 @@ class Supervisor:
         try:
             # The shielded scope absorbs the only cancellation that can reach the child: ours.
             with incarnation.scope:
+                if incarnation.delay_s:
+                    await anyio.sleep(incarnation.delay_s)
                 await incarnation.child.spec.start(task_status=incarnation)
         except Exception as exc:
             error = _sole_exception(exc)
             incarnation.error = error
             incarnation.child.last_error = error
         finally:
+            incarnation.stopped = incarnation.scope.cancel_called
             incarnation.exited.set()
             incarnation.settled.set()
-        if not incarnation.scope.cancel_called and (incarnation.has_started or not incarnation.caller_waits):
+        if not incarnation.stopped and (incarnation.has_started or not incarnation.caller_waits):
             exits.send_nowait(incarnation)
 
     async def _stop_all(self) -> None:
