@@ -434,4 +434,7 @@ async def test_a_request_the_transport_never_took_is_not_sent_and_runs_once(tmp_
     record = outcomes["record"]
     assert isinstance(record, CallResult), record
     assert record.text == "recorded once"
+    # The first attempt reached the dead transport (and nothing of it left); the second ran it.
+    assert record.attempts == 2
+    assert [event.attempt for event in record.lifecycle if event.state is RequestState.SENT] == [2]
     assert (tmp_path / "ledger").read_text().split() == ["once"]
