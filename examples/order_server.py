@@ -19,8 +19,6 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from rmcp_actors import FastRMCP, SQLiteStore
-
 
 def build_server(ledger: Path, store: Path | None = None) -> MCPServer[Any]:
     """Return the order service: with RMCP on a SQLite store at ``store``, or plain MCP.
@@ -29,9 +27,13 @@ def build_server(ledger: Path, store: Path | None = None) -> MCPServer[Any]:
         ledger: The file ``create_order`` appends each item to.
         store: Where RMCP keeps its idempotency records; None for a plain MCP server.
     """
-    app: MCPServer[Any] = (
-        MCPServer("orders") if store is None else FastRMCP("orders", store=SQLiteStore(store))
-    )
+    if store is None:
+        app: MCPServer[Any] = MCPServer("orders")
+    else:
+        # Imported here: the plain server, restarted after every crash, does not pay for it.
+        from rmcp_actors import FastRMCP, SQLiteStore
+
+        app = FastRMCP("orders", store=SQLiteStore(store))
 
     @app.tool()
     def create_order(item: str) -> str:

@@ -24,15 +24,17 @@ def row(output: str, label: str) -> list[str]:
 
 def test_exactly_once_demo(tmp_path: Path) -> None:
     # A seconds-long subprocess: a blocking run keeps the test simple, and nothing else runs.
+    # 9-13 s on the 2-core machine with other work on it, 17 s beside another pytest: the
+    # timeout only guards against a hang.
     demo = subprocess.run(
         [PYTHON, str(EXAMPLES / "exactly_once.py"), "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=150,
         check=False,
     )
     assert demo.returncode == 0, demo.stderr
-    items = {f"order-{number:02d}" for number in range(40)}
+    items = {f"order-{number:02d}" for number in range(20)}
     raw, rmcp = ledger_runs(tmp_path / "raw" / "ledger"), ledger_runs(tmp_path / "rmcp" / "ledger")
 
     # rmcp_actors: each order created exactly once, although answers were lost.

@@ -107,7 +107,9 @@ def is_sdk_lost_message(message: str) -> bool:
 def test_every_mcp_error_gets_a_verdict(
     code: int, message: str, evidence: Evidence | None, closed: bool
 ) -> None:
-    verdict = classify(MCPError(code=code, message=message), evidence, transport_closed=closed)
+    verdict = classify(
+        MCPError(code=code, message=message), evidence, transport_closed=closed, handed_over=True
+    )
     assert verdict is not None
     assert verdict.reason
     if forgot_session(code, message, evidence):
@@ -143,7 +145,9 @@ def test_every_mcp_error_gets_a_verdict(
 def test_minus_32000_is_a_lost_answer_only_from_the_sdk_or_a_dead_transport(
     message: str, evidence: Evidence | None, closed: bool
 ) -> None:
-    verdict = classify(MCPError(code=-32000, message=message), evidence, transport_closed=closed)
+    verdict = classify(
+        MCPError(code=-32000, message=message), evidence, transport_closed=closed, handed_over=True
+    )
     assert verdict is not None
     if forgot_session(-32000, message, evidence):
         return
@@ -181,7 +185,9 @@ def test_minus_32000_is_a_lost_answer_only_from_the_sdk_or_a_dead_transport(
 def test_minus_32001_is_a_timeout_only_in_the_sdks_words(
     message: str, evidence: Evidence | None, closed: bool
 ) -> None:
-    verdict = classify(MCPError(code=-32001, message=message), evidence, transport_closed=closed)
+    verdict = classify(
+        MCPError(code=-32001, message=message), evidence, transport_closed=closed, handed_over=True
+    )
     assert verdict is not None
     if forgot_session(-32001, message, evidence):
         assert verdict.attempt is Attempt.REFUSED
@@ -207,12 +213,62 @@ unclassified = st.one_of(
 def test_what_the_sdk_does_not_document_is_not_classified(
     error: Exception, evidence: Evidence | None, closed: bool
 ) -> None:
-    assert classify(error, evidence, transport_closed=closed) is None
+    assert classify(error, evidence, transport_closed=closed, handed_over=True) is None
+
+
+def schema_error() -> RuntimeError:
+    return RuntimeError("Tool add has an output schema but did not return structured content")
+
+
+def validation_error() -> ValidationError:
+    class Result(BaseModel):
+        content: list[int]
+
+    try:
+        Result.model_validate({"content": "nope"})
+    except ValidationError as error:
+        return error
+    raise AssertionError("the model accepted an invalid result")
+
+
+any_exception = st.one_of(
+    st.builds(lambda code, message: MCPError(code=code, message=message), codes, messages),
+    st.builds(AckTimeout, st.text(max_size=20)),
+    st.builds(validation_error),
+    st.builds(schema_error),
+    unclassified,
+)
+
+
+@given(error=any_exception, evidence=evidences, closed=st.booleans())
+def test_a_request_never_handed_over_never_may_have_run(
+    error: Exception, evidence: Evidence | None, closed: bool
+) -> None:
+    verdict = classify(error, evidence, transport_closed=closed, handed_over=False)
+    sent = classify(error, evidence, transport_closed=closed, handed_over=True)
+    # What is not classified stays so: the hand-over says nothing of an unknown exception.
+    assert (verdict is None) == (sent is None)
+    if verdict is None or sent is None:
+        return
+    assert verdict.attempt is Attempt.NOT_SENT
+    assert verdict.reason
+    # A dead transport (or one the SDK gave up on) is still dead; a live one is left alone.
+    assert verdict.session_lost == (sent.session_lost or closed)
+
+
+@given(error=any_exception, evidence=evidences, closed=st.booleans())
+def test_not_sent_needs_the_transports_word(
+    error: Exception, evidence: Evidence | None, closed: bool
+) -> None:
+    verdict = classify(error, evidence, transport_closed=closed, handed_over=True)
+    if verdict is not None and verdict.attempt is Attempt.NOT_SENT:
+        assert evidence is not None
+        assert evidence.refused is not None
 
 
 @given(closed=st.booleans())
 def test_ack_timeout_is_a_lost_answer_on_a_live_session(closed: bool) -> None:
-    verdict = classify(AckTimeout("no early ACK"), None, transport_closed=closed)
+    verdict = classify(AckTimeout("no early ACK"), None, transport_closed=closed, handed_over=True)
     assert verdict is not None
     assert (verdict.attempt, verdict.session_lost) == (Attempt.SENT_AND_LOST, False)
 
@@ -223,7 +279,7 @@ def test_an_invalid_result_is_unreadable_and_the_tool_ran() -> None:
 
     with pytest.raises(ValidationError) as caught:
         Result.model_validate({"content": "nope"})
-    verdict = classify(caught.value, None, transport_closed=False)
+    verdict = classify(caught.value, None, transport_closed=False, handed_over=True)
     assert verdict is not None
     assert (verdict.attempt, verdict.session_lost) == (Attempt.UNREADABLE, False)
 
@@ -302,6 +358,7 @@ async def test_httpx2_names_the_sse_event_limit_as_the_classifier_expects() -> N
         MCPError(code=-32000, message=f"SSE stream failed: {caught.value}"),
         Evidence(status=200),
         transport_closed=False,
+        handed_over=True,
     )
     assert verdict is not None
     assert verdict.attempt is Attempt.UNREADABLE
@@ -314,7 +371,7 @@ async def test_a_real_sdk_timeout_and_closed_session_are_classified(mode: str) -
     async with Client(server, mode=mode) as client:  # pyright: ignore[reportArgumentType]
         with pytest.raises(MCPError) as timed_out:
             await client.call_tool("sleep", {"seconds": 5}, read_timeout_seconds=0.05)
-    verdict = classify(timed_out.value, None, transport_closed=False)
+    verdict = classify(timed_out.value, None, transport_closed=False, handed_over=True)
     assert verdict is not None
     assert verdict.attempt is Attempt.TIMED_OUT
     assert re.search(r"timed out|Timed out", timed_out.value.message)

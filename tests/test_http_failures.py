@@ -127,13 +127,50 @@ async def test_an_attempt_whose_connection_was_refused_records_no_sent_step(
     assert state.ledger == []
 
 
+def signal_priming_sent(primed: trio.Event) -> Callable[[Any], Any]:
+    """A middleware that sets ``primed`` once the SSE response to a ``tools/call`` POST has
+    written an event with an id (the SDK's priming event, which makes the stream resumable) to
+    the connection."""
+
+    def wrap(app: Any) -> Any:
+        async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                await app(scope, receive, send)
+                return
+            request_body = bytearray()
+
+            async def observed_receive() -> dict[str, Any]:
+                message = await receive()
+                request_body.extend(message.get("body", b""))
+                return message
+
+            async def observed_send(message: dict[str, Any]) -> None:
+                await send(message)
+                body = message.get("body", b"")
+                if (
+                    message["type"] == "http.response.body"
+                    and b"id:" in body
+                    and b'"tools/call"' in request_body
+                ):
+                    primed.set()
+
+            await app(scope, observed_receive, observed_send)
+
+        return asgi
+
+    return wrap
+
+
 async def test_sse_resumability_server_killed_mid_call_is_a_lost_answer(
     server: MCPServer, state: State
 ) -> None:
     """The SDK reconnects the response stream, gives up ("reconnection attempts were
     exhausted"): an idempotent call is sent again once the server is back."""
+    primed = trio.Event()
     async with (
-        serve_http(server, event_store=MemoryEventStore(), retry_interval=20) as http,
+        serve_http(
+            server, event_store=MemoryEventStore(), retry_interval=20, wrap=signal_priming_sent(primed)
+        ) as http,
         RMCPSupervisor.open() as sup,
     ):
         await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
@@ -146,10 +183,18 @@ async def test_sse_resumability_server_killed_mid_call_is_a_lost_answer(
                 )
 
             nursery.start_soon(call)
-            while "job" not in state.started:
-                await trio.sleep(0.005)
+            with trio.fail_after(10):
+                # Killed before the priming event left, the stream is not resumable: a
+                # different failure (a retry on the same session, refused while down).
+                await primed.wait()
+                while "job" not in state.started:
+                    await trio.sleep(0.005)
             await http.stop()
-            await trio.sleep(0.5)  # longer than the SDK's two stream reconnections 20 ms apart
+            # Restarted before the SDK gave up, its stream reconnection would reach the new
+            # server: wait until the session is reported lost.
+            with trio.fail_after(10):
+                while sup.servers()["web"] is ConnectionState.READY:
+                    await trio.sleep(0.005)
             await http.restart()
         [result] = results
     assert result.text == "done job"
@@ -159,18 +204,22 @@ async def test_sse_resumability_server_killed_mid_call_is_a_lost_answer(
 async def test_sse_resumability_kill_of_an_unsafe_call_is_outcome_unknown(
     server: MCPServer, state: State
 ) -> None:
+    primed = trio.Event()
     async with (
-        serve_http(server, event_store=MemoryEventStore(), retry_interval=20) as http,
+        serve_http(
+            server, event_store=MemoryEventStore(), retry_interval=20, wrap=signal_priming_sent(primed)
+        ) as http,
         RMCPSupervisor.open() as sup,
     ):
         await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
         async with trio.open_nursery() as nursery:
 
             async def kill_when_started() -> None:
-                while "order" not in state.started:
-                    await trio.sleep(0.005)
-                # Let the stream's priming event (its id makes the stream resumable) arrive.
-                await trio.sleep(0.1)
+                with trio.fail_after(10):
+                    # The stream's priming event (its id makes the stream resumable) has left.
+                    await primed.wait()
+                    while "order" not in state.started:
+                        await trio.sleep(0.005)
                 await http.stop()
 
             nursery.start_soon(kill_when_started)

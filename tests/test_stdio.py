@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 from conftest import FAST_RECOVERY, PYTHON, process_gone, stdio_args
 
 from rmcp_actors import (
@@ -405,3 +406,35 @@ async def test_arguments_the_wire_cannot_carry_never_reach_the_server_process(tm
         connects = sup.statistics().connections[0].connects
     assert connects == 1
     assert (tmp_path / "ledger").read_text() == "fine\n"
+
+
+async def test_a_request_the_transport_never_took_is_not_sent_and_runs_once(tmp_path: Path) -> None:
+    # The server stops reading (SIGSTOP): a large request fills the pipe and holds the transport's
+    # writer, and a non-idempotent call waits behind it, not yet taken. SIGKILL breaks the pipe:
+    # the writer ends without ever taking the waiting request, so nothing of it left. It must be
+    # sent again on the restarted server and run once, not be reported "may have run".
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(stdio_test_server(tmp_path))
+        pid = (await sup.call("test", "pid")).structured_content
+        assert pid is not None
+        os.kill(pid["result"], signal.SIGSTOP)
+        outcomes: dict[str, object] = {}
+
+        async def call(name: str, tool: str, arguments: dict[str, Any]) -> None:
+            try:
+                outcomes[name] = await sup.call("test", tool, arguments, timeout=20)
+            except RMCPOutcomeUnknownError as error:
+                outcomes[name] = error
+
+        nursery.start_soon(call, "large", "length", {"text": "x" * 4_000_000})
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        nursery.start_soon(call, "record", "record", {"label": "once"})
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        os.kill(pid["result"], signal.SIGKILL)
+    record = outcomes["record"]
+    assert isinstance(record, CallResult), record
+    assert record.text == "recorded once"
+    # The first attempt reached the dead transport (and nothing of it left); the second ran it.
+    assert record.attempts == 2
+    assert [event.attempt for event in record.lifecycle if event.state is RequestState.SENT] == [2]
+    assert (tmp_path / "ledger").read_text().split() == ["once"]

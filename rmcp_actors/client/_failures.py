@@ -109,18 +109,36 @@ ACCEPTED_UNANSWERED_MESSAGE: Final = "server answered a request with 202 Accepte
 UNEXPECTED_CONTENT_TYPE_PREFIX: Final = "Unexpected content type: "
 
 
-def classify(error: BaseException, evidence: Evidence | None, *, transport_closed: bool) -> Verdict | None:
+def classify(
+    error: BaseException, evidence: Evidence | None, *, transport_closed: bool, handed_over: bool
+) -> Verdict | None:
     """Say what a failed ``call_tool`` means.
 
     Args:
         error: What ``call_tool`` raised (or :class:`AckTimeout`).
         evidence: What the HTTP transport saw of this attempt; None on other transports.
         transport_closed: The transport's read side had ended when the error arrived.
+        handed_over: The transport took the request, or still may (see ``_sent``); False only
+            when it is known never to write it.
 
     Returns:
         The verdict, or None when the exception is not one the SDK documents for a failed
         request (the caller lets it propagate).
     """
+    verdict = _classify(error, evidence, transport_closed)
+    if verdict is None or handed_over or verdict.attempt is Attempt.NOT_SENT:
+        return verdict
+    # Whatever the SDK made of it, a request the transport never took cannot have run. The
+    # usual case: the transport's writer ended (a stdio server died) with the request still
+    # waiting to be taken, which the SDK reports like a lost answer ("Connection closed").
+    return Verdict(
+        Attempt.NOT_SENT,
+        verdict.session_lost or transport_closed,
+        f"the transport never took the request ({verdict.reason})",
+    )
+
+
+def _classify(error: BaseException, evidence: Evidence | None, transport_closed: bool) -> Verdict | None:
     if isinstance(error, MCPError):
         return _classify_mcp_error(error.code, error.message, evidence, transport_closed)
     if isinstance(error, AckTimeout):

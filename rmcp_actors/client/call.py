@@ -110,15 +110,17 @@ class _Progress:
 class _SentStep:
     """Records one attempt's SENT step, once, while the attempt is open (the transport's hook)."""
 
-    __slots__ = ("open", "progress")
+    __slots__ = ("handed_over", "open", "progress")
 
     def __init__(self, progress: _Progress) -> None:
         self.progress = progress
         self.open = True
+        self.handed_over = False
 
     def __call__(self) -> None:
         if self.open:
             self.open = False
+            self.handed_over = True
             self.progress.record(RequestState.SENT)
 
 
@@ -431,7 +433,11 @@ async def _send(
         else:
             result = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
     except Exception as error:
-        verdict = classify(error, evidence, transport_closed=session.broken.is_set())
+        # Stdio and in-memory transports write in this task: once call_tool is left, a request
+        # they did not take never leaves. Over HTTP the POST runs in a task of its own that may
+        # still start writing, so only a refused connection says it never will.
+        handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
+        verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
         if verdict is None:
             raise
         raise _Failed(verdict) from error
