@@ -47,10 +47,12 @@ _TOKEN: Final = re.compile(
     r"|\bxox[abposr]-[A-Za-z0-9-]{10,}|\bAKIA[0-9A-Z]{16}\b|\bAIza[0-9A-Za-z_-]{30,}"
     r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
 )
-# A long run of letters and digits (both) reads as a key, not a word or a path.
+# A long run of letters and digits (both) reads as a key, not a word or a path. "/" ends a run:
+# paths with a digit somewhere ("/srv/app2/...") are far more common in a command line than
+# standard-base64 keys, whose 32-character pieces are still masked.
 _OPAQUE: Final = re.compile(
-    r"(?<![A-Za-z0-9_+/=-])(?=[A-Za-z0-9_+/=-]*[0-9])(?=[A-Za-z0-9_+/=-]*[A-Za-z])[A-Za-z0-9_+/=-]{32,}"
-    r"(?![A-Za-z0-9_+/=-])"
+    r"(?<![A-Za-z0-9_+=-])(?=[A-Za-z0-9_+=-]*[0-9])(?=[A-Za-z0-9_+=-]*[A-Za-z])[A-Za-z0-9_+=-]{32,}"
+    r"(?![A-Za-z0-9_+=-])"
 )
 _FLAG: Final = re.compile(r"(-{1,2}[A-Za-z][A-Za-z0-9_.-]*)(=)(.*)", re.DOTALL)
 _ASSIGNMENT: Final = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*)(=)(.*)", re.DOTALL)

@@ -81,6 +81,8 @@ def test_token_looking_arguments_are_masked(token: str) -> None:
         ["--port", "8080", "--host", "127.0.0.1", "/srv/data/files", "--verbose"],
         ["run", "--directory", "/home/me/src/mcp-server-git", "mcp-server-git", "--repository", "."],
         ["--monkey", "patch", "--keyboard-layout", "fr"],
+        # Paths with digits in them are paths, not keys.
+        ["/work/wt/round3/tests/mcp_test_server.py", "--db", "/var/lib/app2/data/v1/store.sqlite"],
     ],
 )
 def test_ordinary_arguments_are_shown_as_written(args: list[str]) -> None:
