@@ -382,3 +382,73 @@ async def test_an_http_server_behind_the_environments_proxy_is_reachable(
             await sup.add_server(ServerSpec.http("web", "http://mcp.invalid/mcp", protocol="legacy"))
             result = await sup.call("web", "echo", {"text": "via proxy"}, timeout=10)
     assert result.text == "via proxy"
+
+
+def _tool_calls_redirected(status: int, location: bytes) -> Callable[[Any], Any]:
+    """POST/Redirect/GET: a server (or a gateway in front of it) that runs tools/call and then
+    answers ``status`` with ``location`` instead of the result."""
+
+    def wrap(app: Any) -> Any:
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                await app(scope, receive, send)
+                return
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if replayed:
+                    await trio.sleep_forever()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            if b'"tools/call"' not in body:
+                await app(scope, replay, send)
+                return
+
+            async def discard(message: dict[str, Any]) -> None:
+                del message
+
+            await app(scope, replay, discard)  # the tool runs; its answer is replaced
+            headers = [(b"location", location)]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+
+        return wrapped
+
+    return wrap
+
+
+@pytest.mark.parametrize(
+    ("status", "location"),
+    [
+        (303, b"/result"),  # See Other: the SDK would have to GET
+        (302, b"/result"),  # httpx turns a redirected POST into a GET for 301/302/303
+        (307, b"http://elsewhere.invalid/mcp"),  # method kept, but another origin
+    ],
+)
+async def test_a_post_the_server_processed_then_redirected_with_303_may_have_run(
+    status: int, location: bytes
+) -> None:
+    # The SDK does not follow these and resolves the request with MCPError(-32600, "Redirect to
+    # ... not followed"). Read as the server's answer, RMCPServerError(-32600) said
+    # may_have_executed=False, though the tool ran (it is in the ledger).
+    state = State()
+    async with (
+        serve_http(
+            build_server(state), json_response=True, wrap=_tool_calls_redirected(status, location)
+        ) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        with pytest.raises(RMCPOutcomeUnknownError) as caught:
+            await sup.call("web", "record", {"label": "x"}, timeout=10)
+    assert state.ledger == ["x"]  # it ran, once: not safe to repeat, so not sent again
+    assert caught.value.may_have_executed is True, caught.value
+    assert "not followed" in str(caught.value)
