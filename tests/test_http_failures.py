@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx2
 import pytest
 import trio
 from _http import serve_http
 from _http_faults import MemoryEventStore, require_bearer, typescript_session_errors
 from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
+from mcp.shared._httpx_utils import stream_within_origin
 from mcp_test_server import State, build_server
 
 from rmcp_actors import (
@@ -28,6 +30,8 @@ from rmcp_actors import (
     RMCPTimeoutError,
     ServerSpec,
 )
+from rmcp_actors.client._failures import Evidence
+from rmcp_actors.client._http_evidence import _RecordingClient, current_evidence  # pyright: ignore[reportPrivateUsage]
 
 FAIL_FAST = PolicyOverrides(
     reconnect=FAST_RECOVERY.reconnect, retry=FAST_RECOVERY.retry, when_disconnected="fail"
@@ -57,6 +61,46 @@ async def test_typescript_servers_400_for_an_unknown_session_reconnects_and_send
     assert result.text == "recorded after"
     assert connects == 2
     assert state.ledger == ["after"]
+
+
+async def test_restarted_server_behind_a_same_origin_redirect_gets_a_new_session(
+    server: MCPServer, state: State
+) -> None:
+    # ".../mcp/" is redirected (Starlette, 307) to ".../mcp", and the SDK follows it with a
+    # second send. Only the first hop's 307 was recorded, so the 404 "Session not found" of a
+    # restarted server was never read as a refusal and the server was never reconnected.
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(
+            ServerSpec.http("web", http.url + "/", protocol="legacy", overrides=FAST_RECOVERY)
+        )
+        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
+        await http.stop()
+        await http.restart()
+        result = await sup.call("web", "record", {"label": "after"}, timeout=10)
+        connects = sup.statistics().connections[0].connects
+    assert result.text == "recorded after"
+    assert connects == 2
+    assert state.ledger == ["after"]
+
+
+async def test_a_refused_hop_after_a_redirect_is_not_read_as_not_sent() -> None:
+    # Something answered the first hop, so the request was delivered: a refused second hop
+    # cannot prove that nothing ran (see _RecordingClient).
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path == "/mcp/":
+            return httpx2.Response(307, headers={"location": "/mcp"})
+        raise httpx2.ConnectError("refused", request=request)
+
+    evidence = Evidence()
+    token = current_evidence.set(evidence)
+    try:
+        async with _RecordingClient(transport=httpx2.MockTransport(handler)) as client:
+            with pytest.raises(httpx2.ConnectError):
+                async with stream_within_origin(client, "POST", "http://127.0.0.1:1/mcp/", json={}):
+                    pass
+    finally:
+        current_evidence.reset(token)
+    assert (evidence.status, evidence.refused) == (307, None)
 
 
 @pytest.mark.parametrize("when_disconnected", ["fail", "wait"])
