@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -165,10 +165,22 @@ def mask_mapping(mapping: Mapping[str, str]) -> dict[str, str]:
     return dict.fromkeys(mapping, MASK)
 
 
+def _forms(secret: str) -> Iterator[str]:
+    """The ways a message may quote ``secret``: as is, without surrounding whitespace (a token
+    read from a file keeps its newline, which a message may drop), and escaped as a ``str`` or
+    ``bytes`` repr (h11: ``Illegal header value b'Bearer tok\\n'``)."""
+    for value in {secret, secret.strip()}:
+        yield value
+        yield repr(value)[1:-1]
+        yield repr(value.encode("utf-8", "backslashreplace"))[2:-1]
+
+
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every occurrence of each secret (of 4 characters or more) masked."""
-    for secret in sorted({s for s in secrets if len(s) >= _MIN_SCRUB_LENGTH}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+    """``text`` with every occurrence of each secret (of 4 characters or more) masked, whether
+    quoted as is, stripped of surrounding whitespace, or repr-escaped."""
+    forms = {form for secret in secrets for form in _forms(secret) if len(form) >= _MIN_SCRUB_LENGTH}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, MASK)
     return _TOKEN.sub(MASK, text)
 
 

@@ -229,6 +229,21 @@ def test_scrub_leaves_no_secret(values: list[str], filler: list[str]) -> None:
         assert value not in scrubbed
 
 
+@pytest.mark.parametrize(
+    ("secret", "quoted"),
+    [
+        ("Bearer Zq9token\n", "Illegal header value b'Bearer Zq9token\\n'"),  # h11, bytes repr
+        ("Zq9token\t", "value 'Zq9token\\t' rejected"),  # a str repr
+        ("  Zq9token\r\n", "sent Zq9token to the server"),  # only the stripped core
+        ("Zq9tökenvalue", "b'Zq9t\\xc3\\xb6kenvalue'"),  # bytes repr of non-ASCII
+    ],
+)
+def test_scrub_masks_the_escaped_forms_and_the_stripped_core(secret: str, quoted: str) -> None:
+    scrubbed = scrub(f"error: {quoted}", [secret])
+    assert "Zq9" not in scrubbed, scrubbed
+    assert MASK in scrubbed
+
+
 def test_url_masking_filter_masks_query_tokens_and_leaves_other_records_alone() -> None:
     url = httpx2.URL("http://127.0.0.1:8000/mcp?token=qs-s3cret&page=2")
     fmt = 'HTTP Request: %s %s "%s %d %s"'
