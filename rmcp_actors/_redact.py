@@ -192,12 +192,29 @@ class URLMaskingFilter(logging.Filter):
 
     For loggers of libraries under the transport that print request URLs (``httpx2`` at INFO,
     the SDK's streamable HTTP client at DEBUG), where a query-string token cannot be kept out
-    of the URL. A record without such a URL passes unchanged.
+    of the URL. The message, a logged exception's traceback (``exc_info=True``: httpx's
+    ``HTTPStatusError`` quotes the URL) and the stack are masked. A record without such a URL
+    passes unchanged.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        masked = _URL_IN_TEXT.sub(lambda match: mask_url(match.group()), message)
+        masked = _mask_urls(message)
         if masked != message:
             record.msg, record.args = masked, None
+        traceback = record.exc_text
+        if not traceback and record.exc_info is not None and record.exc_info[0] is not None:
+            traceback = logging.Formatter().formatException(record.exc_info)
+        if traceback:
+            masked = _mask_urls(traceback)
+            if masked != traceback:
+                # Formatters print exc_text as it is; the exception itself is dropped, since a
+                # handler that formats exc_info again (or reads the exception) would print the URL.
+                record.exc_text, record.exc_info = masked, None
+        if record.stack_info:
+            record.stack_info = _mask_urls(record.stack_info)
         return True
+
+
+def _mask_urls(text: str) -> str:
+    return _URL_IN_TEXT.sub(lambda match: mask_url(match.group()), text)
