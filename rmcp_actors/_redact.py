@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -167,10 +167,22 @@ def mask_mapping(mapping: Mapping[str, str]) -> dict[str, str]:
     return dict.fromkeys(mapping, MASK)
 
 
+def _forms(secret: str) -> Iterator[str]:
+    """The ways a message may quote ``secret``: as is, without surrounding whitespace (a token
+    read from a file keeps its newline, which a message may drop), and escaped as a ``str`` or
+    ``bytes`` repr (h11: ``Illegal header value b'Bearer tok\\n'``)."""
+    for value in {secret, secret.strip()}:
+        yield value
+        yield repr(value)[1:-1]
+        yield repr(value.encode("utf-8", "backslashreplace"))[2:-1]
+
+
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every occurrence of each secret (of 4 characters or more) masked."""
-    for secret in sorted({s for s in secrets if len(s) >= _MIN_SCRUB_LENGTH}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+    """``text`` with every occurrence of each secret (of 4 characters or more) masked, whether
+    quoted as is, stripped of surrounding whitespace, or repr-escaped."""
+    forms = {form for secret in secrets for form in _forms(secret) if len(form) >= _MIN_SCRUB_LENGTH}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, MASK)
     return _TOKEN.sub(MASK, text)
 
 
@@ -182,12 +194,29 @@ class URLMaskingFilter(logging.Filter):
 
     For loggers of libraries under the transport that print request URLs (``httpx2`` at INFO,
     the SDK's streamable HTTP client at DEBUG), where a query-string token cannot be kept out
-    of the URL. A record without such a URL passes unchanged.
+    of the URL. The message, a logged exception's traceback (``exc_info=True``: httpx's
+    ``HTTPStatusError`` quotes the URL) and the stack are masked. A record without such a URL
+    passes unchanged.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        masked = _URL_IN_TEXT.sub(lambda match: mask_url(match.group()), message)
+        masked = _mask_urls(message)
         if masked != message:
             record.msg, record.args = masked, None
+        traceback = record.exc_text
+        if not traceback and record.exc_info is not None and record.exc_info[0] is not None:
+            traceback = logging.Formatter().formatException(record.exc_info)
+        if traceback:
+            masked = _mask_urls(traceback)
+            if masked != traceback:
+                # Formatters print exc_text as it is; the exception itself is dropped, since a
+                # handler that formats exc_info again (or reads the exception) would print the URL.
+                record.exc_text, record.exc_info = masked, None
+        if record.stack_info:
+            record.stack_info = _mask_urls(record.stack_info)
         return True
+
+
+def _mask_urls(text: str) -> str:
+    return _URL_IN_TEXT.sub(lambda match: mask_url(match.group()), text)

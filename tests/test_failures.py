@@ -39,6 +39,7 @@ from rmcp_actors.client._failures import (
     CONNECTION_CLOSED_MESSAGE,
     NO_VALID_SESSION_MESSAGE,
     RECONNECT_EXHAUSTED_MESSAGE,
+    REDIRECT_NOT_FOLLOWED,
     SESSION_UNKNOWN_MESSAGES,
     STREAM_ENDED_MESSAGE,
     STREAM_FAILED_PREFIX,
@@ -62,6 +63,10 @@ SDK_MESSAGES = [
     NO_VALID_SESSION_MESSAGE,
     ACCEPTED_UNANSWERED_MESSAGE,
     f"{UNEXPECTED_CONTENT_TYPE_PREFIX}text/html",
+    "Redirect to http://127.0.0.1:8000/result not followed; use that URL as the endpoint if it is "
+    "the intended server",
+    "Redirect to http://example.com/mcp not followed: it would downgrade this HTTPS endpoint to "
+    "plain HTTP.\nThe server is likely behind a TLS-terminating proxy",
 ]
 
 codes = st.one_of(
@@ -89,11 +94,16 @@ def forgot_session(code: int, message: str, evidence: Evidence | None) -> bool:
 
 
 def accepted_unanswered(code: int, message: str, evidence: Evidence | None) -> bool:
-    """The SDK's -32600 for an HTTP request accepted and then not answered readably."""
+    """The SDK's -32600 for an HTTP request delivered and then not answered readably (a 202,
+    an odd content type, a redirect it does not follow)."""
     return (
         evidence is not None
         and code == -32600
-        and (message == ACCEPTED_UNANSWERED_MESSAGE or message.startswith(UNEXPECTED_CONTENT_TYPE_PREFIX))
+        and (
+            message == ACCEPTED_UNANSWERED_MESSAGE
+            or message.startswith(UNEXPECTED_CONTENT_TYPE_PREFIX)
+            or REDIRECT_NOT_FOLLOWED.match(message) is not None
+        )
     )
 
 
@@ -318,6 +328,18 @@ def source(module: object) -> str:
             mcp.client.streamable_http,
             f'ErrorData(code=INVALID_REQUEST, message=f"{UNEXPECTED_CONTENT_TYPE_PREFIX}{{content_type}}")',
         ),
+        (
+            mcp.client.streamable_http,
+            'f"Redirect to {location} not followed; use that URL as the endpoint',
+        ),
+        (
+            mcp.client.streamable_http,
+            'f"Redirect to {location} not followed: it would downgrade this HTTPS endpoint',
+        ),
+        (
+            mcp.client.streamable_http,
+            "ctx.read_stream_writer, message.id, redirect, code=INVALID_REQUEST",
+        ),
         (mcp.client.streamable_http, 'message=f"Failed to parse JSON response: {exc}"'),
         (mcp.client.streamable_http, 'message=f"Failed to parse SSE message: {exc}"'),
         (mcp.client.streamable_http, "max_sse_event_size: int | None = DEFAULT_MAX_SSE_EVENT_SIZE"),
@@ -342,6 +364,15 @@ def test_the_classifier_patterns_match_the_sdk_wording() -> None:
         "Invalid schema for tool add: bad",
     ):
         assert any(p.match(text) for p in _failures.SCHEMA_MESSAGES)
+    for location in ("http://127.0.0.1:8000/result", "https://other.example/mcp"):
+        assert REDIRECT_NOT_FOLLOWED.match(
+            f"Redirect to {location} not followed; use that URL as the endpoint if it is the intended server"
+        )
+        assert REDIRECT_NOT_FOLLOWED.match(
+            f"Redirect to {location} not followed: it would downgrade this HTTPS endpoint"
+        )
+    # A tool's own text that merely mentions a redirect is not the SDK's.
+    assert not REDIRECT_NOT_FOLLOWED.match("Redirect to the billing page not followed; ask support")
 
 
 async def test_httpx2_names_the_sse_event_limit_as_the_classifier_expects() -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx2
 import pytest
 import trio
 from _http import serve_http
 from _http_faults import MemoryEventStore, require_bearer, typescript_session_errors
 from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
+from mcp.shared._httpx_utils import stream_within_origin
 from mcp_test_server import State, build_server
 
 from rmcp_actors import (
@@ -28,6 +30,8 @@ from rmcp_actors import (
     RMCPTimeoutError,
     ServerSpec,
 )
+from rmcp_actors.client._failures import Evidence
+from rmcp_actors.client._http_evidence import _RecordingClient, current_evidence  # pyright: ignore[reportPrivateUsage]
 
 FAIL_FAST = PolicyOverrides(
     reconnect=FAST_RECOVERY.reconnect, retry=FAST_RECOVERY.retry, when_disconnected="fail"
@@ -57,6 +61,46 @@ async def test_typescript_servers_400_for_an_unknown_session_reconnects_and_send
     assert result.text == "recorded after"
     assert connects == 2
     assert state.ledger == ["after"]
+
+
+async def test_restarted_server_behind_a_same_origin_redirect_gets_a_new_session(
+    server: MCPServer, state: State
+) -> None:
+    # ".../mcp/" is redirected (Starlette, 307) to ".../mcp", and the SDK follows it with a
+    # second send. Only the first hop's 307 was recorded, so the 404 "Session not found" of a
+    # restarted server was never read as a refusal and the server was never reconnected.
+    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(
+            ServerSpec.http("web", http.url + "/", protocol="legacy", overrides=FAST_RECOVERY)
+        )
+        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
+        await http.stop()
+        await http.restart()
+        result = await sup.call("web", "record", {"label": "after"}, timeout=10)
+        connects = sup.statistics().connections[0].connects
+    assert result.text == "recorded after"
+    assert connects == 2
+    assert state.ledger == ["after"]
+
+
+async def test_a_refused_hop_after_a_redirect_is_not_read_as_not_sent() -> None:
+    # Something answered the first hop, so the request was delivered: a refused second hop
+    # cannot prove that nothing ran (see _RecordingClient).
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path == "/mcp/":
+            return httpx2.Response(307, headers={"location": "/mcp"})
+        raise httpx2.ConnectError("refused", request=request)
+
+    evidence = Evidence()
+    token = current_evidence.set(evidence)
+    try:
+        async with _RecordingClient(transport=httpx2.MockTransport(handler)) as client:
+            with pytest.raises(httpx2.ConnectError):
+                async with stream_within_origin(client, "POST", "http://127.0.0.1:1/mcp/", json={}):
+                    pass
+    finally:
+        current_evidence.reset(token)
+    assert (evidence.status, evidence.refused) == (307, None)
 
 
 @pytest.mark.parametrize("when_disconnected", ["fail", "wait"])
@@ -382,3 +426,73 @@ async def test_an_http_server_behind_the_environments_proxy_is_reachable(
             await sup.add_server(ServerSpec.http("web", "http://mcp.invalid/mcp", protocol="legacy"))
             result = await sup.call("web", "echo", {"text": "via proxy"}, timeout=10)
     assert result.text == "via proxy"
+
+
+def _tool_calls_redirected(status: int, location: bytes) -> Callable[[Any], Any]:
+    """POST/Redirect/GET: a server (or a gateway in front of it) that runs tools/call and then
+    answers ``status`` with ``location`` instead of the result."""
+
+    def wrap(app: Any) -> Any:
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                await app(scope, receive, send)
+                return
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if replayed:
+                    await trio.sleep_forever()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            if b'"tools/call"' not in body:
+                await app(scope, replay, send)
+                return
+
+            async def discard(message: dict[str, Any]) -> None:
+                del message
+
+            await app(scope, replay, discard)  # the tool runs; its answer is replaced
+            headers = [(b"location", location)]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+
+        return wrapped
+
+    return wrap
+
+
+@pytest.mark.parametrize(
+    ("status", "location"),
+    [
+        (303, b"/result"),  # See Other: the SDK would have to GET
+        (302, b"/result"),  # httpx turns a redirected POST into a GET for 301/302/303
+        (307, b"http://elsewhere.invalid/mcp"),  # method kept, but another origin
+    ],
+)
+async def test_a_post_the_server_processed_then_redirected_with_303_may_have_run(
+    status: int, location: bytes
+) -> None:
+    # The SDK does not follow these and resolves the request with MCPError(-32600, "Redirect to
+    # ... not followed"). Read as the server's answer, RMCPServerError(-32600) said
+    # may_have_executed=False, though the tool ran (it is in the ledger).
+    state = State()
+    async with (
+        serve_http(
+            build_server(state), json_response=True, wrap=_tool_calls_redirected(status, location)
+        ) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
+        with pytest.raises(RMCPOutcomeUnknownError) as caught:
+            await sup.call("web", "record", {"label": "x"}, timeout=10)
+    assert state.ledger == ["x"]  # it ran, once: not safe to repeat, so not sent again
+    assert caught.value.may_have_executed is True, caught.value
+    assert "not followed" in str(caught.value)

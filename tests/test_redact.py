@@ -4,9 +4,12 @@ values are what the connection uses."""
 
 from __future__ import annotations
 
+import io
 import logging
 import string
+import sys
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -231,6 +234,21 @@ def test_scrub_leaves_no_secret(values: list[str], filler: list[str]) -> None:
         assert value not in scrubbed
 
 
+@pytest.mark.parametrize(
+    ("secret", "quoted"),
+    [
+        ("Bearer Zq9token\n", "Illegal header value b'Bearer Zq9token\\n'"),  # h11, bytes repr
+        ("Zq9token\t", "value 'Zq9token\\t' rejected"),  # a str repr
+        ("  Zq9token\r\n", "sent Zq9token to the server"),  # only the stripped core
+        ("Zq9tökenvalue", "b'Zq9t\\xc3\\xb6kenvalue'"),  # bytes repr of non-ASCII
+    ],
+)
+def test_scrub_masks_the_escaped_forms_and_the_stripped_core(secret: str, quoted: str) -> None:
+    scrubbed = scrub(f"error: {quoted}", [secret])
+    assert "Zq9" not in scrubbed, scrubbed
+    assert MASK in scrubbed
+
+
 def test_url_masking_filter_masks_query_tokens_and_leaves_other_records_alone() -> None:
     url = httpx2.URL("http://127.0.0.1:8000/mcp?token=qs-s3cret&page=2")
     fmt = 'HTTP Request: %s %s "%s %d %s"'
@@ -246,3 +264,56 @@ def test_url_masking_filter_masks_query_tokens_and_leaves_other_records_alone() 
     plain = logging.LogRecord("httpx2", logging.INFO, __file__, 1, fmt, args, None)
     assert URLMaskingFilter().filter(plain) is True
     assert (plain.msg, plain.args) == (fmt, args)
+
+
+def test_url_masking_filter_masks_a_logged_traceback_and_keeps_it_readable() -> None:
+    url = "http://127.0.0.1:8000/mcp?token=qs-s3cret&page=2"
+    try:
+        raise RuntimeError(f"Client error '403 Forbidden' for url '{url}'")
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("httpx2", logging.ERROR, __file__, 1, "GET stream error", (), exc_info)
+    assert URLMaskingFilter().filter(record) is True
+    printed = logging.Formatter().format(record)
+    assert "qs-s3cret" not in printed
+    assert "Traceback (most recent call last)" in printed
+    assert (
+        "RuntimeError: Client error '403 Forbidden' for url 'http://127.0.0.1:8000/mcp?token=***" in printed
+    )
+    # A traceback without a secret URL is left to the handler's own formatter.
+    try:
+        raise RuntimeError("plain")
+    except RuntimeError:
+        plain_info = sys.exc_info()
+    plain = logging.LogRecord("httpx2", logging.ERROR, __file__, 1, "boom", (), plain_info)
+    assert URLMaskingFilter().filter(plain) is True
+    assert (plain.exc_info, plain.exc_text) == (plain_info, None)
+
+
+async def test_a_query_token_never_reaches_a_log_record_through_a_logged_traceback(
+    server: MCPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The SDK logs "GET stream error" with exc_info=True; httpx2's HTTPStatusError says
+    # "... for url 'http://...?token=...'", and that traceback was printed unmasked by any handler.
+    def forbid_get(app: Any) -> Any:
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["method"] == "GET":
+                await send({"type": "http.response.start", "status": 403, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await app(scope, receive, send)
+
+        return wrapped
+
+    caplog.set_level(logging.DEBUG)
+    async with serve_http(server, wrap=forbid_get) as http, RMCPSupervisor.open() as sup:
+        url = http.url + "?token=qs-s3cret&page=2"
+        await sup.add_server(ServerSpec.http("web", url, protocol="legacy"))
+        assert (await sup.call("web", "echo", {"text": "hi"})).text == "hi"
+        with trio.fail_after(5):
+            while not any(r.getMessage() == "GET stream error" for r in caplog.records):
+                await trio.sleep(0.01)
+    handler = logging.StreamHandler(io.StringIO())
+    printed = [handler.format(record) for record in caplog.records]
+    assert any("GET stream error" in line and "HTTPStatusError" in line for line in printed)
+    assert not [line for line in printed if "qs-s3cret" in line]

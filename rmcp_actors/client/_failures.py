@@ -107,6 +107,10 @@ NO_VALID_SESSION_MESSAGE: Final = "Bad Request: No valid session ID provided"
 # gateway's HTML page, a 202 for a request): the request was delivered and may have run.
 ACCEPTED_UNANSWERED_MESSAGE: Final = "server answered a request with 202 Accepted"
 UNEXPECTED_CONTENT_TYPE_PREFIX: Final = "Unexpected content type: "
+# The SDK's -32600 for a redirect it does not follow (a 303, a 301/302 that would turn the POST
+# into a GET, another origin, an HTTPS-to-HTTP downgrade): whoever answered it had the whole
+# request, and a POST/Redirect/GET server answers 303 after running it.
+REDIRECT_NOT_FOLLOWED: Final = re.compile(r"Redirect to \S+ not followed[;:] ")
 
 
 def classify(
@@ -180,9 +184,13 @@ def _classify_mcp_error(
     if (
         http
         and code == INVALID_REQUEST
-        and (message == ACCEPTED_UNANSWERED_MESSAGE or message.startswith(UNEXPECTED_CONTENT_TYPE_PREFIX))
+        and (
+            message == ACCEPTED_UNANSWERED_MESSAGE
+            or message.startswith(UNEXPECTED_CONTENT_TYPE_PREFIX)
+            or REDIRECT_NOT_FOLLOWED.match(message) is not None
+        )
     ):
-        return Verdict(Attempt.SENT_AND_LOST, False, f"the server accepted the request but {said}")
+        return Verdict(Attempt.SENT_AND_LOST, False, f"the request was delivered but {said}")
     if code != CONNECTION_CLOSED:
         return Verdict(Attempt.ANSWERED, False, said)
     if message == CONNECTION_CLOSED_MESSAGE:

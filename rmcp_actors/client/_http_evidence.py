@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Final
 
 import httpx2
 from httpx2 import USE_CLIENT_DEFAULT
@@ -30,6 +30,12 @@ current_evidence: ContextVar[Evidence | None] = ContextVar("rmcp_actors_http_evi
 _Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
+# The extension that marks a request as one hop of the POST whose evidence it names. httpx copies
+# a request's extensions into the request that follows a redirect, so the SDK's second send after
+# a 307/308 carries it too, and a later POST in the same context (a courtesy cancel) does not.
+_HOP: Final = "rmcp_actors.evidence"
+
+
 class _RecordingClient(httpx2.AsyncClient):
     """Notes, for the request being sent, a connection that could not be opened and the status.
 
@@ -37,6 +43,11 @@ class _RecordingClient(httpx2.AsyncClient):
     httpx ignore the environment's proxies (``HTTP(S)_PROXY``, ``NO_PROXY``), which the SDK's
     default client honours; ``send`` sees the same request whichever transport (direct or a
     proxy's) httpx picks for the URL.
+
+    The SDK follows a same-origin 307/308 itself, with one ``send`` per hop: the status kept is
+    the last hop's (a restarted server behind a trailing-slash redirect answers 307, then 404).
+    A refusal counts only while no hop has had a response: once something answered the request,
+    it was delivered, and a refused next hop cannot prove that nothing ran.
     """
 
     async def send(
@@ -48,18 +59,29 @@ class _RecordingClient(httpx2.AsyncClient):
         follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> httpx2.Response:
         evidence = current_evidence.get()
+        first = evidence is not None and evidence.status is None and evidence.refused is None
         # Only the request's own POST counts: a courtesy cancel or the GET stream that runs in
         # the same context must not overwrite what happened to the request.
-        if evidence is None or request.method != "POST" or evidence.status is not None or evidence.refused:
+        if (
+            evidence is None
+            or request.method != "POST"
+            or not (first or request.extensions.get(_HOP) is evidence)
+        ):
             return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
-        request.extensions = {**request.extensions, "trace": _tracer(request.extensions.get("trace"))}
+        if first:
+            request.extensions = {
+                **request.extensions,
+                "trace": _tracer(request.extensions.get("trace")),
+                _HOP: evidence,
+            }
         try:
             response = await super().send(
                 request, stream=stream, auth=auth, follow_redirects=follow_redirects
             )
         except (httpx2.ConnectError, httpx2.ConnectTimeout) as error:
-            # No connection (to the server or to its proxy), so not a byte of it was written.
-            evidence.refused = error
+            if evidence.status is None:
+                # No connection (to the server or to its proxy), so not a byte of it was written.
+                evidence.refused = error
             raise
         evidence.status = response.status_code
         return response
