@@ -43,7 +43,25 @@ _URL_LOGGERS: Final = ("httpx2", "mcp.client.streamable_http")
 _Streams = tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]
 
 
-class _ObservedReadStream:
+class _ClosedOnExit:
+    """``async with`` support for the stream wrappers below: leaving the block closes them."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _ObservedReadStream(_ClosedOnExit):
     """A read stream that calls ``on_closed`` when the peer's side ends, before the dispatcher
     sees the end (and wakes every waiting request with "Connection closed")."""
 
@@ -70,17 +88,6 @@ class _ObservedReadStream:
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     @property
     def last_context(self) -> Any:
         # The dispatcher reads this (via getattr) for every message: a property, not
@@ -88,7 +95,7 @@ class _ObservedReadStream:
         return getattr(self._inner, "last_context", None)
 
 
-class _ObservedWriteStream:
+class _ObservedWriteStream(_ClosedOnExit):
     """A write stream that calls ``on_closed`` when the transport no longer takes messages, and
     tells the sending attempt when it took its request (see ``_sent``) unless ``hands_over`` is
     False.
@@ -122,17 +129,6 @@ class _ObservedWriteStream:
 
     async def aclose(self) -> None:
         await self._inner.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 @asynccontextmanager
