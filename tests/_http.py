@@ -23,11 +23,14 @@ from typing import Any
 
 import attrs
 import trio
+from conftest import FAST_RECOVERY
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from mcp.server.mcpserver import MCPServer
 
-__all__ = ["HTTPServerHandle", "serve_http"]
+from rmcp_actors import CallResult, RMCPSupervisor, ServerSpec
+
+__all__ = ["HTTPServerHandle", "call_across_a_restart", "serve_http"]
 
 _HOST = "127.0.0.1"
 _STOP_TIMEOUT = 2.0
@@ -149,3 +152,20 @@ async def serve_http(
         finally:
             with trio.CancelScope(shield=True):
                 await handle.stop()
+
+
+async def call_across_a_restart(
+    http: HTTPServerHandle, url: str, tool: str, arguments: dict[str, Any]
+) -> tuple[CallResult, int]:
+    """Call ``echo`` once, restart the server (it forgets every session), then call ``tool``.
+
+    Returns:
+        The second call's result, and how many connects the runtime made in all.
+    """
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", url, protocol="legacy", overrides=FAST_RECOVERY))
+        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
+        await http.stop()
+        await http.restart()
+        result = await sup.call("web", tool, arguments, timeout=10)
+        return result, sup.statistics().connections[0].connects

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import trio
-from _http import serve_http
+from _http import call_across_a_restart, serve_http
 from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
@@ -122,14 +122,9 @@ async def test_http_idempotent_call_waits_for_the_server_to_come_back(
 
 
 async def test_server_restarted_before_the_client_noticed_gets_a_new_session(server: MCPServer) -> None:
-    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
-        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
-        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
-        await http.stop()
-        await http.restart()
+    async with serve_http(server) as http:
         # The old session id is unknown to the new server process: HTTP 404, "Session not found".
-        result = await sup.call("web", "echo", {"text": "after"}, timeout=10)
-        connects = sup.statistics().connections[0].connects
+        result, connects = await call_across_a_restart(http, http.url, "echo", {"text": "after"})
     assert result.text == "after"
     assert connects == 2
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx2
 import pytest
 import trio
-from _http import serve_http
+from _http import call_across_a_restart, serve_http
 from _http_faults import MemoryEventStore, require_bearer, typescript_session_errors
 from conftest import FAST_RECOVERY
 from mcp.server.mcpserver import MCPServer
@@ -47,17 +47,9 @@ async def wait_for_state(sup: RMCPSupervisor, state: ConnectionState) -> None:
 async def test_typescript_servers_400_for_an_unknown_session_reconnects_and_sends_again(
     server: MCPServer, state: State
 ) -> None:
-    async with (
-        serve_http(server, wrap=typescript_session_errors) as http,
-        RMCPSupervisor.open() as sup,
-    ):
-        await sup.add_server(ServerSpec.http("web", http.url, protocol="legacy", overrides=FAST_RECOVERY))
-        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
-        await http.stop()
-        await http.restart()
+    async with serve_http(server, wrap=typescript_session_errors) as http:
         # HTTP 400 {-32000, "Bad Request: No valid session ID provided"}: nothing ran.
-        result = await sup.call("web", "record", {"label": "after"}, timeout=10)
-        connects = sup.statistics().connections[0].connects
+        result, connects = await call_across_a_restart(http, http.url, "record", {"label": "after"})
     assert result.text == "recorded after"
     assert connects == 2
     assert state.ledger == ["after"]
@@ -69,15 +61,8 @@ async def test_restarted_server_behind_a_same_origin_redirect_gets_a_new_session
     # ".../mcp/" is redirected (Starlette, 307) to ".../mcp", and the SDK follows it with a
     # second send. Only the first hop's 307 was recorded, so the 404 "Session not found" of a
     # restarted server was never read as a refusal and the server was never reconnected.
-    async with serve_http(server) as http, RMCPSupervisor.open() as sup:
-        await sup.add_server(
-            ServerSpec.http("web", http.url + "/", protocol="legacy", overrides=FAST_RECOVERY)
-        )
-        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
-        await http.stop()
-        await http.restart()
-        result = await sup.call("web", "record", {"label": "after"}, timeout=10)
-        connects = sup.statistics().connections[0].connects
+    async with serve_http(server) as http:
+        result, connects = await call_across_a_restart(http, http.url + "/", "record", {"label": "after"})
     assert result.text == "recorded after"
     assert connects == 2
     assert state.ledger == ["after"]
