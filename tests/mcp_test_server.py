@@ -154,6 +154,20 @@ def _build_plain_server(state: State | None, name: str) -> MCPServer:
         state.record(label)
         return f"done {label}"
 
+    @app.tool(annotations=IDEMPOTENT)
+    async def slow_once(label: str, seconds: float, ctx: Context) -> str:
+        """The first run of ``label`` takes ``seconds``, later runs answer at once (a slow
+        first attempt for a hedge to beat). A run stopped by the client's
+        ``notifications/cancelled`` records ``cancelled <label>`` in the ledger."""
+        if state.mark_started(label):
+            try:
+                await anyio.sleep(seconds)
+            except anyio.get_cancelled_exc_class():
+                if ctx.request_context.cancel_requested.is_set():
+                    state.record(f"cancelled {label}")
+                raise
+        return f"done {label}"
+
     @app.tool()
     async def fail(reason: str) -> str:
         """Report a tool error (an isError result)."""

@@ -7,8 +7,11 @@ little traffic can still retry), and each retry or hedge withdraws one whole tok
 made. Deposits fade with a time constant of :data:`MEMORY_S` (Finagle keeps them for ten
 seconds), so hours of healthy traffic do not bank a retry storm for the first outage.
 
-Nothing is ever added but those deposits, so under total failure the attempts sent are at most
-``(1 + ratio) x first attempts + min_per_s x elapsed time``, whatever ``max_attempts`` says.
+A new budget holds the reserve a quiet server settles at, ``min_per_s * MEMORY_S`` tokens (as
+Finagle's does), so the first failures after a start can be retried. Nothing else is ever
+added but those deposits, so under total failure the attempts sent are at most
+``(1 + ratio) x first attempts + min_per_s x (elapsed time + MEMORY_S)``, whatever
+``max_attempts`` says.
 
 The budget is a synchronous gate (no actor, no task switch): time is read lazily from the
 clock when the balance is touched, and a call deposits and withdraws by plain method calls.
@@ -85,9 +88,8 @@ class RetryBudget:
         self.ratio = ratio
         self.min_per_s = min_per_s
         self._clock = clock
-        # Empty at start: every token withdrawn was deposited by traffic or by time, which is
-        # what makes the bound in the module docstring exact.
-        self._balance = 0.0
+        # The quiet reserve, not empty: a runtime's first failing call may retry at once.
+        self._balance = min_per_s * MEMORY_S
         self._updated = clock()
         self._first_attempts = 0
         self._retries = 0
