@@ -37,6 +37,7 @@ from .errors import (
     UnknownServerError,
 )
 from .flow._server import ServerFlow
+from .flow.budget import RetryBudgetStatistics
 from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
 from .result import CallResult
@@ -60,6 +61,8 @@ class RuntimeStatistics:
     scheduler: SchedulerStatistics
     connections: tuple[ConnectionStatistics, ...]
     supervisors: tuple[SupervisorStatistics, ...]
+    #: Each server's retry budget, then its tools' own budgets, server by server.
+    budgets: tuple[RetryBudgetStatistics, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -204,6 +207,7 @@ class RMCPSupervisor:
             spec.name, policy, self._scheduler, self._scheduler.lane(spec.name, policy.max_concurrency)
         )
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
+        flow.configure_tools(spec.tools, policies)
         runtime = self._config.runtime
         entry = self._servers[spec.name] = _Server(
             spec,
@@ -374,6 +378,9 @@ class RMCPSupervisor:
                     for server in self._servers.values()
                     if server.supervisor is not None
                 ),
+            ),
+            budgets=tuple(
+                budget for server in self._servers.values() for budget in server.flow.budget_statistics()
             ),
         )
 

@@ -10,15 +10,14 @@ import trio.testing
 from mcp_test_server import State, build_server
 
 from rmcp_actors import (
-    CircuitBreakerOverrides,
     PolicyOverrides,
-    RetryBudgetOverrides,
     RetryOverrides,
     RMCPNackError,
     RMCPSupervisor,
     ServerSpec,
     ToolOverrides,
 )
+from rmcp_actors.config import CircuitBreakerOverrides, RetryBudgetOverrides
 from rmcp_actors.flow.budget import MEMORY_S
 from rmcp_actors.stores import MemoryStore
 

@@ -27,9 +27,9 @@ def test_percentile_names(text: str, quantile: float) -> None:
     assert parse_percentile(text) == pytest.approx(quantile)
 
 
-@pytest.mark.parametrize("text", ["p40", "p100", "95", "p", "P95", "p99.99", "p95 "])
+@pytest.mark.parametrize("text", ["p0", "p100", "95", "p", "P95", "p-5", "p95 ", "p9x"])
 def test_percentile_names_out_of_range(text: str) -> None:
-    with pytest.raises(ValueError, match=r"from 'p50' to 'p99\.9'"):
+    with pytest.raises(ValueError, match="must be a latency percentile"):
         parse_percentile(text)
 
 

@@ -13,13 +13,12 @@ from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
 
 from rmcp_actors import (
-    HedgeOverrides,
     PolicyOverrides,
-    RetryBudgetOverrides,
     RMCPSupervisor,
     ServerSpec,
     ToolOverrides,
 )
+from rmcp_actors.config import HedgeOverrides, RetryBudgetOverrides
 from rmcp_actors.server import rmcp_of
 from rmcp_actors.stores import MemoryStore
 
@@ -42,7 +41,9 @@ async def test_a_hedge_beats_a_slow_first_attempt_and_the_loser_is_cancelled(
     assert (result.text, result.attempts) == ("done a", 2)
     assert elapsed == pytest.approx(0.5, abs=0.05)
     # The first attempt's run was stopped by the client's notifications/cancelled.
-    assert state.ledger == ["cancelled a"]
+    [cancelled] = state.ledger
+    assert cancelled.startswith("cancelled a ")
+    assert state.cancel_notices == [cancelled.removeprefix("cancelled a ")]
     assert budget.hedges == 1
     assert scheduler.running == 0
 
@@ -156,9 +157,13 @@ async def test_stdio_a_hedge_wins_and_the_server_gets_notifications_cancelled(tm
         started = trio.current_time()
         result = await sup.call("s", "slow_once", {"label": "a", "seconds": 60})
         elapsed = trio.current_time() - started
-        ledger = tmp_path / "ledger"
+        ledger, notices = tmp_path / "ledger", tmp_path / "cancel_notices"
         with trio.fail_after(10):
-            while not ledger.exists() or "cancelled a" not in ledger.read_text():
+            while not (ledger.exists() and notices.exists()):
                 await trio.sleep(0.02)
     assert (result.text, result.attempts) == ("done a", 2)
     assert elapsed < 5
+    # The first attempt's run was cancelled, and the server had its notifications/cancelled.
+    [cancelled] = ledger.read_text().splitlines()
+    assert cancelled.startswith("cancelled a ")
+    assert notices.read_text().splitlines() == [cancelled.removeprefix("cancelled a ")]

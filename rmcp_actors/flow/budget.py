@@ -40,6 +40,8 @@ class RetryBudgetStatistics:
     """A snapshot of one retry budget.
 
     Attributes:
+        server: The server whose calls use the budget.
+        tool: The tool, for a tool with a budget of its own; None for the server's.
         ratio: Tokens deposited per first attempt.
         min_per_s: Tokens deposited per second of time.
         balance: Tokens available now (a retry or hedge needs one).
@@ -49,6 +51,8 @@ class RetryBudgetStatistics:
         refused: Retries and hedges refused because the budget was empty.
     """
 
+    server: str
+    tool: str | None
     ratio: float
     min_per_s: float
     balance: float
@@ -65,6 +69,8 @@ class RetryBudget:
     Args:
         ratio: Tokens each first attempt deposits (0.2: one retry per five calls).
         min_per_s: Tokens deposited per second regardless of traffic.
+        server: The server's name (for statistics).
+        tool: The tool's name, for a tool's own budget (for statistics).
         clock: The time source (seconds); the event loop's clock by default.
     """
 
@@ -78,15 +84,25 @@ class RetryBudget:
         "_updated",
         "min_per_s",
         "ratio",
+        "server",
+        "tool",
     )
 
     def __init__(
-        self, ratio: float, min_per_s: float, *, clock: Callable[[], float] = anyio.current_time
+        self,
+        ratio: float,
+        min_per_s: float,
+        *,
+        server: str = "",
+        tool: str | None = None,
+        clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         if ratio < 0 or min_per_s < 0:
             raise ValueError(f"ratio and min_per_s must not be negative, got {ratio} and {min_per_s}")
         self.ratio = ratio
         self.min_per_s = min_per_s
+        self.server = server
+        self.tool = tool
         self._clock = clock
         # The quiet reserve, not empty: a runtime's first failing call may retry at once.
         self._balance = min_per_s * MEMORY_S
@@ -123,6 +139,8 @@ class RetryBudget:
     def statistics(self) -> RetryBudgetStatistics:
         """Return a snapshot of the balance and the counters."""
         return RetryBudgetStatistics(
+            server=self.server,
+            tool=self.tool,
             ratio=self.ratio,
             min_per_s=self.min_per_s,
             balance=self._refill(self._clock()),

@@ -17,23 +17,24 @@ from typing import Generic, TypeVar, final
 
 import anyio
 
-__all__ = ["LatencySketch", "parse_percentile", "race"]
+__all__ = ["LatencySketch", "ToolHedge", "parse_percentile", "race"]
 
 T = TypeVar("T")
 
-_PERCENTILE = re.compile(r"p(\d{2}(?:\.\d+)?)")
+# The same names the config accepts (config/_policy.py checks them at load).
+_PERCENTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
 
 
 def parse_percentile(text: str) -> float:
-    """Return the quantile a ``"p50"`` .. ``"p99.9"`` names, as a fraction (``"p95"`` -> 0.95).
+    """Return the quantile a percentile name says, as a fraction (``"p95"`` -> 0.95).
 
     Raises:
-        ValueError: ``text`` is not a percentile from p50 to p99.9.
+        ValueError: ``text`` is not a percentile name such as ``"p50"``, ``"p95"``, ``"p99.9"``.
     """
     match = _PERCENTILE.fullmatch(text)
     percent = float(match.group(1)) if match is not None else math.nan
-    if not 50 <= percent <= 99.9:
-        raise ValueError(f"must be a percentile from 'p50' to 'p99.9' (e.g. 'p95'), got {text!r}")
+    if not 0 < percent < 100:
+        raise ValueError(f"must be a latency percentile such as 'p50', 'p95' or 'p99.9', got {text!r}")
     return percent / 100
 
 
@@ -83,6 +84,39 @@ class LatencySketch:
             self._stale_after = self._count + max(1, self._size // 16)
         ordered = self._sorted
         return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@final
+class ToolHedge:
+    """How one tool is hedged: its delay, and the latencies a percentile delay is read from.
+
+    With ``delay`` (a percentile), no hedge is sent before ``min_samples`` latencies were seen,
+    unless ``delay_s`` is set too: then it is the delay until then.
+
+    Args:
+        delay_s: Seconds before a hedge (the fallback of a percentile ``delay``).
+        delay: A percentile of the tool's recent latencies, e.g. ``"p95"``.
+        max_hedges: Hedges a call may send beside its first attempt.
+        min_samples: Latencies seen before a percentile ``delay`` applies.
+    """
+
+    __slots__ = ("delay_s", "max_hedges", "min_samples", "quantile", "sketch")
+
+    def __init__(
+        self, *, delay_s: float | None, delay: str | None, max_hedges: int, min_samples: int
+    ) -> None:
+        self.delay_s = delay_s
+        self.max_hedges = max_hedges
+        self.min_samples = min_samples
+        self.quantile = parse_percentile(delay) if delay is not None else None
+        self.sketch = LatencySketch() if self.quantile is not None else None
+
+    def delay(self) -> float | None:
+        """Seconds to wait before hedging a call now; None: send no hedge."""
+        sketch = self.sketch
+        if sketch is None or self.quantile is None or sketch.count < self.min_samples:
+            return self.delay_s
+        return sketch.quantile(self.quantile)
 
 
 class _Race(Generic[T]):
