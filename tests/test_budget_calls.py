@@ -22,6 +22,8 @@ from rmcp_actors.flow.budget import MEMORY_S
 from rmcp_actors.stores import MemoryStore
 
 NO_BREAKER = CircuitBreakerOverrides(mode="disabled")
+# For the tests of what ends a call at its deadline: a budget that cannot run out first.
+AMPLE_BUDGET = RetryBudgetOverrides(min_per_s=1000.0)
 
 
 class DownStore:
@@ -98,6 +100,7 @@ async def test_max_attempts_0_retries_until_the_deadline(autojump_clock: trio.te
     app, store = always_failing()
     policy = PolicyOverrides(
         retry=RetryOverrides(max_attempts=0, base_delay_s=0.1, max_delay_s=0.5),
+        retry_budget=AMPLE_BUDGET,
         circuit_breaker=NO_BREAKER,
     )
     async with RMCPSupervisor.open() as sup:
@@ -119,7 +122,9 @@ async def test_against_a_deduplicating_server_the_default_retries_until_the_dead
     trying within its deadline (and the budget) instead of stopping after three attempts."""
     app, store = always_failing()
     policy = PolicyOverrides(
-        retry=RetryOverrides(base_delay_s=0.1, max_delay_s=0.5), circuit_breaker=NO_BREAKER
+        retry=RetryOverrides(base_delay_s=0.1, max_delay_s=0.5),
+        retry_budget=AMPLE_BUDGET,
+        circuit_breaker=NO_BREAKER,
     )
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("down", app, overrides=policy))
