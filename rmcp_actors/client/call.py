@@ -392,6 +392,7 @@ async def _hedged(
             return await send(session)
         # A hedge is an attempt like any other: its own slot (queued after the calls already
         # waiting: it is extra load), on the current session.
+        # flow: rate limiter token for the hedge (the same gate as an attempt's).
         try:
             await flow.scheduler.acquire(flow.lane, request.priority)
         except RMCPOverloadedError as error:
@@ -403,6 +404,7 @@ async def _hedged(
             return await send(now)
         finally:
             flow.scheduler.release(flow.lane)
+            # flow: report the hedge's outcome like an attempt's (breaker counts, limiter feedback).
 
     def may_hedge() -> bool:
         return deadline - anyio.current_time() >= _MIN_TIME_FOR_ANSWER_S and budget.withdraw_hedge()
