@@ -19,6 +19,7 @@ from rmcp_actors import (
 )
 from rmcp_actors.config import CircuitBreakerOverrides, RetryBudgetOverrides
 from rmcp_actors.flow.budget import MEMORY_S
+from rmcp_actors.server import install
 from rmcp_actors.stores import MemoryStore
 
 NO_BREAKER = CircuitBreakerOverrides(mode="disabled")
@@ -173,3 +174,27 @@ async def test_a_tool_with_its_own_budget_does_not_spend_the_servers(
     # echo's own reserve (1/s x 10 s) paid its retries; the server's empty budget paid none.
     assert echo_attempts == 1 + int(1.0 * MEMORY_S)
     assert store.received - echo_attempts == 1
+
+
+async def test_retrying_until_the_deadline_ends_with_the_last_answer_not_a_timeout(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A server busy with another call NACKs `overloaded` with retry_after_ms = 100: after the
+    attempt at 0.4 s, one at 0.5 s would have 30 ms left, too little for a tool that is not safe
+    to repeat. The call ends then with the server's refusal, not with a bare "too little time"."""
+    app = install(build_server(state), store=MemoryStore(clock=trio.current_time), max_in_flight=1)
+    policy = PolicyOverrides(
+        retry=RetryOverrides(max_attempts=0, base_delay_s=0.0, max_delay_s=0.0),
+        retry_budget=AMPLE_BUDGET,
+        circuit_breaker=NO_BREAKER,
+    )
+    async with RMCPSupervisor.open() as sup, trio.open_nursery() as nursery:
+        await sup.add_server(ServerSpec.in_memory("busy", app, overrides=policy))
+        nursery.start_soon(sup.call, "busy", "block_unsafe", {"label": "hog", "seconds": 100})
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RMCPNackError, match="no time is left") as caught:
+            await sup.call("busy", "record", {"label": "refused"}, timeout=0.53)
+        nursery.cancel_scope.cancel()
+    assert (caught.value.code, caught.value.may_have_executed) == ("overloaded", False)
+    assert "after 5 attempt(s)" in str(caught.value)
+    assert "refused" not in state.ledger

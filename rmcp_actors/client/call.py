@@ -292,7 +292,8 @@ async def _attempts(
             delay = max(
                 backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng), retry_after_s
             )
-        if anyio.current_time() + delay >= deadline:
+        # An unsafe tool is not sent with too little time left for its answer (see _send).
+        if anyio.current_time() + delay >= deadline - (_MIN_TIME_FOR_ANSWER_S if unsafe else 0.0):
             # Retrying until the deadline ends here, with the last attempt's error, rather
             # than in a timeout that would hide it.
             why = (
