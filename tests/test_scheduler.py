@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from rmcp_actors import RMCPDeadlockError, RMCPOverloadedError
-from rmcp_actors.client.scheduler import Holding, Lane, Scheduler, current_holding
+from rmcp_actors.flow.scheduler import Holding, Lane, Scheduler, current_holding
 
 
 async def test_fast_path_admits_without_queueing() -> None:
