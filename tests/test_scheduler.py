@@ -1,4 +1,5 @@
-"""The admission scheduler on its own: priorities, limits, overflow, deadlines (MockClock)."""
+"""The admission scheduler on its own: priorities and aging, tenants, global, server and tool limits,
+overflow, deadlines, nested-call deadlocks (MockClock)."""
 
 from __future__ import annotations
 
@@ -541,3 +542,19 @@ async def test_no_deadlock_is_reported_while_another_caller_holds_a_slot(
         finally:
             current_holding.reset(token)
     scheduler.release(lane)
+
+
+async def test_a_server_added_again_brings_its_own_tool_lanes(autojump_clock: trio.testing.MockClock) -> None:
+    scheduler = Scheduler(max_concurrency=10, max_queue=10)
+    lane = scheduler.lane("s", 5)
+    old_tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=old_tool)
+    scheduler.retire(lane)  # removed while a call runs on it
+    again = scheduler.lane("s", 5)
+    assert again is lane
+    assert lane.tools == {}  # the new tool table has no lane for "t"
+    with trio.fail_after(1):
+        await scheduler.acquire(lane, tool_lane=lane.tools.get("t"))
+    scheduler.release(lane)
+    scheduler.release(lane, old_tool)  # the old call leaves its old tool lane
+    assert (lane.running, old_tool.running) == (0, 0)

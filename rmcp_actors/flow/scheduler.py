@@ -346,6 +346,9 @@ class Scheduler:
         else:
             lane.max_concurrency = max_concurrency
             lane.retired = False
+            # The server added again under the name brings its own tool table: calls still on
+            # the old tool lanes keep them until they leave, new calls use the new ones.
+            lane.tools = {}
         return lane
 
     def tool_lane(self, lane: Lane, tool: str, max_concurrency: int) -> Lane:
