@@ -97,14 +97,17 @@ async def test_no_budget_no_hedge(server: MCPServer, autojump_clock: trio.testin
     assert (budget.hedges, budget.refused) == (0, 1)
 
 
+@pytest.mark.parametrize("lane", ["server", "tool"])
 async def test_a_hedge_waits_for_a_slot_like_any_attempt(
-    state: State, server: MCPServer, autojump_clock: trio.testing.MockClock
+    lane: str, server: MCPServer, autojump_clock: trio.testing.MockClock
 ) -> None:
-    policy = PolicyOverrides(max_concurrency=1)
+    hedge = HedgeOverrides(delay_s=0.1)
+    if lane == "server":
+        policy, tools = PolicyOverrides(max_concurrency=1), {"slow_once": ToolOverrides(hedge=hedge)}
+    else:
+        policy, tools = None, {"slow_once": ToolOverrides(hedge=hedge, max_concurrency=1)}
     async with RMCPSupervisor.open() as sup:
-        await sup.add_server(
-            ServerSpec.in_memory("s", server, overrides=policy, tools=hedged("slow_once", delay_s=0.1))
-        )
+        await sup.add_server(ServerSpec.in_memory("s", server, overrides=policy, tools=tools))
         started = trio.current_time()
         result = await sup.call("s", "slow_once", {"label": "a", "seconds": 3})
         elapsed = trio.current_time() - started

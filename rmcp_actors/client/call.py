@@ -31,6 +31,7 @@ from ..config import CallPolicy
 from ..errors import (
     Outcome,
     RMCPArgumentError,
+    RMCPDeadlockError,
     RMCPError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
@@ -46,6 +47,7 @@ from ..errors import (
 from ..flow._server import ServerFlow
 from ..flow.budget import RetryBudget
 from ..flow.hedge import ToolHedge, race
+from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
 from ._arguments import check_arguments, check_idempotency_key
@@ -84,6 +86,7 @@ class CallRequest:
     priority: int
     timeout_s: float
     on_lifecycle: LifecycleCallback | None = None
+    tenant: str | None = None
 
 
 @attrs.define
@@ -220,6 +223,9 @@ async def _attempts(
     budget = flow.budget_for(request.tool)
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
+    tool_lane = lane.tools.get(request.tool) if lane.tools else None
+    # The call this one was made from, if its work runs in this task (see flow.scheduler).
+    parent = current_holding.get()
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -238,7 +244,11 @@ async def _attempts(
             # The call's first attempt refills the retry budget; its retries draw from it below.
             # Its start time is the deadline less its timeout: a clock read costs more (~1 µs).
             budget.deposit(deadline - request.timeout_s)
-        progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
+        progress.queued_s += await scheduler.acquire(
+            lane, request.priority, progress.ticket, request.tenant, tool_lane
+        )
+        holding = Holding(lane, tool_lane, request.tool, parent)
+        nesting = current_holding.set(holding)
         retry_after_s = 0.0
         try:
             if not session.usable:
@@ -282,7 +292,9 @@ async def _attempts(
                 progress.sent = progress.last_ambiguous is not None
                 retry_after_s = (refused.meta.retry_after_ms or 0) / 1000
         finally:
-            scheduler.release(lane)
+            holding.active = False
+            current_holding.reset(nesting)
+            scheduler.release(lane, tool_lane)
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
         if progress.attempts >= max_attempts:
             raise _last_error(last, connection, progress, None)
@@ -387,24 +399,34 @@ async def _hedged(
     delay = hedge.delay()
     if delay is None or (unsafe and not _dedups(session.rmcp)):
         return await send(session)
+    tool_lane = flow.lane.tools.get(request.tool) if flow.lane.tools else None
 
     async def attempt(index: int) -> tuple[CallToolResult, ResponseMeta | None]:
         if index == 0:
             return await send(session)
-        # A hedge is an attempt like any other: its own slot (queued after the calls already
-        # waiting: it is extra load), on the current session.
+        # A hedge is an attempt like any other: its own slots (queued after the calls already
+        # waiting: it is extra load), on the current session. Its task inherited the first
+        # attempt's holding; it holds its own slots, beside the call's ancestors.
+        primary = current_holding.get()
+        parent = primary.parent if primary is not None else None
+        current_holding.set(parent)
         # flow: rate limiter token for the hedge (the same gate as an attempt's).
         try:
-            await flow.scheduler.acquire(flow.lane, request.priority)
-        except RMCPOverloadedError as error:
-            raise _Failed(Verdict(Attempt.NOT_SENT, False, "no room in the queue for a hedge")) from error
+            await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
+        except (RMCPOverloadedError, RMCPDeadlockError) as error:
+            raise _Failed(
+                Verdict(Attempt.NOT_SENT, False, f"no slot for a hedge ({error.message})")
+            ) from error
+        holding = Holding(flow.lane, tool_lane, request.tool, parent)
+        current_holding.set(holding)
         try:
             now = connection.current_session()
             if now is None or not now.usable or deadline - anyio.current_time() < _MIN_TIME_FOR_ANSWER_S:
                 raise _Failed(Verdict(Attempt.NOT_SENT, False, "the hedge could not be sent"))
             return await send(now)
         finally:
-            flow.scheduler.release(flow.lane)
+            holding.active = False
+            flow.scheduler.release(flow.lane, tool_lane)
             # flow: report the hedge's outcome like an attempt's (breaker counts, limiter feedback).
 
     def may_hedge() -> bool:
