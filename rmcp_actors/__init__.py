@@ -27,6 +27,7 @@ from .config import ToolOverrides as ToolOverrides
 from .errors import Outcome as Outcome
 from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
+from .errors import RMCPCircuitOpenError as RMCPCircuitOpenError
 from .errors import RMCPConfigError as RMCPConfigError
 from .errors import RMCPError as RMCPError
 from .errors import RMCPIdempotencyConflictError as RMCPIdempotencyConflictError
@@ -78,6 +79,7 @@ __all__ = [
     "RetryPolicy",
     "RMCPActorStoppedError",
     "RMCPArgumentError",
+    "RMCPCircuitOpenError",
     "RMCPConfig",
     "RMCPConfigError",
     "RMCPError",

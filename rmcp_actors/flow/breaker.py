@@ -1,0 +1,725 @@
+"""Circuit breakers: a synchronous gate per server and per (server, tool), timed by an actor.
+
+The hot path only touches a :class:`Breaker` gate: while it is closed, admission is one
+attribute read (``passing``) and an outcome is a few counter updates. When failures trip it,
+the gate opens itself at once (the next call already fails fast with
+:class:`~rmcp_actors.errors.RMCPCircuitOpenError`) and tells its server's
+:class:`BreakerActor` with ``send_nowait``; the actor owns the timer that half-opens the gate,
+and, when the policy says so, the active probe (``ping`` or ``tools/list``) that decides
+whether it closes again. Nothing on the hot path ever waits on the actor.
+
+What a failed attempt means for the breakers is decided in one place, :func:`fault_of`: only
+faults of the dependency count, never a tool's error result, the caller's bad arguments or a
+rate-limit signal (the limiter's business).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Literal, Protocol, final
+
+import anyio
+import anyio.abc
+import attrs
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+
+from .._protocol import NackCode
+from ..client._failures import Attempt
+from ..errors import RMCPCircuitOpenError
+from ..runtime import Actor, ActorStatistics
+
+if TYPE_CHECKING:
+    from mcp import Client
+
+__all__ = [
+    "Breaker",
+    "BreakerActor",
+    "BreakerActorStatistics",
+    "BreakerChange",
+    "BreakerChangeCallback",
+    "BreakerPolicyLike",
+    "BreakerState",
+    "BreakerStatistics",
+    "Fault",
+    "Prober",
+    "Tripped",
+    "client_prober",
+    "fault_of",
+]
+
+_logger = logging.getLogger("rmcp_actors")
+
+# The sliding window is this many buckets: counts age out one bucket (window_s / 10) at a time,
+# so a window costs two small arrays whatever the call rate.
+_BUCKETS = 10
+# JSON-RPC codes: the server's internal error (a fault of the server), and the rate-limit
+# error proposed by SEP-3304 (the limiter's signal, never the breaker's).
+_INTERNAL_ERROR = -32603
+_RATE_LIMITED_CODE = -32023
+
+
+class BreakerState(enum.Enum):
+    """Where a circuit breaker is."""
+
+    #: Calls pass; failures are counted.
+    CLOSED = "closed"
+    #: Calls fail at once until the open period ends.
+    OPEN = "open"
+    #: A few probe calls (or the actor's ``ping`` / ``tools/list``) decide: close or open again.
+    HALF_OPEN = "half_open"
+
+
+class Fault(enum.Enum):
+    """What one attempt's outcome says about the dependency (see :func:`fault_of`)."""
+
+    #: The server answered (a tool's error result and a refusal of bad input included).
+    NONE = "none"
+    #: A fault of this tool's calls (a timeout, one lost answer): counts against the tool's
+    #: breaker only, so one bad tool does not open the whole server.
+    TOOL = "tool"
+    #: A fault of the whole server (no connection, the transport died, the server says it is
+    #: overloaded or unavailable): counts against the server's breaker and the tool's.
+    SERVER = "server"
+    #: Says nothing either way (rate limiting, a session the server forgot and that is rebuilt
+    #: at once, the caller's own cancellation).
+    IGNORED = "ignored"
+
+
+# NACKs that blame the caller (the tool did not run because of what it sent): the server works.
+_CALLER_NACKS = frozenset(
+    {NackCode.IDEMPOTENCY_CONFLICT, NackCode.INVALID_META, NackCode.INVALID_ARGUMENTS, NackCode.UNKNOWN_TOOL}
+)
+# NACKs that say the server as a whole cannot take calls now.
+_SERVER_NACKS = frozenset({NackCode.OVERLOADED, NackCode.UNAVAILABLE, NackCode.SHUTTING_DOWN})
+
+
+def fault_of(
+    attempt: Attempt | None,
+    *,
+    session_lost: bool = False,
+    rpc_code: int | None = None,
+    nack_code: str | None = None,
+) -> Fault:
+    """Say what one attempt's outcome means for the circuit breakers (pure).
+
+    Args:
+        attempt: The classifier's verdict on a failed attempt (``client/_failures.py``), or
+            None when the server answered with a result (``nack_code`` then says whether it
+            was a NACK). A deadline that passed after sending is ``Attempt.TIMED_OUT``.
+        session_lost: The verdict's ``session_lost``: the transport is gone.
+        rpc_code: The JSON-RPC error code, for ``Attempt.ANSWERED``.
+        nack_code: The NACK code of an RMCP refusal.
+
+    Returns:
+        The fault, if any, and whose it is.
+    """
+    if attempt is None:
+        if nack_code is None or nack_code in _CALLER_NACKS:
+            return Fault.NONE
+        if nack_code == NackCode.RATE_LIMITED:
+            return Fault.IGNORED
+        if nack_code in _SERVER_NACKS:
+            return Fault.SERVER
+        # in_doubt, or a code this client does not know: the server could not do this call.
+        return Fault.TOOL
+    if attempt is Attempt.NOT_SENT:
+        return Fault.SERVER
+    if attempt is Attempt.SENT_AND_LOST:
+        return Fault.SERVER if session_lost else Fault.TOOL
+    if attempt is Attempt.TIMED_OUT:
+        return Fault.TOOL
+    if attempt is Attempt.REFUSED:
+        return Fault.IGNORED
+    if attempt is Attempt.ANSWERED:
+        if rpc_code == _RATE_LIMITED_CODE:
+            return Fault.IGNORED
+        # Other codes are the server's answer about this request (bad params, unknown method,
+        # a tool's own error code): the server works.
+        return Fault.TOOL if rpc_code == _INTERNAL_ERROR else Fault.NONE
+    # UNREADABLE: the server answered and the tool ran; its answer is the tool's problem.
+    return Fault.NONE
+
+
+class BreakerPolicyLike(Protocol):
+    """The keys of ``circuit_breaker`` a breaker reads (``CircuitBreakerPolicy`` in config)."""
+
+    @property
+    def failure_threshold(self) -> int: ...
+    @property
+    def failure_ratio(self) -> float: ...
+    @property
+    def min_calls(self) -> int: ...
+    @property
+    def window_s(self) -> float: ...
+    @property
+    def open_s(self) -> float: ...
+    @property
+    def max_open_s(self) -> float: ...
+    @property
+    def half_open_probes(self) -> int: ...
+    @property
+    def slow_call_s(self) -> float: ...
+    @property
+    def mode(self) -> Literal["enabled", "disabled", "metrics_only"]: ...
+    @property
+    def probe(self) -> Literal["call", "ping", "tools_list"]: ...
+
+
+@final
+@attrs.frozen
+class BreakerChange:
+    """A circuit breaker changed state.
+
+    Attributes:
+        server: The server whose breaker it is.
+        tool: The tool, for a (server, tool) breaker; None for the server's own breaker.
+        old: The state it left.
+        new: The state it entered.
+        at: When, on the runtime's clock (``anyio.current_time()``).
+        reason: Why (the last failure that opened it, the probe's result, ...).
+        half_open_at: When an open breaker half-opens (None unless ``new`` is OPEN).
+    """
+
+    server: str
+    tool: str | None
+    old: BreakerState
+    new: BreakerState
+    at: float
+    reason: str
+    half_open_at: float | None = None
+
+
+BreakerChangeCallback = Callable[[BreakerChange], None]
+
+
+@final
+@attrs.frozen
+class BreakerStatistics:
+    """A snapshot of one circuit breaker.
+
+    Attributes:
+        server: The server.
+        tool: The tool, or None for the server's own breaker.
+        mode: ``enabled``, ``disabled`` or ``metrics_only``.
+        state: The current state.
+        consecutive_failures: Failures since the last success.
+        window_calls: Outcomes counted in the sliding window.
+        window_failures: Failures among them.
+        open_until: When an open breaker half-opens (runtime clock), else None.
+        opens: How many times it opened (trips and re-opens).
+        reopens: Re-opens since it last closed (each doubles the open period).
+        rejected: Calls it failed fast.
+        last_failure: The last failure counted, in words.
+    """
+
+    server: str
+    tool: str | None
+    mode: str
+    state: BreakerState
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    open_until: float | None
+    opens: int
+    reopens: int
+    rejected: int
+    last_failure: str | None
+
+
+@final
+@attrs.define(eq=False)
+class Breaker:
+    """The synchronous gate of one circuit breaker (a server's, or one tool's on a server).
+
+    The hot path reads :attr:`passing`; only when it is False does it call :meth:`admit`,
+    which may raise. Every call admitted is recorded once with the :attr:`epoch` it was
+    admitted in (:meth:`succeeded`, :meth:`failed` or :meth:`release`), so an outcome that
+    arrives after the state changed (a call sent before the breaker opened) is not taken for a
+    probe's.
+
+    Args:
+        server: The server.
+        tool: The tool, or None for the server's own breaker.
+        policy: The ``circuit_breaker`` keys.
+        on_change: Called synchronously at each state change (exceptions are logged).
+    """
+
+    server: str
+    tool: str | None
+    policy: BreakerPolicyLike
+    on_change: BreakerChangeCallback | None = None
+    #: True while a call may pass without :meth:`admit` (closed, or not enforcing).
+    passing: bool = attrs.field(default=True, init=False)
+    #: Bumped at every state change; outcomes of calls admitted in another epoch are stale.
+    epoch: int = attrs.field(default=0, init=False)
+    state: BreakerState = attrs.field(default=BreakerState.CLOSED, init=False)
+    #: When an open breaker half-opens (runtime clock).
+    half_open_at: float = attrs.field(default=0.0, init=False)
+    #: Set by the actor when it probes with ``ping`` / ``tools/list``: calls then never probe.
+    actively_probed: bool = attrs.field(default=False, init=False)
+    # Called with the gate when it opens, so its actor starts the timer (send_nowait).
+    _notify: Callable[[Breaker], None] | None = attrs.field(default=None, init=False)
+    _enforcing: bool = attrs.field(init=False)
+    _counting: bool = attrs.field(init=False)
+    _consecutive: int = attrs.field(default=0, init=False)
+    _bucket_s: float = attrs.field(init=False)
+    _bucket: int = attrs.field(default=0, init=False)
+    _calls: list[int] = attrs.field(init=False)
+    _failures: list[int] = attrs.field(init=False)
+    _window_calls: int = attrs.field(default=0, init=False)
+    _window_failures: int = attrs.field(default=0, init=False)
+    _probes_in_flight: int = attrs.field(default=0, init=False)
+    _probe_successes: int = attrs.field(default=0, init=False)
+    _opens: int = attrs.field(default=0, init=False)
+    _reopens: int = attrs.field(default=0, init=False)
+    _rejected: int = attrs.field(default=0, init=False)
+    _last_failure: str | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        mode = self.policy.mode
+        self._counting = mode != "disabled"
+        self._enforcing = mode == "enabled"
+        self._bucket_s = self.policy.window_s / _BUCKETS
+        self._calls = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+
+    @property
+    def name(self) -> str:
+        """``server`` or ``server/tool``."""
+        return self.server if self.tool is None else f"{self.server}/{self.tool}"
+
+    # -- hot path ---------------------------------------------------------------------------
+
+    def admit(self) -> int:
+        """Let a call through a breaker that is not :attr:`passing`, or fail it at once.
+
+        Reads the clock once. A half-open breaker admits up to ``half_open_probes`` calls at a
+        time as probes (none when the actor probes by itself).
+
+        Returns:
+            The epoch to record the call's outcome with.
+
+        Raises:
+            RMCPCircuitOpenError: The breaker is open, or half-open with its probes taken.
+        """
+        now = anyio.current_time()
+        if self.state is BreakerState.OPEN:
+            if now < self.half_open_at or self.actively_probed:
+                raise self._rejection(now)
+            # The timer is the actor's; a call arriving first need not wait for it to run.
+            self._half_open(now, "the open period ended")
+        if self.state is BreakerState.HALF_OPEN:
+            if self.actively_probed or self._probes_in_flight >= self.policy.half_open_probes:
+                raise self._rejection(now)
+            self._probes_in_flight += 1
+        return self.epoch
+
+    def succeeded(self, epoch: int, now: float, elapsed_s: float) -> None:
+        """Record a call whose attempt shows the dependency working (see :func:`fault_of`).
+
+        Args:
+            epoch: The :attr:`epoch` the call was admitted in.
+            now: The runtime's clock now.
+            elapsed_s: How long the attempt took (a slow call counts as a failure).
+        """
+        if epoch != self.epoch or not self._counting or self.state is BreakerState.OPEN:
+            return
+        slow = self.policy.slow_call_s
+        if slow > 0 and elapsed_s > slow:
+            self.failed(epoch, now, f"slow call: {elapsed_s:.3f} s, over slow_call_s={slow:g}")
+            return
+        self._consecutive = 0
+        self._count(now, failure=False)
+        if self.state is BreakerState.HALF_OPEN:
+            self._probe_done()
+            self._probe_successes += 1
+            if self._probe_successes >= self.policy.half_open_probes:
+                self._close(now, f"{self._probe_successes} probe call(s) succeeded")
+
+    def failed(self, epoch: int, now: float, reason: str) -> None:
+        """Record a fault of the dependency.
+
+        Args:
+            epoch: The :attr:`epoch` the call was admitted in.
+            now: The runtime's clock now.
+            reason: What failed, for statistics and the breaker's messages.
+        """
+        if epoch != self.epoch or not self._counting:
+            return
+        self._last_failure = reason
+        if self.state is BreakerState.HALF_OPEN:
+            self._probe_done()
+            self._open(now, f"a probe call failed: {reason}", reopen=True)
+            return
+        if self.state is not BreakerState.CLOSED:
+            return
+        self._consecutive += 1
+        self._count(now, failure=True)
+        policy = self.policy
+        if self._consecutive >= policy.failure_threshold:
+            self._open(now, f"{self._consecutive} consecutive failures, the last: {reason}", reopen=False)
+        elif (
+            self._window_calls >= policy.min_calls
+            and self._window_failures >= policy.failure_ratio * self._window_calls
+        ):
+            self._open(
+                now,
+                f"{self._window_failures} failures in the last {self._window_calls} calls "
+                f"(failure_ratio={policy.failure_ratio:g}), the last: {reason}",
+                reopen=False,
+            )
+
+    def release(self, epoch: int) -> None:
+        """Record a call whose outcome says nothing about the dependency (frees a probe slot).
+
+        Args:
+            epoch: The :attr:`epoch` the call was admitted in.
+        """
+        if epoch == self.epoch and self.state is BreakerState.HALF_OPEN:
+            self._probe_done()
+
+    # -- control: the actor's side -----------------------------------------------------------
+
+    def attach(self, notify: Callable[[Breaker], None], *, actively_probed: bool) -> None:
+        """Connect the gate to the actor that times it (called by :class:`BreakerActor`)."""
+        self._notify = notify
+        self.actively_probed = actively_probed and self._counting
+
+    def half_open(self, now: float) -> None:
+        """End the open period (the actor's timer)."""
+        if self.state is BreakerState.OPEN:
+            self._half_open(now, "the open period ended")
+
+    def close(self, now: float, reason: str) -> None:
+        """Close a half-open breaker (the actor's probe succeeded)."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._close(now, reason)
+
+    def reopen(self, now: float, reason: str) -> None:
+        """Open a half-open breaker again for a doubled period (the actor's probe failed)."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._last_failure = reason
+            self._open(now, f"the probe failed: {reason}", reopen=True, notify=False)
+
+    def statistics(self, now: float | None = None) -> BreakerStatistics:
+        """Return a snapshot of the breaker.
+
+        Args:
+            now: The runtime's clock (read when not given), to age the window.
+        """
+        if self._counting:
+            self._advance(anyio.current_time() if now is None else now)
+        return BreakerStatistics(
+            server=self.server,
+            tool=self.tool,
+            mode=self.policy.mode,
+            state=self.state,
+            consecutive_failures=self._consecutive,
+            window_calls=self._window_calls,
+            window_failures=self._window_failures,
+            open_until=self.half_open_at if self.state is BreakerState.OPEN else None,
+            opens=self._opens,
+            reopens=self._reopens,
+            rejected=self._rejected,
+            last_failure=self._last_failure,
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _rejection(self, now: float) -> RMCPCircuitOpenError:
+        self._rejected += 1
+        what = "the server" if self.tool is None else "this tool"
+        if self.state is BreakerState.OPEN:
+            wait = max(self.half_open_at - now, 0.0)
+            message = (
+                f"the circuit breaker of {what} is open ({self._last_failure}); calls fail at once "
+                f"for {wait:.1f} s more, then a probe decides: call again after that, or check the server"
+            )
+        else:
+            wait = 0.0
+            message = (
+                f"the circuit breaker of {what} is half-open and its probe is under way (last "
+                f"failure: {self._last_failure}); call again in a moment"
+            )
+        return RMCPCircuitOpenError(
+            message,
+            half_open_at=self.half_open_at,
+            retry_after_s=wait,
+            server_wide=self.tool is None,
+            server=self.server,
+            tool=self.tool,
+        )
+
+    def _count(self, now: float, *, failure: bool) -> None:
+        self._advance(now)
+        index = self._bucket % _BUCKETS
+        self._calls[index] += 1
+        self._window_calls += 1
+        if failure:
+            self._failures[index] += 1
+            self._window_failures += 1
+
+    def _advance(self, now: float) -> None:
+        bucket = int(now // self._bucket_s)
+        last = self._bucket
+        if bucket == last:
+            return
+        self._bucket = bucket
+        if bucket - last >= _BUCKETS or bucket < last:
+            self._reset_window()
+            return
+        calls, failures = self._calls, self._failures
+        for passed in range(last + 1, bucket + 1):
+            index = passed % _BUCKETS
+            self._window_calls -= calls[index]
+            self._window_failures -= failures[index]
+            calls[index] = failures[index] = 0
+
+    def _reset_window(self) -> None:
+        self._consecutive = 0
+        self._calls = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+        self._window_calls = self._window_failures = 0
+
+    def _probe_done(self) -> None:
+        if self._probes_in_flight > 0:
+            self._probes_in_flight -= 1
+
+    def _open(self, now: float, reason: str, *, reopen: bool, notify: bool = True) -> None:
+        self._reopens = self._reopens + 1 if reopen else 0
+        policy = self.policy
+        period = min(policy.open_s * 2**self._reopens, policy.max_open_s)
+        self.half_open_at = now + period
+        self._opens += 1
+        self._reset_window()
+        self._change(BreakerState.OPEN, now, reason)
+        if notify and self._notify is not None:
+            self._notify(self)
+
+    def _half_open(self, now: float, reason: str) -> None:
+        self._probes_in_flight = 0
+        self._probe_successes = 0
+        self._change(BreakerState.HALF_OPEN, now, reason)
+
+    def _close(self, now: float, reason: str) -> None:
+        self._reopens = 0
+        self._reset_window()
+        self._change(BreakerState.CLOSED, now, reason)
+
+    def _change(self, new: BreakerState, now: float, reason: str) -> None:
+        old = self.state
+        self.state = new
+        self.epoch += 1
+        self.passing = new is BreakerState.CLOSED or not self._enforcing
+        # A re-open writes its own window start: no bucket of the old epoch may age into it.
+        self._bucket = int(now // self._bucket_s)
+        change = BreakerChange(
+            self.server,
+            self.tool,
+            old,
+            new,
+            now,
+            reason,
+            self.half_open_at if new is BreakerState.OPEN else None,
+        )
+        if new is BreakerState.OPEN:
+            _logger.warning("circuit breaker %s opened until %.3f: %s", self.name, self.half_open_at, reason)
+        else:
+            _logger.info("circuit breaker %s is %s: %s", self.name, new.value, reason)
+        if self.on_change is not None:
+            try:
+                self.on_change(change)
+            except Exception:
+                # The user's callback: its bug must not fail the call that changed the state.
+                _logger.exception("on_breaker_change callback raised for breaker %s", self.name)
+
+
+ProbeKind = Literal["ping", "tools_list"]
+#: Probes the server once (raises on failure): ``ping`` or ``tools/list``.
+Prober = Callable[[ProbeKind], Awaitable[None]]
+
+
+def client_prober(current_client: Callable[[], Client | None]) -> Prober:
+    """A prober over the server's current ``mcp.Client`` (no client: the probe fails).
+
+    ``ping`` is the handshake era's ``ping``; the modern protocol removed it, and there the
+    probe is its stateless equivalent, ``server/discover`` at the negotiated version.
+    ``tools_list`` lists the tools past the client's response cache.
+
+    Args:
+        current_client: Returns the client of the server's usable session, or None.
+    """
+
+    async def probe(kind: ProbeKind) -> None:
+        client = current_client()
+        if client is None:
+            raise ConnectionError("not connected")
+        if kind == "tools_list":
+            await client.list_tools(cache_mode="bypass")
+        elif client.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS:
+            await client.session.send_ping()
+        else:
+            await client.session.send_discover(client.protocol_version)
+
+    return probe
+
+
+@final
+@attrs.frozen
+class Tripped:
+    """A gate opened: its actor starts the timer that half-opens it."""
+
+    breaker: Breaker
+
+
+@final
+@attrs.frozen
+class BreakerActorStatistics(ActorStatistics):
+    """A snapshot of one server's breaker actor and its breakers.
+
+    Attributes:
+        server: The server's own breaker.
+        tools: The breakers of the server's tools that were called, by tool name.
+    """
+
+    server: BreakerStatistics
+    tools: tuple[BreakerStatistics, ...]
+
+
+@final
+@attrs.define(eq=False)
+class BreakerActor(Actor[Tripped]):
+    """The actor owning the timers of one server's circuit breakers.
+
+    It creates the gates (the server's, and one per tool on first use), half-opens each open
+    gate when its period ends, and, where the policy's ``probe`` is ``ping`` or
+    ``tools_list``, probes the server itself and closes or re-opens the gate. The gates live on
+    the actor object, so a restart keeps their state; a restarted actor picks up the timers of
+    the gates that are open.
+
+    Args:
+        name: The actor's name (``breaker:<server>``).
+        server: The server's name.
+        policy: The server's ``circuit_breaker`` keys.
+        prober: Probes the server (``ping`` / ``tools/list``); None: probes are always calls.
+        probe_timeout_s: How long a probe may take before it counts as failed.
+        on_change: Called at every state change of any of the server's breakers.
+    """
+
+    server: str
+    policy: BreakerPolicyLike
+    prober: Prober | None = None
+    probe_timeout_s: float = 10.0
+    on_change: BreakerChangeCallback | None = None
+    _server_gate: Breaker = attrs.field(init=False)
+    _tool_gates: dict[str, Breaker] = attrs.field(factory=dict[str, Breaker], init=False)
+    _task_group: anyio.abc.TaskGroup | None = attrs.field(default=None, init=False)
+    _watched: set[Breaker] = attrs.field(factory=set[Breaker], init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._server_gate = self._register(Breaker(self.server, None, self.policy, self.on_change))
+
+    @property
+    def server_gate(self) -> Breaker:
+        """The server's own breaker."""
+        return self._server_gate
+
+    def tool_gate(self, tool: str, policy: BreakerPolicyLike) -> Breaker:
+        """The breaker of ``tool`` on this server, created on first use with ``policy``."""
+        gate = self._tool_gates.get(tool)
+        if gate is None:
+            gate = self._tool_gates[tool] = self._register(Breaker(self.server, tool, policy, self.on_change))
+        return gate
+
+    def gates(self) -> Iterable[Breaker]:
+        """Every breaker of the server: its own first, then its tools'."""
+        yield self._server_gate
+        yield from self._tool_gates.values()
+
+    def statistics(self) -> BreakerActorStatistics:
+        """Return a snapshot of the inbox and of every breaker."""
+        inbox = super().statistics()
+        now = anyio.current_time()
+        return BreakerActorStatistics(
+            name=self.name,
+            inbox_used=inbox.inbox_used,
+            inbox_size=inbox.inbox_size,
+            server=self._server_gate.statistics(now),
+            tools=tuple(gate.statistics(now) for gate in self._tool_gates.values()),
+        )
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve the inbox and the timers until cancelled.
+
+        A (re)started actor first takes over the gates that are open or probing.
+        """
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                for gate in self.gates():
+                    if gate.state is not BreakerState.CLOSED:
+                        self._watch(gate)
+                await task_group.start(super().run)
+                task_status.started()
+        finally:
+            self._task_group = None
+            self._watched.clear()
+
+    async def handle(self, message: Tripped) -> None:
+        """Start the timer of a gate that opened."""
+        self._watch(message.breaker)
+
+    def _register(self, gate: Breaker) -> Breaker:
+        gate.attach(self._tripped, actively_probed=self.prober is not None and gate.policy.probe != "call")
+        return gate
+
+    def _tripped(self, gate: Breaker) -> None:
+        try:
+            self.send_nowait(Tripped(gate))
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # Tripping never waits. A gate probed by calls half-opens by itself at the next
+            # call; one probed actively is taken over when the actor (re)starts.
+            _logger.warning("breaker actor %s missed the trip of %s", self.name, gate.name)
+
+    def _watch(self, gate: Breaker) -> None:
+        if gate not in self._watched and self._task_group is not None:
+            self._watched.add(gate)
+            self._task_group.start_soon(self._time, gate)
+
+    async def _time(self, gate: Breaker) -> None:
+        try:
+            while True:
+                if gate.state is BreakerState.OPEN:
+                    epoch = gate.epoch
+                    await anyio.sleep_until(gate.half_open_at)
+                    if gate.epoch != epoch:
+                        return  # a call half-opened it first
+                    gate.half_open(anyio.current_time())
+                if gate.state is not BreakerState.HALF_OPEN or not gate.actively_probed:
+                    return
+                epoch = gate.epoch
+                failure = await self._probe(gate)
+                if gate.epoch != epoch:
+                    return
+                now = anyio.current_time()
+                if failure is None:
+                    gate.close(now, f"the {gate.policy.probe} probe succeeded")
+                    return
+                gate.reopen(now, failure)
+        finally:
+            self._watched.discard(gate)
+
+    async def _probe(self, gate: Breaker) -> str | None:
+        """Probe the server once; the failure in words, or None on success."""
+        assert self.prober is not None  # only actively probed gates get here
+        kind: ProbeKind = "ping" if gate.policy.probe == "ping" else "tools_list"
+        with anyio.move_on_after(self.probe_timeout_s):
+            try:
+                await self.prober(kind)
+            except Exception as error:
+                return f"{type(error).__name__}: {error}"
+            return None
+        return f"no answer to the {kind} probe within {self.probe_timeout_s:g} s"
