@@ -276,6 +276,8 @@ class Breaker:
     _reopens: int = attrs.field(default=0, init=False)
     _rejected: int = attrs.field(default=0, init=False)
     _last_failure: str | None = attrs.field(default=None, init=False)
+    # Why it last opened, for the fast-fail message.
+    _opened_for: str = attrs.field(default="", init=False)
 
     def __attrs_post_init__(self) -> None:
         mode = self.policy.mode
@@ -434,7 +436,7 @@ class Breaker:
         if self.state is BreakerState.OPEN:
             wait = max(self.half_open_at - now, 0.0)
             message = (
-                f"the circuit breaker of {what} is open ({self._last_failure}); calls fail at once "
+                f"the circuit breaker of {what} is open ({self._opened_for}); calls fail at once "
                 f"for {wait:.1f} s more, then a probe decides: call again after that, or check the server"
             )
         else:
@@ -478,7 +480,6 @@ class Breaker:
             calls[index] = failures[index] = 0
 
     def _reset_window(self) -> None:
-        self._consecutive = 0
         self._calls = [0] * _BUCKETS
         self._failures = [0] * _BUCKETS
         self._window_calls = self._window_failures = 0
@@ -493,6 +494,8 @@ class Breaker:
         period = min(policy.open_s * 2**self._reopens, policy.max_open_s)
         self.half_open_at = now + period
         self._opens += 1
+        self._opened_for = reason
+        self._consecutive = 0
         self._reset_window()
         self._change(BreakerState.OPEN, now, reason)
         if notify and self._notify is not None:
@@ -505,6 +508,7 @@ class Breaker:
 
     def _close(self, now: float, reason: str) -> None:
         self._reopens = 0
+        self._consecutive = 0
         self._reset_window()
         self._change(BreakerState.CLOSED, now, reason)
 
