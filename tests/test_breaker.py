@@ -6,9 +6,8 @@ Time is trio's MockClock (autojump): an open period of 30 s passes in no real ti
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
-import attrs
 import pytest
 import trio
 import trio.testing
@@ -16,10 +15,12 @@ import trio.testing
 from rmcp_actors import RMCPCircuitOpenError
 from rmcp_actors._protocol import NackCode
 from rmcp_actors.client._failures import Attempt
+from rmcp_actors.config import CircuitBreakerPolicy
 from rmcp_actors.flow.breaker import (
     Breaker,
     BreakerActor,
     BreakerChange,
+    Breakers,
     BreakerState,
     Fault,
     ProbeKind,
@@ -29,20 +30,7 @@ from rmcp_actors.flow.breaker import (
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 
-@attrs.frozen
-class Policy:
-    """The ``circuit_breaker`` keys with the documented defaults."""
-
-    failure_threshold: int = 5
-    failure_ratio: float = 0.5
-    min_calls: int = 10
-    window_s: float = 30.0
-    open_s: float = 30.0
-    max_open_s: float = 300.0
-    half_open_probes: int = 1
-    slow_call_s: float = 0.0
-    mode: Literal["enabled", "disabled", "metrics_only"] = "enabled"
-    probe: Literal["call", "ping", "tools_list"] = "call"
+Policy = CircuitBreakerPolicy
 
 
 def now() -> float:
@@ -332,20 +320,29 @@ async def test_a_raising_callback_is_logged_and_the_change_happens(
 # -- the actor ------------------------------------------------------------------------------
 
 
+async def never_probed(kind: ProbeKind) -> None:
+    raise AssertionError("probe = 'call': the actor never probes")
+
+
+def breakers(changes: list[BreakerChange] | None = None, **policy: Any) -> Breakers:
+    return Breakers("srv", Policy(**policy), None if changes is None else changes.append)
+
+
 async def test_the_actor_half_opens_an_open_breaker_on_time(autojump_clock: Any) -> None:
     changes: list[BreakerChange] = []
-    actor = BreakerActor("breaker:srv", "srv", Policy(), on_change=changes.append)
+    gates = breakers(changes)
+    actor = BreakerActor("breaker:srv", gates, never_probed)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
-        breaker = actor.tool_gate("tool", Policy(open_s=5))
-        assert actor.tool_gate("tool", Policy()) is breaker
+        breaker = gates.tool("tool", Policy(open_s=5))
+        assert gates.tool("tool", Policy()) is breaker
         fail(breaker, 5)
         await trio.sleep(4.9)
         assert breaker.state is OPEN
         await trio.sleep(0.2)
         assert breaker.state is HALF_OPEN  # no call came: the timer did it
         assert changes[-1].at == pytest.approx(5.0 + changes[0].at)
-        stats = actor.statistics()
+        stats = actor.statistics().breakers
         assert stats.server.state is CLOSED
         assert [(s.tool, s.state) for s in stats.tools] == [("tool", HALF_OPEN)]
         nursery.cancel_scope.cancel()
@@ -363,11 +360,11 @@ async def test_probe_ping_replaces_a_user_call(autojump_clock: Any) -> None:
             raise answer
 
     changes: list[BreakerChange] = []
-    policy = Policy(probe="ping")
-    actor = BreakerActor("breaker:srv", "srv", policy, prober=prober, on_change=changes.append)
+    gates = breakers(changes, probe="ping")
+    actor = BreakerActor("breaker:srv", gates, prober)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
-        breaker = actor.server_gate
+        breaker = gates.server
         fail(breaker, 5)
         opened = now()
         await trio.sleep(30.1)
@@ -394,40 +391,48 @@ async def test_a_probe_that_hangs_counts_as_failed(autojump_clock: Any) -> None:
     async def prober(kind: ProbeKind) -> None:
         await trio.sleep_forever()
 
-    actor = BreakerActor("breaker:srv", "srv", Policy(probe="tools_list"), prober=prober, probe_timeout_s=2)
+    gates = breakers(probe="tools_list")
+    actor = BreakerActor("breaker:srv", gates, prober, probe_timeout_s=2)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
-        fail(actor.server_gate, 5)
+        fail(gates.server, 5)
         await trio.sleep(32.5)
-        assert actor.server_gate.state is OPEN
-        assert "no answer to the tools_list probe within 2 s" in (
-            actor.server_gate.statistics().last_failure or ""
-        )
+        assert gates.server.state is OPEN
+        last_failure = gates.server.statistics().last_failure or ""
+        assert "no answer to the tools_list probe within 2 s" in last_failure
         nursery.cancel_scope.cancel()
 
 
-async def test_a_restarted_actor_takes_over_the_open_breakers(autojump_clock: Any) -> None:
-    actor = BreakerActor("breaker:srv", "srv", Policy())
+@pytest.mark.parametrize("probe", ["call", "ping"])
+async def test_a_restarted_actor_takes_over_the_open_breakers(autojump_clock: Any, probe: Any) -> None:
+    async def prober(kind: ProbeKind) -> None:
+        pass
+
+    gates = breakers(probe=probe)
     async with trio.open_nursery() as nursery:
-        await nursery.start(actor.run)
-        fail(actor.server_gate, 5)
+        await nursery.start(BreakerActor("breaker:srv", gates, prober).run)
+        fail(gates.server, 5)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    # Stopped while the breaker was open (its timer gone); the gate is kept on the actor.
+    # Stopped while the breaker was open (its timer gone); the gates outlive the actor. A gate
+    # that opens while no actor runs is taken over too.
+    fail(gates.tool("t", Policy(probe=probe)), 5)
     async with trio.open_nursery() as nursery:
-        await nursery.start(actor.run)
-        await trio.sleep(29.5)
-        assert actor.server_gate.state is HALF_OPEN
+        await nursery.start(BreakerActor("breaker:srv", gates, prober).run)
+        await trio.sleep(30.5)  # both periods ended (at 30 s and 31 s)
+        expected = HALF_OPEN if probe == "call" else CLOSED
+        assert (gates.server.state, gates.tools["t"].state) == (expected, expected)
         nursery.cancel_scope.cancel()
 
 
-async def test_tripping_never_waits_on_a_stopped_actor(autojump_clock: Any) -> None:
-    actor = BreakerActor("breaker:srv", "srv", Policy(), inbox_size=1)
-    breaker = actor.tool_gate("a", Policy())
-    other = actor.tool_gate("b", Policy())
-    fail(breaker, 5)
-    fail(other, 5)  # the inbox is full: the trip goes on without the actor
-    assert (breaker.state, other.state) == (OPEN, OPEN)
+async def test_opening_never_waits_on_a_full_inbox(autojump_clock: Any) -> None:
+    gates = breakers()
+    actor = BreakerActor("breaker:srv", gates, never_probed, inbox_size=1)
+    gates.timer = actor._opened  # as if running, but its inbox is never read
+    fail(gates.tool("a", Policy()), 5)
+    fail(gates.tool("b", Policy()), 5)  # the inbox is full: the gate opens all the same
+    other = gates.tools["b"]
+    assert other.state is OPEN
     await trio.sleep(30)
     call(other)  # probed by calls, the gate half-opens without its timer
     assert other.state is HALF_OPEN

@@ -40,9 +40,13 @@ __all__ = [
     "BreakerChange",
     "BreakerChangeCallback",
     "BreakerPolicyLike",
+    "BreakerPass",
     "BreakerState",
     "BreakerStatistics",
+    "Breakers",
+    "BreakersStatistics",
     "Fault",
+    "ProbeKind",
     "Prober",
     "Tripped",
     "client_prober",
@@ -257,8 +261,8 @@ class Breaker:
     state: BreakerState = attrs.field(default=BreakerState.CLOSED, init=False)
     #: When an open breaker half-opens (runtime clock).
     half_open_at: float = attrs.field(default=0.0, init=False)
-    #: Set by the actor when it probes with ``ping`` / ``tools/list``: calls then never probe.
-    actively_probed: bool = attrs.field(default=False, init=False)
+    #: The actor probes with ``ping`` / ``tools/list``: calls never do.
+    actively_probed: bool = attrs.field(init=False)
     # Called with the gate when it opens, so its actor starts the timer (send_nowait).
     _notify: Callable[[Breaker], None] | None = attrs.field(default=None, init=False)
     _enforcing: bool = attrs.field(init=False)
@@ -283,6 +287,7 @@ class Breaker:
         mode = self.policy.mode
         self._counting = mode != "disabled"
         self._enforcing = mode == "enabled"
+        self.actively_probed = self._counting and self.policy.probe != "call"
         self._bucket_s = self.policy.window_s / _BUCKETS
         self._calls = [0] * _BUCKETS
         self._failures = [0] * _BUCKETS
@@ -384,10 +389,9 @@ class Breaker:
 
     # -- control: the actor's side -----------------------------------------------------------
 
-    def attach(self, notify: Callable[[Breaker], None], *, actively_probed: bool) -> None:
-        """Connect the gate to the actor that times it (called by :class:`BreakerActor`)."""
+    def attach(self, notify: Callable[[Breaker], None]) -> None:
+        """Have ``notify`` called with the gate each time it opens (its timer's owner)."""
         self._notify = notify
-        self.actively_probed = actively_probed and self._counting
 
     def half_open(self, now: float) -> None:
         """End the open period (the actor's timer)."""
@@ -571,6 +575,146 @@ def client_prober(current_client: Callable[[], Client | None]) -> Prober:
 
 
 @final
+class BreakerPass:
+    """One attempt's passage through its server's breaker and its tool's (see :meth:`Breakers.admit`).
+
+    The call path records the attempt's outcome on it exactly once: :meth:`record`, or
+    :meth:`release` when the attempt never reached the server.
+    """
+
+    __slots__ = ("server", "server_epoch", "tool", "tool_epoch")
+
+    def __init__(self, server: Breaker, server_epoch: int, tool: Breaker, tool_epoch: int) -> None:
+        self.server = server
+        self.server_epoch = server_epoch
+        self.tool = tool
+        self.tool_epoch = tool_epoch
+
+    @property
+    def timed(self) -> bool:
+        """Whether either breaker counts slow calls (``record`` then wants ``sent_at``)."""
+        return self.server.policy.slow_call_s > 0 or self.tool.policy.slow_call_s > 0
+
+    def record(self, fault: Fault, now: float, sent_at: float | None, reason: str) -> None:
+        """Count the attempt's outcome on both breakers.
+
+        Args:
+            fault: What the outcome says (:func:`fault_of`).
+            now: The runtime's clock when the outcome arrived.
+            sent_at: When the request was handed to the transport (for ``slow_call_s``); None
+                if it never was.
+            reason: The failure in words (for a fault).
+        """
+        if fault is Fault.NONE:
+            elapsed = 0.0 if sent_at is None else now - sent_at
+            self.server.succeeded(self.server_epoch, now, elapsed)
+            self.tool.succeeded(self.tool_epoch, now, elapsed)
+        elif fault is Fault.IGNORED:
+            self.release()
+        else:
+            if fault is Fault.SERVER:
+                self.server.failed(self.server_epoch, now, reason)
+            else:
+                self.server.release(self.server_epoch)
+            self.tool.failed(self.tool_epoch, now, reason)
+
+    def release(self) -> None:
+        """The attempt says nothing about the dependency: free any probe slot it held."""
+        self.server.release(self.server_epoch)
+        self.tool.release(self.tool_epoch)
+
+
+@final
+@attrs.frozen
+class BreakersStatistics:
+    """A snapshot of one server's circuit breakers.
+
+    Attributes:
+        server: The server's own breaker.
+        tools: The breakers of the server's tools that were called.
+    """
+
+    server: BreakerStatistics
+    tools: tuple[BreakerStatistics, ...]
+
+
+@final
+@attrs.define(eq=False)
+class Breakers:
+    """The circuit breakers of one server: its own, and one per tool, created on first use.
+
+    Plain state, kept in the server's ``ServerFlow``: the :class:`BreakerActor` that times them
+    may restart (or not be running) without losing a count.
+
+    Args:
+        server: The server's name.
+        policy: The server's ``circuit_breaker`` keys.
+        on_change: Called at every state change of any of the server's breakers.
+    """
+
+    server_name: str
+    policy: BreakerPolicyLike
+    on_change: BreakerChangeCallback | None = None
+    server: Breaker = attrs.field(init=False)
+    tools: dict[str, Breaker] = attrs.field(factory=dict[str, Breaker], init=False)
+    # The running actor's "a gate opened" hook; None while no actor runs.
+    timer: Callable[[Breaker], None] | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.server = self._gate(None, self.policy)
+
+    def tool(self, tool: str, policy: BreakerPolicyLike) -> Breaker:
+        """The breaker of ``tool``, created with ``policy`` on first use."""
+        gate = self.tools.get(tool)
+        if gate is None:
+            gate = self.tools[tool] = self._gate(tool, policy)
+        return gate
+
+    def admit(self, tool: str, policy: BreakerPolicyLike) -> BreakerPass:
+        """Pass one attempt through the server's breaker, then the tool's.
+
+        While both are closed this reads two attributes per gate and never the clock.
+
+        Raises:
+            RMCPCircuitOpenError: One of them refuses the call; nothing is held.
+        """
+        server = self.server
+        tool_gate = self.tools.get(tool) or self.tool(tool, policy)
+        server_epoch = server.epoch if server.passing else server.admit()
+        if tool_gate.passing:
+            return BreakerPass(server, server_epoch, tool_gate, tool_gate.epoch)
+        try:
+            tool_epoch = tool_gate.admit()
+        except RMCPCircuitOpenError:
+            server.release(server_epoch)
+            raise
+        return BreakerPass(server, server_epoch, tool_gate, tool_epoch)
+
+    def gates(self) -> Iterable[Breaker]:
+        """Every breaker of the server: its own first, then its tools'."""
+        yield self.server
+        yield from self.tools.values()
+
+    def statistics(self, now: float | None = None) -> BreakersStatistics:
+        """Return a snapshot of every breaker of the server."""
+        now = anyio.current_time() if now is None else now
+        return BreakersStatistics(
+            server=self.server.statistics(now),
+            tools=tuple(gate.statistics(now) for gate in self.tools.values()),
+        )
+
+    def _gate(self, tool: str | None, policy: BreakerPolicyLike) -> Breaker:
+        gate = Breaker(self.server_name, tool, policy, self.on_change)
+        gate.attach(self._opened)
+        return gate
+
+    def _opened(self, gate: Breaker) -> None:
+        if self.timer is not None:
+            self.timer(gate)
+        # Without a running actor, the one that starts next takes over every open gate.
+
+
+@final
 @attrs.frozen
 class Tripped:
     """A gate opened: its actor starts the timer that half-opens it."""
@@ -581,94 +725,57 @@ class Tripped:
 @final
 @attrs.frozen
 class BreakerActorStatistics(ActorStatistics):
-    """A snapshot of one server's breaker actor and its breakers.
+    """A snapshot of one server's breaker actor: its inbox, and the breakers it times."""
 
-    Attributes:
-        server: The server's own breaker.
-        tools: The breakers of the server's tools that were called, by tool name.
-    """
-
-    server: BreakerStatistics
-    tools: tuple[BreakerStatistics, ...]
+    breakers: BreakersStatistics
 
 
 @final
 @attrs.define(eq=False)
 class BreakerActor(Actor[Tripped]):
-    """The actor owning the timers of one server's circuit breakers.
+    """The actor owning the timers of one server's circuit breakers (``breaker:<server>``).
 
-    It creates the gates (the server's, and one per tool on first use), half-opens each open
-    gate when its period ends, and, where the policy's ``probe`` is ``ping`` or
-    ``tools_list``, probes the server itself and closes or re-opens the gate. The gates live on
-    the actor object, so a restart keeps their state; a restarted actor picks up the timers of
-    the gates that are open.
+    It half-opens each open gate when its period ends and, where the gate's policy says
+    ``probe = "ping"`` or ``"tools_list"``, probes the server itself and closes or re-opens
+    the gate. A (re)started actor first takes over every gate that is open or probing.
 
     Args:
-        name: The actor's name (``breaker:<server>``).
-        server: The server's name.
-        policy: The server's ``circuit_breaker`` keys.
-        prober: Probes the server (``ping`` / ``tools/list``); None: probes are always calls.
+        name: The actor's name.
+        breakers: The server's breakers.
+        prober: Probes the server (``ping`` / ``tools/list``).
         probe_timeout_s: How long a probe may take before it counts as failed.
-        on_change: Called at every state change of any of the server's breakers.
     """
 
-    server: str
-    policy: BreakerPolicyLike
-    prober: Prober | None = None
+    breakers: Breakers
+    prober: Prober
     probe_timeout_s: float = 10.0
-    on_change: BreakerChangeCallback | None = None
-    _server_gate: Breaker = attrs.field(init=False)
-    _tool_gates: dict[str, Breaker] = attrs.field(factory=dict[str, Breaker], init=False)
     _task_group: anyio.abc.TaskGroup | None = attrs.field(default=None, init=False)
     _watched: set[Breaker] = attrs.field(factory=set[Breaker], init=False)
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self._server_gate = self._register(Breaker(self.server, None, self.policy, self.on_change))
-
-    @property
-    def server_gate(self) -> Breaker:
-        """The server's own breaker."""
-        return self._server_gate
-
-    def tool_gate(self, tool: str, policy: BreakerPolicyLike) -> Breaker:
-        """The breaker of ``tool`` on this server, created on first use with ``policy``."""
-        gate = self._tool_gates.get(tool)
-        if gate is None:
-            gate = self._tool_gates[tool] = self._register(Breaker(self.server, tool, policy, self.on_change))
-        return gate
-
-    def gates(self) -> Iterable[Breaker]:
-        """Every breaker of the server: its own first, then its tools'."""
-        yield self._server_gate
-        yield from self._tool_gates.values()
 
     def statistics(self) -> BreakerActorStatistics:
         """Return a snapshot of the inbox and of every breaker."""
         inbox = super().statistics()
-        now = anyio.current_time()
         return BreakerActorStatistics(
             name=self.name,
             inbox_used=inbox.inbox_used,
             inbox_size=inbox.inbox_size,
-            server=self._server_gate.statistics(now),
-            tools=tuple(gate.statistics(now) for gate in self._tool_gates.values()),
+            breakers=self.breakers.statistics(),
         )
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve the inbox and the timers until cancelled.
-
-        A (re)started actor first takes over the gates that are open or probing.
-        """
+        """Serve the inbox and the timers until cancelled."""
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
-                for gate in self.gates():
+                self.breakers.timer = self._opened
+                for gate in self.breakers.gates():
                     if gate.state is not BreakerState.CLOSED:
                         self._watch(gate)
                 await task_group.start(super().run)
                 task_status.started()
         finally:
+            if self.breakers.timer == self._opened:
+                self.breakers.timer = None
             self._task_group = None
             self._watched.clear()
 
@@ -676,17 +783,13 @@ class BreakerActor(Actor[Tripped]):
         """Start the timer of a gate that opened."""
         self._watch(message.breaker)
 
-    def _register(self, gate: Breaker) -> Breaker:
-        gate.attach(self._tripped, actively_probed=self.prober is not None and gate.policy.probe != "call")
-        return gate
-
-    def _tripped(self, gate: Breaker) -> None:
+    def _opened(self, gate: Breaker) -> None:
         try:
             self.send_nowait(Tripped(gate))
-        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            # Tripping never waits. A gate probed by calls half-opens by itself at the next
-            # call; one probed actively is taken over when the actor (re)starts.
-            _logger.warning("breaker actor %s missed the trip of %s", self.name, gate.name)
+        except anyio.WouldBlock:
+            # Opening never waits. A gate probed by calls half-opens by itself at the next
+            # call; one probed actively is taken over when the actor next starts.
+            _logger.warning("breaker actor %s missed the opening of %s", self.name, gate.name)
 
     def _watch(self, gate: Breaker) -> None:
         if gate not in self._watched and self._task_group is not None:
@@ -718,7 +821,6 @@ class BreakerActor(Actor[Tripped]):
 
     async def _probe(self, gate: Breaker) -> str | None:
         """Probe the server once; the failure in words, or None on success."""
-        assert self.prober is not None  # only actively probed gates get here
         kind: ProbeKind = "ping" if gate.policy.probe == "ping" else "tools_list"
         with anyio.move_on_after(self.probe_timeout_s):
             try:
