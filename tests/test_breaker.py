@@ -83,11 +83,13 @@ def succeed(breaker: Breaker, elapsed_s: float = 0.01) -> None:
         ({"attempt": Attempt.SENT_AND_LOST}, Fault.TOOL),
         ({"attempt": Attempt.TIMED_OUT}, Fault.TOOL),
         ({"attempt": Attempt.REFUSED, "session_lost": True}, Fault.IGNORED),
-        # JSON-RPC errors: the server's internal error counts; an answer about the request does not.
+        # JSON-RPC errors: a server failing a call counts; a refusal of a malformed request does not.
         ({"attempt": Attempt.ANSWERED, "rpc_code": -32603}, Fault.TOOL),
         ({"attempt": Attempt.ANSWERED, "rpc_code": -32602}, Fault.NONE),
         ({"attempt": Attempt.ANSWERED, "rpc_code": -32601}, Fault.NONE),
-        ({"attempt": Attempt.ANSWERED, "rpc_code": -32000}, Fault.NONE),
+        ({"attempt": Attempt.ANSWERED, "rpc_code": -32600}, Fault.NONE),
+        ({"attempt": Attempt.ANSWERED, "rpc_code": -32000}, Fault.TOOL),
+        ({"attempt": Attempt.ANSWERED, "rpc_code": -32050}, Fault.TOOL),
         ({"attempt": Attempt.UNREADABLE}, Fault.NONE),
     ],
 )

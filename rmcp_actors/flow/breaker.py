@@ -27,7 +27,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from .._protocol import NackCode
 from ..client._failures import Attempt
-from ..errors import RMCPCircuitOpenError
+from ..errors import RMCPCircuitOpenError, RMCPServerError
 from ..runtime import Actor, ActorStatistics
 
 if TYPE_CHECKING:
@@ -58,9 +58,10 @@ _logger = logging.getLogger("rmcp_actors")
 # The sliding window is this many buckets: counts age out one bucket (window_s / 10) at a time,
 # so a window costs two small arrays whatever the call rate.
 _BUCKETS = 10
-# JSON-RPC codes: the server's internal error (a fault of the server), and the rate-limit
-# error proposed by SEP-3304 (the limiter's signal, never the breaker's).
-_INTERNAL_ERROR = -32603
+# JSON-RPC codes that refuse the request as malformed (the caller's fault; the same codes
+# RMCPServerError reads as "did not run"), and the rate-limit error proposed by SEP-3304 (the
+# limiter's signal, never the breaker's).
+_REQUEST_ERRORS = RMCPServerError.NOT_EXECUTED_CODES
 _RATE_LIMITED_CODE = -32023
 
 
@@ -139,9 +140,10 @@ def fault_of(
     if attempt is Attempt.ANSWERED:
         if rpc_code == _RATE_LIMITED_CODE:
             return Fault.IGNORED
-        # Other codes are the server's answer about this request (bad params, unknown method,
-        # a tool's own error code): the server works.
-        return Fault.TOOL if rpc_code == _INTERNAL_ERROR else Fault.NONE
+        # A refusal of the request itself (parse error, invalid request, unknown method, bad
+        # params) blames the caller; any other error instead of a result (-32603 internal
+        # error, a server's own -32000..-32099) is the server failing a well-formed call.
+        return Fault.NONE if rpc_code in _REQUEST_ERRORS else Fault.TOOL
     # UNREADABLE: the server answered and the tool ran; its answer is the tool's problem.
     return Fault.NONE
 
