@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Literal, Protocol, final
 
@@ -269,9 +270,16 @@ class Breaker:
     _notify: Callable[[Breaker], None] | None = attrs.field(default=None, init=False)
     _enforcing: bool = attrs.field(init=False)
     _counting: bool = attrs.field(init=False)
+    #: True when a success slower than ``slow_call_s`` counts as a failure.
+    times_calls: bool = attrs.field(init=False)
+    # The epoch whose outcomes are counted: -1 while none are (disabled, or open).
+    _live: int = attrs.field(default=0, init=False)
+    _slow_s: float = attrs.field(init=False)
     _consecutive: int = attrs.field(default=0, init=False)
-    _bucket_s: float = attrs.field(init=False)
+    _buckets_per_s: float = attrs.field(init=False)
+    # The window's newest bucket (an absolute count of bucket lengths) and its slot.
     _bucket: int = attrs.field(default=0, init=False)
+    _index: int = attrs.field(default=0, init=False)
     _calls: list[int] = attrs.field(init=False)
     _failures: list[int] = attrs.field(init=False)
     _window_calls: int = attrs.field(default=0, init=False)
@@ -290,7 +298,11 @@ class Breaker:
         self._counting = mode != "disabled"
         self._enforcing = mode == "enabled"
         self.actively_probed = self._counting and self.policy.probe != "call"
-        self._bucket_s = self.policy.window_s / _BUCKETS
+        self._live = 0 if self._counting else -1
+        slow = self.policy.slow_call_s
+        self.times_calls = slow > 0
+        self._slow_s = slow if slow > 0 else math.inf
+        self._buckets_per_s = _BUCKETS / self.policy.window_s
         self._calls = [0] * _BUCKETS
         self._failures = [0] * _BUCKETS
 
@@ -333,14 +345,17 @@ class Breaker:
             now: The runtime's clock now.
             elapsed_s: How long the attempt took (a slow call counts as a failure).
         """
-        if epoch != self.epoch or not self._counting or self.state is BreakerState.OPEN:
+        if epoch != self._live:
             return
-        slow = self.policy.slow_call_s
-        if slow > 0 and elapsed_s > slow:
-            self.failed(epoch, now, f"slow call: {elapsed_s:.3f} s, over slow_call_s={slow:g}")
+        if elapsed_s > self._slow_s:
+            self.failed(epoch, now, f"slow call: {elapsed_s:.3f} s, over slow_call_s={self._slow_s:g}")
             return
+        # The common case, inlined: a success in the current bucket.
         self._consecutive = 0
-        self._count(now, failure=False)
+        if int(now * self._buckets_per_s) != self._bucket:
+            self._advance(now)
+        self._calls[self._index] += 1
+        self._window_calls += 1
         if self.state is BreakerState.HALF_OPEN:
             self._probe_done()
             self._probe_successes += 1
@@ -355,17 +370,19 @@ class Breaker:
             now: The runtime's clock now.
             reason: What failed, for statistics and the breaker's messages.
         """
-        if epoch != self.epoch or not self._counting:
+        if epoch != self._live:
             return
         self._last_failure = reason
         if self.state is BreakerState.HALF_OPEN:
             self._probe_done()
             self._open(now, f"a probe call failed: {reason}", reopen=True)
             return
-        if self.state is not BreakerState.CLOSED:
-            return
         self._consecutive += 1
-        self._count(now, failure=True)
+        self._advance(now)
+        self._calls[self._index] += 1
+        self._failures[self._index] += 1
+        self._window_calls += 1
+        self._window_failures += 1
         policy = self.policy
         if self._consecutive >= policy.failure_threshold:
             self._open(now, f"{self._consecutive} consecutive failures, the last: {reason}", reopen=False)
@@ -460,21 +477,13 @@ class Breaker:
             tool=self.tool,
         )
 
-    def _count(self, now: float, *, failure: bool) -> None:
-        self._advance(now)
-        index = self._bucket % _BUCKETS
-        self._calls[index] += 1
-        self._window_calls += 1
-        if failure:
-            self._failures[index] += 1
-            self._window_failures += 1
-
     def _advance(self, now: float) -> None:
-        bucket = int(now // self._bucket_s)
+        bucket = int(now * self._buckets_per_s)
         last = self._bucket
         if bucket == last:
             return
         self._bucket = bucket
+        self._index = bucket % _BUCKETS
         if bucket - last >= _BUCKETS or bucket < last:
             self._reset_window()
             return
@@ -522,9 +531,11 @@ class Breaker:
         old = self.state
         self.state = new
         self.epoch += 1
+        self._live = self.epoch if self._counting and new is not BreakerState.OPEN else -1
         self.passing = new is BreakerState.CLOSED or not self._enforcing
-        # A re-open writes its own window start: no bucket of the old epoch may age into it.
-        self._bucket = int(now // self._bucket_s)
+        # The window was just reset: it starts at this bucket.
+        self._bucket = int(now * self._buckets_per_s)
+        self._index = self._bucket % _BUCKETS
         change = BreakerChange(
             self.server,
             self.tool,
@@ -595,7 +606,7 @@ class BreakerPass:
     @property
     def timed(self) -> bool:
         """Whether either breaker counts slow calls (``record`` then wants ``sent_at``)."""
-        return self.server.policy.slow_call_s > 0 or self.tool.policy.slow_call_s > 0
+        return self.server.times_calls or self.tool.times_calls
 
     def record(self, fault: Fault, now: float, sent_at: float | None, reason: str) -> None:
         """Count the attempt's outcome on both breakers.
