@@ -344,3 +344,21 @@ async def test_stdio_server_breaker_opens_and_recovers() -> None:
         with pytest.raises(RMCPServerError):  # the probe goes through, and fails
             await sup.call("real", "rpc_error", {})
         assert breaker_states(sup)["rpc_error"] is OPEN
+
+
+async def test_a_cancelled_probe_call_frees_its_slot(autojump_clock: trio.testing.MockClock) -> None:
+    dependency = Dependency()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec(dependency))
+        dependency.behaviour["lookup"] = "internal_error"
+        for _ in range(5):
+            with pytest.raises(RMCPServerError):
+                await sup.call("dep", "lookup", {})
+        await trio.sleep(30.1)
+        dependency.behaviour["lookup"] = "hang"
+        with trio.move_on_after(1):  # the caller gives up on the probe: says nothing of the server
+            await sup.call("dep", "lookup", {}, timeout=10)
+        assert breaker_states(sup)["lookup"] is HALF_OPEN
+        dependency.behaviour["lookup"] = "ok"
+        assert (await sup.call("dep", "lookup", {})).is_error is False  # the next call probes
+        assert breaker_states(sup)["lookup"] is CLOSED
