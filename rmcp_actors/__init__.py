@@ -53,6 +53,8 @@ from .errors import RMCPTimeoutError as RMCPTimeoutError
 from .errors import RMCPUnknownOwnerError as RMCPUnknownOwnerError
 from .errors import UnknownServerError as UnknownServerError
 from .errors import UnknownToolError as UnknownToolError
+from .flow.breaker import BreakerChange as BreakerChange
+from .flow.breaker import BreakerState as BreakerState
 from .lifecycle import LifecycleEvent as LifecycleEvent
 from .lifecycle import RequestState as RequestState
 from .result import CallResult as CallResult
@@ -70,6 +72,8 @@ except _PackageNotFoundError:  # run from a source tree that was never installed
 
 __all__ = [
     "__version__",
+    "BreakerChange",
+    "BreakerState",
     "CallPolicy",
     "CallResult",
     "CircuitBreakerOverrides",
