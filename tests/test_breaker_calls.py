@@ -29,6 +29,7 @@ from rmcp_actors import (
     RetryOverrides,
     RMCPArgumentError,
     RMCPCircuitOpenError,
+    RMCPOutcomeUnknownError,
     RMCPServerError,
     RMCPSupervisor,
     RMCPTimeoutAfterSendError,
@@ -39,7 +40,16 @@ from rmcp_actors.config import CircuitBreakerOverrides
 from rmcp_actors.flow.breaker import BreakerChange, BreakerState
 
 Behaviour = Literal[
-    "ok", "slow", "internal_error", "error_result", "invalid_params", "hang", "unavailable", "rate_limited"
+    "ok",
+    "slow",
+    "internal_error",
+    "error_result",
+    "invalid_params",
+    "hang",
+    "unavailable",
+    "rate_limited",
+    "invalid_arguments",
+    "in_doubt",
 ]
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 RMCP_STAMP = {"rmcp": {"version": "0.2", "features": ["ack"], "durable": False, "instance_id": "one"}}
@@ -73,13 +83,13 @@ class Dependency:
                 await trio.sleep_forever()
             if behaviour == "slow":
                 await trio.sleep(1)
-            if behaviour in ("unavailable", "rate_limited"):
+            if behaviour in ("unavailable", "rate_limited", "invalid_arguments", "in_doubt"):
                 nack = {
                     "ack": False,
                     "processed": False,
                     "code": behaviour,
                     "reason": "not now",
-                    "retryable": True,
+                    "retryable": behaviour in ("unavailable", "rate_limited"),
                 }
                 return CallToolResult(
                     content=[TextContent(type="text", text="not now")], is_error=True, _meta={"rmcp": nack}
@@ -188,8 +198,12 @@ async def test_bad_arguments_and_tool_error_results_never_trip_it(
         for _ in range(20):  # the client's own check: never sent
             with pytest.raises(RMCPArgumentError):
                 await sup.call("dep", "lookup", {"x": math.nan})
+        dependency.behaviour["lookup"] = "invalid_arguments"
+        for _ in range(20):  # the RMCP server's check: a NACK
+            with pytest.raises(RMCPArgumentError, match="invalid_arguments"):
+                await sup.call("dep", "lookup", {})
         assert breaker_states(sup) == {None: CLOSED, "lookup": CLOSED}
-        assert dependency.calls["lookup"] == 40
+        assert dependency.calls["lookup"] == 60
 
 
 async def test_rate_limiting_is_not_a_fault(autojump_clock: trio.testing.MockClock) -> None:
@@ -220,6 +234,17 @@ async def test_a_server_fault_opens_the_servers_breaker_for_every_tool(
         assert caught.value.server_wide
         assert "circuit breaker of the server is open" in caught.value.message
         assert dependency.calls.get("other", 0) == 0
+
+
+async def test_a_nack_that_ends_the_call_counts(autojump_clock: trio.testing.MockClock) -> None:
+    dependency = Dependency()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec(dependency))
+        dependency.behaviour["lookup"] = "in_doubt"
+        for _ in range(5):
+            with pytest.raises(RMCPOutcomeUnknownError, match="in_doubt"):
+                await sup.call("dep", "lookup", {})
+        assert breaker_states(sup) == {None: CLOSED, "lookup": OPEN}
 
 
 async def test_timeouts_trip_the_tools_breaker(autojump_clock: trio.testing.MockClock) -> None:

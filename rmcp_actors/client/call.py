@@ -240,6 +240,7 @@ async def _attempts(
         # What this attempt says about the server, for its breakers: nothing, until it is known.
         fault = Fault.IGNORED
         fault_reason = ""
+        steps_before = len(progress.events)  # this attempt's lifecycle steps come after these
         try:
             if not session.usable:
                 # The connection dropped while this call waited for a slot: nothing was sent.
@@ -296,10 +297,13 @@ async def _attempts(
             except RMCPError:
                 # A NACK that ends the call (its code is the NACKED step's detail), or an
                 # attempt not sent for lack of time.
-                fault, fault_reason = _fault_of_refusal(progress)
+                fault, fault_reason = _fault_of_refusal(progress, steps_before)
                 raise
             except anyio.get_cancelled_exc_class():
-                if progress.sent and anyio.current_time() >= deadline:
+                if (
+                    _step_since(progress, steps_before, RequestState.SENT) is not None
+                    and anyio.current_time() >= deadline
+                ):
                     # The call's own deadline cut the attempt off after sending: a timeout.
                     fault, fault_reason = Fault.TOOL, "no answer within the call's timeout"
                 raise
@@ -324,11 +328,16 @@ def _fault_of_failure(verdict: Verdict, cause: BaseException | None) -> Fault:
     return fault_of(verdict.attempt, session_lost=verdict.session_lost, rpc_code=code)
 
 
-def _fault_of_refusal(progress: _Progress) -> tuple[Fault, str]:
-    last = progress.events[-1] if progress.events else None
-    if last is not None and last.state is RequestState.NACKED:
-        return fault_of(None, nack_code=last.detail), f"NACK {last.detail}"
-    return Fault.IGNORED, ""
+def _step_since(progress: _Progress, steps_before: int, state: RequestState) -> LifecycleEvent | None:
+    """The attempt's last lifecycle step of ``state`` (steps from ``steps_before`` on), if any."""
+    return next((e for e in reversed(progress.events[steps_before:]) if e.state is state), None)
+
+
+def _fault_of_refusal(progress: _Progress, steps_before: int) -> tuple[Fault, str]:
+    nacked = _step_since(progress, steps_before, RequestState.NACKED)
+    if nacked is None:
+        return Fault.IGNORED, ""
+    return fault_of(None, nack_code=nacked.detail), f"NACK {nacked.detail}"
 
 
 def _report_to_breakers(breaker_pass: BreakerPass, fault: Fault, reason: str, progress: _Progress) -> None:
