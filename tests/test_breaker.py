@@ -438,3 +438,11 @@ async def test_opening_never_waits_on_a_full_inbox(autojump_clock: Any) -> None:
     await trio.sleep(30)
     call(other)  # probed by calls, the gate half-opens without its timer
     assert other.state is HALF_OPEN
+
+
+def test_a_lost_session_is_news_once() -> None:
+    gates = Breakers("srv", Policy())
+    assert gates.first_loss_of(3)
+    assert not gates.first_loss_of(3)  # another caller on the same dead transport
+    assert not gates.first_loss_of(2)  # an older generation's straggler
+    assert gates.first_loss_of(4)

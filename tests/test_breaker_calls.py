@@ -387,3 +387,32 @@ async def test_a_cancelled_probe_call_frees_its_slot(autojump_clock: trio.testin
         dependency.behaviour["lookup"] = "ok"
         assert (await sup.call("dep", "lookup", {})).is_error is False  # the next call probes
         assert breaker_states(sup)["lookup"] is CLOSED
+
+
+async def test_one_transport_death_counts_once_however_many_calls_it_fails(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    dependency = Dependency()
+    outcomes: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await sup.call("dep", "lookup", {}, timeout=60)
+        except RMCPOutcomeUnknownError as error:
+            outcomes.append(error)
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec(dependency))
+        dependency.behaviour["lookup"] = "hang"
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(call)
+            await trio.sleep(1)
+            connection = sup._servers["dep"].connection  # pyright: ignore[reportPrivateUsage]
+            session = connection.current_session()
+            assert session is not None
+            connection.report_broken(session)  # the transport dies under 8 calls in flight
+        assert len(outcomes) == 8
+        stats = {s.tool: s for s in sup.statistics().breakers}
+        assert stats[None].state is CLOSED
+        assert (stats[None].consecutive_failures, stats["lookup"].consecutive_failures) == (1, 1)

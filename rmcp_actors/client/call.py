@@ -260,6 +260,8 @@ async def _attempts(
             except _Failed as failed:
                 verdict = failed.verdict
                 fault = _fault_of_failure(verdict, failed.__cause__)
+                if verdict.session_lost and not flow.breakers.first_loss_of(session.generation):
+                    fault = Fault.IGNORED  # the same transport death, seen by another caller
                 fault_reason = verdict.reason
                 if verdict.session_lost:
                     connection.report_broken(session)

@@ -672,6 +672,8 @@ class Breakers:
     tools: dict[str, Breaker] = attrs.field(factory=dict[str, Breaker], init=False)
     # The running actor's "a gate opened" hook; None while no actor runs.
     timer: Callable[[Breaker], None] | None = attrs.field(default=None, init=False)
+    # The newest connection generation whose loss was counted.
+    _lost_generation: int = attrs.field(default=-1, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.server = self._gate(None, self.policy)
@@ -702,6 +704,18 @@ class Breakers:
             server.release(server_epoch)
             raise
         return BreakerPass(server, server_epoch, tool_gate, tool_epoch)
+
+    def first_loss_of(self, generation: int) -> bool:
+        """Whether a lost session (connection ``generation``) is news: the first of its calls.
+
+        One transport death fails every call in flight on it at once; it is one fault of the
+        server, counted once, not once per caller (eight callers would otherwise open the
+        breaker at a single crash that the connection repairs by itself).
+        """
+        if generation <= self._lost_generation:
+            return False
+        self._lost_generation = generation
+        return True
 
     def gates(self) -> Iterable[Breaker]:
         """Every breaker of the server: its own first, then its tools'."""
