@@ -29,6 +29,7 @@ from rmcp_actors import (
     RetryOverrides,
     RMCPArgumentError,
     RMCPCircuitOpenError,
+    RMCPNackError,
     RMCPOutcomeUnknownError,
     RMCPServerError,
     RMCPSupervisor,
@@ -50,7 +51,9 @@ Behaviour = Literal[
     "rate_limited",
     "invalid_arguments",
     "in_doubt",
+    "quota_exceeded",
 ]
+NACKS = frozenset({"unavailable", "rate_limited", "invalid_arguments", "in_doubt", "quota_exceeded"})
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 RMCP_STAMP = {"rmcp": {"version": "0.2", "features": ["ack"], "durable": False, "instance_id": "one"}}
 
@@ -83,7 +86,7 @@ class Dependency:
                 await trio.sleep_forever()
             if behaviour == "slow":
                 await trio.sleep(1)
-            if behaviour in ("unavailable", "rate_limited", "invalid_arguments", "in_doubt"):
+            if behaviour in NACKS:
                 nack = {
                     "ack": False,
                     "processed": False,
@@ -240,9 +243,14 @@ async def test_a_nack_that_ends_the_call_counts(autojump_clock: trio.testing.Moc
     dependency = Dependency()
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(spec(dependency))
-        dependency.behaviour["lookup"] = "in_doubt"
+        dependency.behaviour["lookup"] = "in_doubt"  # the server answers about an earlier crash
         for _ in range(5):
             with pytest.raises(RMCPOutcomeUnknownError, match="in_doubt"):
+                await sup.call("dep", "lookup", {})
+        assert breaker_states(sup) == {None: CLOSED, "lookup": CLOSED}
+        dependency.behaviour["lookup"] = "quota_exceeded"  # a code this client does not know
+        for _ in range(5):
+            with pytest.raises(RMCPNackError, match="quota_exceeded"):
                 await sup.call("dep", "lookup", {})
         assert breaker_states(sup) == {None: CLOSED, "lookup": OPEN}
 

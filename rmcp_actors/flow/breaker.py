@@ -93,9 +93,17 @@ class Fault(enum.Enum):
     IGNORED = "ignored"
 
 
-# NACKs that blame the caller (the tool did not run because of what it sent): the server works.
-_CALLER_NACKS = frozenset(
-    {NackCode.IDEMPOTENCY_CONFLICT, NackCode.INVALID_META, NackCode.INVALID_ARGUMENTS, NackCode.UNKNOWN_TOOL}
+# NACKs that blame the caller (the tool did not run because of what it sent), and in_doubt: the
+# server reporting, correctly, an earlier run cut short by a crash that was counted when it
+# happened. The server works.
+_ANSWERING_NACKS = frozenset(
+    {
+        NackCode.IDEMPOTENCY_CONFLICT,
+        NackCode.INVALID_META,
+        NackCode.INVALID_ARGUMENTS,
+        NackCode.UNKNOWN_TOOL,
+        NackCode.IN_DOUBT,
+    }
 )
 # NACKs that say the server as a whole cannot take calls now.
 _SERVER_NACKS = frozenset({NackCode.OVERLOADED, NackCode.UNAVAILABLE, NackCode.SHUTTING_DOWN})
@@ -122,13 +130,13 @@ def fault_of(
         The fault, if any, and whose it is.
     """
     if attempt is None:
-        if nack_code is None or nack_code in _CALLER_NACKS:
+        if nack_code is None or nack_code in _ANSWERING_NACKS:
             return Fault.NONE
         if nack_code == NackCode.RATE_LIMITED:
             return Fault.IGNORED
         if nack_code in _SERVER_NACKS:
             return Fault.SERVER
-        # in_doubt, or a code this client does not know: the server could not do this call.
+        # A code this client does not know: the server could not do this call.
         return Fault.TOOL
     if attempt is Attempt.NOT_SENT:
         return Fault.SERVER
