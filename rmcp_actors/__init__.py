@@ -37,6 +37,7 @@ from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
 from .errors import RMCPCircuitOpenError as RMCPCircuitOpenError
 from .errors import RMCPConfigError as RMCPConfigError
+from .errors import RMCPDeadlockError as RMCPDeadlockError
 from .errors import RMCPError as RMCPError
 from .errors import RMCPIdempotencyConflictError as RMCPIdempotencyConflictError
 from .errors import RMCPNackError as RMCPNackError
@@ -92,6 +93,7 @@ __all__ = [
     "RMCPCircuitOpenError",
     "RMCPConfig",
     "RMCPConfigError",
+    "RMCPDeadlockError",
     "RMCPError",
     "RMCPIdempotencyConflictError",
     "RMCPNackError",

@@ -44,6 +44,7 @@ from ..errors import (
 )
 from ..flow._server import ServerFlow
 from ..flow.breaker import BreakerPass, Fault, fault_of
+from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
 from ._arguments import check_arguments, check_idempotency_key
@@ -79,6 +80,7 @@ class CallRequest:
     priority: int
     timeout_s: float
     on_lifecycle: LifecycleCallback | None = None
+    tenant: str | None = None
 
 
 @attrs.define
@@ -215,6 +217,9 @@ async def _attempts(
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
     max_attempts = _UNTIL_DEADLINE if retry.max_attempts == 0 else retry.max_attempts or 3
+    tool_lane = lane.tools.get(request.tool) if lane.tools else None
+    # The call this one was made from, if its work runs in this task (see flow.scheduler).
+    parent = current_holding.get()
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -232,10 +237,14 @@ async def _attempts(
         if progress.ticket is None:
             progress.ticket = scheduler.ticket()
         try:
-            progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
+            progress.queued_s += await scheduler.acquire(
+                lane, request.priority, progress.ticket, request.tenant, tool_lane
+            )
         except BaseException:
             breaker_pass.release()  # never sent: frees a half-open probe slot
             raise
+        holding = Holding(lane, tool_lane, request.tool, parent)
+        nesting = current_holding.set(holding)
         retry_after_s = 0.0
         # What this attempt says about the server, for its breakers: nothing, until it is known.
         fault = Fault.IGNORED
@@ -313,7 +322,9 @@ async def _attempts(
                 fault = Fault.NONE
                 return answer
         finally:
-            scheduler.release(lane)
+            holding.active = False
+            current_holding.reset(nesting)
+            scheduler.release(lane, tool_lane)
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
             _report_to_breakers(breaker_pass, fault, fault_reason, progress)
         if progress.attempts >= max_attempts:
