@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, final
 
 import attrs
 
 from ..config import CallPolicy, RetryBudgetOverrides, ServerPolicy, ToolOverrides
 from ..runtime import ChildSpec
+from .breaker import BreakerActor, BreakerChangeCallback, Breakers, client_prober
 from .budget import RetryBudget, RetryBudgetStatistics
 from .hedge import ToolHedge
 from .scheduler import Lane, Scheduler
+
+if TYPE_CHECKING:
+    from mcp import Client
 
 __all__ = ["ServerFlow"]
 
@@ -29,6 +33,11 @@ class ServerFlow:
     policy: ServerPolicy
     scheduler: Scheduler
     lane: Lane
+    #: Returns the client of the server's usable session (the breaker's active probes use it).
+    current_client: Callable[[], Client | None] = attrs.field(default=lambda: None, kw_only=True)
+    on_breaker_change: BreakerChangeCallback | None = attrs.field(default=None, kw_only=True)
+    breakers: Breakers = attrs.field(init=False)
+
     # Retry budget and hedging (flow/budget.py, flow/hedge.py): plain state, no actor (the
     # budget refills lazily from the clock). A tool has its own budget only when its table
     # sets retry_budget; hedging state exists only for tools whose policy hedges.
@@ -38,6 +47,7 @@ class ServerFlow:
     hedges: dict[str, ToolHedge] = attrs.field(init=False, factory=dict[str, ToolHedge])
 
     def __attrs_post_init__(self) -> None:
+        self.breakers = Breakers(self.name, self.policy.circuit_breaker, self.on_breaker_change)
         budget = self.policy.retry_budget
         self.budget = RetryBudget(budget.ratio, budget.min_per_s, server=self.name)
         self.hedging = _hedges(self.policy)
@@ -77,7 +87,13 @@ class ServerFlow:
 
     def child_specs(self) -> list[ChildSpec]:
         """The actors of this server's gates, started after its connection (rest_for_one)."""
-        return []
+        breaker = BreakerActor(
+            f"breaker:{self.name}",
+            self.breakers,
+            client_prober(self.current_client),
+            probe_timeout_s=self.policy.connect_timeout_s,
+        )
+        return [ChildSpec(breaker.name, breaker.run)]
 
 
 def _hedges(policy: ServerPolicy | CallPolicy) -> bool:
