@@ -78,6 +78,12 @@ class CallRequest:
     on_lifecycle: LifecycleCallback | None = None
 
 
+def _no_events() -> list[LifecycleEvent]:
+    # Not attrs.Factory(list[LifecycleEvent]): calling a generic alias tries to set
+    # __orig_class__ on the list and swallows the AttributeError, ~1.5 us on every call.
+    return []
+
+
 @attrs.define
 class _Progress:
     """What is known about a call so far: decides the error when it ends early."""
@@ -91,7 +97,7 @@ class _Progress:
     last_ambiguous: BaseException | None = None
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
-    events: list[LifecycleEvent] = attrs.Factory(list[LifecycleEvent])
+    events: list[LifecycleEvent] = attrs.Factory(_no_events)
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
