@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/cpu_per_call.py [--quick] [--rounds N] [--calls N] [--json PATH]
     python benchmarks/cpu_per_call.py --profile /tmp/rmcp.prof   # cProfile of the rmcp blocks
+    valgrind --tool=callgrind --dump-before=getppid python benchmarks/cpu_per_call.py --callgrind
 
 Wall-clock latency on a shared machine measures the neighbours as much as the code. CPU time
 does not count the time this process waits for a core, so it is the steadier figure for "how
@@ -26,6 +27,11 @@ round, so the judged figures are paired: per round, rmcp minus the mean of raw a
 added µs) and rmcp over that mean (the ratio), medians over rounds. raw2 - raw, paired the same
 way, is the noise floor.
 
+``--callgrind`` (under ``valgrind --tool=callgrind --dump-before=getppid``) runs one block per
+client between ``os.getppid()`` markers, each of which makes callgrind write the counts since
+the previous one, and prints instructions per call read from those dumps: a deterministic
+figure for changes smaller than the CPU time's noise floor.
+
 Only the public API of rmcp_actors and mcp is used, so the script measures whatever the call
 path is at the commit it runs on.
 """
@@ -36,6 +42,7 @@ import argparse
 import cProfile
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -93,19 +100,25 @@ async def cpu_block(call: Call, calls: int, profiler: cProfile.Profile | None = 
     return elapsed / calls * 1e6
 
 
+async def open_clients(stack: AsyncExitStack) -> dict[str, Call]:
+    """Open raw, raw2 and rmcp, each on its own no-op server; ``stack`` closes them."""
+    clients: dict[str, Call] = {}
+    for name in ("raw", "raw2"):
+        client = await stack.enter_async_context(Client(InMemoryTransport(build_server())))
+        clients[name] = raw_caller(client)
+    spec = ServerSpec.in_memory("noop", build_server(), wire="jsonrpc")
+    sup = await stack.enter_async_context(RMCPSupervisor.open(RMCPConfig(servers={"noop": spec})))
+    clients["rmcp"] = rmcp_caller(sup)
+    return clients
+
+
 async def measure(
     rounds: int, calls: int, warmup: int, profiler: cProfile.Profile | None
 ) -> dict[str, list[float]]:
     """Return each client's CPU µs per call, one sample per round."""
     samples: dict[str, list[float]] = {name: [] for name in CLIENTS}
     async with AsyncExitStack() as stack:
-        clients: dict[str, Call] = {}
-        for name in ("raw", "raw2"):
-            client = await stack.enter_async_context(Client(InMemoryTransport(build_server())))
-            clients[name] = raw_caller(client)
-        spec = ServerSpec.in_memory("noop", build_server(), wire="jsonrpc")
-        sup = await stack.enter_async_context(RMCPSupervisor.open(RMCPConfig(servers={"noop": spec})))
-        clients["rmcp"] = rmcp_caller(sup)
+        clients = await open_clients(stack)
         for name in CLIENTS:
             await cpu_block(clients[name], warmup)
         for index in range(rounds):
@@ -113,6 +126,40 @@ async def measure(
                 profile = profiler if name == "rmcp" else None
                 samples[name].append(await cpu_block(clients[name], calls, profile))
     return samples
+
+
+async def callgrind_blocks(calls: int) -> None:
+    """One block per client, each between two callgrind dump markers (see --callgrind)."""
+    async with AsyncExitStack() as stack:
+        clients = await open_clients(stack)
+        for name in CLIENTS:
+            await cpu_block(clients[name], 300)
+        for name in CLIENTS:
+            gc.collect()
+            os.getppid()  # a dump: everything before this block
+            for n in range(calls):
+                await clients[name](n)
+            os.getppid()  # a dump: this block alone
+
+
+def callgrind_report(calls: int) -> None:
+    """Print instructions per call from the dumps of this process (callgrind.out.PID.N)."""
+    totals: list[int] = []
+    for index in range(1, 2 * len(CLIENTS) + 1):
+        dump = Path(f"callgrind.out.{os.getpid()}.{index}")
+        if not dump.exists():
+            sys.exit(f"no {dump}: run under valgrind --tool=callgrind --dump-before=getppid")
+        line = next(line for line in dump.read_text().splitlines() if line.startswith("totals:"))
+        totals.append(int(line.split()[1]))
+    per_call = {name: totals[2 * index + 1] / calls for index, name in enumerate(CLIENTS)}
+    base = (per_call["raw"] + per_call["raw2"]) / 2
+    print(f"instructions per call (callgrind), one block of {calls} sequential calls per client:")
+    for name in CLIENTS:
+        print(f"  {name:<5} {per_call[name]:12,.0f}")
+    print(
+        f"  added {per_call['rmcp'] - base:12,.0f}  (rmcp - mean(raw, raw2); ratio "
+        f"{per_call['rmcp'] / base:.3f}; raw2 - raw {per_call['raw2'] - per_call['raw']:+,.0f})"
+    )
 
 
 def paired(samples: dict[str, list[float]]) -> dict[str, float]:
@@ -132,7 +179,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=None, help="calls per block (default 250)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--profile", type=Path, metavar="PATH", help="cProfile the rmcp blocks into PATH")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="instructions per call, under valgrind (see above)"
+    )
     options = parser.parse_args()
+    if options.callgrind:
+        calls = options.calls or 200
+        trio.run(callgrind_blocks, calls)
+        callgrind_report(calls)
+        return
     rounds = options.rounds or (8 if options.quick else 40)
     calls = options.calls or (200 if options.quick else 250)
     profiler = cProfile.Profile() if options.profile is not None else None
