@@ -76,9 +76,12 @@ _RETRYABLE_ATTEMPTS = frozenset({Attempt.SENT_AND_LOST, Attempt.NOT_SENT, Attemp
 _MIN_TIME_FOR_ANSWER_S = 0.05
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class CallRequest:
-    """One logical call, as the call path needs it."""
+    """One logical call, as the call path needs it (never changed once built)."""
+
+    # Not frozen: a frozen class's __init__ sets each field through object.__setattr__, about
+    # three times the cost of define's plain slot writes, on every call.
 
     tool: str
     arguments: dict[str, Any] | None
@@ -88,6 +91,12 @@ class CallRequest:
     timeout_s: float
     on_lifecycle: LifecycleCallback | None = None
     tenant: str | None = None
+
+
+def _no_events() -> list[LifecycleEvent]:
+    # Not attrs.Factory(list[LifecycleEvent]): calling a generic alias tries to set
+    # __orig_class__ on the list and swallows the AttributeError, ~1.5 us on every call.
+    return []
 
 
 @attrs.define
@@ -103,7 +112,7 @@ class _Progress:
     last_ambiguous: BaseException | None = None
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
-    events: list[LifecycleEvent] = attrs.Factory(list[LifecycleEvent])
+    events: list[LifecycleEvent] = attrs.Factory(_no_events)
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
@@ -201,7 +210,9 @@ async def perform_call(
             server=connection.name,
             tool=request.tool,
             queued_s=progress.queued_s,
-            elapsed_s=anyio.current_time() - started,
+            # The answer's own step (acked or answered) was the last one recorded: its time is
+            # when the answer came, and reading it spares a clock read.
+            elapsed_s=progress.events[-1].at - started,
             meta=result.meta,
             lifecycle=tuple(progress.events),
         )
