@@ -47,6 +47,11 @@ _STEP_S: Final = 1.0
 _CUT_HOLD_S: Final = 1.0
 # The share of the ceiling recovered per second when recover_per_s is not configured.
 _DEFAULT_RECOVERY: Final = 0.05
+# A token counts as there a hair before the float arithmetic of the refill reaches 1.0, and the
+# timer never aims closer than _MIN_DUE_S ahead: either way a timer due "now" that finds 0.99999
+# tokens would spin without ever letting the clock move.
+_ONE: Final = 1 - 1e-9
+_MIN_DUE_S: Final = 1e-6
 
 
 class RateLimitSettings(Protocol):
@@ -212,7 +217,7 @@ class RateGate:
             self._updated = now
             tokens = self._tokens + elapsed * self.rate
             self._tokens = tokens if tokens < self.burst else self.burst
-        if self._tokens >= 1:
+        if self._tokens >= _ONE:
             self._tokens -= 1
             self._taken += 1
             return True
@@ -311,7 +316,7 @@ class RateGate:
         while now >= self._next_step_at:
             self._step()
         self._refill(now)
-        while self._tokens >= 1 and (waiter := self._head()) is not None:
+        while self._tokens >= _ONE and (waiter := self._head()) is not None:
             heapq.heappop(self._waiters)
             self._live_waiters -= 1
             self._tokens -= 1
@@ -320,7 +325,7 @@ class RateGate:
         due = self._next_step_at
         if self._live_waiters:
             token_at = max(self._updated, now) + (1 - self._tokens) / self.rate
-            due = min(due, token_at)
+            due = min(due, max(token_at, now + _MIN_DUE_S))
         return due
 
     def statistics(self, now: float) -> GateStatistics:
