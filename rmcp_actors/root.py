@@ -28,7 +28,7 @@ from mcp_types import Tool
 from ._exceptions import FATAL, is_fatal, leaves
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
-from .config import CallPolicy, RMCPConfig, ServerSpec
+from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
 from .errors import (
     RMCPArgumentError,
     RMCPConfigError,
@@ -37,6 +37,7 @@ from .errors import (
     UnknownServerError,
 )
 from .flow._server import ServerFlow
+from .flow.limiter import LimiterStatistics
 from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
 from .result import CallResult
@@ -60,6 +61,8 @@ class RuntimeStatistics:
     scheduler: SchedulerStatistics
     connections: tuple[ConnectionStatistics, ...]
     supervisors: tuple[SupervisorStatistics, ...]
+    #: Each server's rate limiter: its gates' current rates, waiters, signals.
+    limiters: tuple[LimiterStatistics, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -200,10 +203,19 @@ class RMCPSupervisor:
             raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
         policy = self._config.server_policy(spec)
         connection = Connection(spec.name, spec, policy)
-        flow = ServerFlow(
-            spec.name, policy, self._scheduler, self._scheduler.lane(spec.name, policy.max_concurrency)
-        )
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
+        flow = ServerFlow(
+            spec.name,
+            policy,
+            self._scheduler,
+            self._scheduler.lane(spec.name, policy.max_concurrency),
+            # A tool gets its own bucket only when its own table sets rate_limit.
+            tool_rate_limits={
+                tool: policies[tool].rate_limit
+                for tool, overrides in spec.tools.items()
+                if overrides.rate_limit != RateLimitOverrides()
+            },
+        )
         runtime = self._config.runtime
         entry = self._servers[spec.name] = _Server(
             spec,
@@ -375,6 +387,7 @@ class RMCPSupervisor:
                     if server.supervisor is not None
                 ),
             ),
+            limiters=tuple(server.flow.limiter.statistics() for server in self._servers.values()),
         )
 
     def _server(self, name: str) -> _Server:

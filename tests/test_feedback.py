@@ -128,7 +128,7 @@ def _error_result(*texts: str) -> CallToolResult:
 
 
 def test_error_result_matching_a_pattern_is_a_signal_with_its_seconds() -> None:
-    patterns = compile_patterns([r"rate limit", r"retry after (?P<seconds>\d+(\.\d+)?) ?s"])
+    patterns = compile_patterns((r"rate limit", r"retry after (?P<seconds>\d+(\.\d+)?) ?s"))
     signal = from_result(_error_result("Upstream says: Retry after 2.5 s"), patterns)
     assert signal is not None
     assert (signal.source, signal.retry_after_s) == (SignalSource.RESULT, 2.5)
@@ -138,7 +138,7 @@ def test_error_result_matching_a_pattern_is_a_signal_with_its_seconds() -> None:
 
 
 def test_results_that_do_not_match_or_are_not_errors_are_not_signals() -> None:
-    patterns = compile_patterns([r"rate limit"])
+    patterns = compile_patterns((r"rate limit",))
     assert from_result(_error_result("file not found"), patterns) is None
     ok = CallToolResult(content=[TextContent(type="text", text="rate limit docs")], is_error=False)
     assert from_result(ok, patterns) is None

@@ -6,24 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import attrs
 import pytest
 import trio
 import trio.testing
 
-from rmcp_actors import RMCPTimeoutError
+from rmcp_actors import RateLimitPolicy, RMCPTimeoutError
 from rmcp_actors.flow._feedback import RateLimitSignal, SignalSource
 from rmcp_actors.flow.limiter import RateGate, RateLimiter
 
 
-@attrs.frozen
-class Settings:
-    rate: float | None = None
-    burst: int | None = None
-    adaptive: bool = True
-    decrease: float = 0.5
-    min_rate: float = 0.1
-    recover_per_s: float | None = None
+Settings = RateLimitPolicy
 
 
 def signal(retry_after_s: float | None = None) -> RateLimitSignal:
@@ -188,7 +180,7 @@ async def test_aimd_cuts_once_per_burst_of_signals_and_recovers(
         await trio.testing.wait_all_tasks_blocked()
         assert limiter.statistics().gates[0].rate == pytest.approx(11.0)  # (20 + 2) * 0.5
         # Additive recovery: 5 % of the ceiling (2 calls/s) per second, up to the ceiling.
-        await trio.sleep(5.0)
+        await trio.sleep(5.5)  # five steps, the first a second after the cut
         assert limiter.statistics().gates[0].rate == pytest.approx(21.0)
         await trio.sleep(60)
         stats = limiter.statistics().gates[0]

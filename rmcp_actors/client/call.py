@@ -42,6 +42,7 @@ from ..errors import (
     RMCPTimeoutError,
     UnknownToolError,
 )
+from ..flow._feedback import RateLimitSignal, compile_patterns, from_error, from_nack, from_result
 from ..flow._server import ServerFlow
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
@@ -93,7 +94,15 @@ class _Progress:
     last_ambiguous: BaseException | None = None
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
+    # Attempts the server refused for going too fast: they ran nothing and count against the
+    # deadline only, not against max_attempts (the limiter paces them).
+    rate_limited: int = 0
     events: list[LifecycleEvent] = attrs.Factory(list[LifecycleEvent])
+
+    @property
+    def counted(self) -> int:
+        """Attempts that count against ``retry.max_attempts``."""
+        return self.attempts - self.rate_limited
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
@@ -132,6 +141,16 @@ class _Failed(Exception):
     def __init__(self, verdict: Verdict) -> None:
         super().__init__(verdict.reason)
         self.verdict = verdict
+
+
+class _RateLimited(Exception):
+    """The server refused the attempt for going too fast (any of the four forms): the tool did
+    not run. ``meta`` is the NACK's, when the refusal was one."""
+
+    def __init__(self, signal: RateLimitSignal, meta: ResponseMeta | None = None) -> None:
+        super().__init__(signal.detail)
+        self.signal = signal
+        self.meta = meta
 
 
 class _Nacked(Exception):
@@ -214,6 +233,7 @@ async def _attempts(
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
     max_attempts = _UNTIL_DEADLINE if retry.max_attempts == 0 else retry.max_attempts or 3
+    gate = flow.limiter.gate(request.tool)
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -226,17 +246,20 @@ async def _attempts(
             _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
         # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
         # flow: retry budget: an attempt after the first draws from it; the first refills it.
-        # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         if progress.ticket is None:
             progress.ticket = scheduler.ticket()
+        # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
+        if gate.engaged and not gate.take():
+            progress.queued_s += await gate.wait(request.priority, deadline, progress.ticket)
         progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
         retry_after_s = 0.0
+        rate_limited = False
         try:
             if not session.usable:
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             try:
-                return await _send(
+                answer = await _send(
                     session,
                     request,
                     progress,
@@ -247,6 +270,22 @@ async def _attempts(
                     direct,
                     not _safe_to_repeat(policy, tool),
                 )
+                if answer[0].is_error and (signal := _result_signal(answer[0], policy)) is not None:
+                    # Matched, but ACKed by a deduplicating server: a retry with this key would
+                    # only replay the same answer. The limiter still slows down.
+                    gate.report(signal)
+                return answer
+            except _RateLimited as limited:
+                # Refused, not run; paced by the limiter and bounded by the deadline alone.
+                progress.sent = progress.last_ambiguous is not None
+                progress.rate_limited += 1
+                rate_limited = True
+                gate.report(limited.signal)
+                retry_after_s = limited.signal.retry_after_s or 0.0
+                if anyio.current_time() + retry_after_s >= deadline:
+                    raise _rate_limited_error(
+                        limited, "and the wait it asks for reaches past the call's deadline"
+                    ) from None
             except _Failed as failed:
                 verdict = failed.verdict
                 if verdict.session_lost:
@@ -260,7 +299,7 @@ async def _attempts(
                     # the effect in question.
                     _raise_for(verdict, failed.__cause__, request)
                     progress.sent = progress.last_ambiguous is not None
-                    if progress.attempts >= max_attempts:
+                    if progress.counted >= max_attempts:
                         raise RMCPNetworkError(
                             f"nothing was sent or run on all {progress.attempts} attempts "
                             f"(last: {verdict.reason}): check that {connection.spec.describe()} is "
@@ -273,7 +312,7 @@ async def _attempts(
                 # Refused, not run: only an earlier lost answer leaves the effect in question.
                 progress.sent = progress.last_ambiguous is not None
                 meta = refused.meta
-                if progress.attempts >= max_attempts:
+                if progress.counted >= max_attempts:
                     raise _nack_error(meta, f"after {progress.attempts} attempt(s)") from None
                 retry_after_s = (meta.retry_after_ms or 0) / 1000
                 if anyio.current_time() + retry_after_s >= deadline:
@@ -283,12 +322,20 @@ async def _attempts(
         finally:
             scheduler.release(lane)
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
-        if progress.attempts >= max_attempts:
+        if progress.counted >= max_attempts:
             raise RMCPOutcomeUnknownError(
                 f"the answer was lost on all {progress.attempts} attempts ({_cause_text(progress)}); "
                 "the tool may have run",
             ) from progress.last_ambiguous
-        delay = backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng)
+        if rate_limited:
+            # The server's wait when it gave one; else a backoff of its own, while the limiter's
+            # cut rate takes over the pacing.
+            delay = retry_after_s or backoff_delay(
+                progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng
+            )
+            await anyio.sleep(delay)
+            continue
+        delay = backoff_delay(progress.counted, retry.base_delay_s, retry.max_delay_s, rng)
         await anyio.sleep(max(delay, retry_after_s))
 
 
@@ -357,6 +404,26 @@ def _check_dedup_still_covers(
         f"the request was sent but its answer was lost ({_cause_text(progress)}), and {why}, so "
         "the call cannot be retried safely; the tool may have run: check its effect",
     ) from progress.last_ambiguous
+
+
+def _result_signal(result: CallToolResult, policy: CallPolicy) -> RateLimitSignal | None:
+    """An error result matching the opt-in ``rate_limit.error_patterns``, as a signal."""
+    patterns = policy.rate_limit.error_patterns
+    return from_result(result, compile_patterns(patterns)) if patterns else None
+
+
+def _rate_limited_error(limited: _RateLimited, when: str) -> RMCPError:
+    """The error of a call the server kept refusing for going too fast: nothing ran."""
+    if limited.meta is not None:
+        return _nack_error(limited.meta, when)
+    signal = limited.signal
+    retry_after = signal.retry_after_s
+    return RMCPNackError(
+        NackCode.RATE_LIMITED,
+        f"{signal.detail} ({when})",
+        retryable=True,
+        retry_after_ms=None if retry_after is None else round(retry_after * 1000),
+    )
 
 
 def _nack_error(meta: ResponseMeta, when: str) -> RMCPError:
@@ -441,6 +508,10 @@ async def _send(
         # Stdio and in-memory transports write in this task: once call_tool is left, a request
         # they did not take never leaves. Over HTTP the POST runs in a task of its own that may
         # still start writing, so only a refused connection says it never will.
+        signal = from_error(error, evidence)
+        if signal is not None:
+            progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            raise _RateLimited(signal) from error
         handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
         verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
         if verdict is None:
@@ -452,17 +523,21 @@ async def _send(
         current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
-    if rmcp is None:
-        progress.record(RequestState.ANSWERED)
-        return result, None
-    rmcp_meta = decode_response_meta(result.meta)
+    rmcp_meta = None if rmcp is None else decode_response_meta(result.meta)
     if rmcp_meta is None:
+        if result.is_error and (signal := _result_signal(result, policy)) is not None:
+            # Opted in: this server's error result says "too fast"; nothing ran (nothing
+            # deduplicates it either, so a retry is a fresh request).
+            progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            raise _RateLimited(signal)
         progress.record(RequestState.ANSWERED)
         return result, None
     if rmcp_meta.ack:
         progress.record(RequestState.ACKED, "duplicate" if rmcp_meta.duplicate else None)
         return result, rmcp_meta
     progress.record(RequestState.NACKED, rmcp_meta.code)
+    if (signal := from_nack(rmcp_meta)) is not None:
+        raise _RateLimited(signal, rmcp_meta)
     if rmcp_meta.retryable:
         raise _Nacked(rmcp_meta)
     raise _nack_error(rmcp_meta, f"on attempt {progress.attempts}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -147,8 +148,10 @@ def from_result(result: CallToolResult, patterns: Sequence[re.Pattern[str]]) -> 
     return None
 
 
-def compile_patterns(patterns: Sequence[str]) -> tuple[re.Pattern[str], ...]:
-    """``rate_limit.error_patterns`` as the regexes :func:`from_result` takes (case-insensitive)."""
+@functools.lru_cache(maxsize=64)
+def compile_patterns(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    """``rate_limit.error_patterns`` as the regexes :func:`from_result` takes (case-insensitive);
+    cached, as the call path asks on every error result of a server that opted in."""
     return tuple(re.compile(pattern, re.IGNORECASE) for pattern in patterns)
 
 

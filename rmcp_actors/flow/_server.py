@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import final
 
 import attrs
 
 from ..config import ServerPolicy
 from ..runtime import ChildSpec
+from .limiter import RateLimiter, RateLimitSettings
 from .scheduler import Lane, Scheduler
 
 __all__ = ["ServerFlow"]
@@ -26,7 +28,15 @@ class ServerFlow:
     policy: ServerPolicy
     scheduler: Scheduler
     lane: Lane
+    #: The ``rate_limit`` of each tool whose own table sets one (that tool gets its own bucket).
+    tool_rate_limits: Mapping[str, RateLimitSettings] = attrs.field(factory=dict[str, RateLimitSettings])
+    limiter: RateLimiter = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.limiter = RateLimiter(
+            f"limiter:{self.name}", self.name, self.policy.rate_limit, self.tool_rate_limits
+        )
 
     def child_specs(self) -> list[ChildSpec]:
         """The actors of this server's gates, started after its connection (rest_for_one)."""
-        return []
+        return [ChildSpec(self.limiter.name, self.limiter.run)]

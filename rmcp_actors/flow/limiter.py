@@ -55,7 +55,7 @@ _MIN_DUE_S: Final = 1e-6
 
 
 class RateLimitSettings(Protocol):
-    """The resolved ``rate_limit`` policy a gate is built from (``config.RateLimitPolicy``)."""
+    """What a gate reads of the resolved ``rate_limit`` policy (``config.RateLimitPolicy``)."""
 
     @property
     def rate(self) -> float | None: ...
