@@ -70,7 +70,7 @@ def _plain() -> MCPServer:
     server = MCPServer("rate-limited")
 
     @server.tool()
-    def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+    async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
         """Answer the text (the RMCP server side applies the limit)."""
         return text
 
@@ -87,7 +87,7 @@ def jsonrpc_server(limit: ServerLimit) -> MCPServer:
     server = MCPServer("rate-limited-jsonrpc")
 
     @server.tool()
-    def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+    async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
         """Answer the text, or refuse with -32023 over the server's limit."""
         wait = limit.take()
         if wait is not None:
@@ -102,7 +102,7 @@ def text_server(limit: ServerLimit) -> MCPServer:
     server = MCPServer("rate-limited-text")
 
     @server.tool()
-    def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+    async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
         """Answer the text, or an error result saying when to retry over the server's limit."""
         wait = limit.take()
         if wait is not None:
