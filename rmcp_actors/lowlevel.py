@@ -5,6 +5,8 @@ class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a s
 """
 
 from .client.connection import ConnectionStatistics as ConnectionStatistics
+from .flow.limiter import GateStatistics as GateStatistics
+from .flow.limiter import LimiterStatistics as LimiterStatistics
 from .flow.scheduler import LaneStatistics as LaneStatistics
 from .flow.scheduler import SchedulerStatistics as SchedulerStatistics
 from .root import RuntimeStatistics as RuntimeStatistics
@@ -14,7 +16,9 @@ from .server import rmcp_of as rmcp_of
 
 __all__ = [
     "ConnectionStatistics",
+    "GateStatistics",
     "LaneStatistics",
+    "LimiterStatistics",
     "RMCPServerSide",
     "RuntimeStatistics",
     "SchedulerStatistics",
