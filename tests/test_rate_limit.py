@@ -19,6 +19,7 @@ from rmcp_actors import (
     PolicyOverrides,
     RateLimitOverrides,
     RetryOverrides,
+    RMCPActorStoppedError,
     RMCPNackError,
     RMCPSupervisor,
     RMCPTimeoutError,
@@ -285,3 +286,31 @@ async def test_jsonrpc_32023_over_stdio() -> None:
     assert all(result.outcome is Outcome.SUCCEEDED for result in results)
     assert stats.signals > 0
     assert elapsed >= 29 / 20 - 0.1
+
+
+async def test_removing_a_server_ends_the_calls_waiting_on_its_limiter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    spec = ServerSpec.in_memory("test", build_server(State()), overrides=limited(rate=0.1, burst=1))
+    errors: list[Exception] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        await sup.call("test", "echo", {"text": "takes the token"})
+
+        async def waiter() -> None:
+            try:
+                await sup.call("test", "echo", {"text": "waits"}, timeout=60)
+            except Exception as error:
+                errors.append(error)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            before = trio.current_time()
+            await sup.remove_server("test")
+        assert trio.current_time() - before < 1
+    (error,) = errors
+    assert isinstance(error, RMCPActorStoppedError)
+    assert not error.may_have_executed
+    assert "rate limiter of server 'test' stopped" in error.message
+    assert error.request_id is not None

@@ -28,7 +28,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from ..errors import RMCPTimeoutError
+from ..errors import RMCPActorStoppedError, RMCPTimeoutError
 from ..runtime.actor import Actor, ActorStatistics
 from ._feedback import RateLimitSignal
 
@@ -78,6 +78,8 @@ class _Waiter:
     event: anyio.Event = attrs.Factory(anyio.Event)
     granted: bool = False
     abandoned: bool = False
+    # Set instead of a token when the actor that would have granted one stopped.
+    error: BaseException | None = None
 
     def __lt__(self, other: _Waiter) -> bool:
         # Higher priority first; FIFO (lower sequence) within a priority.
@@ -255,9 +257,11 @@ class RateGate:
                 # Granted and cancelled in the same instant: the token goes back.
                 self._tokens = min(self.burst, self._tokens + 1)
                 self._deliver(_Wake(self))
-            else:
+            elif waiter.error is None:
                 self._abandon(waiter)
             raise
+        if waiter.error is not None:
+            raise waiter.error
         return anyio.current_time() - now
 
     def report(self, signal: RateLimitSignal) -> None:
@@ -327,6 +331,14 @@ class RateGate:
             token_at = max(self._updated, now) + (1 - self._tokens) / self.rate
             due = min(due, max(token_at, now + _MIN_DUE_S))
         return due
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """Fail every waiter at once with ``error``: the actor that would have woken them stopped."""
+        while (waiter := self._head()) is not None:
+            heapq.heappop(self._waiters)
+            self._live_waiters -= 1
+            waiter.error = error
+            waiter.event.set()
 
     def statistics(self, now: float) -> GateStatistics:
         """A snapshot of the bucket at ``now``."""
@@ -479,10 +491,27 @@ class RateLimiter(Actor[LimiterMessage]):
         return (self._server_gate, *self._tool_gates.values())
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve the inbox, with the timer task beside it, until cancelled."""
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._timers)
-            await super().run(task_status=task_status)
+        """Serve the inbox, with the timer task beside it, until cancelled.
+
+        When it ends, the calls waiting on its gates fail at once (nothing was sent) rather than
+        wait out their deadlines for a timer that is gone. Letting them through instead would
+        send them on a connection being stopped (rest_for_one stops the limiter first), where
+        a lost answer would make them "may have run".
+        """
+        try:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._timers)
+                await super().run(task_status=task_status)
+        finally:
+            error = RMCPActorStoppedError(
+                f"the rate limiter of server {self.server!r} stopped (server removed, runtime "
+                "stopping, or a crash) while this call waited for a token; nothing was sent: "
+                "call again",
+                actor=self.name,
+                may_have_executed=False,
+            )
+            for gate in self.gates():
+                gate.fail_waiters(error)
 
     async def handle(self, message: LimiterMessage) -> None:
         """Apply a signal (a wake-up needs nothing more), then let the timer recompute."""
