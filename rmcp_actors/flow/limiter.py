@@ -177,8 +177,7 @@ class RateGate:
     burst: float = attrs.field(init=False)
     ceiling: float | None = attrs.field(init=False)
     _tokens: float = attrs.field(init=False)
-    # The clock the tokens were last counted at; set ahead of the clock during a pause, so
-    # that no tokens accrue until it ends.
+    # The clock the tokens were last counted at.
     _updated: float = attrs.field(default=-math.inf, init=False)
     _paused_until: float = attrs.field(default=-math.inf, init=False)
     _waiters: list[_Waiter] = attrs.field(factory=list[_Waiter], init=False)
@@ -241,7 +240,7 @@ class RateGate:
         """
         now = anyio.current_time()
         self._refill(now)
-        expected = self.expected_wait(priority, now)
+        expected = self.expected_wait(priority)
         if now + expected > deadline:
             self._rejected += 1
             raise RMCPTimeoutError(self._too_long(expected, deadline - now, priority))
@@ -269,26 +268,29 @@ class RateGate:
         self._signals += 1
         self._deliver(_Feedback(self, signal))
 
-    def expected_wait(self, priority: int, now: float) -> float:
-        """Seconds until a call of ``priority`` joining now would get its token."""
+    def expected_wait(self, priority: int) -> float:
+        """Seconds until a call of ``priority`` joining now would get its token (after a refill)."""
         ahead = sum(1 for w in self._waiters if not w.abandoned and w.priority >= priority)
-        needed = ahead + 1 - self._tokens
-        pause = max(0.0, self._paused_until - now)
-        return pause + (needed / self.rate if needed > 0 else 0.0)
+        needed = ahead + 1 - self._tokens  # a pause is part of it, as a debt of tokens
+        return needed / self.rate if needed > 0 else 0.0
 
     # --- owned by the actor ---------------------------------------------------------------
 
     def apply(self, signal: RateLimitSignal, now: float) -> None:
         """Slow down on a rate-limit signal: pause for its retry_after, and cut the rate (AIMD)."""
-        settings = self.settings
         self._refill(now)
-        if signal.retry_after_s:
-            self._pause(now, min(signal.retry_after_s, _MAX_PAUSE_S))
-        if not settings.adaptive:
+        if not self.settings.adaptive:
             self.engaged = True  # to honour the pause; the rate stays as configured
-            return
-        if now < self._cut_hold_until:
-            return  # the same congestion event, already answered
+        elif now >= self._cut_hold_until:  # else the same congestion event, already answered
+            self._cut(signal, now)
+        if signal.retry_after_s:
+            # After the cut: the pause is a debt of tokens at the rate that follows it.
+            self._pause(now, min(signal.retry_after_s, _MAX_PAUSE_S))
+            if self._next_step_at < math.inf:
+                self._next_step_at = max(self._next_step_at, self._paused_until + _STEP_S)
+
+    def _cut(self, signal: RateLimitSignal, now: float) -> None:
+        settings = self.settings
         if not self.engaged:
             # No configured rate: start low and discover the server's rate from here.
             retry_after = signal.retry_after_s
@@ -305,7 +307,7 @@ class RateGate:
         self.burst = self._effective_burst()
         self._tokens = min(self._tokens, self.burst)
         self._cut_hold_until = now + max(_CUT_HOLD_S, signal.retry_after_s or 0.0)
-        self._next_step_at = max(now, self._paused_until) + _STEP_S
+        self._next_step_at = now + _STEP_S
 
     def advance(self, now: float) -> float:
         """Deliver what is due at ``now``: adaptation steps, then tokens to waiters in order.
@@ -328,7 +330,7 @@ class RateGate:
             waiter.event.set()
         due = self._next_step_at
         if self._live_waiters:
-            token_at = max(self._updated, now) + (1 - self._tokens) / self.rate
+            token_at = now + (1 - self._tokens) / self.rate
             due = min(due, max(token_at, now + _MIN_DUE_S))
         return due
 
@@ -384,9 +386,9 @@ class RateGate:
         until = now + seconds
         if until > self._paused_until:
             self._paused_until = until
-            # No token accrues before the pause ends, and none is left to take meanwhile.
-            self._tokens = min(self._tokens, 0.0)
-            self._updated = max(self._updated, until)
+            # A debt of tokens that the refill pays off exactly when the pause ends: the first
+            # call may go then (what the server asked for), and take() needs no pause check.
+            self._tokens = min(self._tokens, 1.0 - self.rate * seconds)
 
     def _step(self) -> None:
         settings = self.settings
