@@ -44,6 +44,7 @@ from ..errors import (
 )
 from ..flow._feedback import RateLimitSignal, compile_patterns, from_error, from_nack, from_result
 from ..flow._server import ServerFlow
+from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
 from ._arguments import check_arguments, check_idempotency_key
@@ -79,6 +80,7 @@ class CallRequest:
     priority: int
     timeout_s: float
     on_lifecycle: LifecycleCallback | None = None
+    tenant: str | None = None
 
 
 @attrs.define
@@ -234,6 +236,9 @@ async def _attempts(
     direct = connection.spec.wire == "direct"
     max_attempts = _UNTIL_DEADLINE if retry.max_attempts == 0 else retry.max_attempts or 3
     gate = flow.limiter.gate(request.tool)
+    tool_lane = lane.tools.get(request.tool) if lane.tools else None
+    # The call this one was made from, if its work runs in this task (see flow.scheduler).
+    parent = current_holding.get()
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -251,7 +256,11 @@ async def _attempts(
         # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         if gate.engaged and not gate.take():
             progress.queued_s += await gate.wait(request.priority, deadline, progress.ticket)
-        progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
+        progress.queued_s += await scheduler.acquire(
+            lane, request.priority, progress.ticket, request.tenant, tool_lane
+        )
+        holding = Holding(lane, tool_lane, request.tool, parent)
+        nesting = current_holding.set(holding)
         retry_after_s = 0.0
         rate_limited = False
         try:
@@ -320,7 +329,9 @@ async def _attempts(
                         meta, "and its retry_after_ms reaches past the call's deadline"
                     ) from None
         finally:
-            scheduler.release(lane)
+            holding.active = False
+            current_holding.reset(nesting)
+            scheduler.release(lane, tool_lane)
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
         if progress.counted >= max_attempts:
             raise RMCPOutcomeUnknownError(
