@@ -112,9 +112,13 @@ def text_server(limit: ServerLimit) -> MCPServer:
     return server
 
 
-def http_429(limit: ServerLimit) -> Any:
+def http_429(limit: ServerLimit, *, sep_3304: bool = False) -> Any:
     """A gateway (ASGI middleware for ``serve_http(wrap=...)``) answering ``tools/call`` POSTs over
-    the limit with HTTP 429 and ``Retry-After`` in whole seconds, as gateways do."""
+    the limit with HTTP 429 and ``Retry-After`` in whole seconds, as gateways do.
+
+    With ``sep_3304`` the body is SEP-3304's JSON-RPC error ``-32023`` with the exact
+    ``retryAfterMs``, which a client must prefer to the header (RL-9).
+    """
 
     def wrap(app: Any) -> Any:
         async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -136,18 +140,31 @@ def http_429(limit: ServerLimit) -> Any:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            if _is_tool_call(body) and (wait := limit.take()) is not None:
+            request_id = _tool_call_id(body)
+            if request_id is not None and (wait := limit.take()) is not None:
+                if sep_3304:
+                    error = {
+                        "code": -32023,
+                        "message": "Rate limited",
+                        "data": {"retryAfterMs": math.ceil(wait * 1000)},
+                    }
+                    content = (
+                        b"application/json",
+                        json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode(),
+                    )
+                else:
+                    content = (b"text/plain", b"Too Many Requests")
                 await send(
                     {
                         "type": "http.response.start",
                         "status": 429,
                         "headers": [
-                            (b"content-type", b"text/plain"),
+                            (b"content-type", content[0]),
                             (b"retry-after", str(math.ceil(wait)).encode()),
                         ],
                     }
                 )
-                await send({"type": "http.response.body", "body": b"Too Many Requests"})
+                await send({"type": "http.response.body", "body": content[1]})
                 return
             await app(scope, replay, send)
 
@@ -156,12 +173,15 @@ def http_429(limit: ServerLimit) -> Any:
     return wrap
 
 
-def _is_tool_call(body: bytes) -> bool:
+def _tool_call_id(body: bytes) -> object:
+    """The request id of a ``tools/call`` request, None for anything else."""
     try:
         message = json.loads(body)
     except ValueError:
-        return False
-    return isinstance(message, dict) and message.get("method") == "tools/call"  # pyright: ignore[reportUnknownMemberType]
+        return None
+    if isinstance(message, dict) and message.get("method") == "tools/call":  # pyright: ignore[reportUnknownMemberType]
+        return message.get("id")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    return None
 
 
 if __name__ == "__main__":

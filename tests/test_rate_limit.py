@@ -275,6 +275,33 @@ async def test_http_429_with_retry_after_slows_the_client() -> None:
     assert "rate_limited (http)" in details
 
 
+async def test_http_429_with_a_sep_3304_body_uses_its_exact_wait() -> None:
+    from _http import serve_http
+    from conftest import FAST_RECOVERY
+
+    # One token per 0.2 s: the header says 1 s (whole seconds), the body says 200 ms.
+    limit = ServerLimit(rate=5, burst=1)
+    async with (
+        serve_http(build_server(State()), wrap=http_429(limit, sep_3304=True)) as http,
+        RMCPSupervisor.open() as sup,
+    ):
+        await sup.add_server(ServerSpec.http("up", http.url, overrides=FAST_RECOVERY))
+        results = await call_all(sup, "up", 4)
+    assert all(result.outcome is Outcome.SUCCEEDED for result in results)
+    assert limit.refused > 0
+    details = {event.detail for result in results for event in result.lifecycle}
+    assert "rate_limited (jsonrpc)" in details
+    # Each refused call waited what the body said (about 200 ms), not the header's second.
+    waits = [
+        later.at - event.at
+        for result in results
+        for event, later in zip(result.lifecycle, result.lifecycle[1:], strict=False)
+        if event.state.value == "nacked"
+    ]
+    assert waits
+    assert min(waits) < 0.5
+
+
 async def test_jsonrpc_32023_over_stdio() -> None:
     spec = ServerSpec.stdio("up", PYTHON, [str(RATE_SERVERS), "20"])
     async with RMCPSupervisor.open() as sup:
