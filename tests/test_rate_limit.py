@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import PYTHON
+from _http import serve_http
+from conftest import FAST_RECOVERY, PYTHON
 from mcp_test_server import State, build_server
 from rate_limited_servers import ServerLimit, http_429, jsonrpc_server, nack_server, text_server
 from test_hot_path import BASELINE, CALLS, SwitchCounter
@@ -256,9 +257,6 @@ async def test_aimd_settles_below_the_servers_limit_and_recovers_when_it_lifts(
 
 
 async def test_http_429_with_retry_after_slows_the_client() -> None:
-    from _http import serve_http
-    from conftest import FAST_RECOVERY
-
     limit = ServerLimit(rate=4, burst=2)
     async with serve_http(build_server(State()), wrap=http_429(limit)) as http, RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.http("up", http.url, overrides=FAST_RECOVERY))
@@ -276,9 +274,6 @@ async def test_http_429_with_retry_after_slows_the_client() -> None:
 
 
 async def test_http_429_with_a_sep_3304_body_uses_its_exact_wait() -> None:
-    from _http import serve_http
-    from conftest import FAST_RECOVERY
-
     # One token per 0.2 s: the header says 1 s (whole seconds), the body says 200 ms.
     limit = ServerLimit(rate=5, burst=1)
     async with (
