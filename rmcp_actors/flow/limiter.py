@@ -193,7 +193,6 @@ class RateGate:
     _next_step_at: float = attrs.field(default=math.inf, init=False)
     # The strongest signal not yet delivered to the actor (its inbox was full).
     _pending: RateLimitSignal | None = attrs.field(default=None, init=False)
-    _wake_pending: bool = attrs.field(default=False, init=False)
     _taken: int = attrs.field(default=0, init=False)
     _waited: int = attrs.field(default=0, init=False)
     _rejected: int = attrs.field(default=0, init=False)
@@ -320,7 +319,6 @@ class RateGate:
             When the gate next needs the actor (``math.inf``: not until a message comes).
         """
         pending, self._pending = self._pending, None
-        self._wake_pending = False
         if pending is not None:
             self.apply(pending, now)
         while now >= self._next_step_at:
@@ -372,13 +370,12 @@ class RateGate:
         try:
             self.notify(message)
         except anyio.WouldBlock:
-            # The actor is busy with earlier messages and calls advance() after each one:
-            # what it has not seen is kept here, the strongest signal only.
+            # The actor is busy with earlier messages and calls advance() after each one, so
+            # a wake-up it misses is not lost; a signal it has not seen is kept here, the
+            # strongest only.
             if isinstance(message, _Feedback):
                 self._pending = message.signal.stronger(self._pending)
                 self._coalesced += 1
-            else:
-                self._wake_pending = True
 
     def _refill(self, now: float) -> None:
         elapsed = now - self._updated
