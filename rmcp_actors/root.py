@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, final
 
 import anyio
 import anyio.abc
 import attrs
+from mcp import Client
 from mcp_types import Tool
 
 from ._exceptions import FATAL, is_fatal, leaves
@@ -37,6 +38,7 @@ from .errors import (
     UnknownServerError,
 )
 from .flow._server import ServerFlow
+from .flow.breaker import BreakerChangeCallback, BreakerStatistics
 from .flow.limiter import LimiterStatistics
 from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
@@ -63,6 +65,8 @@ class RuntimeStatistics:
     supervisors: tuple[SupervisorStatistics, ...]
     #: Each server's rate limiter: its gates' current rates, waiters, signals.
     limiters: tuple[LimiterStatistics, ...] = ()
+    #: Every circuit breaker of every server: each server's own, then its tools'.
+    breakers: tuple[BreakerStatistics, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -131,10 +135,13 @@ class RMCPSupervisor:
         self._servers_supervisor = servers
         self._servers: dict[str, _Server] = {}
         self._random = random.Random()
+        self._on_breaker_change: BreakerChangeCallback | None = None
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: RMCPConfig | None = None) -> AsyncGenerator[RMCPSupervisor]:
+    async def open(
+        cls, config: RMCPConfig | None = None, *, on_breaker_change: BreakerChangeCallback | None = None
+    ) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
         Leaving the block stops the connections side by side, since they are independent (each
@@ -143,6 +150,9 @@ class RMCPSupervisor:
 
         Args:
             config: The configuration; ``None`` means built-in defaults and no servers.
+            on_breaker_change: Called synchronously with a ``BreakerChange`` each time a
+                circuit breaker (a server's, or a tool's on a server) changes state; an
+                exception it raises is logged and ignored.
 
         Yields:
             The running supervisor.
@@ -173,6 +183,7 @@ class RMCPSupervisor:
             runtime.priority_aging_s,
         )
         supervisor = cls(config, scheduler, root, servers)
+        supervisor._on_breaker_change = on_breaker_change
         try:
             async with anyio.create_task_group() as task_group:
                 await task_group.start(root.run)
@@ -221,6 +232,8 @@ class RMCPSupervisor:
                 for tool, overrides in spec.tools.items()
                 if overrides.rate_limit != RateLimitOverrides()
             },
+            current_client=_current_client(connection),
+            on_breaker_change=self._on_breaker_change,
         )
         for tool, tool_policy in policies.items():
             if tool_policy.max_concurrency is not None:
@@ -392,7 +405,8 @@ class RMCPSupervisor:
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
 
     def statistics(self) -> RuntimeStatistics:
-        """Return a snapshot of the scheduler, every connection and the supervisors."""
+        """Return a snapshot of the scheduler, every connection, the supervisors and the breakers."""
+        now = anyio.current_time()
         return RuntimeStatistics(
             scheduler=self._scheduler.statistics(),
             connections=tuple(server.connection.statistics() for server in self._servers.values()),
@@ -406,6 +420,11 @@ class RMCPSupervisor:
                 ),
             ),
             limiters=tuple(server.flow.limiter.statistics() for server in self._servers.values()),
+            breakers=tuple(
+                gate.statistics(now)
+                for server in self._servers.values()
+                for gate in server.flow.breakers.gates()
+            ),
         )
 
     def _server(self, name: str) -> _Server:
@@ -417,6 +436,14 @@ class RMCPSupervisor:
                 server=name,
             )
         return server
+
+
+def _current_client(connection: Connection) -> Callable[[], Client | None]:
+    def current() -> Client | None:
+        session = connection.current_session()
+        return session.client if session is not None else None
+
+    return current
 
 
 def _child_name(server: str) -> str:

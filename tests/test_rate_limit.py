@@ -336,3 +336,28 @@ async def test_removing_a_server_ends_the_calls_waiting_on_its_limiter(
     assert not error.may_have_executed
     assert "rate limiter of server 'test' stopped" in error.message
     assert error.request_id is not None
+
+
+@pytest.mark.parametrize("form", ["nack", "jsonrpc", "text"])
+async def test_rate_limit_signals_never_trip_a_breaker(
+    form: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A hard limit (one call per 2 s) and 30 callers: dozens of refusals, far past the breaker's
+    # five consecutive failures, and none of them is a failure of the server.
+    limit = ServerLimit(rate=0.5, burst=1)
+    if form == "nack":
+        spec = ServerSpec.in_memory("up", nack_server(0.5))
+    elif form == "jsonrpc":
+        spec = ServerSpec.in_memory("up", jsonrpc_server(limit))
+    else:
+        spec = ServerSpec.in_memory("up", text_server(limit), overrides=limited(error_patterns=TEXT_PATTERNS))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        results = await call_all(sup, "up", 30, timeout=120)
+        breakers = sup.statistics().breakers
+        stats = gate_stats(sup, "up")
+    assert all(result.outcome is Outcome.SUCCEEDED for result in results)
+    assert stats.signals >= 10
+    assert breakers
+    for breaker in breakers:
+        assert (breaker.state.value, breaker.opens, breaker.consecutive_failures) == ("closed", 0, 0)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, final
 
 import attrs
 
 from ..config import ServerPolicy
 from ..runtime import ChildSpec
+from .breaker import BreakerActor, BreakerChangeCallback, Breakers, client_prober
 from .limiter import RateLimiter, RateLimitSettings
 from .scheduler import Lane, Scheduler
+
+if TYPE_CHECKING:
+    from mcp import Client
 
 __all__ = ["ServerFlow"]
 
@@ -29,14 +33,27 @@ class ServerFlow:
     scheduler: Scheduler
     lane: Lane
     #: The ``rate_limit`` of each tool whose own table sets one (that tool gets its own bucket).
-    tool_rate_limits: Mapping[str, RateLimitSettings] = attrs.field(factory=dict[str, RateLimitSettings])
+    tool_rate_limits: Mapping[str, RateLimitSettings] = attrs.field(
+        factory=dict[str, RateLimitSettings], kw_only=True
+    )
+    #: Returns the client of the server's usable session (the breaker's active probes use it).
+    current_client: Callable[[], Client | None] = attrs.field(default=lambda: None, kw_only=True)
+    on_breaker_change: BreakerChangeCallback | None = attrs.field(default=None, kw_only=True)
+    breakers: Breakers = attrs.field(init=False)
     limiter: RateLimiter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.breakers = Breakers(self.name, self.policy.circuit_breaker, self.on_breaker_change)
         self.limiter = RateLimiter(
             f"limiter:{self.name}", self.name, self.policy.rate_limit, self.tool_rate_limits
         )
 
     def child_specs(self) -> list[ChildSpec]:
         """The actors of this server's gates, started after its connection (rest_for_one)."""
-        return [ChildSpec(self.limiter.name, self.limiter.run)]
+        breaker = BreakerActor(
+            f"breaker:{self.name}",
+            self.breakers,
+            client_prober(self.current_client),
+            probe_timeout_s=self.policy.connect_timeout_s,
+        )
+        return [ChildSpec(breaker.name, breaker.run), ChildSpec(self.limiter.name, self.limiter.run)]
