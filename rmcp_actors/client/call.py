@@ -237,6 +237,7 @@ async def _attempts(
     direct = connection.spec.wire == "direct"
     max_attempts = _UNTIL_DEADLINE if retry.max_attempts == 0 else retry.max_attempts or 3
     gate = flow.limiter.gate(request.tool)
+    last_limited: _RateLimited | None = None
     tool_lane = lane.tools.get(request.tool) if lane.tools else None
     # The call this one was made from, if its work runs in this task (see flow.scheduler).
     parent = current_holding.get()
@@ -258,7 +259,15 @@ async def _attempts(
         # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         try:
             if gate.engaged and not gate.take():
-                progress.queued_s += await gate.wait(request.priority, deadline, progress.ticket)
+                try:
+                    progress.queued_s += await gate.wait(request.priority, deadline, progress.ticket)
+                except RMCPTimeoutError as too_long:
+                    if last_limited is None:
+                        raise
+                    # The server's refusals are why this call cannot go on: say so.
+                    raise _rate_limited_error(
+                        last_limited, f"and the next attempt would pass the call's deadline: {too_long}"
+                    ) from too_long
             progress.queued_s += await scheduler.acquire(
                 lane, request.priority, progress.ticket, request.tenant, tool_lane
             )
@@ -295,6 +304,7 @@ async def _attempts(
                 progress.sent = progress.last_ambiguous is not None
                 progress.rate_limited += 1
                 rate_limited = True
+                last_limited = limited
                 gate.report(limited.signal)
                 retry_after_s = limited.signal.retry_after_s or 0.0
                 if anyio.current_time() + retry_after_s >= deadline:
@@ -377,6 +387,10 @@ async def _attempts(
             delay = retry_after_s or backoff_delay(
                 progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng
             )
+            if last_limited is not None and anyio.current_time() + delay >= deadline:
+                raise _rate_limited_error(
+                    last_limited, "and the next attempt would come after the call's deadline"
+                )
             await anyio.sleep(delay)
             continue
         delay = backoff_delay(progress.counted, retry.base_delay_s, retry.max_delay_s, rng)
