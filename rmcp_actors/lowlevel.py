@@ -7,6 +7,8 @@ class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a s
 from .client.connection import ConnectionStatistics as ConnectionStatistics
 from .flow.breaker import BreakerStatistics as BreakerStatistics
 from .flow.budget import RetryBudgetStatistics as RetryBudgetStatistics
+from .flow.limiter import GateStatistics as GateStatistics
+from .flow.limiter import LimiterStatistics as LimiterStatistics
 from .flow.scheduler import LaneStatistics as LaneStatistics
 from .flow.scheduler import SchedulerStatistics as SchedulerStatistics
 from .root import RuntimeStatistics as RuntimeStatistics
@@ -17,7 +19,9 @@ from .server import rmcp_of as rmcp_of
 __all__ = [
     "BreakerStatistics",
     "ConnectionStatistics",
+    "GateStatistics",
     "LaneStatistics",
+    "LimiterStatistics",
     "RMCPServerSide",
     "RetryBudgetStatistics",
     "RuntimeStatistics",

@@ -29,7 +29,7 @@ from mcp_types import Tool
 from ._exceptions import FATAL, is_fatal, leaves
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
-from .config import CallPolicy, RMCPConfig, ServerSpec
+from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
 from .errors import (
     RMCPArgumentError,
     RMCPConfigError,
@@ -40,6 +40,7 @@ from .errors import (
 from .flow._server import ServerFlow
 from .flow.breaker import BreakerChangeCallback, BreakerStatistics
 from .flow.budget import RetryBudgetStatistics
+from .flow.limiter import LimiterStatistics
 from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
 from .result import CallResult
@@ -65,6 +66,8 @@ class RuntimeStatistics:
     supervisors: tuple[SupervisorStatistics, ...]
     #: Each server's retry budget, then its tools' own budgets, server by server.
     budgets: tuple[RetryBudgetStatistics, ...] = ()
+    #: Each server's rate limiter: its gates' current rates, waiters, signals.
+    limiters: tuple[LimiterStatistics, ...] = ()
     #: Every circuit breaker of every server: each server's own, then its tools'.
     breakers: tuple[BreakerStatistics, ...] = ()
 
@@ -220,15 +223,21 @@ class RMCPSupervisor:
             raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
         policy = self._config.server_policy(spec)
         connection = Connection(spec.name, spec, policy)
+        policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
         flow = ServerFlow(
             spec.name,
             policy,
             self._scheduler,
             self._scheduler.lane(spec.name, policy.max_concurrency),
+            # A tool gets its own bucket only when its own table sets rate_limit.
+            tool_rate_limits={
+                tool: policies[tool].rate_limit
+                for tool, overrides in spec.tools.items()
+                if overrides.rate_limit != RateLimitOverrides()
+            },
             current_client=_current_client(connection),
             on_breaker_change=self._on_breaker_change,
         )
-        policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
         flow.configure_tools(spec.tools, policies)
         for tool, tool_policy in policies.items():
             if tool_policy.max_concurrency is not None:
@@ -418,6 +427,7 @@ class RMCPSupervisor:
             budgets=tuple(
                 budget for server in self._servers.values() for budget in server.flow.budget_statistics()
             ),
+            limiters=tuple(server.flow.limiter.statistics() for server in self._servers.values()),
             breakers=tuple(
                 gate.statistics(now)
                 for server in self._servers.values()

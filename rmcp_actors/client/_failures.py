@@ -68,10 +68,13 @@ class Evidence:
     Attributes:
         refused: The connection for the request could not be opened, so nothing was written.
         status: The HTTP status of the attempt's response, once one arrived.
+        retry_after: The response's ``Retry-After`` header, as sent (read by the rate limiter's
+            feedback, ``flow/_feedback.py``: a 429 is a rate-limit signal, never a failure here).
     """
 
     refused: BaseException | None = None
     status: int | None = None
+    retry_after: str | None = None
 
 
 class AckTimeout(Exception):

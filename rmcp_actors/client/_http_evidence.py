@@ -84,6 +84,7 @@ class _RecordingClient(httpx2.AsyncClient):
                 evidence.refused = error
             raise
         evidence.status = response.status_code
+        evidence.retry_after = response.headers.get("retry-after")
         return response
 
 

@@ -44,6 +44,7 @@ from ..errors import (
     RMCPTimeoutError,
     UnknownToolError,
 )
+from ..flow._feedback import RateLimitSignal, compile_patterns, from_error, from_nack, from_result
 from ..flow._server import ServerFlow
 from ..flow.breaker import BreakerPass, Fault, fault_of
 from ..flow.budget import RetryBudget
@@ -112,7 +113,15 @@ class _Progress:
     last_ambiguous: BaseException | None = None
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
+    # Attempts the server refused for going too fast: they ran nothing and count against the
+    # deadline only, not against max_attempts (the limiter paces them).
+    rate_limited: int = 0
     events: list[LifecycleEvent] = attrs.Factory(_no_events)
+
+    @property
+    def counted(self) -> int:
+        """Attempts that count against ``retry.max_attempts``."""
+        return self.attempts - self.rate_limited
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
@@ -151,6 +160,16 @@ class _Failed(Exception):
     def __init__(self, verdict: Verdict) -> None:
         super().__init__(verdict.reason)
         self.verdict = verdict
+
+
+class _RateLimited(Exception):
+    """The server refused the attempt for going too fast (any of the four forms): the tool did
+    not run. ``meta`` is the NACK's, when the refusal was one."""
+
+    def __init__(self, signal: RateLimitSignal, meta: ResponseMeta | None = None) -> None:
+        super().__init__(signal.detail)
+        self.signal = signal
+        self.meta = meta
 
 
 class _Nacked(Exception):
@@ -235,6 +254,8 @@ async def _attempts(
     budget = flow.budget_for(request.tool)
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
+    gate = flow.limiter.gate(request.tool)
+    last_limited: _RateLimited | None = None
     tool_lane = lane.tools.get(request.tool) if lane.tools else None
     # The call this one was made from, if its work runs in this task (see flow.scheduler).
     parent = current_holding.get()
@@ -251,13 +272,23 @@ async def _attempts(
         max_attempts = _max_attempts(retry.max_attempts, session.rmcp)
         # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
         breaker_pass = flow.breakers.admit(request.tool, policy.circuit_breaker)
-        # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         if progress.ticket is None:
             progress.ticket = scheduler.ticket()
             # The call's first attempt refills the retry budget; its retries draw from it below.
             # Its start time is the deadline less its timeout: a clock read costs more (~1 µs).
             budget.deposit(deadline - request.timeout_s)
+        # The rate limiter's token comes before the slot, so a rate-limited call holds no slot.
         try:
+            if gate.engaged and not gate.take():
+                try:
+                    progress.queued_s += await gate.wait(request.priority, deadline, progress.ticket)
+                except RMCPTimeoutError as too_long:
+                    if last_limited is None:
+                        raise
+                    # The server's refusals are why this call cannot go on: say so.
+                    raise _rate_limited_error(
+                        last_limited, f"and the next attempt would pass the call's deadline: {too_long}"
+                    ) from too_long
             progress.queued_s += await scheduler.acquire(
                 lane, request.priority, progress.ticket, request.tenant, tool_lane
             )
@@ -268,6 +299,7 @@ async def _attempts(
         nesting = current_holding.set(holding)
         retry_after_s = 0.0
         # What this attempt says about the server, for its breakers: nothing, until it is known.
+        # A rate-limit signal leaves it so: the server is up and asks for less (the limiter's job).
         fault = Fault.IGNORED
         fault_reason = ""
         steps_before = len(progress.events)  # this attempt's lifecycle steps come after these
@@ -294,8 +326,20 @@ async def _attempts(
                     answer = await _hedged(
                         hedge, budget, connection, flow, session, request, progress, deadline, policy, unsafe
                     )
+            except _RateLimited as limited:
+                # Refused, not run; paced by the limiter and bounded by the deadline alone.
+                last: _Failed | _Nacked | _RateLimited = limited
+                progress.sent = progress.last_ambiguous is not None
+                progress.rate_limited += 1
+                last_limited = limited
+                gate.report(limited.signal)
+                retry_after_s = limited.signal.retry_after_s or 0.0
+                if anyio.current_time() + retry_after_s >= deadline:
+                    raise _rate_limited_error(
+                        limited, "and the wait it asks for reaches past the call's deadline"
+                    ) from None
             except _Failed as failed:
-                last: _Failed | _Nacked = failed
+                last = failed
                 verdict = failed.verdict
                 fault = _fault_of_failure(verdict, failed.__cause__)
                 if verdict.session_lost and not flow.breakers.first_loss_of(session.generation):
@@ -335,6 +379,10 @@ async def _attempts(
                 raise
             else:
                 fault = Fault.NONE
+                if answer[0].is_error and (signal := _result_signal(answer[0], policy)) is not None:
+                    # Matched, but ACKed by a deduplicating server: a retry with this key would
+                    # only replay the same answer. The limiter still slows down.
+                    gate.report(signal)
                 return answer
         finally:
             holding.active = False
@@ -342,7 +390,17 @@ async def _attempts(
             scheduler.release(lane, tool_lane)
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
             _report_to_breakers(breaker_pass, fault, fault_reason, progress)
-        if progress.attempts >= max_attempts:
+        if isinstance(last, _RateLimited):
+            # The server's wait when it gave one; else a backoff of its own, while the limiter's
+            # cut rate takes over the pacing.
+            delay = retry_after_s or backoff_delay(
+                progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng
+            )
+            if anyio.current_time() + delay >= deadline:
+                raise _rate_limited_error(last, "and the next attempt would come after the call's deadline")
+            await anyio.sleep(delay)
+            continue
+        if progress.counted >= max_attempts:
             raise _last_error(last, connection, progress, None)
         if isinstance(last, _Failed) and last.verdict.attempt is Attempt.REFUSED:
             delay = 0.0  # a new session can take it at once
@@ -456,12 +514,15 @@ async def _hedged(
         primary = current_holding.get()
         parent = primary.parent if primary is not None else None
         current_holding.set(parent)
-        # flow: rate limiter token for the hedge (the same gate as an attempt's).
+        # The same gates as an attempt's: a rate limiter token, then the slots.
+        gate = flow.limiter.gate(request.tool)
         try:
+            if gate.engaged and not gate.take():
+                await gate.wait(request.priority, deadline)
             await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
-        except (RMCPOverloadedError, RMCPDeadlockError) as error:
+        except (RMCPOverloadedError, RMCPDeadlockError, RMCPTimeoutError) as error:
             raise _Failed(
-                Verdict(Attempt.NOT_SENT, False, f"no slot for a hedge ({error.message})")
+                Verdict(Attempt.NOT_SENT, False, f"no token or slot for a hedge ({error.message})")
             ) from error
         holding = Holding(flow.lane, tool_lane, request.tool, parent)
         current_holding.set(holding)
@@ -490,7 +551,7 @@ async def _hedged(
 
 def _leaves_the_race(error: Exception) -> bool:
     """Whether a failed attempt leaves the answer to the others (nothing final was said)."""
-    if isinstance(error, _Nacked):
+    if isinstance(error, _Nacked | _RateLimited):
         return True
     return isinstance(error, _Failed) and error.verdict.attempt in _RETRYABLE_ATTEMPTS
 
@@ -500,7 +561,7 @@ def _gravity(error: Exception) -> int:
     (the tool may have run), then a refusal, then nothing sent."""
     if isinstance(error, _Failed) and error.verdict.attempt is Attempt.SENT_AND_LOST:
         return 2
-    return 1 if isinstance(error, _Nacked) else 0
+    return 1 if isinstance(error, _Nacked | _RateLimited) else 0
 
 
 def _fault_of_failure(verdict: Verdict, cause: BaseException | None) -> Fault:
@@ -603,6 +664,26 @@ def _check_dedup_still_covers(
     ) from progress.last_ambiguous
 
 
+def _result_signal(result: CallToolResult, policy: CallPolicy) -> RateLimitSignal | None:
+    """An error result matching the opt-in ``rate_limit.error_patterns``, as a signal."""
+    patterns = policy.rate_limit.error_patterns
+    return from_result(result, compile_patterns(patterns)) if patterns else None
+
+
+def _rate_limited_error(limited: _RateLimited, when: str) -> RMCPError:
+    """The error of a call the server kept refusing for going too fast: nothing ran."""
+    if limited.meta is not None:
+        return _nack_error(limited.meta, when)
+    signal = limited.signal
+    retry_after = signal.retry_after_s
+    return RMCPNackError(
+        NackCode.RATE_LIMITED,
+        f"{signal.detail} ({when})",
+        retryable=True,
+        retry_after_ms=None if retry_after is None else round(retry_after * 1000),
+    )
+
+
 def _nack_error(meta: ResponseMeta, when: str) -> RMCPError:
     code = meta.code or "unknown"
     reason = f"{meta.reason or 'no reason given'} ({when})"
@@ -685,6 +766,10 @@ async def _send(
         # Stdio and in-memory transports write in this task: once call_tool is left, a request
         # they did not take never leaves. Over HTTP the POST runs in a task of its own that may
         # still start writing, so only a refused connection says it never will.
+        signal = from_error(error, evidence)
+        if signal is not None:
+            progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            raise _RateLimited(signal) from error
         handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
         verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
         if verdict is None:
@@ -696,17 +781,21 @@ async def _send(
         current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
-    if rmcp is None:
-        progress.record(RequestState.ANSWERED)
-        return result, None
-    rmcp_meta = decode_response_meta(result.meta)
+    rmcp_meta = None if rmcp is None else decode_response_meta(result.meta)
     if rmcp_meta is None:
+        if result.is_error and (signal := _result_signal(result, policy)) is not None:
+            # Opted in: this server's error result says "too fast"; nothing ran (nothing
+            # deduplicates it either, so a retry is a fresh request).
+            progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            raise _RateLimited(signal)
         progress.record(RequestState.ANSWERED)
         return result, None
     if rmcp_meta.ack:
         progress.record(RequestState.ACKED, "duplicate" if rmcp_meta.duplicate else None)
         return result, rmcp_meta
     progress.record(RequestState.NACKED, rmcp_meta.code)
+    if (signal := from_nack(rmcp_meta)) is not None:
+        raise _RateLimited(signal, rmcp_meta)
     if rmcp_meta.retryable:
         raise _Nacked(rmcp_meta)
     raise _nack_error(rmcp_meta, f"on attempt {progress.attempts}")

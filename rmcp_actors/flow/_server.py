@@ -12,6 +12,7 @@ from ..runtime import ChildSpec
 from .breaker import BreakerActor, BreakerChangeCallback, Breakers, client_prober
 from .budget import RetryBudget, RetryBudgetStatistics
 from .hedge import ToolHedge
+from .limiter import RateLimiter, RateLimitSettings
 from .scheduler import Lane, Scheduler
 
 if TYPE_CHECKING:
@@ -33,10 +34,15 @@ class ServerFlow:
     policy: ServerPolicy
     scheduler: Scheduler
     lane: Lane
+    #: The ``rate_limit`` of each tool whose own table sets one (that tool gets its own bucket).
+    tool_rate_limits: Mapping[str, RateLimitSettings] = attrs.field(
+        factory=dict[str, RateLimitSettings], kw_only=True
+    )
     #: Returns the client of the server's usable session (the breaker's active probes use it).
     current_client: Callable[[], Client | None] = attrs.field(default=lambda: None, kw_only=True)
     on_breaker_change: BreakerChangeCallback | None = attrs.field(default=None, kw_only=True)
     breakers: Breakers = attrs.field(init=False)
+    limiter: RateLimiter = attrs.field(init=False)
 
     # Retry budget and hedging (flow/budget.py, flow/hedge.py): plain state, no actor (the
     # budget refills lazily from the clock). A tool has its own budget only when its table
@@ -48,6 +54,9 @@ class ServerFlow:
 
     def __attrs_post_init__(self) -> None:
         self.breakers = Breakers(self.name, self.policy.circuit_breaker, self.on_breaker_change)
+        self.limiter = RateLimiter(
+            f"limiter:{self.name}", self.name, self.policy.rate_limit, self.tool_rate_limits
+        )
         budget = self.policy.retry_budget
         self.budget = RetryBudget(budget.ratio, budget.min_per_s, server=self.name)
         self.hedging = _hedges(self.policy)
@@ -93,7 +102,7 @@ class ServerFlow:
             client_prober(self.current_client),
             probe_timeout_s=self.policy.connect_timeout_s,
         )
-        return [ChildSpec(breaker.name, breaker.run)]
+        return [ChildSpec(breaker.name, breaker.run), ChildSpec(self.limiter.name, self.limiter.run)]
 
 
 def _hedges(policy: ServerPolicy | CallPolicy) -> bool:
