@@ -146,6 +146,8 @@ class Connection(Actor[ConnectionRequest]):
             name=self.name,
             inbox_used=inbox.inbox_used,
             inbox_size=inbox.inbox_size,
+            pending_asks=inbox.pending_asks,
+            oldest_ask_s=inbox.oldest_ask_s,
             state=self.state,
             generation=self._generation,
             connects=self._connects,
