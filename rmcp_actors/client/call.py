@@ -44,6 +44,7 @@ from ..errors import (
 )
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
+from ..runtime import WorkItem
 from ._arguments import check_arguments, check_idempotency_key
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
@@ -92,6 +93,18 @@ class _Progress:
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
     events: list[LifecycleEvent] = attrs.Factory(list[LifecycleEvent])
+
+    def work_item(self, owner: str, now: float) -> WorkItem:
+        """Describe the call for the watchdog's stall report (never on the call path)."""
+        return WorkItem(
+            key=self.request.request_id,
+            owner=owner,
+            what=self.request.tool,
+            state=self.events[-1].state.value if self.events else "starting",
+            # The first event is QUEUED, recorded at the call's start.
+            age_s=now - self.events[0].at if self.events else 0.0,
+            attempts=self.attempts,
+        )
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
