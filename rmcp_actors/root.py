@@ -3,8 +3,9 @@
 ::
 
     RMCPSupervisor.open()             root Supervisor "rmcp" (one_for_one, restarts nothing)
-    └── Supervisor "servers"          one_for_one, dynamic, restarts nothing
-        └── Supervisor "server:<name>"  rest_for_one: the Connection, then its gates' actors
+    ├── Supervisor "servers"          one_for_one, dynamic, restarts nothing
+    │   └── Supervisor "server:<name>"  rest_for_one: the Connection, then its gates' actors
+    └── Watchdog "watchdog"           stall reports, hung servers (see ``runtime/watchdog.py``)
 
 The scheduler is shared state, not an actor (see ``flow/scheduler.py``); calls run in the
 caller's task and lease the connection's session, so a call crosses no inbox. Each server's
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, final
 
@@ -26,6 +27,7 @@ import attrs
 from mcp_types import Tool
 
 from ._exceptions import FATAL, is_fatal, leaves
+from ._health import judge_scheduler, judge_watchdog, register_server
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .config import CallPolicy, RMCPConfig, ServerSpec
@@ -41,6 +43,8 @@ from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
 from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
+from .runtime.health import ComponentRegistry, Health
+from .runtime.watchdog import StallReport, Watchdog, WorkRegistry
 
 __all__ = ["RMCPSupervisor", "RuntimeStatistics"]
 
@@ -74,6 +78,8 @@ class _Server:
     # The server's subtree in the servers supervisor: what removing this entry stops.
     child: ChildSpec = attrs.field(init=False)
     supervisor: Supervisor | None = None
+    # Takes the server out of health snapshots and the watchdog's watch.
+    forget: Callable[[], None] = lambda: None
 
     def __attrs_post_init__(self) -> None:
         self.child = ChildSpec(f"server:{self.spec.name}", self.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S)
@@ -121,17 +127,27 @@ class RMCPSupervisor:
         scheduler: Scheduler,
         root: Supervisor,
         servers: Supervisor,
+        *,
+        components: ComponentRegistry,
+        work: WorkRegistry,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
         self._root = root
         self._servers_supervisor = servers
+        self._components = components
+        self._work = work
         self._servers: dict[str, _Server] = {}
         self._random = random.Random()
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: RMCPConfig | None = None) -> AsyncGenerator[RMCPSupervisor]:
+    async def open(
+        cls,
+        config: RMCPConfig | None = None,
+        *,
+        on_stall: Callable[[StallReport], None] | None = None,
+    ) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
         Leaving the block stops the connections side by side, since they are independent (each
@@ -140,6 +156,9 @@ class RMCPSupervisor:
 
         Args:
             config: The configuration; ``None`` means built-in defaults and no servers.
+            on_stall: Called with the watchdog's report whenever calls are in flight and none
+                completed for ``runtime.stall_s`` (the report is logged too, logger
+                ``rmcp_actors.watchdog``); it runs in the watchdog's task and must not wait.
 
         Yields:
             The running supervisor.
@@ -156,14 +175,28 @@ class RMCPSupervisor:
         # servers), and an escalation reaching them ends the runtime with RMCPSupervisorError.
         escalate = RestartIntensity(max_restarts=0, period_s=runtime.restart_period_s)
         servers = Supervisor("servers", Strategy.ONE_FOR_ONE, intensity=escalate)
+        components, work = ComponentRegistry(), WorkRegistry()
+        watchdog = Watchdog(
+            "watchdog",
+            work,
+            components,
+            stall_s=runtime.stall_s,
+            restart_hung=runtime.restart_hung,
+            on_stall=on_stall,
+        )
         root = Supervisor(
             "rmcp",
             Strategy.ONE_FOR_ONE,
-            children=[ChildSpec("servers", servers.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S)],
+            children=[
+                ChildSpec("servers", servers.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S),
+                ChildSpec("watchdog", watchdog.run, shutdown_timeout_s=1.0),
+            ],
             intensity=escalate,
         )
         scheduler = Scheduler(runtime.max_concurrency, runtime.max_queue, runtime.overflow)
-        supervisor = cls(config, scheduler, root, servers)
+        components.register("scheduler", "scheduler", scheduler.statistics, judge=judge_scheduler)
+        components.register("watchdog", "watchdog", watchdog.statistics, judge=judge_watchdog)
+        supervisor = cls(config, scheduler, root, servers, components=components, work=work)
         try:
             async with anyio.create_task_group() as task_group:
                 await task_group.start(root.run)
@@ -201,7 +234,11 @@ class RMCPSupervisor:
         policy = self._config.server_policy(spec)
         connection = Connection(spec.name, spec, policy)
         flow = ServerFlow(
-            spec.name, policy, self._scheduler, self._scheduler.lane(spec.name, policy.max_concurrency)
+            spec.name,
+            policy,
+            self._scheduler,
+            self._scheduler.lane(spec.name, policy.max_concurrency),
+            in_flight=self._work.track(spec.name, connection),
         )
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
         runtime = self._config.runtime
@@ -213,6 +250,7 @@ class RMCPSupervisor:
             self._config.call_policy(spec, None),
             RestartIntensity(max_restarts=runtime.max_restarts, period_s=runtime.restart_period_s),
         )
+        entry.forget = register_server(self._components, self._work, connection, flow)
         try:
             await self._servers_supervisor.start_child(entry.child)
         except BaseException as error:
@@ -221,6 +259,7 @@ class RMCPSupervisor:
             if not removed:
                 del self._servers[spec.name]
                 self._scheduler.retire(flow.lane)
+                entry.forget()
             elif isinstance(error, RMCPSupervisorError):
                 # remove_server stopped the connection while it was still connecting.
                 raise UnknownServerError(
@@ -246,6 +285,7 @@ class RMCPSupervisor:
         # Forget it first: a concurrent removal must find it gone, not half-removed.
         del self._servers[name]
         self._scheduler.retire(entry.flow.lane)
+        entry.forget()
         await self._stop_connection(entry)
 
     async def _stop_connection(self, entry: _Server) -> None:
@@ -360,6 +400,17 @@ class RMCPSupervisor:
             on_lifecycle=on_lifecycle,
         )
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
+
+    def health(self) -> Health:
+        """Return a frozen snapshot of every component's health, and the runtime's.
+
+        Each component (the scheduler, the watchdog, and per server its connection, its lane
+        and its gates) contributes its ``statistics()`` and a status (``ok``, ``degraded`` or
+        ``failing``, with the reason). The overall status is ``failing`` when a runtime-wide
+        component fails or every server has a failing component, ``degraded`` when any
+        component is not ``ok``, and ``ok`` otherwise. Cheap: nothing waits, no actor is asked.
+        """
+        return self._components.health()
 
     def statistics(self) -> RuntimeStatistics:
         """Return a snapshot of the scheduler, every connection and the supervisors."""

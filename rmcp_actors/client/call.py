@@ -81,7 +81,7 @@ class CallRequest:
     on_lifecycle: LifecycleCallback | None = None
 
 
-@attrs.define
+@attrs.define(eq=False)  # identity: the watchdog's in-flight record is keyed by it
 class _Progress:
     """What is known about a call so far: decides the error when it ends early."""
 
@@ -178,7 +178,8 @@ async def perform_call(
         raise
     progress.record(RequestState.QUEUED, at=started)
     # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
-    with anyio.move_on_at(deadline):
+    # flow: the watchdog sees the call in flight until it ends, however it ends.
+    with anyio.move_on_at(deadline), flow.in_flight.track(progress):
         try:
             result, rmcp_meta = await _attempts(connection, flow, policy, request, rng, deadline, progress)
         except RMCPError as error:

@@ -7,7 +7,7 @@ from typing import final
 import attrs
 
 from ..config import ServerPolicy
-from ..runtime import ChildSpec
+from ..runtime import ChildSpec, InFlight
 from .scheduler import Lane, Scheduler
 
 __all__ = ["ServerFlow"]
@@ -26,6 +26,10 @@ class ServerFlow:
     policy: ServerPolicy
     scheduler: Scheduler
     lane: Lane
+    # The watchdog's record of this server's calls in flight (a dict insert and delete per call).
+    in_flight: InFlight = attrs.field(
+        kw_only=True, default=attrs.Factory(lambda flow: InFlight(flow.name), takes_self=True)
+    )
 
     def child_specs(self) -> list[ChildSpec]:
         """The actors of this server's gates, started after its connection (rest_for_one)."""
