@@ -83,10 +83,10 @@ def judge_scheduler(statistics: SchedulerStatistics) -> Verdict:
 
 def judge_watchdog(statistics: WatchdogStatistics) -> Verdict:
     """Degraded while a stall is being reported (calls in flight, none completing)."""
-    report = statistics.last_report
-    if statistics.stalled and report is not None:
+    if statistics.stalled:
         return (
             HealthStatus.DEGRADED,
-            f"stalled: no call completed for {report.stalled_for_s:.1f} s with {report.in_flight} in flight",
+            f"stalled: no call completed for {statistics.stalled_for_s:.1f} s with "
+            f"{statistics.in_flight} in flight",
         )
     return HealthStatus.OK, None

@@ -237,6 +237,8 @@ class WatchdogStatistics(ActorStatistics):
     Attributes:
         stall_s: The configured stall threshold.
         stalled: Whether a stall is being reported now.
+        stalled_for_s: How long no call has completed while calls were in flight (0 when
+            not stalled), as of the latest check.
         stalls: Stalls reported so far (a stall that lasts counts once).
         in_flight: Calls in flight at the latest check.
         completed: Calls completed in all, at the latest check.
@@ -246,6 +248,7 @@ class WatchdogStatistics(ActorStatistics):
 
     stall_s: float
     stalled: bool
+    stalled_for_s: float
     stalls: int
     in_flight: int
     completed: int
@@ -293,6 +296,7 @@ class Watchdog(Actor[CheckNow]):
     _completed: int = attrs.field(default=0, init=False)
     _calls_in_flight: int = attrs.field(default=0, init=False)
     _progress_at: float | None = attrs.field(default=None, init=False)
+    _checked_at: float = attrs.field(default=0.0, init=False)
     _stalled: bool = attrs.field(default=False, init=False)
     _next_report_at: float = attrs.field(default=0.0, init=False)
     _stalls: int = attrs.field(default=0, init=False)
@@ -325,6 +329,9 @@ class Watchdog(Actor[CheckNow]):
             oldest_ask_s=inbox.oldest_ask_s,
             stall_s=self.stall_s,
             stalled=self._stalled,
+            stalled_for_s=self._checked_at - self._progress_at
+            if self._stalled and self._progress_at is not None
+            else 0.0,
             stalls=self._stalls,
             in_flight=self._calls_in_flight,
             completed=self._completed,
@@ -333,6 +340,7 @@ class Watchdog(Actor[CheckNow]):
         )
 
     def _check(self, now: float) -> StallReport | None:
+        self._checked_at = now
         owners = self.work.owners()
         in_flight = completed = 0
         silent: list[tuple[InFlight, float]] = []
@@ -360,12 +368,13 @@ class Watchdog(Actor[CheckNow]):
                 self._ask_if_hung(owner, silent_s, now)
         if now - self._progress_at < self.stall_s:
             return None
-        report = self._report(now, owners, silent)
-        if not self._stalled:
+        first = not self._stalled
+        if first:
             self._stalled = True
             self._stalls += 1
-            self._publish(report, now)
-        elif now >= self._next_report_at:
+        # Built after the state changed, so the watchdog's own line in it is current.
+        report = self._report(now, owners, silent)
+        if first or now >= self._next_report_at:
             self._publish(report, now)
         return report
 
