@@ -90,7 +90,7 @@ async def test_a_stall_is_reported_naming_the_stuck_call(
     caplog.set_level(logging.WARNING, logger="rmcp_actors.watchdog")
     async with running(make_watchdog(work, on_stall=reports.append)) as watchdog:
         stuck = Job("req-1", "search", trio.current_time())
-        in_flight.track(stuck)
+        in_flight.begin(stuck)
         await trio.sleep(STALL_S - 0.1)
         assert reports == []
         await trio.sleep(STALL_S / 4 + 0.1)
@@ -121,15 +121,15 @@ async def test_no_report_while_calls_complete(autojump_clock: trio.testing.MockC
         # Always one call in flight, and one completes every second: busy, never stalled.
         for n in range(int(STALL_S * 10)):
             job = Job(f"req-{n}", "search", trio.current_time())
-            in_flight.track(job)
+            in_flight.begin(job)
             await trio.sleep(1.0)
             in_flight.end(job)
         # A slow call among them does not stall anything while others complete.
         slow = Job("slow", "search", trio.current_time())
-        in_flight.track(slow)
+        in_flight.begin(slow)
         for n in range(int(STALL_S * 3)):
             job = Job(f"more-{n}", "search", trio.current_time())
-            in_flight.track(job)
+            in_flight.begin(job)
             await trio.sleep(1.0)
             in_flight.end(job)
         assert reports == []
@@ -147,7 +147,7 @@ async def test_a_lasting_stall_is_reported_every_stall_s_then_ends(
     caplog.set_level(logging.INFO, logger="rmcp_actors.watchdog")
     async with running(make_watchdog(work, on_stall=reports.append)) as watchdog:
         stuck = Job("req-1", "search", trio.current_time())
-        in_flight.track(stuck)
+        in_flight.begin(stuck)
         await trio.sleep(STALL_S * 4 + 0.1)
         assert 3 <= len(reports) <= 4
         ages = [report.oldest[0].age_s for report in reports]
@@ -167,9 +167,9 @@ async def test_the_oldest_calls_across_owners_come_first(autojump_clock: trio.te
     first, second = work.track("a"), work.track("b")
     async with running(make_watchdog(work)) as watchdog:
         for n in range(15):
-            first.track(Job(f"a{n}", "t", trio.current_time()))
+            first.begin(Job(f"a{n}", "t", trio.current_time()))
             await trio.sleep(0.01)
-            second.track(Job(f"b{n}", "t", trio.current_time()))
+            second.begin(Job(f"b{n}", "t", trio.current_time()))
             await trio.sleep(0.01)
         await trio.sleep(STALL_S * 1.25 + 0.1)
         report = await watchdog.ask(CheckNow)
@@ -187,8 +187,8 @@ async def test_a_silent_owner_is_asked_whether_it_hung_once_per_stall_s(
     silent_calls = work.track("silent", silent)
     chatty_calls = work.track("chatty", chatty)
     async with running(make_watchdog(work)) as watchdog:
-        silent_calls.track(Job("s", "t", trio.current_time()))
-        chatty_calls.track(Job("c", "t", trio.current_time()))
+        silent_calls.begin(Job("s", "t", trio.current_time()))
+        chatty_calls.begin(Job("c", "t", trio.current_time()))
         for _ in range(int(STALL_S * 3)):
             chatty.messages += 1  # e.g. progress notifications: it is alive, only slow
             await trio.sleep(1.0)
@@ -216,7 +216,7 @@ async def test_an_owner_with_nothing_in_flight_is_never_silent(
 async def test_restart_hung_off_only_reports(autojump_clock: trio.testing.MockClock) -> None:
     work = WorkRegistry()
     silent = FakeLiveness()
-    work.track("silent", silent).track(Job("s", "t", trio.current_time()))
+    work.track("silent", silent).begin(Job("s", "t", trio.current_time()))
     reports: list[StallReport] = []
     async with running(make_watchdog(work, on_stall=reports.append, restart_hung=False)):
         await trio.sleep(STALL_S * 2)
@@ -241,7 +241,7 @@ async def test_the_report_shows_every_component_and_survives_broken_ones(
     components.register("limiter", "docs", lambda: LimiterStatistics("docs", 2.5, 3), server="docs")
     components.register("breaker", "docs", broken, server="docs")
     work = WorkRegistry()
-    work.track("docs").track(Job("req-1", "search", trio.current_time()))
+    work.track("docs").begin(Job("req-1", "search", trio.current_time()))
 
     def bad_callback(report: StallReport) -> None:
         raise ValueError("user bug")
@@ -263,7 +263,7 @@ async def test_the_report_shows_every_component_and_survives_broken_ones(
 async def test_an_untracked_owner_leaves_the_watch(autojump_clock: trio.testing.MockClock) -> None:
     work = WorkRegistry()
     removed = work.track("removed", FakeLiveness())
-    removed.track(Job("r", "t", trio.current_time()))
+    removed.begin(Job("r", "t", trio.current_time()))
     work.untrack(removed)
     async with running(make_watchdog(work)) as watchdog:
         await trio.sleep(STALL_S * 2)
@@ -275,9 +275,10 @@ def test_in_flight_tracking_is_plain_bookkeeping() -> None:
     in_flight = InFlight("docs")
     jobs = [Job(str(n), "t", 0.0) for n in range(3)]
     for job in jobs[::2]:
-        in_flight.track(job)
-    with in_flight.track(jobs[1]):
-        assert [item.key for item in in_flight.oldest(1.0, 10)] == ["0", "2", "1"]
+        in_flight.begin(job)
+    in_flight.begin(jobs[1])
+    assert [item.key for item in in_flight.oldest(1.0, 10)] == ["0", "2", "1"]
+    in_flight.end(jobs[1])
     assert len(in_flight) == 2
     assert in_flight.completed == 1
     assert [item.key for item in in_flight.oldest(1.0, 10)] == ["0", "2"]

@@ -29,6 +29,7 @@ from rmcp_actors import (
     RuntimeSettings,
     ServerSpec,
     StallReport,
+    UnknownToolError,
 )
 
 RAW_SERVER = str(Path(__file__).with_name("raw_stdio_server.py"))
@@ -198,3 +199,20 @@ async def test_a_slow_stdio_server_that_answers_pings_is_not_restarted() -> None
         stats = sup.statistics().connections[0]
         assert (stats.generation, stats.hung_restarts) == (1, 0)
         assert sup.health().component("watchdog", "watchdog").statistics.hung_checks >= 1  # type: ignore[attr-defined]
+
+
+async def test_every_call_leaves_the_in_flight_record_however_it_ends(
+    server: MCPServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open(config()) as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        in_flight = sup._servers["test"].flow.in_flight  # pyright: ignore[reportPrivateUsage]
+        await sup.call("test", "echo", {"text": "ok"})
+        with trio.move_on_after(1.0):  # cancelled by the caller's own scope
+            await sup.call("test", "sleep", {"seconds": 100})
+        with pytest.raises(RMCPTimeoutError):  # the call's own deadline
+            await sup.call("test", "sleep", {"seconds": 100}, timeout=1.0)
+        with pytest.raises(UnknownToolError):
+            await sup.call("test", "no_such_tool")
+        assert len(in_flight) == 0
+        assert in_flight.completed == 4

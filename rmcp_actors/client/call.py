@@ -177,40 +177,48 @@ async def perform_call(
         _stamp(error, connection.name, request, progress)
         raise
     progress.record(RequestState.QUEUED, at=started)
-    # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
-    # flow: the watchdog sees the call in flight until it ends, however it ends.
-    with anyio.move_on_at(deadline), flow.in_flight.track(progress):
-        try:
-            result, rmcp_meta = await _attempts(connection, flow, policy, request, rng, deadline, progress)
-        except RMCPError as error:
-            if progress.last_ambiguous is not None and not error.may_have_executed:
-                # A later attempt failed cleanly, but an earlier one was sent and lost.
-                unknown = RMCPOutcomeUnknownError(
-                    f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
-                    f"tool may have run; the retry then failed: {error.message}",
+    # flow: the watchdog sees the call in flight until it ends, however it ends (a dict insert
+    # and delete: a context manager would cost five times as much here).
+    in_flight = flow.in_flight
+    in_flight.begin(progress)
+    try:
+        # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
+        with anyio.move_on_at(deadline):
+            try:
+                result, rmcp_meta = await _attempts(
+                    connection, flow, policy, request, rng, deadline, progress
                 )
-                _stamp(unknown, connection.name, request, progress)
-                raise unknown from error
-            _stamp(error, connection.name, request, progress)
-            raise
-        return CallResult(
-            outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
-            content=result.content,
-            structured_content=result.structured_content,
-            is_error=result.is_error,
-            attempts=progress.attempts,
-            duplicate=rmcp_meta is not None and rmcp_meta.duplicate is True,
-            request_id=request.request_id,
-            idempotency_key=request.idempotency_key,
-            server=connection.name,
-            tool=request.tool,
-            queued_s=progress.queued_s,
-            elapsed_s=anyio.current_time() - started,
-            meta=result.meta,
-            lifecycle=tuple(progress.events),
-        )
-    # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
-    raise _timeout_error(connection, request, progress)
+            except RMCPError as error:
+                if progress.last_ambiguous is not None and not error.may_have_executed:
+                    # A later attempt failed cleanly, but an earlier one was sent and lost.
+                    unknown = RMCPOutcomeUnknownError(
+                        f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
+                        f"tool may have run; the retry then failed: {error.message}",
+                    )
+                    _stamp(unknown, connection.name, request, progress)
+                    raise unknown from error
+                _stamp(error, connection.name, request, progress)
+                raise
+            return CallResult(
+                outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
+                content=result.content,
+                structured_content=result.structured_content,
+                is_error=result.is_error,
+                attempts=progress.attempts,
+                duplicate=rmcp_meta is not None and rmcp_meta.duplicate is True,
+                request_id=request.request_id,
+                idempotency_key=request.idempotency_key,
+                server=connection.name,
+                tool=request.tool,
+                queued_s=progress.queued_s,
+                elapsed_s=anyio.current_time() - started,
+                meta=result.meta,
+                lifecycle=tuple(progress.events),
+            )
+        # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
+        raise _timeout_error(connection, request, progress)
+    finally:
+        in_flight.end(progress)
 
 
 async def _attempts(

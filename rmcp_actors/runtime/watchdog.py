@@ -107,8 +107,9 @@ class Liveness(Protocol):
 class InFlight:
     """The calls in flight to one owner, and how many have completed.
 
-    ``with in_flight.track(work):`` around a call is the call path's only cost: a dict insert,
-    a delete and an increment. Insertion order is start order, so the oldest calls come first.
+    :meth:`begin` and :meth:`end` around a call are the call path's only cost: a dict insert,
+    a delete and an increment (plain calls in a ``try``/``finally``; a context manager costs
+    five times as much). Insertion order is start order, so the oldest calls come first.
     """
 
     __slots__ = ("_calls", "completed", "liveness", "owner")
@@ -119,11 +120,9 @@ class InFlight:
         self.completed = 0
         self._calls: dict[Tracked, None] = {}
 
-    def track(self, work: Tracked) -> _Tracking:
-        """Record that ``work`` started; leaving the returned context records that it ended
-        (:meth:`end`), however it ended."""
+    def begin(self, work: Tracked) -> None:
+        """Record that ``work`` started; pair it with :meth:`end` in a ``finally``."""
         self._calls[work] = None
-        return _Tracking(self, work)
 
     def end(self, work: Tracked) -> None:
         """Record that ``work`` ended."""
@@ -136,22 +135,6 @@ class InFlight:
     def oldest(self, now: float, limit: int) -> list[WorkItem]:
         """Describe the ``limit`` oldest calls, oldest first."""
         return [work.work_item(self.owner, now) for work in itertools.islice(self._calls, limit)]
-
-
-class _Tracking:
-    """Ends one call's record on exit; a slotted class, cheaper than a generator context."""
-
-    __slots__ = ("_in_flight", "_work")
-
-    def __init__(self, in_flight: InFlight, work: Tracked) -> None:
-        self._in_flight = in_flight
-        self._work = work
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._in_flight.end(self._work)
 
 
 @final
