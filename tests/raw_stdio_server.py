@@ -8,8 +8,8 @@ Options:
     --invalid-refresh: every tools/list after the first returns a tool without a name.
     --pid-file PATH: write the process id there at start.
     --non-utf8-echo: echo's answer carries a byte that is not UTF-8 (a corrupt line).
-    --half-line: tool ``half`` writes the first half of its answer's line, then the whole
-        process hangs (reads nothing, answers nothing, not even a ping) until killed.
+    --half-line: adds tool ``half``, which writes the first half of its answer's line, then
+        the whole process hangs (reads nothing, answers nothing, not even a ping) until killed.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def main() -> None:
         options.pid_file.write_text(str(__import__("os").getpid()))
     if options.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("echo", "wait", "half")]
+    names = ("echo", "wait", "half") if options.half_line else ("echo", "wait")
+    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in names]
     listings = 0
     for line in sys.stdin:
         request = json.loads(line)
@@ -71,7 +72,7 @@ def main() -> None:
             }
             if name == "wait":
                 threading.Timer(options.wait_s, _send, (answer,)).start()
-            elif name == "half" and options.half_line:
+            elif name == "half":
                 line = json.dumps(answer)
                 with _write_lock:
                     sys.stdout.write(line[: len(line) // 2])

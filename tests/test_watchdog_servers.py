@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -152,9 +153,11 @@ async def test_health_snapshot_and_status_transitions(
         assert health.status is HealthStatus.FAILING
 
 
-def raw_spec(*options: str) -> ServerSpec:
+def raw_spec(*options: str, connect_timeout_s: float = 10.0) -> ServerSpec:
+    # connect_timeout_s also bounds the watchdog's ping.
+    overrides = attrs.evolve(FAST_RECOVERY, connect_timeout_s=connect_timeout_s)
     return ServerSpec.stdio(
-        "raw", sys.executable, [RAW_SERVER, *options], protocol="legacy", overrides=FAST_RECOVERY
+        "raw", sys.executable, [RAW_SERVER, *options], protocol="legacy", overrides=overrides
     )
 
 
@@ -163,7 +166,7 @@ async def test_a_hung_stdio_server_is_restarted_and_later_calls_succeed(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="rmcp_actors.watchdog")
     async with RMCPSupervisor.open(config(0.5)) as sup:
-        await sup.add_server(raw_spec("--half-line"))
+        await sup.add_server(raw_spec("--half-line", connect_timeout_s=2.0))
         assert (await sup.call("raw", "echo", timeout=5)).attempts == 1
         started = trio.current_time()
         # The server writes half of the answer's line and hangs: not a byte more, no ping answered.

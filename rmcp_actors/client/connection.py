@@ -105,7 +105,7 @@ class CheckHung:
 
     Attributes:
         generation: The session the watchdog saw; a newer one is left alone.
-        silent_s: How long the server has been silent; also bounds the ping.
+        silent_s: How long the server has been silent (for the log).
     """
 
     generation: int
@@ -369,8 +369,9 @@ class Connection(Actor[ConnectionRequest]):
         if session is None or session.client is None or session.generation != message.generation:
             return  # that session is gone already
         received = self._traffic.received
-        # The handshake's own bound: a live server answers a ping no slower than an initialize.
-        timeout_s = min(self.policy.connect_timeout_s, message.silent_s)
+        # The handshake's own bound: a live server answers a ping no slower than an initialize
+        # (not stall_s: a short stall_s on a loaded machine would restart live servers).
+        timeout_s = self.policy.connect_timeout_s
         with anyio.move_on_after(timeout_s):
             # An error is an answer too (the modern protocol has no ping: -32601): it is alive.
             with suppress(MCPError):
