@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from .client.connection import Connection, ConnectionState, ConnectionStatistics
 from .flow._server import ServerFlow
-from .flow.scheduler import Lane, LaneStatistics, SchedulerStatistics
+from .flow.scheduler import LaneStatistics, SchedulerStatistics
 from .runtime import ComponentRegistry, HealthStatus, WatchdogStatistics, WorkRegistry
 
 __all__ = ["judge_scheduler", "judge_watchdog", "register_server"]
@@ -29,7 +29,7 @@ def register_server(
     lane = flow.lane
     unregister = [
         registry.register("connection", server, connection.statistics, server=server, judge=judge_connection),
-        registry.register("lane", server, lambda: lane_statistics(lane), server=server, judge=judge_lane),
+        registry.register("lane", server, lane.statistics, server=server, judge=judge_lane),
     ]
 
     def unregister_all() -> None:
@@ -38,17 +38,6 @@ def register_server(
         work.untrack(flow.in_flight)
 
     return unregister_all
-
-
-def lane_statistics(lane: Lane) -> LaneStatistics:
-    """A snapshot of one server's lane, as the scheduler's statistics show it."""
-    return LaneStatistics(
-        name=lane.name,
-        max_concurrency=lane.max_concurrency,
-        running=lane.running,
-        peak_running=lane.peak_running,
-        queued=lane.queued,
-    )
 
 
 def judge_connection(statistics: ConnectionStatistics) -> Verdict:
@@ -60,12 +49,16 @@ def judge_connection(statistics: ConnectionStatistics) -> Verdict:
 
 
 def judge_lane(statistics: LaneStatistics) -> Verdict:
-    """Degraded while calls queue for the server's slots: it runs at its concurrency limit."""
-    if statistics.queued:
+    """Degraded while calls queue for the server's slots, or a tool's: it runs at its limit."""
+    saturated = [lane for lane in (statistics, *statistics.tools) if lane.queued]
+    if saturated:
         return (
             HealthStatus.DEGRADED,
-            f"saturated: {statistics.running}/{statistics.max_concurrency} running, "
-            f"{statistics.queued} queued",
+            "saturated: "
+            + "; ".join(
+                f"{lane.name} {lane.running}/{lane.max_concurrency} running, {lane.queued} queued"
+                for lane in saturated
+            ),
         )
     return HealthStatus.OK, None
 

@@ -193,7 +193,13 @@ class RMCPSupervisor:
             ],
             intensity=escalate,
         )
-        scheduler = Scheduler(runtime.max_concurrency, runtime.max_queue, runtime.overflow)
+        scheduler = Scheduler(
+            runtime.max_concurrency,
+            runtime.max_queue,
+            runtime.overflow,
+            config.tenants,
+            runtime.priority_aging_s,
+        )
         components.register("scheduler", "scheduler", scheduler.statistics, judge=judge_scheduler)
         components.register("watchdog", "watchdog", watchdog.statistics, judge=judge_watchdog)
         supervisor = cls(config, scheduler, root, servers, components=components, work=work)
@@ -241,6 +247,9 @@ class RMCPSupervisor:
             in_flight=self._work.track(spec.name, connection),
         )
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
+        for tool, tool_policy in policies.items():
+            if tool_policy.max_concurrency is not None:
+                self._scheduler.tool_lane(flow.lane, tool, tool_policy.max_concurrency)
         runtime = self._config.runtime
         entry = self._servers[spec.name] = _Server(
             spec,
@@ -344,6 +353,7 @@ class RMCPSupervisor:
         priority: int = 0,
         timeout: float | None = None,
         on_lifecycle: LifecycleCallback | None = None,
+        tenant: str | None = None,
     ) -> CallResult:
         """Call a tool reliably and return its result once it ran and answered.
 
@@ -352,7 +362,8 @@ class RMCPSupervisor:
             tool: The tool's name, as the server lists it.
             arguments: The tool's arguments.
             idempotency_key: The key every attempt of this call carries; generated if omitted.
-            priority: Admission priority: higher runs first, FIFO within a priority.
+            priority: Admission priority: higher runs first, FIFO within a priority; a waiting
+                call gains one level per ``runtime.priority_aging_s`` waited.
             timeout: Seconds for the whole call (queueing, attempts, backoff); defaults to the
                 tool's ``timeout_s``. An enclosing cancel scope also bounds the call, and its
                 cancellation propagates unchanged.
@@ -360,6 +371,9 @@ class RMCPSupervisor:
                 answered, failed, unknown); the same steps are on the result or error as
                 ``lifecycle``. An exception it raises is logged (logger ``rmcp_actors``) and
                 changes nothing about the call.
+            tenant: Who the call is for: a server's concurrency is shared between the tenants
+                with calls waiting, in proportion to their weights in ``[tenants]`` (1 when not
+                listed, and for calls without a tenant), within each priority.
 
         Returns:
             The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.
@@ -377,6 +391,9 @@ class RMCPSupervisor:
             RMCPServerError: The server answered with a JSON-RPC error.
             RMCPResultValidationError: The result breaks the tool's output schema.
             RMCPOverloadedError: The admission queue is full and ``overflow = "reject"``.
+            RMCPDeadlockError: The call was made from inside another call's work (a tool of an
+                in-process server calling back) and every slot it needs is held by the calls it
+                is nested in; nothing was sent.
             RMCPArgumentError: ``timeout`` is not a positive finite number, or ``arguments``
                 hold a value JSON cannot carry unchanged (bytes, a non-str key,
                 NaN, a set, a circular reference, nesting deeper than 190); nothing was sent.
@@ -398,6 +415,7 @@ class RMCPSupervisor:
             priority=priority,
             timeout_s=timeout if timeout is not None else policy.timeout_s,
             on_lifecycle=on_lifecycle,
+            tenant=tenant,
         )
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
 

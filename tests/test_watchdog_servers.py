@@ -117,7 +117,7 @@ async def test_health_snapshot_and_status_transitions(
             health = sup.health()
             lane = health.component("lane", "a")
             assert lane.status is HealthStatus.DEGRADED
-            assert lane.reason == "saturated: 1/1 running, 1 queued"
+            assert lane.reason == "saturated: a 1/1 running, 1 queued"
             assert health.status is HealthStatus.DEGRADED
             assert health.servers() == {"a": HealthStatus.DEGRADED, "b": HealthStatus.OK}
             await trio.sleep(STALL_S * 1.25 + 0.01)
