@@ -35,6 +35,7 @@ from .config import ToolOverrides as ToolOverrides
 from .errors import Outcome as Outcome
 from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
+from .errors import RMCPCircuitOpenError as RMCPCircuitOpenError
 from .errors import RMCPConfigError as RMCPConfigError
 from .errors import RMCPDeadlockError as RMCPDeadlockError
 from .errors import RMCPError as RMCPError
@@ -53,6 +54,8 @@ from .errors import RMCPTimeoutError as RMCPTimeoutError
 from .errors import RMCPUnknownOwnerError as RMCPUnknownOwnerError
 from .errors import UnknownServerError as UnknownServerError
 from .errors import UnknownToolError as UnknownToolError
+from .flow.breaker import BreakerChange as BreakerChange
+from .flow.breaker import BreakerState as BreakerState
 from .lifecycle import LifecycleEvent as LifecycleEvent
 from .lifecycle import RequestState as RequestState
 from .result import CallResult as CallResult
@@ -73,6 +76,8 @@ except _PackageNotFoundError:  # run from a source tree that was never installed
 
 __all__ = [
     "__version__",
+    "BreakerChange",
+    "BreakerState",
     "CallPolicy",
     "CallResult",
     "CircuitBreakerOverrides",
@@ -90,6 +95,7 @@ __all__ = [
     "PolicyOverrides",
     "RMCPActorStoppedError",
     "RMCPArgumentError",
+    "RMCPCircuitOpenError",
     "RMCPConfig",
     "RMCPConfigError",
     "RMCPDeadlockError",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import anyio
+
 from .client.connection import Connection, ConnectionState, ConnectionStatistics
 from .flow._server import ServerFlow
+from .flow.breaker import BreakersStatistics, BreakerState, BreakerStatistics
 from .flow.scheduler import LaneStatistics, SchedulerStatistics
 from .runtime import ComponentRegistry, HealthStatus, WatchdogStatistics, WorkRegistry
 
-__all__ = ["judge_scheduler", "judge_watchdog", "register_server"]
+__all__ = ["judge_breakers", "judge_scheduler", "judge_watchdog", "register_server"]
 
 Verdict = tuple[HealthStatus, str | None]
 
@@ -30,6 +33,7 @@ def register_server(
     unregister = [
         registry.register("connection", server, connection.statistics, server=server, judge=judge_connection),
         registry.register("lane", server, lane.statistics, server=server, judge=judge_lane),
+        registry.register("breaker", server, flow.breakers.statistics, server=server, judge=judge_breakers),
     ]
 
     def unregister_all() -> None:
@@ -61,6 +65,31 @@ def judge_lane(statistics: LaneStatistics) -> Verdict:
             ),
         )
     return HealthStatus.OK, None
+
+
+def judge_breakers(statistics: BreakersStatistics) -> Verdict:
+    """Failing while the server's own breaker is open (every call fails fast); degraded while it
+    half-opens, or while a tool's breaker is not closed (that tool fails fast, others pass), or
+    when a breaker in ``metrics_only`` mode would be open (it records, calls still pass)."""
+    server = statistics.server
+    if server.state is BreakerState.OPEN and server.mode == "enabled":
+        return HealthStatus.FAILING, _breaker_words(server)
+    troubled = [b for b in (server, *statistics.tools) if b.state is not BreakerState.CLOSED]
+    if troubled:
+        return HealthStatus.DEGRADED, "; ".join(_breaker_words(b) for b in troubled)
+    return HealthStatus.OK, None
+
+
+def _breaker_words(breaker: BreakerStatistics) -> str:
+    whose = f"tool {breaker.tool!r}" if breaker.tool is not None else "server"
+    mode = " (metrics_only: calls pass)" if breaker.mode == "metrics_only" else ""
+    until = (
+        f", half-opens in {max(0.0, breaker.open_until - anyio.current_time()):.1f} s"
+        if breaker.open_until is not None
+        else ""
+    )
+    why = f": {breaker.last_failure}" if breaker.last_failure else ""
+    return f"{whose} breaker {breaker.state.value}{until}{mode}{why}"
 
 
 def judge_scheduler(statistics: SchedulerStatistics) -> Verdict:

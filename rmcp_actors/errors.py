@@ -18,6 +18,7 @@ __all__ = [
     "Outcome",
     "RMCPActorStoppedError",
     "RMCPArgumentError",
+    "RMCPCircuitOpenError",
     "RMCPConfigError",
     "RMCPDeadlockError",
     "RMCPError",
@@ -312,3 +313,32 @@ class RMCPDeadlockError(RMCPError):
         super().__init__(message, **context)
         self.lane = lane
         self.chain = chain
+
+
+class RMCPCircuitOpenError(RMCPError):
+    """A circuit breaker is open (or half-open with its probes under way): the call failed at
+    once and nothing was sent.
+
+    The server, or this tool on it, failed repeatedly; calls fail fast until the breaker's open
+    period ends and a probe succeeds. Call again after ``retry_after_s``.
+
+    Attributes:
+        half_open_at: When the breaker half-opens, on the runtime's clock (``anyio.current_time()``).
+        retry_after_s: Seconds from the error until then (0 while half-open and probing).
+        server_wide: True for the server's own breaker, False for the tool's.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        half_open_at: float,
+        retry_after_s: float,
+        server_wide: bool,
+        **context: Any,
+    ) -> None:
+        context.setdefault("may_have_executed", False)
+        super().__init__(message, **context)
+        self.half_open_at = half_open_at
+        self.retry_after_s = retry_after_s
+        self.server_wide = server_wide

@@ -5,6 +5,7 @@ class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a s
 """
 
 from .client.connection import ConnectionStatistics as ConnectionStatistics
+from .flow.breaker import BreakerStatistics as BreakerStatistics
 from .flow.scheduler import LaneStatistics as LaneStatistics
 from .flow.scheduler import SchedulerStatistics as SchedulerStatistics
 from .root import RuntimeStatistics as RuntimeStatistics
@@ -16,6 +17,7 @@ from .server import ServerStatistics as ServerStatistics
 from .server import rmcp_of as rmcp_of
 
 __all__ = [
+    "BreakerStatistics",
     "ComponentHealth",
     "ConnectionStatistics",
     "LaneStatistics",

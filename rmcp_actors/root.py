@@ -24,6 +24,7 @@ from typing import Any, NoReturn, final
 import anyio
 import anyio.abc
 import attrs
+from mcp import Client
 from mcp_types import Tool
 
 from ._exceptions import FATAL, is_fatal, leaves
@@ -39,6 +40,7 @@ from .errors import (
     UnknownServerError,
 )
 from .flow._server import ServerFlow
+from .flow.breaker import BreakerChangeCallback, BreakerStatistics
 from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
 from .result import CallResult
@@ -64,6 +66,8 @@ class RuntimeStatistics:
     scheduler: SchedulerStatistics
     connections: tuple[ConnectionStatistics, ...]
     supervisors: tuple[SupervisorStatistics, ...]
+    #: Every circuit breaker of every server: each server's own, then its tools'.
+    breakers: tuple[BreakerStatistics, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -139,6 +143,7 @@ class RMCPSupervisor:
         self._work = work
         self._servers: dict[str, _Server] = {}
         self._random = random.Random()
+        self._on_breaker_change: BreakerChangeCallback | None = None
 
     @classmethod
     @asynccontextmanager
@@ -146,6 +151,7 @@ class RMCPSupervisor:
         cls,
         config: RMCPConfig | None = None,
         *,
+        on_breaker_change: BreakerChangeCallback | None = None,
         on_stall: Callable[[StallReport], None] | None = None,
     ) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
@@ -156,6 +162,9 @@ class RMCPSupervisor:
 
         Args:
             config: The configuration; ``None`` means built-in defaults and no servers.
+            on_breaker_change: Called synchronously with a ``BreakerChange`` each time a
+                circuit breaker (a server's, or a tool's on a server) changes state; an
+                exception it raises is logged and ignored.
             on_stall: Called with the watchdog's report whenever calls are in flight and none
                 completed for ``runtime.stall_s`` (the report is logged too, logger
                 ``rmcp_actors.watchdog``); it runs in the watchdog's task and must not wait.
@@ -203,6 +212,7 @@ class RMCPSupervisor:
         components.register("scheduler", "scheduler", scheduler.statistics, judge=judge_scheduler)
         components.register("watchdog", "watchdog", watchdog.statistics, judge=judge_watchdog)
         supervisor = cls(config, scheduler, root, servers, components=components, work=work)
+        supervisor._on_breaker_change = on_breaker_change
         try:
             async with anyio.create_task_group() as task_group:
                 await task_group.start(root.run)
@@ -244,6 +254,8 @@ class RMCPSupervisor:
             policy,
             self._scheduler,
             self._scheduler.lane(spec.name, policy.max_concurrency),
+            current_client=_current_client(connection),
+            on_breaker_change=self._on_breaker_change,
             in_flight=self._work.track(spec.name, connection),
         )
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
@@ -431,7 +443,8 @@ class RMCPSupervisor:
         return self._components.health()
 
     def statistics(self) -> RuntimeStatistics:
-        """Return a snapshot of the scheduler, every connection and the supervisors."""
+        """Return a snapshot of the scheduler, every connection, the supervisors and the breakers."""
+        now = anyio.current_time()
         return RuntimeStatistics(
             scheduler=self._scheduler.statistics(),
             connections=tuple(server.connection.statistics() for server in self._servers.values()),
@@ -444,6 +457,11 @@ class RMCPSupervisor:
                     if server.supervisor is not None
                 ),
             ),
+            breakers=tuple(
+                gate.statistics(now)
+                for server in self._servers.values()
+                for gate in server.flow.breakers.gates()
+            ),
         )
 
     def _server(self, name: str) -> _Server:
@@ -455,6 +473,14 @@ class RMCPSupervisor:
                 server=name,
             )
         return server
+
+
+def _current_client(connection: Connection) -> Callable[[], Client | None]:
+    def current() -> Client | None:
+        session = connection.current_session()
+        return session.client if session is not None else None
+
+    return current
 
 
 def _child_name(server: str) -> str:

@@ -37,6 +37,9 @@ EXAMPLES: dict[str, Callable[[Any], RMCPError]] = {
     "RMCPDeadlockError": lambda cls: cls(
         "would wait forever", lane="server 'a'", chain=("a/outer",), **CONTEXT
     ),
+    "RMCPCircuitOpenError": lambda cls: cls(
+        "open", half_open_at=12.5, retry_after_s=3.0, server_wide=True, **CONTEXT
+    ),
 }
 
 

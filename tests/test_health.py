@@ -8,16 +8,18 @@ from __future__ import annotations
 import attrs
 import pytest
 
+from rmcp_actors._health import judge_breakers
+from rmcp_actors.flow.breaker import BreakersStatistics, BreakerState, BreakerStatistics
 from rmcp_actors.runtime import ComponentRegistry, HealthStatus
 
 
 @attrs.frozen
-class BreakerStatistics:
+class FakeBreakerStatistics:
     name: str
     state: str
 
 
-def breaker_judge(statistics: BreakerStatistics) -> tuple[HealthStatus, str | None]:
+def breaker_judge(statistics: FakeBreakerStatistics) -> tuple[HealthStatus, str | None]:
     if statistics.state == "open":
         return HealthStatus.FAILING, "breaker open"
     if statistics.state == "half_open":
@@ -30,8 +32,8 @@ class Breaker:
     name: str
     state: str = "closed"
 
-    def statistics(self) -> BreakerStatistics:
-        return BreakerStatistics(self.name, self.state)
+    def statistics(self) -> FakeBreakerStatistics:
+        return FakeBreakerStatistics(self.name, self.state)
 
 
 async def test_status_transitions_follow_the_components() -> None:
@@ -43,7 +45,7 @@ async def test_status_transitions_follow_the_components() -> None:
 
     health = registry.health()
     assert health.status is HealthStatus.OK
-    assert health.component("breaker", "a").statistics == BreakerStatistics("a", "closed")
+    assert health.component("breaker", "a").statistics == FakeBreakerStatistics("a", "closed")
     assert health.component("scheduler", "scheduler").status is HealthStatus.OK
 
     b.state = "half_open"
@@ -82,7 +84,7 @@ async def test_unregister_removes_only_its_own_registration() -> None:
     old()
     old()  # idempotent
     health = registry.health()
-    assert [c.statistics for c in health.components] == [BreakerStatistics("a", "closed")]
+    assert [c.statistics for c in health.components] == [FakeBreakerStatistics("a", "closed")]
     assert health.status is HealthStatus.OK
     with pytest.raises(KeyError):
         health.component("limiter", "a")
@@ -104,3 +106,46 @@ async def test_a_provider_that_raises_is_failing_not_fatal() -> None:
     assert health.status is HealthStatus.DEGRADED
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         health.status = HealthStatus.OK  # type: ignore[misc]
+
+
+def breaker(state: BreakerState, tool: str | None = None, mode: str = "enabled") -> BreakerStatistics:
+    return BreakerStatistics(
+        server="s",
+        tool=tool,
+        mode=mode,
+        state=state,
+        consecutive_failures=0,
+        window_calls=0,
+        window_failures=0,
+        open_until=None,
+        opens=0,
+        reopens=0,
+        rejected=0,
+        last_failure="MCPError -32000" if state is not BreakerState.CLOSED else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("server", "tools", "expected"),
+    [
+        (BreakerState.CLOSED, (), HealthStatus.OK),
+        (BreakerState.OPEN, (), HealthStatus.FAILING),
+        (BreakerState.HALF_OPEN, (), HealthStatus.DEGRADED),
+        (BreakerState.CLOSED, (BreakerState.OPEN,), HealthStatus.DEGRADED),
+    ],
+)
+async def test_a_servers_open_breaker_fails_it_a_tools_degrades_it(
+    server: BreakerState, tools: tuple[BreakerState, ...], expected: HealthStatus
+) -> None:
+    statistics = BreakersStatistics(breaker(server), tuple(breaker(state, "t") for state in tools))
+    status, reason = judge_breakers(statistics)
+    assert status is expected
+    assert (reason is None) == (expected is HealthStatus.OK)
+
+
+async def test_an_open_breaker_in_metrics_only_mode_only_degrades() -> None:
+    statistics = BreakersStatistics(breaker(BreakerState.OPEN, mode="metrics_only"), ())
+    assert judge_breakers(statistics) == (
+        HealthStatus.DEGRADED,
+        "server breaker open (metrics_only: calls pass): MCPError -32000",
+    )

@@ -20,11 +20,13 @@ from mcp.server.mcpserver import MCPServer
 
 from rmcp_actors import (
     CallResult,
+    CircuitBreakerOverrides,
     ConnectionState,
     HealthStatus,
     PolicyOverrides,
     RMCPConfig,
     RMCPOutcomeUnknownError,
+    RMCPServerError,
     RMCPSupervisor,
     RMCPTimeoutError,
     RuntimeSettings,
@@ -91,7 +93,8 @@ async def test_health_snapshot_and_status_transitions(
 ) -> None:
     async with RMCPSupervisor.open(config()) as sup:
         await sup.add_server(ServerSpec.in_memory("a", server, overrides=PolicyOverrides(max_concurrency=1)))
-        await sup.add_server(ServerSpec.in_memory("b", server))
+        trips_at_two = PolicyOverrides(circuit_breaker=CircuitBreakerOverrides(failure_threshold=2))
+        await sup.add_server(ServerSpec.in_memory("b", server, overrides=trips_at_two))
         health = sup.health()
         assert health.status is HealthStatus.OK
         assert {(c.kind, c.name) for c in health.components} == {
@@ -99,8 +102,10 @@ async def test_health_snapshot_and_status_transitions(
             ("watchdog", "watchdog"),
             ("connection", "a"),
             ("lane", "a"),
+            ("breaker", "a"),
             ("connection", "b"),
             ("lane", "b"),
+            ("breaker", "b"),
         }
         assert health.component("connection", "a").statistics.state is ConnectionState.READY  # type: ignore[attr-defined]
 
@@ -129,6 +134,18 @@ async def test_health_snapshot_and_status_transitions(
         assert len(results) == 2
         await trio.sleep(STALL_S / 4 + 0.01)
         assert sup.health().status is HealthStatus.OK
+
+        # A tool of b fails twice: its breaker opens; b's other tools still pass.
+        for _ in range(2):
+            with pytest.raises(RMCPServerError):
+                await sup.call("b", "rpc_error")
+        breaker = sup.health().component("breaker", "b")
+        assert breaker.status is HealthStatus.DEGRADED
+        assert breaker.reason is not None
+        assert breaker.reason.startswith("tool 'rpc_error' breaker open, half-opens in 30.0 s")
+        await trio.sleep(31.0)
+        assert "tool 'rpc_error' breaker half_open" in (sup.health().component("breaker", "b").reason or "")
+        assert (await sup.call("b", "echo", {"text": "x"})).attempts == 1
 
         # Both servers unreachable: nothing can be called.
         def refuse(*args: object, **kwargs: object) -> None:

@@ -43,6 +43,7 @@ from ..errors import (
     UnknownToolError,
 )
 from ..flow._server import ServerFlow
+from ..flow.breaker import BreakerPass, Fault, fault_of
 from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
@@ -252,22 +253,31 @@ async def _attempts(
         if progress.relied_on is not None:
             _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
         # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
+        breaker_pass = flow.breakers.admit(request.tool, policy.circuit_breaker)
         # flow: retry budget: an attempt after the first draws from it; the first refills it.
         # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         if progress.ticket is None:
             progress.ticket = scheduler.ticket()
-        progress.queued_s += await scheduler.acquire(
-            lane, request.priority, progress.ticket, request.tenant, tool_lane
-        )
+        try:
+            progress.queued_s += await scheduler.acquire(
+                lane, request.priority, progress.ticket, request.tenant, tool_lane
+            )
+        except BaseException:
+            breaker_pass.release()  # never sent: frees a half-open probe slot
+            raise
         holding = Holding(lane, tool_lane, request.tool, parent)
         nesting = current_holding.set(holding)
         retry_after_s = 0.0
+        # What this attempt says about the server, for its breakers: nothing, until it is known.
+        fault = Fault.IGNORED
+        fault_reason = ""
+        steps_before = len(progress.events)  # this attempt's lifecycle steps come after these
         try:
             if not session.usable:
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             try:
-                return await _send(
+                answer = await _send(
                     session,
                     request,
                     progress,
@@ -280,6 +290,10 @@ async def _attempts(
                 )
             except _Failed as failed:
                 verdict = failed.verdict
+                fault = _fault_of_failure(verdict, failed.__cause__)
+                if verdict.session_lost and not flow.breakers.first_loss_of(session.generation):
+                    fault = Fault.IGNORED  # the same transport death, seen by another caller
+                fault_reason = verdict.reason
                 if verdict.session_lost:
                     connection.report_broken(session)
                 if verdict.attempt is Attempt.SENT_AND_LOST:
@@ -304,6 +318,8 @@ async def _attempts(
                 # Refused, not run: only an earlier lost answer leaves the effect in question.
                 progress.sent = progress.last_ambiguous is not None
                 meta = refused.meta
+                fault = fault_of(None, nack_code=meta.code)
+                fault_reason = f"NACK {meta.code}"
                 if progress.attempts >= max_attempts:
                     raise _nack_error(meta, f"after {progress.attempts} attempt(s)") from None
                 retry_after_s = (meta.retry_after_ms or 0) / 1000
@@ -311,11 +327,28 @@ async def _attempts(
                     raise _nack_error(
                         meta, "and its retry_after_ms reaches past the call's deadline"
                     ) from None
+            except RMCPError:
+                # A NACK that ends the call (its code is the NACKED step's detail), or an
+                # attempt not sent for lack of time.
+                fault, fault_reason = _fault_of_refusal(progress, steps_before)
+                raise
+            except anyio.get_cancelled_exc_class():
+                if (
+                    _step_since(progress, steps_before, RequestState.SENT) is not None
+                    and anyio.current_time() >= deadline
+                ):
+                    # The call's own deadline cut the attempt off after sending: a timeout.
+                    fault, fault_reason = Fault.TOOL, "no answer within the call's timeout"
+                raise
+            else:
+                fault = Fault.NONE
+                return answer
         finally:
             holding.active = False
             current_holding.reset(nesting)
             scheduler.release(lane, tool_lane)
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
+            _report_to_breakers(breaker_pass, fault, fault_reason, progress)
         if progress.attempts >= max_attempts:
             raise RMCPOutcomeUnknownError(
                 f"the answer was lost on all {progress.attempts} attempts ({_cause_text(progress)}); "
@@ -323,6 +356,39 @@ async def _attempts(
             ) from progress.last_ambiguous
         delay = backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng)
         await anyio.sleep(max(delay, retry_after_s))
+
+
+def _fault_of_failure(verdict: Verdict, cause: BaseException | None) -> Fault:
+    code = cause.code if isinstance(cause, MCPError) else None
+    return fault_of(verdict.attempt, session_lost=verdict.session_lost, rpc_code=code)
+
+
+def _step_since(progress: _Progress, steps_before: int, state: RequestState) -> LifecycleEvent | None:
+    """The attempt's last lifecycle step of ``state`` (steps from ``steps_before`` on), if any."""
+    return next((e for e in reversed(progress.events[steps_before:]) if e.state is state), None)
+
+
+def _fault_of_refusal(progress: _Progress, steps_before: int) -> tuple[Fault, str]:
+    nacked = _step_since(progress, steps_before, RequestState.NACKED)
+    if nacked is None:
+        return Fault.IGNORED, ""
+    return fault_of(None, nack_code=nacked.detail), f"NACK {nacked.detail}"
+
+
+def _report_to_breakers(breaker_pass: BreakerPass, fault: Fault, reason: str, progress: _Progress) -> None:
+    """Count one attempt's outcome on its breakers, reading no clock for an answer."""
+    events = progress.events
+    if fault is Fault.NONE:
+        # The answer's lifecycle step was just recorded, with the time it arrived.
+        now = events[-1].at
+        sent_at = None
+        if breaker_pass.timed:
+            sent_at = next((e.at for e in reversed(events) if e.state is RequestState.SENT), None)
+        breaker_pass.record(fault, now, sent_at, reason)
+    elif fault is Fault.IGNORED:
+        breaker_pass.release()
+    else:
+        breaker_pass.record(fault, anyio.current_time(), None, reason)
 
 
 def _raise_for(verdict: Verdict, cause: BaseException | None, request: CallRequest) -> None:
