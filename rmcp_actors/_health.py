@@ -15,10 +15,11 @@ import anyio
 from .client.connection import Connection, ConnectionState, ConnectionStatistics
 from .flow._server import ServerFlow
 from .flow.breaker import BreakersStatistics, BreakerState, BreakerStatistics
+from .flow.budget import RetryBudgetStatistics
 from .flow.scheduler import LaneStatistics, SchedulerStatistics
 from .runtime import ComponentRegistry, HealthStatus, WatchdogStatistics, WorkRegistry
 
-__all__ = ["judge_breakers", "judge_scheduler", "judge_watchdog", "register_server"]
+__all__ = ["judge_breakers", "judge_budgets", "judge_scheduler", "judge_watchdog", "register_server"]
 
 Verdict = tuple[HealthStatus, str | None]
 
@@ -34,6 +35,7 @@ def register_server(
         registry.register("connection", server, connection.statistics, server=server, judge=judge_connection),
         registry.register("lane", server, lane.statistics, server=server, judge=judge_lane),
         registry.register("breaker", server, flow.breakers.statistics, server=server, judge=judge_breakers),
+        registry.register("budget", server, flow.budget_statistics, server=server, judge=judge_budgets),
     ]
 
     def unregister_all() -> None:
@@ -90,6 +92,22 @@ def _breaker_words(breaker: BreakerStatistics) -> str:
     )
     why = f": {breaker.last_failure}" if breaker.last_failure else ""
     return f"{whose} breaker {breaker.state.value}{until}{mode}{why}"
+
+
+def judge_budgets(statistics: tuple[RetryBudgetStatistics, ...]) -> Verdict:
+    """Degraded while a retry budget is empty: failures end calls instead of being retried
+    (the budget doing its job under a dependency's failure, which the breakers show)."""
+    empty = [budget for budget in statistics if budget.balance < 1.0]
+    if empty:
+        return (
+            HealthStatus.DEGRADED,
+            "; ".join(
+                f"{'tool ' + repr(b.tool) if b.tool is not None else 'server'} retry budget empty "
+                f"({b.balance:.2f} tokens; {b.refused} retries or hedges refused so far)"
+                for b in empty
+            ),
+        )
+    return HealthStatus.OK, None
 
 
 def judge_scheduler(statistics: SchedulerStatistics) -> Verdict:

@@ -6,6 +6,7 @@ class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a s
 
 from .client.connection import ConnectionStatistics as ConnectionStatistics
 from .flow.breaker import BreakerStatistics as BreakerStatistics
+from .flow.budget import RetryBudgetStatistics as RetryBudgetStatistics
 from .flow.scheduler import LaneStatistics as LaneStatistics
 from .flow.scheduler import SchedulerStatistics as SchedulerStatistics
 from .root import RuntimeStatistics as RuntimeStatistics
@@ -22,6 +23,7 @@ __all__ = [
     "ConnectionStatistics",
     "LaneStatistics",
     "RMCPServerSide",
+    "RetryBudgetStatistics",
     "RuntimeStatistics",
     "SchedulerStatistics",
     "ServerStatistics",

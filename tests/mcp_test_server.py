@@ -37,6 +37,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import (
     CallToolRequestParams,
     CallToolResult,
+    CancelledNotificationParams,
     ListToolsResult,
     PaginatedRequestParams,
     TextContent,
@@ -60,6 +61,7 @@ class State:
         self.running = 0
         self.peak = 0
         self.started: set[str] = set()
+        self.cancel_notices: list[str] = []
 
     def record(self, label: str) -> None:
         if self.state_dir is None:
@@ -67,6 +69,14 @@ class State:
             return
         with (self.state_dir / "ledger").open("a") as ledger:
             ledger.write(label + "\n")
+
+    def record_cancel_notice(self, request_id: str) -> None:
+        """Note a ``notifications/cancelled`` the server received (file ``cancel_notices`` on disk)."""
+        if self.state_dir is None:
+            self.cancel_notices.append(request_id)
+            return
+        with (self.state_dir / "cancel_notices").open("a") as notices:
+            notices.write(request_id + "\n")
 
     def record_meta(self, label: str, ctx: Context) -> None:
         """Append the ``_meta.rmcp`` of this run of ``label`` (one JSON line per run, on disk)."""
@@ -154,6 +164,19 @@ def _build_plain_server(state: State | None, name: str) -> MCPServer:
         state.record(label)
         return f"done {label}"
 
+    @app.tool(annotations=IDEMPOTENT)
+    async def slow_once(label: str, seconds: float, ctx: Context) -> str:
+        """The first run of ``label`` takes ``seconds``, later runs answer at once (a slow
+        first attempt for a hedge to beat). A run that is cancelled records
+        ``cancelled <label> <request id>`` in the ledger."""
+        if state.mark_started(label):
+            try:
+                await anyio.sleep(seconds)
+            except anyio.get_cancelled_exc_class():
+                state.record(f"cancelled {label} {ctx.request_id}")
+                raise
+        return f"done {label}"
+
     @app.tool()
     async def fail(reason: str) -> str:
         """Report a tool error (an isError result)."""
@@ -207,6 +230,13 @@ def _build_plain_server(state: State | None, name: str) -> MCPServer:
             """Listed only by servers started after the test created ``extra_tool``."""
             return "extra"
 
+    async def on_cancelled(ctx: Any, params: CancelledNotificationParams) -> None:
+        state.record_cancel_notice(str(params.request_id))
+
+    # Beside the SDK's own handling (which cancels the request's run): the notices a test reads.
+    app._lowlevel_server.add_notification_handler(  # pyright: ignore[reportPrivateUsage]
+        "notifications/cancelled", CancelledNotificationParams, on_cancelled
+    )
     return app
 
 

@@ -41,14 +41,20 @@ from rmcp_actors import (
     RMCPTimeoutError,
     ServerSpec,
 )
+from rmcp_actors.config import RetryBudgetOverrides
 from rmcp_actors.testing import relay_command
 
 SWALLOW_PROBABILITY = 0.2
 
 # A replayed answer can be swallowed again: 12 attempts leave a call 0.2**12 (4e-9) to run out.
-# Backoff is kept short, since a restart already separates the attempts.
+# Backoff is kept short, since a restart already separates the attempts. A kill every five
+# answers or so cuts every call in flight, about 1.6 retries per call with 8 callers: the
+# default retry budget (one retry per five calls, plus 3/s) would rightly refuse most of them
+# and end those calls "outcome unknown". These tests are about exactly-once under faults, so
+# the budget is made wide enough never to bind before max_attempts does.
 CHAOS_RECOVERY = PolicyOverrides(
     retry=RetryOverrides(max_attempts=12, base_delay_s=0.01, max_delay_s=0.05),
+    retry_budget=RetryBudgetOverrides(ratio=11.0, min_per_s=100.0),
     reconnect=ReconnectOverrides(base_delay_s=0.02, max_delay_s=0.2),
 )
 # Room for every attempt to wait for a restart, on a loaded CI machine.

@@ -8,8 +8,9 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from rmcp_actors._health import judge_breakers
+from rmcp_actors._health import judge_breakers, judge_budgets
 from rmcp_actors.flow.breaker import BreakersStatistics, BreakerState, BreakerStatistics
+from rmcp_actors.flow.budget import RetryBudgetStatistics
 from rmcp_actors.runtime import ComponentRegistry, HealthStatus
 
 
@@ -148,4 +149,15 @@ async def test_an_open_breaker_in_metrics_only_mode_only_degrades() -> None:
     assert judge_breakers(statistics) == (
         HealthStatus.DEGRADED,
         "server breaker open (metrics_only: calls pass): MCPError -32000",
+    )
+
+
+async def test_an_empty_retry_budget_degrades_its_server() -> None:
+    def budget(balance: float, tool: str | None = None) -> RetryBudgetStatistics:
+        return RetryBudgetStatistics("s", tool, 0.2, 3.0, balance, 100, 20, 0, 7)
+
+    assert judge_budgets((budget(5.0), budget(1.0, "t"))) == (HealthStatus.OK, None)
+    assert judge_budgets((budget(5.0), budget(0.4, "t"))) == (
+        HealthStatus.DEGRADED,
+        "tool 't' retry budget empty (0.40 tokens; 7 retries or hedges refused so far)",
     )

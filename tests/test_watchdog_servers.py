@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -103,9 +104,11 @@ async def test_health_snapshot_and_status_transitions(
             ("connection", "a"),
             ("lane", "a"),
             ("breaker", "a"),
+            ("budget", "a"),
             ("connection", "b"),
             ("lane", "b"),
             ("breaker", "b"),
+            ("budget", "b"),
         }
         assert health.component("connection", "a").statistics.state is ConnectionState.READY  # type: ignore[attr-defined]
 
@@ -236,3 +239,17 @@ async def test_every_call_leaves_the_in_flight_record_however_it_ends(
             await sup.call("test", "no_such_tool")
         assert len(in_flight) == 0
         assert in_flight.completed == 4
+
+
+@pytest.mark.parametrize("wire", ["jsonrpc", "direct"])
+async def test_the_connection_counts_what_the_server_sends(
+    server: MCPServer, autojump_clock: trio.testing.MockClock, wire: Any
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server, wire=wire))
+        connection = sup._servers["test"].connection  # pyright: ignore[reportPrivateUsage]
+        before = connection.activity()
+        await sup.call("test", "echo", {"text": "x"})
+        # The answer is a sign of life on a transport; the direct wire has none to count on
+        # (the watchdog counts its completed calls instead).
+        assert connection.activity() - before == (1 if wire == "jsonrpc" else 0)

@@ -99,10 +99,18 @@ class _ObservedReadStream(_ClosedOnExit):
         return self
 
     async def __anext__(self) -> SessionMessage | Exception:
+        # receive()'s body, not a call of it: the dispatcher reads every message through here,
+        # and one coroutine less per message is ~0.4 us.
         try:
-            return await self.receive()
+            message = await self._inner.receive()
         except anyio.EndOfStream:
+            self._on_closed()
             raise StopAsyncIteration from None
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._on_closed()
+            raise
+        self._traffic.received += 1
+        return message
 
     @property
     def last_context(self) -> Any:

@@ -31,11 +31,13 @@ from ..config import CallPolicy
 from ..errors import (
     Outcome,
     RMCPArgumentError,
+    RMCPDeadlockError,
     RMCPError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
+    RMCPOverloadedError,
     RMCPResultValidationError,
     RMCPServerError,
     RMCPTimeoutAfterSendError,
@@ -44,6 +46,8 @@ from ..errors import (
 )
 from ..flow._server import ServerFlow
 from ..flow.breaker import BreakerPass, Fault, fault_of
+from ..flow.budget import RetryBudget
+from ..flow.hedge import ToolHedge, race
 from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
@@ -64,15 +68,21 @@ _logger = logging.getLogger("rmcp_actors")
 _SDK_TIMEOUT_MARGIN_S = 0.02
 # retry.max_attempts = 0: attempts end with the deadline (and the retry budget), not a count.
 _UNTIL_DEADLINE = math.inf
+# retry.max_attempts unset, against a server that does not deduplicate.
+_DEFAULT_MAX_ATTEMPTS = 3
+_RETRYABLE_ATTEMPTS = frozenset({Attempt.SENT_AND_LOST, Attempt.NOT_SENT, Attempt.REFUSED})
 # An attempt of a tool that is not safe to repeat is not sent with less time than this left:
 # its answer could hardly arrive in time, and a timeout after sending leaves the outcome
 # unknown, where not sending leaves a clean "nothing ran".
 _MIN_TIME_FOR_ANSWER_S = 0.05
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class CallRequest:
-    """One logical call, as the call path needs it."""
+    """One logical call, as the call path needs it (never changed once built)."""
+
+    # Not frozen: a frozen class's __init__ sets each field through object.__setattr__, about
+    # three times the cost of define's plain slot writes, on every call.
 
     tool: str
     arguments: dict[str, Any] | None
@@ -82,6 +92,12 @@ class CallRequest:
     timeout_s: float
     on_lifecycle: LifecycleCallback | None = None
     tenant: str | None = None
+
+
+def _no_events() -> list[LifecycleEvent]:
+    # Not attrs.Factory(list[LifecycleEvent]): calling a generic alias tries to set
+    # __orig_class__ on the list and swallows the AttributeError, ~1.5 us on every call.
+    return []
 
 
 @attrs.define(eq=False)  # identity: the watchdog's in-flight record is keyed by it
@@ -97,7 +113,7 @@ class _Progress:
     last_ambiguous: BaseException | None = None
     # The RMCP server whose deduplication a retry after a lost answer relies on.
     relied_on: ServerSettings | None = None
-    events: list[LifecycleEvent] = attrs.Factory(list[LifecycleEvent])
+    events: list[LifecycleEvent] = attrs.Factory(_no_events)
 
     def work_item(self, owner: str, now: float) -> WorkItem:
         """Describe the call for the watchdog's stall report (never on the call path)."""
@@ -214,7 +230,9 @@ async def perform_call(
                 server=connection.name,
                 tool=request.tool,
                 queued_s=progress.queued_s,
-                elapsed_s=anyio.current_time() - started,
+                # The answer's own step (acked or answered) was the last one recorded: its time is
+                # when the answer came, and reading it spares a clock read.
+                elapsed_s=progress.events[-1].at - started,
                 meta=result.meta,
                 lifecycle=tuple(progress.events),
             )
@@ -236,9 +254,9 @@ async def _attempts(
     retry = policy.retry
     scheduler = flow.scheduler
     lane = flow.lane
+    budget = flow.budget_for(request.tool)
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
-    max_attempts = _UNTIL_DEADLINE if retry.max_attempts == 0 else retry.max_attempts or 3
     tool_lane = lane.tools.get(request.tool) if lane.tools else None
     # The call this one was made from, if its work runs in this task (see flow.scheduler).
     parent = current_holding.get()
@@ -252,12 +270,15 @@ async def _attempts(
             )
         if progress.relied_on is not None:
             _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
+        max_attempts = _max_attempts(retry.max_attempts, session.rmcp)
         # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
         breaker_pass = flow.breakers.admit(request.tool, policy.circuit_breaker)
-        # flow: retry budget: an attempt after the first draws from it; the first refills it.
         # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         if progress.ticket is None:
             progress.ticket = scheduler.ticket()
+            # The call's first attempt refills the retry budget; its retries draw from it below.
+            # Its start time is the deadline less its timeout: a clock read costs more (~1 µs).
+            budget.deposit(deadline - request.timeout_s)
         try:
             progress.queued_s += await scheduler.acquire(
                 lane, request.priority, progress.ticket, request.tenant, tool_lane
@@ -276,19 +297,27 @@ async def _attempts(
             if not session.usable:
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
+            unsafe = not _safe_to_repeat(policy, tool)
             try:
-                answer = await _send(
-                    session,
-                    request,
-                    progress,
-                    deadline,
-                    policy,
-                    _acks_arrive(connection),
-                    http,
-                    direct,
-                    not _safe_to_repeat(policy, tool),
-                )
+                hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
+                if hedge is None:
+                    answer = await _send(
+                        session,
+                        request,
+                        progress,
+                        deadline,
+                        policy,
+                        _acks_arrive(connection),
+                        http,
+                        direct,
+                        unsafe,
+                    )
+                else:
+                    answer = await _hedged(
+                        hedge, budget, connection, flow, session, request, progress, deadline, policy, unsafe
+                    )
             except _Failed as failed:
+                last: _Failed | _Nacked = failed
                 verdict = failed.verdict
                 fault = _fault_of_failure(verdict, failed.__cause__)
                 if verdict.session_lost and not flow.breakers.first_loss_of(session.generation):
@@ -298,35 +327,21 @@ async def _attempts(
                     connection.report_broken(session)
                 if verdict.attempt is Attempt.SENT_AND_LOST:
                     progress.last_ambiguous = failed.__cause__
-                    if not _safe_to_repeat(policy, tool):
+                    if unsafe:
                         progress.relied_on = _deduplicating(session.rmcp, progress)
                 else:
                     # Nothing ran (or _raise_for raises): only an earlier lost answer leaves
                     # the effect in question.
                     _raise_for(verdict, failed.__cause__, request)
                     progress.sent = progress.last_ambiguous is not None
-                    if progress.attempts >= max_attempts:
-                        raise RMCPNetworkError(
-                            f"nothing was sent or run on all {progress.attempts} attempts "
-                            f"(last: {verdict.reason}): check that {connection.spec.describe()} is "
-                            "up, then call again",
-                        ) from failed.__cause__
-                    if verdict.attempt is Attempt.REFUSED:
-                        # A new session can take it at once; no backoff.
-                        continue
             except _Nacked as refused:
+                last = refused
                 # Refused, not run: only an earlier lost answer leaves the effect in question.
                 progress.sent = progress.last_ambiguous is not None
                 meta = refused.meta
                 fault = fault_of(None, nack_code=meta.code)
                 fault_reason = f"NACK {meta.code}"
-                if progress.attempts >= max_attempts:
-                    raise _nack_error(meta, f"after {progress.attempts} attempt(s)") from None
                 retry_after_s = (meta.retry_after_ms or 0) / 1000
-                if anyio.current_time() + retry_after_s >= deadline:
-                    raise _nack_error(
-                        meta, "and its retry_after_ms reaches past the call's deadline"
-                    ) from None
             except RMCPError:
                 # A NACK that ends the call (its code is the NACKED step's detail), or an
                 # attempt not sent for lack of time.
@@ -350,12 +365,164 @@ async def _attempts(
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
             _report_to_breakers(breaker_pass, fault, fault_reason, progress)
         if progress.attempts >= max_attempts:
-            raise RMCPOutcomeUnknownError(
-                f"the answer was lost on all {progress.attempts} attempts ({_cause_text(progress)}); "
-                "the tool may have run",
-            ) from progress.last_ambiguous
-        delay = backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng)
-        await anyio.sleep(max(delay, retry_after_s))
+            raise _last_error(last, connection, progress, None)
+        if isinstance(last, _Failed) and last.verdict.attempt is Attempt.REFUSED:
+            delay = 0.0  # a new session can take it at once
+        else:
+            delay = max(
+                backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng), retry_after_s
+            )
+        # An unsafe tool is not sent with too little time left for its answer (see _send).
+        if anyio.current_time() + delay >= deadline - (_MIN_TIME_FOR_ANSWER_S if unsafe else 0.0):
+            # Retrying until the deadline ends here, with the last attempt's error, rather
+            # than in a timeout that would hide it.
+            why = (
+                "its retry_after_ms reaches past the call's deadline"
+                if retry_after_s and anyio.current_time() + retry_after_s >= deadline
+                else "no time is left for another before the call's deadline"
+            )
+            raise _last_error(last, connection, progress, why)
+        if not budget.withdraw_retry():
+            raise _last_error(
+                last,
+                connection,
+                progress,
+                f"it was not retried: the retry budget of {_budget_name(budget)} is exhausted (too many "
+                "of its calls are failing at once; see retry_budget in config)",
+            )
+        if delay:
+            await anyio.sleep(delay)
+
+
+def _max_attempts(configured: int | None, rmcp: ServerSettings | None) -> float:
+    """Attempts a call may make: 0 (and unset, against a server that deduplicates, where every
+    retry is safe) means until the deadline, which the retry budget still bounds."""
+    if configured is None:
+        configured = 0 if _dedups(rmcp) else _DEFAULT_MAX_ATTEMPTS
+    return _UNTIL_DEADLINE if configured == 0 else configured
+
+
+def _last_error(
+    last: _Failed | _Nacked, connection: Connection, progress: _Progress, why: str | None
+) -> RMCPError:
+    """The error a call ends with when it stops retrying: its last attempt's, saying why it
+    stopped (``None``: its attempts ran out)."""
+    attempts = progress.attempts
+    if isinstance(last, _Nacked):
+        return _nack_error(last.meta, f"after {attempts} attempt(s)" + (f"; {why}" if why else ""))
+    if last.verdict.attempt is Attempt.SENT_AND_LOST:
+        error: RMCPError = RMCPOutcomeUnknownError(
+            f"the answer was lost on all {attempts} attempts ({_cause_text(progress)}); the tool may have run"
+            + (f"; {why}" if why else ""),
+        )
+        error.__cause__ = progress.last_ambiguous
+        return error
+    error = RMCPNetworkError(
+        f"nothing was sent or run on all {attempts} attempts (last: {last.verdict.reason})"
+        + (f"; {why}" if why else "")
+        + f": check that {connection.spec.describe()} is up, then call again",
+    )
+    error.__cause__ = last.__cause__
+    return error
+
+
+def _budget_name(budget: RetryBudget) -> str:
+    if budget.tool is None:
+        return f"server {budget.server!r}"
+    return f"tool {budget.tool!r} of server {budget.server!r}"
+
+
+async def _hedged(
+    hedge: ToolHedge,
+    budget: RetryBudget,
+    connection: Connection,
+    flow: ServerFlow,
+    session: Session,
+    request: CallRequest,
+    progress: _Progress,
+    deadline: float,
+    policy: CallPolicy,
+    unsafe: bool,
+) -> tuple[CallToolResult, ResponseMeta | None]:
+    """Send one attempt of a tool whose policy hedges: raced against hedges when the tool is
+    safe to repeat (or the server deduplicates, and a hedge with the same key coalesces with
+    the attempt there), each hedge paid from the retry budget and admitted like any attempt."""
+    acks = _acks_arrive(connection)
+    http = connection.spec.transport == "http"
+    direct = connection.spec.wire == "direct"
+    sketch = hedge.sketch
+
+    async def send(on: Session) -> tuple[CallToolResult, ResponseMeta | None]:
+        started = anyio.current_time()
+        try:
+            answer = await _send(on, request, progress, deadline, policy, acks, http, direct, unsafe)
+        except _Failed as failed:
+            if failed.verdict.session_lost:
+                connection.report_broken(on)
+            raise
+        if sketch is not None:
+            sketch.record(anyio.current_time() - started)
+        return answer
+
+    delay = hedge.delay()
+    if delay is None or (unsafe and not _dedups(session.rmcp)):
+        return await send(session)
+    tool_lane = flow.lane.tools.get(request.tool) if flow.lane.tools else None
+
+    async def attempt(index: int) -> tuple[CallToolResult, ResponseMeta | None]:
+        if index == 0:
+            return await send(session)
+        # A hedge is an attempt like any other: its own slots (queued after the calls already
+        # waiting: it is extra load), on the current session. Its task inherited the first
+        # attempt's holding; it holds its own slots, beside the call's ancestors.
+        primary = current_holding.get()
+        parent = primary.parent if primary is not None else None
+        current_holding.set(parent)
+        # flow: rate limiter token for the hedge (the same gate as an attempt's).
+        try:
+            await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
+        except (RMCPOverloadedError, RMCPDeadlockError) as error:
+            raise _Failed(
+                Verdict(Attempt.NOT_SENT, False, f"no slot for a hedge ({error.message})")
+            ) from error
+        holding = Holding(flow.lane, tool_lane, request.tool, parent)
+        current_holding.set(holding)
+        try:
+            now = connection.current_session()
+            if now is None or not now.usable or deadline - anyio.current_time() < _MIN_TIME_FOR_ANSWER_S:
+                raise _Failed(Verdict(Attempt.NOT_SENT, False, "the hedge could not be sent"))
+            return await send(now)
+        finally:
+            holding.active = False
+            flow.scheduler.release(flow.lane, tool_lane)
+            # flow: report the hedge's outcome like an attempt's (breaker counts, limiter feedback).
+
+    def may_hedge() -> bool:
+        return deadline - anyio.current_time() >= _MIN_TIME_FOR_ANSWER_S and budget.withdraw_hedge()
+
+    return await race(
+        attempt,
+        delay_s=delay,
+        max_hedges=hedge.max_hedges,
+        may_hedge=may_hedge,
+        retryable=_leaves_the_race,
+        worst=_gravity,
+    )
+
+
+def _leaves_the_race(error: Exception) -> bool:
+    """Whether a failed attempt leaves the answer to the others (nothing final was said)."""
+    if isinstance(error, _Nacked):
+        return True
+    return isinstance(error, _Failed) and error.verdict.attempt in _RETRYABLE_ATTEMPTS
+
+
+def _gravity(error: Exception) -> int:
+    """The failure a hedged call reports when all its attempts failed: a lost answer first
+    (the tool may have run), then a refusal, then nothing sent."""
+    if isinstance(error, _Failed) and error.verdict.attempt is Attempt.SENT_AND_LOST:
+        return 2
+    return 1 if isinstance(error, _Nacked) else 0
 
 
 def _fault_of_failure(verdict: Verdict, cause: BaseException | None) -> Fault:
