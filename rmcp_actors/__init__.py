@@ -60,6 +60,9 @@ from .lifecycle import LifecycleEvent as LifecycleEvent
 from .lifecycle import RequestState as RequestState
 from .result import CallResult as CallResult
 from .root import RMCPSupervisor as RMCPSupervisor
+from .runtime.health import Health as Health
+from .runtime.health import HealthStatus as HealthStatus
+from .runtime.watchdog import StallReport as StallReport
 from .server import FastRMCP as FastRMCP
 from .server import install as install
 from .stores import DedupStore as DedupStore
@@ -82,6 +85,8 @@ __all__ = [
     "ConnectionState",
     "DedupStore",
     "FastRMCP",
+    "Health",
+    "HealthStatus",
     "HedgeOverrides",
     "HedgePolicy",
     "LifecycleEvent",
@@ -120,6 +125,7 @@ __all__ = [
     "RetryPolicy",
     "RuntimeSettings",
     "SQLiteStore",
+    "StallReport",
     "ServerPolicy",
     "ServerSpec",
     "ToolOverrides",

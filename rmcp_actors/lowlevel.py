@@ -12,12 +12,16 @@ from .flow.limiter import LimiterStatistics as LimiterStatistics
 from .flow.scheduler import LaneStatistics as LaneStatistics
 from .flow.scheduler import SchedulerStatistics as SchedulerStatistics
 from .root import RuntimeStatistics as RuntimeStatistics
+from .runtime.health import ComponentHealth as ComponentHealth
+from .runtime.watchdog import WatchdogStatistics as WatchdogStatistics
+from .runtime.watchdog import WorkItem as WorkItem
 from .server import RMCPServerSide as RMCPServerSide
 from .server import ServerStatistics as ServerStatistics
 from .server import rmcp_of as rmcp_of
 
 __all__ = [
     "BreakerStatistics",
+    "ComponentHealth",
     "ConnectionStatistics",
     "GateStatistics",
     "LaneStatistics",
@@ -27,6 +31,8 @@ __all__ = [
     "RuntimeStatistics",
     "SchedulerStatistics",
     "ServerStatistics",
+    "WatchdogStatistics",
+    "WorkItem",
     "rmcp_of",
 ]
 

@@ -3,8 +3,9 @@
 ::
 
     RMCPSupervisor.open()             root Supervisor "rmcp" (one_for_one, restarts nothing)
-    └── Supervisor "servers"          one_for_one, dynamic, restarts nothing
-        └── Supervisor "server:<name>"  rest_for_one: the Connection, then its gates' actors
+    ├── Supervisor "servers"          one_for_one, dynamic, restarts nothing
+    │   └── Supervisor "server:<name>"  rest_for_one: the Connection, then its gates' actors
+    └── Watchdog "watchdog"           stall reports, hung servers (see ``runtime/watchdog.py``)
 
 The scheduler is shared state, not an actor (see ``flow/scheduler.py``); calls run in the
 caller's task and lease the connection's session, so a call crosses no inbox. Each server's
@@ -27,6 +28,7 @@ from mcp import Client
 from mcp_types import Tool
 
 from ._exceptions import FATAL, is_fatal, leaves
+from ._health import judge_scheduler, judge_watchdog, register_server
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
@@ -45,6 +47,8 @@ from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
 from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
+from .runtime.health import ComponentRegistry, Health
+from .runtime.watchdog import StallReport, Watchdog, WorkRegistry
 
 __all__ = ["RMCPSupervisor", "RuntimeStatistics"]
 
@@ -84,6 +88,8 @@ class _Server:
     # The server's subtree in the servers supervisor: what removing this entry stops.
     child: ChildSpec = attrs.field(init=False)
     supervisor: Supervisor | None = None
+    # Takes the server out of health snapshots and the watchdog's watch.
+    forget: Callable[[], None] = lambda: None
 
     def __attrs_post_init__(self) -> None:
         self.child = ChildSpec(f"server:{self.spec.name}", self.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S)
@@ -131,11 +137,16 @@ class RMCPSupervisor:
         scheduler: Scheduler,
         root: Supervisor,
         servers: Supervisor,
+        *,
+        components: ComponentRegistry,
+        work: WorkRegistry,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
         self._root = root
         self._servers_supervisor = servers
+        self._components = components
+        self._work = work
         self._servers: dict[str, _Server] = {}
         self._random = random.Random()
         self._on_breaker_change: BreakerChangeCallback | None = None
@@ -143,7 +154,11 @@ class RMCPSupervisor:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: RMCPConfig | None = None, *, on_breaker_change: BreakerChangeCallback | None = None
+        cls,
+        config: RMCPConfig | None = None,
+        *,
+        on_breaker_change: BreakerChangeCallback | None = None,
+        on_stall: Callable[[StallReport], None] | None = None,
     ) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
@@ -156,6 +171,9 @@ class RMCPSupervisor:
             on_breaker_change: Called synchronously with a ``BreakerChange`` each time a
                 circuit breaker (a server's, or a tool's on a server) changes state; an
                 exception it raises is logged and ignored.
+            on_stall: Called with the watchdog's report whenever calls are in flight and none
+                completed for ``runtime.stall_s`` (the report is logged too, logger
+                ``rmcp_actors.watchdog``); it runs in the watchdog's task and must not wait.
 
         Yields:
             The running supervisor.
@@ -172,10 +190,22 @@ class RMCPSupervisor:
         # servers), and an escalation reaching them ends the runtime with RMCPSupervisorError.
         escalate = RestartIntensity(max_restarts=0, period_s=runtime.restart_period_s)
         servers = Supervisor("servers", Strategy.ONE_FOR_ONE, intensity=escalate)
+        components, work = ComponentRegistry(), WorkRegistry()
+        watchdog = Watchdog(
+            "watchdog",
+            work,
+            components,
+            stall_s=runtime.stall_s,
+            restart_hung=runtime.restart_hung,
+            on_stall=on_stall,
+        )
         root = Supervisor(
             "rmcp",
             Strategy.ONE_FOR_ONE,
-            children=[ChildSpec("servers", servers.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S)],
+            children=[
+                ChildSpec("servers", servers.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S),
+                ChildSpec("watchdog", watchdog.run, shutdown_timeout_s=1.0),
+            ],
             intensity=escalate,
         )
         scheduler = Scheduler(
@@ -185,7 +215,9 @@ class RMCPSupervisor:
             config.tenants,
             runtime.priority_aging_s,
         )
-        supervisor = cls(config, scheduler, root, servers)
+        components.register("scheduler", "scheduler", scheduler.statistics, judge=judge_scheduler)
+        components.register("watchdog", "watchdog", watchdog.statistics, judge=judge_watchdog)
+        supervisor = cls(config, scheduler, root, servers, components=components, work=work)
         supervisor._on_breaker_change = on_breaker_change
         try:
             async with anyio.create_task_group() as task_group:
@@ -237,6 +269,7 @@ class RMCPSupervisor:
             },
             current_client=_current_client(connection),
             on_breaker_change=self._on_breaker_change,
+            in_flight=self._work.track(spec.name, connection),
         )
         flow.configure_tools(spec.tools, policies)
         for tool, tool_policy in policies.items():
@@ -251,6 +284,7 @@ class RMCPSupervisor:
             self._config.call_policy(spec, None),
             RestartIntensity(max_restarts=runtime.max_restarts, period_s=runtime.restart_period_s),
         )
+        entry.forget = register_server(self._components, self._work, connection, flow)
         try:
             await self._servers_supervisor.start_child(entry.child)
         except BaseException as error:
@@ -259,6 +293,7 @@ class RMCPSupervisor:
             if not removed:
                 del self._servers[spec.name]
                 self._scheduler.retire(flow.lane)
+                entry.forget()
             elif isinstance(error, RMCPSupervisorError):
                 # remove_server stopped the connection while it was still connecting.
                 raise UnknownServerError(
@@ -284,6 +319,7 @@ class RMCPSupervisor:
         # Forget it first: a concurrent removal must find it gone, not half-removed.
         del self._servers[name]
         self._scheduler.retire(entry.flow.lane)
+        entry.forget()
         await self._stop_connection(entry)
 
     async def _stop_connection(self, entry: _Server) -> None:
@@ -408,6 +444,17 @@ class RMCPSupervisor:
             tenant=tenant,
         )
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
+
+    def health(self) -> Health:
+        """Return a frozen snapshot of every component's health, and the runtime's.
+
+        Each component (the scheduler, the watchdog, and per server its connection, its lane
+        and its gates) contributes its ``statistics()`` and a status (``ok``, ``degraded`` or
+        ``failing``, with the reason). The overall status is ``failing`` when a runtime-wide
+        component fails or every server has a failing component, ``degraded`` when any
+        component is not ``ok``, and ``ok`` otherwise. Cheap: nothing waits, no actor is asked.
+        """
+        return self._components.health()
 
     def statistics(self) -> RuntimeStatistics:
         """Return a snapshot of the scheduler, every connection, the supervisors and the breakers."""

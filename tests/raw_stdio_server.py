@@ -8,6 +8,8 @@ Options:
     --invalid-refresh: every tools/list after the first returns a tool without a name.
     --pid-file PATH: write the process id there at start.
     --non-utf8-echo: echo's answer carries a byte that is not UTF-8 (a corrupt line).
+    --half-line: adds tool ``half``, which writes the first half of its answer's line, then
+        the whole process hangs (reads nothing, answers nothing, not even a ping) until killed.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ def main() -> None:
     parser.add_argument("--wait-s", type=float, default=0.5)
     parser.add_argument("--pid-file", type=Path)
     parser.add_argument("--non-utf8-echo", action="store_true")
+    parser.add_argument("--half-line", action="store_true")
     options = parser.parse_args()
     if options.pid_file is not None:
         options.pid_file.write_text(str(__import__("os").getpid()))
     if options.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("echo", "wait")]
+    names = ("echo", "wait", "half") if options.half_line else ("echo", "wait")
+    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in names]
     listings = 0
     for line in sys.stdin:
         request = json.loads(line)
@@ -68,6 +72,13 @@ def main() -> None:
             }
             if name == "wait":
                 threading.Timer(options.wait_s, _send, (answer,)).start()
+            elif name == "half":
+                line = json.dumps(answer)
+                with _write_lock:
+                    sys.stdout.write(line[: len(line) // 2])
+                    sys.stdout.flush()
+                    while True:  # hung: SIGTERM's default action still ends it
+                        time.sleep(3600)
             elif options.non_utf8_echo:
                 line = json.dumps(answer).encode().replace(b'"text": "echo"', b'"text": "\xff"')
                 with _write_lock:

@@ -35,7 +35,7 @@ from ._http_evidence import recording_http_client
 from ._sent import request_handed_over
 from ._stdio import stdio_client
 
-__all__ = ["ClosedCallback", "build_client", "client_mode"]
+__all__ = ["ClosedCallback", "Traffic", "build_client", "client_mode"]
 
 ClosedCallback = Callable[[], None]
 # Loggers that print a request's URL: httpx2 at INFO for every request, the SDK at DEBUG.
@@ -61,20 +61,36 @@ class _ClosedOnExit:
         await self.aclose()
 
 
+class Traffic:
+    """Messages received from a server, counted by its read stream: the sign of life the
+    watchdog reads (a counter, because a clock read per message would cost more)."""
+
+    __slots__ = ("received",)
+
+    def __init__(self) -> None:
+        self.received = 0
+
+
 class _ObservedReadStream(_ClosedOnExit):
     """A read stream that calls ``on_closed`` when the peer's side ends, before the dispatcher
-    sees the end (and wakes every waiting request with "Connection closed")."""
+    sees the end (and wakes every waiting request with "Connection closed"), and counts what
+    it receives in ``traffic``."""
 
-    def __init__(self, inner: ReadStream[SessionMessage | Exception], on_closed: ClosedCallback) -> None:
+    def __init__(
+        self, inner: ReadStream[SessionMessage | Exception], on_closed: ClosedCallback, traffic: Traffic
+    ) -> None:
         self._inner = inner
         self._on_closed = on_closed
+        self._traffic = traffic
 
     async def receive(self) -> SessionMessage | Exception:
         try:
-            return await self._inner.receive()
+            message = await self._inner.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._on_closed()
             raise
+        self._traffic.received += 1
+        return message
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -86,13 +102,15 @@ class _ObservedReadStream(_ClosedOnExit):
         # receive()'s body, not a call of it: the dispatcher reads every message through here,
         # and one coroutine less per message is ~0.4 us.
         try:
-            return await self._inner.receive()
+            message = await self._inner.receive()
         except anyio.EndOfStream:
             self._on_closed()
             raise StopAsyncIteration from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._on_closed()
             raise
+        self._traffic.received += 1
+        return message
 
     @property
     def last_context(self) -> Any:
@@ -139,13 +157,17 @@ class _ObservedWriteStream(_ClosedOnExit):
 
 @asynccontextmanager
 async def _observed(
-    transport: AbstractAsyncContextManager[_Streams], on_closed: ClosedCallback, *, writes: bool = True
+    transport: AbstractAsyncContextManager[_Streams],
+    on_closed: ClosedCallback,
+    traffic: Traffic,
+    *,
+    writes: bool = True,
 ) -> AsyncGenerator[_Streams]:
     """The transport's streams, both sides observed; ``writes`` False for HTTP, whose request
     leaves when its POST writes (see ``_http_evidence``), not when the stream takes it."""
     async with transport as (read_stream, write_stream):
         yield (
-            _ObservedReadStream(read_stream, on_closed),
+            _ObservedReadStream(read_stream, on_closed, traffic),
             _ObservedWriteStream(write_stream, on_closed, hands_over=writes),
         )
 
@@ -195,7 +217,13 @@ def client_mode(protocol: str) -> str:
     return "legacy" if protocol in HANDSHAKE_PROTOCOL_VERSIONS else protocol
 
 
-def build_client(spec: ServerSpec, on_closed: ClosedCallback, *, max_sse_event_bytes: int) -> Client:
+def build_client(
+    spec: ServerSpec,
+    on_closed: ClosedCallback,
+    *,
+    max_sse_event_bytes: int,
+    traffic: Traffic | None = None,
+) -> Client:
     """Return an un-entered ``mcp.Client`` for ``spec``.
 
     Args:
@@ -203,11 +231,13 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback, *, max_sse_event_b
         on_closed: Called (synchronously, at most a few times) when the transport's read side
             ends. The direct in-memory wire has no transport and never calls it.
         max_sse_event_bytes: Largest server-sent event accepted (http only).
+        traffic: Counts the messages received (the direct wire, with no transport, counts none).
 
     Returns:
         The client; the caller enters it with ``async with``.
     """
     mode = client_mode(spec.protocol)
+    traffic = traffic if traffic is not None else Traffic()
     extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION})]
     if spec.transport == "stdio":
         assert spec.command is not None  # validated by ServerSpec
@@ -217,12 +247,14 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback, *, max_sse_event_b
             env=dict(spec.env) if spec.env is not None else None,
             cwd=spec.cwd,
         )
-        return Client(_observed(stdio_client(params), on_closed), mode=mode, extensions=extensions)
+        return Client(_observed(stdio_client(params), on_closed, traffic), mode=mode, extensions=extensions)
     if spec.transport == "http":
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
         return Client(
-            _observed(_http_transport(spec.url, headers, max_sse_event_bytes), on_closed, writes=False),
+            _observed(
+                _http_transport(spec.url, headers, max_sse_event_bytes), on_closed, traffic, writes=False
+            ),
             mode=mode,
             extensions=extensions,
         )
@@ -230,4 +262,4 @@ def build_client(spec: ServerSpec, on_closed: ClosedCallback, *, max_sse_event_b
     server = cast("MCPServer[Any] | Server[Any]", spec.server)
     if spec.wire == "direct":
         return Client(server, mode=mode, extensions=extensions)
-    return Client(_observed(InMemoryTransport(server), on_closed), mode=mode, extensions=extensions)
+    return Client(_observed(InMemoryTransport(server), on_closed, traffic), mode=mode, extensions=extensions)

@@ -52,6 +52,7 @@ from ..flow.hedge import ToolHedge, race
 from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
+from ..runtime import WorkItem
 from ._arguments import check_arguments, check_idempotency_key
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
@@ -100,7 +101,7 @@ def _no_events() -> list[LifecycleEvent]:
     return []
 
 
-@attrs.define
+@attrs.define(eq=False)  # identity: the watchdog's in-flight record is keyed by it
 class _Progress:
     """What is known about a call so far: decides the error when it ends early."""
 
@@ -122,6 +123,18 @@ class _Progress:
     def counted(self) -> int:
         """Attempts that count against ``retry.max_attempts``."""
         return self.attempts - self.rate_limited
+
+    def work_item(self, owner: str, now: float) -> WorkItem:
+        """Describe the call for the watchdog's stall report (never on the call path)."""
+        return WorkItem(
+            key=self.request.request_id,
+            owner=owner,
+            what=self.request.tool,
+            state=self.events[-1].state.value if self.events else "starting",
+            # The first event is QUEUED, recorded at the call's start.
+            age_s=now - self.events[0].at if self.events else 0.0,
+            attempts=self.attempts,
+        )
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
@@ -202,41 +215,50 @@ async def perform_call(
         _stamp(error, connection.name, request, progress)
         raise
     progress.record(RequestState.QUEUED, at=started)
-    # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
-    with anyio.move_on_at(deadline):
-        try:
-            result, rmcp_meta = await _attempts(connection, flow, policy, request, rng, deadline, progress)
-        except RMCPError as error:
-            if progress.last_ambiguous is not None and not error.may_have_executed:
-                # A later attempt failed cleanly, but an earlier one was sent and lost.
-                unknown = RMCPOutcomeUnknownError(
-                    f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
-                    f"tool may have run; the retry then failed: {error.message}",
+    # flow: the watchdog sees the call in flight until it ends, however it ends (a dict insert
+    # and delete: a context manager would cost five times as much here).
+    in_flight = flow.in_flight
+    in_flight.begin(progress)
+    try:
+        # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
+        with anyio.move_on_at(deadline):
+            try:
+                result, rmcp_meta = await _attempts(
+                    connection, flow, policy, request, rng, deadline, progress
                 )
-                _stamp(unknown, connection.name, request, progress)
-                raise unknown from error
-            _stamp(error, connection.name, request, progress)
-            raise
-        return CallResult(
-            outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
-            content=result.content,
-            structured_content=result.structured_content,
-            is_error=result.is_error,
-            attempts=progress.attempts,
-            duplicate=rmcp_meta is not None and rmcp_meta.duplicate is True,
-            request_id=request.request_id,
-            idempotency_key=request.idempotency_key,
-            server=connection.name,
-            tool=request.tool,
-            queued_s=progress.queued_s,
-            # The answer's own step (acked or answered) was the last one recorded: its time is
-            # when the answer came, and reading it spares a clock read.
-            elapsed_s=progress.events[-1].at - started,
-            meta=result.meta,
-            lifecycle=tuple(progress.events),
-        )
-    # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
-    raise _timeout_error(connection, request, progress)
+            except RMCPError as error:
+                if progress.last_ambiguous is not None and not error.may_have_executed:
+                    # A later attempt failed cleanly, but an earlier one was sent and lost.
+                    unknown = RMCPOutcomeUnknownError(
+                        f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
+                        f"tool may have run; the retry then failed: {error.message}",
+                    )
+                    _stamp(unknown, connection.name, request, progress)
+                    raise unknown from error
+                _stamp(error, connection.name, request, progress)
+                raise
+            return CallResult(
+                outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
+                content=result.content,
+                structured_content=result.structured_content,
+                is_error=result.is_error,
+                attempts=progress.attempts,
+                duplicate=rmcp_meta is not None and rmcp_meta.duplicate is True,
+                request_id=request.request_id,
+                idempotency_key=request.idempotency_key,
+                server=connection.name,
+                tool=request.tool,
+                queued_s=progress.queued_s,
+                # The answer's own step (acked or answered) was the last one recorded: its time is
+                # when the answer came, and reading it spares a clock read.
+                elapsed_s=progress.events[-1].at - started,
+                meta=result.meta,
+                lifecycle=tuple(progress.events),
+            )
+        # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
+        raise _timeout_error(connection, request, progress)
+    finally:
+        in_flight.end(progress)
 
 
 async def _attempts(

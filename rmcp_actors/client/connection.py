@@ -12,7 +12,9 @@ long as the server is configured. A flaky server is never a crash of the actor.
 from __future__ import annotations
 
 import enum
+import logging
 import random
+from contextlib import suppress
 from typing import cast, final
 
 import anyio
@@ -29,12 +31,13 @@ from ..errors import RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._failures import Evidence
 from ._http_evidence import current_evidence, describe_refusal
-from ._transport import build_client
+from ._transport import Traffic, build_client
 from .backoff import backoff_delay
 
-__all__ = ["Connection", "ConnectionState", "ConnectionStatistics", "RefreshTools", "Session"]
+__all__ = ["CheckHung", "Connection", "ConnectionState", "ConnectionStatistics", "RefreshTools", "Session"]
 
 _TOOLS_PAGE_CAP = 1000
+_watchdog_logger = logging.getLogger("rmcp_actors.watchdog")
 
 
 class ConnectionState(enum.Enum):
@@ -83,6 +86,7 @@ class ConnectionStatistics(ActorStatistics):
     protocol_version: str | None
     tools: int
     last_error: str | None
+    hung_restarts: int
 
 
 @final
@@ -93,7 +97,22 @@ class RefreshTools:
     reply: ReplySlot[dict[str, Tool]]
 
 
-ConnectionRequest = RefreshTools
+@final
+@attrs.frozen
+class CheckHung:
+    """Tell a connection actor that its server showed no sign of life while calls waited on it
+    (sent by the watchdog): ping it, and reconnect if it does not answer.
+
+    Attributes:
+        generation: The session the watchdog saw; a newer one is left alone.
+        silent_s: How long the server has been silent (for the log).
+    """
+
+    generation: int
+    silent_s: float
+
+
+ConnectionRequest = RefreshTools | CheckHung
 
 
 @final
@@ -124,6 +143,9 @@ class Connection(Actor[ConnectionRequest]):
     _first_life_settled: anyio.Event = attrs.Factory(anyio.Event)
     _first_life_failure: RMCPNetworkError | None = None
     _random: random.Random = attrs.Factory(random.Random)
+    # Messages received from the server, across sessions: the watchdog's sign of life.
+    _traffic: Traffic = attrs.Factory(Traffic)
+    _hung_restarts: int = 0
 
     @property
     def state(self) -> ConnectionState:
@@ -146,6 +168,8 @@ class Connection(Actor[ConnectionRequest]):
             name=self.name,
             inbox_used=inbox.inbox_used,
             inbox_size=inbox.inbox_size,
+            pending_asks=inbox.pending_asks,
+            oldest_ask_s=inbox.oldest_ask_s,
             state=self.state,
             generation=self._generation,
             connects=self._connects,
@@ -153,7 +177,25 @@ class Connection(Actor[ConnectionRequest]):
             protocol_version=session.protocol_version if session else None,
             tools=len(self._tools),
             last_error=_describe(self._last_error, self.spec) if self._last_error else None,
+            hung_restarts=self._hung_restarts,
         )
+
+    # -- liveness: what the watchdog reads ---------------------------------------------------
+
+    def activity(self) -> int:
+        """A counter that moves whenever the server shows life: a message received, or a new
+        session (both only grow, so their sum moves when either does)."""
+        return self._traffic.received + self._generation
+
+    def suspect_hung(self, silent_s: float) -> None:
+        """The watchdog saw no message from the server for ``silent_s`` while calls waited on
+        it: have the actor ping it, and reconnect if it does not answer. Never waits."""
+        session = self.current_session()
+        if session is None:
+            return  # not connected: the reconnect loop is already on it
+        # A full inbox skips this check; the watchdog asks again after stall_s.
+        with suppress(anyio.WouldBlock):
+            self.send_nowait(CheckHung(session.generation, silent_s))
 
     # -- data plane: what callers use -------------------------------------------------------
 
@@ -284,6 +326,9 @@ class Connection(Actor[ConnectionRequest]):
 
     async def handle(self, message: ConnectionRequest) -> None:
         """Serve one control request from the inbox; a server failure fails the reply, not the actor."""
+        if isinstance(message, CheckHung):
+            await self._check_hung(message)
+            return
         session = self.current_session()
         if session is None or session.client is None:
             message.reply.fail(
@@ -318,6 +363,32 @@ class Connection(Actor[ConnectionRequest]):
         session.rmcp = _rmcp_settings(session.client, tools)
         self._tools = tools
         message.reply.set(tools)
+
+    async def _check_hung(self, message: CheckHung) -> None:
+        session = self.current_session()
+        if session is None or session.client is None or session.generation != message.generation:
+            return  # that session is gone already
+        received = self._traffic.received
+        # The handshake's own bound: a live server answers a ping no slower than an initialize
+        # (not stall_s: a short stall_s on a loaded machine would restart live servers).
+        timeout_s = self.policy.connect_timeout_s
+        with anyio.move_on_after(timeout_s):
+            # An error is an answer too (the modern protocol has no ping: -32601): it is alive.
+            with suppress(MCPError):
+                await session.client.session.send_ping()
+            return
+        if self._traffic.received != received or not session.usable:
+            return  # something arrived meanwhile, or the session ended on its own
+        self._hung_restarts += 1
+        reason = (
+            f"{self.spec.describe()} sent nothing for {message.silent_s:.1f} s while calls waited "
+            f"on it and did not answer a ping within {timeout_s:g} s: it hung"
+        )
+        self._last_error = RMCPNetworkError(f"{reason}; reconnected", server=self.name)
+        _watchdog_logger.warning("%s; reconnecting (calls in flight see the session lost)", reason)
+        # As when a call sees the transport fail: the session task tears it down (a stdio
+        # server is terminated, then killed) and the actor reconnects.
+        self.report_broken(session)
 
     async def _connect(self, task_group: anyio.abc.TaskGroup) -> None:
         self._generation += 1
@@ -359,7 +430,10 @@ class Connection(Actor[ConnectionRequest]):
         try:
             with session.scope:
                 async with build_client(
-                    self.spec, session.broken.set, max_sse_event_bytes=self.policy.max_sse_event_bytes
+                    self.spec,
+                    session.broken.set,
+                    max_sse_event_bytes=self.policy.max_sse_event_bytes,
+                    traffic=self._traffic,
                 ) as client:
                     session.tools = await _list_all_tools(client)
                     session.rmcp = _rmcp_settings(client, session.tools)

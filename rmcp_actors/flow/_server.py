@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 
 from ..config import CallPolicy, RetryBudgetOverrides, ServerPolicy, ToolOverrides
-from ..runtime import ChildSpec
+from ..runtime import ChildSpec, InFlight
 from .breaker import BreakerActor, BreakerChangeCallback, Breakers, client_prober
 from .budget import RetryBudget, RetryBudgetStatistics
 from .hedge import ToolHedge
@@ -43,6 +43,10 @@ class ServerFlow:
     on_breaker_change: BreakerChangeCallback | None = attrs.field(default=None, kw_only=True)
     breakers: Breakers = attrs.field(init=False)
     limiter: RateLimiter = attrs.field(init=False)
+    # The watchdog's record of this server's calls in flight (a dict insert and delete per call).
+    in_flight: InFlight = attrs.field(
+        kw_only=True, default=attrs.Factory(lambda flow: InFlight(flow.name), takes_self=True)
+    )
 
     # Retry budget and hedging (flow/budget.py, flow/hedge.py): plain state, no actor (the
     # budget refills lazily from the clock). A tool has its own budget only when its table

@@ -126,11 +126,17 @@ class ActorStatistics:
         name: The actor's name.
         inbox_used: Messages waiting in the inbox.
         inbox_size: The inbox capacity.
+        pending_asks: Asks waiting for an answer (queued or being handled).
+        oldest_ask_s: How long the oldest of them has waited, or ``None`` when there is none:
+            what the watchdog shows of an actor that callers wait on.
     """
 
     name: str
     inbox_used: int
     inbox_size: int
+    # Keyword-only with defaults, so that subclasses keep declaring mandatory fields.
+    pending_asks: int = attrs.field(default=0, kw_only=True)
+    oldest_ask_s: float | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.define(eq=False)
@@ -153,8 +159,9 @@ class Actor(Generic[M]):
     _send: MemoryObjectSendStream[_Envelope[M]] = attrs.field(init=False)
     _receive: MemoryObjectReceiveStream[_Envelope[M]] = attrs.field(init=False)
     _running: bool = attrs.field(default=False, init=False)
-    # Asks not yet answered, queued or in flight: failed at once when the actor stops.
-    _pending: set[ReplySlot[Any]] = attrs.field(factory=set[ReplySlot[Any]], init=False)
+    # Asks not yet answered, queued or in flight, with when they were asked: failed at once
+    # when the actor stops.
+    _pending: dict[ReplySlot[Any], float] = attrs.field(factory=dict[ReplySlot[Any], float], init=False)
     _in_flight: ReplySlot[Any] | None = attrs.field(default=None, init=False)
     # Asks waiting for room in a full inbox, woken when the actor stops.
     _blocked: dict[ReplySlot[Any], anyio.CancelScope] = attrs.field(
@@ -205,7 +212,7 @@ class Actor(Generic[M]):
             )
         slot = ReplySlot[T]()
         envelope = (make(slot), slot)
-        self._pending.add(slot)
+        self._pending[slot] = anyio.current_time()
         try:
             try:
                 self._send.send_nowait(envelope)
@@ -218,7 +225,7 @@ class Actor(Generic[M]):
                         del self._blocked[slot]
             return await slot.wait()
         finally:
-            self._pending.discard(slot)
+            self._pending.pop(slot, None)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Handle messages one at a time, forever.
@@ -283,10 +290,14 @@ class Actor(Generic[M]):
         """Return a snapshot of the inbox.
 
         Returns:
-            The actor's name, the messages waiting and the inbox capacity.
+            The actor's name, the messages waiting, the inbox capacity and the asks waiting.
         """
+        # Asks are kept in the order they were made: the first is the oldest.
+        oldest = next(iter(self._pending.values()), None)
         return ActorStatistics(
             name=self.name,
             inbox_used=self._send.statistics().current_buffer_used,
             inbox_size=self.inbox_size,
+            pending_asks=len(self._pending),
+            oldest_ask_s=None if oldest is None else anyio.current_time() - oldest,
         )
