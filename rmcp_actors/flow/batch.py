@@ -12,14 +12,15 @@ close it when a consumer stops iterating).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, final
 
 import anyio
+import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import RMCPArgumentError, RMCPError, UnknownServerError
 from ..result import CallResult
@@ -125,6 +126,9 @@ class Batch:
         self._window = (window if window is not None else 2 * concurrency) if ordered else None
         # In input order more workers than the window could only wait for it.
         self._concurrency = concurrency if self._window is None else min(concurrency, self._window)
+        # Items started and not yet yielded, at most: the memory bound. In completion order,
+        # the calls in flight plus as many outcomes waiting for the consumer.
+        self._bound = self._window if self._window is not None else 2 * concurrency
         self._next_index = 0
         self._next_yield = 0
         self._completed = 0
@@ -134,11 +138,16 @@ class Batch:
         self._failure: BaseException | None = None
         self._state = "new"
         self._task_group: TaskGroup | None = None
-        # Outcomes of ordered items that came before an earlier one: at most window - 1.
+        self._workers = 0
+        # Completion order: outcomes in the order they came. Input order: by index, each
+        # waiting for the ones before it (at most window - 1 of them).
+        self._ready: deque[_Outcome] = deque()
         self._early: dict[int, CallResult | RMCPError] = {}
-        self._window_tokens: anyio.Semaphore | None = None
+        # Set for the consumer when it waits for an outcome, for workers when they wait for
+        # room under the bound.
+        self._outcome_arrived: anyio.Event | None = None
+        self._room: anyio.Event | None = None
         self._input_lock: anyio.Lock | None = None
-        self._receive: MemoryObjectReceiveStream[_Outcome] | None = None
 
     def statistics(self) -> BatchStatistics:
         """Return a snapshot of the batch's progress."""
@@ -156,22 +165,15 @@ class Batch:
         if self._state != "new":
             raise RuntimeError("a batch runs once: call sup.map() again for another run")
         self._state = "running"
-        # Workers hand over outcomes through a channel as deep as the work that may be
-        # outstanding, so a worker blocks only when the consumer falls behind (backpressure).
-        send, self._receive = anyio.create_memory_object_stream[_Outcome](
-            self._window if self._window is not None else self._concurrency
-        )
-        if self._window is not None:
-            self._window_tokens = anyio.Semaphore(self._window)
         if self._async_items is not None:
             # An async generator refuses a second __anext__ while one is running.
             self._input_lock = anyio.Lock()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
-        with send:
-            for _ in range(self._concurrency):
-                task_group.start_soon(self._work, send.clone())
+        self._workers = self._concurrency
+        for _ in range(self._concurrency):
+            task_group.start_soon(self._work)
         return self
 
     async def __aexit__(
@@ -187,8 +189,8 @@ class Batch:
         # The body's own exception is not the task group's to wrap in an exception group: it
         # propagates as it is once the workers (cancelled above) are joined.
         await self._task_group.__aexit__(None, None, None)
-        if self._receive is not None:
-            self._receive.close()
+        self._ready.clear()
+        self._early.clear()
         await self._close_input()
 
     def __aiter__(self) -> Batch:
@@ -197,74 +199,80 @@ class Batch:
     async def __anext__(self) -> tuple[int, CallResult | RMCPError]:
         if self._state != "running":
             raise RuntimeError(_NOT_ENTERED if self._state == "new" else "the batch's block was left")
-        receive = self._receive
-        assert receive is not None
-        if not self._ordered:
-            try:
-                index, outcome = await receive.receive()
-            except anyio.EndOfStream:
-                raise self._end() from None
-            self._yielded += 1
-            return index, outcome
-        while self._next_yield not in self._early:
-            try:
-                index, outcome = await receive.receive()
-            except anyio.EndOfStream:
-                raise self._end() from None
-            self._early[index] = outcome
-        index = self._next_yield
-        outcome = self._early.pop(index)
-        self._next_yield += 1
+        # With an outcome ready this returns without yielding to the scheduler (one task
+        # switch less per item); the workers cannot be starved, as they run whenever the
+        # consumer waits, which it must after at most ``bound`` outcomes.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._ordered:
+                if self._next_yield in self._early:
+                    index = self._next_yield
+                    outcome = self._early.pop(index)
+                    self._next_yield += 1
+                    return self._yield(index, outcome)
+            elif self._ready:
+                return self._yield(*self._ready.popleft())
+            if self._workers == 0:
+                # Every worker has ended: the input is done (or the batch failed, and in input
+                # order the items after the one that failed it are dropped).
+                failure, self._failure = self._failure, None
+                raise failure if failure is not None else StopAsyncIteration
+            if self._outcome_arrived is None:
+                self._outcome_arrived = anyio.Event()
+            await self._outcome_arrived.wait()
+
+    def _yield(self, index: int, outcome: CallResult | RMCPError) -> tuple[int, CallResult | RMCPError]:
         self._yielded += 1
-        assert self._window_tokens is not None
-        self._window_tokens.release()
+        self._wake_workers()
         return index, outcome
 
-    def _end(self) -> BaseException:
-        """What the consumer gets when no outcome is left: the batch's failure, or the end."""
-        failure, self._failure = self._failure, None
-        return failure if failure is not None else StopAsyncIteration()
+    def _wake_workers(self) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
 
-    async def _work(self, send: MemoryObjectSendStream[_Outcome]) -> None:
-        with send:
+    def _wake_consumer(self) -> None:
+        arrived, self._outcome_arrived = self._outcome_arrived, None
+        if arrived is not None:
+            arrived.set()
+
+    async def _work(self) -> None:
+        try:
             while True:
-                if self._window_tokens is not None:
-                    await self._window_tokens.acquire()
-                try:
-                    taken = await self._take()
-                except BaseException:
-                    if self._window_tokens is not None:
-                        self._window_tokens.release()
-                    raise
+                while self._next_index - self._yielded >= self._bound and not self._exhausted:
+                    if self._room is None:
+                        self._room = anyio.Event()
+                    await self._room.wait()
+                if self._exhausted:
+                    return
+                if self._sync_items is not None:
+                    taken = self._take_sync()
+                else:
+                    taken = await self._take_async()
                 if taken is None:
-                    if self._window_tokens is not None:
-                        # Wake the next worker waiting for a token, so that it sees the end too.
-                        self._window_tokens.release()
                     return
                 index, item = taken
                 outcome = await self._run(index, item)
                 if outcome is None:
-                    if self._window_tokens is not None:
-                        # Its item is never yielded: give its token back, as on the end above.
-                        self._window_tokens.release()
                     return
-                await send.send((index, outcome))
+                if self._ordered:
+                    self._early[index] = outcome
+                    if index == self._next_yield:
+                        self._wake_consumer()
+                else:
+                    self._ready.append((index, outcome))
+                    self._wake_consumer()
+        finally:
+            self._workers -= 1
+            if self._workers == 0:
+                self._wake_consumer()
 
-    async def _take(self) -> tuple[int, Mapping[str, Any] | None] | None:
-        """The next item and its index, or None when the input ended or the batch failed."""
-        if self._exhausted:
-            return None
+    def _take_sync(self) -> tuple[int, Mapping[str, Any] | None] | None:
+        """The next item and its index, or None when the input ended or failed."""
+        assert self._sync_items is not None
         try:
-            if self._sync_items is not None:
-                item = next(self._sync_items)
-            else:
-                assert self._async_items is not None
-                assert self._input_lock is not None
-                async with self._input_lock:
-                    if self._exhausted:
-                        return None
-                    item = await anext(self._async_items)
-        except (StopIteration, StopAsyncIteration):
+            item = next(self._sync_items)
+        except StopIteration:
             self._exhausted = True
             return None
         except Exception as error:
@@ -272,6 +280,26 @@ class Batch:
             # started have been yielded.
             self._fail(error)
             return None
+        return self._started(item)
+
+    async def _take_async(self) -> tuple[int, Mapping[str, Any] | None] | None:
+        """As :meth:`_take_sync`, for an async iterator, one ``__anext__`` at a time."""
+        assert self._async_items is not None
+        assert self._input_lock is not None
+        async with self._input_lock:
+            if self._exhausted:
+                return None
+            try:
+                item = await anext(self._async_items)
+            except StopAsyncIteration:
+                self._exhausted = True
+                return None
+            except Exception as error:
+                self._fail(error)
+                return None
+        return self._started(item)
+
+    def _started(self, item: Mapping[str, Any] | None) -> tuple[int, Mapping[str, Any] | None]:
         index = self._next_index
         self._next_index += 1
         self._peak_outstanding = max(self._peak_outstanding, self._next_index - self._yielded)
@@ -306,6 +334,9 @@ class Batch:
         if self._failure is None:
             self._failure = error
         self._exhausted = True
+        # Workers waiting for room end now: in input order the consumer may never make room
+        # again (the failed item is a gap it cannot pass).
+        self._wake_workers()
 
     async def _close_input(self) -> None:
         # The batch owns the iterator it took from the input: a generator left half-consumed
