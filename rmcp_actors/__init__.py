@@ -14,9 +14,17 @@ import attrs as _attrs
 
 from .client.connection import ConnectionState as ConnectionState
 from .config import CallPolicy as CallPolicy
+from .config import CircuitBreakerOverrides as CircuitBreakerOverrides
+from .config import CircuitBreakerPolicy as CircuitBreakerPolicy
+from .config import HedgeOverrides as HedgeOverrides
+from .config import HedgePolicy as HedgePolicy
 from .config import PolicyOverrides as PolicyOverrides
+from .config import RateLimitOverrides as RateLimitOverrides
+from .config import RateLimitPolicy as RateLimitPolicy
 from .config import ReconnectOverrides as ReconnectOverrides
 from .config import ReconnectPolicy as ReconnectPolicy
+from .config import RetryBudgetOverrides as RetryBudgetOverrides
+from .config import RetryBudgetPolicy as RetryBudgetPolicy
 from .config import RetryOverrides as RetryOverrides
 from .config import RetryPolicy as RetryPolicy
 from .config import RMCPConfig as RMCPConfig
@@ -63,19 +71,17 @@ __all__ = [
     "__version__",
     "CallPolicy",
     "CallResult",
+    "CircuitBreakerOverrides",
+    "CircuitBreakerPolicy",
     "ConnectionState",
     "DedupStore",
     "FastRMCP",
-    "install",
+    "HedgeOverrides",
+    "HedgePolicy",
     "LifecycleEvent",
     "MemoryStore",
     "Outcome",
     "PolicyOverrides",
-    "ReconnectOverrides",
-    "ReconnectPolicy",
-    "RequestState",
-    "RetryOverrides",
-    "RetryPolicy",
     "RMCPActorStoppedError",
     "RMCPArgumentError",
     "RMCPConfig",
@@ -95,13 +101,23 @@ __all__ = [
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
     "RMCPUnknownOwnerError",
+    "RateLimitOverrides",
+    "RateLimitPolicy",
+    "ReconnectOverrides",
+    "ReconnectPolicy",
+    "RequestState",
+    "RetryBudgetOverrides",
+    "RetryBudgetPolicy",
+    "RetryOverrides",
+    "RetryPolicy",
     "RuntimeSettings",
+    "SQLiteStore",
     "ServerPolicy",
     "ServerSpec",
-    "SQLiteStore",
     "ToolOverrides",
     "UnknownServerError",
     "UnknownToolError",
+    "install",
 ]
 
 

@@ -5,8 +5,8 @@ class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a s
 """
 
 from .client.connection import ConnectionStatistics as ConnectionStatistics
-from .client.scheduler import LaneStatistics as LaneStatistics
-from .client.scheduler import SchedulerStatistics as SchedulerStatistics
+from .flow.scheduler import LaneStatistics as LaneStatistics
+from .flow.scheduler import SchedulerStatistics as SchedulerStatistics
 from .root import RuntimeStatistics as RuntimeStatistics
 from .server import RMCPServerSide as RMCPServerSide
 from .server import ServerStatistics as ServerStatistics

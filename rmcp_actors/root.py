@@ -2,11 +2,13 @@
 
 ::
 
-    RMCPSupervisor.open()             root Supervisor "rmcp" (one_for_one)
-    └── Supervisor "connections"      one_for_one, dynamic: one Connection actor per server
+    RMCPSupervisor.open()             root Supervisor "rmcp" (one_for_one, restarts nothing)
+    └── Supervisor "servers"          one_for_one, dynamic, restarts nothing
+        └── Supervisor "server:<name>"  rest_for_one: the Connection, then its gates' actors
 
-The scheduler is shared state, not an actor (see ``client/scheduler.py``); calls run in the
-caller's task and lease the connection's session, so a call crosses no inbox.
+The scheduler is shared state, not an actor (see ``flow/scheduler.py``); calls run in the
+caller's task and lease the connection's session, so a call crosses no inbox. Each server's
+gates (:class:`~rmcp_actors.flow._server.ServerFlow`) are read synchronously by its calls.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, final
 
 import anyio
+import anyio.abc
 import attrs
 from mcp_types import Tool
 
 from ._exceptions import FATAL, is_fatal, leaves
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
-from .client.scheduler import Lane, Scheduler, SchedulerStatistics
 from .config import CallPolicy, RMCPConfig, ServerSpec
 from .errors import (
     RMCPArgumentError,
@@ -35,7 +37,9 @@ from .errors import (
     UnknownServerError,
     UnknownToolError,
 )
+from .flow._server import ServerFlow
 from .flow.batch import Batch, KeyFunction
+from .flow.scheduler import Scheduler, SchedulerStatistics
 from .lifecycle import LifecycleCallback
 from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
@@ -46,6 +50,8 @@ __all__ = ["RMCPSupervisor", "RuntimeStatistics"]
 # The SDK's stdio shutdown waits 2 s for exit, then 2 s after SIGTERM before SIGKILL, then up
 # to 2 s to reap: a connection actor gets longer than that before its supervisor moves on.
 _CONNECTION_SHUTDOWN_S = 7.0
+# A server's subtree stops its gates' actors (quick) before its connection.
+_SERVER_SHUTDOWN_S = _CONNECTION_SHUTDOWN_S + 2.0
 
 
 @final
@@ -62,12 +68,46 @@ class RuntimeStatistics:
 class _Server:
     spec: ServerSpec
     connection: Connection
-    # The connection's child in the connections supervisor: what removing this entry stops.
-    child: ChildSpec
-    lane: Lane
+    flow: ServerFlow
     # Resolved once, for the configured tools only: callers' tool names never grow it.
     policies: Mapping[str, CallPolicy]
     default_policy: CallPolicy
+    intensity: RestartIntensity
+    # The server's subtree in the servers supervisor: what removing this entry stops.
+    child: ChildSpec = attrs.field(init=False)
+    supervisor: Supervisor | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.child = ChildSpec(f"server:{self.spec.name}", self.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the server's subtree: its connection first (whose first connection must
+        succeed, or this start fails with the connection's error), then its gates' actors.
+
+        Each run (a restart of the subtree included) builds a new supervisor: its children are
+        added with ``start_child`` so that a failed first connection reaches ``add_server`` as
+        the connection's own error, not as a restart.
+        """
+        supervisor = self.supervisor = Supervisor(
+            f"server:{self.spec.name}", Strategy.REST_FOR_ONE, intensity=self.intensity
+        )
+        async with anyio.create_task_group() as task_group:
+            await task_group.start(supervisor.run)
+            try:
+                await supervisor.start_child(
+                    ChildSpec(
+                        _child_name(self.spec.name),
+                        self.connection.run,
+                        shutdown_timeout_s=_CONNECTION_SHUTDOWN_S,
+                    )
+                )
+                for spec in self.flow.child_specs():
+                    await supervisor.start_child(spec)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await supervisor.stop()
+                raise
+            task_status.started()
 
 
 @final
@@ -82,12 +122,12 @@ class RMCPSupervisor:
         config: RMCPConfig,
         scheduler: Scheduler,
         root: Supervisor,
-        connections: Supervisor,
+        servers: Supervisor,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
         self._root = root
-        self._connections_supervisor = connections
+        self._servers_supervisor = servers
         self._servers: dict[str, _Server] = {}
         self._random = random.Random()
 
@@ -113,19 +153,19 @@ class RMCPSupervisor:
         """
         config = config if config is not None else RMCPConfig()
         runtime = config.runtime
-        intensity = RestartIntensity(max_restarts=runtime.max_restarts, period_s=runtime.restart_period_s)
-        connections = Supervisor("connections", Strategy.ONE_FOR_ONE, intensity=intensity)
-        # The root restarts nothing: its children hold state a restart cannot rebuild (the added
-        # servers), and they already applied the configured intensity to their own children, so
-        # an escalation reaching the root ends the runtime with RMCPSupervisorError.
+        # Only a server's own subtree restarts its actors, within the configured intensity. The
+        # supervisors above restart nothing: they hold state a restart cannot rebuild (the added
+        # servers), and an escalation reaching them ends the runtime with RMCPSupervisorError.
+        escalate = RestartIntensity(max_restarts=0, period_s=runtime.restart_period_s)
+        servers = Supervisor("servers", Strategy.ONE_FOR_ONE, intensity=escalate)
         root = Supervisor(
             "rmcp",
             Strategy.ONE_FOR_ONE,
-            children=[ChildSpec("connections", connections.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)],
-            intensity=RestartIntensity(max_restarts=0, period_s=runtime.restart_period_s),
+            children=[ChildSpec("servers", servers.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S)],
+            intensity=escalate,
         )
         scheduler = Scheduler(runtime.max_concurrency, runtime.max_queue, runtime.overflow)
-        supervisor = cls(config, scheduler, root, connections)
+        supervisor = cls(config, scheduler, root, servers)
         try:
             async with anyio.create_task_group() as task_group:
                 await task_group.start(root.run)
@@ -138,7 +178,7 @@ class RMCPSupervisor:
         except BaseException as error:
             # An escalation is what ended the runtime, whatever the body saw of it first (a
             # closed connection, a supervisor that stopped): that is what the caller is told.
-            escalation = connections.last_escalation or root.last_escalation
+            escalation = servers.last_escalation or root.last_escalation
             if escalation is not None and not is_fatal(error):
                 innermost = _innermost_escalation(escalation)
                 raise innermost from innermost.__cause__
@@ -162,20 +202,27 @@ class RMCPSupervisor:
             raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
         policy = self._config.server_policy(spec)
         connection = Connection(spec.name, spec, policy)
-        lane = self._scheduler.lane(spec.name, policy.max_concurrency)
+        flow = ServerFlow(
+            spec.name, policy, self._scheduler, self._scheduler.lane(spec.name, policy.max_concurrency)
+        )
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
-        child = ChildSpec(_child_name(spec.name), connection.run, shutdown_timeout_s=_CONNECTION_SHUTDOWN_S)
+        runtime = self._config.runtime
         entry = self._servers[spec.name] = _Server(
-            spec, connection, child, lane, policies, self._config.call_policy(spec, None)
+            spec,
+            connection,
+            flow,
+            policies,
+            self._config.call_policy(spec, None),
+            RestartIntensity(max_restarts=runtime.max_restarts, period_s=runtime.restart_period_s),
         )
         try:
-            await self._connections_supervisor.start_child(child)
+            await self._servers_supervisor.start_child(entry.child)
         except BaseException as error:
             # Only this call's entry: a remove and a new add of the name may have come between.
             removed = self._servers.get(spec.name) is not entry
             if not removed:
                 del self._servers[spec.name]
-                self._scheduler.retire(lane)
+                self._scheduler.retire(flow.lane)
             elif isinstance(error, RMCPSupervisorError):
                 # remove_server stopped the connection while it was still connecting.
                 raise UnknownServerError(
@@ -200,17 +247,17 @@ class RMCPSupervisor:
         entry = self._server(name)
         # Forget it first: a concurrent removal must find it gone, not half-removed.
         del self._servers[name]
-        self._scheduler.retire(entry.lane)
+        self._scheduler.retire(entry.flow.lane)
         await self._stop_connection(entry)
 
     async def _stop_connection(self, entry: _Server) -> None:
-        """Stop ``entry``'s own connection, never a newer one that took its server's name."""
+        """Stop ``entry``'s own subtree, never a newer one that took its server's name."""
         # Shielded (and bounded by the child's shutdown timeout): a cancelled removal must not
         # leave the connection and its subprocess running without an entry.
         with anyio.CancelScope(shield=True), suppress(KeyError):
             # KeyError: the child is gone already (its start failed, or the removal that made
             # its add clean up stopped it).
-            await self._connections_supervisor.terminate_child(entry.child.name, spec=entry.child)
+            await self._servers_supervisor.terminate_child(entry.child.name, spec=entry.child)
 
     def servers(self) -> dict[str, ConnectionState]:
         """Return each server's name and connection state."""
@@ -314,9 +361,7 @@ class RMCPSupervisor:
             timeout_s=timeout if timeout is not None else policy.timeout_s,
             on_lifecycle=on_lifecycle,
         )
-        return await perform_call(
-            entry.connection, self._scheduler, entry.lane, policy, request, self._random
-        )
+        return await perform_call(entry.connection, entry.flow, policy, request, self._random)
 
     def map(
         self,
@@ -349,7 +394,8 @@ class RMCPSupervisor:
             tool: The tool's name, as the server lists it.
             arguments: One item per call: a mapping of arguments (or ``None`` for none); an
                 iterable or an async iterable (a generator is fine, and is closed on exit).
-            concurrency: Calls at once; defaults to the server's ``max_concurrency``.
+            concurrency: Calls at once; defaults to the server's ``max_concurrency`` (or the
+                tool's, when its table sets a lower one).
             priority: Admission priority of every call (see :meth:`call`).
             key: A function of an item giving its idempotency key: rerunning the batch against
                 an RMCP server then replays the items that finished (``duplicate``) instead of
@@ -389,6 +435,14 @@ class RMCPSupervisor:
                 tool=tool,
             )
 
+        if concurrency is None:
+            # The calls the server (and the tool's own lane, when it has one) admit at once:
+            # more would only queue in the scheduler, fewer would leave slots unused.
+            concurrency = entry.flow.lane.max_concurrency
+            tool_limit = entry.policies.get(tool, entry.default_policy).max_concurrency
+            if tool_limit is not None:
+                concurrency = min(concurrency, tool_limit)
+
         async def call_item(item: Mapping[str, Any] | None, idempotency_key: str | None) -> CallResult:
             return await self.call(
                 server, tool, item, idempotency_key=idempotency_key, priority=priority, timeout=timeout
@@ -397,7 +451,7 @@ class RMCPSupervisor:
         return Batch(
             call_item,
             arguments,
-            concurrency=concurrency if concurrency is not None else entry.lane.max_concurrency,
+            concurrency=concurrency,
             ordered=ordered,
             window=window,
             key=key,
@@ -408,7 +462,15 @@ class RMCPSupervisor:
         return RuntimeStatistics(
             scheduler=self._scheduler.statistics(),
             connections=tuple(server.connection.statistics() for server in self._servers.values()),
-            supervisors=(self._root.statistics(), self._connections_supervisor.statistics()),
+            supervisors=(
+                self._root.statistics(),
+                self._servers_supervisor.statistics(),
+                *(
+                    server.supervisor.statistics()
+                    for server in self._servers.values()
+                    if server.supervisor is not None
+                ),
+            ),
         )
 
     def _server(self, name: str) -> _Server:

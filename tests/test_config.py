@@ -113,18 +113,20 @@ def test_example_toml_resolves(tmp_path: pathlib.Path) -> None:
         retry=RetryPolicy(max_attempts=5, base_delay_s=0.1, max_delay_s=10.0),
         idempotent=True,
         trust_annotations=True,
+        max_concurrency=4,
     )
     assert config.call_policy(spec, "convert_time") == CallPolicy(
         timeout_s=60.0,
         retry=RetryPolicy(max_attempts=3, base_delay_s=0.1, max_delay_s=10.0),
         idempotent=None,
         trust_annotations=True,
+        max_concurrency=4,
     )
     assert config.server_policy(spec) == ServerPolicy(
         timeout_s=60.0,
         connect_timeout_s=10.0,
         max_concurrency=4,
-        retry=RetryPolicy(),
+        retry=RetryPolicy(max_attempts=3),
         reconnect=ReconnectPolicy(),
         when_disconnected="wait",
         trust_annotations=True,
@@ -139,7 +141,7 @@ def test_empty_config_has_builtin_defaults() -> None:
     spec = ServerSpec.stdio("s", "cmd")
     policy = config.server_policy(spec)
     assert (policy.timeout_s, policy.connect_timeout_s, policy.max_concurrency) == (60.0, 10.0, 16)
-    assert policy.retry == RetryPolicy(max_attempts=3, base_delay_s=0.1, max_delay_s=10.0)
+    assert policy.retry == RetryPolicy(max_attempts=None, base_delay_s=0.1, max_delay_s=10.0)
     assert policy.reconnect == ReconnectPolicy(base_delay_s=0.1, max_delay_s=30.0)
     assert policy.when_disconnected == "wait"
     assert policy.trust_annotations is True
@@ -283,10 +285,10 @@ def test_layered_delays_conflict_is_rejected_with_path() -> None:
             id="tool",
         ),
         pytest.param(
-            {"servers": {"time": stdio_server(tools={"t": {"max_concurrency": 2}})}},
-            "servers.time.tools.t.max_concurrency",
+            {"servers": {"time": stdio_server(tools={"t": {"connect_timeout_s": 2}})}},
+            "servers.time.tools.t.connect_timeout_s",
             "cannot be set per tool",
-            id="max-concurrency-per-tool",
+            id="connect-timeout-per-tool",
         ),
         pytest.param(
             {"servers": {"time": stdio_server(retry={"max_attempts": "3"})}},
@@ -310,10 +312,10 @@ def test_layered_delays_conflict_is_rejected_with_path() -> None:
             {"runtime": {"max_queue": True}}, "runtime.max_queue", "expected an integer", id="bool-as-int"
         ),
         pytest.param(
-            {"servers": {"time": stdio_server(retry={"max_attempts": 0})}},
+            {"servers": {"time": stdio_server(retry={"max_attempts": -1})}},
             "servers.time.retry.max_attempts",
-            "at least 1",
-            id="zero-attempts",
+            "at least 0",
+            id="negative-attempts",
         ),
         pytest.param(
             {"servers": {"time": stdio_server(timeout_s=-1)}},
@@ -464,10 +466,10 @@ def test_toml_errors_are_config_errors(tmp_path: pathlib.Path, text: str) -> Non
 
 
 def test_unknown_key_error_from_toml(tmp_path: pathlib.Path) -> None:
-    text = EXAMPLE_TOML.replace("idempotent = true", "idempotent = true\nmax_concurrency = 2")
+    text = EXAMPLE_TOML.replace("idempotent = true", "idempotent = true\nconnect_timeout_s = 2")
     with pytest.raises(RMCPConfigError) as info:
         RMCPConfig.from_toml(write(tmp_path, text))
-    assert info.value.path == "servers.time.tools.get_current_time.max_concurrency"
+    assert info.value.path == "servers.time.tools.get_current_time.connect_timeout_s"
 
 
 def test_missing_file(tmp_path: pathlib.Path) -> None:
@@ -498,7 +500,7 @@ def test_from_toml_accepts_str_path(tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize(
     ("build", "path"),
     [
-        (lambda: RetryPolicy(max_attempts=0), "max_attempts"),
+        (lambda: RetryPolicy(max_attempts=-1), "max_attempts"),
         (lambda: RetryPolicy(base_delay_s=-1), "base_delay_s"),
         (lambda: RetryPolicy(base_delay_s=5, max_delay_s=1), "max_delay_s"),
         (lambda: RetryOverrides(base_delay_s=5, max_delay_s=1), "max_delay_s"),
@@ -819,8 +821,8 @@ def test_per_server_ack_timeout_loads_from_toml(tmp_path: pathlib.Path) -> None:
         pytest.param({"servers": {"time": stdio_server(**{"": 1})}}, 'servers.time.""', id="server"),
         pytest.param({"servers": {"a b": stdio_server(bogus=1)}}, 'servers."a b".bogus', id="quoted-name"),
         pytest.param(
-            {"servers": {"a.b": stdio_server(tools={"t": {"max_concurrency": 1}})}},
-            'servers."a.b".tools.t.max_concurrency',
+            {"servers": {"a.b": stdio_server(tools={"t": {"connect_timeout_s": 1}})}},
+            'servers."a.b".tools.t.connect_timeout_s',
             id="dotted-name",
         ),
     ],
@@ -870,18 +872,18 @@ def test_every_key_records_its_tables() -> None:
 
 @policy_group()
 @attrs.frozen(slots=False)
-class _RateLimitKeys(Generic[V]):
+class _QuotaKeys(Generic[V]):
     rate: float | V = policy_key(50.0, number(positive=True), "Calls per second.")
     burst: int | V = policy_key(50, int_at_least(1), "Calls allowed at once.")
 
 
 @policy_variant
-class RateLimitPolicy(_RateLimitKeys[Never]):
+class QuotaPolicy(_QuotaKeys[Never]):
     """A resolved token bucket."""
 
 
 @policy_variant
-class RateLimitOverrides(_RateLimitKeys[None]):
+class QuotaOverrides(_QuotaKeys[None]):
     """A partial token bucket."""
 
 
@@ -889,7 +891,7 @@ class RateLimitOverrides(_RateLimitKeys[None]):
 @attrs.frozen(slots=False)
 class _EveryLevelPlus(_EveryLevel[V]):
     # The additions: a nested table and a scalar, one line each.
-    rate_limit: _RateLimitKeys[V] = policy_table(_RateLimitKeys, "Token bucket of the calls.")
+    quota: _QuotaKeys[V] = policy_table(_QuotaKeys, "Token bucket of the calls.")
     hedge_after_s: float | V = policy_key(1.5, number(positive=True), "Delay before a hedged attempt.")
 
 
@@ -918,11 +920,9 @@ PLUS = Schema(_PlusOverrides, _PlusToolOverrides, _PlusServerPolicy, _PlusCallPo
 
 def test_a_new_key_loads_from_every_table_and_layers() -> None:
     data = {
-        "defaults": {"rate_limit": {"rate": 10}, "hedge_after_s": 3},
+        "defaults": {"quota": {"rate": 10}, "hedge_after_s": 3},
         "servers": {
-            "a": stdio_server(
-                rate_limit={"burst": 5}, tools={"t": {"rate_limit": {"rate": 2}, "hedge_after_s": 0.5}}
-            ),
+            "a": stdio_server(quota={"burst": 5}, tools={"t": {"quota": {"rate": 2}, "hedge_after_s": 0.5}}),
             "b": stdio_server(),
         },
     }
@@ -933,37 +933,37 @@ def test_a_new_key_loads_from_every_table_and_layers() -> None:
         layers = [tables.defaults, server.overrides, *([server.tools[tool]] if tool in server.tools else [])]
         return resolve(_PlusCallPolicy, layers, f"servers.x.tools.{tool}")
 
-    assert call(a, "t").rate_limit == RateLimitPolicy(rate=2.0, burst=5)
+    assert call(a, "t").quota == QuotaPolicy(rate=2.0, burst=5)
     assert call(a, "t").hedge_after_s == 0.5
-    assert call(a, "other").rate_limit == RateLimitPolicy(rate=10.0, burst=5)
-    assert call(b, "t").rate_limit == RateLimitPolicy(rate=10.0, burst=50)
+    assert call(a, "other").quota == QuotaPolicy(rate=10.0, burst=5)
+    assert call(b, "t").quota == QuotaPolicy(rate=10.0, burst=50)
     assert call(b, "t").hedge_after_s == 3.0
     server = resolve(_PlusServerPolicy, [tables.defaults, a.overrides], "servers.a")
-    assert (server.rate_limit, server.max_concurrency) == (RateLimitPolicy(rate=10.0, burst=5), 16)
+    assert (server.quota, server.max_concurrency) == (QuotaPolicy(rate=10.0, burst=5), 16)
     assert resolve(_PlusServerPolicy, [], "") == _PlusServerPolicy()
-    assert _PlusServerPolicy().rate_limit == RateLimitPolicy(rate=50.0, burst=50)
-    assert _PlusOverrides().rate_limit == RateLimitOverrides()
-    assert "rate_limit: Token bucket of the calls." in (_PlusToolOverrides.__doc__ or "")
+    assert _PlusServerPolicy().quota == QuotaPolicy(rate=50.0, burst=50)
+    assert _PlusOverrides().quota == QuotaOverrides()
+    assert "quota: Token bucket of the calls." in (_PlusToolOverrides.__doc__ or "")
 
 
 @pytest.mark.parametrize(
     ("data", "path", "words"),
     [
-        pytest.param({"defaults": {"rate_limit": {"rate": 0}}}, "defaults.rate_limit.rate", "greater than 0"),
+        pytest.param({"defaults": {"quota": {"rate": 0}}}, "defaults.quota.rate", "greater than 0"),
         pytest.param(
-            {"servers": {"a": stdio_server(rate_limit={"burst": "x"})}},
-            "servers.a.rate_limit.burst",
+            {"servers": {"a": stdio_server(quota={"burst": "x"})}},
+            "servers.a.quota.burst",
             "expected an integer",
         ),
         pytest.param(
-            {"servers": {"a": stdio_server(tools={"t": {"rate_limit": {"bogus": 1}}})}},
-            "servers.a.tools.t.rate_limit.bogus",
+            {"servers": {"a": stdio_server(tools={"t": {"quota": {"bogus": 1}}})}},
+            "servers.a.tools.t.quota.bogus",
             "allowed keys here: rate, burst",
         ),
         pytest.param(
-            {"servers": {"a": stdio_server(tools={"t": {"rate_limt": {}}})}},
-            "servers.a.tools.t.rate_limt",
-            "did you mean 'rate_limit'",
+            {"servers": {"a": stdio_server(tools={"t": {"quoat": {}}})}},
+            "servers.a.tools.t.quoat",
+            "did you mean 'quota'",
         ),
         pytest.param(
             {"servers": {"a": stdio_server(hedge_after_s=-1)}},
@@ -980,8 +980,8 @@ def test_a_new_key_has_error_paths(data: dict[str, Any], path: str, words: str) 
 
 
 def test_public_policies_do_not_see_the_test_keys() -> None:
-    assert "rate_limit" not in attrs.fields_dict(PolicyOverrides)
-    assert "rate_limit" not in attrs.fields_dict(CallPolicy)
+    assert "quota" not in attrs.fields_dict(PolicyOverrides)
+    assert "quota" not in attrs.fields_dict(CallPolicy)
 
 
 def test_a_key_declared_twice_is_refused() -> None:
@@ -1015,3 +1015,94 @@ def test_config_and_policies_pickle(tmp_path: pathlib.Path) -> None:
     assert pickle.loads(pickle.dumps(config)) == config
     for policy in (config.server_policy(spec), config.call_policy(spec, "get_current_time")):
         assert pickle.loads(pickle.dumps(policy)) == policy
+
+
+# ------------------------------------------------------------------------------------------
+# Flow-control keys (issue 8): every table, layered; tenants; runtime watchdog settings
+# ------------------------------------------------------------------------------------------
+
+
+def test_flow_keys_load_from_every_table_and_layer() -> None:
+    config = RMCPConfig.from_dict(
+        {
+            "runtime": {"stall_s": 12, "restart_hung": False, "priority_aging_s": 2},
+            "tenants": {"interactive": 10, "batch": 0.5},
+            "defaults": {"rate_limit": {"rate": 50}, "circuit_breaker": {"failure_threshold": 3}},
+            "servers": {
+                "s": stdio_server(
+                    retry_budget={"ratio": 0.1},
+                    hedge={"delay": "p95"},
+                    tools={
+                        "t": {
+                            "rate_limit": {
+                                "burst": 5,
+                                "error_patterns": ["rate limit", r"retry in (?P<seconds>\d+)"],
+                            },
+                            "circuit_breaker": {"mode": "metrics_only", "probe": "ping"},
+                            "max_concurrency": 2,
+                            "retry": {"max_attempts": 0},
+                        }
+                    },
+                )
+            },
+        }
+    )
+    spec = config.servers["s"]
+    tool = config.call_policy(spec, "t")
+    other = config.call_policy(spec, "other")
+    server = config.server_policy(spec)
+    assert config.runtime.stall_s == 12.0
+    assert config.runtime.restart_hung is False
+    assert config.tenants == {"interactive": 10.0, "batch": 0.5}
+    assert (tool.rate_limit.rate, tool.rate_limit.burst) == (50.0, 5)
+    assert tool.rate_limit.error_patterns == ("rate limit", r"retry in (?P<seconds>\d+)")
+    assert (other.rate_limit.rate, other.rate_limit.burst) == (50.0, None)
+    assert tool.circuit_breaker.failure_threshold == 3
+    assert tool.circuit_breaker.mode == "metrics_only"
+    assert server.circuit_breaker.mode == "enabled"
+    assert server.retry_budget.ratio == 0.1
+    assert tool.retry_budget.min_per_s == 3.0
+    assert tool.hedge.delay == "p95"
+    assert server.hedge.delay_s is None
+    assert (tool.max_concurrency, tool.retry.max_attempts, other.retry.max_attempts) == (2, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "words"),
+    [
+        pytest.param({"tenants": {"a": 0}}, "tenants.a", "greater than 0", id="zero-weight"),
+        pytest.param({"tenants": {"a": "x"}}, "tenants.a", "expected a number", id="str-weight"),
+        pytest.param(
+            {"defaults": {"rate_limit": {"error_patterns": ["("]}}},
+            "defaults.rate_limit.error_patterns.0",
+            "not a valid regular expression",
+            id="bad-regex",
+        ),
+        pytest.param(
+            {"defaults": {"rate_limit": {"decrease": 1}}},
+            "defaults.rate_limit.decrease",
+            "below 1",
+            id="decrease",
+        ),
+        pytest.param(
+            {"defaults": {"circuit_breaker": {"mode": "on"}}},
+            "defaults.circuit_breaker.mode",
+            "one of",
+            id="mode",
+        ),
+        pytest.param(
+            {"defaults": {"circuit_breaker": {"open_s": 60, "max_open_s": 30}}},
+            "defaults.circuit_breaker.max_open_s",
+            "at least open_s",
+            id="max-open",
+        ),
+        pytest.param(
+            {"defaults": {"hedge": {"delay": "95%"}}}, "defaults.hedge.delay", "percentile", id="pct"
+        ),
+        pytest.param({"runtime": {"stall_s": 0}}, "runtime.stall_s", "greater than 0", id="stall"),
+    ],
+)
+def test_flow_keys_have_error_paths(data: dict[str, Any], path: str, words: str) -> None:
+    error = config_error(data)
+    assert error.path == path
+    assert words in str(error)

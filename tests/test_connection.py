@@ -39,7 +39,7 @@ async def test_an_invalid_tools_refresh_fails_the_request_not_the_actor() -> Non
         assert (await sup.call("raw", "echo")).outcome is Outcome.SUCCEEDED
         stats = sup.statistics()
         assert stats.connections[0].generation == generation
-        assert stats.supervisors[1].children[0].restarts == 0
+        assert stats.supervisors[2].children[0].restarts == 0  # server:raw -> connection:raw
         assert {tool.name for tool in await sup.list_tools("raw")} == {"wait", "echo"}
 
 

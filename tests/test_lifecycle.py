@@ -49,7 +49,7 @@ async def test_escalation_is_what_open_reports_whatever_the_body_saw_first() -> 
 
     async def application() -> None:
         async with RMCPSupervisor.open(config) as sup:
-            connections = sup._connections_supervisor  # pyright: ignore[reportPrivateUsage]
+            connections = sup._servers_supervisor  # pyright: ignore[reportPrivateUsage]
             await connections.start_child(ChildSpec("crasher", crasher))
             index = 0
             while True:  # the application keeps adding servers while the runtime fails
@@ -84,7 +84,7 @@ async def test_remove_and_re_add_while_the_first_add_still_connects() -> None:
         assert outcomes == ["first removed"]
         await add(ServerSpec.in_memory("x", build_server()), "second")
         children = sup.statistics().supervisors[1].children
-        assert [child.name for child in children] == ["connection:x"]
+        assert [child.name for child in children] == ["server:x"]
         assert (await sup.call("x", "echo", {"text": "the second one"})).text == "the second one"
     assert outcomes == ["first removed", "second ok"]
 
@@ -123,7 +123,7 @@ async def test_a_finishing_add_does_not_stop_the_connection_of_a_re_add_under_it
         resume_first.set()
         await anyio.wait_all_tasks_blocked()
         children = sup.statistics().supervisors[1].children
-        assert [child.name for child in children] == ["connection:x"]
+        assert [child.name for child in children] == ["server:x"]
         assert sup.servers() == {"x": ConnectionState.READY}
         assert (await sup.call("x", "echo", {"text": "the second one"})).text == "the second one"
 

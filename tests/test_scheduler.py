@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from rmcp_actors import RMCPOverloadedError
-from rmcp_actors.client.scheduler import Scheduler
+from rmcp_actors.flow.scheduler import Scheduler
 
 
 async def test_fast_path_admits_without_queueing() -> None:

@@ -42,6 +42,7 @@ from ..errors import (
     RMCPTimeoutError,
     UnknownToolError,
 )
+from ..flow._server import ServerFlow
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
 from ._arguments import check_arguments, check_idempotency_key
@@ -50,7 +51,6 @@ from ._http_evidence import current_evidence
 from ._sent import current_send_hook
 from .backoff import backoff_delay
 from .connection import Connection, Session
-from .scheduler import Lane, Scheduler
 
 __all__ = ["CallRequest", "perform_call"]
 
@@ -59,6 +59,8 @@ _logger = logging.getLogger("rmcp_actors")
 # Headroom between the SDK's per-request timeout and the caller's deadline, so that the SDK
 # times out first and sends notifications/cancelled while the call is still ours to finish.
 _SDK_TIMEOUT_MARGIN_S = 0.02
+# retry.max_attempts = 0: attempts end with the deadline (and the retry budget), not a count.
+_UNTIL_DEADLINE = math.inf
 # An attempt of a tool that is not safe to repeat is not sent with less time than this left:
 # its answer could hardly arrive in time, and a timeout after sending leaves the outcome
 # unknown, where not sending leaves a clean "nothing ran".
@@ -142,8 +144,7 @@ class _Nacked(Exception):
 
 async def perform_call(
     connection: Connection,
-    scheduler: Scheduler,
-    lane: Lane,
+    flow: ServerFlow,
     policy: CallPolicy,
     request: CallRequest,
     rng: random.Random,
@@ -166,9 +167,7 @@ async def perform_call(
     # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
     with anyio.move_on_at(deadline):
         try:
-            result, rmcp_meta = await _attempts(
-                connection, scheduler, lane, policy, request, rng, deadline, progress
-            )
+            result, rmcp_meta = await _attempts(connection, flow, policy, request, rng, deadline, progress)
         except RMCPError as error:
             if progress.last_ambiguous is not None and not error.may_have_executed:
                 # A later attempt failed cleanly, but an earlier one was sent and lost.
@@ -202,8 +201,7 @@ async def perform_call(
 
 async def _attempts(
     connection: Connection,
-    scheduler: Scheduler,
-    lane: Lane,
+    flow: ServerFlow,
     policy: CallPolicy,
     request: CallRequest,
     rng: random.Random,
@@ -211,8 +209,11 @@ async def _attempts(
     progress: _Progress,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     retry = policy.retry
+    scheduler = flow.scheduler
+    lane = flow.lane
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
+    max_attempts = _UNTIL_DEADLINE if retry.max_attempts == 0 else retry.max_attempts or 3
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -223,6 +224,9 @@ async def _attempts(
             )
         if progress.relied_on is not None:
             _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
+        # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
+        # flow: retry budget: an attempt after the first draws from it; the first refills it.
+        # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         if progress.ticket is None:
             progress.ticket = scheduler.ticket()
         progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
@@ -256,7 +260,7 @@ async def _attempts(
                     # the effect in question.
                     _raise_for(verdict, failed.__cause__, request)
                     progress.sent = progress.last_ambiguous is not None
-                    if progress.attempts >= retry.max_attempts:
+                    if progress.attempts >= max_attempts:
                         raise RMCPNetworkError(
                             f"nothing was sent or run on all {progress.attempts} attempts "
                             f"(last: {verdict.reason}): check that {connection.spec.describe()} is "
@@ -269,7 +273,7 @@ async def _attempts(
                 # Refused, not run: only an earlier lost answer leaves the effect in question.
                 progress.sent = progress.last_ambiguous is not None
                 meta = refused.meta
-                if progress.attempts >= retry.max_attempts:
+                if progress.attempts >= max_attempts:
                     raise _nack_error(meta, f"after {progress.attempts} attempt(s)") from None
                 retry_after_s = (meta.retry_after_ms or 0) / 1000
                 if anyio.current_time() + retry_after_s >= deadline:
@@ -278,7 +282,8 @@ async def _attempts(
                     ) from None
         finally:
             scheduler.release(lane)
-        if progress.attempts >= retry.max_attempts:
+            # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
+        if progress.attempts >= max_attempts:
             raise RMCPOutcomeUnknownError(
                 f"the answer was lost on all {progress.attempts} attempts ({_cause_text(progress)}); "
                 "the tool may have run",

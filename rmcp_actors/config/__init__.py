@@ -17,11 +17,21 @@ and the key metadata from those declarations, ``_load.py`` the TOML tables and e
 """
 
 from ._config import RMCPConfig as RMCPConfig
+from ._policy import BreakerMode as BreakerMode
+from ._policy import BreakerProbe as BreakerProbe
 from ._policy import CallPolicy as CallPolicy
+from ._policy import CircuitBreakerOverrides as CircuitBreakerOverrides
+from ._policy import CircuitBreakerPolicy as CircuitBreakerPolicy
+from ._policy import HedgeOverrides as HedgeOverrides
+from ._policy import HedgePolicy as HedgePolicy
 from ._policy import Overflow as Overflow
 from ._policy import PolicyOverrides as PolicyOverrides
+from ._policy import RateLimitOverrides as RateLimitOverrides
+from ._policy import RateLimitPolicy as RateLimitPolicy
 from ._policy import ReconnectOverrides as ReconnectOverrides
 from ._policy import ReconnectPolicy as ReconnectPolicy
+from ._policy import RetryBudgetOverrides as RetryBudgetOverrides
+from ._policy import RetryBudgetPolicy as RetryBudgetPolicy
 from ._policy import RetryOverrides as RetryOverrides
 from ._policy import RetryPolicy as RetryPolicy
 from ._policy import RuntimeSettings as RuntimeSettings
@@ -33,12 +43,22 @@ from ._servers import Transport as Transport
 from ._servers import Wire as Wire
 
 __all__ = [
+    "BreakerMode",
+    "BreakerProbe",
     "CallPolicy",
+    "CircuitBreakerOverrides",
+    "CircuitBreakerPolicy",
+    "HedgeOverrides",
+    "HedgePolicy",
     "Overflow",
     "PolicyOverrides",
     "RMCPConfig",
+    "RateLimitOverrides",
+    "RateLimitPolicy",
     "ReconnectOverrides",
     "ReconnectPolicy",
+    "RetryBudgetOverrides",
+    "RetryBudgetPolicy",
     "RetryOverrides",
     "RetryPolicy",
     "RuntimeSettings",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -11,7 +12,7 @@ from typing import Any, cast
 import attrs
 
 from ..errors import RMCPConfigError
-from ._checks import FrozenMap, instance_of, key_path, prefixed, raw_message, show
+from ._checks import FrozenMap, instance_of, is_number, key_path, prefixed, raw_message, show
 from ._keys import resolve
 from ._load import load_tables
 from ._policy import CallPolicy, PolicyOverrides, RuntimeSettings, ServerPolicy
@@ -33,6 +34,19 @@ def _servers_map(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> 
             )
 
 
+def _tenants_map(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise RMCPConfigError(f"expected a table of tenant weights, got {show(value)}", path=attribute.name)
+    for key, weight in cast("Mapping[object, object]", value).items():
+        if not isinstance(key, str) or not key:
+            raise RMCPConfigError(f"tenant names must be non-empty strings, got {key!r}", path=attribute.name)
+        if not is_number(weight) or not 0 < weight < math.inf:
+            raise RMCPConfigError(
+                f"a tenant's weight must be a finite number greater than 0, got {show(weight)}",
+                path=key_path("tenants", key),
+            )
+
+
 @attrs.frozen
 class RMCPConfig:
     """The whole configuration: runtime settings, policy defaults and servers.
@@ -44,6 +58,8 @@ class RMCPConfig:
         runtime: Settings of the runtime as a whole.
         defaults: The policy layer shared by every server and tool.
         servers: The servers, keyed by name (each key equals its spec's ``name``).
+        tenants: Weights of the tenants sharing each server's concurrency (``[tenants]``,
+            ``name = weight``, greater than 0); a tenant not listed has weight 1.
 
     Raises:
         RMCPConfigError: A value is invalid; ``path`` names the key, e.g.
@@ -54,6 +70,9 @@ class RMCPConfig:
     defaults: PolicyOverrides = attrs.field(default=PolicyOverrides(), validator=instance_of(PolicyOverrides))
     servers: Mapping[str, ServerSpec] = attrs.field(
         factory=lambda: FrozenMap[str, ServerSpec](), converter=freeze, validator=_servers_map
+    )
+    tenants: Mapping[str, float] = attrs.field(
+        factory=lambda: FrozenMap[str, float](), converter=freeze, validator=_tenants_map
     )
 
     def __attrs_post_init__(self) -> None:
@@ -100,7 +119,7 @@ class RMCPConfig:
         """Build and validate a configuration from a mapping shaped like the TOML file.
 
         Args:
-            data: Tables ``runtime``, ``defaults`` and ``servers`` (all optional), with the
+            data: Tables ``runtime``, ``defaults``, ``servers`` and ``tenants`` (all optional), with the
                 key names of the TOML format.
 
         Returns:
@@ -119,7 +138,7 @@ class RMCPConfig:
                 servers[name] = _spec(name, server.spec_keys, server.overrides, server.tools)
             except RMCPConfigError as exc:
                 raise prefixed(exc, key_path("servers", name)) from None
-        return cls(runtime=tables.runtime, defaults=tables.defaults, servers=servers)
+        return cls(runtime=tables.runtime, defaults=tables.defaults, servers=servers, tenants=tables.tenants)
 
     def server_policy(self, spec: ServerSpec) -> ServerPolicy:
         """Resolve a server's policy: built-in defaults, then ``[defaults]``, then the server.

@@ -67,6 +67,7 @@ class LoadedTables:
     runtime: RuntimeSettings
     defaults: Any
     servers: dict[str, LoadedServer]
+    tenants: dict[str, float]
 
 
 # The spec keys of a server table as a file writes them (``name`` is the table's key, in-memory
@@ -97,6 +98,7 @@ def _tables(schema: Schema) -> tuple[type, type]:
             "runtime": attrs.field(type=RuntimeSettings, factory=RuntimeSettings),
             "defaults": attrs.field(type=schema.overrides, factory=schema.overrides),
             "servers": attrs.field(type=dict[str, server_table], factory=dict),
+            "tenants": attrs.field(type=dict[str, float], factory=dict),
         },
         frozen=True,
     )
@@ -107,7 +109,7 @@ def load_tables(data: Mapping[str, Any], schema: Schema = SCHEMA) -> LoadedTable
     """Structure a configuration mapping into ``schema``'s classes.
 
     Args:
-        data: Tables ``runtime``, ``defaults`` and ``servers`` (all optional).
+        data: Tables ``runtime``, ``defaults``, ``servers`` and ``tenants`` (all optional).
         schema: The policy classes.
 
     Returns:
@@ -136,7 +138,9 @@ def load_tables(data: Mapping[str, Any], schema: Schema = SCHEMA) -> LoadedTable
             overrides=overrides,
             tools=server.tools,
         )
-    return LoadedTables(runtime=table.runtime, defaults=table.defaults, servers=servers)
+    return LoadedTables(
+        runtime=table.runtime, defaults=table.defaults, servers=servers, tenants=table.tenants
+    )
 
 
 # --------------------------------------------------------------------------------------------
