@@ -9,6 +9,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
+import anyio
 import pytest
 import trio
 import trio.testing
@@ -34,10 +35,11 @@ from rmcp_actors import (
     RMCPSupervisor,
     RMCPTimeoutAfterSendError,
     ServerSpec,
+    ToolOverrides,
     UnknownServerError,
     UnknownToolError,
 )
-from rmcp_actors.flow.batch import Batch
+from rmcp_actors.lowlevel import Batch
 
 
 def noop_server() -> Server[Any]:
@@ -389,6 +391,37 @@ async def test_default_concurrency_is_the_servers_max_concurrency(server: MCPSer
     assert batch.statistics().concurrency == 3
     assert len(outcomes) == 12
     assert state.peak == 3
+
+
+async def test_default_concurrency_is_the_tools_lane_when_lower(server: MCPServer, state: State) -> None:
+    spec = ServerSpec.in_memory(
+        "test",
+        server,
+        overrides=PolicyOverrides(max_concurrency=8),
+        tools={"work": ToolOverrides(max_concurrency=2)},
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        batch = sup.map("test", "work", ({"seconds": 0.01} for _ in range(12)))
+        outcomes = await collect(batch)
+        wide = sup.map("test", "echo", [], concurrency=5)
+    assert batch.statistics().concurrency == 2
+    assert len(outcomes) == 12
+    assert state.peak == 2
+    assert wide.statistics().concurrency == 5
+
+
+def test_a_batch_under_asyncio() -> None:
+    from mcp_test_server import build_server
+
+    async def main() -> list[int]:
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(ServerSpec.in_memory("test", build_server()))
+            items = ({"a": n, "b": 1} for n in range(20))
+            async with sup.map("test", "add", items, concurrency=4, ordered=True) as results:
+                return [index async for index, outcome in results if isinstance(outcome, CallResult)]
+
+    assert anyio.run(main, backend="asyncio") == list(range(20))
 
 
 async def test_a_batch_over_stdio() -> None:
