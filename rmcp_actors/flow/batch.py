@@ -2,12 +2,13 @@
 
 A :class:`Batch` owns a task group of ``concurrency`` workers. Each worker takes the next item
 from the input (lazily: a generator of a million items is never materialised), makes the call,
-and hands ``(index, outcome)`` to the consumer through a bounded channel, so memory stays
-bounded by the concurrency (and, in input order, by the reorder window) whatever the length of
-the input. The task group lives exactly as long as the ``async with`` block: leaving it, by a
-``break``, an exception or a cancellation, cancels the calls in flight and joins every worker,
-as trio's rules for structured concurrency require (an iterator alone could not: nothing would
-close it when a consumer stops iterating).
+and leaves ``(index, outcome)`` for the consumer. A worker takes an item only while fewer than
+a bound of items are started and not yet yielded (twice the concurrency, or the reorder window
+in input order), so memory is bounded whatever the length of the input, and a consumer that
+falls behind slows the batch down instead of growing a buffer. The task group lives exactly as
+long as the ``async with`` block: leaving it, by a ``break``, an exception or a cancellation,
+cancels the calls in flight and joins every worker, as trio's rules for structured concurrency
+require (an iterator alone could not: nothing would close it when a consumer stops iterating).
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ class Batch:
     worker, and closes the input iterator (a generator's ``finally`` runs then). Iterating
     outside the block raises ``RuntimeError``.
 
-    Outcomes come in completion order, or in input order when ``ordered``: then at most
-    ``window`` items are started and not yet yielded, so a slow item holds back at most
-    ``window - 1`` finished ones, and no item more than ``window - 1`` places after the oldest
-    not yet yielded starts until that one is yielded.
+    Outcomes come in completion order (at most ``2 * concurrency`` items started and not yet
+    yielded: those in flight and those waiting for the consumer), or in input order when
+    ``ordered``: then at most ``window`` items are started and not yet yielded, so a slow item
+    holds back at most ``window - 1`` finished ones, and no item more than ``window - 1``
+    places after the oldest not yet yielded starts until that one is yielded (the batch runs
+    below its concurrency while it waits). One task iterates at a time.
     """
 
     def __init__(
