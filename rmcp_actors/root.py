@@ -399,7 +399,8 @@ class RMCPSupervisor:
             priority: Admission priority of every call (see :meth:`call`).
             key: A function of an item giving its idempotency key: rerunning the batch against
                 an RMCP server then replays the items that finished (``duplicate``) instead of
-                running them again. Default: a fresh key per call.
+                running them again. Default (and for an item whose key is ``None``): a fresh
+                key per call.
             ordered: Yield in input order instead of completion order.
             window: With ``ordered``, items started and not yet yielded, at most (default
                 ``2 * concurrency``): a slow item holds back at most ``window - 1`` finished ones.

@@ -323,6 +323,19 @@ async def test_the_inputs_own_error_ends_the_batch_after_the_items_started(serve
             assert sorted(seen) == [0, 1, 2, 3, 4]
 
 
+async def test_a_key_function_that_fails_ends_the_batch(server: MCPServer) -> None:
+    items = [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", server))
+        with pytest.raises(KeyError, match="nope"):
+            await collect(sup.map("test", "echo", items, key=lambda item: item["nope"]))
+        with pytest.raises(RMCPArgumentError, match=r"must return a str .* got int for item 0"):
+            await collect(sup.map("test", "echo", items, key=lambda item: 42))  # pyright: ignore[reportArgumentType]
+        # None: that item gets a fresh key.
+        outcomes = await collect(sup.map("test", "echo", items, key=lambda item: None, ordered=True))
+    assert [outcome.text for _, outcome in outcomes if isinstance(outcome, CallResult)] == ["a", "b", "c"]
+
+
 async def test_a_server_removed_during_the_batch_ends_it(
     server: MCPServer, autojump_clock: trio.testing.MockClock
 ) -> None:

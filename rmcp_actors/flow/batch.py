@@ -30,8 +30,9 @@ __all__ = ["Batch", "BatchStatistics", "ItemCall", "KeyFunction"]
 
 #: One call of the batch: ``(arguments, idempotency_key)`` to a result, or an RMCPError raised.
 ItemCall = Callable[[Mapping[str, Any] | None, str | None], Awaitable[CallResult]]
-#: Gives an item's idempotency key, so that a rerun of the batch replays finished items.
-KeyFunction = Callable[[Any], str]
+#: Gives an item's idempotency key, so that a rerun of the batch replays finished items
+#: (``None``: a fresh key for that item).
+KeyFunction = Callable[[Any], str | None]
 
 _Outcome = tuple[int, CallResult | RMCPError]
 _NOT_ENTERED = (
@@ -317,6 +318,15 @@ class Batch:
                     "arguments (or None); nothing was sent for it"
                 )
             idempotency_key = self._key(item) if self._key is not None else None
+            if idempotency_key is not None and not isinstance(idempotency_key, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+                # The key function's bug, not this item's: every item would get the same.
+                self._fail(
+                    RMCPArgumentError(
+                        f"key(item) must return a str (or None for a fresh key), got "
+                        f"{type(idempotency_key).__name__} for item {index}: fix the key function"
+                    )
+                )
+                return None
             outcome: CallResult | RMCPError = await self._call(item, idempotency_key)
         except UnknownServerError as error:
             # The server was removed during the batch: no later item can run either.
