@@ -16,6 +16,9 @@ in-memory wire (the server's handler runs in the caller's task: no serialization
   ``call_tool``, results appended to a list.
 * ``bounded``: the careful version of the same: the limiter is taken *before* each task is
   started (at most C tasks exist), results dropped.
+* ``calls``: ``bounded`` calling ``sup.call`` instead of the raw client (same runtime and spec as
+  ``map``): ``map``/``calls`` is what the batch machinery costs, ``calls``/``bounded`` what the
+  reliability layer of each call costs on this wire.
 
 Each run is a fresh child process (``--child``), so its peak RSS is its own: ``peak RSS`` is
 ``ru_maxrss`` at the end minus the RSS just before the calls (the runtime and server already
@@ -49,7 +52,7 @@ from _noop_server import TOOL, build_server
 from rmcp_actors import CallResult, RMCPSupervisor, ServerSpec
 from rmcp_actors.config import PolicyOverrides
 
-VARIANTS = ("map", "nursery", "bounded")
+VARIANTS = ("map", "nursery", "bounded", "calls")
 PAGE_SIZE = resource.getpagesize()
 
 
@@ -62,7 +65,7 @@ def current_rss() -> int:
         return int(statm.read().split()[1]) * PAGE_SIZE
 
 
-async def run_map(count: int, concurrency: int, trace: bool) -> dict[str, Any]:
+async def run_map(count: int, concurrency: int, trace: bool, through_map: bool) -> dict[str, Any]:
     spec = ServerSpec.in_memory(
         "noop", build_server(), wire="direct", overrides=PolicyOverrides(max_concurrency=concurrency)
     )
@@ -71,15 +74,32 @@ async def run_map(count: int, concurrency: int, trace: bool) -> dict[str, Any]:
         await sup.call("noop", TOOL, {"n": 0})  # warm-up
         done = 0
 
-        async def calls() -> None:
+        def check(outcome: object) -> None:
             nonlocal done
+            if not isinstance(outcome, CallResult) or outcome.is_error:
+                raise RuntimeError(f"rmcp call failed: {outcome!r}")
+            done += 1
+
+        async def mapped() -> None:
             async with sup.map("noop", TOOL, items(count), concurrency=concurrency) as results:
                 async for _, outcome in results:
-                    if not isinstance(outcome, CallResult) or outcome.is_error:
-                        raise RuntimeError(f"map call failed: {outcome!r}")
-                    done += 1
+                    check(outcome)
 
-        figures = await measured(calls, trace)
+        async def called() -> None:
+            limiter = trio.CapacityLimiter(concurrency)
+
+            async def one(index: int, arguments: dict[str, Any]) -> None:
+                try:
+                    check(await sup.call("noop", TOOL, arguments))
+                finally:
+                    limiter.release_on_behalf_of(index)
+
+            async with trio.open_nursery() as nursery:
+                for index, arguments in enumerate(items(count)):
+                    await limiter.acquire_on_behalf_of(index)
+                    nursery.start_soon(one, index, arguments)
+
+        figures = await measured(mapped if through_map else called, trace)
     assert done == count, done
     return figures
 
@@ -139,8 +159,8 @@ async def measured(calls: Any, trace: bool) -> dict[str, Any]:
 
 
 def child(variant: str, count: int, concurrency: int, trace: bool) -> None:
-    if variant == "map":
-        figures = trio.run(run_map, count, concurrency, trace)
+    if variant in ("map", "calls"):
+        figures = trio.run(run_map, count, concurrency, trace, variant == "map")
     else:
         figures = trio.run(run_nursery, count, concurrency, trace, variant == "bounded")
     print(json.dumps(figures))
@@ -174,7 +194,8 @@ def main() -> None:
     traced: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
     started = time.perf_counter()
     for round_index in range(rounds):
-        order = VARIANTS[round_index % 3 :] + VARIANTS[: round_index % 3]
+        shift = round_index % len(VARIANTS)
+        order = VARIANTS[shift:] + VARIANTS[:shift]
         for variant in order:
             runs[variant].append(spawn(variant, count, options.concurrency, trace=False))
             traced[variant].append(spawn(variant, traced_count, options.concurrency, trace=True))
@@ -192,7 +213,7 @@ def main() -> None:
             "traced_peak_mib": median(variant, traced, "traced_peak_bytes") / 2**20,
         }
     print(
-        f"sup.map vs a nursery + CapacityLimiter on a raw mcp.Client: {count:,} no-op calls "
+        f"sup.map vs a nursery + CapacityLimiter: {count:,} no-op calls "
         f"(traced runs: {traced_count:,}), direct in-memory wire, concurrency {options.concurrency}, "
         f"{rounds} round(s), medians; python {sys.version.split()[0]}, {wall:.0f} s"
     )
