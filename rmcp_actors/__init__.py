@@ -36,6 +36,7 @@ from .errors import Outcome as Outcome
 from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
 from .errors import RMCPConfigError as RMCPConfigError
+from .errors import RMCPDeadlockError as RMCPDeadlockError
 from .errors import RMCPError as RMCPError
 from .errors import RMCPIdempotencyConflictError as RMCPIdempotencyConflictError
 from .errors import RMCPNackError as RMCPNackError
@@ -86,6 +87,7 @@ __all__ = [
     "RMCPArgumentError",
     "RMCPConfig",
     "RMCPConfigError",
+    "RMCPDeadlockError",
     "RMCPError",
     "RMCPIdempotencyConflictError",
     "RMCPNackError",

@@ -19,6 +19,7 @@ __all__ = [
     "RMCPActorStoppedError",
     "RMCPArgumentError",
     "RMCPConfigError",
+    "RMCPDeadlockError",
     "RMCPError",
     "RMCPIdempotencyConflictError",
     "RMCPNackError",
@@ -293,3 +294,21 @@ class RMCPStoreClosedError(RMCPStoreError):
 class RMCPUnknownOwnerError(RMCPStoreError, LookupError):
     """The store does not know the server instance (never registered, or purged after its
     lease lapsed long ago): register it again with ``register_owner``."""
+
+
+class RMCPDeadlockError(RMCPError):
+    """The call could only wait forever: the slots it needs are held by calls waiting for it.
+
+    Raised at once, before sending (``may_have_executed`` is ``False``), when a call made from
+    inside another call's work (a tool of an in-process server calling back into the runtime)
+    needs a concurrency slot of a lane whose every slot is held by the calls it is nested in.
+
+    Attributes:
+        lane: The lane it would have waited on (``"server 'a'"``, ``"tool 'a/t'"``, ``"the runtime"``).
+        chain: The calls it is nested in, outermost first, as ``server/tool``.
+    """
+
+    def __init__(self, message: str, *, lane: str, chain: tuple[str, ...] = (), **context: Any) -> None:
+        super().__init__(message, **context)
+        self.lane = lane
+        self.chain = chain

@@ -164,7 +164,13 @@ class RMCPSupervisor:
             children=[ChildSpec("servers", servers.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S)],
             intensity=escalate,
         )
-        scheduler = Scheduler(runtime.max_concurrency, runtime.max_queue, runtime.overflow)
+        scheduler = Scheduler(
+            runtime.max_concurrency,
+            runtime.max_queue,
+            runtime.overflow,
+            config.tenants,
+            runtime.priority_aging_s,
+        )
         supervisor = cls(config, scheduler, root, servers)
         try:
             async with anyio.create_task_group() as task_group:
@@ -206,6 +212,9 @@ class RMCPSupervisor:
             spec.name, policy, self._scheduler, self._scheduler.lane(spec.name, policy.max_concurrency)
         )
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
+        for tool, tool_policy in policies.items():
+            if tool_policy.max_concurrency is not None:
+                self._scheduler.tool_lane(flow.lane, tool, tool_policy.max_concurrency)
         runtime = self._config.runtime
         entry = self._servers[spec.name] = _Server(
             spec,
@@ -306,6 +315,7 @@ class RMCPSupervisor:
         priority: int = 0,
         timeout: float | None = None,
         on_lifecycle: LifecycleCallback | None = None,
+        tenant: str | None = None,
     ) -> CallResult:
         """Call a tool reliably and return its result once it ran and answered.
 
@@ -314,7 +324,8 @@ class RMCPSupervisor:
             tool: The tool's name, as the server lists it.
             arguments: The tool's arguments.
             idempotency_key: The key every attempt of this call carries; generated if omitted.
-            priority: Admission priority: higher runs first, FIFO within a priority.
+            priority: Admission priority: higher runs first, FIFO within a priority; a waiting
+                call gains one level per ``runtime.priority_aging_s`` waited.
             timeout: Seconds for the whole call (queueing, attempts, backoff); defaults to the
                 tool's ``timeout_s``. An enclosing cancel scope also bounds the call, and its
                 cancellation propagates unchanged.
@@ -322,6 +333,9 @@ class RMCPSupervisor:
                 answered, failed, unknown); the same steps are on the result or error as
                 ``lifecycle``. An exception it raises is logged (logger ``rmcp_actors``) and
                 changes nothing about the call.
+            tenant: Who the call is for: a server's concurrency is shared between the tenants
+                with calls waiting, in proportion to their weights in ``[tenants]`` (1 when not
+                listed, and for calls without a tenant), within each priority.
 
         Returns:
             The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.
@@ -339,6 +353,9 @@ class RMCPSupervisor:
             RMCPServerError: The server answered with a JSON-RPC error.
             RMCPResultValidationError: The result breaks the tool's output schema.
             RMCPOverloadedError: The admission queue is full and ``overflow = "reject"``.
+            RMCPDeadlockError: The call was made from inside another call's work (a tool of an
+                in-process server calling back) and every slot it needs is held by the calls it
+                is nested in; nothing was sent.
             RMCPArgumentError: ``timeout`` is not a positive finite number, or ``arguments``
                 hold a value JSON cannot carry unchanged (bytes, a non-str key,
                 NaN, a set, a circular reference, nesting deeper than 190); nothing was sent.
@@ -360,6 +377,7 @@ class RMCPSupervisor:
             priority=priority,
             timeout_s=timeout if timeout is not None else policy.timeout_s,
             on_lifecycle=on_lifecycle,
+            tenant=tenant,
         )
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
 
@@ -371,6 +389,7 @@ class RMCPSupervisor:
         *,
         concurrency: int | None = None,
         priority: int = 0,
+        tenant: str | None = None,
         key: KeyFunction | None = None,
         ordered: bool = False,
         window: int | None = None,
@@ -397,6 +416,8 @@ class RMCPSupervisor:
             concurrency: Calls at once; defaults to the server's ``max_concurrency`` (or the
                 tool's, when its table sets a lower one).
             priority: Admission priority of every call (see :meth:`call`).
+            tenant: Who every call is for: the server's concurrency is shared between tenants
+                by weight (see :meth:`call`), so a large batch does not hold off others.
             key: A function of an item giving its idempotency key: rerunning the batch against
                 an RMCP server then replays the items that finished (``duplicate``) instead of
                 running them again. Default (and for an item whose key is ``None``): a fresh
@@ -446,7 +467,13 @@ class RMCPSupervisor:
 
         async def call_item(item: Mapping[str, Any] | None, idempotency_key: str | None) -> CallResult:
             return await self.call(
-                server, tool, item, idempotency_key=idempotency_key, priority=priority, timeout=timeout
+                server,
+                tool,
+                item,
+                idempotency_key=idempotency_key,
+                priority=priority,
+                timeout=timeout,
+                tenant=tenant,
             )
 
         return Batch(

@@ -424,6 +424,35 @@ async def test_default_concurrency_is_the_tools_lane_when_lower(server: MCPServe
     assert wide.statistics().concurrency == 5
 
 
+async def test_a_batch_under_a_tenant_does_not_hold_off_another_tenant(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admitted: list[str] = []
+    app = MCPServer("recording")
+
+    @app.tool()
+    async def work(tag: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        admitted.append(tag)
+        await anyio.sleep(1)
+        return tag
+
+    spec = ServerSpec.in_memory("s", app, wire="direct", overrides=PolicyOverrides(max_concurrency=1))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        items = ({"tag": "batch"} for _ in range(300))
+        async with sup.map("s", "work", items, concurrency=200, tenant="batch", timeout=10_000) as results:
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    # No tenant: these share the server with the batch's tenant by weight.
+                    nursery.start_soon(lambda: sup.call("s", "work", {"tag": "interactive"}, timeout=10_000))
+            outcomes = [outcome async for _, outcome in results]
+    assert all(isinstance(outcome, CallResult) for outcome in outcomes)
+    # 199 batch calls were queued when the interactive ones came: they took turns with them.
+    interactive = [index for index, tag in enumerate(admitted) if tag == "interactive"]
+    assert interactive == list(range(2, 21, 2))
+
+
 def test_a_batch_under_asyncio() -> None:
     from mcp_test_server import build_server
 

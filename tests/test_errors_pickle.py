@@ -34,6 +34,9 @@ EXAMPLES: dict[str, Callable[[Any], RMCPError]] = {
     "RMCPSupervisorError": lambda cls: cls("connections escalated", actor="connection:a"),
     "RMCPActorStoppedError": lambda cls: cls("crashed", actor="connection:a", **CONTEXT),
     "RMCPStoreError": lambda cls: cls("database is locked", operation="begin", **CONTEXT),
+    "RMCPDeadlockError": lambda cls: cls(
+        "would wait forever", lane="server 'a'", chain=("a/outer",), **CONTEXT
+    ),
 }
 
 

@@ -1,4 +1,5 @@
-"""The admission scheduler on its own: priorities, limits, overflow, deadlines (MockClock)."""
+"""The admission scheduler on its own: priorities and aging, tenants, global, server and tool limits,
+overflow, deadlines, nested-call deadlocks (MockClock)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import trio
 import trio.testing
 
-from rmcp_actors import RMCPOverloadedError
-from rmcp_actors.flow.scheduler import Scheduler
+from rmcp_actors import RMCPDeadlockError, RMCPOverloadedError
+from rmcp_actors.flow.scheduler import Holding, Lane, Scheduler, current_holding
 
 
 async def test_fast_path_admits_without_queueing() -> None:
@@ -201,11 +202,11 @@ async def test_abandoned_waiters_free_their_heap_entries_while_the_lane_stays_sa
                     impatient.cancel_scope.cancel()
             # Nothing but the one patient waiter is queued, and the heap says so.
             assert scheduler.statistics().queued == 1
-            assert len(lane.waiters) <= 2 * scheduler.max_queue
-        assert len(lane.waiters) <= 2
+            assert lane.footprint() <= 6 * scheduler.max_queue
+        assert lane.footprint() <= 6
         patient.cancel()
     assert scheduler.statistics().queued == 0
-    assert len(lane.waiters) <= 1
+    assert lane.footprint() == 0
     # The admission count is exact: the queue takes max_queue calls again, and they run in order.
     admitted: list[int] = []
 
@@ -222,7 +223,7 @@ async def test_abandoned_waiters_free_their_heap_entries_while_the_lane_stays_sa
             await scheduler.acquire(lane)
         scheduler.release(lane)
     assert admitted == list(range(50))
-    assert (scheduler.statistics().running, len(lane.waiters)) == (0, 0)
+    assert (scheduler.statistics().running, lane.footprint()) == (0, 0)
 
 
 async def test_a_mass_abandonment_shrinks_the_heap_at_once(autojump_clock: trio.testing.MockClock) -> None:
@@ -241,9 +242,319 @@ async def test_a_mass_abandonment_shrinks_the_heap_at_once(autojump_clock: trio.
             for _ in range(5_000):
                 doomed.start_soon(scheduler.acquire, lane)
             await trio.testing.wait_all_tasks_blocked()
-            assert len(lane.waiters) == 5_001
+            assert lane.queued == 5_001
             doomed.cancel_scope.cancel()
         assert scheduler.statistics().queued == 1
-        assert len(lane.waiters) <= 2
+        assert lane.footprint() <= 6
         keep.cancel()
     scheduler.release(lane)
+
+
+async def _admission_order(
+    scheduler: Scheduler, lane: Lane, groups: list[tuple[str | None, int, int]], hold_s: float = 1.0
+) -> list[str | None]:
+    """Queue ``count`` calls per (tenant, priority, count) group, in that order, behind a held
+    slot; release it and return the tenants in the order they were admitted."""
+    order: list[str | None] = []
+
+    async def caller(tenant: str | None, priority: int) -> None:
+        await scheduler.acquire(lane, priority, tenant=tenant)
+        order.append(tenant)
+        await trio.sleep(hold_s)
+        scheduler.release(lane)
+
+    await scheduler.acquire(lane)
+    async with trio.open_nursery() as nursery:
+        for tenant, priority, count in groups:
+            for _ in range(count):
+                nursery.start_soon(caller, tenant, priority)
+            await trio.testing.wait_all_tasks_blocked()
+        scheduler.release(lane)
+    return order
+
+
+async def test_a_small_tenant_is_not_stuck_behind_a_large_one(autojump_clock: trio.testing.MockClock) -> None:
+    scheduler = Scheduler(max_concurrency=1, max_queue=10_000)
+    lane = scheduler.lane("s", 1)
+    order = await _admission_order(scheduler, lane, [("batch", 0, 1_000), ("interactive", 0, 10)])
+    # Equal weights: the two take turns while both wait, so the 10 are done among the first 20.
+    assert [index for index, tenant in enumerate(order) if tenant == "interactive"] == list(range(1, 20, 2))
+    assert order[20:] == ["batch"] * 990
+    assert scheduler.statistics().lanes[0].peak_running == 1
+
+
+async def test_tenants_are_admitted_in_proportion_to_their_weights(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(max_concurrency=1, max_queue=10_000, tenants={"gold": 3, "bronze": 1})
+    lane = scheduler.lane("s", 1)
+    # "unlisted" weighs 1, like "bronze"; calls without a tenant weigh 1 too.
+    order = await _admission_order(
+        scheduler, lane, [("gold", 0, 400), ("bronze", 0, 400), ("unlisted", 0, 400), (None, 0, 400)]
+    )
+    first = order[:600]
+    counts = {tenant: first.count(tenant) for tenant in ("gold", "bronze", "unlisted", None)}
+    assert counts["gold"] in range(299, 302)
+    for tenant in ("bronze", "unlisted", None):
+        assert counts[tenant] in range(99, 102)
+    # In every window of 6 admissions while all wait, gold has 3 and each other tenant 1.
+    for start in range(0, 600, 6):
+        assert first[start : start + 6].count("gold") == 3
+
+
+async def test_priority_comes_before_tenant_shares(autojump_clock: trio.testing.MockClock) -> None:
+    scheduler = Scheduler(max_concurrency=1, max_queue=10_000, tenants={"big": 100})
+    lane = scheduler.lane("s", 1)
+    order = await _admission_order(scheduler, lane, [("big", 0, 20), ("small", 5, 3)], hold_s=0.01)
+    assert order[:3] == ["small"] * 3
+
+
+async def test_aging_lets_a_low_priority_call_through_a_steady_high_priority_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(max_concurrency=1, max_queue=10_000, priority_aging_s=5.0)
+    lane = scheduler.lane("s", 1)
+    admitted: list[tuple[str, float]] = []
+
+    async def caller(name: str, priority: int) -> None:
+        await scheduler.acquire(lane, priority)
+        admitted.append((name, trio.current_time()))
+        await trio.sleep(1)
+        scheduler.release(lane)
+
+    start = trio.current_time()
+    with trio.fail_after(1_000):
+        await scheduler.acquire(lane)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller, "low", 0)
+            await trio.testing.wait_all_tasks_blocked()
+            # A high-priority call arrives every second and each holds the slot for a second,
+            # one ahead of the stream, so one is always waiting: without aging, the low one
+            # would never run.
+            nursery.start_soon(caller, "high-first", 3)
+            for index in range(60):
+                nursery.start_soon(caller, f"high{index}", 3)
+                await trio.testing.wait_all_tasks_blocked()
+                if index == 0:
+                    scheduler.release(lane)
+                await trio.sleep(1)
+    names = [name for name, _ in admitted]
+    low_at = dict(admitted)["low"] - start
+    # Priority first: the high calls go ahead for a while. Aging: three levels in 15 s, the
+    # fourth tie broken by age, so the low call runs after about 15 s, not after the stream.
+    assert names.index("low") >= 10
+    assert 14 <= low_at <= 17
+
+
+async def test_a_tool_lane_limits_its_tool_without_blocking_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(max_concurrency=100, max_queue=100)
+    lane = scheduler.lane("s", 10)
+    slow = scheduler.tool_lane(lane, "slow", 2)
+    waited: dict[str, list[float]] = {"slow": [], "fast": []}
+    peak_server = 0
+
+    async def caller(tool: str) -> None:
+        nonlocal peak_server
+        tool_lane = slow if tool == "slow" else None
+        waited[tool].append(await scheduler.acquire(lane, tool_lane=tool_lane))
+        peak_server = max(peak_server, lane.running)
+        await trio.sleep(10 if tool == "slow" else 1)
+        scheduler.release(lane, tool_lane)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(caller, "slow")
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(4):
+            nursery.start_soon(caller, "fast")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = scheduler.statistics().lanes[0]
+        assert (stats.running, stats.queued, stats.tools[0].running, stats.tools[0].queued) == (6, 0, 2, 4)
+        assert scheduler.statistics().queued == 4
+    assert (slow.peak_running, peak_server) == (2, 6)
+    assert waited["fast"] == [0.0] * 4  # not queued behind the slow tool's waiters
+    assert sorted(waited["slow"]) == [0.0, 0.0, 10.0, 10.0, 20.0, 20.0]
+    assert (lane.running, slow.running, scheduler.statistics().queued) == (0, 0, 0)
+
+
+async def test_a_call_needs_both_its_tool_slot_and_a_server_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(max_concurrency=100, max_queue=100)
+    lane = scheduler.lane("s", 1)
+    tool = scheduler.tool_lane(lane, "t", 5)
+    await scheduler.acquire(lane)  # the server's only slot, held by another tool's call
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.acquire, lane, 0, None, None, tool)
+        await trio.testing.wait_all_tasks_blocked()
+        # It holds its tool slot while it waits for the server.
+        assert (tool.running, lane.queued) == (1, 1)
+        nursery.cancel_scope.cancel()
+    # Cancelled while waiting for the server: the tool slot is given back.
+    assert (tool.running, lane.queued, lane.running) == (0, 0, 1)
+    scheduler.release(lane)
+
+
+async def test_tenant_and_priority_state_goes_with_the_waiters(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Tenant names come from callers: a saturated lane that sees a million names over its life
+    # must keep only what its waiting calls need.
+    scheduler = Scheduler(max_concurrency=1, max_queue=1_000)
+    lane = scheduler.lane("s", 1)
+    await scheduler.acquire(lane)
+
+    async def gives_up(tenant: str, priority: int) -> None:
+        with trio.move_on_after(1):
+            await scheduler.acquire(lane, priority, tenant=tenant)
+
+    async with trio.open_nursery() as nursery:
+        keep = trio.CancelScope()
+
+        async def kept() -> None:
+            with keep:
+                await scheduler.acquire(lane, tenant="patient")
+
+        nursery.start_soon(kept)
+        for wave in range(20):
+            async with trio.open_nursery() as wave_nursery:
+                for index in range(100):
+                    wave_nursery.start_soon(gives_up, f"tenant-{wave}-{index}", index % 7)
+                await trio.testing.wait_all_tasks_blocked()
+                assert scheduler.statistics().lanes[0].tenants_waiting == 101
+            stats = scheduler.statistics().lanes[0]
+            assert (stats.queued, stats.tenants_waiting) == (1, 1)
+            assert lane.footprint() <= 6
+        keep.cancel()
+    assert lane.footprint() == 0
+    scheduler.release(lane)
+    # Served calls leave nothing behind either.
+    order = await _admission_order(scheduler, lane, [(f"t{index}", index % 3, 1) for index in range(300)])
+    assert len(order) == 300
+    assert (lane.footprint(), lane.queued, lane.running) == (0, 0, 0)
+
+
+def _holding(lane: Lane, tool: str, parent: Holding | None = None, tool_lane: Lane | None = None) -> Holding:
+    return Holding(lane, tool_lane, tool, parent)
+
+
+async def test_a_nested_call_that_needs_its_ancestors_slot_raises_at_once() -> None:
+    scheduler = Scheduler(max_concurrency=10, max_queue=10)
+    lane = scheduler.lane("s", 1)
+    await scheduler.acquire(lane)
+    token = current_holding.set(_holding(lane, "outer"))
+    try:
+        with trio.fail_after(1), pytest.raises(RMCPDeadlockError, match="s/outer") as raised:
+            await scheduler.acquire(lane)
+    finally:
+        current_holding.reset(token)
+    error = raised.value
+    assert (error.lane, error.chain, error.may_have_executed) == ("server 's'", ("s/outer",), False)
+    assert "servers.s.max_concurrency" in error.message
+    assert (lane.queued, lane.running) == (0, 1)
+    scheduler.release(lane)
+
+
+async def test_a_deadlock_through_a_chain_of_nested_calls_names_the_chain() -> None:
+    scheduler = Scheduler(max_concurrency=10, max_queue=10)
+    lane = scheduler.lane("s", 2)
+    other = scheduler.lane("o", 5)
+    for used in (lane, other, lane):
+        await scheduler.acquire(used)
+    chain = _holding(lane, "c", _holding(other, "b", _holding(lane, "a")))
+    token = current_holding.set(chain)
+    try:
+        with pytest.raises(RMCPDeadlockError) as raised:
+            await scheduler.acquire(lane)
+    finally:
+        current_holding.reset(token)
+    assert raised.value.chain == ("s/a", "o/b", "s/c")
+    assert "2 slot(s) of server 's'" in raised.value.message
+
+
+async def test_a_nested_call_deadlocked_on_a_tool_lane_or_the_runtime_raises() -> None:
+    scheduler = Scheduler(max_concurrency=2, max_queue=10)
+    lane = scheduler.lane("s", 5)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)
+    token = current_holding.set(_holding(lane, "t", tool_lane=tool))
+    try:
+        with pytest.raises(RMCPDeadlockError, match=r"servers\.s\.tools\.t\.max_concurrency") as raised:
+            await scheduler.acquire(lane, tool_lane=tool)
+        assert raised.value.lane == "tool 's/t'"
+        assert (tool.running, tool.queued, lane.running) == (1, 0, 1)
+        # The runtime's two slots: the ancestor's and a nested call's on another server.
+        other = scheduler.lane("o", 5)
+        await scheduler.acquire(other)
+        inner = current_holding.set(_holding(other, "u", current_holding.get()))
+        try:
+            with pytest.raises(RMCPDeadlockError, match=r"runtime\.max_concurrency") as raised:
+                await scheduler.acquire(scheduler.lane("third", 5))
+            assert raised.value.lane == "the runtime"
+        finally:
+            current_holding.reset(inner)
+        scheduler.release(other)
+    finally:
+        current_holding.reset(token)
+    scheduler.release(lane, tool)
+    assert scheduler.statistics().running == 0
+
+
+async def test_no_deadlock_is_reported_while_another_caller_holds_a_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(max_concurrency=10, max_queue=10)
+    lane = scheduler.lane("s", 2)
+    await scheduler.acquire(lane)  # the ancestor's slot
+    ancestor = _holding(lane, "outer")
+    admitted: list[float] = []
+
+    async def unrelated() -> None:
+        await scheduler.acquire(lane)
+        await trio.sleep(3)
+        scheduler.release(lane)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(unrelated)
+        await trio.testing.wait_all_tasks_blocked()
+        token = current_holding.set(ancestor)
+        try:
+            # Waits for the unrelated call, which will finish: not a deadlock.
+            admitted.append(await scheduler.acquire(lane))
+        finally:
+            current_holding.reset(token)
+    assert admitted == [3.0]
+    scheduler.release(lane)  # the nested call's
+    scheduler.release(lane)  # the ancestor's
+    # A call that released its slots (a task that outlived it kept its context) is no ancestor.
+    await scheduler.acquire(lane)
+    ancestor.active = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(unrelated)
+        await trio.testing.wait_all_tasks_blocked()
+        token = current_holding.set(ancestor)
+        try:
+            with trio.move_on_after(1) as waited:
+                await scheduler.acquire(lane)
+            assert waited.cancelled_caught
+        finally:
+            current_holding.reset(token)
+    scheduler.release(lane)
+
+
+async def test_a_server_added_again_brings_its_own_tool_lanes(autojump_clock: trio.testing.MockClock) -> None:
+    scheduler = Scheduler(max_concurrency=10, max_queue=10)
+    lane = scheduler.lane("s", 5)
+    old_tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=old_tool)
+    scheduler.retire(lane)  # removed while a call runs on it
+    again = scheduler.lane("s", 5)
+    assert again is lane
+    assert lane.tools == {}  # the new tool table has no lane for "t"
+    with trio.fail_after(1):
+        await scheduler.acquire(lane, tool_lane=lane.tools.get("t"))
+    scheduler.release(lane)
+    scheduler.release(lane, old_tool)  # the old call leaves its old tool lane
+    assert (lane.running, old_tool.running) == (0, 0)

@@ -43,6 +43,7 @@ from ..errors import (
     UnknownToolError,
 )
 from ..flow._server import ServerFlow
+from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
 from ._arguments import check_arguments, check_idempotency_key
@@ -78,6 +79,7 @@ class CallRequest:
     priority: int
     timeout_s: float
     on_lifecycle: LifecycleCallback | None = None
+    tenant: str | None = None
 
 
 @attrs.define
@@ -214,6 +216,9 @@ async def _attempts(
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
     max_attempts = _UNTIL_DEADLINE if retry.max_attempts == 0 else retry.max_attempts or 3
+    tool_lane = lane.tools.get(request.tool) if lane.tools else None
+    # The call this one was made from, if its work runs in this task (see flow.scheduler).
+    parent = current_holding.get()
     while True:
         session = connection.current_session() or await connection.wait_session()
         tool = session.tools.get(request.tool)
@@ -229,7 +234,11 @@ async def _attempts(
         # flow: rate limiter token (before the slot, so a rate-limited call holds no slot).
         if progress.ticket is None:
             progress.ticket = scheduler.ticket()
-        progress.queued_s += await scheduler.acquire(lane, request.priority, progress.ticket)
+        progress.queued_s += await scheduler.acquire(
+            lane, request.priority, progress.ticket, request.tenant, tool_lane
+        )
+        holding = Holding(lane, tool_lane, request.tool, parent)
+        nesting = current_holding.set(holding)
         retry_after_s = 0.0
         try:
             if not session.usable:
@@ -281,7 +290,9 @@ async def _attempts(
                         meta, "and its retry_after_ms reaches past the call's deadline"
                     ) from None
         finally:
-            scheduler.release(lane)
+            holding.active = False
+            current_holding.reset(nesting)
+            scheduler.release(lane, tool_lane)
             # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
         if progress.attempts >= max_attempts:
             raise RMCPOutcomeUnknownError(
