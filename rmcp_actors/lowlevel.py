@@ -1,10 +1,13 @@
 """Types a program meets but rarely names, kept out of the everyday namespace (as ``trio.lowlevel``).
 
-Statistics snapshots returned by ``statistics()`` methods, for monitoring and tests, and the
-class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a server.
+Statistics snapshots returned by ``statistics()`` methods, for monitoring and tests, the
+class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a server, and the
+:class:`Batch` that ``sup.map`` returns.
 """
 
 from .client.connection import ConnectionStatistics as ConnectionStatistics
+from .flow.batch import Batch as Batch
+from .flow.batch import BatchStatistics as BatchStatistics
 from .flow.breaker import BreakerStatistics as BreakerStatistics
 from .flow.budget import RetryBudgetStatistics as RetryBudgetStatistics
 from .flow.limiter import GateStatistics as GateStatistics
@@ -22,6 +25,8 @@ from .server import rmcp_of as rmcp_of
 __all__ = [
     "BreakerStatistics",
     "ComponentHealth",
+    "Batch",
+    "BatchStatistics",
     "ConnectionStatistics",
     "GateStatistics",
     "LaneStatistics",

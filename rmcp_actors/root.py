@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import secrets
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, final
 
@@ -38,8 +38,10 @@ from .errors import (
     RMCPSupervisorError,
     RMCPTimeoutError,
     UnknownServerError,
+    UnknownToolError,
 )
 from .flow._server import ServerFlow
+from .flow.batch import Batch, KeyFunction
 from .flow.breaker import BreakerChangeCallback, BreakerStatistics
 from .flow.budget import RetryBudgetStatistics
 from .flow.limiter import LimiterStatistics
@@ -455,6 +457,110 @@ class RMCPSupervisor:
         component is not ``ok``, and ``ok`` otherwise. Cheap: nothing waits, no actor is asked.
         """
         return self._components.health()
+
+    def map(
+        self,
+        server: str,
+        tool: str,
+        arguments: Iterable[Mapping[str, Any] | None] | AsyncIterable[Mapping[str, Any] | None],
+        *,
+        concurrency: int | None = None,
+        priority: int = 0,
+        tenant: str | None = None,
+        key: KeyFunction | None = None,
+        ordered: bool = False,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> Batch:
+        """Call one tool once per item of ``arguments``, streaming ``(index, outcome)`` back.
+
+        Use it as a block, which bounds the batch's tasks::
+
+            async with sup.map("server", "tool", ({"n": n} for n in range(1_000_000))) as results:
+                async for index, outcome in results:
+                    ...  # a CallResult, or the RMCPError this item's call raised
+
+        The input is consumed lazily, as calls free up, so memory stays bounded by the
+        concurrency (and the window), not the input's length. Each item's outcome is its own:
+        an item's bad arguments, timeout or refusal is that item's ``RMCPError``. Leaving the
+        block early (``break``, an exception, a cancellation) cancels the calls in flight.
+
+        Args:
+            server: The server's name.
+            tool: The tool's name, as the server lists it.
+            arguments: One item per call: a mapping of arguments (or ``None`` for none); an
+                iterable or an async iterable (a generator is fine, and is closed on exit).
+            concurrency: Calls at once; defaults to the server's ``max_concurrency`` (or the
+                tool's, when its table sets a lower one).
+            priority: Admission priority of every call (see :meth:`call`).
+            tenant: Who every call is for: the server's concurrency is shared between tenants
+                by weight (see :meth:`call`), so a large batch does not hold off others.
+            key: A function of an item giving its idempotency key: rerunning the batch against
+                an RMCP server then replays the items that finished (``duplicate``) instead of
+                running them again. Default (and for an item whose key is ``None``): a fresh
+                key per call.
+            ordered: Yield in input order instead of completion order.
+            window: With ``ordered``, items started and not yet yielded, at most (default
+                ``2 * concurrency``): a slow item holds back at most ``window - 1`` finished ones.
+            timeout: Seconds for each item's call (see :meth:`call`); the batch as a whole is
+                bounded by the caller's cancel scopes, whose cancellation propagates.
+
+        Returns:
+            The batch, to enter with ``async with``.
+
+        Raises:
+            UnknownServerError: ``server`` is not configured (at once, not per item).
+            UnknownToolError: The server did not list ``tool`` at its latest connection.
+            RMCPArgumentError: A parameter is invalid (``concurrency``, ``window``, ``timeout``,
+                or ``arguments`` is a mapping instead of an iterable of them).
+
+        While iterating, the batch raises (after the outcomes of the items already started) an
+        exception of the input iterator or of ``key``, and ``UnknownServerError`` when the
+        server is removed during the batch.
+        """
+        entry = self._server(server)
+        if tool not in entry.connection.tools:
+            listed = ", ".join(sorted(entry.connection.tools)) or "(no tools)"
+            raise UnknownToolError(
+                f"server {server!r} does not list tool {tool!r}; it lists: {listed} "
+                "(list_tools(refresh=True) if it was added since)",
+                server=server,
+                tool=tool,
+            )
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise RMCPArgumentError(
+                f"timeout must be a positive, finite number of seconds, got {timeout!r}",
+                server=server,
+                tool=tool,
+            )
+
+        if concurrency is None:
+            # The calls the server (and the tool's own lane, when it has one) admit at once:
+            # more would only queue in the scheduler, fewer would leave slots unused.
+            concurrency = entry.flow.lane.max_concurrency
+            tool_limit = entry.policies.get(tool, entry.default_policy).max_concurrency
+            if tool_limit is not None:
+                concurrency = min(concurrency, tool_limit)
+
+        async def call_item(item: Mapping[str, Any] | None, idempotency_key: str | None) -> CallResult:
+            return await self.call(
+                server,
+                tool,
+                item,
+                idempotency_key=idempotency_key,
+                priority=priority,
+                timeout=timeout,
+                tenant=tenant,
+            )
+
+        return Batch(
+            call_item,
+            arguments,
+            concurrency=concurrency,
+            ordered=ordered,
+            window=window,
+            key=key,
+        )
 
     def statistics(self) -> RuntimeStatistics:
         """Return a snapshot of the scheduler, every connection, the supervisors and the breakers."""
