@@ -558,3 +558,43 @@ async def test_a_server_added_again_brings_its_own_tool_lanes(autojump_clock: tr
     scheduler.release(lane)
     scheduler.release(lane, old_tool)  # the old call leaves its old tool lane
     assert (lane.running, old_tool.running) == (0, 0)
+
+
+@pytest.mark.xfail(strict=True, reason="review1: a call holding a tool slot waits for queue space held by that tool's waiters")
+async def test_review1_a_call_holding_its_tool_slot_never_waits_for_queue_space(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # review1: a call granted its tool slot from the tool's queue then found the server full
+    # and waited for queue space, holding the tool slot, while the queue was full of calls
+    # waiting for that very slot: nothing could ever free space, even once the server was free.
+    scheduler = Scheduler(max_concurrency=10, max_queue=1, overflow="wait")
+    lane = scheduler.lane("s", 1)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)  # A holds the tool's slot and the server's
+    admitted: list[str] = []
+
+    async def x() -> None:
+        await scheduler.acquire(lane, tool_lane=tool)
+        admitted.append("x")
+        scheduler.release(lane, tool)
+
+    async def driver() -> None:
+        # A ends; before X wakes, another tool's call P takes the server's slot and Y queues
+        # for the tool's slot (X holds it now), filling the queue.
+        scheduler.release(lane, tool)
+        await scheduler.acquire(lane)
+        with trio.move_on_after(50):
+            await scheduler.acquire(lane, tool_lane=tool)
+            admitted.append("y")
+            scheduler.release(lane, tool)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(x)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(driver)
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.release(lane)  # P ends: the server is free
+        await trio.sleep(10)
+        assert admitted[:1] == ["x"]
+    assert admitted == ["x", "y"]
+    assert (lane.running, tool.running, scheduler.statistics().queued) == (0, 0, 0)
