@@ -560,7 +560,6 @@ async def test_a_server_added_again_brings_its_own_tool_lanes(autojump_clock: tr
     assert (lane.running, old_tool.running) == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="review1: a call holding a tool slot waits for queue space held by that tool's waiters")
 async def test_review1_a_call_holding_its_tool_slot_never_waits_for_queue_space(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

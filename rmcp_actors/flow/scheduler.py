@@ -426,7 +426,7 @@ class Scheduler:
             ):
                 self._admit(lane)
                 return waited
-            return waited + await self._wait(lane, priority, ticket, tenant, server=True)
+            return waited + await self._wait(lane, priority, ticket, tenant, server=True, holds_tool=True)
         except BaseException:
             self._release_tool(tool_lane)
             raise
@@ -453,7 +453,14 @@ class Scheduler:
         )
 
     async def _wait(
-        self, lane: Lane, priority: int, ticket: int | None, tenant: str | None, *, server: bool
+        self,
+        lane: Lane,
+        priority: int,
+        ticket: int | None,
+        tenant: str | None,
+        *,
+        server: bool,
+        holds_tool: bool = False,
     ) -> float:
         """Queue on ``lane`` until a slot is handed over; the slow path of :meth:`acquire`."""
         holding = current_holding.get()
@@ -467,6 +474,10 @@ class Scheduler:
                     "runtime.max_queue, or set runtime.overflow = 'wait' for backpressure",
                     server=lane.name,
                 )
+            if holds_tool:
+                # Waiting for space with a tool slot held would wait on the calls queued for
+                # that slot: it goes over max_queue, by at most the tool lanes' slots.
+                break
             space = anyio.Event()
             self._queue_space.append(space)
             try:
