@@ -209,9 +209,6 @@ def _slow_then_unavailable() -> tuple[Server[Any], list[str]]:
     return Server("flaky", on_list_tools=list_tools, on_call_tool=call_tool), seen
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review1: a queued hedge waits for its own call's slot after the first attempt failed"
-)
 async def test_review1_a_hedge_queued_behind_its_own_call_does_not_outlive_the_first_attempt(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
