@@ -426,7 +426,6 @@ async def test_one_transport_death_counts_once_however_many_calls_it_fails(
         assert (stats[None].consecutive_failures, stats["lookup"].consecutive_failures) == (1, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="review1: a half-open probe call is hedged past half_open_probes")
 async def test_review1_a_probe_call_is_not_hedged(autojump_clock: trio.testing.MockClock) -> None:
     # half_open_probes = 1: a half-open breaker lets one request through to see whether the
     # dependency recovered; the probe's hedge would be a second one, admitted by no breaker.

@@ -496,8 +496,17 @@ async def _hedged(
             flow.scheduler.release(flow.lane, tool_lane)
             # flow: report the hedge's outcome like an attempt's (breaker counts, limiter feedback).
 
+    breakers = flow.breakers
+    gate = breakers.tools.get(request.tool)
+
     def may_hedge() -> bool:
-        return deadline - anyio.current_time() >= _MIN_TIME_FOR_ANSWER_S and budget.withdraw_hedge()
+        # Not past a breaker that is not closed: a half-open one admits half_open_probes requests.
+        return (
+            breakers.server.passing
+            and (gate is None or gate.passing)
+            and deadline - anyio.current_time() >= _MIN_TIME_FOR_ANSWER_S
+            and budget.withdraw_hedge()
+        )
 
     return await race(
         attempt,
