@@ -597,3 +597,41 @@ async def test_review1_a_call_holding_its_tool_slot_never_waits_for_queue_space(
         assert admitted[:1] == ["x"]
     assert admitted == ["x", "y"]
     assert (lane.running, tool.running, scheduler.statistics().queued) == (0, 0, 0)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="review1: a retired lane is forgotten while a call waits on its tool lane"
+)
+async def test_review1_a_removed_servers_lane_stays_while_a_call_waits_on_its_tool_lane(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server is removed while a call waits for its tool's slot. The lane must not be
+    # forgotten before that call leaves: once it has the tool slot it may have to queue on the
+    # server's lane, and a forgotten lane is never dispatched.
+    scheduler = Scheduler(max_concurrency=1, max_queue=10)
+    lane = scheduler.lane("s", 2)
+    other = scheduler.lane("other", 1)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)  # D
+    admitted: list[str] = []
+
+    async def c() -> None:
+        await scheduler.acquire(lane, tool_lane=tool)
+        admitted.append("c")
+        scheduler.release(lane, tool)
+
+    async def driver() -> None:
+        scheduler.release(lane, tool)  # D ends: C gets the tool slot
+        await scheduler.acquire(other)  # X takes the runtime's only slot before C runs
+        await trio.sleep(1)
+        scheduler.release(other)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(c)
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.retire(lane)
+        nursery.start_soon(driver)
+        with trio.fail_after(10):
+            while not admitted:
+                await trio.sleep(0.5)
+    assert scheduler.statistics().lanes == (other.statistics(),)  # the removed lane went after
