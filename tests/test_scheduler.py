@@ -599,9 +599,6 @@ async def test_review1_a_call_holding_its_tool_slot_never_waits_for_queue_space(
     assert (lane.running, tool.running, scheduler.statistics().queued) == (0, 0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review1: a retired lane is forgotten while a call waits on its tool lane"
-)
 async def test_review1_a_removed_servers_lane_stays_while_a_call_waits_on_its_tool_lane(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -635,3 +632,30 @@ async def test_review1_a_removed_servers_lane_stays_while_a_call_waits_on_its_to
             while not admitted:
                 await trio.sleep(0.5)
     assert scheduler.statistics().lanes == (other.statistics(),)  # the removed lane went after
+
+
+async def test_review1_a_removed_servers_lane_goes_when_its_last_tool_waiter_gives_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(max_concurrency=4, max_queue=10)
+    lane = scheduler.lane("s", 2)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.acquire, lane, 0, None, None, tool)
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.retire(lane)
+        scheduler.release(lane, tool)  # the waiter gets the tool slot, then the server's
+        await trio.testing.wait_all_tasks_blocked()
+        assert [stats.name for stats in scheduler.statistics().lanes] == ["s"]
+        scheduler.release(lane, tool)
+    assert scheduler.statistics().lanes == ()
+    lane = scheduler.lane("s", 1)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)
+    with trio.move_on_after(1):  # gives up while waiting for the tool slot
+        await scheduler.acquire(lane, tool_lane=tool)
+    scheduler.retire(lane)
+    assert [stats.name for stats in scheduler.statistics().lanes] == ["s"]
+    scheduler.release(lane, tool)
+    assert scheduler.statistics().lanes == ()

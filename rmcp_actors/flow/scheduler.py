@@ -417,7 +417,12 @@ class Scheduler:
             _admit_tool(tool_lane)
             waited = 0.0
         else:
-            waited = await self._wait(tool_lane, priority, ticket, tenant, server=False)
+            try:
+                waited = await self._wait(tool_lane, priority, ticket, tenant, server=False)
+            except BaseException:
+                if lane.retired:
+                    self._prune(lane)
+                raise
         try:
             if (
                 self._running < self.max_concurrency
@@ -429,6 +434,8 @@ class Scheduler:
             return waited + await self._wait(lane, priority, ticket, tenant, server=True, holds_tool=True)
         except BaseException:
             self._release_tool(tool_lane)
+            if lane.retired:
+                self._prune(lane)
             raise
 
     def release(self, lane: Lane, tool_lane: Lane | None = None) -> None:
@@ -436,10 +443,10 @@ class Scheduler:
         self._running -= 1
         lane.running -= 1
         self._dispatch()
-        if lane.retired:
-            self._prune(lane)
         if tool_lane is not None:
             self._release_tool(tool_lane)
+        if lane.retired:
+            self._prune(lane)
 
     def statistics(self) -> SchedulerStatistics:
         """Return a snapshot of running and queued calls."""
@@ -550,7 +557,13 @@ class Scheduler:
         )
 
     def _prune(self, lane: Lane) -> None:
-        if lane.running == 0 and lane.queued == 0 and self._lanes.get(lane.name) is lane:
+        # Not while a call holds or waits for one of its tool slots: it will need the lane next.
+        if (
+            lane.running == 0
+            and lane.queued == 0
+            and self._lanes.get(lane.name) is lane
+            and not any(tool.running or tool.queued for tool in lane.tools.values())
+        ):
             del self._lanes[lane.name]
 
     def _admit(self, lane: Lane) -> None:
