@@ -37,7 +37,7 @@ from rmcp_actors import (
     ServerSpec,
     ToolOverrides,
 )
-from rmcp_actors.config import CircuitBreakerOverrides
+from rmcp_actors.config import CircuitBreakerOverrides, HedgeOverrides
 from rmcp_actors.flow.breaker import BreakerChange, BreakerState
 
 Behaviour = Literal[
@@ -424,3 +424,23 @@ async def test_one_transport_death_counts_once_however_many_calls_it_fails(
         stats = {s.tool: s for s in sup.statistics().breakers}
         assert stats[None].state is CLOSED
         assert (stats[None].consecutive_failures, stats["lookup"].consecutive_failures) == (1, 1)
+
+
+async def test_review1_a_probe_call_is_not_hedged(autojump_clock: trio.testing.MockClock) -> None:
+    # half_open_probes = 1: a half-open breaker lets one request through to see whether the
+    # dependency recovered; the probe's hedge would be a second one, admitted by no breaker.
+    dependency = Dependency()
+    tools = {"lookup": ToolOverrides(idempotent=True, hedge=HedgeOverrides(delay_s=0.1))}
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec(dependency, tools=tools, failure_threshold=1, open_s=1))
+        dependency.behaviour["lookup"] = "internal_error"
+        with pytest.raises(RMCPServerError):
+            await sup.call("dep", "lookup", {})
+        assert breaker_states(sup)["lookup"] is OPEN
+        await trio.sleep(1.5)
+        dependency.behaviour["lookup"] = "slow"
+        result = await sup.call("dep", "lookup", {})
+        budget = sup.statistics().budgets[0]
+    assert (result.is_error, result.attempts) == (False, 1)
+    assert dependency.calls["lookup"] == 2  # the failure, then the one probe
+    assert budget.hedges == 0

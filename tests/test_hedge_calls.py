@@ -9,11 +9,21 @@ import pytest
 import trio
 import trio.testing
 from conftest import PYTHON, stdio_args
+from mcp.server import Server, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
+from mcp.types import (
+    CallToolRequestParams,
+    CallToolResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    TextContent,
+    Tool,
+)
 from mcp_test_server import State, build_server
 
 from rmcp_actors import (
     PolicyOverrides,
+    RetryOverrides,
     RMCPSupervisor,
     ServerSpec,
     ToolOverrides,
@@ -170,3 +180,56 @@ async def test_stdio_a_hedge_wins_and_the_server_gets_notifications_cancelled(tm
     [cancelled] = ledger.read_text().splitlines()
     assert cancelled.startswith("cancelled a ")
     assert notices.read_text().splitlines() == [cancelled.removeprefix("cancelled a ")]
+
+
+def _slow_then_unavailable() -> tuple[Server[Any], list[str]]:
+    """An RMCP server whose ``lookup`` refuses its first call with a retryable NACK after 1 s,
+    then answers at once."""
+    seen: list[str] = []
+    stamp = {"rmcp": {"version": "0.2", "features": ["ack"], "durable": False, "instance_id": "one"}}
+    tools = [Tool(name="lookup", input_schema={"type": "object"}, _meta=stamp)]
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        return ListToolsResult(tools=tools)
+
+    async def call_tool(ctx: ServerRequestContext[Any], params: CallToolRequestParams) -> CallToolResult:
+        seen.append(params.name)
+        if len(seen) == 1:
+            await trio.sleep(1)
+            nack = {"ack": False, "processed": False, "code": "unavailable", "reason": "x", "retryable": True}
+            return CallToolResult(
+                content=[TextContent(type="text", text="no")], is_error=True, _meta={"rmcp": nack}
+            )
+        return CallToolResult(
+            content=[TextContent(type="text", text="ok")], _meta={"rmcp": {"ack": True, "processed": True}}
+        )
+
+    return Server("flaky", on_list_tools=list_tools, on_call_tool=call_tool), seen
+
+
+async def test_review1_a_hedge_queued_behind_its_own_call_does_not_outlive_the_first_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The only slot is the first attempt's: the hedge queues for it. When the first attempt is
+    # refused (retryable), the race must not wait for that hedge (it waits for a slot its own
+    # call holds until the race ends): the retry loop retries at once.
+    app, seen = _slow_then_unavailable()
+    spec = ServerSpec.in_memory(
+        "s",
+        app,
+        overrides=PolicyOverrides(
+            max_concurrency=1, retry=RetryOverrides(base_delay_s=0.01, max_delay_s=0.05)
+        ),
+        tools={"lookup": ToolOverrides(idempotent=True, hedge=HedgeOverrides(delay_s=0.1))},
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        started = trio.current_time()
+        result = await sup.call("s", "lookup", timeout=30)
+        elapsed = trio.current_time() - started
+        scheduler = sup.statistics().scheduler
+    assert (result.text, len(seen)) == ("ok", 2)
+    assert elapsed < 1.5, elapsed
+    assert (scheduler.running, scheduler.queued) == (0, 0)

@@ -558,3 +558,104 @@ async def test_a_server_added_again_brings_its_own_tool_lanes(autojump_clock: tr
     scheduler.release(lane)
     scheduler.release(lane, old_tool)  # the old call leaves its old tool lane
     assert (lane.running, old_tool.running) == (0, 0)
+
+
+async def test_review1_a_call_holding_its_tool_slot_never_waits_for_queue_space(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # review1: a call granted its tool slot from the tool's queue then found the server full
+    # and waited for queue space, holding the tool slot, while the queue was full of calls
+    # waiting for that very slot: nothing could ever free space, even once the server was free.
+    scheduler = Scheduler(max_concurrency=10, max_queue=1, overflow="wait")
+    lane = scheduler.lane("s", 1)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)  # A holds the tool's slot and the server's
+    admitted: list[str] = []
+
+    async def x() -> None:
+        await scheduler.acquire(lane, tool_lane=tool)
+        admitted.append("x")
+        scheduler.release(lane, tool)
+
+    async def driver() -> None:
+        # A ends; before X wakes, another tool's call P takes the server's slot and Y queues
+        # for the tool's slot (X holds it now), filling the queue.
+        scheduler.release(lane, tool)
+        await scheduler.acquire(lane)
+        with trio.move_on_after(50):
+            await scheduler.acquire(lane, tool_lane=tool)
+            admitted.append("y")
+            scheduler.release(lane, tool)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(x)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(driver)
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.release(lane)  # P ends: the server is free
+        await trio.sleep(10)
+        assert admitted[:1] == ["x"]
+    assert admitted == ["x", "y"]
+    assert (lane.running, tool.running, scheduler.statistics().queued) == (0, 0, 0)
+
+
+async def test_review1_a_removed_servers_lane_stays_while_a_call_waits_on_its_tool_lane(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server is removed while a call waits for its tool's slot. The lane must not be
+    # forgotten before that call leaves: once it has the tool slot it may have to queue on the
+    # server's lane, and a forgotten lane is never dispatched.
+    scheduler = Scheduler(max_concurrency=1, max_queue=10)
+    lane = scheduler.lane("s", 2)
+    other = scheduler.lane("other", 1)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)  # D
+    admitted: list[str] = []
+
+    async def c() -> None:
+        await scheduler.acquire(lane, tool_lane=tool)
+        admitted.append("c")
+        scheduler.release(lane, tool)
+
+    async def driver() -> None:
+        scheduler.release(lane, tool)  # D ends: C gets the tool slot
+        await scheduler.acquire(other)  # X takes the runtime's only slot before C runs
+        await trio.sleep(1)
+        scheduler.release(other)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(c)
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.retire(lane)
+        nursery.start_soon(driver)
+        with trio.fail_after(10):
+            while not admitted:
+                await trio.sleep(0.5)
+    assert scheduler.statistics().lanes == (other.statistics(),)  # the removed lane went after
+
+
+async def test_review1_a_removed_servers_lane_goes_when_its_last_tool_waiter_gives_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(max_concurrency=4, max_queue=10)
+    lane = scheduler.lane("s", 2)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.acquire, lane, 0, None, None, tool)
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.retire(lane)
+        scheduler.release(lane, tool)  # the waiter gets the tool slot, then the server's
+        await trio.testing.wait_all_tasks_blocked()
+        assert [stats.name for stats in scheduler.statistics().lanes] == ["s"]
+        scheduler.release(lane, tool)
+    assert scheduler.statistics().lanes == ()
+    lane = scheduler.lane("s", 1)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    await scheduler.acquire(lane, tool_lane=tool)
+    with trio.move_on_after(1):  # gives up while waiting for the tool slot
+        await scheduler.acquire(lane, tool_lane=tool)
+    scheduler.retire(lane)
+    assert [stats.name for stats in scheduler.statistics().lanes] == ["s"]
+    scheduler.release(lane, tool)
+    assert scheduler.statistics().lanes == ()

@@ -526,10 +526,21 @@ async def _hedged(
     if delay is None or (unsafe and not _dedups(session.rmcp)):
         return await send(session)
     tool_lane = flow.lane.tools.get(request.tool) if flow.lane.tools else None
+    # Hedges still waiting for their slots: the slot they wait for may be the one this call's
+    # first attempt holds until the race ends, so they are dropped when that attempt fails.
+    queued: set[anyio.CancelScope] = set()
+    first_failed = False
 
     async def attempt(index: int) -> tuple[CallToolResult, ResponseMeta | None]:
+        nonlocal first_failed
         if index == 0:
-            return await send(session)
+            try:
+                return await send(session)
+            except Exception:
+                first_failed = True
+                for scope in queued:
+                    scope.cancel()
+                raise
         # A hedge is an attempt like any other: its own slots (queued after the calls already
         # waiting: it is extra load), on the current session. Its task inherited the first
         # attempt's holding; it holds its own slots, beside the call's ancestors.
@@ -538,14 +549,24 @@ async def _hedged(
         current_holding.set(parent)
         # The same gates as an attempt's: a rate limiter token, then the slots.
         gate = flow.limiter.gate(request.tool)
-        try:
-            if gate.engaged and not gate.take():
-                await gate.wait(request.priority, deadline)
-            await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
-        except (RMCPOverloadedError, RMCPDeadlockError, RMCPTimeoutError) as error:
+        with anyio.CancelScope() as waiting:
+            queued.add(waiting)
+            if first_failed:  # before this hedge's task first ran
+                waiting.cancel()
+            try:
+                if gate.engaged and not gate.take():
+                    await gate.wait(request.priority, deadline)
+                await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
+            except (RMCPOverloadedError, RMCPDeadlockError, RMCPTimeoutError) as error:
+                raise _Failed(
+                    Verdict(Attempt.NOT_SENT, False, f"no token or slot for a hedge ({error.message})")
+                ) from error
+            finally:
+                queued.discard(waiting)
+        if waiting.cancelled_caught:
             raise _Failed(
-                Verdict(Attempt.NOT_SENT, False, f"no token or slot for a hedge ({error.message})")
-            ) from error
+                Verdict(Attempt.NOT_SENT, False, "the first attempt failed while the hedge waited for a slot")
+            )
         holding = Holding(flow.lane, tool_lane, request.tool, parent)
         current_holding.set(holding)
         try:
@@ -558,8 +579,17 @@ async def _hedged(
             flow.scheduler.release(flow.lane, tool_lane)
             # flow: report the hedge's outcome like an attempt's (breaker counts, limiter feedback).
 
+    breakers = flow.breakers
+    gate = breakers.tools.get(request.tool)
+
     def may_hedge() -> bool:
-        return deadline - anyio.current_time() >= _MIN_TIME_FOR_ANSWER_S and budget.withdraw_hedge()
+        # Not past a breaker that is not closed: a half-open one admits half_open_probes requests.
+        return (
+            breakers.server.passing
+            and (gate is None or gate.passing)
+            and deadline - anyio.current_time() >= _MIN_TIME_FOR_ANSWER_S
+            and budget.withdraw_hedge()
+        )
 
     return await race(
         attempt,

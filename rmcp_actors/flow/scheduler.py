@@ -417,7 +417,12 @@ class Scheduler:
             _admit_tool(tool_lane)
             waited = 0.0
         else:
-            waited = await self._wait(tool_lane, priority, ticket, tenant, server=False)
+            try:
+                waited = await self._wait(tool_lane, priority, ticket, tenant, server=False)
+            except BaseException:
+                if lane.retired:
+                    self._prune(lane)
+                raise
         try:
             if (
                 self._running < self.max_concurrency
@@ -426,9 +431,11 @@ class Scheduler:
             ):
                 self._admit(lane)
                 return waited
-            return waited + await self._wait(lane, priority, ticket, tenant, server=True)
+            return waited + await self._wait(lane, priority, ticket, tenant, server=True, holds_tool=True)
         except BaseException:
             self._release_tool(tool_lane)
+            if lane.retired:
+                self._prune(lane)
             raise
 
     def release(self, lane: Lane, tool_lane: Lane | None = None) -> None:
@@ -436,10 +443,10 @@ class Scheduler:
         self._running -= 1
         lane.running -= 1
         self._dispatch()
-        if lane.retired:
-            self._prune(lane)
         if tool_lane is not None:
             self._release_tool(tool_lane)
+        if lane.retired:
+            self._prune(lane)
 
     def statistics(self) -> SchedulerStatistics:
         """Return a snapshot of running and queued calls."""
@@ -453,7 +460,14 @@ class Scheduler:
         )
 
     async def _wait(
-        self, lane: Lane, priority: int, ticket: int | None, tenant: str | None, *, server: bool
+        self,
+        lane: Lane,
+        priority: int,
+        ticket: int | None,
+        tenant: str | None,
+        *,
+        server: bool,
+        holds_tool: bool = False,
     ) -> float:
         """Queue on ``lane`` until a slot is handed over; the slow path of :meth:`acquire`."""
         holding = current_holding.get()
@@ -467,6 +481,10 @@ class Scheduler:
                     "runtime.max_queue, or set runtime.overflow = 'wait' for backpressure",
                     server=lane.name,
                 )
+            if holds_tool:
+                # Waiting for space with a tool slot held would wait on the calls queued for
+                # that slot: it goes over max_queue, by at most the tool lanes' slots.
+                break
             space = anyio.Event()
             self._queue_space.append(space)
             try:
@@ -539,7 +557,13 @@ class Scheduler:
         )
 
     def _prune(self, lane: Lane) -> None:
-        if lane.running == 0 and lane.queued == 0 and self._lanes.get(lane.name) is lane:
+        # Not while a call holds or waits for one of its tool slots: it will need the lane next.
+        if (
+            lane.running == 0
+            and lane.queued == 0
+            and self._lanes.get(lane.name) is lane
+            and not any(tool.running or tool.queued for tool in lane.tools.values())
+        ):
             del self._lanes[lane.name]
 
     def _admit(self, lane: Lane) -> None:
