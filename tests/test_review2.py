@@ -1,0 +1,140 @@
+"""review2: failure modes found reviewing the limiter, the watchdog and sup.map on main (issue 8),
+each against real in-memory servers, on MockClock where time matters."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from mcp import MCPError
+from mcp.server.mcpserver import MCPServer
+from mcp_test_server import State, build_server
+
+from rmcp_actors import (
+    CallResult,
+    PolicyOverrides,
+    RateLimitOverrides,
+    RetryOverrides,
+    RMCPError,
+    RMCPSupervisor,
+    ServerSpec,
+    ToolOverrides,
+)
+from rmcp_actors.config import HedgeOverrides
+from rmcp_actors.flow._feedback import RateLimitSignal, SignalSource
+from rmcp_actors.flow.limiter import RateLimiter, _Feedback  # pyright: ignore[reportPrivateUsage]
+
+
+def _limiter(sup: RMCPSupervisor, server: str) -> RateLimiter:
+    return sup._servers[server].flow.limiter  # pyright: ignore[reportPrivateUsage]
+
+
+def _crash_limiter(sup: RMCPSupervisor, server: str) -> None:
+    """Make the server's limiter actor crash (its supervisor restarts it): a message whose gate is
+    not one, as a bug in the actor would."""
+    signal = RateLimitSignal(SignalSource.NACK, None, "review2")
+    _limiter(sup, server).send_nowait(_Feedback(None, signal))  # pyright: ignore[reportArgumentType]
+
+
+@pytest.mark.xfail(strict=True, reason="review2: a hedge's failed token wait cancels the sent first attempt")
+async def test_review2_a_hedge_whose_limiter_stops_leaves_the_first_attempt_running(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    # One token per 5 s: the first attempt takes it, the hedge (at 0.5 s) waits for the next.
+    # The limiter restarts while the hedge waits: the hedge was never sent, so the first
+    # attempt, sent and running, must be left to answer (at 3 s).
+    spec = ServerSpec.in_memory(
+        "s",
+        build_server(state),
+        overrides=PolicyOverrides(rate_limit=RateLimitOverrides(rate=0.2, burst=1)),
+        tools={"slow_once": ToolOverrides(hedge=HedgeOverrides(delay_s=0.5))},
+    )
+    outcome: list[CallResult | RMCPError] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+
+        async def call() -> None:
+            try:
+                outcome.append(await sup.call("s", "slow_once", {"label": "a", "seconds": 3}, timeout=30))
+            except RMCPError as error:
+                outcome.append(error)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await trio.sleep(1)
+            assert _limiter(sup, "s").statistics().gates[0].waiting == 1  # the hedge
+            _crash_limiter(sup, "s")
+    (result,) = outcome
+    assert isinstance(result, CallResult), result
+    assert (result.text, result.attempts) == ("done a", 1)
+
+
+@pytest.mark.xfail(strict=True, reason="review2: a hedge jumps the limiter's queue")
+async def test_review2_a_hedge_queues_for_a_token_after_the_calls_already_waiting(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    # One token per second. A (hedged after 0.5 s) takes the first; B and C wait for the next
+    # ones. A's hedge is extra load: it must not get a token before B and C, which came first.
+    spec = ServerSpec.in_memory(
+        "s",
+        build_server(state),
+        overrides=PolicyOverrides(rate_limit=RateLimitOverrides(rate=1, burst=1)),
+        tools={"slow_once": ToolOverrides(hedge=HedgeOverrides(delay_s=0.5))},
+    )
+    done: dict[str, float] = {}
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        started = trio.current_time()
+
+        async def call(name: str, tool: str, arguments: dict[str, Any]) -> None:
+            await sup.call("s", tool, arguments, timeout=30)
+            done[name] = trio.current_time() - started
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "A", "slow_once", {"label": "a", "seconds": 10})
+            await trio.testing.wait_all_tasks_blocked()
+            for name in ("B", "C"):
+                nursery.start_soon(call, name, "echo", {"text": name})
+                await trio.testing.wait_all_tasks_blocked()
+    assert done["B"] == pytest.approx(1, abs=0.01)
+    assert done["C"] == pytest.approx(2, abs=0.01)
+    assert done["A"] == pytest.approx(3, abs=0.01)  # its hedge's token came third
+
+
+def _refusing(times: list[float], refusals: int) -> MCPServer:
+    """A server whose tool refuses its first ``refusals`` calls with -32023 and no retry-after
+    (SEP-3304 makes the data optional), noting the clock of each call."""
+    server = MCPServer("refusing")
+
+    @server.tool()
+    async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        """Answer the text once the refusals are spent."""
+        times.append(trio.current_time())
+        if len(times) <= refusals:
+            raise MCPError(code=-32023, message="Rate limited")
+        return text
+
+    return server
+
+
+@pytest.mark.xfail(strict=True, reason="review2: a rate-limited call can retry with no pause at all")
+async def test_review2_a_rate_limited_call_never_retries_without_a_pause(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No configured rate and no adaptation: only the call's own pause spaces its retries. With
+    # base_delay_s = 0 that pause was 0: refused requests back to back until the deadline (on
+    # MockClock the clock never moved: this server gives in after 20 to end the loop).
+    times: list[float] = []
+    overrides = PolicyOverrides(
+        rate_limit=RateLimitOverrides(adaptive=False),
+        retry=RetryOverrides(base_delay_s=0, max_delay_s=0),
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("s", _refusing(times, 20), overrides=overrides))
+        result = await sup.call("s", "echo", {"text": "x"}, timeout=60)
+    assert result.text == "x"
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) > 0, gaps
