@@ -39,7 +39,6 @@ def _crash_limiter(sup: RMCPSupervisor, server: str) -> None:
     _limiter(sup, server).send_nowait(_Feedback(None, signal))  # pyright: ignore[reportArgumentType]
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a hedge's failed token wait cancels the sent first attempt")
 async def test_review2_a_hedge_whose_limiter_stops_leaves_the_first_attempt_running(
     state: State, autojump_clock: trio.testing.MockClock
 ) -> None:

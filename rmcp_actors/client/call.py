@@ -31,13 +31,11 @@ from ..config import CallPolicy
 from ..errors import (
     Outcome,
     RMCPArgumentError,
-    RMCPDeadlockError,
     RMCPError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
-    RMCPOverloadedError,
     RMCPResultValidationError,
     RMCPServerError,
     RMCPTimeoutAfterSendError,
@@ -557,7 +555,9 @@ async def _hedged(
                 if gate.engaged and not gate.take():
                     await gate.wait(request.priority, deadline)
                 await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
-            except (RMCPOverloadedError, RMCPDeadlockError, RMCPTimeoutError) as error:
+            except RMCPError as error:
+                # Not sent, whatever the refusal (a limiter stopping says RMCPActorStoppedError):
+                # raised as it is, it would win the race and cancel the first attempt, sent.
                 raise _Failed(
                     Verdict(Attempt.NOT_SENT, False, f"no token or slot for a hedge ({error.message})")
                 ) from error
