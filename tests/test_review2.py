@@ -71,7 +71,6 @@ async def test_review2_a_hedge_whose_limiter_stops_leaves_the_first_attempt_runn
     assert (result.text, result.attempts) == ("done a", 1)
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a hedge jumps the limiter's queue")
 async def test_review2_a_hedge_queues_for_a_token_after_the_calls_already_waiting(
     state: State, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -553,7 +553,9 @@ async def _hedged(
                 waiting.cancel()
             try:
                 if gate.engaged and not gate.take():
-                    await gate.wait(request.priority, deadline)
+                    # A ticket of the scheduler's, which the first attempts' are: with none the
+                    # gate numbers from 0 and the hedge went ahead of every call waiting.
+                    await gate.wait(request.priority, deadline, flow.scheduler.ticket())
                 await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
             except RMCPError as error:
                 # Not sent, whatever the refusal (a limiter stopping says RMCPActorStoppedError):
