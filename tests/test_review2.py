@@ -118,7 +118,6 @@ def _refusing(times: list[float], refusals: int) -> MCPServer:
     return server
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a rate-limited call can retry with no pause at all")
 async def test_review2_a_rate_limited_call_never_retries_without_a_pause(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -74,6 +74,10 @@ _RETRYABLE_ATTEMPTS = frozenset({Attempt.SENT_AND_LOST, Attempt.NOT_SENT, Attemp
 # its answer could hardly arrive in time, and a timeout after sending leaves the outcome
 # unknown, where not sending leaves a clean "nothing ran".
 _MIN_TIME_FOR_ANSWER_S = 0.05
+# A refusal for going too fast with no retry_after, no backoff configured (base_delay_s = 0) and
+# no limiter pacing (adaptive = false, no rate) is still never retried at once: max_attempts
+# does not bound such attempts, so a zero pause sent them back to back until the deadline.
+_MIN_RATE_LIMITED_PAUSE_S = 0.01
 
 
 @attrs.define(eq=False)
@@ -413,8 +417,9 @@ async def _attempts(
         if isinstance(last, _RateLimited):
             # The server's wait when it gave one; else a backoff of its own, while the limiter's
             # cut rate takes over the pacing.
-            delay = retry_after_s or backoff_delay(
-                progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng
+            delay = retry_after_s or max(
+                backoff_delay(progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng),
+                _MIN_RATE_LIMITED_PAUSE_S,
             )
             if anyio.current_time() + delay >= deadline:
                 raise _rate_limited_error(last, "and the next attempt would come after the call's deadline")
