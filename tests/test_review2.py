@@ -10,7 +10,16 @@ import pytest
 import trio
 import trio.testing
 from mcp import MCPError
+from mcp.server import Server, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
+from mcp.types import (
+    CallToolRequestParams,
+    CallToolResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    TextContent,
+    Tool,
+)
 from mcp_test_server import State, build_server
 
 from rmcp_actors import (
@@ -23,7 +32,7 @@ from rmcp_actors import (
     ServerSpec,
     ToolOverrides,
 )
-from rmcp_actors.config import HedgeOverrides
+from rmcp_actors.config import HedgeOverrides, RetryBudgetOverrides
 from rmcp_actors.flow._feedback import RateLimitSignal, SignalSource
 from rmcp_actors.flow.limiter import RateLimiter, _Feedback  # pyright: ignore[reportPrivateUsage]
 
@@ -169,3 +178,67 @@ async def test_review2_a_limiter_restart_keeps_the_calls_waiting_for_tokens(
     (result,) = outcome
     assert isinstance(result, CallResult), result
     assert result.text == "waits"
+
+
+def _scripted(answers: list[dict[str, Any] | float]) -> tuple[Server[Any], list[float]]:
+    """An RMCP server whose ``lookup`` answers its n-th call with the n-th RMCP meta (a float:
+    sleep that long first, then take the next), noting the clock of each call."""
+    stamp = {"rmcp": {"version": "0.2", "features": ["ack"], "durable": False, "instance_id": "one"}}
+    tools = [Tool(name="lookup", input_schema={"type": "object"}, _meta=stamp)]
+    script = list(answers)
+    calls: list[float] = []
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        return ListToolsResult(tools=tools)
+
+    async def call_tool(ctx: ServerRequestContext[Any], params: CallToolRequestParams) -> CallToolResult:
+        calls.append(trio.current_time())
+        answer = script.pop(0)
+        if isinstance(answer, float):
+            await trio.sleep(answer)
+            answer = script.pop(0)
+        assert isinstance(answer, dict)
+        return CallToolResult(
+            content=[TextContent(type="text", text="ok" if answer["ack"] else "no")],
+            is_error=not answer["ack"],
+            _meta={"rmcp": answer},
+        )
+
+    return Server("scripted", on_list_tools=list_tools, on_call_tool=call_tool), calls
+
+
+@pytest.mark.xfail(
+    strict=True, reason="review2: a race refused twice counts one refusal against max_attempts"
+)
+async def test_review2_refused_hedges_do_not_count_against_max_attempts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # max_attempts = 2. The first attempt and its hedge are both refused for going too fast
+    # (neither counts); the next attempt fails with a retryable NACK (the first that counts), so
+    # one more is due and succeeds. Counting one refusal per race, not per attempt, left the
+    # hedge's refusal counted and the call ended after the NACK.
+    limited = {
+        "ack": False,
+        "processed": False,
+        "code": "rate_limited",
+        "retryable": True,
+        "retry_after_ms": 100,
+    }
+    unavailable = {"ack": False, "processed": False, "code": "unavailable", "retryable": True}
+    ok = {"ack": True, "processed": True}
+    app, calls = _scripted([0.2, limited, limited, unavailable, ok])
+    spec = ServerSpec.in_memory(
+        "s",
+        app,
+        overrides=PolicyOverrides(
+            retry=RetryOverrides(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05),
+            retry_budget=RetryBudgetOverrides(min_per_s=1000.0),
+        ),
+        tools={"lookup": ToolOverrides(idempotent=True, hedge=HedgeOverrides(delay_s=0.1))},
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        result = await sup.call("s", "lookup", timeout=30)
+    assert (result.text, result.attempts, len(calls)) == ("ok", 4, 4)
