@@ -209,9 +209,6 @@ def _scripted(answers: list[dict[str, Any] | float]) -> tuple[Server[Any], list[
     return Server("scripted", on_list_tools=list_tools, on_call_tool=call_tool), calls
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review2: a race refused twice counts one refusal against max_attempts"
-)
 async def test_review2_refused_hedges_do_not_count_against_max_attempts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -354,7 +354,6 @@ async def _attempts(
                 # Refused, not run; paced by the limiter and bounded by the deadline alone.
                 last: _Failed | _Nacked | _RateLimited = limited
                 progress.sent = progress.last_ambiguous is not None
-                progress.rate_limited += 1
                 last_limited = limited
                 gate.report(limited.signal)
                 retry_after_s = limited.signal.retry_after_s or 0.0
@@ -828,6 +827,8 @@ async def _send(
         signal = from_error(error, evidence)
         if signal is not None:
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            # Counted per attempt, here: a race raises one refusal for all its attempts.
+            progress.rate_limited += 1
             raise _RateLimited(signal) from error
         handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
         verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
@@ -846,6 +847,7 @@ async def _send(
             # Opted in: this server's error result says "too fast"; nothing ran (nothing
             # deduplicates it either, so a retry is a fresh request).
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            progress.rate_limited += 1
             raise _RateLimited(signal)
         progress.record(RequestState.ANSWERED)
         return result, None
@@ -854,6 +856,7 @@ async def _send(
         return result, rmcp_meta
     progress.record(RequestState.NACKED, rmcp_meta.code)
     if (signal := from_nack(rmcp_meta)) is not None:
+        progress.rate_limited += 1
         raise _RateLimited(signal, rmcp_meta)
     if rmcp_meta.retryable:
         raise _Nacked(rmcp_meta)
