@@ -239,3 +239,32 @@ async def test_review2_refused_hedges_do_not_count_against_max_attempts(
         await sup.add_server(spec)
         result = await sup.call("s", "lookup", timeout=30)
     assert (result.text, result.attempts, len(calls)) == ("ok", 4, 4)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="review2: a losing hedge's rate-limit signal never reaches the limiter"
+)
+async def test_review2_a_hedge_refused_for_going_too_fast_slows_the_limiter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The hedge (at 0.1 s) is refused with retry_after 5 s; the first attempt answers at 0.3 s
+    # and wins. The server's refusal is feedback all the same: the gate must pause for it.
+    limited = {
+        "ack": False,
+        "processed": False,
+        "retryable": True,
+        "code": "rate_limited",
+        "retry_after_ms": 5000,
+    }
+    app, calls = _scripted([0.3, {"ack": True, "processed": True}, limited])
+    spec = ServerSpec.in_memory(
+        "s", app, tools={"lookup": ToolOverrides(idempotent=True, hedge=HedgeOverrides(delay_s=0.1))}
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        result = await sup.call("s", "lookup", timeout=30)
+        await trio.testing.wait_all_tasks_blocked()
+        gate = _limiter(sup, "s").statistics().gates[0]
+    assert (result.text, len(calls)) == ("ok", 2)
+    assert gate.signals == 1
+    assert gate.paused_for_s == pytest.approx(5 - 0.2, abs=0.01)
