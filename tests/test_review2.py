@@ -181,8 +181,8 @@ async def test_review2_a_limiter_restart_keeps_the_calls_waiting_for_tokens(
 
 
 def _scripted(answers: list[dict[str, Any] | float]) -> tuple[Server[Any], list[float]]:
-    """An RMCP server whose ``lookup`` answers its n-th call with the n-th RMCP meta (a float:
-    sleep that long first, then take the next), noting the clock of each call."""
+    """An RMCP server whose ``lookup`` answers each call with the next RMCP meta of the script (a
+    float: sleep that long, then answer with the next one left), noting the clock of each call."""
     stamp = {"rmcp": {"version": "0.2", "features": ["ack"], "durable": False, "instance_id": "one"}}
     tools = [Tool(name="lookup", input_schema={"type": "object"}, _meta=stamp)]
     script = list(answers)
@@ -241,9 +241,6 @@ async def test_review2_refused_hedges_do_not_count_against_max_attempts(
     assert (result.text, result.attempts, len(calls)) == ("ok", 4, 4)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review2: a losing hedge's rate-limit signal never reaches the limiter"
-)
 async def test_review2_a_hedge_refused_for_going_too_fast_slows_the_limiter(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -256,7 +253,7 @@ async def test_review2_a_hedge_refused_for_going_too_fast_slows_the_limiter(
         "code": "rate_limited",
         "retry_after_ms": 5000,
     }
-    app, calls = _scripted([0.3, {"ack": True, "processed": True}, limited])
+    app, calls = _scripted([0.3, limited, {"ack": True, "processed": True}])
     spec = ServerSpec.in_memory(
         "s", app, tools={"lookup": ToolOverrides(idempotent=True, hedge=HedgeOverrides(delay_s=0.1))}
     )

@@ -332,8 +332,8 @@ async def _attempts(
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             unsafe = not _safe_to_repeat(policy, tool)
+            hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
             try:
-                hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
                 if hedge is None:
                     answer = await _send(
                         session,
@@ -355,7 +355,8 @@ async def _attempts(
                 last: _Failed | _Nacked | _RateLimited = limited
                 progress.sent = progress.last_ambiguous is not None
                 last_limited = limited
-                gate.report(limited.signal)
+                if hedge is None:  # else reported by the race's attempt (see _hedged)
+                    gate.report(limited.signal)
                 retry_after_s = limited.signal.retry_after_s or 0.0
                 if anyio.current_time() + retry_after_s >= deadline:
                     raise _rate_limited_error(
@@ -519,6 +520,10 @@ async def _hedged(
         except _Failed as failed:
             if failed.verdict.session_lost:
                 connection.report_broken(on)
+            raise
+        except _RateLimited as limited:
+            # Each attempt's own: the race keeps one failure at most, none when another wins.
+            flow.limiter.gate(request.tool).report(limited.signal)
             raise
         if sketch is not None:
             sketch.record(anyio.current_time() - started)
