@@ -31,13 +31,11 @@ from ..config import CallPolicy
 from ..errors import (
     Outcome,
     RMCPArgumentError,
-    RMCPDeadlockError,
     RMCPError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
-    RMCPOverloadedError,
     RMCPResultValidationError,
     RMCPServerError,
     RMCPTimeoutAfterSendError,
@@ -76,6 +74,10 @@ _RETRYABLE_ATTEMPTS = frozenset({Attempt.SENT_AND_LOST, Attempt.NOT_SENT, Attemp
 # its answer could hardly arrive in time, and a timeout after sending leaves the outcome
 # unknown, where not sending leaves a clean "nothing ran".
 _MIN_TIME_FOR_ANSWER_S = 0.05
+# A refusal for going too fast with no retry_after, no backoff configured (base_delay_s = 0) and
+# no limiter pacing (adaptive = false, no rate) is still never retried at once: max_attempts
+# does not bound such attempts, so a zero pause sent them back to back until the deadline.
+_MIN_RATE_LIMITED_PAUSE_S = 0.01
 
 
 @attrs.define(eq=False)
@@ -330,8 +332,8 @@ async def _attempts(
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             unsafe = not _safe_to_repeat(policy, tool)
+            hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
             try:
-                hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
                 if hedge is None:
                     answer = await _send(
                         session,
@@ -352,9 +354,9 @@ async def _attempts(
                 # Refused, not run; paced by the limiter and bounded by the deadline alone.
                 last: _Failed | _Nacked | _RateLimited = limited
                 progress.sent = progress.last_ambiguous is not None
-                progress.rate_limited += 1
                 last_limited = limited
-                gate.report(limited.signal)
+                if hedge is None:  # else reported by the race's attempt (see _hedged)
+                    gate.report(limited.signal)
                 retry_after_s = limited.signal.retry_after_s or 0.0
                 if anyio.current_time() + retry_after_s >= deadline:
                     raise _rate_limited_error(
@@ -415,8 +417,9 @@ async def _attempts(
         if isinstance(last, _RateLimited):
             # The server's wait when it gave one; else a backoff of its own, while the limiter's
             # cut rate takes over the pacing.
-            delay = retry_after_s or backoff_delay(
-                progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng
+            delay = retry_after_s or max(
+                backoff_delay(progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng),
+                _MIN_RATE_LIMITED_PAUSE_S,
             )
             if anyio.current_time() + delay >= deadline:
                 raise _rate_limited_error(last, "and the next attempt would come after the call's deadline")
@@ -518,6 +521,10 @@ async def _hedged(
             if failed.verdict.session_lost:
                 connection.report_broken(on)
             raise
+        except _RateLimited as limited:
+            # Each attempt's own: the race keeps one failure at most, none when another wins.
+            flow.limiter.gate(request.tool).report(limited.signal)
+            raise
         if sketch is not None:
             sketch.record(anyio.current_time() - started)
         return answer
@@ -555,9 +562,13 @@ async def _hedged(
                 waiting.cancel()
             try:
                 if gate.engaged and not gate.take():
-                    await gate.wait(request.priority, deadline)
+                    # A ticket of the scheduler's, which the first attempts' are: with none the
+                    # gate numbers from 0 and the hedge went ahead of every call waiting.
+                    await gate.wait(request.priority, deadline, flow.scheduler.ticket())
                 await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
-            except (RMCPOverloadedError, RMCPDeadlockError, RMCPTimeoutError) as error:
+            except RMCPError as error:
+                # Not sent, whatever the refusal (a limiter stopping says RMCPActorStoppedError):
+                # raised as it is, it would win the race and cancel the first attempt, sent.
                 raise _Failed(
                     Verdict(Attempt.NOT_SENT, False, f"no token or slot for a hedge ({error.message})")
                 ) from error
@@ -821,6 +832,8 @@ async def _send(
         signal = from_error(error, evidence)
         if signal is not None:
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            # Counted per attempt, here: a race raises one refusal for all its attempts.
+            progress.rate_limited += 1
             raise _RateLimited(signal) from error
         handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
         verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
@@ -839,6 +852,7 @@ async def _send(
             # Opted in: this server's error result says "too fast"; nothing ran (nothing
             # deduplicates it either, so a retry is a fresh request).
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            progress.rate_limited += 1
             raise _RateLimited(signal)
         progress.record(RequestState.ANSWERED)
         return result, None
@@ -847,6 +861,7 @@ async def _send(
         return result, rmcp_meta
     progress.record(RequestState.NACKED, rmcp_meta.code)
     if (signal := from_nack(rmcp_meta)) is not None:
+        progress.rate_limited += 1
         raise _RateLimited(signal, rmcp_meta)
     if rmcp_meta.retryable:
         raise _Nacked(rmcp_meta)
