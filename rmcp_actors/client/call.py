@@ -311,9 +311,12 @@ async def _attempts(
                     raise _rate_limited_error(
                         last_limited, f"and the next attempt would pass the call's deadline: {too_long}"
                     ) from too_long
-            progress.queued_s += await scheduler.acquire(
-                lane, request.priority, progress.ticket, request.tenant, tool_lane
-            )
+            # A free slot is taken with no cancellation check: _send makes the one the attempt
+            # needs, where acquire would make a second in a row with nothing in between.
+            if not scheduler.try_acquire(lane, tool_lane):
+                progress.queued_s += await scheduler.acquire(
+                    lane, request.priority, progress.ticket, request.tenant, tool_lane
+                )
         except BaseException:
             breaker_pass.release()  # never sent: frees a half-open probe slot
             raise
@@ -770,7 +773,8 @@ async def _send(
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
     # A deadline that fired while this call waited for its slot ends it here, before it counts
-    # as sent (the SDK would refuse to write it anyway).
+    # as sent (the SDK would refuse to write it anyway); so does a cancel that came before a
+    # slot taken without waiting.
     await anyio.lowlevel.checkpoint_if_cancelled()
     remaining = deadline - anyio.current_time()
     if unsafe and remaining < _MIN_TIME_FOR_ANSWER_S:
