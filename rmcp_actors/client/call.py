@@ -14,7 +14,6 @@ import random
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import attrs
 from mcp import MCPError
 from mcp_types import CallToolResult, RequestParamsMeta, Tool
@@ -45,6 +44,7 @@ from ..errors import (
     UnknownToolError,
 )
 from ..flow._feedback import RateLimitSignal, compile_patterns, from_error, from_nack, from_result
+from ..flow._loop import EventLoop
 from ..flow._server import ServerFlow
 from ..flow.breaker import BreakerPass, Fault, fault_of
 from ..flow.budget import RetryBudget
@@ -106,6 +106,8 @@ class _Progress:
     """What is known about a call so far: decides the error when it ends early."""
 
     request: CallRequest
+    # The running loop's primitives (the server's ServerFlow finds them once).
+    loop: EventLoop
     attempts: int = 0
     sent: bool = False
     queued_s: float = 0.0
@@ -138,7 +140,7 @@ class _Progress:
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
-        event = LifecycleEvent(state, self.attempts, anyio.current_time() if at is None else at, detail)
+        event = LifecycleEvent(state, self.attempts, self.loop.clock() if at is None else at, detail)
         self.events.append(event)
         if self.request.on_lifecycle is not None:
             try:
@@ -205,9 +207,10 @@ async def perform_call(
     Raises:
         RMCPError: A subclass per failure; see :mod:`rmcp_actors.errors`.
     """
-    started = anyio.current_time()
+    loop = flow.loop
+    started = loop.clock()
     deadline = started + request.timeout_s
-    progress = _Progress(request)
+    progress = _Progress(request, loop)
     try:
         check_arguments(request.arguments)
         check_idempotency_key(request.idempotency_key)
@@ -221,7 +224,7 @@ async def perform_call(
     in_flight.begin(progress)
     try:
         # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
-        with anyio.move_on_at(deadline):
+        with loop.move_on_at(deadline):
             try:
                 result, rmcp_meta = await _attempts(
                     connection, flow, policy, request, rng, deadline, progress
@@ -775,8 +778,9 @@ async def _send(
     # A deadline that fired while this call waited for its slot ends it here, before it counts
     # as sent (the SDK would refuse to write it anyway); so does a cancel that came before a
     # slot taken without waiting.
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    remaining = deadline - anyio.current_time()
+    loop = progress.loop
+    await loop.checkpoint_if_cancelled()
+    remaining = deadline - loop.clock()
     if unsafe and remaining < _MIN_TIME_FOR_ANSWER_S:
         raise RMCPTimeoutError(
             f"only {remaining * 1000:.0f} ms of the call's timeout of {request.timeout_s:g} s were "
