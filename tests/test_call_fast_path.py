@@ -1,5 +1,5 @@
 """A call that can go at once (a usable session, every gate free): its timeout, an enclosing
-cancel, and what it leaves on the breakers and the scheduler's lane.
+cancel, and what it leaves on the breakers and the scheduler's lane; and the records it builds.
 
 These pin the error mapping and the bookkeeping of the admission fast path (no wait for a
 session, a token or a slot), whatever it costs: a timeout is the SDK's, mapped to
@@ -11,13 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 from mcp_test_server import State, build_server
 
-from rmcp_actors import RMCPSupervisor, RMCPTimeoutAfterSendError, ServerSpec
-from rmcp_actors.lifecycle import RequestState
+from rmcp_actors import CallResult, Outcome, RMCPSupervisor, RMCPTimeoutAfterSendError, ServerSpec
+from rmcp_actors.client._records import (  # pyright: ignore[reportPrivateUsage]
+    _setters,  # pyright: ignore[reportPrivateUsage]
+    call_result,
+    lifecycle_event,
+)
+from rmcp_actors.lifecycle import LifecycleEvent, RequestState
 
 WIRES = pytest.mark.parametrize("wire", ["jsonrpc", "direct"])
 
@@ -112,3 +118,44 @@ async def test_an_enclosing_cancel_before_a_free_call_sends_nothing(
         assert "never" not in state.ledger
         assert tool_breaker(sup, "record") == before
         assert lane_counts(sup) == (0, 0, 0)
+
+
+def test_records_built_through_their_slots_equal_the_constructed_ones() -> None:
+    event = lifecycle_event(RequestState.ACKED, 2, 1.5, "duplicate")
+    assert type(event) is LifecycleEvent
+    assert event == LifecycleEvent(RequestState.ACKED, 2, 1.5, "duplicate")
+    assert hash(event) == hash(LifecycleEvent(RequestState.ACKED, 2, 1.5, "duplicate"))
+    fields: dict[str, Any] = {
+        "outcome": Outcome.SUCCEEDED,
+        "content": [],
+        "structured_content": {"n": 1},
+        "is_error": False,
+        "attempts": 1,
+        "duplicate": True,
+        "request_id": "r",
+        "idempotency_key": "k",
+        "server": "s",
+        "tool": "t",
+        "queued_s": 0.25,
+        "elapsed_s": 0.5,
+        "meta": {"m": 1},
+        "lifecycle": (event,),
+    }
+    result = call_result(**fields)
+    assert type(result) is CallResult
+    assert result == CallResult(**fields)
+    assert repr(result) == repr(CallResult(**fields))
+    assert attrs.asdict(result, recurse=False) == fields
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        result.attempts = 2  # type: ignore[misc]
+
+
+def test_a_record_class_that_validates_is_refused() -> None:
+    @attrs.frozen
+    class Checked:
+        at: float = attrs.field(validator=attrs.validators.ge(0))
+
+    with pytest.raises(TypeError, match="validates or converts"):
+        _setters(Checked, "at")
+    with pytest.raises(TypeError, match="has fields"):
+        _setters(LifecycleEvent, "state", "attempt", "at")

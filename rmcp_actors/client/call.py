@@ -56,6 +56,7 @@ from ..runtime import WorkItem
 from ._arguments import check_arguments, check_idempotency_key
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
+from ._records import call_result, lifecycle_event
 from ._sent import current_send_hook
 from .backoff import backoff_delay
 from .connection import Connection, Session
@@ -140,7 +141,7 @@ class _Progress:
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
-        event = LifecycleEvent(state, self.attempts, self.loop.clock() if at is None else at, detail)
+        event = lifecycle_event(state, self.attempts, self.loop.clock() if at is None else at, detail)
         self.events.append(event)
         if self.request.on_lifecycle is not None:
             try:
@@ -240,7 +241,7 @@ async def perform_call(
                     raise unknown from error
                 _stamp(error, connection.name, request, progress)
                 raise
-            return CallResult(
+            return call_result(
                 outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
                 content=result.content,
                 structured_content=result.structured_content,
