@@ -14,7 +14,6 @@ import random
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import attrs
 from mcp import MCPError
 from mcp_types import CallToolResult, RequestParamsMeta, Tool
@@ -43,6 +42,7 @@ from ..errors import (
     UnknownToolError,
 )
 from ..flow._feedback import RateLimitSignal, compile_patterns, from_error, from_nack, from_result
+from ..flow._loop import EventLoop
 from ..flow._server import ServerFlow
 from ..flow.breaker import BreakerPass, Fault, fault_of
 from ..flow.budget import RetryBudget
@@ -54,6 +54,7 @@ from ..runtime import WorkItem
 from ._arguments import check_arguments, check_idempotency_key
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
+from ._records import call_result, lifecycle_event
 from ._sent import current_send_hook
 from .backoff import backoff_delay
 from .connection import Connection, Session
@@ -108,6 +109,8 @@ class _Progress:
     """What is known about a call so far: decides the error when it ends early."""
 
     request: CallRequest
+    # The running loop's primitives (the server's ServerFlow finds them once).
+    loop: EventLoop
     attempts: int = 0
     sent: bool = False
     queued_s: float = 0.0
@@ -140,7 +143,7 @@ class _Progress:
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
-        event = LifecycleEvent(state, self.attempts, anyio.current_time() if at is None else at, detail)
+        event = lifecycle_event(state, self.attempts, self.loop.clock() if at is None else at, detail)
         self.events.append(event)
         if self.request.on_lifecycle is not None:
             try:
@@ -207,9 +210,10 @@ async def perform_call(
     Raises:
         RMCPError: A subclass per failure; see :mod:`rmcp_actors.errors`.
     """
-    started = anyio.current_time()
+    loop = flow.loop
+    started = loop.clock()
     deadline = started + request.timeout_s
-    progress = _Progress(request)
+    progress = _Progress(request, loop)
     try:
         check_arguments(request.arguments)
         check_idempotency_key(request.idempotency_key)
@@ -223,7 +227,7 @@ async def perform_call(
     in_flight.begin(progress)
     try:
         # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
-        with anyio.move_on_at(deadline):
+        with loop.move_on_at(deadline):
             try:
                 result, rmcp_meta = await _attempts(
                     connection, flow, policy, request, rng, deadline, progress
@@ -239,7 +243,7 @@ async def perform_call(
                     raise unknown from error
                 _stamp(error, connection.name, request, progress)
                 raise
-            return CallResult(
+            return call_result(
                 outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
                 content=result.content,
                 structured_content=result.structured_content,
@@ -313,9 +317,12 @@ async def _attempts(
                     raise _rate_limited_error(
                         last_limited, f"and the next attempt would pass the call's deadline: {too_long}"
                     ) from too_long
-            progress.queued_s += await scheduler.acquire(
-                lane, request.priority, progress.ticket, request.tenant, tool_lane
-            )
+            # A free slot is taken with no cancellation check: _send makes the one the attempt
+            # needs, where acquire would make a second in a row with nothing in between.
+            if not scheduler.try_acquire(lane, tool_lane):
+                progress.queued_s += await scheduler.acquire(
+                    lane, request.priority, progress.ticket, request.tenant, tool_lane
+                )
         except BaseException:
             breaker_pass.release()  # never sent: frees a half-open probe slot
             raise
@@ -781,9 +788,11 @@ async def _send(
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
     # A deadline that fired while this call waited for its slot ends it here, before it counts
-    # as sent (the SDK would refuse to write it anyway).
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    remaining = deadline - anyio.current_time()
+    # as sent (the SDK would refuse to write it anyway); so does a cancel that came before a
+    # slot taken without waiting.
+    loop = progress.loop
+    await loop.checkpoint_if_cancelled()
+    remaining = deadline - loop.clock()
     if unsafe and remaining < _MIN_TIME_FOR_ANSWER_S:
         raise RMCPTimeoutError(
             f"only {remaining * 1000:.0f} ms of the call's timeout of {request.timeout_s:g} s were "
