@@ -191,6 +191,8 @@ class RateGate:
     _discovering: bool = attrs.field(default=False, init=False)
     _cut_hold_until: float = attrs.field(default=-math.inf, init=False)
     _next_step_at: float = attrs.field(default=math.inf, init=False)
+    # Set by close(): the server is gone, so no token will ever come; waits fail at once.
+    _closed: BaseException | None = attrs.field(default=None, init=False)
     # The strongest signal not yet delivered to the actor (its inbox was full).
     _pending: RateLimitSignal | None = attrs.field(default=None, init=False)
     _taken: int = attrs.field(default=0, init=False)
@@ -240,7 +242,11 @@ class RateGate:
 
         Raises:
             RMCPTimeoutError: The expected wait alone would pass the deadline; nothing was sent.
+            RMCPActorStoppedError: The gate was closed (its server removed, or the runtime
+                stopping) before or while the call waited; nothing was sent.
         """
+        if self._closed is not None:
+            raise self._closed
         now = self._clock()
         self._refill(now)
         expected = self.expected_wait(priority)
@@ -336,8 +342,9 @@ class RateGate:
             due = min(due, max(token_at, now + _MIN_DUE_S))
         return due
 
-    def fail_waiters(self, error: BaseException) -> None:
-        """Fail every waiter at once with ``error``: the actor that would have woken them stopped."""
+    def close(self, error: BaseException) -> None:
+        """Fail every waiter, and every later wait, at once with ``error``: no token will come."""
+        self._closed = error
         while (waiter := self._head()) is not None:
             heapq.heappop(self._waiters)
             self._live_waiters -= 1
@@ -515,25 +522,31 @@ class RateLimiter(Actor[LimiterMessage]):
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the inbox, with the timer task beside it, until cancelled.
 
-        When it ends, the calls waiting on its gates fail at once (nothing was sent) rather than
-        wait out their deadlines for a timer that is gone. Letting them through instead would
-        send them on a connection being stopped (rest_for_one stops the limiter first), where
-        a lost answer would make them "may have run".
+        The calls waiting on its gates outlive it: the gates are the server's, not this run's,
+        so a restart (its own crash, or rest_for_one after the connection's or the breaker's)
+        leaves them waiting, and the new run's timer, which computes its next wake-up first
+        thing, serves them. Only :meth:`close` (the server removed, the runtime stopping) fails
+        them.
         """
-        try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._timers)
-                await super().run(task_status=task_status)
-        finally:
-            error = RMCPActorStoppedError(
-                f"the rate limiter of server {self.server!r} stopped (server removed, runtime "
-                "stopping, or a crash) while this call waited for a token; nothing was sent: "
-                "call again",
-                actor=self.name,
-                may_have_executed=False,
-            )
-            for gate in self.gates():
-                gate.fail_waiters(error)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._timers)
+            await super().run(task_status=task_status)
+
+    def close(self) -> None:
+        """Fail the calls waiting on its gates (and any later wait) at once, nothing sent.
+
+        Called by the owner when the server is removed or the runtime stops, before the
+        connection stops: letting the waiters through would send them on a connection being torn
+        down, where a lost answer would make a call that never needed to run "may have run".
+        """
+        error = RMCPActorStoppedError(
+            f"the rate limiter of server {self.server!r} stopped (server removed, or runtime "
+            "stopping) while this call waited for a token; nothing was sent: call again",
+            actor=self.name,
+            may_have_executed=False,
+        )
+        for gate in self.gates():
+            gate.close(error)
 
     async def handle(self, message: LimiterMessage) -> None:
         """Apply a signal (a wake-up needs nothing more), then let the timer recompute."""
