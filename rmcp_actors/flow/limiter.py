@@ -32,9 +32,17 @@ import trio
 
 from ..errors import RMCPActorStoppedError, RMCPTimeoutError
 from ..runtime.actor import Actor, ActorStatistics
-from ._feedback import RateLimitSignal
+from ._feedback import RateLimitSignal, SignalSource
 
-__all__ = ["GateStatistics", "LimiterStatistics", "RateGate", "RateLimitSettings", "RateLimiter"]
+__all__ = [
+    "GateStatistics",
+    "LimiterStatistics",
+    "RateGate",
+    "RateLimitSettings",
+    "RateLimiter",
+    "take_tokens",
+    "wait_tokens",
+]
 
 # A gate with no rate of its own that had to engage (to honour a pause) refills this fast:
 # in effect no limit, without a branch for "unlimited" on the hot path.
@@ -245,14 +253,8 @@ class RateGate:
             RMCPActorStoppedError: The gate was closed (its server removed, or the runtime
                 stopping) before or while the call waited; nothing was sent.
         """
-        if self._closed is not None:
-            raise self._closed
+        self.check(priority, deadline)
         now = self._clock()
-        self._refill(now)
-        expected = self.expected_wait(priority)
-        if now + expected > deadline:
-            self._rejected += 1
-            raise RMCPTimeoutError(self._too_long(expected, deadline - now, priority))
         waiter = _Waiter(priority, next(self._sequence) if ticket is None else ticket)
         heapq.heappush(self._waiters, waiter)
         self._live_waiters += 1
@@ -262,15 +264,37 @@ class RateGate:
             await waiter.event.wait()
         except BaseException:
             if waiter.granted:
-                # Granted and cancelled in the same instant: the token goes back.
-                self._tokens = min(self.burst, self._tokens + 1)
-                self._deliver(_Wake(self))
+                self.give_back()  # granted and cancelled in the same instant
             elif waiter.error is None:
                 self._abandon(waiter)
             raise
         if waiter.error is not None:
             raise waiter.error
         return self._clock() - now
+
+    def check(self, priority: int, deadline: float) -> None:
+        """Fail at once if a call of ``priority`` joining now could not get a token by ``deadline``.
+
+        Raises:
+            RMCPTimeoutError: The expected wait alone would pass the deadline.
+            RMCPActorStoppedError: The gate was closed.
+        """
+        if self._closed is not None:
+            raise self._closed
+        now = self._clock()
+        self._refill(now)
+        expected = self.expected_wait(priority)
+        if now + expected > deadline:
+            self._rejected += 1
+            raise RMCPTimeoutError(self._too_long(expected, deadline - now, priority))
+
+    def give_back(self, *, taken: bool = False) -> None:
+        """Return a token a call got but will not use (``taken``: it came from :meth:`take`)."""
+        if taken:
+            self._taken -= 1
+        self._tokens = min(self.burst, self._tokens + 1)
+        if self._live_waiters:
+            self._deliver(_Wake(self))
 
     def report(self, signal: RateLimitSignal) -> None:
         """Tell the owning actor the server refused a call for going too fast; never waits."""
@@ -460,6 +484,51 @@ class RateGate:
         )
 
 
+def take_tokens(server: RateGate, tool: RateGate | None) -> bool:
+    """Take a token from the tool's own gate (when it has one) and from the server's, or none;
+    never switches tasks. A gate that is not engaged gives its token for nothing."""
+    if tool is None or not tool.engaged:
+        return not server.engaged or server.take()
+    if not tool.take():
+        return False
+    if not server.engaged or server.take():
+        return True
+    tool.give_back(taken=True)
+    return False
+
+
+async def wait_tokens(
+    server: RateGate, tool: RateGate | None, priority: int, deadline: float, ticket: int | None = None
+) -> float:
+    """Wait for the tokens :func:`take_tokens` did not find, within ``deadline``.
+
+    The tool's token first, then the server's: a call holding a token of the shared server
+    bucket while it waits for its tool's would hold up the server's other tools.
+
+    Returns:
+        Seconds waited.
+
+    Raises:
+        RMCPTimeoutError: Either wait alone would pass the deadline (checked before the call
+            holds anything); nothing was sent.
+        RMCPActorStoppedError: A gate was closed; nothing was sent.
+    """
+    if tool is None or not tool.engaged:
+        return await server.wait(priority, deadline, ticket)
+    if not server.engaged:
+        return await tool.wait(priority, deadline, ticket)
+    tool.check(priority, deadline)
+    server.check(priority, deadline)
+    waited = 0.0 if tool.take() else await tool.wait(priority, deadline, ticket)
+    try:
+        if not server.take():
+            waited += await server.wait(priority, deadline, ticket)
+    except BaseException:
+        tool.give_back()
+        raise
+    return waited
+
+
 def _event_loop_clock() -> Callable[[], float]:
     """The running event loop's clock, found once.
 
@@ -514,6 +583,24 @@ class RateLimiter(Actor[LimiterMessage]):
         if tool is not None and (gate := self._tool_gates.get(tool)) is not None:
             return gate
         return self._server_gate
+
+    def tool_gate(self, tool: str) -> RateGate | None:
+        """The tool's own gate, taken from beside the server's, or None when it has none."""
+        return self._tool_gates.get(tool) if self._tool_gates else None
+
+    def report(self, tool: str, signal: RateLimitSignal) -> None:
+        """Report a rate-limit signal on a call of ``tool``; never waits.
+
+        A refusal by the server (NACK, ``-32023``, HTTP 429) slows the server's gate and the
+        tool's own; an error result matching a pattern is the tool's word (its upstream API's
+        limit, say), so it slows the tool's own gate when it has one, else the server's.
+        """
+        own = self.tool_gate(tool)
+        if own is not None:
+            own.report(signal)
+            if signal.source is SignalSource.RESULT:
+                return
+        self._server_gate.report(signal)
 
     def gates(self) -> tuple[RateGate, ...]:
         """Every gate of this server, the server's first."""
