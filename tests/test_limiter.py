@@ -308,3 +308,12 @@ async def test_a_restart_keeps_the_waiters_and_close_fails_them_and_later_waits_
     assert isinstance(waited[1], RMCPActorStoppedError)
     with pytest.raises(RMCPActorStoppedError, match="nothing was sent"):
         await take(gate)
+
+
+async def test_a_servers_refusal_slows_both_gates_a_matched_result_only_the_tools_own() -> None:
+    limiter = RateLimiter("limiter:s", "s", Settings(rate=10), {"slow": Settings(rate=5)})
+    limiter.report("slow", RateLimitSignal(SignalSource.NACK, 1.0, "NACK rate_limited"))
+    limiter.report("slow", RateLimitSignal(SignalSource.RESULT, 1.0, "error result"))
+    limiter.report("other", RateLimitSignal(SignalSource.RESULT, 1.0, "error result"))
+    server, slow = (gate.statistics(0.0) for gate in limiter.gates())
+    assert (server.signals, slow.signals) == (2, 2)
