@@ -561,8 +561,9 @@ class RateLimiter(Actor[LimiterMessage]):
         name: ``limiter:<server>``.
         server: The server's name.
         settings: The server's resolved ``rate_limit`` policy.
-        tool_settings: The ``rate_limit`` of each tool whose table sets one: that tool gets its
-            own bucket; any other tool uses the server's.
+        tool_settings: The ``rate_limit`` of each tool whose table sets one: that tool's calls
+            take a token from its own bucket and from the server's; any other tool's, from the
+            server's only.
     """
 
     server: str
@@ -579,7 +580,7 @@ class RateLimiter(Actor[LimiterMessage]):
             self._tool_gates[tool] = RateGate(f"{self.server}/{tool}", settings, self.send_nowait)
 
     def gate(self, tool: str | None = None) -> RateGate:
-        """The gate a call of ``tool`` takes its token from: the tool's own, else the server's."""
+        """The tool's own gate when it has one, else the server's (``gate()``: the server's)."""
         if tool is not None and (gate := self._tool_gates.get(tool)) is not None:
             return gate
         return self._server_gate
