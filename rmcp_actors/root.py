@@ -229,6 +229,9 @@ class RMCPSupervisor:
                         await supervisor.add_server(spec)
                     yield supervisor
                 finally:
+                    # Calls waiting for a token fail now, before their connections stop.
+                    for entry in supervisor._servers.values():
+                        entry.flow.limiter.close()
                     await root.stop()
         except BaseException as error:
             # An escalation is what ended the runtime, whatever the body saw of it first (a
@@ -294,6 +297,7 @@ class RMCPSupervisor:
             removed = self._servers.get(spec.name) is not entry
             if not removed:
                 del self._servers[spec.name]
+                flow.limiter.close()
                 self._scheduler.retire(flow.lane)
                 entry.forget()
             elif isinstance(error, RMCPSupervisorError):
@@ -320,6 +324,7 @@ class RMCPSupervisor:
         entry = self._server(name)
         # Forget it first: a concurrent removal must find it gone, not half-removed.
         del self._servers[name]
+        entry.flow.limiter.close()  # its waiters fail now, before the connection stops
         self._scheduler.retire(entry.flow.lane)
         entry.forget()
         await self._stop_connection(entry)

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from rmcp_actors import RateLimitPolicy, RMCPTimeoutError
+from rmcp_actors import RateLimitPolicy, RMCPActorStoppedError, RMCPTimeoutError
 from rmcp_actors.flow._feedback import RateLimitSignal, SignalSource
 from rmcp_actors.flow.limiter import RateGate, RateLimiter
 
@@ -276,3 +276,44 @@ def test_runs_under_asyncio_too() -> None:
         return elapsed
 
     assert anyio.run(main, backend="asyncio") == pytest.approx(2 / 50, abs=0.03)
+
+
+async def test_a_restart_keeps_the_waiters_and_close_fails_them_and_later_waits_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = RateLimiter("limiter:s", "s", Settings(rate=1, burst=1))
+    gate = limiter.gate()
+    assert gate.take()
+    waited: list[float | BaseException] = []
+
+    async def call() -> None:
+        try:
+            waited.append(await take(gate))
+        except RMCPActorStoppedError as error:
+            waited.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        async with running(limiter):
+            await trio.sleep(0.2)
+        # Stopped (as a restart stops it): the waiter stays; the next run wakes it on time.
+        await trio.sleep(0.2)
+        assert (waited, gate.statistics(trio.current_time()).waiting) == ([], 1)
+        async with running(limiter):
+            await trio.sleep(1)
+        assert waited == [pytest.approx(1.0)]
+        nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        limiter.close()
+    assert isinstance(waited[1], RMCPActorStoppedError)
+    with pytest.raises(RMCPActorStoppedError, match="nothing was sent"):
+        await take(gate)
+
+
+async def test_a_servers_refusal_slows_both_gates_a_matched_result_only_the_tools_own() -> None:
+    limiter = RateLimiter("limiter:s", "s", Settings(rate=10), {"slow": Settings(rate=5)})
+    limiter.report("slow", RateLimitSignal(SignalSource.NACK, 1.0, "NACK rate_limited"))
+    limiter.report("slow", RateLimitSignal(SignalSource.RESULT, 1.0, "error result"))
+    limiter.report("other", RateLimitSignal(SignalSource.RESULT, 1.0, "error result"))
+    server, slow = (gate.statistics(0.0) for gate in limiter.gates())
+    assert (server.signals, slow.signals) == (2, 2)

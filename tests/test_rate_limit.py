@@ -72,8 +72,13 @@ async def test_100_calls_at_rate_20_burst_1_take_about_5_s(autojump_clock: trio.
     assert max(result.queued_s for result in results) == pytest.approx(99 / 20, abs=0.05)
 
 
-async def test_a_free_token_adds_no_task_switch() -> None:
-    spec = ServerSpec.in_memory("test", build_server(State()), wire="direct", overrides=limited(rate=1e6))
+@pytest.mark.parametrize("tool_bucket", [False, True])
+async def test_a_free_token_adds_no_task_switch(tool_bucket: bool) -> None:
+    # With a tool bucket, the call takes a token from it and from the server's: still none.
+    tools = {"echo": ToolOverrides(rate_limit=RateLimitOverrides(rate=1e6))} if tool_bucket else {}
+    spec = ServerSpec.in_memory(
+        "test", build_server(State()), wire="direct", overrides=limited(rate=1e6), tools=tools
+    )
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(spec)
         for _ in range(3):
@@ -147,9 +152,62 @@ async def test_a_tool_with_its_own_rate_limit_has_its_own_bucket(
         assert trio.current_time() - started == pytest.approx(2.0, abs=0.01)
         (limiter,) = sup.statistics().limiters
     assert [(gate.name, gate.taken + gate.waited) for gate in limiter.gates] == [
-        ("test", 0),
+        ("test", 5),
         ("test/echo", 5),
     ]
+
+
+async def test_a_tool_with_its_own_bucket_takes_the_servers_token_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Per server AND per tool: a tool's own (faster) bucket does not lift the server's limit.
+    spec = ServerSpec.in_memory(
+        "test",
+        build_server(State()),
+        overrides=limited(rate=1, burst=1),
+        tools={"echo": ToolOverrides(rate_limit=RateLimitOverrides(rate=100, burst=5))},
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        started = trio.current_time()
+        await call_all(sup, "test", 5)
+        assert trio.current_time() - started == pytest.approx(4.0, abs=0.01)
+        # The server's next token is 1 s away: a call with 0.5 s fails at once, nothing sent,
+        # though the tool's own bucket has a token for it.
+        with pytest.raises(RMCPTimeoutError) as raised:
+            await sup.call("test", "echo", {"text": "impatient"}, timeout=0.5)
+        assert trio.current_time() - started == pytest.approx(4.0, abs=0.01)
+        (limiter,) = sup.statistics().limiters
+    assert "rate limit of test: 1 calls/s" in raised.value.message
+    assert not raised.value.may_have_executed
+    assert [(gate.name, gate.taken + gate.waited, gate.rejected) for gate in limiter.gates] == [
+        ("test", 5, 1),
+        ("test/echo", 5, 0),
+    ]
+
+
+async def test_a_servers_signal_on_a_tools_call_slows_the_server_gate_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # -32023 is the server's refusal, whatever the tool: the server's gate (no rate configured
+    # here) engages and pauses, not only the tool's own.
+    limit = ServerLimit(rate=1, burst=1)
+    spec = ServerSpec.in_memory(
+        "up",
+        jsonrpc_server(limit),
+        tools={"echo": ToolOverrides(rate_limit=RateLimitOverrides(rate=50))},
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        results = await call_all(sup, "up", 10, timeout=60)
+        (limiter,) = sup.statistics().limiters
+    assert all(result.outcome is Outcome.SUCCEEDED for result in results)
+    server, tool = limiter.gates
+    assert (server.name, tool.name) == ("up", "up/echo")
+    assert server.signals > 0
+    assert server.engaged
+    assert tool.signals == server.signals
+    assert tool.cuts > 0
 
 
 @pytest.mark.parametrize("form", ["nack", "jsonrpc", "text"])

@@ -27,6 +27,7 @@ from rmcp_actors import (
     PolicyOverrides,
     RateLimitOverrides,
     RetryOverrides,
+    RMCPActorStoppedError,
     RMCPError,
     RMCPSupervisor,
     ServerSpec,
@@ -46,6 +47,12 @@ def _crash_limiter(sup: RMCPSupervisor, server: str) -> None:
     not one, as a bug in the actor would."""
     signal = RateLimitSignal(SignalSource.NACK, None, "review2")
     _limiter(sup, server).send_nowait(_Feedback(None, signal))  # pyright: ignore[reportArgumentType]
+
+
+def _crash_connection(sup: RMCPSupervisor, server: str) -> None:
+    """Make the server's connection actor crash (rest_for_one restarts the breaker and limiter
+    after it): a control request that is not one, as a bug would send."""
+    sup._servers[server].connection.send_nowait(object())  # pyright: ignore[reportPrivateUsage, reportArgumentType]
 
 
 async def test_review2_a_hedge_whose_limiter_stops_leaves_the_first_attempt_running(
@@ -146,11 +153,9 @@ async def test_review2_a_rate_limited_call_never_retries_without_a_pause(
     assert min(gaps) > 0, gaps
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review2: a limiter restart fails every call waiting for a token (not fixed)"
-)
+@pytest.mark.parametrize("crashing", ["limiter", "connection"])
 async def test_review2_a_limiter_restart_keeps_the_calls_waiting_for_tokens(
-    state: State, autojump_clock: trio.testing.MockClock
+    crashing: str, state: State, autojump_clock: trio.testing.MockClock
 ) -> None:
     # The limiter crashes and its supervisor restarts it at once; the gates are the same objects
     # and the restarted actor serves them. The call waiting for a token has nothing to do with
@@ -174,10 +179,45 @@ async def test_review2_a_limiter_restart_keeps_the_calls_waiting_for_tokens(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call)
             await trio.sleep(1)
-            _crash_limiter(sup, "s")
+            started = trio.current_time()
+            (_crash_limiter if crashing == "limiter" else _crash_connection)(sup, "s")
+        # Woken by the restarted actor when the next token comes (one per 5 s), not later.
+        subtree = next(s for s in sup.statistics().supervisors if s.name == "server:s")
     (result,) = outcome
     assert isinstance(result, CallResult), result
     assert result.text == "waits"
+    # The restarted actor's timer wakes it at the next token (one per 5 s from 0 s); after a
+    # connection crash that token finds the session it waited with gone (nothing sent), so the
+    # call goes round again and goes on the next.
+    assert trio.current_time() - started < (4.5 if crashing == "limiter" else 9.5)
+    assert {child.name: child.restarts for child in subtree.children}["limiter:s"] == 1
+
+
+async def test_review2_a_stopping_runtime_still_fails_the_calls_waiting_for_tokens_at_once(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Kept across restarts, the waiters are failed by the owner instead: the runtime stopping.
+    spec = ServerSpec.in_memory(
+        "s", build_server(state), overrides=PolicyOverrides(rate_limit=RateLimitOverrides(rate=0.1, burst=1))
+    )
+    errors: list[RMCPError] = []
+
+    async def call(sup: RMCPSupervisor) -> None:
+        try:
+            await sup.call("s", "echo", {"text": "waits"}, timeout=60)
+        except RMCPError as error:
+            errors.append(error)
+
+    async with trio.open_nursery() as nursery, RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        await sup.call("s", "echo", {"text": "takes the token"})
+        nursery.start_soon(call, sup)
+        await trio.testing.wait_all_tasks_blocked()
+        stopping = trio.current_time()
+    (error,) = errors
+    assert isinstance(error, RMCPActorStoppedError)
+    assert not error.may_have_executed
+    assert trio.current_time() - stopping < 1
 
 
 def _scripted(answers: list[dict[str, Any] | float]) -> tuple[Server[Any], list[float]]:

@@ -47,6 +47,7 @@ from ..flow._server import ServerFlow
 from ..flow.breaker import BreakerPass, Fault, fault_of
 from ..flow.budget import RetryBudget
 from ..flow.hedge import ToolHedge, race
+from ..flow.limiter import take_tokens, wait_tokens
 from ..flow.scheduler import Holding, current_holding
 from ..lifecycle import LifecycleCallback, LifecycleEvent, RequestState
 from ..result import CallResult
@@ -282,7 +283,8 @@ async def _attempts(
     budget = flow.budget_for(request.tool)
     http = connection.spec.transport == "http"
     direct = connection.spec.wire == "direct"
-    gate = flow.limiter.gate(request.tool)
+    gate = flow.limiter.gate()
+    tool_gate = flow.limiter.tool_gate(request.tool)
     last_limited: _RateLimited | None = None
     tool_lane = lane.tools.get(request.tool) if lane.tools else None
     # The call this one was made from, if its work runs in this task (see flow.scheduler).
@@ -307,9 +309,11 @@ async def _attempts(
             budget.deposit(deadline - request.timeout_s)
         # The rate limiter's token comes before the slot, so a rate-limited call holds no slot.
         try:
-            if gate.engaged and not gate.take():
+            if (gate.engaged or tool_gate is not None) and not take_tokens(gate, tool_gate):
                 try:
-                    progress.queued_s += await gate.wait(request.priority, deadline, progress.ticket)
+                    progress.queued_s += await wait_tokens(
+                        gate, tool_gate, request.priority, deadline, progress.ticket
+                    )
                 except RMCPTimeoutError as too_long:
                     if last_limited is None:
                         raise
@@ -363,7 +367,7 @@ async def _attempts(
                 progress.sent = progress.last_ambiguous is not None
                 last_limited = limited
                 if hedge is None:  # else reported by the race's attempt (see _hedged)
-                    gate.report(limited.signal)
+                    flow.limiter.report(request.tool, limited.signal)
                 retry_after_s = limited.signal.retry_after_s or 0.0
                 if anyio.current_time() + retry_after_s >= deadline:
                     raise _rate_limited_error(
@@ -413,7 +417,7 @@ async def _attempts(
                 if answer[0].is_error and (signal := _result_signal(answer[0], policy)) is not None:
                     # Matched, but ACKed by a deduplicating server: a retry with this key would
                     # only replay the same answer. The limiter still slows down.
-                    gate.report(signal)
+                    flow.limiter.report(request.tool, signal)
                 return answer
         finally:
             holding.active = False
@@ -530,7 +534,7 @@ async def _hedged(
             raise
         except _RateLimited as limited:
             # Each attempt's own: the race keeps one failure at most, none when another wins.
-            flow.limiter.gate(request.tool).report(limited.signal)
+            flow.limiter.report(request.tool, limited.signal)
             raise
         if sketch is not None:
             sketch.record(anyio.current_time() - started)
@@ -562,16 +566,17 @@ async def _hedged(
         parent = primary.parent if primary is not None else None
         current_holding.set(parent)
         # The same gates as an attempt's: a rate limiter token, then the slots.
-        gate = flow.limiter.gate(request.tool)
+        gate = flow.limiter.gate()
+        tool_gate = flow.limiter.tool_gate(request.tool)
         with anyio.CancelScope() as waiting:
             queued.add(waiting)
             if first_failed:  # before this hedge's task first ran
                 waiting.cancel()
             try:
-                if gate.engaged and not gate.take():
+                if (gate.engaged or tool_gate is not None) and not take_tokens(gate, tool_gate):
                     # A ticket of the scheduler's, which the first attempts' are: with none the
                     # gate numbers from 0 and the hedge went ahead of every call waiting.
-                    await gate.wait(request.priority, deadline, flow.scheduler.ticket())
+                    await wait_tokens(gate, tool_gate, request.priority, deadline, flow.scheduler.ticket())
                 await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
             except RMCPError as error:
                 # Not sent, whatever the refusal (a limiter stopping says RMCPActorStoppedError):

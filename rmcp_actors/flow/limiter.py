@@ -32,9 +32,17 @@ import trio
 
 from ..errors import RMCPActorStoppedError, RMCPTimeoutError
 from ..runtime.actor import Actor, ActorStatistics
-from ._feedback import RateLimitSignal
+from ._feedback import RateLimitSignal, SignalSource
 
-__all__ = ["GateStatistics", "LimiterStatistics", "RateGate", "RateLimitSettings", "RateLimiter"]
+__all__ = [
+    "GateStatistics",
+    "LimiterStatistics",
+    "RateGate",
+    "RateLimitSettings",
+    "RateLimiter",
+    "take_tokens",
+    "wait_tokens",
+]
 
 # A gate with no rate of its own that had to engage (to honour a pause) refills this fast:
 # in effect no limit, without a branch for "unlimited" on the hot path.
@@ -191,6 +199,8 @@ class RateGate:
     _discovering: bool = attrs.field(default=False, init=False)
     _cut_hold_until: float = attrs.field(default=-math.inf, init=False)
     _next_step_at: float = attrs.field(default=math.inf, init=False)
+    # Set by close(): the server is gone, so no token will ever come; waits fail at once.
+    _closed: BaseException | None = attrs.field(default=None, init=False)
     # The strongest signal not yet delivered to the actor (its inbox was full).
     _pending: RateLimitSignal | None = attrs.field(default=None, init=False)
     _taken: int = attrs.field(default=0, init=False)
@@ -240,13 +250,11 @@ class RateGate:
 
         Raises:
             RMCPTimeoutError: The expected wait alone would pass the deadline; nothing was sent.
+            RMCPActorStoppedError: The gate was closed (its server removed, or the runtime
+                stopping) before or while the call waited; nothing was sent.
         """
+        self.check(priority, deadline)
         now = self._clock()
-        self._refill(now)
-        expected = self.expected_wait(priority)
-        if now + expected > deadline:
-            self._rejected += 1
-            raise RMCPTimeoutError(self._too_long(expected, deadline - now, priority))
         waiter = _Waiter(priority, next(self._sequence) if ticket is None else ticket)
         heapq.heappush(self._waiters, waiter)
         self._live_waiters += 1
@@ -256,15 +264,37 @@ class RateGate:
             await waiter.event.wait()
         except BaseException:
             if waiter.granted:
-                # Granted and cancelled in the same instant: the token goes back.
-                self._tokens = min(self.burst, self._tokens + 1)
-                self._deliver(_Wake(self))
+                self.give_back()  # granted and cancelled in the same instant
             elif waiter.error is None:
                 self._abandon(waiter)
             raise
         if waiter.error is not None:
             raise waiter.error
         return self._clock() - now
+
+    def check(self, priority: int, deadline: float) -> None:
+        """Fail at once if a call of ``priority`` joining now could not get a token by ``deadline``.
+
+        Raises:
+            RMCPTimeoutError: The expected wait alone would pass the deadline.
+            RMCPActorStoppedError: The gate was closed.
+        """
+        if self._closed is not None:
+            raise self._closed
+        now = self._clock()
+        self._refill(now)
+        expected = self.expected_wait(priority)
+        if now + expected > deadline:
+            self._rejected += 1
+            raise RMCPTimeoutError(self._too_long(expected, deadline - now, priority))
+
+    def give_back(self, *, taken: bool = False) -> None:
+        """Return a token a call got but will not use (``taken``: it came from :meth:`take`)."""
+        if taken:
+            self._taken -= 1
+        self._tokens = min(self.burst, self._tokens + 1)
+        if self._live_waiters:
+            self._deliver(_Wake(self))
 
     def report(self, signal: RateLimitSignal) -> None:
         """Tell the owning actor the server refused a call for going too fast; never waits."""
@@ -336,8 +366,9 @@ class RateGate:
             due = min(due, max(token_at, now + _MIN_DUE_S))
         return due
 
-    def fail_waiters(self, error: BaseException) -> None:
-        """Fail every waiter at once with ``error``: the actor that would have woken them stopped."""
+    def close(self, error: BaseException) -> None:
+        """Fail every waiter, and every later wait, at once with ``error``: no token will come."""
+        self._closed = error
         while (waiter := self._head()) is not None:
             heapq.heappop(self._waiters)
             self._live_waiters -= 1
@@ -453,6 +484,51 @@ class RateGate:
         )
 
 
+def take_tokens(server: RateGate, tool: RateGate | None) -> bool:
+    """Take a token from the tool's own gate (when it has one) and from the server's, or none;
+    never switches tasks. A gate that is not engaged gives its token for nothing."""
+    if tool is None or not tool.engaged:
+        return not server.engaged or server.take()
+    if not tool.take():
+        return False
+    if not server.engaged or server.take():
+        return True
+    tool.give_back(taken=True)
+    return False
+
+
+async def wait_tokens(
+    server: RateGate, tool: RateGate | None, priority: int, deadline: float, ticket: int | None = None
+) -> float:
+    """Wait for the tokens :func:`take_tokens` did not find, within ``deadline``.
+
+    The tool's token first, then the server's: a call holding a token of the shared server
+    bucket while it waits for its tool's would hold up the server's other tools.
+
+    Returns:
+        Seconds waited.
+
+    Raises:
+        RMCPTimeoutError: Either wait alone would pass the deadline (checked before the call
+            holds anything); nothing was sent.
+        RMCPActorStoppedError: A gate was closed; nothing was sent.
+    """
+    if tool is None or not tool.engaged:
+        return await server.wait(priority, deadline, ticket)
+    if not server.engaged:
+        return await tool.wait(priority, deadline, ticket)
+    tool.check(priority, deadline)
+    server.check(priority, deadline)
+    waited = 0.0 if tool.take() else await tool.wait(priority, deadline, ticket)
+    try:
+        if not server.take():
+            waited += await server.wait(priority, deadline, ticket)
+    except BaseException:
+        tool.give_back()
+        raise
+    return waited
+
+
 def _event_loop_clock() -> Callable[[], float]:
     """The running event loop's clock, found once.
 
@@ -485,8 +561,9 @@ class RateLimiter(Actor[LimiterMessage]):
         name: ``limiter:<server>``.
         server: The server's name.
         settings: The server's resolved ``rate_limit`` policy.
-        tool_settings: The ``rate_limit`` of each tool whose table sets one: that tool gets its
-            own bucket; any other tool uses the server's.
+        tool_settings: The ``rate_limit`` of each tool whose table sets one: that tool's calls
+            take a token from its own bucket and from the server's; any other tool's, from the
+            server's only.
     """
 
     server: str
@@ -503,10 +580,28 @@ class RateLimiter(Actor[LimiterMessage]):
             self._tool_gates[tool] = RateGate(f"{self.server}/{tool}", settings, self.send_nowait)
 
     def gate(self, tool: str | None = None) -> RateGate:
-        """The gate a call of ``tool`` takes its token from: the tool's own, else the server's."""
+        """The tool's own gate when it has one, else the server's (``gate()``: the server's)."""
         if tool is not None and (gate := self._tool_gates.get(tool)) is not None:
             return gate
         return self._server_gate
+
+    def tool_gate(self, tool: str) -> RateGate | None:
+        """The tool's own gate, taken from beside the server's, or None when it has none."""
+        return self._tool_gates.get(tool) if self._tool_gates else None
+
+    def report(self, tool: str, signal: RateLimitSignal) -> None:
+        """Report a rate-limit signal on a call of ``tool``; never waits.
+
+        A refusal by the server (NACK, ``-32023``, HTTP 429) slows the server's gate and the
+        tool's own; an error result matching a pattern is the tool's word (its upstream API's
+        limit, say), so it slows the tool's own gate when it has one, else the server's.
+        """
+        own = self.tool_gate(tool)
+        if own is not None:
+            own.report(signal)
+            if signal.source is SignalSource.RESULT:
+                return
+        self._server_gate.report(signal)
 
     def gates(self) -> tuple[RateGate, ...]:
         """Every gate of this server, the server's first."""
@@ -515,25 +610,31 @@ class RateLimiter(Actor[LimiterMessage]):
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the inbox, with the timer task beside it, until cancelled.
 
-        When it ends, the calls waiting on its gates fail at once (nothing was sent) rather than
-        wait out their deadlines for a timer that is gone. Letting them through instead would
-        send them on a connection being stopped (rest_for_one stops the limiter first), where
-        a lost answer would make them "may have run".
+        The calls waiting on its gates outlive it: the gates are the server's, not this run's,
+        so a restart (its own crash, or rest_for_one after the connection's or the breaker's)
+        leaves them waiting, and the new run's timer, which computes its next wake-up first
+        thing, serves them. Only :meth:`close` (the server removed, the runtime stopping) fails
+        them.
         """
-        try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._timers)
-                await super().run(task_status=task_status)
-        finally:
-            error = RMCPActorStoppedError(
-                f"the rate limiter of server {self.server!r} stopped (server removed, runtime "
-                "stopping, or a crash) while this call waited for a token; nothing was sent: "
-                "call again",
-                actor=self.name,
-                may_have_executed=False,
-            )
-            for gate in self.gates():
-                gate.fail_waiters(error)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._timers)
+            await super().run(task_status=task_status)
+
+    def close(self) -> None:
+        """Fail the calls waiting on its gates (and any later wait) at once, nothing sent.
+
+        Called by the owner when the server is removed or the runtime stops, before the
+        connection stops: letting the waiters through would send them on a connection being torn
+        down, where a lost answer would make a call that never needed to run "may have run".
+        """
+        error = RMCPActorStoppedError(
+            f"the rate limiter of server {self.server!r} stopped (server removed, or runtime "
+            "stopping) while this call waited for a token; nothing was sent: call again",
+            actor=self.name,
+            may_have_executed=False,
+        )
+        for gate in self.gates():
+            gate.close(error)
 
     async def handle(self, message: LimiterMessage) -> None:
         """Apply a signal (a wake-up needs nothing more), then let the timer recompute."""
