@@ -212,9 +212,9 @@ def rmcp_caller(sup: RMCPSupervisor) -> Call:
 @asynccontextmanager
 async def open_clients(transport: Transport, pipeline: Pipeline) -> AsyncIterator[dict[str, Call]]:
     """Open raw, raw2 and rmcp to the no-op server over ``transport``; close them on exit."""
-    overrides = PolicyOverrides(
-        max_concurrency=MAX_CONCURRENCY, rate_limit=FULL_RATE_LIMIT if pipeline == "full" else None
-    )
+    overrides = PolicyOverrides(max_concurrency=MAX_CONCURRENCY)
+    if pipeline == "full":
+        overrides = PolicyOverrides(max_concurrency=MAX_CONCURRENCY, rate_limit=FULL_RATE_LIMIT)
     async with AsyncExitStack() as stack:
         raws: list[Call] = []
         for _ in range(2):
