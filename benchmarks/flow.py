@@ -175,12 +175,12 @@ async def fast_fail(blocks: int, calls: int, progress: Callable[[str], None]) ->
         for name in ("raw", "raw2"):
             client = await stack.enter_async_context(Client(InMemoryTransport(build_server())))
 
-            async def raw(n: int, client: Client = client) -> None:
+            async def raw_call(n: int, client: Client = client) -> None:
                 result = await client.call_tool(TOOL, {"n": n}, read_timeout_seconds=TIMEOUT_S)
                 if result.is_error:
                     raise RuntimeError(f"raw call failed: {result.content}")
 
-            callers[name] = raw
+            callers[name] = raw_call
         app, store = failing_server()
         spec = ServerSpec.in_memory(
             "down", app, wire="jsonrpc", overrides=PolicyOverrides(circuit_breaker=STAY_OPEN)
@@ -231,10 +231,10 @@ async def callgrind_blocks(calls: int) -> None:
         for name in ("raw", "raw2"):
             client = await stack.enter_async_context(Client(InMemoryTransport(build_server())))
 
-            async def raw(n: int, client: Client = client) -> None:
+            async def raw_call(n: int, client: Client = client) -> None:
                 await client.call_tool(TOOL, {"n": n}, read_timeout_seconds=TIMEOUT_S)
 
-            callers[name] = raw
+            callers[name] = raw_call
         app, store = failing_server()
         spec = ServerSpec.in_memory(
             "down", app, wire="jsonrpc", overrides=PolicyOverrides(circuit_breaker=STAY_OPEN)
