@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import pickle
+import re
 import tomllib
 from typing import Any, Generic, Never
 
@@ -1106,3 +1107,13 @@ def test_flow_keys_have_error_paths(data: dict[str, Any], path: str, words: str)
     error = config_error(data)
     assert error.path == path
     assert words in str(error)
+
+
+def test_the_readme_configuration_loads() -> None:
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    config = RMCPConfig.from_dict(tomllib.loads(block))
+    spec = config.servers["time"]
+    assert config.tenants == {"interactive": 10.0, "batch": 1.0}
+    assert config.call_policy(spec, "get_current_time").max_concurrency == 2
+    assert config.server_policy(spec).circuit_breaker.failure_threshold == 5

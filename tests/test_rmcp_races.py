@@ -34,6 +34,7 @@ from rmcp_actors import (
 from rmcp_actors._protocol import ServerSettings
 from rmcp_actors.client.call import _check_dedup_still_covers, _Progress  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.errors import RMCPOutcomeUnknownError
+from rmcp_actors.flow._loop import EventLoop
 from rmcp_actors.server import store_key
 from rmcp_actors.stores import BeginOutcome, DedupRecord
 
@@ -262,7 +263,7 @@ async def test_drain_waits_for_a_call_still_claiming_its_key(autojump_clock: tri
 def test_a_retry_after_a_lost_answer_needs_the_same_keys(
     lost_on: ServerSettings, now: ServerSettings | None, covered: bool
 ) -> None:
-    progress = _Progress(request=cast(Any, None))
+    progress = _Progress(request=cast(Any, None), loop=EventLoop())
     if covered:
         _check_dedup_still_covers(lost_on, now, progress)
     else:

@@ -23,6 +23,40 @@ async def test_fast_path_admits_without_queueing() -> None:
     assert scheduler.statistics().running == 0
 
 
+async def test_try_acquire_takes_free_slots_or_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    scheduler = Scheduler(max_concurrency=3, max_queue=10)
+    lane = scheduler.lane("s", 2)
+    tool = scheduler.tool_lane(lane, "t", 1)
+    assert scheduler.try_acquire(lane, tool)
+    # The tool's only slot is taken: nothing is taken, not even the free server slot.
+    assert not scheduler.try_acquire(lane, tool)
+    assert (tool.running, lane.running, scheduler.statistics().running) == (1, 1, 1)
+    assert scheduler.try_acquire(lane)
+    # The server's slots are all taken, and then the runtime's.
+    assert not scheduler.try_acquire(lane)
+    other = scheduler.lane("o", 5)
+    assert scheduler.try_acquire(other)
+    assert not scheduler.try_acquire(other)
+    scheduler.release(other)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.acquire, lane)
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.release(lane)  # handed to the waiter
+        await trio.testing.wait_all_tasks_blocked()
+        scheduler.release(lane, tool)
+        # A slot freed while a call is queued goes to that call: none is left to try for.
+        nursery.start_soon(scheduler.acquire, lane)
+        nursery.start_soon(scheduler.acquire, lane)
+        await trio.testing.wait_all_tasks_blocked()
+        assert lane.queued == 1
+        scheduler.release(lane)
+        assert lane.queued == 0
+        assert not scheduler.try_acquire(lane)
+        scheduler.release(lane)
+        scheduler.release(lane)
+    assert scheduler.statistics().running == 0
+
+
 async def test_higher_priority_first_fifo_within_priority(autojump_clock: trio.testing.MockClock) -> None:
     scheduler = Scheduler(max_concurrency=1, max_queue=10)
     lane = scheduler.lane("s", 1)

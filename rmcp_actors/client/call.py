@@ -14,7 +14,6 @@ import random
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import attrs
 from mcp import MCPError
 from mcp_types import CallToolResult, RequestParamsMeta, Tool
@@ -31,13 +30,11 @@ from ..config import CallPolicy
 from ..errors import (
     Outcome,
     RMCPArgumentError,
-    RMCPDeadlockError,
     RMCPError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
     RMCPNetworkError,
     RMCPOutcomeUnknownError,
-    RMCPOverloadedError,
     RMCPResultValidationError,
     RMCPServerError,
     RMCPTimeoutAfterSendError,
@@ -45,6 +42,7 @@ from ..errors import (
     UnknownToolError,
 )
 from ..flow._feedback import RateLimitSignal, compile_patterns, from_error, from_nack, from_result
+from ..flow._loop import EventLoop
 from ..flow._server import ServerFlow
 from ..flow.breaker import BreakerPass, Fault, fault_of
 from ..flow.budget import RetryBudget
@@ -56,6 +54,7 @@ from ..runtime import WorkItem
 from ._arguments import check_arguments, check_idempotency_key
 from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
+from ._records import call_result, lifecycle_event
 from ._sent import current_send_hook
 from .backoff import backoff_delay
 from .connection import Connection, Session
@@ -76,6 +75,10 @@ _RETRYABLE_ATTEMPTS = frozenset({Attempt.SENT_AND_LOST, Attempt.NOT_SENT, Attemp
 # its answer could hardly arrive in time, and a timeout after sending leaves the outcome
 # unknown, where not sending leaves a clean "nothing ran".
 _MIN_TIME_FOR_ANSWER_S = 0.05
+# A refusal for going too fast with no retry_after, no backoff configured (base_delay_s = 0) and
+# no limiter pacing (adaptive = false, no rate) is still never retried at once: max_attempts
+# does not bound such attempts, so a zero pause sent them back to back until the deadline.
+_MIN_RATE_LIMITED_PAUSE_S = 0.01
 
 
 @attrs.define(eq=False)
@@ -106,6 +109,8 @@ class _Progress:
     """What is known about a call so far: decides the error when it ends early."""
 
     request: CallRequest
+    # The running loop's primitives (the server's ServerFlow finds them once).
+    loop: EventLoop
     attempts: int = 0
     sent: bool = False
     queued_s: float = 0.0
@@ -138,7 +143,7 @@ class _Progress:
 
     def record(self, state: RequestState, detail: str | None = None, *, at: float | None = None) -> None:
         # ``at`` spares a clock read where the caller just made one (this is the hot path).
-        event = LifecycleEvent(state, self.attempts, anyio.current_time() if at is None else at, detail)
+        event = lifecycle_event(state, self.attempts, self.loop.clock() if at is None else at, detail)
         self.events.append(event)
         if self.request.on_lifecycle is not None:
             try:
@@ -205,9 +210,10 @@ async def perform_call(
     Raises:
         RMCPError: A subclass per failure; see :mod:`rmcp_actors.errors`.
     """
-    started = anyio.current_time()
+    loop = flow.loop
+    started = loop.clock()
     deadline = started + request.timeout_s
-    progress = _Progress(request)
+    progress = _Progress(request, loop)
     try:
         check_arguments(request.arguments)
         check_idempotency_key(request.idempotency_key)
@@ -221,7 +227,7 @@ async def perform_call(
     in_flight.begin(progress)
     try:
         # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
-        with anyio.move_on_at(deadline):
+        with loop.move_on_at(deadline):
             try:
                 result, rmcp_meta = await _attempts(
                     connection, flow, policy, request, rng, deadline, progress
@@ -237,7 +243,7 @@ async def perform_call(
                     raise unknown from error
                 _stamp(error, connection.name, request, progress)
                 raise
-            return CallResult(
+            return call_result(
                 outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
                 content=result.content,
                 structured_content=result.structured_content,
@@ -311,9 +317,12 @@ async def _attempts(
                     raise _rate_limited_error(
                         last_limited, f"and the next attempt would pass the call's deadline: {too_long}"
                     ) from too_long
-            progress.queued_s += await scheduler.acquire(
-                lane, request.priority, progress.ticket, request.tenant, tool_lane
-            )
+            # A free slot is taken with no cancellation check: _send makes the one the attempt
+            # needs, where acquire would make a second in a row with nothing in between.
+            if not scheduler.try_acquire(lane, tool_lane):
+                progress.queued_s += await scheduler.acquire(
+                    lane, request.priority, progress.ticket, request.tenant, tool_lane
+                )
         except BaseException:
             breaker_pass.release()  # never sent: frees a half-open probe slot
             raise
@@ -330,8 +339,8 @@ async def _attempts(
                 # The connection dropped while this call waited for a slot: nothing was sent.
                 continue
             unsafe = not _safe_to_repeat(policy, tool)
+            hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
             try:
-                hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
                 if hedge is None:
                     answer = await _send(
                         session,
@@ -352,9 +361,9 @@ async def _attempts(
                 # Refused, not run; paced by the limiter and bounded by the deadline alone.
                 last: _Failed | _Nacked | _RateLimited = limited
                 progress.sent = progress.last_ambiguous is not None
-                progress.rate_limited += 1
                 last_limited = limited
-                gate.report(limited.signal)
+                if hedge is None:  # else reported by the race's attempt (see _hedged)
+                    gate.report(limited.signal)
                 retry_after_s = limited.signal.retry_after_s or 0.0
                 if anyio.current_time() + retry_after_s >= deadline:
                     raise _rate_limited_error(
@@ -415,8 +424,9 @@ async def _attempts(
         if isinstance(last, _RateLimited):
             # The server's wait when it gave one; else a backoff of its own, while the limiter's
             # cut rate takes over the pacing.
-            delay = retry_after_s or backoff_delay(
-                progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng
+            delay = retry_after_s or max(
+                backoff_delay(progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng),
+                _MIN_RATE_LIMITED_PAUSE_S,
             )
             if anyio.current_time() + delay >= deadline:
                 raise _rate_limited_error(last, "and the next attempt would come after the call's deadline")
@@ -518,6 +528,10 @@ async def _hedged(
             if failed.verdict.session_lost:
                 connection.report_broken(on)
             raise
+        except _RateLimited as limited:
+            # Each attempt's own: the race keeps one failure at most, none when another wins.
+            flow.limiter.gate(request.tool).report(limited.signal)
+            raise
         if sketch is not None:
             sketch.record(anyio.current_time() - started)
         return answer
@@ -555,9 +569,13 @@ async def _hedged(
                 waiting.cancel()
             try:
                 if gate.engaged and not gate.take():
-                    await gate.wait(request.priority, deadline)
+                    # A ticket of the scheduler's, which the first attempts' are: with none the
+                    # gate numbers from 0 and the hedge went ahead of every call waiting.
+                    await gate.wait(request.priority, deadline, flow.scheduler.ticket())
                 await flow.scheduler.acquire(flow.lane, request.priority, None, request.tenant, tool_lane)
-            except (RMCPOverloadedError, RMCPDeadlockError, RMCPTimeoutError) as error:
+            except RMCPError as error:
+                # Not sent, whatever the refusal (a limiter stopping says RMCPActorStoppedError):
+                # raised as it is, it would win the race and cancel the first attempt, sent.
                 raise _Failed(
                     Verdict(Attempt.NOT_SENT, False, f"no token or slot for a hedge ({error.message})")
                 ) from error
@@ -770,9 +788,11 @@ async def _send(
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
     # A deadline that fired while this call waited for its slot ends it here, before it counts
-    # as sent (the SDK would refuse to write it anyway).
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    remaining = deadline - anyio.current_time()
+    # as sent (the SDK would refuse to write it anyway); so does a cancel that came before a
+    # slot taken without waiting.
+    loop = progress.loop
+    await loop.checkpoint_if_cancelled()
+    remaining = deadline - loop.clock()
     if unsafe and remaining < _MIN_TIME_FOR_ANSWER_S:
         raise RMCPTimeoutError(
             f"only {remaining * 1000:.0f} ms of the call's timeout of {request.timeout_s:g} s were "
@@ -821,6 +841,8 @@ async def _send(
         signal = from_error(error, evidence)
         if signal is not None:
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            # Counted per attempt, here: a race raises one refusal for all its attempts.
+            progress.rate_limited += 1
             raise _RateLimited(signal) from error
         handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
         verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
@@ -839,6 +861,7 @@ async def _send(
             # Opted in: this server's error result says "too fast"; nothing ran (nothing
             # deduplicates it either, so a retry is a fresh request).
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
+            progress.rate_limited += 1
             raise _RateLimited(signal)
         progress.record(RequestState.ANSWERED)
         return result, None
@@ -847,6 +870,7 @@ async def _send(
         return result, rmcp_meta
     progress.record(RequestState.NACKED, rmcp_meta.code)
     if (signal := from_nack(rmcp_meta)) is not None:
+        progress.rate_limited += 1
         raise _RateLimited(signal, rmcp_meta)
     if rmcp_meta.retryable:
         raise _Nacked(rmcp_meta)

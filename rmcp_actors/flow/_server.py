@@ -9,6 +9,7 @@ import attrs
 
 from ..config import CallPolicy, RetryBudgetOverrides, ServerPolicy, ToolOverrides
 from ..runtime import ChildSpec, InFlight
+from ._loop import EventLoop
 from .breaker import BreakerActor, BreakerChangeCallback, Breakers, client_prober
 from .budget import RetryBudget, RetryBudgetStatistics
 from .hedge import ToolHedge
@@ -55,6 +56,8 @@ class ServerFlow:
     tool_budgets: dict[str, RetryBudget] = attrs.field(init=False, factory=dict[str, RetryBudget])
     hedging: bool = attrs.field(init=False, default=False)
     hedges: dict[str, ToolHedge] = attrs.field(init=False, factory=dict[str, ToolHedge])
+    # The running loop's clock, cancellation check and deadline scope (a call uses each).
+    loop: EventLoop = attrs.field(init=False, factory=EventLoop)
 
     def __attrs_post_init__(self) -> None:
         self.breakers = Breakers(self.name, self.policy.circuit_breaker, self.on_breaker_change)

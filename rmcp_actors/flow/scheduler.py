@@ -438,6 +438,27 @@ class Scheduler:
                 self._prune(lane)
             raise
 
+    def try_acquire(self, lane: Lane, tool_lane: Lane | None = None) -> bool:
+        """Take a slot on ``lane`` (and on ``tool_lane``) if both are free now; never waits.
+
+        The admission fast path of :meth:`acquire` without its cancellation check, for a
+        caller that checks for cancellation itself before using the slot. A call that gets
+        ``False`` has taken nothing and goes through :meth:`acquire`, where it queues.
+        """
+        if (
+            self._running < self.max_concurrency
+            and lane.running < lane.max_concurrency
+            and not lane.queued
+            and (
+                tool_lane is None or (tool_lane.running < tool_lane.max_concurrency and not tool_lane.queued)
+            )
+        ):
+            if tool_lane is not None:
+                _admit_tool(tool_lane)
+            self._admit(lane)
+            return True
+        return False
+
     def release(self, lane: Lane, tool_lane: Lane | None = None) -> None:
         """Give back the slots taken by :meth:`acquire` and hand them to the best waiters."""
         self._running -= 1
