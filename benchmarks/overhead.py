@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/overhead.py [--quick] [--json PATH] [--blocks N] [--calls N]
+    python benchmarks/overhead.py [--quick] [--json PATH] [--blocks N] [--pipeline default|full]
 
 One process, one ``trio.run``. For each transport (in memory over the JSON-RPC wire, and
 stdio) three clients are opened side by side and kept open:
@@ -25,6 +25,11 @@ Goals (from the issue): throughput ratio rmcp/raw >= 0.95 over stdio and >= 0.90
 and added median latency <= 75 µs. The latency goal is judged on the sequential rows, where a
 call's latency is its service time; with 50 callers latency is queueing-bound (Little's law:
 50 / throughput), so the throughput ratio is the figure that measures overhead there.
+
+``--pipeline full`` runs rmcp with every flow-control gate engaged (issue 8): besides the
+defaults (deadline, circuit breakers, retry budget, scheduler), a rate limiter at a rate no
+block reaches (``rate_limit = {rate = 1e6, burst = 1000}``), so every call takes a token. The
+added-latency goal is then issue 8's, 40 µs; the throughput goals stay.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 
 from rmcp_actors import RMCPSupervisor
-from rmcp_actors.config import PolicyOverrides, RMCPConfig, RuntimeSettings, ServerSpec
+from rmcp_actors.config import PolicyOverrides, RateLimitOverrides, RMCPConfig, RuntimeSettings, ServerSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import Block, Series, finite
@@ -55,6 +60,7 @@ from _noop_server import TOOL, build_server
 NOOP_SERVER = Path(__file__).resolve().with_name("_noop_server.py")
 
 Transport = Literal["memory", "stdio"]
+Pipeline = Literal["default", "full"]
 Call = Callable[[int], Awaitable[None]]
 
 CONCURRENT_CALLERS = 50
@@ -67,6 +73,14 @@ RAW_READ_TIMEOUT_S = 60.0
 
 THROUGHPUT_GOAL: dict[Transport, float] = {"memory": 0.90, "stdio": 0.95}
 ADDED_LATENCY_GOAL_US = 75.0
+# Issue 8: the full flow-control pipeline adds at most this much median latency.
+FULL_PIPELINE_LATENCY_GOAL_US = 40.0
+# A limiter engaged on every call that never makes one wait: far above any block's rate.
+FULL_RATE_LIMIT = RateLimitOverrides(rate=1e6, burst=1000)
+LATENCY_GOAL_US: dict[Pipeline, float] = {
+    "default": ADDED_LATENCY_GOAL_US,
+    "full": FULL_PIPELINE_LATENCY_GOAL_US,
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,7 @@ class Row:
 
     transport: Transport
     callers: int
+    pipeline: Pipeline = "default"
     raw: Series = field(default_factory=Series)
     raw2: Series = field(default_factory=Series)
     rmcp: Series = field(default_factory=Series)
@@ -142,13 +157,18 @@ class Row:
         return self.callers == 1
 
     @property
+    def latency_goal_us(self) -> float:
+        return LATENCY_GOAL_US[self.pipeline]
+
+    @property
     def latency_pass(self) -> bool:
-        return self.added_us <= ADDED_LATENCY_GOAL_US
+        return self.added_us <= self.latency_goal_us
 
     def summary(self) -> dict[str, Any]:
         return {
             "transport": self.transport,
             "callers": self.callers,
+            "pipeline": self.pipeline,
             "raw": self.raw.summary(),
             "raw2": self.raw2.summary(),
             "rmcp": self.rmcp.summary(),
@@ -159,7 +179,7 @@ class Row:
             "throughput_goal": self.throughput_goal,
             "throughput_pass": self.throughput_pass,
             "throughput_verdict_within_noise": self.within_noise,
-            "latency_goal_us": ADDED_LATENCY_GOAL_US if self.latency_judged else None,
+            "latency_goal_us": self.latency_goal_us if self.latency_judged else None,
             "latency_pass": self.latency_pass if self.latency_judged else None,
         }
 
@@ -190,9 +210,11 @@ def rmcp_caller(sup: RMCPSupervisor) -> Call:
 
 
 @asynccontextmanager
-async def open_clients(transport: Transport) -> AsyncIterator[dict[str, Call]]:
+async def open_clients(transport: Transport, pipeline: Pipeline) -> AsyncIterator[dict[str, Call]]:
     """Open raw, raw2 and rmcp to the no-op server over ``transport``; close them on exit."""
     overrides = PolicyOverrides(max_concurrency=MAX_CONCURRENCY)
+    if pipeline == "full":
+        overrides = PolicyOverrides(max_concurrency=MAX_CONCURRENCY, rate_limit=FULL_RATE_LIMIT)
     async with AsyncExitStack() as stack:
         raws: list[Call] = []
         for _ in range(2):
@@ -207,7 +229,17 @@ async def open_clients(transport: Transport) -> AsyncIterator[dict[str, Call]]:
             spec = ServerSpec.stdio("noop", sys.executable, [str(NOOP_SERVER)], overrides=overrides)
         config = RMCPConfig(runtime=RuntimeSettings(max_concurrency=MAX_CONCURRENCY), servers={"noop": spec})
         sup = await stack.enter_async_context(RMCPSupervisor.open(config))
+        if pipeline == "full":
+            stack.push_async_callback(_check_limiter_engaged, sup)
         yield {"raw": raws[0], "raw2": raws[1], "rmcp": rmcp_caller(sup)}
+
+
+async def _check_limiter_engaged(sup: RMCPSupervisor) -> None:
+    """Fail the run unless every rmcp call took a limiter token at once (none waited)."""
+    (limiter,) = sup.statistics().limiters
+    gate = limiter.gates[0]
+    if not gate.engaged or gate.taken == 0 or gate.waited or gate.rejected:
+        raise RuntimeError(f"the rate limiter was not engaged on every call as intended: {gate}")
 
 
 # -- blocks --------------------------------------------------------------------------------
@@ -238,16 +270,18 @@ async def run_block(call: Call, calls: int, callers: int) -> Block:
     return Block(calls=per_caller * callers, elapsed_s=elapsed, latencies_s=latencies)
 
 
-async def measure(transport: Transport, mode: Mode, progress: Callable[[str], None]) -> list[Row]:
+async def measure(
+    transport: Transport, mode: Mode, progress: Callable[[str], None], pipeline: Pipeline = "default"
+) -> list[Row]:
     rows: list[Row] = []
-    async with open_clients(transport) as clients:
+    async with open_clients(transport, pipeline) as clients:
         for name, call in clients.items():  # warm-up: tool listing, caches, code paths
             await run_block(call, mode.warmup_calls, 1)
             await run_block(call, mode.warmup_calls, min(CONCURRENT_CALLERS, mode.warmup_calls))
             progress(f"  warmed up {transport}/{name}")
         for callers in (1, CONCURRENT_CALLERS):
             calls = mode.sequential_calls[transport] if callers == 1 else mode.concurrent_calls[transport]
-            row = Row(transport, callers)
+            row = Row(transport, callers, pipeline)
             for index in range(mode.blocks):
                 for name, series in (("raw", row.raw), ("raw2", row.raw2), ("rmcp", row.rmcp)):
                     series.blocks.append(await run_block(clients[name], calls, callers))
@@ -274,7 +308,7 @@ def render(rows: list[Row]) -> str:
         if row.within_noise:
             goals += " (within noise)"
         if row.latency_judged:
-            goals += f"; added<={ADDED_LATENCY_GOAL_US:g}µs {_verdict(row.latency_pass)}"
+            goals += f"; added<={row.latency_goal_us:g}µs {_verdict(row.latency_pass)}"
         else:
             goals += "; added: n/a (queueing-bound)"
         lines.append(
@@ -293,7 +327,14 @@ def main() -> None:
     parser.add_argument(
         "--transport", choices=["memory", "stdio"], action="append", help="only these (repeatable)"
     )
+    parser.add_argument(
+        "--pipeline",
+        choices=["default", "full"],
+        default="default",
+        help="rmcp's config: the defaults, or 'full' with a rate limiter engaged (issue 8)",
+    )
     options = parser.parse_args()
+    pipeline: Pipeline = options.pipeline
     mode = QUICK if options.quick else FULL
     if options.blocks is not None:
         if options.blocks < 5:
@@ -307,7 +348,7 @@ def main() -> None:
     async def run() -> list[Row]:
         rows: list[Row] = []
         for transport in transports:
-            rows.extend(await measure(transport, mode, progress))
+            rows.extend(await measure(transport, mode, progress, pipeline))
         return rows
 
     started = time.perf_counter()
@@ -318,6 +359,11 @@ def main() -> None:
         f"rmcp_actors overhead: no-op tool, {mode.blocks} interleaved blocks per client "
         f"(raw, raw2, rmcp), medians; python {sys.version.split()[0]}, "
         f"{'quick' if options.quick else 'full'} run in {wall:.0f} s"
+        + (
+            "\nrmcp pipeline: full (defaults + rate limiter engaged: rate_limit = {rate = 1e6, burst = 1000})"
+            if pipeline == "full"
+            else ""
+        )
     )
     print(render(rows))
     print(
@@ -332,6 +378,7 @@ def main() -> None:
             "python": sys.version,
             "mode": "quick" if options.quick else "full",
             "blocks": mode.blocks,
+            "pipeline": pipeline,
             "wall_s": wall,
             "rows": [row.summary() for row in rows],
         }
