@@ -447,3 +447,25 @@ def test_a_lost_session_is_news_once() -> None:
     assert not gates.first_loss_of(3)  # another caller on the same dead transport
     assert not gates.first_loss_of(2)  # an older generation's straggler
     assert gates.first_loss_of(4)
+
+
+async def test_open_rejection_refuses_only_while_open_and_changes_nothing_else(autojump_clock: Any) -> None:
+    gates = breakers()
+    assert gates.open_rejection("tool", now()) is None  # closed
+    tool = gates.tool("tool", Policy(open_s=5))
+    fail(tool, 5)
+    refused = gates.open_rejection("tool", now())
+    assert isinstance(refused, RMCPCircuitOpenError)
+    assert (refused.tool, refused.server_wide, refused.may_have_executed) == ("tool", False, False)
+    assert gates.open_rejection("other", now()) is None  # another tool's calls pass
+    await trio.sleep(5.1)
+    # The open period is over: admit() decides (and half-opens); the early check stays out.
+    assert gates.open_rejection("tool", now()) is None
+    assert tool.state is OPEN
+    call(tool)
+    assert tool.state is HALF_OPEN
+    assert gates.open_rejection("tool", now()) is None
+    fail(gates.server, 5)
+    server_refused = gates.open_rejection("tool", now())
+    assert server_refused is not None
+    assert server_refused.server_wide

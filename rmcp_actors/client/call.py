@@ -222,6 +222,16 @@ async def perform_call(
         _stamp(error, connection.name, request, progress)
         raise
     progress.record(RequestState.QUEUED, at=started)
+    breakers = flow.breakers
+    if not breakers.server.passing or (
+        (gate := breakers.tools.get(request.tool)) is not None and not gate.passing
+    ):
+        # An open breaker refuses the call before its deadline scope is built: the fast-fail
+        # is the point of the breaker, and the scope is a third of its cost.
+        refused = breakers.open_rejection(request.tool, started)
+        if refused is not None:
+            _stamp(refused, connection.name, request, progress)
+            raise refused
     # flow: the watchdog sees the call in flight until it ends, however it ends (a dict insert
     # and delete: a context manager would cost five times as much here).
     in_flight = flow.in_flight

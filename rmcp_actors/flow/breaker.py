@@ -336,12 +336,12 @@ class Breaker:
         now = anyio.current_time()
         if self.state is BreakerState.OPEN:
             if now < self.half_open_at or self.actively_probed:
-                raise self._rejection(now)
+                raise self.rejection(now)
             # The timer is the actor's; a call arriving first need not wait for it to run.
             self._half_open(now, "the open period ended")
         if self.state is BreakerState.HALF_OPEN:
             if self.actively_probed or self._probes_in_flight >= self.policy.half_open_probes:
-                raise self._rejection(now)
+                raise self.rejection(now)
             self._probes_in_flight += 1
         return self.epoch
 
@@ -461,7 +461,8 @@ class Breaker:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _rejection(self, now: float) -> RMCPCircuitOpenError:
+    def rejection(self, now: float) -> RMCPCircuitOpenError:
+        """Count a refused call and return its error (the breaker is open or probing)."""
         self._rejected += 1
         what = "the server" if self.tool is None else "this tool"
         if self.state is BreakerState.OPEN:
@@ -712,6 +713,22 @@ class Breakers:
             server.release(server_epoch)
             raise
         return BreakerPass(server, server_epoch, tool_gate, tool_epoch)
+
+    def open_rejection(self, tool: str, now: float) -> RMCPCircuitOpenError | None:
+        """The error of a call refused by an open breaker (the server's, or ``tool``'s if it has
+        one), or ``None`` when :meth:`admit` must decide (a half-open or closed breaker).
+
+        Changes nothing but the rejection count: the call path asks before it builds the call's
+        deadline scope, so a fast-fail costs a fraction of a call.
+        """
+        for gate in (self.server, self.tools.get(tool)):
+            if (
+                gate is not None
+                and gate.state is BreakerState.OPEN
+                and (now < gate.half_open_at or gate.actively_probed)
+            ):
+                return gate.rejection(now)
+        return None
 
     def first_loss_of(self, generation: int) -> bool:
         """Whether a lost session (connection ``generation``) is news: the first of its calls.
