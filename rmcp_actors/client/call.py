@@ -957,7 +957,7 @@ def _timeout_error(connection: Connection, request: CallRequest, progress: _Prog
     where = f"after {progress.attempts} attempt(s)" if progress.attempts else "before sending"
     if progress.sent:
         error: RMCPTimeoutError = RMCPTimeoutAfterSendError(
-            f"the call's timeout of {request.timeout_s:g} s passed after {where}; the request was "
+            f"the call's timeout of {request.timeout_s:g} s passed {where}; the request was "
             "sent, so the tool may have run: check its effect, or raise timeout_s",
         )
     elif (unreachable := connection.unreachable_reason()) is not None:
