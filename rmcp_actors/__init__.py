@@ -32,10 +32,12 @@ from .config import RuntimeSettings as RuntimeSettings
 from .config import ServerPolicy as ServerPolicy
 from .config import ServerSpec as ServerSpec
 from .config import ToolOverrides as ToolOverrides
+from .config import TransactionSettings as TransactionSettings
 from .errors import Outcome as Outcome
 from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
 from .errors import RMCPCircuitOpenError as RMCPCircuitOpenError
+from .errors import RMCPCompensationError as RMCPCompensationError
 from .errors import RMCPConfigError as RMCPConfigError
 from .errors import RMCPDeadlockError as RMCPDeadlockError
 from .errors import RMCPError as RMCPError
@@ -51,6 +53,8 @@ from .errors import RMCPStoreError as RMCPStoreError
 from .errors import RMCPSupervisorError as RMCPSupervisorError
 from .errors import RMCPTimeoutAfterSendError as RMCPTimeoutAfterSendError
 from .errors import RMCPTimeoutError as RMCPTimeoutError
+from .errors import RMCPTransactionError as RMCPTransactionError
+from .errors import RMCPTransactionInDoubtError as RMCPTransactionInDoubtError
 from .errors import RMCPUnknownOwnerError as RMCPUnknownOwnerError
 from .errors import UnknownServerError as UnknownServerError
 from .errors import UnknownToolError as UnknownToolError
@@ -68,6 +72,9 @@ from .server import install as install
 from .stores import DedupStore as DedupStore
 from .stores import MemoryStore as MemoryStore
 from .stores import SQLiteStore as SQLiteStore
+from .transactions import Compensation as Compensation
+from .transactions import TransactionState as TransactionState
+from .transactions import TransactionSummary as TransactionSummary
 
 try:
     __version__ = _version("rmcp-actors")
@@ -82,6 +89,7 @@ __all__ = [
     "CallResult",
     "CircuitBreakerOverrides",
     "CircuitBreakerPolicy",
+    "Compensation",
     "ConnectionState",
     "DedupStore",
     "FastRMCP",
@@ -96,6 +104,7 @@ __all__ = [
     "RMCPActorStoppedError",
     "RMCPArgumentError",
     "RMCPCircuitOpenError",
+    "RMCPCompensationError",
     "RMCPConfig",
     "RMCPConfigError",
     "RMCPDeadlockError",
@@ -113,6 +122,8 @@ __all__ = [
     "RMCPSupervisorError",
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
+    "RMCPTransactionError",
+    "RMCPTransactionInDoubtError",
     "RMCPUnknownOwnerError",
     "RateLimitOverrides",
     "RateLimitPolicy",
@@ -125,10 +136,13 @@ __all__ = [
     "RetryPolicy",
     "RuntimeSettings",
     "SQLiteStore",
-    "StallReport",
     "ServerPolicy",
     "ServerSpec",
+    "StallReport",
     "ToolOverrides",
+    "TransactionSettings",
+    "TransactionState",
+    "TransactionSummary",
     "UnknownServerError",
     "UnknownToolError",
     "install",

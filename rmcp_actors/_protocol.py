@@ -77,6 +77,7 @@ class RequestMeta(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unkno
     attempt: int | None = None
     timeout_ms: int | None = None
     transaction_id: str | None = None
+    step: int | None = None
     correlation_id: str | None = None
     retry_count: int | None = None
     expect_ack: bool | None = None
@@ -164,6 +165,8 @@ def decode_request_meta(meta: Mapping[str, Any] | None) -> RequestMeta | None:
         raise InvalidMeta("request_id must not be empty")
     if decoded.timeout_ms is not None and decoded.timeout_ms < 0:
         raise InvalidMeta("timeout_ms must not be negative")
+    if decoded.step is not None and decoded.step < 0:
+        raise InvalidMeta("step must not be negative")
     return decoded
 
 

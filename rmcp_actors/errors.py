@@ -19,6 +19,7 @@ __all__ = [
     "RMCPActorStoppedError",
     "RMCPArgumentError",
     "RMCPCircuitOpenError",
+    "RMCPCompensationError",
     "RMCPConfigError",
     "RMCPDeadlockError",
     "RMCPError",
@@ -34,6 +35,8 @@ __all__ = [
     "RMCPSupervisorError",
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
+    "RMCPTransactionError",
+    "RMCPTransactionInDoubtError",
     "RMCPUnknownOwnerError",
     "UnknownServerError",
     "UnknownToolError",
@@ -342,3 +345,53 @@ class RMCPCircuitOpenError(RMCPError):
         self.half_open_at = half_open_at
         self.retry_after_s = retry_after_s
         self.server_wide = server_wide
+
+
+class RMCPTransactionError(RMCPError):
+    """A transaction did not commit; base of the transaction errors.
+
+    Raised when leaving ``async with sup.transaction(...)`` after the completed steps were
+    compensated (the exception that ended the block is the ``__cause__``), and by
+    ``tx.call`` when the transaction can no longer take steps.
+
+    Attributes:
+        transaction_id: The transaction's id (its journal key).
+        name: The name the transaction was started with.
+        state: Where it ended, a ``TransactionState`` value (e.g. ``"compensated"``).
+    """
+
+    def __init__(self, message: str, *, transaction_id: str, name: str, state: str, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.transaction_id = transaction_id
+        self.name = name
+        self.state = state
+
+
+class RMCPCompensationError(RMCPTransactionError):
+    """One or more compensations failed within ``compensation_timeout_s``: the transaction is
+    ``compensation_failed`` and the world may be half changed. The journal keeps every step;
+    fix the cause and run ``sup.recover()``, or undo the listed steps by hand.
+
+    Attributes:
+        failed_steps: The indices of the steps whose compensation failed.
+    """
+
+    def __init__(self, message: str, *, failed_steps: tuple[int, ...] = (), **context: Any) -> None:
+        super().__init__(message, **context)
+        self.failed_steps = failed_steps
+
+
+class RMCPTransactionInDoubtError(RMCPTransactionError):
+    """A step marked ``compensate_unknown=False`` has an unknown outcome: the transaction is
+    ``in_doubt`` and waits for ``tx.resolve(step, ran=...)`` (or ``sup.resolve``) from someone
+    who can look the effect up.
+
+    Attributes:
+        step: The index of the step in doubt.
+    """
+
+    default_may_have_executed = True
+
+    def __init__(self, message: str, *, step: int, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.step = step

@@ -97,6 +97,8 @@ class CallRequest:
     timeout_s: float
     on_lifecycle: LifecycleCallback | None = None
     tenant: str | None = None
+    transaction_id: str | None = None
+    step: int | None = None
 
 
 def _no_events() -> list[LifecycleEvent]:
@@ -825,6 +827,8 @@ async def _send(
                 idempotency_key=request.idempotency_key,
                 attempt=progress.attempts,
                 timeout_ms=int(remaining * 1000),
+                transaction_id=request.transaction_id,
+                step=request.step,
                 retry_count=progress.attempts - 1 if expect_ack else None,
                 expect_ack=True if expect_ack else None,
             )

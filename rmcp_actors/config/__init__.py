@@ -37,6 +37,7 @@ from ._policy import RetryPolicy as RetryPolicy
 from ._policy import RuntimeSettings as RuntimeSettings
 from ._policy import ServerPolicy as ServerPolicy
 from ._policy import ToolOverrides as ToolOverrides
+from ._policy import TransactionSettings as TransactionSettings
 from ._policy import WhenDisconnected as WhenDisconnected
 from ._servers import ServerSpec as ServerSpec
 from ._servers import Transport as Transport
@@ -65,6 +66,7 @@ __all__ = [
     "ServerPolicy",
     "ServerSpec",
     "ToolOverrides",
+    "TransactionSettings",
     "Transport",
     "WhenDisconnected",
     "Wire",

@@ -15,7 +15,7 @@ from ..errors import RMCPConfigError
 from ._checks import FrozenMap, instance_of, is_number, key_path, prefixed, raw_message, show
 from ._keys import resolve
 from ._load import load_tables
-from ._policy import CallPolicy, PolicyOverrides, RuntimeSettings, ServerPolicy
+from ._policy import CallPolicy, PolicyOverrides, RuntimeSettings, ServerPolicy, TransactionSettings
 from ._servers import ServerSpec, freeze
 
 __all__ = ["RMCPConfig"]
@@ -60,6 +60,7 @@ class RMCPConfig:
         servers: The servers, keyed by name (each key equals its spec's ``name``).
         tenants: Weights of the tenants sharing each server's concurrency (``[tenants]``,
             ``name = weight``, greater than 0); a tenant not listed has weight 1.
+        transactions: Settings of transactions: the journal, recovery at open.
 
     Raises:
         RMCPConfigError: A value is invalid; ``path`` names the key, e.g.
@@ -73,6 +74,9 @@ class RMCPConfig:
     )
     tenants: Mapping[str, float] = attrs.field(
         factory=lambda: FrozenMap[str, float](), converter=freeze, validator=_tenants_map
+    )
+    transactions: TransactionSettings = attrs.field(
+        default=TransactionSettings(), validator=instance_of(TransactionSettings)
     )
 
     def __attrs_post_init__(self) -> None:
@@ -119,8 +123,8 @@ class RMCPConfig:
         """Build and validate a configuration from a mapping shaped like the TOML file.
 
         Args:
-            data: Tables ``runtime``, ``defaults``, ``servers`` and ``tenants`` (all optional), with the
-                key names of the TOML format.
+            data: Tables ``runtime``, ``defaults``, ``servers``, ``tenants`` and ``transactions``
+                (all optional), with the key names of the TOML format.
 
         Returns:
             The validated configuration.
@@ -138,7 +142,13 @@ class RMCPConfig:
                 servers[name] = _spec(name, server.spec_keys, server.overrides, server.tools)
             except RMCPConfigError as exc:
                 raise prefixed(exc, key_path("servers", name)) from None
-        return cls(runtime=tables.runtime, defaults=tables.defaults, servers=servers, tenants=tables.tenants)
+        return cls(
+            runtime=tables.runtime,
+            defaults=tables.defaults,
+            servers=servers,
+            tenants=tables.tenants,
+            transactions=tables.transactions,
+        )
 
     def server_policy(self, spec: ServerSpec) -> ServerPolicy:
         """Resolve a server's policy: built-in defaults, then ``[defaults]``, then the server.

@@ -26,7 +26,14 @@ from cattrs.v import transform_error
 from ..errors import RMCPConfigError
 from ._checks import choices, is_int, is_number, join_paths, key_path, prefixed, raw_message, show
 from ._keys import Table, key_info
-from ._policy import CallPolicy, PolicyOverrides, RuntimeSettings, ServerPolicy, ToolOverrides
+from ._policy import (
+    CallPolicy,
+    PolicyOverrides,
+    RuntimeSettings,
+    ServerPolicy,
+    ToolOverrides,
+    TransactionSettings,
+)
 
 __all__ = ["SCHEMA", "LoadedServer", "LoadedTables", "Schema", "load_tables"]
 
@@ -68,6 +75,7 @@ class LoadedTables:
     defaults: Any
     servers: dict[str, LoadedServer]
     tenants: dict[str, float]
+    transactions: TransactionSettings
 
 
 # The spec keys of a server table as a file writes them (``name`` is the table's key, in-memory
@@ -99,6 +107,7 @@ def _tables(schema: Schema) -> tuple[type, type]:
             "defaults": attrs.field(type=schema.overrides, factory=schema.overrides),
             "servers": attrs.field(type=dict[str, server_table], factory=dict),
             "tenants": attrs.field(type=dict[str, float], factory=dict),
+            "transactions": attrs.field(type=TransactionSettings, factory=TransactionSettings),
         },
         frozen=True,
     )
@@ -109,7 +118,8 @@ def load_tables(data: Mapping[str, Any], schema: Schema = SCHEMA) -> LoadedTable
     """Structure a configuration mapping into ``schema``'s classes.
 
     Args:
-        data: Tables ``runtime``, ``defaults``, ``servers`` and ``tenants`` (all optional).
+        data: Tables ``runtime``, ``defaults``, ``servers``, ``tenants`` and ``transactions`` (all
+            optional).
         schema: The policy classes.
 
     Returns:
@@ -139,7 +149,11 @@ def load_tables(data: Mapping[str, Any], schema: Schema = SCHEMA) -> LoadedTable
             tools=server.tools,
         )
     return LoadedTables(
-        runtime=table.runtime, defaults=table.defaults, servers=servers, tenants=table.tenants
+        runtime=table.runtime,
+        defaults=table.defaults,
+        servers=servers,
+        tenants=table.tenants,
+        transactions=table.transactions,
     )
 
 

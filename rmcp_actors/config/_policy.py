@@ -21,7 +21,7 @@ from typing import Any, Generic, Literal, Never
 import attrs
 
 from ..errors import RMCPConfigError
-from ._checks import boolean, int_at_least, is_number, number, one_of
+from ._checks import boolean, int_at_least, is_number, number, one_of, optional, string
 from ._keys import V, policy_group, policy_key, policy_table, policy_variant
 
 __all__ = [
@@ -422,3 +422,34 @@ class RuntimeSettings:
     stall_s: float = attrs.field(default=30.0, validator=number(positive=True))
     restart_hung: bool = attrs.field(default=True, validator=boolean)
     priority_aging_s: float = attrs.field(default=5.0, validator=number(positive=True))
+
+
+JournalSync = Literal["normal", "full"]
+
+
+@attrs.frozen
+class TransactionSettings:
+    """Settings of transactions (the ``[transactions]`` table).
+
+    Attributes:
+        journal: Path of the SQLite write-ahead journal; ``None`` keeps the journal in memory,
+            so ``recover()`` only finds transactions of this process (nothing survives a crash).
+        synchronous: ``"normal"`` (a committed record survives a crash of the process; the
+            default) or ``"full"`` (it also survives a power loss: every group commit waits
+            for the disk).
+        recover_on_open: Whether ``RMCPSupervisor.open()`` recovers incomplete transactions
+            of the journal before it yields.
+        compensation_timeout_s: Seconds one compensation may take, retries included, before
+            it is reported failed (greater than 0).
+        lock_timeout_s: Seconds a transaction waits for a resource when it has no deadline of
+            its own (greater than 0).
+
+    Raises:
+        RMCPConfigError: A value is out of range; ``path`` is the field name.
+    """
+
+    journal: str | None = attrs.field(default=None, validator=optional(string))
+    synchronous: JournalSync = attrs.field(default="normal", validator=one_of("normal", "full"))
+    recover_on_open: bool = attrs.field(default=False, validator=boolean)
+    compensation_timeout_s: float = attrs.field(default=60.0, validator=number(positive=True))
+    lock_timeout_s: float = attrs.field(default=60.0, validator=number(positive=True))

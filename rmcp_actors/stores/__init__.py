@@ -12,6 +12,7 @@ from ._base import DedupStore as DedupStore
 from ._base import OwnerInfo as OwnerInfo
 from ._base import RecordState as RecordState
 from .memory import MemoryStore as MemoryStore
+from .memory_journal import MemoryJournal as MemoryJournal
 from .sqlite import SQLiteStore as SQLiteStore
 from .sqlite import SQLiteStoreStatistics as SQLiteStoreStatistics
 
@@ -19,6 +20,7 @@ __all__ = [
     "BeginOutcome",
     "DedupRecord",
     "DedupStore",
+    "MemoryJournal",
     "MemoryStore",
     "OwnerInfo",
     "RecordState",
