@@ -350,9 +350,10 @@ class RMCPCircuitOpenError(RMCPError):
 class RMCPTransactionError(RMCPError):
     """A transaction did not commit; base of the transaction errors.
 
-    Raised when leaving ``async with sup.transaction(...)`` after the completed steps were
-    compensated (the exception that ended the block is the ``__cause__``), and by
-    ``tx.call`` when the transaction can no longer take steps.
+    Raised when the transaction's own ``timeout`` aborted it (after its completed steps were
+    compensated; the timeout is the ``__cause__``), and by ``tx.call`` when the transaction
+    can no longer take steps. An exception raised by the block itself is re-raised unchanged
+    after compensation.
 
     Attributes:
         transaction_id: The transaction's id (its journal key).
