@@ -7,12 +7,14 @@ cases.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import anyio
 import pytest
 import trio
 import trio.testing
+from mcp import MCPError
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
@@ -53,7 +55,8 @@ class Ledger:
         self.failing: set[str] = set()
         #: Labels whose "undo" fails this many more times (then succeeds).
         self.undo_failures: dict[str, int] = {}
-        self.metas: list[dict[str, Any]] = []
+        #: Labels the "refused" tool refuses this many more times (then runs).
+        self.refusals: dict[str, int] = {}
 
 
 def ledger_server(ledger: Ledger, *, rmcp: bool = True) -> MCPServer:
@@ -75,6 +78,15 @@ def ledger_server(ledger: Ledger, *, rmcp: bool = True) -> MCPServer:
             raise ToolError(f"cannot undo {label}")
         ledger.entries.append(f"undo {label}")
         return f"undone {label}"
+
+    @app.tool()
+    async def refused(label: str) -> str:
+        """Refused (a JSON-RPC "invalid params": it did not run) while ``refusals`` lasts."""
+        if ledger.refusals.get(label, 0) > 0:
+            ledger.refusals[label] -= 1
+            raise MCPError(code=-32602, message=f"not now: {label}")
+        ledger.entries.append(f"do {label}")
+        return label
 
     @app.tool()
     async def slow(label: str, seconds: float) -> str:
@@ -385,6 +397,34 @@ async def test_a_failed_pivot_still_compensates(sup: RMCPSupervisor, ledger: Led
     assert tx.state is TransactionState.COMPENSATED
 
 
+async def test_past_the_pivot_a_step_that_did_not_run_is_sent_again_until_done(
+    plain: RMCPSupervisor, ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A plain server: an RMCP server would store the refusal under the key and replay it.
+    ledger.refusals["c"] = 3
+    async with plain.transaction("book") as tx:
+        await step(tx, "a")
+        await step(tx, "b", pivot=True)
+        result = await tx.call("plain", "refused", {"label": "c"})
+    assert result.text == "c"
+    assert ledger.entries == ["do a", "do b", "do c"]
+    assert tx.history().steps[2].attempts == 4
+    assert tx.state is TransactionState.COMMITTED
+
+
+async def test_before_the_pivot_a_refused_step_is_not_sent_again(sup: RMCPSupervisor, ledger: Ledger) -> None:
+    from rmcp_actors import RMCPServerError
+
+    ledger.refusals["b"] = 1
+    tx = sup.transaction("book")
+    with pytest.raises(RMCPServerError):  # noqa: PT012
+        async with tx:
+            await step(tx, "a")
+            await tx.call("ledger", "refused", {"label": "b"}, compensate=undo("b"))
+    assert ledger.entries == ["do a", "undo a"]  # b did not run: not compensated
+    assert tx.history().steps[1].ran is False
+
+
 # --- unknown outcomes -----------------------------------------------------------------------
 
 
@@ -464,6 +504,74 @@ async def test_a_callable_compensation_of_an_unknown_step_is_in_doubt(
     with pytest.raises(RMCPCompensationError) as caught:
         await plain.resolve(tx.id, 0, ran=True)
     assert caught.value.failed_steps == (0,)
+
+
+async def test_past_the_pivot_an_unknown_step_is_in_doubt(
+    plain: RMCPSupervisor, ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    tx = plain.transaction("book")
+    with pytest.raises(RMCPTransactionInDoubtError) as caught:  # noqa: PT012
+        async with tx:
+            await step(tx, "a", pivot=True)
+            await unknown_step(tx, "b")
+    assert caught.value.step == 1
+    assert ledger.entries == ["do a", "do b"]
+    # It did run, says the operator: past the pivot, the transaction commits.
+    assert await plain.resolve(tx.id, 1, ran=True) is TransactionState.COMMITTED
+    assert ledger.entries == ["do a", "do b"]
+
+
+# --- isolation ------------------------------------------------------------------------------
+
+
+class PoisonedJournal(MemoryJournal):
+    """A journal that breaks (with a bug, not an RMCPError) on the compensations of chosen
+    transactions: their actors crash."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.poisoned: set[str] = set()
+
+    async def append(self, record: JournalRecord) -> None:
+        if isinstance(record, CompensationStarted) and record.transaction_id in self.poisoned:
+            raise RuntimeError("journal bug")
+        await super().append(record)
+
+
+async def test_a_crashing_transaction_never_touches_another(ledger: Ledger) -> None:
+    from rmcp_actors import RMCPActorStoppedError
+
+    journal = PoisonedJournal()
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        outcomes: dict[str, BaseException] = {}
+
+        async def book(label: str, *, poison: bool) -> None:
+            tx = sup.transaction(label)
+            try:
+                async with tx:
+                    if poison:
+                        journal.poisoned.add(tx.id)
+                    await step(tx, label)
+                    await trio.sleep(0.01)
+                    raise Boom
+            except BaseException as error:
+                outcomes[label] = error
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(book, "bad", poison=True))
+            nursery.start_soon(partial(book, "good", poison=False))
+        assert isinstance(outcomes["bad"], RMCPActorStoppedError)
+        assert isinstance(outcomes["bad"].__cause__, RuntimeError)
+        assert isinstance(outcomes["good"], Boom)
+        assert sorted(ledger.entries) == ["do bad", "do good", "undo good"]
+        # The supervisor goes on: a new transaction commits, and recovery finishes the crashed one.
+        async with sup.transaction("next") as tx:
+            await step(tx, "next")
+        journal.poisoned.clear()
+        report = await sup.recover()
+        assert len(report.compensated) == 1
+        assert sorted(ledger.entries) == ["do bad", "do good", "do next", "undo bad", "undo good"]
 
 
 # --- recovery -------------------------------------------------------------------------------

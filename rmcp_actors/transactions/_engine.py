@@ -354,7 +354,9 @@ class Engine:
             pending = step.done is None or (step.resolved is False and step.done.outcome == "unknown")
             if step.resolved is True or not pending:
                 continue
-            done, _, _ = await self.resend(ledger, step.intent, timeout_s=timeout_s)
+            done, _, last = await self.resend(
+                ledger, step.intent, call_timeout=None, give_up_after_s=timeout_s
+            )
             if done is not None and done.outcome == "unknown":
                 await self.change_state(ledger, TransactionState.IN_DOUBT, f"step {step.index} is in doubt")
                 return Settlement(TransactionState.IN_DOUBT, in_doubt_step=step.index)
@@ -362,7 +364,7 @@ class Engine:
                 # The pivot itself did not go through: compensate instead.
                 return None
             if done is None or done.ran is False:
-                error = done.error if done is not None else f"not finished within {timeout_s:g} s"
+                error = done.error if done is not None else f"gave up after {timeout_s:g} s: {last}"
                 return Settlement(ledger.state, stuck_step=step.index, error=error)
         if not fold(ledger.records).pivot_passed:
             return None
@@ -370,59 +372,61 @@ class Engine:
         return Settlement(TransactionState.COMMITTED)
 
     async def resend(
-        self, ledger: Ledger, intent: StepIntent, *, timeout_s: float | None
+        self, ledger: Ledger, intent: StepIntent, *, call_timeout: float | None, give_up_after_s: float | None
     ) -> tuple[StepDone | None, CallResult | None, RMCPError | None]:
         """Send a step with its own key until it has an outcome, and journal the outcome.
 
-        Only a failure that says the step did not run is followed by another send: an unknown
-        outcome is final (against an RMCP server the call path already retried it under its
-        key), and so is a failure that can never pass (unknown tool, bad arguments).
+        Only a failure that says the step did not run is followed by another send, after a
+        pause: an unknown outcome is final (against an RMCP server the call path already
+        retried it under its key), and so is a failure that can never pass (unknown tool, bad
+        arguments). A send is never cut short from here (that would make its outcome unknown):
+        ``give_up_after_s`` only stops the sends that would start after it.
 
         Returns:
-            The journaled outcome (``None`` when ``timeout_s`` passed first: nothing new is
-            known, nothing is journaled), the result if it ran, and the last error.
+            The journaled outcome (``None`` when it gave up: nothing new is known, nothing is
+            journaled), the result if it ran, and the last error.
         """
+        give_up_at = anyio.current_time() + (give_up_after_s if give_up_after_s is not None else math.inf)
         attempts = 0
-        last: RMCPError | None = None
-        with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
-            failures = 0
-            while True:
-                try:
-                    result = await self.call(
-                        intent.server,
-                        intent.tool,
-                        intent.arguments,
-                        idempotency_key=intent.idempotency_key,
-                        transaction_id=intent.transaction_id,
-                        step=intent.step,
-                        timeout=None,
-                    )
-                except RMCPError as failure:
-                    last = failure
-                    attempts += attempts_of(failure)
-                    error = f"{type(failure).__name__}: {failure.message}"
-                    if failure.may_have_executed:
-                        done = self._step_done(intent, "unknown", None, attempts, error)
-                    elif isinstance(failure, _PERMANENT):
-                        done = self._step_done(intent, "failed", False, attempts, error)
-                    else:
-                        failures += 1
-                        await anyio.sleep(self._pause(failures))
-                        continue
-                    await self.write(ledger, done)
-                    return done, None, failure
-                done = StepDone(
+        failures = 0
+        while True:
+            try:
+                result = await self.call(
+                    intent.server,
+                    intent.tool,
+                    intent.arguments,
+                    idempotency_key=intent.idempotency_key,
                     transaction_id=intent.transaction_id,
                     step=intent.step,
-                    at=self.now(),
-                    outcome="failed" if result.is_error else "succeeded",
-                    ran=True,
-                    attempts=attempts + result.attempts,
-                    result=result_json(result),
+                    timeout=call_timeout,
                 )
+            except RMCPError as failure:
+                attempts += attempts_of(failure)
+                error = f"{type(failure).__name__}: {failure.message}"
+                if failure.may_have_executed:
+                    done = self._step_done(intent, "unknown", None, attempts, error)
+                elif isinstance(failure, _PERMANENT):
+                    done = self._step_done(intent, "failed", False, attempts, error)
+                else:
+                    failures += 1
+                    pause = self._pause(failures)
+                    if anyio.current_time() + pause >= give_up_at:
+                        return None, None, failure
+                    await anyio.sleep(pause)
+                    continue
                 await self.write(ledger, done)
-                return done, result, None
-        return None, None, last
+                return done, None, failure
+            done = StepDone(
+                transaction_id=intent.transaction_id,
+                step=intent.step,
+                at=self.now(),
+                outcome="failed" if result.is_error else "succeeded",
+                ran=True,
+                attempts=attempts + result.attempts,
+                result=result_json(result),
+            )
+            await self.write(ledger, done)
+            return done, result, None
 
     def _step_done(
         self, intent: StepIntent, outcome: Any, ran: bool | None, attempts: int, error: str | None

@@ -282,7 +282,7 @@ class Transaction:
         self.started_at = math.nan
         #: Its deadline on the event loop's clock (``inf`` without a timeout).
         self.deadline = math.inf
-        self._actor = _TransactionActor(f"transaction:{name}:{self._ledger.transaction_id[:8]}", inbox_size=1)
+        self._actor = _TransactionActor(f"transaction:{name}:{self._ledger.transaction_id}", inbox_size=1)
         self._child = ChildSpec(
             self._actor.name, self._actor.run, restart=Restart.TEMPORARY, shutdown_timeout_s=_ACTOR_SHUTDOWN_S
         )
@@ -424,6 +424,8 @@ class Transaction:
         engine, ledger = self._engine, self._ledger
         await engine.write(ledger, intent)
         if self._pivot_passed:
+            # A send cut short here leaves the step without an outcome: ending the transaction
+            # sends it again with its key, as recovery would.
             return await self._forward_step(intent, timeout)
         try:
             result = await engine.call(
@@ -496,20 +498,16 @@ class Transaction:
         return result
 
     async def _forward_step(self, intent: StepIntent, timeout: float | None) -> CallResult:
-        done, result, error = await self._engine.resend(self._ledger, intent, timeout_s=timeout)
+        engine = self._engine
+        done, result, error = await engine.resend(
+            self._ledger, intent, call_timeout=timeout, give_up_after_s=engine.compensation_timeout_s
+        )
         if result is not None:
             return result
-        if done is not None and done.outcome == "unknown" and error is not None:
+        assert error is not None
+        if done is not None and done.outcome == "unknown":
             raise await self._in_doubt(intent.step, error) from error
-        if error is not None:
-            raise error
-        raise RMCPTimeoutError(
-            f"step {intent.step} of transaction {self.name!r} ({self.id}) did not finish within "
-            f"{timeout:g} s; past the pivot, ending the transaction sends it again with its key",
-            server=intent.server,
-            tool=intent.tool,
-            idempotency_key=intent.idempotency_key,
-        )
+        raise error
 
     async def _in_doubt(self, step: int, cause: RMCPError) -> RMCPTransactionInDoubtError:
         await self._engine.change_state(self._ledger, TransactionState.IN_DOUBT, f"step {step} is in doubt")
