@@ -526,7 +526,7 @@ class RMCPSupervisor:
                 await tx.call("cards", "charge", {...}, compensate=Compensation("cards", "refund", {...}))
 
         Leaving the block normally commits. An exception, a cancellation or the timeout
-        compensates every step that ran (or may have ran) in reverse order, each compensation
+        compensates every step that ran (or may have run) in reverse order, each compensation
         retried with its own derived key for up to ``[transactions] compensation_timeout_s``;
         then the block's exception is re-raised unchanged (with a note naming the
         transaction), a cancellation propagates unchanged, and the timeout raises
@@ -550,13 +550,9 @@ class RMCPSupervisor:
             The transaction, to enter with ``async with``.
 
         Raises:
-            RMCPArgumentError: ``timeout`` is not a positive finite number.
-
-        On leaving the block:
-
-        Raises:
-            RMCPTransactionError: The timeout expired (its ``__cause__`` is an
-                ``RMCPTimeoutError``); ``state`` says how it ended.
+            RMCPArgumentError: ``timeout`` is not a positive finite number (at once).
+            RMCPTransactionError: On leaving the block: the timeout expired (its ``__cause__``
+                is an ``RMCPTimeoutError``); ``state`` says how it ended.
             RMCPCompensationError: A compensation failed: ``compensation_failed``, the steps
                 in ``failed_steps`` may still be in effect.
             RMCPTransactionInDoubtError: A step's outcome is unknown and it may not be
@@ -744,6 +740,8 @@ class RMCPSupervisor:
                     for server in self._servers.values()
                     if server.supervisor is not None
                 ),
+                # Last, so that the servers' subtrees keep their places.
+                self._transactions_supervisor.statistics(),
             ),
             budgets=tuple(
                 budget for server in self._servers.values() for budget in server.flow.budget_statistics()
