@@ -583,7 +583,7 @@ class RMCPSupervisor:
         states = {state} if isinstance(state, TransactionState) else set(state)
         return await self._journal.summaries(states)
 
-    async def recover(self) -> RecoveryReport:
+    async def recover(self, *, retry_failed: bool = False) -> RecoveryReport:
         """Finish the journal's incomplete transactions (those no block of this process runs).
 
         Before its pivot, a transaction is compensated (every step with a journaled intent that
@@ -593,10 +593,14 @@ class RMCPSupervisor:
         left for ``resolve``; ended ones are left alone. Idempotent: a crash during recovery
         is recovered again. It cannot run the steps a crashed program had not issued.
 
+        Args:
+            retry_failed: Also compensate the ``compensation_failed`` transactions again (once
+                the cause is fixed): only the compensations that did not succeed, same keys.
+
         Returns:
             Which transactions were committed, compensated, left in doubt, or failed.
         """
-        return await recover(self._engine)
+        return await recover(self._engine, retry_failed=retry_failed)
 
     async def resolve(self, transaction_id: str, step: int, *, ran: bool) -> TransactionState:
         """Say whether a step in doubt ran, and finish its transaction (as ``tx.resolve`` does,

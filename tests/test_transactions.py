@@ -286,6 +286,11 @@ async def test_a_failed_compensation_is_reported_and_stops_the_others(
     steps = tx.history().steps
     assert [s.compensation_outcome for s in steps] == [None, "failed", "succeeded"]
     assert "cannot undo b" in str(steps[1].compensation_error)
+    # Once the cause is gone, recovery retries the compensations that did not succeed, only.
+    assert (await sup.recover()).total == 0
+    report = await sup.recover(retry_failed=True)
+    assert report.compensated == (tx.id,), report
+    assert ledger.entries == ["do a", "do b", "do c", "undo c", "undo b", "undo a"]
 
 
 async def test_continue_past_a_failing_compensation(sup: RMCPSupervisor, ledger: Ledger) -> None:

@@ -137,6 +137,8 @@ class StepView:
     done: StepDone | None = None
     resolved: bool | None = None
     compensation_done: CompensationDone | None = None
+    #: Runs of its compensation that ended failed (each later run takes a new key).
+    failed_compensations: int = 0
 
     @property
     def index(self) -> int:
@@ -228,6 +230,7 @@ def fold(records: Iterable[JournalRecord]) -> _Fold:
                 view.resolved = record.ran
             elif isinstance(record, CompensationDone):
                 view.compensation_done = record
+                view.failed_compensations += not record.succeeded
     if begun is None:
         raise ValueError("a transaction's records start with its TransactionBegun")
     return _Fold(begun, state, [steps[index] for index in sorted(steps)])
@@ -490,7 +493,7 @@ class Engine:
                 ),
             )
             return False
-        key = compensation_key(transaction_id, step.index)
+        key = compensation_key(transaction_id, step.index, step.failed_compensations)
         await self.write(
             ledger,
             CompensationStarted(

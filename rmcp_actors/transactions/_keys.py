@@ -24,6 +24,12 @@ def step_key(transaction_id: str, step: int) -> str:
     return f"{transaction_id}:{step}"
 
 
-def compensation_key(transaction_id: str, step: int) -> str:
-    """The idempotency key of the compensation of step ``step`` of a transaction."""
-    return f"{transaction_id}:{step}:compensate"
+def compensation_key(transaction_id: str, step: int, retry: int = 0) -> str:
+    """The idempotency key of the compensation of step ``step`` of a transaction.
+
+    ``retry`` counts the earlier runs of this compensation that ended failed (journaled): an
+    RMCP server stores a failed run's result under its key and would replay it, so trying
+    again after one (``recover(retry_failed=True)``) takes the next key.
+    """
+    base = f"{transaction_id}:{step}:compensate"
+    return base if retry == 0 else f"{base}:{retry}"

@@ -61,13 +61,16 @@ class RecoveryReport:
         return len(self.committed) + len(self.compensated) + len(self.in_doubt) + len(self.failed)
 
 
-async def recover(engine: Engine) -> RecoveryReport:
+async def recover(engine: Engine, *, retry_failed: bool = False) -> RecoveryReport:
     """Settle every incomplete transaction of the journal that no block of this process runs.
 
-    Transactions are settled one after the other, oldest first.
+    Transactions are settled one after the other, oldest first. With ``retry_failed``, the
+    ``compensation_failed`` ones are compensated again too (only their compensations that did
+    not succeed, with the same keys).
     """
     outcomes: dict[str, list[str]] = {"committed": [], "compensated": [], "in_doubt": [], "failed": []}
-    for summary in await engine.journal.summaries(_INCOMPLETE):
+    states = _INCOMPLETE | {TransactionState.COMPENSATION_FAILED} if retry_failed else _INCOMPLETE
+    for summary in await engine.journal.summaries(states):
         transaction_id = summary.transaction_id
         if transaction_id in engine.live:
             continue
