@@ -5,6 +5,7 @@ The server's ledger is a file in its state directory, so the test reads what the
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,14 @@ async def test_recovery_over_stdio_compensates_an_abandoned_saga(tmp_path: Path)
         assert report.compensated == (tx_id,)
         assert (await sup.recover()).total == 0
     assert ledger(tmp_path) == ["seat", "undo seat"]
+
+
+def test_saga_example() -> None:
+    example = Path(__file__).parent.parent / "examples" / "saga.py"
+    run = subprocess.run([PYTHON, str(example)], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "the transaction is compensated" in run.stdout
+    ledger = run.stdout.split("ledger:")[1].split()
+    assert " ".join(ledger) == (
+        "seat reserved on LH123 card charged 90 EUR card refunded 90 EUR seat released (R-LH123-12A)"
+    )
