@@ -166,7 +166,12 @@ class RMCPSupervisor:
         self._on_breaker_change: BreakerChangeCallback | None = None
         self._transactions_supervisor = transactions
         self._journal = journal
-        self._engine = Engine(journal, self._step_call, config.transactions.compensation_timeout_s)
+        self._engine = Engine(
+            journal,
+            self._step_call,
+            config.transactions.compensation_timeout_s,
+            knows=self._servers.__contains__,
+        )
         # The lock manager behind tx.acquire and resources= (none: resources are only recorded).
         self._locks: LockManagerHook | None = None
 

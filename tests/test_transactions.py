@@ -690,6 +690,20 @@ async def test_recover_on_open(ledger: Ledger) -> None:
         assert summary.state is TransactionState.COMPENSATED
 
 
+async def test_recovery_waits_for_the_servers_a_transaction_needs(ledger: Ledger) -> None:
+    journal = MemoryJournal()
+    for record in [*begun("t1"), intent("t1", 0, "a"), done("t1", 0)]:
+        await journal.append(record)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        report = await sup.recover()
+        assert report.waiting == ("t1",)
+        [summary] = await sup.transactions()
+        assert summary.state is TransactionState.IN_PROGRESS  # untouched
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        assert (await sup.recover()).compensated == ("t1",)
+    assert ledger.entries == ["undo a"]
+
+
 async def test_recover_leaves_live_transactions_alone(sup: RMCPSupervisor, ledger: Ledger) -> None:
     async with sup.transaction("book") as tx:
         await step(tx, "a")

@@ -46,7 +46,17 @@ from .journal import (
     TransactionBegun,
 )
 
-__all__ = ["Engine", "Ledger", "Resolver", "Settlement", "StepCaller", "StepView", "TransactionEvent", "fold"]
+__all__ = [
+    "Engine",
+    "Ledger",
+    "Resolver",
+    "Settlement",
+    "StepCaller",
+    "StepView",
+    "TransactionEvent",
+    "TransactionView",
+    "fold",
+]
 
 _logger = logging.getLogger("rmcp_actors.transactions")
 
@@ -192,7 +202,9 @@ class StepView:
 
 
 @attrs.define(eq=False)
-class _Fold:
+class TransactionView:
+    """A transaction as its records describe it: its begin, state and steps."""
+
     begun: TransactionBegun
     state: TransactionState
     steps: list[StepView]
@@ -206,7 +218,7 @@ class _Fold:
         return any(view.pivot_passed for view in self.steps)
 
 
-def fold(records: Iterable[JournalRecord]) -> _Fold:
+def fold(records: Iterable[JournalRecord]) -> TransactionView:
     """Read a transaction's records into its state and steps.
 
     Raises:
@@ -233,7 +245,7 @@ def fold(records: Iterable[JournalRecord]) -> _Fold:
                 view.failed_compensations += not record.succeeded
     if begun is None:
         raise ValueError("a transaction's records start with its TransactionBegun")
-    return _Fold(begun, state, [steps[index] for index in sorted(steps)])
+    return TransactionView(begun, state, [steps[index] for index in sorted(steps)])
 
 
 @attrs.frozen
@@ -278,6 +290,8 @@ class Engine:
     journal: Journal
     call: StepCaller
     compensation_timeout_s: float
+    #: Whether the runtime has a server of that name (recovery waits for missing ones).
+    knows: Callable[[str], bool] = lambda server: True
     rng: random.Random = attrs.Factory(random.Random)
     #: Transactions whose block runs in this process, with how to resolve their steps:
     #: ``recover()`` leaves them to their owners.
@@ -351,7 +365,9 @@ class Engine:
         await self.change_state(ledger, TransactionState.COMPENSATED)
         return Settlement(TransactionState.COMPENSATED)
 
-    async def _forward(self, ledger: Ledger, view: _Fold, timeout_s: float | None) -> Settlement | None:
+    async def _forward(
+        self, ledger: Ledger, view: TransactionView, timeout_s: float | None
+    ) -> Settlement | None:
         """Finish the steps past a started pivot; ``None`` when the pivot did not succeed."""
         for step in view.steps:
             pending = step.done is None or (step.resolved is False and step.done.outcome == "unknown")

@@ -23,7 +23,7 @@ import logging
 import attrs
 
 from ..errors import RMCPArgumentError, RMCPError
-from ._engine import Engine, Ledger, fold
+from ._engine import Engine, Ledger, TransactionView, fold
 from ._model import TransactionState
 from .saga import resolve_ledger
 
@@ -48,17 +48,20 @@ class RecoveryReport:
         failed: Not finished: a compensation failed (``compensation_failed``), or a step past
             the pivot could not be sent (left in progress for the next ``recover()``), or the
             journal failed. Their ``history`` says why.
+        waiting: Not touched: a server one of their steps or compensations needs is not
+            added to the runtime; add it, then recover again.
     """
 
     committed: tuple[str, ...] = ()
     compensated: tuple[str, ...] = ()
     in_doubt: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
         """How many transactions recovery looked at."""
-        return len(self.committed) + len(self.compensated) + len(self.in_doubt) + len(self.failed)
+        return sum(map(len, (self.committed, self.compensated, self.in_doubt, self.failed, self.waiting)))
 
 
 async def recover(engine: Engine, *, retry_failed: bool = False) -> RecoveryReport:
@@ -68,7 +71,13 @@ async def recover(engine: Engine, *, retry_failed: bool = False) -> RecoveryRepo
     ``compensation_failed`` ones are compensated again too (only their compensations that did
     not succeed, with the same keys).
     """
-    outcomes: dict[str, list[str]] = {"committed": [], "compensated": [], "in_doubt": [], "failed": []}
+    outcomes: dict[str, list[str]] = {
+        "committed": [],
+        "compensated": [],
+        "in_doubt": [],
+        "failed": [],
+        "waiting": [],
+    }
     states = _INCOMPLETE | {TransactionState.COMPENSATION_FAILED} if retry_failed else _INCOMPLETE
     for summary in await engine.journal.summaries(states):
         transaction_id = summary.transaction_id
@@ -76,7 +85,18 @@ async def recover(engine: Engine, *, retry_failed: bool = False) -> RecoveryRepo
             continue
         try:
             records = await engine.journal.read(transaction_id)
-            begun = fold(records).begun
+            view = fold(records)
+            missing = sorted({server for server in _servers(view) if not engine.knows(server)})
+            if missing:
+                _logger.warning(
+                    "recovery of transaction %s (%s) waits for server(s) %s: add them, then recover again",
+                    transaction_id,
+                    summary.name,
+                    ", ".join(missing),
+                )
+                outcomes["waiting"].append(transaction_id)
+                continue
+            begun = view.begun
             settlement = await engine.settle(
                 Ledger.of(records),
                 parallel=begun.compensate_parallel,
@@ -100,7 +120,14 @@ async def recover(engine: Engine, *, retry_failed: bool = False) -> RecoveryRepo
         compensated=tuple(outcomes["compensated"]),
         in_doubt=tuple(outcomes["in_doubt"]),
         failed=tuple(outcomes["failed"]),
+        waiting=tuple(outcomes["waiting"]),
     )
+
+
+def _servers(view: TransactionView) -> set[str]:
+    servers = {step.intent.server for step in view.steps}
+    servers.update(step.compensation.server for step in view.steps if step.compensation is not None)
+    return servers
 
 
 async def resolve(engine: Engine, transaction_id: str, step: int, ran: bool) -> TransactionState:

@@ -243,7 +243,7 @@ class Transaction:
     """A running transaction: ``async with sup.transaction(name) as tx:``.
 
     Not constructed directly. Its steps are :meth:`call`; leaving the block commits it, an
-    exception, a cancellation or its timeout compensates it (see :func:`open_transaction`).
+    exception, a cancellation or its timeout compensates it (see ``RMCPSupervisor.transaction``).
     """
 
     def __init__(
