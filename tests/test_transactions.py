@@ -346,6 +346,27 @@ async def test_timeout_compensates_and_raises_a_transaction_error(
     assert tx.history().steps[1].outcome == "unknown"
 
 
+async def test_timeout_leaving_an_error_group_still_compensates(
+    sup: RMCPSupervisor, ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def fails_when_cancelled() -> None:
+        try:
+            await trio.sleep(60)
+        except trio.Cancelled:
+            raise Boom("cleanup failed") from None
+
+    tx = sup.transaction("book", timeout=10)
+    with pytest.raises(BaseExceptionGroup) as caught:  # noqa: PT012
+        async with tx:
+            await step(tx, "a")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fails_when_cancelled)
+                await trio.sleep(60)
+    assert caught.value.subgroup(Boom) is not None
+    assert tx.state is TransactionState.COMPENSATED
+    assert ledger.entries == ["do a", "undo a"]
+
+
 async def test_cancellation_compensates_then_propagates(
     sup: RMCPSupervisor, ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -307,9 +307,15 @@ class Transaction:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         try:
-            # The scope's __exit__ answers True without an exception too: only a swallowed one
-            # (the transaction's own deadline) counts, and it is reported as a timeout below.
-            timed_out = bool(self._scope.__exit__(exc_type, exc, traceback)) and exc is not None
+            try:
+                # It answers True without an exception too: only a swallowed one (the
+                # transaction's own deadline) counts, and it is reported as a timeout below.
+                timed_out = bool(self._scope.__exit__(exc_type, exc, traceback)) and exc is not None
+            except BaseException as remaining:
+                # The scope took its own Cancelled out of a group: the rest is the block's error.
+                self._active = False
+                await self._abort(remaining)
+                raise
             self._active = False
             if timed_out:
                 await self._end_on_timeout()
