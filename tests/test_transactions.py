@@ -732,3 +732,19 @@ async def test_recover_leaves_live_transactions_alone(sup: RMCPSupervisor, ledge
         assert report.total == 0
     assert tx.state is TransactionState.COMMITTED
     assert ledger.entries == ["do a"]
+
+
+async def test_a_cancellation_propagates_even_when_compensation_crashes(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = PoisonedJournal()
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book")
+        with trio.move_on_after(5) as scope:
+            async with tx:
+                journal.poisoned.add(tx.id)
+                await step(tx, "a")
+                await trio.sleep(60)
+        assert scope.cancelled_caught
+        assert tx.state is TransactionState.COMPENSATING  # recover() finishes it
