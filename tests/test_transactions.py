@@ -554,13 +554,14 @@ class PoisonedJournal(MemoryJournal):
     """A journal that breaks (with a bug, not an RMCPError) on the compensations of chosen
     transactions: their actors crash."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: type[Exception] = RuntimeError) -> None:
         super().__init__()
         self.poisoned: set[str] = set()
+        self.error = error
 
     async def append(self, record: JournalRecord) -> None:
         if isinstance(record, CompensationStarted) and record.transaction_id in self.poisoned:
-            raise RuntimeError("journal bug")
+            raise self.error("journal broken")
         await super().append(record)
 
 
@@ -748,3 +749,20 @@ async def test_a_cancellation_propagates_even_when_compensation_crashes(
                 await trio.sleep(60)
         assert scope.cancelled_caught
         assert tx.state is TransactionState.COMPENSATING  # recover() finishes it
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+async def test_a_journal_failure_while_compensating_reaches_the_owner(ledger: Ledger, parallel: bool) -> None:
+    from rmcp_actors import RMCPStoreError
+
+    journal = PoisonedJournal(RMCPStoreError)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book", compensate_parallel=parallel)
+        with pytest.raises(RMCPStoreError, match="journal broken"):  # noqa: PT012
+            async with tx:
+                journal.poisoned.add(tx.id)
+                await step(tx, "a")
+                await step(tx, "b")
+                raise Boom
+        assert tx.state is TransactionState.COMPENSATING
