@@ -766,3 +766,53 @@ async def test_a_journal_failure_while_compensating_reaches_the_owner(ledger: Le
                 await step(tx, "b")
                 raise Boom
         assert tx.state is TransactionState.COMPENSATING
+
+
+async def test_timeout_past_the_pivot_commits_what_was_started(
+    sup: RMCPSupervisor, ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    tx = sup.transaction("book", timeout=10)
+    with pytest.raises(RMCPTransactionError) as caught:  # noqa: PT012
+        async with tx:
+            await step(tx, "a", pivot=True)
+            await trio.sleep(60)
+            await step(tx, "never")
+    assert caught.value.state == "committed"
+    assert "past its pivot" in caught.value.message
+    assert ledger.entries == ["do a"]
+
+
+async def test_a_compensation_function_that_raises_leaves_its_step_to_undo_by_hand(
+    sup: RMCPSupervisor, ledger: Ledger
+) -> None:
+    def broken(result: CallResult) -> Compensation:
+        raise KeyError("receipt")
+
+    tx = sup.transaction("book")
+    with pytest.raises(RMCPCompensationError) as caught:  # noqa: PT012
+        async with tx:
+            await step(tx, "a")
+            await tx.call("ledger", "do", {"label": "b"}, compensate=broken)
+    assert isinstance(caught.value.__cause__, KeyError)
+    assert caught.value.failed_steps == (1,)
+    assert ledger.entries == ["do a", "do b"]  # the first failure stops the compensations
+    assert "undo it by hand" in str(tx.history().steps[1].compensation_error)
+
+
+async def test_resolve_refuses_a_step_that_is_not_in_doubt(sup: RMCPSupervisor) -> None:
+    from rmcp_actors import RMCPArgumentError
+
+    async with sup.transaction("book") as tx:
+        await step(tx, "a")
+        with pytest.raises(RMCPArgumentError, match="no unknown outcome"):
+            await tx.resolve(0, ran=False)
+    with pytest.raises(RMCPArgumentError, match="no transaction"):
+        await sup.resolve("nope", 0, ran=True)
+
+
+async def test_declared_resources_are_journaled(sup: RMCPSupervisor) -> None:
+    async with sup.transaction("book", resources=["account:1", ("account:2", True)]) as tx:
+        await tx.acquire("seat:12A")
+    assert tx.resources == (("account:1", False), ("account:2", True), ("seat:12A", False))
+    [begun_record] = [r for r in await sup._journal.read(tx.id) if isinstance(r, TransactionBegun)]  # pyright: ignore[reportPrivateUsage]
+    assert begun_record.resources == (("account:1", False), ("account:2", True))
