@@ -658,6 +658,27 @@ async def test_recover_compensates_a_transaction_abandoned_before_its_pivot(ledg
     assert ledger.entries == ["do a", "do b", "undo b", "undo a"]
 
 
+async def test_recover_finishes_a_transaction_whose_program_went_down(ledger: Ledger) -> None:
+    journal = MemoryJournal()
+    tx_id = ""
+    with pytest.raises(SystemExit):  # noqa: PT012
+        async with RMCPSupervisor.open(journal=journal) as sup:
+            await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+            async with sup.transaction("book") as tx:
+                tx_id = tx.id
+                await step(tx, "a")
+                await step(tx, "b")
+                raise SystemExit(1)  # the process is going down: nothing is compensated
+    assert ledger.entries == ["do a", "do b"]
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        [summary] = await sup.transactions(TransactionState.IN_PROGRESS)
+        assert summary.transaction_id == tx_id
+        # The server lives on (its RMCP store closed with the first runtime's connection).
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        assert (await sup.recover()).compensated == (tx_id,)
+    assert ledger.entries == ["do a", "do b", "undo b", "undo a"]
+
+
 async def test_recovery_interrupted_mid_compensation_resumes_without_repeating(ledger: Ledger) -> None:
     journal = MemoryJournal()
     tx_id = "t1"
