@@ -32,7 +32,7 @@ import attrs
 
 from ..errors import RMCPStoreClosedError, RMCPStoreError
 
-__all__ = ["Chore", "GroupCommit", "create_private", "is_busy"]
+__all__ = ["Chore", "GroupCommit", "create_private", "failure", "is_busy"]
 
 _T = TypeVar("_T")
 
@@ -315,6 +315,16 @@ def create_private(path: str) -> None:
         # An existing file keeps the mode its owner gave it.
         return
     os.close(descriptor)
+
+
+def failure(what: str, operation: str, error: Exception) -> RMCPStoreError:
+    """The ``RMCPStoreError`` for a ``sqlite3`` (or ``OSError``) ``error`` of ``what`` (``"the
+    SQLite store /path"``) in ``operation``, saying what to check."""
+    return RMCPStoreError(
+        f"{what} failed in {operation} ({type(error).__name__}: {error}); "
+        "check that the file is writable, its disk not full, and no process holds its lock for long",
+        operation=operation,
+    )
 
 
 def is_busy(error: sqlite3.Error) -> bool:

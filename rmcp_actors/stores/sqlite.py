@@ -33,7 +33,7 @@ import attrs
 
 from ..errors import RMCPConfigError, RMCPStoreError, RMCPUnknownOwnerError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
-from ._sqlite_batch import Chore, GroupCommit, is_busy
+from ._sqlite_batch import Chore, GroupCommit, failure, is_busy
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
 
@@ -352,11 +352,7 @@ class SQLiteStore:
             raise self._store_error(operation, error) from error
 
     def _store_error(self, operation: str, error: Exception) -> RMCPStoreError:
-        return RMCPStoreError(
-            f"the SQLite store {self._path} failed in {operation} ({type(error).__name__}: {error}); "
-            "check that the file is writable, its disk not full, and no process holds its lock for long",
-            operation=operation,
-        )
+        return failure(f"the SQLite store {self._path}", operation, error)
 
     def _purge_chore(self) -> Chore | None:
         """The purge a flush carries, at most once a minute, while expired records remain."""
