@@ -20,9 +20,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmcp_actors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError
+from rmcp_actors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError, TransactionSettings
 from rmcp_actors.stores import MemoryJournal, SQLiteJournal
 from rmcp_actors.transactions import Journal, TransactionState
+from rmcp_actors.transactions._journal_factory import open_journal
 from rmcp_actors.transactions.journal import (
     CompensationDone,
     CompensationSpec,
@@ -432,3 +433,19 @@ def test_sqlite_acknowledged_records_survive_sigkill(tmp_path: Path, synchronous
             await journal.aclose()
 
     assert set(acknowledged) <= trio.run(read_back)
+
+
+# The journal the [transactions] settings ask for
+
+
+async def test_settings_choose_the_journal(tmp_path: Path) -> None:
+    assert isinstance(open_journal(TransactionSettings()), MemoryJournal)
+    path = tmp_path / "configured.db"
+    journal = open_journal(TransactionSettings(journal=str(path), synchronous="full"))
+    try:
+        assert isinstance(journal, SQLiteJournal)
+        await journal.append(begun("tx", 1.0))
+    finally:
+        await journal.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT transaction_id FROM journal_transactions").fetchall() == [("tx",)]
