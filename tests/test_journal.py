@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from rmcp_actors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError, TransactionSettings
 from rmcp_actors.stores import MemoryJournal, SQLiteJournal
+from rmcp_actors.stores.journal_factory import journal_from_settings
 from rmcp_actors.transactions import Journal, TransactionState
-from rmcp_actors.transactions._journal_factory import open_journal
 from rmcp_actors.transactions.journal import (
     CompensationDone,
     CompensationSpec,
@@ -439,9 +439,9 @@ def test_sqlite_acknowledged_records_survive_sigkill(tmp_path: Path, synchronous
 
 
 async def test_settings_choose_the_journal(tmp_path: Path) -> None:
-    assert isinstance(open_journal(TransactionSettings()), MemoryJournal)
+    assert isinstance(journal_from_settings(TransactionSettings()), MemoryJournal)
     path = tmp_path / "configured.db"
-    journal = open_journal(TransactionSettings(journal=str(path), synchronous="full"))
+    journal = journal_from_settings(TransactionSettings(journal=str(path), synchronous="full"))
     try:
         assert isinstance(journal, SQLiteJournal)
         await journal.append(begun("tx", 1.0))
