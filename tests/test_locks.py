@@ -457,3 +457,22 @@ def _has_cycle(graph: dict[str, set[str]]) -> bool:
 def test_has_cycle_helper_sees_cycles() -> None:
     assert _has_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}})
     assert not _has_cycle({"a": {"b"}, "b": {"c"}})
+
+
+async def test_release_all_fails_a_request_still_waiting(autojump_clock: trio.testing.MockClock) -> None:
+    manager = LockManager()
+    a, b = owners(manager, "a", "b")
+    await manager.acquire(a, "r")
+    await manager.acquire(b, "q")
+    async with trio.open_nursery() as nursery:
+
+        async def waits() -> None:
+            with pytest.raises(RuntimeError, match="released its locks while this request waited"):
+                await manager.acquire(b, "r")
+
+        nursery.start_soon(waits)
+        await trio.testing.wait_all_tasks_blocked()
+        manager.release_all(b)
+    assert b.held == {}
+    assert manager.wait_edges() == []
+    assert a.held == {"r": "exclusive"}
