@@ -320,15 +320,15 @@ async def test_watchdog_report_shows_the_wait_for_graph(autojump_clock: trio.tes
     async with trio.open_nursery() as nursery:
         await nursery.start(watchdog.run)
         nursery.start_soon(manager.acquire, b, "account:1")
+        await trio.sleep(1)
         nursery.start_soon(functools.partial(manager.acquire, c, "account:1", shared=True))
-        await trio.sleep(10)
+        await trio.sleep(9)
         report = await watchdog.ask(CheckNow)
         assert isinstance(report, StallReport)
-        assert report.waits[0] == WaitEdge(
-            a_waiter := b.label, a.label, "resource 'account:1'", "exclusive", 10.0
-        )
+        # Oldest wait first.
+        assert report.waits[0] == WaitEdge(b.label, a.label, "resource 'account:1'", "exclusive", 10.0)
         assert {(edge.waiter, edge.holder) for edge in report.waits} == {
-            (a_waiter, a.label),
+            (b.label, a.label),
             (c.label, a.label),
             (c.label, b.label),
         }
@@ -476,3 +476,18 @@ async def test_release_all_fails_a_request_still_waiting(autojump_clock: trio.te
     assert b.held == {}
     assert manager.wait_edges() == []
     assert a.held == {"r": "exclusive"}
+
+
+async def test_the_youngest_is_the_one_that_started_last(autojump_clock: trio.testing.MockClock) -> None:
+    manager = LockManager()
+    # Made an owner first, but its transaction started later: it is the younger one.
+    late = manager.owner("late-id", "late", started_at=trio.current_time() + 5)
+    early = manager.owner("early-id", "early", started_at=trio.current_time())
+    outcomes: dict[str, object] = {}
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            # The older one closes the cycle; by the order of owners it would be the victim.
+            nursery.start_soon(hold_then_wait, manager, early, "r1", "r2", outcomes, 2.0)
+            nursery.start_soon(hold_then_wait, manager, late, "r2", "r1", outcomes)
+    assert outcomes["early"] == "committed"
+    assert isinstance(outcomes["late"], RMCPDeadlockError)

@@ -55,12 +55,13 @@ class LockOwner:
     Attributes:
         id: The transaction's id.
         name: The transaction's name.
-        started: Start order among owners of the manager (larger is younger).
+        started: When its transaction started, then the order the manager saw it in (ties
+            under a coarse clock): the largest is the youngest.
     """
 
     __slots__ = ("_held", "_waiting", "id", "name", "started")
 
-    def __init__(self, owner_id: str, name: str, started: int) -> None:
+    def __init__(self, owner_id: str, name: str, started: tuple[float, int]) -> None:
         self.id = owner_id
         self.name = name
         self.started = started
@@ -169,14 +170,18 @@ class LockManager:
     _deadlocks: int = 0
     _timeouts: int = 0
 
-    def owner(self, owner_id: str, name: str) -> LockOwner:
-        """A new owner for a transaction that starts now (younger than every earlier one).
+    def owner(self, owner_id: str, name: str, started_at: float | None = None) -> LockOwner:
+        """A new owner for a transaction.
 
         Args:
             owner_id: The transaction's id.
             name: The transaction's name.
+            started_at: When it started, on the event loop's clock (default: now); of two
+                transactions that started at the same time, the one made an owner later is
+                the younger.
         """
-        return LockOwner(owner_id, name, next(self._started))
+        at = anyio.current_time() if started_at is None else started_at
+        return LockOwner(owner_id, name, (at, next(self._started)))
 
     def watch(self, work: WorkRegistry) -> Callable[[], None]:
         """Show this manager to a watchdog: waits count as work in flight (a grant as progress),
