@@ -73,6 +73,11 @@ from .stores import DedupStore as DedupStore
 from .stores import MemoryStore as MemoryStore
 from .stores import SQLiteStore as SQLiteStore
 from .transactions import Compensation as Compensation
+from .transactions import RecoveryReport as RecoveryReport
+from .transactions import StepHistory as StepHistory
+from .transactions import Transaction as Transaction
+from .transactions import TransactionEvent as TransactionEvent
+from .transactions import TransactionHistory as TransactionHistory
 from .transactions import TransactionState as TransactionState
 from .transactions import TransactionSummary as TransactionSummary
 
@@ -129,6 +134,7 @@ __all__ = [
     "RateLimitPolicy",
     "ReconnectOverrides",
     "ReconnectPolicy",
+    "RecoveryReport",
     "RequestState",
     "RetryBudgetOverrides",
     "RetryBudgetPolicy",
@@ -139,7 +145,11 @@ __all__ = [
     "ServerPolicy",
     "ServerSpec",
     "StallReport",
+    "StepHistory",
     "ToolOverrides",
+    "Transaction",
+    "TransactionEvent",
+    "TransactionHistory",
     "TransactionSettings",
     "TransactionState",
     "TransactionSummary",

@@ -371,7 +371,7 @@ class RMCPTransactionError(RMCPError):
 class RMCPCompensationError(RMCPTransactionError):
     """One or more compensations failed within ``compensation_timeout_s``: the transaction is
     ``compensation_failed`` and the world may be half changed. The journal keeps every step;
-    fix the cause and run ``sup.recover()``, or undo the listed steps by hand.
+    fix the cause and run ``sup.recover(retry_failed=True)``, or undo the listed steps by hand.
 
     Attributes:
         failed_steps: The indices of the steps whose compensation failed.

@@ -5,6 +5,8 @@
     RMCPSupervisor.open()             root Supervisor "rmcp" (one_for_one, restarts nothing)
     ├── Supervisor "servers"          one_for_one, dynamic, restarts nothing
     │   └── Supervisor "server:<name>"  rest_for_one: the Connection, then its gates' actors
+    ├── Supervisor "transactions"     one_for_one, restarts nothing: one temporary child per
+    │                                 running transaction (see ``transactions/saga.py``)
     └── Watchdog "watchdog"           stall reports, hung servers (see ``runtime/watchdog.py``)
 
 The scheduler is shared state, not an actor (see ``flow/scheduler.py``); calls run in the
@@ -51,6 +53,12 @@ from .result import CallResult
 from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorStatistics
 from .runtime.health import ComponentRegistry, Health
 from .runtime.watchdog import StallReport, Watchdog, WorkRegistry
+from .stores.journal_factory import journal_from_settings
+from .transactions._engine import Engine, EventCallback
+from .transactions._model import TransactionState, TransactionSummary
+from .transactions.journal import Journal
+from .transactions.recovery import RecoveryReport, recover, resolve
+from .transactions.saga import LockManagerHook, Transaction
 
 __all__ = ["RMCPSupervisor", "RuntimeStatistics"]
 
@@ -60,6 +68,8 @@ __all__ = ["RMCPSupervisor", "RuntimeStatistics"]
 _CONNECTION_SHUTDOWN_S = 7.0
 # A server's subtree stops its gates' actors (quick) before its connection.
 _SERVER_SHUTDOWN_S = _CONNECTION_SHUTDOWN_S + 2.0
+# Transaction actors are stopped by their blocks; any left at shutdown are cancelled at once.
+_TRANSACTIONS_SHUTDOWN_S = 2.0
 
 
 @final
@@ -142,6 +152,8 @@ class RMCPSupervisor:
         *,
         components: ComponentRegistry,
         work: WorkRegistry,
+        transactions: Supervisor,
+        journal: Journal,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -152,6 +164,16 @@ class RMCPSupervisor:
         self._servers: dict[str, _Server] = {}
         self._random = random.Random()
         self._on_breaker_change: BreakerChangeCallback | None = None
+        self._transactions_supervisor = transactions
+        self._journal = journal
+        self._engine = Engine(
+            journal,
+            self._step_call,
+            config.transactions.compensation_timeout_s,
+            knows=self._servers.__contains__,
+        )
+        # The lock manager behind tx.acquire and resources= (none: resources are only recorded).
+        self._locks: LockManagerHook | None = None
 
     @classmethod
     @asynccontextmanager
@@ -161,6 +183,7 @@ class RMCPSupervisor:
         *,
         on_breaker_change: BreakerChangeCallback | None = None,
         on_stall: Callable[[StallReport], None] | None = None,
+        journal: Journal | None = None,
     ) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
@@ -176,6 +199,9 @@ class RMCPSupervisor:
             on_stall: Called with the watchdog's report whenever calls are in flight and none
                 completed for ``runtime.stall_s`` (the report is logged too, logger
                 ``rmcp_actors.watchdog``); it runs in the watchdog's task and must not wait.
+            journal: The transaction journal to use instead of the one ``[transactions]``
+                names; the caller keeps it (it is not closed on exit). With
+                ``recover_on_open``, its incomplete transactions are recovered before this yields.
 
         Yields:
             The running supervisor.
@@ -192,6 +218,8 @@ class RMCPSupervisor:
         # servers), and an escalation reaching them ends the runtime with RMCPSupervisorError.
         escalate = RestartIntensity(max_restarts=0, period_s=runtime.restart_period_s)
         servers = Supervisor("servers", Strategy.ONE_FOR_ONE, intensity=escalate)
+        # Transactions are temporary children: one that crashes is gone, its siblings untouched.
+        transactions = Supervisor("transactions", Strategy.ONE_FOR_ONE, intensity=escalate)
         components, work = ComponentRegistry(), WorkRegistry()
         watchdog = Watchdog(
             "watchdog",
@@ -206,6 +234,7 @@ class RMCPSupervisor:
             Strategy.ONE_FOR_ONE,
             children=[
                 ChildSpec("servers", servers.run, shutdown_timeout_s=_SERVER_SHUTDOWN_S),
+                ChildSpec("transactions", transactions.run, shutdown_timeout_s=_TRANSACTIONS_SHUTDOWN_S),
                 ChildSpec("watchdog", watchdog.run, shutdown_timeout_s=1.0),
             ],
             intensity=escalate,
@@ -219,7 +248,18 @@ class RMCPSupervisor:
         )
         components.register("scheduler", "scheduler", scheduler.statistics, judge=judge_scheduler)
         components.register("watchdog", "watchdog", watchdog.statistics, judge=judge_watchdog)
-        supervisor = cls(config, scheduler, root, servers, components=components, work=work)
+        owns_journal = journal is None
+        journal = journal if journal is not None else journal_from_settings(config.transactions)
+        supervisor = cls(
+            config,
+            scheduler,
+            root,
+            servers,
+            components=components,
+            work=work,
+            transactions=transactions,
+            journal=journal,
+        )
         supervisor._on_breaker_change = on_breaker_change
         try:
             async with anyio.create_task_group() as task_group:
@@ -227,12 +267,17 @@ class RMCPSupervisor:
                 try:
                     for spec in config.servers.values():
                         await supervisor.add_server(spec)
+                    if config.transactions.recover_on_open:
+                        await supervisor.recover()
                     yield supervisor
                 finally:
                     # Calls waiting for a token fail now, before their connections stop.
                     for entry in supervisor._servers.values():
                         entry.flow.limiter.close()
                     await root.stop()
+                    if owns_journal:
+                        with anyio.CancelScope(shield=True):
+                            await journal.aclose()
         except BaseException as error:
             # An escalation is what ended the runtime, whatever the body saw of it first (a
             # closed connection, a supervisor that stopped): that is what the caller is told.
@@ -438,19 +483,142 @@ class RMCPSupervisor:
             )
         entry = self._server(server)
         policy = entry.policies.get(tool, entry.default_policy)
-        # 128 random bits as 32 hex digits, as uuid4().hex gave, at a fifth of its cost.
-        request_id = secrets.token_hex(16)
-        request = CallRequest(
-            tool=tool,
-            arguments=dict(arguments) if arguments is not None else None,
-            request_id=request_id,
-            idempotency_key=idempotency_key if idempotency_key is not None else request_id,
-            priority=priority,
-            timeout_s=timeout if timeout is not None else policy.timeout_s,
-            on_lifecycle=on_lifecycle,
-            tenant=tenant,
-        )
+        request = _request(policy, tool, arguments, idempotency_key, priority, timeout, on_lifecycle, tenant)
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
+
+    async def _step_call(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        *,
+        idempotency_key: str,
+        transaction_id: str,
+        step: int,
+        timeout: float | None,
+    ) -> CallResult:
+        """A transaction's step or compensation: ``call`` with its key and its place in
+        ``_meta.rmcp`` (``transaction_id``, ``step``)."""
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise RMCPArgumentError(
+                f"timeout must be a positive, finite number of seconds, got {timeout!r}",
+                server=server,
+                tool=tool,
+            )
+        entry = self._server(server)
+        policy = entry.policies.get(tool, entry.default_policy)
+        request = _request(policy, tool, arguments, idempotency_key, 0, timeout, None, None)
+        request.transaction_id = transaction_id
+        request.step = step
+        return await perform_call(entry.connection, entry.flow, policy, request, self._random)
+
+    def transaction(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        resources: Iterable[str | tuple[str, bool]] = (),
+        compensate_parallel: bool = False,
+        continue_on_compensation_failure: bool = False,
+        on_event: EventCallback | None = None,
+    ) -> Transaction:
+        """Start a transaction: a saga of tool calls, undone in reverse order if it aborts.
+
+        Use it as a block::
+
+            async with sup.transaction("book") as tx:
+                await tx.call("seats", "reserve", {...}, compensate=Compensation("seats", "release", {...}))
+                await tx.call("cards", "charge", {...}, compensate=Compensation("cards", "refund", {...}))
+
+        Leaving the block normally commits. An exception, a cancellation or the timeout
+        compensates every step that ran (or may have run) in reverse order, each compensation
+        retried with its own derived key for up to ``[transactions] compensation_timeout_s``;
+        then the block's exception is re-raised unchanged (with a note naming the
+        transaction), a cancellation propagates unchanged, and the timeout raises
+        ``RMCPTransactionError``. Past a step marked ``pivot=True`` an abort finishes the steps
+        already started instead. Every state, step intent and outcome is journaled before it is
+        acted on, so ``recover()`` can finish the transaction after a crash.
+
+        Args:
+            name: What the transaction is (in its journal, history, events and errors).
+            timeout: Seconds for the whole block (its steps included).
+            resources: Resources to hold for the whole transaction, taken before the block
+                runs: names (exclusive) or ``(name, shared)`` pairs (see ``tx.acquire``).
+            compensate_parallel: Run the compensations all at once instead of in reverse order.
+            continue_on_compensation_failure: After a compensation failed, still run the
+                others (in order), instead of stopping at the first failure.
+            on_event: Called with a ``TransactionEvent`` after each journal record (state
+                changes, step intents and outcomes, compensations); it must not wait, and an
+                exception it raises is logged and ignored.
+
+        Returns:
+            The transaction, to enter with ``async with``.
+
+        Raises:
+            RMCPArgumentError: ``timeout`` is not a positive finite number (at once).
+            RMCPTransactionError: On leaving the block: the timeout expired (its ``__cause__``
+                is an ``RMCPTimeoutError``); ``state`` says how it ended.
+            RMCPCompensationError: A compensation failed: ``compensation_failed``, the steps
+                in ``failed_steps`` may still be in effect.
+            RMCPTransactionInDoubtError: A step's outcome is unknown and it may not be
+                compensated blindly: ``in_doubt`` until ``tx.resolve(step, ran=...)``.
+        """
+        return Transaction(
+            self._engine,
+            self._transactions_supervisor,
+            name,
+            timeout=timeout,
+            resources=resources,
+            compensate_parallel=compensate_parallel,
+            continue_on_compensation_failure=continue_on_compensation_failure,
+            on_event=on_event,
+            locks=self._locks,
+        )
+
+    async def transactions(
+        self, state: TransactionState | Iterable[TransactionState] | None = None
+    ) -> list[TransactionSummary]:
+        """List the journal's transactions, oldest first.
+
+        Args:
+            state: Only those in this state (or these states); all when ``None``.
+        """
+        if state is None:
+            return await self._journal.summaries()
+        states = {state} if isinstance(state, TransactionState) else set(state)
+        return await self._journal.summaries(states)
+
+    async def recover(self, *, retry_failed: bool = False) -> RecoveryReport:
+        """Finish the journal's incomplete transactions (those no block of this process runs).
+
+        Before its pivot, a transaction is compensated (every step with a journaled intent that
+        ran or may have run, in reverse order, each compensation under its derived key); past
+        its pivot, its steps without an outcome are sent again under their own keys (an RMCP
+        server replays or finishes the first run), then it commits. Transactions in doubt are
+        left for ``resolve``; ended ones are left alone. Idempotent: a crash during recovery
+        is recovered again. It cannot run the steps a crashed program had not issued.
+
+        Args:
+            retry_failed: Also compensate the ``compensation_failed`` transactions again (once
+                the cause is fixed): only the compensations that did not succeed, same keys.
+
+        Returns:
+            Which transactions were committed, compensated, left in doubt, or failed.
+        """
+        return await recover(self._engine, retry_failed=retry_failed)
+
+    async def resolve(self, transaction_id: str, step: int, *, ran: bool) -> TransactionState:
+        """Say whether a step in doubt ran, and finish its transaction (as ``tx.resolve`` does,
+        for a transaction that may have run in another process).
+
+        Returns:
+            The transaction's state afterwards.
+
+        Raises:
+            RMCPArgumentError: No such transaction, or ``step`` is not in doubt.
+            RMCPCompensationError: Finishing it, a compensation failed.
+        """
+        return await resolve(self._engine, transaction_id, step, ran)
 
     def health(self) -> Health:
         """Return a frozen snapshot of every component's health, and the runtime's.
@@ -581,6 +749,8 @@ class RMCPSupervisor:
                     for server in self._servers.values()
                     if server.supervisor is not None
                 ),
+                # Last, so that the servers' subtrees keep their places.
+                self._transactions_supervisor.statistics(),
             ),
             budgets=tuple(
                 budget for server in self._servers.values() for budget in server.flow.budget_statistics()
@@ -602,6 +772,30 @@ class RMCPSupervisor:
                 server=name,
             )
         return server
+
+
+def _request(
+    policy: CallPolicy,
+    tool: str,
+    arguments: Mapping[str, Any] | None,
+    idempotency_key: str | None,
+    priority: int,
+    timeout: float | None,
+    on_lifecycle: LifecycleCallback | None,
+    tenant: str | None,
+) -> CallRequest:
+    # 128 random bits as 32 hex digits, as uuid4().hex gave, at a fifth of its cost.
+    request_id = secrets.token_hex(16)
+    return CallRequest(
+        tool=tool,
+        arguments=dict(arguments) if arguments is not None else None,
+        request_id=request_id,
+        idempotency_key=idempotency_key if idempotency_key is not None else request_id,
+        priority=priority,
+        timeout_s=timeout if timeout is not None else policy.timeout_s,
+        on_lifecycle=on_lifecycle,
+        tenant=tenant,
+    )
 
 
 def _current_client(connection: Connection) -> Callable[[], Client | None]:

@@ -40,6 +40,15 @@ EXAMPLES: dict[str, Callable[[Any], RMCPError]] = {
     "RMCPCircuitOpenError": lambda cls: cls(
         "open", half_open_at=12.5, retry_after_s=3.0, server_wide=True, **CONTEXT
     ),
+    "RMCPTransactionError": lambda cls: cls(
+        "timed out", transaction_id="t1", name="book", state="compensated"
+    ),
+    "RMCPCompensationError": lambda cls: cls(
+        "undo failed", failed_steps=(2, 0), transaction_id="t1", name="book", state="compensation_failed"
+    ),
+    "RMCPTransactionInDoubtError": lambda cls: cls(
+        "in doubt", step=1, transaction_id="t1", name="book", state="in_doubt", **CONTEXT
+    ),
 }
 
 

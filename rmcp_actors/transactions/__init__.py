@@ -6,18 +6,32 @@ never runs twice against an RMCP server. Leaving the block commits; an exception
 cancellation or the timeout compensates the completed steps in reverse order.
 """
 
+from ._engine import TransactionEvent as TransactionEvent
 from ._model import TERMINAL_STATES as TERMINAL_STATES
 from ._model import Compensation as Compensation
 from ._model import TransactionState as TransactionState
 from ._model import TransactionSummary as TransactionSummary
 from .journal import Journal as Journal
 from .journal import JournalRecord as JournalRecord
+from .recovery import RecoveryReport as RecoveryReport
+from .saga import CompensationFunction as CompensationFunction
+from .saga import LockManagerHook as LockManagerHook
+from .saga import StepHistory as StepHistory
+from .saga import Transaction as Transaction
+from .saga import TransactionHistory as TransactionHistory
 
 __all__ = [
     "TERMINAL_STATES",
     "Compensation",
+    "CompensationFunction",
     "Journal",
     "JournalRecord",
+    "LockManagerHook",
+    "RecoveryReport",
+    "StepHistory",
+    "Transaction",
+    "TransactionEvent",
+    "TransactionHistory",
     "TransactionState",
     "TransactionSummary",
 ]

@@ -82,6 +82,9 @@ class StepIntent(msgspec.Struct, frozen=True, kw_only=True, tag="step"):
     #: The compensation when it was given as a value; one computed from the result is in
     #: ``StepDone.compensation``.
     compensation: CompensationSpec | None = None
+    #: The compensation is a function of the step's result (so a step whose outcome is
+    #: unknown cannot be compensated: it goes in doubt instead).
+    compensation_from_result: bool = False
 
 
 class StepDone(msgspec.Struct, frozen=True, kw_only=True, tag="step_done"):
