@@ -4,6 +4,7 @@ cancellation, deadlock detection in the wait-for graph, and what the watchdog sh
 from __future__ import annotations
 
 import functools
+import math
 
 import hypothesis
 import hypothesis.strategies as st
@@ -254,16 +255,16 @@ async def test_wait_without_deadline_times_out_after_lock_timeout(
     assert manager.wait_edges() == []
 
 
-async def test_wait_honours_the_callers_deadline_instead(autojump_clock: trio.testing.MockClock) -> None:
+async def test_wait_honours_the_callers_deadline_too(autojump_clock: trio.testing.MockClock) -> None:
     manager = LockManager(lock_timeout_s=5.0)
     a, b = owners(manager, "a", "b")
     await manager.acquire(a, "r")
     # A shorter deadline of the caller's ends the wait as the caller's own timeout.
-    with pytest.raises(trio.TooSlowError):
-        with trio.fail_after(2):
-            await manager.acquire(b, "r")
+    with pytest.raises(trio.TooSlowError), trio.fail_after(2):
+        await manager.acquire(b, "r")
     assert manager.statistics().waiting == 0
-    # A longer one replaces lock_timeout_s: the lock freed at 50 s is granted.
+    # With no limit of its own, the wait lasts as long as the caller lets it: the lock freed
+    # at 50 s is granted.
     async with trio.open_nursery() as nursery:
 
         async def release_later() -> None:
@@ -272,7 +273,7 @@ async def test_wait_honours_the_callers_deadline_instead(autojump_clock: trio.te
 
         nursery.start_soon(release_later)
         with trio.fail_after(100):
-            assert await manager.acquire(b, "r") == 50.0
+            assert await manager.acquire(b, "r", timeout=math.inf) == 50.0
     assert b.held == {"r": "exclusive"}
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import final
+from typing import Protocol, final
 
 import anyio
 import anyio.lowlevel
@@ -38,7 +38,7 @@ import attrs
 from ..errors import RMCPDeadlockError, RMCPTimeoutError
 from ..runtime.watchdog import InFlight, WaitEdge, WorkItem, WorkRegistry
 
-__all__ = ["LockManager", "LockManagerStatistics", "LockOwner"]
+__all__ = ["LockHolder", "LockManager", "LockManagerStatistics", "LockOwner", "TransactionLocks"]
 
 
 def _mode(exclusive: bool) -> str:
@@ -158,7 +158,7 @@ class LockManager:
     """Locks on named resources for transactions, with a wait-for graph (see the module docstring).
 
     Args:
-        lock_timeout_s: How long a request waits when neither it nor its caller has a deadline.
+        lock_timeout_s: How long a request waits unless it says otherwise.
     """
 
     lock_timeout_s: float = 60.0
@@ -216,8 +216,8 @@ class LockManager:
             owner: The transaction asking.
             resource: The resource's name (``"account:42"``).
             shared: Whether other transactions may hold it shared at the same time.
-            timeout: Seconds to wait at most; ``None`` waits within the caller's deadline, or
-                ``lock_timeout_s`` when the caller has none.
+            timeout: Seconds to wait at most (``math.inf``: no limit of its own); ``None`` means
+                ``lock_timeout_s``. The caller's cancel scopes apply as well.
 
         Returns:
             Seconds waited (0.0 when granted at once).
@@ -300,11 +300,11 @@ class LockManager:
         )
 
     async def _wait(self, request: _Request, timeout: float | None) -> float:
-        if timeout is None and anyio.current_effective_deadline() == math.inf:
+        if timeout is None:
             timeout = self.lock_timeout_s
         if not request.event.is_set():
             try:
-                with anyio.move_on_after(math.inf if timeout is None else timeout):
+                with anyio.move_on_after(timeout):
                     await request.event.wait()
             except BaseException:
                 if not request.event.is_set():
@@ -423,3 +423,57 @@ def _deadlock_message(cycle: list[tuple[LockOwner, _Request]]) -> str:
         "released at its end. Retry it after its compensation, or take resources in one order "
         "everywhere (declared with resources=, they are taken sorted)"
     )
+
+
+class LockHolder(Protocol):
+    """What :class:`TransactionLocks` needs of a transaction."""
+
+    @property
+    def id(self) -> str:
+        """Its id."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """Its name."""
+        ...
+
+    @property
+    def started_at(self) -> float:
+        """When its block was entered, on the event loop's clock."""
+        ...
+
+    @property
+    def deadline(self) -> float:
+        """Its own deadline on the event loop's clock (``math.inf`` without a timeout)."""
+        ...
+
+
+@final
+@attrs.define(eq=False)
+class TransactionLocks:
+    """The lock manager as transactions use it (``tx.acquire``, ``resources=``): each running
+    transaction is one owner, made at its first lock and forgotten when it releases them all."""
+
+    manager: LockManager
+    _owners: dict[str, LockOwner] = attrs.Factory(dict[str, LockOwner])
+
+    async def acquire(self, transaction: LockHolder, resource: str, *, shared: bool) -> None:
+        """Lock ``resource`` for ``transaction`` until it ends (see :meth:`LockManager.acquire`).
+
+        A transaction with a timeout waits within it (its block's cancel scope); one without
+        waits at most ``lock_timeout_s``.
+        """
+        owner = self._owners.get(transaction.id)
+        if owner is None:
+            owner = self._owners[transaction.id] = self.manager.owner(
+                transaction.id, transaction.name, transaction.started_at
+            )
+        timeout = math.inf if transaction.deadline < math.inf else None
+        await self.manager.acquire(owner, resource, shared=shared, timeout=timeout)
+
+    async def release_all(self, transaction: LockHolder) -> None:
+        """Release every lock of ``transaction``, which ended (committed or compensated)."""
+        owner = self._owners.pop(transaction.id, None)
+        if owner is not None:
+            self.manager.release_all(owner)
