@@ -319,8 +319,8 @@ class LockManager:
             raise RMCPTimeoutError(
                 f"{request.owner.label} waited {timeout:.3g} s for resource {request.resource.name!r} "
                 f"({_mode(request.exclusive)}) and gave up; it waits for {waited_for}. Make the "
-                "transactions that hold it shorter, give this one a longer timeout, or raise "
-                "transactions.lock_timeout_s",
+                "transactions that hold it shorter, give this transaction a timeout of its own "
+                "(it then waits within it), or raise transactions.lock_timeout_s",
                 may_have_executed=False,
             )
         return anyio.current_time() - request.queued_at
