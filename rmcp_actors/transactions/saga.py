@@ -589,7 +589,9 @@ class Transaction:
         )
         await self._engine.write(self._ledger, begun)
         self._engine.live[self.id] = self._resolve_live
-        for resource, shared in resources:
+        # In one order for every transaction (exclusive before shared of one name), so that
+        # declared resources alone never deadlock.
+        for resource, shared in sorted(resources):
             await self.acquire(resource, shared=shared)
         await self._engine.change_state(self._ledger, TransactionState.IN_PROGRESS)
         self._active = True
