@@ -837,3 +837,25 @@ async def test_declared_resources_are_journaled(sup: RMCPSupervisor) -> None:
     assert tx.resources == (("account:1", False), ("account:2", True), ("seat:12A", False))
     [begun_record] = [r for r in await sup._journal.read(tx.id) if isinstance(r, TransactionBegun)]  # pyright: ignore[reportPrivateUsage]
     assert begun_record.resources == (("account:1", False), ("account:2", True))
+
+
+async def test_past_the_pivot_a_step_that_never_goes_through_leaves_the_transaction_to_recover(
+    plain: RMCPSupervisor, ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    from rmcp_actors import RMCPServerError
+
+    ledger.refusals["c"] = 10**6
+    tx = plain.transaction("book")
+    with trio.fail_after(1000), pytest.raises(RMCPTransactionError) as caught:  # noqa: PT012
+        async with tx:
+            await step(tx, "a", pivot=True)
+            with pytest.raises(RMCPServerError):
+                await tx.call("plain", "refused", {"label": "c"})
+            raise Boom
+    assert caught.value.state == "in_progress"
+    assert "run sup.recover()" in caught.value.message
+    assert isinstance(caught.value.__cause__, Boom)
+    assert [s.transaction_id for s in await plain.transactions(TransactionState.IN_PROGRESS)] == [tx.id]
+    ledger.refusals["c"] = 0
+    assert (await plain.recover()).committed == (tx.id,)
+    assert ledger.entries == ["do a", "do c"]

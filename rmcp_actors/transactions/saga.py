@@ -375,7 +375,8 @@ class Transaction:
         returned. Before the pivot a step is sent once, through the call path (retried there
         under its policy, with its own key); past a step marked ``pivot`` the transaction only
         moves forward, and a step that failed without running is sent again (same key) until it
-        has an outcome or the transaction's deadline passes.
+        has an outcome (no new send starts after ``compensation_timeout_s``, nor past the
+        transaction's deadline).
 
         Args:
             server: The server's name.
@@ -604,7 +605,7 @@ class Transaction:
                 self._ledger,
                 parallel=self._parallel,
                 continue_on_failure=self._continue,
-                forward_timeout_s=None,
+                forward_timeout_s=self._engine.compensation_timeout_s,
             )
 
         def message(reply: ReplySlot[Settlement]) -> _Settle:
