@@ -127,16 +127,15 @@ async def test_declared_resources_are_taken_in_one_order(
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("test", rmcp_server))
         with trio.fail_after(GUARD_S):
-            async with trio.open_nursery() as nursery:
-                # While account:1 is held, a waits for it; b, declared in the opposite order,
-                # would take account:2 and then wait for account:1 behind a, which would then
-                # wait for account:2: a deadlock. Taken sorted, b waits for account:1 first,
-                # holding nothing, and the two run one after the other.
-                async with sup.transaction("holder", resources=["account:1"]):
-                    nursery.start_soon(run, sup, "a", ["account:1", "account:2"])
-                    await trio.sleep(0.1)
-                    nursery.start_soon(run, sup, "b", ["account:2", "account:1"])
-                    await trio.sleep(0.1)
+            # While account:1 is held, a waits for it; b, declared in the opposite order,
+            # would take account:2 and then wait for account:1 behind a, which would then wait
+            # for account:2: a deadlock. Taken sorted, b waits for account:1 first, holding
+            # nothing, and the two run one after the other.
+            async with trio.open_nursery() as nursery, sup.transaction("holder", resources=["account:1"]):
+                nursery.start_soon(run, sup, "a", ["account:1", "account:2"])
+                await trio.sleep(0.1)
+                nursery.start_soon(run, sup, "b", ["account:2", "account:1"])
+                await trio.sleep(0.1)
     assert committed == ["a", "b"]
     assert state.ledger == ["a:1", "a:2", "b:1", "b:2"]
 
