@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import prefork
 import pytest
 import trio
 from mcp.server.mcpserver import MCPServer
@@ -76,3 +78,17 @@ def process_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The socket of a warm fork server for the test server, the relay and test programs
+    (see prefork.py)."""
+    socket_path = str(tmp_path_factory.mktemp("prefork") / "zygote.sock")
+    process = prefork.start_zygote(socket_path)
+    try:
+        yield socket_path
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(timeout=10)

@@ -45,7 +45,8 @@ _MAX_REQUEST = 1 << 20
 
 
 def command(socket_path: str, kind: str, *args: str) -> list[str]:
-    """The argv of a shim that runs ``kind`` (``"server"`` or ``"relay"``) with ``args``."""
+    """The argv of a shim that runs ``kind`` (``"server"``, ``"relay"`` or ``"program"``)
+    with ``args``."""
     return [sys.executable, "-I", "-S", str(_THIS_FILE), "shim", socket_path, kind, *args]
 
 
@@ -63,7 +64,21 @@ def _run_relay(args: list[str]) -> int:
     return stdio_relay.main(args)
 
 
-_KINDS: dict[str, Callable[[list[str]], int]] = {"server": _run_server, "relay": _run_relay}
+def _run_program(args: list[str]) -> int:
+    """Run the Python file ``args[0]`` as ``__main__`` with ``args`` as its argv (the
+    transaction crash tests' client program: rmcp_actors is already imported)."""
+    import runpy
+
+    sys.argv = list(args)
+    runpy.run_path(args[0], run_name="__main__")
+    return 0
+
+
+_KINDS: dict[str, Callable[[list[str]], int]] = {
+    "server": _run_server,
+    "relay": _run_relay,
+    "program": _run_program,
+}
 
 
 # The shim: stdlib only, it runs with -I -S to start in milliseconds.
@@ -83,7 +98,10 @@ def _shim(socket_path: str, kind: str, args: list[str]) -> None:
         status += chunk
     what, _, number = status.decode().strip().partition(" ")
     if what == "signal":
-        signal.signal(int(number), signal.SIG_DFL)
+        if int(number) != signal.SIGKILL:
+            # SIGKILL cannot be caught, and signal.signal refuses it (EINVAL): the shim would
+            # exit 1 instead of being killed like its child.
+            signal.signal(int(number), signal.SIG_DFL)
         os.kill(os.getpid(), int(number))
     os._exit(int(number) if what == "exit" else 1)
 

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +76,6 @@ class ChaosServer:
         """The labels ``record`` appended, one per run of the tool."""
         ledger = self.state_dir / "ledger"
         return ledger.read_text().splitlines() if ledger.exists() else []
-
-
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The socket of a warm fork server for the test server and the relay (see prefork.py)."""
-    socket_path = str(tmp_path_factory.mktemp("prefork") / "zygote.sock")
-    process = prefork.start_zygote(socket_path)
-    try:
-        yield socket_path
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        process.wait(timeout=10)
 
 
 def server_command(zygote: str, *options: str) -> list[str]:

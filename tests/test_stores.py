@@ -29,6 +29,7 @@ from rmcp_actors.stores import (
     OwnerInfo,
     RecordState,
     SQLiteStore,
+    _sqlite_batch,
 )
 from rmcp_actors.stores import memory as memory_module
 from rmcp_actors.stores import sqlite as sqlite_module
@@ -660,10 +661,10 @@ def test_sqlite_busy_is_read_from_the_primary_result_code(code: int) -> None:
     """Extended codes (BUSY_SNAPSHOT = 517, ...) carry BUSY or LOCKED in their low byte."""
     error = sqlite3.OperationalError("database is locked")
     error.sqlite_errorcode = code
-    assert sqlite_module._is_busy(error)  # pyright: ignore[reportPrivateUsage]
+    assert _sqlite_batch.is_busy(error)  # pyright: ignore[reportPrivateUsage]
     other = sqlite3.OperationalError("disk I/O error")
     other.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
-    assert not sqlite_module._is_busy(other)  # pyright: ignore[reportPrivateUsage]
+    assert not _sqlite_batch.is_busy(other)  # pyright: ignore[reportPrivateUsage]
 
 
 def insert_expired(path: Path, count: int, expires_at: float) -> None:

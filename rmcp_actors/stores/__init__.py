@@ -1,4 +1,5 @@
-"""Dedup stores for the RMCP server side: the protocol, an in-memory store and a SQLite store.
+"""Dedup stores for the RMCP server side (the protocol, an in-memory store and a SQLite store),
+and the transaction journals (in memory and SQLite).
 
 The protocol lives in ``_base``, each store in its own module; everything public is
 re-exported here, and users import from ``rmcp_actors.stores`` only.
@@ -15,6 +16,8 @@ from .memory import MemoryStore as MemoryStore
 from .memory_journal import MemoryJournal as MemoryJournal
 from .sqlite import SQLiteStore as SQLiteStore
 from .sqlite import SQLiteStoreStatistics as SQLiteStoreStatistics
+from .sqlite_journal import SQLiteJournal as SQLiteJournal
+from .sqlite_journal import SQLiteJournalStatistics as SQLiteJournalStatistics
 
 __all__ = [
     "BeginOutcome",
@@ -24,6 +27,8 @@ __all__ = [
     "MemoryStore",
     "OwnerInfo",
     "RecordState",
+    "SQLiteJournal",
+    "SQLiteJournalStatistics",
     "SQLiteStore",
     "SQLiteStoreStatistics",
 ]

@@ -4,23 +4,20 @@
 from __future__ import annotations
 
 from ..config import TransactionSettings
-from ..errors import RMCPConfigError
 from ..transactions.journal import Journal
 from .memory_journal import MemoryJournal
+from .sqlite_journal import SQLiteJournal
 
 __all__ = ["journal_from_settings"]
 
 
 def journal_from_settings(settings: TransactionSettings) -> Journal:
-    """Open the journal ``settings`` names: SQLite at ``journal``, or in memory when unset.
+    """The journal ``settings`` names: a ``SQLiteJournal`` on ``journal`` with its
+    ``synchronous`` setting, or a ``MemoryJournal`` when unset.
 
-    Raises:
-        RMCPConfigError: The journal cannot be opened.
+    The SQLite file is opened on first use, in a worker thread, so this never blocks; the
+    caller closes the journal with ``aclose()``.
     """
     if settings.journal is None:
         return MemoryJournal()
-    raise RMCPConfigError(
-        "the SQLite transaction journal is not available in this build; leave [transactions] journal "
-        "unset (in memory) or pass a journal to RMCPSupervisor.open(journal=...)",
-        path="transactions.journal",
-    )
+    return SQLiteJournal(settings.journal, synchronous=settings.synchronous)

@@ -10,12 +10,8 @@ hops to a worker thread and back.
 
 Writes are group-committed. The server commits twice per tool call (``begin``, then
 ``complete``); with many calls in flight, one fsync per write would cap throughput at the
-disk's fsync rate. So a write that finds no flush running commits at once, alone; writes
-submitted while that flush runs wait in a queue, and the next flush commits the whole queue
-in one ``BEGIN IMMEDIATE ... COMMIT`` transaction, each write inside its own SAVEPOINT so
-that one failing write does not fail the others. The flusher is always one of the callers:
-it commits one batch, then hands the role to the oldest queued caller, so no caller works
-for the others for long and no background task is needed.
+disk's fsync rate. So writes submitted while a flush runs share the next one, each in its own
+SAVEPOINT; the machinery (``_sqlite_batch.GroupCommit``) is shared with the transaction journal.
 
 Several processes may open the same file: every write transaction starts with ``BEGIN
 IMMEDIATE`` (the database's write lock, waited for up to ``busy_timeout_s``), which makes
@@ -24,8 +20,6 @@ IMMEDIATE`` (the database's write lock, waited for up to ``busy_timeout_s``), wh
 
 from __future__ import annotations
 
-import copy
-import enum
 import functools
 import math
 import os
@@ -33,14 +27,13 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, cast, final
+from typing import Any, TypeVar, cast, final
 
-import anyio
-import anyio.to_thread
 import attrs
 
-from ..errors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError, RMCPUnknownOwnerError
+from ..errors import RMCPConfigError, RMCPStoreError, RMCPUnknownOwnerError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
+from ._sqlite_batch import Chore, GroupCommit, failure, is_busy
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
 
@@ -75,43 +68,18 @@ _SCHEMA = (
     )""",
 )
 
+
+def _create_schema(connection: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        connection.execute(statement)
+
+
 _SELECT_RECORD = """
     SELECT r.key, r.fingerprint, r.tool, r.state, r.owner, r.result, r.created_at, r.expires_at,
            o.pid, o.host, o.lease_expires_at, o.released
     FROM records AS r LEFT JOIN owners AS o ON o.instance_id = r.owner
     WHERE r.key = ?
 """
-
-
-class _Status(enum.Enum):
-    QUEUED = enum.auto()
-    #: Woken to flush the queue: the previous flusher handed the role on.
-    PROMOTED = enum.auto()
-    RUNNING = enum.auto()
-    DONE = enum.auto()
-
-
-@attrs.define(eq=False)
-class _Write(Generic[_T]):
-    """One queued write: the function to run in the transaction, and its answer."""
-
-    apply: Callable[[sqlite3.Connection], _T]
-    # Whether the write must be on disk when it returns (an fsync), not only in the WAL.
-    sync: bool = True
-    wake: anyio.Event = attrs.Factory(anyio.Event)
-    status: _Status = _Status.QUEUED
-    value: _T | None = None
-    error: BaseException | None = None
-
-    def settle(self, value: _T | None, error: BaseException | None) -> None:
-        self.value, self.error = value, error
-        self.status = _Status.DONE
-        self.wake.set()
-
-    def unwrap(self) -> _T:
-        if self.error is not None:
-            raise self.error
-        return cast("_T", self.value)
 
 
 @final
@@ -198,21 +166,15 @@ class SQLiteStore:
         self._clock = clock or time.time
         self._busy_timeout_s = busy_timeout_s
         self._fsync_claims = fsync_claims
-        self._synchronous: str | None = None
         self._host = socket.gethostname()
-        # Opened lazily, in a worker thread: opening may wait for another process's lock.
-        self._connection: sqlite3.Connection | None = None
-        # Set by aclose(): new calls are refused, and the connection is not (re)opened.
-        self._closing = False
-        self._connection_closed = False
-        # The connection is used by one worker thread at a time.
-        self._lock = anyio.Lock()
-        self._queue: list[_Write[Any]] = []
-        self._flushing = False
+        self._batch = GroupCommit(
+            self._path,
+            busy_timeout_s=busy_timeout_s,
+            create_schema=_create_schema,
+            closed_message="this SQLiteStore was closed: create a new store",
+            chore=self._purge_chore,
+        )
         self._next_purge_at = -math.inf
-        self._commits = 0
-        self._writes = 0
-        self._largest_batch = 0
         self._inline: sqlite3.Connection | None = None
         self._inline_claims = 0
 
@@ -224,10 +186,10 @@ class SQLiteStore:
     def statistics(self) -> SQLiteStoreStatistics:
         """Return a snapshot of the group commit counters."""
         return SQLiteStoreStatistics(
-            commits=self._commits,
-            writes=self._writes,
-            largest_batch=self._largest_batch,
-            queued=len(self._queue),
+            commits=self._batch.commits,
+            writes=self._batch.writes,
+            largest_batch=self._batch.largest_batch,
+            queued=self._batch.queued,
             inline_claims=self._inline_claims,
         )
 
@@ -338,18 +300,16 @@ class SQLiteStore:
 
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""
-        self._check_open()
         now = self._clock()
 
-        def read() -> DedupRecord | None:
-            row = self._open_connection().execute(_SELECT_RECORD, (key,)).fetchone()
+        def read(connection: sqlite3.Connection) -> DedupRecord | None:
+            row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
             return None if row is None else self._live_record(row, now)
 
-        async with self._lock:
-            try:
-                return await anyio.to_thread.run_sync(read)
-            except (sqlite3.Error, OSError) as error:
-                raise self._store_error("get", error) from error
+        try:
+            return await self._batch.read(read)
+        except (sqlite3.Error, OSError) as error:
+            raise self._store_error("get", error) from error
 
     async def purge_expired(self) -> int:
         """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
@@ -374,16 +334,7 @@ class SQLiteStore:
 
         Further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`. Closing twice is harmless.
         """
-        if self._closing:
-            return
-        self._closing = True
-        # Closing must finish even if the caller is cancelled, or the connection would leak.
-        with anyio.CancelScope(shield=True):
-            if self._flushing:
-                # Writes queued before this one are committed with it or before it.
-                await self._submit(_Write(lambda _connection: None))
-            async with self._lock:
-                await anyio.to_thread.run_sync(self._close_connection)
+        await self._batch.aclose(before_close=self._close_inline)
 
     async def _finish(self, operation: str, statement: str, parameters: tuple[object, ...]) -> None:
         def apply(connection: sqlite3.Connection) -> None:
@@ -394,104 +345,29 @@ class SQLiteStore:
     async def _write(
         self, apply: Callable[[sqlite3.Connection], _T], *, operation: str, sync: bool = True
     ) -> _T:
-        self._check_open()
         try:
-            return await self._submit(_Write(apply, sync=sync))
+            return await self._batch.write(apply, sync=sync)
         except (sqlite3.Error, OSError) as error:
-            # OSError: the file could not be created (_create_private).
+            # OSError: the file could not be created.
             raise self._store_error(operation, error) from error
 
     def _store_error(self, operation: str, error: Exception) -> RMCPStoreError:
-        return RMCPStoreError(
-            f"the SQLite store {self._path} failed in {operation} ({type(error).__name__}: {error}); "
-            "check that the file is writable, its disk not full, and no process holds its lock for long",
-            operation=operation,
-        )
+        return failure(f"the SQLite store {self._path}", operation, error)
 
-    async def _submit(self, write: _Write[_T]) -> _T:
-        self._queue.append(write)
-        if not self._flushing:
-            self._flushing = True
-            await self._flush()
-            return write.unwrap()
-        try:
-            await write.wake.wait()
-        except BaseException:
-            if write.status is _Status.PROMOTED:
-                # The queue now relies on this task: flush it even though the caller left.
-                await self._flush()
-            elif write.status is _Status.QUEUED:
-                self._queue.remove(write)
-            raise
-        if write.status is _Status.PROMOTED:
-            await self._flush()
-        return write.unwrap()
+    def _purge_chore(self) -> Chore | None:
+        """The purge a flush carries, at most once a minute, while expired records remain."""
+        now = self._clock()
+        if now < self._next_purge_at:
+            return None
+        # Until the flush tells that the backlog is gone, the next one purges too.
+        self._next_purge_at = now
 
-    async def _flush(self) -> None:
-        """Commit the whole queue in one transaction, then hand the flusher role on.
+        def committed(purged: object) -> None:
+            # A purge that failed (None) was rolled back alone: retried a minute later.
+            if cast(int, purged or 0) < _PURGE_BATCH:
+                self._next_purge_at = now + _PURGE_INTERVAL_S
 
-        Shielded: the queued writes of other tasks depend on this flush finishing.
-        """
-        with anyio.CancelScope(shield=True):
-            batch, self._queue = self._queue, []
-            for write in batch:
-                write.status = _Status.RUNNING
-            now = self._clock()
-            purge_now = now if now >= self._next_purge_at else None
-            if purge_now is not None:
-                # Until the flush tells that the backlog is gone, the next one purges too.
-                self._next_purge_at = now
-            self._commits += 1
-            self._writes += len(batch)
-            self._largest_batch = max(self._largest_batch, len(batch))
-            try:
-                async with self._lock:
-                    answers, purged = await anyio.to_thread.run_sync(self._commit_batch, batch, purge_now)
-                if purge_now is not None and purged < _PURGE_BATCH:
-                    self._next_purge_at = purge_now + _PURGE_INTERVAL_S
-            except Exception as exc:
-                for write in batch:
-                    write.settle(None, _fresh_copy(exc))
-            else:
-                for write, (value, error) in zip(batch, answers, strict=True):
-                    write.settle(value, error)
-            finally:
-                for write in batch:
-                    if write.status is not _Status.DONE:
-                        # Only a KeyboardInterrupt-like exception gets here.
-                        write.settle(None, RMCPStoreError("the commit was interrupted; retry the write"))
-                if self._queue:
-                    successor = self._queue[0]
-                    successor.status = _Status.PROMOTED
-                    successor.wake.set()
-                else:
-                    self._flushing = False
-
-    def _commit_batch(
-        self, batch: list[_Write[Any]], purge_now: float | None
-    ) -> tuple[list[tuple[object, Exception | None]], int]:
-        """Run in a worker thread: apply every write in one transaction, each in a savepoint;
-        return their answers and how many expired records the transaction deleted."""
-        connection = self._open_connection()
-        synchronous = "FULL" if any(write.sync for write in batch) else "NORMAL"
-        if synchronous != self._synchronous:
-            # Only outside a transaction; it applies to the commits that follow.
-            connection.execute(f"PRAGMA synchronous = {synchronous}")
-            self._synchronous = synchronous
-        connection.execute("BEGIN IMMEDIATE")
-        purged = 0
-        try:
-            answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
-            if purge_now is not None:
-                # An opportunistic purge that fails is rolled back alone and retried next time.
-                value, _error = _apply_in_savepoint(connection, functools.partial(self._purge, now=purge_now))
-                purged = cast(int, value or 0)
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-        return answers, purged
+        return Chore(functools.partial(self._purge, now=now), committed)
 
     def _purge(self, connection: sqlite3.Connection, now: float) -> int:
         """Delete one batch of expired records (at most ``_PURGE_BATCH``); return how many."""
@@ -513,39 +389,11 @@ class SQLiteStore:
         )
         return deleted
 
-    def _open_connection(self) -> sqlite3.Connection:
-        """Run in a worker thread: the connection, opened and the schema created on first use."""
-        if self._connection_closed:
-            raise RMCPStoreClosedError("this SQLiteStore was closed: create a new store")
-        if self._connection is not None:
-            return self._connection
-        _create_private(self._path)
-        connection = sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout_s,
-            # Autocommit mode: transactions are only the explicit BEGIN IMMEDIATE ones.
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
-            self._synchronous = "FULL"
-            connection.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                connection.execute(statement)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.close()
-            raise
-        self._connection = connection
-        return connection
-
     def _try_inline(self, apply: Callable[[sqlite3.Connection], _T]) -> tuple[_T] | None:
         """Commit ``apply`` (with ``synchronous=NORMAL``) here and now if nothing would wait:
         the main connection is idle and no other connection holds the write lock. None
         means "not done": queue it. A 1-tuple tells a None answer from that."""
-        if self._connection is None or self._flushing or self._lock.locked() or self._closing:
+        if not self._batch.idle:
             # Not open yet (the schema may not exist), or busy: the queue batches with it.
             return None
         if self._clock() >= self._next_purge_at:
@@ -555,7 +403,7 @@ class SQLiteStore:
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 return None
             raise
         try:
@@ -577,18 +425,10 @@ class SQLiteStore:
         self._inline = connection
         return connection
 
-    def _close_connection(self) -> None:
-        self._connection_closed = True
+    def _close_inline(self) -> None:
         if self._inline is not None:
             self._inline.close()
             self._inline = None
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def _check_open(self) -> None:
-        if self._closing:
-            raise RMCPStoreClosedError("this SQLiteStore was closed: create a new store")
 
     def _live_record(self, row: tuple[Any, ...], now: float) -> DedupRecord | None:
         """The record of ``row``, or None when it expired. A run whose owner is alive never
@@ -620,43 +460,6 @@ class SQLiteStore:
         )
 
 
-def _apply_in_savepoint(
-    connection: sqlite3.Connection, apply: Callable[[sqlite3.Connection], object]
-) -> tuple[object, Exception | None]:
-    """Apply one write; on error undo only its own changes and return the error."""
-    connection.execute("SAVEPOINT write")
-    try:
-        value = apply(connection)
-    except Exception as exc:
-        if not connection.in_transaction:
-            # SQLite rolled the whole transaction back (disk full, I/O error): the batch fails.
-            raise
-        connection.execute("ROLLBACK TO write")
-        connection.execute("RELEASE write")
-        return None, exc
-    connection.execute("RELEASE write")
-    return value, None
-
-
-def _create_private(path: str) -> None:
-    """Create the database file, if absent, readable and writable by its owner only: it holds
-    the tools' results. SQLite gives the -wal and -shm files the mode of the database file."""
-    if path == ":memory:":
-        return
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        # An existing file keeps the mode its owner gave it.
-        return
-    os.close(descriptor)
-
-
-def _is_busy(error: sqlite3.Error) -> bool:
-    """Whether SQLite refused because another connection holds a lock. The primary result
-    code is the low byte: extended codes (``SQLITE_BUSY_SNAPSHOT`` = 517, ...) keep it."""
-    return error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
 def _process_exists(pid: int) -> bool:
     if os.name != "posix":
         # os.kill on Windows terminates the process instead of probing it: trust the lease.
@@ -669,11 +472,3 @@ def _process_exists(pid: int) -> bool:
         # The process exists but belongs to another user.
         return True
     return True
-
-
-def _fresh_copy(exc: Exception) -> Exception:
-    """A copy of ``exc`` for one waiter: one exception object raised in several tasks would
-    collect all their tracebacks."""
-    fresh = copy.copy(exc)
-    fresh.__cause__ = exc
-    return fresh

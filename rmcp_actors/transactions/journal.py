@@ -142,8 +142,24 @@ JournalRecord = (
     | CompensationDone
 )
 
+
+class _StoredStepDone(StepDone, frozen=True, kw_only=True, tag="step_done"):
+    """``StepDone`` as decoded: msgspec cannot decode ``Raw | None``, so ``result`` is read
+    as ``Raw`` (JSON ``null`` for ``None``) and ``decode_record`` turns it back."""
+
+    result: msgspec.Raw = msgspec.Raw(b"null")  # pyright: ignore[reportIncompatibleVariableOverride]
+
+
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(JournalRecord)
+_decoder = msgspec.json.Decoder(
+    TransactionBegun
+    | StateChanged
+    | StepIntent
+    | _StoredStepDone
+    | StepResolved
+    | CompensationStarted
+    | CompensationDone
+)
 
 
 def encode_record(record: JournalRecord) -> bytes:
@@ -157,7 +173,13 @@ def decode_record(data: bytes | str) -> JournalRecord:
     Raises:
         msgspec.DecodeError: ``data`` is not a journal record.
     """
-    return _decoder.decode(data)
+    record = _decoder.decode(data)
+    if isinstance(record, _StoredStepDone):
+        fields = msgspec.structs.asdict(record)
+        if bytes(record.result) == b"null":
+            fields["result"] = None
+        return StepDone(**fields)
+    return record
 
 
 @runtime_checkable

@@ -1,0 +1,341 @@
+# pyright: strict
+"""Group commit over one SQLite connection: the machinery the dedup store and the journal share.
+
+Every sqlite call that may wait runs in a worker thread (``anyio.to_thread``), one at a time
+on the main connection, so the event loop never blocks on the disk or on another process's
+lock; it works under trio and asyncio alike.
+
+Writes are group-committed: with many writes in flight, one fsync per write would cap
+throughput at the disk's fsync rate. So a write that finds no flush running commits at once,
+alone; writes submitted while that flush runs wait in a queue, and the next flush commits the
+whole queue in one ``BEGIN IMMEDIATE ... COMMIT`` transaction, each write inside its own
+SAVEPOINT so that one failing write does not fail the others. The flusher is always one of the
+callers: it commits one batch, then hands the role to the oldest queued caller, so no caller
+works for the others for long and no background task is needed.
+
+Several processes may open the same file: every write transaction starts with ``BEGIN
+IMMEDIATE`` (the database's write lock, waited for up to ``busy_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import os
+import sqlite3
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast, final
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from ..errors import RMCPStoreClosedError, RMCPStoreError
+
+__all__ = ["Chore", "GroupCommit", "create_private", "failure", "is_busy"]
+
+_T = TypeVar("_T")
+
+
+class _Status(enum.Enum):
+    QUEUED = enum.auto()
+    #: Woken to flush the queue: the previous flusher handed the role on.
+    PROMOTED = enum.auto()
+    RUNNING = enum.auto()
+    DONE = enum.auto()
+
+
+@attrs.define(eq=False)
+class _Write(Generic[_T]):
+    """One queued write: the function to run in the transaction, and its answer."""
+
+    apply: Callable[[sqlite3.Connection], _T]
+    # Whether the write must be on disk when it returns (an fsync), not only in the WAL.
+    sync: bool = True
+    wake: anyio.Event = attrs.Factory(anyio.Event)
+    status: _Status = _Status.QUEUED
+    value: _T | None = None
+    error: BaseException | None = None
+
+    def settle(self, value: _T | None, error: BaseException | None) -> None:
+        self.value, self.error = value, error
+        self.status = _Status.DONE
+        self.wake.set()
+
+    def unwrap(self) -> _T:
+        if self.error is not None:
+            raise self.error
+        return cast("_T", self.value)
+
+
+@attrs.frozen
+class Chore:
+    """Extra work a flush does at the end of its transaction, in its own savepoint (the dedup
+    store's opportunistic purge): a chore that fails is rolled back alone.
+
+    Attributes:
+        apply: The work, run in the worker thread.
+        committed: Called on the event loop with ``apply``'s value (None when it failed) once
+            the transaction committed.
+    """
+
+    apply: Callable[[sqlite3.Connection], object]
+    committed: Callable[[object], None]
+
+
+@final
+class GroupCommit:
+    """One SQLite file's main connection and its group-commit queue.
+
+    Raises the ``sqlite3`` (or ``OSError``, when the file cannot be created) errors as they
+    are: its owner maps them to :class:`~rmcp_actors.RMCPStoreError` naming the operation.
+
+    Args:
+        path: The database file; created if absent, readable by its owner only.
+        busy_timeout_s: How long a transaction waits for another process's write lock.
+        create_schema: Run in the first write transaction of the connection (``IF NOT
+            EXISTS`` throughout: several processes may create the schema of a fresh file).
+        closed_message: The message of the ``RMCPStoreClosedError`` raised after ``aclose``.
+        chore: Asked at the start of each flush for extra work to do in its transaction.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout_s: float,
+        create_schema: Callable[[sqlite3.Connection], None],
+        closed_message: str,
+        chore: Callable[[], Chore | None] | None = None,
+    ) -> None:
+        self._path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._create_schema = create_schema
+        self._closed_message = closed_message
+        self._chore = chore
+        # Opened lazily, in a worker thread: opening may wait for another process's lock.
+        self._connection: sqlite3.Connection | None = None
+        self._synchronous: str | None = None
+        # Set by aclose(): new calls are refused, and the connection is not (re)opened.
+        self._closing = False
+        self._connection_closed = False
+        # The connection is used by one worker thread at a time.
+        self._lock = anyio.Lock()
+        self._queue: list[_Write[Any]] = []
+        self._flushing = False
+        self.commits = 0
+        self.writes = 0
+        self.largest_batch = 0
+
+    @property
+    def queued(self) -> int:
+        """Writes waiting for the next flush."""
+        return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Open, not closing, and neither flushing nor reading right now."""
+        return not (self._connection is None or self._flushing or self._lock.locked() or self._closing)
+
+    def check_open(self) -> None:
+        """Raise ``RMCPStoreClosedError`` once ``aclose`` was called."""
+        if self._closing:
+            raise RMCPStoreClosedError(self._closed_message)
+
+    async def write(self, apply: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
+        """Run ``apply`` in the next group commit; return its value or raise its error.
+
+        ``sync``: whether the commit must reach the disk (``synchronous=FULL``) before this
+        returns, rather than the WAL only (``NORMAL``: survives a crash of the process).
+        """
+        self.check_open()
+        return await self._submit(_Write(apply, sync=sync))
+
+    async def read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``query`` on the connection in a worker thread, outside any write."""
+        self.check_open()
+        async with self._lock:
+            return await anyio.to_thread.run_sync(lambda: query(self._open_connection()))
+
+    async def aclose(self, *, before_close: Callable[[], None] | None = None) -> None:
+        """Commit the writes already queued, then close the connection (``before_close`` runs
+        first, in the same worker thread). Closing twice is harmless."""
+        if self._closing:
+            return
+        self._closing = True
+        # Closing must finish even if the caller is cancelled, or the connection would leak.
+        with anyio.CancelScope(shield=True):
+            if self._flushing:
+                # Writes queued before this one are committed with it or before it.
+                await self._submit(_Write(lambda _connection: None))
+            async with self._lock:
+                await anyio.to_thread.run_sync(self._close_connection, before_close)
+
+    async def _submit(self, write: _Write[_T]) -> _T:
+        self._queue.append(write)
+        if not self._flushing:
+            self._flushing = True
+            await self._flush()
+            return write.unwrap()
+        try:
+            await write.wake.wait()
+        except BaseException:
+            if write.status is _Status.PROMOTED:
+                # The queue now relies on this task: flush it even though the caller left.
+                await self._flush()
+            elif write.status is _Status.QUEUED:
+                self._queue.remove(write)
+            raise
+        if write.status is _Status.PROMOTED:
+            await self._flush()
+        return write.unwrap()
+
+    async def _flush(self) -> None:
+        """Commit the whole queue in one transaction, then hand the flusher role on.
+
+        Shielded: the queued writes of other tasks depend on this flush finishing.
+        """
+        with anyio.CancelScope(shield=True):
+            batch, self._queue = self._queue, []
+            for write in batch:
+                write.status = _Status.RUNNING
+            chore = None if self._chore is None else self._chore()
+            self.commits += 1
+            self.writes += len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
+            try:
+                async with self._lock:
+                    answers, chore_value = await anyio.to_thread.run_sync(self._commit_batch, batch, chore)
+                if chore is not None:
+                    chore.committed(chore_value)
+            except Exception as exc:
+                for write in batch:
+                    write.settle(None, _fresh_copy(exc))
+            else:
+                for write, (value, error) in zip(batch, answers, strict=True):
+                    write.settle(value, error)
+            finally:
+                for write in batch:
+                    if write.status is not _Status.DONE:
+                        # Only a KeyboardInterrupt-like exception gets here.
+                        write.settle(None, RMCPStoreError("the commit was interrupted; retry the write"))
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.status = _Status.PROMOTED
+                    successor.wake.set()
+                else:
+                    self._flushing = False
+
+    def _commit_batch(
+        self, batch: list[_Write[Any]], chore: Chore | None
+    ) -> tuple[list[tuple[object, Exception | None]], object]:
+        """Run in a worker thread: apply every write in one transaction, each in a savepoint;
+        return their answers and the chore's value."""
+        connection = self._open_connection()
+        synchronous = "FULL" if any(write.sync for write in batch) else "NORMAL"
+        if synchronous != self._synchronous:
+            # Only outside a transaction; it applies to the commits that follow.
+            connection.execute(f"PRAGMA synchronous = {synchronous}")
+            self._synchronous = synchronous
+        connection.execute("BEGIN IMMEDIATE")
+        chore_value: object = None
+        try:
+            answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
+            if chore is not None:
+                chore_value, _error = _apply_in_savepoint(connection, chore.apply)
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return answers, chore_value
+
+    def _open_connection(self) -> sqlite3.Connection:
+        """Run in a worker thread: the connection, opened and the schema created on first use."""
+        if self._connection_closed:
+            raise RMCPStoreClosedError(self._closed_message)
+        if self._connection is not None:
+            return self._connection
+        create_private(self._path)
+        connection = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout_s,
+            # Autocommit mode: transactions are only the explicit BEGIN IMMEDIATE ones.
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+            self._synchronous = "FULL"
+            connection.execute("BEGIN IMMEDIATE")
+            self._create_schema(connection)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
+
+    def _close_connection(self, before_close: Callable[[], None] | None) -> None:
+        self._connection_closed = True
+        if before_close is not None:
+            before_close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def _apply_in_savepoint(
+    connection: sqlite3.Connection, apply: Callable[[sqlite3.Connection], object]
+) -> tuple[object, Exception | None]:
+    """Apply one write; on error undo only its own changes and return the error."""
+    connection.execute("SAVEPOINT write")
+    try:
+        value = apply(connection)
+    except Exception as exc:
+        if not connection.in_transaction:
+            # SQLite rolled the whole transaction back (disk full, I/O error): the batch fails.
+            raise
+        connection.execute("ROLLBACK TO write")
+        connection.execute("RELEASE write")
+        return None, exc
+    connection.execute("RELEASE write")
+    return value, None
+
+
+def create_private(path: str) -> None:
+    """Create the database file, if absent, readable and writable by its owner only: it holds
+    the tools' results. SQLite gives the -wal and -shm files the mode of the database file."""
+    if path == ":memory:":
+        return
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # An existing file keeps the mode its owner gave it.
+        return
+    os.close(descriptor)
+
+
+def failure(what: str, operation: str, error: Exception) -> RMCPStoreError:
+    """The ``RMCPStoreError`` for a ``sqlite3`` (or ``OSError``) ``error`` of ``what`` (``"the
+    SQLite store /path"``) in ``operation``, saying what to check."""
+    return RMCPStoreError(
+        f"{what} failed in {operation} ({type(error).__name__}: {error}); "
+        "check that the file is writable, its disk not full, and no process holds its lock for long",
+        operation=operation,
+    )
+
+
+def is_busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite refused because another connection holds a lock. The primary result
+    code is the low byte: extended codes (``SQLITE_BUSY_SNAPSHOT`` = 517, ...) keep it."""
+    return error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _fresh_copy(exc: Exception) -> Exception:
+    """A copy of ``exc`` for one waiter: one exception object raised in several tasks would
+    collect all their tracebacks."""
+    fresh = copy.copy(exc)
+    fresh.__cause__ = exc
+    return fresh
