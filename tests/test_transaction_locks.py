@@ -127,16 +127,15 @@ async def test_declared_resources_are_taken_in_one_order(
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("test", rmcp_server))
         with trio.fail_after(GUARD_S):
-            async with trio.open_nursery() as nursery:
-                # While account:1 is held, a waits for it; b, declared in the opposite order,
-                # would take account:2 and then wait for account:1 behind a, which would then
-                # wait for account:2: a deadlock. Taken sorted, b waits for account:1 first,
-                # holding nothing, and the two run one after the other.
-                async with sup.transaction("holder", resources=["account:1"]):
-                    nursery.start_soon(run, sup, "a", ["account:1", "account:2"])
-                    await trio.sleep(0.1)
-                    nursery.start_soon(run, sup, "b", ["account:2", "account:1"])
-                    await trio.sleep(0.1)
+            # While account:1 is held, a waits for it; b, declared in the opposite order,
+            # would take account:2 and then wait for account:1 behind a, which would then wait
+            # for account:2: a deadlock. Taken sorted, b waits for account:1 first, holding
+            # nothing, and the two run one after the other.
+            async with trio.open_nursery() as nursery, sup.transaction("holder", resources=["account:1"]):
+                nursery.start_soon(run, sup, "a", ["account:1", "account:2"])
+                await trio.sleep(0.1)
+                nursery.start_soon(run, sup, "b", ["account:2", "account:1"])
+                await trio.sleep(0.1)
     assert committed == ["a", "b"]
     assert state.ledger == ["a:1", "a:2", "b:1", "b:2"]
 
@@ -288,3 +287,34 @@ async def test_stall_report_shows_which_transaction_waits_for_which(
     assert "waits for transaction 'slow' (" in edges[0]
     assert "on resource 'account:7' (shared)" in edges[0]
     assert "waits for (who waits for whom):" in reports[0].describe()
+
+
+async def test_deadlock_while_taking_declared_resources_fails_the_block_before_it_runs(
+    rmcp_server: MCPServer, state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    ran: list[str] = []
+    outcomes: dict[str, object] = {}
+
+    async def declared(sup: RMCPSupervisor) -> None:
+        tx = sup.transaction("declared", resources=["r1", "r2"])
+        try:
+            async with tx:
+                ran.append("declared")
+        except RMCPDeadlockError as error:
+            outcomes["declared"] = (error, tx.state)
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", rmcp_server))
+        with trio.fail_after(GUARD_S):
+            async with trio.open_nursery() as nursery:
+                # The older one holds r2 and later wants r1, which the younger took first.
+                nursery.start_soon(transfer, sup, "older", "r2", "r1", outcomes)
+                await trio.sleep(0.1)
+                nursery.start_soon(declared, sup)
+    assert outcomes["older"] is TransactionState.COMMITTED
+    error, declared_state = outcomes["declared"]  # type: ignore[misc]
+    assert isinstance(error, RMCPDeadlockError)
+    assert error.lane == "resource 'r2'"
+    assert declared_state is TransactionState.COMPENSATED
+    assert ran == []
+    assert state.ledger == ["older:1", "older:2"]
