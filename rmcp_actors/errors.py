@@ -307,9 +307,15 @@ class RMCPDeadlockError(RMCPError):
     inside another call's work (a tool of an in-process server calling back into the runtime)
     needs a concurrency slot of a lane whose every slot is held by the calls it is nested in.
 
+    Also raised by ``tx.acquire`` (and ``resources=``) when a transaction's wait for a resource
+    closes a cycle of transactions waiting for each other: the youngest in the cycle fails, its
+    block compensates, and the others go on once its locks are released.
+
     Attributes:
-        lane: The lane it would have waited on (``"server 'a'"``, ``"tool 'a/t'"``, ``"the runtime"``).
-        chain: The calls it is nested in, outermost first, as ``server/tool``.
+        lane: The lane it would have waited on (``"server 'a'"``, ``"tool 'a/t'"``, ``"the runtime"``),
+            or the resource (``"resource 'account:42'"``).
+        chain: The calls it is nested in, outermost first, as ``server/tool``; for a resource,
+            the transaction ids round the cycle, from the one that failed.
     """
 
     def __init__(self, message: str, *, lane: str, chain: tuple[str, ...] = (), **context: Any) -> None:

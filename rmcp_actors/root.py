@@ -57,6 +57,7 @@ from .stores.journal_factory import journal_from_settings
 from .transactions._engine import Engine, EventCallback
 from .transactions._model import TransactionState, TransactionSummary
 from .transactions.journal import Journal
+from .transactions.locks import LockManager, TransactionLocks
 from .transactions.recovery import RecoveryReport, recover, resolve
 from .transactions.saga import LockManagerHook, Transaction
 
@@ -172,8 +173,12 @@ class RMCPSupervisor:
             config.transactions.compensation_timeout_s,
             knows=self._servers.__contains__,
         )
-        # The lock manager behind tx.acquire and resources= (none: resources are only recorded).
-        self._locks: LockManagerHook | None = None
+        # The lock manager behind tx.acquire and resources=: shared state, not an actor (see
+        # transactions/locks.py); the watchdog shows its waits and its wait-for graph.
+        lock_manager = LockManager(config.transactions.lock_timeout_s)
+        lock_manager.watch(work)
+        components.register("locks", "locks", lock_manager.statistics)
+        self._locks: LockManagerHook | None = TransactionLocks(lock_manager)
 
     @classmethod
     @asynccontextmanager

@@ -554,13 +554,14 @@ class PoisonedJournal(MemoryJournal):
     """A journal that breaks (with a bug, not an RMCPError) on the compensations of chosen
     transactions: their actors crash."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: type[Exception] = RuntimeError) -> None:
         super().__init__()
         self.poisoned: set[str] = set()
+        self.error = error
 
     async def append(self, record: JournalRecord) -> None:
         if isinstance(record, CompensationStarted) and record.transaction_id in self.poisoned:
-            raise RuntimeError("journal bug")
+            raise self.error("journal broken")
         await super().append(record)
 
 
@@ -657,6 +658,27 @@ async def test_recover_compensates_a_transaction_abandoned_before_its_pivot(ledg
     assert ledger.entries == ["do a", "do b", "undo b", "undo a"]
 
 
+async def test_recover_finishes_a_transaction_whose_program_went_down(ledger: Ledger) -> None:
+    journal = MemoryJournal()
+    tx_id = ""
+    with pytest.raises(SystemExit):  # noqa: PT012
+        async with RMCPSupervisor.open(journal=journal) as sup:
+            await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+            async with sup.transaction("book") as tx:
+                tx_id = tx.id
+                await step(tx, "a")
+                await step(tx, "b")
+                raise SystemExit(1)  # the process is going down: nothing is compensated
+    assert ledger.entries == ["do a", "do b"]
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        [summary] = await sup.transactions(TransactionState.IN_PROGRESS)
+        assert summary.transaction_id == tx_id
+        # The server lives on (its RMCP store closed with the first runtime's connection).
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        assert (await sup.recover()).compensated == (tx_id,)
+    assert ledger.entries == ["do a", "do b", "undo b", "undo a"]
+
+
 async def test_recovery_interrupted_mid_compensation_resumes_without_repeating(ledger: Ledger) -> None:
     journal = MemoryJournal()
     tx_id = "t1"
@@ -732,3 +754,86 @@ async def test_recover_leaves_live_transactions_alone(sup: RMCPSupervisor, ledge
         assert report.total == 0
     assert tx.state is TransactionState.COMMITTED
     assert ledger.entries == ["do a"]
+
+
+async def test_a_cancellation_propagates_even_when_compensation_crashes(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = PoisonedJournal()
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book")
+        with trio.move_on_after(5) as scope:
+            async with tx:
+                journal.poisoned.add(tx.id)
+                await step(tx, "a")
+                await trio.sleep(60)
+        assert scope.cancelled_caught
+        assert tx.state is TransactionState.COMPENSATING  # recover() finishes it
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+async def test_a_journal_failure_while_compensating_reaches_the_owner(ledger: Ledger, parallel: bool) -> None:
+    from rmcp_actors import RMCPStoreError
+
+    journal = PoisonedJournal(RMCPStoreError)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book", compensate_parallel=parallel)
+        with pytest.raises(RMCPStoreError, match="journal broken"):  # noqa: PT012
+            async with tx:
+                journal.poisoned.add(tx.id)
+                await step(tx, "a")
+                await step(tx, "b")
+                raise Boom
+        assert tx.state is TransactionState.COMPENSATING
+
+
+async def test_timeout_past_the_pivot_commits_what_was_started(
+    sup: RMCPSupervisor, ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    tx = sup.transaction("book", timeout=10)
+    with pytest.raises(RMCPTransactionError) as caught:  # noqa: PT012
+        async with tx:
+            await step(tx, "a", pivot=True)
+            await trio.sleep(60)
+            await step(tx, "never")
+    assert caught.value.state == "committed"
+    assert "past its pivot" in caught.value.message
+    assert ledger.entries == ["do a"]
+
+
+async def test_a_compensation_function_that_raises_leaves_its_step_to_undo_by_hand(
+    sup: RMCPSupervisor, ledger: Ledger
+) -> None:
+    def broken(result: CallResult) -> Compensation:
+        raise KeyError("receipt")
+
+    tx = sup.transaction("book")
+    with pytest.raises(RMCPCompensationError) as caught:  # noqa: PT012
+        async with tx:
+            await step(tx, "a")
+            await tx.call("ledger", "do", {"label": "b"}, compensate=broken)
+    assert isinstance(caught.value.__cause__, KeyError)
+    assert caught.value.failed_steps == (1,)
+    assert ledger.entries == ["do a", "do b"]  # the first failure stops the compensations
+    assert "undo it by hand" in str(tx.history().steps[1].compensation_error)
+
+
+async def test_resolve_refuses_a_step_that_is_not_in_doubt(sup: RMCPSupervisor) -> None:
+    from rmcp_actors import RMCPArgumentError
+
+    async with sup.transaction("book") as tx:
+        await step(tx, "a")
+        with pytest.raises(RMCPArgumentError, match="no unknown outcome"):
+            await tx.resolve(0, ran=False)
+    with pytest.raises(RMCPArgumentError, match="no transaction"):
+        await sup.resolve("nope", 0, ran=True)
+
+
+async def test_declared_resources_are_journaled(sup: RMCPSupervisor) -> None:
+    async with sup.transaction("book", resources=["account:1", ("account:2", True)]) as tx:
+        await tx.acquire("seat:12A")
+    assert tx.resources == (("account:1", False), ("account:2", True), ("seat:12A", False))
+    [begun_record] = [r for r in await sup._journal.read(tx.id) if isinstance(r, TransactionBegun)]  # pyright: ignore[reportPrivateUsage]
+    assert begun_record.resources == (("account:1", False), ("account:2", True))

@@ -101,6 +101,7 @@ async def test_health_snapshot_and_status_transitions(
         assert {(c.kind, c.name) for c in health.components} == {
             ("scheduler", "scheduler"),
             ("watchdog", "watchdog"),
+            ("locks", "locks"),
             ("connection", "a"),
             ("lane", "a"),
             ("breaker", "a"),

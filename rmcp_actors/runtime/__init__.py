@@ -19,6 +19,7 @@ from .watchdog import InFlight as InFlight
 from .watchdog import Liveness as Liveness
 from .watchdog import StallReport as StallReport
 from .watchdog import Tracked as Tracked
+from .watchdog import WaitEdge as WaitEdge
 from .watchdog import Watchdog as Watchdog
 from .watchdog import WatchdogStatistics as WatchdogStatistics
 from .watchdog import WorkItem as WorkItem
@@ -44,6 +45,7 @@ __all__ = [
     "Liveness",
     "StallReport",
     "Tracked",
+    "WaitEdge",
     "Watchdog",
     "WatchdogStatistics",
     "WorkItem",

@@ -16,6 +16,10 @@ task, on a timer (every ``stall_s / 4``), off the call path:
   itself (a connection pings its server with a bounded timeout) and restarts what hung. The
   watchdog asks again at most once per ``stall_s``.
 
+Who waits for whom: components with a wait-for graph (the transactions' lock manager) register
+a provider of its edges with :meth:`WorkRegistry.track_waits`; a report lists every edge, so a
+stall caused by a resource held too long shows the holder and its waiters.
+
 The module knows no MCP: what an owner is, and how it checks itself, is the caller's.
 """
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast, final
 
 import anyio
@@ -40,6 +44,7 @@ __all__ = [
     "Liveness",
     "StallReport",
     "Tracked",
+    "WaitEdge",
     "Watchdog",
     "WatchdogStatistics",
     "WorkItem",
@@ -78,6 +83,33 @@ class WorkItem:
         return (
             f"{self.owner}/{self.what} request {self.key}: {self.state}, "
             f"age {self.age_s:.1f} s, {self.attempts} attempt(s)"
+        )
+
+
+@final
+@attrs.frozen
+class WaitEdge:
+    """One edge of a wait-for graph: ``waiter`` cannot go on until ``holder`` lets go of ``resource``.
+
+    Attributes:
+        waiter: Who waits (a transaction, as its owner names it).
+        holder: Whom it waits for: a holder of the resource, or a waiter queued ahead of it.
+        resource: What it waits on.
+        detail: How it asked (``"exclusive"``, ``"shared"``...).
+        age_s: How long it has waited.
+    """
+
+    waiter: str
+    holder: str
+    resource: str
+    detail: str
+    age_s: float
+
+    def describe(self) -> str:
+        """One readable line."""
+        return (
+            f"{self.waiter} waits for {self.holder} on {self.resource} ({self.detail}), "
+            f"for {self.age_s:.1f} s"
         )
 
 
@@ -144,6 +176,9 @@ class WorkRegistry:
     whoever adds and removes servers, read by the watchdog on its timer."""
 
     _owners: dict[InFlight, None] = attrs.field(factory=dict[InFlight, None], init=False)
+    _waits: dict[object, Callable[[], Iterable[WaitEdge]]] = attrs.field(
+        factory=dict[object, Callable[[], Iterable[WaitEdge]]], init=False
+    )
 
     def track(self, owner: str, liveness: Liveness | None = None) -> InFlight:
         """Start watching a new owner; the call path records its calls in the result.
@@ -165,6 +200,36 @@ class WorkRegistry:
         """The owners watched, in the order they were added."""
         return tuple(self._owners)
 
+    def track_waits(self, edges: Callable[[], Iterable[WaitEdge]]) -> Callable[[], None]:
+        """Show a wait-for graph in stall reports.
+
+        Args:
+            edges: Returns the graph's edges now; called only when a report is made, in the
+                watchdog's task, so it must not wait.
+
+        Returns:
+            Stops showing it; idempotent.
+        """
+        token = object()
+        self._waits[token] = edges
+
+        def untrack() -> None:
+            self._waits.pop(token, None)
+
+        return untrack
+
+    def waits(self) -> tuple[WaitEdge, ...]:
+        """Every registered graph's edges, oldest wait first. A provider that raises is logged
+        and left out: a component's bug must not stop the watchdog."""
+        found: list[WaitEdge] = []
+        for edges in list(self._waits.values()):
+            try:
+                found.extend(edges())
+            except Exception:
+                _logger.exception("a wait-for graph provider raised")
+        found.sort(key=lambda edge: edge.age_s, reverse=True)
+        return tuple(found)
+
 
 @final
 @attrs.frozen
@@ -179,6 +244,8 @@ class StallReport:
         silent: Owners with calls waiting on them that showed no activity for ``stall_s``,
             with how long (seconds).
         components: Every registered component's statistics and status: who waits on what.
+        waits: The edges of the registered wait-for graphs (transactions waiting for
+            resources), oldest wait first.
     """
 
     at: float
@@ -187,6 +254,7 @@ class StallReport:
     oldest: tuple[WorkItem, ...]
     silent: tuple[tuple[str, float], ...]
     components: tuple[ComponentHealth, ...]
+    waits: tuple[WaitEdge, ...] = ()
 
     def describe(self) -> str:
         """The report as readable lines, as the watchdog logs it."""
@@ -201,6 +269,9 @@ class StallReport:
         if self.silent:
             lines.append("silent (no message received while calls wait on it):")
             lines.extend(f"  {owner} for {silent_s:.1f} s" for owner, silent_s in self.silent)
+        if self.waits:
+            lines.append("waits for (who waits for whom):")
+            lines.extend(f"  {edge.describe()}" for edge in self.waits)
         if self.components:
             lines.append("components:")
             for component in self.components:
@@ -393,6 +464,7 @@ class Watchdog(Actor[CheckNow]):
             oldest=tuple(candidates[:_OLDEST_SHOWN]),
             silent=tuple((owner.owner, silent_s) for owner, silent_s in silent),
             components=self.components.snapshot(),
+            waits=self.work.waits(),
         )
 
     def _publish(self, report: StallReport, now: float) -> None:

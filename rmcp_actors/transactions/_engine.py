@@ -465,14 +465,22 @@ class Engine:
     ) -> tuple[int, ...]:
         failed: list[int] = []
         if parallel:
-            async with anyio.create_task_group() as group:
-                for step in plan:
+            try:
+                async with anyio.create_task_group() as group:
+                    for step in plan:
 
-                    async def compensate(step: StepView = step) -> None:
-                        if not await self.compensate_one(ledger, step):
-                            failed.append(step.index)
+                        async def compensate(step: StepView = step) -> None:
+                            if not await self.compensate_one(ledger, step):
+                                failed.append(step.index)
 
-                    group.start_soon(compensate)
+                        group.start_soon(compensate)
+            except BaseExceptionGroup as errors:
+                # A journal failure (the same for every compensation) is what the owner is
+                # told, not the task group's wrapper; anything else stays a crash.
+                first = errors.exceptions[0]
+                if all(isinstance(error, RMCPError) for error in errors.exceptions):
+                    raise first  # noqa: B904 (its own cause stays)
+                raise
             return tuple(sorted(failed, reverse=True))
         for step in plan:
             if not await self.compensate_one(ledger, step):

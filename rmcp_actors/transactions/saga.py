@@ -19,6 +19,7 @@ caller waits for it, shielded; every compensation has its own deadline).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
@@ -69,6 +70,8 @@ __all__ = [
     "Transaction",
     "TransactionHistory",
 ]
+
+_logger = logging.getLogger("rmcp_actors.transactions")
 
 #: A compensation computed from the step's result (``None``: nothing to undo).
 CompensationFunction = Callable[[CallResult], Compensation | None]
@@ -586,7 +589,9 @@ class Transaction:
         )
         await self._engine.write(self._ledger, begun)
         self._engine.live[self.id] = self._resolve_live
-        for resource, shared in resources:
+        # In one order for every transaction (exclusive before shared of one name), so that
+        # declared resources alone never deadlock.
+        for resource, shared in sorted(resources):
             await self.acquire(resource, shared=shared)
         await self._engine.change_state(self._ledger, TransactionState.IN_PROGRESS)
         self._active = True
@@ -681,10 +686,19 @@ class Transaction:
             return
         cancelled = isinstance(error, anyio.get_cancelled_exc_class())
         if self.state is not TransactionState.IN_DOUBT:
-            settlement = await self._settle()
-            failure = self._failure(settlement, f"aborted on {type(error).__name__}")
-            if failure is not None and not cancelled:
-                raise failure from error
+            try:
+                settlement = await self._settle()
+            except RMCPError:
+                if not cancelled:
+                    raise
+                # A cancellation propagates unchanged whatever ending the transaction did.
+                _logger.exception(
+                    "transaction %r (%s): compensation after a cancellation failed", self.name, self.id
+                )
+            else:
+                failure = self._failure(settlement, f"aborted on {type(error).__name__}")
+                if failure is not None and not cancelled:
+                    raise failure from error
         error.add_note(f"transaction {self.name!r} ({self.id}) ended {self.state.value}")
 
     async def _end_on_timeout(self) -> NoReturn:
