@@ -102,7 +102,7 @@ crash_points = st.tuples(st.sampled_from(["before", "after"]), st.integers(1, MO
 
 
 @settings(
-    max_examples=12,
+    max_examples=8,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -157,3 +157,19 @@ def test_a_compensating_saga_killed_at_every_journal_point_is_compensated(
     state_dir = tmp_path_factory.mktemp("compensating")
     assert life(zygote, state_dir, "run", COMPENSATING_SAGA, f"{when}:{COMPENSATING_SAGA_APPENDS + 1}") == 0
     assert ledger(state_dir) == ["step0", "step1", "undo1", "undo0"]
+
+
+def test_a_recovery_killed_between_sending_a_compensation_and_journaling_it_is_recovered(
+    zygote: str, tmp_path: Path
+) -> None:
+    """The program dies after both steps (``StepDone`` of step 1 is append 6); recovery dies
+    after sending the compensation of step 1, before its ``CompensationDone`` (append 3 of
+    recovery: ``compensating``, ``CompensationStarted``, then that one). The next recovery sends
+    it again with the same key: the server replays it, the ledger shows it once."""
+    assert life(zygote, tmp_path, "run", COMPENSATING_SAGA, "after:6") == -signal.SIGKILL
+    assert ledger(tmp_path) == ["step0", "step1"]
+    assert life(zygote, tmp_path, "recover", COMPENSATING_SAGA, "before:3") == -signal.SIGKILL
+    assert ledger(tmp_path) == ["step0", "step1", "undo1"]
+    states = trio.run(recover_and_read, zygote, tmp_path)
+    assert list(states.values()) == [TransactionState.COMPENSATED]
+    assert ledger(tmp_path) == ["step0", "step1", "undo1", "undo0"]
