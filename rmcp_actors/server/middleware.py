@@ -507,6 +507,8 @@ class RMCPServerSide:
                 return self._unavailable(ctx, meta, error)
             if not settled:
                 return None
+            # The lease keeper must no longer mark it in doubt (it may be this instance's orphan).
+            self._unrecorded.discard(call.key)
             self._reconciled_ran += 1
             return self._answer(ctx, outcome, meta, duplicate=True)
         if call.key in self._running:
@@ -518,6 +520,9 @@ class RMCPServerSide:
                 settled = await self.store.resolve_in_doubt(
                     call.key, owner=self.instance_id, fingerprint=call.fingerprint, result=None
                 )
+                if settled:
+                    # A claim of this instance again: the lease keeper must not mark it in doubt.
+                    self._unrecorded.discard(call.key)
                 return BeginOutcome(claimed=settled, existing=None)
 
             return settle()
