@@ -112,6 +112,8 @@ class _Run:
     done: anyio.Event = attrs.Factory(anyio.Event)
     claimed: bool = False
     outcome: StoredOutcome | None = None
+    acked: bool = False
+    """Whether this handler sent the caller an early ACK."""
 
 
 @attrs.frozen(kw_only=True)
@@ -433,6 +435,7 @@ class RMCPServerSide:
             if begun.claimed:
                 self._taken_over += begun.taken_over
                 return self._answer(ctx, run.outcome, meta, duplicate=False)
+            acked = acked or run.acked
             poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
             while record is not None:
@@ -611,22 +614,29 @@ class RMCPServerSide:
             with anyio.CancelScope(shield=True) as scope:
                 try:
                     begun = await self._store_call(operation, claim)
-                    if begun.claimed:
-                        # The one write that tells a claim whose server died before calling the
-                        # tool (run it again) from one that may have run (in doubt).
+                except RMCPStoreError as error:
+                    return error
+                acked = False
+                if begun.claimed:
+                    # The early ACK before the entered mark: its write may wait behind other
+                    # answers, and a server killed meanwhile has not called the tool.
+                    acked = run.acked = await self._send_early_ack(ctx, "accepted")
+                    # The one write that tells a claim whose server died before calling the
+                    # tool (run it again) from one that may have run (in doubt).
+                    try:
                         entered = await self._store_call(
                             "mark_entered", lambda: self.store.mark_entered(key, owner=self.instance_id)
                         )
-                        if not entered:
-                            begun = BeginOutcome(claimed=False, existing=None)
-                except RMCPStoreError as error:
-                    return error
+                    except RMCPStoreError as error:
+                        return error
+                    if not entered:
+                        begun = BeginOutcome(claimed=False, existing=None)
                 run.claimed = begun.claimed
                 if begun.claimed:
                     running = True
                     self._run_started()
                     scope.deadline = anyio.current_time() + self.max_execution_s
-                    outcome = await self._run_tool(ctx, call_next)
+                    outcome = await self._run_tool(ctx, call_next, acked=acked)
                     scope.deadline = math.inf
                     await self._record(key, outcome)
                     run.outcome, stored = outcome, True
@@ -648,7 +658,8 @@ class RMCPServerSide:
         self._run_started()
         try:
             with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.max_execution_s):
-                outcome = await self._run_tool(ctx, call_next)
+                acked = await self._send_early_ack(ctx, "accepted")
+                outcome = await self._run_tool(ctx, call_next, acked=acked)
         finally:
             self._run_ended()
         return outcome
@@ -687,8 +698,10 @@ class RMCPServerSide:
             self._unrecorded.add(key)
             logger.exception("RMCP: could not mark idempotency key %r in doubt either", key)
 
-    async def _run_tool(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> StoredOutcome:
-        if await self._send_early_ack(ctx, "accepted"):
+    async def _run_tool(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, *, acked: bool
+    ) -> StoredOutcome:
+        if acked:
             ctx = replace(ctx, session=cast(ServerSession, _ProgressAfterAck(ctx.session)))
         try:
             return StoredOutcome(result=to_wire(await call_next(ctx)))
