@@ -92,7 +92,10 @@ async def run(calls: int, concurrency: int, seed: int, reconcile: bool, state_di
         async def caller(sup: RMCPSupervisor) -> None:
             for label in pending:
                 try:
-                    await sup.call("chaos", "record", {"label": label}, timeout=CALL_TIMEOUT_S)
+                    # The label as the key: the store's records can be read back per call.
+                    await sup.call(
+                        "chaos", "record", {"label": label}, idempotency_key=label, timeout=CALL_TIMEOUT_S
+                    )
                 except RMCPOutcomeUnknownError as error:
                     if "in_doubt" in str(error):
                         in_doubt.add(label)
@@ -120,6 +123,7 @@ async def run(calls: int, concurrency: int, seed: int, reconcile: bool, state_di
     faults_file = state_dir / "faults"
     faults = len(faults_file.read_text().splitlines()) if faults_file.exists() else 0
     unknown = in_doubt | set(lost)
+    (state_dir / "in_doubt").write_text("".join(f"{label}\n" for label in sorted(in_doubt)))
     return {
         "rmcp_actors": str(TESTS.parent / "rmcp_actors"),
         "calls": calls,
@@ -156,10 +160,13 @@ def main() -> None:
         "--reconcile", action="store_true", help="the server reconciles record through its ledger"
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--keep", type=Path, help="keep the ledger, fault log and store in this directory")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="chaos-unknowns-") as directory:
+        state_dir = options.keep or Path(directory)
+        state_dir.mkdir(parents=True, exist_ok=True)
         figures = trio.run(
-            run, options.calls, options.concurrency, options.seed, options.reconcile, Path(directory)
+            run, options.calls, options.concurrency, options.seed, options.reconcile, state_dir
         )
     for name, value in figures.items():
         print(f"{name:24} {value}")
