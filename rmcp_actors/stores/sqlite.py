@@ -485,20 +485,26 @@ class SQLiteStore:
         self._queue.append(write)
         if not self._flushing:
             self._flushing = True
-            await self._flush()
-            return write.unwrap()
-        try:
-            await write.wake.wait()
-        except BaseException:
+            write.status = _Status.PROMOTED
+        while True:
             if write.status is _Status.PROMOTED:
-                # The queue now relies on this task: flush it even though the caller left.
                 await self._flush()
-            elif write.status is _Status.QUEUED:
-                self._queue.remove(write)
-            raise
-        if write.status is _Status.PROMOTED:
-            await self._flush()
-        return write.unwrap()
+                continue
+            if write.status is _Status.DONE:
+                return write.unwrap()
+            # Queued again (a flush of writes without fsync left it for the next one): the
+            # event that woke this task before is spent.
+            if write.wake.is_set():
+                write.wake = anyio.Event()
+            try:
+                await write.wake.wait()
+            except BaseException:
+                if write.status is _Status.PROMOTED:
+                    # The queue now relies on this task: flush it even though the caller left.
+                    await self._flush()
+                elif write.status is _Status.QUEUED:
+                    self._queue.remove(write)
+                raise
 
     async def _flush(self) -> None:
         """Commit the whole queue in one transaction, then hand the flusher role on.
@@ -507,6 +513,16 @@ class SQLiteStore:
         """
         with anyio.CancelScope(shield=True):
             batch, self._queue = self._queue, []
+            quick = [write for write in batch if not write.sync]
+            if 0 < len(quick) < len(batch):
+                # Writes without an fsync (claims, entered marks) commit first, alone, and the
+                # flusher role then passes to the oldest write that needs one: a caller whose
+                # entered mark is committed must not wait out another's fsync before calling
+                # its tool (a crash then leaves it entered and never run).
+                self._queue = [write for write in batch if write.sync]
+                for write in self._queue:
+                    write.status = _Status.QUEUED
+                batch = quick
             for write in batch:
                 write.status = _Status.RUNNING
             now = self._clock()
@@ -514,34 +530,20 @@ class SQLiteStore:
             if purge_now is not None:
                 # Until the flush tells that the backlog is gone, the next one purges too.
                 self._next_purge_at = now
+            self._commits += 1
             self._writes += len(batch)
             self._largest_batch = max(self._largest_batch, len(batch))
-            # Writes that need no fsync (claims, entered marks) commit first, in a transaction
-            # of their own, and their callers go on while the others' fsync runs. A caller
-            # waiting out someone else's fsync after its entered mark is committed is a tool
-            # not called yet that a crash would leave in doubt.
-            quick = [write for write in batch if not write.sync]
-            groups = (
-                [quick, [write for write in batch if write.sync]] if 0 < len(quick) < len(batch) else [batch]
-            )
             try:
-                for group in groups:
-                    # The purge rides with the last transaction.
-                    group_purge = purge_now if group is groups[-1] else None
-                    self._commits += 1
-                    try:
-                        async with self._lock:
-                            answers, purged = await anyio.to_thread.run_sync(
-                                self._commit_batch, group, group_purge
-                            )
-                        if group_purge is not None and purged < _PURGE_BATCH:
-                            self._next_purge_at = group_purge + _PURGE_INTERVAL_S
-                    except Exception as exc:
-                        for write in group:
-                            write.settle(None, _fresh_copy(exc))
-                    else:
-                        for write, (value, error) in zip(group, answers, strict=True):
-                            write.settle(value, error)
+                async with self._lock:
+                    answers, purged = await anyio.to_thread.run_sync(self._commit_batch, batch, purge_now)
+                if purge_now is not None and purged < _PURGE_BATCH:
+                    self._next_purge_at = purge_now + _PURGE_INTERVAL_S
+            except Exception as exc:
+                for write in batch:
+                    write.settle(None, _fresh_copy(exc))
+            else:
+                for write, (value, error) in zip(batch, answers, strict=True):
+                    write.settle(value, error)
             finally:
                 for write in batch:
                     if write.status is not _Status.DONE:
