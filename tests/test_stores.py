@@ -607,40 +607,8 @@ async def test_sqlite_group_commit_batches_concurrent_writes(tmp_path: Path) -> 
         await store.aclose()
 
 
-async def test_sqlite_claims_commit_ahead_of_the_outcomes_batched_with_them(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "dedup.db")
-    returned: list[str] = []
-
-    async def finish(key: str) -> None:
-        await store.complete(key, owner="a", result=b"r")
-        returned.append(f"complete {key}")
-
-    async def start(key: str) -> None:
-        assert await claim(store, key)
-        returned.append(f"claimed {key}")
-
-    try:
-        assert await claim(store, "done")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.register_owner, owner_info("a"), LEASE_S)
-            # That write is in its flush: the next ones queue up for one batch, the result
-            # first (its caller flushes the batch).
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(finish, "done")
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(start, "started")
-        # The claim did not wait for the result's fsync.
-        assert returned == ["claimed started", "complete done"]
-        record = await store.get("done")
-        assert record is not None
-        assert record.state is RecordState.COMPLETED
-    finally:
-        await store.aclose()
-
-
 async def test_sqlite_a_failing_write_does_not_fail_its_batch(tmp_path: Path) -> None:
-    # Claims fsynced like the other writes: all of them share one transaction.
-    store = SQLiteStore(tmp_path / "dedup.db", fsync_claims=True)
+    store = SQLiteStore(tmp_path / "dedup.db")
     failures: list[Exception] = []
 
     async def renew_ghost() -> None:

@@ -485,26 +485,20 @@ class SQLiteStore:
         self._queue.append(write)
         if not self._flushing:
             self._flushing = True
-            write.status = _Status.PROMOTED
-        while True:
+            await self._flush()
+            return write.unwrap()
+        try:
+            await write.wake.wait()
+        except BaseException:
             if write.status is _Status.PROMOTED:
+                # The queue now relies on this task: flush it even though the caller left.
                 await self._flush()
-                continue
-            if write.status is _Status.DONE:
-                return write.unwrap()
-            # Queued again (a flush of writes without fsync left it for the next one): the
-            # event that woke this task before is spent.
-            if write.wake.is_set():
-                write.wake = anyio.Event()
-            try:
-                await write.wake.wait()
-            except BaseException:
-                if write.status is _Status.PROMOTED:
-                    # The queue now relies on this task: flush it even though the caller left.
-                    await self._flush()
-                elif write.status is _Status.QUEUED:
-                    self._queue.remove(write)
-                raise
+            elif write.status is _Status.QUEUED:
+                self._queue.remove(write)
+            raise
+        if write.status is _Status.PROMOTED:
+            await self._flush()
+        return write.unwrap()
 
     async def _flush(self) -> None:
         """Commit the whole queue in one transaction, then hand the flusher role on.
@@ -513,16 +507,6 @@ class SQLiteStore:
         """
         with anyio.CancelScope(shield=True):
             batch, self._queue = self._queue, []
-            quick = [write for write in batch if not write.sync]
-            if 0 < len(quick) < len(batch):
-                # Writes without an fsync (claims, entered marks) commit first, alone, and the
-                # flusher role then passes to the oldest write that needs one: a caller whose
-                # entered mark is committed must not wait out another's fsync before calling
-                # its tool (a crash then leaves it entered and never run).
-                self._queue = [write for write in batch if write.sync]
-                for write in self._queue:
-                    write.status = _Status.QUEUED
-                batch = quick
             for write in batch:
                 write.status = _Status.RUNNING
             now = self._clock()
