@@ -100,7 +100,7 @@ async def run(calls: int, concurrency: int, seed: int, reconcile: bool, state_di
                     if "in_doubt" in str(error):
                         in_doubt.add(label)
                     else:
-                        lost[label] = type(error).__name__
+                        lost[label] = str(error).split(" (request_id=")[0]
                 except RMCPError as error:
                     failed[label] = f"{type(error).__name__}: {error}"
                 else:
@@ -138,7 +138,7 @@ async def run(calls: int, concurrency: int, seed: int, reconcile: bool, state_di
         "in_doubt_not_run": sum(label not in ledger for label in in_doubt),
         "lost": len(lost),
         "lost_not_run": sum(label not in ledger for label in lost),
-        "lost_kinds": dict(Counter(lost.values())),
+        "lost_kinds": dict(Counter(lost.values()).most_common(3)),
         "failed": len(failed),
         "failed_examples": sorted(set(failed.values()))[:3],
         "unknown": len(unknown),
