@@ -18,8 +18,8 @@ still land. A reconciler that raises or exceeds ``reconcile_timeout_s`` leaves t
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, final
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol, final
 
 import attrs
 
@@ -75,5 +75,8 @@ class Reconciliation:
         return cls(None)
 
 
-Reconciler = Callable[[InDoubtRun], Awaitable["Reconciliation | None"]]
-"""An async function asked about an in-doubt run of one tool; None means "cannot tell"."""
+class Reconciler(Protocol):
+    """An async function asked about an in-doubt run of one tool: ``async def look_up(run:
+    InDoubtRun) -> Reconciliation | None``, where None means "cannot tell"."""
+
+    def __call__(self, run: InDoubtRun, /) -> Awaitable[Reconciliation | None]: ...
