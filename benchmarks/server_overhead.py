@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -261,7 +262,10 @@ def server_params(mode: str, store: Path | None = None) -> StdioServerParameters
     args = [str(BENCH_SERVER), "--mode", mode]
     if store is not None:
         args += ["--store", str(store)]
-    return StdioServerParameters(command=sys.executable, args=args)
+    # The SDK's default environment drops PYTHONPATH: the servers would import whichever
+    # rmcp_actors is installed, not the checkout (or the one PYTHONPATH names) being measured.
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else None
+    return StdioServerParameters(command=sys.executable, args=args, env=env)
 
 
 @asynccontextmanager

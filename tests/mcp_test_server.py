@@ -3,13 +3,14 @@
 Usage over stdio::
 
     python tests/mcp_test_server.py [--state-dir DIR] [--garbage] [--exit-at-once] [--lifetime S]
-                                    [--rmcp-store memory|PATH] [--linear-stdio]
+                                    [--rmcp-store memory|PATH] [--reconcile-record] [--linear-stdio]
 
 ``--state-dir`` keeps the side-effect ledger and the "started" markers in files, so that they
 survive a SIGKILL of the server and a test can read them. ``--garbage`` prints non-JSON-RPC
 lines on stdout and never answers; ``--exit-at-once`` exits before the handshake;
 ``--lifetime S`` serves for S seconds, then exits (a server that keeps dying);
 ``--rmcp-store`` installs the RMCP server side with a MemoryStore or a SQLiteStore at PATH;
+``--reconcile-record`` gives ``record`` a reconciler that looks its label up in the ledger;
 ``--linear-stdio`` serves with ``rmcp_actors.server.run_stdio`` instead of the SDK's ``run("stdio")``.
 """
 
@@ -45,7 +46,7 @@ from mcp.types import (
     ToolAnnotations,
 )
 
-from rmcp_actors.server import install, run_stdio
+from rmcp_actors.server import InDoubtRun, Reconciler, Reconciliation, install, run_stdio
 from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
 
 READ_ONLY = ToolAnnotations(read_only_hint=True)
@@ -69,6 +70,13 @@ class State:
             return
         with (self.state_dir / "ledger").open("a") as ledger:
             ledger.write(label + "\n")
+
+    def recorded(self) -> list[str]:
+        """The ledger as it stands (read from disk with a state directory)."""
+        if self.state_dir is None:
+            return list(self.ledger)
+        ledger = self.state_dir / "ledger"
+        return ledger.read_text().splitlines() if ledger.exists() else []
 
     def record_cancel_notice(self, request_id: str) -> None:
         """Note a ``notifications/cancelled`` the server received (file ``cancel_notices`` on disk)."""
@@ -101,13 +109,33 @@ class State:
 
 
 def build_server(
-    state: State | None = None, name: str = "rmcp-test", *, store: DedupStore | None = None
+    state: State | None = None,
+    name: str = "rmcp-test",
+    *,
+    store: DedupStore | None = None,
+    reconcile_record: bool = False,
 ) -> MCPServer:
-    """The test server; with ``store``, RMCP is installed on it (deduplicating in ``store``)."""
+    """The test server; with ``store``, RMCP is installed on it (deduplicating in ``store``),
+    and with ``reconcile_record`` as well, ``record`` has a reconciler reading the ledger."""
+    state = state if state is not None else State()
     app = _build_plain_server(state, name)
     if store is not None:
-        install(app, store=store)
+        reconcilers = {"record": ledger_reconciler(state)} if reconcile_record else {}
+        install(app, store=store, reconcilers=reconcilers)
     return app
+
+
+def ledger_reconciler(state: State) -> Reconciler:
+    """Whether an in-doubt ``record(label)`` ran: the label is in the ledger or it is not (the
+    tool appends it in one write, and the run's process is gone when a reconciler is asked)."""
+
+    async def reconcile(run: InDoubtRun) -> Reconciliation:
+        label = run.arguments["label"]
+        if label in state.recorded():
+            return Reconciliation.did_run(f"recorded {label}")
+        return Reconciliation.did_not_run()
+
+    return reconcile
 
 
 def _build_plain_server(state: State | None, name: str) -> MCPServer:
@@ -266,6 +294,7 @@ def main() -> None:
     parser.add_argument("--exit-at-once", action="store_true")
     parser.add_argument("--lifetime", type=float)
     parser.add_argument("--rmcp-store")
+    parser.add_argument("--reconcile-record", action="store_true")
     parser.add_argument("--linear-stdio", action="store_true")
     options = parser.parse_args()
     if options.exit_at_once:
@@ -283,7 +312,7 @@ def main() -> None:
         store = MemoryStore()
     elif options.rmcp_store is not None:
         store = SQLiteStore(options.rmcp_store)
-    app = build_server(State(options.state_dir), store=store)
+    app = build_server(State(options.state_dir), store=store, reconcile_record=options.reconcile_record)
     if options.linear_stdio:
         run_stdio(app)
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from rmcp_actors import (
     RMCPTimeoutError,
     ServerSpec,
 )
-from rmcp_actors.config import RetryBudgetOverrides
+from rmcp_actors.config import CircuitBreakerOverrides, RetryBudgetOverrides
+from rmcp_actors.server import store_key
 from rmcp_actors.testing import relay_command
 
 SWALLOW_PROBABILITY = 0.2
@@ -89,14 +91,20 @@ def relayed(zygote: str, server: list[str], **relay_options: Any) -> list[str]:
     return prefork.command(zygote, "relay", *relay_command(server, **relay_options)[2:])
 
 
-def chaos_server(zygote: str, state_dir: Path, *server_options: str, seed: int) -> ChaosServer:
+def chaos_server(
+    zygote: str,
+    state_dir: Path,
+    *server_options: str,
+    seed: int,
+    overrides: PolicyOverrides = CHAOS_RECOVERY,
+) -> ChaosServer:
     """The test server (with ``server_options``) behind a relay losing answers at random."""
     server = server_command(zygote, "--state-dir", str(state_dir), *server_options)
     # With the log, each server life (a new relay after each kill) draws afresh from the seed.
     relay = relayed(
         zygote, server, swallow_probability=SWALLOW_PROBABILITY, seed=seed, log=state_dir / "faults"
     )
-    return ChaosServer(ServerSpec.stdio("chaos", relay[0], relay[1:], overrides=CHAOS_RECOVERY), state_dir)
+    return ChaosServer(ServerSpec.stdio("chaos", relay[0], relay[1:], overrides=overrides), state_dir)
 
 
 def connects(sup: RMCPSupervisor) -> int:
@@ -188,6 +196,62 @@ async def test_sqlite_store_with_8_concurrent_callers_never_runs_a_call_twice(
     assert len(faults) > 0, figures
     assert any(result.duplicate for result in succeeded.values()), figures
     assert lives == len(faults) + 1, figures
+
+
+def entered_marks(store: Path, labels: set[str]) -> dict[str, bool]:
+    """Whether each label's record in the SQLite store was entered (its tool called)."""
+    keys = {store_key(label): label for label in labels}
+    with sqlite3.connect(store) as connection:
+        rows = connection.execute("SELECT key, entered FROM records").fetchall()
+    return {keys[key]: bool(entered) for key, entered in rows if key in keys}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("reconcile", [False, True], ids=["claim split", "ledger reconciler"])
+async def test_16_concurrent_callers_only_entered_claims_end_in_doubt(
+    zygote: str, tmp_path: Path, reconcile: bool
+) -> None:
+    # benchmarks/chaos_unknowns.py in small: 16 callers, a kill every five answers or so. The
+    # breaker is off: with 16 calls cut by each kill it would trip, and refuse calls unsent.
+    store = tmp_path / "rmcp.sqlite"
+    options = ["--rmcp-store", str(store), *(["--reconcile-record"] if reconcile else [])]
+    overrides = attrs.evolve(CHAOS_RECOVERY, circuit_breaker=CircuitBreakerOverrides(mode="disabled"))
+    chaos = chaos_server(zygote, tmp_path, *options, seed=4, overrides=overrides)
+    labels = [f"order-{index}" for index in range(48)]
+    pending = iter(labels)
+    succeeded: dict[str, CallResult] = {}
+    unknown: dict[str, RMCPOutcomeUnknownError] = {}
+
+    async def caller(sup: RMCPSupervisor) -> None:
+        for label in pending:
+            try:
+                succeeded[label] = await sup.call(
+                    "chaos", "record", {"label": label}, idempotency_key=label, timeout=CALL_TIMEOUT_S
+                )
+            except RMCPOutcomeUnknownError as error:
+                unknown[label] = error
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(chaos.spec)
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(caller, sup)
+    ledger = Counter(chaos.ledger())
+    in_doubt = {label for label, error in unknown.items() if "in_doubt" in str(error)}
+    figures = f"{len(chaos.faults())} faults, {len(in_doubt)} in doubt, {len(unknown)} unknown"
+
+    # At most once, and nothing silently lost.
+    assert len(succeeded) + len(unknown) == len(labels), figures
+    assert max(ledger.values()) == 1, figures
+    assert all(ledger[label] == 1 for label in succeeded), figures
+    assert len(chaos.faults()) > 0, figures
+    # A claim whose server died before calling the tool was run again by the next server: the
+    # calls left in doubt are all ones whose tool was entered.
+    assert all(entered_marks(store, in_doubt).values()), figures
+    assert len(entered_marks(store, in_doubt)) == len(in_doubt), figures
+    if reconcile:
+        # The ledger tells whether each entered run happened: nothing is left in doubt.
+        assert not in_doubt, figures
 
 
 async def test_plain_mcp_server_reports_each_lost_answer_as_unknown(zygote: str, tmp_path: Path) -> None:

@@ -36,8 +36,9 @@ from rmcp_actors import (
     ServerSpec,
     UnknownToolError,
 )
-from rmcp_actors._protocol import EXTENSION_ID
+from rmcp_actors._protocol import EXTENSION_ID, fingerprint
 from rmcp_actors.server import install, rmcp_of, store_key
+from rmcp_actors.server._wire import StoredOutcome, encode_outcome
 from rmcp_actors.stores import OwnerInfo
 
 PROTOCOLS = ["auto", "legacy"]
@@ -327,19 +328,82 @@ async def test_run_cut_short_by_max_execution_is_in_doubt(
     assert state.ledger == []
 
 
-async def test_started_key_of_a_gone_owner_is_in_doubt(state: State) -> None:
+async def claimed_by_a_crashed_owner(call: dict[str, Any], *, entered: bool) -> MemoryStore:
+    """A store where the owner "crashed" claimed key "k" for ``record(call)`` and died, after
+    calling the tool (``entered``) or before."""
     store = MemoryStore()
     await store.register_owner(OwnerInfo(instance_id="crashed", pid=1, host="elsewhere"), lease_s=30)
-    call = {"label": "lost"}
-    from rmcp_actors._protocol import fingerprint
-
-    await store.begin(store_key("k"), fingerprint=fingerprint("record", call), tool="record", owner="crashed")
+    key = store_key("k")
+    await store.begin(key, fingerprint=fingerprint("record", call), tool="record", owner="crashed")
+    if entered:
+        assert await store.mark_entered(key, owner="crashed")
     await store.release_owner("crashed")
-    app = build_server(state, store=store)
+    return store
+
+
+async def test_entered_key_of_a_gone_owner_is_in_doubt(state: State) -> None:
+    call = {"label": "lost"}
+    app = build_server(state, store=await claimed_by_a_crashed_owner(call, entered=True))
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(ServerSpec.in_memory("test", app))
         with pytest.raises(RMCPOutcomeUnknownError, match="in_doubt"):
             await sup.call("test", "record", call, idempotency_key="k")
+    assert state.ledger == []
+
+
+async def test_claim_of_a_gone_owner_never_entered_is_run_now(state: State) -> None:
+    call = {"label": "claimed, never run"}
+    app = build_server(state, store=await claimed_by_a_crashed_owner(call, entered=False))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", app))
+        result = await sup.call("test", "record", call, idempotency_key="k")
+        again = await sup.call("test", "record", call, idempotency_key="k")
+    assert (result.text, result.duplicate, result.attempts) == ("recorded claimed, never run", False, 1)
+    assert (again.text, again.duplicate) == (result.text, True)
+    assert state.ledger == ["claimed, never run"]
+    assert server_side(app).statistics().taken_over == 1
+
+
+async def test_retry_waits_for_a_live_owner_that_has_not_entered_yet(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Another instance on the same store claimed the key and is about to call the tool.
+    store = MemoryStore(clock=trio.current_time)
+    await store.register_owner(OwnerInfo(instance_id="other", pid=1, host="elsewhere"), lease_s=3_600)
+    call = {"label": "slow start"}
+    key = store_key("k")
+    await store.begin(key, fingerprint=fingerprint("record", call), tool="record", owner="other")
+    app = build_server(state, store=store)
+    results: list[Any] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", app))
+
+        async def retry() -> None:
+            results.append(await sup.call("test", "record", call, idempotency_key="k", timeout=60))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(retry)
+            await trio.sleep(5)
+            assert results == []
+            assert await store.mark_entered(key, owner="other")
+            answer = {
+                "content": [{"type": "text", "text": "recorded by the other"}],
+                "structuredContent": {"result": "recorded by the other"},
+                "isError": False,
+                "resultType": "complete",
+            }
+            await store.complete(key, owner="other", result=encode_outcome(StoredOutcome(result=answer)))
+    [result] = results
+    assert (result.text, result.duplicate) == ("recorded by the other", True)
+    assert state.ledger == []
+
+
+async def test_claim_never_entered_is_not_taken_over_for_other_arguments(state: State) -> None:
+    app = build_server(state, store=await claimed_by_a_crashed_owner({"label": "a"}, entered=False))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", app))
+        with pytest.raises(RMCPIdempotencyConflictError):
+            await sup.call("test", "record", {"label": "b"}, idempotency_key="k")
     assert state.ledger == []
 
 

@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -247,6 +248,178 @@ async def test_closed_store_refuses_calls(harness: Harness) -> None:
         await claim(store, "other")
 
 
+# The claim split: entered or not, and settling in-doubt keys
+
+
+async def test_a_claim_starts_not_entered_and_its_owner_marks_it_entered(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    assert await claim(store, "k")
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.entered, record.in_doubt) == (RecordState.STARTED, False, False)
+
+    assert not await store.mark_entered("k", owner="b")
+    assert await store.mark_entered("k", owner="a")
+    record = await store.get("k")
+    assert record is not None
+    assert (record.entered, record.in_doubt) == (True, False)
+    # Finished records cannot be entered again.
+    await store.complete("k", owner="a", result=b"r")
+    assert not await store.mark_entered("k", owner="a")
+    assert not await store.mark_entered("absent", owner="a")
+
+
+async def test_a_gone_owners_claim_never_entered_is_taken_over(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    await store.register_owner(owner_info("b"), LEASE_S)
+    assert await claim(store, "k", owner="a")
+    # Alive and not entered yet: another claimant waits, it does not run the tool.
+    assert not await claim(store, "k", owner="b")
+    await store.release_owner("a")
+    # Another call with the key is a conflict, never a takeover.
+    assert not await claim(store, "k", owner="b", fingerprint="other")
+
+    taken = await store.begin("k", fingerprint="fp", tool="tool", owner="b")
+    assert (taken.claimed, taken.taken_over) == (True, True)
+    record = await store.get("k")
+    assert record is not None
+    assert (record.owner, record.state, record.entered) == ("b", RecordState.STARTED, False)
+    # The old owner, had it only been paused, can no longer enter nor finish.
+    assert not await store.mark_entered("k", owner="a")
+    await store.complete("k", owner="a", result=b"stale")
+    assert await store.mark_entered("k", owner="b")
+    record = await store.get("k")
+    assert record is not None
+    assert (record.owner, record.state, record.result) == ("b", RecordState.STARTED, None)
+
+
+async def test_an_owner_claims_again_its_own_claim_never_entered(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    assert await claim(store, "k", owner="a")
+    again = await store.begin("k", fingerprint="fp", tool="tool", owner="a")
+    assert (again.claimed, again.taken_over) == (True, True)
+    assert await store.mark_entered("k", owner="a")
+    # Entered: never again, by anyone.
+    assert not await claim(store, "k", owner="a")
+    await store.release_owner("a")
+    assert not await claim(store, "k", owner="b")
+
+
+async def test_a_gone_owners_entered_claim_is_in_doubt_and_never_taken_over(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    assert await claim(store, "k", owner="a")
+    assert await store.mark_entered("k", owner="a")
+    await store.release_owner("a")
+    outcome = await store.begin("k", fingerprint="fp", tool="tool", owner="b")
+    assert not outcome.claimed
+    assert outcome.existing is not None
+    assert outcome.existing.in_doubt
+    assert outcome.existing.state is RecordState.STARTED
+
+
+@pytest.mark.parametrize("how", ["marked in doubt", "owner gone"])
+async def test_resolve_in_doubt_settles_the_key_once(harness: Harness, how: str) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    for key in ("ran", "did-not-run"):
+        assert await claim(store, key, owner="a")
+        assert await store.mark_entered(key, owner="a")
+        if how == "marked in doubt":
+            await store.mark_in_doubt(key, owner="a")
+    await store.release_owner("a")
+
+    assert not await store.resolve_in_doubt("ran", owner="b", fingerprint="other", result=b"r")
+    assert await store.resolve_in_doubt("ran", owner="b", fingerprint="fp", result=b"found")
+    assert not await store.resolve_in_doubt("ran", owner="c", fingerprint="fp", result=b"again")
+    record = await store.get("ran")
+    assert record is not None
+    assert (record.state, record.result, record.in_doubt) == (RecordState.COMPLETED, b"found", False)
+
+    await store.register_owner(owner_info("b"), LEASE_S)
+    assert await store.resolve_in_doubt("did-not-run", owner="b", fingerprint="fp", result=None)
+    assert not await store.resolve_in_doubt("did-not-run", owner="c", fingerprint="fp", result=None)
+    record = await store.get("did-not-run")
+    assert record is not None
+    assert (record.state, record.owner, record.entered) == (RecordState.STARTED, "b", False)
+    assert await store.mark_entered("did-not-run", owner="b")
+    await store.complete("did-not-run", owner="b", result=b"ran now")
+    assert not await store.resolve_in_doubt("absent", owner="b", fingerprint="fp", result=None)
+
+
+async def test_resolve_in_doubt_leaves_runs_in_progress_alone(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    assert await claim(store, "k", owner="a")
+    assert not await store.resolve_in_doubt("k", owner="b", fingerprint="fp", result=None)
+    assert await store.mark_entered("k", owner="a")
+    assert not await store.resolve_in_doubt("k", owner="b", fingerprint="fp", result=b"r")
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.owner) == (RecordState.STARTED, "a")
+
+
+async def test_sqlite_takeover_is_atomic_across_connections(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    stores = [SQLiteStore(path), SQLiteStore(path)]
+    await stores[0].register_owner(owner_info("crashed"), LEASE_S)
+    assert await claim(stores[0], "shared", owner="crashed")
+    await stores[0].release_owner("crashed")
+    claims: list[str] = []
+
+    async def contend(store: SQLiteStore, owner: str) -> None:
+        await store.register_owner(owner_info(owner), LEASE_S)
+        if await claim(store, "shared", owner=owner):
+            claims.append(owner)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(20):
+                nursery.start_soon(contend, stores[index % 2], f"owner-{index}")
+        assert len(claims) == 1
+        assert not await stores[1].mark_entered("shared", owner="crashed")
+        assert await stores[1].mark_entered("shared", owner=claims[0])
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_sqlite_records_of_a_file_older_than_the_entered_mark_read_as_entered(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    old = sqlite3.connect(path)
+    # The schema before the entered mark, with a claim of an owner that is gone.
+    old.execute(
+        """CREATE TABLE records (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, tool TEXT NOT NULL,
+        state TEXT NOT NULL, owner TEXT NOT NULL, result BLOB, created_at REAL NOT NULL,
+        expires_at REAL NOT NULL)"""
+    )
+    now = time.time()
+    old.execute(
+        "INSERT INTO records VALUES ('k', 'fp', 'tool', 'started', 'gone', NULL, ?, ?)", (now, now + TTL_S)
+    )
+    old.commit()
+    store = SQLiteStore(path)
+    try:
+        outcome = await store.begin("k", fingerprint="fp", tool="tool", owner="new")
+        assert not outcome.claimed
+        assert outcome.existing is not None
+        assert (outcome.existing.entered, outcome.existing.in_doubt) == (True, True)
+        # A process of the old code, writing without the column, still writes entered claims.
+        old.execute(
+            "INSERT INTO records (key, fingerprint, tool, state, owner, result, created_at, expires_at)"
+            " VALUES ('k2', 'fp', 'tool', 'started', 'gone', NULL, ?, ?)",
+            (now, now + TTL_S),
+        )
+        old.commit()
+        assert not await claim(store, "k2", owner="new")
+    finally:
+        old.close()
+        await store.aclose()
+
+
 # MemoryStore
 
 
@@ -339,6 +512,8 @@ async def test_sqlite_begin_is_atomic_across_connections(tmp_path: Path) -> None
     claims: list[str] = []
 
     async def contend(store: SQLiteStore, owner: str) -> None:
+        # Live owners: the claim of a gone one, never entered, is free to take over.
+        await store.register_owner(owner_info(owner), LEASE_S)
         if await claim(store, "shared", owner=owner):
             claims.append(owner)
 
@@ -558,7 +733,7 @@ async def test_sqlite_claims_commit_inline_when_the_database_is_free(tmp_path: P
         assert await claim(store, "first")  # opens the file through the queue
         for index in range(5):
             assert await claim(store, f"key-{index}")
-        assert not await claim(store, "key-0")
+        assert not await claim(store, "key-0", fingerprint="another call")
         stats = store.statistics()
         # Committed, and visible to any other connection.
         assert stored_keys(path) == {"first", *(f"key-{index}" for index in range(5))}

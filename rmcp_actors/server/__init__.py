@@ -12,14 +12,19 @@ Example::
 """
 
 from ._stdio import run_stdio, serve_stdio, stdio_server
-from .install import FastRMCP, install, rmcp_of
+from .install import FastRMCP, install, reconciler_for, rmcp_of
 from .middleware import RMCPServerSide, ServerStatistics, store_key
+from .reconcile import InDoubtRun, Reconciler, Reconciliation
 
 __all__ = [
     "FastRMCP",
+    "InDoubtRun",
     "RMCPServerSide",
+    "Reconciler",
+    "Reconciliation",
     "ServerStatistics",
     "install",
+    "reconciler_for",
     "rmcp_of",
     "run_stdio",
     "serve_stdio",

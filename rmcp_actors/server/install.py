@@ -9,15 +9,23 @@ from typing import Any, TypeVar
 import anyio
 from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
+from mcp.types import Icon, ToolAnnotations
 from pydantic import ValidationError
 
 from .._protocol import NackCode
 from ..errors import RMCPConfigError
 from ..stores import DedupStore, MemoryStore
 from ._stdio import serve_stdio
-from .middleware import DEFAULT_STORE_TIMEOUT_S, CallCheck, RMCPServerSide
+from .middleware import (
+    DEFAULT_RECONCILE_TIMEOUT_S,
+    DEFAULT_STORE_TIMEOUT_S,
+    CallCheck,
+    ResultConverter,
+    RMCPServerSide,
+)
+from .reconcile import Reconciler
 
-__all__ = ["FastRMCP", "install", "rmcp_of"]
+__all__ = ["FastRMCP", "install", "reconciler_for", "rmcp_of"]
 
 _RELEASE_TIMEOUT_S = 5.0
 
@@ -26,6 +34,8 @@ _RELEASE_TIMEOUT_S = 5.0
 _store_users: dict[int, int] = {}
 
 ServerT = TypeVar("ServerT", bound="Server[Any] | MCPServer[Any]")
+ReconcilerT = TypeVar("ReconcilerT", bound=Reconciler)
+_CallableT = TypeVar("_CallableT", bound=Callable[..., Any])
 
 
 def install(
@@ -39,6 +49,8 @@ def install(
     lease_s: float = 30.0,
     store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
     close_store: bool = True,
+    reconcilers: Mapping[str, Reconciler] | None = None,
+    reconcile_timeout_s: float = DEFAULT_RECONCILE_TIMEOUT_S,
 ) -> ServerT:
     """Install the RMCP server side on ``server`` (an ``MCPServer`` or a low-level ``Server``)
     and return it.
@@ -61,6 +73,11 @@ def install(
             of the servers of this process that share it). Pass False to use the store again
             afterwards: a server whose lifespan runs several times in one process (successive
             in-memory clients), or a store its creator closes.
+        reconcilers: Per tool name, an async function asked whether an in-doubt run of that
+            tool happened (see :mod:`rmcp_actors.server.reconcile`); more can be added with
+            :func:`reconciler_for`.
+        reconcile_timeout_s: Bound of one reconciler call; a reconciler that fails or exceeds
+            it leaves the key in doubt.
 
     Raises:
         RMCPConfigError: RMCP is already installed on ``server``, or an option is out of range.
@@ -77,11 +94,35 @@ def install(
         store_timeout_s=store_timeout_s,
         close_store=close_store,
         check_call=_tool_check(server) if isinstance(server, MCPServer) else None,
+        reconcilers=dict(reconcilers or {}),
+        reconcile_timeout_s=reconcile_timeout_s,
+        convert_result=_result_converter(server) if isinstance(server, MCPServer) else None,
     )
     server.middleware.append(side)
     lowlevel = _lowlevel(server)
     lowlevel.lifespan = _with_rmcp_lifespan(side, lowlevel.lifespan)
     return server
+
+
+def reconciler_for(server: Server[Any] | MCPServer[Any], tool: str) -> Callable[[ReconcilerT], ReconcilerT]:
+    """Declare the decorated async function as the reconciler of ``tool`` on ``server``, on
+    which RMCP is installed (the same as ``install(..., reconcilers={tool: fn})``).
+
+    The SDK's ``@app.tool()`` takes no extra options, so a reconciler is declared beside its
+    tool; on a :class:`FastRMCP`, ``@app.tool(reconcile=fn)`` does it in one place.
+
+    Raises:
+        RMCPConfigError: RMCP is not installed on ``server``.
+    """
+    side = rmcp_of(server)
+    if side is None:
+        raise RMCPConfigError("RMCP is not installed on this server: call install() first")
+
+    def declare(reconciler: ReconcilerT) -> ReconcilerT:
+        side.reconcilers[tool] = reconciler
+        return reconciler
+
+    return declare
 
 
 def rmcp_of(server: Server[Any] | MCPServer[Any]) -> RMCPServerSide | None:
@@ -93,7 +134,8 @@ def rmcp_of(server: Server[Any] | MCPServer[Any]) -> RMCPServerSide | None:
 
 
 class FastRMCP(MCPServer[Any]):
-    """An ``MCPServer`` with RMCP installed: define tools with ``@app.tool()`` as usual.
+    """An ``MCPServer`` with RMCP installed: define tools with ``@app.tool()`` as usual, and
+    declare a tool's reconciler with ``@app.tool(reconcile=fn)``.
 
     ``store`` and the keyword options of :func:`install` configure RMCP; every other
     keyword goes to ``MCPServer``.
@@ -111,6 +153,8 @@ class FastRMCP(MCPServer[Any]):
         lease_s: float = 30.0,
         store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
         close_store: bool = True,
+        reconcilers: Mapping[str, Reconciler] | None = None,
+        reconcile_timeout_s: float = DEFAULT_RECONCILE_TIMEOUT_S,
         **mcpserver_kwargs: Any,
     ) -> None:
         super().__init__(name, **mcpserver_kwargs)
@@ -124,7 +168,33 @@ class FastRMCP(MCPServer[Any]):
             lease_s=lease_s,
             store_timeout_s=store_timeout_s,
             close_store=close_store,
+            reconcilers=reconcilers,
+            reconcile_timeout_s=reconcile_timeout_s,
         )
+
+    def tool(
+        self,
+        name: str | None = None,
+        title: str | None = None,
+        description: str | None = None,
+        annotations: ToolAnnotations | None = None,
+        icons: list[Icon] | None = None,
+        meta: dict[str, Any] | None = None,
+        structured_output: bool | None = None,
+        *,
+        reconcile: Reconciler | None = None,
+    ) -> Callable[[_CallableT], _CallableT]:
+        """``MCPServer.tool``, and ``reconcile``: the tool's reconciler (see
+        :mod:`rmcp_actors.server.reconcile`)."""
+        register = super().tool(name, title, description, annotations, icons, meta, structured_output)
+
+        def decorator(fn: _CallableT) -> _CallableT:
+            register(fn)
+            if reconcile is not None:
+                self.rmcp.reconcilers[name or fn.__name__] = reconcile
+            return fn
+
+        return decorator
 
     @property
     def rmcp(self) -> RMCPServerSide:
@@ -179,6 +249,17 @@ def _tool_check(server: MCPServer[Any]) -> CallCheck:
         return None
 
     return check
+
+
+def _result_converter(server: MCPServer[Any]) -> ResultConverter:
+    """Convert a reconciler's result as ``MCPServer`` converts its tool's return value."""
+    tools = server._tool_manager  # pyright: ignore[reportPrivateUsage]
+
+    def convert(name: str, value: Any) -> Any:
+        tool = tools.get_tool(name)
+        return value if tool is None else tool.fn_metadata.convert_result(value)
+
+    return convert
 
 
 def _lowlevel(server: Server[Any] | MCPServer[Any]) -> Server[Any]:

@@ -48,6 +48,7 @@ from .._protocol import (
 from ..errors import RMCPConfigError, RMCPStoreError
 from ..stores import BeginOutcome, DedupRecord, DedupStore, MemoryStore, OwnerInfo, RecordState
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
+from .reconcile import InDoubtRun, Reconciler, Reconciliation
 
 __all__ = ["CallCheck", "RMCPServerSide", "ServerStatistics", "store_key"]
 
@@ -56,6 +57,10 @@ _T = TypeVar("_T")
 CallCheck = Callable[[str, Mapping[str, Any]], "tuple[NackCode, str] | None"]
 """Tells whether the server would refuse a call to ``(tool, arguments)`` without running it:
 ``(code, detail)`` of the NACK to send instead, or None to let the call through."""
+
+ResultConverter = Callable[[str, Any], Any]
+"""Turns what a reconciler says ``tool`` returned into the tool's ``CallToolResult``, as the
+server turns the tool's own return value (``MCPServer``'s conversion)."""
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,9 @@ _EARLY_ACK_PROGRESS = 0.0
 # Above SQLiteStore's default busy_timeout_s (10 s), so a locked SQLite file reports its own
 # "database is locked" first; well below any client's patience for an answer.
 DEFAULT_STORE_TIMEOUT_S = 15.0
+# A lookup of one order, say: seconds at most, and the retry that asked is waiting.
+DEFAULT_RECONCILE_TIMEOUT_S = 10.0
+_IN_DOUBT_DETAIL = "the run of this key never recorded a result"
 
 
 @attrs.frozen(kw_only=True)
@@ -83,6 +91,13 @@ class ServerStatistics:
     """NACKs sent, by code."""
     in_flight: int
     """Tool runs in progress now."""
+    taken_over: int = 0
+    """Claims of other (gone) owners, or abandoned ones of this instance, that were never
+    entered and were run by this instance."""
+    reconciled_ran: int = 0
+    """In-doubt keys a reconciler said had run: its result was stored and replayed."""
+    reconciled_not_run: int = 0
+    """In-doubt keys a reconciler said had not run: claimed again and run."""
 
 
 @attrs.define(eq=False)
@@ -97,6 +112,20 @@ class _Run:
     done: anyio.Event = attrs.Factory(anyio.Event)
     claimed: bool = False
     outcome: StoredOutcome | None = None
+    acked: bool = False
+    """Whether this handler sent the caller an early ACK."""
+
+
+@attrs.frozen(kw_only=True)
+class _KeyedCall:
+    """A call with a dedup key, as the server side handles it."""
+
+    key: str
+    """The key in the store: the client's, scoped to its principal (:func:`store_key`)."""
+    client_key: str
+    tool: str
+    arguments: Mapping[str, Any]
+    fingerprint: str
 
 
 @attrs.define(eq=False)
@@ -195,6 +224,13 @@ class RMCPServerSide:
     )
     close_store: bool = True
     check_call: CallCheck | None = None
+    reconcilers: dict[str, Reconciler] = attrs.field(factory=dict[str, Reconciler])
+    """Per tool name, the reconciler asked about in-doubt runs (see
+    :mod:`rmcp_actors.server.reconcile`); may be added to after installation."""
+    reconcile_timeout_s: float = attrs.field(
+        default=DEFAULT_RECONCILE_TIMEOUT_S, validator=_validate_positive("reconcile_timeout_s")
+    )
+    convert_result: ResultConverter | None = None
     _running: dict[str, _Run] = attrs.field(factory=dict[str, _Run], init=False)
     _in_flight: int = attrs.field(default=0, init=False)
     _idle: anyio.Event | None = attrs.field(default=None, init=False)
@@ -209,6 +245,9 @@ class RMCPServerSide:
     _nacked: Counter[str] = attrs.field(factory=Counter[str], init=False)
     _settings_wire: dict[str, Any] = attrs.field(factory=dict[str, Any], init=False)
     _unrecorded: set[str] = attrs.field(factory=set[str], init=False)
+    _taken_over: int = attrs.field(default=0, init=False)
+    _reconciled_ran: int = attrs.field(default=0, init=False)
+    _reconciled_not_run: int = attrs.field(default=0, init=False)
     _active: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -238,6 +277,9 @@ class RMCPServerSide:
             coalesced=self._coalesced,
             nacked=dict(self._nacked),
             in_flight=self._in_flight,
+            taken_over=self._taken_over,
+            reconciled_ran=self._reconciled_ran,
+            reconciled_not_run=self._reconciled_not_run,
         )
 
     async def start(self) -> None:
@@ -347,8 +389,14 @@ class RMCPServerSide:
                 refusal = self.check_call(tool, arguments or {})
                 if refusal is not None:
                     return self._nack(ctx, refusal[0], refusal[1], meta)
-            call_print = fingerprint(tool, arguments)
-            return await self._deduplicated(ctx, call_next, meta, key, tool, call_print)
+            call = _KeyedCall(
+                key=key,
+                client_key=client_key,
+                tool=tool,
+                arguments=arguments or {},
+                fingerprint=fingerprint(tool, arguments),
+            )
+            return await self._deduplicated(ctx, call_next, meta, call)
         finally:
             self._active -= 1
             if not self._active and self._idle is not None:
@@ -356,18 +404,13 @@ class RMCPServerSide:
                 self._idle = None
 
     async def _deduplicated(
-        self,
-        ctx: ServerRequestContext[Any, Any],
-        call_next: CallNext,
-        meta: RequestMeta,
-        key: str,
-        tool: str,
-        call_print: str,
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, meta: RequestMeta, call: _KeyedCall
     ) -> HandlerResult:
         try:
             await self._ensure_owner()
         except RMCPStoreError as error:
             return self._unavailable(ctx, meta, error)
+        key, call_print = call.key, call.fingerprint
         acked = False
         while True:
             local = self._running.get(key)
@@ -386,67 +429,177 @@ class RMCPServerSide:
             run = _Run(fingerprint=call_print)
             # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
             self._running[key] = run
-            begun = await self._claim_and_run(ctx, call_next, key, run, tool)
+            begun = await self._claim_and_run(ctx, call_next, call, run, "begin", self._begin(call))
             if isinstance(begun, RMCPStoreError):
                 return self._unavailable(ctx, meta, begun)
             if begun.claimed:
+                self._taken_over += begun.taken_over
                 return self._answer(ctx, run.outcome, meta, duplicate=False)
+            acked = acked or run.acked
+            poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
-            if record is None:
-                continue
-            answer = self._from_record(ctx, record, meta, call_print)
-            if answer is not None:
-                return answer
-            # Started by another live process on the same store: wait for its result.
-            if not acked:
-                acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
+            while record is not None:
+                if record.fingerprint != call_print:
+                    return self._conflict(ctx, meta)
+                if record.state is RecordState.COMPLETED and record.result is not None:
+                    self._replayed += 1
+                    return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+                if record.owner == self.instance_id and key in self._running:
+                    # A run of this process: wait on it, not on the store.
+                    break
+                orphaned = self._orphaned(record)
+                if not record.entered and (orphaned or not record.owner_alive):
+                    # Claimed, and abandoned before its tool was called: claim it again.
+                    break
+                if record.in_doubt or orphaned:
+                    answer = await self._settle_in_doubt(ctx, call_next, meta, call)
+                    if answer is not None:
+                        return answer
+                    break
+                # Started by another live process on the same store: wait for its result.
+                if not acked:
+                    acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
+                await anyio.sleep(poll_s)
+                poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
+                try:
+                    record = await self._store_call("get", lambda: self.store.get(key))
+                except RMCPStoreError as error:
+                    return self._unavailable(ctx, meta, error)
+
+    def _begin(self, call: _KeyedCall) -> Callable[[], Awaitable[BeginOutcome]]:
+        def begin() -> Awaitable[BeginOutcome]:
+            return self.store.begin(
+                call.key, fingerprint=call.fingerprint, tool=call.tool, owner=self.instance_id
+            )
+
+        return begin
+
+    async def _settle_in_doubt(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, meta: RequestMeta, call: _KeyedCall
+    ) -> HandlerResult | None:
+        """Answer for an in-doubt key: ask the tool's reconciler, if it has one, and settle the
+        key by its verdict. None when the key changed meanwhile: look at it again."""
+        reconciler = self.reconcilers.get(call.tool)
+        if reconciler is None:
+            return self._nack(ctx, NackCode.IN_DOUBT, _IN_DOUBT_DETAIL, meta)
+        verdict = await self._reconcile(reconciler, call)
+        if verdict is None or verdict.ran is None:
+            return self._nack(
+                ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
+            )
+        if verdict.ran:
             try:
-                answer = await self._wait_foreign(ctx, key, meta, call_print)
+                outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
+            except Exception:
+                logger.exception("RMCP: the reconciler of tool %r gave a result that is not one", call.tool)
+                return self._nack(
+                    ctx,
+                    NackCode.IN_DOUBT,
+                    f"{_IN_DOUBT_DETAIL}, and its reconciler's result was invalid",
+                    meta,
+                )
+            result = encode_outcome(outcome)
+            try:
+                settled = await self._store_call(
+                    "resolve_in_doubt",
+                    lambda: self.store.resolve_in_doubt(
+                        call.key, owner=self.instance_id, fingerprint=call.fingerprint, result=result
+                    ),
+                )
             except RMCPStoreError as error:
                 return self._unavailable(ctx, meta, error)
-            if answer is not None:
-                return answer
-
-    async def _wait_foreign(
-        self, ctx: ServerRequestContext[Any, Any], key: str, meta: RequestMeta, call_print: str
-    ) -> HandlerResult | None:
-        """Poll the store until the run of another process ends; None if the key vanished
-        (expired), so that the caller tries to claim it."""
-        poll_s = _FOREIGN_POLL_FIRST_S
-        while True:
-            await anyio.sleep(poll_s)
-            poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
-            record = await self._store_call("get", lambda: self.store.get(key))
-            if record is None:
+            if not settled:
                 return None
-            answer = self._from_record(ctx, record, meta, call_print)
-            if answer is not None:
-                return answer
+            # The lease keeper must no longer mark it in doubt (it may be this instance's orphan).
+            self._unrecorded.discard(call.key)
+            self._reconciled_ran += 1
+            return self._answer(ctx, outcome, meta, duplicate=True)
+        if call.key in self._running:
+            # A duplicate of this process got there first: wait for its run.
+            return None
 
-    def _from_record(
-        self, ctx: ServerRequestContext[Any, Any], record: DedupRecord, meta: RequestMeta, call_print: str
-    ) -> HandlerResult | None:
-        """The answer a stored record gives, or None while its run is in flight elsewhere."""
-        if record.fingerprint != call_print:
-            return self._conflict(ctx, meta)
-        if record.state is RecordState.COMPLETED and record.result is not None:
-            self._replayed += 1
-            return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
-        if record.state is RecordState.IN_DOUBT or not record.owner_alive or self._orphaned(record):
-            return self._nack(ctx, NackCode.IN_DOUBT, "the run of this key never recorded a result", meta)
+        def reclaim() -> Awaitable[BeginOutcome]:
+            async def settle() -> BeginOutcome:
+                settled = await self.store.resolve_in_doubt(
+                    call.key, owner=self.instance_id, fingerprint=call.fingerprint, result=None
+                )
+                if settled:
+                    # A claim of this instance again: the lease keeper must not mark it in doubt.
+                    self._unrecorded.discard(call.key)
+                return BeginOutcome(claimed=settled, existing=None)
+
+            return settle()
+
+        run = _Run(fingerprint=call.fingerprint)
+        self._running[call.key] = run
+        begun = await self._claim_and_run(ctx, call_next, call, run, "resolve_in_doubt", reclaim)
+        if isinstance(begun, RMCPStoreError):
+            return self._unavailable(ctx, meta, begun)
+        if not begun.claimed:
+            return None
+        self._reconciled_not_run += 1
+        return self._answer(ctx, run.outcome, meta, duplicate=False)
+
+    async def _reconcile(self, reconciler: Reconciler, call: _KeyedCall) -> Reconciliation | None:
+        """The reconciler's verdict, or None when it failed, timed out or answered nonsense:
+        the key then stays in doubt, and the server carries on."""
+        run = InDoubtRun(tool=call.tool, arguments=call.arguments, idempotency_key=call.client_key)
+        with anyio.move_on_after(self.reconcile_timeout_s):
+            try:
+                # User code: whatever it returns is checked, a wrong type must not pass for a verdict.
+                verdict = cast(object, await reconciler(run))
+            except Exception:
+                logger.exception("RMCP: the reconciler of tool %r failed; the key stays in doubt", call.tool)
+                return None
+            if not isinstance(verdict, Reconciliation | None):
+                logger.error(
+                    "RMCP: the reconciler of tool %r returned %s, not a Reconciliation; "
+                    "the key stays in doubt",
+                    call.tool,
+                    type(verdict).__name__,
+                )
+                return None
+            return verdict
+        logger.warning(
+            "RMCP: the reconciler of tool %r did not answer within reconcile_timeout_s=%g; "
+            "the key stays in doubt",
+            call.tool,
+            self.reconcile_timeout_s,
+        )
         return None
+
+    def _reconciled_result(
+        self, ctx: ServerRequestContext[Any, Any], tool: str, value: Any
+    ) -> dict[str, Any]:
+        """The wire result of a run a reconciler says happened, shaped as the tool's own."""
+        if self.convert_result is not None:
+            value = self.convert_result(tool, value)
+        return serialize_server_result("tools/call", ctx.protocol_version, to_wire(value))
 
     def _orphaned(self, record: DedupRecord) -> bool:
         """A STARTED record of this very instance that no task here runs: its outcome could
-        not be stored (the store failed), so it will never complete."""
-        return record.owner == self.instance_id and record.key not in self._running
+        not be stored (the store failed), or its tool was never entered."""
+        return (
+            record.state is RecordState.STARTED
+            and record.owner == self.instance_id
+            and record.key not in self._running
+        )
 
     async def _claim_and_run(
-        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, key: str, run: _Run, tool: str
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        call: _KeyedCall,
+        run: _Run,
+        operation: str,
+        claim: Callable[[], Awaitable[BeginOutcome]],
     ) -> BeginOutcome | RMCPStoreError:
-        """Claim ``key``; when claimed, run the tool and store its outcome in ``run``.
+        """Claim the key with ``claim``; when claimed, mark it entered, run the tool and store
+        its outcome in ``run``.
 
-        Returns the store's error when the claim failed: nothing ran.
+        Returns the store's error when the claim or the entered mark failed: the tool did not
+        run. A claim whose entered mark finds it taken over (this instance's lease lapsed and
+        another claimed the key) reads as not claimed: the tool did not run here.
 
         All of it is shielded from the caller's cancellation: a claim committed for a caller
         that left would be a STARTED record nobody runs, and a run stopped by the client's
@@ -454,32 +607,44 @@ class RMCPServerSide:
         retry to run the tool again. Only ``max_execution_s`` bounds the run; a run it cuts
         short leaves the key in doubt.
         """
+        key = call.key
         begun: BeginOutcome | None = None
-        stored = False
+        running = stored = False
         try:
             with anyio.CancelScope(shield=True) as scope:
                 try:
-                    begun = await self._store_call(
-                        "begin",
-                        lambda: self.store.begin(
-                            key, fingerprint=run.fingerprint, tool=tool, owner=self.instance_id
-                        ),
-                    )
+                    begun = await self._store_call(operation, claim)
                 except RMCPStoreError as error:
                     return error
+                acked = False
+                if begun.claimed:
+                    # The early ACK before the entered mark: its write may wait behind other
+                    # answers, and a server killed meanwhile has not called the tool.
+                    acked = run.acked = await self._send_early_ack(ctx, "accepted")
+                    # The one write that tells a claim whose server died before calling the
+                    # tool (run it again) from one that may have run (in doubt).
+                    try:
+                        entered = await self._store_call(
+                            "mark_entered", lambda: self.store.mark_entered(key, owner=self.instance_id)
+                        )
+                    except RMCPStoreError as error:
+                        return error
+                    if not entered:
+                        begun = BeginOutcome(claimed=False, existing=None)
                 run.claimed = begun.claimed
                 if begun.claimed:
+                    running = True
                     self._run_started()
                     scope.deadline = anyio.current_time() + self.max_execution_s
-                    outcome = await self._run_tool(ctx, call_next)
+                    outcome = await self._run_tool(ctx, call_next, acked=acked)
                     scope.deadline = math.inf
                     await self._record(key, outcome)
                     run.outcome, stored = outcome, True
-            if begun is not None and begun.claimed and not stored:
+            if running and not stored:
                 with anyio.CancelScope(shield=True):
                     await self._record(key, None)
         finally:
-            if begun is not None and begun.claimed:
+            if running:
                 self._run_ended()
             self._finish(key, run)
         assert begun is not None  # the scope's only deadline is set after the claim
@@ -493,7 +658,8 @@ class RMCPServerSide:
         self._run_started()
         try:
             with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.max_execution_s):
-                outcome = await self._run_tool(ctx, call_next)
+                acked = await self._send_early_ack(ctx, "accepted")
+                outcome = await self._run_tool(ctx, call_next, acked=acked)
         finally:
             self._run_ended()
         return outcome
@@ -532,8 +698,10 @@ class RMCPServerSide:
             self._unrecorded.add(key)
             logger.exception("RMCP: could not mark idempotency key %r in doubt either", key)
 
-    async def _run_tool(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> StoredOutcome:
-        if await self._send_early_ack(ctx, "accepted"):
+    async def _run_tool(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, *, acked: bool
+    ) -> StoredOutcome:
+        if acked:
             ctx = replace(ctx, session=cast(ServerSession, _ProgressAfterAck(ctx.session)))
         try:
             return StoredOutcome(result=to_wire(await call_next(ctx)))

@@ -1,16 +1,23 @@
 """The dedup store protocol shared by the server extension and every store.
 
 A store keeps one record per idempotency key. A record is created ``STARTED`` (owned by
-one server instance) just before the tool runs, and becomes ``COMPLETED`` (holding the
-encoded result) or ``IN_DOUBT`` (the run was cut short: it may or may not have had its
-effect). Records expire ``ttl_s`` after they were created or, for a run that outlived that,
-after its outcome was recorded; a ``STARTED`` record whose owner is alive never expires (a
-second claim of its key would run the tool again).
+one server instance: the *claim*), is marked *entered* just before the tool is called, and
+becomes ``COMPLETED`` (holding the encoded result) or ``IN_DOUBT`` (the run was cut short: it
+may or may not have had its effect). Records expire ``ttl_s`` after they were created or,
+for a run that outlived that, after its outcome was recorded; a ``STARTED`` record whose owner
+is alive never expires (a second claim of its key would run the tool again).
 
 Owners: every server instance has an ``instance_id`` and keeps a lease alive in the store
 with :meth:`DedupStore.renew_owner`. A ``STARTED`` record whose owner's lease has lapsed
-(or whose owner process is known to be gone) is reported with ``owner_alive=False``: the
-server answers ``in_doubt`` for it, never runs the tool again.
+(or whose owner process is known to be gone) is reported with ``owner_alive=False``. If its
+tool was entered, the server answers ``in_doubt`` for it and never runs the tool again. If
+not, the tool never ran: :meth:`DedupStore.begin` takes the claim over (atomically, so that
+exactly one claimant wins, and the old owner, should it only have been paused, can no longer
+enter: :meth:`DedupStore.mark_entered` fails for it).
+
+An in-doubt key can be settled by what a reconciler found out
+(:meth:`DedupStore.resolve_in_doubt`): the run happened (its result is stored as
+``COMPLETED``), or it did not (the key is claimed again, the tool runs now).
 """
 
 from __future__ import annotations
@@ -53,6 +60,17 @@ class DedupRecord:
     result: bytes | None
     created_at: float
     expires_at: float
+    entered: bool = True
+    """Whether the claimant called the tool. Records written before stores knew of this mark
+    read True: a claim that may have run is in doubt, never run again."""
+
+    @property
+    def in_doubt(self) -> bool:
+        """Whether the run of this record may or may not have had its effect, and will never
+        record a result by itself: marked in doubt, or entered by an owner that is gone."""
+        return self.state is RecordState.IN_DOUBT or (
+            self.state is RecordState.STARTED and self.entered and not self.owner_alive
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -61,6 +79,9 @@ class BeginOutcome:
 
     claimed: bool
     existing: DedupRecord | None
+    taken_over: bool = False
+    """Claimed over a ``STARTED`` record that was never entered (its owner gone, or the
+    claimant itself)."""
 
 
 @runtime_checkable
@@ -93,10 +114,35 @@ class DedupStore(Protocol):
         ...
 
     async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
-        """Atomically claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists.
+        """Atomically claim ``key`` as ``STARTED`` (not entered) by ``owner``, unless a live
+        record exists.
 
-        An expired record is replaced as if absent. When the key is taken, nothing changes
-        and the existing record is returned.
+        An expired record is replaced as if absent, and so is a ``STARTED`` record with the same
+        ``fingerprint`` that was never entered, when its owner is gone or is ``owner`` itself
+        (an owner claims again only a key none of its tasks holds). When the key is taken,
+        nothing changes and the existing record is returned.
+        """
+        ...
+
+    async def mark_entered(self, key: str, *, owner: str) -> bool:
+        """Mark the claim of ``key`` by ``owner`` as entered: its tool is about to be called.
+
+        Durable as a claim is (a crash of any process keeps it). Returns False, changing
+        nothing, when ``key`` is no longer ``STARTED`` by ``owner`` (another claimant took it
+        over): the tool must not be called then.
+        """
+        ...
+
+    async def resolve_in_doubt(self, key: str, *, owner: str, fingerprint: str, result: bytes | None) -> bool:
+        """Settle an in-doubt ``key`` (see :attr:`DedupRecord.in_doubt`; an entered
+        ``STARTED`` record of ``owner`` itself counts, as in :meth:`begin`) with the same
+        ``fingerprint``: with ``result``, it becomes ``COMPLETED`` with that result (the run
+        happened); with None, it is claimed ``STARTED`` (not entered) by ``owner`` (the run
+        did not happen: the tool runs now).
+
+        Atomic across every user of the store: of concurrent calls, at most one returns True.
+        Returns False, changing nothing, when the record is absent, not in doubt, or of
+        another fingerprint.
         """
         ...
 

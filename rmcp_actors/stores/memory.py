@@ -34,6 +34,7 @@ class _Entry:
     result: bytes | None
     created_at: float
     expires_at: float
+    entered: bool = False
 
 
 @final
@@ -122,9 +123,15 @@ class MemoryStore:
         self._check_open()
         now = self._clock()
         existing = self._live_entry(key, now)
-        if existing is not None:
+        if existing is not None and not (
+            existing.state is RecordState.STARTED
+            and not existing.entered
+            and existing.fingerprint == fingerprint
+            and (existing.owner == owner or not self._owner_alive(existing.owner, now))
+        ):
             return BeginOutcome(claimed=False, existing=self._to_record(key, existing, now))
-        self._make_room(now)
+        if existing is None:
+            self._make_room(now)
         self._records[key] = _Entry(
             fingerprint=fingerprint,
             tool=tool,
@@ -134,7 +141,39 @@ class MemoryStore:
             created_at=now,
             expires_at=now + self._ttl_s,
         )
-        return BeginOutcome(claimed=True, existing=None)
+        return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
+
+    async def mark_entered(self, key: str, *, owner: str) -> bool:
+        """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
+        by ``owner`` (taken over): the tool must not be called then."""
+        self._check_open()
+        entry = self._claimed_entry(key, owner)
+        if entry is None:
+            return False
+        entry.entered = True
+        return True
+
+    async def resolve_in_doubt(self, key: str, *, owner: str, fingerprint: str, result: bytes | None) -> bool:
+        """Settle an in-doubt ``key``: ``COMPLETED`` with ``result``, or, with None, claimed
+        anew by ``owner``. False, changing nothing, unless the record is in doubt (or an
+        entered claim of ``owner`` itself) with this ``fingerprint``."""
+        self._check_open()
+        now = self._clock()
+        entry = self._live_entry(key, now)
+        if entry is None or entry.fingerprint != fingerprint:
+            return False
+        if entry.state is RecordState.STARTED:
+            if not entry.entered or (entry.owner != owner and self._owner_alive(entry.owner, now)):
+                return False
+        elif entry.state is not RecordState.IN_DOUBT:
+            return False
+        entry.owner = owner
+        entry.expires_at = max(entry.expires_at, now + self._ttl_s)
+        if result is None:
+            entry.state, entry.entered = RecordState.STARTED, False
+        else:
+            entry.state, entry.result = RecordState.COMPLETED, result
+        return True
 
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         """Store the result of the run ``owner`` started.
@@ -262,4 +301,5 @@ class MemoryStore:
             result=entry.result,
             created_at=entry.created_at,
             expires_at=entry.expires_at,
+            entered=entry.entered,
         )

@@ -8,10 +8,11 @@ the event loop's thread through a second connection that never waits (a busy dat
 it to the queue instead), because a few tens of microseconds of blocking cost less than two
 hops to a worker thread and back.
 
-Writes are group-committed. The server commits twice per tool call (``begin``, then
-``complete``); with many calls in flight, one fsync per write would cap throughput at the
-disk's fsync rate. So writes submitted while a flush runs share the next one, each in its own
-SAVEPOINT; the machinery (``_sqlite_batch.GroupCommit``) is shared with the transaction journal.
+Writes are group-committed. The server commits three times per tool call (``begin``,
+``mark_entered``, then ``complete``); with many calls in flight, one fsync per write would cap
+throughput at the disk's fsync rate. So writes submitted while a flush runs share the next one,
+each in its own SAVEPOINT; the machinery (``_sqlite_batch.GroupCommit``) is shared with the
+transaction journal.
 
 Several processes may open the same file: every write transaction starts with ``BEGIN
 IMMEDIATE`` (the database's write lock, waited for up to ``busy_timeout_s``), which makes
@@ -55,7 +56,8 @@ _SCHEMA = (
         owner TEXT NOT NULL,
         result BLOB,
         created_at REAL NOT NULL,
-        expires_at REAL NOT NULL
+        expires_at REAL NOT NULL,
+        entered INTEGER NOT NULL DEFAULT 1
     )""",
     "CREATE INDEX IF NOT EXISTS records_by_expiry ON records (expires_at)",
     "CREATE INDEX IF NOT EXISTS records_by_owner ON records (owner)",
@@ -69,14 +71,23 @@ _SCHEMA = (
 )
 
 
+# Files created before the entered mark existed get the column; their records (and those
+# written by older processes sharing the file, which do not set it) read as entered: in doubt
+# if their owner is gone, never run again.
+_ADD_ENTERED = "ALTER TABLE records ADD COLUMN entered INTEGER NOT NULL DEFAULT 1"
+
+
 def _create_schema(connection: sqlite3.Connection) -> None:
     for statement in _SCHEMA:
         connection.execute(statement)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(records)")}
+    if "entered" not in columns:
+        connection.execute(_ADD_ENTERED)
 
 
 _SELECT_RECORD = """
     SELECT r.key, r.fingerprint, r.tool, r.state, r.owner, r.result, r.created_at, r.expires_at,
-           o.pid, o.host, o.lease_expires_at, o.released
+           r.entered, o.pid, o.host, o.lease_expires_at, o.released
     FROM records AS r LEFT JOIN owners AS o ON o.instance_id = r.owner
     WHERE r.key = ?
 """
@@ -92,7 +103,8 @@ class SQLiteStoreStatistics:
         writes: Writes carried by those transactions.
         largest_batch: The most writes one transaction carried.
         queued: Writes waiting for the next flush right now.
-        inline_claims: Claims committed on the event loop's thread, outside the queue.
+        inline_claims: Claims and entered marks committed on the event loop's thread, outside
+            the queue.
     """
 
     commits: int
@@ -108,10 +120,11 @@ class SQLiteStore:
 
     The file is in WAL mode. A result (``complete``), an in-doubt mark and owner changes are
     committed with ``synchronous=FULL``: on disk (fsynced) when the method returns, so they
-    survive a power loss. A claim (``begin``) is committed with ``synchronous=NORMAL`` unless
-    ``fsync_claims``: it is in the WAL, which survives a crash of any process, and the next
-    FULL commit makes it durable too; only a power loss or an OS crash during the run can lose
-    it, and then a retry would run the tool again. Group commit pays the fsync once per batch
+    survive a power loss. A claim (``begin``) and its entered mark (``mark_entered``) are
+    committed with ``synchronous=NORMAL`` unless ``fsync_claims``: they are in the WAL, which
+    survives a crash of any process, and the next FULL commit makes them durable too; only a
+    power loss or an OS crash during the run can lose them, and then a retry would run the
+    tool again. Group commit pays the fsync once per batch
     of concurrent writes, not per write.
 
     A ``STARTED`` record reads ``owner_alive=True`` while its owner is registered, not
@@ -136,8 +149,8 @@ class SQLiteStore:
         clock: The time source for expiries and leases, in seconds since the epoch;
             ``time.time`` by default, a wall clock because several processes share the file.
         busy_timeout_s: How long a transaction waits for another process's write lock.
-        fsync_claims: Fsync every claim as well (at-most-once across a power loss, at the
-            price of one more fsync per call when calls are sequential).
+        fsync_claims: Fsync every claim and entered mark as well (at-most-once across a power
+            loss, at the price of two more fsyncs per call when calls are sequential).
 
     Failures of SQLite itself (a locked or unwritable file, a full disk) are raised as
     :class:`~rmcp_actors.RMCPStoreError`, with the ``sqlite3`` error as ``__cause__``.
@@ -254,24 +267,89 @@ class SQLiteStore:
         def apply(connection: sqlite3.Connection) -> BeginOutcome:
             row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
             existing = None if row is None else self._live_record(row, now)
-            if existing is not None:
+            if existing is not None and not (
+                existing.state is RecordState.STARTED
+                and not existing.entered
+                and existing.fingerprint == fingerprint
+                and (existing.owner == owner or not existing.owner_alive)
+            ):
                 return BeginOutcome(claimed=False, existing=existing)
+            # The read above and this write are one transaction under the write lock: of two
+            # processes taking over one abandoned claim, the second sees the first's.
             connection.execute(
                 """INSERT OR REPLACE INTO records
-                (key, fingerprint, tool, state, owner, result, created_at, expires_at)
-                VALUES (?, ?, ?, ?, ?, NULL, ?, ?)""",
+                (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+                VALUES (?, ?, ?, ?, ?, NULL, ?, ?, 0)""",
                 (key, fingerprint, tool, RecordState.STARTED.value, owner, now, now + self._ttl_s),
             )
-            return BeginOutcome(claimed=True, existing=None)
+            return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
 
+        return await self._claim_write(apply, "begin")
+
+    async def mark_entered(self, key: str, *, owner: str) -> bool:
+        """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
+        by ``owner`` (taken over): the tool must not be called then.
+
+        Committed as a claim is (``fsync_claims``), inline when the database is free: a crash
+        of any process keeps it.
+        """
+
+        def apply(connection: sqlite3.Connection) -> bool:
+            return (
+                connection.execute(
+                    "UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?",
+                    (key, owner, RecordState.STARTED.value),
+                ).rowcount
+                == 1
+            )
+
+        return await self._claim_write(apply, "mark_entered")
+
+    async def resolve_in_doubt(self, key: str, *, owner: str, fingerprint: str, result: bytes | None) -> bool:
+        """Settle an in-doubt ``key``: ``COMPLETED`` with ``result`` (committed to disk), or,
+        with None, claimed anew by ``owner``. False, changing nothing, unless the record is in
+        doubt (or an entered claim of ``owner`` itself) with this ``fingerprint``.
+
+        Atomic across processes: the check and the change run in one write transaction.
+        """
+        now = self._clock()
+        expires_at = now + self._ttl_s
+
+        def apply(connection: sqlite3.Connection) -> bool:
+            row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
+            record = None if row is None else self._live_record(row, now)
+            if record is None or record.fingerprint != fingerprint:
+                return False
+            own_entered = record.state is RecordState.STARTED and record.entered and record.owner == owner
+            if not (record.in_doubt or own_entered):
+                return False
+            if result is None:
+                connection.execute(
+                    """UPDATE records SET state = ?, owner = ?, entered = 0,
+                    expires_at = MAX(expires_at, ?) WHERE key = ?""",
+                    (RecordState.STARTED.value, owner, expires_at, key),
+                )
+            else:
+                connection.execute(
+                    """UPDATE records SET state = ?, owner = ?, result = ?,
+                    expires_at = MAX(expires_at, ?) WHERE key = ?""",
+                    (RecordState.COMPLETED.value, owner, result, expires_at, key),
+                )
+            return True
+
+        return await self._write(apply, operation="resolve_in_doubt")
+
+    async def _claim_write(self, apply: Callable[[sqlite3.Connection], _T], operation: str) -> _T:
+        """Commit a claim's write: without an fsync unless ``fsync_claims``, inline when the
+        database is free right now (see the module docstring), else in the queue."""
         try:
             done = None if self._fsync_claims else self._try_inline(apply)
         except sqlite3.Error as error:
-            raise self._store_error("begin", error) from error
+            raise self._store_error(operation, error) from error
         if done is not None:
             self._inline_claims += 1
             return done[0]
-        return await self._write(apply, operation="begin", sync=self._fsync_claims)
+        return await self._write(apply, operation=operation, sync=self._fsync_claims)
 
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         """Store the result of the run ``owner`` started; committed to disk once this returns.
@@ -439,8 +517,8 @@ class SQLiteStore:
         return None
 
     def _to_record(self, row: tuple[Any, ...], now: float) -> DedupRecord:
-        key, fingerprint, tool, state, owner, result, created_at, expires_at = row[:8]
-        pid, host, lease_expires_at, released = row[8:]
+        key, fingerprint, tool, state, owner, result, created_at, expires_at, entered = row[:9]
+        pid, host, lease_expires_at, released = row[9:]
         owner_alive = (
             pid is not None
             and not released
@@ -457,6 +535,7 @@ class SQLiteStore:
             result=result,
             created_at=created_at,
             expires_at=expires_at,
+            entered=bool(entered),
         )
 
 
