@@ -1,0 +1,162 @@
+"""Transactions under cancellation and concurrency (review of issue 9).
+
+A journal whose appends take time (MockClock) makes a cancellation or a concurrent
+``recover()`` land exactly at one await of the transaction; the servers are real in-memory
+ledger servers (RMCP installed or plain).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from test_transactions import Ledger, begun, done, intent, ledger_server, step, undo
+
+from rmcp_actors import RMCPSupervisor, ServerSpec, TransactionState
+from rmcp_actors.stores import MemoryJournal
+from rmcp_actors.transactions.journal import (
+    JournalRecord,
+    StateChanged,
+    StepDone,
+    TransactionBegun,
+)
+
+
+class SlowJournal(MemoryJournal):
+    """A journal whose chosen appends take ``seconds`` before (or after) the record is stored:
+    a group commit waiting its turn, or a durable record whose writer has not resumed yet."""
+
+    def __init__(
+        self, slow: Callable[[JournalRecord], bool], *, seconds: float = 10.0, after: bool = False
+    ) -> None:
+        super().__init__()
+        self.slow = slow
+        self.seconds = seconds
+        self.after = after
+
+    async def append(self, record: JournalRecord) -> None:
+        slow = self.slow(record)
+        if slow and not self.after:
+            await trio.sleep(self.seconds)
+        await super().append(record)
+        if slow and self.after:
+            await trio.sleep(self.seconds)
+
+
+def committed(record: JournalRecord) -> bool:
+    return isinstance(record, StateChanged) and record.state == "committed"
+
+
+async def states_of(sup: RMCPSupervisor) -> dict[str, TransactionState]:
+    return {summary.transaction_id: summary.state for summary in await sup.transactions()}
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return Ledger()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the commit is appended unshielded: a cancellation there leaves it in_progress",
+)
+async def test_a_cancellation_while_the_commit_is_journaled_does_not_leave_it_in_progress(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = SlowJournal(committed)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book")
+        with trio.move_on_after(5):
+            async with tx:
+                await step(tx, "a")
+        # The block ended normally: the commit is decided; a cancellation while it is being
+        # journaled must not leave a transaction nobody ends (neither committed nor undone).
+        assert tx.state is TransactionState.COMMITTED
+        assert await states_of(sup) == {tx.id: TransactionState.COMMITTED}
+    assert ledger.entries == ["do a"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a step's StepDone is appended unshielded: a cancellation there loses the known outcome",
+)
+async def test_a_cancellation_while_a_step_outcome_is_journaled_keeps_the_outcome(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = SlowJournal(lambda record: isinstance(record, StepDone) and record.outcome == "succeeded")
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book")
+        with trio.move_on_after(5):
+            async with tx:
+                # The compensation is computed from the result: losing the outcome would put the
+                # transaction in doubt although the step's result was in hand.
+                await tx.call("ledger", "do", {"label": "a"}, compensate=lambda _result: undo("a"))
+                await trio.sleep(60)
+        assert tx.state is TransactionState.COMPENSATED
+        assert await states_of(sup) == {tx.id: TransactionState.COMPENSATED}
+    assert ledger.entries == ["do a", "undo a"]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="recover() has no mutual exclusion: two at once compensate the same transaction twice"
+)
+async def test_two_recoveries_at_once_compensate_once(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = MemoryJournal()
+    tx_id = "t1"
+    for record in [*begun(tx_id), intent(tx_id, 0, "a"), done(tx_id, 0)]:
+        await journal.append(record)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        # A plain server: nothing deduplicates a compensation sent twice.
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger, rmcp=False)))
+        reports: list[Any] = []
+
+        async def recover() -> None:
+            reports.append(await sup.recover())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(recover)
+            nursery.start_soon(recover)
+        assert sorted(report.compensated for report in reports) == [(), (tx_id,)]
+        records = await journal.read(tx_id)
+        assert [r.state for r in records if isinstance(r, StateChanged)] == [
+            "in_progress",
+            "compensating",
+            "compensated",
+        ]
+    assert ledger.entries == ["undo a"]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="the transaction is registered live only after its TransactionBegun append returns"
+)
+async def test_recover_never_settles_a_transaction_whose_begin_was_just_journaled(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A durable journal's append returns a while after the record is committed (its writer
+    # waits for its turn to run): recover() may read the new transaction in that window.
+    journal = SlowJournal(lambda record: isinstance(record, TransactionBegun), seconds=1.0, after=True)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        ids: list[str] = []
+
+        async def book() -> None:
+            async with sup.transaction("book") as tx:
+                ids.append(tx.id)
+                await step(tx, "a")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(book)
+            await trio.sleep(0.5)
+            report = await sup.recover()
+        assert report.total == 0
+        assert await states_of(sup) == {ids[0]: TransactionState.COMMITTED}
+        states = [r.state for r in await journal.read(ids[0]) if isinstance(r, StateChanged)]
+        assert states == ["in_progress", "committed"]
+    assert ledger.entries == ["do a"]
