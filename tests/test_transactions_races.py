@@ -59,10 +59,6 @@ def ledger() -> Ledger:
     return Ledger()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the commit is appended unshielded: a cancellation there leaves it in_progress",
-)
 async def test_a_cancellation_while_the_commit_is_journaled_does_not_leave_it_in_progress(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -80,10 +76,6 @@ async def test_a_cancellation_while_the_commit_is_journaled_does_not_leave_it_in
     assert ledger.entries == ["do a"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a step's StepDone is appended unshielded: a cancellation there loses the known outcome",
-)
 async def test_a_cancellation_while_a_step_outcome_is_journaled_keeps_the_outcome(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

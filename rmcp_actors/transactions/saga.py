@@ -449,18 +449,21 @@ class Transaction:
             )
         except RMCPError as error:
             unknown = error.may_have_executed
-            await engine.write(
-                ledger,
-                StepDone(
-                    transaction_id=self.id,
-                    step=index,
-                    at=engine.now(),
-                    outcome="unknown" if unknown else "failed",
-                    ran=None if unknown else False,
-                    attempts=attempts_of(error),
-                    error=f"{type(error).__name__}: {error.message}",
-                ),
-            )
+            # Shielded (as below): an outcome this task knows must not be lost to a
+            # cancellation, or the abort would treat a step known not to have run as unknown.
+            with anyio.CancelScope(shield=True):
+                await engine.write(
+                    ledger,
+                    StepDone(
+                        transaction_id=self.id,
+                        step=index,
+                        at=engine.now(),
+                        outcome="unknown" if unknown else "failed",
+                        ran=None if unknown else False,
+                        attempts=attempts_of(error),
+                        error=f"{type(error).__name__}: {error.message}",
+                    ),
+                )
             if unknown and not intent.compensate_unknown:
                 raise await self._in_doubt(index, error) from error
             raise
@@ -487,19 +490,23 @@ class Transaction:
                 computed = compensate(result)
             except Exception as error:
                 failure = error
-        await engine.write(
-            ledger,
-            StepDone(
-                transaction_id=self.id,
-                step=index,
-                at=engine.now(),
-                outcome="failed" if result.is_error else "succeeded",
-                ran=True,
-                attempts=result.attempts,
-                result=result_json(result),
-                compensation=compensation_spec(computed) if computed is not None else None,
-            ),
-        )
+        # Shielded: the step ran and its result is in hand; losing its outcome to a
+        # cancellation would compensate it blindly, put it in doubt (a computed compensation),
+        # or send it again past the pivot.
+        with anyio.CancelScope(shield=True):
+            await engine.write(
+                ledger,
+                StepDone(
+                    transaction_id=self.id,
+                    step=index,
+                    at=engine.now(),
+                    outcome="failed" if result.is_error else "succeeded",
+                    ran=True,
+                    attempts=result.attempts,
+                    result=result_json(result),
+                    compensation=compensation_spec(computed) if computed is not None else None,
+                ),
+            )
         if failure is not None:
             # The step ran; without its compensation an abort reports it as not undone.
             raise failure
@@ -671,7 +678,10 @@ class Transaction:
                 state=self.state.value,
                 step=step,
             )
-        await self._engine.change_state(self._ledger, TransactionState.COMMITTED)
+        # Shielded: the block ended normally, so the transaction is decided; a cancellation
+        # while this is journaled would leave it in progress with nobody to end it.
+        with anyio.CancelScope(shield=True):
+            await self._engine.change_state(self._ledger, TransactionState.COMMITTED)
 
     async def _abort(self, error: BaseException) -> None:
         """Settle after the block raised; the caller re-raises ``error`` unless this raises."""
