@@ -94,9 +94,6 @@ async def test_a_cancellation_while_a_step_outcome_is_journaled_keeps_the_outcom
     assert ledger.entries == ["do a", "undo a"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="recover() has no mutual exclusion: two at once compensate the same transaction twice"
-)
 async def test_two_recoveries_at_once_compensate_once(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -125,9 +122,6 @@ async def test_two_recoveries_at_once_compensate_once(
     assert ledger.entries == ["undo a"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the transaction is registered live only after its TransactionBegun append returns"
-)
 async def test_recover_never_settles_a_transaction_whose_begin_was_just_journaled(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

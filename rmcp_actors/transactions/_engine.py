@@ -296,6 +296,9 @@ class Engine:
     #: Transactions whose block runs in this process, with how to resolve their steps:
     #: ``recover()`` leaves them to their owners.
     live: dict[str, Resolver] = attrs.Factory(dict[str, "Resolver"])
+    #: Held while a transaction no block runs is settled (``recover()``, ``resolve`` after its
+    #: block): two of them at once would send its compensations twice.
+    settling: anyio.Lock = attrs.Factory(anyio.Lock)
 
     @staticmethod
     def now() -> float:

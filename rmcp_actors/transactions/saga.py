@@ -595,8 +595,10 @@ class Transaction:
             compensate_parallel=self._parallel,
             continue_on_compensation_failure=self._continue,
         )
-        await self._engine.write(self._ledger, begun)
+        # Live before its first record is durable: recover() may read the record before this
+        # task resumes, and must leave the transaction to its block.
         self._engine.live[self.id] = self._resolve_live
+        await self._engine.write(self._ledger, begun)
         # In one order for every transaction (exclusive before shared of one name), so that
         # declared resources alone never deadlock.
         for resource, shared in sorted(resources):
@@ -755,9 +757,28 @@ async def record_resolution(engine: Engine, ledger: Ledger, step: int, ran: bool
 
 
 async def resolve_ledger(
-    engine: Engine, ledger: Ledger, step: int, ran: bool, *, parallel: bool, continue_on_failure: bool
+    engine: Engine,
+    ledger: Ledger,
+    step: int,
+    ran: bool,
+    *,
+    parallel: bool,
+    continue_on_failure: bool,
+    locked: bool = False,
 ) -> TransactionState:
-    """Journal the answer for a step in doubt, then finish the (ended) transaction."""
+    """Journal the answer for a step in doubt, then finish the (ended) transaction, holding
+    ``engine.settling`` (``locked``: the caller holds it)."""
+    if not locked:
+        async with engine.settling:
+            return await resolve_ledger(
+                engine,
+                ledger,
+                step,
+                ran,
+                parallel=parallel,
+                continue_on_failure=continue_on_failure,
+                locked=True,
+            )
     await record_resolution(engine, ledger, step, ran)
     if ledger.state is not TransactionState.IN_DOUBT or any(
         view.in_doubt for view in fold(ledger.records).steps
