@@ -156,9 +156,6 @@ async def test_recover_never_settles_a_transaction_whose_begin_was_just_journale
     assert ledger.entries == ["do a"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a compensation cut short (outcome unknown) is retried under a new key"
-)
 async def test_a_compensation_cut_short_is_retried_under_its_own_key(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

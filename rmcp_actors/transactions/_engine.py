@@ -147,7 +147,7 @@ class StepView:
     done: StepDone | None = None
     resolved: bool | None = None
     compensation_done: CompensationDone | None = None
-    #: Runs of its compensation that ended failed (each later run takes a new key).
+    #: Runs of its compensation the tool reported failed (each later run takes a new key).
     failed_compensations: int = 0
 
     @property
@@ -242,7 +242,7 @@ def fold(records: Iterable[JournalRecord]) -> TransactionView:
                 view.resolved = record.ran
             elif isinstance(record, CompensationDone):
                 view.compensation_done = record
-                view.failed_compensations += not record.succeeded
+                view.failed_compensations += record.tool_failed
     if begun is None:
         raise ValueError("a transaction's records start with its TransactionBegun")
     return TransactionView(begun, state, [steps[index] for index in sorted(steps)])
@@ -529,7 +529,7 @@ class Engine:
         )
         attempts = 0
         error: str | None = None
-        succeeded = False
+        succeeded = tool_failed = False
         with anyio.move_on_after(self.compensation_timeout_s) as scope:
             failures = 0
             while True:
@@ -554,6 +554,7 @@ class Engine:
                 attempts += result.attempts
                 if result.is_error:
                     error = f"the tool reported an error: {_text_of(result)}"
+                    tool_failed = True
                 else:
                     succeeded = True
                 break
@@ -569,6 +570,7 @@ class Engine:
                 succeeded=succeeded,
                 attempts=attempts,
                 error=error,
+                tool_failed=tool_failed,
             ),
         )
         return succeeded
