@@ -178,3 +178,52 @@ async def test_a_compensation_cut_short_is_retried_under_its_own_key(
         # instead of undoing a second time.
         assert ledger.entries == ["do a", "undo a"]
         assert report.compensated == (tx.id,)
+
+
+async def test_a_runtime_cancelled_mid_transaction_leaves_it_for_recover(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = MemoryJournal()
+    tx_id = ""
+    with trio.move_on_after(5):
+        async with RMCPSupervisor.open(journal=journal) as sup:
+            await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+            async with sup.transaction("book") as tx:
+                tx_id = tx.id
+                await step(tx, "a")
+                await step(tx, "b")
+                await trio.sleep(60)
+    # The cancellation reaches the runtime's actors with the block: whatever the abort could
+    # do, the journal must not call the transaction ended unless it is.
+    [summary] = await journal.summaries()
+    undone = [entry for entry in ledger.entries if entry.startswith("undo")]
+    if summary.state is TransactionState.COMPENSATED:
+        assert undone == ["undo b", "undo a"]
+    else:
+        assert summary.state in (TransactionState.IN_PROGRESS, TransactionState.COMPENSATING)
+        async with RMCPSupervisor.open(journal=journal) as sup:
+            # The server lives on (its RMCP store closed with the first runtime's connection).
+            await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+            report = await sup.recover()
+            assert report.compensated == (tx_id,)
+    assert ledger.entries == ["do a", "do b", "undo b", "undo a"]
+
+
+@pytest.mark.xfail(strict=True, reason="a group of Cancelled is not seen as a cancellation by the abort")
+async def test_a_cancellation_through_a_nursery_in_the_block_propagates_when_compensation_fails(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    ledger.undo_failures["a"] = 1
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book")
+        with trio.move_on_after(5) as scope:
+            async with tx:
+                await step(tx, "a")
+                # The outer cancellation leaves this nursery as a group of Cancelled.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.sleep, 60)
+                    await trio.sleep(60)
+        assert scope.cancelled_caught
+        assert tx.state is TransactionState.COMPENSATION_FAILED
+    assert ledger.entries == ["do a"]
