@@ -209,7 +209,6 @@ async def test_a_runtime_cancelled_mid_transaction_leaves_it_for_recover(
     assert ledger.entries == ["do a", "do b", "undo b", "undo a"]
 
 
-@pytest.mark.xfail(strict=True, reason="a group of Cancelled is not seen as a cancellation by the abort")
 async def test_a_cancellation_through_a_nursery_in_the_block_propagates_when_compensation_fails(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -24,7 +24,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 from types import TracebackType
-from typing import Any, NoReturn, Protocol, final
+from typing import Any, NoReturn, Protocol, cast, final
 
 import anyio
 import attrs
@@ -697,7 +697,7 @@ class Transaction:
                         self._ledger, TransactionState.COMPENSATED, "aborted before its first step"
                     )
             return
-        cancelled = isinstance(error, anyio.get_cancelled_exc_class())
+        cancelled = _is_cancellation(error)
         if self.state is not TransactionState.IN_DOUBT:
             try:
                 settlement = await self._settle()
@@ -736,6 +736,16 @@ class Transaction:
             name=self.name,
             state=self.state.value,
         ) from timed_out
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation: Cancelled, or a group of nothing else (how one
+    leaves a nursery inside the block)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(error, BaseExceptionGroup):
+        _, rest = cast("BaseExceptionGroup[BaseException]", error).split(cancelled)
+        return rest is None
+    return isinstance(error, cancelled)
 
 
 async def record_resolution(engine: Engine, ledger: Ledger, step: int, ran: bool) -> None:
