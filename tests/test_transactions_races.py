@@ -242,9 +242,6 @@ class FailingJournal(MemoryJournal):
         await super().append(record)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a journal failure while a cancelled step is journaled replaces Cancelled"
-)
 async def test_a_journal_failure_while_a_cancelled_step_is_journaled_keeps_the_cancellation(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -470,17 +470,24 @@ class Transaction:
         except BaseException:
             # Cancelled (or worse) mid-step: it may have been sent. Recorded as unknown, so the
             # abort that follows compensates it (or leaves it in doubt) instead of forgetting it.
+            # A step with no outcome journaled is unknown as well: a journal failure here is
+            # logged, and the cancellation goes on unchanged.
             with anyio.CancelScope(shield=True):
-                await engine.write(
-                    ledger,
-                    StepDone(
-                        transaction_id=self.id,
-                        step=index,
-                        at=engine.now(),
-                        outcome="unknown",
-                        error="cancelled while the step was in flight",
-                    ),
-                )
+                try:
+                    await engine.write(
+                        ledger,
+                        StepDone(
+                            transaction_id=self.id,
+                            step=index,
+                            at=engine.now(),
+                            outcome="unknown",
+                            error="cancelled while the step was in flight",
+                        ),
+                    )
+                except RMCPError:
+                    _logger.exception(
+                        "transaction %r (%s): journaling step %d as unknown failed", self.name, self.id, index
+                    )
             raise
         computed: Compensation | None = None
         failure: Exception | None = None
@@ -690,14 +697,22 @@ class Transaction:
         if is_fatal(error):
             # The process is going down: the journal tells recover() the rest.
             return
+        cancelled = _is_cancellation(error)
         if self.state is TransactionState.INITIATED:
             if self._ledger.records:
                 with anyio.CancelScope(shield=True):
-                    await self._engine.change_state(
-                        self._ledger, TransactionState.COMPENSATED, "aborted before its first step"
-                    )
+                    try:
+                        await self._engine.change_state(
+                            self._ledger, TransactionState.COMPENSATED, "aborted before its first step"
+                        )
+                    except RMCPError:
+                        if not cancelled:
+                            raise
+                        # A cancellation propagates unchanged; recover() ends it (no steps).
+                        _logger.exception(
+                            "transaction %r (%s): journaling its abort failed", self.name, self.id
+                        )
             return
-        cancelled = _is_cancellation(error)
         if self.state is not TransactionState.IN_DOUBT:
             try:
                 settlement = await self._settle()
