@@ -17,10 +17,12 @@ from test_transactions import Boom, Ledger, begun, done, intent, ledger_server, 
 
 from rmcp_actors import (
     Compensation,
+    RMCPArgumentError,
     RMCPCompensationError,
     RMCPConfig,
     RMCPStoreError,
     RMCPSupervisor,
+    RMCPTransactionInDoubtError,
     ServerSpec,
     TransactionSettings,
     TransactionState,
@@ -254,5 +256,31 @@ async def test_a_journal_failure_while_a_cancelled_step_is_journaled_keeps_the_c
                 await tx.call("ledger", "slow", {"label": "a", "seconds": 60}, compensate=undo("a"))
         assert scope.cancelled_caught
         # The step's outcome was not journaled: it may have run, and it is compensated.
+        assert tx.state is TransactionState.COMPENSATED
+    assert ledger.entries == ["do a", "undo a"]
+
+
+@pytest.mark.xfail(strict=True, reason="tx.resolve after the block settles from its own, stale records")
+async def test_tx_resolve_after_sup_resolve_does_not_compensate_again(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        # Plain servers: nothing deduplicates a compensation sent twice.
+        await sup.add_server(ServerSpec.in_memory("plain", ledger_server(ledger, rmcp=False)))
+        tx = sup.transaction("book")
+        with pytest.raises(RMCPTransactionInDoubtError):
+            async with tx:
+                await tx.call(
+                    "plain",
+                    "slow",
+                    {"label": "a", "seconds": 60},
+                    timeout=1,
+                    compensate=Compensation("plain", "undo", {"label": "a"}),
+                    compensate_unknown=False,
+                )
+        # An operator resolves it through the supervisor; then the program, too late.
+        assert await sup.resolve(tx.id, 0, ran=True) is TransactionState.COMPENSATED
+        with pytest.raises(RMCPArgumentError):
+            await tx.resolve(0, ran=True)
         assert tx.state is TransactionState.COMPENSATED
     assert ledger.entries == ["do a", "undo a"]
