@@ -260,7 +260,6 @@ async def test_a_journal_failure_while_a_cancelled_step_is_journaled_keeps_the_c
     assert ledger.entries == ["do a", "undo a"]
 
 
-@pytest.mark.xfail(strict=True, reason="tx.resolve after the block settles from its own, stale records")
 async def test_tx_resolve_after_sup_resolve_does_not_compensate_again(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

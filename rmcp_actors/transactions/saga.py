@@ -583,9 +583,23 @@ class Transaction:
                     self._ledger, TransactionState.IN_PROGRESS, f"step {step} resolved"
                 )
             return self.state
-        return await resolve_ledger(
-            self._engine, self._ledger, step, ran, parallel=self._parallel, continue_on_failure=self._continue
-        )
+        engine, ledger = self._engine, self._ledger
+        async with engine.settling:
+            # The journal's records, not this object's: sup.resolve (or another process) may
+            # have settled the transaction since its block ended.
+            records = await engine.journal.read(self.id)
+            if records:
+                ledger.records[:] = records
+                ledger.state = fold(records).state
+            return await resolve_ledger(
+                engine,
+                ledger,
+                step,
+                ran,
+                parallel=self._parallel,
+                continue_on_failure=self._continue,
+                locked=True,
+            )
 
     async def _resolve_live(self, step: int, ran: bool) -> TransactionState:
         return await self.resolve(step, ran=ran)
