@@ -578,6 +578,9 @@ class Transaction:
         """
         if self._active:
             await record_resolution(self._engine, self._ledger, step, ran)
+            if fold(self._ledger.records).pivot_passed:
+                # A pivot that did run is the point of no return, as if it had answered.
+                self._pivot_passed = True
             if not any(view.in_doubt for view in fold(self._ledger.records).steps):
                 await self._engine.change_state(
                     self._ledger, TransactionState.IN_PROGRESS, f"step {step} resolved"
