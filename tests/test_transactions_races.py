@@ -307,3 +307,28 @@ async def test_a_pivot_resolved_as_run_inside_the_block_is_the_point_of_no_retur
             await tx.call("plain", "refused", {"label": "b"})
         assert tx.state is TransactionState.COMMITTED
     assert ledger.entries == ["do a", "do b"]
+
+
+async def test_steps_from_two_tasks_get_unique_indices_and_keys(ledger: Ledger) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book")
+        with pytest.raises(BaseExceptionGroup):  # noqa: PT012
+            async with tx:
+
+                async def steps(prefix: str) -> None:
+                    for index in range(5):
+                        await step(tx, f"{prefix}{index}")
+                    raise Boom
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(steps, "x")
+                    nursery.start_soon(steps, "y")
+        history = tx.history()
+        assert [s.step for s in history.steps] == list(range(len(history.steps)))
+        assert len({s.idempotency_key for s in history.steps}) == len(history.steps)
+        # Every step that ran was undone once, in the reverse of the step order.
+        undone = [entry for entry in ledger.entries if entry.startswith("undo")]
+        assert undone == [f"undo {s.arguments['label']}" for s in reversed(history.steps) if s.arguments]
+        assert len(undone) == len(history.steps) == len(set(undone))
+        assert tx.state is TransactionState.COMPENSATED
