@@ -589,8 +589,9 @@ class Transaction:
         engine, ledger = self._engine, self._ledger
         async with engine.settling:
             # The journal's records, not this object's: sup.resolve (or another process) may
-            # have settled the transaction since its block ended.
-            records = await engine.journal.read(self.id)
+            # have settled the transaction since its block ended. (While its block still ends,
+            # it is live, and its own records are being written: they are the truth.)
+            records = [] if self.id in engine.live else await engine.journal.read(self.id)
             if records:
                 ledger.records[:] = records
                 ledger.state = fold(records).state
