@@ -22,6 +22,7 @@ from rmcp_actors import (
     RMCPConfig,
     RMCPStoreError,
     RMCPSupervisor,
+    RMCPTransactionError,
     RMCPTransactionInDoubtError,
     ServerSpec,
     TransactionSettings,
@@ -332,3 +333,19 @@ async def test_steps_from_two_tasks_get_unique_indices_and_keys(ledger: Ledger) 
         assert undone == [f"undo {s.arguments['label']}" for s in reversed(history.steps) if s.arguments]
         assert len(undone) == len(history.steps) == len(set(undone))
         assert tx.state is TransactionState.COMPENSATED
+
+
+@pytest.mark.xfail(strict=True, reason="tx.acquire after the block takes a lock nothing releases")
+async def test_a_lock_asked_for_after_the_block_is_refused_not_leaked(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        async with sup.transaction("first") as first:
+            pass
+        with pytest.raises(RMCPTransactionError, match="ended"):
+            await first.acquire("account:1")
+        # The resource is free: another transaction takes it at once.
+        with trio.fail_after(1):
+            async with sup.transaction("second", resources=["account:1"]) as second:
+                pass
+        assert second.state is TransactionState.COMMITTED
