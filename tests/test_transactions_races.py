@@ -335,7 +335,6 @@ async def test_steps_from_two_tasks_get_unique_indices_and_keys(ledger: Ledger) 
         assert tx.state is TransactionState.COMPENSATED
 
 
-@pytest.mark.xfail(strict=True, reason="tx.acquire after the block takes a lock nothing releases")
 async def test_a_lock_asked_for_after_the_block_is_refused_not_leaked(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -278,6 +278,8 @@ class Transaction:
         self._pivot_passed = False
         self._entered = False
         self._active = False
+        # Set once its locks are released: a lock taken after that would never be.
+        self._ended = False
         self._resources: list[tuple[str, bool]] = []
         self._scope = anyio.CancelScope()
         #: When its block was entered, on the event loop's clock (the youngest transaction
@@ -556,7 +558,17 @@ class Transaction:
         Raises:
             RMCPDeadlockError: Waiting would close a cycle of transactions waiting on each
                 other, and this transaction is the youngest in it.
+            RMCPTransactionError: Its block has not started or has ended.
         """
+        if not self._entered or self._ended:
+            raise RMCPTransactionError(
+                f"transaction {self.name!r} ({self.id}) "
+                f"{'has ended' if self._ended else 'has not started'}: it holds resources only "
+                "inside its block (or declare them with resources=)",
+                transaction_id=self.id,
+                name=self.name,
+                state=self.state.value,
+            )
         self._resources.append((resource, shared))
         if self._locks is not None:
             await self._locks.acquire(self, resource, shared=shared)
@@ -653,6 +665,7 @@ class Transaction:
 
     async def _stop(self) -> None:
         supervisor = self._supervisor
+        self._ended = True
         with anyio.CancelScope(shield=True):
             self._engine.live.pop(self.id, None)
             if self._locks is not None:
