@@ -348,3 +348,30 @@ async def test_a_lock_asked_for_after_the_block_is_refused_not_leaked(
             async with sup.transaction("second", resources=["account:1"]) as second:
                 pass
         assert second.state is TransactionState.COMMITTED
+
+
+@pytest.mark.xfail(
+    strict=True, reason="a pivot in doubt resolved as not run is sent again after the block ended"
+)
+async def test_a_pivot_in_doubt_resolved_as_not_run_compensates(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        await sup.add_server(ServerSpec.in_memory("plain", ledger_server(ledger, rmcp=False)))
+        tx = sup.transaction("book")
+        with pytest.raises(RMCPTransactionInDoubtError):  # noqa: PT012
+            async with tx:
+                await step(tx, "a")
+                await tx.call(
+                    "plain",
+                    "slow",
+                    {"label": "p", "seconds": 60},
+                    timeout=1,
+                    pivot=True,
+                    compensate_unknown=False,
+                )
+        # The pivot did not go through (says the operator): the block ended there, so the
+        # transaction is undone; sending the pivot now would commit what the program abandoned.
+        assert await tx.resolve(1, ran=False) is TransactionState.COMPENSATED
+    assert ledger.entries == ["do a", "do p", "undo a"]
