@@ -350,9 +350,6 @@ async def test_a_lock_asked_for_after_the_block_is_refused_not_leaked(
         assert second.state is TransactionState.COMMITTED
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a pivot in doubt resolved as not run is sent again after the block ended"
-)
 async def test_a_pivot_in_doubt_resolved_as_not_run_compensates(
     ledger: Ledger, autojump_clock: trio.testing.MockClock
 ) -> None:

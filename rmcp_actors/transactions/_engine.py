@@ -376,6 +376,10 @@ class Engine:
             pending = step.done is None or (step.resolved is False and step.done.outcome == "unknown")
             if step.resolved is True or not pending:
                 continue
+            if step.intent.pivot and step.resolved is False and not view.pivot_passed:
+                # An operator says the pivot did not run: the point of no return was not
+                # reached, and the block that sent it has ended: compensate, do not send it now.
+                return None
             done, _, last = await self.resend(
                 ledger, step.intent, call_timeout=None, give_up_after_s=timeout_s
             )
