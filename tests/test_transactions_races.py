@@ -372,3 +372,34 @@ async def test_a_pivot_in_doubt_resolved_as_not_run_compensates(
         # transaction is undone; sending the pivot now would commit what the program abandoned.
         assert await tx.resolve(1, ran=False) is TransactionState.COMPENSATED
     assert ledger.entries == ["do a", "do p", "undo a"]
+
+
+async def test_an_event_callback_that_raises_stops_nothing(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+
+    def broken(event: Any) -> None:
+        seen.append(event.what)
+        raise RuntimeError("callback bug")
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        tx = sup.transaction("book", on_event=broken)
+        with pytest.raises(Boom):  # noqa: PT012
+            async with tx:
+                await step(tx, "a")
+                raise Boom
+        assert tx.state is TransactionState.COMPENSATED
+    assert ledger.entries == ["do a", "undo a"]
+    assert seen == [
+        "begun",
+        "state",
+        "step",
+        "step_done",
+        "state",
+        "compensation",
+        "compensation_done",
+        "state",
+    ]
+    assert sum("on_event callback raised" in record.getMessage() for record in caplog.records) == len(seen)
