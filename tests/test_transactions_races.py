@@ -30,6 +30,7 @@ from rmcp_actors import (
 )
 from rmcp_actors.stores import MemoryJournal
 from rmcp_actors.transactions.journal import (
+    CompensationStarted,
     JournalRecord,
     StateChanged,
     StepDone,
@@ -403,3 +404,27 @@ async def test_an_event_callback_that_raises_stops_nothing(
         "state",
     ]
     assert sum("on_event callback raised" in record.getMessage() for record in caplog.records) == len(seen)
+
+
+async def test_a_compensation_whose_server_was_removed_waits_for_it_in_recovery(ledger: Ledger) -> None:
+    journal = MemoryJournal()
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("ledger", ledger_server(ledger)))
+        await sup.add_server(ServerSpec.in_memory("undoer", ledger_server(ledger)))
+        tx = sup.transaction("book")
+        with pytest.raises(RMCPCompensationError) as caught:  # noqa: PT012
+            async with tx:
+                await tx.call(
+                    "ledger", "do", {"label": "a"}, compensate=Compensation("undoer", "undo", {"label": "a"})
+                )
+                await sup.remove_server("undoer")
+                raise Boom
+        assert isinstance(caught.value.__cause__, Boom)
+        assert tx.state is TransactionState.COMPENSATION_FAILED
+        assert (await sup.recover(retry_failed=True)).waiting == (tx.id,)
+        await sup.add_server(ServerSpec.in_memory("undoer", ledger_server(ledger)))
+        assert (await sup.recover(retry_failed=True)).compensated == (tx.id,)
+        # Nothing ran under the first key (no server): the retry keeps it.
+        keys = [r.idempotency_key for r in await journal.read(tx.id) if isinstance(r, CompensationStarted)]
+        assert keys == [f"{tx.id}:0:compensate"] * 2
+    assert ledger.entries == ["do a", "undo a"]
