@@ -147,7 +147,7 @@ class StepView:
     done: StepDone | None = None
     resolved: bool | None = None
     compensation_done: CompensationDone | None = None
-    #: Runs of its compensation that ended failed (each later run takes a new key).
+    #: Runs of its compensation the tool reported failed (each later run takes a new key).
     failed_compensations: int = 0
 
     @property
@@ -242,7 +242,7 @@ def fold(records: Iterable[JournalRecord]) -> TransactionView:
                 view.resolved = record.ran
             elif isinstance(record, CompensationDone):
                 view.compensation_done = record
-                view.failed_compensations += not record.succeeded
+                view.failed_compensations += record.tool_failed
     if begun is None:
         raise ValueError("a transaction's records start with its TransactionBegun")
     return TransactionView(begun, state, [steps[index] for index in sorted(steps)])
@@ -296,6 +296,9 @@ class Engine:
     #: Transactions whose block runs in this process, with how to resolve their steps:
     #: ``recover()`` leaves them to their owners.
     live: dict[str, Resolver] = attrs.Factory(dict[str, "Resolver"])
+    #: Held while a transaction no block runs is settled (``recover()``, ``resolve`` after its
+    #: block): two of them at once would send its compensations twice.
+    settling: anyio.Lock = attrs.Factory(anyio.Lock)
 
     @staticmethod
     def now() -> float:
@@ -373,6 +376,10 @@ class Engine:
             pending = step.done is None or (step.resolved is False and step.done.outcome == "unknown")
             if step.resolved is True or not pending:
                 continue
+            if step.intent.pivot and step.resolved is False and not view.pivot_passed:
+                # An operator says the pivot did not run: the point of no return was not
+                # reached, and the block that sent it has ended: compensate, do not send it now.
+                return None
             done, _, last = await self.resend(
                 ledger, step.intent, call_timeout=None, give_up_after_s=timeout_s
             )
@@ -526,7 +533,7 @@ class Engine:
         )
         attempts = 0
         error: str | None = None
-        succeeded = False
+        succeeded = tool_failed = False
         with anyio.move_on_after(self.compensation_timeout_s) as scope:
             failures = 0
             while True:
@@ -551,6 +558,7 @@ class Engine:
                 attempts += result.attempts
                 if result.is_error:
                     error = f"the tool reported an error: {_text_of(result)}"
+                    tool_failed = True
                 else:
                     succeeded = True
                 break
@@ -566,6 +574,7 @@ class Engine:
                 succeeded=succeeded,
                 attempts=attempts,
                 error=error,
+                tool_failed=tool_failed,
             ),
         )
         return succeeded

@@ -27,9 +27,11 @@ def step_key(transaction_id: str, step: int) -> str:
 def compensation_key(transaction_id: str, step: int, retry: int = 0) -> str:
     """The idempotency key of the compensation of step ``step`` of a transaction.
 
-    ``retry`` counts the earlier runs of this compensation that ended failed (journaled): an
-    RMCP server stores a failed run's result under its key and would replay it, so trying
-    again after one (``recover(retry_failed=True)``) takes the next key.
+    ``retry`` counts the earlier runs of this compensation that the tool reported failed
+    (journaled): an RMCP server stores such a run's result under its key and would replay it,
+    so trying again after one (``recover(retry_failed=True)``) takes the next key. A run cut
+    short (its outcome unknown) does not count: its key is sent again, and the server
+    replays (or waits for) that run instead of undoing twice.
     """
     base = f"{transaction_id}:{step}:compensate"
     return base if retry == 0 else f"{base}:{retry}"

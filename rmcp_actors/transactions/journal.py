@@ -130,6 +130,10 @@ class CompensationDone(msgspec.Struct, frozen=True, kw_only=True, tag="compensat
     succeeded: bool
     attempts: int = 0
     error: str | None = None
+    #: It failed because the tool ran and reported an error: an RMCP server keeps that result
+    #: under its key, so the next run takes a new key. Any other failure (cut short, not
+    #: sent) keeps the key, so that a run whose outcome is unknown is replayed, not repeated.
+    tool_failed: bool = False
 
 
 JournalRecord = (

@@ -71,6 +71,11 @@ async def recover(engine: Engine, *, retry_failed: bool = False) -> RecoveryRepo
     ``compensation_failed`` ones are compensated again too (only their compensations that did
     not succeed, with the same keys).
     """
+    async with engine.settling:
+        return await _recover(engine, retry_failed=retry_failed)
+
+
+async def _recover(engine: Engine, *, retry_failed: bool) -> RecoveryReport:
     outcomes: dict[str, list[str]] = {
         "committed": [],
         "compensated": [],
@@ -140,15 +145,18 @@ async def resolve(engine: Engine, transaction_id: str, step: int, ran: bool) -> 
     live = engine.live.get(transaction_id)
     if live is not None:
         return await live(step, ran)
-    records = await engine.journal.read(transaction_id)
-    if not records:
-        raise RMCPArgumentError(f"the journal has no transaction {transaction_id!r}")
-    begun = fold(records).begun
-    return await resolve_ledger(
-        engine,
-        Ledger.of(records),
-        step,
-        ran,
-        parallel=begun.compensate_parallel,
-        continue_on_failure=begun.continue_on_compensation_failure,
-    )
+    # Read under the lock: a recovery or another resolve may be settling it right now.
+    async with engine.settling:
+        records = await engine.journal.read(transaction_id)
+        if not records:
+            raise RMCPArgumentError(f"the journal has no transaction {transaction_id!r}")
+        begun = fold(records).begun
+        return await resolve_ledger(
+            engine,
+            Ledger.of(records),
+            step,
+            ran,
+            parallel=begun.compensate_parallel,
+            continue_on_failure=begun.continue_on_compensation_failure,
+            locked=True,
+        )

@@ -24,7 +24,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 from types import TracebackType
-from typing import Any, NoReturn, Protocol, final
+from typing import Any, NoReturn, Protocol, cast, final
 
 import anyio
 import attrs
@@ -278,6 +278,8 @@ class Transaction:
         self._pivot_passed = False
         self._entered = False
         self._active = False
+        # Set once its locks are released: a lock taken after that would never be.
+        self._ended = False
         self._resources: list[tuple[str, bool]] = []
         self._scope = anyio.CancelScope()
         #: When its block was entered, on the event loop's clock (the youngest transaction
@@ -449,24 +451,8 @@ class Transaction:
             )
         except RMCPError as error:
             unknown = error.may_have_executed
-            await engine.write(
-                ledger,
-                StepDone(
-                    transaction_id=self.id,
-                    step=index,
-                    at=engine.now(),
-                    outcome="unknown" if unknown else "failed",
-                    ran=None if unknown else False,
-                    attempts=attempts_of(error),
-                    error=f"{type(error).__name__}: {error.message}",
-                ),
-            )
-            if unknown and not intent.compensate_unknown:
-                raise await self._in_doubt(index, error) from error
-            raise
-        except BaseException:
-            # Cancelled (or worse) mid-step: it may have been sent. Recorded as unknown, so the
-            # abort that follows compensates it (or leaves it in doubt) instead of forgetting it.
+            # Shielded (as below): an outcome this task knows must not be lost to a
+            # cancellation, or the abort would treat a step known not to have run as unknown.
             with anyio.CancelScope(shield=True):
                 await engine.write(
                     ledger,
@@ -474,10 +460,36 @@ class Transaction:
                         transaction_id=self.id,
                         step=index,
                         at=engine.now(),
-                        outcome="unknown",
-                        error="cancelled while the step was in flight",
+                        outcome="unknown" if unknown else "failed",
+                        ran=None if unknown else False,
+                        attempts=attempts_of(error),
+                        error=f"{type(error).__name__}: {error.message}",
                     ),
                 )
+            if unknown and not intent.compensate_unknown:
+                raise await self._in_doubt(index, error) from error
+            raise
+        except BaseException:
+            # Cancelled (or worse) mid-step: it may have been sent. Recorded as unknown, so the
+            # abort that follows compensates it (or leaves it in doubt) instead of forgetting it.
+            # A step with no outcome journaled is unknown as well: a journal failure here is
+            # logged, and the cancellation goes on unchanged.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await engine.write(
+                        ledger,
+                        StepDone(
+                            transaction_id=self.id,
+                            step=index,
+                            at=engine.now(),
+                            outcome="unknown",
+                            error="cancelled while the step was in flight",
+                        ),
+                    )
+                except RMCPError:
+                    _logger.exception(
+                        "transaction %r (%s): journaling step %d as unknown failed", self.name, self.id, index
+                    )
             raise
         computed: Compensation | None = None
         failure: Exception | None = None
@@ -487,19 +499,23 @@ class Transaction:
                 computed = compensate(result)
             except Exception as error:
                 failure = error
-        await engine.write(
-            ledger,
-            StepDone(
-                transaction_id=self.id,
-                step=index,
-                at=engine.now(),
-                outcome="failed" if result.is_error else "succeeded",
-                ran=True,
-                attempts=result.attempts,
-                result=result_json(result),
-                compensation=compensation_spec(computed) if computed is not None else None,
-            ),
-        )
+        # Shielded: the step ran and its result is in hand; losing its outcome to a
+        # cancellation would compensate it blindly, put it in doubt (a computed compensation),
+        # or send it again past the pivot.
+        with anyio.CancelScope(shield=True):
+            await engine.write(
+                ledger,
+                StepDone(
+                    transaction_id=self.id,
+                    step=index,
+                    at=engine.now(),
+                    outcome="failed" if result.is_error else "succeeded",
+                    ran=True,
+                    attempts=result.attempts,
+                    result=result_json(result),
+                    compensation=compensation_spec(computed) if computed is not None else None,
+                ),
+            )
         if failure is not None:
             # The step ran; without its compensation an abort reports it as not undone.
             raise failure
@@ -542,7 +558,17 @@ class Transaction:
         Raises:
             RMCPDeadlockError: Waiting would close a cycle of transactions waiting on each
                 other, and this transaction is the youngest in it.
+            RMCPTransactionError: Its block has not started or has ended.
         """
+        if not self._entered or self._ended:
+            raise RMCPTransactionError(
+                f"transaction {self.name!r} ({self.id}) "
+                f"{'has ended' if self._ended else 'has not started'}: it holds resources only "
+                "inside its block (or declare them with resources=)",
+                transaction_id=self.id,
+                name=self.name,
+                state=self.state.value,
+            )
         self._resources.append((resource, shared))
         if self._locks is not None:
             await self._locks.acquire(self, resource, shared=shared)
@@ -564,14 +590,32 @@ class Transaction:
         """
         if self._active:
             await record_resolution(self._engine, self._ledger, step, ran)
+            if fold(self._ledger.records).pivot_passed:
+                # A pivot that did run is the point of no return, as if it had answered.
+                self._pivot_passed = True
             if not any(view.in_doubt for view in fold(self._ledger.records).steps):
                 await self._engine.change_state(
                     self._ledger, TransactionState.IN_PROGRESS, f"step {step} resolved"
                 )
             return self.state
-        return await resolve_ledger(
-            self._engine, self._ledger, step, ran, parallel=self._parallel, continue_on_failure=self._continue
-        )
+        engine, ledger = self._engine, self._ledger
+        async with engine.settling:
+            # The journal's records, not this object's: sup.resolve (or another process) may
+            # have settled the transaction since its block ended. (While its block still ends,
+            # it is live, and its own records are being written: they are the truth.)
+            records = [] if self.id in engine.live else await engine.journal.read(self.id)
+            if records:
+                ledger.records[:] = records
+                ledger.state = fold(records).state
+            return await resolve_ledger(
+                engine,
+                ledger,
+                step,
+                ran,
+                parallel=self._parallel,
+                continue_on_failure=self._continue,
+                locked=True,
+            )
 
     async def _resolve_live(self, step: int, ran: bool) -> TransactionState:
         return await self.resolve(step, ran=ran)
@@ -588,8 +632,10 @@ class Transaction:
             compensate_parallel=self._parallel,
             continue_on_compensation_failure=self._continue,
         )
-        await self._engine.write(self._ledger, begun)
+        # Live before its first record is durable: recover() may read the record before this
+        # task resumes, and must leave the transaction to its block.
         self._engine.live[self.id] = self._resolve_live
+        await self._engine.write(self._ledger, begun)
         # In one order for every transaction (exclusive before shared of one name), so that
         # declared resources alone never deadlock.
         for resource, shared in sorted(resources):
@@ -619,6 +665,7 @@ class Transaction:
 
     async def _stop(self) -> None:
         supervisor = self._supervisor
+        self._ended = True
         with anyio.CancelScope(shield=True):
             self._engine.live.pop(self.id, None)
             if self._locks is not None:
@@ -671,21 +718,32 @@ class Transaction:
                 state=self.state.value,
                 step=step,
             )
-        await self._engine.change_state(self._ledger, TransactionState.COMMITTED)
+        # Shielded: the block ended normally, so the transaction is decided; a cancellation
+        # while this is journaled would leave it in progress with nobody to end it.
+        with anyio.CancelScope(shield=True):
+            await self._engine.change_state(self._ledger, TransactionState.COMMITTED)
 
     async def _abort(self, error: BaseException) -> None:
         """Settle after the block raised; the caller re-raises ``error`` unless this raises."""
         if is_fatal(error):
             # The process is going down: the journal tells recover() the rest.
             return
+        cancelled = _is_cancellation(error)
         if self.state is TransactionState.INITIATED:
             if self._ledger.records:
                 with anyio.CancelScope(shield=True):
-                    await self._engine.change_state(
-                        self._ledger, TransactionState.COMPENSATED, "aborted before its first step"
-                    )
+                    try:
+                        await self._engine.change_state(
+                            self._ledger, TransactionState.COMPENSATED, "aborted before its first step"
+                        )
+                    except RMCPError:
+                        if not cancelled:
+                            raise
+                        # A cancellation propagates unchanged; recover() ends it (no steps).
+                        _logger.exception(
+                            "transaction %r (%s): journaling its abort failed", self.name, self.id
+                        )
             return
-        cancelled = isinstance(error, anyio.get_cancelled_exc_class())
         if self.state is not TransactionState.IN_DOUBT:
             try:
                 settlement = await self._settle()
@@ -726,6 +784,16 @@ class Transaction:
         ) from timed_out
 
 
+def _is_cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation: Cancelled, or a group of nothing else (how one
+    leaves a nursery inside the block)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(error, BaseExceptionGroup):
+        _, rest = cast("BaseExceptionGroup[BaseException]", error).split(cancelled)
+        return rest is None
+    return isinstance(error, cancelled)
+
+
 async def record_resolution(engine: Engine, ledger: Ledger, step: int, ran: bool) -> None:
     """Journal an operator's answer for a step in doubt.
 
@@ -745,9 +813,28 @@ async def record_resolution(engine: Engine, ledger: Ledger, step: int, ran: bool
 
 
 async def resolve_ledger(
-    engine: Engine, ledger: Ledger, step: int, ran: bool, *, parallel: bool, continue_on_failure: bool
+    engine: Engine,
+    ledger: Ledger,
+    step: int,
+    ran: bool,
+    *,
+    parallel: bool,
+    continue_on_failure: bool,
+    locked: bool = False,
 ) -> TransactionState:
-    """Journal the answer for a step in doubt, then finish the (ended) transaction."""
+    """Journal the answer for a step in doubt, then finish the (ended) transaction, holding
+    ``engine.settling`` (``locked``: the caller holds it)."""
+    if not locked:
+        async with engine.settling:
+            return await resolve_ledger(
+                engine,
+                ledger,
+                step,
+                ran,
+                parallel=parallel,
+                continue_on_failure=continue_on_failure,
+                locked=True,
+            )
     await record_resolution(engine, ledger, step, ran)
     if ledger.state is not TransactionState.IN_DOUBT or any(
         view.in_doubt for view in fold(ledger.records).steps
