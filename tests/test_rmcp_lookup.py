@@ -3,6 +3,8 @@ transactions that use them to undo only the steps that ran (in memory and over s
 
 from __future__ import annotations
 
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +27,15 @@ from rmcp_actors import (
 )
 from rmcp_actors._protocol import fingerprint
 from rmcp_actors.server import install, rmcp_of, store_key
-from rmcp_actors.stores import DedupStore, MemoryJournal, MemoryStore, OwnerInfo, RecordState
+from rmcp_actors.stores import (
+    AbortingStore,
+    DedupStore,
+    MemoryJournal,
+    MemoryStore,
+    OwnerInfo,
+    RecordState,
+    SQLiteStore,
+)
 from rmcp_actors.transactions.journal import (
     CompensationSpec,
     JournalRecord,
@@ -60,6 +70,58 @@ async def leave_claimed(store: DedupStore, tool: str, arguments: dict[str, Any],
     if entered:
         assert await store.mark_entered(scoped, owner="crashed")
     await store.release_owner("crashed")
+
+
+# --- Stores -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AbortingStore]:
+    made: MemoryStore | SQLiteStore = (
+        MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "dedup.db")
+    )
+    yield made
+    await made.aclose()
+
+
+async def test_stores_abort_where_a_claim_would_be_taken_and_nowhere_else(store: AbortingStore) -> None:
+    assert isinstance(store, AbortingStore)
+    await store.register_owner(OwnerInfo(instance_id="me", pid=os.getpid(), host="here"), lease_s=30)
+    await store.register_owner(OwnerInfo(instance_id="live", pid=os.getpid(), host="here"), lease_s=30)
+
+    def abort(key: str, *, in_doubt: bool = False, print_: str = "fp") -> Any:
+        return store.abort(key, fingerprint=print_, tool="t", owner="me", in_doubt=in_doubt)
+
+    # Absent: tombstoned, and nobody can claim it afterwards.
+    assert (await abort("absent")).claimed
+    taken = await store.begin("absent", fingerprint="fp", tool="t", owner="live")
+    assert not taken.claimed
+    assert taken.existing is not None
+    assert taken.existing.state is RecordState.ABORTED
+    assert (await abort("absent")).existing.state is RecordState.ABORTED  # type: ignore[union-attr]
+    # A live owner's claim, entered or not, is its own.
+    assert (await store.begin("running", fingerprint="fp", tool="t", owner="live")).claimed
+    assert not (await abort("running")).claimed
+    # A claim never entered whose owner is gone: tombstoned; the owner, back, cannot enter it.
+    await store.register_owner(OwnerInfo(instance_id="gone", pid=os.getpid(), host="here"), lease_s=30)
+    assert (await store.begin("abandoned", fingerprint="fp", tool="t", owner="gone")).claimed
+    await store.release_owner("gone")
+    assert not (await abort("abandoned", print_="other")).claimed
+    assert (await abort("abandoned")).taken_over
+    assert not await store.mark_entered("abandoned", owner="gone")
+    # In doubt: only when a reconciler said so (``in_doubt``).
+    assert (await store.begin("doubt", fingerprint="fp", tool="t", owner="live")).claimed
+    assert await store.mark_entered("doubt", owner="live")
+    await store.mark_in_doubt("doubt", owner="live")
+    assert not (await abort("doubt")).claimed
+    assert (await abort("doubt", in_doubt=True)).claimed
+    record = await store.get("doubt")
+    assert record is not None
+    assert (record.state, record.in_doubt) == (RecordState.ABORTED, False)
+    # Completed: never.
+    assert (await store.begin("done", fingerprint="fp", tool="t", owner="me")).claimed
+    await store.complete("done", owner="me", result=b"{}")
+    assert not (await abort("done", in_doubt=True)).claimed
 
 
 # --- The server side ------------------------------------------------------------------------------
