@@ -507,6 +507,9 @@ class RMCPServerSide:
             await self._ensure_owner()
         except RMCPStoreError as error:
             return self._unavailable(ctx, meta, error)
+        # A client with an ACK timeout waits for this, as for any attempt: a lookup may wait
+        # for a run in flight for as long as that run takes.
+        await self._send_early_ack(ctx, "looking up this key")
         key, call_print = call.key, call.fingerprint
         # A reconciler said the in-doubt run did not happen: the tombstone may replace it.
         not_run = False
