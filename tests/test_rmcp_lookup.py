@@ -4,6 +4,7 @@ transactions that use them to undo only the steps that ran (in memory and over s
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +27,7 @@ from rmcp_actors import (
     TransactionState,
 )
 from rmcp_actors._protocol import fingerprint
+from rmcp_actors.client.call import CallRequest, perform_call
 from rmcp_actors.server import install, rmcp_of, store_key
 from rmcp_actors.stores import (
     AbortingStore,
@@ -408,3 +410,47 @@ async def test_recovery_over_stdio_with_sqlite_does_not_compensate_a_step_never_
         assert late.value.code == "aborted"
     ledger = (tmp_path / "ledger").read_text().splitlines()
     assert ledger == ["seat", "undo seat"]
+
+
+class _StoreWithoutTombstones:
+    """A dedup store of the protocol before lookups: no ``abort``."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "abort":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+async def test_a_lookup_is_never_sent_to_a_server_that_does_not_advertise_it() -> None:
+    entries: list[str] = []
+    store: Any = _StoreWithoutTombstones()
+    app = saga_server(entries, store=store)
+    side = rmcp_of(app)
+    assert side is not None
+    assert "lookup" not in side.settings.features
+    journal = await journal_of(abandoned("tx", ("a", False)))
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("saga", app))
+        # Such a server ignores the flag and would run the tool: the call path refuses to send it.
+        entry = sup._server("saga")
+        request = CallRequest(
+            tool="book",
+            arguments={"label": "a"},
+            request_id="r",
+            idempotency_key="tx:0",
+            priority=0,
+            timeout_s=5,
+            lookup=True,
+        )
+        with pytest.raises(RMCPNackError, match="does not advertise RMCP lookups"):
+            await perform_call(entry.connection, entry.flow, entry.default_policy, request, random.Random())
+        # Recovery compensates as before, without asking.
+        assert (await sup.recover()).compensated == ("tx",)
+    assert entries == ["cancel a"]
