@@ -19,6 +19,7 @@ from mcp_test_server import State, build_server, ledger_reconciler
 from mcp_types import RequestParamsMeta
 
 from rmcp_actors import (
+    CallResult,
     Compensation,
     RMCPNackError,
     RMCPSupervisor,
@@ -259,6 +260,12 @@ def cancel(label: str) -> Compensation:
     return Compensation("saga", "cancel", {"label": label})
 
 
+def cancel_receipt(result: CallResult) -> Compensation:
+    """Undo a booking by the receipt its result holds."""
+    assert result.structured_content is not None
+    return cancel(result.structured_content["receipt"])
+
+
 def abandoned(tx_id: str, *steps: tuple[str, bool]) -> list[JournalRecord]:
     """The journal of a program that died in transaction ``tx_id``: each step ``(label,
     done)`` journaled its intent, and its outcome when ``done``."""
@@ -344,7 +351,7 @@ async def test_an_unknown_step_with_a_compensation_function_is_undone_with_its_r
                     "saga",
                     "book",
                     {"label": "b", "seconds": 30},
-                    compensate=lambda result: cancel(result.structured_content["receipt"]),
+                    compensate=cancel_receipt,
                     timeout=5,
                 )
         # The abort looked the step up (waiting for the run the server still had in flight):
