@@ -249,12 +249,7 @@ async def perform_call(
                     connection, flow, policy, request, rng, deadline, progress
                 )
             except RMCPError as error:
-                if (
-                    progress.last_ambiguous is not None
-                    and not error.may_have_executed
-                    # The server says the key never ran, the lost attempt included.
-                    and getattr(error, "code", None) != NackCode.ABORTED
-                ):
+                if progress.last_ambiguous is not None and not error.may_have_executed:
                     # A later attempt failed cleanly, but an earlier one was sent and lost.
                     unknown = RMCPOutcomeUnknownError(
                         f"an earlier attempt was sent and its answer lost ({_cause_text(progress)}), so the "
