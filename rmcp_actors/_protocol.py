@@ -41,6 +41,7 @@ PROTOCOL_VERSION: Final = "0.2"
 FEATURE_DEDUP: Final = "dedup"
 FEATURE_ACK: Final = "ack"
 FEATURE_EARLY_ACK: Final = "early_ack"
+FEATURE_LOOKUP: Final = "lookup"
 
 
 class NackCode(enum.StrEnum):
@@ -56,6 +57,7 @@ class NackCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     UNKNOWN_TOOL = "unknown_tool"
     INVALID_ARGUMENTS = "invalid_arguments"
+    ABORTED = "aborted"
 
 
 RETRYABLE_NACKS: Final = frozenset(
@@ -82,6 +84,8 @@ class RequestMeta(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unkno
     retry_count: int | None = None
     expect_ack: bool | None = None
     timestamp: str | float | None = None
+    lookup: bool | None = None
+    """Ask what became of the key without ever running the tool (see docs/protocol.md)."""
 
     @property
     def attempt_number(self) -> int:
@@ -132,6 +136,11 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         """Whether the server deduplicates calls by idempotency key."""
         return FEATURE_DEDUP in self.features
 
+    @property
+    def lookup(self) -> bool:
+        """Whether the server answers a lookup (``_meta.rmcp.lookup``) without running the tool."""
+        return FEATURE_LOOKUP in self.features
+
 
 class InvalidMeta(ValueError):
     """``_meta.rmcp`` is present but does not follow the protocol."""
@@ -167,6 +176,8 @@ def decode_request_meta(meta: Mapping[str, Any] | None) -> RequestMeta | None:
         raise InvalidMeta("timeout_ms must not be negative")
     if decoded.step is not None and decoded.step < 0:
         raise InvalidMeta("step must not be negative")
+    if decoded.lookup and decoded.idempotency_key is None:
+        raise InvalidMeta("lookup needs an idempotency_key")
     return decoded
 
 

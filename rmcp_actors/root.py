@@ -31,12 +31,15 @@ from mcp_types import Tool
 
 from ._exceptions import FATAL, is_fatal, leaves
 from ._health import judge_scheduler, judge_watchdog, register_server
+from ._protocol import NackCode
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
 from .errors import (
     RMCPArgumentError,
     RMCPConfigError,
+    RMCPError,
+    RMCPNackError,
     RMCPSupervisorError,
     RMCPTimeoutError,
     UnknownServerError,
@@ -54,7 +57,7 @@ from .runtime import ChildSpec, RestartIntensity, Strategy, Supervisor, Supervis
 from .runtime.health import ComponentRegistry, Health
 from .runtime.watchdog import StallReport, Watchdog, WorkRegistry
 from .stores.journal_factory import journal_from_settings
-from .transactions._engine import Engine, EventCallback
+from .transactions._engine import Engine, EventCallback, LookedUp
 from .transactions._model import TransactionState, TransactionSummary
 from .transactions.journal import Journal
 from .transactions.locks import LockManager, TransactionLocks
@@ -172,6 +175,7 @@ class RMCPSupervisor:
             self._step_call,
             config.transactions.compensation_timeout_s,
             knows=self._servers.__contains__,
+            look_up=self._step_lookup,
         )
         # The lock manager behind tx.acquire and resources=: shared state, not an actor (see
         # transactions/locks.py); the watchdog shows its waits and its wait-for graph.
@@ -516,6 +520,49 @@ class RMCPSupervisor:
         request.transaction_id = transaction_id
         request.step = step
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
+
+    async def _step_lookup(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        *,
+        idempotency_key: str,
+        transaction_id: str,
+        step: int,
+    ) -> LookedUp | None:
+        """Ask an RMCP server what became of a step's key, never running the tool (a lookup,
+        retried as any call); None when nothing is learned: the server does not advertise
+        lookups (a plain server), or it cannot tell, or it could not be asked."""
+        entry = self._servers.get(server)
+        if entry is None:
+            return None
+        policy = entry.policies.get(tool, entry.default_policy)
+        connection = entry.connection
+        session = None
+        with anyio.move_on_after(policy.timeout_s):
+            try:
+                session = connection.current_session() or await connection.wait_session()
+            except RMCPError:
+                return None
+        settings = session.rmcp if session is not None else None
+        if settings is None or not settings.lookup:
+            return None
+        request = _request(policy, tool, arguments, idempotency_key, 0, None, None, None)
+        request.transaction_id = transaction_id
+        request.step = step
+        request.lookup = True
+        try:
+            result = await perform_call(connection, entry.flow, policy, request, self._random)
+        except RMCPNackError as refused:
+            # "Never ran" from a store that forgets on restart may only mean "not since the
+            # restart": trusted from a durable server alone.
+            if refused.code == NackCode.ABORTED and settings.durable:
+                return LookedUp(ran=False)
+            return None
+        except RMCPError:
+            return None
+        return LookedUp(ran=True, result=result)
 
     def transaction(
         self,

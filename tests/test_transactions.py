@@ -341,9 +341,10 @@ async def test_timeout_compensates_and_raises_a_transaction_error(
     assert error.state == "compensated"
     assert "did not finish within 10 s" in error.message
     assert tx.state is TransactionState.COMPENSATED
-    # b was sent and cut short: its outcome is unknown, so it is compensated too.
+    # b was sent and cut short; the abort looked its key up (the server waited for the run
+    # it still had in flight): it ran, so it is compensated with its result known.
     assert ledger.entries == ["do a", "do b", "undo b", "undo a"]
-    assert tx.history().steps[1].outcome == "unknown"
+    assert (tx.history().steps[1].outcome, tx.history().steps[1].looked_up) == ("succeeded", True)
 
 
 async def test_timeout_leaving_an_error_group_still_compensates(

@@ -99,6 +99,9 @@ class CallRequest:
     tenant: str | None = None
     transaction_id: str | None = None
     step: int | None = None
+    # A lookup (the runtime's own, for transactions): asks the server what became of the
+    # key and never runs the tool; sent only to a server that advertises the feature.
+    lookup: bool | None = None
 
 
 def _no_events() -> list[LifecycleEvent]:
@@ -816,8 +819,15 @@ async def _send(
             "left when it could be sent: too little for an answer, and the tool is not safe to "
             "repeat, so it was not sent (this attempt ran nothing): raise timeout_s, or lower the load",
         )
-    progress.attempts += 1
     rmcp = session.rmcp
+    lookup = request.lookup
+    if lookup and (rmcp is None or not rmcp.lookup):
+        # A server that does not know the flag would run the tool: never send it one.
+        raise RMCPNackError(
+            NackCode.INVALID_META,
+            "the server does not advertise RMCP lookups (any more): a lookup was not sent",
+        )
+    progress.attempts += 1
     meta = None
     if rmcp is not None:
         expect_ack = rmcp.version == _EXPECT_ACK_VERSION
@@ -831,6 +841,7 @@ async def _send(
                 step=request.step,
                 retry_count=progress.attempts - 1 if expect_ack else None,
                 expect_ack=True if expect_ack else None,
+                lookup=lookup,
             )
         )
     ack_timeout_s = _ack_timeout(policy, rmcp) if acks_arrive else None

@@ -103,6 +103,7 @@ _ANSWERING_NACKS = frozenset(
         NackCode.INVALID_ARGUMENTS,
         NackCode.UNKNOWN_TOOL,
         NackCode.IN_DOUBT,
+        NackCode.ABORTED,
     }
 )
 # NACKs that say the server as a whole cannot take calls now.

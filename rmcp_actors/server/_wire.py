@@ -30,6 +30,10 @@ _NACK_ADVICE = {
     NackCode.UNAVAILABLE: "the server's dedup store failed; the tool did not run, retry later",
     NackCode.UNKNOWN_TOOL: "the server has no such tool; the tool did not run, list the tools again",
     NackCode.INVALID_ARGUMENTS: "the arguments do not match the tool's input schema; the tool did not run",
+    NackCode.ABORTED: (
+        "a lookup settled this key as never run (a transaction was undone, say): the tool did not "
+        "run and will never run for this key; use a new key for a new call"
+    ),
 }
 
 

@@ -37,6 +37,7 @@ from .._protocol import (
     FEATURE_ACK,
     FEATURE_DEDUP,
     FEATURE_EARLY_ACK,
+    FEATURE_LOOKUP,
     META_KEY,
     InvalidMeta,
     NackCode,
@@ -46,7 +47,15 @@ from .._protocol import (
     fingerprint,
 )
 from ..errors import RMCPConfigError, RMCPStoreError
-from ..stores import BeginOutcome, DedupRecord, DedupStore, MemoryStore, OwnerInfo, RecordState
+from ..stores import (
+    AbortingStore,
+    BeginOutcome,
+    DedupRecord,
+    DedupStore,
+    MemoryStore,
+    OwnerInfo,
+    RecordState,
+)
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
 from .reconcile import InDoubtRun, Reconciler, Reconciliation
 
@@ -75,6 +84,7 @@ DEFAULT_STORE_TIMEOUT_S = 15.0
 # A lookup of one order, say: seconds at most, and the retry that asked is waiting.
 DEFAULT_RECONCILE_TIMEOUT_S = 10.0
 _IN_DOUBT_DETAIL = "the run of this key never recorded a result"
+_ABORTED_DETAIL = "a lookup found that this key never ran, and settled it so"
 
 
 @attrs.frozen(kw_only=True)
@@ -98,6 +108,8 @@ class ServerStatistics:
     """In-doubt keys a reconciler said had run: its result was stored and replayed."""
     reconciled_not_run: int = 0
     """In-doubt keys a reconciler said had not run: claimed again and run."""
+    aborted: int = 0
+    """Keys a lookup settled as never run (tombstones written)."""
 
 
 @attrs.define(eq=False)
@@ -249,6 +261,7 @@ class RMCPServerSide:
     _reconciled_ran: int = attrs.field(default=0, init=False)
     _reconciled_not_run: int = attrs.field(default=0, init=False)
     _active: int = attrs.field(default=0, init=False)
+    _aborted: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.rate_limit_per_s is not None:
@@ -262,6 +275,8 @@ class RMCPServerSide:
         features = [FEATURE_DEDUP, FEATURE_ACK]
         if self.early_ack:
             features.append(FEATURE_EARLY_ACK)
+        if isinstance(self.store, AbortingStore):
+            features.append(FEATURE_LOOKUP)
         return ServerSettings(
             features=features,
             durable=self.store.durable,
@@ -280,6 +295,7 @@ class RMCPServerSide:
             taken_over=self._taken_over,
             reconciled_ran=self._reconciled_ran,
             reconciled_not_run=self._reconciled_not_run,
+            aborted=self._aborted,
         )
 
     async def start(self) -> None:
@@ -396,6 +412,8 @@ class RMCPServerSide:
                 arguments=arguments or {},
                 fingerprint=fingerprint(tool, arguments),
             )
+            if meta.lookup:
+                return await self._look_up(ctx, meta, call)
             return await self._deduplicated(ctx, call_next, meta, call)
         finally:
             self._active -= 1
@@ -441,6 +459,8 @@ class RMCPServerSide:
             while record is not None:
                 if record.fingerprint != call_print:
                     return self._conflict(ctx, meta)
+                if record.state is RecordState.ABORTED:
+                    return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
                 if record.state is RecordState.COMPLETED and record.result is not None:
                     self._replayed += 1
                     return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
@@ -465,6 +485,132 @@ class RMCPServerSide:
                     record = await self._store_call("get", lambda: self.store.get(key))
                 except RMCPStoreError as error:
                     return self._unavailable(ctx, meta, error)
+
+    async def _look_up(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, call: _KeyedCall
+    ) -> HandlerResult:
+        """Answer a lookup (``_meta.rmcp.lookup``): what became of the key, never running the tool.
+
+        A completed key is replayed (ACK, ``duplicate: true``). A key that never ran (absent,
+        claimed and abandoned before its tool was entered, or in doubt and found not run by the
+        tool's reconciler) is settled as never run: a tombstone, so that an original arriving
+        late is refused, and NACK ``aborted``. A run in flight is waited for, as a duplicate
+        waits. An in-doubt key is asked about as a retry would ask (the reconciler), and stays
+        ``in_doubt`` when nobody can tell.
+        """
+        store = self.store
+        if not isinstance(store, AbortingStore):
+            return self._nack(
+                ctx, NackCode.INVALID_META, "this server's dedup store cannot answer lookups", meta
+            )
+        try:
+            await self._ensure_owner()
+        except RMCPStoreError as error:
+            return self._unavailable(ctx, meta, error)
+        # A client with an ACK timeout waits for this, as for any attempt: a lookup may wait
+        # for a run in flight for as long as that run takes.
+        await self._send_early_ack(ctx, "looking up this key")
+        key, call_print = call.key, call.fingerprint
+        # A reconciler said the in-doubt run did not happen: the tombstone may replace it.
+        not_run = False
+
+        def abort() -> Awaitable[BeginOutcome]:
+            return store.abort(
+                key, fingerprint=call_print, tool=call.tool, owner=self.instance_id, in_doubt=not_run
+            )
+
+        while True:
+            local = self._running.get(key)
+            if local is not None:
+                if local.fingerprint != call_print:
+                    return self._conflict(ctx, meta)
+                await local.done.wait()
+                if not local.claimed:
+                    continue
+                if local.outcome is None:
+                    return self._nack(ctx, NackCode.IN_DOUBT, "the run of this key was cut short", meta)
+                self._coalesced += 1
+                return self._answer(ctx, local.outcome, meta, duplicate=True)
+            # Held while the store decides, so that an original arriving here meanwhile waits,
+            # then finds the tombstone.
+            held = _Run(fingerprint=call_print)
+            self._running[key] = held
+            try:
+                begun = await self._store_call("abort", abort)
+            except RMCPStoreError as error:
+                return self._unavailable(ctx, meta, error)
+            finally:
+                self._finish(key, held)
+            if begun.claimed:
+                self._aborted += 1
+                return self._nack(ctx, NackCode.ABORTED, "a lookup found no run of this key", meta)
+            poll_s = _FOREIGN_POLL_FIRST_S
+            record = begun.existing
+            while record is not None:
+                if record.fingerprint != call_print:
+                    return self._conflict(ctx, meta)
+                if record.state is RecordState.ABORTED:
+                    return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
+                if record.state is RecordState.COMPLETED and record.result is not None:
+                    self._replayed += 1
+                    return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+                orphaned = self._orphaned(record)
+                if key in self._running or (not record.entered and (orphaned or not record.owner_alive)):
+                    # A run here to wait on, or a claim abandoned before its tool: look again.
+                    break
+                if record.in_doubt or orphaned:
+                    answer = await self._reconcile_lookup(ctx, meta, call)
+                    if answer is not None:
+                        return answer
+                    not_run = True
+                    break
+                # A run of another live process: wait for its result, as a duplicate does.
+                await anyio.sleep(poll_s)
+                poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
+                try:
+                    record = await self._store_call("get", lambda: store.get(key))
+                except RMCPStoreError as error:
+                    return self._unavailable(ctx, meta, error)
+
+    async def _reconcile_lookup(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, call: _KeyedCall
+    ) -> HandlerResult | None:
+        """A lookup's answer for an in-doubt key, from the tool's reconciler: the run's result
+        (stored), NACK ``in_doubt`` when it cannot tell, or None when it did not run (the
+        caller then settles the key as never run)."""
+        reconciler = self.reconcilers.get(call.tool)
+        if reconciler is None:
+            return self._nack(ctx, NackCode.IN_DOUBT, _IN_DOUBT_DETAIL, meta)
+        verdict = await self._reconcile(reconciler, call)
+        if verdict is None or verdict.ran is None:
+            return self._nack(
+                ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
+            )
+        if not verdict.ran:
+            return None
+        try:
+            outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
+        except Exception:
+            logger.exception("RMCP: the reconciler of tool %r gave a result that is not one", call.tool)
+            return self._nack(
+                ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler's result was invalid", meta
+            )
+        result = encode_outcome(outcome)
+        try:
+            settled = await self._store_call(
+                "resolve_in_doubt",
+                lambda: self.store.resolve_in_doubt(
+                    call.key, owner=self.instance_id, fingerprint=call.fingerprint, result=result
+                ),
+            )
+        except RMCPStoreError as error:
+            return self._unavailable(ctx, meta, error)
+        if not settled:
+            # The key changed meanwhile (a retry settled it): this answer would be a guess.
+            return self._nack(ctx, NackCode.UNAVAILABLE, "the key changed while it was looked up", meta)
+        self._unrecorded.discard(call.key)
+        self._reconciled_ran += 1
+        return self._answer(ctx, outcome, meta, duplicate=True)
 
     def _begin(self, call: _KeyedCall) -> Callable[[], Awaitable[BeginOutcome]]:
         def begin() -> Awaitable[BeginOutcome]:

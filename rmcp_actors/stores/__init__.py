@@ -7,6 +7,7 @@ re-exported here, and users import from ``rmcp_actors.stores`` only.
 
 import attrs as _attrs
 
+from ._base import AbortingStore as AbortingStore
 from ._base import BeginOutcome as BeginOutcome
 from ._base import DedupRecord as DedupRecord
 from ._base import DedupStore as DedupStore
@@ -20,6 +21,7 @@ from .sqlite_journal import SQLiteJournal as SQLiteJournal
 from .sqlite_journal import SQLiteJournalStatistics as SQLiteJournalStatistics
 
 __all__ = [
+    "AbortingStore",
     "BeginOutcome",
     "DedupRecord",
     "DedupStore",

@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-__all__ = ["BeginOutcome", "DedupRecord", "DedupStore", "OwnerInfo", "RecordState"]
+__all__ = ["AbortingStore", "BeginOutcome", "DedupRecord", "DedupStore", "OwnerInfo", "RecordState"]
 
 
 class RecordState(enum.Enum):
@@ -36,6 +36,8 @@ class RecordState(enum.Enum):
     STARTED = "started"
     COMPLETED = "completed"
     IN_DOUBT = "in_doubt"
+    ABORTED = "aborted"
+    """A tombstone: a lookup found the key never ran; it never will (see :class:`AbortingStore`)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -164,4 +166,26 @@ class DedupStore(Protocol):
 
     async def aclose(self) -> None:
         """Release the store's resources; further calls fail."""
+        ...
+
+
+@runtime_checkable
+class AbortingStore(DedupStore, Protocol):
+    """A dedup store that can also settle a key as never run: what a server needs to answer
+    lookups (``_meta.rmcp.lookup``). A server whose store lacks :meth:`abort` does not
+    advertise the ``lookup`` feature."""
+
+    async def abort(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, in_doubt: bool = False
+    ) -> BeginOutcome:
+        """Atomically record ``key`` as ``ABORTED`` (owned by ``owner``, with ``fingerprint``
+        and ``tool``): its tool did not run and, while the record lives, never will.
+
+        Done wherever :meth:`begin` would claim the key (absent or expired, or a ``STARTED``
+        record with this fingerprint never entered whose owner is gone or is ``owner``), and,
+        with ``in_doubt``, also on an in-doubt record with this fingerprint, or an entered
+        ``STARTED`` one of ``owner`` itself, as in :meth:`resolve_in_doubt` (a reconciler found
+        that its run did not happen). Returns ``claimed=True`` when it wrote the tombstone;
+        otherwise nothing changes and the existing record is returned.
+        """
         ...

@@ -37,6 +37,12 @@ class _Entry:
     entered: bool = False
 
 
+def _own_entered(entry: _Entry, owner: str) -> bool:
+    """An entered run of ``owner`` itself: in doubt when none of its tasks runs it (the
+    server knows; the store does not)."""
+    return entry.state is RecordState.STARTED and entry.entered and entry.owner == owner
+
+
 @final
 class MemoryStore:
     """A dedup store held in this process's memory: least recently used records go first.
@@ -136,6 +142,42 @@ class MemoryStore:
             fingerprint=fingerprint,
             tool=tool,
             state=RecordState.STARTED,
+            owner=owner,
+            result=None,
+            created_at=now,
+            expires_at=now + self._ttl_s,
+        )
+        return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
+
+    async def abort(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, in_doubt: bool = False
+    ) -> BeginOutcome:
+        """Record ``key`` as ``ABORTED`` (never run, never to run) where :meth:`begin` would
+        claim it, or, with ``in_doubt``, over an in-doubt record of this ``fingerprint``."""
+        self._check_open()
+        now = self._clock()
+        existing = self._live_entry(key, now)
+        if existing is not None and not (
+            existing.fingerprint == fingerprint
+            and (
+                (
+                    existing.state is RecordState.STARTED
+                    and not existing.entered
+                    and (existing.owner == owner or not self._owner_alive(existing.owner, now))
+                )
+                or (
+                    in_doubt
+                    and (self._to_record(key, existing, now).in_doubt or _own_entered(existing, owner))
+                )
+            )
+        ):
+            return BeginOutcome(claimed=False, existing=self._to_record(key, existing, now))
+        if existing is None:
+            self._make_room(now)
+        self._records[key] = _Entry(
+            fingerprint=fingerprint,
+            tool=tool,
+            state=RecordState.ABORTED,
             owner=owner,
             result=None,
             created_at=now,

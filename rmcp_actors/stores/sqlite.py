@@ -286,6 +286,52 @@ class SQLiteStore:
 
         return await self._claim_write(apply, "begin")
 
+    async def abort(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, in_doubt: bool = False
+    ) -> BeginOutcome:
+        """Record ``key`` as ``ABORTED`` (never run, never to run) where :meth:`begin` would
+        claim it, or, with ``in_doubt``, over an in-doubt record of this ``fingerprint``.
+
+        Atomic across processes, and committed to disk (fsynced) before it returns: a tombstone
+        that a crash lost would let a late original run a step its transaction already undid.
+        """
+        now = self._clock()
+
+        def apply(connection: sqlite3.Connection) -> BeginOutcome:
+            row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
+            existing = None if row is None else self._live_record(row, now)
+            if existing is not None and not (
+                existing.fingerprint == fingerprint
+                and (
+                    (
+                        existing.state is RecordState.STARTED
+                        and not existing.entered
+                        and (existing.owner == owner or not existing.owner_alive)
+                    )
+                    or (
+                        in_doubt
+                        and (
+                            existing.in_doubt
+                            or (
+                                existing.state is RecordState.STARTED
+                                and existing.entered
+                                and existing.owner == owner
+                            )
+                        )
+                    )
+                )
+            ):
+                return BeginOutcome(claimed=False, existing=existing)
+            connection.execute(
+                """INSERT OR REPLACE INTO records
+                (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+                VALUES (?, ?, ?, ?, ?, NULL, ?, ?, 0)""",
+                (key, fingerprint, tool, RecordState.ABORTED.value, owner, now, now + self._ttl_s),
+            )
+            return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
+
+        return await self._write(apply, operation="abort")
+
     async def mark_entered(self, key: str, *, owner: str) -> bool:
         """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
         by ``owner`` (taken over): the tool must not be called then.

@@ -47,11 +47,14 @@ from .journal import (
 )
 
 __all__ = [
+    "CompensationFunction",
     "Engine",
     "Ledger",
+    "LookedUp",
     "Resolver",
     "Settlement",
     "StepCaller",
+    "StepLookup",
     "StepView",
     "TransactionEvent",
     "TransactionView",
@@ -88,6 +91,35 @@ class StepCaller(Protocol):
         step: int,
         timeout: float | None,
     ) -> CallResult: ...
+
+
+@attrs.frozen
+class LookedUp:
+    """What a server said of a step whose outcome was unknown: it ran (with ``result``), or it
+    did not and never will (its key is settled as never run)."""
+
+    ran: bool
+    result: CallResult | None = None
+
+
+class StepLookup(Protocol):
+    """Asks a step's server what became of its key without running the tool (an RMCP
+    lookup); None when nothing was learned (a plain server, or it cannot tell)."""
+
+    async def __call__(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        *,
+        idempotency_key: str,
+        transaction_id: str,
+        step: int,
+    ) -> LookedUp | None: ...
+
+
+#: A compensation computed from the step's result (``None``: nothing to undo).
+CompensationFunction = Callable[[CallResult], Compensation | None]
 
 
 @attrs.frozen
@@ -131,6 +163,8 @@ class Ledger:
     records: list[JournalRecord]
     state: TransactionState = TransactionState.INITIATED
     on_event: EventCallback | None = None
+    #: The compensation functions of its steps (only a live block has them), by step index.
+    compensators: dict[int, CompensationFunction] = attrs.Factory(dict[int, CompensationFunction])
 
     @classmethod
     def of(cls, records: list[JournalRecord], on_event: EventCallback | None = None) -> Ledger:
@@ -299,6 +333,8 @@ class Engine:
     #: Held while a transaction no block runs is settled (``recover()``, ``resolve`` after its
     #: block): two of them at once would send its compensations twice.
     settling: anyio.Lock = attrs.Factory(anyio.Lock)
+    #: Asks RMCP servers what became of a step whose outcome is unknown (None: nobody asks).
+    look_up: StepLookup | None = None
 
     @staticmethod
     def now() -> float:
@@ -347,6 +383,8 @@ class Engine:
             if forward is not None:
                 return forward
             view = fold(ledger.records)
+        if await self.look_up_unknown(ledger, view):
+            view = fold(ledger.records)
         doubtful = [step for step in view.steps if step.in_doubt]
         if doubtful:
             await self.change_state(
@@ -367,6 +405,62 @@ class Engine:
             return Settlement(TransactionState.COMPENSATION_FAILED, failed_steps=failed)
         await self.change_state(ledger, TransactionState.COMPENSATED)
         return Settlement(TransactionState.COMPENSATED)
+
+    async def look_up_unknown(self, ledger: Ledger, view: TransactionView | None = None) -> bool:
+        """Ask the servers of the steps whose outcome is unknown (no answer, or a lost one) what
+        became of them, and journal what they say (``StepDone`` with ``looked_up``).
+
+        Only for undoing a transaction, never past its pivot: a lookup settles a key that never
+        ran as never to run, so the step could not be sent forward with its key afterwards.
+        A step that ran gets its result, and a compensation function of the live block is
+        computed from it; one that did not run is not compensated. Returns whether anything
+        was learned.
+        """
+        if self.look_up is None:
+            return False
+        learned = False
+        for step in (view or fold(ledger.records)).steps:
+            if step.ran is not None or (
+                step.compensation_done is not None and step.compensation_done.succeeded
+            ):
+                continue
+            intent = step.intent
+            found = await self.look_up(
+                intent.server,
+                intent.tool,
+                intent.arguments,
+                idempotency_key=intent.idempotency_key,
+                transaction_id=intent.transaction_id,
+                step=intent.step,
+            )
+            if found is None:
+                continue
+            attempts = step.done.attempts if step.done is not None else 0
+            if not found.ran or found.result is None:
+                done = self._step_done(
+                    intent,
+                    "failed",
+                    False,
+                    attempts,
+                    "a lookup found that it never ran; its key is settled as never to run",
+                )
+                done = msgspec.structs.replace(done, looked_up=True)
+            else:
+                result = found.result
+                done = StepDone(
+                    transaction_id=intent.transaction_id,
+                    step=intent.step,
+                    at=self.now(),
+                    outcome="failed" if result.is_error else "succeeded",
+                    ran=True,
+                    attempts=attempts,
+                    result=result_json(result),
+                    compensation=_computed(ledger, intent, result),
+                    looked_up=True,
+                )
+            await self.write(ledger, done)
+            learned = True
+        return learned
 
     async def _forward(
         self, ledger: Ledger, view: TransactionView, timeout_s: float | None
@@ -582,6 +676,24 @@ class Engine:
     def _pause(self, failures: int) -> float:
         cap = min(_RESEND_MAX_S, _RESEND_BASE_S * 2.0 ** min(failures - 1, 62))
         return self.rng.uniform(cap / 2, cap)
+
+
+def _computed(ledger: Ledger, intent: StepIntent, result: CallResult) -> CompensationSpec | None:
+    """The compensation a live block's function computes from a looked-up result, if any."""
+    function = ledger.compensators.get(intent.step)
+    if function is None or result.is_error:
+        return None
+    try:
+        computed = function(result)
+    except Exception:
+        # The user's function; the step then reads as not undone ("undo it by hand").
+        _logger.exception(
+            "the compensation function of step %d of transaction %s raised",
+            intent.step,
+            ledger.transaction_id,
+        )
+        return None
+    return compensation_spec(computed) if computed is not None else None
 
 
 def attempts_of(error: RMCPError) -> int:

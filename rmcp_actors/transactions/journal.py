@@ -101,6 +101,8 @@ class StepDone(msgspec.Struct, frozen=True, kw_only=True, tag="step_done"):
     result: msgspec.Raw | None = None
     error: str | None = None
     compensation: CompensationSpec | None = None
+    #: Learned by asking the server (an RMCP lookup) after the step's own answer was lost.
+    looked_up: bool = False
 
 
 class StepResolved(msgspec.Struct, frozen=True, kw_only=True, tag="resolved"):

@@ -42,6 +42,7 @@ from ..errors import (
 from ..result import CallResult
 from ..runtime import Actor, ChildSpec, ReplySlot, Restart, Supervisor
 from ._engine import (
+    CompensationFunction,
     Engine,
     EventCallback,
     Ledger,
@@ -73,8 +74,6 @@ __all__ = [
 
 _logger = logging.getLogger("rmcp_actors.transactions")
 
-#: A compensation computed from the step's result (``None``: nothing to undo).
-CompensationFunction = Callable[[CallResult], Compensation | None]
 # A transaction actor stops at once: it is idle whenever its owner stops it.
 _ACTOR_SHUTDOWN_S = 1.0
 
@@ -115,6 +114,8 @@ class StepHistory:
             or ``None`` when it was not compensated.
         compensation_attempts: Attempts its compensation made.
         compensation_error: Why its compensation failed.
+        looked_up: Its outcome was learned by asking its server (an RMCP lookup) after its
+            own answer was lost.
     """
 
     step: int
@@ -135,6 +136,7 @@ class StepHistory:
     compensation_outcome: str | None = None
     compensation_attempts: int = 0
     compensation_error: str | None = None
+    looked_up: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -194,6 +196,7 @@ def history_of(records: list[JournalRecord]) -> TransactionHistory:
                 attempts=record.attempts,
                 error=record.error,
                 result=None if record.result is None else msgspec.json.decode(record.result),
+                looked_up=record.looked_up,
             )
             if record.compensation is not None:
                 spec = record.compensation
@@ -434,6 +437,10 @@ class Transaction:
             compensation_from_result=from_result,
         )
         engine, ledger = self._engine, self._ledger
+        if from_result:
+            assert callable(compensate)
+            # A lookup after a lost answer can still compute it (see Engine.look_up_unknown).
+            ledger.compensators[index] = compensate
         await engine.write(ledger, intent)
         if self._pivot_passed:
             # A send cut short here leaves the step without an outcome: ending the transaction
@@ -744,7 +751,7 @@ class Transaction:
                             "transaction %r (%s): journaling its abort failed", self.name, self.id
                         )
             return
-        if self.state is not TransactionState.IN_DOUBT:
+        if self.state is not TransactionState.IN_DOUBT or await self._doubt_lifted():
             try:
                 settlement = await self._settle()
             except RMCPError:
@@ -759,6 +766,22 @@ class Transaction:
                 if failure is not None and not cancelled:
                     raise failure from error
         error.add_note(f"transaction {self.name!r} ({self.id}) ended {self.state.value}")
+
+    async def _doubt_lifted(self) -> bool:
+        """Ask the servers of the steps in doubt what became of them (RMCP lookups, shielded):
+        whether no step is in doubt any more, so the transaction can be settled."""
+        ledger = self._ledger
+        if fold(ledger.records).pivot_started:
+            # Past a pivot steps are finished forward with their keys, which a lookup would
+            # settle as never to run: resolve() decides there.
+            return False
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._engine.look_up_unknown(ledger)
+            except RMCPError:
+                _logger.exception("transaction %r (%s): looking its steps up failed", self.name, self.id)
+                return False
+        return not any(view.in_doubt for view in fold(ledger.records).steps)
 
     async def _end_on_timeout(self) -> NoReturn:
         timeout = self._timeout if self._timeout is not None else math.inf
