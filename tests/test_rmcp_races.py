@@ -320,6 +320,28 @@ async def test_an_owner_purged_by_another_process_registers_again(tmp_path: Path
     assert record.owner_alive is True
 
 
+async def test_a_server_whose_lease_lapsed_renews_it_and_runs_the_call_once(tmp_path: Path) -> None:
+    """The store's clock passes the lease (the process was paused, or its renewals failed)
+    while the server believes it fresh: its claim cannot be entered until it renews, and the
+    call must neither spin on the refused mark nor run twice."""
+    now = [1_700_000_000.0]
+    app = FastRMCP("t", store=SQLiteStore(tmp_path / "rmcp.sqlite", clock=lambda: now[0]), lease_s=30)
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        assert answer(await client.call_tool("pay", {"amount": 1}, meta=meta("k1"))) == "ran"
+        now[0] += 31
+        with trio.fail_after(10):
+            assert answer(await client.call_tool("pay", {"amount": 2}, meta=meta("k2"))) == "ran"
+        assert answer(await client.call_tool("pay", {"amount": 2}, meta=meta("k2", 2))) == "duplicate"
+    assert runs == [1, 2]
+
+
 async def test_no_ack_timeout_on_the_in_process_direct_wire(autojump_clock: trio.testing.MockClock) -> None:
     """The direct wire's requests carry no progress token, so no early ACK can come back:
     the client must not wait for one (it would retry a healthy call until attempts ran out)."""

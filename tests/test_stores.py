@@ -350,7 +350,6 @@ async def test_resolve_in_doubt_settles_the_key_once(harness: Harness, how: str)
     assert not await store.resolve_in_doubt("absent", owner="b", fingerprint="fp", result=None)
 
 
-@pytest.mark.xfail(strict=True, reason="mark_entered ignores a lapsed lease: a paused owner enters a claim others read as in doubt")
 async def test_an_owner_whose_lease_lapsed_cannot_enter_its_claim(
     harness: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -436,6 +436,14 @@ class RMCPServerSide:
                 self._taken_over += begun.taken_over
                 return self._answer(ctx, run.outcome, meta, duplicate=False)
             acked = acked or run.acked
+            if begun.existing is None:
+                # The entered mark failed: taken over, or this instance's lease lapsed in the
+                # store (a pause, failed renewals). Renewed, it can enter its next claim.
+                try:
+                    await self._renew()
+                except RMCPStoreError as error:
+                    return self._unavailable(ctx, meta, error)
+                continue
             poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
             while record is not None:
@@ -598,8 +606,8 @@ class RMCPServerSide:
         its outcome in ``run``.
 
         Returns the store's error when the claim or the entered mark failed: the tool did not
-        run. A claim whose entered mark finds it taken over (this instance's lease lapsed and
-        another claimed the key) reads as not claimed: the tool did not run here.
+        run. A claim whose entered mark fails (this instance's lease lapsed, and another may
+        have claimed the key) reads as not claimed: the tool did not run here.
 
         All of it is shielded from the caller's cancellation: a claim committed for a caller
         that left would be a STARTED record nobody runs, and a run stopped by the client's

@@ -288,17 +288,23 @@ class SQLiteStore:
 
     async def mark_entered(self, key: str, *, owner: str) -> bool:
         """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
-        by ``owner`` (taken over): the tool must not be called then.
+        by ``owner`` (taken over) or ``owner``'s lease lapsed: the tool must not be called then.
 
         Committed as a claim is (``fsync_claims``), inline when the database is free: a crash
         of any process keeps it.
         """
 
+        now = self._clock()
+
         def apply(connection: sqlite3.Connection) -> bool:
+            # An owner past its lease reads as gone: entered now, its claim would be in doubt at
+            # once, and a reconciler finding no effect yet would let another claimant run it too.
             return (
                 connection.execute(
-                    "UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?",
-                    (key, owner, RecordState.STARTED.value),
+                    """UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?
+                    AND EXISTS (SELECT 1 FROM owners WHERE instance_id = ? AND released = 0
+                    AND lease_expires_at > ?)""",
+                    (key, owner, RecordState.STARTED.value, owner, now),
                 ).rowcount
                 == 1
             )
