@@ -806,9 +806,6 @@ async def test_sqlite_claim_never_blocks_the_event_loop_on_another_writer(tmp_pa
     assert ticks >= 20
 
 
-@pytest.mark.xfail(
-    strict=True, reason="mark_entered judges the lease by the time it was queued, not committed"
-)
 async def test_sqlite_entered_mark_judges_the_lease_when_it_commits(tmp_path: Path) -> None:
     """A mark that waited for another process's write lock while its owner's lease lapsed
     (its renewals wait in the same queue) must not enter: others read the lapsed lease."""

@@ -14,7 +14,8 @@ retry of that key arrives:
 A reconciler must answer ``did_not_run`` only when the effect cannot appear later. The run's
 owner reads as gone, but that is read from a lease: an owner on another host that was paused
 past its lease (or cut off from the store) may still be in the middle of the run, and an effect
-handed to another system (a request in flight) may still land. A reconciler that raises or exceeds ``reconcile_timeout_s`` leaves the key in doubt.
+handed to another system (a request in flight) may still land. A reconciler that raises or
+exceeds ``reconcile_timeout_s`` leaves the key in doubt.
 """
 
 from __future__ import annotations
