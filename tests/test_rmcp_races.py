@@ -342,6 +342,30 @@ async def test_a_server_whose_lease_lapsed_renews_it_and_runs_the_call_once(tmp_
     assert runs == [1, 2]
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.xfail(strict=True, reason="a mark refused after a renewal loops begin/mark without end")
+async def test_a_server_whose_marks_are_refused_after_renewing_answers_unavailable(tmp_path: Path) -> None:
+    """Released in the store behind its back, an instance's renewals change nothing and every
+    entered mark is refused: the call must end with the retryable NACK, not loop on the store."""
+    path = tmp_path / "rmcp.sqlite"
+    app = FastRMCP("t", store=SQLiteStore(path))
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        assert answer(await client.call_tool("pay", {"amount": 1}, meta=meta("k1"))) == "ran"
+        with sqlite3.connect(path) as other:
+            other.execute("UPDATE owners SET released = 1")
+        with trio.fail_after(10):
+            result = await client.call_tool("pay", {"amount": 2}, meta=meta("k2"))
+    assert (answer(result), result.meta["rmcp"]["retryable"]) == ("unavailable", True)
+    assert runs == [1]
+
+
 async def test_no_ack_timeout_on_the_in_process_direct_wire(autojump_clock: trio.testing.MockClock) -> None:
     """The direct wire's requests carry no progress token, so no early ACK can come back:
     the client must not wait for one (it would retry a healthy call until attempts ran out)."""
