@@ -342,8 +342,6 @@ async def test_a_server_whose_lease_lapsed_renews_it_and_runs_the_call_once(tmp_
     assert runs == [1, 2]
 
 
-@pytest.mark.timeout(20)
-@pytest.mark.xfail(strict=True, reason="a mark refused after a renewal loops begin/mark without end")
 async def test_a_server_whose_marks_are_refused_after_renewing_answers_unavailable(tmp_path: Path) -> None:
     """Released in the store behind its back, an instance's renewals change nothing and every
     entered mark is refused: the call must end with the retryable NACK, not loop on the store."""

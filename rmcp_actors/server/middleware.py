@@ -411,7 +411,7 @@ class RMCPServerSide:
         except RMCPStoreError as error:
             return self._unavailable(ctx, meta, error)
         key, call_print = call.key, call.fingerprint
-        acked = False
+        acked = refused = False
         while True:
             local = self._running.get(key)
             if local is not None:
@@ -438,7 +438,20 @@ class RMCPServerSide:
             acked = acked or run.acked
             if begun.existing is None:
                 # The entered mark failed: taken over, or this instance's lease lapsed in the
-                # store (a pause, failed renewals). Renewed, it can enter its next claim.
+                # store (a pause, failed renewals). Renewed, it can enter its next claim; a
+                # store that refuses it even then must not be asked again and again.
+                if refused:
+                    return self._unavailable(
+                        ctx,
+                        meta,
+                        RMCPStoreError(
+                            f"the store refused instance {self.instance_id}'s entered mark even "
+                            "after its lease was renewed: it reads this instance as released or "
+                            "its lease as lapsed; check the store's clock, or restart the server",
+                            operation="mark_entered",
+                        ),
+                    )
+                refused = True
                 try:
                     await self._renew()
                 except RMCPStoreError as error:
