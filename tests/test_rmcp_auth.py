@@ -6,7 +6,6 @@ as a resource server has), and the runtime as its clients, each with its own tok
 
 from __future__ import annotations
 
-import pytest
 import trio
 from _http import serve_http
 from conftest import FAST_RECOVERY
@@ -139,7 +138,6 @@ async def test_a_run_in_flight_is_not_joined_by_another_principal() -> None:
     assert texts == {"alice": "alice paid 5", "bob": "bob paid 5"}
 
 
-@pytest.mark.xfail(strict=True, reason="InDoubtRun does not carry the principal its key is scoped to")
 async def test_a_reconciler_is_told_the_principal_of_the_in_doubt_key() -> None:
     """Keys are scoped to principals; a reconciler looking a run up by its key must look within
     the caller's principal, or it could report (and replay) another principal's run."""

@@ -126,6 +126,7 @@ class _KeyedCall:
     tool: str
     arguments: Mapping[str, Any]
     fingerprint: str
+    principal: str | None = None
 
 
 @attrs.define(eq=False)
@@ -369,7 +370,8 @@ class RMCPServerSide:
             if client_key is None:
                 outcome = await self._run_unkeyed(ctx, call_next)
                 return self._answer(ctx, outcome, meta, duplicate=False)
-            key = store_key(client_key, authenticated_principal(ctx))
+            principal = authenticated_principal(ctx)
+            key = store_key(client_key, principal)
             try:
                 validate_client_request("tools/call", ctx.protocol_version, params)
             except ValidationError:
@@ -395,6 +397,7 @@ class RMCPServerSide:
                 tool=tool,
                 arguments=arguments or {},
                 fingerprint=fingerprint(tool, arguments),
+                principal=principal,
             )
             return await self._deduplicated(ctx, call_next, meta, call)
         finally:
@@ -564,7 +567,12 @@ class RMCPServerSide:
     async def _reconcile(self, reconciler: Reconciler, call: _KeyedCall) -> Reconciliation | None:
         """The reconciler's verdict, or None when it failed, timed out or answered nonsense:
         the key then stays in doubt, and the server carries on."""
-        run = InDoubtRun(tool=call.tool, arguments=call.arguments, idempotency_key=call.client_key)
+        run = InDoubtRun(
+            tool=call.tool,
+            arguments=call.arguments,
+            idempotency_key=call.client_key,
+            principal=call.principal,
+        )
         with anyio.move_on_after(self.reconcile_timeout_s):
             try:
                 # User code: whatever it returns is checked, a wrong type must not pass for a verdict.

@@ -38,11 +38,17 @@ class InDoubtRun:
         arguments: The call's arguments (the same for every attempt: the key's fingerprint
             covers them).
         idempotency_key: The key the client sent (not scoped to its principal).
+        principal: The authenticated principal the key is scoped to (as
+            ``mcp.server.request_state.authenticated_principal`` gives it), None when the
+            caller is not authenticated. Two principals may send the same key: a reconciler
+            looking the run up by its key must look within this principal, or it may report
+            (and so replay) another principal's run.
     """
 
     tool: str
     arguments: Mapping[str, Any]
     idempotency_key: str
+    principal: str | None = None
 
 
 @final
