@@ -608,6 +608,72 @@ async def test_sqlite_owner_dies_with_its_local_process(tmp_path: Path) -> None:
         await store.aclose()
 
 
+CHILD_RESOLVER = """
+import os, socket, sys
+import anyio
+from rmcp_actors.stores import OwnerInfo, SQLiteStore
+
+async def main() -> None:
+    store = SQLiteStore(sys.argv[1])
+    me = f"child-{os.getpid()}"
+    await store.register_owner(OwnerInfo(instance_id=me, pid=os.getpid(), host=socket.gethostname()), 3600.0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    won = await store.resolve_in_doubt("k", owner=me, fingerprint="fp", result=None)
+    # A winner enters; a loser must not be able to, nor to take the claim over.
+    entered = await store.mark_entered("k", owner=me)
+    taken = (await store.begin("k", fingerprint="fp", tool="tool", owner=me)).claimed
+    print(f"{won} {entered} {taken}", flush=True)
+    await store.aclose()
+
+anyio.run(main)
+"""
+
+
+async def test_sqlite_resolve_in_doubt_is_atomic_across_processes(tmp_path: Path) -> None:
+    """Processes retrying one in-doubt key, each told by its reconciler that the run did not
+    happen: exactly one claims it again and enters it."""
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path)
+    await store.register_owner(owner_info("crashed"), LEASE_S)
+    assert await claim(store, "k", owner="crashed")
+    assert await store.mark_entered("k", owner="crashed")
+    await store.release_owner("crashed")
+    await store.aclose()
+    processes = [
+        await trio.lowlevel.open_process(
+            [sys.executable, "-c", CHILD_RESOLVER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+
+    async def read_line(process: trio.Process) -> str:
+        assert process.stdout is not None
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            assert chunk, "the child exited early"
+            data += chunk
+        return data.decode().strip()
+
+    try:
+        with trio.fail_after(60):
+            for process in processes:
+                assert await read_line(process) == "ready"
+            for process in processes:
+                assert process.stdin is not None
+                await process.stdin.send_all(b"go\n")
+            answers = sorted([await read_line(process) for process in processes])
+    finally:
+        for process in processes:
+            process.kill()
+            await process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    await stream.aclose()
+    assert answers == ["False False False"] * 3 + ["True True False"]
+
+
 async def test_sqlite_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "dedup.db")
 
