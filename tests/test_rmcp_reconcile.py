@@ -264,7 +264,6 @@ async def test_stdio_server_runs_a_claim_never_entered_and_reconciles_entered_on
     assert (tmp_path / "ledger").read_text().splitlines() == ["ran", "claimed", "never-ran", "claimed-2"]
 
 
-@pytest.mark.xfail(strict=True, reason="a 'did run' verdict overwrites the key while this process runs it")
 async def test_a_late_did_run_verdict_waits_for_the_run_in_flight_here(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -511,6 +511,10 @@ class RMCPServerSide:
             return self._nack(
                 ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
             )
+        if call.key in self._running:
+            # A duplicate of this process settled the key and runs it meanwhile (the effect the
+            # verdict saw may be that run's): wait for its own result, whatever the verdict.
+            return None
         if verdict.ran:
             try:
                 outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
@@ -538,9 +542,6 @@ class RMCPServerSide:
             self._unrecorded.discard(call.key)
             self._reconciled_ran += 1
             return self._answer(ctx, outcome, meta, duplicate=True)
-        if call.key in self._running:
-            # A duplicate of this process got there first: wait for its run.
-            return None
 
         def reclaim() -> Awaitable[BeginOutcome]:
             async def settle() -> BeginOutcome:
