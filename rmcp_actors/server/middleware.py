@@ -785,6 +785,10 @@ class RMCPServerSide:
                 try:
                     await self._renew()
                     for key in list(self._unrecorded):
+                        if key not in self._unrecorded or key in self._running:
+                            # Settled, or claimed again and running here, while an earlier
+                            # mark was written: in doubt now, a run in flight would be run again.
+                            continue
                         mark = functools.partial(self.store.mark_in_doubt, key, owner=self.instance_id)
                         await self._store_call("mark_in_doubt", mark)
                         self._unrecorded.discard(key)
