@@ -777,7 +777,9 @@ class RMCPServerSide:
         """Renew this instance's lease in the store for as long as it runs (never returns).
 
         The server's lifespan runs it; a store failure is logged and retried at the next
-        interval, since records of a lapsed lease only read as in doubt, which is safe.
+        interval, since a lapsed lease only makes this instance's records read as abandoned
+        (never-entered claims are taken over, entered ones are in doubt) and its claims
+        unenterable until it renews, which is safe.
         """
         while True:
             await anyio.sleep(self.lease_s / 3)
@@ -793,7 +795,11 @@ class RMCPServerSide:
                         await self._store_call("mark_in_doubt", mark)
                         self._unrecorded.discard(key)
                 except RMCPStoreError:
-                    logger.exception("RMCP: could not renew the lease of instance %s", self.instance_id)
+                    logger.exception(
+                        "RMCP: could not renew the lease of instance %s, or mark in doubt the keys "
+                        "whose outcome it could not store; retrying in lease_s/3",
+                        self.instance_id,
+                    )
 
     async def _renew(self) -> None:
         self._last_renewal = anyio.current_time()
