@@ -10,11 +10,15 @@ import trio
 from _http import serve_http
 from conftest import FAST_RECOVERY
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.provider import AccessToken, principal_components
 from mcp.server.auth.settings import AuthSettings
+from mcp.server.request_state import compact_json
 from pydantic import AnyHttpUrl
 
 from rmcp_actors import FastRMCP, MemoryStore, RMCPSupervisor, ServerSpec
+from rmcp_actors._protocol import fingerprint
+from rmcp_actors.server import InDoubtRun, Reconciliation, store_key
+from rmcp_actors.stores import OwnerInfo
 
 TOKENS = {
     "token-alice": AccessToken(token="token-alice", client_id="agent", scopes=[], subject="alice"),
@@ -132,3 +136,32 @@ async def test_a_run_in_flight_is_not_joined_by_another_principal() -> None:
             finally:
                 release.set()
     assert texts == {"alice": "alice paid 5", "bob": "bob paid 5"}
+
+
+async def test_a_reconciler_is_told_the_principal_of_the_in_doubt_key() -> None:
+    """Keys are scoped to principals; a reconciler looking a run up by its key must look within
+    the caller's principal, or it could report (and replay) another principal's run."""
+    runs: list[str] = []
+    app = build_app(runs)
+    asked: list[InDoubtRun] = []
+
+    async def look_up(run: InDoubtRun) -> Reconciliation:
+        asked.append(run)
+        return Reconciliation.did_not_run()
+
+    app.rmcp.reconcilers["pay"] = look_up
+    alice = compact_json(principal_components(TOKENS["token-alice"]))
+    store = app.rmcp.store
+    # Alice's run of order-1 is in doubt: its server claimed the key, entered the tool, died.
+    await store.register_owner(OwnerInfo(instance_id="crashed", pid=1, host="elsewhere"), lease_s=30)
+    key = store_key("order-1", alice)
+    assert (
+        await store.begin(key, fingerprint=fingerprint("pay", {"amount": 5}), tool="pay", owner="crashed")
+    ).claimed
+    assert await store.mark_entered(key, owner="crashed")
+    await store.release_owner("crashed")
+    async with serve_http(app) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(as_user("alice", http.url))
+        result = await sup.call("alice", "pay", {"amount": 5}, idempotency_key="order-1", timeout=10)
+    assert result.text == "alice paid 5"
+    assert [(run.idempotency_key, run.principal) for run in asked] == [("order-1", alice)]

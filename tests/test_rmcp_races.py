@@ -35,7 +35,7 @@ from rmcp_actors._protocol import ServerSettings
 from rmcp_actors.client.call import _check_dedup_still_covers, _Progress  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.errors import RMCPOutcomeUnknownError
 from rmcp_actors.flow._loop import EventLoop
-from rmcp_actors.server import store_key
+from rmcp_actors.server import InDoubtRun, Reconciliation, store_key
 from rmcp_actors.stores import BeginOutcome, DedupRecord
 
 
@@ -320,6 +320,51 @@ async def test_an_owner_purged_by_another_process_registers_again(tmp_path: Path
     assert record.owner_alive is True
 
 
+async def test_a_server_whose_lease_lapsed_renews_it_and_runs_the_call_once(tmp_path: Path) -> None:
+    """The store's clock passes the lease (the process was paused, or its renewals failed)
+    while the server believes it fresh: its claim cannot be entered until it renews, and the
+    call must neither spin on the refused mark nor run twice."""
+    now = [1_700_000_000.0]
+    app = FastRMCP("t", store=SQLiteStore(tmp_path / "rmcp.sqlite", clock=lambda: now[0]), lease_s=30)
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        assert answer(await client.call_tool("pay", {"amount": 1}, meta=meta("k1"))) == "ran"
+        now[0] += 31
+        with trio.fail_after(10):
+            assert answer(await client.call_tool("pay", {"amount": 2}, meta=meta("k2"))) == "ran"
+        assert answer(await client.call_tool("pay", {"amount": 2}, meta=meta("k2", 2))) == "duplicate"
+    assert runs == [1, 2]
+
+
+async def test_a_server_whose_marks_are_refused_after_renewing_answers_unavailable(tmp_path: Path) -> None:
+    """Released in the store behind its back, an instance's renewals change nothing and every
+    entered mark is refused: the call must end with the retryable NACK, not loop on the store."""
+    path = tmp_path / "rmcp.sqlite"
+    app = FastRMCP("t", store=SQLiteStore(path))
+    runs: list[int] = []
+
+    @app.tool()
+    async def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    async with mcp.Client(app) as client:
+        assert answer(await client.call_tool("pay", {"amount": 1}, meta=meta("k1"))) == "ran"
+        with sqlite3.connect(path) as other:
+            other.execute("UPDATE owners SET released = 1")
+        with trio.fail_after(10):
+            result = await client.call_tool("pay", {"amount": 2}, meta=meta("k2"))
+    assert result.meta is not None
+    assert (answer(result), result.meta["rmcp"]["retryable"]) == ("unavailable", True)
+    assert runs == [1]
+
+
 async def test_no_ack_timeout_on_the_in_process_direct_wire(autojump_clock: trio.testing.MockClock) -> None:
     """The direct wire's requests carry no progress token, so no early ACK can come back:
     the client must not wait for one (it would retry a healthy call until attempts ran out)."""
@@ -536,3 +581,91 @@ async def test_a_store_shared_by_two_servers_is_closed_when_the_last_stops(
     assert answer(replay) == "duplicate"
     with pytest.raises(RMCPStoreClosedError):
         await store.get("k")
+
+
+class RecordsFailThenLag:
+    """A MemoryStore shared by two instances whose result writes fail until ``broken`` is
+    cleared; then the first in-doubt mark waits for ``lag`` (a slow disk)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+        self.broken = True
+        self.lagging: str | None = None
+        self.lag = trio.Event()
+
+    @property
+    def durable(self) -> bool:
+        return False
+
+    async def complete(self, key: str, *, owner: str, result: bytes) -> None:
+        if self.broken:
+            raise OSError("disk I/O error")
+        await self.inner.complete(key, owner=owner, result=result)
+
+    async def mark_in_doubt(self, key: str, *, owner: str) -> None:
+        if self.broken:
+            raise OSError("disk I/O error")
+        if self.lagging is None:
+            self.lagging = key
+            await self.lag.wait()
+        await self.inner.mark_in_doubt(key, owner=owner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_the_lease_keeper_leaves_alone_a_key_run_again_meanwhile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Outcomes the store could not record are marked in doubt later by the lease keeper. One
+    of them, retried meanwhile and (its reconciler finding no effect) run again, is a run in
+    flight: marking it in doubt would let another instance's retry run it a third time."""
+    store: Any = RecordsFailThenLag()
+    ledger: list[str] = []
+    fail_once = {"x1", "x2"}
+    gates = {"x1": trio.Event(), "x2": trio.Event()}
+    holds = dict(gates)
+    running = trio.Event()
+
+    async def look_up(run: InDoubtRun) -> Reconciliation:
+        label = run.arguments["label"]
+        return Reconciliation.did_run(f"paid {label}") if label in ledger else Reconciliation.did_not_run()
+
+    apps = [FastRMCP(name, store=store, lease_s=30) for name in ("a", "b")]
+    for app in apps:
+
+        @app.tool(reconcile=look_up)
+        async def pay(label: str) -> str:
+            if label in fail_once:
+                fail_once.discard(label)
+                raise RuntimeError("declined before any effect")
+            gate = holds.pop(label, None)
+            if gate is not None:
+                running.set()
+                await gate.wait()
+            ledger.append(label)
+            return f"paid {label}"
+
+    async with mcp.Client(apps[0]) as first, mcp.Client(apps[1]) as second, trio.open_nursery() as nursery:
+        for label in ("x1", "x2"):
+            await first.call_tool("pay", {"label": label}, meta=meta(label))
+        store.broken = False
+        while store.lagging is None:  # the lease keeper's next round, stuck on one key
+            await trio.sleep(1)
+        target = "x2" if store.lagging == store_key("x1") else "x1"
+        answers: list[str] = []
+
+        async def retry(client: mcp.Client, attempt: int) -> None:
+            answers.append(
+                answer(await client.call_tool("pay", {"label": target}, meta=meta(target, attempt)))
+            )
+
+        nursery.start_soon(retry, first, 2)
+        await running.wait()  # told "did not run", the retry runs it again, here
+        store.lag.set()
+        await trio.sleep(1)  # the lease keeper goes on to the other key
+        nursery.start_soon(retry, second, 3)
+        await trio.sleep(1)
+        gates[target].set()
+    assert ledger.count(target) == 1
+    assert sorted(answers) == ["duplicate", "ran"]

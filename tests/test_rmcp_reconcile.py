@@ -262,3 +262,54 @@ async def test_stdio_server_runs_a_claim_never_entered_and_reconciles_entered_on
         claimed = await sup.call("plain", "record", {"label": "claimed-2"}, idempotency_key="claimed-2")
     assert (claimed.text, claimed.duplicate) == ("recorded claimed-2", False)
     assert (tmp_path / "ledger").read_text().splitlines() == ["ran", "claimed", "never-ran", "claimed-2"]
+
+
+async def test_a_late_did_run_verdict_waits_for_the_run_in_flight_here(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two retries of an in-doubt key: the first is told "did not run" and runs the tool; the
+    second's reconciler, slower, then sees that run's effect and says "did run". The key is
+    this process's run in flight: the second retry gets that run's own result, which is the
+    one stored, not the reconciler's stand-in."""
+    store = MemoryStore(clock=trio.current_time)
+    await leave_in_doubt(store, "book", {"label": "x"})
+    ledger: list[str] = []
+    asked = 0
+
+    async def look_up(run: InDoubtRun) -> Reconciliation:
+        nonlocal asked
+        asked += 1
+        if asked == 1:
+            await trio.sleep(1)
+            return Reconciliation.did_not_run()
+        while run.arguments["label"] not in ledger:
+            await trio.sleep(0.1)
+        return Reconciliation.did_run(f"found {run.arguments['label']}")
+
+    app = FastRMCP("orders", store=store, close_store=False)
+
+    @app.tool(reconcile=look_up)
+    async def book(label: str) -> str:
+        ledger.append(label)
+        await trio.sleep(5)
+        return f"booked {label}"
+
+    results: list[Any] = []
+
+    async def retry(sup: RMCPSupervisor, server: str) -> None:
+        results.append(await sup.call(server, "book", {"label": "x"}, idempotency_key="k", timeout=60))
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("one", app))
+        await sup.add_server(ServerSpec.in_memory("two", app))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(retry, sup, "one")
+            nursery.start_soon(retry, sup, "two")
+        again = await sup.call("one", "book", {"label": "x"}, idempotency_key="k")
+    assert ledger == ["x"]
+    assert asked == 2
+    assert sorted((result.text, result.duplicate) for result in results) == [
+        ("booked x", False),
+        ("booked x", True),
+    ]
+    assert (again.text, again.duplicate) == ("booked x", True)

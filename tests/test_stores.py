@@ -350,6 +350,30 @@ async def test_resolve_in_doubt_settles_the_key_once(harness: Harness, how: str)
     assert not await store.resolve_in_doubt("absent", owner="b", fingerprint="fp", result=None)
 
 
+async def test_an_owner_whose_lease_lapsed_cannot_enter_its_claim(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    await store.register_owner(owner_info("b"), LEASE_S)
+    assert await claim(store, "k", owner="a")
+    # "a" pauses (a stopped process, a long GC) past its lease, with nobody taking the key over.
+    await harness.advance(LEASE_S + 1)
+    await store.renew_owner("b", LEASE_S)
+    # Entered now, the claim would read as in doubt at once (entered, owner gone): a
+    # reconciler, finding no effect yet, would let "b" run the tool while "a" runs it too.
+    assert not await store.mark_entered("k", owner="a")
+    record = await store.get("k")
+    assert record is not None
+    assert (record.entered, record.in_doubt) == (False, False)
+    taken = await store.begin("k", fingerprint="fp", tool="tool", owner="b")
+    assert (taken.claimed, taken.taken_over) == (True, True)
+    # Renewed, "a" enters its claims again (a pause is not a crash).
+    await store.renew_owner("a", LEASE_S)
+    assert await claim(store, "k2", owner="a")
+    assert await store.mark_entered("k2", owner="a")
+
+
 async def test_resolve_in_doubt_leaves_runs_in_progress_alone(harness: Harness) -> None:
     store = harness.store
     await store.register_owner(owner_info("a"), LEASE_S)
@@ -584,6 +608,72 @@ async def test_sqlite_owner_dies_with_its_local_process(tmp_path: Path) -> None:
         await store.aclose()
 
 
+CHILD_RESOLVER = """
+import os, socket, sys
+import anyio
+from rmcp_actors.stores import OwnerInfo, SQLiteStore
+
+async def main() -> None:
+    store = SQLiteStore(sys.argv[1])
+    me = f"child-{os.getpid()}"
+    await store.register_owner(OwnerInfo(instance_id=me, pid=os.getpid(), host=socket.gethostname()), 3600.0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    won = await store.resolve_in_doubt("k", owner=me, fingerprint="fp", result=None)
+    # A winner enters; a loser must not be able to, nor to take the claim over.
+    entered = await store.mark_entered("k", owner=me)
+    taken = (await store.begin("k", fingerprint="fp", tool="tool", owner=me)).claimed
+    print(f"{won} {entered} {taken}", flush=True)
+    await store.aclose()
+
+anyio.run(main)
+"""
+
+
+async def test_sqlite_resolve_in_doubt_is_atomic_across_processes(tmp_path: Path) -> None:
+    """Processes retrying one in-doubt key, each told by its reconciler that the run did not
+    happen: exactly one claims it again and enters it."""
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path)
+    await store.register_owner(owner_info("crashed"), LEASE_S)
+    assert await claim(store, "k", owner="crashed")
+    assert await store.mark_entered("k", owner="crashed")
+    await store.release_owner("crashed")
+    await store.aclose()
+    processes = [
+        await trio.lowlevel.open_process(
+            [sys.executable, "-c", CHILD_RESOLVER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+
+    async def read_line(process: trio.Process) -> str:
+        assert process.stdout is not None
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            assert chunk, "the child exited early"
+            data += chunk
+        return data.decode().strip()
+
+    try:
+        with trio.fail_after(60):
+            for process in processes:
+                assert await read_line(process) == "ready"
+            for process in processes:
+                assert process.stdin is not None
+                await process.stdin.send_all(b"go\n")
+            answers = sorted([await read_line(process) for process in processes])
+    finally:
+        for process in processes:
+            process.kill()
+            await process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    await stream.aclose()
+    assert answers == ["False False False"] * 3 + ["True True False"]
+
+
 async def test_sqlite_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "dedup.db")
 
@@ -780,6 +870,34 @@ async def test_sqlite_claim_never_blocks_the_event_loop_on_another_writer(tmp_pa
         await store.aclose()
     # The loop kept running while the claim waited for the lock in a worker thread.
     assert ticks >= 20
+
+
+async def test_sqlite_entered_mark_judges_the_lease_when_it_commits(tmp_path: Path) -> None:
+    """A mark that waited for another process's write lock while its owner's lease lapsed
+    (its renewals wait in the same queue) must not enter: others read the lapsed lease."""
+    path = tmp_path / "dedup.db"
+    clock = FakeClock()
+    store = SQLiteStore(path, clock=clock)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.register_owner(owner_info("a"), LEASE_S)
+        assert await claim(store, "k")
+        other.execute("BEGIN IMMEDIATE")  # another process's write lock, held for a while
+        entered: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def mark() -> None:
+                entered.append(await store.mark_entered("k", owner="a"))
+
+            nursery.start_soon(mark)
+            await trio.sleep(0.3)
+            assert not entered
+            clock.now += LEASE_S + 1
+            other.execute("COMMIT")
+        assert entered == [False]
+    finally:
+        other.close()
+        await store.aclose()
 
 
 async def test_owners_long_gone_are_forgotten(

@@ -138,6 +138,7 @@ class _KeyedCall:
     tool: str
     arguments: Mapping[str, Any]
     fingerprint: str
+    principal: str | None = None
 
 
 @attrs.define(eq=False)
@@ -385,7 +386,8 @@ class RMCPServerSide:
             if client_key is None:
                 outcome = await self._run_unkeyed(ctx, call_next)
                 return self._answer(ctx, outcome, meta, duplicate=False)
-            key = store_key(client_key, authenticated_principal(ctx))
+            principal = authenticated_principal(ctx)
+            key = store_key(client_key, principal)
             try:
                 validate_client_request("tools/call", ctx.protocol_version, params)
             except ValidationError:
@@ -411,6 +413,7 @@ class RMCPServerSide:
                 tool=tool,
                 arguments=arguments or {},
                 fingerprint=fingerprint(tool, arguments),
+                principal=principal,
             )
             if meta.lookup:
                 return await self._look_up(ctx, meta, call)
@@ -429,7 +432,7 @@ class RMCPServerSide:
         except RMCPStoreError as error:
             return self._unavailable(ctx, meta, error)
         key, call_print = call.key, call.fingerprint
-        acked = False
+        acked = refused = False
         while True:
             local = self._running.get(key)
             if local is not None:
@@ -454,6 +457,27 @@ class RMCPServerSide:
                 self._taken_over += begun.taken_over
                 return self._answer(ctx, run.outcome, meta, duplicate=False)
             acked = acked or run.acked
+            if begun.existing is None:
+                # The entered mark failed: taken over, or this instance's lease lapsed in the
+                # store (a pause, failed renewals). Renewed, it can enter its next claim; a
+                # store that refuses it even then must not be asked again and again.
+                if refused:
+                    return self._unavailable(
+                        ctx,
+                        meta,
+                        RMCPStoreError(
+                            f"the store refused instance {self.instance_id}'s entered mark even "
+                            "after its lease was renewed: it reads this instance as released or "
+                            "its lease as lapsed; check the store's clock, or restart the server",
+                            operation="mark_entered",
+                        ),
+                    )
+                refused = True
+                try:
+                    await self._renew()
+                except RMCPStoreError as error:
+                    return self._unavailable(ctx, meta, error)
+                continue
             poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
             while record is not None:
@@ -633,6 +657,10 @@ class RMCPServerSide:
             return self._nack(
                 ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
             )
+        if call.key in self._running:
+            # A duplicate of this process settled the key and runs it meanwhile (the effect the
+            # verdict saw may be that run's): wait for its own result, whatever the verdict.
+            return None
         if verdict.ran:
             try:
                 outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
@@ -660,9 +688,6 @@ class RMCPServerSide:
             self._unrecorded.discard(call.key)
             self._reconciled_ran += 1
             return self._answer(ctx, outcome, meta, duplicate=True)
-        if call.key in self._running:
-            # A duplicate of this process got there first: wait for its run.
-            return None
 
         def reclaim() -> Awaitable[BeginOutcome]:
             async def settle() -> BeginOutcome:
@@ -689,7 +714,12 @@ class RMCPServerSide:
     async def _reconcile(self, reconciler: Reconciler, call: _KeyedCall) -> Reconciliation | None:
         """The reconciler's verdict, or None when it failed, timed out or answered nonsense:
         the key then stays in doubt, and the server carries on."""
-        run = InDoubtRun(tool=call.tool, arguments=call.arguments, idempotency_key=call.client_key)
+        run = InDoubtRun(
+            tool=call.tool,
+            arguments=call.arguments,
+            idempotency_key=call.client_key,
+            principal=call.principal,
+        )
         with anyio.move_on_after(self.reconcile_timeout_s):
             try:
                 # User code: whatever it returns is checked, a wrong type must not pass for a verdict.
@@ -744,8 +774,8 @@ class RMCPServerSide:
         its outcome in ``run``.
 
         Returns the store's error when the claim or the entered mark failed: the tool did not
-        run. A claim whose entered mark finds it taken over (this instance's lease lapsed and
-        another claimed the key) reads as not claimed: the tool did not run here.
+        run. A claim whose entered mark fails (this instance's lease lapsed, and another may
+        have claimed the key) reads as not claimed: the tool did not run here.
 
         All of it is shielded from the caller's cancellation: a claim committed for a caller
         that left would be a STARTED record nobody runs, and a run stopped by the client's
@@ -893,7 +923,9 @@ class RMCPServerSide:
         """Renew this instance's lease in the store for as long as it runs (never returns).
 
         The server's lifespan runs it; a store failure is logged and retried at the next
-        interval, since records of a lapsed lease only read as in doubt, which is safe.
+        interval, since a lapsed lease only makes this instance's records read as abandoned
+        (never-entered claims are taken over, entered ones are in doubt) and its claims
+        unenterable until it renews, which is safe.
         """
         while True:
             await anyio.sleep(self.lease_s / 3)
@@ -901,11 +933,19 @@ class RMCPServerSide:
                 try:
                     await self._renew()
                     for key in list(self._unrecorded):
+                        if key not in self._unrecorded or key in self._running:
+                            # Settled, or claimed again and running here, while an earlier
+                            # mark was written: in doubt now, a run in flight would be run again.
+                            continue
                         mark = functools.partial(self.store.mark_in_doubt, key, owner=self.instance_id)
                         await self._store_call("mark_in_doubt", mark)
                         self._unrecorded.discard(key)
                 except RMCPStoreError:
-                    logger.exception("RMCP: could not renew the lease of instance %s", self.instance_id)
+                    logger.exception(
+                        "RMCP: could not renew the lease of instance %s, or mark in doubt the keys "
+                        "whose outcome it could not store; retrying in lease_s/3",
+                        self.instance_id,
+                    )
 
     async def _renew(self) -> None:
         self._last_renewal = anyio.current_time()

@@ -11,9 +11,11 @@ retry of that key arrives:
 * :meth:`Reconciliation.did_not_run`: the key is claimed again and the tool runs now;
 * :meth:`Reconciliation.unknown` (or None): the key stays in doubt (NACK ``in_doubt``).
 
-A reconciler must answer ``did_not_run`` only when the effect cannot appear later: the run's
-process is gone by then, but an effect it handed to another system (a request in flight) may
-still land. A reconciler that raises or exceeds ``reconcile_timeout_s`` leaves the key in doubt.
+A reconciler must answer ``did_not_run`` only when the effect cannot appear later. The run's
+owner reads as gone, but that is read from a lease: an owner on another host that was paused
+past its lease (or cut off from the store) may still be in the middle of the run, and an effect
+handed to another system (a request in flight) may still land. A reconciler that raises or
+exceeds ``reconcile_timeout_s`` leaves the key in doubt.
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ class InDoubtRun:
         arguments: The call's arguments (the same for every attempt: the key's fingerprint
             covers them).
         idempotency_key: The key the client sent (not scoped to its principal).
+        principal: The authenticated principal the key is scoped to (as
+            ``mcp.server.request_state.authenticated_principal`` gives it), None when the
+            caller is not authenticated. Two principals may send the same key: a reconciler
+            looking the run up by its key must look within this principal, or it may report
+            (and so replay) another principal's run.
     """
 
     tool: str
     arguments: Mapping[str, Any]
     idempotency_key: str
+    principal: str | None = None
 
 
 @final

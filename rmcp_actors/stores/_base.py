@@ -131,7 +131,8 @@ class DedupStore(Protocol):
 
         Durable as a claim is (a crash of any process keeps it). Returns False, changing
         nothing, when ``key`` is no longer ``STARTED`` by ``owner`` (another claimant took it
-        over): the tool must not be called then.
+        over), or when ``owner`` reads as gone (its lease lapsed or it was released: entered,
+        the claim would be in doubt at once): the tool must not be called then.
         """
         ...
 

@@ -187,10 +187,12 @@ class MemoryStore:
 
     async def mark_entered(self, key: str, *, owner: str) -> bool:
         """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
-        by ``owner`` (taken over): the tool must not be called then."""
+        by ``owner`` (taken over) or ``owner``'s lease lapsed: the tool must not be called then."""
         self._check_open()
         entry = self._claimed_entry(key, owner)
-        if entry is None:
+        # An owner past its lease reads as gone: entered now, its claim would be in doubt at
+        # once, and a reconciler finding no effect yet would let another claimant run it too.
+        if entry is None or not self._owner_alive(owner, self._clock()):
             return False
         entry.entered = True
         return True

@@ -148,6 +148,7 @@ class SQLiteStore:
         ttl_s: How long a record lives, counted from its creation.
         clock: The time source for expiries and leases, in seconds since the epoch;
             ``time.time`` by default, a wall clock because several processes share the file.
+            Also read in the store's worker threads.
         busy_timeout_s: How long a transaction waits for another process's write lock.
         fsync_claims: Fsync every claim and entered mark as well (at-most-once across a power
             loss, at the price of two more fsyncs per call when calls are sequential).
@@ -334,17 +335,24 @@ class SQLiteStore:
 
     async def mark_entered(self, key: str, *, owner: str) -> bool:
         """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
-        by ``owner`` (taken over): the tool must not be called then.
+        by ``owner`` (taken over) or ``owner``'s lease lapsed: the tool must not be called then.
 
         Committed as a claim is (``fsync_claims``), inline when the database is free: a crash
         of any process keeps it.
         """
 
         def apply(connection: sqlite3.Connection) -> bool:
+            # An owner past its lease reads as gone: entered now, its claim would be in doubt at
+            # once, and a reconciler finding no effect yet would let another claimant run it too.
+            # The time is read under the write lock: a mark that waited for it (behind the
+            # owner's renewals, maybe) must not judge the lease by when it was queued.
+            now = self._clock()
             return (
                 connection.execute(
-                    "UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?",
-                    (key, owner, RecordState.STARTED.value),
+                    """UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?
+                    AND EXISTS (SELECT 1 FROM owners WHERE instance_id = ? AND released = 0
+                    AND lease_expires_at > ?)""",
+                    (key, owner, RecordState.STARTED.value, owner, now),
                 ).rowcount
                 == 1
             )
