@@ -484,12 +484,8 @@ class RMCPSupervisor:
                 hold a value JSON cannot carry unchanged (bytes, a non-str key,
                 NaN, a set, a circular reference, nesting deeper than 190); nothing was sent.
         """
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise RMCPArgumentError(
-                f"timeout must be a positive, finite number of seconds, got {timeout!r}",
-                server=server,
-                tool=tool,
-            )
+        if timeout is not None:
+            _check_timeout(timeout, server, tool)
         entry = self._server(server)
         policy = entry.policies.get(tool, entry.default_policy)
         request = _request(policy, tool, arguments, idempotency_key, priority, timeout, on_lifecycle, tenant)
@@ -508,12 +504,8 @@ class RMCPSupervisor:
     ) -> CallResult:
         """A transaction's step or compensation: ``call`` with its key and its place in
         ``_meta.rmcp`` (``transaction_id``, ``step``)."""
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise RMCPArgumentError(
-                f"timeout must be a positive, finite number of seconds, got {timeout!r}",
-                server=server,
-                tool=tool,
-            )
+        if timeout is not None:
+            _check_timeout(timeout, server, tool)
         entry = self._server(server)
         policy = entry.policies.get(tool, entry.default_policy)
         request = _request(policy, tool, arguments, idempotency_key, 0, timeout, None, None)
@@ -752,12 +744,8 @@ class RMCPSupervisor:
                 server=server,
                 tool=tool,
             )
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise RMCPArgumentError(
-                f"timeout must be a positive, finite number of seconds, got {timeout!r}",
-                server=server,
-                tool=tool,
-            )
+        if timeout is not None:
+            _check_timeout(timeout, server, tool)
 
         if concurrency is None:
             # The calls the server (and the tool's own lane, when it has one) admit at once:
@@ -824,6 +812,15 @@ class RMCPSupervisor:
                 server=name,
             )
         return server
+
+
+def _check_timeout(timeout: float, server: str, tool: str) -> None:
+    if not 0 < timeout < math.inf:
+        raise RMCPArgumentError(
+            f"timeout must be a positive, finite number of seconds, got {timeout!r}",
+            server=server,
+            tool=tool,
+        )
 
 
 def _request(
