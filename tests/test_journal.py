@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -296,6 +297,34 @@ async def test_sqlite_normal_appends_commit_inline_and_keep_the_wal_bounded(tmp_
     assert statistics.appends < appends / 50
     # SQLite checkpoints past 1,000 pages; without those commits the WAL would hold every record.
     assert wal_pages < 2_000
+
+
+async def test_sqlite_append_waits_for_another_writer_in_the_worker_not_on_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = SQLiteJournal(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await journal.append(begun("opens", 1.0))
+        await journal.append(begun("inline", 2.0))
+        before = journal.statistics()
+        other.execute("BEGIN IMMEDIATE")  # another process's write lock
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(journal.append, begun("waits", 3.0))
+            # The append waits in a worker thread: the loop never waited for the lock (an
+            # inline commit that waited would stall it for its busy timeout).
+            await trio.testing.wait_all_tasks_blocked()
+            assert time.monotonic() - started < 0.5
+            assert journal.statistics().queued == 0
+            other.execute("COMMIT")
+        after = journal.statistics()
+        assert await journal.read("waits") == [begun("waits", 3.0)]
+    finally:
+        other.close()
+        await journal.aclose()
+    assert before.inline_appends == 1
+    assert after.inline_appends == 1
+    assert after.appends == before.appends + 1
 
 
 async def test_sqlite_full_appends_never_commit_on_the_event_loop(tmp_path: Path) -> None:
