@@ -22,7 +22,8 @@ step, from the issue); the process's CPU time per call / per step (median over b
 journal's worker thread included), steadier than wall time on a busy machine; for whole
 transactions, the median time per transaction and its overhead over ``SAGA_STEPS`` plain
 calls, per step. The journal's group-commit statistics say how many records each commit
-carried (1 when sequential). ``--journal memory`` runs the same with a ``MemoryJournal``: the
+carried (1 when sequential) and how many appends committed inline instead (``synchronous=normal``,
+the file free). ``--journal memory`` runs the same with a ``MemoryJournal``: the
 saga machinery's own share.
 """
 
@@ -180,7 +181,8 @@ def report(figures: dict[str, Any]) -> str:
     if journal is not None:
         lines.append(
             f"journal commits   {journal['commits']} for {journal['appends']} records "
-            f"(largest batch {journal['largest_batch']})"
+            f"(largest batch {journal['largest_batch']}), {journal['inline_appends']} more "
+            "committed inline on the event loop's thread"
         )
     return "\n".join(lines)
 

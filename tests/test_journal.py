@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -251,7 +252,8 @@ async def test_sqlite_records_survive_reopening(tmp_path: Path) -> None:
 
 
 async def test_sqlite_concurrent_appends_share_commits(tmp_path: Path) -> None:
-    journal = SQLiteJournal(tmp_path / "journal.db")
+    # "full": every append goes through the queue ("normal" ones commit inline when they can).
+    journal = SQLiteJournal(tmp_path / "journal.db", synchronous="full")
 
     async def run(tx: str) -> None:
         for record in a_whole_saga(tx, 1.0):
@@ -269,6 +271,73 @@ async def test_sqlite_concurrent_appends_share_commits(tmp_path: Path) -> None:
         assert statistics.queued == 0
     finally:
         await journal.aclose()
+
+
+async def test_sqlite_normal_appends_commit_inline_and_keep_the_wal_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = SQLiteJournal(path)
+    appends = 3_000
+    try:
+        for index in range(appends):
+            await journal.append(begun(f"tx-{index}", float(index)))
+        statistics = journal.statistics()
+        other = sqlite3.connect(path)
+        try:
+            # Committed, and visible to any other connection.
+            assert other.execute("SELECT COUNT(*) FROM journal_records").fetchone()[0] == appends
+            page_size = other.execute("PRAGMA page_size").fetchone()[0]
+        finally:
+            other.close()
+        wal_pages = path.with_name(path.name + "-wal").stat().st_size // page_size
+    finally:
+        await journal.aclose()
+    # The first append opens the file through the queue, and so does one in a run of inline
+    # appends: the main connection checkpoints after its commits, the inline one never does.
+    assert statistics.inline_appends + statistics.appends == appends
+    assert statistics.appends < appends / 50
+    # SQLite checkpoints past 1,000 pages; without those commits the WAL would hold every record.
+    assert wal_pages < 2_000
+
+
+async def test_sqlite_append_waits_for_another_writer_in_the_worker_not_on_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = SQLiteJournal(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await journal.append(begun("opens", 1.0))
+        await journal.append(begun("inline", 2.0))
+        before = journal.statistics()
+        other.execute("BEGIN IMMEDIATE")  # another process's write lock
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(journal.append, begun("waits", 3.0))
+            # The append waits in a worker thread: the loop never waited for the lock (an
+            # inline commit that waited would stall it for its busy timeout).
+            await trio.testing.wait_all_tasks_blocked()
+            assert time.monotonic() - started < 0.5
+            assert journal.statistics().queued == 0
+            other.execute("COMMIT")
+        after = journal.statistics()
+        assert await journal.read("waits") == [begun("waits", 3.0)]
+    finally:
+        other.close()
+        await journal.aclose()
+    assert before.inline_appends == 1
+    assert after.inline_appends == 1
+    assert after.appends == before.appends + 1
+
+
+async def test_sqlite_full_appends_never_commit_on_the_event_loop(tmp_path: Path) -> None:
+    journal = SQLiteJournal(tmp_path / "journal.db", synchronous="full")
+    try:
+        for record in a_whole_saga("tx", 1.0):
+            await journal.append(record)
+        statistics = journal.statistics()
+    finally:
+        await journal.aclose()
+    # An fsync in the worker thread, not on the loop.
+    assert statistics.inline_appends == 0
+    assert statistics.appends == statistics.commits == len(a_whole_saga("tx", 1.0))
 
 
 async def test_sqlite_two_journals_share_one_file(tmp_path: Path) -> None:

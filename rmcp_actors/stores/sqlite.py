@@ -6,7 +6,7 @@ process's lock; the store works under trio and asyncio alike. The one exception 
 that needs no fsync (see ``fsync_claims``) when the database is free right now: it commits on
 the event loop's thread through a second connection that never waits (a busy database sends
 it to the queue instead), because a few tens of microseconds of blocking cost less than two
-hops to a worker thread and back.
+hops to a worker thread and back (``GroupCommit.try_inline``, shared with the journal).
 
 Writes are group-committed. The server commits three times per tool call (``begin``,
 ``mark_entered``, then ``complete``); with many calls in flight, one fsync per write would cap
@@ -34,7 +34,7 @@ import attrs
 
 from ..errors import RMCPConfigError, RMCPStoreError, RMCPUnknownOwnerError
 from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
-from ._sqlite_batch import Chore, GroupCommit, failure, is_busy
+from ._sqlite_batch import Chore, GroupCommit, failure
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
 
@@ -189,7 +189,6 @@ class SQLiteStore:
             chore=self._purge_chore,
         )
         self._next_purge_at = -math.inf
-        self._inline: sqlite3.Connection | None = None
         self._inline_claims = 0
 
     @property
@@ -466,7 +465,7 @@ class SQLiteStore:
 
         Further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`. Closing twice is harmless.
         """
-        await self._batch.aclose(before_close=self._close_inline)
+        await self._batch.aclose()
 
     async def _finish(self, operation: str, statement: str, parameters: tuple[object, ...]) -> None:
         def apply(connection: sqlite3.Connection) -> None:
@@ -522,45 +521,11 @@ class SQLiteStore:
         return deleted
 
     def _try_inline(self, apply: Callable[[sqlite3.Connection], _T]) -> tuple[_T] | None:
-        """Commit ``apply`` (with ``synchronous=NORMAL``) here and now if nothing would wait:
-        the main connection is idle and no other connection holds the write lock. None
-        means "not done": queue it. A 1-tuple tells a None answer from that."""
-        if not self._batch.idle:
-            # Not open yet (the schema may not exist), or busy: the queue batches with it.
-            return None
+        """``GroupCommit.try_inline``, unless a purge is due: the flush that carries the write
+        also purges expired records."""
         if self._clock() >= self._next_purge_at:
-            # The flush that carries it also purges expired records.
             return None
-        connection = self._inline or self._open_inline()
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if is_busy(exc):
-                return None
-            raise
-        try:
-            value = apply(connection)
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-        return (value,)
-
-    def _open_inline(self) -> sqlite3.Connection:
-        # timeout=0: a locked database fails at once instead of blocking the event loop, and
-        # no automatic checkpoint (an fsync of the database file) ever runs on this thread:
-        # the main connection's commits do them.
-        connection = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA synchronous = NORMAL")
-        connection.execute("PRAGMA wal_autocheckpoint = 0")
-        self._inline = connection
-        return connection
-
-    def _close_inline(self) -> None:
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
+        return self._batch.try_inline(apply)
 
     def _live_record(self, row: tuple[Any, ...], now: float) -> DedupRecord | None:
         """The record of ``row``, or None when it expired. A run whose owner is alive never

@@ -6,7 +6,10 @@ transaction id); ``journal_transactions`` keeps one summary row per transaction,
 the same commit as the record, so ``summaries()`` reads a few columns instead of decoding
 every record. The commit machinery is the dedup store's (``_sqlite_batch.GroupCommit``): a
 worker thread at a time, WAL, ``BEGIN IMMEDIATE``, appends that arrive while a commit runs
-sharing the next one, each in its own savepoint.
+sharing the next one, each in its own savepoint. With ``synchronous="normal"`` an append that
+finds the file free commits inline on the event loop's thread instead, as the store's claims do
+(``GroupCommit.try_inline``): a step's two appends were most of its cost as two round trips to
+a worker thread.
 """
 
 from __future__ import annotations
@@ -72,12 +75,15 @@ class SQLiteJournalStatistics:
         appends: Records carried by those transactions.
         largest_batch: The most records one transaction carried.
         queued: Records waiting for the next flush right now.
+        inline_appends: Records committed on the event loop's thread, outside the queue (and
+            outside ``commits`` and ``appends``).
     """
 
     commits: int
     appends: int
     largest_batch: int
     queued: int
+    inline_appends: int = 0
 
 
 @final
@@ -87,7 +93,10 @@ class SQLiteJournal:
 
     Implements :class:`~rmcp_actors.transactions.Journal`. ``append`` returns once its record
     is committed; records appended while a commit runs share the next one (group commit), so
-    concurrent transactions pay one commit per batch, not one per record.
+    concurrent transactions pay one commit per batch, not one per record. With
+    ``synchronous="normal"``, an append that finds the file free (no commit or read of this
+    journal running, no other process writing) is committed at once on the event loop's thread,
+    in a few tens of microseconds, never waiting for a lock.
 
     With ``synchronous="normal"`` a committed record is in the WAL file: it survives a crash
     (even a SIGKILL) of the process, not a power loss or an OS crash. ``"full"`` fsyncs each
@@ -129,6 +138,7 @@ class SQLiteJournal:
             )
         self._path = os.fspath(path)
         self._sync = synchronous == "full"
+        self._inline_appends = 0
         self._batch = GroupCommit(
             self._path,
             busy_timeout_s=busy_timeout_s,
@@ -148,6 +158,7 @@ class SQLiteJournal:
             appends=self._batch.writes,
             largest_batch=self._batch.largest_batch,
             queued=self._batch.queued,
+            inline_appends=self._inline_appends,
         )
 
     async def append(self, record: JournalRecord) -> None:
@@ -162,6 +173,10 @@ class SQLiteJournal:
             _update_summary(connection, record)
 
         try:
+            # An fsync ("full") must not block the event loop: those commits keep the worker.
+            if not self._sync and self._batch.try_inline(apply) is not None:
+                self._inline_appends += 1
+                return
             await self._batch.write(apply, sync=self._sync)
         except (sqlite3.Error, OSError) as error:
             raise self._journal_error("append", error) from error
