@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import mcp
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -461,3 +463,29 @@ async def test_a_lookup_is_never_sent_to_a_server_that_does_not_advertise_it() -
         # Recovery compensates as before, without asking.
         assert (await sup.recover()).compensated == ("tx",)
     assert entries == ["cancel a"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a lookup after the server's TTL finds the record expired, tombstones it and answers "
+    "aborted: the transaction takes 'never ran' for a step that ran and does not undo it",
+)
+async def test_a_lookup_older_than_the_servers_ttl_is_not_taken_for_never_ran(tmp_path: Path) -> None:
+    entries: list[str] = []
+    offset = [-120.0]
+    store = SQLiteStore(tmp_path / "dedup.db", ttl_s=60, clock=lambda: time.time() + offset[0])
+    records = abandoned("tx", ("a", False))
+    # The program journaled step 0 two minutes ago, sent it (it ran), and died.
+    records = [msgspec.structs.replace(record, at=time.time() - 120) for record in records]
+    journal = await journal_of(records)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("saga", saga_server(entries, store=store)))
+        await sup.call("saga", "book", {"label": "a"}, idempotency_key="tx:0")
+        # Recovery runs now: the server kept the key's record for 60 s only.
+        offset[0] = 0.0
+        assert (await sup.recover()).compensated == ("tx",)
+    await store.aclose()
+    # Its record gone, nobody can tell whether step 0 ran: it is undone blindly.
+    assert entries == ["book a", "cancel a"]
+    [step] = (await _history(journal, "tx")).steps
+    assert step.looked_up is False
