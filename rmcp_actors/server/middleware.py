@@ -275,13 +275,16 @@ class RMCPServerSide:
         features = [FEATURE_DEDUP, FEATURE_ACK]
         if self.early_ack:
             features.append(FEATURE_EARLY_ACK)
+        ttl_s = None
         if isinstance(self.store, AbortingStore):
             features.append(FEATURE_LOOKUP)
+            ttl_s = self.store.ttl_s
         return ServerSettings(
             features=features,
             durable=self.store.durable,
             instance_id=self.instance_id,
             early_ack=self.early_ack,
+            ttl_s=ttl_s,
         )
 
     def statistics(self) -> ServerStatistics:

@@ -175,6 +175,12 @@ class AbortingStore(DedupStore, Protocol):
     lookups (``_meta.rmcp.lookup``). A server whose store lacks :meth:`abort` does not
     advertise the ``lookup`` feature."""
 
+    @property
+    def ttl_s(self) -> float:
+        """How long a record lives after its creation: a lookup later than that finds no
+        record whether or not the tool ran (servers advertise it)."""
+        ...
+
     async def abort(
         self, key: str, *, fingerprint: str, tool: str, owner: str, in_doubt: bool = False
     ) -> BeginOutcome:

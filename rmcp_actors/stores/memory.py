@@ -93,6 +93,11 @@ class MemoryStore:
         """Always False: records are lost when the process exits."""
         return False
 
+    @property
+    def ttl_s(self) -> float:
+        """How long a record lives, counted from its creation."""
+        return self._ttl_s
+
     async def register_owner(self, owner: OwnerInfo, lease_s: float) -> None:
         """Record ``owner`` as alive for ``lease_s`` seconds."""
         self._check_open()

@@ -196,6 +196,11 @@ class SQLiteStore:
         """Always True: records are in the file, committed before a write returns."""
         return True
 
+    @property
+    def ttl_s(self) -> float:
+        """How long a record lives, counted from its creation."""
+        return self._ttl_s
+
     def statistics(self) -> SQLiteStoreStatistics:
         """Return a snapshot of the group commit counters."""
         return SQLiteStoreStatistics(
