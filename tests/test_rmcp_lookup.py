@@ -31,7 +31,7 @@ from rmcp_actors import (
 )
 from rmcp_actors._protocol import fingerprint
 from rmcp_actors.client.call import CallRequest, perform_call
-from rmcp_actors.server import install, rmcp_of, store_key
+from rmcp_actors.server import InDoubtRun, Reconciliation, install, rmcp_of, store_key
 from rmcp_actors.stores import (
     AbortingStore,
     DedupStore,
@@ -484,3 +484,52 @@ async def test_a_lookup_older_than_the_servers_ttl_is_not_taken_for_never_ran(tm
     assert entries == ["book a", "cancel a"]
     [step] = (await _history(journal, "tx")).steps
     assert step.looked_up is False
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a lookup acts on its reconciler's 'did not run' after a retry of the original ran the "
+    "tool meanwhile (cut short, in doubt again): it tombstones a key whose tool ran",
+)
+async def test_a_lookup_never_acts_on_a_verdict_a_run_since_has_made_stale(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    entries: list[str] = []
+    arguments = {"label": "b", "seconds": 30}
+    store = MemoryStore(clock=trio.current_time)
+    # Key "k" in doubt: claimed and entered by an owner that died.
+    await leave_claimed(store, "book", arguments, entered=True)
+    lookup_asked, lookup_answers = trio.Event(), trio.Event()
+
+    async def reconcile(run: InDoubtRun) -> Reconciliation:
+        if not lookup_asked.is_set():
+            # The lookup's question, answered late: "not run" was true when it was asked.
+            lookup_asked.set()
+            await lookup_answers.wait()
+            return Reconciliation.did_not_run()
+        return Reconciliation.unknown() if entries else Reconciliation.did_not_run()
+
+    app = MCPServer("saga")
+
+    @app.tool()
+    async def book(label: str, seconds: float = 0) -> dict[str, str]:
+        entries.append(f"book {label}")
+        await trio.sleep(seconds)
+        return {"receipt": f"r-{label}"}
+
+    install(app, store=store, max_execution_s=5, reconcilers={"book": reconcile}, reconcile_timeout_s=60)
+    looked: list[Any] = []
+    async with mcp.Client(app) as client, trio.open_nursery() as nursery:
+
+        async def look_up() -> None:
+            looked.append(await client.call_tool("book", arguments, meta=rmcp_meta("k", lookup=True)))
+
+        nursery.start_soon(look_up)
+        await lookup_asked.wait()
+        # The original's retry arrives meanwhile: "not run" for it too, so it runs the tool,
+        # which max_execution_s cuts short: in doubt again, and this time the tool ran.
+        original = await client.call_tool("book", arguments, meta=rmcp_meta("k", attempt=2))
+        assert rmcp_answer(original)["code"] == "in_doubt"
+        assert entries == ["book b"]
+        lookup_answers.set()
+    assert rmcp_answer(looked[0]).get("code") != "aborted"
