@@ -486,11 +486,6 @@ async def test_a_lookup_older_than_the_servers_ttl_is_not_taken_for_never_ran(tm
     assert step.looked_up is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lookup acts on its reconciler's 'did not run' after a retry of the original ran the "
-    "tool meanwhile (cut short, in doubt again): it tombstones a key whose tool ran",
-)
 async def test_a_lookup_never_acts_on_a_verdict_a_run_since_has_made_stale(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

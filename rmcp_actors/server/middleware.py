@@ -514,12 +514,12 @@ class RMCPServerSide:
         # for a run in flight for as long as that run takes.
         await self._send_early_ack(ctx, "looking up this key")
         key, call_print = call.key, call.fingerprint
-        # A reconciler said the in-doubt run did not happen: the tombstone may replace it.
-        not_run = False
 
-        def abort() -> Awaitable[BeginOutcome]:
+        def abort(in_doubt: bool = False) -> Awaitable[BeginOutcome]:
+            # in_doubt: a reconciler said the in-doubt run did not happen, so the tombstone
+            # may replace its record.
             return store.abort(
-                key, fingerprint=call_print, tool=call.tool, owner=self.instance_id, in_doubt=not_run
+                key, fingerprint=call_print, tool=call.tool, owner=self.instance_id, in_doubt=in_doubt
             )
 
         while True:
@@ -562,11 +562,27 @@ class RMCPServerSide:
                     # A run here to wait on, or a claim abandoned before its tool: look again.
                     break
                 if record.in_doubt or orphaned:
-                    answer = await self._reconcile_lookup(ctx, meta, call)
-                    if answer is not None:
-                        return answer
-                    not_run = True
-                    break
+                    # Held from the question to the tombstone: a retry of the original here
+                    # would otherwise run the tool meanwhile (and be in doubt again, cut short),
+                    # making the reconciler's "did not run" stale before the tombstone lands.
+                    held = _Run(fingerprint=call_print)
+                    self._running[key] = held
+                    try:
+                        answer = await self._reconcile_lookup(ctx, meta, call)
+                        if answer is not None:
+                            return answer
+                        begun = await self._store_call("abort", lambda: abort(in_doubt=True))
+                    except RMCPStoreError as error:
+                        return self._unavailable(ctx, meta, error)
+                    finally:
+                        self._finish(key, held)
+                    if begun.claimed:
+                        self._aborted += 1
+                        return self._nack(
+                            ctx, NackCode.ABORTED, "its reconciler found no run of this key", meta
+                        )
+                    record = begun.existing
+                    continue
                 # A run of another live process: wait for its result, as a duplicate does.
                 await anyio.sleep(poll_s)
                 poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
