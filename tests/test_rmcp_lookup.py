@@ -528,3 +528,56 @@ async def test_a_lookup_never_acts_on_a_verdict_a_run_since_has_made_stale(
         assert entries == ["book b"]
         lookup_answers.set()
     assert rmcp_answer(looked[0]).get("code") != "aborted"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a lookup acts on its reconciler's 'did not run' after another server on the same "
+    "SQLite file claimed the key again and ran the tool (cut short): the store tombstones it",
+)
+async def test_a_lookup_never_acts_on_a_verdict_another_servers_run_has_made_stale(tmp_path: Path) -> None:
+    entries: list[str] = []
+    arguments = {"label": "b", "seconds": 30}
+    stores = [SQLiteStore(tmp_path / "dedup.db"), SQLiteStore(tmp_path / "dedup.db")]
+    # Key "k" in doubt: claimed and entered by an owner that died.
+    await leave_claimed(stores[0], "book", arguments, entered=True)
+    lookup_asked, lookup_answers = trio.Event(), trio.Event()
+
+    async def slow_reconcile(run: InDoubtRun) -> Reconciliation:
+        lookup_asked.set()
+        await lookup_answers.wait()
+        return Reconciliation.did_not_run()
+
+    async def reconcile(run: InDoubtRun) -> Reconciliation:
+        return Reconciliation.did_not_run()
+
+    def server(store: SQLiteStore, reconciler: Any) -> MCPServer:
+        app = MCPServer("saga")
+
+        @app.tool()
+        async def book(label: str, seconds: float = 0) -> dict[str, str]:
+            entries.append(f"book {label}")
+            await trio.sleep(seconds)
+            return {"receipt": f"r-{label}"}
+
+        return install(app, store=store, max_execution_s=0.2, reconcilers={"book": reconciler})
+
+    looked: list[Any] = []
+    async with (
+        mcp.Client(server(stores[0], slow_reconcile)) as first,
+        mcp.Client(server(stores[1], reconcile)) as second,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def look_up() -> None:
+            looked.append(await first.call_tool("book", arguments, meta=rmcp_meta("k", lookup=True)))
+
+        nursery.start_soon(look_up)
+        await lookup_asked.wait()
+        # The original's retry reaches the other server meanwhile: it runs the tool, which
+        # max_execution_s cuts short: in doubt again, and this time the tool ran.
+        original = await second.call_tool("book", arguments, meta=rmcp_meta("k", attempt=2))
+        assert rmcp_answer(original)["code"] == "in_doubt"
+        assert entries == ["book b"]
+        lookup_answers.set()
+    assert rmcp_answer(looked[0]).get("code") != "aborted"
