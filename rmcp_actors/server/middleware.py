@@ -515,11 +515,16 @@ class RMCPServerSide:
         await self._send_early_ack(ctx, "looking up this key")
         key, call_print = call.key, call.fingerprint
 
-        def abort(in_doubt: bool = False) -> Awaitable[BeginOutcome]:
-            # in_doubt: a reconciler said the in-doubt run did not happen, so the tombstone
-            # may replace its record.
+        def abort(doubted: DedupRecord | None = None) -> Awaitable[BeginOutcome]:
+            # doubted: the in-doubt record a reconciler said did not run; the tombstone may
+            # replace it, and nothing claimed since (by another process) in its place.
             return store.abort(
-                key, fingerprint=call_print, tool=call.tool, owner=self.instance_id, in_doubt=in_doubt
+                key,
+                fingerprint=call_print,
+                tool=call.tool,
+                owner=self.instance_id,
+                in_doubt=doubted is not None,
+                doubted_owner=None if doubted is None else doubted.owner,
             )
 
         while True:
@@ -564,14 +569,16 @@ class RMCPServerSide:
                 if record.in_doubt or orphaned:
                     # Held from the question to the tombstone: a retry of the original here
                     # would otherwise run the tool meanwhile (and be in doubt again, cut short),
-                    # making the reconciler's "did not run" stale before the tombstone lands.
+                    # making the reconciler's "did not run" stale before the tombstone lands;
+                    # one in another process is caught by the store (``doubted_owner``).
                     held = _Run(fingerprint=call_print)
                     self._running[key] = held
+                    doubted = record
                     try:
                         answer = await self._reconcile_lookup(ctx, meta, call)
                         if answer is not None:
                             return answer
-                        begun = await self._store_call("abort", lambda: abort(in_doubt=True))
+                        begun = await self._store_call("abort", lambda doubted=doubted: abort(doubted))
                     except RMCPStoreError as error:
                         return self._unavailable(ctx, meta, error)
                     finally:
