@@ -8,6 +8,7 @@ without it (plain MCP clients) pass through untouched.
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import logging
@@ -85,6 +86,13 @@ DEFAULT_STORE_TIMEOUT_S = 15.0
 DEFAULT_RECONCILE_TIMEOUT_S = 10.0
 _IN_DOUBT_DETAIL = "the run of this key never recorded a result"
 _ABORTED_DETAIL = "a lookup found that this key never ran, and settled it so"
+
+
+class _Verdict(enum.Enum):
+    """What a reconciler's verdict leaves to its caller (see ``RMCPServerSide._reconciled``)."""
+
+    NOT_RUN = "not_run"
+    CHANGED = "changed"
 
 
 @attrs.frozen(kw_only=True)
@@ -575,8 +583,10 @@ class RMCPServerSide:
                     self._running[key] = held
                     doubted = record
                     try:
-                        answer = await self._reconcile_lookup(ctx, meta, call)
-                        if answer is not None:
+                        answer = await self._reconciled(ctx, meta, call)
+                        if answer is _Verdict.CHANGED:
+                            break
+                        if answer is not _Verdict.NOT_RUN:
                             return answer
                         begun = await self._store_call("abort", lambda doubted=doubted: abort(doubted))
                     except RMCPStoreError as error:
@@ -598,12 +608,15 @@ class RMCPServerSide:
                 except RMCPStoreError as error:
                     return self._unavailable(ctx, meta, error)
 
-    async def _reconcile_lookup(
+    async def _reconciled(
         self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, call: _KeyedCall
-    ) -> HandlerResult | None:
-        """A lookup's answer for an in-doubt key, from the tool's reconciler: the run's result
-        (stored), NACK ``in_doubt`` when it cannot tell, or None when it did not run (the
-        caller then settles the key as never run)."""
+    ) -> HandlerResult | _Verdict:
+        """Ask the tool's reconciler about an in-doubt key (a retry's or a lookup's question).
+
+        The answer when that settles it: the run's result, stored and replayed (ACK,
+        ``duplicate: true``), or NACK ``in_doubt`` when nobody can tell. ``NOT_RUN`` when the
+        run did not happen (the caller settles the key so); ``CHANGED`` when the key changed
+        meanwhile (look at it again)."""
         reconciler = self.reconcilers.get(call.tool)
         if reconciler is None:
             return self._nack(ctx, NackCode.IN_DOUBT, _IN_DOUBT_DETAIL, meta)
@@ -613,7 +626,7 @@ class RMCPServerSide:
                 ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
             )
         if not verdict.ran:
-            return None
+            return _Verdict.NOT_RUN
         try:
             outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
         except Exception:
@@ -632,8 +645,8 @@ class RMCPServerSide:
         except RMCPStoreError as error:
             return self._unavailable(ctx, meta, error)
         if not settled:
-            # The key changed meanwhile (a retry settled it): this answer would be a guess.
-            return self._nack(ctx, NackCode.UNAVAILABLE, "the key changed while it was looked up", meta)
+            return _Verdict.CHANGED
+        # The lease keeper must no longer mark it in doubt (it may be this instance's orphan).
         self._unrecorded.discard(call.key)
         self._reconciled_ran += 1
         return self._answer(ctx, outcome, meta, duplicate=True)
@@ -651,41 +664,11 @@ class RMCPServerSide:
     ) -> HandlerResult | None:
         """Answer for an in-doubt key: ask the tool's reconciler, if it has one, and settle the
         key by its verdict. None when the key changed meanwhile: look at it again."""
-        reconciler = self.reconcilers.get(call.tool)
-        if reconciler is None:
-            return self._nack(ctx, NackCode.IN_DOUBT, _IN_DOUBT_DETAIL, meta)
-        verdict = await self._reconcile(reconciler, call)
-        if verdict is None or verdict.ran is None:
-            return self._nack(
-                ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
-            )
-        if verdict.ran:
-            try:
-                outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
-            except Exception:
-                logger.exception("RMCP: the reconciler of tool %r gave a result that is not one", call.tool)
-                return self._nack(
-                    ctx,
-                    NackCode.IN_DOUBT,
-                    f"{_IN_DOUBT_DETAIL}, and its reconciler's result was invalid",
-                    meta,
-                )
-            result = encode_outcome(outcome)
-            try:
-                settled = await self._store_call(
-                    "resolve_in_doubt",
-                    lambda: self.store.resolve_in_doubt(
-                        call.key, owner=self.instance_id, fingerprint=call.fingerprint, result=result
-                    ),
-                )
-            except RMCPStoreError as error:
-                return self._unavailable(ctx, meta, error)
-            if not settled:
-                return None
-            # The lease keeper must no longer mark it in doubt (it may be this instance's orphan).
-            self._unrecorded.discard(call.key)
-            self._reconciled_ran += 1
-            return self._answer(ctx, outcome, meta, duplicate=True)
+        answer = await self._reconciled(ctx, meta, call)
+        if answer is _Verdict.CHANGED:
+            return None
+        if answer is not _Verdict.NOT_RUN:
+            return answer
         if call.key in self._running:
             # A duplicate of this process got there first: wait for its run.
             return None
