@@ -448,13 +448,10 @@ class RMCPServerSide:
                     return self._conflict(ctx, meta)
                 if not acked:
                     acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
-                await local.done.wait()
-                if not local.claimed:
+                joined = await self._joined(ctx, meta, local)
+                if joined is None:
                     continue
-                if local.outcome is None:
-                    return self._nack(ctx, NackCode.IN_DOUBT, "the first run of this key was cut short", meta)
-                self._coalesced += 1
-                return self._answer(ctx, local.outcome, meta, duplicate=True)
+                return joined
             run = _Run(fingerprint=call_print)
             # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
             self._running[key] = run
@@ -468,13 +465,9 @@ class RMCPServerSide:
             poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
             while record is not None:
-                if record.fingerprint != call_print:
-                    return self._conflict(ctx, meta)
-                if record.state is RecordState.ABORTED:
-                    return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
-                if record.state is RecordState.COMPLETED and record.result is not None:
-                    self._replayed += 1
-                    return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+                settled = self._settled(ctx, meta, record, call_print)
+                if settled is not None:
+                    return settled
                 if record.owner == self.instance_id and key in self._running:
                     # A run of this process: wait on it, not on the store.
                     break
@@ -540,13 +533,10 @@ class RMCPServerSide:
             if local is not None:
                 if local.fingerprint != call_print:
                     return self._conflict(ctx, meta)
-                await local.done.wait()
-                if not local.claimed:
+                joined = await self._joined(ctx, meta, local)
+                if joined is None:
                     continue
-                if local.outcome is None:
-                    return self._nack(ctx, NackCode.IN_DOUBT, "the run of this key was cut short", meta)
-                self._coalesced += 1
-                return self._answer(ctx, local.outcome, meta, duplicate=True)
+                return joined
             # Held while the store decides, so that an original arriving here meanwhile waits,
             # then finds the tombstone.
             held = _Run(fingerprint=call_print)
@@ -563,13 +553,9 @@ class RMCPServerSide:
             poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
             while record is not None:
-                if record.fingerprint != call_print:
-                    return self._conflict(ctx, meta)
-                if record.state is RecordState.ABORTED:
-                    return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
-                if record.state is RecordState.COMPLETED and record.result is not None:
-                    self._replayed += 1
-                    return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+                settled = self._settled(ctx, meta, record, call_print)
+                if settled is not None:
+                    return settled
                 orphaned = self._orphaned(record)
                 if key in self._running or (not record.entered and (orphaned or not record.owner_alive)):
                     # A run here to wait on, or a claim abandoned before its tool: look again.
@@ -607,6 +593,34 @@ class RMCPServerSide:
                     record = await self._store_call("get", lambda: store.get(key))
                 except RMCPStoreError as error:
                     return self._unavailable(ctx, meta, error)
+
+    async def _joined(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, local: _Run
+    ) -> HandlerResult | None:
+        """The answer of ``local``, a run of this process, once it ends: its result (ACK,
+        ``duplicate: true``), or NACK ``in_doubt`` when it was cut short; None when it did not
+        claim the key (look again)."""
+        await local.done.wait()
+        if not local.claimed:
+            return None
+        if local.outcome is None:
+            return self._nack(ctx, NackCode.IN_DOUBT, "the first run of this key was cut short", meta)
+        self._coalesced += 1
+        return self._answer(ctx, local.outcome, meta, duplicate=True)
+
+    def _settled(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, record: DedupRecord, call_print: str
+    ) -> HandlerResult | None:
+        """The answer a stored ``record`` settles for good (other arguments, a tombstone, a
+        result), or None while its run may still end otherwise."""
+        if record.fingerprint != call_print:
+            return self._conflict(ctx, meta)
+        if record.state is RecordState.ABORTED:
+            return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
+        if record.state is RecordState.COMPLETED and record.result is not None:
+            self._replayed += 1
+            return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+        return None
 
     async def _reconciled(
         self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, call: _KeyedCall
