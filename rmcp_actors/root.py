@@ -557,13 +557,19 @@ class RMCPSupervisor:
         request.lookup = True
         try:
             result = await perform_call(connection, entry.flow, policy, request, self._random)
-        except RMCPNackError as refused:
+        except RMCPError as error:
+            # An earlier attempt of the lookup lost leaves the call "outcome unknown", but a
+            # lookup never runs the tool: the NACK its retry got is as good as a first answer.
+            refused = error if isinstance(error, RMCPNackError) else error.__cause__
             # "Never ran" from a store that forgets on restart may only mean "not since the
-            # restart": trusted from a durable server alone.
-            if refused.code == NackCode.ABORTED and settings.durable and _within_ttl(settings, intended_at):
+            # restart": trusted from a durable server alone, and within its TTL.
+            if (
+                isinstance(refused, RMCPNackError)
+                and refused.code == NackCode.ABORTED
+                and settings.durable
+                and _within_ttl(settings, intended_at)
+            ):
                 return LookedUp(ran=False)
-            return None
-        except RMCPError:
             return None
         return LookedUp(ran=True, result=result)
 

@@ -581,12 +581,6 @@ async def test_a_lookup_never_acts_on_a_verdict_another_servers_run_has_made_sta
     assert rmcp_answer(looked[0]).get("code") != "aborted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lookup whose first answer was lost (its server died after writing the tombstone) "
-    "gets aborted on its retry, which the call path reports as an unknown outcome: the step is "
-    "undone blindly although its server says it never ran",
-)
 async def test_a_lookup_retried_after_its_answer_was_lost_still_learns_never_ran(tmp_path: Path) -> None:
     spec = ServerSpec.stdio(
         "saga",
