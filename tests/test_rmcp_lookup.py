@@ -129,6 +129,31 @@ async def test_stores_abort_where_a_claim_would_be_taken_and_nowhere_else(store:
     assert not (await abort("done", in_doubt=True)).claimed
 
 
+async def test_stores_abort_an_in_doubt_key_only_for_the_run_the_reconciler_was_asked_about(
+    store: AbortingStore,
+) -> None:
+    for owner in ("first", "second"):
+        await store.register_owner(OwnerInfo(instance_id=owner, pid=1, host="elsewhere"), lease_s=30)
+    assert (await store.begin("k", fingerprint="fp", tool="t", owner="first")).claimed
+    assert await store.mark_entered("k", owner="first")
+    await store.release_owner("first")
+    # Asked about first's run; meanwhile second reclaimed the key, ran it, and died too.
+    assert await store.resolve_in_doubt("k", owner="second", fingerprint="fp", result=None)
+    assert await store.mark_entered("k", owner="second")
+    await store.release_owner("second")
+
+    def abort(doubted_owner: str) -> Any:
+        return store.abort(
+            "k", fingerprint="fp", tool="t", owner="me", in_doubt=True, doubted_owner=doubted_owner
+        )
+
+    refused = await abort("first")
+    assert not refused.claimed
+    assert refused.existing is not None
+    assert (refused.existing.owner, refused.existing.in_doubt) == ("second", True)
+    assert (await abort("second")).claimed
+
+
 # --- The server side ------------------------------------------------------------------------------
 
 
