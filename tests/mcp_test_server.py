@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -332,7 +332,7 @@ def main() -> None:
     elif options.rmcp_store is not None:
         store = SQLiteStore(options.rmcp_store)
     if options.die_after_abort is not None and store is not None:
-        store = _DyingAfterAbort(store, options.die_after_abort)
+        store = cast(DedupStore, _DyingAfterAbort(store, options.die_after_abort))
     app = build_server(State(options.state_dir), store=store, reconcile_record=options.reconcile_record)
     if options.linear_stdio:
         run_stdio(app)
