@@ -130,6 +130,9 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     durable: bool = False
     instance_id: str | None = None
     early_ack: bool = False
+    ttl_s: float | None = None
+    """How long the server keeps a key's record (a tombstone included) after creating it: a
+    lookup later than that finds nothing whether or not the tool ran."""
 
     @property
     def dedup(self) -> bool:

@@ -31,7 +31,7 @@ from mcp_types import Tool
 
 from ._exceptions import FATAL, is_fatal, leaves
 from ._health import judge_scheduler, judge_watchdog, register_server
-from ._protocol import NackCode
+from ._protocol import NackCode, ServerSettings
 from .client.call import CallRequest, perform_call
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
@@ -522,10 +522,13 @@ class RMCPSupervisor:
         idempotency_key: str,
         transaction_id: str,
         step: int,
+        intended_at: float,
     ) -> LookedUp | None:
         """Ask an RMCP server what became of a step's key, never running the tool (a lookup,
         retried as any call); None when nothing is learned: the server does not advertise
-        lookups (a plain server), or it cannot tell, or it could not be asked."""
+        lookups (a plain server), or it cannot tell, or it could not be asked.
+
+        ``intended_at`` is when the step's intent was journaled (before its first attempt)."""
         entry = self._servers.get(server)
         if entry is None:
             return None
@@ -546,13 +549,19 @@ class RMCPSupervisor:
         request.lookup = True
         try:
             result = await perform_call(connection, entry.flow, policy, request, self._random)
-        except RMCPNackError as refused:
+        except RMCPError as error:
+            # An earlier attempt of the lookup lost leaves the call "outcome unknown", but a
+            # lookup never runs the tool: the NACK its retry got is as good as a first answer.
+            refused = error if isinstance(error, RMCPNackError) else error.__cause__
             # "Never ran" from a store that forgets on restart may only mean "not since the
-            # restart": trusted from a durable server alone.
-            if refused.code == NackCode.ABORTED and settings.durable:
+            # restart": trusted from a durable server alone, and within its TTL.
+            if (
+                isinstance(refused, RMCPNackError)
+                and refused.code == NackCode.ABORTED
+                and settings.durable
+                and _within_ttl(settings, intended_at)
+            ):
                 return LookedUp(ran=False)
-            return None
-        except RMCPError:
             return None
         return LookedUp(ran=True, result=result)
 
@@ -821,6 +830,13 @@ def _check_timeout(timeout: float, server: str, tool: str) -> None:
             server=server,
             tool=tool,
         )
+
+
+def _within_ttl(settings: ServerSettings, intended_at: float) -> bool:
+    """Whether every record of a key first sent after ``intended_at`` is still kept by the
+    server: a lookup later than its TTL finds nothing whether or not the tool ran. Half the
+    TTL allows for the skew between this clock and the server's."""
+    return settings.ttl_s is not None and Engine.now() - intended_at < settings.ttl_s / 2
 
 
 def _request(

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -287,6 +287,24 @@ def build_bad_schema_server() -> Server[Any]:
     return Server("bad-schema", on_list_tools=list_tools, on_call_tool=call_tool)
 
 
+class _DyingAfterAbort:
+    """A store whose process dies right after its first tombstone is written (the file
+    ``marker`` says it happened): a lookup's answer lost after the lookup did its work."""
+
+    def __init__(self, inner: DedupStore, marker: Path) -> None:
+        self.inner, self.marker = inner, marker
+
+    async def abort(self, key: str, **fields: Any) -> Any:
+        outcome = await self.inner.abort(key, **fields)  # type: ignore[attr-defined]
+        if not self.marker.exists():
+            self.marker.write_text("aborted")
+            os._exit(5)
+        return outcome
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--state-dir", type=Path)
@@ -296,6 +314,7 @@ def main() -> None:
     parser.add_argument("--rmcp-store")
     parser.add_argument("--reconcile-record", action="store_true")
     parser.add_argument("--linear-stdio", action="store_true")
+    parser.add_argument("--die-after-abort", type=Path)
     options = parser.parse_args()
     if options.exit_at_once:
         sys.exit(3)
@@ -312,6 +331,8 @@ def main() -> None:
         store = MemoryStore()
     elif options.rmcp_store is not None:
         store = SQLiteStore(options.rmcp_store)
+    if options.die_after_abort is not None and store is not None:
+        store = cast(DedupStore, _DyingAfterAbort(store, options.die_after_abort))
     app = build_server(State(options.state_dir), store=store, reconcile_record=options.reconcile_record)
     if options.linear_stdio:
         run_stdio(app)

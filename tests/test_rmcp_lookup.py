@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import mcp
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -29,7 +31,7 @@ from rmcp_actors import (
 )
 from rmcp_actors._protocol import fingerprint
 from rmcp_actors.client.call import CallRequest, perform_call
-from rmcp_actors.server import install, rmcp_of, store_key
+from rmcp_actors.server import InDoubtRun, Reconciliation, install, rmcp_of, store_key
 from rmcp_actors.stores import (
     AbortingStore,
     DedupStore,
@@ -125,6 +127,31 @@ async def test_stores_abort_where_a_claim_would_be_taken_and_nowhere_else(store:
     assert (await store.begin("done", fingerprint="fp", tool="t", owner="me")).claimed
     await store.complete("done", owner="me", result=b"{}")
     assert not (await abort("done", in_doubt=True)).claimed
+
+
+async def test_stores_abort_an_in_doubt_key_only_for_the_run_the_reconciler_was_asked_about(
+    store: AbortingStore,
+) -> None:
+    for owner in ("first", "second"):
+        await store.register_owner(OwnerInfo(instance_id=owner, pid=1, host="elsewhere"), lease_s=30)
+    assert (await store.begin("k", fingerprint="fp", tool="t", owner="first")).claimed
+    assert await store.mark_entered("k", owner="first")
+    await store.release_owner("first")
+    # Asked about first's run; meanwhile second reclaimed the key, ran it, and died too.
+    assert await store.resolve_in_doubt("k", owner="second", fingerprint="fp", result=None)
+    assert await store.mark_entered("k", owner="second")
+    await store.release_owner("second")
+
+    def abort(doubted_owner: str) -> Any:
+        return store.abort(
+            "k", fingerprint="fp", tool="t", owner="me", in_doubt=True, doubted_owner=doubted_owner
+        )
+
+    refused = await abort("first")
+    assert not refused.claimed
+    assert refused.existing is not None
+    assert (refused.existing.owner, refused.existing.in_doubt) == ("second", True)
+    assert (await abort("second")).claimed
 
 
 # --- The server side ------------------------------------------------------------------------------
@@ -278,7 +305,7 @@ def abandoned(tx_id: str, *steps: tuple[str, bool]) -> list[JournalRecord]:
             StepIntent(
                 transaction_id=tx_id,
                 step=index,
-                at=2.0,
+                at=time.time(),
                 server="saga",
                 tool="book",
                 arguments={"label": label},
@@ -396,7 +423,7 @@ async def test_recovery_over_stdio_with_sqlite_does_not_compensate_a_step_never_
             StepIntent(
                 transaction_id="tx",
                 step=index,
-                at=2.0,
+                at=time.time(),
                 server="saga",
                 tool="record",
                 arguments={"label": label},
@@ -461,3 +488,160 @@ async def test_a_lookup_is_never_sent_to_a_server_that_does_not_advertise_it() -
         # Recovery compensates as before, without asking.
         assert (await sup.recover()).compensated == ("tx",)
     assert entries == ["cancel a"]
+
+
+async def test_a_lookup_older_than_the_servers_ttl_is_not_taken_for_never_ran(tmp_path: Path) -> None:
+    entries: list[str] = []
+    offset = [-120.0]
+    store = SQLiteStore(tmp_path / "dedup.db", ttl_s=60, clock=lambda: time.time() + offset[0])
+    records = abandoned("tx", ("a", False))
+    # The program journaled step 0 two minutes ago, sent it (it ran), and died.
+    records = [msgspec.structs.replace(record, at=time.time() - 120) for record in records]
+    journal = await journal_of(records)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(ServerSpec.in_memory("saga", saga_server(entries, store=store)))
+        await sup.call("saga", "book", {"label": "a"}, idempotency_key="tx:0")
+        # Recovery runs now: the server kept the key's record for 60 s only.
+        offset[0] = 0.0
+        assert (await sup.recover()).compensated == ("tx",)
+    await store.aclose()
+    # Its record gone, nobody can tell whether step 0 ran: it is undone blindly.
+    assert entries == ["book a", "cancel a"]
+    [step] = (await _history(journal, "tx")).steps
+    assert step.looked_up is False
+
+
+async def test_a_lookup_never_acts_on_a_verdict_a_run_since_has_made_stale(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    entries: list[str] = []
+    arguments = {"label": "b", "seconds": 30}
+    store = MemoryStore(clock=trio.current_time)
+    # Key "k" in doubt: claimed and entered by an owner that died.
+    await leave_claimed(store, "book", arguments, entered=True)
+    lookup_asked, lookup_answers = trio.Event(), trio.Event()
+
+    async def reconcile(run: InDoubtRun) -> Reconciliation:
+        if not lookup_asked.is_set():
+            # The lookup's question, answered late: "not run" was true when it was asked.
+            lookup_asked.set()
+            await lookup_answers.wait()
+            return Reconciliation.did_not_run()
+        return Reconciliation.unknown() if entries else Reconciliation.did_not_run()
+
+    app = MCPServer("saga")
+
+    @app.tool()
+    async def book(label: str, seconds: float = 0) -> dict[str, str]:
+        entries.append(f"book {label}")
+        await trio.sleep(seconds)
+        return {"receipt": f"r-{label}"}
+
+    install(app, store=store, max_execution_s=5, reconcilers={"book": reconcile}, reconcile_timeout_s=60)
+    looked: list[Any] = []
+    async with mcp.Client(app) as client, trio.open_nursery() as nursery:
+
+        async def look_up() -> None:
+            looked.append(await client.call_tool("book", arguments, meta=rmcp_meta("k", lookup=True)))
+
+        nursery.start_soon(look_up)
+        await lookup_asked.wait()
+        # The original's retry arrives meanwhile: "not run" for it too, so it runs the tool,
+        # which max_execution_s cuts short: in doubt again, and this time the tool ran.
+        original = await client.call_tool("book", arguments, meta=rmcp_meta("k", attempt=2))
+        assert rmcp_answer(original)["code"] == "in_doubt"
+        assert entries == ["book b"]
+        lookup_answers.set()
+    assert rmcp_answer(looked[0]).get("code") != "aborted"
+
+
+async def test_a_lookup_never_acts_on_a_verdict_another_servers_run_has_made_stale(tmp_path: Path) -> None:
+    entries: list[str] = []
+    arguments = {"label": "b", "seconds": 30}
+    stores = [SQLiteStore(tmp_path / "dedup.db"), SQLiteStore(tmp_path / "dedup.db")]
+    # Key "k" in doubt: claimed and entered by an owner that died.
+    await leave_claimed(stores[0], "book", arguments, entered=True)
+    lookup_asked, lookup_answers = trio.Event(), trio.Event()
+
+    async def slow_reconcile(run: InDoubtRun) -> Reconciliation:
+        if not lookup_asked.is_set():
+            # The lookup's question, answered late: "not run" was true when it was asked.
+            lookup_asked.set()
+            await lookup_answers.wait()
+            return Reconciliation.did_not_run()
+        return Reconciliation.unknown() if entries else Reconciliation.did_not_run()
+
+    async def reconcile(run: InDoubtRun) -> Reconciliation:
+        return Reconciliation.did_not_run()
+
+    def server(store: SQLiteStore, reconciler: Any) -> MCPServer:
+        app = MCPServer("saga")
+
+        @app.tool()
+        async def book(label: str, seconds: float = 0) -> dict[str, str]:
+            entries.append(f"book {label}")
+            await trio.sleep(seconds)
+            return {"receipt": f"r-{label}"}
+
+        return install(app, store=store, max_execution_s=0.2, reconcilers={"book": reconciler})
+
+    looked: list[Any] = []
+    async with (
+        mcp.Client(server(stores[0], slow_reconcile)) as first,
+        mcp.Client(server(stores[1], reconcile)) as second,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def look_up() -> None:
+            looked.append(await first.call_tool("book", arguments, meta=rmcp_meta("k", lookup=True)))
+
+        nursery.start_soon(look_up)
+        await lookup_asked.wait()
+        # The original's retry reaches the other server meanwhile: it runs the tool, which
+        # max_execution_s cuts short: in doubt again, and this time the tool ran.
+        original = await second.call_tool("book", arguments, meta=rmcp_meta("k", attempt=2))
+        assert rmcp_answer(original)["code"] == "in_doubt"
+        assert entries == ["book b"]
+        lookup_answers.set()
+    assert rmcp_answer(looked[0]).get("code") != "aborted"
+
+
+async def test_a_lookup_retried_after_its_answer_was_lost_still_learns_never_ran(tmp_path: Path) -> None:
+    spec = ServerSpec.stdio(
+        "saga",
+        PYTHON,
+        stdio_args(
+            "--state-dir",
+            str(tmp_path),
+            "--rmcp-store",
+            str(tmp_path / "dedup.db"),
+            "--die-after-abort",
+            str(tmp_path / "aborted"),
+        ),
+        overrides=FAST_RECOVERY,
+    )
+    records: list[JournalRecord] = [
+        TransactionBegun(transaction_id="tx", name="trip", at=time.time()),
+        StateChanged(transaction_id="tx", at=time.time(), state="in_progress"),
+        StepIntent(
+            transaction_id="tx",
+            step=0,
+            at=time.time(),
+            server="saga",
+            tool="record",
+            arguments={"label": "seat"},
+            idempotency_key="tx:0",
+            compensation=CompensationSpec(server="saga", tool="record", arguments={"label": "undo seat"}),
+        ),
+    ]
+    journal = await journal_of(records)
+    async with RMCPSupervisor.open(journal=journal) as sup:
+        await sup.add_server(spec)
+        # The program died before sending step 0. The lookup's first answer is lost with its
+        # server (the tombstone is on disk); its retry, on a new server process, is told aborted.
+        assert (await sup.recover()).compensated == ("tx",)
+    assert (tmp_path / "aborted").exists()
+    ledger = tmp_path / "ledger"
+    assert (ledger.read_text().splitlines() if ledger.exists() else []) == []
+    [step] = (await _history(journal, "tx")).steps
+    assert (step.ran, step.looked_up) == (False, True)

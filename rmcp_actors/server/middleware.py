@@ -8,6 +8,7 @@ without it (plain MCP clients) pass through untouched.
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import logging
@@ -85,6 +86,13 @@ DEFAULT_STORE_TIMEOUT_S = 15.0
 DEFAULT_RECONCILE_TIMEOUT_S = 10.0
 _IN_DOUBT_DETAIL = "the run of this key never recorded a result"
 _ABORTED_DETAIL = "a lookup found that this key never ran, and settled it so"
+
+
+class _Verdict(enum.Enum):
+    """What a reconciler's verdict leaves to its caller (see ``RMCPServerSide._reconciled``)."""
+
+    NOT_RUN = "not_run"
+    CHANGED = "changed"
 
 
 @attrs.frozen(kw_only=True)
@@ -276,13 +284,16 @@ class RMCPServerSide:
         features = [FEATURE_DEDUP, FEATURE_ACK]
         if self.early_ack:
             features.append(FEATURE_EARLY_ACK)
+        ttl_s = None
         if isinstance(self.store, AbortingStore):
             features.append(FEATURE_LOOKUP)
+            ttl_s = self.store.ttl_s
         return ServerSettings(
             features=features,
             durable=self.store.durable,
             instance_id=self.instance_id,
             early_ack=self.early_ack,
+            ttl_s=ttl_s,
         )
 
     def statistics(self) -> ServerStatistics:
@@ -440,13 +451,10 @@ class RMCPServerSide:
                     return self._conflict(ctx, meta)
                 if not acked:
                     acked = await self._send_early_ack(ctx, "waiting for the first run of this key")
-                await local.done.wait()
-                if not local.claimed:
+                joined = await self._joined(ctx, meta, local)
+                if joined is None:
                     continue
-                if local.outcome is None:
-                    return self._nack(ctx, NackCode.IN_DOUBT, "the first run of this key was cut short", meta)
-                self._coalesced += 1
-                return self._answer(ctx, local.outcome, meta, duplicate=True)
+                return joined
             run = _Run(fingerprint=call_print)
             # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
             self._running[key] = run
@@ -481,13 +489,9 @@ class RMCPServerSide:
             poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
             while record is not None:
-                if record.fingerprint != call_print:
-                    return self._conflict(ctx, meta)
-                if record.state is RecordState.ABORTED:
-                    return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
-                if record.state is RecordState.COMPLETED and record.result is not None:
-                    self._replayed += 1
-                    return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+                settled = self._settled(ctx, meta, record, call_print)
+                if settled is not None:
+                    return settled
                 if record.owner == self.instance_id and key in self._running:
                     # A run of this process: wait on it, not on the store.
                     break
@@ -535,12 +539,17 @@ class RMCPServerSide:
         # for a run in flight for as long as that run takes.
         await self._send_early_ack(ctx, "looking up this key")
         key, call_print = call.key, call.fingerprint
-        # A reconciler said the in-doubt run did not happen: the tombstone may replace it.
-        not_run = False
 
-        def abort() -> Awaitable[BeginOutcome]:
+        def abort(doubted: DedupRecord | None = None) -> Awaitable[BeginOutcome]:
+            # doubted: the in-doubt record a reconciler said did not run; the tombstone may
+            # replace it, and nothing claimed since (by another process) in its place.
             return store.abort(
-                key, fingerprint=call_print, tool=call.tool, owner=self.instance_id, in_doubt=not_run
+                key,
+                fingerprint=call_print,
+                tool=call.tool,
+                owner=self.instance_id,
+                in_doubt=doubted is not None,
+                doubted_owner=None if doubted is None else doubted.owner,
             )
 
         while True:
@@ -548,13 +557,10 @@ class RMCPServerSide:
             if local is not None:
                 if local.fingerprint != call_print:
                     return self._conflict(ctx, meta)
-                await local.done.wait()
-                if not local.claimed:
+                joined = await self._joined(ctx, meta, local)
+                if joined is None:
                     continue
-                if local.outcome is None:
-                    return self._nack(ctx, NackCode.IN_DOUBT, "the run of this key was cut short", meta)
-                self._coalesced += 1
-                return self._answer(ctx, local.outcome, meta, duplicate=True)
+                return joined
             # Held while the store decides, so that an original arriving here meanwhile waits,
             # then finds the tombstone.
             held = _Run(fingerprint=call_print)
@@ -571,23 +577,39 @@ class RMCPServerSide:
             poll_s = _FOREIGN_POLL_FIRST_S
             record = begun.existing
             while record is not None:
-                if record.fingerprint != call_print:
-                    return self._conflict(ctx, meta)
-                if record.state is RecordState.ABORTED:
-                    return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
-                if record.state is RecordState.COMPLETED and record.result is not None:
-                    self._replayed += 1
-                    return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+                settled = self._settled(ctx, meta, record, call_print)
+                if settled is not None:
+                    return settled
                 orphaned = self._orphaned(record)
                 if key in self._running or (not record.entered and (orphaned or not record.owner_alive)):
                     # A run here to wait on, or a claim abandoned before its tool: look again.
                     break
                 if record.in_doubt or orphaned:
-                    answer = await self._reconcile_lookup(ctx, meta, call)
-                    if answer is not None:
-                        return answer
-                    not_run = True
-                    break
+                    # Held from the question to the tombstone: a retry of the original here
+                    # would otherwise run the tool meanwhile (and be in doubt again, cut short),
+                    # making the reconciler's "did not run" stale before the tombstone lands;
+                    # one in another process is caught by the store (``doubted_owner``).
+                    held = _Run(fingerprint=call_print)
+                    self._running[key] = held
+                    doubted = record
+                    try:
+                        answer = await self._reconciled(ctx, meta, call, wait_for_local=False)
+                        if answer is _Verdict.CHANGED:
+                            break
+                        if answer is not _Verdict.NOT_RUN:
+                            return answer
+                        begun = await self._store_call("abort", lambda doubted=doubted: abort(doubted))
+                    except RMCPStoreError as error:
+                        return self._unavailable(ctx, meta, error)
+                    finally:
+                        self._finish(key, held)
+                    if begun.claimed:
+                        self._aborted += 1
+                        return self._nack(
+                            ctx, NackCode.ABORTED, "its reconciler found no run of this key", meta
+                        )
+                    record = begun.existing
+                    continue
                 # A run of another live process: wait for its result, as a duplicate does.
                 await anyio.sleep(poll_s)
                 poll_s = min(poll_s * 2, _FOREIGN_POLL_MAX_S)
@@ -596,12 +618,51 @@ class RMCPServerSide:
                 except RMCPStoreError as error:
                     return self._unavailable(ctx, meta, error)
 
-    async def _reconcile_lookup(
-        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, call: _KeyedCall
+    async def _joined(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, local: _Run
     ) -> HandlerResult | None:
-        """A lookup's answer for an in-doubt key, from the tool's reconciler: the run's result
-        (stored), NACK ``in_doubt`` when it cannot tell, or None when it did not run (the
-        caller then settles the key as never run)."""
+        """The answer of ``local``, a run of this process, once it ends: its result (ACK,
+        ``duplicate: true``), or NACK ``in_doubt`` when it was cut short; None when it did not
+        claim the key (look again)."""
+        await local.done.wait()
+        if not local.claimed:
+            return None
+        if local.outcome is None:
+            return self._nack(ctx, NackCode.IN_DOUBT, "the first run of this key was cut short", meta)
+        self._coalesced += 1
+        return self._answer(ctx, local.outcome, meta, duplicate=True)
+
+    def _settled(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta, record: DedupRecord, call_print: str
+    ) -> HandlerResult | None:
+        """The answer a stored ``record`` settles for good (other arguments, a tombstone, a
+        result), or None while its run may still end otherwise."""
+        if record.fingerprint != call_print:
+            return self._conflict(ctx, meta)
+        if record.state is RecordState.ABORTED:
+            return self._nack(ctx, NackCode.ABORTED, _ABORTED_DETAIL, meta)
+        if record.state is RecordState.COMPLETED and record.result is not None:
+            self._replayed += 1
+            return self._answer(ctx, decode_outcome(record.result), meta, duplicate=True)
+        return None
+
+    async def _reconciled(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        meta: RequestMeta,
+        call: _KeyedCall,
+        *,
+        wait_for_local: bool,
+    ) -> HandlerResult | _Verdict:
+        """Ask the tool's reconciler about an in-doubt key (a retry's or a lookup's question).
+
+        The answer when that settles it: the run's result, stored and replayed (ACK,
+        ``duplicate: true``), or NACK ``in_doubt`` when nobody can tell. ``NOT_RUN`` when the
+        run did not happen (the caller settles the key so); ``CHANGED`` when the key changed
+        meanwhile (look at it again), and, with ``wait_for_local`` (a caller that does not hold
+        the key itself), when a duplicate of this process settled the key and runs it
+        meanwhile: the effect the verdict saw may be that run's, so wait for its own result,
+        whatever the verdict."""
         reconciler = self.reconcilers.get(call.tool)
         if reconciler is None:
             return self._nack(ctx, NackCode.IN_DOUBT, _IN_DOUBT_DETAIL, meta)
@@ -610,8 +671,10 @@ class RMCPServerSide:
             return self._nack(
                 ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
             )
+        if wait_for_local and call.key in self._running:
+            return _Verdict.CHANGED
         if not verdict.ran:
-            return None
+            return _Verdict.NOT_RUN
         try:
             outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
         except Exception:
@@ -630,8 +693,8 @@ class RMCPServerSide:
         except RMCPStoreError as error:
             return self._unavailable(ctx, meta, error)
         if not settled:
-            # The key changed meanwhile (a retry settled it): this answer would be a guess.
-            return self._nack(ctx, NackCode.UNAVAILABLE, "the key changed while it was looked up", meta)
+            return _Verdict.CHANGED
+        # The lease keeper must no longer mark it in doubt (it may be this instance's orphan).
         self._unrecorded.discard(call.key)
         self._reconciled_ran += 1
         return self._answer(ctx, outcome, meta, duplicate=True)
@@ -649,45 +712,11 @@ class RMCPServerSide:
     ) -> HandlerResult | None:
         """Answer for an in-doubt key: ask the tool's reconciler, if it has one, and settle the
         key by its verdict. None when the key changed meanwhile: look at it again."""
-        reconciler = self.reconcilers.get(call.tool)
-        if reconciler is None:
-            return self._nack(ctx, NackCode.IN_DOUBT, _IN_DOUBT_DETAIL, meta)
-        verdict = await self._reconcile(reconciler, call)
-        if verdict is None or verdict.ran is None:
-            return self._nack(
-                ctx, NackCode.IN_DOUBT, f"{_IN_DOUBT_DETAIL}, and its reconciler could not tell", meta
-            )
-        if call.key in self._running:
-            # A duplicate of this process settled the key and runs it meanwhile (the effect the
-            # verdict saw may be that run's): wait for its own result, whatever the verdict.
+        answer = await self._reconciled(ctx, meta, call, wait_for_local=True)
+        if answer is _Verdict.CHANGED:
             return None
-        if verdict.ran:
-            try:
-                outcome = StoredOutcome(result=self._reconciled_result(ctx, call.tool, verdict.result))
-            except Exception:
-                logger.exception("RMCP: the reconciler of tool %r gave a result that is not one", call.tool)
-                return self._nack(
-                    ctx,
-                    NackCode.IN_DOUBT,
-                    f"{_IN_DOUBT_DETAIL}, and its reconciler's result was invalid",
-                    meta,
-                )
-            result = encode_outcome(outcome)
-            try:
-                settled = await self._store_call(
-                    "resolve_in_doubt",
-                    lambda: self.store.resolve_in_doubt(
-                        call.key, owner=self.instance_id, fingerprint=call.fingerprint, result=result
-                    ),
-                )
-            except RMCPStoreError as error:
-                return self._unavailable(ctx, meta, error)
-            if not settled:
-                return None
-            # The lease keeper must no longer mark it in doubt (it may be this instance's orphan).
-            self._unrecorded.discard(call.key)
-            self._reconciled_ran += 1
-            return self._answer(ctx, outcome, meta, duplicate=True)
+        if answer is not _Verdict.NOT_RUN:
+            return answer
 
         def reclaim() -> Awaitable[BeginOutcome]:
             async def settle() -> BeginOutcome:

@@ -176,8 +176,21 @@ class AbortingStore(DedupStore, Protocol):
     lookups (``_meta.rmcp.lookup``). A server whose store lacks :meth:`abort` does not
     advertise the ``lookup`` feature."""
 
+    @property
+    def ttl_s(self) -> float:
+        """How long a record lives after its creation: a lookup later than that finds no
+        record whether or not the tool ran (servers advertise it)."""
+        ...
+
     async def abort(
-        self, key: str, *, fingerprint: str, tool: str, owner: str, in_doubt: bool = False
+        self,
+        key: str,
+        *,
+        fingerprint: str,
+        tool: str,
+        owner: str,
+        in_doubt: bool = False,
+        doubted_owner: str | None = None,
     ) -> BeginOutcome:
         """Atomically record ``key`` as ``ABORTED`` (owned by ``owner``, with ``fingerprint``
         and ``tool``): its tool did not run and, while the record lives, never will.
@@ -186,7 +199,10 @@ class AbortingStore(DedupStore, Protocol):
         record with this fingerprint never entered whose owner is gone or is ``owner``), and,
         with ``in_doubt``, also on an in-doubt record with this fingerprint, or an entered
         ``STARTED`` one of ``owner`` itself, as in :meth:`resolve_in_doubt` (a reconciler found
-        that its run did not happen). Returns ``claimed=True`` when it wrote the tombstone;
+        that its run did not happen); with ``doubted_owner`` as well, only while that record's
+        owner is still ``doubted_owner`` (the run the reconciler was asked about: a claim taken
+        since, by another process sharing the store, is another run the verdict says nothing
+        of). Returns ``claimed=True`` when it wrote the tombstone;
         otherwise nothing changes and the existing record is returned.
         """
         ...

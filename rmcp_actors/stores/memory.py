@@ -93,6 +93,11 @@ class MemoryStore:
         """Always False: records are lost when the process exits."""
         return False
 
+    @property
+    def ttl_s(self) -> float:
+        """How long a record lives, counted from its creation."""
+        return self._ttl_s
+
     async def register_owner(self, owner: OwnerInfo, lease_s: float) -> None:
         """Record ``owner`` as alive for ``lease_s`` seconds."""
         self._check_open()
@@ -150,7 +155,14 @@ class MemoryStore:
         return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
 
     async def abort(
-        self, key: str, *, fingerprint: str, tool: str, owner: str, in_doubt: bool = False
+        self,
+        key: str,
+        *,
+        fingerprint: str,
+        tool: str,
+        owner: str,
+        in_doubt: bool = False,
+        doubted_owner: str | None = None,
     ) -> BeginOutcome:
         """Record ``key`` as ``ABORTED`` (never run, never to run) where :meth:`begin` would
         claim it, or, with ``in_doubt``, over an in-doubt record of this ``fingerprint``."""
@@ -168,6 +180,7 @@ class MemoryStore:
                 or (
                     in_doubt
                     and (self._to_record(key, existing, now).in_doubt or _own_entered(existing, owner))
+                    and doubted_owner in (None, existing.owner)
                 )
             )
         ):

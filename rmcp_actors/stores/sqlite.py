@@ -196,6 +196,11 @@ class SQLiteStore:
         """Always True: records are in the file, committed before a write returns."""
         return True
 
+    @property
+    def ttl_s(self) -> float:
+        """How long a record lives, counted from its creation."""
+        return self._ttl_s
+
     def statistics(self) -> SQLiteStoreStatistics:
         """Return a snapshot of the group commit counters."""
         return SQLiteStoreStatistics(
@@ -287,7 +292,14 @@ class SQLiteStore:
         return await self._claim_write(apply, "begin")
 
     async def abort(
-        self, key: str, *, fingerprint: str, tool: str, owner: str, in_doubt: bool = False
+        self,
+        key: str,
+        *,
+        fingerprint: str,
+        tool: str,
+        owner: str,
+        in_doubt: bool = False,
+        doubted_owner: str | None = None,
     ) -> BeginOutcome:
         """Record ``key`` as ``ABORTED`` (never run, never to run) where :meth:`begin` would
         claim it, or, with ``in_doubt``, over an in-doubt record of this ``fingerprint``.
@@ -310,6 +322,7 @@ class SQLiteStore:
                     )
                     or (
                         in_doubt
+                        and doubted_owner in (None, existing.owner)
                         and (
                             existing.in_doubt
                             or (

@@ -115,6 +115,7 @@ class StepLookup(Protocol):
         idempotency_key: str,
         transaction_id: str,
         step: int,
+        intended_at: float,
     ) -> LookedUp | None: ...
 
 
@@ -432,6 +433,7 @@ class Engine:
                 idempotency_key=intent.idempotency_key,
                 transaction_id=intent.transaction_id,
                 step=intent.step,
+                intended_at=intent.at,
             )
             if found is None:
                 continue
