@@ -24,7 +24,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 from types import TracebackType
-from typing import Any, NoReturn, Protocol, cast, final
+from typing import Any, NoReturn, Protocol, TypeVar, cast, final
 
 import anyio
 import attrs
@@ -76,6 +76,8 @@ _logger = logging.getLogger("rmcp_actors.transactions")
 
 # A transaction actor stops at once: it is idle whenever its owner stops it.
 _ACTOR_SHUTDOWN_S = 1.0
+
+_E = TypeVar("_E", bound=RMCPTransactionError)
 
 
 class LockManagerHook(Protocol):
@@ -411,12 +413,10 @@ class Transaction:
             RMCPError: What the call raised (the step is journaled as not run or unknown).
         """
         if not self._active or self._ledger.state is not TransactionState.IN_PROGRESS:
-            raise RMCPTransactionError(
-                f"transaction {self.name!r} ({self.id}) is {self.state.value}"
-                f"{'' if self._active else ' and its block has ended'}: it takes no more steps",
-                transaction_id=self.id,
-                name=self.name,
-                state=self.state.value,
+            raise self._error(
+                RMCPTransactionError,
+                f" is {self.state.value}{'' if self._active else ' and its block has ended'}: "
+                "it takes no more steps",
                 server=server,
                 tool=tool,
             )
@@ -544,13 +544,11 @@ class Transaction:
 
     async def _in_doubt(self, step: int, cause: RMCPError) -> RMCPTransactionInDoubtError:
         await self._engine.change_state(self._ledger, TransactionState.IN_DOUBT, f"step {step} is in doubt")
-        return RMCPTransactionInDoubtError(
-            f"transaction {self.name!r} ({self.id}): the outcome of step {step} is unknown "
-            f"({cause.message}) and it may not be compensated blindly; find out whether it ran, "
-            f"then call resolve({step}, ran=True|False)",
-            transaction_id=self.id,
-            name=self.name,
-            state=TransactionState.IN_DOUBT.value,
+        return self._error(
+            RMCPTransactionInDoubtError,
+            f": the outcome of step {step} is unknown ({cause.message}) and it may not be compensated "
+            f"blindly; find out whether it ran, then call resolve({step}, ran=True|False)",
+            state=TransactionState.IN_DOUBT,
             step=step,
             server=cause.server,
             tool=cause.tool,
@@ -568,13 +566,10 @@ class Transaction:
             RMCPTransactionError: Its block has not started or has ended.
         """
         if not self._entered or self._ended:
-            raise RMCPTransactionError(
-                f"transaction {self.name!r} ({self.id}) "
-                f"{'has ended' if self._ended else 'has not started'}: it holds resources only "
+            raise self._error(
+                RMCPTransactionError,
+                f" {'has ended' if self._ended else 'has not started'}: it holds resources only "
                 "inside its block (or declare them with resources=)",
-                transaction_id=self.id,
-                name=self.name,
-                state=self.state.value,
             )
         self._resources.append((resource, shared))
         if self._locks is not None:
@@ -680,49 +675,56 @@ class Transaction:
             with suppress(KeyError):  # it crashed (and, being temporary, was removed)
                 await supervisor.terminate_child(self._child.name, spec=self._child)
 
+    def _error(
+        self, kind: type[_E], message: str, *, state: TransactionState | None = None, **context: Any
+    ) -> _E:
+        """A ``kind`` error about this transaction: ``message`` follows its name and id (it starts
+        with its own separator), its id, name and ``state`` (by default its current one) are the
+        error's attributes."""
+        return kind(
+            f"transaction {self.name!r} ({self.id}){message}",
+            transaction_id=self.id,
+            name=self.name,
+            state=(self.state if state is None else state).value,
+            **context,
+        )
+
     def _failure(self, settlement: Settlement, what: str) -> RMCPTransactionError | None:
         """The error that reports a settlement that did not end as planned, or ``None``."""
         if settlement.state is TransactionState.COMPENSATION_FAILED:
             failed = ", ".join(map(str, settlement.failed_steps))
-            return RMCPCompensationError(
-                f"transaction {self.name!r} ({self.id}) {what}, and the compensation of step(s) {failed} "
-                "failed: the world may be half changed; history() says which steps ran and why each "
-                "compensation failed",
-                transaction_id=self.id,
-                name=self.name,
-                state=settlement.state.value,
+            return self._error(
+                RMCPCompensationError,
+                f" {what}, and the compensation of step(s) {failed} failed: the world may be half "
+                "changed; history() says which steps ran and why each compensation failed",
+                state=settlement.state,
                 failed_steps=settlement.failed_steps,
             )
         if settlement.state is TransactionState.IN_DOUBT:
             step = settlement.in_doubt_step if settlement.in_doubt_step is not None else -1
-            return RMCPTransactionInDoubtError(
-                f"transaction {self.name!r} ({self.id}) {what}, and step {step}'s outcome is unknown: "
+            return self._error(
+                RMCPTransactionInDoubtError,
+                f" {what}, and step {step}'s outcome is unknown: "
                 f"find out whether it ran, then call resolve({step}, ran=True|False)",
-                transaction_id=self.id,
-                name=self.name,
-                state=settlement.state.value,
+                state=settlement.state,
                 step=step,
             )
         if settlement.stuck_step is not None:
-            return RMCPTransactionError(
-                f"transaction {self.name!r} ({self.id}) {what}; it is past its pivot and step "
-                f"{settlement.stuck_step} could not be finished ({settlement.error}); run sup.recover() "
-                "once the cause is fixed",
-                transaction_id=self.id,
-                name=self.name,
-                state=settlement.state.value,
+            return self._error(
+                RMCPTransactionError,
+                f" {what}; it is past its pivot and step {settlement.stuck_step} could not be finished "
+                f"({settlement.error}); run sup.recover() once the cause is fixed",
+                state=settlement.state,
             )
         return None
 
     async def _commit(self) -> None:
         if self.state is TransactionState.IN_DOUBT:
             step = next(view.index for view in fold(self._ledger.records).steps if view.in_doubt)
-            raise RMCPTransactionInDoubtError(
-                f"transaction {self.name!r} ({self.id}) ended its block with step {step} in doubt: find "
-                f"out whether it ran, then call resolve({step}, ran=True|False)",
-                transaction_id=self.id,
-                name=self.name,
-                state=self.state.value,
+            raise self._error(
+                RMCPTransactionInDoubtError,
+                f" ended its block with step {step} in doubt: find out whether it ran, then call "
+                f"resolve({step}, ran=True|False)",
                 step=step,
             )
         # Shielded: the block ended normally, so the transaction is decided; a cancellation
@@ -799,11 +801,8 @@ class Transaction:
                 "it was past its pivot: the steps it had started were finished, the rest of its "
                 "block did not run"
             )
-        raise RMCPTransactionError(
-            f"transaction {self.name!r} ({self.id}) did not finish within {timeout:g} s; {done}",
-            transaction_id=self.id,
-            name=self.name,
-            state=self.state.value,
+        raise self._error(
+            RMCPTransactionError, f" did not finish within {timeout:g} s; {done}"
         ) from timed_out
 
 
