@@ -362,14 +362,7 @@ class Engine:
             ),
         )
 
-    async def settle(
-        self,
-        ledger: Ledger,
-        *,
-        parallel: bool,
-        continue_on_failure: bool,
-        forward_timeout_s: float | None,
-    ) -> Settlement:
+    async def settle(self, ledger: Ledger, *, parallel: bool, continue_on_failure: bool) -> Settlement:
         """Bring an aborted (or interrupted) transaction to rest, from its records alone.
 
         Past a started pivot, the steps that have no outcome (and those an operator said did
@@ -380,7 +373,7 @@ class Engine:
         """
         view = fold(ledger.records)
         if view.state is not TransactionState.COMPENSATING and view.pivot_started:
-            forward = await self._forward(ledger, view, forward_timeout_s)
+            forward = await self._forward(ledger, view)
             if forward is not None:
                 return forward
             view = fold(ledger.records)
@@ -464,10 +457,9 @@ class Engine:
             learned = True
         return learned
 
-    async def _forward(
-        self, ledger: Ledger, view: TransactionView, timeout_s: float | None
-    ) -> Settlement | None:
+    async def _forward(self, ledger: Ledger, view: TransactionView) -> Settlement | None:
         """Finish the steps past a started pivot; ``None`` when the pivot did not succeed."""
+        timeout_s = self.compensation_timeout_s
         for step in view.steps:
             pending = step.done is None or (step.resolved is False and step.done.outcome == "unknown")
             if step.resolved is True or not pending:

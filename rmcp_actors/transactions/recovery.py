@@ -106,7 +106,6 @@ async def _recover(engine: Engine, *, retry_failed: bool) -> RecoveryReport:
                 Ledger.of(records),
                 parallel=begun.compensate_parallel,
                 continue_on_failure=begun.continue_on_compensation_failure,
-                forward_timeout_s=engine.compensation_timeout_s,
             )
         except RMCPError:
             _logger.exception("recovery of transaction %s (%s) failed", transaction_id, summary.name)

@@ -653,7 +653,6 @@ class Transaction:
                 self._ledger,
                 parallel=self._parallel,
                 continue_on_failure=self._continue,
-                forward_timeout_s=self._engine.compensation_timeout_s,
             )
 
         def message(reply: ReplySlot[Settlement]) -> _Settle:
@@ -866,7 +865,6 @@ async def resolve_ledger(
         ledger,
         parallel=parallel,
         continue_on_failure=continue_on_failure,
-        forward_timeout_s=engine.compensation_timeout_s,
     )
     if settlement.state is TransactionState.COMPENSATION_FAILED:
         failed = ", ".join(map(str, settlement.failed_steps))
