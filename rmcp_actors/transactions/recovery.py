@@ -157,5 +157,4 @@ async def resolve(engine: Engine, transaction_id: str, step: int, ran: bool) -> 
             ran,
             parallel=begun.compensate_parallel,
             continue_on_failure=begun.continue_on_compensation_failure,
-            locked=True,
         )

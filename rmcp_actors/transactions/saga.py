@@ -616,7 +616,6 @@ class Transaction:
                 ran,
                 parallel=self._parallel,
                 continue_on_failure=self._continue,
-                locked=True,
             )
 
     async def _resolve_live(self, step: int, ran: bool) -> TransactionState:
@@ -841,21 +840,9 @@ async def resolve_ledger(
     *,
     parallel: bool,
     continue_on_failure: bool,
-    locked: bool = False,
 ) -> TransactionState:
-    """Journal the answer for a step in doubt, then finish the (ended) transaction, holding
-    ``engine.settling`` (``locked``: the caller holds it)."""
-    if not locked:
-        async with engine.settling:
-            return await resolve_ledger(
-                engine,
-                ledger,
-                step,
-                ran,
-                parallel=parallel,
-                continue_on_failure=continue_on_failure,
-                locked=True,
-            )
+    """Journal the answer for a step in doubt, then finish the (ended) transaction; the caller
+    holds ``engine.settling``."""
     await record_resolution(engine, ledger, step, ran)
     if ledger.state is not TransactionState.IN_DOUBT or any(
         view.in_doubt for view in fold(ledger.records).steps
