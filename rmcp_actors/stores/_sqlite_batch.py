@@ -32,6 +32,7 @@ import copy
 import enum
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast, final
 
@@ -42,6 +43,9 @@ import attrs
 from ..errors import RMCPStoreClosedError, RMCPStoreError
 
 __all__ = ["Chore", "GroupCommit", "create_private", "failure", "is_busy"]
+
+# How long to sleep between attempts to switch a new connection to WAL.
+_WAL_RETRY_S = 0.005
 
 _T = TypeVar("_T")
 
@@ -309,7 +313,7 @@ class GroupCommit:
             check_same_thread=False,
         )
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
+            self._enter_wal(connection)
             connection.execute("PRAGMA synchronous = FULL")
             self._synchronous = "FULL"
             connection.execute("BEGIN IMMEDIATE")
@@ -320,6 +324,22 @@ class GroupCommit:
             raise
         self._connection = connection
         return connection
+
+    def _enter_wal(self, connection: sqlite3.Connection) -> None:
+        """Switch ``connection`` to WAL, waiting up to ``busy_timeout_s`` for other connections.
+
+        SQLite does not call the busy handler for this switch while another connection of a
+        fresh file is creating it (``database is locked`` at once, about one race in seven in
+        tests/test_stores.py), so the wait is done here; this runs in a worker thread."""
+        give_up_at = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() >= give_up_at:
+                    raise
+            time.sleep(_WAL_RETRY_S)
 
     def _open_inline(self) -> sqlite3.Connection:
         # timeout=0: a locked database fails at once instead of blocking the event loop, and
