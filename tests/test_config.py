@@ -1115,5 +1115,7 @@ def test_the_readme_configuration_loads() -> None:
     config = RMCPConfig.from_dict(tomllib.loads(block))
     spec = config.servers["time"]
     assert config.tenants == {"interactive": 10.0, "batch": 1.0}
+    assert config.transactions.journal == "transactions.sqlite"
+    assert config.transactions.recover_on_open
     assert config.call_policy(spec, "get_current_time").max_concurrency == 2
     assert config.server_policy(spec).circuit_breaker.failure_threshold == 5
