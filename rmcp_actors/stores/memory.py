@@ -134,25 +134,9 @@ class MemoryStore:
         self._check_open()
         now = self._clock()
         existing = self._live_entry(key, now)
-        if existing is not None and not (
-            existing.state is RecordState.STARTED
-            and not existing.entered
-            and existing.fingerprint == fingerprint
-            and (existing.owner == owner or not self._owner_alive(existing.owner, now))
-        ):
+        if existing is not None and not self._claimable(existing, fingerprint, owner, now):
             return BeginOutcome(claimed=False, existing=self._to_record(key, existing, now))
-        if existing is None:
-            self._make_room(now)
-        self._records[key] = _Entry(
-            fingerprint=fingerprint,
-            tool=tool,
-            state=RecordState.STARTED,
-            owner=owner,
-            result=None,
-            created_at=now,
-            expires_at=now + self._ttl_s,
-        )
-        return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
+        return self._put(key, existing, fingerprint, tool, RecordState.STARTED, owner, now)
 
     async def abort(
         self,
@@ -170,27 +154,44 @@ class MemoryStore:
         now = self._clock()
         existing = self._live_entry(key, now)
         if existing is not None and not (
-            existing.fingerprint == fingerprint
-            and (
-                (
-                    existing.state is RecordState.STARTED
-                    and not existing.entered
-                    and (existing.owner == owner or not self._owner_alive(existing.owner, now))
-                )
-                or (
-                    in_doubt
-                    and (self._to_record(key, existing, now).in_doubt or _own_entered(existing, owner))
-                    and doubted_owner in (None, existing.owner)
-                )
+            self._claimable(existing, fingerprint, owner, now)
+            or (
+                in_doubt
+                and existing.fingerprint == fingerprint
+                and (self._to_record(key, existing, now).in_doubt or _own_entered(existing, owner))
+                and doubted_owner in (None, existing.owner)
             )
         ):
             return BeginOutcome(claimed=False, existing=self._to_record(key, existing, now))
+        return self._put(key, existing, fingerprint, tool, RecordState.ABORTED, owner, now)
+
+    def _claimable(self, existing: _Entry, fingerprint: str, owner: str, now: float) -> bool:
+        """Whether a claim of ``owner`` may replace ``existing``: a claim of the same call that
+        never entered its tool, by ``owner`` itself or by an owner that is gone."""
+        return (
+            existing.state is RecordState.STARTED
+            and not existing.entered
+            and existing.fingerprint == fingerprint
+            and (existing.owner == owner or not self._owner_alive(existing.owner, now))
+        )
+
+    def _put(
+        self,
+        key: str,
+        existing: _Entry | None,
+        fingerprint: str,
+        tool: str,
+        state: RecordState,
+        owner: str,
+        now: float,
+    ) -> BeginOutcome:
+        """Store a fresh record of ``key`` in ``state`` (over ``existing``, if any)."""
         if existing is None:
             self._make_room(now)
         self._records[key] = _Entry(
             fingerprint=fingerprint,
             tool=tool,
-            state=RecordState.ABORTED,
+            state=state,
             owner=owner,
             result=None,
             created_at=now,
