@@ -12,6 +12,7 @@ from importlib.metadata import version as _version
 
 import attrs as _attrs
 
+from .client.callbacks import ServerCallbacks as ServerCallbacks
 from .client.connection import ConnectionState as ConnectionState
 from .config import CallPolicy as CallPolicy
 from .config import CircuitBreakerOverrides as CircuitBreakerOverrides
@@ -142,6 +143,7 @@ __all__ = [
     "RetryPolicy",
     "RuntimeSettings",
     "SQLiteStore",
+    "ServerCallbacks",
     "ServerPolicy",
     "ServerSpec",
     "StallReport",

@@ -33,6 +33,7 @@ from ._exceptions import FATAL, is_fatal, leaves
 from ._health import judge_scheduler, judge_watchdog, register_server
 from ._protocol import NackCode, ServerSettings
 from .client.call import CallRequest, perform_call
+from .client.callbacks import ProgressCallback
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
 from .errors import (
@@ -440,6 +441,7 @@ class RMCPSupervisor:
         timeout: float | None = None,
         on_lifecycle: LifecycleCallback | None = None,
         tenant: str | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> CallResult:
         """Call a tool reliably and return its result once it ran and answered.
 
@@ -460,6 +462,10 @@ class RMCPSupervisor:
             tenant: Who the call is for: a server's concurrency is shared between the tenants
                 with calls waiting, in proportion to their weights in ``[tenants]`` (1 when not
                 listed, and for calls without a tenant), within each priority.
+            on_progress: ``async (progress, total, message)``, awaited for each progress
+                notification the server sends about this call, on every attempt (a retried
+                call may report progress again from the start). Without it, no progress token
+                is sent. An exception it raises is logged and changes nothing about the call.
 
         Returns:
             The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.
@@ -489,6 +495,7 @@ class RMCPSupervisor:
         entry = self._server(server)
         policy = entry.policies.get(tool, entry.default_policy)
         request = _request(policy, tool, arguments, idempotency_key, priority, timeout, on_lifecycle, tenant)
+        request.on_progress = on_progress
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
 
     async def _step_call(

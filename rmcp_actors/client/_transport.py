@@ -34,6 +34,7 @@ from ..config import ServerSpec
 from ._http_evidence import recording_http_client
 from ._sent import request_handed_over
 from ._stdio import stdio_client
+from .callbacks import RefreshTools, client_options
 
 __all__ = ["ClosedCallback", "Traffic", "build_client", "client_mode"]
 
@@ -223,6 +224,7 @@ def build_client(
     *,
     max_sse_event_bytes: int,
     traffic: Traffic | None = None,
+    refresh_tools: RefreshTools | None = None,
 ) -> Client:
     """Return an un-entered ``mcp.Client`` for ``spec``.
 
@@ -232,6 +234,8 @@ def build_client(
             ends. The direct in-memory wire has no transport and never calls it.
         max_sse_event_bytes: Largest server-sent event accepted (http only).
         traffic: Counts the messages received (the direct wire, with no transport, counts none).
+        refresh_tools: Refreshes the connection's tool cache when the server says its tools
+            changed; None to ignore that notification.
 
     Returns:
         The client; the caller enters it with ``async with``.
@@ -239,6 +243,7 @@ def build_client(
     mode = client_mode(spec.protocol)
     traffic = traffic if traffic is not None else Traffic()
     extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION})]
+    options = client_options(spec.callbacks, spec.name, refresh_tools or _no_refresh)
     if spec.transport == "stdio":
         assert spec.command is not None  # validated by ServerSpec
         params = StdioServerParameters(
@@ -247,7 +252,9 @@ def build_client(
             env=dict(spec.env) if spec.env is not None else None,
             cwd=spec.cwd,
         )
-        return Client(_observed(stdio_client(params), on_closed, traffic), mode=mode, extensions=extensions)
+        return Client(
+            _observed(stdio_client(params), on_closed, traffic), mode=mode, extensions=extensions, **options
+        )
     if spec.transport == "http":
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
@@ -257,9 +264,16 @@ def build_client(
             ),
             mode=mode,
             extensions=extensions,
+            **options,
         )
     # ServerSpec validated that a memory spec holds an MCPServer or a low-level Server.
     server = cast("MCPServer[Any] | Server[Any]", spec.server)
     if spec.wire == "direct":
-        return Client(server, mode=mode, extensions=extensions)
-    return Client(_observed(InMemoryTransport(server), on_closed, traffic), mode=mode, extensions=extensions)
+        return Client(server, mode=mode, extensions=extensions, **options)
+    return Client(
+        _observed(InMemoryTransport(server), on_closed, traffic), mode=mode, extensions=extensions, **options
+    )
+
+
+async def _no_refresh() -> None:
+    return None

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import attrs
 from mcp import MCPError
+from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import CallToolResult, RequestParamsMeta, Tool
 
 from .._protocol import (
@@ -58,6 +59,7 @@ from ._http_evidence import current_evidence
 from ._records import call_result, lifecycle_event
 from ._sent import current_send_hook
 from .backoff import backoff_delay
+from .callbacks import ProgressCallback
 from .connection import Connection, Session
 
 __all__ = ["CallRequest", "perform_call"]
@@ -102,6 +104,8 @@ class CallRequest:
     # A lookup (the runtime's own, for transactions): asks the server what became of the
     # key and never runs the tool; sent only to a server that advertises the feature.
     lookup: bool | None = None
+    # The caller's progress callback, given to every attempt (None: no progress token is sent).
+    on_progress: ProgressCallback | None = None
 
 
 def _no_events() -> list[LifecycleEvent]:
@@ -861,6 +865,8 @@ async def _send(
                 request.arguments,
                 read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
                 meta=meta,
+                # The SDK calls it positionally: any callable of three arguments fits.
+                progress_callback=cast("ProgressFnT | None", request.on_progress),
             )
         else:
             result = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
@@ -941,11 +947,15 @@ async def _call_with_ack_timeout(
     assert client is not None
     ack_scope = anyio.CancelScope(deadline=anyio.current_time() + ack_timeout_s)
 
+    caller_progress = request.on_progress
+
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        del progress, total  # any progress at all is the ACK
+        # Any progress at all is the ACK; the caller sees every notification, the ACK included.
         if ack_scope.deadline != math.inf:
             ack_scope.deadline = math.inf
             tracker.record(RequestState.ACKED, f"early: {message}" if message else "early")
+        if caller_progress is not None:
+            await caller_progress(progress, total, message)
 
     with ack_scope:
         return await client.call_tool(

@@ -33,11 +33,13 @@ from ._failures import Evidence
 from ._http_evidence import current_evidence, describe_refusal
 from ._transport import Traffic, build_client
 from .backoff import backoff_delay
+from .callbacks import apply_log_level
 
 __all__ = ["CheckHung", "Connection", "ConnectionState", "ConnectionStatistics", "RefreshTools", "Session"]
 
 _TOOLS_PAGE_CAP = 1000
 _watchdog_logger = logging.getLogger("rmcp_actors.watchdog")
+_logger = logging.getLogger("rmcp_actors")
 
 
 class ConnectionState(enum.Enum):
@@ -434,7 +436,9 @@ class Connection(Actor[ConnectionRequest]):
                     session.broken.set,
                     max_sse_event_bytes=self.policy.max_sse_event_bytes,
                     traffic=self._traffic,
+                    refresh_tools=self._tools_changed,
                 ) as client:
+                    await apply_log_level(client, self.spec.callbacks, self.name)
                     session.tools = await _list_all_tools(client)
                     session.rmcp = _rmcp_settings(client, session.tools)
                     session.protocol_version = client.protocol_version
@@ -457,6 +461,21 @@ class Connection(Actor[ConnectionRequest]):
             session.broken.set()
             session.client = None
             session.ended.set()
+
+    async def _tools_changed(self) -> dict[str, Tool] | None:
+        """The server said its tools changed: have the actor list them again (as
+        ``list_tools(refresh=True)`` does) and return them, or None when that failed (the cached
+        list stays; the next change or refresh catches up)."""
+        try:
+            return await self.ask(RefreshTools)
+        except Exception as error:
+            _logger.warning(
+                "server %r said its tools changed, but listing them again failed (%s); the cached "
+                "list is kept",
+                self.name,
+                _describe(error, self.spec),
+            )
+            return None
 
     def _set_state(self, state: ConnectionState) -> None:
         self._state = state

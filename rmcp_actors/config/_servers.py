@@ -18,6 +18,7 @@ import attrs
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from .._redact import mask_args, mask_mapping, mask_url, scrub, secrets_of_args, secrets_of_url
+from ..client.callbacks import ServerCallbacks
 from ..errors import RMCPConfigError
 from ._checks import FrozenMap, Validator, key_path, one_of, show, string
 from ._policy import PolicyOverrides, ToolOverrides
@@ -128,6 +129,11 @@ def _instance_of_overrides(_inst: Any, attribute: attrs.Attribute[Any], value: A
         raise RMCPConfigError(f"expected a PolicyOverrides, got {show(value)}", path=attribute.name)
 
 
+def _optional_callbacks(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, ServerCallbacks):
+        raise RMCPConfigError(f"expected a ServerCallbacks, got {show(value)}", path=attribute.name)
+
+
 def _optional_string(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None:
         string(inst, attribute, value)
@@ -176,6 +182,9 @@ class ServerSpec:
         wire: ``"jsonrpc"`` (serialize messages, the default) or ``"direct"`` (memory only).
         overrides: This server's policy layer (over ``[defaults]``).
         tools: Per-tool policy layers, keyed by tool name.
+        callbacks: What the client does when the server asks (sampling, elicitation, roots)
+            or notifies (logs, list changes); None for nothing (any transport). Compared by
+            equality, which for functions is identity.
 
     Raises:
         RMCPConfigError: A value is invalid or does not fit the transport; ``path`` is the
@@ -201,6 +210,7 @@ class ServerSpec:
     tools: Mapping[str, ToolOverrides] = attrs.field(
         factory=lambda: FrozenMap[str, ToolOverrides](), converter=freeze, validator=_tools_map
     )
+    callbacks: ServerCallbacks | None = attrs.field(default=None, validator=_optional_callbacks, hash=False)
 
     def __attrs_post_init__(self) -> None:
         present = {
@@ -243,6 +253,7 @@ class ServerSpec:
         protocol: str = "auto",
         overrides: PolicyOverrides | None = None,
         tools: Mapping[str, ToolOverrides] | None = None,
+        callbacks: ServerCallbacks | None = None,
     ) -> ServerSpec:
         """A server run as a subprocess speaking MCP over stdin/stdout.
 
@@ -255,6 +266,7 @@ class ServerSpec:
             protocol: ``"auto"``, ``"legacy"`` or a protocol version such as ``"2025-11-25"``.
             overrides: The server's policy layer.
             tools: Per-tool policy layers.
+            callbacks: Requests and notifications from the server (see ``ServerCallbacks``).
 
         Returns:
             The validated spec.
@@ -272,6 +284,7 @@ class ServerSpec:
             cwd=cwd,
             overrides=PolicyOverrides() if overrides is None else overrides,
             tools={} if tools is None else tools,
+            callbacks=callbacks,
         )
 
     @classmethod
@@ -284,6 +297,7 @@ class ServerSpec:
         protocol: str = "auto",
         overrides: PolicyOverrides | None = None,
         tools: Mapping[str, ToolOverrides] | None = None,
+        callbacks: ServerCallbacks | None = None,
     ) -> ServerSpec:
         """A server reached over streamable HTTP.
 
@@ -294,6 +308,7 @@ class ServerSpec:
             protocol: ``"auto"``, ``"legacy"`` or a protocol version such as ``"2025-11-25"``.
             overrides: The server's policy layer.
             tools: Per-tool policy layers.
+            callbacks: Requests and notifications from the server (see ``ServerCallbacks``).
 
         Returns:
             The validated spec.
@@ -309,6 +324,7 @@ class ServerSpec:
             headers=headers,
             overrides=PolicyOverrides() if overrides is None else overrides,
             tools={} if tools is None else tools,
+            callbacks=callbacks,
         )
 
     @classmethod
@@ -321,6 +337,7 @@ class ServerSpec:
         protocol: str = "auto",
         overrides: PolicyOverrides | None = None,
         tools: Mapping[str, ToolOverrides] | None = None,
+        callbacks: ServerCallbacks | None = None,
     ) -> ServerSpec:
         """A server object running in this process (tests, embedded tools).
 
@@ -332,6 +349,7 @@ class ServerSpec:
             protocol: ``"auto"``, ``"legacy"`` or a protocol version such as ``"2025-11-25"``.
             overrides: The server's policy layer.
             tools: Per-tool policy layers.
+            callbacks: Requests and notifications from the server (see ``ServerCallbacks``).
 
         Returns:
             The validated spec.
@@ -347,6 +365,7 @@ class ServerSpec:
             wire=wire,
             overrides=PolicyOverrides() if overrides is None else overrides,
             tools={} if tools is None else tools,
+            callbacks=callbacks,
         )
 
     def describe(self) -> str:
