@@ -83,6 +83,17 @@ ProgressCallback: TypeAlias = Callable[[float, float | None, str | None], Awaita
 
 RefreshTools: TypeAlias = Callable[[], Awaitable[Mapping[str, Tool] | None]]
 
+# Syslog's order (RFC 5424), lowest first.
+_LEVELS: Final[tuple[LoggingLevel, ...]] = (
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+)
 _LIST_CHANGED: Final = (types.ResourceListChangedNotification, types.PromptListChangedNotification)
 
 
@@ -123,9 +134,9 @@ class ServerCallbacks:
         roots: The client's roots: a list of ``Root`` or ``file://`` URIs, or an async
             function returning them (asked again at each ``roots/list``).
         on_log: Receives the server's log messages.
-        log_level: The lowest level asked for (with ``on_log``): sent with each request on
-            the 2026-07-28 protocol, and as ``logging/setLevel`` at connect on older ones
-            when the server offers logging.
+        log_level: The lowest level passed to ``on_log``: sent with each request on the
+            2026-07-28 protocol, as ``logging/setLevel`` at connect on older ones when the
+            server offers logging, and applied to what arrives anyway.
         on_tools_changed: Called with the tools after the cache was refreshed because the
             server said its tools changed (the refresh happens with or without it).
         on_resources_changed: Called when the server says its resources changed.
@@ -238,8 +249,13 @@ def _roots(roots: tuple[Root, ...] | RootsProvider, server: str) -> ListRootsFnT
     return list_roots
 
 
-def _logging(handler: LogHandler, server: str) -> LoggingFnT:
+def _logging(handler: LogHandler, server: str, level: LoggingLevel) -> LoggingFnT:
+    lowest = _LEVELS.index(level)
+
     async def on_log(params: LoggingMessageNotificationParams) -> None:
+        # Filtered here too: a server without the logging capability takes no level.
+        if _LEVELS.index(params.level) < lowest:
+            return
         try:
             await handler(params)
         except Exception:
@@ -313,7 +329,7 @@ def client_options(
     if callbacks.roots is not None:
         options["list_roots_callback"] = _roots(callbacks.roots, server)
     if callbacks.on_log is not None:
-        options["logging_callback"] = _logging(callbacks.on_log, server)
+        options["logging_callback"] = _logging(callbacks.on_log, server, callbacks.log_level)
         options["log_level"] = callbacks.log_level
     return options
 
