@@ -349,6 +349,8 @@ async def apply_log_level(client: Client, callbacks: ServerCallbacks | None, ser
     ):
         return
     try:
-        await client.set_logging_level(callbacks.log_level)  # pyright: ignore[reportDeprecated]
+        # The request itself, not the SDK's deprecated helper, which warns on every connect.
+        request = types.SetLevelRequest(params=types.SetLevelRequestParams(level=callbacks.log_level))
+        await client.session.send_request(request, types.EmptyResult)
     except MCPError as error:
         _logger.warning("server %r refused logging/setLevel %s: %s", server, callbacks.log_level, error)

@@ -15,6 +15,7 @@ import enum
 import logging
 import random
 from contextlib import suppress
+from functools import partial
 from typing import cast, final
 
 import anyio
@@ -436,7 +437,7 @@ class Connection(Actor[ConnectionRequest]):
                     session.broken.set,
                     max_sse_event_bytes=self.policy.max_sse_event_bytes,
                     traffic=self._traffic,
-                    refresh_tools=self._tools_changed,
+                    refresh_tools=partial(self._tools_changed, session),
                 ) as client:
                     await apply_log_level(client, self.spec.callbacks, self.name)
                     session.tools = await _list_all_tools(client)
@@ -462,10 +463,17 @@ class Connection(Actor[ConnectionRequest]):
             session.client = None
             session.ended.set()
 
-    async def _tools_changed(self) -> dict[str, Tool] | None:
-        """The server said its tools changed: have the actor list them again (as
+    async def _tools_changed(self, session: Session) -> dict[str, Tool] | None:
+        """``session``'s server said its tools changed: have the actor list them again (as
         ``list_tools(refresh=True)`` does) and return them, or None when that failed (the cached
         list stays; the next change or refresh catches up)."""
+        # A change announced during the handshake (server-everything registers the tools that
+        # depend on the client's capabilities then) is listed once the session serves calls
+        # and the inbox runs (after the actor's first connection).
+        await session.ready.wait()
+        await self._first_life_settled.wait()
+        if not session.usable:
+            return None  # the next session lists its tools when it connects
         try:
             return await self.ask(RefreshTools)
         except Exception as error:
