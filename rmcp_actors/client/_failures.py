@@ -70,11 +70,14 @@ class Evidence:
         status: The HTTP status of the attempt's response, once one arrived.
         retry_after: The response's ``Retry-After`` header, as sent (read by the rate limiter's
             feedback, ``flow/_feedback.py``: a 429 is a rate-limit signal, never a failure here).
+        error_message: The JSON-RPC error message in the body of an HTTP 400, read by the
+            transport: the SDK reports its own words for an error body it cannot parse.
     """
 
     refused: BaseException | None = None
     status: int | None = None
     retry_after: str | None = None
+    error_message: str | None = None
 
 
 class AckTimeout(Exception):
@@ -168,7 +171,9 @@ def _server_forgot_session(code: int, message: str, evidence: Evidence | None) -
         return False
     if evidence.status == 404:
         return message in SESSION_UNKNOWN_MESSAGES or code == INVALID_REQUEST
-    return evidence.status == 400 and message == NO_VALID_SESSION_MESSAGE
+    # server-everything leaves the id out of that error, so the SDK cannot parse it and says
+    # "Server returned an error response": the transport kept the server's own message.
+    return evidence.status == 400 and NO_VALID_SESSION_MESSAGE in (message, evidence.error_message)
 
 
 def _classify_mcp_error(
