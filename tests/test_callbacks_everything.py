@@ -9,8 +9,13 @@ callable.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import _npm
 import mcp_types as types
@@ -116,3 +121,41 @@ async def test_progress_of_a_long_running_operation() -> None:
         )
     assert "completed" in result.content[0].text  # type: ignore[union-attr]
     assert [(p, t) for p, t, _ in received] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+CONFORMANCE_CLIENT = Path(__file__).with_name("callbacks_conformance_client.py")
+
+
+def test_conformance_elicitation_defaults_scenario(tmp_path: Path) -> None:
+    """The official suite's elicitation scenario (SEP-1034 defaults) against an rmcp_actors
+    client; its server binds every interface, so it runs in a loopback-only namespace."""
+    node_modules = _npm.npm_install(_npm.CONFORMANCE)
+    suite = _npm.package_dir(node_modules, "@modelcontextprotocol/conformance") / "dist" / "index.js"
+    client = f"{shlex.quote(sys.executable)} {shlex.quote(str(CONFORMANCE_CLIENT))}"
+    completed = subprocess.run(
+        [
+            "unshare",
+            "-rn",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$@"',
+            "netns",
+            str(_npm.node22()),
+            str(suite),
+            "client",
+            "--command",
+            client,
+            "--scenario",
+            "elicitation-sep1034-client-defaults",
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "Passed: 5/5, 0 failed" in output, output
