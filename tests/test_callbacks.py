@@ -15,6 +15,7 @@ import mcp_types as types
 import pytest
 import trio
 import trio.lowlevel
+from _http import serve_http
 from callbacks_server import DEFAULTS_SCHEMA, build_server
 from conftest import FAST_RECOVERY
 from mcp import MCPError
@@ -33,12 +34,14 @@ from rmcp_actors.client.callbacks import elicitation_defaults
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
 
 SERVER_SCRIPT = str(Path(__file__).with_name("callbacks_server.py"))
-Where = Literal["memory", "stdio"]
+Where = Literal["memory", "stdio", "http"]
 # The ctx.session requests need a handshake-era protocol (2026-07-28 has no back-channel).
 LEGACY = "2025-11-25"
 
 
-def spec(where: Where, callbacks: ServerCallbacks | None, *, protocol: str = LEGACY) -> ServerSpec:
+def spec(
+    where: Literal["memory", "stdio"], callbacks: ServerCallbacks | None, *, protocol: str = LEGACY
+) -> ServerSpec:
     if where == "memory":
         return ServerSpec.in_memory("cb", build_server(), protocol=protocol, callbacks=callbacks)
     return ServerSpec.stdio(
@@ -47,9 +50,17 @@ def spec(where: Where, callbacks: ServerCallbacks | None, *, protocol: str = LEG
 
 
 @asynccontextmanager
-async def connected(server_spec: ServerSpec) -> AsyncIterator[RMCPSupervisor]:
-    async with RMCPSupervisor.open() as sup:
-        await sup.add_server(server_spec)
+async def connected(
+    where: Where, callbacks: ServerCallbacks | None, *, protocol: str = LEGACY
+) -> AsyncIterator[RMCPSupervisor]:
+    if where != "http":
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(spec(where, callbacks, protocol=protocol))
+            yield sup
+        return
+    # The server's requests travel on the SSE stream of the tools/call POST.
+    async with serve_http(build_server()) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("cb", http.url, protocol=protocol, callbacks=callbacks))
         yield sup
 
 
@@ -105,7 +116,7 @@ async def ignore_log(params: types.LoggingMessageNotificationParams) -> None:
 async def test_capabilities_follow_the_callbacks(
     callbacks: ServerCallbacks | None, expected: dict[str, bool]
 ) -> None:
-    async with connected(spec("memory", callbacks)) as sup:
+    async with connected("memory", callbacks) as sup:
         result = await sup.call("cb", "capabilities")
     assert result.structured_content == expected
 
@@ -113,10 +124,10 @@ async def test_capabilities_follow_the_callbacks(
 # -- sampling ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["memory", "stdio"])
+@pytest.mark.parametrize("where", ["memory", "stdio", "http"])
 async def test_sampling_reaches_the_callback(where: Where) -> None:
     model = Model()
-    async with connected(spec(where, ServerCallbacks(sampling=model))) as sup:
+    async with connected(where, ServerCallbacks(sampling=model)) as sup:
         result = await sup.call("cb", "ask_model", {"prompt": "hello"})
     assert result.outcome is Outcome.SUCCEEDED
     assert text(result) == "re: hello"
@@ -128,7 +139,7 @@ async def test_sampling_on_the_2026_protocol_goes_through_input_required() -> No
     # No back-channel on 2026-07-28: the server answers "input required", the SDK asks the
     # callback and retries the call with the answer, within one sup.call.
     model = Model()
-    async with connected(spec("memory", ServerCallbacks(sampling=model), protocol="auto")) as sup:
+    async with connected("memory", ServerCallbacks(sampling=model), protocol="auto") as sup:
         result = await sup.call("cb", "ask_model_resolved", {"prompt": "modern"})
         protocol = sup.statistics().connections[0].protocol_version
     assert protocol == "2026-07-28"
@@ -138,7 +149,7 @@ async def test_sampling_on_the_2026_protocol_goes_through_input_required() -> No
 
 async def test_without_a_sampling_callback_the_server_gets_an_error() -> None:
     # The server's tool re-raises the client's JSON-RPC error as its own answer.
-    async with connected(spec("memory", None)) as sup:
+    async with connected("memory", None) as sup:
         with pytest.raises(RMCPServerError, match="Sampling not supported"):
             await sup.call("cb", "ask_model", {"prompt": "hello"})
 
@@ -155,7 +166,7 @@ async def test_a_raising_callback_answers_an_error_and_keeps_the_connection(
         raise RuntimeError("model offline, token=sk-secret")
 
     errors: list[RMCPServerError] = []
-    async with connected(spec(where, ServerCallbacks(sampling=broken))) as sup:
+    async with connected(where, ServerCallbacks(sampling=broken)) as sup:
         for prompt in ("a", "b"):
             # The server's tool saw a JSON-RPC error and re-raises it as its own answer.
             with pytest.raises(RMCPServerError) as caught:
@@ -179,7 +190,7 @@ async def test_a_callback_raising_mcperror_chooses_the_error() -> None:
     async def refuse(params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
         raise MCPError(code=-1, message="User rejected sampling request")
 
-    async with connected(spec("memory", ServerCallbacks(sampling=refuse))) as sup:
+    async with connected("memory", ServerCallbacks(sampling=refuse)) as sup:
         with pytest.raises(RMCPServerError, match="User rejected sampling request") as caught:
             await sup.call("cb", "ask_model", {"prompt": "a"})
     assert caught.value.code == -1
@@ -192,7 +203,7 @@ async def test_a_raising_callback_on_the_2026_protocol_is_a_server_error() -> No
     async def broken(params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
         raise RuntimeError("model offline")
 
-    async with connected(spec("memory", ServerCallbacks(sampling=broken), protocol="auto")) as sup:
+    async with connected("memory", ServerCallbacks(sampling=broken), protocol="auto") as sup:
         with pytest.raises(RMCPServerError, match=r"the client's sampling callback failed \(RuntimeError\)"):
             await sup.call("cb", "ask_model_resolved", {"prompt": "modern"})
         after = await sup.call("cb", "steps", {"count": 1})
@@ -214,7 +225,7 @@ def test_elicitation_defaults_reads_each_property_default() -> None:
     assert elicitation_defaults({"properties": {"x": {"type": "string"}}}) == {}
 
 
-@pytest.mark.parametrize("where", ["memory", "stdio"])
+@pytest.mark.parametrize("where", ["memory", "stdio", "http"])
 async def test_an_accepted_form_gets_the_schema_defaults(where: Where) -> None:
     seen: list[types.ElicitRequestParams] = []
 
@@ -222,7 +233,7 @@ async def test_an_accepted_form_gets_the_schema_defaults(where: Where) -> None:
         seen.append(params)
         return types.ElicitResult(action="accept", content={"name": "Ann"})
 
-    async with connected(spec(where, ServerCallbacks(elicitation=answer_name_only))) as sup:
+    async with connected(where, ServerCallbacks(elicitation=answer_name_only)) as sup:
         result = await sup.call("cb", "ask_user")
     answer = json.loads(text(result))
     assert answer == {
@@ -244,7 +255,7 @@ async def test_defaults_are_left_out_when_disabled_or_declined() -> None:
         ),
         (ServerCallbacks(elicitation=decline), {"action": "decline", "content": None}),
     ):
-        async with connected(spec("memory", callbacks)) as sup:
+        async with connected("memory", callbacks) as sup:
             result = await sup.call("cb", "ask_user")
         assert json.loads(text(result)) == expected
 
@@ -256,7 +267,7 @@ async def test_url_elicitation_reaches_the_callback() -> None:
         seen.append(params)
         return types.ElicitResult(action="accept")
 
-    async with connected(spec("memory", ServerCallbacks(elicitation=consent))) as sup:
+    async with connected("memory", ServerCallbacks(elicitation=consent)) as sup:
         result = await sup.call("cb", "ask_url")
     assert text(result) == "accept"
     assert isinstance(seen[0], types.ElicitRequestURLParams)
@@ -266,10 +277,10 @@ async def test_url_elicitation_reaches_the_callback() -> None:
 # -- roots -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["memory", "stdio"])
+@pytest.mark.parametrize("where", ["memory", "stdio", "http"])
 async def test_a_static_list_of_roots(where: Where) -> None:
     roots = ServerCallbacks(roots=["file:///srv/data", types.Root(uri="file:///home/me", name="home")])
-    async with connected(spec(where, roots)) as sup:
+    async with connected(where, roots) as sup:
         result = await sup.call("cb", "client_roots")
     assert result.structured_content == {"result": ["file:///srv/data", "file:///home/me"]}
 
@@ -280,7 +291,7 @@ async def test_roots_from_a_function_are_asked_at_each_request() -> None:
     async def provide() -> list[str]:
         return list(current)
 
-    async with connected(spec("memory", ServerCallbacks(roots=provide))) as sup:
+    async with connected("memory", ServerCallbacks(roots=provide)) as sup:
         first = await sup.call("cb", "client_roots")
         current.append("file:///b")
         second = await sup.call("cb", "client_roots")
@@ -289,7 +300,7 @@ async def test_roots_from_a_function_are_asked_at_each_request() -> None:
 
 
 async def test_roots_on_the_2026_protocol() -> None:
-    async with connected(spec("memory", ServerCallbacks(roots=["file:///x"]), protocol="auto")) as sup:
+    async with connected("memory", ServerCallbacks(roots=["file:///x"]), protocol="auto") as sup:
         result = await sup.call("cb", "client_roots_resolved")
     assert result.structured_content == {"result": ["file:///x"]}
 
@@ -304,8 +315,8 @@ def test_roots_must_be_a_list_not_a_string() -> None:
 
 @pytest.mark.parametrize(
     ("where", "protocol"),
-    [("memory", LEGACY), ("stdio", LEGACY), ("memory", "auto")],
-    ids=["memory", "stdio", "2026"],
+    [("memory", LEGACY), ("stdio", LEGACY), ("http", LEGACY), ("memory", "auto")],
+    ids=["memory", "stdio", "http", "2026"],
 )
 async def test_log_messages_reach_on_log_from_the_level_asked(where: Where, protocol: str) -> None:
     received: list[types.LoggingMessageNotificationParams] = []
@@ -314,7 +325,7 @@ async def test_log_messages_reach_on_log_from_the_level_asked(where: Where, prot
         received.append(params)
 
     callbacks = ServerCallbacks(on_log=on_log, log_level="info")
-    async with connected(spec(where, callbacks, protocol=protocol)) as sup:
+    async with connected(where, callbacks, protocol=protocol) as sup:
         await sup.call("cb", "shout", {"text": "hi"})
         with trio.fail_after(5):
             while len(received) < 2:
@@ -328,7 +339,7 @@ async def test_log_messages_reach_on_log_from_the_level_asked(where: Where, prot
 # -- list changes ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["memory", "stdio"])
+@pytest.mark.parametrize("where", ["memory", "stdio", "http"])
 async def test_a_tools_list_change_refreshes_the_cache(where: Where) -> None:
     refreshed = trio.Event()
     seen_tools: list[Mapping[str, types.Tool]] = []
@@ -349,7 +360,7 @@ async def test_a_tools_list_change_refreshes_the_cache(where: Where) -> None:
         on_resources_changed=on_resources_changed,
         on_prompts_changed=on_prompts_changed,
     )
-    async with connected(spec(where, callbacks)) as sup:
+    async with connected(where, callbacks) as sup:
         assert "extra" not in [tool.name for tool in await sup.list_tools("cb")]
         await sup.call("cb", "grow", {"name": "extra"})
         with trio.fail_after(5):
@@ -365,7 +376,7 @@ async def test_a_tools_list_change_refreshes_the_cache(where: Where) -> None:
 
 
 async def test_the_cache_is_refreshed_without_any_callback() -> None:
-    async with connected(spec("memory", None)) as sup:
+    async with connected("memory", None) as sup:
         await sup.call("cb", "grow", {"name": "extra"})
         with trio.fail_after(5):
             while "extra" not in [tool.name for tool in await sup.list_tools("cb")]:
@@ -377,7 +388,7 @@ async def test_a_raising_list_changed_callback_is_logged(caplog: pytest.LogCaptu
     async def broken(tools: Mapping[str, types.Tool]) -> None:
         raise RuntimeError("bug")
 
-    async with connected(spec("memory", ServerCallbacks(on_tools_changed=broken))) as sup:
+    async with connected("memory", ServerCallbacks(on_tools_changed=broken)) as sup:
         await sup.call("cb", "grow", {"name": "extra"})
         with trio.fail_after(5):
             while not any(r.name == "rmcp_actors" and r.exc_info for r in caplog.records):
@@ -388,14 +399,14 @@ async def test_a_raising_list_changed_callback_is_logged(caplog: pytest.LogCaptu
 # -- progress --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["memory", "stdio"])
+@pytest.mark.parametrize("where", ["memory", "stdio", "http"])
 async def test_on_progress_receives_each_notification(where: Where) -> None:
     received: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         received.append((progress, total, message))
 
-    async with connected(spec(where, None, protocol="auto")) as sup:
+    async with connected(where, None, protocol="auto") as sup:
         result = await sup.call("cb", "steps", {"count": 3}, on_progress=on_progress)
     assert text(result) == "3 steps"
     assert received == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
@@ -410,7 +421,7 @@ async def test_on_progress_survives_a_retry(tmp_path: Path) -> None:
         received.append((progress, total, message))
 
     marker = tmp_path / "died"
-    async with connected(spec("stdio", None)) as sup:
+    async with connected("stdio", None) as sup:
         result = await sup.call(
             "cb", "steps_then_die", {"count": 2, "marker": str(marker)}, on_progress=on_progress, timeout=30
         )
@@ -423,7 +434,7 @@ async def test_a_raising_on_progress_changes_nothing(caplog: pytest.LogCaptureFi
     async def broken(progress: float, total: float | None, message: str | None) -> None:
         raise RuntimeError("bug")
 
-    async with connected(spec("memory", None)) as sup:
+    async with connected("memory", None) as sup:
         result = await sup.call("cb", "steps", {"count": 2}, on_progress=broken)
     assert result.outcome is Outcome.SUCCEEDED
     assert sum(1 for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], RuntimeError)) == 2

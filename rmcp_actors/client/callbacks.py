@@ -142,7 +142,6 @@ class ServerCallbacks:
         on_resources_changed: Called when the server says its resources changed.
         on_prompts_changed: Called when the server says its prompts changed.
 
-    .. versionadded:: 0.11
     """
 
     sampling: SamplingHandler | None = None
