@@ -33,7 +33,7 @@ from ._exceptions import FATAL, is_fatal, leaves
 from ._health import judge_scheduler, judge_watchdog, register_server
 from ._protocol import NackCode, ServerSettings
 from .client.call import CallRequest, perform_call
-from .client.callbacks import ProgressCallback
+from .client.callbacks import ProgressCallback, notify_roots_changed
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
 from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
 from .errors import (
@@ -429,6 +429,28 @@ class RMCPSupervisor:
             f"{connection.policy.connect_timeout_s * 2:g} s (still connecting, or restarting?); try again",
             server=server,
         )
+
+    async def roots_changed(self, server: str) -> bool:
+        """Tell ``server`` that the roots its callbacks give changed, so that it asks again.
+
+        Sends ``notifications/roots/list_changed`` on the current connection (a server such as
+        server-everything asks for the roots once, then only after this notification).
+
+        Args:
+            server: The server's name.
+
+        Returns:
+            Whether it was sent. Not while disconnected (the next connection's server asks for
+            the roots anew), nor on the 2026-07-28 protocol, which has no such notification
+            (a server asks for the roots whenever it needs them).
+
+        Raises:
+            UnknownServerError: No server of that name.
+        """
+        session = self._server(server).connection.current_session()
+        if session is None or session.client is None:
+            return False
+        return await notify_roots_changed(session.client)
 
     async def call(
         self,

@@ -460,3 +460,10 @@ def test_callbacks_must_be_server_callbacks() -> None:
     with pytest.raises(RMCPConfigError) as caught:
         ServerSpec.stdio("a", "prog", callbacks={"sampling": None})  # pyright: ignore[reportArgumentType]
     assert caught.value.path == "callbacks"
+
+
+async def test_roots_changed_is_sent_only_on_handshake_era_connections() -> None:
+    async with connected("memory", ServerCallbacks(roots=["file:///x"])) as sup:
+        assert await sup.roots_changed("cb")
+    async with connected("memory", ServerCallbacks(roots=["file:///x"]), protocol="auto") as sup:
+        assert not await sup.roots_changed("cb")

@@ -159,3 +159,26 @@ def test_conformance_elicitation_defaults_scenario(tmp_path: Path) -> None:
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     assert "Passed: 5/5, 0 failed" in output, output
+
+
+async def test_roots_changed_makes_the_server_ask_again() -> None:
+    # server-everything asks for the roots once at connect, then only after
+    # notifications/roots/list_changed.
+    current = ["file:///srv/one"]
+
+    async def provide() -> list[str]:
+        return list(current)
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(everything(ServerCallbacks(roots=provide)))
+        await wait_for_tools(sup, {"get-roots-list"})
+        before = await sup.call("everything", "get-roots-list", {})
+        current.append("file:///srv/two")
+        assert await sup.roots_changed("everything")
+        with trio.fail_after(10):
+            while True:
+                after = await sup.call("everything", "get-roots-list", {})
+                if "file:///srv/two" in after.content[0].text:  # type: ignore[union-attr]
+                    break
+                await trio.sleep(0.05)
+    assert "file:///srv/two" not in before.content[0].text  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, TypeAlias, TypedDict, cast, final
 
+import anyio
 import attrs
 import mcp_types as types
 from mcp import Client, MCPError
@@ -53,6 +54,7 @@ __all__ = [
     "apply_log_level",
     "client_options",
     "elicitation_defaults",
+    "notify_roots_changed",
 ]
 
 _logger = logging.getLogger("rmcp_actors")
@@ -353,3 +355,20 @@ async def apply_log_level(client: Client, callbacks: ServerCallbacks | None, ser
         await client.session.send_request(request, types.EmptyResult)
     except MCPError as error:
         _logger.warning("server %r refused logging/setLevel %s: %s", server, callbacks.log_level, error)
+
+
+async def notify_roots_changed(client: Client) -> bool:
+    """Send ``notifications/roots/list_changed`` on a handshake-era connection.
+
+    Returns:
+        Whether it was sent: the 2026-07-28 protocol has no such notification (a server asks
+        for the roots when it needs them), and a transport that just closed takes nothing (the
+        next connection's server asks for the roots anew).
+    """
+    if client.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
+        return False
+    try:
+        await client.session.send_notification(types.RootsListChangedNotification())
+    except (MCPError, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        return False
+    return True
