@@ -15,13 +15,17 @@ import mcp_types as types
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 from _http import serve_http
 from callbacks_server import DEFAULTS_SCHEMA, build_server
-from conftest import FAST_RECOVERY
+from conftest import FAST_RECOVERY, durable_store
 from mcp import MCPError
+from mcp.server.mcpserver import Context
 
 from rmcp_actors import (
+    FastRMCP,
     Outcome,
+    PolicyOverrides,
     RMCPConfigError,
     RMCPServerError,
     RMCPSupervisor,
@@ -467,3 +471,33 @@ async def test_roots_changed_is_sent_only_on_handshake_era_connections() -> None
         assert await sup.roots_changed("cb")
     async with connected("memory", ServerCallbacks(roots=["file:///x"]), protocol="auto") as sup:
         assert not await sup.roots_changed("cb")
+
+
+async def test_on_progress_with_an_ack_timeout_sees_the_tools_progress(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # With ack_timeout_s against an RMCP server that ACKs early, the attempt already listens to
+    # progress (any progress is the ACK): the caller's callback gets every notification too.
+    app = FastRMCP("progress", store=durable_store())
+
+    @app.tool()
+    async def steps(ctx: Context) -> str:
+        for value in (0.5, 1.0):
+            await ctx.report_progress(value, 1.0, f"at {value}")
+        return "done"
+
+    received: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        received.append((progress, total, message))
+
+    policy = PolicyOverrides(ack_timeout_s=1)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("p", app, overrides=policy))
+        result = await sup.call("p", "steps", on_progress=on_progress)
+    assert result.lifecycle[2].detail is not None
+    assert result.lifecycle[2].detail.startswith("early")
+    assert [entry for entry in received if entry[2] and entry[2].startswith("at ")] == [
+        (0.5, 1.0, "at 0.5"),
+        (1.0, 1.0, "at 1.0"),
+    ]
