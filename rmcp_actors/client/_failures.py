@@ -163,7 +163,8 @@ def _classify(error: BaseException, evidence: Evidence | None, transport_closed:
         failure = evidence.auth_failure
         if failure is not None:
             # The SDK's HTTP writer ends with the exception: the session is gone.
-            return Verdict(Attempt.UNAUTHORIZED, True, f"the auth flow failed: {type(failure).__name__}: {failure}")
+            reason = f"the auth flow failed: {type(failure).__name__}: {failure}"
+            return Verdict(Attempt.UNAUTHORIZED, True, reason)
         return Verdict(Attempt.UNAUTHORIZED, transport_closed, f"the server answered HTTP {evidence.status}")
     if isinstance(error, MCPError):
         return _classify_mcp_error(error.code, error.message, evidence, transport_closed)

@@ -107,7 +107,9 @@ def _tracer(inner: _Trace | None) -> _Trace:
     return trace
 
 
-def recording_http_client(headers: dict[str, str] | None, auth: httpx2.Auth | None = None) -> httpx2.AsyncClient:
+def recording_http_client(
+    headers: dict[str, str] | None, auth: httpx2.Auth | None = None
+) -> httpx2.AsyncClient:
     """The SDK's default HTTP client (same timeouts, same use of the environment's proxies),
     recording into :data:`current_evidence`."""
     return _RecordingClient(
@@ -127,8 +129,10 @@ def describe_refusal(evidence: Evidence, *, authenticated: bool) -> str | None:
         evidence: What the transport saw of the request.
         authenticated: The spec has an ``auth`` (else the advice is about headers).
     """
-    where = "the spec's auth (the token or secret it names, its token store)" if authenticated else (
-        "the spec's auth or headers (e.g. Authorization)"
+    where = (
+        "the spec's auth (the token or secret it names, its token store)"
+        if authenticated
+        else "the spec's auth or headers (e.g. Authorization)"
     )
     if evidence.auth_failure is not None:
         failure = evidence.auth_failure

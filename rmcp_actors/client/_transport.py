@@ -32,9 +32,9 @@ from .._protocol import EXTENSION_ID, PROTOCOL_VERSION
 from .._redact import URLMaskingFilter
 from ..config import ServerSpec
 from ._http_evidence import recording_http_client
-from .auth import resolve_auth
 from ._sent import request_handed_over
 from ._stdio import stdio_client
+from .auth import resolve_auth
 
 __all__ = ["ClosedCallback", "Traffic", "build_client", "client_mode"]
 
@@ -259,10 +259,9 @@ def build_client(
         headers = dict(spec.headers) if spec.headers is not None else None
         if auth is None:
             auth = resolve_auth(spec)
+        transport = _http_transport(spec.url, headers, max_sse_event_bytes, auth)
         return Client(
-            _observed(
-                _http_transport(spec.url, headers, max_sse_event_bytes, auth), on_closed, traffic, writes=False
-            ),
+            _observed(transport, on_closed, traffic, writes=False),
             mode=mode,
             extensions=extensions,
         )

@@ -32,7 +32,12 @@ import attrs
 import httpx2
 from mcp.client.auth import OAuthClientProvider, OAuthFlowError, TokenStorage
 from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from mcp.shared.auth import (
+    AuthorizationCodeResult,
+    OAuthClientInformationFull,
+    OAuthClientMetadata,
+    OAuthToken,
+)
 from pydantic import AnyUrl
 
 from ..config import ServerSpec
@@ -116,7 +121,9 @@ class FileTokenStorage:
         self.path = Path(path)
 
     @classmethod
-    def for_server(cls, name: str, url: str, directory: str | os.PathLike[str] | None = None) -> FileTokenStorage:
+    def for_server(
+        cls, name: str, url: str, directory: str | os.PathLike[str] | None = None
+    ) -> FileTokenStorage:
         """The store of one server: a file named after the server and a digest of its URL (tokens
         are bound to the server that accepts them), under ``directory`` or
         :func:`default_token_dir`."""
@@ -280,12 +287,11 @@ class LoopbackCallback:
                     if "error" in query or "code" not in query:
                         why = query.get("error_description") or query.get("error") or "no code"
                         await stream.send(_response(400, f"Authorization failed: {why}"))
-                        outcome.append(OAuthFlowError(f"the authorization server redirected with an error: {why}"))
+                        outcome.append(OAuthFlowError(f"the authorization server redirected with: {why}"))
                     else:
-                        await stream.send(_response(200, "Authorization received; you can close this window."))
-                        outcome.append(
-                            AuthorizationCodeResult(code=query["code"], state=query.get("state"), iss=query.get("iss"))
-                        )
+                        await stream.send(_response(200, "Authorization received; you may close this page."))
+                        code, state, iss = query["code"], query.get("state"), query.get("iss")
+                        outcome.append(AuthorizationCodeResult(code=code, state=state, iss=iss))
                     task_group.cancel_scope.cancel()
 
             task_group.start_soon(listener.serve, serve_one)
@@ -374,11 +380,13 @@ def resolve_auth(spec: ServerSpec) -> httpx2.Auth | None:
         _secret_from_env(spec, "token_env", config.token_env)
         return EnvBearerAuth(config.token_env)
     if config.method == "basic":
-        assert config.username is not None and config.password_env is not None
+        assert config.username is not None
+        assert config.password_env is not None
         return httpx2.BasicAuth(config.username, _secret_from_env(spec, "password_env", config.password_env))
     method = config.token_endpoint_auth_method or "client_secret_basic"
     if config.method == "client_credentials":
-        assert config.client_id is not None and config.client_secret_env is not None
+        assert config.client_id is not None
+        assert config.client_secret_env is not None
         return ClientCredentialsOAuthProvider(
             server_url=spec.url,
             storage=_storage(spec, config),

@@ -43,7 +43,15 @@ _ALLOWED: Final[dict[str, frozenset[str]]] = {
     "bearer": frozenset({"token_env"}),
     "basic": frozenset({"username", "password_env"}),
     "client_credentials": frozenset(
-        {"client_id", "client_secret_env", "scope", "issuer", "token_endpoint_auth_method", "token_store", "token_dir"}
+        {
+            "client_id",
+            "client_secret_env",
+            "scope",
+            "issuer",
+            "token_endpoint_auth_method",
+            "token_store",
+            "token_dir",
+        }
     ),
     "authorization_code": frozenset(
         {
@@ -141,13 +149,13 @@ class AuthConfig:
             if getattr(self, key) is None:
                 raise RMCPConfigError(f"the {self.method!r} method needs {key!r}", path=key)
         for field in attrs.fields(AuthConfig):
-            if field.name != "method" and getattr(self, field.name) is not None:
-                if field.name not in _ALLOWED[self.method]:
-                    raise RMCPConfigError(
-                        f"{field.name!r} does not apply to the {self.method!r} method "
-                        f"(it reads {', '.join(sorted(_ALLOWED[self.method]))})",
-                        path=field.name,
-                    )
+            unused = field.name != "method" and field.name not in _ALLOWED[self.method]
+            if unused and getattr(self, field.name) is not None:
+                raise RMCPConfigError(
+                    f"{field.name!r} does not apply to the {self.method!r} method "
+                    f"(it reads {', '.join(sorted(_ALLOWED[self.method]))})",
+                    path=field.name,
+                )
         if self.redirect_uri is not None and not self.redirect_uri.startswith(
             ("http://127.0.0.1:", "http://localhost:", "http://[::1]:")
         ):
@@ -177,6 +185,6 @@ def check_no_inline_secret(table: object) -> None:
             instead = INLINE_SECRET_KEYS[key]
             raise RMCPConfigError(
                 f"secrets are never written in the configuration: put it in an environment variable "
-                f"and name the variable with {instead!r} (e.g. {instead} = \"MCP_SECRET\")",
+                f'and name the variable with {instead!r} (e.g. {instead} = "MCP_SECRET")',
                 path=str(key),  # pyright: ignore[reportUnknownArgumentType]
             )

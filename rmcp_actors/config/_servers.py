@@ -135,7 +135,7 @@ def _same_auth(a: object, b: object) -> bool:
 def _check_auth(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, httpx2.Auth | AuthConfig):
         raise RMCPConfigError(
-            f"expected an httpx2.Auth (e.g. an mcp OAuth client provider) or an AuthConfig, got {show(value)}",
+            f"expected an httpx2.Auth (e.g. an SDK OAuth provider) or an AuthConfig, got {show(value)}",
             path=attribute.name,
         )
 
