@@ -12,8 +12,14 @@ from importlib.metadata import version as _version
 
 import attrs as _attrs
 
+from .client.auth import EnvBearerAuth as EnvBearerAuth
+from .client.auth import FileTokenStorage as FileTokenStorage
+from .client.auth import LoopbackCallback as LoopbackCallback
+from .client.auth import MemoryTokenStorage as MemoryTokenStorage
+from .client.auth import default_token_dir as default_token_dir
 from .client.callbacks import ServerCallbacks as ServerCallbacks
 from .client.connection import ConnectionState as ConnectionState
+from .config import AuthConfig as AuthConfig
 from .config import CallPolicy as CallPolicy
 from .config import CircuitBreakerOverrides as CircuitBreakerOverrides
 from .config import CircuitBreakerPolicy as CircuitBreakerPolicy
@@ -37,6 +43,7 @@ from .config import TransactionSettings as TransactionSettings
 from .errors import Outcome as Outcome
 from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
+from .errors import RMCPAuthError as RMCPAuthError
 from .errors import RMCPCircuitOpenError as RMCPCircuitOpenError
 from .errors import RMCPCompensationError as RMCPCompensationError
 from .errors import RMCPConfigError as RMCPConfigError
@@ -89,6 +96,7 @@ except _PackageNotFoundError:  # run from a source tree that was never installed
 
 __all__ = [
     "__version__",
+    "AuthConfig",
     "BreakerChange",
     "BreakerState",
     "CallPolicy",
@@ -98,17 +106,22 @@ __all__ = [
     "Compensation",
     "ConnectionState",
     "DedupStore",
+    "EnvBearerAuth",
+    "FileTokenStorage",
     "FastRMCP",
     "Health",
     "HealthStatus",
     "HedgeOverrides",
     "HedgePolicy",
     "LifecycleEvent",
+    "LoopbackCallback",
     "MemoryStore",
+    "MemoryTokenStorage",
     "Outcome",
     "PolicyOverrides",
     "RMCPActorStoppedError",
     "RMCPArgumentError",
+    "RMCPAuthError",
     "RMCPCircuitOpenError",
     "RMCPCompensationError",
     "RMCPConfig",
@@ -157,6 +170,7 @@ __all__ = [
     "TransactionSummary",
     "UnknownServerError",
     "UnknownToolError",
+    "default_token_dir",
     "install",
 ]
 

@@ -18,6 +18,7 @@ __all__ = [
     "Outcome",
     "RMCPActorStoppedError",
     "RMCPArgumentError",
+    "RMCPAuthError",
     "RMCPCircuitOpenError",
     "RMCPCompensationError",
     "RMCPConfigError",
@@ -140,6 +141,18 @@ class UnknownToolError(RMCPError):
 
 class RMCPNetworkError(RMCPError):
     """The connection was down before sending, or could not be made: the tool did not run."""
+
+
+class RMCPAuthError(RMCPNetworkError):
+    """The server refused the client's credentials (HTTP 401 or 403), or the auth flow that gets
+    them failed (no token, a token endpoint that refused the client): the tool did not run.
+
+    Raised by ``add_server`` for a refused handshake and by ``call`` for a refused call (a token
+    revoked mid-run). It is not retried and does not count against the circuit breakers: the
+    same credentials would be refused again, and the server is working. Check the credentials
+    (the environment variable the config names, the token store), and for a 403 the scopes the
+    token carries.
+    """
 
 
 class RMCPOverloadedError(RMCPError):

@@ -28,6 +28,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from mcp import Client, MCPError
+from mcp.client.auth import OAuthTokenError
 from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
 from pydantic import BaseModel, ValidationError
@@ -80,8 +81,14 @@ evidences = st.one_of(
         Evidence,
         refused=st.one_of(st.none(), st.just(httpx2.ConnectError("refused"))),
         status=st.one_of(st.none(), st.sampled_from([200, 202, 400, 401, 403, 404, 500, 503])),
+        auth_failure=st.one_of(st.none(), st.just(OAuthTokenError("Token exchange failed (401)"))),
     ),
 )
+
+
+def refused_credentials(evidence: Evidence | None) -> bool:
+    """The HTTP client's auth could not get the request through: a 401/403, or its flow failed."""
+    return evidence is not None and (evidence.auth_failure is not None or evidence.status in (401, 403))
 
 
 def forgot_session(code: int, message: str, evidence: Evidence | None) -> bool:
@@ -122,6 +129,13 @@ def test_every_mcp_error_gets_a_verdict(
     )
     assert verdict is not None
     assert verdict.reason
+    if refused_credentials(evidence):
+        # Whatever the SDK made of it, the credentials were refused: nothing ran, no retry.
+        assert verdict.attempt is Attempt.UNAUTHORIZED
+        assert evidence is not None
+        # A failed auth flow ends the SDK's HTTP writer; a plain 401 leaves the session.
+        assert verdict.session_lost == (evidence.auth_failure is not None or closed)
+        return
     if forgot_session(code, message, evidence):
         # Nothing ran: reconnect and send again.
         assert (verdict.attempt, verdict.session_lost) == (Attempt.REFUSED, True)
@@ -159,7 +173,7 @@ def test_minus_32000_is_a_lost_answer_only_from_the_sdk_or_a_dead_transport(
         MCPError(code=-32000, message=message), evidence, transport_closed=closed, handed_over=True
     )
     assert verdict is not None
-    if forgot_session(-32000, message, evidence):
+    if forgot_session(-32000, message, evidence) or refused_credentials(evidence):
         return
     http = evidence is not None
     if message == CONNECTION_CLOSED_MESSAGE and http and evidence.refused is not None:
@@ -199,7 +213,9 @@ def test_minus_32001_is_a_timeout_only_in_the_sdks_words(
         MCPError(code=-32001, message=message), evidence, transport_closed=closed, handed_over=True
     )
     assert verdict is not None
-    if forgot_session(-32001, message, evidence):
+    if refused_credentials(evidence):
+        assert verdict.attempt is Attempt.UNAUTHORIZED
+    elif forgot_session(-32001, message, evidence):
         assert verdict.attempt is Attempt.REFUSED
     elif message.startswith(("Request '", "Timed out after ")) and "timed out" in message.lower():
         assert (verdict.attempt, verdict.session_lost) == (Attempt.TIMED_OUT, False)
@@ -259,6 +275,10 @@ def test_a_request_never_handed_over_never_may_have_run(
     # What is not classified stays so: the hand-over says nothing of an unknown exception.
     assert (verdict is None) == (sent is None)
     if verdict is None or sent is None:
+        return
+    if sent.attempt is Attempt.UNAUTHORIZED:
+        # Refused credentials stay so: sent or not, nothing ran, and a retry would be refused too.
+        assert verdict == sent
         return
     assert verdict.attempt is Attempt.NOT_SENT
     assert verdict.reason

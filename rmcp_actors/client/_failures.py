@@ -42,6 +42,10 @@ class Attempt(enum.Enum):
     #: The server answered but the answer cannot be read (too large, malformed, not a valid
     #: result): the tool ran, and sending again would get the same answer.
     UNREADABLE = "unreadable"
+    #: The server refused the client's credentials (HTTP 401/403 that the HTTP client's auth
+    #: could not answer), or no credentials could be had: nothing ran, and the same request
+    #: would be refused again.
+    UNAUTHORIZED = "unauthorized"
 
 
 @final
@@ -72,12 +76,15 @@ class Evidence:
             feedback, ``flow/_feedback.py``: a 429 is a rate-limit signal, never a failure here).
         error_message: The JSON-RPC error message in the body of an HTTP 400, read by the
             transport: the SDK reports its own words for an error body it cannot parse.
+        auth_failure: The HTTP client's auth flow failed for the request (no token could be
+            had): the request was refused or never sent.
     """
 
     refused: BaseException | None = None
     status: int | None = None
     retry_after: str | None = None
     error_message: str | None = None
+    auth_failure: BaseException | None = None
 
 
 class AckTimeout(Exception):
@@ -136,7 +143,7 @@ def classify(
         request (the caller lets it propagate).
     """
     verdict = _classify(error, evidence, transport_closed)
-    if verdict is None or handed_over or verdict.attempt is Attempt.NOT_SENT:
+    if verdict is None or handed_over or verdict.attempt in (Attempt.NOT_SENT, Attempt.UNAUTHORIZED):
         return verdict
     # Whatever the SDK made of it, a request the transport never took cannot have run. The
     # usual case: the transport's writer ended (a stdio server died) with the request still
@@ -149,6 +156,19 @@ def classify(
 
 
 def _classify(error: BaseException, evidence: Evidence | None, transport_closed: bool) -> Verdict | None:
+    if (
+        isinstance(error, MCPError)
+        and evidence is not None
+        and (evidence.auth_failure is not None or evidence.status in (401, 403))
+    ):
+        # Whatever the SDK made of it (-32603 "Server returned an error response", or "Connection
+        # closed" once a failed auth flow ended its writer), the auth layer refused the request.
+        failure = evidence.auth_failure
+        if failure is not None:
+            # The SDK's HTTP writer ends with the exception: the session is gone.
+            reason = f"the auth flow failed: {type(failure).__name__}: {failure}"
+            return Verdict(Attempt.UNAUTHORIZED, True, reason)
+        return Verdict(Attempt.UNAUTHORIZED, transport_closed, f"the server answered HTTP {evidence.status}")
     if isinstance(error, MCPError):
         return _classify_mcp_error(error.code, error.message, evidence, transport_closed)
     if isinstance(error, AckTimeout):

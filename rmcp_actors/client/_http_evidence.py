@@ -18,6 +18,7 @@ import msgspec
 from httpx2 import USE_CLIENT_DEFAULT
 from httpx2._client import UseClientDefault  # send()'s own types, not re-exported
 from httpx2._types import AuthTypes
+from mcp.client.auth import OAuthFlowError
 from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT
 
 from ._failures import Evidence
@@ -86,6 +87,11 @@ class _RecordingClient(httpx2.AsyncClient):
                 # No connection (to the server or to its proxy), so not a byte of it was written.
                 evidence.refused = error
             raise
+        except OAuthFlowError as error:
+            # The auth flow could not get a token (before the request, or after its 401): the
+            # request was refused or never sent, so nothing ran.
+            evidence.auth_failure = error
+            raise
         evidence.status = response.status_code
         evidence.retry_after = response.headers.get("retry-after")
         if response.status_code == 400:
@@ -135,7 +141,7 @@ def _tracer(inner: _Trace | None) -> _Trace:
 
 
 def recording_http_client(
-    headers: dict[str, str] | None, auth: httpx2.BasicAuth | None = None
+    headers: dict[str, str] | None, auth: httpx2.Auth | None = None
 ) -> httpx2.AsyncClient:
     """The SDK's default HTTP client (same timeouts, same use of the environment's proxies),
     recording into :data:`current_evidence`."""
@@ -146,15 +152,34 @@ def recording_http_client(
     )
 
 
-def describe_refusal(status: int | None) -> str | None:
-    """Why a handshake answered with HTTP ``status`` failed, for the statuses that refuse the
-    client itself (401, 403); None otherwise. Other error statuses can come from a probe the
-    SDK falls back from (``server/discover`` on an older server), so they explain nothing."""
-    if status == 401:
+def describe_refusal(evidence: Evidence, *, authenticated: bool) -> str | None:
+    """Why a request the server refused (HTTP 401 or 403) or whose auth flow failed did not get
+    through, and what to do; None when neither happened. Other error statuses can come from a
+    probe the SDK falls back from (``server/discover`` on an older server), so they explain
+    nothing.
+
+    Args:
+        evidence: What the transport saw of the request.
+        authenticated: The spec has an ``auth`` (else the advice is about headers).
+    """
+    where = (
+        "the spec's auth (the token or secret it names, its token store)"
+        if authenticated
+        else "the spec's auth or headers (e.g. Authorization)"
+    )
+    if evidence.auth_failure is not None:
+        failure = evidence.auth_failure
+        return f"the auth flow failed ({type(failure).__name__}: {failure}); check {where}"
+    if evidence.status == 401:
+        if authenticated:
+            return (
+                "HTTP 401 Unauthorized: the server refused the credentials (expired or revoked, and "
+                f"no new ones could be had); check {where}"
+            )
+        return f"HTTP 401 Unauthorized: the server wants credentials; give them in {where}"
+    if evidence.status == 403:
         return (
-            "HTTP 401 Unauthorized: the server wants credentials; give them in the spec's headers "
-            "(e.g. Authorization)"
+            "HTTP 403 Forbidden: the server refuses these credentials for this (missing scope or "
+            f"permission); check {where} and the scopes the token carries"
         )
-    if status == 403:
-        return "HTTP 403 Forbidden: the server refuses these credentials; check the spec's headers"
     return None

@@ -34,6 +34,7 @@ from ..config import ServerSpec
 from ._http_evidence import recording_http_client
 from ._sent import request_handed_over
 from ._stdio import stdio_client
+from .auth import resolve_auth
 from .callbacks import RefreshTools, client_options
 
 __all__ = ["ClosedCallback", "Traffic", "build_client", "client_mode"]
@@ -198,10 +199,11 @@ def _mask_urls_in_logs() -> None:
 
 @asynccontextmanager
 async def _http_transport(
-    url: str, headers: dict[str, str] | None, max_sse_event_bytes: int
+    url: str, headers: dict[str, str] | None, max_sse_event_bytes: int, auth: httpx2.Auth | None
 ) -> AsyncGenerator[_Streams]:
     _mask_urls_in_logs()
-    url, auth = _credentials_out_of_url(url)
+    url, url_auth = _credentials_out_of_url(url)
+    auth = auth or url_auth  # ServerSpec refuses both at once
     async with AsyncExitStack() as stack:
         http_client = await stack.enter_async_context(recording_http_client(headers, auth))
         yield await stack.enter_async_context(
@@ -225,6 +227,7 @@ def build_client(
     max_sse_event_bytes: int,
     traffic: Traffic | None = None,
     refresh_tools: RefreshTools | None = None,
+    auth: httpx2.Auth | None = None,
 ) -> Client:
     """Return an un-entered ``mcp.Client`` for ``spec``.
 
@@ -236,6 +239,9 @@ def build_client(
         traffic: Counts the messages received (the direct wire, with no transport, counts none).
         refresh_tools: Refreshes the connection's tool cache when the server says its tools
             changed; None to ignore that notification.
+        auth: The HTTP client's auth, from :func:`~rmcp_actors.client.auth.resolve_auth` (kept
+            by the caller across connections: an OAuth provider holds its tokens); None resolves
+            ``spec.auth`` here.
 
     Returns:
         The client; the caller enters it with ``async with``.
@@ -258,10 +264,11 @@ def build_client(
     if spec.transport == "http":
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
+        if auth is None:
+            auth = resolve_auth(spec)
+        transport = _http_transport(spec.url, headers, max_sse_event_bytes, auth)
         return Client(
-            _observed(
-                _http_transport(spec.url, headers, max_sse_event_bytes), on_closed, traffic, writes=False
-            ),
+            _observed(transport, on_closed, traffic, writes=False),
             mode=mode,
             extensions=extensions,
             **options,

@@ -31,6 +31,7 @@ from ..config import CallPolicy
 from ..errors import (
     Outcome,
     RMCPArgumentError,
+    RMCPAuthError,
     RMCPError,
     RMCPIdempotencyConflictError,
     RMCPNackError,
@@ -703,6 +704,13 @@ def _raise_for(verdict: Verdict, cause: BaseException | None, request: CallReque
         ) from cause
     if verdict.attempt is Attempt.UNREADABLE:
         raise RMCPResultValidationError(f"{verdict.reason}; the tool ran") from cause
+    if verdict.attempt is Attempt.UNAUTHORIZED:
+        raise RMCPAuthError(
+            f"the server refused the client's credentials ({verdict.reason}); the tool did not run. "
+            "It is not retried: check the credentials the server's auth names (a revoked or expired "
+            "token, a rotated secret) and, for HTTP 403, the scopes the token carries",
+            may_have_executed=False,
+        ) from cause
 
 
 # The RMCP versions whose dedup this client knows how to use: 0.2 deduplicates on the

@@ -22,17 +22,19 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import attrs
+import httpx2
 from mcp import Client, MCPError
 from mcp_types import Tool
 
 from .._exceptions import is_fatal
 from .._protocol import EXPERIMENTAL_KEY, EXTENSION_ID, META_KEY, ServerSettings, decode_server_settings
 from ..config import ServerPolicy, ServerSpec
-from ..errors import RMCPNetworkError
+from ..errors import RMCPAuthError, RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._failures import Evidence
 from ._http_evidence import current_evidence, describe_refusal
 from ._transport import Traffic, build_client
+from .auth import resolve_auth
 from .backoff import backoff_delay
 from .callbacks import apply_log_level
 
@@ -149,6 +151,8 @@ class Connection(Actor[ConnectionRequest]):
     # Messages received from the server, across sessions: the watchdog's sign of life.
     _traffic: Traffic = attrs.Factory(Traffic)
     _hung_restarts: int = 0
+    # The HTTP client's auth, resolved once: an OAuth provider keeps its tokens across sessions.
+    _auth: httpx2.Auth | None = None
 
     @property
     def state(self) -> ConnectionState:
@@ -262,7 +266,8 @@ class Connection(Actor[ConnectionRequest]):
             return
         failure = self._first_life_failure
         if failure is not None:
-            raise RMCPNetworkError(
+            error_class = RMCPAuthError if isinstance(failure, RMCPAuthError) else RMCPNetworkError
+            raise error_class(
                 f"{failure.message} (the first connection, which add_server reported); add the "
                 "server again once it is reachable",
                 server=self.name,
@@ -394,6 +399,13 @@ class Connection(Actor[ConnectionRequest]):
         self.report_broken(session)
 
     async def _connect(self, task_group: anyio.abc.TaskGroup) -> None:
+        if self._auth is None and self.spec.auth is not None:
+            try:
+                self._auth = resolve_auth(self.spec)
+            except RMCPAuthError as error:
+                self._failed_connects += 1
+                self._last_error = error
+                raise
         self._generation += 1
         session = Session(generation=self._generation)
         self._session = session
@@ -413,15 +425,22 @@ class Connection(Actor[ConnectionRequest]):
         self._failed_connects += 1
         error = session.error
         self._last_error = error
-        refusal = describe_refusal(session.evidence.status) if session.evidence is not None else None
-        reason = (
-            refusal
-            or (_describe(error, self.spec) if error is not None else None)
-            or f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
+        refusal = (
+            describe_refusal(session.evidence, authenticated=self.spec.auth is not None)
+            if session.evidence is not None
+            else None
         )
-        hint = "" if refusal else "; check the command or URL and that the server speaks MCP on it"
+        if refusal is not None:
+            # Nothing to retry blindly: the same credentials would be refused again.
+            raise RMCPAuthError(
+                f"could not connect to {self.spec.describe()}: {self.spec.redact(refusal)}", server=self.name
+            ) from error
+        reason = (_describe(error, self.spec) if error is not None else None) or (
+            f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
+        )
         raise RMCPNetworkError(
-            f"could not connect to {self.spec.describe()}: {reason}{hint}",
+            f"could not connect to {self.spec.describe()}: {reason}; check the command or URL and "
+            "that the server speaks MCP on it",
             server=self.name,
         ) from error
 
@@ -438,6 +457,7 @@ class Connection(Actor[ConnectionRequest]):
                     max_sse_event_bytes=self.policy.max_sse_event_bytes,
                     traffic=self._traffic,
                     refresh_tools=partial(self._tools_changed, session),
+                    auth=self._auth,
                 ) as client:
                     await apply_log_level(client, self.spec.callbacks, self.name)
                     session.tools = await _list_all_tools(client)

@@ -16,6 +16,8 @@ doc and the tables it may be written in); ``_keys.py`` derives the policy classe
 and the key metadata from those declarations, ``_load.py`` the TOML tables and error paths.
 """
 
+from ._auth import AuthConfig as AuthConfig
+from ._auth import AuthMethod as AuthMethod
 from ._config import RMCPConfig as RMCPConfig
 from ._policy import BreakerMode as BreakerMode
 from ._policy import BreakerProbe as BreakerProbe
@@ -44,6 +46,8 @@ from ._servers import Transport as Transport
 from ._servers import Wire as Wire
 
 __all__ = [
+    "AuthConfig",
+    "AuthMethod",
     "BreakerMode",
     "BreakerProbe",
     "CallPolicy",

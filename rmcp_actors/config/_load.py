@@ -19,11 +19,13 @@ from typing import Any, Final, Literal, cast, get_args, get_origin
 
 import attrs
 import cattrs
+import cattrs.gen
 from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.v import format_exception as _cattrs_format_exception
 from cattrs.v import transform_error
 
 from ..errors import RMCPConfigError
+from ._auth import AuthConfig, check_no_inline_secret
 from ._checks import choices, is_int, is_number, join_paths, key_path, prefixed, raw_message, show
 from ._keys import Table, key_info
 from ._policy import (
@@ -89,6 +91,7 @@ _SPEC_KEYS: Final[dict[str, Any]] = {
     "cwd": attrs.field(type=str | None, default=None),
     "url": attrs.field(type=str | None, default=None),
     "headers": attrs.field(type=dict[str, str] | None, default=None),
+    "auth": attrs.field(type=AuthConfig | None, default=None),
 }
 
 
@@ -215,6 +218,13 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(str, _structure_str)
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
     converter.register_structure_hook_func(lambda t: get_origin(t) is Literal, _structure_literal)
+    structure_auth = cattrs.gen.make_dict_structure_fn(AuthConfig, converter, _cattrs_forbid_extra_keys=True)
+
+    def _structure_auth(value: object, type_: Any) -> AuthConfig:
+        check_no_inline_secret(value)
+        return structure_auth(value, type_)  # pyright: ignore[reportArgumentType]
+
+    converter.register_structure_hook(AuthConfig, _structure_auth)
     return converter
 
 

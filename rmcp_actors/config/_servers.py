@@ -15,11 +15,13 @@ from typing import Any, Final, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
+import httpx2
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from .._redact import mask_args, mask_mapping, mask_url, scrub, secrets_of_args, secrets_of_url
 from ..client.callbacks import ServerCallbacks
 from ..errors import RMCPConfigError
+from ._auth import AuthConfig
 from ._checks import FrozenMap, Validator, key_path, one_of, show, string
 from ._policy import PolicyOverrides, ToolOverrides
 
@@ -117,11 +119,33 @@ _TRANSPORT_OF_KEY: Final[Mapping[str, Transport]] = {
     "headers": "http",
     "server": "memory",
     "wire": "memory",
+    "auth": "http",
 }
 
 
 def _same(a: object, b: object) -> bool:
     return a is b
+
+
+def _same_auth(a: object, b: object) -> bool:
+    # An auth object holds state (tokens, a lock): two are the same only if they are one object.
+    # An AuthConfig is a plain value, equal to another with the same keys.
+    return a is b or (isinstance(a, AuthConfig) and a == b)
+
+
+def _check_auth(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, httpx2.Auth | AuthConfig):
+        raise RMCPConfigError(
+            f"expected an httpx2.Auth (e.g. an SDK OAuth provider) or an AuthConfig, got {show(value)}",
+            path=attribute.name,
+        )
+
+
+def _auth_repr(value: object) -> str:
+    # An Auth object's own repr may show its credentials (httpx2.BasicAuth keeps the header).
+    if value is None or isinstance(value, AuthConfig):
+        return repr(value)
+    return f"<{type(value).__name__}>"
 
 
 def _instance_of_overrides(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -185,6 +209,11 @@ class ServerSpec:
         callbacks: What the client does when the server asks (sampling, elicitation, roots)
             or notifies (logs, list changes); None for nothing (any transport). Compared by
             equality, which for functions is identity.
+        auth: How the client authenticates (http): an ``httpx2.Auth`` (the SDK's
+            ``OAuthClientProvider`` and its client-credentials variants, ``httpx2.BasicAuth``,
+            :class:`~rmcp_actors.EnvBearerAuth`...), compared by identity, or an
+            :class:`~rmcp_actors.AuthConfig` (what ``[servers.<name>.auth]`` loads into). Shown
+            masked in reprs.
 
     Raises:
         RMCPConfigError: A value is invalid or does not fit the transport; ``path`` is the
@@ -211,6 +240,9 @@ class ServerSpec:
         factory=lambda: FrozenMap[str, ToolOverrides](), converter=freeze, validator=_tools_map
     )
     callbacks: ServerCallbacks | None = attrs.field(default=None, validator=_optional_callbacks, hash=False)
+    auth: httpx2.Auth | AuthConfig | None = attrs.field(
+        default=None, validator=_check_auth, eq=attrs.cmp_using(eq=_same_auth), hash=False, repr=_auth_repr
+    )
 
     def __attrs_post_init__(self) -> None:
         present = {
@@ -222,6 +254,7 @@ class ServerSpec:
             "headers": self.headers is not None,
             "server": self.server is not None,
             "wire": self.wire != "jsonrpc",
+            "auth": self.auth is not None,
         }
         for key, is_set in present.items():
             owner = _TRANSPORT_OF_KEY[key]
@@ -238,6 +271,12 @@ class ServerSpec:
             parts = urlsplit(self.url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise RMCPConfigError(f"must be an http:// or https:// URL, got {self.url!r}", path="url")
+            if self.auth is not None and (parts.username is not None or parts.password is not None):
+                raise RMCPConfigError(
+                    "the URL's user:password@ (sent as HTTP Basic auth) and 'auth' would both set the "
+                    "Authorization header: keep one",
+                    path="auth",
+                )
         if self.transport == "memory" and self.server is None:
             raise RMCPConfigError("the memory transport needs a server object", path="server")
 
@@ -298,6 +337,7 @@ class ServerSpec:
         overrides: PolicyOverrides | None = None,
         tools: Mapping[str, ToolOverrides] | None = None,
         callbacks: ServerCallbacks | None = None,
+        auth: httpx2.Auth | AuthConfig | None = None,
     ) -> ServerSpec:
         """A server reached over streamable HTTP.
 
@@ -309,6 +349,11 @@ class ServerSpec:
             overrides: The server's policy layer.
             tools: Per-tool policy layers.
             callbacks: Requests and notifications from the server (see ``ServerCallbacks``).
+            auth: How the client authenticates: any ``httpx2.Auth`` (e.g. the SDK's
+                ``OAuthClientProvider`` or ``ClientCredentialsOAuthProvider``, or
+                :class:`~rmcp_actors.EnvBearerAuth`), or an :class:`~rmcp_actors.AuthConfig`.
+                Refreshing tokens and answering a 401 with a new one is the auth object's job;
+                a refusal it cannot answer is an :class:`~rmcp_actors.RMCPAuthError`.
 
         Returns:
             The validated spec.
@@ -325,6 +370,7 @@ class ServerSpec:
             overrides=PolicyOverrides() if overrides is None else overrides,
             tools={} if tools is None else tools,
             callbacks=callbacks,
+            auth=auth,
         )
 
     @classmethod

@@ -89,7 +89,7 @@ class Fault(enum.Enum):
     #: overloaded or unavailable): counts against the server's breaker and the tool's.
     SERVER = "server"
     #: Says nothing either way (rate limiting, a session the server forgot and that is rebuilt
-    #: at once, the caller's own cancellation).
+    #: at once, refused credentials, the caller's own cancellation).
     IGNORED = "ignored"
 
 
@@ -145,7 +145,8 @@ def fault_of(
         return Fault.SERVER if session_lost else Fault.TOOL
     if attempt is Attempt.TIMED_OUT:
         return Fault.TOOL
-    if attempt is Attempt.REFUSED:
+    if attempt is Attempt.REFUSED or attempt is Attempt.UNAUTHORIZED:
+        # A refused credential says nothing of the server's health: it answered.
         return Fault.IGNORED
     if attempt is Attempt.ANSWERED:
         if rpc_code == _RATE_LIMITED_CODE:
