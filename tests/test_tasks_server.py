@@ -8,6 +8,8 @@ request and sent as they are, since the SDK has no client for ``tasks/*``.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,7 +17,8 @@ import mcp
 import pytest
 import trio
 import trio.testing
-from mcp import MCPError
+from conftest import PYTHON, stdio_args
+from mcp import MCPError, StdioServerParameters
 from mcp.server.mcpserver import MCPServer
 from mcp_test_server import State, build_server
 from mcp_types import (
@@ -32,6 +35,8 @@ from rmcp_actors.server.tasks import TASKS_EXTENSION_ID, principal_scope
 from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore, TaskRecord, TaskState
 
 PROTOCOLS = ["legacy", "auto"]
+# Server subprocesses import this checkout's rmcp_actors (the SDK's default environment drops PYTHONPATH).
+SAME_PACKAGE = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
@@ -554,3 +559,55 @@ async def test_fastrmcp_declares_task_support_per_tool() -> None:
         result = await send(client, "tasks/result", {"taskId": task_id})
     assert tools[0]["execution"] == {"taskSupport": "required"}
     assert text(result) == "done"
+
+
+# --- Over stdio: a real server subprocess ------------------------------------------------------
+
+
+def stdio_server(store: Path, state_dir: Path) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=PYTHON,
+        args=stdio_args("--tasks", "--rmcp-store", str(store), "--state-dir", str(state_dir)),
+        env=SAME_PACKAGE,
+    )
+
+
+@pytest.mark.parametrize("mode", PROTOCOLS)
+async def test_stdio_task_result_is_served_to_the_next_server_process(tmp_path: Path, mode: Any) -> None:
+    store, state = tmp_path / "rmcp.sqlite", State(tmp_path)
+    async with mcp.Client(stdio_server(store, tmp_path), mode=mode) as client:
+        first = await call_as_task(client, "record", {"label": "io"}, key="IO")
+        retried = await call_as_task(client, "record", {"label": "io"}, key="IO", attempt=2)
+        task_id = task_of(first)["taskId"]
+        assert (await poll(client, task_id))["status"] == "completed"
+    # The connection (and with stdio, the server process) is gone; a new one reads the task.
+    async with mcp.Client(stdio_server(store, tmp_path), mode=mode) as client:
+        read = await get(client, task_id)
+        result = await final_result(client, task_id)
+    assert task_of(retried)["taskId"] == task_id
+    assert read["status"] == "completed"
+    assert text(result) == "recorded io"
+    assert state.recorded() == ["io"]
+
+
+@pytest.mark.parametrize("mode", PROTOCOLS)
+async def test_stdio_task_of_a_killed_server_reads_in_doubt_and_never_runs_again(
+    tmp_path: Path, mode: Any
+) -> None:
+    store, state = tmp_path / "rmcp.sqlite", State(tmp_path)
+    async with mcp.Client(stdio_server(store, tmp_path), mode=mode) as client:
+        handle = await call_as_task(client, "block_unsafe", {"label": "k", "seconds": 60}, key="KILL")
+        server_pid = (await client.call_tool("pid", {})).structured_content
+        assert server_pid is not None
+        os.kill(server_pid["result"], signal.SIGKILL)
+    task_id = task_of(handle)["taskId"]
+    async with mcp.Client(stdio_server(store, tmp_path), mode=mode) as client:
+        read = await get(client, task_id)
+        retried = task_of(
+            await call_as_task(client, "block_unsafe", {"label": "k", "seconds": 60}, key="KILL", attempt=2)
+        )
+    assert read["status"] == "failed"
+    assert "may or may not have run" in read["statusMessage"]
+    assert retried["taskId"] == task_id
+    assert retried["status"] == "failed"
+    assert state.recorded() == []
