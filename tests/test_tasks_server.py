@@ -341,11 +341,45 @@ async def test_a_task_whose_owner_died_reads_failed_and_is_never_run_again(state
 
 @pytest.mark.parametrize("mode", PROTOCOLS)
 async def test_unknown_tasks_and_other_principals_tasks_are_not_found(state: State, mode: Any) -> None:
-    async with mcp.Client(tasks_server(state), mode=mode) as client:
+    store = MemoryStore(clock=trio.current_time)
+    app = tasks_server(state, store)
+    theirs = await store.create_task(
+        TaskRecord(
+            task_id="0123" * 8,
+            key=None,
+            scope=principal_scope("someone else"),
+            fingerprint=fingerprint("record", {"label": "theirs"}),
+            tool="record",
+            state=TaskState.WORKING,
+            owner="their-instance",
+            created_at="2026-01-01T00:00:00+00:00",
+            updated_at="2026-01-01T00:00:00+00:00",
+        ),
+        ttl_s=60,
+    )
+    async with mcp.Client(app, mode=mode) as client:
         with pytest.raises(MCPError) as unknown:
             await get(client, "no-such-task")
-    assert unknown.value.error.code == INVALID_PARAMS
+        with pytest.raises(MCPError) as other:
+            await get(client, theirs.task.task_id)
+        with pytest.raises(MCPError) as cancel:
+            await send(client, "tasks/cancel", {"taskId": theirs.task.task_id}, task=True)
+    assert unknown.value.error.code == other.value.error.code == cancel.value.error.code == INVALID_PARAMS
     assert "not found or expired" in unknown.value.error.message
+    assert other.value.error.message == unknown.value.error.message
+
+
+async def test_tasks_list_pages_through_the_callers_tasks(state: State) -> None:
+    async with mcp.Client(tasks_server(state), mode="legacy") as client:
+        created = [
+            task_of(await call_as_task(client, "record", {"label": str(n)}))["taskId"] for n in range(3)
+        ]
+        listed = await send(client, "tasks/list", {})
+        with pytest.raises(MCPError) as bad_cursor:
+            await send(client, "tasks/list", {"cursor": "not-a-cursor"})
+    assert [task["taskId"] for task in listed["tasks"]] == created
+    assert "nextCursor" not in listed
+    assert bad_cursor.value.error.code == INVALID_PARAMS
 
 
 async def test_modern_tasks_methods_require_the_extension(state: State) -> None:
@@ -393,12 +427,15 @@ async def test_a_working_task_outlives_its_ttl_and_keeps_it_after_it_finishes(
 ) -> None:
     async with mcp.Client(tasks_server(state), mode="auto") as client:
         task_id = task_of(
-            await call_as_task(client, "block_unsafe", {"label": "long", "seconds": 10}, key="L", ttl_ms=2000)
+            await call_as_task(
+                client, "block_unsafe", {"label": "long", "seconds": 10.5}, key="L", ttl_ms=2000
+            )
         )["taskId"]
         await trio.sleep(5)
         working = await get(client, task_id)
         done = await poll(client, task_id)
-        await trio.sleep(1.5)
+        # It finished at 10.5 s, past its 2 s: kept 2 s from then.
+        await trio.sleep(0.5)
         kept = await get(client, task_id)
     assert working["status"] == "working"
     assert done["status"] == kept["status"] == "completed"
@@ -469,20 +506,20 @@ async def test_cancel_stops_the_run_and_records_cancelled(
 # --- Tasks outlive the connection --------------------------------------------------------------
 
 
-async def test_a_task_outlives_the_connection_that_created_it(state: State) -> None:
+@pytest.mark.parametrize("mode", PROTOCOLS)
+async def test_a_task_outlives_the_connection_that_created_it(state: State, mode: Any) -> None:
     """Over HTTP the server (and its lifespan) outlives each client: a new client connection
-    reads the task that an earlier, closed one created."""
+    reads the task that an earlier, closed one created, while it still runs."""
     from _http import serve_http
 
     app = tasks_server(state, MemoryStore())
     async with serve_http(app) as server:
-        async with mcp.Client(server.url, mode="legacy") as client:
-            task_id = task_of(
-                await call_as_task(client, "block_unsafe", {"label": "h", "seconds": 0.3}, key="H")
-            )["taskId"]
-        async with mcp.Client(server.url, mode="legacy") as client:
+        async with mcp.Client(server.url, mode=mode) as client:
+            handle = await call_as_task(client, "block_unsafe", {"label": "h", "seconds": 0.5}, key="H")
+        task_id = task_of(handle)["taskId"]
+        async with mcp.Client(server.url, mode=mode) as client:
             working = await get(client, task_id)
-            result = await send(client, "tasks/result", {"taskId": task_id})
+            result = await final_result(client, task_id)
         await server.stop()
     assert working["status"] == "working"
     assert text(result) == "done h"
