@@ -192,6 +192,11 @@ class TaskEngine:
         )
         if creation.created:
             task_id = creation.task.task_id
+            if not self.groups:
+                # The lifespan ended while the task was written: it will not run here. Failed (in
+                # doubt, as any run the lifespan cut short) rather than WORKING under a live owner.
+                await self._finish(task_id, None)
+                return creation
             self._runs[task_id] = _LocalRun()
             self.groups[-1].start_soon(self._run, task_id, run)
         return creation
