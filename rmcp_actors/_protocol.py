@@ -42,6 +42,7 @@ FEATURE_DEDUP: Final = "dedup"
 FEATURE_ACK: Final = "ack"
 FEATURE_EARLY_ACK: Final = "early_ack"
 FEATURE_LOOKUP: Final = "lookup"
+FEATURE_TASKS: Final = "tasks"
 
 
 class NackCode(enum.StrEnum):

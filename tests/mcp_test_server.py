@@ -114,14 +114,25 @@ def build_server(
     *,
     store: DedupStore | None = None,
     reconcile_record: bool = False,
+    tasks: bool = False,
+    task_ttl_s: float = 3600.0,
 ) -> MCPServer:
     """The test server; with ``store``, RMCP is installed on it (deduplicating in ``store``),
-    and with ``reconcile_record`` as well, ``record`` has a reconciler reading the ledger."""
+    and with ``reconcile_record`` as well, ``record`` has a reconciler reading the ledger; with
+    ``tasks``, it runs calls as MCP tasks (``forbidden`` and ``required`` say so, ``task_ttl_s``
+    is a task's default lifetime)."""
     state = state if state is not None else State()
     app = _build_plain_server(state, name)
     if store is not None:
         reconcilers = {"record": ledger_reconciler(state)} if reconcile_record else {}
-        install(app, store=store, reconcilers=reconcilers)
+        install(
+            app,
+            store=store,
+            reconcilers=reconcilers,
+            tasks=tasks,
+            task_support={"forbidden": "forbidden", "required": "required"},
+            task_ttl_s=task_ttl_s,
+        )
     return app
 
 
@@ -204,6 +215,16 @@ def _build_plain_server(state: State | None, name: str) -> MCPServer:
                 state.record(f"cancelled {label} {ctx.request_id}")
                 raise
         return f"done {label}"
+
+    @app.tool()
+    async def forbidden() -> str:
+        """Never run as a task (on a server with tasks)."""
+        return "forbidden ran"
+
+    @app.tool()
+    async def required() -> str:
+        """Run only as a task (on a server with tasks)."""
+        return "required ran"
 
     @app.tool()
     async def fail(reason: str) -> str:
@@ -315,6 +336,7 @@ def main() -> None:
     parser.add_argument("--reconcile-record", action="store_true")
     parser.add_argument("--linear-stdio", action="store_true")
     parser.add_argument("--die-after-abort", type=Path)
+    parser.add_argument("--tasks", action="store_true")
     options = parser.parse_args()
     if options.exit_at_once:
         sys.exit(3)
@@ -333,7 +355,9 @@ def main() -> None:
         store = SQLiteStore(options.rmcp_store)
     if options.die_after_abort is not None and store is not None:
         store = cast(DedupStore, _DyingAfterAbort(store, options.die_after_abort))
-    app = build_server(State(options.state_dir), store=store, reconcile_record=options.reconcile_record)
+    app = build_server(
+        State(options.state_dir), store=store, reconcile_record=options.reconcile_record, tasks=options.tasks
+    )
     if options.linear_stdio:
         run_stdio(app)
     else:

@@ -15,6 +15,7 @@ from ._stdio import run_stdio, serve_stdio, stdio_server
 from .install import FastRMCP, install, reconciler_for, rmcp_of
 from .middleware import RMCPServerSide, ServerStatistics, store_key
 from .reconcile import InDoubtRun, Reconciler, Reconciliation
+from .tasks import TaskEngine, TasksExtension
 
 __all__ = [
     "FastRMCP",
@@ -23,6 +24,8 @@ __all__ = [
     "Reconciler",
     "Reconciliation",
     "ServerStatistics",
+    "TaskEngine",
+    "TasksExtension",
     "install",
     "reconciler_for",
     "rmcp_of",

@@ -24,6 +24,7 @@ from .middleware import (
     RMCPServerSide,
 )
 from .reconcile import Reconciler
+from .tasks import TasksExtension, TaskSupport, version_gated
 
 __all__ = ["FastRMCP", "install", "reconciler_for", "rmcp_of"]
 
@@ -51,6 +52,10 @@ def install(
     close_store: bool = True,
     reconcilers: Mapping[str, Reconciler] | None = None,
     reconcile_timeout_s: float = DEFAULT_RECONCILE_TIMEOUT_S,
+    tasks: bool = False,
+    task_support: Mapping[str, TaskSupport] | None = None,
+    task_ttl_s: float = 3600.0,
+    task_poll_interval_s: float = 1.0,
 ) -> ServerT:
     """Install the RMCP server side on ``server`` (an ``MCPServer`` or a low-level ``Server``)
     and return it.
@@ -78,9 +83,20 @@ def install(
             :func:`reconciler_for`.
         reconcile_timeout_s: Bound of one reconciler call; a reconciler that fails or exceeds
             it leaves the key in doubt.
+        tasks: Run a tool call as an MCP task when the client asks (2025-11-25 core tasks and
+            the 2026-07-28 extension ``io.modelcontextprotocol/tasks``; ``docs/protocol.md``
+            section 8). Off by default: advertising tasks invites clients to detach runs from
+            their requests.
+        task_support: Per tool name, its ``taskSupport`` (``"optional"``, the default for a
+            tool not named, ``"required"`` or ``"forbidden"``).
+        task_ttl_s: Lifetime of a task whose client asked for none.
+        task_poll_interval_s: The least poll interval advised to clients (the rate limiter
+            may advise more).
 
     Raises:
-        RMCPConfigError: RMCP is already installed on ``server``, or an option is out of range.
+        RMCPConfigError: RMCP is already installed on ``server``, an option is out of range,
+            or ``tasks`` with a store that cannot keep tasks, or with a server that already
+            serves ``tasks/*`` methods.
     """
     if rmcp_of(server) is not None:
         raise RMCPConfigError("RMCP is already installed on this server; install it once")
@@ -97,9 +113,15 @@ def install(
         reconcilers=dict(reconcilers or {}),
         reconcile_timeout_s=reconcile_timeout_s,
         convert_result=_result_converter(server) if isinstance(server, MCPServer) else None,
+        run_tasks=tasks,
+        task_support=dict(task_support or {}),
+        task_ttl_s=task_ttl_s,
+        task_poll_interval_s=task_poll_interval_s,
     )
-    server.middleware.append(side)
     lowlevel = _lowlevel(server)
+    if side.tasks is not None:
+        _serve_tasks(lowlevel, TasksExtension(side.tasks))
+    server.middleware.append(side)
     lowlevel.lifespan = _with_rmcp_lifespan(side, lowlevel.lifespan)
     return server
 
@@ -137,8 +159,8 @@ class FastRMCP(MCPServer[Any]):
     """An ``MCPServer`` with RMCP installed: define tools with ``@app.tool()`` as usual, and
     declare a tool's reconciler with ``@app.tool(reconcile=fn)``.
 
-    ``store`` and the keyword options of :func:`install` configure RMCP; every other
-    keyword goes to ``MCPServer``.
+    ``store`` and the keyword options of :func:`install` configure RMCP (``tasks=True`` runs
+    tool calls as MCP tasks when clients ask); every other keyword goes to ``MCPServer``.
     """
 
     def __init__(
@@ -155,6 +177,10 @@ class FastRMCP(MCPServer[Any]):
         close_store: bool = True,
         reconcilers: Mapping[str, Reconciler] | None = None,
         reconcile_timeout_s: float = DEFAULT_RECONCILE_TIMEOUT_S,
+        tasks: bool = False,
+        task_support: Mapping[str, TaskSupport] | None = None,
+        task_ttl_s: float = 3600.0,
+        task_poll_interval_s: float = 1.0,
         **mcpserver_kwargs: Any,
     ) -> None:
         super().__init__(name, **mcpserver_kwargs)
@@ -170,6 +196,10 @@ class FastRMCP(MCPServer[Any]):
             close_store=close_store,
             reconcilers=reconcilers,
             reconcile_timeout_s=reconcile_timeout_s,
+            tasks=tasks,
+            task_support=task_support,
+            task_ttl_s=task_ttl_s,
+            task_poll_interval_s=task_poll_interval_s,
         )
 
     def tool(
@@ -183,15 +213,19 @@ class FastRMCP(MCPServer[Any]):
         structured_output: bool | None = None,
         *,
         reconcile: Reconciler | None = None,
+        task_support: TaskSupport | None = None,
     ) -> Callable[[_CallableT], _CallableT]:
         """``MCPServer.tool``, and ``reconcile``: the tool's reconciler (see
-        :mod:`rmcp_actors.server.reconcile`)."""
+        :mod:`rmcp_actors.server.reconcile`); ``task_support``: whether it may, must or must
+        not run as a task (a server created with ``tasks=True``; ``"optional"`` if not given)."""
         register = super().tool(name, title, description, annotations, icons, meta, structured_output)
 
         def decorator(fn: _CallableT) -> _CallableT:
             register(fn)
             if reconcile is not None:
                 self.rmcp.reconcilers[name or fn.__name__] = reconcile
+            if task_support is not None:
+                self.rmcp.task_support[name or fn.__name__] = task_support
             return fn
 
         return decorator
@@ -262,6 +296,18 @@ def _result_converter(server: MCPServer[Any]) -> ResultConverter:
     return convert
 
 
+def _serve_tasks(server: Server[Any], extension: TasksExtension) -> None:
+    """Register the extension's methods and advertisement on ``server``, as ``MCPServer`` does
+    for the extensions it is constructed with (an installed server exists already)."""
+    bindings = extension.methods()
+    taken = [binding.method for binding in bindings if server.get_request_handler(binding.method) is not None]
+    if taken:
+        raise RMCPConfigError(f"the server already serves {taken}: install RMCP without tasks", path="tasks")
+    for binding in bindings:
+        server.add_request_handler(binding.method, binding.params_type, version_gated(binding))
+    server.extensions[extension.identifier] = extension.settings()
+
+
 def _lowlevel(server: Server[Any] | MCPServer[Any]) -> Server[Any]:
     if isinstance(server, MCPServer):
         # MCPServer offers no public way to wrap the lifespan once constructed.
@@ -284,7 +330,7 @@ def _with_rmcp_lifespan(
         _store_users[id(side.store)] = _store_users.get(id(side.store), 0) + 1
         try:
             await side.start()
-            async with inner(app) as state, _Beside(side.keep_lease):
+            async with inner(app) as state, _Beside(side.keep_lease), side.hosting_tasks():
                 yield state
         finally:
             entered -= 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -39,6 +39,7 @@ from .._protocol import (
     FEATURE_DEDUP,
     FEATURE_EARLY_ACK,
     FEATURE_LOOKUP,
+    FEATURE_TASKS,
     META_KEY,
     InvalidMeta,
     NackCode,
@@ -56,9 +57,19 @@ from ..stores import (
     MemoryStore,
     OwnerInfo,
     RecordState,
+    TaskStore,
 )
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
 from .reconcile import InDoubtRun, Reconciler, Reconciliation
+from .tasks import (
+    TASKS_EXTENSION_ID,
+    TaskEngine,
+    TaskSupport,
+    principal_scope,
+    requested_ttl_ms,
+    task_asked,
+    task_mode_refusal,
+)
 
 __all__ = ["CallCheck", "RMCPServerSide", "ServerStatistics", "store_key"]
 
@@ -167,6 +178,13 @@ class _TokenBucket:
             return None
         return math.ceil((1.0 - self.tokens) / self.rate_per_s * 1000)
 
+    def wait_ms(self) -> int:
+        """Milliseconds until a token is free, taking none (0 when one is)."""
+        tokens = self.tokens
+        if self.updated is not None:
+            tokens = min(self.burst, tokens + (anyio.current_time() - self.updated) * self.rate_per_s)
+        return 0 if tokens >= 1.0 else math.ceil((1.0 - tokens) / self.rate_per_s * 1000)
+
 
 def store_key(key: str, principal: str | None = None) -> str:
     """The key under which a store keeps a client's dedup key: scoped to the principal that
@@ -178,8 +196,7 @@ def store_key(key: str, principal: str | None = None) -> str:
     one too, is a fixed-length digest prefix, so no key chosen by a client can name another
     scope's record.
     """
-    scope = hashlib.sha256((principal or "").encode()).hexdigest()[:32]
-    return f"{scope}/{key}"
+    return f"{principal_scope(principal)}/{key}"
 
 
 class _ProgressAfterAck:
@@ -200,6 +217,26 @@ class _ProgressAfterAck:
             return
         self._last = progress
         await self._session.report_progress(progress, total, message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+class _Detached:
+    """A request's session as a task's run sees it: the request was answered with the task's
+    handle, and its connection may close while the tool runs; progress the tool reports then
+    is dropped rather than failing the run."""
+
+    def __init__(self, session: ServerSession) -> None:
+        self._session = session
+
+    async def report_progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        try:
+            await self._session.report_progress(progress, total, message)
+        except Exception:
+            logger.debug("RMCP: a task's progress could not be sent", exc_info=True)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
@@ -252,6 +289,16 @@ class RMCPServerSide:
         default=DEFAULT_RECONCILE_TIMEOUT_S, validator=_validate_positive("reconcile_timeout_s")
     )
     convert_result: ResultConverter | None = None
+    run_tasks: bool = False
+    """Run tool calls as MCP tasks when the client asks (``docs/protocol.md`` section 8)."""
+    task_support: dict[str, TaskSupport] = attrs.field(factory=dict[str, TaskSupport])
+    """Per tool name, its ``taskSupport`` (a tool not named is ``"optional"``)."""
+    task_ttl_s: float = attrs.field(default=3600.0, validator=_validate_positive("task_ttl_s"))
+    task_poll_interval_s: float = attrs.field(
+        default=1.0, validator=_validate_positive("task_poll_interval_s")
+    )
+    tasks: TaskEngine | None = attrs.field(default=None, init=False)
+    """The tasks of this server, when ``run_tasks``."""
     _running: dict[str, _Run] = attrs.field(factory=dict[str, _Run], init=False)
     _in_flight: int = attrs.field(default=0, init=False)
     _idle: anyio.Event | None = attrs.field(default=None, init=False)
@@ -276,6 +323,22 @@ class RMCPServerSide:
         if self.rate_limit_per_s is not None:
             burst = max(1.0, self.rate_limit_per_s)
             self._bucket = _TokenBucket(rate_per_s=self.rate_limit_per_s, burst=burst, tokens=burst)
+        if self.run_tasks:
+            if not isinstance(self.store, TaskStore):
+                raise RMCPConfigError(
+                    f"{type(self.store).__name__} cannot keep tasks: use MemoryStore or SQLiteStore, "
+                    "or install without tasks",
+                    path="tasks",
+                )
+            self.tasks = TaskEngine(
+                store=self.store,
+                instance_id=self.instance_id,
+                store_call=self._store_call,
+                limiter_wait_ms=self._limiter_wait_ms,
+                default_ttl_s=self.task_ttl_s,
+                poll_interval_s=self.task_poll_interval_s,
+                support=self.task_support,
+            )
         self._settings_wire = msgspec.to_builtins(self.settings)
 
     @property
@@ -288,6 +351,8 @@ class RMCPServerSide:
         if isinstance(self.store, AbortingStore):
             features.append(FEATURE_LOOKUP)
             ttl_s = self.store.ttl_s
+        if self.run_tasks:
+            features.append(FEATURE_TASKS)
         return ServerSettings(
             features=features,
             durable=self.store.durable,
@@ -309,6 +374,14 @@ class RMCPServerSide:
             reconciled_not_run=self._reconciled_not_run,
             aborted=self._aborted,
         )
+
+    def hosting_tasks(self) -> AbstractAsyncContextManager[None]:
+        """For the server's lifespan: the task group that task runs live in (nothing without
+        tasks)."""
+        return nullcontext() if self.tasks is None else self.tasks.hosting()
+
+    def _limiter_wait_ms(self) -> int:
+        return 0 if self._bucket is None else self._bucket.wait_ms()
 
     async def start(self) -> None:
         """Accept calls again (after :meth:`drain`) and register this instance in the store."""
@@ -352,6 +425,9 @@ class RMCPServerSide:
                     merged = dict(cast(dict[str, Any], tool_meta)) if isinstance(tool_meta, dict) else {}
                     merged[META_KEY] = self._settings_wire
                     tool = {**cast(dict[str, Any], tool), "_meta": merged}
+                    if self.tasks is not None:
+                        support = self.tasks.support_of(str(tool.get("name")))
+                        tool["execution"] = {"taskSupport": support}
                 stamped.append(tool)
             result = {**result, "tools": stamped}
         return result
@@ -365,11 +441,25 @@ class RMCPServerSide:
                 section = dict(cast(dict[str, Any], current)) if isinstance(current, dict) else {}
                 section[key] = self._settings_wire
                 capabilities[field] = section
+            if self.tasks is not None:
+                capabilities["tasks"] = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
+                extensions = cast(dict[str, Any], capabilities["extensions"])
+                extensions[TASKS_EXTENSION_ID] = {}
             result = {**result, "capabilities": capabilities}
         return result
 
     async def _tools_call(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         params: Mapping[str, Any] = ctx.params or {}
+        if self.tasks is not None:
+            asked = task_asked(ctx, params)
+            name = params.get("name")
+            refused = task_mode_refusal(
+                self.tasks.support_of(name if isinstance(name, str) else ""), asked, ctx.protocol_version
+            )
+            if refused is not None:
+                raise refused
+            if asked:
+                return await self._task_call(ctx, call_next, params, self.tasks)
         raw_meta = params.get("_meta")
         try:
             meta = decode_request_meta(raw_meta if isinstance(raw_meta, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
@@ -434,6 +524,96 @@ class RMCPServerSide:
             if not self._active and self._idle is not None:
                 self._idle.set()
                 self._idle = None
+
+    async def _task_call(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        params: Mapping[str, Any],
+        tasks: TaskEngine,
+    ) -> HandlerResult:
+        """A ``tools/call`` the client asked to run as a task (``docs/protocol.md`` section 8):
+        checked as any call (a NACK answers it directly), then one task per dedup key, whose
+        tool runs in the lifespan's task group while the handle is answered at once."""
+        raw_meta = params.get("_meta")
+        try:
+            meta = decode_request_meta(raw_meta if isinstance(raw_meta, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
+        except InvalidMeta as error:
+            return self._nack(ctx, NackCode.INVALID_META, f"_meta.rmcp is malformed ({error})")
+        try:
+            validate_client_request("tools/call", ctx.protocol_version, params)
+        except ValidationError:
+            # The SDK refuses it on its own (INVALID_PARAMS): no task for a malformed call.
+            return await call_next(ctx)
+        except (KeyError, ValueError):
+            pass
+        name = params.get("name")
+        raw_arguments = params.get("arguments")
+        tool = name if isinstance(name, str) else ""
+        arguments = cast("Mapping[str, Any]", raw_arguments if isinstance(raw_arguments, Mapping) else {})
+        if meta is not None:
+            if self._draining:
+                return self._nack(ctx, NackCode.SHUTTING_DOWN, "not accepting calls", meta)
+            if self._bucket is not None and (wait_ms := self._bucket.take()) is not None:
+                return self._nack(ctx, NackCode.RATE_LIMITED, "too many calls", meta, retry_after_ms=wait_ms)
+            if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+                return self._nack(
+                    ctx,
+                    NackCode.OVERLOADED,
+                    f"{self._in_flight} calls running (limit {self.max_in_flight})",
+                    meta,
+                    retry_after_ms=_OVERLOADED_RETRY_AFTER_MS,
+                )
+            if self.check_call is not None and (refused := self.check_call(tool, arguments)) is not None:
+                return self._nack(ctx, refused[0], refused[1], meta)
+        if not tasks.can_run:
+            raise MCPError(
+                INTERNAL_ERROR,
+                "RMCP: this server runs tasks only while its lifespan runs (serve it with run(), "
+                "serve_stdio() or its HTTP app); the tool did not run",
+            )
+        principal = authenticated_principal(ctx)
+        client_key = None if meta is None else meta.dedup_key
+        call_print = fingerprint(tool, arguments)
+        run = functools.partial(self._run_task_tool, ctx, call_next)
+        try:
+            await self._ensure_owner()
+            creation = await tasks.create(
+                key=None if client_key is None else store_key(client_key, principal),
+                scope=principal_scope(principal),
+                fingerprint=call_print,
+                tool=tool,
+                ttl_s=tasks.ttl_s(requested_ttl_ms(params)),
+                run=run,
+            )
+        except RMCPStoreError as error:
+            if meta is not None:
+                return self._unavailable(ctx, meta, error)
+            raise MCPError(INTERNAL_ERROR, f"RMCP: {error}; the tool did not run, retry later") from error
+        handle = tasks.handle(creation.task, ctx.protocol_version)
+        if meta is None:
+            return handle
+        if not creation.created:
+            if creation.task.fingerprint != call_print:
+                return self._conflict(ctx, meta)
+            self._replayed += 1
+        return ack(
+            handle, request_id=meta.request_id, attempt=meta.attempt_number, duplicate=not creation.created
+        )
+
+    async def _run_task_tool(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> StoredOutcome | None:
+        """A task's run: bounded by ``max_execution_s`` (None when cut short), detached from
+        the request (its answer was the handle; its connection may be gone)."""
+        self._run_started()
+        try:
+            with anyio.move_on_after(self.max_execution_s):
+                detached = replace(ctx, session=cast(ServerSession, _Detached(ctx.session)))
+                return await self._run_tool(detached, call_next, acked=False)
+            return None
+        finally:
+            self._run_ended()
 
     async def _deduplicated(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, meta: RequestMeta, call: _KeyedCall

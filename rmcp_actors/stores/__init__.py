@@ -13,6 +13,10 @@ from ._base import DedupRecord as DedupRecord
 from ._base import DedupStore as DedupStore
 from ._base import OwnerInfo as OwnerInfo
 from ._base import RecordState as RecordState
+from ._base import TaskCreation as TaskCreation
+from ._base import TaskRecord as TaskRecord
+from ._base import TaskState as TaskState
+from ._base import TaskStore as TaskStore
 from .memory import MemoryStore as MemoryStore
 from .memory_journal import MemoryJournal as MemoryJournal
 from .sqlite import SQLiteStore as SQLiteStore
@@ -33,6 +37,10 @@ __all__ = [
     "SQLiteJournalStatistics",
     "SQLiteStore",
     "SQLiteStoreStatistics",
+    "TaskCreation",
+    "TaskRecord",
+    "TaskState",
+    "TaskStore",
 ]
 
 

@@ -27,7 +27,18 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-__all__ = ["AbortingStore", "BeginOutcome", "DedupRecord", "DedupStore", "OwnerInfo", "RecordState"]
+__all__ = [
+    "AbortingStore",
+    "BeginOutcome",
+    "DedupRecord",
+    "DedupStore",
+    "OwnerInfo",
+    "RecordState",
+    "TaskCreation",
+    "TaskRecord",
+    "TaskState",
+    "TaskStore",
+]
 
 
 class RecordState(enum.Enum):
@@ -205,4 +216,118 @@ class AbortingStore(DedupStore, Protocol):
         of). Returns ``claimed=True`` when it wrote the tombstone;
         otherwise nothing changes and the existing record is returned.
         """
+        ...
+
+
+class TaskState(enum.Enum):
+    """Where a task stands in a store (see :class:`TaskStore`). A ``WORKING`` task whose owner
+    is gone reads as in doubt (:attr:`TaskRecord.in_doubt`): nothing writes that."""
+
+    WORKING = "working"
+    COMPLETED = "completed"
+    """The tool returned a result (an ``isError`` one included)."""
+    FAILED = "failed"
+    """The tool raised a JSON-RPC error, or its run was stopped by the server (in doubt)."""
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the task can no longer change."""
+        return self is not TaskState.WORKING
+
+
+@attrs.frozen(kw_only=True)
+class TaskRecord:
+    """One task as a store keeps it: a ``tools/call`` run in the background (MCP tasks)."""
+
+    task_id: str
+    key: str | None
+    """The scoped idempotency key the task was created for (at most one live task per key),
+    or None for a call without a key."""
+    scope: str
+    """The principal's scope (the prefix of :func:`~rmcp_actors.server.store_key`): only
+    callers of that scope may see the task."""
+    fingerprint: str
+    tool: str
+    state: TaskState
+    owner: str
+    """The server instance running (or that ran) the task."""
+    result: bytes | None = None
+    """The encoded outcome of a finished run (a result or a JSON-RPC error)."""
+    message: str | None = None
+    """Why the task ended as it did, for a reader (``statusMessage``)."""
+    created_at: str
+    """When the task was created, ISO 8601 (wall clock, whatever the store's clock)."""
+    updated_at: str
+    """When its state last changed, ISO 8601."""
+    created_clock: float = 0.0
+    """Creation time on the store's clock: the base of the lifetime."""
+    expires_at: float = 0.0
+    """When the task is gone, on the store's clock (``WORKING`` with a live owner: never)."""
+    ttl_s: float = 0.0
+    """The lifetime asked for at creation; a run finishing later keeps the task as long again."""
+    owner_alive: bool = True
+
+    @property
+    def in_doubt(self) -> bool:
+        """A run that never recorded an outcome and never will: ``WORKING``, owner gone."""
+        return self.state is TaskState.WORKING and not self.owner_alive
+
+
+@attrs.frozen(kw_only=True)
+class TaskCreation:
+    """What :meth:`TaskStore.create_task` did: created the task, or found its key's task."""
+
+    created: bool
+    task: TaskRecord
+    """The new task, or the live task that already holds the key (its fingerprint may differ:
+    a conflict for the caller to report)."""
+
+
+@runtime_checkable
+class TaskStore(DedupStore, Protocol):
+    """A dedup store that also keeps tasks: what a server needs to run tool calls as MCP tasks.
+
+    Task records share the store's owners and leases (a ``WORKING`` task whose owner is gone is
+    in doubt) and its purge. Reads never change a task.
+    """
+
+    @property
+    def ttl_s(self) -> float:
+        """The longest lifetime a task may be given (the store's record TTL)."""
+        ...
+
+    async def create_task(self, task: TaskRecord, *, ttl_s: float) -> TaskCreation:
+        """Atomically write ``task`` (``WORKING``, living ``ttl_s`` from now: the store sets its
+        clock fields) unless its ``key`` (not None) is held by a live task, which is returned
+        instead, unchanged."""
+        ...
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        """Return the live task ``task_id``, or None when absent or expired. A pure read."""
+        ...
+
+    async def finish_task(
+        self,
+        task_id: str,
+        *,
+        owner: str,
+        state: TaskState,
+        result: bytes | None,
+        message: str | None,
+        updated_at: str,
+    ) -> bool:
+        """Record the end of ``owner``'s run of a ``WORKING`` task: ``state`` (terminal) with
+        ``result``. Returns False, changing nothing, when the task is no longer ``WORKING`` (it
+        was cancelled) or not ``owner``'s. A run that outlived the task's lifetime keeps it that
+        long again from now."""
+        ...
+
+    async def cancel_task(self, task_id: str, *, message: str, updated_at: str) -> TaskRecord | None:
+        """Mark a ``WORKING`` task ``CANCELLED`` (a terminal one is left as it is); return the
+        task as it now stands, or None when absent or expired."""
+        ...
+
+    async def list_tasks(self, scope: str, *, offset: int, limit: int) -> list[TaskRecord]:
+        """The live tasks of ``scope``, oldest first, from ``offset``, at most ``limit``."""
         ...

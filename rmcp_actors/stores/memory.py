@@ -17,7 +17,7 @@ import anyio.lowlevel
 import attrs
 
 from ..errors import RMCPConfigError, RMCPStoreClosedError, RMCPUnknownOwnerError
-from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
+from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState, TaskCreation, TaskRecord, TaskState
 
 __all__ = ["MemoryStore"]
 
@@ -79,6 +79,9 @@ class MemoryStore:
         self._ttl_s = ttl_s
         self._clock = clock or time.monotonic
         self._records: OrderedDict[str, _Entry] = OrderedDict()
+        # Tasks in creation order (tasks/list pages through them), and the live task of each key.
+        self._tasks: dict[str, TaskRecord] = {}
+        self._task_keys: dict[str, str] = {}
         # instance_id -> lease expiry. A released owner keeps its entry, as in SQLiteStore, for
         # ttl_s after its lease: a late renewal must find it released, not revive it.
         self._owner_leases: dict[str, float] = {}
@@ -281,6 +284,10 @@ class MemoryStore:
                     del self._records[key]
                     deleted += 1
             await anyio.lowlevel.checkpoint()
+        now = self._clock()
+        for task_id in [task_id for task_id, task in self._tasks.items() if self._task_expired(task, now)]:
+            self._drop_task(task_id)
+            deleted += 1
         self._prune_owners(self._clock())
         return deleted
 
@@ -288,8 +295,104 @@ class MemoryStore:
         """Drop every record; further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`."""
         self._closed = True
         self._records.clear()
+        self._tasks.clear()
+        self._task_keys.clear()
         self._owner_leases.clear()
         self._released_owners.clear()
+
+    async def create_task(self, task: TaskRecord, *, ttl_s: float) -> TaskCreation:
+        """Write ``task`` unless its key is held by a live task, which is returned instead."""
+        self._check_open()
+        now = self._clock()
+        if task.key is not None:
+            holder = self._task_keys.get(task.key)
+            existing = None if holder is None else self._live_task(holder, now)
+            if existing is not None:
+                return TaskCreation(created=False, task=existing)
+            if holder is not None and holder in self._tasks:
+                self._drop_task(holder)
+            self._task_keys[task.key] = task.task_id
+        stored = attrs.evolve(
+            task, state=TaskState.WORKING, created_clock=now, expires_at=now + ttl_s, ttl_s=ttl_s
+        )
+        self._tasks[task.task_id] = stored
+        return TaskCreation(created=True, task=self._with_owner(stored, now))
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        """Return the live task ``task_id``, or None. Changes nothing (an expired task stays
+        until the next purge)."""
+        self._check_open()
+        return self._live_task(task_id, self._clock())
+
+    async def finish_task(
+        self,
+        task_id: str,
+        *,
+        owner: str,
+        state: TaskState,
+        result: bytes | None,
+        message: str | None,
+        updated_at: str,
+    ) -> bool:
+        """Record the end of ``owner``'s run of a ``WORKING`` task; False when it is no longer
+        ``WORKING`` (cancelled) or not ``owner``'s."""
+        self._check_open()
+        task = self._tasks.get(task_id)
+        if task is None or task.state is not TaskState.WORKING or task.owner != owner:
+            return False
+        now = self._clock()
+        self._tasks[task_id] = attrs.evolve(
+            task,
+            state=state,
+            result=result,
+            message=message,
+            updated_at=updated_at,
+            # Past its lifetime (a long run), it lives one lifetime from now.
+            expires_at=task.expires_at if task.expires_at > now else now + task.ttl_s,
+        )
+        return True
+
+    async def cancel_task(self, task_id: str, *, message: str, updated_at: str) -> TaskRecord | None:
+        """Mark a ``WORKING`` task ``CANCELLED``; return it as it stands, or None."""
+        self._check_open()
+        now = self._clock()
+        task = self._live_task(task_id, now)
+        if task is None or task.state is not TaskState.WORKING:
+            return task
+        cancelled = attrs.evolve(task, state=TaskState.CANCELLED, message=message, updated_at=updated_at)
+        self._tasks[task_id] = cancelled
+        return cancelled
+
+    async def list_tasks(self, scope: str, *, offset: int, limit: int) -> list[TaskRecord]:
+        """The live tasks of ``scope``, oldest first, from ``offset``, at most ``limit``."""
+        self._check_open()
+        now = self._clock()
+        live = [
+            self._with_owner(task, now)
+            for task in self._tasks.values()
+            if task.scope == scope and not self._task_expired(task, now)
+        ]
+        return live[offset : offset + limit]
+
+    def _live_task(self, task_id: str, now: float) -> TaskRecord | None:
+        task = self._tasks.get(task_id)
+        if task is None or self._task_expired(task, now):
+            return None
+        return self._with_owner(task, now)
+
+    def _task_expired(self, task: TaskRecord, now: float) -> bool:
+        """Past its lifetime, unless it is a run whose owner is alive (as a record's claim)."""
+        if task.expires_at > now:
+            return False
+        return task.state is not TaskState.WORKING or not self._owner_alive(task.owner, now)
+
+    def _with_owner(self, task: TaskRecord, now: float) -> TaskRecord:
+        return attrs.evolve(task, owner_alive=self._owner_alive(task.owner, now))
+
+    def _drop_task(self, task_id: str) -> None:
+        task = self._tasks.pop(task_id)
+        if task.key is not None and self._task_keys.get(task.key) == task_id:
+            del self._task_keys[task.key]
 
     def _check_open(self) -> None:
         if self._closed:
@@ -320,6 +423,7 @@ class MemoryStore:
     def _prune_owners(self, now: float) -> None:
         cutoff = now - self._ttl_s
         on_record = {entry.owner for entry in self._records.values()}
+        on_record.update(task.owner for task in self._tasks.values())
         for instance_id, lease_expires_at in list(self._owner_leases.items()):
             if lease_expires_at <= cutoff and instance_id not in on_record:
                 del self._owner_leases[instance_id]

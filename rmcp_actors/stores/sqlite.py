@@ -33,7 +33,7 @@ from typing import Any, TypeVar, cast, final
 import attrs
 
 from ..errors import RMCPConfigError, RMCPStoreError, RMCPUnknownOwnerError
-from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState
+from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState, TaskCreation, TaskRecord, TaskState
 from ._sqlite_batch import Chore, GroupCommit, failure
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
@@ -61,6 +61,25 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS records_by_expiry ON records (expires_at)",
     "CREATE INDEX IF NOT EXISTS records_by_owner ON records (owner)",
+    """CREATE TABLE IF NOT EXISTS tasks (
+        task_id TEXT PRIMARY KEY,
+        key TEXT,
+        scope TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        state TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        result BLOB,
+        message TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        created_clock REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        ttl_s REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS tasks_by_key ON tasks (key)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_scope ON tasks (scope, created_clock)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expires_at)",
     """CREATE TABLE IF NOT EXISTS owners (
         instance_id TEXT PRIMARY KEY,
         pid INTEGER NOT NULL,
@@ -91,6 +110,13 @@ _SELECT_RECORD = """
     FROM records AS r LEFT JOIN owners AS o ON o.instance_id = r.owner
     WHERE r.key = ?
 """
+
+_TASK_COLUMNS = """t.task_id, t.key, t.scope, t.fingerprint, t.tool, t.state, t.owner, t.result, t.message,
+    t.created_at, t.updated_at, t.created_clock, t.expires_at, t.ttl_s,
+    o.pid, o.host, o.lease_expires_at, o.released"""
+_SELECT_TASK = (
+    f"SELECT {_TASK_COLUMNS} FROM tasks AS t LEFT JOIN owners AS o ON o.instance_id = t.owner WHERE "
+)
 
 
 @final
@@ -405,6 +431,164 @@ class SQLiteStore:
 
         return await self._write(apply, operation="resolve_in_doubt")
 
+    async def create_task(self, task: TaskRecord, *, ttl_s: float) -> TaskCreation:
+        """Write ``task`` unless its key is held by a live task, which is returned instead.
+
+        Atomic across processes, and committed to disk before it returns: the handle a client
+        receives must resolve on every instance sharing the file, after any crash.
+        """
+        now = self._clock()
+
+        def apply(connection: sqlite3.Connection) -> TaskCreation:
+            if task.key is not None:
+                for row in connection.execute(_SELECT_TASK + "t.key = ?", (task.key,)).fetchall():
+                    existing = self._live_task(row, now)
+                    if existing is not None:
+                        return TaskCreation(created=False, task=existing)
+                # Expired holders of the key go now: the key's live task must be unique.
+                connection.execute("DELETE FROM tasks WHERE key = ?", (task.key,))
+            connection.execute(
+                """INSERT INTO tasks (task_id, key, scope, fingerprint, tool, state, owner, result, message,
+                created_at, updated_at, created_clock, expires_at, ttl_s)
+                VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?)""",
+                (
+                    task.task_id,
+                    task.key,
+                    task.scope,
+                    task.fingerprint,
+                    task.tool,
+                    TaskState.WORKING.value,
+                    task.owner,
+                    task.created_at,
+                    task.updated_at,
+                    now,
+                    now + ttl_s,
+                    ttl_s,
+                ),
+            )
+            row = connection.execute(_SELECT_TASK + "t.task_id = ?", (task.task_id,)).fetchone()
+            return TaskCreation(created=True, task=self._task(row, now))
+
+        return await self._write(apply, operation="create_task")
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        """Return the live task ``task_id``, or None. A read: changes nothing."""
+        now = self._clock()
+
+        def read(connection: sqlite3.Connection) -> TaskRecord | None:
+            row = connection.execute(_SELECT_TASK + "t.task_id = ?", (task_id,)).fetchone()
+            return None if row is None else self._live_task(row, now)
+
+        try:
+            return await self._batch.read(read)
+        except (sqlite3.Error, OSError) as error:
+            raise self._store_error("get_task", error) from error
+
+    async def finish_task(
+        self,
+        task_id: str,
+        *,
+        owner: str,
+        state: TaskState,
+        result: bytes | None,
+        message: str | None,
+        updated_at: str,
+    ) -> bool:
+        """Record the end of ``owner``'s run of a ``WORKING`` task (committed to disk); False
+        when it is no longer ``WORKING`` (cancelled) or not ``owner``'s."""
+        now = self._clock()
+
+        def apply(connection: sqlite3.Connection) -> bool:
+            return (
+                connection.execute(
+                    """UPDATE tasks SET state = ?2, result = ?3, message = ?4, updated_at = ?5,
+                    expires_at = CASE WHEN expires_at > ?1 THEN expires_at ELSE ?1 + ttl_s END
+                    WHERE task_id = ?6 AND owner = ?7 AND state = ?8""",
+                    (now, state.value, result, message, updated_at, task_id, owner, TaskState.WORKING.value),
+                ).rowcount
+                == 1
+            )
+
+        return await self._write(apply, operation="finish_task")
+
+    async def cancel_task(self, task_id: str, *, message: str, updated_at: str) -> TaskRecord | None:
+        """Mark a ``WORKING`` task ``CANCELLED`` (committed to disk); return it as it stands."""
+        now = self._clock()
+
+        def apply(connection: sqlite3.Connection) -> TaskRecord | None:
+            row = connection.execute(_SELECT_TASK + "t.task_id = ?", (task_id,)).fetchone()
+            task = None if row is None else self._live_task(row, now)
+            if task is None or task.state is not TaskState.WORKING:
+                return task
+            connection.execute(
+                "UPDATE tasks SET state = ?, message = ?, updated_at = ? WHERE task_id = ?",
+                (TaskState.CANCELLED.value, message, updated_at, task_id),
+            )
+            return attrs.evolve(task, state=TaskState.CANCELLED, message=message, updated_at=updated_at)
+
+        return await self._write(apply, operation="cancel_task")
+
+    async def list_tasks(self, scope: str, *, offset: int, limit: int) -> list[TaskRecord]:
+        """The live tasks of ``scope``, oldest first, from ``offset``, at most ``limit``."""
+        now = self._clock()
+
+        def read(connection: sqlite3.Connection) -> list[TaskRecord]:
+            rows = connection.execute(
+                _SELECT_TASK + "t.scope = ? ORDER BY t.created_clock, t.task_id", (scope,)
+            ).fetchall()
+            live = [task for task in (self._live_task(row, now) for row in rows) if task is not None]
+            return live[offset : offset + limit]
+
+        try:
+            return await self._batch.read(read)
+        except (sqlite3.Error, OSError) as error:
+            raise self._store_error("list_tasks", error) from error
+
+    def _live_task(self, row: tuple[Any, ...], now: float) -> TaskRecord | None:
+        """The task of ``row``, or None when it expired (a run whose owner is alive never does)."""
+        task = self._task(row, now)
+        if task.expires_at > now or (task.state is TaskState.WORKING and task.owner_alive):
+            return task
+        return None
+
+    def _task(self, row: tuple[Any, ...], now: float) -> TaskRecord:
+        (task_id, key, scope, fingerprint, tool, state, owner, result, message) = row[:9]
+        created_at, updated_at, created_clock, expires_at, ttl_s = row[9:14]
+        return TaskRecord(
+            task_id=task_id,
+            key=key,
+            scope=scope,
+            fingerprint=fingerprint,
+            tool=tool,
+            state=TaskState(state),
+            owner=owner,
+            result=result,
+            message=message,
+            created_at=created_at,
+            updated_at=updated_at,
+            created_clock=created_clock,
+            expires_at=expires_at,
+            ttl_s=ttl_s,
+            owner_alive=self._owner_alive(*row[14:], now=now),
+        )
+
+    def _owner_alive(
+        self,
+        pid: int | None,
+        host: str | None,
+        lease_expires_at: float | None,
+        released: int | None,
+        *,
+        now: float,
+    ) -> bool:
+        return (
+            pid is not None
+            and not released
+            and lease_expires_at is not None
+            and lease_expires_at > now
+            and (host != self._host or _process_exists(pid))
+        )
+
     async def _claim_write(self, apply: Callable[[sqlite3.Connection], _T], operation: str) -> _T:
         """Commit a claim's write: without an fsync unless ``fsync_claims``, inline when the
         database is free right now (see the module docstring), else in the queue."""
@@ -523,12 +707,20 @@ class SQLiteStore:
             LIMIT ?)""",
             (now, RecordState.STARTED.value, now, _PURGE_BATCH),
         ).rowcount
+        deleted += connection.execute(
+            """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks
+            WHERE expires_at <= ? AND (state != ? OR owner NOT IN
+            (SELECT instance_id FROM owners WHERE released = 0 AND lease_expires_at > ?))
+            LIMIT ?)""",
+            (now, TaskState.WORKING.value, now, _PURGE_BATCH),
+        ).rowcount
         # An owner kept a while after its lease may still renew (a long pause, not a crash), and
         # a released one must stay known as released to a late renewal.
         connection.execute(
             """DELETE FROM owners
             WHERE lease_expires_at <= ?
-            AND NOT EXISTS (SELECT 1 FROM records WHERE records.owner = owners.instance_id)""",
+            AND NOT EXISTS (SELECT 1 FROM records WHERE records.owner = owners.instance_id)
+            AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.owner = owners.instance_id)""",
             (now - self._ttl_s,),
         )
         return deleted
