@@ -12,6 +12,9 @@ from importlib.metadata import version as _version
 
 import attrs as _attrs
 
+from .client._tasks import MemoryTaskStore as MemoryTaskStore
+from .client._tasks import SQLiteTaskStore as SQLiteTaskStore
+from .client._tasks import TaskStore as TaskStore
 from .client.connection import ConnectionState as ConnectionState
 from .config import CallPolicy as CallPolicy
 from .config import CircuitBreakerOverrides as CircuitBreakerOverrides
@@ -51,6 +54,7 @@ from .errors import RMCPServerError as RMCPServerError
 from .errors import RMCPStoreClosedError as RMCPStoreClosedError
 from .errors import RMCPStoreError as RMCPStoreError
 from .errors import RMCPSupervisorError as RMCPSupervisorError
+from .errors import RMCPTaskCancelledError as RMCPTaskCancelledError
 from .errors import RMCPTimeoutAfterSendError as RMCPTimeoutAfterSendError
 from .errors import RMCPTimeoutError as RMCPTimeoutError
 from .errors import RMCPTransactionError as RMCPTransactionError
@@ -104,6 +108,7 @@ __all__ = [
     "HedgePolicy",
     "LifecycleEvent",
     "MemoryStore",
+    "MemoryTaskStore",
     "Outcome",
     "PolicyOverrides",
     "RMCPActorStoppedError",
@@ -125,6 +130,7 @@ __all__ = [
     "RMCPStoreError",
     "RMCPSupervisor",
     "RMCPSupervisorError",
+    "RMCPTaskCancelledError",
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
     "RMCPTransactionError",
@@ -142,10 +148,12 @@ __all__ = [
     "RetryPolicy",
     "RuntimeSettings",
     "SQLiteStore",
+    "SQLiteTaskStore",
     "ServerPolicy",
     "ServerSpec",
     "StallReport",
     "StepHistory",
+    "TaskStore",
     "ToolOverrides",
     "Transaction",
     "TransactionEvent",

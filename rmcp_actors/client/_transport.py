@@ -34,6 +34,7 @@ from ..config import ServerSpec
 from ._http_evidence import recording_http_client
 from ._sent import request_handed_over
 from ._stdio import stdio_client
+from ._tasks import TasksExtension
 
 __all__ = ["ClosedCallback", "Traffic", "build_client", "client_mode"]
 
@@ -238,7 +239,7 @@ def build_client(
     """
     mode = client_mode(spec.protocol)
     traffic = traffic if traffic is not None else Traffic()
-    extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION})]
+    extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION}), TasksExtension()]
     if spec.transport == "stdio":
         assert spec.command is not None  # validated by ServerSpec
         params = StdioServerParameters(

@@ -31,6 +31,7 @@ from ..errors import RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._failures import Evidence
 from ._http_evidence import current_evidence, describe_refusal
+from ._tasks import TaskStore
 from ._transport import Traffic, build_client
 from .backoff import backoff_delay
 
@@ -127,10 +128,12 @@ class Connection(Actor[ConnectionRequest]):
         name: The server's name.
         spec: How to reach the server.
         policy: The server's resolved policy (timeouts, reconnect backoff, when_disconnected).
+        task_store: Where the tasks that calls with a key created are kept (see ``_tasks``).
     """
 
     spec: ServerSpec
     policy: ServerPolicy
+    task_store: TaskStore | None = None
     _state: ConnectionState = ConnectionState.CONNECTING
     _session: Session | None = None
     _generation: int = 0
