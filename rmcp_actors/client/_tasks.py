@@ -23,6 +23,7 @@ import json
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, cast
 
 import anyio
@@ -30,6 +31,7 @@ import attrs
 from mcp import Client, MCPError
 from mcp.client.extension import ClaimContext, ClientExtension, ResultClaim
 from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
     INVALID_PARAMS,
     CallToolResult,
     Request,
@@ -66,6 +68,8 @@ __all__ = [
     "create_core_task",
     "fingerprint",
     "follow_task",
+    "gate_task_capability",
+    "task_declared",
 ]
 
 TASKS_EXTENSION_ID: Final = "io.modelcontextprotocol/tasks"
@@ -175,6 +179,51 @@ async def _hand_over(created: CreatedTask, context: ClaimContext) -> CallToolRes
     del context
     raw = created.model_dump(by_alias=True, mode="json")
     raise TaskCreated(snapshot(raw))
+
+
+#: Set while a ``tools/call`` that asks for a task is sent: only that request declares the
+#: extension (see :func:`gate_task_capability`).
+task_declared: ContextVar[bool] = ContextVar("rmcp_actors_task_declared", default=False)
+
+
+def gate_task_capability(client: Client) -> None:
+    """Declare the tasks extension on the ``tools/call`` requests that ask for a task only.
+
+    On 2026-07-28 the capabilities travel in every request's ``_meta``, and a server may make any
+    call that declares the extension a task (the reference server makes every one a task). A
+    call that did not ask for one (``task=False``, or ``"auto"`` for a tool that does not require
+    it) leaves it out, so it gets its result in the answer, not after a poll interval. The SDK
+    stamps the same capabilities on every request: its stamp is wrapped, per session.
+    """
+    session = client.session
+    inner = session._stamp  # pyright: ignore[reportPrivateUsage]
+    # The capabilities without the extension, computed once per capabilities object stamped.
+    stripped: list[tuple[object, dict[str, Any]]] = []
+
+    def stamp(data: dict[str, Any], options: Any) -> None:
+        inner(data, options)
+        if data.get("method") != "tools/call" or task_declared.get():
+            return
+        params: dict[str, Any] = data.get("params") or {}
+        meta: object = params.get("_meta")
+        if not isinstance(meta, dict):
+            return
+        meta_fields = cast("dict[str, Any]", meta)
+        capabilities: object = meta_fields.get(CLIENT_CAPABILITIES_META_KEY)
+        if not isinstance(capabilities, dict):
+            return
+        if not stripped or stripped[0][0] is not capabilities:
+            fields = cast("dict[str, Any]", capabilities)
+            extensions = {
+                key: value
+                for key, value in cast("dict[str, Any]", fields.get("extensions") or {}).items()
+                if key != TASKS_EXTENSION_ID
+            }
+            without = {**fields, "extensions": extensions or None}
+            stripped[:] = [(capabilities, {k: v for k, v in without.items() if v is not None})]
+        meta_fields[CLIENT_CAPABILITIES_META_KEY] = stripped[0][1]
+
+    session._stamp = stamp  # pyright: ignore[reportPrivateUsage]
 
 
 class TasksExtension(ClientExtension):

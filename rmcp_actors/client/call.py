@@ -12,7 +12,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import attrs
@@ -69,6 +69,7 @@ from ._tasks import (
     create_core_task,
     fingerprint,
     follow_task,
+    task_declared,
 )
 from .backoff import backoff_delay
 from .connection import Connection, Session
@@ -93,6 +94,9 @@ _MIN_TIME_FOR_ANSWER_S = 0.05
 # no limiter pacing (adaptive = false, no rate) is still never retried at once: max_attempts
 # does not bound such attempts, so a zero pause sent them back to back until the deadline.
 _MIN_RATE_LIMITED_PAUSE_S = 0.01
+# Missing required client capability (2026-07-28): what a server requiring tasks answers a call
+# that does not declare the extension.
+_MISSING_CAPABILITY = -32021
 
 
 @attrs.define(eq=False)
@@ -897,13 +901,40 @@ async def _send(
                 meta,
                 max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
             )
+        elif wire is TaskWire.EXTENSION:
+            declared = task_declared.set(True)
+            try:
+                answer = await client.call_tool(
+                    request.tool,
+                    request.arguments,
+                    read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                    meta=meta,
+                )
+            finally:
+                task_declared.reset(declared)
         elif ack_timeout_s is None:
-            answer = await client.call_tool(
-                request.tool,
-                request.arguments,
-                read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
-                meta=meta,
-            )
+            try:
+                answer = await client.call_tool(
+                    request.tool,
+                    request.arguments,
+                    read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                    meta=meta,
+                )
+            except MCPError as refused:
+                if not _asks_for_a_task(refused, request, policy):
+                    raise
+                # Nothing ran: the server wants the call as a task, which "auto" grants.
+                session.requires_task.add(request.tool)
+                declared = task_declared.set(True)
+                try:
+                    answer = await client.call_tool(
+                        request.tool,
+                        request.arguments,
+                        read_timeout_seconds=max(deadline - loop.clock() - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                        meta=meta,
+                    )
+                finally:
+                    task_declared.reset(declared)
         else:
             answer = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
     except TaskCreated as created:
@@ -969,7 +1000,7 @@ def _task_wire(session: Session, request: CallRequest, policy: CallPolicy) -> Ta
     tool = session.tools.get(request.tool)
     execution = tool.execution if tool is not None else None
     support = execution.task_support if execution is not None else None
-    if mode == "auto" and support != "required":
+    if mode == "auto" and support != "required" and request.tool not in session.requires_task:
         return None
     client = session.client
     assert client is not None  # the caller checked session.usable
@@ -986,6 +1017,18 @@ def _task_wire(session: Session, request: CallRequest, policy: CallPolicy) -> Ta
         f"task (its execution.taskSupport is {support or 'absent'!r}, and the server does not "
         f"advertise {TASKS_EXTENSION_ID}); nothing was sent: call it without task=True"
     )
+
+
+def _asks_for_a_task(error: MCPError, request: CallRequest, policy: CallPolicy) -> bool:
+    """Whether a refusal says the tool runs only as a task (the tasks extension's -32021 with
+    the extension as the missing capability), and the call may run as one (``task`` "auto")."""
+    mode = policy.task if request.task is None else request.task
+    if error.code != _MISSING_CAPABILITY or mode != "auto":
+        return False
+    data: object = error.data
+    required = cast("dict[str, object]", data).get("requiredCapabilities") if isinstance(data, dict) else None
+    extensions = cast("dict[str, object]", required).get("extensions") if isinstance(required, dict) else None
+    return isinstance(extensions, dict) and TASKS_EXTENSION_ID in extensions
 
 
 async def _follow(
