@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from _http import serve_http
 from _npm import SERVER_EVERYTHING, npm_install, package_dir
+from conftest import FAST_RECOVERY
 from mcp_types import GetTaskRequest, GetTaskRequestParams, GetTaskResult
 from tasks_servers import TasksState, build_tasks_server
 
@@ -320,3 +322,34 @@ async def test_server_everythings_task_is_cancelled_when_the_call_times_out(ever
             GetTaskRequest(params=GetTaskRequestParams(task_id=task_id)), GetTaskResult
         )
     assert status.status == "cancelled"
+
+
+# -- Streamable HTTP: the connection is lost, the server's tasks are not ----------------------
+
+
+async def test_a_task_outlives_an_http_server_restart() -> None:
+    # Real time (hypercorn); the task state lives outside the app, as in a durable store, so a
+    # restart drops the connections (and any session) and keeps the tasks. Polls fail while the
+    # server is down: the call reconnects and polls the same task on the new connection.
+    state = TasksState(poll_interval_ms=20)
+    restarted_at: list[float] = []
+    async with serve_http(build_tasks_server(state)) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST_RECOVERY))
+
+        async def restart_mid_task() -> None:
+            while len(state.polls) < 2:
+                await trio.sleep(0.01)
+            await http.stop()
+            await trio.sleep(0.2)  # a few polls find it down
+            await http.restart()
+            restarted_at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(restart_mid_task)
+            result = await sup.call("web", "research", {"topic": "bees", "seconds": 1.0}, timeout=20)
+        generation = sup.statistics().connections[0].generation
+    assert result.text == "report on bees"
+    assert generation >= 2
+    assert any(at > restarted_at[0] for _, at in state.polls)  # polled on the new connection
+    assert state.created == 1
+    assert result.attempts == 1
