@@ -23,6 +23,7 @@ from rmcp_actors import (
     RequestState,
     RMCPArgumentError,
     RMCPConfig,
+    RMCPConfigError,
     RMCPIdempotencyConflictError,
     RMCPOutcomeUnknownError,
     RMCPServerError,
@@ -31,6 +32,7 @@ from rmcp_actors import (
     RMCPTimeoutAfterSendError,
     ServerSpec,
     SQLiteTaskStore,
+    ToolOverrides,
 )
 from rmcp_actors.client._tasks import RELATED_TASK_KEY
 
@@ -258,6 +260,26 @@ async def test_task_false_leaves_the_extension_out_of_the_request(
         with pytest.raises(RMCPServerError, match="-32021"):
             await sup.call("tasks", "research", {"topic": "x"}, task=False, timeout=30)
     assert state.created == 0
+
+
+async def test_the_task_policy_key_per_tool(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    spec = ServerSpec.in_memory(
+        "tasks",
+        build_tasks_server(state),
+        overrides=PolicyOverrides(task=True),
+        tools={"research": ToolOverrides(task=False)},
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        with pytest.raises(RMCPServerError, match="-32021"):
+            await sup.call("tasks", "research", {"topic": "x"}, timeout=30)
+        result = await sup.call("tasks", "fails", {"seconds": 0.1}, timeout=30)
+    assert result.is_error
+    assert state.created == 1
+    with pytest.raises(RMCPConfigError, match="true, false or 'auto'") as raised:
+        RMCPConfig.from_dict({"defaults": {"task": "sometimes"}})
+    assert raised.value.path == "defaults.task"
 
 
 async def test_the_task_store_is_used_only_for_calls_with_a_given_key(

@@ -995,8 +995,8 @@ def _task_wire(session: Session, request: CallRequest, policy: CallPolicy) -> Ta
         RMCPArgumentError: ``task`` is True and the server does not run the tool as a task.
     """
     mode = policy.task if request.task is None else request.task
-    if mode is False:
-        return None
+    if mode is False or request.lookup:
+        return None  # a lookup asks about an earlier call and never runs the tool
     tool = session.tools.get(request.tool)
     execution = tool.execution if tool is not None else None
     support = execution.task_support if execution is not None else None
