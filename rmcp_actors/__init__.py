@@ -12,6 +12,9 @@ from importlib.metadata import version as _version
 
 import attrs as _attrs
 
+from .client._tasks import MemoryTaskStore as MemoryTaskStore
+from .client._tasks import SQLiteTaskStore as SQLiteTaskStore
+from .client._tasks import TaskStore as TaskStore
 from .client.auth import EnvBearerAuth as EnvBearerAuth
 from .client.auth import FileTokenStorage as FileTokenStorage
 from .client.auth import LoopbackCallback as LoopbackCallback
@@ -59,6 +62,7 @@ from .errors import RMCPServerError as RMCPServerError
 from .errors import RMCPStoreClosedError as RMCPStoreClosedError
 from .errors import RMCPStoreError as RMCPStoreError
 from .errors import RMCPSupervisorError as RMCPSupervisorError
+from .errors import RMCPTaskCancelledError as RMCPTaskCancelledError
 from .errors import RMCPTimeoutAfterSendError as RMCPTimeoutAfterSendError
 from .errors import RMCPTimeoutError as RMCPTimeoutError
 from .errors import RMCPTransactionError as RMCPTransactionError
@@ -117,6 +121,7 @@ __all__ = [
     "LoopbackCallback",
     "MemoryStore",
     "MemoryTokenStorage",
+    "MemoryTaskStore",
     "Outcome",
     "PolicyOverrides",
     "RMCPActorStoppedError",
@@ -139,6 +144,7 @@ __all__ = [
     "RMCPStoreError",
     "RMCPSupervisor",
     "RMCPSupervisorError",
+    "RMCPTaskCancelledError",
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
     "RMCPTransactionError",
@@ -157,10 +163,12 @@ __all__ = [
     "RuntimeSettings",
     "SQLiteStore",
     "ServerCallbacks",
+    "SQLiteTaskStore",
     "ServerPolicy",
     "ServerSpec",
     "StallReport",
     "StepHistory",
+    "TaskStore",
     "ToolOverrides",
     "Transaction",
     "TransactionEvent",

@@ -34,6 +34,7 @@ __all__ = [
     "RMCPStoreClosedError",
     "RMCPStoreError",
     "RMCPSupervisorError",
+    "RMCPTaskCancelledError",
     "RMCPTimeoutAfterSendError",
     "RMCPTimeoutError",
     "RMCPTransactionError",
@@ -415,3 +416,14 @@ class RMCPTransactionInDoubtError(RMCPTransactionError):
     def __init__(self, message: str, *, step: int, **context: Any) -> None:
         super().__init__(message, **context)
         self.step = step
+
+
+class RMCPTaskCancelledError(RMCPError):
+    """The server cancelled the task the call ran as (``tasks/get`` said ``cancelled``) before
+    it completed, and not at this client's request.
+
+    Cancellation is cooperative: the tool may have run in part. Check its effect, then call
+    again with a new idempotency key (the old key still names the cancelled task).
+    """
+
+    default_may_have_executed = True

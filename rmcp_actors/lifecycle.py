@@ -27,6 +27,9 @@ class RequestState(enum.Enum):
     ANSWERED = "answered"
     FAILED = "failed"
     UNKNOWN = "unknown"
+    #: The call runs as a task on the server: created (detail ``created <task id>``), resumed
+    #: from the task store (``resumed <task id>``), or a new status (``working: <message>``).
+    TASK = "task"
 
 
 @attrs.frozen

@@ -32,6 +32,7 @@ from mcp_types import Tool
 from ._exceptions import FATAL, is_fatal, leaves
 from ._health import judge_scheduler, judge_watchdog, register_server
 from ._protocol import NackCode, ServerSettings
+from .client._tasks import MemoryTaskStore, SQLiteTaskStore, TaskStore
 from .client.call import CallRequest, perform_call
 from .client.callbacks import ProgressCallback, notify_roots_changed
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
@@ -184,6 +185,8 @@ class RMCPSupervisor:
         lock_manager.watch(work)
         components.register("locks", "locks", lock_manager.statistics)
         self._locks: LockManagerHook | None = TransactionLocks(lock_manager)
+        # Which task each idempotency key created (calls that run as tasks; see client/_tasks.py).
+        self._task_store: TaskStore = MemoryTaskStore()
 
     @classmethod
     @asynccontextmanager
@@ -194,6 +197,7 @@ class RMCPSupervisor:
         on_breaker_change: BreakerChangeCallback | None = None,
         on_stall: Callable[[StallReport], None] | None = None,
         journal: Journal | None = None,
+        task_store: TaskStore | None = None,
     ) -> AsyncGenerator[RMCPSupervisor]:
         """Start a runtime, connect the configured servers, and stop everything on exit.
 
@@ -212,6 +216,8 @@ class RMCPSupervisor:
             journal: The transaction journal to use instead of the one ``[transactions]``
                 names; the caller keeps it (it is not closed on exit). With
                 ``recover_on_open``, its incomplete transactions are recovered before this yields.
+            task_store: Where the task each idempotency key created is kept, instead of the
+                SQLite file ``runtime.task_store`` names (or memory); the caller keeps it.
 
         Yields:
             The running supervisor.
@@ -271,6 +277,11 @@ class RMCPSupervisor:
             journal=journal,
         )
         supervisor._on_breaker_change = on_breaker_change
+        owns_task_store = task_store is None and runtime.task_store is not None
+        if task_store is not None:
+            supervisor._task_store = task_store
+        elif runtime.task_store is not None:
+            supervisor._task_store = SQLiteTaskStore(runtime.task_store)
         try:
             async with anyio.create_task_group() as task_group:
                 await task_group.start(root.run)
@@ -288,6 +299,9 @@ class RMCPSupervisor:
                     if owns_journal:
                         with anyio.CancelScope(shield=True):
                             await journal.aclose()
+                    if owns_task_store:
+                        with anyio.CancelScope(shield=True):
+                            await supervisor._task_store.aclose()
         except BaseException as error:
             # An escalation is what ended the runtime, whatever the body saw of it first (a
             # closed connection, a supervisor that stopped): that is what the caller is told.
@@ -314,7 +328,7 @@ class RMCPSupervisor:
         if spec.name in self._servers:
             raise RMCPConfigError(f"a server named {spec.name!r} was already added", path=spec.name)
         policy = self._config.server_policy(spec)
-        connection = Connection(spec.name, spec, policy)
+        connection = Connection(spec.name, spec, policy, task_store=self._task_store)
         policies = {tool: self._config.call_policy(spec, tool) for tool in spec.tools}
         flow = ServerFlow(
             spec.name,
@@ -464,6 +478,7 @@ class RMCPSupervisor:
         on_lifecycle: LifecycleCallback | None = None,
         tenant: str | None = None,
         on_progress: ProgressCallback | None = None,
+        task: bool | None = None,
     ) -> CallResult:
         """Call a tool reliably and return its result once it ran and answered.
 
@@ -488,9 +503,17 @@ class RMCPSupervisor:
                 notification the server sends about this call, on every attempt (a retried
                 call may report progress again from the start). Without it, no progress token
                 is sent. An exception it raises is logged and changes nothing about the call.
+            task: Run the call as a task (``True``: the server runs it in the background, the
+                call polls ``tasks/get`` to its result and goes on polling the same task after
+                a reconnect; with ``idempotency_key``, a later call with that key follows the
+                same task), never ask for one (``False``), or as the tool's ``task`` policy
+                says (``None``; by default a task exactly when the tool requires one). A server
+                speaking the 2026-07-28 tasks extension decides by itself; its tasks are always
+                followed.
 
         Returns:
-            The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error.
+            The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error
+            (or its task failed).
 
         Raises:
             UnknownServerError: ``server`` is not configured.
@@ -510,7 +533,10 @@ class RMCPSupervisor:
                 is nested in; nothing was sent.
             RMCPArgumentError: ``timeout`` is not a positive finite number, or ``arguments``
                 hold a value JSON cannot carry unchanged (bytes, a non-str key,
-                NaN, a set, a circular reference, nesting deeper than 190); nothing was sent.
+                NaN, a set, a circular reference, nesting deeper than 190), or ``task`` is True
+                and the server does not run the tool as a task; nothing was sent.
+            RMCPTaskCancelledError: The server cancelled the call's task (the tool may have
+                run in part).
         """
         if timeout is not None:
             _check_timeout(timeout, server, tool)
@@ -518,6 +544,8 @@ class RMCPSupervisor:
         policy = entry.policies.get(tool, entry.default_policy)
         request = _request(policy, tool, arguments, idempotency_key, priority, timeout, on_lifecycle, tenant)
         request.on_progress = on_progress
+        if task is not None:
+            request.task = task
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
 
     async def _step_call(
@@ -726,6 +754,7 @@ class RMCPSupervisor:
         ordered: bool = False,
         window: int | None = None,
         timeout: float | None = None,
+        task: bool | None = None,
     ) -> Batch:
         """Call one tool once per item of ``arguments``, streaming ``(index, outcome)`` back.
 
@@ -759,6 +788,9 @@ class RMCPSupervisor:
                 ``2 * concurrency``): a slow item holds back at most ``window - 1`` finished ones.
             timeout: Seconds for each item's call (see :meth:`call`); the batch as a whole is
                 bounded by the caller's cancel scopes, whose cancellation propagates.
+            task: Run every call as a task (see :meth:`call`); with ``key``, rerunning the batch
+                (in a new process, with ``runtime.task_store``) follows the tasks already
+                created instead of creating them again.
 
         Returns:
             The batch, to enter with ``async with``.
@@ -802,6 +834,7 @@ class RMCPSupervisor:
                 priority=priority,
                 timeout=timeout,
                 tenant=tenant,
+                task=task,
             )
 
         return Batch(

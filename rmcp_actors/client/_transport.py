@@ -34,6 +34,7 @@ from ..config import ServerSpec
 from ._http_evidence import recording_http_client
 from ._sent import request_handed_over
 from ._stdio import stdio_client
+from ._tasks import TasksExtension
 from .auth import resolve_auth
 from .callbacks import RefreshTools, client_options
 
@@ -250,6 +251,7 @@ def build_client(
     traffic = traffic if traffic is not None else Traffic()
     extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION})]
     options = client_options(spec.callbacks, spec.name, refresh_tools or _no_refresh)
+    extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION}), TasksExtension()]
     if spec.transport == "stdio":
         assert spec.command is not None  # validated by ServerSpec
         params = StdioServerParameters(

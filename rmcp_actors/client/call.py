@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
@@ -18,6 +19,7 @@ import attrs
 from mcp import MCPError
 from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import CallToolResult, RequestParamsMeta, Tool
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from .._protocol import (
     NackCode,
@@ -59,6 +61,18 @@ from ._failures import AckTimeout, Attempt, Evidence, Verdict, classify
 from ._http_evidence import current_evidence
 from ._records import call_result, lifecycle_event
 from ._sent import current_send_hook
+from ._tasks import (
+    TASKS_EXTENSION_ID,
+    TaskCreated,
+    TaskRef,
+    TaskSnapshot,
+    TaskWire,
+    check_same_call,
+    create_core_task,
+    fingerprint,
+    follow_task,
+    task_declared,
+)
 from .backoff import backoff_delay
 from .callbacks import ProgressCallback
 from .connection import Connection, Session
@@ -83,6 +97,9 @@ _MIN_TIME_FOR_ANSWER_S = 0.05
 # no limiter pacing (adaptive = false, no rate) is still never retried at once: max_attempts
 # does not bound such attempts, so a zero pause sent them back to back until the deadline.
 _MIN_RATE_LIMITED_PAUSE_S = 0.01
+# Missing required client capability (2026-07-28): what a server requiring tasks answers a call
+# that does not declare the extension.
+_MISSING_CAPABILITY = -32021
 
 
 @attrs.define(eq=False)
@@ -107,6 +124,8 @@ class CallRequest:
     lookup: bool | None = None
     # The caller's progress callback, given to every attempt (None: no progress token is sent).
     on_progress: ProgressCallback | None = None
+    # Run as a task (True), never ask for one (False), or as the policy's ``task`` says (None).
+    task: bool | None = None
 
 
 def _no_events() -> list[LifecycleEvent]:
@@ -376,6 +395,7 @@ async def _attempts(
                         http,
                         direct,
                         unsafe,
+                        connection,
                     )
                 else:
                     answer = await _hedged(
@@ -547,7 +567,9 @@ async def _hedged(
     async def send(on: Session) -> tuple[CallToolResult, ResponseMeta | None]:
         started = anyio.current_time()
         try:
-            answer = await _send(on, request, progress, deadline, policy, acks, http, direct, unsafe)
+            answer = await _send(
+                on, request, progress, deadline, policy, acks, http, direct, unsafe, connection
+            )
         except _Failed as failed:
             if failed.verdict.session_lost:
                 connection.report_broken(on)
@@ -816,6 +838,7 @@ async def _send(
     http: bool,
     direct: bool,
     unsafe: bool,
+    connection: Connection,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
@@ -839,6 +862,20 @@ async def _send(
             NackCode.INVALID_META,
             "the server does not advertise RMCP lookups (any more): a lookup was not sent",
         )
+    wire = _task_wire(session, request, policy)
+    # The key's task, when an earlier call (in this process, or one before it) created one.
+    given_key = request.idempotency_key != request.request_id
+    store = connection.task_store if wire is not None and given_key else None
+    if store is not None and (ref := await store.get(connection.name, request.idempotency_key)) is not None:
+        check_same_call(ref, request.idempotency_key, fingerprint(request.tool, request.arguments))
+        progress.attempts += 1
+        progress.sent = True  # by the call that created the task
+        progress.record(RequestState.TASK, f"resumed {ref.task_id}")
+        result = await follow_task(
+            connection, session.generation, ref, None, deadline, _status_recorder(progress)
+        )
+        progress.record(RequestState.ANSWERED)
+        return result, None
     progress.attempts += 1
     meta = None
     if rmcp is not None:
@@ -866,18 +903,60 @@ async def _send(
     sent_token = current_send_hook.set(sent_step)
     evidence = Evidence() if http else None
     token = current_evidence.set(evidence) if http else None
+    answer: CallToolResult | TaskSnapshot
+    # The SDK calls it positionally: any callable of three arguments fits.
+    on_progress = cast("ProgressFnT | None", request.on_progress)
     try:
-        if ack_timeout_s is None:
-            result = await client.call_tool(
+        if wire is TaskWire.CORE:
+            answer = await create_core_task(
+                client,
                 request.tool,
                 request.arguments,
-                read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
-                meta=meta,
-                # The SDK calls it positionally: any callable of three arguments fits.
-                progress_callback=cast("ProgressFnT | None", request.on_progress),
+                meta,
+                max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
             )
+        elif wire is TaskWire.EXTENSION:
+            declared = task_declared.set(True)
+            try:
+                answer = await client.call_tool(
+                    request.tool,
+                    request.arguments,
+                    read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                    meta=meta,
+                    progress_callback=on_progress,
+                )
+            finally:
+                task_declared.reset(declared)
+        elif ack_timeout_s is None:
+            try:
+                answer = await client.call_tool(
+                    request.tool,
+                    request.arguments,
+                    read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                    meta=meta,
+                    progress_callback=on_progress,
+                )
+            except MCPError as refused:
+                if not _asks_for_a_task(refused, request, policy):
+                    raise
+                # Nothing ran: the server wants the call as a task, which "auto" grants.
+                session.requires_task.add(request.tool)
+                declared = task_declared.set(True)
+                try:
+                    answer = await client.call_tool(
+                        request.tool,
+                        request.arguments,
+                        read_timeout_seconds=max(deadline - loop.clock() - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                        meta=meta,
+                        progress_callback=on_progress,
+                    )
+                finally:
+                    task_declared.reset(declared)
         else:
-            result = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
+            answer = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
+    except TaskCreated as created:
+        # The server chose to run it as a task (the extension's claim hands it over).
+        answer = created.first
     except Exception as error:
         # Stdio and in-memory transports write in this task: once call_tool is left, a request
         # they did not take never leaves. Over HTTP the POST runs in a task of its own that may
@@ -899,6 +978,10 @@ async def _send(
         current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
+    if isinstance(answer, TaskSnapshot):
+        result = await _follow(connection, session, request, progress, deadline, wire, answer)
+    else:
+        result = answer
     rmcp_meta = None if rmcp is None else decode_response_meta(result.meta)
     if rmcp_meta is None:
         if result.is_error and (signal := _result_signal(result, policy)) is not None:
@@ -919,6 +1002,76 @@ async def _send(
     if rmcp_meta.retryable:
         raise _Nacked(rmcp_meta)
     raise _nack_error(rmcp_meta, f"on attempt {progress.attempts}")
+
+
+def _task_wire(session: Session, request: CallRequest, policy: CallPolicy) -> TaskWire | None:
+    """The wire this call asks for a task on; None for a plain call (which a server speaking
+    the tasks extension may still answer with a task: it decides, see :mod:`._tasks`).
+
+    Raises:
+        RMCPArgumentError: ``task`` is True and the server does not run the tool as a task.
+    """
+    mode = policy.task if request.task is None else request.task
+    if mode is False or request.lookup:
+        return None  # a lookup asks about an earlier call and never runs the tool
+    tool = session.tools.get(request.tool)
+    execution = tool.execution if tool is not None else None
+    support = execution.task_support if execution is not None else None
+    if mode == "auto" and support != "required" and request.tool not in session.requires_task:
+        return None
+    client = session.client
+    assert client is not None  # the caller checked session.usable
+    if session.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        extensions = client.server_capabilities.extensions
+        if extensions is not None and TASKS_EXTENSION_ID in extensions:
+            return TaskWire.EXTENSION
+    elif support in ("optional", "required"):
+        return TaskWire.CORE
+    if mode == "auto":
+        return None  # a tool the server requires a task for, on a wire without them: it says so
+    raise RMCPArgumentError(
+        f"task=True, but server {session.protocol_version} does not run tool {request.tool!r} as a "
+        f"task (its execution.taskSupport is {support or 'absent'!r}, and the server does not "
+        f"advertise {TASKS_EXTENSION_ID}); nothing was sent: call it without task=True"
+    )
+
+
+def _asks_for_a_task(error: MCPError, request: CallRequest, policy: CallPolicy) -> bool:
+    """Whether a refusal says the tool runs only as a task (the tasks extension's -32021 with
+    the extension as the missing capability), and the call may run as one (``task`` "auto")."""
+    mode = policy.task if request.task is None else request.task
+    if error.code != _MISSING_CAPABILITY or mode != "auto":
+        return False
+    data: object = error.data
+    required = cast("dict[str, object]", data).get("requiredCapabilities") if isinstance(data, dict) else None
+    extensions = cast("dict[str, object]", required).get("extensions") if isinstance(required, dict) else None
+    return isinstance(extensions, dict) and TASKS_EXTENSION_ID in extensions
+
+
+async def _follow(
+    connection: Connection,
+    session: Session,
+    request: CallRequest,
+    progress: _Progress,
+    deadline: float,
+    wire: TaskWire | None,
+    first: TaskSnapshot,
+) -> CallToolResult:
+    """Follow the task the server created for this attempt to its result, its id kept in the
+    task store first when the caller gave the key (so that another call can resume it)."""
+    ref = TaskRef(first.task_id, wire or TaskWire.EXTENSION, fingerprint(request.tool, request.arguments))
+    progress.record(RequestState.TASK, f"created {first.task_id}")
+    store = connection.task_store
+    if store is not None and request.idempotency_key != request.request_id:
+        await store.put(connection.name, request.idempotency_key, ref)
+    return await follow_task(connection, session.generation, ref, first, deadline, _status_recorder(progress))
+
+
+def _status_recorder(progress: _Progress) -> Callable[[str], None]:
+    def record(status: str) -> None:
+        progress.record(RequestState.TASK, status)
+
+    return record
 
 
 def _acks_arrive(connection: Connection) -> bool:

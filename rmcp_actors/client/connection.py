@@ -25,6 +25,7 @@ import attrs
 import httpx2
 from mcp import Client, MCPError
 from mcp_types import Tool
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from .._exceptions import is_fatal
 from .._protocol import EXPERIMENTAL_KEY, EXTENSION_ID, META_KEY, ServerSettings, decode_server_settings
@@ -33,6 +34,7 @@ from ..errors import RMCPAuthError, RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._failures import Evidence
 from ._http_evidence import current_evidence, describe_refusal
+from ._tasks import TaskStore, gate_task_capability
 from ._transport import Traffic, build_client
 from .auth import resolve_auth
 from .backoff import backoff_delay
@@ -72,6 +74,9 @@ class Session:
     connected: bool = False
     # What the HTTP transport saw of the handshake (its status), to explain a refusal.
     evidence: Evidence | None = None
+    # Tools this server refused without a task (-32021 asking for the tasks extension): their
+    # later calls declare it at once (2026-07-28 lists no execution.taskSupport to tell).
+    requires_task: set[str] = attrs.Factory(set[str])
 
     @property
     def usable(self) -> bool:
@@ -132,10 +137,12 @@ class Connection(Actor[ConnectionRequest]):
         name: The server's name.
         spec: How to reach the server.
         policy: The server's resolved policy (timeouts, reconnect backoff, when_disconnected).
+        task_store: Where the tasks that calls with a key created are kept (see ``_tasks``).
     """
 
     spec: ServerSpec
     policy: ServerPolicy
+    task_store: TaskStore | None = None
     _state: ConnectionState = ConnectionState.CONNECTING
     _session: Session | None = None
     _generation: int = 0
@@ -463,6 +470,8 @@ class Connection(Actor[ConnectionRequest]):
                     session.tools = await _list_all_tools(client)
                     session.rmcp = _rmcp_settings(client, session.tools)
                     session.protocol_version = client.protocol_version
+                    if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                        gate_task_capability(client)
                     session.client = client
                     session.ready.set()
                     try:

@@ -136,7 +136,11 @@ def policy_variant(cls: type[_C]) -> type[_C]:
     for group in groups:
         if group not in _GROUP_TABLES:
             raise TypeError(f"{cls.__name__}: {group.__name__} is not marked with @policy_group")
-        hints = vars(sys.modules[group.__module__])
+        # An inherited key's annotation names what its own module imports (a group derived
+        # in another module, as the config tests do, inherits every key of the base group).
+        hints: dict[str, Any] = {}
+        for klass in reversed(group.__mro__):
+            hints.update(vars(sys.modules[klass.__module__]))
         for field in attrs.fields(group):
             if field.name in fields:
                 raise TypeError(f"{cls.__name__}: the key {field.name!r} is declared twice")

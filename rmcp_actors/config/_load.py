@@ -33,6 +33,7 @@ from ._policy import (
     PolicyOverrides,
     RuntimeSettings,
     ServerPolicy,
+    TaskMode,
     ToolOverrides,
     TransactionSettings,
 )
@@ -210,6 +211,12 @@ def _structure_literal(value: object, type_: Any) -> Any:
     return value
 
 
+def _structure_task_mode(value: object, _type: object) -> TaskMode | None:
+    if value is None or isinstance(value, bool) or value == "auto":
+        return cast("TaskMode | None", value)
+    raise _Invalid(f"must be true, false or 'auto', got {value!r}")
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     converter.register_structure_hook(int, _structure_int)
@@ -225,6 +232,8 @@ def _make_converter() -> cattrs.Converter:
         return structure_auth(value, type_)  # pyright: ignore[reportArgumentType]
 
     converter.register_structure_hook(AuthConfig, _structure_auth)
+    # bool | "auto" (and that or None in an overrides layer): cattrs structures no such union.
+    converter.register_structure_hook_func(lambda t: t in (TaskMode, TaskMode | None), _structure_task_mode)
     return converter
 
 

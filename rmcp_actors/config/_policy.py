@@ -44,6 +44,7 @@ __all__ = [
     "RetryPolicy",
     "RuntimeSettings",
     "ServerPolicy",
+    "TaskMode",
     "ToolOverrides",
     "WhenDisconnected",
 ]
@@ -52,6 +53,7 @@ Overflow = Literal["wait", "reject"]
 WhenDisconnected = Literal["wait", "fail"]
 BreakerMode = Literal["enabled", "disabled", "metrics_only"]
 BreakerProbe = Literal["call", "ping", "tools_list"]
+TaskMode = bool | Literal["auto"]
 
 
 def _check_delays(base: object, maximum: object) -> None:
@@ -95,6 +97,11 @@ def _percentile(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None
             f"must be a latency percentile such as 'p50', 'p95' or 'p99.9', got {value!r}",
             path=attribute.name,
         )
+
+
+def _task_mode(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool) and value != "auto":
+        raise RMCPConfigError(f"must be true, false or 'auto', got {value!r}", path=attribute.name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +339,13 @@ class _EveryLevel(Generic[V]):
         _RetryBudgetKeys, "The share of retries and hedges (see RetryBudgetPolicy)."
     )
     hedge: _HedgeKeys[V] = policy_table(_HedgeKeys, "Hedged attempts (see HedgePolicy).")
+    task: TaskMode | V = policy_key(
+        "auto",
+        _task_mode,
+        "Whether calls run as tasks (polled to their result, followed across reconnects): true "
+        "when the server supports it for the tool, false never asked for, 'auto' when the tool "
+        "requires it (execution.taskSupport = 'required'). On 2026-07-28 the server decides.",
+    )
 
 
 @policy_group("defaults", "server")
@@ -409,6 +423,8 @@ class RuntimeSettings:
         restart_hung: Whether the watchdog reconnects a server that answers nothing for stall_s.
         priority_aging_s: A waiting call gains one priority level per this many seconds waited,
             so a steady stream of higher priorities never starves it (greater than 0).
+        task_store: Path of the SQLite file keeping which task each idempotency key created,
+            so that a new process resumes a batch's tasks; ``None`` keeps them in memory.
 
     Raises:
         RMCPConfigError: A value is out of range; ``path`` is the field name.
@@ -422,6 +438,7 @@ class RuntimeSettings:
     stall_s: float = attrs.field(default=30.0, validator=number(positive=True))
     restart_hung: bool = attrs.field(default=True, validator=boolean)
     priority_aging_s: float = attrs.field(default=5.0, validator=number(positive=True))
+    task_store: str | None = attrs.field(default=None, validator=optional(string))
 
 
 JournalSync = Literal["normal", "full"]

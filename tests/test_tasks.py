@@ -1,0 +1,377 @@
+"""Calls that run as tasks: the ``io.modelcontextprotocol/tasks`` extension against a real SDK
+server in memory (MockClock), and the 2025-11-25 core tasks against server-everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from _http import serve_http
+from _npm import SERVER_EVERYTHING, npm_install, package_dir
+from conftest import FAST_RECOVERY
+from mcp_types import GetTaskRequest, GetTaskRequestParams, GetTaskResult
+from tasks_servers import TasksState, build_tasks_server
+
+from rmcp_actors import (
+    LifecycleEvent,
+    MemoryTaskStore,
+    Outcome,
+    PolicyOverrides,
+    RequestState,
+    RMCPArgumentError,
+    RMCPConfig,
+    RMCPConfigError,
+    RMCPIdempotencyConflictError,
+    RMCPOutcomeUnknownError,
+    RMCPServerError,
+    RMCPSupervisor,
+    RMCPTaskCancelledError,
+    RMCPTimeoutAfterSendError,
+    ServerSpec,
+    SQLiteTaskStore,
+    ToolOverrides,
+)
+from rmcp_actors.client._tasks import RELATED_TASK_KEY
+
+
+def _spec(state: TasksState) -> ServerSpec:
+    return ServerSpec.in_memory("tasks", build_tasks_server(state))
+
+
+def _task_steps(events: tuple[LifecycleEvent, ...] | list[LifecycleEvent]) -> list[str | None]:
+    return [event.detail for event in events if event.state is RequestState.TASK]
+
+
+async def test_a_task_is_polled_to_its_result_at_the_servers_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState(poll_interval_ms=250)
+    seen: list[LifecycleEvent] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        started = trio.current_time()
+        result = await sup.call(
+            "tasks", "research", {"topic": "bees", "seconds": 1.0}, on_lifecycle=seen.append, timeout=30
+        )
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.text == "report on bees"
+    assert result.meta is not None
+    assert result.meta[RELATED_TASK_KEY] == {"taskId": "task-1"}
+    assert _task_steps(seen) == ["created task-1", "working: halfway", "completed"]
+    assert [event.state for event in result.lifecycle][-1] is RequestState.ANSWERED
+    times = [at - started for _, at in state.polls]
+    # One poll per pollIntervalMs, the last once the task is done.
+    assert times == pytest.approx([0.25, 0.5, 0.75, 1.0], abs=0.01)
+    assert state.created == 1
+
+
+async def test_without_an_interval_the_client_polls_once_a_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState(poll_interval_ms=None)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        await sup.call("tasks", "research", {"topic": "x", "seconds": 2.5}, timeout=30)
+    assert len(state.polls) == 3
+
+
+async def test_a_failed_task_is_a_failed_outcome(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        result = await sup.call("tasks", "fails", {"seconds": 0.5}, timeout=30)
+    assert result.outcome is Outcome.FAILED
+    assert result.is_error
+    assert "the backend is down" in result.text
+    assert "-32603" in result.text
+    assert result.meta is not None
+    assert result.meta["error"]["code"] == -32603
+
+
+async def test_a_task_the_server_cancels_raises_task_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPTaskCancelledError, match="operator stopped it") as raised:
+            await sup.call("tasks", "abandoned", {"seconds": 0.5}, timeout=30)
+    assert raised.value.may_have_executed
+    assert raised.value.outcome is Outcome.UNKNOWN
+    assert state.cancels == []  # the server's doing, not the client's
+
+
+async def test_the_deadline_cancels_the_task_on_the_server(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPTimeoutAfterSendError):
+            await sup.call("tasks", "research", {"topic": "x", "seconds": 60}, timeout=2)
+    assert state.cancels == ["task-1"]
+    assert state.tasks["task-1"].cancelled
+
+
+async def test_a_cancelled_caller_cancels_the_task(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with trio.move_on_after(3):
+            await sup.call("tasks", "research", {"topic": "x", "seconds": 60}, timeout=30)
+    assert state.cancels == ["task-1"]
+
+
+async def test_polling_goes_on_on_the_new_session_after_the_transport_drops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    seen: list[LifecycleEvent] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
+
+        async def break_transport_mid_task() -> None:
+            while not state.polls:
+                await trio.sleep(0.05)
+            session = connection.current_session()
+            assert session is not None
+            connection.report_broken(session)  # the transport dies; the server and its tasks live
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(break_transport_mid_task)
+            result = await sup.call(
+                "tasks", "research", {"topic": "bees", "seconds": 3}, on_lifecycle=seen.append, timeout=30
+            )
+        generation = connection.statistics().generation
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.text == "report on bees"
+    assert generation == 2
+    assert state.created == 1  # the same task, not a new one
+    assert {task_id for task_id, _ in state.polls} == {"task-1"}
+    assert result.attempts == 1
+
+
+async def test_a_task_the_server_lost_across_a_reconnect_is_unknown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
+
+        async def restart_the_server() -> None:
+            while not state.polls:
+                await trio.sleep(0.05)
+            session = connection.current_session()
+            assert session is not None
+            state.tasks.clear()  # a server restart with tasks in memory
+            connection.report_broken(session)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(restart_the_server)
+            with pytest.raises(
+                RMCPOutcomeUnknownError, match="no longer knows task task-1 after a reconnect"
+            ):
+                await sup.call("tasks", "research", {"topic": "x", "seconds": 3}, timeout=30)
+
+
+async def test_a_call_with_the_same_key_follows_the_same_task(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        first = await sup.call(
+            "tasks", "research", {"topic": "x"}, idempotency_key="k1", task=True, timeout=30
+        )
+        again = await sup.call(
+            "tasks", "research", {"topic": "x"}, idempotency_key="k1", task=True, timeout=30
+        )
+        with pytest.raises(RMCPIdempotencyConflictError, match="created task task-1"):
+            await sup.call("tasks", "research", {"topic": "y"}, idempotency_key="k1", task=True, timeout=30)
+    assert first.text == again.text == "report on x"
+    assert state.created == 1
+    assert _task_steps(again.lifecycle)[0] == "resumed task-1"
+
+
+async def test_a_new_process_resumes_a_batchs_tasks_from_the_sqlite_store(tmp_path: Path) -> None:
+    # Real time (SQLite works in threads), short intervals: the first "process" gives up on
+    # its batch while the tasks run; the server ignores the cancel (cooperation is optional).
+    state = TasksState(poll_interval_ms=10, honour_cancel=False)
+    server = build_tasks_server(state)
+    path = str(tmp_path / "tasks.db")
+    items = [{"topic": f"t{n}", "seconds": 0.3} for n in range(3)]
+
+    def key(item: Any) -> str:
+        return f"batch-{item['topic']}"
+
+    config = RMCPConfig.from_dict({"runtime": {"task_store": path}})
+    async with RMCPSupervisor.open(config) as sup:
+        await sup.add_server(ServerSpec.in_memory("tasks", server))
+        with trio.move_on_after(0.1):
+            async with sup.map("tasks", "research", items, key=key, task=True) as results:
+                async for _ in results:
+                    pass
+    assert state.created == 3
+    async with RMCPSupervisor.open(config) as sup:
+        await sup.add_server(ServerSpec.in_memory("tasks", server))
+        async with sup.map("tasks", "research", items, key=key, task=True, ordered=True) as results:
+            texts = [outcome.text async for _, outcome in results if not isinstance(outcome, Exception)]
+    assert texts == ["report on t0", "report on t1", "report on t2"]
+    assert state.created == 3  # followed, not created again
+
+
+async def test_sqlite_task_store_keeps_refs_across_instances(tmp_path: Path) -> None:
+    from rmcp_actors.client._tasks import TaskRef, TaskWire
+
+    path = str(tmp_path / "t.db")
+    store = SQLiteTaskStore(path)
+    await store.put("s", "k", TaskRef("t-1", TaskWire.CORE, "abc"))
+    await store.aclose()
+    again = SQLiteTaskStore(path)
+    assert await again.get("s", "k") == TaskRef("t-1", TaskWire.CORE, "abc")
+    assert await again.get("s", "other") is None
+    await again.aclose()
+    memory = MemoryTaskStore()
+    await memory.put("s", "k", TaskRef("t-2", TaskWire.EXTENSION, "f"))
+    assert (await memory.get("s", "k"), await memory.get("t", "k")) == (
+        TaskRef("t-2", TaskWire.EXTENSION, "f"),
+        None,
+    )
+
+
+async def test_a_plain_tool_of_a_tasks_server_is_a_plain_call(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    config = RMCPConfig(defaults=PolicyOverrides(task=True))
+    async with RMCPSupervisor.open(config) as sup:
+        await sup.add_server(_spec(state))
+        result = await sup.call("tasks", "quick", {"x": 4})
+    assert result.structured_content == {"result": 4}
+    assert state.created == 0
+    assert not _task_steps(result.lifecycle)
+
+
+async def test_task_false_leaves_the_extension_out_of_the_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPServerError, match="-32021"):
+            await sup.call("tasks", "research", {"topic": "x"}, task=False, timeout=30)
+    assert state.created == 0
+
+
+async def test_the_task_policy_key_per_tool(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    spec = ServerSpec.in_memory(
+        "tasks",
+        build_tasks_server(state),
+        overrides=PolicyOverrides(task=True),
+        tools={"research": ToolOverrides(task=False)},
+    )
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        with pytest.raises(RMCPServerError, match="-32021"):
+            await sup.call("tasks", "research", {"topic": "x"}, timeout=30)
+        result = await sup.call("tasks", "fails", {"seconds": 0.1}, timeout=30)
+    assert result.is_error
+    assert state.created == 1
+    with pytest.raises(RMCPConfigError, match="true, false or 'auto'") as raised:
+        RMCPConfig.from_dict({"defaults": {"task": "sometimes"}})
+    assert raised.value.path == "defaults.task"
+
+
+async def test_the_task_store_is_used_only_for_calls_with_a_given_key(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    store = MemoryTaskStore()
+    async with RMCPSupervisor.open(task_store=store) as sup:
+        await sup.add_server(_spec(state))
+        await sup.call("tasks", "research", {"topic": "x"}, timeout=30)
+        await sup.call("tasks", "research", {"topic": "x"}, idempotency_key="given", timeout=30)
+    assert await store.get("tasks", "given") is not None
+    assert state.created == 2
+
+
+# -- 2025-11-25 core tasks: server-everything over stdio (real time, a real Node server) -------
+
+
+@pytest.fixture(scope="module")
+def everything_script() -> str:
+    node_modules = npm_install(SERVER_EVERYTHING)
+    return str(package_dir(node_modules, "@modelcontextprotocol/server-everything") / "dist" / "index.js")
+
+
+@pytest.mark.reference
+async def test_server_everythings_research_query_runs_as_a_task(everything_script: str) -> None:
+    seen: list[LifecycleEvent] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.stdio("everything", "node", [everything_script, "stdio"]))
+        # taskSupport "required": the default policy ("auto") asks for the task.
+        result = await sup.call(
+            "everything", "simulate-research-query", {"topic": "bees"}, on_lifecycle=seen.append, timeout=60
+        )
+        with pytest.raises(RMCPArgumentError, match="taskSupport is 'forbidden'"):
+            await sup.call("everything", "echo", {"message": "hi"}, task=True)
+        plain = await sup.call("everything", "echo", {"message": "hi"})
+    assert result.outcome is Outcome.SUCCEEDED
+    assert "Research Report: bees" in result.text
+    steps = _task_steps(seen)
+    assert steps[0] is not None
+    assert steps[0].startswith("created ")
+    assert "working: Synthesizing findings..." in steps
+    assert steps[-1] == "completed: Generating report..."
+    assert result.meta is not None
+    assert result.meta[RELATED_TASK_KEY] == {"taskId": steps[0].removeprefix("created ")}
+    assert plain.text == "Echo: hi"
+
+
+@pytest.mark.reference
+async def test_server_everythings_task_is_cancelled_when_the_call_times_out(everything_script: str) -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.stdio("everything", "node", [everything_script, "stdio"]))
+        with pytest.raises(RMCPTimeoutAfterSendError) as raised:
+            await sup.call("everything", "simulate-research-query", {"topic": "bees"}, timeout=1.5)
+        created = _task_steps(raised.value.lifecycle)[0]
+        assert created is not None
+        task_id = created.removeprefix("created ")
+        session = sup._servers["everything"].connection.current_session()  # pyright: ignore[reportPrivateUsage]
+        assert session is not None
+        assert session.client is not None
+        status = await session.client.session.send_request(
+            GetTaskRequest(params=GetTaskRequestParams(task_id=task_id)), GetTaskResult
+        )
+    assert status.status == "cancelled"
+
+
+# -- Streamable HTTP: the connection is lost, the server's tasks are not ----------------------
+
+
+async def test_a_task_outlives_an_http_server_restart() -> None:
+    # Real time (hypercorn); the task state lives outside the app, as in a durable store, so a
+    # restart drops the connections (and any session) and keeps the tasks. Polls fail while the
+    # server is down: the call reconnects and polls the same task on the new connection.
+    state = TasksState(poll_interval_ms=20)
+    restarted_at: list[float] = []
+    async with serve_http(build_tasks_server(state)) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST_RECOVERY))
+
+        async def restart_mid_task() -> None:
+            while len(state.polls) < 2:
+                await trio.sleep(0.01)
+            await http.stop()
+            await trio.sleep(0.2)  # a few polls find it down
+            await http.restart()
+            restarted_at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(restart_mid_task)
+            result = await sup.call("web", "research", {"topic": "bees", "seconds": 1.0}, timeout=20)
+        generation = sup.statistics().connections[0].generation
+    assert result.text == "report on bees"
+    assert generation >= 2
+    assert any(at > restarted_at[0] for _, at in state.polls)  # polled on the new connection
+    assert state.created == 1
+    assert result.attempts == 1
