@@ -580,6 +580,11 @@ def test_tasks_need_a_task_store() -> None:
         install(MCPServer("x"), store=cast(DedupStore, _KeysOnly()), tasks=True)
 
 
+def test_task_support_values_are_checked() -> None:
+    with pytest.raises(RMCPConfigError, match=r"task_support\.record"):
+        install(MCPServer("x"), store=MemoryStore(), tasks=True, task_support=cast(Any, {"record": "maybe"}))
+
+
 async def test_fastrmcp_declares_task_support_per_tool() -> None:
     app = FastRMCP("fast", store=MemoryStore(), tasks=True)
 
