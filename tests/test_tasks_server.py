@@ -503,6 +503,27 @@ async def test_cancel_stops_the_run_and_records_cancelled(
         assert answer.get("resultType") == "complete"
 
 
+async def test_drain_waits_for_task_runs_and_refuses_new_task_calls(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    app = tasks_server(state)
+    side = rmcp_of(app)
+    assert side is not None
+    async with mcp.Client(app, mode="legacy") as client:
+        task_id = task_of(await call_as_task(client, "block_unsafe", {"label": "d", "seconds": 5}, key="D"))[
+            "taskId"
+        ]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side.drain, 60.0)
+            await trio.sleep(1)
+            refused = await call_as_task(client, "record", {"label": "late"}, key="LATE")
+        # drain() returned: the run had finished (and recorded its result) before.
+        done = await get(client, task_id)
+    assert done["status"] == "completed"
+    assert refused["_meta"]["rmcp"]["code"] == "shutting_down"
+    assert state.ledger == ["d"]
+
+
 # --- Tasks outlive the connection --------------------------------------------------------------
 
 

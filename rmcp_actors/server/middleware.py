@@ -403,14 +403,17 @@ class RMCPServerSide:
         """Refuse new calls with ``shutting_down``, wait for runs in flight, release the owner.
 
         Runs still going after ``timeout_s`` (default: ``max_execution_s``) are left to their
-        own bound; their keys become ``in_doubt`` if they never finish.
+        own bound; their keys become ``in_doubt`` if they never finish. Task runs count: the
+        owner is released only once none runs here (its tasks would read in doubt at once).
         """
         self._draining = True
         with anyio.move_on_after(self.max_execution_s if timeout_s is None else timeout_s):
             while self._active:
                 self._idle = self._idle or anyio.Event()
                 await self._idle.wait()
-        if self._owner_registered and not self._active:
+            if self.tasks is not None:
+                await self.tasks.wait_idle()
+        if self._owner_registered and not self._active and (self.tasks is None or not self.tasks.running):
             self._owner_registered = False
             await self._store_call("release_owner", lambda: self.store.release_owner(self.instance_id))
 
