@@ -1,7 +1,8 @@
 """Tools run as MCP tasks on an RMCP server (``docs/protocol.md`` section 8).
 
 The server is the real test server (``install(..., tasks=True)``), in memory in both protocol
-modes (legacy: 2025-11-25 core tasks; auto: 2026-07-28, the extension) and over stdio. It is
+modes (legacy: 2025-11-25 core tasks; auto: 2026-07-28, the extension), over Streamable HTTP, and
+as a stdio subprocess on a SQLite store. It is
 driven with the SDK's own client session: requests are stamped as the session stamps every
 request and sent as they are, since the SDK has no client for ``tasks/*``.
 """
