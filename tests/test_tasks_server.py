@@ -1,7 +1,8 @@
 """Tools run as MCP tasks on an RMCP server (``docs/protocol.md`` section 8).
 
 The server is the real test server (``install(..., tasks=True)``), in memory in both protocol
-modes (legacy: 2025-11-25 core tasks; auto: 2026-07-28, the extension) and over stdio. It is
+modes (legacy: 2025-11-25 core tasks; auto: 2026-07-28, the extension), over Streamable HTTP, and
+as a stdio subprocess on a SQLite store. It is
 driven with the SDK's own client session: requests are stamped as the session stamps every
 request and sent as they are, since the SDK has no client for ``tasks/*``.
 """
@@ -503,6 +504,27 @@ async def test_cancel_stops_the_run_and_records_cancelled(
         assert answer.get("resultType") == "complete"
 
 
+async def test_drain_waits_for_task_runs_and_refuses_new_task_calls(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    app = tasks_server(state)
+    side = rmcp_of(app)
+    assert side is not None
+    async with mcp.Client(app, mode="legacy") as client:
+        task_id = task_of(await call_as_task(client, "block_unsafe", {"label": "d", "seconds": 5}, key="D"))[
+            "taskId"
+        ]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side.drain, 60.0)
+            await trio.sleep(1)
+            refused = await call_as_task(client, "record", {"label": "late"}, key="LATE")
+        # drain() returned: the run had finished (and recorded its result) before.
+        done = await get(client, task_id)
+    assert done["status"] == "completed"
+    assert refused["_meta"]["rmcp"]["code"] == "shutting_down"
+    assert state.ledger == ["d"]
+
+
 # --- Tasks outlive the connection --------------------------------------------------------------
 
 
@@ -578,6 +600,11 @@ class _KeysOnly:
 def test_tasks_need_a_task_store() -> None:
     with pytest.raises(RMCPConfigError, match="cannot keep tasks"):
         install(MCPServer("x"), store=cast(DedupStore, _KeysOnly()), tasks=True)
+
+
+def test_task_support_values_are_checked() -> None:
+    with pytest.raises(RMCPConfigError, match=r"task_support\.record"):
+        install(MCPServer("x"), store=MemoryStore(), tasks=True, task_support=cast(Any, {"record": "maybe"}))
 
 
 async def test_fastrmcp_declares_task_support_per_tool() -> None:

@@ -242,6 +242,14 @@ class _Detached:
         return getattr(self._session, name)
 
 
+def _check_task_support(support: Mapping[str, str]) -> None:
+    for tool, value in support.items():
+        if value not in ("optional", "required", "forbidden"):
+            raise RMCPConfigError(
+                f"must be 'optional', 'required' or 'forbidden', got {value!r}", path=f"task_support.{tool}"
+            )
+
+
 def _validate_positive(name: str) -> Any:
     def check(_instance: object, _attribute: object, value: float | None) -> None:
         if value is not None and not value > 0:
@@ -291,7 +299,10 @@ class RMCPServerSide:
     convert_result: ResultConverter | None = None
     run_tasks: bool = False
     """Run tool calls as MCP tasks when the client asks (``docs/protocol.md`` section 8)."""
-    task_support: dict[str, TaskSupport] = attrs.field(factory=dict[str, TaskSupport])
+    task_support: dict[str, TaskSupport] = attrs.field(
+        factory=dict[str, TaskSupport],
+        validator=lambda _instance, _attribute, value: _check_task_support(value),
+    )
     """Per tool name, its ``taskSupport`` (a tool not named is ``"optional"``)."""
     task_ttl_s: float = attrs.field(default=3600.0, validator=_validate_positive("task_ttl_s"))
     task_poll_interval_s: float = attrs.field(
@@ -392,14 +403,17 @@ class RMCPServerSide:
         """Refuse new calls with ``shutting_down``, wait for runs in flight, release the owner.
 
         Runs still going after ``timeout_s`` (default: ``max_execution_s``) are left to their
-        own bound; their keys become ``in_doubt`` if they never finish.
+        own bound; their keys become ``in_doubt`` if they never finish. Task runs count: the
+        owner is released only once none runs here (its tasks would read in doubt at once).
         """
         self._draining = True
         with anyio.move_on_after(self.max_execution_s if timeout_s is None else timeout_s):
             while self._active:
                 self._idle = self._idle or anyio.Event()
                 await self._idle.wait()
-        if self._owner_registered and not self._active:
+            if self.tasks is not None:
+                await self.tasks.wait_idle()
+        if self._owner_registered and not self._active and (self.tasks is None or not self.tasks.running):
             self._owner_registered = False
             await self._store_call("release_owner", lambda: self.store.release_owner(self.instance_id))
 

@@ -148,6 +148,16 @@ class TaskEngine:
         return _Host(self)
 
     @property
+    def running(self) -> int:
+        """Task runs in progress in this process."""
+        return len(self._runs)
+
+    async def wait_idle(self) -> None:
+        """Return once no task runs in this process."""
+        while self._runs:
+            await next(iter(self._runs.values())).done.wait()
+
+    @property
     def can_run(self) -> bool:
         """Whether a lifespan hosts task runs now."""
         return bool(self.groups)
