@@ -2,12 +2,15 @@
 #   make demo   run examples/quickstart.py against a real MCP server it starts itself, then
 #               examples/exactly_once.py: raw MCP with naive retries vs rmcp_actors, under crashes
 #   make test   lint, format check, type check and the test suite
+#   make conformance  the official MCP conformance suite (Node 22 and the suite from npm, cached in
+#               $TMPDIR/rmcp-npm-cache) against conformance/client.py and conformance/server.py,
+#               in a loopback-only network namespace (unshare -rn); see docs/conformance.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench conformance clean
 
 $(STAMP): pyproject.toml
 	# Debian-style Pythons may lack the venv module: fall back to virtualenv from PyPI.
@@ -30,6 +33,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/server_overhead.py
 	$(PY) benchmarks/large_payloads.py
+
+conformance: $(STAMP)
+	$(PY) scripts/conformance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -77,7 +77,9 @@ def test_embedded_resource() -> list[EmbeddedResource]:
 def test_multiple_content_types() -> list[TextContent | ImageContent | EmbeddedResource]:
     """Answers with text, an image and an embedded resource."""
     resource = TextResourceContents(
-        uri="test://mixed-content-resource", mime_type="application/json", text='{"test": "data", "value": 123}'
+        uri="test://mixed-content-resource",
+        mime_type="application/json",
+        text='{"test": "data", "value": 123}',
     )
     return [
         TextContent(type="text", text="Multiple content types test:"),
@@ -141,7 +143,9 @@ class Defaults(BaseModel):
     age: int = Field(default=30, description="User age")
     score: float = Field(default=95.5, description="User score")
     status: str = Field(
-        default="active", description="User status", json_schema_extra={"enum": ["active", "inactive", "pending"]}
+        default="active",
+        description="User status",
+        json_schema_extra={"enum": ["active", "inactive", "pending"]},
     )
     verified: bool = Field(default=True, description="Verification status")
 
@@ -158,7 +162,8 @@ class Enums(BaseModel):
     """SEP-1330: the enum schema variants."""
 
     untitledSingle: str = Field(
-        description="Simple enum without titles", json_schema_extra={"enum": ["active", "inactive", "pending"]}
+        description="Simple enum without titles",
+        json_schema_extra={"enum": ["active", "inactive", "pending"]},
     )
     titledSingle: str = Field(
         description="Enum with titled options (oneOf)",
@@ -188,7 +193,10 @@ class Enums(BaseModel):
     )
     legacyEnum: str = Field(
         description="Legacy enum with enumNames",
-        json_schema_extra={"enum": ["small", "medium", "large"], "enumNames": ["Small Size", "Medium Size", "Large Size"]},
+        json_schema_extra={
+            "enum": ["small", "medium", "large"],
+            "enumNames": ["Small Size", "Medium Size", "Large Size"],
+        },
     )
 
 
@@ -237,7 +245,11 @@ def watched() -> str:
 @app.prompt()
 def test_simple_prompt() -> list[UserMessage]:
     """A prompt without arguments."""
-    return [UserMessage(role="user", content=TextContent(type="text", text="This is a simple prompt for testing."))]
+    return [
+        UserMessage(
+            role="user", content=TextContent(type="text", text="This is a simple prompt for testing.")
+        )
+    ]
 
 
 @app.prompt()
@@ -248,14 +260,16 @@ def test_prompt_with_arguments(arg1: str, arg2: str) -> list[UserMessage]:
 
 
 @app.prompt()
-def test_prompt_with_embedded_resource(resourceUri: str) -> list[UserMessage]:  # noqa: N803 (the suite's name)
+def test_prompt_with_embedded_resource(resourceUri: str) -> list[UserMessage]:
     """A prompt that embeds the resource it is given."""
     resource = TextResourceContents(
         uri=resourceUri, mime_type="text/plain", text="Embedded resource content for testing."
     )
     return [
         UserMessage(role="user", content=EmbeddedResource(type="resource", resource=resource)),
-        UserMessage(role="user", content=TextContent(type="text", text="Please process the embedded resource above.")),
+        UserMessage(
+            role="user", content=TextContent(type="text", text="Please process the embedded resource above.")
+        ),
     ]
 
 
@@ -270,7 +284,9 @@ def test_prompt_with_image() -> list[UserMessage]:
 
 @app.completion()
 async def complete(
-    ref: PromptReference | ResourceTemplateReference, argument: CompletionArgument, context: CompletionContext | None
+    ref: PromptReference | ResourceTemplateReference,
+    argument: CompletionArgument,
+    context: CompletionContext | None,
 ) -> Completion:
     """No suggestions: the scenario checks the shape of the answer."""
     return Completion(values=[], total=0, has_more=False)
