@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -37,6 +38,11 @@ from mcp.types import (
 from pydantic import BaseModel, Field
 
 from rmcp_actors import FastRMCP, MemoryStore
+
+# The tests' in-memory SSE event store: with one, the server primes each SSE stream with an event
+# id and a retry field, and resumes a stream from Last-Event-ID (server-sse-polling checks both).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _http_faults import MemoryEventStore
 
 # A 1x1 PNG and a tiny WAV: the suite checks the content types and that the data is base64.
 IMAGE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
@@ -218,6 +224,34 @@ async def test_reconnection(ctx: Context) -> str:
     return "Reconnection test completed"
 
 
+# SEP-1613: a 2020-12 schema with $schema, $defs and additionalProperties, kept as written.
+JSON_SCHEMA_2020_12: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "$defs": {
+        "address": {
+            "type": "object",
+            "properties": {"street": {"type": "string"}, "city": {"type": "string"}},
+        }
+    },
+    "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/address"}},
+    "additionalProperties": False,
+}
+
+
+@app.tool(description="Tool with JSON Schema 2020-12 features")
+def json_schema_2020_12_tool(name: str | None = None, address: dict[str, Any] | None = None) -> str:
+    """Echoes its arguments; its listed inputSchema is JSON_SCHEMA_2020_12."""
+    return json.dumps({"name": name, "address": address})
+
+
+# MCPServer derives a tool's input schema from its signature (draft 2020-12 keywords such as
+# $defs only when pydantic emits them); the listed schema is replaced by the one the suite checks.
+_schema_tool = app._tool_manager.get_tool("json_schema_2020_12_tool")  # pyright: ignore[reportPrivateUsage]
+assert _schema_tool is not None
+_schema_tool.parameters = JSON_SCHEMA_2020_12
+
+
 @app.resource("test://static-text")
 def static_text() -> str:
     """A static text resource."""
@@ -314,4 +348,6 @@ lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, 
 
 
 if __name__ == "__main__":
-    app.run(transport="streamable-http", port=int(sys.argv[1]), retry_interval=100)
+    app.run(
+        transport="streamable-http", port=int(sys.argv[1]), event_store=MemoryEventStore(), retry_interval=100
+    )
