@@ -1,13 +1,17 @@
 # Two entry points, each self-contained on a machine with python3, pip and make:
 #   make demo   run examples/quickstart.py against a real MCP server it starts itself, then
 #               examples/exactly_once.py: raw MCP with naive retries vs rmcp_actors, under crashes
-#   make test   lint, format check, type check and the test suite
+#   make test   lint, format check, type check, the test suite (reference servers included) and
+#               make conformance
+#   make conformance  the official MCP conformance suite (Node 22 and the suite from npm, cached in
+#               $TMPDIR/rmcp-npm-cache) against conformance/client.py and conformance/server.py,
+#               in a loopback-only network namespace (unshare -rn); see docs/conformance.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench conformance clean
 
 $(STAMP): pyproject.toml
 	# Debian-style Pythons may lack the venv module: fall back to virtualenv from PyPI.
@@ -25,11 +29,16 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
 	$(VENV)/bin/pytest
+	# Last line: "client scenarios passed: N/M"; fails on a scenario outside conformance/expected-failures.txt.
+	$(PY) scripts/conformance.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/server_overhead.py
 	$(PY) benchmarks/large_payloads.py
+
+conformance: $(STAMP)
+	$(PY) scripts/conformance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
