@@ -283,7 +283,8 @@ async def test_url_elicitation_reaches_the_callback() -> None:
 
 @pytest.mark.parametrize("where", ["memory", "stdio", "http"])
 async def test_a_static_list_of_roots(where: Where) -> None:
-    roots = ServerCallbacks(roots=["file:///srv/data", types.Root(uri="file:///home/me", name="home")])
+    home = types.Root.model_validate({"uri": "file:///home/me", "name": "home"})
+    roots = ServerCallbacks(roots=["file:///srv/data", home])
     async with connected(where, roots) as sup:
         result = await sup.call("cb", "client_roots")
     assert result.structured_content == {"result": ["file:///srv/data", "file:///home/me"]}

@@ -123,7 +123,9 @@ async def test_progress_of_a_long_running_operation() -> None:
     assert [(p, t) for p, t, _ in received] == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
-CONFORMANCE_CLIENT = Path(__file__).with_name("callbacks_conformance_client.py")
+# The client `make conformance` runs (conformance/client.py), which dispatches on the scenario
+# the suite names in MCP_CONFORMANCE_SCENARIO.
+CONFORMANCE_CLIENT = Path(__file__).resolve().parents[1] / "conformance" / "client.py"
 
 
 def test_conformance_elicitation_defaults_scenario(tmp_path: Path) -> None:

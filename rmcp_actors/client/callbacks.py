@@ -68,8 +68,9 @@ ElicitationHandler: TypeAlias = Callable[[ElicitRequestParams], Awaitable[Elicit
 """Answers ``elicitation/create``, in form mode (``ElicitRequestFormParams``: fill the requested
 schema) or URL mode (``ElicitRequestURLParams``: send the user to ``url``)."""
 
-RootsProvider: TypeAlias = Callable[[], Awaitable[Iterable[Root]]]
-"""Gives the client's roots when the server asks (``roots/list``)."""
+RootsProvider: TypeAlias = Callable[[], Awaitable[Iterable[Root | str]]]
+"""Gives the client's roots (``Root`` objects or ``file://`` URIs) when the server asks
+(``roots/list``)."""
 
 LogHandler: TypeAlias = Callable[[LoggingMessageNotificationParams], Awaitable[None]]
 """Receives the server's log messages (``notifications/message``)."""
