@@ -19,11 +19,19 @@ _TS_UNKNOWN_SESSION = (
     b'{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},'
     b'"id":null}'
 )
+# server-everything's own words (its Express handler sends ``id: req?.body?.id``, which is undefined
+# there, so JSON leaves the member out): the SDK cannot parse that as a JSON-RPC error and reports
+# its own -32603 "Server returned an error response" instead.
+_TS_UNKNOWN_SESSION_WITHOUT_ID = (
+    b'{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"}}'
+)
 
 
-def typescript_session_errors(app: ASGIApp) -> ASGIApp:
+def typescript_session_errors(app: ASGIApp, *, with_id: bool = True) -> ASGIApp:
     """Answer an unknown session id as every TypeScript-SDK server does: HTTP 400 with a
-    JSON-RPC -32000 error and no id, instead of the Python SDK's 404."""
+    JSON-RPC -32000 error and no id, instead of the Python SDK's 404 (``with_id=False``: without
+    the ``id`` member at all, as server-everything answers)."""
+    body = _TS_UNKNOWN_SESSION if with_id else _TS_UNKNOWN_SESSION_WITHOUT_ID
 
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -41,11 +49,11 @@ def typescript_session_errors(app: ASGIApp) -> ASGIApp:
                         "status": 400,
                         "headers": [
                             (b"content-type", b"application/json"),
-                            (b"content-length", str(len(_TS_UNKNOWN_SESSION)).encode()),
+                            (b"content-length", str(len(body)).encode()),
                         ],
                     }
                 )
-                await send({"type": "http.response.body", "body": _TS_UNKNOWN_SESSION})
+                await send({"type": "http.response.body", "body": body})
             elif not replaced:
                 await send(message)
 

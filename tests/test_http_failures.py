@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import httpx2
@@ -44,10 +45,12 @@ async def wait_for_state(sup: RMCPSupervisor, state: ConnectionState) -> None:
             await trio.sleep(0.01)
 
 
+@pytest.mark.parametrize("with_id", [True, False], ids=["id-null", "id-absent"])
 async def test_typescript_servers_400_for_an_unknown_session_reconnects_and_sends_again(
-    server: MCPServer, state: State
+    server: MCPServer, state: State, with_id: bool
 ) -> None:
-    async with serve_http(server, wrap=typescript_session_errors) as http:
+    wrap = partial(typescript_session_errors, with_id=with_id)
+    async with serve_http(server, wrap=wrap) as http:
         # HTTP 400 {-32000, "Bad Request: No valid session ID provided"}: nothing ran.
         result, connects = await call_across_a_restart(http, http.url, "record", {"label": "after"})
     assert result.text == "recorded after"

@@ -76,12 +76,15 @@ class Evidence:
             feedback, ``flow/_feedback.py``: a 429 is a rate-limit signal, never a failure here).
         auth_failure: The HTTP client's auth flow failed for the request (no token could be
             had): the request was refused or never sent.
+        error_message: The JSON-RPC error message in the body of an HTTP 400, read by the
+            transport: the SDK reports its own words for an error body it cannot parse.
     """
 
     refused: BaseException | None = None
     status: int | None = None
     retry_after: str | None = None
     auth_failure: BaseException | None = None
+    error_message: str | None = None
 
 
 class AckTimeout(Exception):
@@ -188,7 +191,9 @@ def _server_forgot_session(code: int, message: str, evidence: Evidence | None) -
         return False
     if evidence.status == 404:
         return message in SESSION_UNKNOWN_MESSAGES or code == INVALID_REQUEST
-    return evidence.status == 400 and message == NO_VALID_SESSION_MESSAGE
+    # server-everything leaves the id out of that error, so the SDK cannot parse it and says
+    # "Server returned an error response": the transport kept the server's own message.
+    return evidence.status == 400 and NO_VALID_SESSION_MESSAGE in (message, evidence.error_message)
 
 
 def _classify_mcp_error(

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from typing import Any, Final
 
 import httpx2
+import msgspec
 from httpx2 import USE_CLIENT_DEFAULT
 from httpx2._client import UseClientDefault  # send()'s own types, not re-exported
 from httpx2._types import AuthTypes
@@ -35,6 +36,8 @@ _Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 # a request's extensions into the request that follows a redirect, so the SDK's second send after
 # a 307/308 carries it too, and a later POST in the same context (a courtesy cancel) does not.
 _HOP: Final = "rmcp_actors.evidence"
+# An error body above this is not one of the short JSON-RPC errors the classifier reads.
+_ERROR_BODY_LIMIT: Final = 64 * 1024
 
 
 class _RecordingClient(httpx2.AsyncClient):
@@ -91,7 +94,37 @@ class _RecordingClient(httpx2.AsyncClient):
             raise
         evidence.status = response.status_code
         evidence.retry_after = response.headers.get("retry-after")
+        if response.status_code == 400:
+            evidence.error_message = await _error_message(response)
         return response
+
+
+async def _error_message(response: httpx2.Response) -> str | None:
+    """The JSON-RPC error message of a small JSON error body, read here because the SDK drops a
+    body it cannot parse (an error without an ``id``). The read is cached: the SDK's own read of
+    the body returns the same bytes."""
+    length = response.headers.get("content-length")
+    if (
+        not response.headers.get("content-type", "").lower().startswith("application/json")
+        or length is None
+        or not length.isdigit()
+        or int(length) > _ERROR_BODY_LIMIT
+    ):
+        return None
+    try:
+        return msgspec.json.decode(await response.aread(), type=_ErrorBody).error.message
+    except (httpx2.HTTPError, msgspec.DecodeError):
+        return None
+
+
+class _Error(msgspec.Struct):
+    message: str
+
+
+class _ErrorBody(msgspec.Struct):
+    """A JSON-RPC error response, with or without its ``id`` (other members are ignored)."""
+
+    error: _Error
 
 
 def _tracer(inner: _Trace | None) -> _Trace:
