@@ -264,6 +264,34 @@ async def test_authorization_code_with_pkce_stores_tokens_and_refreshes_them(tmp
     assert (await store.get_client_info()) is not None
 
 
+async def test_a_stored_expired_token_is_refreshed_without_asking_the_user_again(tmp_path: Path) -> None:
+    # A later run of a CLI: its token store holds an expired token and a refresh token.
+    authority = Authority(clients={"cli": None})
+    async with protected(authority) as (http, server):
+        spec = configured(
+            http,
+            {
+                "method": "authorization_code",
+                "client_id": "cli",
+                "scope": "mcp",
+                "redirect_uri": f"http://127.0.0.1:{free_port()}/callback",
+                "token_dir": str(tmp_path),
+            },
+        )
+        store = FileTokenStorage.for_server("web", http.url, tmp_path)
+        refresh_token = authority.grant_refresh("cli")
+        await store.set_tokens(OAuthToken(access_token="expired", expires_in=0, refresh_token=refresh_token))
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(spec)
+            assert (await sup.call("web", "echo", {"text": "again"})).text == "again"
+    assert authority.grants == ["refresh_token"]  # no authorization_code: nobody was asked
+    assert "GET /authorize" not in authority.calls
+    assert server.ran == ["again"]
+    stored = await store.get_tokens()
+    assert stored is not None
+    assert stored.access_token in authority.live_tokens()
+
+
 async def test_the_loopback_callback_reports_a_refusal() -> None:
     redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
     callback = LoopbackCallback(redirect_uri, open_url=lambda _url: None)

@@ -27,7 +27,7 @@ from mcp_types import Tool
 
 from .._exceptions import is_fatal
 from .._protocol import EXPERIMENTAL_KEY, EXTENSION_ID, META_KEY, ServerSettings, decode_server_settings
-from ..config import ServerPolicy, ServerSpec
+from ..config import AuthConfig, ServerPolicy, ServerSpec
 from ..errors import RMCPAuthError, RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._failures import Evidence
@@ -434,6 +434,12 @@ class Connection(Actor[ConnectionRequest]):
             ) from error
         reason = (_describe(error, self.spec) if error is not None else None) or (
             f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
+            + (
+                " (an OAuth authorization a person completes in a browser counts in it: raise "
+                "connect_timeout_s for the first login; later connections use the stored tokens)"
+                if isinstance(self.spec.auth, AuthConfig) and self.spec.auth.method == "authorization_code"
+                else ""
+            )
         )
         raise RMCPNetworkError(
             f"could not connect to {self.spec.describe()}: {reason}; check the command or URL and "
