@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import stat
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -476,3 +478,16 @@ async def test_the_file_store_is_private_atomic_and_keeps_the_expiry(tmp_path: P
     assert other.path != store.path
     store.path.write_text("{not json", encoding="utf-8")
     assert await store.get_tokens() is None  # damaged: authorize again rather than fail
+
+
+def test_the_readme_configures_an_oauth_server() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    auth = RMCPConfig.from_dict(tomllib.loads(block)).servers["api"].auth
+    assert auth == AuthConfig(
+        method="client_credentials",
+        client_id="reporting",
+        client_secret_env="API_SECRET",
+        scope="mcp",
+        issuer="https://auth.example.com",
+    )
