@@ -27,6 +27,7 @@ from mcp.client.auth.extensions.client_credentials import (
     PrivateKeyJWTOAuthProvider,
     SignedJWTParameters,
 )
+from mcp.client.auth.extensions.identity_assertion import IdentityAssertionOAuthProvider
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata
 from pydantic import AnyUrl
 
@@ -91,6 +92,44 @@ async def _authorization_code(url: str, context: dict[str, Any]) -> httpx2.Auth:
     )
 
 
+async def _cross_app_access(url: str, context: dict[str, Any]) -> httpx2.Auth:
+    """SEP-990: the enterprise IdP's ID token is exchanged at the IdP for an ID-JAG (RFC 8693, leg
+    1, the deployment's part), which the SDK's provider presents to the MCP authorization server
+    (RFC 7523, leg 2). The provider takes that server as configuration; a deployment knows it, and
+    this program reads it once from the server's protected resource metadata."""
+    parts = urlsplit(url)
+    metadata_url = f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{parts.path}"
+    async with httpx2.AsyncClient() as client:
+        issuer = (await client.get(metadata_url)).json()["authorization_servers"][0]
+
+    async def id_jag(audience: str, resource: str) -> str:
+        async with httpx2.AsyncClient() as client:
+            response = await client.post(
+                context["idp_token_endpoint"],
+                data={
+                    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                    "subject_token": context["idp_id_token"],
+                    "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
+                    "requested_token_type": "urn:ietf:params:oauth:token-type:id-jag",
+                    "audience": audience,
+                    "resource": resource,
+                    "client_id": context["idp_client_id"],
+                },
+            )
+        response.raise_for_status()
+        return str(response.json()["access_token"])
+
+    return IdentityAssertionOAuthProvider(
+        url,
+        MemoryTokenStorage(),
+        context["client_id"],
+        context["client_secret"],
+        issuer,
+        id_jag,
+        token_endpoint_auth_method="client_secret_basic",
+    )
+
+
 async def provider_for(url: str, scenario: str, context: dict[str, Any]) -> httpx2.Auth:
     """The SDK auth provider that plays ``scenario``."""
     # No issuer is known before discovery here (the suite names none): the SDK warns about it.
@@ -109,6 +148,8 @@ async def provider_for(url: str, scenario: str, context: dict[str, Any]) -> http
         return PrivateKeyJWTOAuthProvider(
             url, MemoryTokenStorage(), context["client_id"], signing.create_assertion_provider()
         )
+    if scenario == "auth/cross-app-access-complete-flow":
+        return await _cross_app_access(url, context)
     return await _authorization_code(url, context)
 
 
