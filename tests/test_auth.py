@@ -205,6 +205,14 @@ async def test_a_client_whose_credentials_were_revoked_gets_an_auth_error(
             with pytest.raises(RMCPAuthError, match=r"auth flow failed: OAuthTokenError") as caught:
                 await sup.call("web", "echo", {"text": "after"})
             assert caught.value.may_have_executed is False
+            # The failed flow ended the session; the reconnects are refused too, and a call
+            # meanwhile says so at once rather than waiting out its deadline for them.
+            with (
+                trio.fail_after(2),
+                pytest.raises(RMCPAuthError, match=r"auth flow failed.*keeps reconnecting") as later,
+            ):
+                await sup.call("web", "echo", {"text": "later"}, timeout=30)
+            assert later.value.may_have_executed is False
             assert breaker_failures(sup) == 0
     assert server.ran == ["before"]
     assert SECRET not in str(caught.value)
@@ -357,6 +365,19 @@ async def test_secrets_never_reach_reprs_or_logs(
 
 
 # -- the ServerSpec field ---------------------------------------------------------------------
+
+
+def test_redact_masks_the_values_of_the_variables_an_auth_config_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WEB_TOKEN", "tok-5b1e77c2")
+    spec = ServerSpec.http(
+        "a", "http://127.0.0.1:1/mcp", auth=AuthConfig(method="bearer", token_env="WEB_TOKEN")
+    )
+    assert (
+        spec.redact("Illegal header value b'Bearer tok-5b1e77c2\\n'")
+        == "Illegal header value b'Bearer ***\\n'"
+    )
 
 
 def test_auth_is_http_only_compared_by_identity_and_masked() -> None:
