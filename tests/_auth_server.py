@@ -83,6 +83,12 @@ class Authority:
         )
         return token
 
+    def grant_refresh(self, client_id: str, scopes: list[str] | None = None) -> str:
+        """A refresh token issued earlier (by a previous run of the client)."""
+        refresh_token = secrets.token_urlsafe(24)
+        self._refresh[refresh_token] = (client_id, self.scopes if scopes is None else scopes)
+        return refresh_token
+
     def revoke_all(self) -> None:
         """Revoke every access and refresh token (a credential leak, an admin's reset)."""
         self._access.clear()

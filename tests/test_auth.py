@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import stat
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -203,6 +205,14 @@ async def test_a_client_whose_credentials_were_revoked_gets_an_auth_error(
             with pytest.raises(RMCPAuthError, match=r"auth flow failed: OAuthTokenError") as caught:
                 await sup.call("web", "echo", {"text": "after"})
             assert caught.value.may_have_executed is False
+            # The failed flow ended the session; the reconnects are refused too, and a call
+            # meanwhile says so at once rather than waiting out its deadline for them.
+            with (
+                trio.fail_after(2),
+                pytest.raises(RMCPAuthError, match=r"auth flow failed.*keeps reconnecting") as later,
+            ):
+                await sup.call("web", "echo", {"text": "later"}, timeout=30)
+            assert later.value.may_have_executed is False
             assert breaker_failures(sup) == 0
     assert server.ran == ["before"]
     assert SECRET not in str(caught.value)
@@ -262,6 +272,34 @@ async def test_authorization_code_with_pkce_stores_tokens_and_refreshes_them(tmp
     assert stored is not None
     assert stored.access_token in authority.live_tokens()
     assert (await store.get_client_info()) is not None
+
+
+async def test_a_stored_expired_token_is_refreshed_without_asking_the_user_again(tmp_path: Path) -> None:
+    # A later run of a CLI: its token store holds an expired token and a refresh token.
+    authority = Authority(clients={"cli": None})
+    async with protected(authority) as (http, server):
+        spec = configured(
+            http,
+            {
+                "method": "authorization_code",
+                "client_id": "cli",
+                "scope": "mcp",
+                "redirect_uri": f"http://127.0.0.1:{free_port()}/callback",
+                "token_dir": str(tmp_path),
+            },
+        )
+        store = FileTokenStorage.for_server("web", http.url, tmp_path)
+        refresh_token = authority.grant_refresh("cli")
+        await store.set_tokens(OAuthToken(access_token="expired", expires_in=0, refresh_token=refresh_token))
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(spec)
+            assert (await sup.call("web", "echo", {"text": "again"})).text == "again"
+    assert authority.grants == ["refresh_token"]  # no authorization_code: nobody was asked
+    assert "GET /authorize" not in authority.calls
+    assert server.ran == ["again"]
+    stored = await store.get_tokens()
+    assert stored is not None
+    assert stored.access_token in authority.live_tokens()
 
 
 async def test_the_loopback_callback_reports_a_refusal() -> None:
@@ -327,6 +365,19 @@ async def test_secrets_never_reach_reprs_or_logs(
 
 
 # -- the ServerSpec field ---------------------------------------------------------------------
+
+
+def test_redact_masks_the_values_of_the_variables_an_auth_config_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WEB_TOKEN", "tok-5b1e77c2")
+    spec = ServerSpec.http(
+        "a", "http://127.0.0.1:1/mcp", auth=AuthConfig(method="bearer", token_env="WEB_TOKEN")
+    )
+    assert (
+        spec.redact("Illegal header value b'Bearer tok-5b1e77c2\\n'")
+        == "Illegal header value b'Bearer ***\\n'"
+    )
 
 
 def test_auth_is_http_only_compared_by_identity_and_masked() -> None:
@@ -448,3 +499,16 @@ async def test_the_file_store_is_private_atomic_and_keeps_the_expiry(tmp_path: P
     assert other.path != store.path
     store.path.write_text("{not json", encoding="utf-8")
     assert await store.get_tokens() is None  # damaged: authorize again rather than fail
+
+
+def test_the_readme_configures_an_oauth_server() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    auth = RMCPConfig.from_dict(tomllib.loads(block)).servers["api"].auth
+    assert auth == AuthConfig(
+        method="client_credentials",
+        client_id="reporting",
+        client_secret_env="API_SECRET",
+        scope="mcp",
+        issuer="https://auth.example.com",
+    )

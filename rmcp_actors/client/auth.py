@@ -362,6 +362,30 @@ class _PreRegistered:
         await self._inner.set_client_info(client_info)
 
 
+class _AuthorizationCode(OAuthClientProvider):
+    """The SDK's provider, reading a stored token's expiry: the SDK's own start leaves a token
+    loaded from the store without one, so an expired token would be sent, refused with 401 and
+    answered with a whole new authorization (a person asked again) instead of a refresh."""
+
+    async def _initialize(self) -> None:
+        await super()._initialize()
+        _restore_expiry(self)
+
+
+class _ClientCredentials(ClientCredentialsOAuthProvider):
+    """The SDK's client-credentials provider, reading a stored token's expiry (see above)."""
+
+    async def _initialize(self) -> None:
+        await super()._initialize()
+        _restore_expiry(self)
+
+
+def _restore_expiry(provider: OAuthClientProvider) -> None:
+    tokens = provider.context.current_tokens
+    if tokens is not None and tokens.expires_in is not None:
+        provider.context.update_token_expiry(tokens)
+
+
 def resolve_auth(spec: ServerSpec) -> httpx2.Auth | None:
     """The ``httpx2.Auth`` to connect to ``spec`` with: its own auth object as is, or the one its
     :class:`~rmcp_actors.AuthConfig` describes, with secrets read from the environment now.
@@ -387,7 +411,7 @@ def resolve_auth(spec: ServerSpec) -> httpx2.Auth | None:
     if config.method == "client_credentials":
         assert config.client_id is not None
         assert config.client_secret_env is not None
-        return ClientCredentialsOAuthProvider(
+        return _ClientCredentials(
             server_url=spec.url,
             storage=_storage(spec, config),
             client_id=config.client_id,
@@ -415,7 +439,7 @@ def resolve_auth(spec: ServerSpec) -> httpx2.Auth | None:
             ),
         )
     callback = LoopbackCallback(redirect_uri)
-    return OAuthClientProvider(
+    return _AuthorizationCode(
         server_url=spec.url,
         client_metadata=OAuthClientMetadata(
             redirect_uris=[AnyUrl(redirect_uri)],

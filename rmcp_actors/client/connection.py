@@ -29,7 +29,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from .._exceptions import is_fatal
 from .._protocol import EXPERIMENTAL_KEY, EXTENSION_ID, META_KEY, ServerSettings, decode_server_settings
-from ..config import ServerPolicy, ServerSpec
+from ..config import AuthConfig, ServerPolicy, ServerSpec
 from ..errors import RMCPAuthError, RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
 from ._failures import Evidence
@@ -160,6 +160,8 @@ class Connection(Actor[ConnectionRequest]):
     _hung_restarts: int = 0
     # The HTTP client's auth, resolved once: an OAuth provider keeps its tokens across sessions.
     _auth: httpx2.Auth | None = None
+    # Why the latest connect was refused for its credentials (None once one succeeds).
+    _auth_refusal: RMCPAuthError | None = None
 
     @property
     def state(self) -> ConnectionState:
@@ -237,6 +239,16 @@ class Connection(Actor[ConnectionRequest]):
                 raise RMCPNetworkError(
                     f"the connection to {self.spec.describe()} is closed (server removed or runtime "
                     "stopping); add the server again to call it",
+                    server=self.name,
+                )
+            refusal = self._auth_refusal
+            if refusal is not None:
+                # Reconnecting goes on in the background, but the same credentials are refused
+                # again: waiting out the deadline for it would only hide why.
+                raise RMCPAuthError(
+                    f"{refusal.message}; nothing was sent. The runtime keeps reconnecting: fix the "
+                    "credentials (secrets from the environment are read again when the server is "
+                    "removed and added again)",
                     server=self.name,
                 )
             if self.policy.when_disconnected == "fail":
@@ -412,6 +424,7 @@ class Connection(Actor[ConnectionRequest]):
             except RMCPAuthError as error:
                 self._failed_connects += 1
                 self._last_error = error
+                self._refused(error)
                 raise
         self._generation += 1
         session = Session(generation=self._generation)
@@ -422,6 +435,7 @@ class Connection(Actor[ConnectionRequest]):
             await _first_of(session.ready, session.ended)
         if session.ready.is_set() and not session.ended.is_set():
             session.connected = True
+            self._auth_refusal = None
             self._connects += 1
             self._tools = session.tools
             self._set_state(ConnectionState.READY)
@@ -439,11 +453,19 @@ class Connection(Actor[ConnectionRequest]):
         )
         if refusal is not None:
             # Nothing to retry blindly: the same credentials would be refused again.
-            raise RMCPAuthError(
+            refused = RMCPAuthError(
                 f"could not connect to {self.spec.describe()}: {self.spec.redact(refusal)}", server=self.name
-            ) from error
+            )
+            self._refused(refused)
+            raise refused from error
         reason = (_describe(error, self.spec) if error is not None else None) or (
             f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
+            + (
+                " (an OAuth authorization a person completes in a browser counts in it: raise "
+                "connect_timeout_s for the first login; later connections use the stored tokens)"
+                if isinstance(self.spec.auth, AuthConfig) and self.spec.auth.method == "authorization_code"
+                else ""
+            )
         )
         raise RMCPNetworkError(
             f"could not connect to {self.spec.describe()}: {reason}; check the command or URL and "
@@ -513,6 +535,11 @@ class Connection(Actor[ConnectionRequest]):
                 _describe(error, self.spec),
             )
             return None
+
+    def _refused(self, error: RMCPAuthError) -> None:
+        self._auth_refusal = error
+        # Wakes the calls waiting for a reconnect: this one will not come by itself.
+        self._set_state(ConnectionState.DISCONNECTED)
 
     def _set_state(self, state: ConnectionState) -> None:
         self._state = state

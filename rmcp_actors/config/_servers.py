@@ -434,7 +434,8 @@ class ServerSpec:
         """Mask this spec's secrets wherever they appear in ``text`` (an exception's message).
 
         The secrets are the URL's password and secret query values, every header and
-        environment value and the secret-looking arguments; values under 4 characters are too
+        environment value, the secret-looking arguments and the values of the environment
+        variables an :class:`AuthConfig` names; values under 4 characters are too
         common in prose to be erased from it (``describe()`` and the repr still mask them).
 
         Args:
@@ -452,4 +453,9 @@ class ServerSpec:
         for mapping in (self.headers, self.env):
             if mapping is not None:
                 secrets += mapping.values()
+        if isinstance(self.auth, AuthConfig):
+            # The values of the variables it names, as the transport read them.
+            for variable in (self.auth.token_env, self.auth.password_env, self.auth.client_secret_env):
+                if variable is not None and (value := os.environ.get(variable)):
+                    secrets.append(value)
         return scrub(text, secrets)
