@@ -51,7 +51,7 @@ async def send(
     """
     session = client.session
     data: dict[str, Any] = {"method": method, "params": dict(params)}
-    options: dict[str, Any] = {}
+    options: Any = {}
     session._stamp(data, options)  # pyright: ignore[reportPrivateUsage]
     meta = data["params"].get("_meta") or {}
     if task and CLIENT_CAPABILITIES_META_KEY in meta:
@@ -222,12 +222,11 @@ async def test_tool_errors_end_the_task_as_each_protocol_says(state: State, mode
             failing_result = await send(client, "tasks/result", {"taskId": failing})
             with pytest.raises(MCPError) as raised:
                 await send(client, "tasks/result", {"taskId": rpc})
-    if mode == "legacy":
-        # 2025-11-25: a tool error result is a failed task; tasks/result still answers the result.
-        assert failing_task["status"] == "failed"
-        assert failing_result["isError"] is True
-        assert raised.value.error.code == -32050
-    else:
+            # 2025-11-25: a tool error result is a failed task; tasks/result still answers it.
+            assert failing_task["status"] == "failed"
+            assert failing_result["isError"] is True
+            assert raised.value.error.code == -32050
+    if mode != "legacy":
         # 2026-07-28: a tool error result completes the task; a JSON-RPC error fails it.
         assert failing_task["status"] == "completed"
         assert failing_task["result"]["isError"] is True
@@ -489,8 +488,10 @@ async def test_cancel_stops_the_run_and_records_cancelled(
         if mode == "legacy":
             with pytest.raises(MCPError) as again:
                 await send(client, "tasks/cancel", {"taskId": task_id})
+            assert again.value.error.code == INVALID_PARAMS
             with pytest.raises(MCPError) as result:
                 await send(client, "tasks/result", {"taskId": task_id})
+            assert "cancelled" in result.value.error.message.lower()
     assert read["status"] == later["status"] == "cancelled"
     # The tool saw the cancellation; the key still answers with this task, not a new run.
     assert [entry.split()[:2] for entry in state.ledger] == [["cancelled", "c"]]
@@ -498,8 +499,6 @@ async def test_cancel_stops_the_run_and_records_cancelled(
     assert task_of(retried)["status"] == "cancelled"
     if mode == "legacy":
         assert answer["status"] == "cancelled"
-        assert again.value.error.code == INVALID_PARAMS
-        assert "cancelled" in result.value.error.message.lower()
     else:
         assert answer.get("resultType") == "complete"
 
