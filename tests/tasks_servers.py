@@ -46,6 +46,8 @@ class TasksState:
     poll_interval_ms: int | None = 250
     # A cooperative server may acknowledge tasks/cancel and finish the work anyway.
     honour_cancel: bool = True
+    # tasks/get never answers (a server that hangs).
+    hang_polls: bool = False
 
 
 class _TaskId(RequestParams):
@@ -98,6 +100,8 @@ class _Tasks(Extension):
 
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: _TaskId) -> HandlerResult:
         self.state.polls.append((params.task_id, anyio.current_time()))
+        if self.state.hang_polls:
+            await anyio.sleep_forever()
         return {"resultType": "complete", **self._view(self._find(params.task_id))}
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: _TaskId) -> HandlerResult:

@@ -114,6 +114,17 @@ async def test_the_deadline_cancels_the_task_on_the_server(autojump_clock: trio.
     assert state.tasks["task-1"].cancelled
 
 
+async def test_a_poll_the_server_never_answers_ends_in_the_calls_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState(hang_polls=True)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPTimeoutAfterSendError):
+            await sup.call("tasks", "research", {"topic": "x", "seconds": 60}, timeout=2)
+    assert state.cancels == ["task-1"]
+
+
 async def test_a_cancelled_caller_cancels_the_task(autojump_clock: trio.testing.MockClock) -> None:
     state = TasksState()
     async with RMCPSupervisor.open() as sup:

@@ -81,6 +81,7 @@ _DEFAULT_POLL_S: Final = 1.0
 _MIN_POLL_S: Final = 0.01
 # tasks/cancel after the caller gave up: shielded, and bounded by this.
 _CANCEL_TIMEOUT_S: Final = 5.0
+_READ_TIMEOUT_SLACK_S: Final = 1.0
 
 _T = TypeVar("_T")
 
@@ -418,7 +419,9 @@ def _interval(state: TaskSnapshot | None) -> float:
 
 
 def _remaining(deadline: float) -> float:
-    return max(deadline - anyio.current_time(), 0.001)
+    # Past the deadline: the call's own scope ends a slow answer first (a timeout, and the task
+    # is cancelled), not the SDK's read timeout (an error that would read as the server's).
+    return max(deadline - anyio.current_time(), 0.0) + _READ_TIMEOUT_SLACK_S
 
 
 def _related(result: CallToolResult, task_id: str) -> CallToolResult:
