@@ -4,11 +4,13 @@ the client's task tests: built on the SDK's ``MCPServer`` and its extension inte
 A task's life is read off the event loop's clock (MockClock in the tests): it is ``working``
 until ``seconds`` after its creation, then it ends as its tool says. Nothing runs in the
 background, so the tasks outlive any session: they live in :class:`TasksState`, which the test
-keeps (and may clear, as a server restart would).
+keeps (and may clear, as a server restart would). Run as a script, it serves over stdio.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import anyio
@@ -159,4 +161,16 @@ def build_tasks_server(state: TasksState) -> MCPServer:
         """A plain tool."""
         return x
 
+    @server.tool()
+    def pid() -> int:
+        """The server's process id (to kill it over stdio)."""
+        return os.getpid()
+
     return server
+
+
+if __name__ == "__main__":
+    # Over stdio (python tests/tasks_servers.py [poll interval ms]): the tasks live in this
+    # process and die with it.
+    interval = int(sys.argv[1]) if len(sys.argv) > 1 else 250
+    build_tasks_server(TasksState(poll_interval_ms=interval)).run("stdio")

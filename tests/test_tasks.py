@@ -3,6 +3,9 @@ server in memory (MockClock), and the 2025-11-25 core tasks against server-every
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import trio
 import trio.testing
 from _http import serve_http
 from _npm import SERVER_EVERYTHING, npm_install, package_dir
-from conftest import FAST_RECOVERY
+from conftest import FAST_RECOVERY, process_gone
 from mcp_types import GetTaskRequest, GetTaskRequestParams, GetTaskResult
 from tasks_servers import TasksState, build_tasks_server
 
@@ -304,6 +307,47 @@ async def test_the_task_store_is_used_only_for_calls_with_a_given_key(
         await sup.call("tasks", "research", {"topic": "x"}, idempotency_key="given", timeout=30)
     assert await store.get("tasks", "given") is not None
     assert state.created == 2
+
+
+# -- over stdio: a real server process (real time) ------------------------------------------
+
+
+def _stdio_spec() -> ServerSpec:
+    server = str(Path(__file__).with_name("tasks_servers.py"))
+    return ServerSpec.stdio("tasks", sys.executable, [server, "20"], overrides=FAST_RECOVERY)
+
+
+async def test_a_task_over_stdio_is_polled_to_its_result() -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_stdio_spec())
+        result = await sup.call("tasks", "research", {"topic": "owls", "seconds": 0.3}, timeout=20)
+    assert result.text == "report on owls"
+    assert _task_steps(result.lifecycle)[-1] == "completed"
+
+
+async def test_a_task_dies_with_its_killed_stdio_server_and_the_call_is_unknown() -> None:
+    seen: list[LifecycleEvent] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_stdio_spec())
+        pid = (await sup.call("tasks", "pid")).structured_content
+        assert pid is not None
+
+        async def kill_mid_task() -> None:
+            while not any(event.state is RequestState.TASK for event in seen):
+                await trio.sleep(0.01)
+            os.kill(pid["result"], signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_mid_task)
+            with pytest.raises(
+                RMCPOutcomeUnknownError, match="no longer knows task task-1 after a reconnect"
+            ):
+                await sup.call(
+                    "tasks", "research", {"topic": "x", "seconds": 30}, on_lifecycle=seen.append, timeout=20
+                )
+        after = await sup.call("tasks", "quick", {"x": 1})
+    assert after.structured_content == {"result": 1}
+    assert process_gone(pid["result"])
 
 
 # -- 2025-11-25 core tasks: server-everything over stdio (real time, a real Node server) -------
