@@ -50,6 +50,8 @@ class TasksState:
     honour_cancel: bool = True
     # tasks/get never answers (a server that hangs).
     hang_polls: bool = False
+    # A completed result without the structured content the tool's output schema requires.
+    drop_structured: bool = False
 
 
 class _TaskId(RequestParams):
@@ -132,7 +134,9 @@ class _Tasks(Extension):
         if task.tool == "abandoned":
             return {**view, "status": "cancelled", "statusMessage": "operator stopped it"}
         text = f"report on {task.arguments.get('topic')}"
-        result = {"content": [{"type": "text", "text": text}], "isError": False}
+        result: dict[str, Any] = {"content": [{"type": "text", "text": text}], "isError": False}
+        if not self.state.drop_structured:
+            result["structuredContent"] = {"result": text}
         return {**view, "status": "completed", "result": result}
 
 

@@ -29,6 +29,7 @@ from rmcp_actors import (
     RMCPConfigError,
     RMCPIdempotencyConflictError,
     RMCPOutcomeUnknownError,
+    RMCPResultValidationError,
     RMCPServerError,
     RMCPSupervisor,
     RMCPTaskCancelledError,
@@ -79,6 +80,16 @@ async def test_without_an_interval_the_client_polls_once_a_second(
         await sup.add_server(_spec(state))
         await sup.call("tasks", "research", {"topic": "x", "seconds": 2.5}, timeout=30)
     assert len(state.polls) == 3
+
+
+async def test_a_task_result_is_checked_against_the_tools_output_schema(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState(drop_structured=True)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPResultValidationError, match="did not return structured content"):
+            await sup.call("tasks", "research", {"topic": "x"}, timeout=30)
 
 
 async def test_a_failed_task_is_a_failed_outcome(autojump_clock: trio.testing.MockClock) -> None:
