@@ -23,7 +23,8 @@ from mcp.types import CallToolRequestParams, RequestParams
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, INVALID_PARAMS
 
 TASKS = "io.modelcontextprotocol/tasks"
-TASK_TOOLS = ("research", "fails", "abandoned")
+TASK_TOOLS = ("research", "fails", "abandoned", "doubtful")
+IN_DOUBT = {"rmcp": {"code": "in_doubt"}}
 MISSING_CAPABILITY = -32021
 
 
@@ -131,6 +132,9 @@ class _Tasks(Extension):
             return {**view, "status": "working", "statusMessage": stage}
         if task.tool == "fails":
             return {**view, "status": "failed", "error": {"code": -32603, "message": "the backend is down"}}
+        if task.tool == "doubtful":
+            error = {"code": -32603, "message": "RMCP in_doubt: the instance stopped", "data": IN_DOUBT}
+            return {**view, "status": "failed", "error": error}
         if task.tool == "abandoned":
             return {**view, "status": "cancelled", "statusMessage": "operator stopped it"}
         text = f"report on {task.arguments.get('topic')}"
@@ -158,6 +162,11 @@ def build_tasks_server(state: TasksState) -> MCPServer:
     @server.tool()
     def abandoned(seconds: float = 1.0) -> str:
         """A task the server cancels."""
+        raise AssertionError("answered by the tasks extension")
+
+    @server.tool()
+    def doubtful(seconds: float = 1.0) -> str:
+        """A task whose instance died: it failed in doubt (as an RMCP server says)."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()

@@ -105,6 +105,15 @@ async def test_a_failed_task_is_a_failed_outcome(autojump_clock: trio.testing.Mo
     assert result.meta["error"]["code"] == -32603
 
 
+async def test_a_task_failed_in_doubt_is_unknown(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPOutcomeUnknownError, match="failed in doubt") as raised:
+            await sup.call("tasks", "doubtful", {"seconds": 0.5}, timeout=30)
+    assert raised.value.may_have_executed
+
+
 async def test_a_task_the_server_cancels_raises_task_cancelled(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
