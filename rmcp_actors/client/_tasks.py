@@ -487,7 +487,8 @@ async def _on_current_session(
             if verdict is not None and verdict.session_lost:
                 connection.report_broken(session)
                 continue
-            if answered is not None and error.code != INVALID_PARAMS:
+            if answered is not None:
+                # Even -32602: the task was just read as failed, so this is the error it failed with.
                 return answered(error)
             raise _lost(ref, session, created_on, error) from error
         except (ValidationError, ValueError) as error:
