@@ -19,10 +19,12 @@ from mcp_types import GetTaskRequest, GetTaskRequestParams, GetTaskResult
 from tasks_servers import TasksState, build_tasks_server
 
 from rmcp_actors import (
+    ConnectionState,
     LifecycleEvent,
     MemoryTaskStore,
     Outcome,
     PolicyOverrides,
+    ReconnectOverrides,
     RequestState,
     RMCPArgumentError,
     RMCPConfig,
@@ -185,6 +187,42 @@ async def test_polling_goes_on_on_the_new_session_after_the_transport_drops(
     assert state.created == 1  # the same task, not a new one
     assert {task_id for task_id, _ in state.polls} == {"task-1"}
     assert result.attempts == 1
+
+
+async def test_failing_fast_on_a_lost_connection_leaves_the_task_to_resume_by_key(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    # Reconnecting takes longer than a poll interval: the next poll finds no connection.
+    slow = ReconnectOverrides(base_delay_s=5, max_delay_s=5)
+    spec = ServerSpec.in_memory(
+        "tasks",
+        build_tasks_server(state),
+        overrides=PolicyOverrides(when_disconnected="fail", reconnect=slow),
+    )
+    arguments = {"topic": "bees", "seconds": 3}
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
+
+        async def break_transport_mid_task() -> None:
+            while not state.polls:
+                await trio.sleep(0.05)
+            session = connection.current_session()
+            assert session is not None
+            connection.report_broken(session)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(break_transport_mid_task)
+            with pytest.raises(RMCPOutcomeUnknownError, match="same idempotency key"):
+                await sup.call("tasks", "research", arguments, idempotency_key="k", task=True, timeout=30)
+        while sup.servers()["tasks"] is not ConnectionState.READY:
+            await trio.sleep(0.05)
+        result = await sup.call("tasks", "research", arguments, idempotency_key="k", task=True, timeout=30)
+    assert result.text == "report on bees"
+    assert state.created == 1
+    assert state.cancels == []  # left running for the key to resume, not cancelled
+    assert _task_steps(result.lifecycle)[0] == "resumed task-1"
 
 
 async def test_a_task_the_server_lost_across_a_reconnect_is_unknown(
