@@ -146,36 +146,38 @@ class _Tasks(Extension):
 
 def build_tasks_server(state: TasksState) -> MCPServer:
     """The server: ``research`` (a task), ``fails`` (a task that fails with a JSON-RPC error),
-    ``abandoned`` (a task the server cancels) and ``quick`` (a plain tool)."""
+    ``abandoned`` (a task the server cancels), ``doubtful`` (failed in doubt) and ``quick`` (a
+    plain tool). The tools are async: the SDK runs a sync tool in a worker thread, which
+    MockClock's autojump takes for idleness (and jumps the clock past the call's deadline)."""
     server = MCPServer("tasks", extensions=[_Tasks(state)])
 
     @server.tool()
-    def research(topic: str, seconds: float = 1.0) -> str:
+    async def research(topic: str, seconds: float = 1.0) -> str:
         """Research a topic (runs as a task)."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()
-    def fails(seconds: float = 1.0) -> str:
+    async def fails(seconds: float = 1.0) -> str:
         """A task whose work fails."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()
-    def abandoned(seconds: float = 1.0) -> str:
+    async def abandoned(seconds: float = 1.0) -> str:
         """A task the server cancels."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()
-    def doubtful(seconds: float = 1.0) -> str:
+    async def doubtful(seconds: float = 1.0) -> str:
         """A task whose instance died: it failed in doubt (as an RMCP server says)."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()
-    def quick(x: int) -> int:
+    async def quick(x: int) -> int:
         """A plain tool."""
         return x
 
     @server.tool()
-    def pid() -> int:
+    async def pid() -> int:
         """The server's process id (to kill it over stdio)."""
         return os.getpid()
 
