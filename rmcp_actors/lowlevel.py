@@ -2,9 +2,12 @@
 
 Statistics snapshots returned by ``statistics()`` methods, for monitoring and tests, the
 class of the RMCP server middleware that :func:`rmcp_actors.install` puts on a server, and the
-:class:`Batch` that ``sup.map`` returns.
+:class:`Batch` that ``sup.map`` returns, and the records a custom :class:`~rmcp_actors.TaskStore`
+keeps (:class:`TaskRef`, :class:`TaskWire`).
 """
 
+from .client._tasks import TaskRef as TaskRef
+from .client._tasks import TaskWire as TaskWire
 from .client.connection import ConnectionStatistics as ConnectionStatistics
 from .flow.batch import Batch as Batch
 from .flow.batch import BatchStatistics as BatchStatistics
@@ -36,6 +39,8 @@ __all__ = [
     "RuntimeStatistics",
     "SchedulerStatistics",
     "ServerStatistics",
+    "TaskRef",
+    "TaskWire",
     "WatchdogStatistics",
     "WorkItem",
     "rmcp_of",

@@ -4,11 +4,13 @@ the client's task tests: built on the SDK's ``MCPServer`` and its extension inte
 A task's life is read off the event loop's clock (MockClock in the tests): it is ``working``
 until ``seconds`` after its creation, then it ends as its tool says. Nothing runs in the
 background, so the tasks outlive any session: they live in :class:`TasksState`, which the test
-keeps (and may clear, as a server restart would).
+keeps (and may clear, as a server restart would). Run as a script, it serves over stdio.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import anyio
@@ -21,7 +23,8 @@ from mcp.types import CallToolRequestParams, RequestParams
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, INVALID_PARAMS
 
 TASKS = "io.modelcontextprotocol/tasks"
-TASK_TOOLS = ("research", "fails", "abandoned")
+TASK_TOOLS = ("research", "fails", "abandoned", "doubtful")
+IN_DOUBT = {"rmcp": {"code": "in_doubt"}}
 MISSING_CAPABILITY = -32021
 
 
@@ -46,6 +49,10 @@ class TasksState:
     poll_interval_ms: int | None = 250
     # A cooperative server may acknowledge tasks/cancel and finish the work anyway.
     honour_cancel: bool = True
+    # tasks/get never answers (a server that hangs).
+    hang_polls: bool = False
+    # A completed result without the structured content the tool's output schema requires.
+    drop_structured: bool = False
 
 
 class _TaskId(RequestParams):
@@ -98,6 +105,8 @@ class _Tasks(Extension):
 
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: _TaskId) -> HandlerResult:
         self.state.polls.append((params.task_id, anyio.current_time()))
+        if self.state.hang_polls:
+            await anyio.sleep_forever()
         return {"resultType": "complete", **self._view(self._find(params.task_id))}
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: _TaskId) -> HandlerResult:
@@ -123,36 +132,60 @@ class _Tasks(Extension):
             return {**view, "status": "working", "statusMessage": stage}
         if task.tool == "fails":
             return {**view, "status": "failed", "error": {"code": -32603, "message": "the backend is down"}}
+        if task.tool == "doubtful":
+            error = {"code": -32603, "message": "RMCP in_doubt: the instance stopped", "data": IN_DOUBT}
+            return {**view, "status": "failed", "error": error}
         if task.tool == "abandoned":
             return {**view, "status": "cancelled", "statusMessage": "operator stopped it"}
         text = f"report on {task.arguments.get('topic')}"
-        result = {"content": [{"type": "text", "text": text}], "isError": False}
+        result: dict[str, Any] = {"content": [{"type": "text", "text": text}], "isError": False}
+        if not self.state.drop_structured:
+            result["structuredContent"] = {"result": text}
         return {**view, "status": "completed", "result": result}
 
 
 def build_tasks_server(state: TasksState) -> MCPServer:
     """The server: ``research`` (a task), ``fails`` (a task that fails with a JSON-RPC error),
-    ``abandoned`` (a task the server cancels) and ``quick`` (a plain tool)."""
+    ``abandoned`` (a task the server cancels), ``doubtful`` (failed in doubt) and ``quick`` (a
+    plain tool). The tools are async: the SDK runs a sync tool in a worker thread, which
+    MockClock's autojump takes for idleness (and jumps the clock past the call's deadline)."""
     server = MCPServer("tasks", extensions=[_Tasks(state)])
 
     @server.tool()
-    def research(topic: str, seconds: float = 1.0) -> str:
+    async def research(topic: str, seconds: float = 1.0) -> str:
         """Research a topic (runs as a task)."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()
-    def fails(seconds: float = 1.0) -> str:
+    async def fails(seconds: float = 1.0) -> str:
         """A task whose work fails."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()
-    def abandoned(seconds: float = 1.0) -> str:
+    async def abandoned(seconds: float = 1.0) -> str:
         """A task the server cancels."""
         raise AssertionError("answered by the tasks extension")
 
     @server.tool()
-    def quick(x: int) -> int:
+    async def doubtful(seconds: float = 1.0) -> str:
+        """A task whose instance died: it failed in doubt (as an RMCP server says)."""
+        raise AssertionError("answered by the tasks extension")
+
+    @server.tool()
+    async def quick(x: int) -> int:
         """A plain tool."""
         return x
 
+    @server.tool()
+    async def pid() -> int:
+        """The server's process id (to kill it over stdio)."""
+        return os.getpid()
+
     return server
+
+
+if __name__ == "__main__":
+    # Over stdio (python tests/tasks_servers.py [poll interval ms]): the tasks live in this
+    # process and die with it.
+    interval = int(sys.argv[1]) if len(sys.argv) > 1 else 250
+    build_tasks_server(TasksState(poll_interval_ms=interval)).run("stdio")

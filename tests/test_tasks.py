@@ -3,6 +3,9 @@ server in memory (MockClock), and the 2025-11-25 core tasks against server-every
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +14,24 @@ import trio
 import trio.testing
 from _http import serve_http
 from _npm import SERVER_EVERYTHING, npm_install, package_dir
-from conftest import FAST_RECOVERY
+from conftest import FAST_RECOVERY, process_gone
 from mcp_types import GetTaskRequest, GetTaskRequestParams, GetTaskResult
 from tasks_servers import TasksState, build_tasks_server
 
 from rmcp_actors import (
+    ConnectionState,
     LifecycleEvent,
     MemoryTaskStore,
     Outcome,
     PolicyOverrides,
+    ReconnectOverrides,
     RequestState,
     RMCPArgumentError,
     RMCPConfig,
     RMCPConfigError,
     RMCPIdempotencyConflictError,
     RMCPOutcomeUnknownError,
+    RMCPResultValidationError,
     RMCPServerError,
     RMCPSupervisor,
     RMCPTaskCancelledError,
@@ -78,6 +84,16 @@ async def test_without_an_interval_the_client_polls_once_a_second(
     assert len(state.polls) == 3
 
 
+async def test_a_task_result_is_checked_against_the_tools_output_schema(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState(drop_structured=True)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPResultValidationError, match="did not return structured content"):
+            await sup.call("tasks", "research", {"topic": "x"}, timeout=30)
+
+
 async def test_a_failed_task_is_a_failed_outcome(autojump_clock: trio.testing.MockClock) -> None:
     state = TasksState()
     async with RMCPSupervisor.open() as sup:
@@ -89,6 +105,15 @@ async def test_a_failed_task_is_a_failed_outcome(autojump_clock: trio.testing.Mo
     assert "-32603" in result.text
     assert result.meta is not None
     assert result.meta["error"]["code"] == -32603
+
+
+async def test_a_task_failed_in_doubt_is_unknown(autojump_clock: trio.testing.MockClock) -> None:
+    state = TasksState()
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPOutcomeUnknownError, match="failed in doubt") as raised:
+            await sup.call("tasks", "doubtful", {"seconds": 0.5}, timeout=30)
+    assert raised.value.may_have_executed
 
 
 async def test_a_task_the_server_cancels_raises_task_cancelled(
@@ -112,6 +137,17 @@ async def test_the_deadline_cancels_the_task_on_the_server(autojump_clock: trio.
             await sup.call("tasks", "research", {"topic": "x", "seconds": 60}, timeout=2)
     assert state.cancels == ["task-1"]
     assert state.tasks["task-1"].cancelled
+
+
+async def test_a_poll_the_server_never_answers_ends_in_the_calls_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState(hang_polls=True)
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_spec(state))
+        with pytest.raises(RMCPTimeoutAfterSendError):
+            await sup.call("tasks", "research", {"topic": "x", "seconds": 60}, timeout=2)
+    assert state.cancels == ["task-1"]
 
 
 async def test_a_cancelled_caller_cancels_the_task(autojump_clock: trio.testing.MockClock) -> None:
@@ -151,6 +187,42 @@ async def test_polling_goes_on_on_the_new_session_after_the_transport_drops(
     assert state.created == 1  # the same task, not a new one
     assert {task_id for task_id, _ in state.polls} == {"task-1"}
     assert result.attempts == 1
+
+
+async def test_failing_fast_on_a_lost_connection_leaves_the_task_to_resume_by_key(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    # Reconnecting takes longer than a poll interval: the next poll finds no connection.
+    slow = ReconnectOverrides(base_delay_s=5, max_delay_s=5)
+    spec = ServerSpec.in_memory(
+        "tasks",
+        build_tasks_server(state),
+        overrides=PolicyOverrides(when_disconnected="fail", reconnect=slow),
+    )
+    arguments = {"topic": "bees", "seconds": 3}
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
+
+        async def break_transport_mid_task() -> None:
+            while not state.polls:
+                await trio.sleep(0.05)
+            session = connection.current_session()
+            assert session is not None
+            connection.report_broken(session)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(break_transport_mid_task)
+            with pytest.raises(RMCPOutcomeUnknownError, match="same idempotency key"):
+                await sup.call("tasks", "research", arguments, idempotency_key="k", task=True, timeout=30)
+        while sup.servers()["tasks"] is not ConnectionState.READY:
+            await trio.sleep(0.05)
+        result = await sup.call("tasks", "research", arguments, idempotency_key="k", task=True, timeout=30)
+    assert result.text == "report on bees"
+    assert state.created == 1
+    assert state.cancels == []  # left running for the key to resume, not cancelled
+    assert _task_steps(result.lifecycle)[0] == "resumed task-1"
 
 
 async def test_a_task_the_server_lost_across_a_reconnect_is_unknown(
@@ -293,6 +365,47 @@ async def test_the_task_store_is_used_only_for_calls_with_a_given_key(
         await sup.call("tasks", "research", {"topic": "x"}, idempotency_key="given", timeout=30)
     assert await store.get("tasks", "given") is not None
     assert state.created == 2
+
+
+# -- over stdio: a real server process (real time) ------------------------------------------
+
+
+def _stdio_spec() -> ServerSpec:
+    server = str(Path(__file__).with_name("tasks_servers.py"))
+    return ServerSpec.stdio("tasks", sys.executable, [server, "20"], overrides=FAST_RECOVERY)
+
+
+async def test_a_task_over_stdio_is_polled_to_its_result() -> None:
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_stdio_spec())
+        result = await sup.call("tasks", "research", {"topic": "owls", "seconds": 0.3}, timeout=20)
+    assert result.text == "report on owls"
+    assert _task_steps(result.lifecycle)[-1] == "completed"
+
+
+async def test_a_task_dies_with_its_killed_stdio_server_and_the_call_is_unknown() -> None:
+    seen: list[LifecycleEvent] = []
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(_stdio_spec())
+        pid = (await sup.call("tasks", "pid")).structured_content
+        assert pid is not None
+
+        async def kill_mid_task() -> None:
+            while not any(event.state is RequestState.TASK for event in seen):
+                await trio.sleep(0.01)
+            os.kill(pid["result"], signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_mid_task)
+            with pytest.raises(
+                RMCPOutcomeUnknownError, match="no longer knows task task-1 after a reconnect"
+            ):
+                await sup.call(
+                    "tasks", "research", {"topic": "x", "seconds": 30}, on_lifecycle=seen.append, timeout=20
+                )
+        after = await sup.call("tasks", "quick", {"x": 1})
+    assert after.structured_content == {"result": 1}
+    assert process_gone(pid["result"])
 
 
 # -- 2025-11-25 core tasks: server-everything over stdio (real time, a real Node server) -------

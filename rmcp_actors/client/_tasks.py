@@ -81,6 +81,7 @@ _DEFAULT_POLL_S: Final = 1.0
 _MIN_POLL_S: Final = 0.01
 # tasks/cancel after the caller gave up: shielded, and bounded by this.
 _CANCEL_TIMEOUT_S: Final = 5.0
+_READ_TIMEOUT_SLACK_S: Final = 1.0
 
 _T = TypeVar("_T")
 
@@ -392,8 +393,10 @@ async def follow_task(
             + "; the tool may have run in part: check its effect before calling again with a new key",
         )
     if ref.wire is TaskWire.CORE:
+        # A failed task's tasks/result may be the JSON-RPC error it failed with: its answer.
+        answered = _error_snapshot(state) if state.status == "failed" else None
         result = await _on_current_session(
-            connection, ref, created_on, lambda c: _core_result(c, task_id, _remaining(deadline))
+            connection, ref, created_on, lambda c: _core_result(c, task_id, _remaining(deadline)), answered
         )
         if state.status == "failed" and not result.is_error:
             result = result.model_copy(update={"is_error": True})
@@ -411,6 +414,13 @@ async def follow_task(
     return _failed_result(state)
 
 
+def _error_snapshot(state: TaskSnapshot) -> Callable[[MCPError], CallToolResult]:
+    def failed(error: MCPError) -> CallToolResult:
+        return _failed_result(attrs.evolve(state, error=error.error.model_dump(exclude_none=True)))
+
+    return failed
+
+
 def _interval(state: TaskSnapshot | None) -> float:
     if state is None or state.poll_interval_s is None:
         return _DEFAULT_POLL_S
@@ -418,7 +428,9 @@ def _interval(state: TaskSnapshot | None) -> float:
 
 
 def _remaining(deadline: float) -> float:
-    return max(deadline - anyio.current_time(), 0.001)
+    # Past the deadline: the call's own scope ends a slow answer first (a timeout, and the task
+    # is cancelled), not the SDK's read timeout (an error that would read as the server's).
+    return max(deadline - anyio.current_time(), 0.0) + _READ_TIMEOUT_SLACK_S
 
 
 def _related(result: CallToolResult, task_id: str) -> CallToolResult:
@@ -429,9 +441,21 @@ def _related(result: CallToolResult, task_id: str) -> CallToolResult:
 
 
 def _failed_result(state: TaskSnapshot) -> CallToolResult:
-    """A task that failed with a JSON-RPC error, as the error result a caller reads."""
+    """A task that failed with a JSON-RPC error, as the error result a caller reads.
+
+    Raises:
+        RMCPOutcomeUnknownError: The error is an RMCP server's ``in_doubt``: the instance
+            running the task stopped before recording an outcome, so the tool may have run.
+    """
     error = state.error or {}
     code, message = error.get("code"), error.get("message")
+    data = error.get("data")
+    rmcp = cast("dict[str, Any]", data).get("rmcp") if isinstance(data, dict) else None
+    if isinstance(rmcp, dict) and cast("dict[str, Any]", rmcp).get("code") == "in_doubt":
+        raise RMCPOutcomeUnknownError(
+            f"task {state.task_id} failed in doubt ({message}): the server cannot tell whether "
+            "the tool ran; check its effect"
+        )
     text = f"task {state.task_id} failed" + (f": {message}" if message else "")
     text += f" (code {code})" if code is not None else ""
     if state.message and state.message != message:
@@ -447,9 +471,11 @@ async def _on_current_session(
     ref: TaskRef,
     created_on: int,
     request: Callable[[Client], Awaitable[_T]],
+    answered: Callable[[MCPError], _T] | None = None,
 ) -> _T:
     """Send one task request on the current session, again on the next one when the transport
-    is lost meanwhile (the task lives on the server, not on the transport)."""
+    is lost meanwhile (the task lives on the server, not on the transport). A JSON-RPC error
+    answer is ``answered``'s to read when given, else the end of what can be learnt."""
     while True:
         session = await _session(connection, ref)
         client = session.client
@@ -461,6 +487,9 @@ async def _on_current_session(
             if verdict is not None and verdict.session_lost:
                 connection.report_broken(session)
                 continue
+            if answered is not None:
+                # Even -32602: the task was just read as failed, so this is the error it failed with.
+                return answered(error)
             raise _lost(ref, session, created_on, error) from error
         except (ValidationError, ValueError) as error:
             raise RMCPOutcomeUnknownError(

@@ -874,6 +874,7 @@ async def _send(
         result = await follow_task(
             connection, session.generation, ref, None, deadline, _status_recorder(progress)
         )
+        result = await _checked(connection, request.tool, result)
         progress.record(RequestState.ANSWERED)
         return result, None
     progress.attempts += 1
@@ -1064,7 +1065,31 @@ async def _follow(
     store = connection.task_store
     if store is not None and request.idempotency_key != request.request_id:
         await store.put(connection.name, request.idempotency_key, ref)
-    return await follow_task(connection, session.generation, ref, first, deadline, _status_recorder(progress))
+    result = await follow_task(
+        connection, session.generation, ref, first, deadline, _status_recorder(progress)
+    )
+    return await _checked(connection, request.tool, result)
+
+
+async def _checked(connection: Connection, tool: str, result: CallToolResult) -> CallToolResult:
+    """A task's result, checked against the tool's output schema as the SDK's ``call_tool``
+    checks a plain call's (a task's result arrives by ``tasks/get`` or ``tasks/result``).
+
+    Raises:
+        RMCPResultValidationError: The result breaks the tool's output schema.
+    """
+    session = connection.current_session()
+    if result.is_error or session is None or session.client is None:
+        return result
+    try:
+        await session.client.session.validate_tool_result(tool, result)
+    except RuntimeError as error:
+        raise RMCPResultValidationError(
+            f"the result of the call's task breaks the tool's output schema ({error}); the tool ran"
+        ) from error
+    except MCPError:
+        return result  # the tool listing could not be fetched again: the result is the server's
+    return result
 
 
 def _status_recorder(progress: _Progress) -> Callable[[str], None]:
