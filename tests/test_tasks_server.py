@@ -706,7 +706,6 @@ class _GatedStore:
         return getattr(self.inner, name)
 
 
-@pytest.mark.xfail(strict=True, reason="drain does not count a task call until its task is written")
 async def test_drain_waits_for_a_task_call_still_writing_its_task(
     state: State, autojump_clock: trio.testing.MockClock
 ) -> None:

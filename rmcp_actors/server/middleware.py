@@ -590,6 +590,9 @@ class RMCPServerSide:
         client_key = None if meta is None else meta.dedup_key
         call_print = fingerprint(tool, arguments)
         run = functools.partial(self._run_task_tool, ctx, call_next)
+        # Counted until its run is registered with the engine: drain() must not release the
+        # owner while the task is being written (it would read in doubt while it ran).
+        self._active += 1
         try:
             await self._ensure_owner()
             creation = await tasks.create(
@@ -604,6 +607,11 @@ class RMCPServerSide:
             if meta is not None:
                 return self._unavailable(ctx, meta, error)
             raise MCPError(INTERNAL_ERROR, f"RMCP: {error}; the tool did not run, retry later") from error
+        finally:
+            self._active -= 1
+            if not self._active and self._idle is not None:
+                self._idle.set()
+                self._idle = None
         handle = tasks.handle(creation.task, ctx.protocol_version)
         if meta is None:
             return handle
