@@ -733,7 +733,6 @@ async def test_drain_waits_for_a_task_call_still_writing_its_task(
     assert state.ledger == ["w"]
 
 
-@pytest.mark.xfail(strict=True, reason="a task written after its call gave up is never run")
 @pytest.mark.parametrize("mode", PROTOCOLS)
 async def test_a_task_written_after_its_call_gave_up_runs_for_the_retry_of_its_key(
     state: State, mode: Any, autojump_clock: trio.testing.MockClock

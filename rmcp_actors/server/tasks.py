@@ -137,6 +137,9 @@ class TaskEngine:
     """Per tool, its ``taskSupport``; a tool not named here is ``"optional"``."""
     groups: list[anyio.abc.TaskGroup] = attrs.field(factory=list[anyio.abc.TaskGroup], init=False)
     _runs: dict[str, _LocalRun] = attrs.field(factory=dict[str, _LocalRun], init=False)
+    # Keyed tasks whose creation raised (store_timeout_s, or the request cancelled while its
+    # group commit ran): written perhaps, never run. A retry of the key finding one runs it.
+    _unconfirmed: set[str] = attrs.field(factory=set[str], init=False)
 
     def support_of(self, tool: str) -> TaskSupport:
         """The ``taskSupport`` of ``tool``."""
@@ -197,11 +200,23 @@ class TaskEngine:
             created_at=now,
             updated_at=now,
         )
-        creation: TaskCreation = await self.store_call(
-            "create_task", lambda: self.store.create_task(task, ttl_s=ttl_s)
-        )
-        if creation.created:
-            task_id = creation.task.task_id
+        try:
+            creation: TaskCreation = await self.store_call(
+                "create_task", lambda: self.store.create_task(task, ttl_s=ttl_s)
+            )
+        except BaseException:
+            if key is not None:
+                self._unconfirmed.add(task.task_id)
+            raise
+        found = creation.task
+        if creation.created or (
+            found.task_id in self._unconfirmed
+            and found.state is TaskState.WORKING
+            and found.fingerprint == fingerprint
+        ):
+            # Created, or the retry of a creation whose answer was lost before its run started.
+            self._unconfirmed.discard(found.task_id)
+            task_id = found.task_id
             if not self.groups:
                 # The lifespan ended while the task was written: it will not run here. Failed (in
                 # doubt, as any run the lifespan cut short) rather than WORKING under a live owner.
