@@ -759,7 +759,6 @@ async def test_a_task_written_after_its_call_gave_up_runs_for_the_retry_of_its_k
     assert state.ledger == ["o"]
 
 
-@pytest.mark.xfail(strict=True, reason="a finished run whose outcome could not be written stays working")
 @pytest.mark.parametrize("mode", PROTOCOLS)
 async def test_an_outcome_the_store_refused_once_is_written_later(
     state: State, mode: Any, autojump_clock: trio.testing.MockClock

@@ -1171,10 +1171,12 @@ class RMCPServerSide:
                         mark = functools.partial(self.store.mark_in_doubt, key, owner=self.instance_id)
                         await self._store_call("mark_in_doubt", mark)
                         self._unrecorded.discard(key)
+                    if self.tasks is not None:
+                        await self.tasks.write_unfinished()
                 except RMCPStoreError:
                     logger.exception(
                         "RMCP: could not renew the lease of instance %s, or mark in doubt the keys "
-                        "whose outcome it could not store; retrying in lease_s/3",
+                        "(write the task outcomes) it could not store; retrying in lease_s/3",
                         self.instance_id,
                     )
 

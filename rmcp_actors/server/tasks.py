@@ -140,6 +140,10 @@ class TaskEngine:
     # Keyed tasks whose creation raised (store_timeout_s, or the request cancelled while its
     # group commit ran): written perhaps, never run. A retry of the key finding one runs it.
     _unconfirmed: set[str] = attrs.field(factory=set[str], init=False)
+    # Outcomes of runs here that the store refused (task id -> state, result, message).
+    _unfinished: dict[str, tuple[TaskState, bytes, str | None]] = attrs.field(
+        factory=dict[str, tuple[TaskState, bytes, str | None]], init=False
+    )
 
     def support_of(self, tool: str) -> TaskSupport:
         """The ``taskSupport`` of ``tool``."""
@@ -257,21 +261,33 @@ class TaskEngine:
             state, message = TaskState.COMPLETED, None
         result = encode_outcome(outcome)
         try:
-            await self.store_call(
-                "finish_task",
-                lambda: self.store.finish_task(
-                    task_id,
-                    owner=self.instance_id,
-                    state=state,
-                    result=result,
-                    message=message,
-                    updated_at=_now_iso(),
-                ),
-            )
+            await self._write_finish(task_id, state, result, message)
         except RMCPStoreError:
-            # The task stays WORKING under this (live) owner until the process ends, then reads
-            # in doubt: honest, since its outcome is not known to anyone else.
+            # Written again at each renewal of the lease (write_unfinished). Until then the task
+            # reads WORKING under this live owner; if the process ends first, in doubt: honest,
+            # since its outcome is known to no one else.
+            self._unfinished[task_id] = (state, result, message)
             logging.getLogger(__name__).exception("RMCP: could not record the outcome of task %s", task_id)
+
+    async def write_unfinished(self) -> None:
+        """Write the outcomes the store refused when their runs ended (the server's lease
+        keeper calls this). Raises :class:`~rmcp_actors.RMCPStoreError` if it fails again."""
+        for task_id, (state, result, message) in list(self._unfinished.items()):
+            await self._write_finish(task_id, state, result, message)
+            del self._unfinished[task_id]
+
+    async def _write_finish(self, task_id: str, state: TaskState, result: bytes, message: str | None) -> None:
+        await self.store_call(
+            "finish_task",
+            lambda: self.store.finish_task(
+                task_id,
+                owner=self.instance_id,
+                state=state,
+                result=result,
+                message=message,
+                updated_at=_now_iso(),
+            ),
+        )
 
     # --- wire ----------------------------------------------------------------------------
 
