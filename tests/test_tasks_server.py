@@ -796,12 +796,6 @@ async def test_concurrent_task_calls_with_one_key_share_one_task(state: State, t
     assert state.ledger == ["c"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left open: a run lives in the task group of the lifespan entered last; over in-memory "
-    "transports each connection enters the lifespan, so closing a later connection cuts short "
-    "the tasks that an earlier, still open one created",
-)
 async def test_a_task_outlives_another_connection_closing(
     state: State, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -386,10 +386,10 @@ class RMCPServerSide:
             aborted=self._aborted,
         )
 
-    def hosting_tasks(self) -> AbstractAsyncContextManager[None]:
-        """For the server's lifespan: the task group that task runs live in (nothing without
-        tasks)."""
-        return nullcontext() if self.tasks is None else self.tasks.hosting()
+    def hosting_tasks(self, state: object = None) -> AbstractAsyncContextManager[None]:
+        """For the server's lifespan, which yielded ``state``: the task group that the task
+        runs of its requests live in (nothing without tasks)."""
+        return nullcontext() if self.tasks is None else self.tasks.hosting(state)
 
     def _limiter_wait_ms(self) -> int:
         return 0 if self._bucket is None else self._bucket.wait_ms()
@@ -602,6 +602,7 @@ class RMCPServerSide:
                 tool=tool,
                 ttl_s=tasks.ttl_s(requested_ttl_ms(params)),
                 run=run,
+                lifespan_state=ctx.lifespan_context,
             )
         except RMCPStoreError as error:
             if meta is not None:
