@@ -809,3 +809,20 @@ async def test_a_task_outlives_another_connection_closing(
         read = await poll(first, task_id)
     assert read["status"] == "completed"
     assert state.ledger == ["m"]
+
+
+@pytest.mark.xfail(strict=True, reason="a lookup sent as a task call runs the tool")
+@pytest.mark.parametrize("mode", PROTOCOLS)
+async def test_a_lookup_sent_as_a_task_call_never_runs_the_tool(state: State, mode: Any) -> None:
+    async with mcp.Client(tasks_server(state), mode=mode) as client:
+        params: dict[str, Any] = {"name": "record", "arguments": {"label": "l"}, "task": {}}
+        params["_meta"] = {"rmcp": {**rmcp("LK")["rmcp"], "lookup": True}}
+        answer = await send(client, "tools/call", params, task=True)
+        listed = await send(client, "tasks/list", {}) if mode == "legacy" else {"tasks": []}
+    # Section 5: a lookup never runs the tool. As a task it could not say what became of the
+    # key without creating (and running) one, so it is refused.
+    assert answer["isError"] is True
+    assert answer["_meta"]["rmcp"]["ack"] is False
+    assert answer["_meta"]["rmcp"]["code"] == "invalid_meta"
+    assert listed["tasks"] == []
+    assert state.ledger == []
