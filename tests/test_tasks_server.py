@@ -811,7 +811,6 @@ async def test_a_task_outlives_another_connection_closing(
     assert state.ledger == ["m"]
 
 
-@pytest.mark.xfail(strict=True, reason="a lookup sent as a task call runs the tool")
 @pytest.mark.parametrize("mode", PROTOCOLS)
 async def test_a_lookup_sent_as_a_task_call_never_runs_the_tool(state: State, mode: Any) -> None:
     async with mcp.Client(tasks_server(state), mode=mode) as client:

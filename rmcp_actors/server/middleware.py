@@ -554,6 +554,15 @@ class RMCPServerSide:
             meta = decode_request_meta(raw_meta if isinstance(raw_meta, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
         except InvalidMeta as error:
             return self._nack(ctx, NackCode.INVALID_META, f"_meta.rmcp is malformed ({error})")
+        if meta is not None and meta.lookup:
+            # A lookup never runs the tool, and a task call's answer is a task that runs it.
+            return self._nack(
+                ctx,
+                NackCode.INVALID_META,
+                "a lookup cannot run as a task: send it without params.task (2025-11-25) or without "
+                "declaring io.modelcontextprotocol/tasks on the request (2026-07-28)",
+                meta,
+            )
         try:
             validate_client_request("tools/call", ctx.protocol_version, params)
         except ValidationError:
