@@ -834,7 +834,6 @@ async def test_a_lookup_sent_as_a_task_call_never_runs_the_tool(state: State, mo
     assert state.ledger == []
 
 
-@pytest.mark.xfail(strict=True, reason="an outcome still unwritten at shutdown is lost (reads in doubt)")
 async def test_an_outcome_still_unwritten_at_shutdown_is_written_before_the_owner_goes(
     state: State, tmp_path: Path
 ) -> None:

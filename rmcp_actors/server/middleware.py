@@ -414,6 +414,12 @@ class RMCPServerSide:
             if self.tasks is not None:
                 await self.tasks.wait_idle()
         if self._owner_registered and not self._active and (self.tasks is None or not self.tasks.running):
+            if self.tasks is not None:
+                try:
+                    await self.tasks.write_unfinished()
+                except RMCPStoreError:
+                    # Released anyway: those tasks read in doubt, as after a crash.
+                    logger.exception("RMCP: could not record the outcome of finished tasks at drain")
             self._owner_registered = False
             await self._store_call("release_owner", lambda: self.store.release_owner(self.instance_id))
 
