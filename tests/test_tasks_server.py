@@ -674,3 +674,178 @@ async def test_stdio_task_of_a_killed_server_reads_in_doubt_and_never_runs_again
     assert retried["taskId"] == task_id
     assert retried["status"] == "failed"
     assert state.recorded() == []
+
+
+# --- Races between a task's creation and the store, drain --------------------------------------
+
+
+class _GatedStore:
+    """A MemoryStore whose task writes wait for the test: ``gate`` holds each ``create_task``
+    before it writes (a store busy in a worker thread, or another process's write lock), and
+    ``stall_s`` holds the first one's answer after it wrote (a commit that landed while its
+    caller gave up: ``store_timeout_s``, or a request cancelled while its group commit ran)."""
+
+    def __init__(
+        self,
+        *,
+        gated: bool = False,
+        stall_s: float = 0.0,
+        finish_failures: int = 0,
+        inner: DedupStore | None = None,
+    ) -> None:
+        self.inner = MemoryStore(clock=trio.current_time) if inner is None else inner
+        self.gate = trio.Event()
+        if not gated:
+            self.gate.set()
+        self.creating = trio.Event()
+        self.stall_s = stall_s
+        self.finish_failures = finish_failures
+
+    async def create_task(self, task: TaskRecord, *, ttl_s: float) -> Any:
+        self.creating.set()
+        await self.gate.wait()
+        creation = await self.inner.create_task(task, ttl_s=ttl_s)
+        stall_s, self.stall_s = self.stall_s, 0.0
+        await trio.sleep(stall_s)
+        return creation
+
+    async def finish_task(self, task_id: str, **fields: Any) -> bool:
+        if self.finish_failures:
+            self.finish_failures -= 1
+            raise OSError("the store's disk is full for now")
+        return await self.inner.finish_task(task_id, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_drain_waits_for_a_task_call_still_writing_its_task(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = _GatedStore(gated=True)
+    app = tasks_server(state, cast(DedupStore, store))
+    side = rmcp_of(app)
+    assert side is not None
+    handles: list[dict[str, Any]] = []
+    async with mcp.Client(app, mode="auto") as client:
+
+        async def create() -> None:
+            handles.append(await call_as_task(client, "block_unsafe", {"label": "w", "seconds": 5}, key="W"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create)
+            await store.creating.wait()
+            # Admitted before the drain began, its task not written yet.
+            nursery.start_soon(side.drain, 60.0)
+            await trio.testing.wait_all_tasks_blocked()
+            store.gate.set()
+        read = await get(client, task_of(handles[0])["taskId"])
+    # drain() returned once the call's run had finished: the instance was not released under
+    # a task it was running (which would have read failed, in doubt, while it ran).
+    assert read["status"] == "completed"
+    assert state.ledger == ["w"]
+
+
+@pytest.mark.parametrize("mode", PROTOCOLS)
+async def test_a_task_written_after_its_call_gave_up_runs_for_the_retry_of_its_key(
+    state: State, mode: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = _GatedStore(stall_s=60.0)
+    final: dict[str, Any] = {}
+    async with mcp.Client(tasks_server(state, cast(DedupStore, store)), mode=mode) as client:
+        # The write lands; its answer comes after store_timeout_s (15 s): NACK unavailable.
+        first = await call_as_task(client, "record", {"label": "o"}, key="O")
+        retried = task_of(await call_as_task(client, "record", {"label": "o"}, key="O", attempt=2))
+        with trio.move_on_after(600):
+            final = await poll(client, retried["taskId"])
+    assert first["_meta"]["rmcp"]["code"] == "unavailable"
+    # The retry got the task that was written, and it ran (once), rather than a task that no
+    # run would ever finish, holding the key for as long as the instance lives.
+    assert final.get("status") == "completed"
+    assert state.ledger == ["o"]
+
+
+@pytest.mark.parametrize("mode", PROTOCOLS)
+async def test_an_outcome_the_store_refused_once_is_written_later(
+    state: State, mode: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = _GatedStore(finish_failures=1)
+    final: dict[str, Any] = {}
+    async with mcp.Client(tasks_server(state, cast(DedupStore, store)), mode=mode) as client:
+        task_id = task_of(await call_as_task(client, "record", {"label": "f"}, key="F"))["taskId"]
+        with trio.move_on_after(600):
+            final = await poll(client, task_id)
+        retried = task_of(await call_as_task(client, "record", {"label": "f"}, key="F", attempt=2))
+    # The run's result is kept and written once the store takes it, not lost with the task
+    # left working (and its key held) for as long as the instance lives.
+    assert final.get("status") == "completed"
+    assert retried["status"] == "completed"
+    assert state.ledger == ["f"]
+
+
+async def test_concurrent_task_calls_with_one_key_share_one_task(state: State, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "rmcp.sqlite")
+    answers: list[dict[str, Any]] = []
+    async with mcp.Client(tasks_server(state, store), mode="legacy") as client:
+
+        async def create(attempt: int) -> None:
+            answers.append(await call_as_task(client, "record", {"label": "c"}, key="C", attempt=attempt))
+
+        async with trio.open_nursery() as nursery:
+            for attempt in range(1, 5):
+                nursery.start_soon(create, attempt)
+        task_ids = {task_of(answer)["taskId"] for answer in answers}
+        result = await send(client, "tasks/result", {"taskId": next(iter(task_ids))})
+    assert len(task_ids) == 1
+    assert sorted(answer["_meta"]["rmcp"]["duplicate"] for answer in answers) == [False, True, True, True]
+    assert text(result) == "recorded c"
+    assert state.ledger == ["c"]
+
+
+async def test_a_task_outlives_another_connection_closing(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    app = tasks_server(state)
+    async with mcp.Client(app, mode="legacy") as first:
+        async with mcp.Client(app, mode="legacy"):
+            task_id = task_of(
+                await call_as_task(first, "block_unsafe", {"label": "m", "seconds": 5}, key="M")
+            )["taskId"]
+            await trio.sleep(1)
+        read = await poll(first, task_id)
+    assert read["status"] == "completed"
+    assert state.ledger == ["m"]
+
+
+@pytest.mark.parametrize("mode", PROTOCOLS)
+async def test_a_lookup_sent_as_a_task_call_never_runs_the_tool(state: State, mode: Any) -> None:
+    async with mcp.Client(tasks_server(state), mode=mode) as client:
+        params: dict[str, Any] = {"name": "record", "arguments": {"label": "l"}, "task": {}}
+        params["_meta"] = {"rmcp": {**rmcp("LK")["rmcp"], "lookup": True}}
+        answer = await send(client, "tools/call", params, task=True)
+        listed = await send(client, "tasks/list", {}) if mode == "legacy" else {"tasks": []}
+    # Section 5: a lookup never runs the tool. As a task it could not say what became of the
+    # key without creating (and running) one, so it is refused.
+    assert answer["isError"] is True
+    assert answer["_meta"]["rmcp"]["ack"] is False
+    assert answer["_meta"]["rmcp"]["code"] == "invalid_meta"
+    assert listed["tasks"] == []
+    assert state.ledger == []
+
+
+async def test_an_outcome_still_unwritten_at_shutdown_is_written_before_the_owner_goes(
+    state: State, tmp_path: Path
+) -> None:
+    path = tmp_path / "rmcp.sqlite"
+    store = _GatedStore(finish_failures=1, inner=SQLiteStore(path))
+    async with mcp.Client(tasks_server(state, cast(DedupStore, store)), mode="legacy") as client:
+        task_id = task_of(await call_as_task(client, "record", {"label": "u"}, key="U"))["taskId"]
+        with trio.fail_after(10):
+            while not state.ledger:
+                await trio.sleep(0.01)
+        # The run ended and the store refused its outcome; the server stops before the lease
+        # keeper writes it again.
+    async with mcp.Client(tasks_server(state, SQLiteStore(path)), mode="legacy") as client:
+        read = await get(client, task_id)
+    assert read["status"] == "completed"
+    assert state.ledger == ["u"]

@@ -330,7 +330,7 @@ def _with_rmcp_lifespan(
         _store_users[id(side.store)] = _store_users.get(id(side.store), 0) + 1
         try:
             await side.start()
-            async with inner(app) as state, _Beside(side.keep_lease), side.hosting_tasks():
+            async with inner(app) as state, _Beside(side.keep_lease), side.hosting_tasks(state):
                 yield state
         finally:
             entered -= 1

@@ -386,10 +386,10 @@ class RMCPServerSide:
             aborted=self._aborted,
         )
 
-    def hosting_tasks(self) -> AbstractAsyncContextManager[None]:
-        """For the server's lifespan: the task group that task runs live in (nothing without
-        tasks)."""
-        return nullcontext() if self.tasks is None else self.tasks.hosting()
+    def hosting_tasks(self, state: object = None) -> AbstractAsyncContextManager[None]:
+        """For the server's lifespan, which yielded ``state``: the task group that the task
+        runs of its requests live in (nothing without tasks)."""
+        return nullcontext() if self.tasks is None else self.tasks.hosting(state)
 
     def _limiter_wait_ms(self) -> int:
         return 0 if self._bucket is None else self._bucket.wait_ms()
@@ -414,6 +414,12 @@ class RMCPServerSide:
             if self.tasks is not None:
                 await self.tasks.wait_idle()
         if self._owner_registered and not self._active and (self.tasks is None or not self.tasks.running):
+            if self.tasks is not None:
+                try:
+                    await self.tasks.write_unfinished()
+                except RMCPStoreError:
+                    # Released anyway: those tasks read in doubt, as after a crash.
+                    logger.exception("RMCP: could not record the outcome of finished tasks at drain")
             self._owner_registered = False
             await self._store_call("release_owner", lambda: self.store.release_owner(self.instance_id))
 
@@ -554,6 +560,15 @@ class RMCPServerSide:
             meta = decode_request_meta(raw_meta if isinstance(raw_meta, Mapping) else None)  # pyright: ignore[reportUnknownArgumentType]
         except InvalidMeta as error:
             return self._nack(ctx, NackCode.INVALID_META, f"_meta.rmcp is malformed ({error})")
+        if meta is not None and meta.lookup:
+            # A lookup never runs the tool, and a task call's answer is a task that runs it.
+            return self._nack(
+                ctx,
+                NackCode.INVALID_META,
+                "a lookup cannot run as a task: send it without params.task (2025-11-25) or without "
+                "declaring io.modelcontextprotocol/tasks on the request (2026-07-28)",
+                meta,
+            )
         try:
             validate_client_request("tools/call", ctx.protocol_version, params)
         except ValidationError:
@@ -590,6 +605,9 @@ class RMCPServerSide:
         client_key = None if meta is None else meta.dedup_key
         call_print = fingerprint(tool, arguments)
         run = functools.partial(self._run_task_tool, ctx, call_next)
+        # Counted until its run is registered with the engine: drain() must not release the
+        # owner while the task is being written (it would read in doubt while it ran).
+        self._active += 1
         try:
             await self._ensure_owner()
             creation = await tasks.create(
@@ -599,11 +617,17 @@ class RMCPServerSide:
                 tool=tool,
                 ttl_s=tasks.ttl_s(requested_ttl_ms(params)),
                 run=run,
+                lifespan_state=ctx.lifespan_context,
             )
         except RMCPStoreError as error:
             if meta is not None:
                 return self._unavailable(ctx, meta, error)
             raise MCPError(INTERNAL_ERROR, f"RMCP: {error}; the tool did not run, retry later") from error
+        finally:
+            self._active -= 1
+            if not self._active and self._idle is not None:
+                self._idle.set()
+                self._idle = None
         handle = tasks.handle(creation.task, ctx.protocol_version)
         if meta is None:
             return handle
@@ -1163,10 +1187,12 @@ class RMCPServerSide:
                         mark = functools.partial(self.store.mark_in_doubt, key, owner=self.instance_id)
                         await self._store_call("mark_in_doubt", mark)
                         self._unrecorded.discard(key)
+                    if self.tasks is not None:
+                        await self.tasks.write_unfinished()
                 except RMCPStoreError:
                     logger.exception(
                         "RMCP: could not renew the lease of instance %s, or mark in doubt the keys "
-                        "whose outcome it could not store; retrying in lease_s/3",
+                        "(write the task outcomes) it could not store; retrying in lease_s/3",
                         self.instance_id,
                     )
 

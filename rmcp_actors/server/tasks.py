@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar, cast
 
 import anyio
-import anyio.abc
 import attrs
 from mcp import MCPError
 from mcp.server.context import HandlerResult, ServerRequestContext
@@ -101,25 +100,27 @@ class _LocalRun:
 
 
 class _Host:
-    """The task group of one server lifespan; task runs started meanwhile live in it.
+    """The task group of one server lifespan; the task runs its requests start live in it.
 
     Not a generator with ``yield`` inside a task group: the lifespan block's own exception
     must leave unchanged, not wrapped in an exception group. On exit the runs are cancelled;
     each records itself as in doubt (its tool may have had its effect) before the group ends.
     """
 
-    def __init__(self, engine: TaskEngine) -> None:
+    def __init__(self, engine: TaskEngine, state: object) -> None:
         self._engine = engine
-        self._group = anyio.create_task_group()
+        self.state = state
+        """What the lifespan yielded: its requests carry it (``ctx.lifespan_context``)."""
+        self.group = anyio.create_task_group()
 
     async def __aenter__(self) -> None:
-        await self._group.__aenter__()
-        self._engine.groups.append(self._group)
+        await self.group.__aenter__()
+        self._engine.hosts.append(self)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._engine.groups.remove(self._group)
-        self._group.cancel_scope.cancel()
-        await self._group.__aexit__(None, None, None)
+        self._engine.hosts.remove(self)
+        self.group.cancel_scope.cancel()
+        await self.group.__aexit__(None, None, None)
 
 
 @attrs.define(eq=False)
@@ -135,17 +136,26 @@ class TaskEngine:
     poll_interval_s: float = 1.0
     support: dict[str, TaskSupport] = attrs.field(factory=dict[str, TaskSupport])
     """Per tool, its ``taskSupport``; a tool not named here is ``"optional"``."""
-    groups: list[anyio.abc.TaskGroup] = attrs.field(factory=list[anyio.abc.TaskGroup], init=False)
+    hosts: list[_Host] = attrs.field(factory=list[_Host], init=False)
+    """The lifespans running now, oldest first (over in-memory transports, one a connection)."""
     _runs: dict[str, _LocalRun] = attrs.field(factory=dict[str, _LocalRun], init=False)
+    # Keyed tasks whose creation raised (store_timeout_s, or the request cancelled while its
+    # group commit ran): written perhaps, never run. A retry of the key finding one runs it.
+    _unconfirmed: set[str] = attrs.field(factory=set[str], init=False)
+    # Outcomes of runs here that the store refused (task id -> state, result, message).
+    _unfinished: dict[str, tuple[TaskState, bytes, str | None]] = attrs.field(
+        factory=dict[str, tuple[TaskState, bytes, str | None]], init=False
+    )
 
     def support_of(self, tool: str) -> TaskSupport:
         """The ``taskSupport`` of ``tool``."""
         return self.support.get(tool, "optional")
 
-    def hosting(self) -> _Host:
-        """A context for the server's lifespan: task runs started inside it live in its task
-        group, and are cancelled (recorded in doubt) when it ends."""
-        return _Host(self)
+    def hosting(self, state: object = None) -> _Host:
+        """A context for the server's lifespan, which yielded ``state``: the task runs its
+        requests start live in its task group, and are cancelled (recorded in doubt) when it
+        ends."""
+        return _Host(self, state)
 
     @property
     def running(self) -> int:
@@ -160,7 +170,7 @@ class TaskEngine:
     @property
     def can_run(self) -> bool:
         """Whether a lifespan hosts task runs now."""
-        return bool(self.groups)
+        return bool(self.hosts)
 
     def ttl_s(self, requested_ms: object) -> float:
         """The lifetime of a new task: the requested one in bounds (8.9), else the default."""
@@ -182,9 +192,11 @@ class TaskEngine:
         tool: str,
         ttl_s: float,
         run: Callable[[], Awaitable[StoredOutcome | None]],
+        lifespan_state: object = None,
     ) -> TaskCreation:
-        """Create the task (or find its key's) and, when created, start ``run`` in the
-        lifespan's task group. Store failures raise :class:`~rmcp_actors.RMCPStoreError`."""
+        """Create the task (or find its key's) and, when created, start ``run`` in the task
+        group of the lifespan that yielded ``lifespan_state`` (the request's), or else of the
+        latest one. Store failures raise :class:`~rmcp_actors.RMCPStoreError`."""
         now = _now_iso()
         task = TaskRecord(
             task_id=uuid.uuid4().hex,
@@ -197,18 +209,34 @@ class TaskEngine:
             created_at=now,
             updated_at=now,
         )
-        creation: TaskCreation = await self.store_call(
-            "create_task", lambda: self.store.create_task(task, ttl_s=ttl_s)
-        )
-        if creation.created:
-            task_id = creation.task.task_id
-            if not self.groups:
+        try:
+            creation: TaskCreation = await self.store_call(
+                "create_task", lambda: self.store.create_task(task, ttl_s=ttl_s)
+            )
+        except BaseException:
+            if key is not None:
+                self._unconfirmed.add(task.task_id)
+            raise
+        found = creation.task
+        if creation.created or (
+            found.task_id in self._unconfirmed
+            and found.state is TaskState.WORKING
+            and found.fingerprint == fingerprint
+        ):
+            # Created, or the retry of a creation whose answer was lost before its run started.
+            self._unconfirmed.discard(found.task_id)
+            task_id = found.task_id
+            if not self.hosts:
                 # The lifespan ended while the task was written: it will not run here. Failed (in
                 # doubt, as any run the lifespan cut short) rather than WORKING under a live owner.
                 await self._finish(task_id, None)
                 return creation
+            # Not simply the latest lifespan: over in-memory transports each connection has
+            # its own, and another connection closing must not cut this run short.
+            own = [host for host in self.hosts if host.state is lifespan_state]
+            host = own[0] if len(own) == 1 else self.hosts[-1]
             self._runs[task_id] = _LocalRun()
-            self.groups[-1].start_soon(self._run, task_id, run)
+            host.group.start_soon(self._run, task_id, run)
         return creation
 
     async def _run(self, task_id: str, run: Callable[[], Awaitable[StoredOutcome | None]]) -> None:
@@ -242,21 +270,33 @@ class TaskEngine:
             state, message = TaskState.COMPLETED, None
         result = encode_outcome(outcome)
         try:
-            await self.store_call(
-                "finish_task",
-                lambda: self.store.finish_task(
-                    task_id,
-                    owner=self.instance_id,
-                    state=state,
-                    result=result,
-                    message=message,
-                    updated_at=_now_iso(),
-                ),
-            )
+            await self._write_finish(task_id, state, result, message)
         except RMCPStoreError:
-            # The task stays WORKING under this (live) owner until the process ends, then reads
-            # in doubt: honest, since its outcome is not known to anyone else.
+            # Written again at each renewal of the lease (write_unfinished). Until then the task
+            # reads WORKING under this live owner; if the process ends first, in doubt: honest,
+            # since its outcome is known to no one else.
+            self._unfinished[task_id] = (state, result, message)
             logging.getLogger(__name__).exception("RMCP: could not record the outcome of task %s", task_id)
+
+    async def write_unfinished(self) -> None:
+        """Write the outcomes the store refused when their runs ended (the server's lease
+        keeper calls this). Raises :class:`~rmcp_actors.RMCPStoreError` if it fails again."""
+        for task_id, (state, result, message) in list(self._unfinished.items()):
+            await self._write_finish(task_id, state, result, message)
+            del self._unfinished[task_id]
+
+    async def _write_finish(self, task_id: str, state: TaskState, result: bytes, message: str | None) -> None:
+        await self.store_call(
+            "finish_task",
+            lambda: self.store.finish_task(
+                task_id,
+                owner=self.instance_id,
+                state=state,
+                result=result,
+                message=message,
+                updated_at=_now_iso(),
+            ),
+        )
 
     # --- wire ----------------------------------------------------------------------------
 
