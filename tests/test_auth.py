@@ -250,7 +250,6 @@ async def test_a_server_that_accepts_the_credentials_again_is_reconnected_to() -
     assert server.ran == ["before", "again"]
 
 
-@pytest.mark.xfail(strict=True, reason="a refusal outlives a later connect that failed for another reason")
 async def test_a_refusal_is_forgotten_once_a_reconnect_fails_for_another_reason() -> None:
     # Refused, then the server went down (and its credentials were fixed meanwhile): a call waits
     # for the reconnect (when_disconnected = "wait") instead of failing at once with the stale
