@@ -467,7 +467,6 @@ def test_callbacks_must_be_server_callbacks() -> None:
     assert caught.value.path == "callbacks"
 
 
-@pytest.mark.xfail(strict=True, reason="an unknown log_level fails every connect with a ValueError")
 def test_an_unknown_log_level_is_a_config_error() -> None:
     with pytest.raises(RMCPConfigError, match="must be one of") as caught:
         ServerCallbacks(on_log=ignore_log, log_level="warn")  # pyright: ignore[reportArgumentType]
