@@ -4,6 +4,7 @@ of the test's own (tests/_auth_server.py), on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -216,6 +217,67 @@ async def test_a_client_whose_credentials_were_revoked_gets_an_auth_error(
             assert breaker_failures(sup) == 0
     assert server.ran == ["before"]
     assert SECRET not in str(caught.value)
+
+
+async def refused(sup: RMCPSupervisor, authority: Authority) -> None:
+    """Revoke the client's credentials until the reconnects are refused too."""
+    assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
+    authority.revoke_all()
+    del authority.clients["svc"]
+    with pytest.raises(RMCPAuthError):
+        await sup.call("web", "echo", {"text": "refused"})
+    with trio.fail_after(2), pytest.raises(RMCPAuthError, match="keeps reconnecting"):
+        await sup.call("web", "echo", {"text": "refused"}, timeout=30)
+
+
+async def test_a_server_that_accepts_the_credentials_again_is_reconnected_to() -> None:
+    authority = Authority(clients={"svc": SECRET})
+    async with protected(authority) as (http, server):
+        auth = ClientCredentialsOAuthProvider(
+            http.url, MemoryTokenStorage(), "svc", SECRET, issuer=origin(http)
+        )
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(ServerSpec.http("web", http.url, auth=auth, overrides=TRIGGER_HAPPY))
+            await refused(sup, authority)
+            authority.clients["svc"] = SECRET
+            # The reconnect loop goes on with the same provider: the next connect gets in.
+            with trio.fail_after(10):
+                while True:
+                    with contextlib.suppress(RMCPAuthError):
+                        assert (await sup.call("web", "echo", {"text": "again"})).text == "again"
+                        break
+                    await trio.sleep(0.05)
+    assert server.ran == ["before", "again"]
+
+
+async def test_a_refusal_is_forgotten_once_a_reconnect_fails_for_another_reason() -> None:
+    # Refused, then the server went down (and its credentials were fixed meanwhile): a call waits
+    # for the reconnect (when_disconnected = "wait") instead of failing at once with the stale
+    # auth error of an earlier connect.
+    authority = Authority(clients={"svc": SECRET})
+    async with protected(authority) as (http, server):
+        auth = ClientCredentialsOAuthProvider(
+            http.url, MemoryTokenStorage(), "svc", SECRET, issuer=origin(http)
+        )
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(ServerSpec.http("web", http.url, auth=auth, overrides=TRIGGER_HAPPY))
+            await refused(sup, authority)
+            await http.stop()
+            with trio.fail_after(10):
+                while "ConnectError" not in (sup.statistics().connections[0].last_error or ""):
+                    await trio.sleep(0.02)
+            authority.clients["svc"] = SECRET
+            async with trio.open_nursery() as nursery:
+                results: list[str] = []
+
+                async def call() -> None:
+                    results.append((await sup.call("web", "echo", {"text": "up"}, timeout=20)).text)
+
+                nursery.start_soon(call)
+                await trio.sleep(0.3)
+                await http.restart()
+            assert results == ["up"]
+    assert server.ran == ["before", "up"]
 
 
 # -- OAuth authorization code -------------------------------------------------------------------

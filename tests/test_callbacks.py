@@ -29,6 +29,7 @@ from rmcp_actors import (
     RMCPConfigError,
     RMCPServerError,
     RMCPSupervisor,
+    RMCPTimeoutAfterSendError,
     ServerCallbacks,
     ServerSpec,
 )
@@ -188,6 +189,30 @@ async def test_a_raising_callback_answers_an_error_and_keeps_the_connection(
     logged = [r for r in caplog.records if r.name == "rmcp_actors" and r.levelno == logging.ERROR]
     assert len(logged) == 2
     assert all(isinstance(r.exc_info and r.exc_info[1], RuntimeError) for r in logged)
+
+
+async def test_a_hanging_callback_ends_with_the_call_that_caused_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Bounded by the call: its cancel reaches the server's tool, whose cancelled request
+    # cancels the callback; the connection goes on.
+    state: list[str] = []
+
+    async def hang(params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        state.append("asked")
+        try:
+            await trio.sleep_forever()
+        finally:
+            state.append("cancelled")
+
+    async with connected("memory", ServerCallbacks(sampling=hang)) as sup:
+        with pytest.raises(RMCPTimeoutAfterSendError):
+            await sup.call("cb", "ask_model", {"prompt": "a"}, timeout=1)
+        with trio.fail_after(5):
+            while state != ["asked", "cancelled"]:
+                await trio.sleep(0.01)
+        after = await sup.call("cb", "steps", {"count": 1})
+    assert after.outcome is Outcome.SUCCEEDED
 
 
 async def test_a_callback_raising_mcperror_chooses_the_error() -> None:
@@ -465,6 +490,12 @@ def test_callbacks_must_be_server_callbacks() -> None:
     with pytest.raises(RMCPConfigError) as caught:
         ServerSpec.stdio("a", "prog", callbacks={"sampling": None})  # pyright: ignore[reportArgumentType]
     assert caught.value.path == "callbacks"
+
+
+def test_an_unknown_log_level_is_a_config_error() -> None:
+    with pytest.raises(RMCPConfigError, match="must be one of") as caught:
+        ServerCallbacks(on_log=ignore_log, log_level="warn")  # pyright: ignore[reportArgumentType]
+    assert caught.value.path == "log_level"
 
 
 async def test_roots_changed_is_sent_only_on_handshake_era_connections() -> None:

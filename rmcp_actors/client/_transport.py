@@ -249,7 +249,6 @@ def build_client(
     """
     mode = client_mode(spec.protocol)
     traffic = traffic if traffic is not None else Traffic()
-    extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION})]
     options = client_options(spec.callbacks, spec.name, refresh_tools or _no_refresh)
     extensions = [advertise(EXTENSION_ID, {"version": PROTOCOL_VERSION}), TasksExtension()]
     if spec.transport == "stdio":

@@ -42,6 +42,8 @@ from mcp_types import (
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
+from ..errors import RMCPConfigError
+
 __all__ = [
     "ElicitationHandler",
     "ListChangedHandler",
@@ -106,6 +108,12 @@ def _root_list(items: Iterable[Root | str]) -> tuple[Root, ...]:
     return tuple(item if isinstance(item, Root) else Root(uri=cast(Any, item)) for item in items)
 
 
+def _check_level(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    # Checked here, not at each connect: an unknown level would fail every connection.
+    if value not in _LEVELS:
+        raise RMCPConfigError(f"must be one of {', '.join(_LEVELS)}, got {value!r}", path=attribute.name)
+
+
 def _to_roots(value: Iterable[Root | str] | RootsProvider | None) -> tuple[Root, ...] | RootsProvider | None:
     if value is None or callable(value):
         return value
@@ -154,7 +162,7 @@ class ServerCallbacks:
         default=None, converter=_to_roots, hash=False
     )
     on_log: LogHandler | None = None
-    log_level: LoggingLevel = "info"
+    log_level: LoggingLevel = attrs.field(default="info", validator=_check_level)
     on_tools_changed: ToolsChangedHandler | None = None
     on_resources_changed: ListChangedHandler | None = None
     on_prompts_changed: ListChangedHandler | None = None

@@ -458,6 +458,9 @@ class Connection(Actor[ConnectionRequest]):
             )
             self._refused(refused)
             raise refused from error
+        # Not refused this time (the server is down, say): calls wait for the reconnect again
+        # rather than fail with an earlier connect's refusal.
+        self._auth_refusal = None
         reason = (_describe(error, self.spec) if error is not None else None) or (
             f"no answer to the handshake within connect_timeout_s={self.policy.connect_timeout_s}"
             + (

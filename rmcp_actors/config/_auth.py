@@ -2,8 +2,10 @@
 """AuthConfig: how a configured HTTP server authenticates the client (``[servers.<name>.auth]``).
 
 A configuration names the method and where each secret is, never the secret: a secret is read
-from the environment variable a ``*_env`` key names, when the connection is made (so a rotated
-value is picked up at the next reconnect). An inline secret is a configuration error.
+from the environment variable a ``*_env`` key names when the server's first connection is made,
+and kept across reconnects (an OAuth provider holds its tokens); a bearer token is read again at
+every request, other rotated secrets once the server is removed and added again. An inline secret
+is a configuration error.
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ class AuthConfig:
     """How a client authenticates to an HTTP server, as a configuration names it.
 
     Secrets are never stored here: the ``*_env`` keys name the environment variables that hold
-    them, read when a connection is made. ``ServerSpec.http(..., auth=...)`` also takes any
-    ``httpx2.Auth`` (an SDK OAuth provider, for instance) when the server is built in Python.
+    them, read when the server's first connection is made (``token_env`` at every request).
+    ``ServerSpec.http(..., auth=...)`` also takes any ``httpx2.Auth`` (an SDK OAuth provider,
+    for instance) when the server is built in Python.
 
     Attributes:
         method: ``"bearer"`` (a static token), ``"basic"`` (HTTP Basic), ``"client_credentials"``
