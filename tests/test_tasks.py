@@ -268,7 +268,8 @@ async def test_a_call_with_the_same_key_follows_the_same_task(autojump_clock: tr
 
 async def test_a_new_process_resumes_a_batchs_tasks_from_the_sqlite_store(tmp_path: Path) -> None:
     # Real time (SQLite works in threads), short intervals: the first "process" gives up on
-    # its batch while the tasks run; the server ignores the cancel (cooperation is optional).
+    # its batch once every task was polled (each key's task is stored before its first poll),
+    # whenever that is; the server ignores the cancel (cooperation is optional).
     state = TasksState(poll_interval_ms=10, honour_cancel=False)
     server = build_tasks_server(state)
     path = str(tmp_path / "tasks.db")
@@ -280,10 +281,18 @@ async def test_a_new_process_resumes_a_batchs_tasks_from_the_sqlite_store(tmp_pa
     config = RMCPConfig.from_dict({"runtime": {"task_store": path}})
     async with RMCPSupervisor.open(config) as sup:
         await sup.add_server(ServerSpec.in_memory("tasks", server))
-        with trio.move_on_after(0.1):
-            async with sup.map("tasks", "research", items, key=key, task=True) as results:
-                async for _ in results:
-                    pass
+        with trio.CancelScope() as gave_up:
+
+            async def give_up_once_all_polled() -> None:
+                while len({task_id for task_id, _ in state.polls}) < len(items):
+                    await trio.sleep(0.005)
+                gave_up.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(give_up_once_all_polled)
+                async with sup.map("tasks", "research", items, key=key, task=True) as results:
+                    async for _ in results:
+                        pass
     assert state.created == 3
     async with RMCPSupervisor.open(config) as sup:
         await sup.add_server(ServerSpec.in_memory("tasks", server))
@@ -434,7 +443,12 @@ async def test_server_everythings_research_query_runs_as_a_task(everything_scrip
     steps = _task_steps(seen)
     assert steps[0] is not None
     assert steps[0].startswith("created ")
-    assert "working: Synthesizing findings..." in steps
+    # Which of the server's working stages a poll sees depends on when it lands (a loaded
+    # machine may miss some): every step between creation and the end is a working one, each
+    # new (a status is recorded when it changes), and the last one is the completion.
+    middle = steps[1:-1]
+    assert all(step is not None and step.startswith("working: ") for step in middle), steps
+    assert all(a != b for a, b in zip(middle, middle[1:], strict=False)), steps
     assert steps[-1] == "completed: Generating report..."
     assert result.meta is not None
     assert result.meta[RELATED_TASK_KEY] == {"taskId": steps[0].removeprefix("created ")}
