@@ -172,7 +172,6 @@ class _GivesUpWhileStoring(MemoryTaskStore):
         await super().put(server, key, ref)
 
 
-@pytest.mark.xfail(strict=True, reason="a cancel during the store's write skips it and tasks/cancel")
 async def test_a_caller_cancelled_while_the_task_is_stored_keeps_it_and_cancels_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -1064,7 +1064,11 @@ async def _follow(
     progress.record(RequestState.TASK, f"created {first.task_id}")
     store = connection.task_store
     if store is not None and request.idempotency_key != request.request_id:
-        await store.put(connection.name, request.idempotency_key, ref)
+        # Shielded: a cancel here would leave a created task unrecorded (a restart with the key
+        # creates another) and uncancelled (follow_task, which sends tasks/cancel, not entered);
+        # it is delivered at follow_task's first wait instead.
+        with anyio.CancelScope(shield=True):
+            await store.put(connection.name, request.idempotency_key, ref)
     result = await follow_task(
         connection, session.generation, ref, first, deadline, _status_recorder(progress)
     )
