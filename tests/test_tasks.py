@@ -295,7 +295,6 @@ async def test_a_call_with_the_same_key_follows_the_same_task(autojump_clock: tr
     assert _task_steps(again.lifecycle)[0] == "resumed task-1"
 
 
-@pytest.mark.xfail(strict=True, reason="the -32021 resend creates a task without looking up the key")
 async def test_a_new_process_resumes_by_key_a_task_auto_learnt_from_the_servers_refusal(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
