@@ -254,6 +254,34 @@ async def test_failing_fast_on_a_lost_connection_leaves_the_task_to_resume_by_ke
     assert _task_steps(result.lifecycle)[0] == "resumed task-1"
 
 
+@pytest.mark.xfail(strict=True, reason="no session while reconnecting: tasks/cancel is not sent")
+async def test_a_caller_cancelled_while_reconnecting_still_cancels_the_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = TasksState()
+    slow = ReconnectOverrides(base_delay_s=2, max_delay_s=2)
+    spec = ServerSpec.in_memory("tasks", build_tasks_server(state), overrides=PolicyOverrides(reconnect=slow))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
+
+        async def break_transport_mid_task() -> None:
+            while not state.polls:
+                await trio.sleep(0.05)
+            session = connection.current_session()
+            assert session is not None
+            connection.report_broken(session)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(break_transport_mid_task)
+            with trio.move_on_after(1):  # while the connection waits out its reconnect delay
+                await sup.call("tasks", "research", {"topic": "x", "seconds": 60}, timeout=30)
+                pytest.fail("the call outlived its caller")
+    # Sent on the new session, within the bound of a cancel (5 s).
+    assert state.cancels == ["task-1"]
+    assert state.tasks["task-1"].cancelled
+
+
 async def test_a_task_the_server_lost_across_a_reconnect_is_unknown(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
