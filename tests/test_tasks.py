@@ -254,7 +254,6 @@ async def test_failing_fast_on_a_lost_connection_leaves_the_task_to_resume_by_ke
     assert _task_steps(result.lifecycle)[0] == "resumed task-1"
 
 
-@pytest.mark.xfail(strict=True, reason="no session while reconnecting: tasks/cancel is not sent")
 async def test_a_caller_cancelled_while_reconnecting_still_cancels_the_task(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
