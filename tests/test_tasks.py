@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import signal
 import sys
 from pathlib import Path
@@ -46,6 +47,15 @@ from rmcp_actors.client._tasks import RELATED_TASK_KEY
 
 def _spec(state: TasksState) -> ServerSpec:
     return ServerSpec.in_memory("tasks", build_tasks_server(state))
+
+
+class _NoJitter(random.Random):
+    """Reconnect delays at their cap: full jitter would sometimes reconnect before the next
+    poll (or the caller's cancel) that a test means to land while disconnected."""
+
+    def uniform(self, a: float, b: float) -> float:
+        del a
+        return b
 
 
 def _task_steps(events: tuple[LifecycleEvent, ...] | list[LifecycleEvent]) -> list[str | None]:
@@ -233,6 +243,7 @@ async def test_failing_fast_on_a_lost_connection_leaves_the_task_to_resume_by_ke
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(spec)
         connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
+        connection._random = _NoJitter()  # pyright: ignore[reportPrivateUsage]
 
         async def break_transport_mid_task() -> None:
             while not state.polls:
@@ -263,6 +274,7 @@ async def test_a_caller_cancelled_while_reconnecting_still_cancels_the_task(
     async with RMCPSupervisor.open() as sup:
         await sup.add_server(spec)
         connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
+        connection._random = _NoJitter()  # pyright: ignore[reportPrivateUsage]
 
         async def break_transport_mid_task() -> None:
             while not state.polls:
