@@ -117,7 +117,11 @@ def _config(port: int) -> Config:
     config.accesslog = None
     config.errorlog = _log  # "Running on ..." goes to a quiet logger instead of stderr
     config.graceful_timeout = 0.1
-    config.keep_alive_timeout = 1.0
+    # Long past any pause between a client's requests on a loaded machine: hypercorn closing an
+    # idle connection just as the client reuses it fails that POST with "Server disconnected
+    # without sending a response" (a handshake's tools/list once, under a full parallel run at
+    # 1 s). stop() cancels hypercorn outright, so idle connections never delay a test.
+    config.keep_alive_timeout = 60.0
     return config
 
 

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import (
     RMCPIdempotencyConflictError,
+    RMCPNetworkError,
     RMCPOutcomeUnknownError,
     RMCPResultValidationError,
     RMCPTaskCancelledError,
@@ -381,6 +382,12 @@ async def follow_task(
         # The caller gave up (or the deadline passed): the task would run on for nobody.
         with anyio.CancelScope(shield=True), anyio.move_on_after(_CANCEL_TIMEOUT_S):
             session = connection.current_session()
+            if session is None:
+                # Reconnecting: the task outlives the transport, so the cancel waits for the
+                # next session, within the same bound (at once an error when disconnected calls
+                # fail fast, the credentials are refused, or the connection is closed).
+                with suppress(RMCPNetworkError):
+                    session = await connection.wait_session()
             if session is not None and session.client is not None:
                 # Cooperative anyway: the server may not stop it, or not know it any more.
                 with suppress(MCPError, ValidationError):

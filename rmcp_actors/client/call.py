@@ -867,16 +867,9 @@ async def _send(
     given_key = request.idempotency_key != request.request_id
     store = connection.task_store if wire is not None and given_key else None
     if store is not None and (ref := await store.get(connection.name, request.idempotency_key)) is not None:
-        check_same_call(ref, request.idempotency_key, fingerprint(request.tool, request.arguments))
         progress.attempts += 1
         progress.sent = True  # by the call that created the task
-        progress.record(RequestState.TASK, f"resumed {ref.task_id}")
-        result = await follow_task(
-            connection, session.generation, ref, None, deadline, _status_recorder(progress)
-        )
-        result = await _checked(connection, request.tool, result)
-        progress.record(RequestState.ANSWERED)
-        return result, None
+        return await _resume(connection, session, request, progress, deadline, ref), None
     progress.attempts += 1
     meta = None
     if rmcp is not None:
@@ -904,7 +897,7 @@ async def _send(
     sent_token = current_send_hook.set(sent_step)
     evidence = Evidence() if http else None
     token = current_evidence.set(evidence) if http else None
-    answer: CallToolResult | TaskSnapshot
+    answer: CallToolResult | TaskSnapshot | TaskRef
     # The SDK calls it positionally: any callable of three arguments fits.
     on_progress = cast("ProgressFnT | None", request.on_progress)
     try:
@@ -942,17 +935,24 @@ async def _send(
                     raise
                 # Nothing ran: the server wants the call as a task, which "auto" grants.
                 session.requires_task.add(request.tool)
-                declared = task_declared.set(True)
-                try:
-                    answer = await client.call_tool(
-                        request.tool,
-                        request.arguments,
-                        read_timeout_seconds=max(deadline - loop.clock() - _SDK_TIMEOUT_MARGIN_S, 0.001),
-                        meta=meta,
-                        progress_callback=on_progress,
-                    )
-                finally:
-                    task_declared.reset(declared)
+                # This session had not learnt it yet (a new process, a reconnect): the key may
+                # have created its task already.
+                stored = connection.task_store if given_key else None
+                ref = None if stored is None else await stored.get(connection.name, request.idempotency_key)
+                if ref is not None:
+                    answer = ref
+                else:
+                    declared = task_declared.set(True)
+                    try:
+                        answer = await client.call_tool(
+                            request.tool,
+                            request.arguments,
+                            read_timeout_seconds=max(deadline - loop.clock() - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                            meta=meta,
+                            progress_callback=on_progress,
+                        )
+                    finally:
+                        task_declared.reset(declared)
         else:
             answer = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
     except TaskCreated as created:
@@ -979,6 +979,8 @@ async def _send(
         current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
+    if isinstance(answer, TaskRef):
+        return await _resume(connection, session, request, progress, deadline, answer), None
     if isinstance(answer, TaskSnapshot):
         result = await _follow(connection, session, request, progress, deadline, wire, answer)
     else:
@@ -1064,11 +1066,38 @@ async def _follow(
     progress.record(RequestState.TASK, f"created {first.task_id}")
     store = connection.task_store
     if store is not None and request.idempotency_key != request.request_id:
-        await store.put(connection.name, request.idempotency_key, ref)
+        # Shielded: a cancel here would leave a created task unrecorded (a restart with the key
+        # creates another) and uncancelled (follow_task, which sends tasks/cancel, not entered);
+        # it is delivered at follow_task's first wait instead.
+        with anyio.CancelScope(shield=True):
+            await store.put(connection.name, request.idempotency_key, ref)
     result = await follow_task(
         connection, session.generation, ref, first, deadline, _status_recorder(progress)
     )
     return await _checked(connection, request.tool, result)
+
+
+async def _resume(
+    connection: Connection,
+    session: Session,
+    request: CallRequest,
+    progress: _Progress,
+    deadline: float,
+    ref: TaskRef,
+) -> CallToolResult:
+    """Follow the task an earlier call with this key created (found in the task store).
+
+    Raises:
+        RMCPIdempotencyConflictError: That task runs another tool or other arguments.
+    """
+    check_same_call(ref, request.idempotency_key, fingerprint(request.tool, request.arguments))
+    progress.record(RequestState.TASK, f"resumed {ref.task_id}")
+    result = await follow_task(
+        connection, session.generation, ref, None, deadline, _status_recorder(progress)
+    )
+    result = await _checked(connection, request.tool, result)
+    progress.record(RequestState.ANSWERED)
+    return result
 
 
 async def _checked(connection: Connection, tool: str, result: CallToolResult) -> CallToolResult:
