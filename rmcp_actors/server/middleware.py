@@ -487,18 +487,8 @@ class RMCPServerSide:
             return self._nack(ctx, NackCode.INVALID_META, f"_meta.rmcp is malformed ({error})")
         if meta is None:
             return await call_next(ctx)
-        if self._draining:
-            return self._nack(ctx, NackCode.SHUTTING_DOWN, "not accepting calls", meta)
-        if self._bucket is not None and (wait_ms := self._bucket.take()) is not None:
-            return self._nack(ctx, NackCode.RATE_LIMITED, "too many calls", meta, retry_after_ms=wait_ms)
-        if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
-            return self._nack(
-                ctx,
-                NackCode.OVERLOADED,
-                f"{self._in_flight} calls running (limit {self.max_in_flight})",
-                meta,
-                retry_after_ms=_OVERLOADED_RETRY_AFTER_MS,
-            )
+        if (admission := self._admission_refusal(ctx, meta)) is not None:
+            return admission
         # Counted from admission, not from the claim: drain() must not release the owner while
         # an admitted call is still claiming its key.
         self._active += 1
@@ -581,18 +571,8 @@ class RMCPServerSide:
         tool = name if isinstance(name, str) else ""
         arguments = cast("Mapping[str, Any]", raw_arguments if isinstance(raw_arguments, Mapping) else {})
         if meta is not None:
-            if self._draining:
-                return self._nack(ctx, NackCode.SHUTTING_DOWN, "not accepting calls", meta)
-            if self._bucket is not None and (wait_ms := self._bucket.take()) is not None:
-                return self._nack(ctx, NackCode.RATE_LIMITED, "too many calls", meta, retry_after_ms=wait_ms)
-            if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
-                return self._nack(
-                    ctx,
-                    NackCode.OVERLOADED,
-                    f"{self._in_flight} calls running (limit {self.max_in_flight})",
-                    meta,
-                    retry_after_ms=_OVERLOADED_RETRY_AFTER_MS,
-                )
+            if (admission := self._admission_refusal(ctx, meta)) is not None:
+                return admission
             if self.check_call is not None and (refused := self.check_call(tool, arguments)) is not None:
                 return self._nack(ctx, refused[0], refused[1], meta)
         if not tasks.can_run:
@@ -1262,6 +1242,25 @@ class RMCPServerSide:
 
     def _conflict(self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta) -> HandlerResult:
         return self._nack(ctx, NackCode.IDEMPOTENCY_CONFLICT, "key reused with a different call", meta)
+
+    def _admission_refusal(
+        self, ctx: ServerRequestContext[Any, Any], meta: RequestMeta
+    ) -> HandlerResult | None:
+        """The NACK refusing an RMCP call at the door (draining, rate bucket empty, too many
+        calls running), or None when it may run. Takes a token from the bucket when it admits."""
+        if self._draining:
+            return self._nack(ctx, NackCode.SHUTTING_DOWN, "not accepting calls", meta)
+        if self._bucket is not None and (wait_ms := self._bucket.take()) is not None:
+            return self._nack(ctx, NackCode.RATE_LIMITED, "too many calls", meta, retry_after_ms=wait_ms)
+        if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+            return self._nack(
+                ctx,
+                NackCode.OVERLOADED,
+                f"{self._in_flight} calls running (limit {self.max_in_flight})",
+                meta,
+                retry_after_ms=_OVERLOADED_RETRY_AFTER_MS,
+            )
+        return None
 
     def _nack(
         self,
