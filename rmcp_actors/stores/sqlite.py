@@ -742,20 +742,13 @@ class SQLiteStore:
 
     def _to_record(self, row: tuple[Any, ...], now: float) -> DedupRecord:
         key, fingerprint, tool, state, owner, result, created_at, expires_at, entered = row[:9]
-        pid, host, lease_expires_at, released = row[9:]
-        owner_alive = (
-            pid is not None
-            and not released
-            and lease_expires_at > now
-            and (host != self._host or _process_exists(pid))
-        )
         return DedupRecord(
             key=key,
             fingerprint=fingerprint,
             tool=tool,
             state=RecordState(state),
             owner=owner,
-            owner_alive=owner_alive,
+            owner_alive=self._owner_alive(*row[9:], now=now),
             result=result,
             created_at=created_at,
             expires_at=expires_at,
