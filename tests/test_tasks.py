@@ -3,6 +3,7 @@ server in memory (MockClock), and the 2025-11-25 core tasks against server-every
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import random
@@ -43,6 +44,7 @@ from rmcp_actors import (
     ToolOverrides,
 )
 from rmcp_actors.client._tasks import RELATED_TASK_KEY
+from rmcp_actors.client.connection import Connection
 
 
 def _spec(state: TasksState) -> ServerSpec:
@@ -60,6 +62,20 @@ class _NoJitter(random.Random):
 
 def _task_steps(events: tuple[LifecycleEvent, ...] | list[LifecycleEvent]) -> list[str | None]:
     return [event.detail for event in events if event.state is RequestState.TASK]
+
+
+async def _break_transport_at_first_poll(
+    state: TasksState, connection: Connection, *, server_restarts: bool = False
+) -> None:
+    """Drop the transport once the task is being polled: the server and its tasks live on,
+    unless ``server_restarts`` (a server that kept its tasks in memory loses them)."""
+    while not state.polls:
+        await trio.sleep(0.05)
+    session = connection.current_session()
+    assert session is not None
+    if server_restarts:
+        state.tasks.clear()
+    connection.report_broken(session)
 
 
 async def test_a_task_is_polled_to_its_result_at_the_servers_interval(
@@ -207,15 +223,8 @@ async def test_polling_goes_on_on_the_new_session_after_the_transport_drops(
         await sup.add_server(_spec(state))
         connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
 
-        async def break_transport_mid_task() -> None:
-            while not state.polls:
-                await trio.sleep(0.05)
-            session = connection.current_session()
-            assert session is not None
-            connection.report_broken(session)  # the transport dies; the server and its tasks live
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(break_transport_mid_task)
+            nursery.start_soon(_break_transport_at_first_poll, state, connection)
             result = await sup.call(
                 "tasks", "research", {"topic": "bees", "seconds": 3}, on_lifecycle=seen.append, timeout=30
             )
@@ -245,15 +254,8 @@ async def test_failing_fast_on_a_lost_connection_leaves_the_task_to_resume_by_ke
         connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
         connection._random = _NoJitter()  # pyright: ignore[reportPrivateUsage]
 
-        async def break_transport_mid_task() -> None:
-            while not state.polls:
-                await trio.sleep(0.05)
-            session = connection.current_session()
-            assert session is not None
-            connection.report_broken(session)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(break_transport_mid_task)
+            nursery.start_soon(_break_transport_at_first_poll, state, connection)
             with pytest.raises(RMCPOutcomeUnknownError, match="same idempotency key"):
                 await sup.call("tasks", "research", arguments, idempotency_key="k", task=True, timeout=30)
         while sup.servers()["tasks"] is not ConnectionState.READY:
@@ -276,15 +278,8 @@ async def test_a_caller_cancelled_while_reconnecting_still_cancels_the_task(
         connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
         connection._random = _NoJitter()  # pyright: ignore[reportPrivateUsage]
 
-        async def break_transport_mid_task() -> None:
-            while not state.polls:
-                await trio.sleep(0.05)
-            session = connection.current_session()
-            assert session is not None
-            connection.report_broken(session)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(break_transport_mid_task)
+            nursery.start_soon(_break_transport_at_first_poll, state, connection)
             with trio.move_on_after(1):  # while the connection waits out its reconnect delay
                 await sup.call("tasks", "research", {"topic": "x", "seconds": 60}, timeout=30)
                 pytest.fail("the call outlived its caller")
@@ -301,16 +296,10 @@ async def test_a_task_the_server_lost_across_a_reconnect_is_unknown(
         await sup.add_server(_spec(state))
         connection = sup._servers["tasks"].connection  # pyright: ignore[reportPrivateUsage]
 
-        async def restart_the_server() -> None:
-            while not state.polls:
-                await trio.sleep(0.05)
-            session = connection.current_session()
-            assert session is not None
-            state.tasks.clear()  # a server restart with tasks in memory
-            connection.report_broken(session)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(restart_the_server)
+            nursery.start_soon(
+                functools.partial(_break_transport_at_first_poll, state, connection, server_restarts=True)
+            )
             with pytest.raises(
                 RMCPOutcomeUnknownError, match="no longer knows task task-1 after a reconnect"
             ):
