@@ -71,6 +71,12 @@ def configured(http: HTTPServerHandle, auth: dict[str, Any]) -> ServerSpec:
     return config.servers["web"]
 
 
+def client_credentials_spec(http: HTTPServerHandle) -> ServerSpec:
+    """The server with the client credentials ``svc``/``SECRET``, token kept in memory."""
+    auth = ClientCredentialsOAuthProvider(http.url, MemoryTokenStorage(), "svc", SECRET, issuer=origin(http))
+    return ServerSpec.http("web", http.url, auth=auth, overrides=TRIGGER_HAPPY)
+
+
 def breaker_failures(sup: RMCPSupervisor) -> int:
     return sum(stats.window_failures + stats.opens for stats in sup.statistics().breakers)
 
@@ -177,14 +183,10 @@ async def test_an_expired_token_is_replaced_inside_the_call_and_nothing_counts_i
     # Tokens announced as expiring at once: before each request the provider finds its token
     # expired, the server answers 401, and the provider gets a new one and sends it again.
     authority = Authority(clients={"svc": SECRET}, expires_in=0)
-    async with protected(authority) as (http, server):
-        auth = ClientCredentialsOAuthProvider(
-            http.url, MemoryTokenStorage(), "svc", SECRET, issuer=origin(http)
-        )
-        async with RMCPSupervisor.open() as sup:
-            await sup.add_server(ServerSpec.http("web", http.url, auth=auth, overrides=TRIGGER_HAPPY))
-            results = [await sup.call("web", "echo", {"text": str(i)}) for i in range(3)]
-            assert breaker_failures(sup) == 0
+    async with protected(authority) as (http, server), RMCPSupervisor.open() as sup:
+        await sup.add_server(client_credentials_spec(http))
+        results = [await sup.call("web", "echo", {"text": str(i)}) for i in range(3)]
+        assert breaker_failures(sup) == 0
     assert [r.attempts for r in results] == [1, 1, 1]
     assert len(authority.grants) >= 4  # the handshake's token, then one per expired token
     assert server.ran == ["0", "1", "2"]
@@ -194,27 +196,23 @@ async def test_a_client_whose_credentials_were_revoked_gets_an_auth_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     authority = Authority(clients={"svc": SECRET})
-    async with protected(authority) as (http, server):
-        auth = ClientCredentialsOAuthProvider(
-            http.url, MemoryTokenStorage(), "svc", SECRET, issuer=origin(http)
-        )
-        async with RMCPSupervisor.open() as sup:
-            await sup.add_server(ServerSpec.http("web", http.url, auth=auth, overrides=TRIGGER_HAPPY))
-            assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
-            authority.revoke_all()
-            del authority.clients["svc"]
-            with pytest.raises(RMCPAuthError, match=r"auth flow failed: OAuthTokenError") as caught:
-                await sup.call("web", "echo", {"text": "after"})
-            assert caught.value.may_have_executed is False
-            # The failed flow ended the session; the reconnects are refused too, and a call
-            # meanwhile says so at once rather than waiting out its deadline for them.
-            with (
-                trio.fail_after(2),
-                pytest.raises(RMCPAuthError, match=r"auth flow failed.*keeps reconnecting") as later,
-            ):
-                await sup.call("web", "echo", {"text": "later"}, timeout=30)
-            assert later.value.may_have_executed is False
-            assert breaker_failures(sup) == 0
+    async with protected(authority) as (http, server), RMCPSupervisor.open() as sup:
+        await sup.add_server(client_credentials_spec(http))
+        assert (await sup.call("web", "echo", {"text": "before"})).text == "before"
+        authority.revoke_all()
+        del authority.clients["svc"]
+        with pytest.raises(RMCPAuthError, match=r"auth flow failed: OAuthTokenError") as caught:
+            await sup.call("web", "echo", {"text": "after"})
+        assert caught.value.may_have_executed is False
+        # The failed flow ended the session; the reconnects are refused too, and a call
+        # meanwhile says so at once rather than waiting out its deadline for them.
+        with (
+            trio.fail_after(2),
+            pytest.raises(RMCPAuthError, match=r"auth flow failed.*keeps reconnecting") as later,
+        ):
+            await sup.call("web", "echo", {"text": "later"}, timeout=30)
+        assert later.value.may_have_executed is False
+        assert breaker_failures(sup) == 0
     assert server.ran == ["before"]
     assert SECRET not in str(caught.value)
 
@@ -232,21 +230,17 @@ async def refused(sup: RMCPSupervisor, authority: Authority) -> None:
 
 async def test_a_server_that_accepts_the_credentials_again_is_reconnected_to() -> None:
     authority = Authority(clients={"svc": SECRET})
-    async with protected(authority) as (http, server):
-        auth = ClientCredentialsOAuthProvider(
-            http.url, MemoryTokenStorage(), "svc", SECRET, issuer=origin(http)
-        )
-        async with RMCPSupervisor.open() as sup:
-            await sup.add_server(ServerSpec.http("web", http.url, auth=auth, overrides=TRIGGER_HAPPY))
-            await refused(sup, authority)
-            authority.clients["svc"] = SECRET
-            # The reconnect loop goes on with the same provider: the next connect gets in.
-            with trio.fail_after(10):
-                while True:
-                    with contextlib.suppress(RMCPAuthError):
-                        assert (await sup.call("web", "echo", {"text": "again"})).text == "again"
-                        break
-                    await trio.sleep(0.05)
+    async with protected(authority) as (http, server), RMCPSupervisor.open() as sup:
+        await sup.add_server(client_credentials_spec(http))
+        await refused(sup, authority)
+        authority.clients["svc"] = SECRET
+        # The reconnect loop goes on with the same provider: the next connect gets in.
+        with trio.fail_after(10):
+            while True:
+                with contextlib.suppress(RMCPAuthError):
+                    assert (await sup.call("web", "echo", {"text": "again"})).text == "again"
+                    break
+                await trio.sleep(0.05)
     assert server.ran == ["before", "again"]
 
 
@@ -255,28 +249,24 @@ async def test_a_refusal_is_forgotten_once_a_reconnect_fails_for_another_reason(
     # for the reconnect (when_disconnected = "wait") instead of failing at once with the stale
     # auth error of an earlier connect.
     authority = Authority(clients={"svc": SECRET})
-    async with protected(authority) as (http, server):
-        auth = ClientCredentialsOAuthProvider(
-            http.url, MemoryTokenStorage(), "svc", SECRET, issuer=origin(http)
-        )
-        async with RMCPSupervisor.open() as sup:
-            await sup.add_server(ServerSpec.http("web", http.url, auth=auth, overrides=TRIGGER_HAPPY))
-            await refused(sup, authority)
-            await http.stop()
-            with trio.fail_after(10):
-                while "ConnectError" not in (sup.statistics().connections[0].last_error or ""):
-                    await trio.sleep(0.02)
-            authority.clients["svc"] = SECRET
-            async with trio.open_nursery() as nursery:
-                results: list[str] = []
+    async with protected(authority) as (http, server), RMCPSupervisor.open() as sup:
+        await sup.add_server(client_credentials_spec(http))
+        await refused(sup, authority)
+        await http.stop()
+        with trio.fail_after(10):
+            while "ConnectError" not in (sup.statistics().connections[0].last_error or ""):
+                await trio.sleep(0.02)
+        authority.clients["svc"] = SECRET
+        async with trio.open_nursery() as nursery:
+            results: list[str] = []
 
-                async def call() -> None:
-                    results.append((await sup.call("web", "echo", {"text": "up"}, timeout=20)).text)
+            async def call() -> None:
+                results.append((await sup.call("web", "echo", {"text": "up"}, timeout=20)).text)
 
-                nursery.start_soon(call)
-                await trio.sleep(0.3)
-                await http.restart()
-            assert results == ["up"]
+            nursery.start_soon(call)
+            await trio.sleep(0.3)
+            await http.restart()
+        assert results == ["up"]
     assert server.ran == ["before", "up"]
 
 
