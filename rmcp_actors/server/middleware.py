@@ -147,6 +147,25 @@ class _Run:
     """Whether this handler sent the caller an early ACK."""
 
 
+def _sdk_refuses(ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> bool:
+    """Whether the SDK refuses this ``tools/call`` on its own (INVALID_PARAMS) before any
+    handler runs. A protocol version this SDK cannot check against is let through."""
+    try:
+        validate_client_request("tools/call", ctx.protocol_version, params)
+    except ValidationError:
+        return True
+    except (KeyError, ValueError):
+        return False
+    return False
+
+
+def _tool_and_arguments(params: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    name = params.get("name")
+    raw_arguments = params.get("arguments")
+    tool = name if isinstance(name, str) else ""
+    return tool, cast("Mapping[str, Any]", raw_arguments if isinstance(raw_arguments, Mapping) else {})
+
+
 @attrs.frozen(kw_only=True)
 class _KeyedCall:
     """A call with a dedup key, as the server side handles it."""
@@ -499,30 +518,19 @@ class RMCPServerSide:
                 return self._answer(ctx, outcome, meta, duplicate=False)
             principal = authenticated_principal(ctx)
             key = store_key(client_key, principal)
-            try:
-                validate_client_request("tools/call", ctx.protocol_version, params)
-            except ValidationError:
-                # The SDK refuses it on its own (INVALID_PARAMS) before any handler runs:
-                # nothing to claim, and the refusal must not be stored for the key.
+            if _sdk_refuses(ctx, params):
+                # Nothing to claim, and the refusal must not be stored for the key.
                 return await call_next(ctx)
-            except (KeyError, ValueError):
-                # A protocol version this SDK cannot check against: claim as before.
-                pass
-            name = params.get("name")
-            raw_arguments = params.get("arguments")
-            tool = name if isinstance(name, str) else ""
-            arguments = cast(
-                "Mapping[str, Any] | None", raw_arguments if isinstance(raw_arguments, Mapping) else None
-            )
+            tool, arguments = _tool_and_arguments(params)
             if self.check_call is not None:
-                refusal = self.check_call(tool, arguments or {})
+                refusal = self.check_call(tool, arguments)
                 if refusal is not None:
                     return self._nack(ctx, refusal[0], refusal[1], meta)
             call = _KeyedCall(
                 key=key,
                 client_key=client_key,
                 tool=tool,
-                arguments=arguments or {},
+                arguments=arguments,
                 fingerprint=fingerprint(tool, arguments),
                 principal=principal,
             )
@@ -559,17 +567,10 @@ class RMCPServerSide:
                 "declaring io.modelcontextprotocol/tasks on the request (2026-07-28)",
                 meta,
             )
-        try:
-            validate_client_request("tools/call", ctx.protocol_version, params)
-        except ValidationError:
-            # The SDK refuses it on its own (INVALID_PARAMS): no task for a malformed call.
+        if _sdk_refuses(ctx, params):
+            # No task for a malformed call.
             return await call_next(ctx)
-        except (KeyError, ValueError):
-            pass
-        name = params.get("name")
-        raw_arguments = params.get("arguments")
-        tool = name if isinstance(name, str) else ""
-        arguments = cast("Mapping[str, Any]", raw_arguments if isinstance(raw_arguments, Mapping) else {})
+        tool, arguments = _tool_and_arguments(params)
         if meta is not None:
             if (admission := self._admission_refusal(ctx, meta)) is not None:
                 return admission
