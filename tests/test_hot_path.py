@@ -10,6 +10,8 @@ JSON-RPC wire moves a request and its answer through the SDK's streams and tasks
 
 from __future__ import annotations
 
+import sys
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ import trio
 import trio.abc
 from mcp_test_server import State, build_server
 
-from rmcp_actors import MemoryStore, RMCPSupervisor, ServerSpec
+from rmcp_actors import MemoryStore, Outcome, RMCPSupervisor, ServerSpec
 
 CALLS = 20
 # Task switches (trio ``task_scheduled`` events) per sequential call on a warm connection.
@@ -58,3 +60,30 @@ async def test_a_call_adds_no_task_switch_to_the_wire(wire: Any, rmcp: bool) -> 
         "outcomes without waiting (docs/design.md, Runtime). If the hop is truly needed, say "
         "why there and raise the baseline."
     )
+
+
+async def test_a_plain_call_to_a_server_without_tasks_runs_no_task_code() -> None:
+    """The tasks extension's result claim (a discriminator the SDK calls on every answer) and
+    the stamp that leaves the extension off plain calls cost every call; a server that does not
+    advertise the extension creates no task, so its plain calls run neither."""
+    ran: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        del arg
+        code = frame.f_code
+        if event == "call" and (
+            (code.co_name == "_route" and code.co_filename.endswith("mcp/client/session.py"))
+            or (code.co_name == "stamp" and code.co_filename.endswith("rmcp_actors/client/_tasks.py"))
+        ):
+            ran.append(code.co_name)
+
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.in_memory("test", build_server(State()), wire="jsonrpc"))
+        await sup.call("test", "echo", {"text": "warm"})
+        sys.setprofile(profile)
+        try:
+            result = await sup.call("test", "echo", {"text": "hot"})
+        finally:
+            sys.setprofile(None)
+    assert result.outcome is Outcome.SUCCEEDED
+    assert ran == [], f"a plain call ran the tasks extension's {ran}"

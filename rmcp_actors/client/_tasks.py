@@ -30,6 +30,10 @@ import anyio
 import attrs
 from mcp import Client, MCPError
 from mcp.client.extension import ClaimContext, ClientExtension, ResultClaim
+from mcp.client.session import (
+    ClientSession,
+    _CallToolResultAdapter,  # pyright: ignore[reportPrivateUsage]
+)
 from mcp_types import (
     CLIENT_CAPABILITIES_META_KEY,
     INVALID_PARAMS,
@@ -196,9 +200,18 @@ def gate_task_capability(client: Client) -> None:
     call that did not ask for one (``task=False``, or ``"auto"`` for a tool that does not require
     it) leaves it out, so it gets its result in the answer, not after a poll interval. The SDK
     stamps the same capabilities on every request: its stamp is wrapped, per session.
+
+    A server that does not advertise the extension creates no task: its session declares the
+    extension on no request and validates ``tools/call`` answers without the claim, so that a
+    plain call costs what it did before tasks (the claim's discriminated union and the wrapped
+    stamp each add work to every call).
     """
     session = client.session
     inner = session._stamp  # pyright: ignore[reportPrivateUsage]
+    server_extensions = client.server_capabilities.extensions
+    if server_extensions is None or TASKS_EXTENSION_ID not in server_extensions:
+        _drop_task_capability(session, inner)
+        return
     # The capabilities without the extension, computed once per capabilities object stamped.
     stripped: list[tuple[object, dict[str, Any]]] = []
 
@@ -226,6 +239,25 @@ def gate_task_capability(client: Client) -> None:
         meta_fields[CLIENT_CAPABILITIES_META_KEY] = stripped[0][1]
 
     session._stamp = stamp  # pyright: ignore[reportPrivateUsage]
+
+
+def _drop_task_capability(session: ClientSession, inner: Callable[[dict[str, Any], Any], None]) -> None:
+    # The SDK's stamp puts one capabilities dict, the session's own, on every request: a probe
+    # request finds it, and it loses the extension once for all.
+    probe: dict[str, Any] = {"method": "ping"}
+    inner(probe, {})
+    capabilities: object = probe.get("params", {}).get("_meta", {}).get(CLIENT_CAPABILITIES_META_KEY)
+    if isinstance(capabilities, dict):
+        fields = cast("dict[str, Any]", capabilities)
+        extensions: object = fields.get("extensions")
+        if isinstance(extensions, dict) and TASKS_EXTENSION_ID in extensions:
+            declared = cast("dict[str, Any]", extensions)
+            remaining = {key: value for key, value in declared.items() if key != TASKS_EXTENSION_ID}
+            if remaining:
+                fields["extensions"] = remaining
+            else:
+                del fields["extensions"]
+    session._call_tool_adapter = _CallToolResultAdapter  # pyright: ignore[reportPrivateUsage]
 
 
 class TasksExtension(ClientExtension):

@@ -899,7 +899,7 @@ async def _send(
     token = current_evidence.set(evidence) if http else None
     answer: CallToolResult | TaskSnapshot | TaskRef
     # The SDK calls it positionally: any callable of three arguments fits.
-    on_progress = cast("ProgressFnT | None", request.on_progress)
+    on_progress = None if request.on_progress is None else cast("ProgressFnT", request.on_progress)
     try:
         if wire is TaskWire.CORE:
             answer = await create_core_task(
