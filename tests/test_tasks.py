@@ -580,3 +580,59 @@ async def test_a_task_outlives_an_http_server_restart() -> None:
     assert any(at > restarted_at[0] for _, at in state.polls)  # polled on the new connection
     assert state.created == 1
     assert result.attempts == 1
+
+
+def _refuse_polls(statuses: list[tuple[int, bytes | None]]) -> Any:
+    """A proxy in front of the server that answers the next ``tasks/get`` POSTs with the given
+    statuses (and ``Retry-After``, when given), one each, as a rate limiter or a busy gateway
+    does (popped from the list as they are sent); the rest pass through."""
+
+    def wrap(app: Any) -> Any:
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST" or not statuses:
+                await app(scope, receive, send)
+                return
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            if b'"tasks/get"' not in body:
+                await app(scope, replay, send)
+                return
+            status, retry_after = statuses.pop(0)
+            headers = [(b"content-type", b"text/plain")]
+            if retry_after is not None:
+                headers.append((b"retry-after", retry_after))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b"try again later"})
+
+        return wrapped
+
+    return wrap
+
+
+async def test_a_poll_refused_with_429_or_503_is_polled_again() -> None:
+    # Real time (hypercorn), kept short: Retry-After 0, then the task's 20 ms interval. A poll is
+    # a read of a task that lives on the server: a rate limiter's 429 or a busy proxy's 503 asks
+    # for the same poll later, not for the end of the call.
+    state = TasksState(poll_interval_ms=20)
+    refusals: list[tuple[int, bytes | None]] = [(429, b"0"), (503, None)]
+    wrap = _refuse_polls(refusals)
+    async with serve_http(build_tasks_server(state), wrap=wrap) as http, RMCPSupervisor.open() as sup:
+        await sup.add_server(ServerSpec.http("web", http.url, overrides=FAST_RECOVERY))
+        result = await sup.call("web", "research", {"topic": "bees", "seconds": 0.2}, task=True, timeout=20)
+    assert result.text == "report on bees"
+    assert refusals == []  # both refusals were met, and polled past
+    assert state.created == 1
+    assert result.attempts == 1

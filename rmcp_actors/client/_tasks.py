@@ -53,7 +53,9 @@ from ..errors import (
     RMCPResultValidationError,
     RMCPTaskCancelledError,
 )
-from ._failures import classify
+from ..flow._feedback import from_error, parse_retry_after
+from ._failures import Evidence, classify
+from ._http_evidence import current_evidence
 
 if TYPE_CHECKING:
     from .connection import Connection, Session
@@ -87,6 +89,10 @@ _MIN_POLL_S: Final = 0.01
 # tasks/cancel after the caller gave up: shielded, and bounded by this.
 _CANCEL_TIMEOUT_S: Final = 5.0
 _READ_TIMEOUT_SLACK_S: Final = 1.0
+# HTTP statuses of a server or proxy that cannot answer now: a read of a task asks again later.
+_UNAVAILABLE: Final = frozenset({502, 503, 504})
+# The longest wait for a refused read before asking again (a Retry-After may say hours).
+_MAX_REFUSED_WAIT_S: Final = 30.0
 
 _T = TypeVar("_T")
 
@@ -399,7 +405,7 @@ async def follow_task(
             if state is not None:
                 await anyio.sleep(max(0.0, min(interval, deadline - anyio.current_time())))
             state = await _on_current_session(
-                connection, ref, created_on, lambda c: _get(c, task_id, _remaining(deadline))
+                connection, ref, created_on, lambda c: _get(c, task_id, _remaining(deadline)), interval
             )
             if state.task_id != task_id:
                 raise RMCPOutcomeUnknownError(
@@ -435,7 +441,12 @@ async def follow_task(
         # A failed task's tasks/result may be the JSON-RPC error it failed with: its answer.
         answered = _error_snapshot(state) if state.status == "failed" else None
         result = await _on_current_session(
-            connection, ref, created_on, lambda c: _core_result(c, task_id, _remaining(deadline)), answered
+            connection,
+            ref,
+            created_on,
+            lambda c: _core_result(c, task_id, _remaining(deadline)),
+            interval,
+            answered,
         )
         if state.status == "failed" and not result.is_error:
             result = result.model_copy(update={"is_error": True})
@@ -510,21 +521,32 @@ async def _on_current_session(
     ref: TaskRef,
     created_on: int,
     request: Callable[[Client], Awaitable[_T]],
+    interval: float,
     answered: Callable[[MCPError], _T] | None = None,
 ) -> _T:
     """Send one task request on the current session, again on the next one when the transport
-    is lost meanwhile (the task lives on the server, not on the transport). A JSON-RPC error
-    answer is ``answered``'s to read when given, else the end of what can be learnt."""
+    is lost meanwhile (the task lives on the server, not on the transport), and again after a
+    wait when a rate limiter or a busy proxy refused it (HTTP 429, 502-504, JSON-RPC -32023):
+    a read is safe to repeat, ``Retry-After`` (capped) or else ``interval`` later; the call's
+    deadline bounds the waits. A JSON-RPC error answer is ``answered``'s to read when given,
+    else the end of what can be learnt."""
+    http = connection.spec.transport == "http"
     while True:
         session = await _session(connection, ref)
         client = session.client
         assert client is not None  # a usable session has its client
+        evidence = Evidence() if http else None
+        token = current_evidence.set(evidence) if http else None
         try:
             return await request(client)
         except MCPError as error:
-            verdict = classify(error, None, transport_closed=session.broken.is_set(), handed_over=True)
+            verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=True)
             if verdict is not None and verdict.session_lost:
                 connection.report_broken(session)
+                continue
+            wait = _refused_wait(error, evidence, interval)
+            if wait is not None:
+                await anyio.sleep(wait)
                 continue
             if answered is not None:
                 # Even -32602: the task was just read as failed, so this is the error it failed with.
@@ -535,6 +557,22 @@ async def _on_current_session(
                 f"the server's answer about task {ref.task_id} cannot be read ({error!s:.200}); the "
                 "tool may have run"
             ) from error
+        finally:
+            if token is not None:
+                current_evidence.reset(token)
+
+
+def _refused_wait(error: MCPError, evidence: Evidence | None, interval: float) -> float | None:
+    """How long to wait before asking again, when the request was refused for now (rate
+    limited, or the server or a proxy unavailable); None for any other error."""
+    signal = from_error(error, evidence)
+    if signal is not None:
+        retry_after = signal.retry_after_s
+    elif evidence is not None and evidence.status in _UNAVAILABLE:
+        retry_after = parse_retry_after(evidence.retry_after)
+    else:
+        return None
+    return min(max(interval if retry_after is None else retry_after, _MIN_POLL_S), _MAX_REFUSED_WAIT_S)
 
 
 async def _session(connection: Connection, ref: TaskRef) -> Session:
