@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import anyio
 import attrs
-from mcp import MCPError
+from mcp import Client, MCPError
 from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import CallToolResult, RequestParamsMeta, Tool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -30,6 +30,7 @@ from .._protocol import (
     encode_request_meta,
 )
 from ..config import CallPolicy
+from ..config._policy import TaskMode
 from ..errors import (
     Outcome,
     RMCPArgumentError,
@@ -910,17 +911,9 @@ async def _send(
                 max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
             )
         elif wire is TaskWire.EXTENSION:
-            declared = task_declared.set(True)
-            try:
-                answer = await client.call_tool(
-                    request.tool,
-                    request.arguments,
-                    read_timeout_seconds=max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001),
-                    meta=meta,
-                    progress_callback=on_progress,
-                )
-            finally:
-                task_declared.reset(declared)
+            answer = await _call_declaring_task(
+                client, request, max(remaining - _SDK_TIMEOUT_MARGIN_S, 0.001), meta, on_progress
+            )
         elif ack_timeout_s is None:
             try:
                 answer = await client.call_tool(
@@ -942,17 +935,13 @@ async def _send(
                 if ref is not None:
                     answer = ref
                 else:
-                    declared = task_declared.set(True)
-                    try:
-                        answer = await client.call_tool(
-                            request.tool,
-                            request.arguments,
-                            read_timeout_seconds=max(deadline - loop.clock() - _SDK_TIMEOUT_MARGIN_S, 0.001),
-                            meta=meta,
-                            progress_callback=on_progress,
-                        )
-                    finally:
-                        task_declared.reset(declared)
+                    answer = await _call_declaring_task(
+                        client,
+                        request,
+                        max(deadline - loop.clock() - _SDK_TIMEOUT_MARGIN_S, 0.001),
+                        meta,
+                        on_progress,
+                    )
         else:
             answer = await _call_with_ack_timeout(session, request, progress, remaining, meta, ack_timeout_s)
     except TaskCreated as created:
@@ -1007,6 +996,32 @@ async def _send(
     raise _nack_error(rmcp_meta, f"on attempt {progress.attempts}")
 
 
+async def _call_declaring_task(
+    client: Client,
+    request: CallRequest,
+    read_timeout_s: float,
+    meta: RequestParamsMeta | None,
+    on_progress: ProgressFnT | None,
+) -> CallToolResult:
+    """``tools/call`` declaring the tasks extension (2026-07-28): the server may answer with a
+    task, which the extension's claim raises as :class:`TaskCreated`."""
+    declared = task_declared.set(True)
+    try:
+        return await client.call_tool(
+            request.tool,
+            request.arguments,
+            read_timeout_seconds=read_timeout_s,
+            meta=meta,
+            progress_callback=on_progress,
+        )
+    finally:
+        task_declared.reset(declared)
+
+
+def _task_mode(request: CallRequest, policy: CallPolicy) -> TaskMode:
+    return policy.task if request.task is None else request.task
+
+
 def _task_wire(session: Session, request: CallRequest, policy: CallPolicy) -> TaskWire | None:
     """The wire this call asks for a task on; None for a plain call (which a server speaking
     the tasks extension may still answer with a task: it decides, see :mod:`._tasks`).
@@ -1014,7 +1029,7 @@ def _task_wire(session: Session, request: CallRequest, policy: CallPolicy) -> Ta
     Raises:
         RMCPArgumentError: ``task`` is True and the server does not run the tool as a task.
     """
-    mode = policy.task if request.task is None else request.task
+    mode = _task_mode(request, policy)
     if mode is False or request.lookup:
         return None  # a lookup asks about an earlier call and never runs the tool
     tool = session.tools.get(request.tool)
@@ -1042,7 +1057,7 @@ def _task_wire(session: Session, request: CallRequest, policy: CallPolicy) -> Ta
 def _asks_for_a_task(error: MCPError, request: CallRequest, policy: CallPolicy) -> bool:
     """Whether a refusal says the tool runs only as a task (the tasks extension's -32021 with
     the extension as the missing capability), and the call may run as one (``task`` "auto")."""
-    mode = policy.task if request.task is None else request.task
+    mode = _task_mode(request, policy)
     if error.code != _MISSING_CAPABILITY or mode != "auto":
         return False
     data: object = error.data
