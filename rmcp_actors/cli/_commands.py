@@ -1,0 +1,10 @@
+"""The application with every subcommand registered: each module below adds its own to ``app``.
+
+A new subcommand is a module of this package plus one import line here.
+"""
+
+from __future__ import annotations
+
+from ._app import app
+
+__all__ = ["app"]
