@@ -7,17 +7,31 @@ with ``@app.command()``; ``rmcp_actors.cli`` imports them all.
 from __future__ import annotations
 
 import enum
+import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import attrs
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..config import RMCPConfig
 from ..errors import RMCPConfigError
 
-__all__ = ["DEFAULT_CONFIG", "CliState", "ExitCode", "app", "fail", "load_config", "stderr", "stdout"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "OUTCOME_NAMES",
+    "CliState",
+    "ExitCode",
+    "app",
+    "fail",
+    "load_config",
+    "print_json",
+    "stderr",
+    "stdout",
+]
 
 DEFAULT_CONFIG = Path("rmcp.toml")
 
@@ -30,6 +44,17 @@ class ExitCode(enum.IntEnum):
     OUTCOME_UNKNOWN = 2
     USAGE = 3
     REFUSED = 4
+
+
+#: The ``outcome`` member of ``--json`` output for each exit code: one name per code, so that a
+#: script reading the JSON and one reading the exit code agree.
+OUTCOME_NAMES: dict[ExitCode, str] = {
+    ExitCode.SUCCEEDED: "succeeded",
+    ExitCode.TOOL_ERROR: "tool_error",
+    ExitCode.OUTCOME_UNKNOWN: "unknown",
+    ExitCode.USAGE: "usage_error",
+    ExitCode.REFUSED: "refused",
+}
 
 
 @attrs.frozen
@@ -77,24 +102,58 @@ def stderr() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
-def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
-    """Print ``message`` as an error on stderr and return the ``typer.Exit`` to raise."""
-    stderr().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+def print_json(value: object) -> None:
+    """Write ``value`` as JSON on stdout: indented on a terminal, one line otherwise."""
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def fail(
+    message: str,
+    code: ExitCode = ExitCode.USAGE,
+    *,
+    as_json: bool = False,
+    error_type: str = "UsageError",
+    **details: Any,
+) -> typer.Exit:
+    """Print ``message`` as an error on stderr and return the ``typer.Exit`` to raise.
+
+    With ``as_json`` (a subcommand's ``--json``), stdout gets the error too, as one object
+    ``{"outcome", "exit_code", "error": {"type", "message", **details}}``, so that a script
+    reading stdout never gets nothing.
+    """
+    stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
+    if as_json:
+        error = {"type": error_type, "message": message, **details}
+        print_json({"outcome": OUTCOME_NAMES[code], "exit_code": int(code), "error": error})
     return typer.Exit(int(code))
 
 
-def load_config(ctx: typer.Context) -> RMCPConfig:
-    """The config named by ``--config`` / ``RMCP_CONFIG`` / ``rmcp.toml``, or exit with code 3."""
+def load_config(ctx: typer.Context, *, as_json: bool = False) -> RMCPConfig:
+    """The config named by ``--config`` / ``RMCP_CONFIG`` / ``rmcp.toml``, or exit with code 3.
+
+    The error names the file and, for a bad value, the key path (``servers.a.retry.max_attempts``);
+    with ``as_json`` it is printed on stdout as well (see :func:`fail`).
+    """
     state = ctx.find_object(CliState)
     path = state.config_path if state is not None else DEFAULT_CONFIG
     if not path.is_file():
         defaulted = state is None or state.config_from_default
         hint = " (pass --config PATH or set RMCP_CONFIG)" if defaulted else ""
-        raise fail(f"no config file at {str(path)!r}{hint}")
+        raise fail(
+            f"no config file at {str(path)!r}{hint}",
+            as_json=as_json,
+            error_type="RMCPConfigError",
+            config=str(path),
+        )
     try:
         return RMCPConfig.from_toml(path)
     except RMCPConfigError as exc:
-        raise fail(f"{path}: {exc}") from None
+        # The message names the file already ("... (in rmcp.toml)").
+        raise fail(
+            str(exc), as_json=as_json, error_type="RMCPConfigError", config=str(path), path=exc.path
+        ) from None
 
 
 @app.command()

@@ -1,0 +1,73 @@
+"""Running a subcommand's async body, and connecting only the servers it needs.
+
+``RMCPSupervisor.open(config)`` connects every configured server and fails if one cannot be
+reached: right for a program, wrong for ``rmcp call a t`` (why wait for server ``b``?) and for
+``rmcp servers`` (one unreachable server is a line of the report, not the end of it). Here the
+runtime opens with the config's settings and no servers, then adds the servers asked for side
+by side, each failure kept as that server's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import attrs
+import trio
+
+from ..config import RMCPConfig
+from ..errors import RMCPError
+from ..root import RMCPSupervisor
+from ._app import ExitCode, fail
+
+__all__ = ["Connected", "connect", "require_server", "run"]
+
+_T = TypeVar("_T")
+
+
+def run(body: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``body`` on trio and return what it returns (the CLI's one event loop)."""
+    return trio.run(body)
+
+
+def require_server(config: RMCPConfig, name: str) -> None:
+    """Exit with code 3 and the configured servers' names if ``name`` is not one of them."""
+    if name not in config.servers:
+        known = ", ".join(sorted(config.servers)) or "none"
+        raise fail(f"no server named {name!r} in the config (configured: {known})", ExitCode.USAGE)
+
+
+@attrs.frozen
+class Connected:
+    """A runtime with some of the configured servers added.
+
+    Attributes:
+        supervisor: The running runtime.
+        failures: The servers that could not be added, with the error of each.
+    """
+
+    supervisor: RMCPSupervisor
+    failures: dict[str, RMCPError]
+
+
+@asynccontextmanager
+async def connect(config: RMCPConfig, names: Iterable[str]) -> AsyncGenerator[Connected]:
+    """Open a runtime on ``config`` and add the servers ``names``, side by side.
+
+    A server that cannot be added (unreachable, refused credentials) is in ``failures``; the
+    others are connected.
+    """
+    failures: dict[str, RMCPError] = {}
+    async with RMCPSupervisor.open(attrs.evolve(config, servers={})) as supervisor:
+
+        async def add(name: str) -> None:
+            try:
+                await supervisor.add_server(config.servers[name])
+            except RMCPError as error:
+                failures[name] = error
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(add, name)
+        yield Connected(supervisor, failures)
