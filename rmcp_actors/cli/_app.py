@@ -23,6 +23,7 @@ from ..errors import RMCPConfigError
 __all__ = [
     "DEFAULT_CONFIG",
     "OUTCOME_NAMES",
+    "AsJson",
     "CliState",
     "ExitCode",
     "app",
@@ -55,6 +56,10 @@ OUTCOME_NAMES: dict[ExitCode, str] = {
     ExitCode.USAGE: "usage_error",
     ExitCode.REFUSED: "refused",
 }
+
+
+#: The ``--json`` flag every subcommand has: one JSON object on stdout instead of tables.
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (see docs/cli.md).")]
 
 
 @attrs.frozen

@@ -6,6 +6,7 @@ A new subcommand is a module of this package plus one import line here.
 from __future__ import annotations
 
 from . import check as check
+from . import servers as servers
 from ._app import app
 
 __all__ = ["app"]

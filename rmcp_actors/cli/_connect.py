@@ -31,11 +31,16 @@ def run(body: Callable[[], Awaitable[_T]]) -> _T:
     return trio.run(body)
 
 
-def require_server(config: RMCPConfig, name: str) -> None:
+def require_server(config: RMCPConfig, name: str, *, as_json: bool = False) -> None:
     """Exit with code 3 and the configured servers' names if ``name`` is not one of them."""
     if name not in config.servers:
         known = ", ".join(sorted(config.servers)) or "none"
-        raise fail(f"no server named {name!r} in the config (configured: {known})", ExitCode.USAGE)
+        raise fail(
+            f"no server named {name!r} in the config (configured: {known})",
+            ExitCode.USAGE,
+            as_json=as_json,
+            error_type="UnknownServerError",
+        )
 
 
 @attrs.frozen

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Annotated, Any, cast
+from typing import Any, cast
 
 import attrs
 import typer
 from rich.table import Table
 
 from ..config import RMCPConfig, ServerSpec
-from ._app import app, load_config, print_json, stdout
+from ._app import AsJson, app, load_config, print_json, stdout
 
 __all__ = ["check"]
 
@@ -112,7 +112,7 @@ def _server_table(name: str, report: Mapping[str, Any]) -> Table:
 @app.command()
 def check(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Validate the config and print the policy each server and tool resolves to.
 
