@@ -15,20 +15,34 @@ from typing import TypeVar
 
 import attrs
 import trio
+import typer
+from rich.markup import escape
 
 from ..config import RMCPConfig
 from ..errors import RMCPError
 from ..root import RMCPSupervisor
-from ._app import ExitCode, fail
+from ._app import ExitCode, fail, stderr
 
-__all__ = ["Connected", "connect", "require_server", "run"]
+__all__ = ["INTERRUPTED", "Connected", "connect", "require_server", "run"]
 
 _T = TypeVar("_T")
 
 
-def run(body: Callable[[], Awaitable[_T]]) -> _T:
-    """Run ``body`` on trio and return what it returns (the CLI's one event loop)."""
-    return trio.run(body)
+#: The shell's exit code for a program ended by Ctrl-C (128 + SIGINT).
+INTERRUPTED = 130
+
+
+def run(body: Callable[[], Awaitable[_T]], *, interrupted: str = "") -> _T:
+    """Run ``body`` on trio and return what it returns (the CLI's one event loop).
+
+    Ctrl-C cancels ``body`` (its ``finally`` blocks and the runtime's shutdown run), prints
+    ``interrupted`` (what the user should know about the work cut short) and exits 130.
+    """
+    try:
+        return trio.run(body)
+    except KeyboardInterrupt:
+        stderr().print(f"[bold red]interrupted[/] {escape(interrupted)}".rstrip(), highlight=False)
+        raise typer.Exit(INTERRUPTED) from None
 
 
 def require_server(config: RMCPConfig, name: str, *, as_json: bool = False) -> None:
