@@ -100,6 +100,8 @@ class _Run:
     # until sup.map asks for them (right after taking the item).
     lines: dict[int, tuple[int, str]] = attrs.Factory(dict[int, tuple[int, str]])
     keys: dict[int, str] = attrs.Factory(dict[int, str])
+    # The input's line numbers that hold a call (not blank), once the input was read through.
+    present: set[int] = attrs.Factory(set[int])
 
     @trio.lowlevel.enable_ki_protection
     def write(self, record: dict[str, Any]) -> None:
@@ -150,6 +152,7 @@ class _Run:
             for line, raw in enumerate(file, start=1):
                 if not raw.strip():
                     continue
+                self.present.add(line)
                 try:
                     arguments: object = json.loads(raw)
                 except UnicodeDecodeError as exc:
@@ -200,17 +203,17 @@ class _Run:
         return shown or "no lines"
 
 
-def _compact(out: Path) -> None:
+def _compact(out: Path, present: set[int]) -> None:
     """Rewrite the results as one line per input line (its last result), in input order.
 
-    Written to a temporary file then renamed over the results: an interruption leaves the old
-    file whole.
+    Lines no longer in the input (blank now, or past its end) lose their results. Written to a
+    temporary file then renamed over the results: an interruption leaves the old file whole.
     """
     last, _ = _previous_results(out)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for line in sorted(last):
+            for line in sorted(last.keys() & present):
                 file.write(json.dumps(last[line], ensure_ascii=False) + "\n")
         os.replace(temporary, out)
     except BaseException:
@@ -342,7 +345,7 @@ def batch(
         if out_path is not None:
             output.close()
     if out_path is not None:
-        _compact(out_path)
+        _compact(out_path, state.present)
     code = state.exit_code()
     stderr().print(f"{server}/{tool}: {state.summary()}; results in {where}", highlight=False)
     raise typer.Exit(int(code))

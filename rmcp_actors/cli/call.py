@@ -49,7 +49,9 @@ def _report_result(result: CallResult) -> None:
     console = stdout()
     for block in result.content:
         console.print(show_content(block), markup=False, highlight=False)
-    if result.structured_content is not None:
+    # A tool with structured content usually also returns it as text (MCPServer does): show
+    # it as JSON only when there is no text, and --json always carries it.
+    if result.structured_content is not None and not result.text:
         console.print_json(json.dumps(result.structured_content, ensure_ascii=False))
     err = stderr()
     if result.is_error:
