@@ -81,6 +81,13 @@ def ledger(state_dir: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.parametrize("command", ["check", "servers", "tools", "call", "batch"])
+def test_help_shows_an_example(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    code, out, _ = rmcp(capsys, command, "--help")
+    assert code == 0
+    assert f"Example: rmcp {command}" in out or f"Example: rmcp --config rmcp.toml {command}" in out
+
+
 # rmcp check
 
 

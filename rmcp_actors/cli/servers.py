@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .._protocol import META_KEY, ServerSettings, decode_server_settings
 from ..config import CallPolicy
-from ._app import OUTCOME_NAMES, ExitCode, app, fail, load_config, print_json, stderr, stdout
+from ._app import OUTCOME_NAMES, AsJson, ExitCode, app, fail, load_config, print_json, stderr, stdout
 from ._connect import connect, require_server, run
 
 __all__ = ["servers", "tools"]
@@ -50,9 +50,7 @@ def _error_json(error: BaseException) -> dict[str, Any]:
 @app.command()
 def servers(
     ctx: typer.Context,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
-    ] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Connect to every configured server and show its state, protocol, RMCP support and tools.
 
@@ -145,9 +143,7 @@ def _first_line(text: str | None) -> str:
 def tools(
     ctx: typer.Context,
     server: Annotated[str, typer.Argument(help="The server's name, as in the config.", show_default=False)],
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
-    ] = False,
+    as_json: AsJson = False,
 ) -> None:
     """List a server's tools: name, description, and whether a lost answer is retried.
 
