@@ -490,3 +490,32 @@ def test_ctrl_c_leaves_whole_lines_and_a_rerun_finishes_the_rest(
     assert {record["outcome"] for record in after} == {"succeeded"}
     finished = {record["line"]: record for record in before}
     assert all(record == finished[record["line"]] for record in after if record["line"] in finished)
+
+
+def test_batch_lines_refused_by_an_open_breaker_exit_4_unless_one_is_unknown(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    # One failure opens the tool's breaker: the lines after it are refused without being sent.
+    config = write_config(
+        tmp_path / "rmcp.toml",
+        server_table(
+            "plain", server_argv(zygote), "circuit_breaker = { failure_threshold = 1, open_s = 60 }\n"
+        ),
+    )
+    batch_input = tmp_path / "in.jsonl"
+    batch_input.write_text("{}\n{}\n{}\n")
+
+    # -32000 from the server: it may have run (unknown), and it counts as the server's fault.
+    code, out, err = rmcp(capsys, "-c", config, "batch", "plain", "busy", batch_input, "-n", "1", "-o", "-")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 2, err
+    assert [record["outcome"] for record in records] == ["unknown", "refused", "refused"]
+    assert records[1]["error"]["type"] == "RMCPCircuitOpenError"
+    assert records[1]["error"]["may_have_executed"] is False
+    assert records[1]["attempts"] == 0
+    assert "1 unknown, 2 refused" in err
+
+    # Refusals alone (-32602: the tool did not run) exit 4.
+    code, out, _ = rmcp(capsys, "-c", config, "batch", "plain", "invalid_params", batch_input, "-o", "-")
+    assert code == 4
+    assert {json.loads(line)["outcome"] for line in out.splitlines()} == {"refused"}
