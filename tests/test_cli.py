@@ -389,7 +389,9 @@ def test_batch_reports_bad_lines_and_takes_keys_from_a_field(
     capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
 ) -> None:
     config = write_config(
-        tmp_path / "rmcp.toml", server_table("plain", server_argv(zygote, "--state-dir", str(tmp_path)))
+        tmp_path / "rmcp.toml",
+        server_table("plain", server_argv(zygote, "--state-dir", str(tmp_path))),
+        unreachable_table("gone", tmp_path),
     )
     batch_input = tmp_path / "in.jsonl"
     lines = [
@@ -437,6 +439,10 @@ def test_batch_reports_bad_lines_and_takes_keys_from_a_field(
     assert code == 3
     assert "does not list tool 'no_such_tool'" in err
     assert sorted(ledger(tmp_path)) == ["a", "b", "c", "d"]
+    code, _, err = rmcp(capsys, "-c", config, "batch", "gone", "record", batch_input)
+    assert code == 4
+    assert "nothing was sent" in err
+    assert not (tmp_path / "in.results.jsonl").exists()
 
 
 def test_ctrl_c_leaves_whole_lines_and_a_rerun_finishes_the_rest(
@@ -473,10 +479,10 @@ def test_ctrl_c_leaves_whole_lines_and_a_rerun_finishes_the_rest(
     program.send_signal(signal.SIGINT)
     _, err = program.communicate(timeout=60)
 
-    assert program.returncode == 130, err
-    assert "interrupted" in err
-    assert "resume" in err
     text = out.read_text()
+    assert program.returncode == 130, err
+    assert f"interrupted after {len(text.splitlines())} result line(s)" in err
+    assert "resume" in err
     assert text.endswith("\n")
     before = [json.loads(line) for line in text.splitlines()]  # every line whole
     assert 3 <= len(before) < 12

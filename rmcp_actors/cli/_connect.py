@@ -32,16 +32,17 @@ _T = TypeVar("_T")
 INTERRUPTED = 130
 
 
-def run(body: Callable[[], Awaitable[_T]], *, interrupted: str = "") -> _T:
+def run(body: Callable[[], Awaitable[_T]], *, interrupted: Callable[[], str] = str) -> _T:
     """Run ``body`` on trio and return what it returns (the CLI's one event loop).
 
     Ctrl-C cancels ``body`` (its ``finally`` blocks and the runtime's shutdown run), prints
-    ``interrupted`` (what the user should know about the work cut short) and exits 130.
+    what ``interrupted()`` says (what the user should know about the work cut short, as it
+    stands then) and exits 130.
     """
     try:
         return trio.run(body)
     except KeyboardInterrupt:
-        stderr().print(f"[bold red]interrupted[/] {escape(interrupted)}".rstrip(), highlight=False)
+        stderr().print(f"[bold red]interrupted[/] {escape(interrupted())}".rstrip(), highlight=False)
         raise typer.Exit(INTERRUPTED) from None
 
 

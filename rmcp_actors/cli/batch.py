@@ -89,13 +89,14 @@ class _Run:
     server: str
     tool: str
     key_field: str | None
-    out: IO[str]
+    out_path: Path | None
     previous: dict[int, dict[str, Any]]
     progress: Progress
     task: Any = None
     counts: dict[str, int] = attrs.Factory(lambda: dict.fromkeys([*OUTCOME_NAMES.values(), "skipped"], 0))
     codes: set[ExitCode] = attrs.Factory(set[ExitCode])
     written: int = 0
+    out: IO[str] | None = None
     # Lines handed to sup.map, by their index in the batch; keys by the arguments' identity
     # until sup.map asks for them (right after taking the item).
     lines: dict[int, tuple[int, str]] = attrs.Factory(dict[int, tuple[int, str]])
@@ -106,6 +107,7 @@ class _Run:
     @trio.lowlevel.enable_ki_protection
     def write(self, record: dict[str, Any]) -> None:
         """Append one result line and flush it; Ctrl-C waits until the line is whole."""
+        assert self.out is not None
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.out.flush()
         self.written += 1
@@ -186,6 +188,20 @@ class _Run:
                 self.keys[id(arguments)] = key
                 index += 1
                 yield arguments
+
+    def open(self) -> None:
+        """Open the results for appending (stdout without a file); exit 3 if it cannot be."""
+        if self.out_path is None:
+            self.out = typer.get_text_stream("stdout")
+            return
+        try:
+            self.out = self.out_path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"cannot write the results to {str(self.out_path)!r}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self.out is not None and self.out_path is not None:
+            self.out.close()
 
     def key_for(self, arguments: dict[str, Any]) -> str:
         return self.keys.pop(id(arguments))
@@ -303,10 +319,11 @@ def batch(
         console=console,
         disable=not console.is_terminal,
     )
-    output: IO[str] = (
-        typer.get_text_stream("stdout") if out_path is None else out_path.open("a", encoding="utf-8")
-    )
-    state = _Run(server, tool, key, output, previous, progress)
+    try:
+        total = _count_lines(file)
+    except OSError as exc:
+        raise fail(f"cannot read {str(file)!r}: {exc.strerror or exc}") from None
+    state = _Run(server, tool, key, out_path, previous, progress)
 
     async def perform() -> None:
         async with connect(config, [server]) as connected:
@@ -324,6 +341,8 @@ def batch(
                 )
             except RMCPError as error:
                 raise fail(str(error), error_exit_code(error), error_type=type(error).__name__) from None
+            # Opened only now: a batch that cannot start leaves no results file behind.
+            state.open()
             async with results:
                 try:
                     async for index, outcome in results:
@@ -335,15 +354,16 @@ def batch(
     where = "stdout" if out_path is None else str(out_path)
     try:
         with progress:
-            state.task = progress.add_task(f"{server}/{tool}", total=_count_lines(file))
+            state.task = progress.add_task(f"{server}/{tool}", total=total)
             run(
                 perform,
-                interrupted=f"after {state.written} result line(s) in {where}; run the same command "
-                "again to resume (finished lines are skipped, the others sent again with their keys)",
+                interrupted=lambda: (
+                    f"after {state.written} result line(s) in {where}; run the same "
+                    "command again to resume (finished lines are skipped, the others sent again with their keys)"
+                ),
             )
     finally:
-        if out_path is not None:
-            output.close()
+        state.close()
     if out_path is not None:
         _compact(out_path, state.present)
     code = state.exit_code()

@@ -133,7 +133,7 @@ def call(
             except RMCPError as error:
                 return error
 
-    outcome = run(perform, interrupted="(the tool may have run if the request was already sent)")
+    outcome = run(perform, interrupted=lambda: "(the tool may have run if the request was already sent)")
     if isinstance(outcome, CallResult):
         code = result_exit_code(outcome)
         if as_json:
