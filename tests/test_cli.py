@@ -239,14 +239,18 @@ def test_tools_says_which_tools_are_safe_to_repeat_and_why(
 def test_call_exit_codes_0_1_3_4_and_json_shapes(
     capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
 ) -> None:
+    # A shared config may name a journal to recover: a command must not touch it.
+    journal = tmp_path / "journal.sqlite"
     config = write_config(
         tmp_path / "rmcp.toml",
+        f"[transactions]\njournal = {json.dumps(str(journal))}\nrecover_on_open = true\n",
         server_table("plain", server_argv(zygote)),
         unreachable_table("gone", tmp_path),
     )
 
     code, out, _ = rmcp(capsys, "-c", config, "call", "plain", "echo", "--args", '{"text": "hello"}')
     assert (code, out) == (0, "hello\n")
+    assert not journal.exists()
 
     code, record = rmcp_json(
         capsys, "-c", config, "call", "plain", "add", "-a", '{"a": 1, "b": 2}', "-k", "k-1"

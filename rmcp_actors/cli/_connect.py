@@ -79,7 +79,11 @@ async def connect(config: RMCPConfig, names: Iterable[str]) -> AsyncGenerator[Co
     others are connected.
     """
     failures: dict[str, RMCPError] = {}
-    async with RMCPSupervisor.open(attrs.evolve(config, servers={})) as supervisor:
+    # A command runs no transactions: it must not recover (run compensations of) another
+    # program's incomplete ones from the journal the config names, nor open that journal.
+    transactions = attrs.evolve(config.transactions, journal=None, recover_on_open=False)
+    runtime_only = attrs.evolve(config, servers={}, transactions=transactions)
+    async with RMCPSupervisor.open(runtime_only) as supervisor:
 
         async def add(name: str) -> None:
             try:
