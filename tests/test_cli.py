@@ -529,3 +529,27 @@ def test_batch_lines_refused_by_an_open_breaker_exit_4_unless_one_is_unknown(
     code, out, _ = rmcp(capsys, "-c", config, "batch", "plain", "invalid_params", batch_input, "-o", "-")
     assert code == 4
     assert {json.loads(line)["outcome"] for line in out.splitlines()} == {"refused"}
+
+
+def test_batch_resumes_after_a_results_line_cut_short(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "rmcp.toml", server_table("plain", server_argv(zygote, "--state-dir", str(tmp_path)))
+    )
+    batch_input = tmp_path / "in.jsonl"
+    out = tmp_path / "in.results.jsonl"
+    batch_input.write_text('{"label": "a"}\n{"label": "b"}\n')
+    assert rmcp(capsys, "-c", config, "batch", "plain", "record", batch_input)[0] == 0
+    # The machine stopped in the middle of writing a third line (rmcp itself writes whole lines).
+    finished = out.read_text()
+    out.write_text(finished + '{"line": 3, "key": "rmcp-ba')
+    batch_input.write_text('{"label": "a"}\n{"label": "b"}\n{"label": "c"}\n')
+
+    code, _, err = rmcp(capsys, "-c", config, "batch", "plain", "record", batch_input)
+    assert code == 0, err
+    assert "1 unreadable line(s)" in err
+    assert "1 succeeded, 2 skipped" in err
+    assert [record["line"] for record in results(out)] == [1, 2, 3]
+    assert out.read_text().startswith(finished)
+    assert sorted(ledger(tmp_path)) == ["a", "b", "c"]

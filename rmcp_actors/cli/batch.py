@@ -42,6 +42,7 @@ __all__ = ["batch", "derived_key"]
 
 _FINAL: Final = frozenset({OUTCOME_NAMES[ExitCode.SUCCEEDED], OUTCOME_NAMES[ExitCode.TOOL_ERROR]})
 _UNKNOWN: Final = OUTCOME_NAMES[ExitCode.OUTCOME_UNKNOWN]
+_CODE_OF: Final = {name: code for code, name in OUTCOME_NAMES.items()}
 # The batch's exit code is its most pressing line's: 2 and 4 first (a rerun makes progress),
 # then 3 (fix the input), then 1 (final results the caller reads in the file).
 _URGENCY: Final = (ExitCode.OUTCOME_UNKNOWN, ExitCode.REFUSED, ExitCode.USAGE, ExitCode.TOOL_ERROR)
@@ -80,6 +81,14 @@ def _previous_results(out: Path) -> tuple[dict[int, dict[str, Any]], int]:
             else:
                 unreadable += 1
     return last, unreadable
+
+
+def _ends_mid_line(path: Path) -> bool:
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) != b"\n"
 
 
 @attrs.define
@@ -173,7 +182,7 @@ class _Run:
                 previous = self.previous.get(line)
                 if previous is not None and previous.get("outcome") in _FINAL and previous.get("key") == key:
                     self.counts["skipped"] += 1
-                    self.codes.add(ExitCode(previous["exit_code"]))
+                    self.codes.add(_CODE_OF[previous["outcome"]])
                     self.progress.advance(self.task)
                     continue
                 if (
@@ -195,7 +204,11 @@ class _Run:
             self.out = typer.get_text_stream("stdout")
             return
         try:
+            torn = _ends_mid_line(self.out_path)
             self.out = self.out_path.open("a", encoding="utf-8")
+            if torn:
+                # A line cut short (the machine stopped mid-write) must not swallow the next.
+                self.out.write("\n")
         except OSError as exc:
             raise fail(f"cannot write the results to {str(self.out_path)!r}: {exc.strerror or exc}") from None
 
@@ -358,8 +371,8 @@ def batch(
             run(
                 perform,
                 interrupted=lambda: (
-                    f"after {state.written} result line(s) in {where}; run the same "
-                    "command again to resume (finished lines are skipped, the others sent again with their keys)"
+                    f"after {state.written} result line(s) in {where}; run the same command again "
+                    "to resume (finished lines are skipped, the others sent again with their keys)"
                 ),
             )
     finally:
