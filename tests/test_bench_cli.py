@@ -1,0 +1,117 @@
+"""``rmcp bench``: JSON shape and exit codes against real servers (stdio and in memory).
+
+Tiny call counts, no timing assertions: the figures are the benchmark's business, these tests
+check that the command measures the three clients and refuses bad input with exit code 3.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, stdio_args
+
+from rmcp_actors.cli import main
+
+SIDE_KEYS = {"calls", "calls_per_s", "median_us", "p99_us", "block_calls_per_s"}
+
+
+def write_config(tmp_path: Path) -> Path:
+    """An rmcp.toml with the test server over stdio, named ``test``."""
+    config = tmp_path / "rmcp.toml"
+    args = ", ".join(json.dumps(arg) for arg in stdio_args())
+    config.write_text(
+        f'[servers.test]\ntransport = "stdio"\ncommand = {json.dumps(PYTHON)}\nargs = [{args}]\n'
+    )
+    return config
+
+
+def bench_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, object]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert isinstance(report, dict)
+    return report  # pyright: ignore[reportUnknownVariableType]
+
+
+def check_shape(report: dict[str, object], *, transport: str, calls: int) -> None:
+    assert report["transport"] == transport
+    clients = report["clients"]
+    assert isinstance(clients, dict)
+    assert set(clients) == {"raw", "raw2", "rmcp"}  # pyright: ignore[reportUnknownArgumentType]
+    for side in clients.values():  # pyright: ignore[reportUnknownVariableType]
+        assert set(side) == SIDE_KEYS  # pyright: ignore[reportUnknownArgumentType]
+        assert side["calls"] == calls
+        assert side["calls_per_s"] > 0
+        assert side["p99_us"] >= side["median_us"] > 0
+    for key in ("ratio_rmcp_raw", "control_raw2_raw", "added_median_us", "added_p99_us"):
+        assert isinstance(report[key], float)
+
+
+def test_stdio_server_from_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    argv = ["--config", str(config), "bench", "test", "echo", "--args", '{"text": "hi"}']
+    report = bench_json(capsys, [*argv, "--calls", "6", "--blocks", "2", "--json"])
+    check_shape(report, transport="stdio", calls=6)
+    assert report["server"] == "test"
+    assert report["tool"] == "echo"
+    assert report["blocks"] == 2
+
+
+def test_in_memory_server_concurrent(capsys: pytest.CaptureFixture[str]) -> None:
+    # No --config and no rmcp.toml in the working directory: an in-memory run needs none.
+    argv = ["bench", "local", "add", "--args", '{"a": 1, "b": 2}', "--server", "mcp_test_server:build_server"]
+    report = bench_json(capsys, [*argv, "--calls", "12", "--blocks", "3", "--concurrency", "2", "--json"])
+    check_shape(report, transport="memory", calls=12)
+    assert report["concurrency"] == 2
+
+
+def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "local", "echo", "-a", '{"text": "x"}', "--server", "mcp_test_server:build_server"]
+    assert main([*argv, "--calls", "4", "--blocks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rmcp/raw throughput" in out
+    assert "raw2" in out
+
+
+def test_tool_error_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "bench",
+        "local",
+        "fail",
+        "--args",
+        '{"reason": "nope"}',
+        "--server",
+        "mcp_test_server:build_server",
+    ]
+    assert main([*argv, "--calls", "2", "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "[local/fail] the tool answered with an error: Error executing tool fail: nope" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["nowhere", "echo"], "unknown server 'nowhere' (configured servers: test)"),
+        (["test", "echo", "--args", "{not json"], "--args is not valid JSON"),
+        (["test", "echo", "--args", "[1, 2]"], "--args must be a JSON object"),
+        (["test", "echo", "--transport", "memory"], "--transport memory needs --server module:attribute"),
+        (["test", "echo", "--transport", "http"], "configured with transport 'stdio', not 'http'"),
+        (["test", "echo", "--server", "no_such_module:app"], "cannot import 'no_such_module'"),
+        (["test", "echo", "--server", "mcp_test_server:State"], "not an mcp MCPServer"),
+        (["test", "echo", "--calls", "3", "--blocks", "2", "--concurrency", "2"], "--calls (3) must be"),
+    ],
+)
+def test_bad_input_exits_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    config = write_config(tmp_path)
+    assert main(["--config", str(config), "bench", *extra]) == 3
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_missing_config_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(tmp_path / "absent.toml"), "bench", "test", "echo"]) == 3
+    assert "no config file at" in capsys.readouterr().err
