@@ -6,13 +6,25 @@ check that the command measures the three clients and refuses bad input with exi
 
 from __future__ import annotations
 
+import importlib
 import json
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import trio
+from _http import serve_http
 from conftest import PYTHON, stdio_args
+from mcp_test_server import build_server
 
 from rmcp_actors.cli import main
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 SIDE_KEYS = {"calls", "calls_per_s", "median_us", "p99_us", "block_calls_per_s"}
 
@@ -58,6 +70,47 @@ def test_stdio_server_from_config(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert report["server"] == "test"
     assert report["tool"] == "echo"
     assert report["blocks"] == 2
+
+
+@contextmanager
+def http_server_in_a_thread() -> Iterator[str]:
+    """The test server over Streamable HTTP on 127.0.0.1, served by its own trio.run in a thread
+    (``rmcp bench`` runs trio.run itself, in the test's thread); yields its URL."""
+    started: queue.Queue[tuple[str, trio.CancelScope, trio.lowlevel.TrioToken]] = queue.Queue()
+
+    async def serve() -> None:
+        with trio.CancelScope() as scope:
+            async with serve_http(build_server()) as handle:
+                started.put((handle.url, scope, trio.lowlevel.current_trio_token()))
+                await trio.sleep_forever()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    url, scope, token = started.get(timeout=30)
+    try:
+        yield url
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(timeout=30)
+
+
+def test_http_server_from_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "rmcp.toml"
+    with http_server_in_a_thread() as url:
+        config.write_text(f'[servers.web]\ntransport = "http"\nurl = "{url}"\n')
+        argv = [
+            "--config",
+            str(config),
+            "bench",
+            "web",
+            "echo",
+            "--args",
+            '{"text": "hi"}',
+            "--transport",
+            "http",
+        ]
+        report = bench_json(capsys, [*argv, "--calls", "4", "--blocks", "2", "--json"])
+    check_shape(report, transport="http", calls=4)
 
 
 def test_in_memory_server_concurrent(capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,3 +168,35 @@ def test_bad_input_exits_3(
 def test_missing_config_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(tmp_path / "absent.toml"), "bench", "test", "echo"]) == 3
     assert "no config file at" in capsys.readouterr().err
+
+
+def load_plot() -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("plot")
+
+
+def test_readme_table_is_the_results_files() -> None:
+    """README's table of figures is plot.py's output from benchmarks/results: never typed by hand.
+
+    After rerunning a benchmark, ``python benchmarks/plot.py --readme`` brings it back in step.
+    """
+    plot = load_plot()
+    readme = (BENCHMARKS.parent / "README.md").read_text()
+    start = readme.index(plot.TABLE_START) + len(plot.TABLE_START)
+    end = readme.index(plot.TABLE_END)
+    assert readme[start:end].strip() == plot.table().strip()
+
+
+def test_table_reads_other_scripts_results_defensively(tmp_path: Path) -> None:
+    plot = load_plot()
+    (tmp_path / "chaos.json").write_text(json.dumps({"ways": {"rmcp": {"duplicates": 0, "lost": 0}}}))
+    (tmp_path / "scale.json").write_text(
+        json.dumps({"mode": "full", "figures": {"pending_call": {"rmcp": {"bytes": 4000}, "raw": 1500}}})
+    )
+    (tmp_path / "large_payloads.json").write_text("not json")
+    (tmp_path / "alternatives.json").write_text(json.dumps({"figures": {"overhead": {"rows": "?"}}}))
+    text = plot.table(tmp_path)
+    assert "| rmcp | - | - | - | - | 0 | 0 | - | - |" in text
+    assert "| rmcp | 4,000 |" in text
+    assert "| raw | 1,500 |" in text
