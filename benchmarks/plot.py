@@ -159,6 +159,8 @@ def plot_large_payloads(document: dict[str, Any], out: Path) -> list[Path]:
         }
         _grouped_bars(axes, groups, series, "speedup over the SDK's stdio client")
         axes.axhline(1.0, color="grey", linewidth=0.8)
+        if direction == "result":  # 1x at 1 KiB to tens of x at 20 MiB
+            axes.set_yscale("log")
         axes.set_title(f"large {direction}s over stdio")
     fig.suptitle(f"benchmarks/large_payloads.py ({_mode_label(document)})", fontsize=9)
     fig.tight_layout()
@@ -338,6 +340,7 @@ def table(directory: Path = RESULTS) -> str:
         body = [
             ["rmcp / raw (speedup)", *(_fmt(dig(row, "speedup_rmcp_raw")) for row in results)],
             ["linear transport alone / raw", *(_fmt(dig(row, "speedup_linear_raw")) for row in results)],
+            ["raw2 / raw (control)", *(_fmt(dig(row, "control_raw2_raw")) for row in results)],
         ]
         blocks.append([_heading("Large results", large), "", *_markdown(header, body)])
     scale = read_results("scale", directory)
