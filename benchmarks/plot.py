@@ -177,32 +177,46 @@ def _size(value: Any) -> str:
     return f"{size / MIB:g} MiB" if size >= MIB else f"{size / 1024:g} KiB"
 
 
+_MEMORY_WORDS = ("byte", "kib", "memory", "rss")
+
+
+def _unit(key: str) -> float:
+    """Bytes per unit of a figure named ``key`` (``..._kib`` -> 1024)."""
+    key = key.lower()
+    return 1024.0 if "kib" in key else 1000.0 if "kb" in key.split("_") else 1.0
+
+
 def _memory_figures(figures: Any) -> dict[str, float]:
     """Bytes per pending call by client (rmcp / raw / floor...), wherever scale.json keeps them:
-    the first dict met whose values for "rmcp" and another name are numbers or hold one number
-    under a key naming bytes."""
-    for node in _dicts(figures):
+    the first dict, under a key naming memory or bytes, whose values for "rmcp" and at least one
+    other name are numbers (or dicts holding one number under a key naming memory or bytes)."""
+    for path, node in _dicts(figures, ""):
         found: dict[str, float] = {}
         for name, value in node.items():
-            number = _number(value)
+            number, unit = _number(value), _unit(path)
             if number is None and isinstance(value, dict):
-                numbers = [_number(v) for k, v in value.items() if "byte" in str(k).lower()]  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
-                number = next((n for n in numbers if n is not None), None)
+                for key, inner in value.items():  # pyright: ignore[reportUnknownVariableType]
+                    if any(word in str(key).lower() for word in _MEMORY_WORDS) and _number(inner) is not None:
+                        number, unit = _number(inner), _unit(str(key))  # pyright: ignore[reportUnknownArgumentType]
+                        break
+            elif not any(word in path.lower() for word in _MEMORY_WORDS):
+                number = None  # a bare number under a key that does not say it is memory
             if number is not None:
-                found[str(name)] = number
+                found[str(name)] = number * unit
         if "rmcp" in found and len(found) >= 2:
             return found
     return {}
 
 
-def _dicts(node: Any) -> Iterator[dict[str, Any]]:
+def _dicts(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every dict in ``node`` with the dotted key path that leads to it."""
     if isinstance(node, dict):
-        yield node  # pyright: ignore[reportReturnType]
-        for value in node.values():  # pyright: ignore[reportUnknownVariableType]
-            yield from _dicts(value)
+        yield path, node  # pyright: ignore[reportReturnType]
+        for key, value in node.items():  # pyright: ignore[reportUnknownVariableType]
+            yield from _dicts(value, f"{path}.{key}")
     elif isinstance(node, list):
         for value in node:  # pyright: ignore[reportUnknownVariableType]
-            yield from _dicts(value)
+            yield from _dicts(value, path)
 
 
 def plot_scale(document: dict[str, Any], out: Path) -> list[Path]:
@@ -277,7 +291,9 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _heading(title: str, document: dict[str, Any]) -> str:
-    return f"**{title}** ({_mode_label(document)}): `{document.get('command', '?')}`"
+    command = document.get("command")
+    reproduce = f"`{command}`" if isinstance(command, str) else "(the file records no command)"
+    return f"**{title}** ({_mode_label(document)}): {reproduce}"
 
 
 def table(directory: Path = RESULTS) -> str:

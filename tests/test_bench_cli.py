@@ -192,7 +192,15 @@ def test_table_reads_other_scripts_results_defensively(tmp_path: Path) -> None:
     plot = load_plot()
     (tmp_path / "chaos.json").write_text(json.dumps({"ways": {"rmcp": {"duplicates": 0, "lost": 0}}}))
     (tmp_path / "scale.json").write_text(
-        json.dumps({"mode": "full", "figures": {"pending_call": {"rmcp": {"bytes": 4000}, "raw": 1500}}})
+        json.dumps(
+            {
+                "mode": "full",
+                "figures": {
+                    "scheduler_calls_per_s": {"rmcp": 9000, "raw": 12000},
+                    "pending_call": {"rmcp": {"calls": 10000, "bytes": 4000}, "raw": {"bytes": 1500}},
+                },
+            }
+        )
     )
     (tmp_path / "large_payloads.json").write_text("not json")
     (tmp_path / "alternatives.json").write_text(json.dumps({"figures": {"overhead": {"rows": "?"}}}))
@@ -200,3 +208,4 @@ def test_table_reads_other_scripts_results_defensively(tmp_path: Path) -> None:
     assert "| rmcp | - | - | - | - | 0 | 0 | - | - |" in text
     assert "| rmcp | 4,000 |" in text
     assert "| raw | 1,500 |" in text
+    assert "9,000" not in text  # a throughput, not memory
