@@ -154,6 +154,8 @@ def test_tool_error_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
         (["test", "echo", "--transport", "http"], "configured with transport 'stdio', not 'http'"),
         (["test", "echo", "--server", "no_such_module:app"], "cannot import 'no_such_module'"),
         (["test", "echo", "--server", "mcp_test_server:State"], "not an mcp MCPServer"),
+        (["test", "echo", "--server", "mcp_test_server:ledger_reconciler"], "must take no arguments"),
+        (["test", "echo", "--server", "mcp_test_server"], "--server must be module:attribute"),
         (["test", "echo", "--calls", "3", "--blocks", "2", "--concurrency", "2"], "--calls (3) must be"),
     ],
 )

@@ -76,7 +76,10 @@ def _in_memory_server(target: str) -> object:
             raise _fail(f"--server {target!r}: {module_name!r} has no attribute {attribute!r}")
         server = getattr(server, part)
     if callable(server) and not isinstance(server, MCPServer | Server):
-        server = server()  # a factory such as build_server
+        try:
+            server = server()  # a factory such as build_server
+        except TypeError as exc:
+            raise _fail(f"--server {target!r}: a factory must take no arguments ({exc})") from None
     if not isinstance(server, MCPServer | Server):
         kind = type(server).__name__  # pyright: ignore[reportUnknownArgumentType]
         raise _fail(f"--server {target!r} is a {kind}, not an mcp MCPServer or low-level Server")
