@@ -3,6 +3,7 @@
 #               examples/exactly_once.py: raw MCP with naive retries vs rmcp_actors, under crashes
 #   make test   lint, format check, type check, the test suite (reference servers included) and
 #               make conformance
+#   make bench  the benchmarks (full runs, ~20 min): results in benchmarks/results/, plots, README table
 #   make conformance  the official MCP conformance suite (Node 22 and the suite from npm, cached in
 #               $TMPDIR/rmcp-npm-cache) against conformance/client.py and conformance/server.py,
 #               in a loopback-only network namespace (unshare -rn); see docs/conformance.md
@@ -32,10 +33,15 @@ test: $(STAMP)
 	# Last line: "client scenarios passed: N/M"; fails on a scenario outside conformance/expected-failures.txt.
 	$(PY) scripts/conformance.py
 
+# Full runs, for an idle machine; each writes benchmarks/results/<name>.json, then plot.py draws the
+# PNGs beside them and rewrites README.md's table of figures from them.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/server_overhead.py
-	$(PY) benchmarks/large_payloads.py
+	$(PY) benchmarks/alternatives.py
+	$(PY) benchmarks/large_payloads.py --json benchmarks/results/large_payloads.json
+	$(PY) benchmarks/plot.py --readme
 
 conformance: $(STAMP)
 	$(PY) scripts/conformance.py

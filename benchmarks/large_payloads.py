@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -49,7 +48,8 @@ from rmcp_actors import RMCPSupervisor, ServerSpec
 from rmcp_actors.client._stdio import stdio_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import Block, Series, finite
+from _measure import Block, Series
+from _results import write_results
 
 LARGE_SERVER = Path(__file__).resolve().with_name("_large_server.py")
 # The SDK's default environment drops PYTHONPATH: the servers import the rmcp_actors measured here.
@@ -275,13 +275,9 @@ def main() -> None:
         "arguments go to the SDK's stdio server (raw) or to rmcp_actors.server.run_stdio (linear, rmcp)."
     )
     if options.json is not None:
-        document = {
-            "python": sys.version,
-            "blocks": blocks,
-            "wall_s": wall,
-            "rows": [row.summary() for row in rows],
-        }
-        options.json.write_text(json.dumps(finite(document), indent=2) + "\n")
+        # The shared results layout (mode, command, date, machine), read by plot.py.
+        figures = {"blocks": blocks, "wall_s": wall, "rows": [row.summary() for row in rows]}
+        write_results("large_payloads", figures, quick=options.quick, path=options.json)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ A new subcommand is a module of this package plus one import line here.
 from __future__ import annotations
 
 from . import batch as batch
+from . import bench as bench
 from . import call as call
 from . import check as check
 from . import servers as servers
