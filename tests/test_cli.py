@@ -8,6 +8,7 @@ One test runs ``python -m rmcp_actors`` as a program, to see the real exit code 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -237,7 +238,7 @@ def test_tools_says_which_tools_are_safe_to_repeat_and_why(
 
 
 def test_call_exit_codes_0_1_3_4_and_json_shapes(
-    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A shared config may name a journal to recover: a command must not touch it.
     journal = tmp_path / "journal.sqlite"
@@ -251,6 +252,9 @@ def test_call_exit_codes_0_1_3_4_and_json_shapes(
     code, out, _ = rmcp(capsys, "-c", config, "call", "plain", "echo", "--args", '{"text": "hello"}')
     assert (code, out) == (0, "hello\n")
     assert not journal.exists()
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"text": "from stdin"}'))
+    code, out, _ = rmcp(capsys, "-c", config, "call", "plain", "echo", "--args", "-")
+    assert (code, out) == (0, "from stdin\n")
 
     code, record = rmcp_json(
         capsys, "-c", config, "call", "plain", "add", "-a", '{"a": 1, "b": 2}', "-k", "k-1"
