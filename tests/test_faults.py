@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -33,6 +34,7 @@ from rmcp_actors import (
 from rmcp_actors.config import CircuitBreakerOverrides, RetryBudgetOverrides
 from rmcp_actors.server import install
 from rmcp_actors.testing import FAULT_KINDS, FaultInjector, FaultPlan, stdio_client
+from rmcp_actors.testing._fault_streams import decide
 
 Transport = AbstractAsyncContextManager[Any]
 
@@ -110,18 +112,12 @@ def test_parse_errors_name_the_key(text: str, path: str, message: str) -> None:
 
 def test_decisions_are_a_function_of_seed_connection_and_ordinal() -> None:
     plan = FaultPlan(seed=1, drop_response=0.3, duplicate=0.3, delay=0.5)
-    first, again, other = FaultInjector(plan), FaultInjector(plan), FaultInjector(attrs_evolve(plan, seed=2))
+    other = attrs.evolve(plan, seed=2)
     grid = [(connection, ordinal) for connection in range(1, 4) for ordinal in range(1, 40)]
-    assert [first.decide(*at) for at in grid] == [again.decide(*at) for at in grid]
-    assert [first.decide(*at) for at in grid] != [other.decide(*at) for at in grid]
-    kinds = {first.decide(*at).kind for at in grid}
+    assert [decide(plan, *at) for at in grid] == [decide(FaultPlan(**attrs.asdict(plan)), *at) for at in grid]
+    assert [decide(plan, *at) for at in grid] != [decide(other, *at) for at in grid]
+    kinds = {decide(plan, *at).kind for at in grid}
     assert kinds == {None, "drop_response", "duplicate"}
-
-
-def attrs_evolve(plan: FaultPlan, **changes: Any) -> FaultPlan:
-    import attrs
-
-    return attrs.evolve(plan, **changes)
 
 
 # --- raw mcp.Client, in memory ---------------------------------------------------------------

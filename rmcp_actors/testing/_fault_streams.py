@@ -14,13 +14,15 @@ that waits, instead of a pump task standing between the transport and the client
 from __future__ import annotations
 
 import os
+import random
 import signal
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
 import anyio
+import attrs
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 from mcp_types import JSONRPCError, JSONRPCRequest, JSONRPCResponse, jsonrpc_message_adapter
@@ -29,19 +31,64 @@ from ..client import _stdio
 from ..errors import RMCPConfigError
 
 if TYPE_CHECKING:
-    from .faults import FaultInjector, FaultKind
+    from .faults import FaultKind, FaultPlan
 
-__all__ = ["TransportStreams", "faulty_transport"]
+__all__ = ["Decision", "Recorder", "TransportStreams", "decide", "faulty_transport"]
 
 TransportStreams = tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]
+
+# Records one fault: (kind, method, request id, connection, ordinal, detail).
+Recorder = Callable[["FaultKind", str, int | str, int, int, str], None]
+
+# The faults that decide a request's fate (``delay`` only holds it).
+TerminalKind = Literal["drop_request", "drop_response", "duplicate", "disconnect", "corrupt", "kill"]
+
+# When several faults are drawn for one request, the first of these happens (a request is lost
+# only once); ``delay`` combines with any of them.
+TERMINAL_ORDER: Final[tuple[TerminalKind, ...]] = (
+    "disconnect",
+    "drop_request",
+    "kill",
+    "duplicate",
+    "drop_response",
+    "corrupt",
+)
+
+
+@attrs.frozen
+class Decision:
+    """The faults drawn for one request."""
+
+    delay_s: float | None
+    kind: TerminalKind | None
+
+
+def _draw(seed: int, kind: str, connection: int, ordinal: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by random.Random: stable across runs and processes
+    # (unlike hash()), and independent per (kind, connection, request).
+    return random.Random(f"{seed}/{kind}/{connection}/{ordinal}")
+
+
+def decide(plan: FaultPlan, connection: int, ordinal: int) -> Decision:
+    """The faults of the ``ordinal``-th fault-drawing request of ``connection``: a pure
+    function of the plan, so that a seed replays the same faults."""
+    delay_s = None
+    if plan.delay > 0 and _draw(plan.seed, "delay", connection, ordinal).random() < plan.delay:
+        delay_s = _draw(plan.seed, "delay_s", connection, ordinal).uniform(*plan.delay_s)
+    for kind in TERMINAL_ORDER:
+        probability = plan.probability(kind)
+        if probability > 0 and _draw(plan.seed, kind, connection, ordinal).random() < probability:
+            return Decision(delay_s, kind)
+    return Decision(delay_s, None)
 
 
 class _Connection:
     """One wrapped connection: its number, its fault-drawing requests so far, the answer faults
     waiting for their answers, the server process (stdio) and whether it was cut."""
 
-    def __init__(self, injector: FaultInjector, number: int, pid: int | None) -> None:
-        self.injector = injector
+    def __init__(self, plan: FaultPlan, record: Recorder, number: int, pid: int | None) -> None:
+        self.plan = plan
+        self.record = record
         self.number = number
         self.pid = pid
         self.ordinal = 0
@@ -77,10 +124,10 @@ class _FaultyReadStream:
             if fault is None:
                 return item
             kind, method, ordinal = fault
-            connection.injector.record(kind, method, message.id, connection.number, ordinal)
+            connection.record(kind, method, message.id, connection.number, ordinal, "")
             if kind == "corrupt":
                 return _garbled(item)
-            if not connection.injector.plan.silent:
+            if not connection.plan.silent:
                 connection.end()
             # drop_response: read on, as if the answer had never come
 
@@ -133,18 +180,18 @@ class _FaultyWriteStream:
         if connection.cut:
             raise anyio.BrokenResourceError
         message = item.message
-        injector = connection.injector
+        plan = connection.plan
         if not isinstance(message, JSONRPCRequest) or (
-            injector.plan.methods is not None and message.method not in injector.plan.methods
+            plan.methods is not None and message.method not in plan.methods
         ):
             await self._inner.send(item)
             return
         connection.ordinal += 1
         ordinal = connection.ordinal
-        decision = injector.decide(connection.number, ordinal)
+        decision = decide(plan, connection.number, ordinal)
 
         def record(kind: FaultKind, detail: str = "") -> None:
-            injector.record(kind, message.method, message.id, connection.number, ordinal, detail)
+            connection.record(kind, message.method, message.id, connection.number, ordinal, detail)
 
         if decision.delay_s is not None:
             record("delay", f"{decision.delay_s:.6f} s")
@@ -160,7 +207,7 @@ class _FaultyWriteStream:
                 raise anyio.BrokenResourceError
             case "drop_request":
                 record("drop_request")
-                if not injector.plan.silent:
+                if not plan.silent:
                     connection.end()
             case "kill":
                 await self._inner.send(item)
@@ -214,10 +261,15 @@ def _kill(pid: int) -> None:
 
 @asynccontextmanager
 async def faulty_transport(
-    injector: FaultInjector, transport: AbstractAsyncContextManager[TransportStreams]
+    plan: FaultPlan,
+    transport: AbstractAsyncContextManager[TransportStreams],
+    *,
+    connect: Callable[[], int],
+    record: Recorder,
 ) -> AsyncGenerator[TransportStreams]:
-    """``transport`` with ``injector``'s faults (see :meth:`FaultInjector.wrap`)."""
-    number = injector.next_connection()
+    """``transport`` with ``plan``'s faults (see :meth:`FaultInjector.wrap`); ``connect`` numbers
+    the connection, ``record`` is told each fault."""
+    number = connect()
     pids: list[int] = []
     async with AsyncExitStack() as stack:
         token = _stdio.spawned.set(pids.append)
@@ -225,7 +277,7 @@ async def faulty_transport(
             read_stream, write_stream = await stack.enter_async_context(transport)
         finally:
             _stdio.spawned.reset(token)
-        if injector.plan.kill > 0 and not pids:
+        if plan.kill > 0 and not pids:
             # Closed first: raised through the transport's task group, the error would reach the
             # user wrapped in an exception group.
             await stack.aclose()
@@ -235,5 +287,5 @@ async def faulty_transport(
                 "or set kill=0 for this transport",
                 path="kill",
             )
-        connection = _Connection(injector, number, pids[-1] if pids else None)
+        connection = _Connection(plan, record, number, pids[-1] if pids else None)
         yield _FaultyReadStream(read_stream, connection), _FaultyWriteStream(write_stream, connection)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import MappingProxyType
@@ -39,20 +38,6 @@ FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
     "disconnect",
     "corrupt",
     "kill",
-)
-
-# The faults that decide a request's fate (``delay`` only holds it).
-TerminalKind = Literal["drop_request", "drop_response", "duplicate", "disconnect", "corrupt", "kill"]
-
-# When several faults are drawn for one request, the first of these happens (a request is lost
-# only once); ``delay`` combines with any of them.
-TERMINAL_ORDER: Final[tuple[TerminalKind, ...]] = (
-    "disconnect",
-    "drop_request",
-    "kill",
-    "duplicate",
-    "drop_response",
-    "corrupt",
 )
 
 
@@ -283,20 +268,6 @@ class FaultEvent:
         return attrs.asdict(self)
 
 
-@attrs.frozen
-class Decision:
-    """The faults drawn for one request (private to this package)."""
-
-    delay_s: float | None
-    kind: TerminalKind | None
-
-
-def _draw(seed: int, kind: str, connection: int, ordinal: int) -> random.Random:
-    # A string seed is hashed with SHA-512 by random.Random: stable across runs and processes
-    # (unlike hash()), and independent per (kind, connection, request).
-    return random.Random(f"{seed}/{kind}/{connection}/{ordinal}")
-
-
 @final
 @attrs.define(eq=False)
 class FaultInjector:
@@ -355,7 +326,7 @@ class FaultInjector:
         Returns:
             The un-entered wrapped transport.
         """
-        return faulty_transport(self, transport)
+        return faulty_transport(self.plan, transport, connect=self._next_connection, record=self._record)
 
     def spec(self, spec: ServerSpec) -> ServerSpec:
         """``spec`` with faults: rmcp_actors wraps each connection to it with this injector.
@@ -372,25 +343,12 @@ class FaultInjector:
         """
         return attrs.evolve(spec, faults=self)
 
-    def decide(self, connection: int, ordinal: int) -> Decision:
-        """The faults of the ``ordinal``-th fault-drawing request of ``connection`` (for the
-        wrapped streams; a pure function of the plan)."""
-        plan = self.plan
-        delay_s = None
-        if plan.delay > 0 and _draw(plan.seed, "delay", connection, ordinal).random() < plan.delay:
-            delay_s = _draw(plan.seed, "delay_s", connection, ordinal).uniform(*plan.delay_s)
-        for kind in TERMINAL_ORDER:
-            probability = plan.probability(kind)
-            if probability > 0 and _draw(plan.seed, kind, connection, ordinal).random() < probability:
-                return Decision(delay_s, kind)
-        return Decision(delay_s, None)
-
-    def next_connection(self) -> int:
+    def _next_connection(self) -> int:
         """Number a new connection (for the wrapped streams)."""
         self._connections += 1
         return self._connections
 
-    def record(
+    def _record(
         self,
         kind: FaultKind,
         method: str,
