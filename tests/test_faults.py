@@ -502,3 +502,15 @@ async def test_without_an_rmcp_server_a_lost_answer_is_an_unknown_outcome() -> N
         with pytest.raises(RMCPOutcomeUnknownError):
             await sup.call("plain", "record", {"label": "once"})
     assert state.recorded() == ["once"]  # not retried: it may have run, and it did
+
+
+async def test_an_rmcp_server_runs_a_duplicated_request_once() -> None:
+    state = State()
+    injector = FaultInjector(FaultPlan(duplicate=1.0))
+    server = build_server(state, store=MemoryStore(clock=trio.current_time))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(injector.spec(ServerSpec.in_memory("dedup", server)))
+        for index in range(5):
+            await sup.call("dedup", "record", {"label": f"r{index}"})
+    assert injector.counts["duplicate"] == 5
+    assert state.recorded() == [f"r{index}" for index in range(5)]
