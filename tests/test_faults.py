@@ -514,3 +514,15 @@ async def test_an_rmcp_server_runs_a_duplicated_request_once() -> None:
             await sup.call("dedup", "record", {"label": f"r{index}"})
     assert injector.counts["duplicate"] == 5
     assert state.recorded() == [f"r{index}" for index in range(5)]
+
+
+async def test_a_disconnect_is_retried_even_against_a_plain_server_since_nothing_left() -> None:
+    state = State()
+    injector = FaultInjector(FaultPlan(seed=1, disconnect=0.5))
+    spec = injector.spec(ServerSpec.in_memory("plain", build_server(state), overrides=MANY_RETRIES))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        results = [await sup.call("plain", "record", {"label": f"r{index}"}) for index in range(10)]
+    assert injector.counts["disconnect"] > 3
+    assert sum(result.attempts for result in results) == 10 + injector.counts["disconnect"]
+    assert state.recorded() == [f"r{index}" for index in range(10)]
