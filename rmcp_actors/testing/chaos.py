@@ -73,6 +73,7 @@ __all__ = [
     "WayName",
     "WayReport",
     "chaos_server_command",
+    "chaos_server_environment",
     "run_chaos",
 ]
 
@@ -226,9 +227,10 @@ def chaos_server_command(ledger: Path, *, store: Path | None = None, plain: bool
     return argv
 
 
-def _server_environment() -> dict[str, str]:
-    """The SDK's default environment, plus the import path of the rmcp_actors running now: the
-    server must be the same code as the runner (a source checkout, not whatever is installed)."""
+def chaos_server_environment() -> dict[str, str]:
+    """The environment to run :func:`chaos_server_command` in: the SDK's default (which drops
+    ``PYTHONPATH``) plus the import path of the rmcp_actors running now, so that the server is
+    the same code as its caller (a source checkout, not whatever copy is installed)."""
     environment = get_default_environment()
     package_root = str(Path(__file__).resolve().parents[2])
     inherited = os.environ.get("PYTHONPATH")
@@ -371,7 +373,7 @@ async def _raw_way(setup: _Setup, name: WayName, attempts: int) -> WayReport:
                 return InMemoryTransport(server)
         else:
             argv = chaos_server_command(ledger_path, plain=True)
-            params = StdioServerParameters(command=argv[0], args=argv[1:], env=_server_environment())
+            params = StdioServerParameters(command=argv[0], args=argv[1:], env=chaos_server_environment())
 
             def connect() -> Transport:
                 return stdio_client(params)
@@ -408,7 +410,7 @@ async def _rmcp_way(setup: _Setup) -> WayReport:
             else:
                 argv = chaos_server_command(ledger_path, store=store_path)
                 spec = ServerSpec.stdio(
-                    _SERVER_NAME, argv[0], argv[1:], env=_server_environment(), overrides=overrides
+                    _SERVER_NAME, argv[0], argv[1:], env=chaos_server_environment(), overrides=overrides
                 )
             sup = await stack.enter_async_context(RMCPSupervisor.open())
             await sup.add_server(spec)
