@@ -188,7 +188,7 @@ async def stdio_client(argv: list[str]) -> AsyncIterator[Client]:
 
 async def test_stdio_plain_server_counts_effects_concurrency_and_large_payloads(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
-    argv = chaos_server_command(path, plain=True)
+    argv = chaos_server_command(path, None)
     async with stdio_client(argv) as client:
         for label in ["a", "b", "a"]:
             await client.call_tool("effect", {"label": label})
@@ -224,7 +224,7 @@ async def test_stdio_plain_server_counts_effects_concurrency_and_large_payloads(
 
 
 async def test_stdio_limited_signal_is_recognised_by_rmcp(tmp_path: Path) -> None:
-    argv = [*chaos_server_command(tmp_path / "ledger", plain=True), "--rate", "50"]
+    argv = [*chaos_server_command(tmp_path / "ledger", None), "--rate", "50"]
     spec = ServerSpec.stdio(
         "chaos", argv[0], argv[1:], env=chaos_server_environment(), overrides=FAST_RECOVERY
     )
@@ -256,7 +256,7 @@ async def wait_until_reconnected(sup: RMCPSupervisor, connects: int) -> None:
 
 async def test_stdio_server_on_a_sqlite_store_replays_a_key_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
-    argv = chaos_server_command(path, store=tmp_path / "rmcp.sqlite")
+    argv = chaos_server_command(path, tmp_path / "rmcp.sqlite")
     spec = ServerSpec.stdio(
         "chaos", argv[0], argv[1:], env=chaos_server_environment(), overrides=FAST_RECOVERY
     )

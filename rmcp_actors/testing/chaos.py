@@ -6,8 +6,8 @@ ledger:
 
 ``raw``
     ``mcp.Client`` on a plain MCP server, no retry: a call that raises or answers an error is
-    reported failed. After a failure the client checks its connection (a ping) and reconnects
-    if it is gone, so later calls can still succeed.
+    reported failed. The callers share one client; one whose connection closed (or timed out)
+    is replaced by a new connection, so later calls can still succeed.
 ``naive_retry``
     The same client with the loop people write: any exception is retried, after reconnecting
     when the connection is gone, up to ``raw_attempts`` attempts in all.
@@ -45,12 +45,13 @@ from typing import Any, Final, Literal, final
 
 import attrs
 import trio
-from mcp import Client, StdioServerParameters
+from mcp import Client, MCPError, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.client._transport import Transport
-from mcp.client.stdio import get_default_environment, stdio_client
-from mcp_types import CallToolResult
+from mcp.client.stdio import get_default_environment
+from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult
 
+from ..client._stdio import stdio_client
 from ..config import (
     CircuitBreakerOverrides,
     PolicyOverrides,
@@ -62,7 +63,8 @@ from ..config import (
 from ..errors import Outcome, RMCPError
 from ..root import RMCPSupervisor
 from ..stores import SQLiteStore
-from .chaos_server import Ledger, build_chaos_server
+from ._chaos_server import Ledger, build_chaos_server
+from .faults import FAULT_KINDS, FaultInjector, FaultKind, FaultPlan
 
 __all__ = [
     "CHAOS_POLICY",
@@ -70,6 +72,7 @@ __all__ = [
     "ChaosReport",
     "ChaosTransport",
     "ProgressCallback",
+    "ServerCommand",
     "WayName",
     "WayReport",
     "chaos_server_command",
@@ -84,6 +87,9 @@ WAYS: Final[tuple[WayName, ...]] = ("raw", "naive_retry", "rmcp")
 
 #: Called after each logical call with the way's name and how many of its calls are done.
 ProgressCallback = Callable[[WayName, int], None]
+#: The argv of the chaos server for a ledger, a SQLite store (None: plain MCP): see
+#: :func:`chaos_server_command`, the default.
+ServerCommand = Callable[[Path, "Path | None"], list[str]]
 
 #: The rmcp way's policy, for a network that loses answers and connections but a server that is
 #: healthy. Retries are what save a call here, so they are many (a replayed answer can be lost
@@ -95,9 +101,9 @@ ProgressCallback = Callable[[WayName, int], None]
 #: the raw ways get to send, which measures the breaker, not exactly-once. The raw ways have
 #: neither.
 CHAOS_POLICY: Final = PolicyOverrides(
-    retry=RetryOverrides(max_attempts=12, base_delay_s=0.01, max_delay_s=0.1),
+    retry=RetryOverrides(max_attempts=0, base_delay_s=0.01, max_delay_s=0.1),
     retry_budget=RetryBudgetOverrides(ratio=11.0, min_per_s=100.0),
-    reconnect=ReconnectOverrides(base_delay_s=0.02, max_delay_s=0.2),
+    reconnect=ReconnectOverrides(base_delay_s=0.005, max_delay_s=0.05),
     circuit_breaker=CircuitBreakerOverrides(mode="disabled"),
 )
 
@@ -106,7 +112,6 @@ _TOOL: Final = "effect"
 # A lost answer over a live connection is only noticed by a timeout; the figures below keep a
 # run short while leaving a loaded machine's slowest answers (and stdio restarts) room.
 _ATTEMPT_TIMEOUT_S: Final[Mapping[ChaosTransport, float]] = {"memory": 2.0, "stdio": 10.0}
-_PROBE_TIMEOUT_S: Final = 1.0
 _RECONNECT_PAUSE_S: Final = 0.01
 
 
@@ -154,7 +159,7 @@ class ChaosReport:
 
     ways: Mapping[WayName, WayReport]
     config: Mapping[str, Any]
-    faults: Mapping[WayName, Mapping[str, int]]
+    faults: Mapping[WayName, Mapping[FaultKind, int]]
 
     def to_json(self) -> dict[str, Any]:
         """``{"ways": {"raw": {...}, "naive_retry": {...}, "rmcp": {...}}, "config": {...},
@@ -216,15 +221,11 @@ def _percentile_ms(samples_s: Sequence[float], quantile: float) -> float:
     return round(ordered[rank - 1] * 1000, 2)
 
 
-def chaos_server_command(ledger: Path, *, store: Path | None = None, plain: bool = False) -> list[str]:
+def chaos_server_command(ledger: Path, store: Path | None) -> list[str]:
     """The argv of the chaos server (``python -m rmcp_actors.testing.chaos_server``) with this
-    ledger, RMCP on a SQLiteStore at ``store``, or plain MCP."""
+    ledger: RMCP on a SQLiteStore at ``store``, or plain MCP when ``store`` is None."""
     argv = [sys.executable, "-m", "rmcp_actors.testing.chaos_server", "--ledger", str(ledger)]
-    if store is not None:
-        argv += ["--store", str(store)]
-    if plain:
-        argv.append("--plain")
-    return argv
+    return [*argv, "--store", str(store)] if store is not None else [*argv, "--plain"]
 
 
 def chaos_server_environment() -> dict[str, str]:
@@ -240,64 +241,85 @@ def chaos_server_environment() -> dict[str, str]:
 
 @attrs.define
 class _RawConnection:
-    """One ``mcp.Client`` shared by a raw way's callers; reconnects when the connection is gone.
+    """One ``mcp.Client`` shared by a raw way's callers, replaced when its connection is lost.
 
-    The client is entered and left by :meth:`run`'s task (the SDK's cancel scopes must be
-    exited by the task that entered them); callers find the current one in :meth:`client`.
+    Each client is entered and left by a task of its own (the SDK's cancel scopes must be
+    exited by the task that entered them); the next connection is made at once, without
+    waiting for the lost one to wind down (an in-memory server may take seconds to).
     """
 
     connect: Callable[[], Transport]
     current: Client | None = None
-    ready: trio.Event = attrs.Factory(trio.Event)
     broken: trio.Event = attrs.Factory(trio.Event)
+    ready: trio.Event = attrs.Factory(trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a client connected until cancelled."""
-        started = False
-        while True:
-            try:
-                async with Client(self.connect()) as client:
-                    self.current = client
-                    self.ready.set()
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await self.broken.wait()
-            except Exception:
-                # A connection attempt that failed, or a client that broke on the way out: the
-                # raw way's callers only need the next connection.
-                await trio.sleep(_RECONNECT_PAUSE_S)
-            finally:
-                self.current = None
-                self.ready = trio.Event()
-                self.broken = trio.Event()
+        async with trio.open_nursery() as nursery:
+            started = False
+            while True:
+                broken = trio.Event()
+                try:
+                    await nursery.start(self._hold, broken)
+                except Exception:
+                    # The connection attempt failed: the raw way's callers wait for the next.
+                    await trio.sleep(_RECONNECT_PAUSE_S)
+                    continue
+                if not started:
+                    started = True
+                    task_status.started()
+                await broken.wait()
+
+    async def _hold(self, broken: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+        connected = False
+        try:
+            async with Client(self.connect()) as client:
+                # As an agent does on connecting, and rmcp_actors too: without the listing, the
+                # SDK lists the tools after a call's answer (to check it against the tool's
+                # output schema), and a connection lost meanwhile fails a call that had run.
+                await client.list_tools()
+                self.current, self.broken = client, broken
+                self.ready.set()
+                connected = True
+                task_status.started()
+                await broken.wait()
+        except Exception:
+            if not connected:
+                raise
+            # The lost client failing on its way out changes nothing for the callers.
 
     async def client(self) -> tuple[Client, trio.Event]:
-        """The connected client, and the event that marks it broken."""
+        """The connected client, and the event that marks it lost."""
         while True:
             await self.ready.wait()
             if self.current is not None:
                 return self.current, self.broken
 
-    async def check(self, client: Client, broken: trio.Event) -> None:
-        """After a failed call: mark ``client`` broken unless it still answers a cheap request
-        (``tools/list``: ping is gone from the 2026-07-28 protocol)."""
-        if broken.is_set() or client is not self.current:
-            return
-        try:
-            with trio.fail_after(_PROBE_TIMEOUT_S):
-                await client.list_tools()
-        except Exception:  # trio.TooSlowError included
-            broken.set()
+    def lost(self, broken: trio.Event) -> None:
+        """The client of ``broken`` lost its connection: callers wait for the next one."""
+        broken.set()
+        if broken is self.broken and self.current is not None:
+            self.current = None
+            self.ready = trio.Event()
+
+
+def _connection_lost(error: Exception) -> bool:
+    """Whether a raw call's exception leaves its client unusable: the connection closed, a
+    transport error, or a timeout (a connection that lost an answer is not trusted again). A
+    JSON-RPC error the server sent leaves the connection as it was."""
+    if isinstance(error, MCPError):
+        return error.error.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
+    return True
 
 
 async def _raw_attempt(connection: _RawConnection, label: str, timeout_s: float) -> CallToolResult:
-    """One ``effect(label)`` call on the current client; a failure triggers the connection check."""
+    """One ``effect(label)`` call on the current client; a lost connection is replaced."""
     client, broken = await connection.client()
     try:
         return await client.call_tool(_TOOL, {"label": label}, read_timeout_seconds=timeout_s)
-    except Exception:
-        await connection.check(client, broken)
+    except Exception as error:
+        if _connection_lost(error):
+            connection.lost(broken)
         raise
 
 
@@ -359,24 +381,48 @@ class _Setup:
     attempt_timeout_s: float
     call_timeout_s: float
     progress: ProgressCallback
+    plan: FaultPlan | None
+    server_command: ServerCommand
+
+    def injector(self) -> FaultInjector | None:
+        """A new injector of the run's faults for one way (each way draws the same faults at
+        the same places: the k-th call of the n-th connection)."""
+        return FaultInjector(self.plan) if self.plan is not None else None
 
 
-async def _raw_way(setup: _Setup, name: WayName, attempts: int) -> WayReport:
+_NO_FAULTS: Final[Mapping[FaultKind, int]] = dict.fromkeys(FAULT_KINDS, 0)
+
+
+@attrs.frozen
+class _WayRun:
+    report: WayReport
+    faults: Mapping[FaultKind, int]
+
+
+def _counts(injector: FaultInjector | None) -> Mapping[FaultKind, int]:
+    return dict(injector.counts) if injector is not None else _NO_FAULTS
+
+
+async def _raw_way(setup: _Setup, name: WayName, attempts: int) -> _WayRun:
     directory = setup.workdir / name
     directory.mkdir()
     ledger_path = directory / "ledger.sqlite"
+    injector = setup.injector()
     with Ledger(ledger_path) as ledger:
         if setup.transport == "memory":
             server = build_chaos_server(ledger, rmcp=False)
 
-            def connect() -> Transport:
+            def transport() -> Transport:
                 return InMemoryTransport(server)
         else:
-            argv = chaos_server_command(ledger_path, plain=True)
+            argv = setup.server_command(ledger_path, None)
             params = StdioServerParameters(command=argv[0], args=argv[1:], env=chaos_server_environment())
 
-            def connect() -> Transport:
+            def transport() -> Transport:
                 return stdio_client(params)
+
+        def connect() -> Transport:
+            return transport() if injector is None else injector.wrap(transport())
 
         connection = _RawConnection(connect)
 
@@ -389,15 +435,16 @@ async def _raw_way(setup: _Setup, name: WayName, attempts: int) -> WayReport:
                 setup.calls, setup.concurrency, name, call, lambda done: setup.progress(name, done)
             )
             nursery.cancel_scope.cancel()
-        return tally.measure(ledger.counts())
+        return _WayRun(tally.measure(ledger.counts()), _counts(injector))
 
 
-async def _rmcp_way(setup: _Setup) -> WayReport:
+async def _rmcp_way(setup: _Setup) -> _WayRun:
     name: WayName = "rmcp"
     directory = setup.workdir / name
     directory.mkdir()
     ledger_path, store_path = directory / "ledger.sqlite", directory / "rmcp.sqlite"
     overrides = attrs.evolve(CHAOS_POLICY, max_concurrency=setup.concurrency)
+    injector = setup.injector()
     with Ledger(ledger_path) as ledger:
         async with AsyncExitStack() as stack:
             if setup.transport == "memory":
@@ -408,12 +455,12 @@ async def _rmcp_way(setup: _Setup) -> WayReport:
                 server = build_chaos_server(ledger, store)
                 spec = ServerSpec.in_memory(_SERVER_NAME, server, overrides=overrides)
             else:
-                argv = chaos_server_command(ledger_path, store=store_path)
+                argv = setup.server_command(ledger_path, store_path)
                 spec = ServerSpec.stdio(
                     _SERVER_NAME, argv[0], argv[1:], env=chaos_server_environment(), overrides=overrides
                 )
             sup = await stack.enter_async_context(RMCPSupervisor.open())
-            await sup.add_server(spec)
+            await sup.add_server(spec if injector is None else injector.spec(spec))
 
             async def call(label: str) -> _ReportKind:
                 return await _rmcp_call(sup, label, setup.call_timeout_s)
@@ -422,7 +469,7 @@ async def _rmcp_way(setup: _Setup) -> WayReport:
                 setup.calls, setup.concurrency, name, call, lambda done: setup.progress(name, done)
             )
         # Read once every server process is gone: a run it finished is in the ledger.
-        return tally.measure(ledger.counts())
+        return _WayRun(tally.measure(ledger.counts()), _counts(injector))
 
 
 def _no_progress(_way: WayName, _done: int) -> None:
@@ -431,15 +478,17 @@ def _no_progress(_way: WayName, _done: int) -> None:
 
 async def run_chaos(
     calls: int = 200,
-    concurrency: int = 16,
+    concurrency: int = 8,
     *,
-    seed: int = 0,
+    faults: FaultPlan | None = None,
+    seed: int | None = None,
     transport: ChaosTransport = "memory",
     raw_attempts: int = 5,
     attempt_timeout_s: float | None = None,
     call_timeout_s: float = 60.0,
     workdir: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
+    server_command: ServerCommand = chaos_server_command,
 ) -> ChaosReport:
     """Make ``calls`` side-effecting calls three ways and report what each got right.
 
@@ -449,7 +498,10 @@ async def run_chaos(
     Args:
         calls: Logical calls per way.
         concurrency: Calls in flight at once, per way.
-        seed: Seed of the faults (the same draws for every way).
+        faults: The faults to inject into every way's connections (a new
+            :class:`~rmcp_actors.testing.FaultInjector` per way, so each way draws the same
+            faults for the k-th call of its n-th connection); None for none.
+        seed: Replaces the seed of ``faults`` when given.
         transport: ``"memory"`` (the server in this process, through the SDK's in-memory
             transport) or ``"stdio"`` (a ``python -m rmcp_actors.testing.chaos_server``
             subprocess per connection).
@@ -460,6 +512,9 @@ async def run_chaos(
         workdir: Where the ledgers and the store go (a new ``raw``, ``naive_retry`` and
             ``rmcp`` directory each); a temporary directory, removed afterwards, when None.
         progress: Called after each logical call with the way and its calls done.
+        server_command: The argv of the stdio server for a ledger and a store (None for plain
+            MCP); replace :func:`chaos_server_command` to start it another way (a wrapper, a
+            warm fork server), run in :func:`chaos_server_environment`.
 
     Returns:
         The report of each way.
@@ -478,6 +533,7 @@ async def run_chaos(
     with tempfile.TemporaryDirectory(prefix="rmcp-chaos-") as temporary:
         root = Path(workdir) if workdir is not None else Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
+        plan = attrs.evolve(faults, seed=seed) if faults is not None and seed is not None else faults
         setup = _Setup(
             calls=calls,
             concurrency=concurrency,
@@ -487,8 +543,10 @@ async def run_chaos(
             attempt_timeout_s=attempt_timeout_s or _ATTEMPT_TIMEOUT_S[transport],
             call_timeout_s=call_timeout_s,
             progress=progress or _no_progress,
+            plan=plan,
+            server_command=server_command,
         )
-        ways: dict[WayName, WayReport] = {
+        runs: dict[WayName, _WayRun] = {
             "raw": await _raw_way(setup, "raw", attempts=1),
             "naive_retry": await _raw_way(setup, "naive_retry", attempts=raw_attempts),
             "rmcp": await _rmcp_way(setup),
@@ -496,8 +554,13 @@ async def run_chaos(
     config = {
         "calls": calls,
         "concurrency": concurrency,
-        "seed": seed,
+        "faults": plan.describe() if plan is not None else "none",
+        "seed": plan.seed if plan is not None else seed,
         "transport": transport,
         "raw_attempts": raw_attempts,
     }
-    return ChaosReport(ways=ways, config=config, faults={name: {} for name in WAYS})
+    return ChaosReport(
+        ways={name: run.report for name, run in runs.items()},
+        config=config,
+        faults={name: run.faults for name, run in runs.items()},
+    )
