@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import prefork
 import pytest
 import trio
 
 from rmcp_actors.cli import main
-from rmcp_actors.testing import run_chaos
-from rmcp_actors.testing.chaos import WAYS, ChaosReport, WayReport, _Tally  # pyright: ignore[reportPrivateUsage]
-from rmcp_actors.testing.faults import FaultInjector, FaultPlan
+from rmcp_actors.testing import FaultPlan, run_chaos
+from rmcp_actors.testing._fault_streams import decide  # pyright: ignore[reportPrivateUsage]
+from rmcp_actors.testing.chaos import WAYS, ChaosReport, WayName, WayReport, _Tally  # pyright: ignore[reportPrivateUsage]
+from rmcp_actors.testing.faults import FaultKind
 
 KEYS = ["succeeded", "failed", "unknown", "side_effects", "duplicates", "lost", "p50_ms", "p99_ms"]
 CHAOS_PROGRAM = Path(__file__).with_name("chaos_server_program.py")
@@ -22,7 +23,7 @@ CHAOS_PROGRAM = Path(__file__).with_name("chaos_server_program.py")
 
 def test_duplicates_count_extra_runs_and_lost_counts_reports_the_ledger_contradicts() -> None:
     tally = _Tally()
-    for label, report in [
+    reports: list[tuple[str, Literal["succeeded", "failed", "unknown"]]] = [
         ("ran once", "succeeded"),
         ("ran twice", "succeeded"),
         ("ran thrice, maybe", "unknown"),
@@ -30,7 +31,8 @@ def test_duplicates_count_extra_runs_and_lost_counts_reports_the_ledger_contradi
         ("said not run, ran", "failed"),
         ("said not run, did not", "failed"),
         ("maybe, did not", "unknown"),
-    ]:
+    ]
+    for label, report in reports:
         tally.add(label, report, 0.001)
     runs = {"ran once": 1, "ran twice": 2, "ran thrice, maybe": 3, "said not run, ran": 1}
     assert tally.measure(runs) == WayReport(
@@ -93,9 +95,9 @@ def warm_command(zygote: str) -> Any:
 
 
 def test_the_seed_puts_one_fault_on_the_first_connection_only() -> None:
-    injector = FaultInjector(FaultPlan(seed=ONE_FAULT_SEED, drop_response=0.05))
-    first = [k for k in range(1, 41) if injector.decide(1, k).kind is not None]
-    second = [k for k in range(1, 41) if injector.decide(2, k).kind is not None]
+    plan = FaultPlan(seed=ONE_FAULT_SEED, drop_response=0.05)
+    first = [k for k in range(1, 41) if decide(plan, 1, k).kind is not None]
+    second = [k for k in range(1, 41) if decide(plan, 2, k).kind is not None]
     assert (first, second) == ([3], [])
 
 
@@ -139,8 +141,8 @@ def test_exit_1_when_the_rmcp_way_ran_a_call_twice(
 
     async def fake_run_chaos(*_args: Any, **_options: Any) -> ChaosReport:
         await trio.lowlevel.checkpoint()
-        ways = {"raw": clean, "naive_retry": clean, "rmcp": twice}
-        faults = {name: {} for name in WAYS}
+        ways: dict[WayName, WayReport] = {"raw": clean, "naive_retry": clean, "rmcp": twice}
+        faults: dict[WayName, dict[FaultKind, int]] = {name: {} for name in WAYS}
         return ChaosReport(ways=ways, config={"calls": 1, "faults": "none"}, faults=faults)
 
     # The report is what run_chaos measured; this test is about the exit status it leads to.

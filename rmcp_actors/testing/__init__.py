@@ -2,6 +2,11 @@
 
 ``stdio_relay`` is a runnable module (``python -m rmcp_actors.testing.stdio_relay``) that relays
 a stdio MCP server and injects faults; ``relay_command`` builds its command line.
+
+``FaultPlan`` and ``FaultInjector`` inject seeded faults into any transport (stdio, Streamable
+HTTP, in memory), for a raw ``mcp.Client`` or every connection rmcp_actors makes. The pytest
+plugin (``rmcp_actors.testing.pytest_plugin``, loaded by pytest when rmcp-actors is installed)
+gives them as fixtures. See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -11,7 +16,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
+
+from ..client._stdio import stdio_client as stdio_client
+from .faults import FAULT_KINDS as FAULT_KINDS
+from .faults import FaultEvent as FaultEvent
+from .faults import FaultInjector as FaultInjector
+from .faults import FaultPlan as FaultPlan
+
 __all__ = ["relay_command"]
+__all__ += ["FAULT_KINDS", "FaultEvent", "FaultInjector", "FaultPlan", "stdio_client"]
 
 
 def relay_command(
@@ -58,6 +72,16 @@ def relay_command(
     if log is not None:
         argv += ["--log", os.fspath(log)]
     return [*argv, "--", *server_argv]
+
+
+def _show_testing_module() -> None:
+    """Make reprs say ``rmcp_actors.testing.FaultPlan``, the name users import."""
+    for value in (FaultEvent, FaultInjector, FaultPlan):
+        attrs.resolve_types(value)  # string annotations resolve in the defining module
+        value.__module__ = __name__
+
+
+_show_testing_module()
 
 
 # The chaos server and the chaos comparison (see docs/testing.md).
