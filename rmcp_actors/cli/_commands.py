@@ -5,6 +5,7 @@ A new subcommand is a module of this package plus one import line here.
 
 from __future__ import annotations
 
+from . import chaos as chaos
 from ._app import app
 
 __all__ = ["app"]

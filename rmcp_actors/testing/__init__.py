@@ -82,3 +82,25 @@ def _show_testing_module() -> None:
 
 
 _show_testing_module()
+
+
+# The chaos server and the chaos comparison (see docs/testing.md).
+from ._chaos_server import Ledger as Ledger  # noqa: E402
+from ._chaos_server import build_chaos_server as build_chaos_server  # noqa: E402
+from .chaos import CHAOS_POLICY as CHAOS_POLICY  # noqa: E402
+from .chaos import ChaosReport as ChaosReport  # noqa: E402
+from .chaos import WayReport as WayReport  # noqa: E402
+from .chaos import chaos_server_command as chaos_server_command  # noqa: E402
+from .chaos import chaos_server_environment as chaos_server_environment  # noqa: E402
+from .chaos import run_chaos as run_chaos  # noqa: E402
+
+__all__ += [
+    "CHAOS_POLICY",
+    "ChaosReport",
+    "Ledger",
+    "WayReport",
+    "build_chaos_server",
+    "chaos_server_command",
+    "chaos_server_environment",
+    "run_chaos",
+]
