@@ -152,3 +152,55 @@ def test_without_the_fixture():
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*- rmcp faults -*", "faults none (seed 0) over 1 connection(s): *"])
     assert result.stdout.str().count("rmcp faults") == 1
+
+
+def test_chaos_server_in_memory_runs_each_call_once_under_faults(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from mcp import Client
+
+        from rmcp_actors import RMCPSupervisor
+
+        @pytest.mark.rmcp_faults("drop_response=0.3,disconnect=0.1", seed=2)
+        async def test_exactly_once(chaos_server, faulty_spec, fault_injector):
+            async with RMCPSupervisor.open() as sup:
+                await sup.add_server(faulty_spec(chaos_server.spec))
+                for index in range(20):
+                    await sup.call("chaos", "effect", {"label": f"e{index}"}, timeout=30)
+            assert chaos_server.ledger.counts() == {f"e{index}": 1 for index in range(20)}
+            assert fault_injector.counts["drop_response"] > 0
+
+        async def test_a_raw_client(chaos_server):
+            async with Client(chaos_server.transport()) as client:
+                await client.call_tool("effect", {"label": "raw"})
+            assert chaos_server.ledger.total() == 1
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+
+
+def test_chaos_server_over_stdio_survives_kills(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from mcp import Client
+
+        from rmcp_actors import RMCPSupervisor
+
+        @pytest.mark.rmcp_faults("kill=0.4", seed=1)
+        async def test_killed(chaos_server_stdio, faulty_spec, fault_injector):
+            async with RMCPSupervisor.open() as sup:
+                await sup.add_server(faulty_spec(chaos_server_stdio.spec))
+                for index in range(4):
+                    await sup.call("chaos", "effect", {"label": f"k{index}"}, timeout=60)
+            assert chaos_server_stdio.ledger.counts() == {f"k{index}": 1 for index in range(4)}
+            assert fault_injector.counts["kill"] > 0
+
+        async def test_a_raw_client(chaos_server_stdio, fault_injector):
+            async with Client(fault_injector.wrap(chaos_server_stdio.transport())) as client:
+                await client.call_tool("effect", {"label": "raw"})
+            assert chaos_server_stdio.ledger.total() == 1
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)

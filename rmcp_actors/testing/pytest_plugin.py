@@ -12,6 +12,9 @@ pytest loads it by itself wherever rmcp-actors is installed (the ``pytest11`` en
   counts per kind), and its counts as the ``rmcp_faults`` user property (JUnit XML).
 - ``faulty_spec``: ``faulty_spec(spec)`` is ``spec`` with the injector's faults on every
   connection rmcp_actors makes to it.
+- ``chaos_server``: a :class:`ChaosServer`, the chaos MCP server
+  (``rmcp_actors.testing.chaos_server``) in memory, serving RMCP on a SQLite store, with its
+  side-effect ledger; ``chaos_server_stdio``: the same as a subprocess over stdio.
 
 The option ``--rmcp-fault-seed N`` seeds the plans of tests that do not pin a seed, to explore
 other faults or replay a run's.
@@ -22,16 +25,30 @@ installing rmcp-actors does not slow down the start of unrelated test suites.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, final
 
+import attrs
 import pytest
 
 if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
+
     from ..config import ServerSpec
+    from ._chaos_server import Ledger
+    from ._fault_streams import TransportStreams
     from .faults import FaultInjector, FaultPlan
 
-__all__ = ["fault_injector", "fault_plan", "faulty_spec"]
+__all__ = [
+    "ChaosServer",
+    "chaos_server",
+    "chaos_server_stdio",
+    "fault_injector",
+    "fault_plan",
+    "faulty_spec",
+]
 
 _INJECTOR = pytest.StashKey["FaultInjector"]()
 
@@ -104,3 +121,79 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         # In the call's report, the one shown with a failure (and with -rP for a pass).
         report.sections.append(("rmcp faults", injector.summary()))
     return report
+
+
+@final
+@attrs.frozen
+class ChaosServer:
+    """A test's chaos server (fixtures ``chaos_server`` and ``chaos_server_stdio``).
+
+    The server's tools are those of ``python -m rmcp_actors.testing.chaos_server`` (``effect``,
+    ``ledger``, ``fail``, ``hang``, ``slow``, ``limited``, ``large``, ``peak_concurrency``); it
+    serves RMCP on a SQLite store in the test's ``tmp_path``, so a keyed call retried after a
+    lost answer or a restart is replayed, not run again.
+
+    Attributes:
+        spec: A ``ServerSpec`` named ``"chaos"`` that reaches it, with
+            :data:`~rmcp_actors.testing.CHAOS_POLICY` (retries until the call's deadline, no
+            circuit breaker); pass it through ``faulty_spec`` to add faults.
+        ledger: Its side-effect ledger: ``ledger.counts()`` runs per label, ``ledger.total()``.
+        server: The ``MCPServer`` object (in memory); None over stdio.
+        command: The server's command line (stdio); empty in memory.
+    """
+
+    spec: ServerSpec
+    ledger: Ledger
+    server: MCPServer[Any] | None = None
+    command: Sequence[str] = ()
+
+    def transport(self) -> AbstractAsyncContextManager[TransportStreams]:
+        """A new transport to the server, for a raw ``mcp.Client`` (wrap it with
+        ``fault_injector.wrap`` for faults): ``InMemoryTransport`` in memory, the stdio client
+        (which ``kill`` can reach) over stdio."""
+        from mcp.client._memory import InMemoryTransport
+        from mcp.client.stdio import StdioServerParameters
+
+        from ..client._stdio import stdio_client
+        from .chaos import chaos_server_environment
+
+        if self.server is not None:
+            return InMemoryTransport(self.server)
+        command, *args = self.command
+        return stdio_client(StdioServerParameters(command=command, args=args, env=chaos_server_environment()))
+
+
+@pytest.fixture
+def chaos_server(tmp_path: Path) -> Iterator[ChaosServer]:
+    """The chaos server in memory, serving RMCP on a SQLite store in ``tmp_path``."""
+    from ..config import ServerSpec
+    from ..stores import SQLiteStore
+    from ._chaos_server import Ledger, build_chaos_server
+    from .chaos import CHAOS_POLICY
+
+    # The store outlives each connection (an in-memory server's lifespan is one connection).
+    # Left to the garbage collector: closing it needs the event loop, gone at teardown, and
+    # it is idle by then.
+    store = SQLiteStore(tmp_path / "chaos-store.sqlite")
+    with Ledger(tmp_path / "chaos-ledger.sqlite") as ledger:
+        server = build_chaos_server(ledger, store)
+        spec = ServerSpec.in_memory("chaos", server, overrides=CHAOS_POLICY)
+        yield ChaosServer(spec=spec, ledger=ledger, server=server)
+
+
+@pytest.fixture
+def chaos_server_stdio(tmp_path: Path) -> Iterator[ChaosServer]:
+    """The chaos server as a subprocess over stdio (``python -m
+    rmcp_actors.testing.chaos_server``), serving RMCP on a SQLite store in ``tmp_path`` that
+    survives its restarts (so ``kill`` faults are replayed, not run twice)."""
+    from ..config import ServerSpec
+    from ._chaos_server import Ledger
+    from .chaos import CHAOS_POLICY, chaos_server_command, chaos_server_environment
+
+    ledger_path = tmp_path / "chaos-ledger.sqlite"
+    command = chaos_server_command(ledger_path, tmp_path / "chaos-store.sqlite")
+    spec = ServerSpec.stdio(
+        "chaos", command[0], command[1:], env=chaos_server_environment(), overrides=CHAOS_POLICY
+    )
+    with Ledger(ledger_path) as ledger:
+        yield ChaosServer(spec=spec, ledger=ledger, command=tuple(command))
