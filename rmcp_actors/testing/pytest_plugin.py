@@ -19,8 +19,8 @@ pytest loads it by itself wherever rmcp-actors is installed (the ``pytest11`` en
 The option ``--rmcp-fault-seed N`` seeds the plans of tests that do not pin a seed, to explore
 other faults or replay a run's.
 
-The plugin imports rmcp_actors (and the MCP SDK) only when a test asks for a fixture, so that
-installing rmcp-actors does not slow down the start of unrelated test suites.
+Loading the plugin imports rmcp_actors (and the MCP SDK), as any module of the package does; a
+suite that does not use it can skip that with ``-p no:rmcp_actors``.
 """
 
 from __future__ import annotations
@@ -28,18 +28,21 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, final
+from typing import Any, final
 
 import attrs
 import pytest
+from mcp.client._memory import InMemoryTransport
+from mcp.client.stdio import StdioServerParameters
+from mcp.server.mcpserver import MCPServer
 
-if TYPE_CHECKING:
-    from mcp.server.mcpserver import MCPServer
-
-    from ..config import ServerSpec
-    from ._chaos_server import Ledger
-    from ._fault_streams import TransportStreams
-    from .faults import FaultInjector, FaultPlan
+from ..client._stdio import stdio_client
+from ..config import ServerSpec
+from ..stores import SQLiteStore
+from ._chaos_server import Ledger, build_chaos_server
+from ._fault_streams import TransportStreams
+from .chaos import CHAOS_POLICY, chaos_server_command, chaos_server_environment
+from .faults import FaultInjector, FaultPlan
 
 __all__ = [
     "ChaosServer",
@@ -79,8 +82,6 @@ def fault_plan(request: pytest.FixtureRequest) -> FaultPlan:
 
     The seed is the marker's ``seed``, else ``--rmcp-fault-seed``, else 0.
     """
-    from .faults import FaultPlan
-
     option: int | None = request.config.getoption("--rmcp-fault-seed")
     default_seed = 0 if option is None else option
     marker = request.node.get_closest_marker("rmcp_faults")
@@ -99,8 +100,6 @@ def fault_plan(request: pytest.FixtureRequest) -> FaultPlan:
 @pytest.fixture
 def fault_injector(request: pytest.FixtureRequest, fault_plan: FaultPlan) -> Iterator[FaultInjector]:
     """A fault injector applying ``fault_plan``; its counts go to the test's report."""
-    from .faults import FaultInjector
-
     injector = FaultInjector(fault_plan)
     request.node.stash[_INJECTOR] = injector
     yield injector
@@ -151,12 +150,6 @@ class ChaosServer:
         """A new transport to the server, for a raw ``mcp.Client`` (wrap it with
         ``fault_injector.wrap`` for faults): ``InMemoryTransport`` in memory, the stdio client
         (which ``kill`` can reach) over stdio."""
-        from mcp.client._memory import InMemoryTransport
-        from mcp.client.stdio import StdioServerParameters
-
-        from ..client._stdio import stdio_client
-        from .chaos import chaos_server_environment
-
         if self.server is not None:
             return InMemoryTransport(self.server)
         command, *args = self.command
@@ -166,11 +159,6 @@ class ChaosServer:
 @pytest.fixture
 def chaos_server(tmp_path: Path) -> Iterator[ChaosServer]:
     """The chaos server in memory, serving RMCP on a SQLite store in ``tmp_path``."""
-    from ..config import ServerSpec
-    from ..stores import SQLiteStore
-    from ._chaos_server import Ledger, build_chaos_server
-    from .chaos import CHAOS_POLICY
-
     # The store outlives each connection (an in-memory server's lifespan is one connection).
     # Left to the garbage collector: closing it needs the event loop, gone at teardown, and
     # it is idle by then.
@@ -186,10 +174,6 @@ def chaos_server_stdio(tmp_path: Path) -> Iterator[ChaosServer]:
     """The chaos server as a subprocess over stdio (``python -m
     rmcp_actors.testing.chaos_server``), serving RMCP on a SQLite store in ``tmp_path`` that
     survives its restarts (so ``kill`` faults are replayed, not run twice)."""
-    from ..config import ServerSpec
-    from ._chaos_server import Ledger
-    from .chaos import CHAOS_POLICY, chaos_server_command, chaos_server_environment
-
     ledger_path = tmp_path / "chaos-ledger.sqlite"
     command = chaos_server_command(ledger_path, tmp_path / "chaos-store.sqlite")
     spec = ServerSpec.stdio(
