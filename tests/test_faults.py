@@ -35,6 +35,7 @@ from rmcp_actors.config import CircuitBreakerOverrides, RetryBudgetOverrides
 from rmcp_actors.server import install
 from rmcp_actors.testing import FAULT_KINDS, FaultInjector, FaultPlan, stdio_client
 from rmcp_actors.testing._fault_streams import decide
+from rmcp_actors.testing.faults import FaultKind
 
 Transport = AbstractAsyncContextManager[Any]
 
@@ -529,7 +530,7 @@ async def test_a_disconnect_is_retried_even_against_a_plain_server_since_nothing
 
 
 # kind -> (runs of the tool, what the call raises)
-MATRIX: dict[str, tuple[int, str | None]] = {
+MATRIX: dict[FaultKind, tuple[int, str | None]] = {
     "drop_request": (0, "Connection closed"),
     "drop_response": (1, "Connection closed"),
     "duplicate": (2, None),
@@ -556,9 +557,10 @@ async def real_transport(kind: str, state_dir: Path) -> AsyncIterator[tuple[Call
 
 @pytest.mark.parametrize("transport", ["memory", "stdio", "http"])
 @pytest.mark.parametrize("kind", MATRIX)
-async def test_each_kind_on_each_transport(kind: str, transport: str, tmp_path: Path) -> None:
+async def test_each_kind_on_each_transport(kind: FaultKind, transport: str, tmp_path: Path) -> None:
     runs, raises = MATRIX[kind]
-    injector = FaultInjector(FaultPlan(seed=1, delay_s=(0.05, 0.05), **{kind: 1.0}))
+    probabilities: dict[str, Any] = {kind: 1.0}
+    injector = FaultInjector(FaultPlan(seed=1, delay_s=(0.05, 0.05), **probabilities))
     async with real_transport(transport, tmp_path) as (connect, state):
         async with Client(injector.wrap(connect())) as client:
             start = trio.current_time()
