@@ -502,3 +502,79 @@ async def test_without_an_rmcp_server_a_lost_answer_is_an_unknown_outcome() -> N
         with pytest.raises(RMCPOutcomeUnknownError):
             await sup.call("plain", "record", {"label": "once"})
     assert state.recorded() == ["once"]  # not retried: it may have run, and it did
+
+
+async def test_an_rmcp_server_runs_a_duplicated_request_once() -> None:
+    state = State()
+    injector = FaultInjector(FaultPlan(duplicate=1.0))
+    server = build_server(state, store=MemoryStore(clock=trio.current_time))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(injector.spec(ServerSpec.in_memory("dedup", server)))
+        for index in range(5):
+            await sup.call("dedup", "record", {"label": f"r{index}"})
+    assert injector.counts["duplicate"] == 5
+    assert state.recorded() == [f"r{index}" for index in range(5)]
+
+
+async def test_a_disconnect_is_retried_even_against_a_plain_server_since_nothing_left() -> None:
+    state = State()
+    injector = FaultInjector(FaultPlan(seed=1, disconnect=0.5))
+    spec = injector.spec(ServerSpec.in_memory("plain", build_server(state), overrides=MANY_RETRIES))
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec)
+        results = [await sup.call("plain", "record", {"label": f"r{index}"}) for index in range(10)]
+    assert injector.counts["disconnect"] > 3
+    assert sum(result.attempts for result in results) == 10 + injector.counts["disconnect"]
+    assert state.recorded() == [f"r{index}" for index in range(10)]
+
+
+# kind -> (runs of the tool, what the call raises)
+MATRIX: dict[str, tuple[int, str | None]] = {
+    "drop_request": (0, "Connection closed"),
+    "drop_response": (1, "Connection closed"),
+    "duplicate": (2, None),
+    "disconnect": (0, "Connection closed"),
+    "delay": (1, None),
+    "corrupt": (1, "timed out"),
+}
+
+
+@asynccontextmanager
+async def real_transport(kind: str, state_dir: Path) -> AsyncIterator[tuple[Callable[[], Transport], State]]:
+    """A transport factory to the test server over ``kind``, and the server's state."""
+    if kind == "stdio":
+        yield (lambda: stdio_client(stdio_params(state_dir))), State(state_dir)
+        return
+    state = State()
+    server = build_server(state)
+    if kind == "memory":
+        yield (lambda: InMemoryTransport(server)), state
+        return
+    async with http_server(server) as url:
+        yield (lambda: streamable_http_client(url)), state
+
+
+@pytest.mark.parametrize("transport", ["memory", "stdio", "http"])
+@pytest.mark.parametrize("kind", MATRIX)
+async def test_each_kind_on_each_transport(kind: str, transport: str, tmp_path: Path) -> None:
+    runs, raises = MATRIX[kind]
+    injector = FaultInjector(FaultPlan(seed=1, delay_s=(0.05, 0.05), **{kind: 1.0}))
+    async with real_transport(transport, tmp_path) as (connect, state):
+        async with Client(injector.wrap(connect())) as client:
+            start = trio.current_time()
+            if raises is None:
+                await record_call(client, "x", timeout=10)
+            else:
+                with pytest.raises(MCPError, match=raises):
+                    await record_call(client, "x", timeout=1)
+            elapsed = trio.current_time() - start
+            if raises != "Connection closed":
+                await client.list_tools()  # the connection is still up
+        with trio.fail_after(5):
+            while len(state.recorded()) < runs:  # a duplicate's second run may trail its answer
+                await trio.sleep(0.01)
+    assert state.recorded() == ["x"] * runs
+    assert injector.counts[kind] == 1
+    assert sum(injector.counts.values()) == 1
+    if kind == "delay":
+        assert elapsed >= 0.05

@@ -95,6 +95,8 @@ class _Connection:
         self.cut = False
         # request id -> (fault, method, ordinal) for faults applied to the answer
         self.answer_faults: dict[int | str, tuple[FaultKind, str, int]] = {}
+        # ids of the duplicates' copies, whose answers the client must not see
+        self.swallowed: set[int | str] = set()
         self.waiting_read: anyio.CancelScope | None = None
 
     def end(self) -> None:
@@ -115,11 +117,14 @@ class _FaultyReadStream:
             if connection.cut:
                 raise anyio.EndOfStream
             item = await self._receive_unless_cut()
-            if not connection.answer_faults or not isinstance(item, SessionMessage):
+            if not (connection.answer_faults or connection.swallowed) or not isinstance(item, SessionMessage):
                 return item
             message = item.message
             if not isinstance(message, JSONRPCResponse | JSONRPCError) or message.id is None:
                 return item
+            if message.id in connection.swallowed:
+                connection.swallowed.discard(message.id)
+                continue
             fault = connection.answer_faults.pop(message.id, None)
             if fault is None:
                 return item
@@ -217,7 +222,14 @@ class _FaultyWriteStream:
             case "duplicate":
                 await self._inner.send(item)
                 record("duplicate")
-                await self._inner.send(item)
+                # The copy has an id of its own: transports and peers treat a reused id as the
+                # same request (the SDK's HTTP client cancels the first POST), and the wrapper
+                # swallows the copy's answer, which the client never asked for.
+                copy_id = f"rmcp-duplicate-{connection.number}-{ordinal}"
+                connection.swallowed.add(copy_id)
+                await self._inner.send(
+                    SessionMessage(message.model_copy(update={"id": copy_id}), item.metadata)
+                )
             case "drop_response" | "corrupt":
                 connection.answer_faults[message.id] = (decision.kind, message.method, ordinal)
                 await self._inner.send(item)

@@ -125,8 +125,9 @@ class FaultPlan:
         drop_response: The server ran the request; its answer never reaches the client.
         delay: The request is held for ``uniform(*delay_s)`` seconds before it is delivered.
         delay_s: The range of a delay, in seconds.
-        duplicate: The request is delivered twice (at-least-once delivery): the server runs it
-            twice unless it deduplicates; the client keeps the first answer.
+        duplicate: The request is delivered twice (at-least-once delivery), the second time
+            as a copy with a JSON-RPC id of its own: the server runs it twice unless it
+            deduplicates; the client gets the original's answer (the copy's is swallowed).
         disconnect: The connection breaks as the client writes the request: the write fails
             (the client knows nothing left) and the connection ends.
         corrupt: The answer is replaced by a line that does not parse: the client's transport
