@@ -11,6 +11,7 @@ import prefork
 import pytest
 import trio
 
+from rmcp_actors import RMCPNetworkError
 from rmcp_actors.cli import main
 from rmcp_actors.testing import FaultPlan, run_chaos
 from rmcp_actors.testing._fault_streams import decide  # pyright: ignore[reportPrivateUsage]
@@ -172,3 +173,17 @@ def test_a_bad_faults_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]
 def test_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chaos", "--help"]) == 0
     assert "rmcp chaos --calls 2000 --faults drop_response=0.2,disconnect=0.05" in capsys.readouterr().out
+
+
+def test_kill_needs_the_stdio_transport(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chaos", "--calls", "5", "--faults", "kill=0.1"]) == 3
+    assert "--transport stdio" in capsys.readouterr().err
+
+
+async def test_a_server_that_cannot_start_ends_the_run_with_its_error(tmp_path: Path) -> None:
+    def broken(_ledger: Path, _store: Path | None) -> list[str]:
+        return [str(tmp_path / "no-such-server")]
+
+    with trio.fail_after(60), pytest.raises(RMCPNetworkError, match="20 times in a row") as caught:
+        await run_chaos(5, 1, transport="stdio", workdir=tmp_path, server_command=broken)
+    assert "no-such-server" in str(caught.value.__cause__)

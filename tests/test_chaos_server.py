@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -271,3 +273,38 @@ async def test_stdio_server_on_a_sqlite_store_replays_a_key_after_a_restart(tmp_
             assert ledger.counts() == {"order": 1}
     assert (first.duplicate, again.duplicate) == (False, True)
     assert again.text == first.text == "effect order"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_http_option_serves_streamable_http_with_rmcp_on_a_sqlite_store(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "ledger.sqlite"
+    argv = [*chaos_server_command(path, tmp_path / "rmcp.sqlite"), "--http", f"127.0.0.1:{port}"]
+    process = await trio.lowlevel.open_process(
+        argv, env=chaos_server_environment(), stderr=subprocess.DEVNULL
+    )
+    try:
+        with trio.fail_after(30):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    # Nothing says from outside when uvicorn listens.
+                    await trio.sleep(0.05)
+        spec = ServerSpec.http("chaos", f"http://127.0.0.1:{port}/mcp", overrides=FAST_RECOVERY)
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(spec)
+            first = await sup.call("chaos", "effect", {"label": "web"}, idempotency_key="web-key")
+            again = await sup.call("chaos", "effect", {"label": "web"}, idempotency_key="web-key")
+    finally:
+        process.terminate()
+        await process.wait()
+    assert (first.duplicate, again.duplicate) == (False, True)
+    with Ledger(path) as ledger:
+        assert ledger.counts() == {"web": 1}

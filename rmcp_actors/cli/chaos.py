@@ -124,6 +124,8 @@ def chaos(
     Example: [bold]rmcp chaos --calls 2000 --faults drop_response=0.2,disconnect=0.05 --seed 1[/]
     """
     plan = _plan(faults, seed)
+    if plan.kill > 0 and transport != "stdio":
+        raise fail("--faults kill=... kills the server's process: add --transport stdio")
     console = stderr()
     with Progress(
         TextColumn("{task.description:<12}"),

@@ -7,6 +7,10 @@ a stdio MCP server and injects faults; ``relay_command`` builds its command line
 HTTP, in memory), for a raw ``mcp.Client`` or every connection rmcp_actors makes. The pytest
 plugin (``rmcp_actors.testing.pytest_plugin``, loaded by pytest when rmcp-actors is installed)
 gives them as fixtures. See docs/testing.md.
+
+The chaos server (``python -m rmcp_actors.testing.chaos_server``, or ``build_chaos_server`` in
+this process) misbehaves on request and counts its side effects in a ``Ledger``; ``run_chaos``
+(``rmcp chaos``) compares raw MCP, a naive retry loop and rmcp_actors against it under faults.
 """
 
 from __future__ import annotations
@@ -104,3 +108,9 @@ __all__ += [
     "chaos_server_environment",
     "run_chaos",
 ]
+
+for _public in (ChaosReport, WayReport):
+    attrs.resolve_types(_public)  # string annotations resolve in the defining module
+for _public in (ChaosReport, WayReport, Ledger):
+    _public.__module__ = __name__
+del _public

@@ -60,7 +60,7 @@ from ..config import (
     RetryOverrides,
     ServerSpec,
 )
-from ..errors import Outcome, RMCPError
+from ..errors import Outcome, RMCPError, RMCPNetworkError
 from ..root import RMCPSupervisor
 from ..stores import SQLiteStore
 from ._chaos_server import Ledger, build_chaos_server
@@ -113,6 +113,9 @@ _TOOL: Final = "effect"
 # run short while leaving a loaded machine's slowest answers (and stdio restarts) room.
 _ATTEMPT_TIMEOUT_S: Final[Mapping[ChaosTransport, float]] = {"memory": 2.0, "stdio": 10.0}
 _RECONNECT_PAUSE_S: Final = 0.01
+# Connection attempts of a raw way failing in a row before the run gives up: the faults never
+# touch a connection's handshake, so only a server that cannot start fails this often.
+_MAX_CONNECT_FAILURES: Final = 20
 
 
 @final
@@ -254,21 +257,38 @@ class _RawConnection:
     ready: trio.Event = attrs.Factory(trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a client connected until cancelled."""
+        """Keep a client connected until cancelled.
+
+        Raises:
+            RMCPNetworkError: The server could not be reached :data:`_MAX_CONNECT_FAILURES`
+                times in a row.
+        """
+        unreachable: RMCPNetworkError | None = None
         async with trio.open_nursery() as nursery:
             started = False
+            failures = 0
             while True:
                 broken = trio.Event()
                 try:
                     await nursery.start(self._hold, broken)
-                except Exception:
-                    # The connection attempt failed: the raw way's callers wait for the next.
+                except Exception as error:
+                    # The connection attempt failed: the raw way's callers wait for the next,
+                    # unless the server cannot be reached at all (the error ends the run).
+                    failures += 1
+                    if failures == _MAX_CONNECT_FAILURES:
+                        unreachable = _unreachable(error)
+                        unreachable.__cause__ = error
+                        break
                     await trio.sleep(_RECONNECT_PAUSE_S)
                     continue
+                failures = 0
                 if not started:
                     started = True
                     task_status.started()
                 await broken.wait()
+        # Raised out here, not in the nursery: the caller sees the error, not a group of one.
+        assert unreachable is not None, "the loop ends only when the server is unreachable"
+        raise unreachable
 
     async def _hold(self, broken: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
         connected = False
@@ -301,6 +321,15 @@ class _RawConnection:
         if broken is self.broken and self.current is not None:
             self.current = None
             self.ready = trio.Event()
+
+
+def _unreachable(error: Exception) -> RMCPNetworkError:
+    return RMCPNetworkError(
+        f"the raw way could not connect to the chaos server {_MAX_CONNECT_FAILURES} times in a row "
+        f"(last: {error!r}); check that the server command starts (server_command, or "
+        "python -m rmcp_actors.testing.chaos_server --help)",
+        server=_SERVER_NAME,
+    )
 
 
 def _connection_lost(error: Exception) -> bool:
@@ -429,12 +458,16 @@ async def _raw_way(setup: _Setup, name: WayName, attempts: int) -> _WayRun:
         async def call(label: str) -> _ReportKind:
             return await _raw_call(connection, label, attempts=attempts, timeout_s=setup.attempt_timeout_s)
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(connection.run)
-            tally = await _drive(
-                setup.calls, setup.concurrency, name, call, lambda done: setup.progress(name, done)
-            )
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(connection.run)
+                tally = await _drive(
+                    setup.calls, setup.concurrency, name, call, lambda done: setup.progress(name, done)
+                )
+                nursery.cancel_scope.cancel()
+        except* RMCPNetworkError as group:
+            [unreachable] = group.exceptions
+            raise unreachable from unreachable.__cause__
         return _WayRun(tally.measure(ledger.counts()), _counts(injector))
 
 
@@ -520,8 +553,10 @@ async def run_chaos(
         The report of each way.
 
     Raises:
-        ValueError: ``calls``, ``concurrency`` or ``raw_attempts`` below 1, or an unknown
-            ``transport``.
+        ValueError: ``calls``, ``concurrency`` or ``raw_attempts`` below 1, an unknown
+            ``transport``, or the ``kill`` fault in memory.
+        RMCPNetworkError: A raw way's connection attempts failed 20 times in a row (the
+            server cannot start); the last attempt's error is its ``__cause__``.
     """
     if calls < 1 or concurrency < 1 or raw_attempts < 1:
         raise ValueError(
@@ -530,6 +565,8 @@ async def run_chaos(
         )
     if transport not in _ATTEMPT_TIMEOUT_S:
         raise ValueError(f"transport must be 'memory' or 'stdio', got {transport!r}")
+    if faults is not None and faults.kill > 0 and transport != "stdio":
+        raise ValueError("the kill fault kills a server process: it needs the stdio transport")
     with tempfile.TemporaryDirectory(prefix="rmcp-chaos-") as temporary:
         root = Path(workdir) if workdir is not None else Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
