@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import batch as batch
 from . import bench as bench
 from . import call as call
+from . import chaos as chaos
 from . import check as check
 from . import servers as servers
 from ._app import app

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from typing import TextIO
 
 import anyio
@@ -34,7 +35,7 @@ from mcp.shared.message import SessionMessage
 
 from .._framing import LineSplitter, serialize
 
-__all__ = ["stdio_client"]
+__all__ = ["spawned", "stdio_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ _create_process = sdk_stdio._create_platform_compatible_process  # pyright: igno
 _stop_server_process = sdk_stdio._stop_server_process  # pyright: ignore[reportPrivateUsage]
 _drain_stdout = sdk_stdio._drain_stdout  # pyright: ignore[reportPrivateUsage]
 _WRITER_FLUSH_TIMEOUT = sdk_stdio._WRITER_FLUSH_TIMEOUT  # pyright: ignore[reportPrivateUsage]
+
+
+# Told the pid of each server process spawned while it is set: how the fault injector
+# (rmcp_actors.testing.faults) finds the process its ``kill`` fault kills.
+spawned: ContextVar[Callable[[int], None] | None] = ContextVar("rmcp_stdio_spawned", default=None)
 
 
 class UnreadableLineError(ValueError):
@@ -109,6 +115,8 @@ async def stdio_client(
         errlog=errlog,
         cwd=server.cwd,
     )
+    if (observer := spawned.get()) is not None:
+        observer(process.pid)
 
     # As in the SDK: no await between the spawn and the task group, or a cancellation in the
     # gap would leak the live process.

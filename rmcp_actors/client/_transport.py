@@ -260,7 +260,10 @@ def build_client(
             cwd=spec.cwd,
         )
         return Client(
-            _observed(stdio_client(params), on_closed, traffic), mode=mode, extensions=extensions, **options
+            _observed(_with_faults(spec, stdio_client(params)), on_closed, traffic),
+            mode=mode,
+            extensions=extensions,
+            **options,
         )
     if spec.transport == "http":
         assert spec.url is not None  # validated by ServerSpec
@@ -269,7 +272,7 @@ def build_client(
             auth = resolve_auth(spec)
         transport = _http_transport(spec.url, headers, max_sse_event_bytes, auth)
         return Client(
-            _observed(transport, on_closed, traffic, writes=False),
+            _observed(_with_faults(spec, transport), on_closed, traffic, writes=False),
             mode=mode,
             extensions=extensions,
             **options,
@@ -279,8 +282,19 @@ def build_client(
     if spec.wire == "direct":
         return Client(server, mode=mode, extensions=extensions, **options)
     return Client(
-        _observed(InMemoryTransport(server), on_closed, traffic), mode=mode, extensions=extensions, **options
+        _observed(_with_faults(spec, InMemoryTransport(server)), on_closed, traffic),
+        mode=mode,
+        extensions=extensions,
+        **options,
     )
+
+
+def _with_faults(
+    spec: ServerSpec, transport: AbstractAsyncContextManager[_Streams]
+) -> AbstractAsyncContextManager[_Streams]:
+    """``transport`` wrapped by the spec's fault injector, if it has one (tests): inside the
+    observed streams, so that the connection sees a fault's cut as it sees a real one."""
+    return transport if spec.faults is None else spec.faults.wrap(transport)
 
 
 async def _no_refresh() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -24,6 +24,13 @@ from ..errors import RMCPConfigError
 from ._auth import AuthConfig
 from ._checks import FrozenMap, Validator, key_path, one_of, show, string
 from ._policy import PolicyOverrides, ToolOverrides
+
+if TYPE_CHECKING:
+    from ..testing.faults import FaultInjector
+else:
+    # rmcp_actors.testing builds on the runtime (servers, the client): importing it here would
+    # be circular. attrs.resolve_types only needs the name; the validator checks the type.
+    FaultInjector = object
 
 __all__ = ["ServerSpec", "Transport", "Wire", "freeze"]
 
@@ -163,6 +170,15 @@ def _optional_string(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> 
         string(inst, attribute, value)
 
 
+def _optional_faults(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    from ..testing.faults import FaultInjector  # see the import at the top
+
+    if not isinstance(value, FaultInjector):
+        raise RMCPConfigError(f"expected a FaultInjector, got {show(value)}", path=attribute.name)
+
+
 def _masked_map_repr(value: Mapping[str, str] | None) -> str:
     return "None" if value is None else repr(mask_mapping(value))
 
@@ -214,6 +230,9 @@ class ServerSpec:
             :class:`~rmcp_actors.EnvBearerAuth`...), compared by identity, or an
             :class:`~rmcp_actors.AuthConfig` (what ``[servers.<name>.auth]`` loads into). Shown
             masked in reprs.
+        faults: A :class:`~rmcp_actors.testing.FaultInjector` that wraps every connection to
+            the server (tests only, never loaded from TOML; set it with
+            ``injector.spec(spec)``). Compared by identity.
 
     Raises:
         RMCPConfigError: A value is invalid or does not fit the transport; ``path`` is the
@@ -242,6 +261,9 @@ class ServerSpec:
     callbacks: ServerCallbacks | None = attrs.field(default=None, validator=_optional_callbacks, hash=False)
     auth: httpx2.Auth | AuthConfig | None = attrs.field(
         default=None, validator=_check_auth, eq=attrs.cmp_using(eq=_same_auth), hash=False, repr=_auth_repr
+    )
+    faults: FaultInjector | None = attrs.field(
+        default=None, validator=_optional_faults, eq=attrs.cmp_using(eq=_same), hash=False
     )
 
     def __attrs_post_init__(self) -> None:
@@ -279,6 +301,19 @@ class ServerSpec:
                 )
         if self.transport == "memory" and self.server is None:
             raise RMCPConfigError("the memory transport needs a server object", path="server")
+        if self.faults is not None:
+            if self.wire == "direct":
+                raise RMCPConfigError(
+                    "the direct in-memory wire has no transport to inject faults into: "
+                    "use wire='jsonrpc' (the default)",
+                    path="faults",
+                )
+            if self.faults.plan.kill > 0 and self.transport != "stdio":
+                raise RMCPConfigError(
+                    f"the kill fault kills a stdio server's process, this server uses {self.transport!r}: "
+                    "set kill=0 (disconnect ends a connection on any transport)",
+                    path="faults",
+                )
 
     @classmethod
     def stdio(

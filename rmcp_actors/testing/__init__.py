@@ -2,6 +2,15 @@
 
 ``stdio_relay`` is a runnable module (``python -m rmcp_actors.testing.stdio_relay``) that relays
 a stdio MCP server and injects faults; ``relay_command`` builds its command line.
+
+``FaultPlan`` and ``FaultInjector`` inject seeded faults into any transport (stdio, Streamable
+HTTP, in memory), for a raw ``mcp.Client`` or every connection rmcp_actors makes. The pytest
+plugin (``rmcp_actors.testing.pytest_plugin``, loaded by pytest when rmcp-actors is installed)
+gives them as fixtures. See docs/testing.md.
+
+The chaos server (``python -m rmcp_actors.testing.chaos_server``, or ``build_chaos_server`` in
+this process) misbehaves on request and counts its side effects in a ``Ledger``; ``run_chaos``
+(``rmcp chaos``) compares raw MCP, a naive retry loop and rmcp_actors against it under faults.
 """
 
 from __future__ import annotations
@@ -11,7 +20,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
+
+from ..client._stdio import stdio_client as stdio_client
+from .faults import FAULT_KINDS as FAULT_KINDS
+from .faults import FaultEvent as FaultEvent
+from .faults import FaultInjector as FaultInjector
+from .faults import FaultPlan as FaultPlan
+
 __all__ = ["relay_command"]
+__all__ += ["FAULT_KINDS", "FaultEvent", "FaultInjector", "FaultPlan", "stdio_client"]
 
 
 def relay_command(
@@ -58,3 +76,41 @@ def relay_command(
     if log is not None:
         argv += ["--log", os.fspath(log)]
     return [*argv, "--", *server_argv]
+
+
+def _show_testing_module() -> None:
+    """Make reprs say ``rmcp_actors.testing.FaultPlan``, the name users import."""
+    for value in (FaultEvent, FaultInjector, FaultPlan):
+        attrs.resolve_types(value)  # string annotations resolve in the defining module
+        value.__module__ = __name__
+
+
+_show_testing_module()
+
+
+# The chaos server and the chaos comparison (see docs/testing.md).
+from ._chaos_server import Ledger as Ledger  # noqa: E402
+from ._chaos_server import build_chaos_server as build_chaos_server  # noqa: E402
+from .chaos import CHAOS_POLICY as CHAOS_POLICY  # noqa: E402
+from .chaos import ChaosReport as ChaosReport  # noqa: E402
+from .chaos import WayReport as WayReport  # noqa: E402
+from .chaos import chaos_server_command as chaos_server_command  # noqa: E402
+from .chaos import chaos_server_environment as chaos_server_environment  # noqa: E402
+from .chaos import run_chaos as run_chaos  # noqa: E402
+
+__all__ += [
+    "CHAOS_POLICY",
+    "ChaosReport",
+    "Ledger",
+    "WayReport",
+    "build_chaos_server",
+    "chaos_server_command",
+    "chaos_server_environment",
+    "run_chaos",
+]
+
+for _public in (ChaosReport, WayReport):
+    attrs.resolve_types(_public)  # string annotations resolve in the defining module
+for _public in (ChaosReport, WayReport, Ledger):
+    _public.__module__ = __name__
+del _public

@@ -1,0 +1,206 @@
+"""The pytest plugin (rmcp_actors.testing.pytest_plugin), run on test files of its own with
+pytester, as a user's suite would run it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+PLUGIN = "rmcp_actors.testing.pytest_plugin"
+
+# A user's test module: a real in-memory MCP server with a side effect, called through rmcp_actors.
+SERVER = """
+import pytest
+from mcp.server.mcpserver import MCPServer
+
+from rmcp_actors import RMCPSupervisor, ServerSpec
+
+LEDGER = []
+
+
+def build():
+    app = MCPServer("users-server")
+
+    @app.tool()
+    async def record(label: str) -> str:
+        LEDGER.append(label)
+        return label
+
+    return app
+"""
+
+
+def installed() -> bool:
+    """Whether pytest loads the plugin by itself (rmcp-actors installed with its entry point)."""
+    return any(entry.value == PLUGIN for entry in importlib.metadata.entry_points(group="pytest11"))
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    pytester.makeini("[pytest]\ntrio_mode = true\naddopts = --strict-markers\n")
+    plugin = [] if installed() else ["-p", PLUGIN]
+    return pytester.runpytest_inprocess(*plugin, "-p", "no:cacheprovider", *args)
+
+
+def test_the_entry_point_names_the_plugin_module() -> None:
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["entry-points"]["pytest11"] == {"rmcp_actors": PLUGIN}
+
+
+def test_without_a_marker_the_plan_has_no_faults_and_the_option_seeds_it(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_plan(fault_plan, pytestconfig):
+            assert not fault_plan.active
+            assert fault_plan.seed == (pytestconfig.getoption("--rmcp-fault-seed") or 0)
+        """
+    )
+    run(pytester).assert_outcomes(passed=1)
+    run(pytester, "--rmcp-fault-seed=42").assert_outcomes(passed=1)
+
+
+def test_the_marker_sets_the_plan_and_a_pinned_seed_wins(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.rmcp_faults("drop_response=0.2,disconnect=0.05", seed=3, silent=True)
+        def test_pinned(fault_plan):
+            assert (fault_plan.drop_response, fault_plan.disconnect) == (0.2, 0.05)
+            assert fault_plan.seed == 3
+            assert fault_plan.silent
+
+        @pytest.mark.rmcp_faults("duplicate=1")
+        def test_seeded_by_the_option(fault_plan):
+            assert (fault_plan.duplicate, fault_plan.seed) == (1.0, 9)
+        """
+    )
+    run(pytester, "--rmcp-fault-seed=9").assert_outcomes(passed=2)
+
+
+def test_an_unknown_kind_in_the_marker_is_an_error_listing_the_kinds(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.rmcp_faults("lose=0.5")
+        def test_typo(fault_plan):
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*unknown fault kind 'lose'; the kinds are drop_request, drop_response*"])
+
+
+def test_the_option_is_in_the_help(pytester: pytest.Pytester) -> None:
+    run(pytester, "--help").stdout.fnmatch_lines(["*--rmcp-fault-seed=SEED*"])
+    run(pytester, "--markers").stdout.fnmatch_lines(["@pytest.mark.rmcp_faults(faults=*"])
+
+
+def test_faulty_spec_injects_into_rmcp_and_the_report_shows_the_counts(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        SERVER
+        + """
+@pytest.mark.rmcp_faults("duplicate=1", seed=5)
+async def test_duplicates(faulty_spec, fault_injector):
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(faulty_spec(ServerSpec.in_memory("users", build())))
+        for index in range(3):
+            await sup.call("users", "record", {"label": f"r{index}"})
+    assert fault_injector.counts["duplicate"] == 3
+    assert LEDGER == ["r0", "r0", "r1", "r1", "r2", "r2"]  # a plain server runs duplicates twice
+    assert False, "show the report"
+"""
+    )
+    result = run(pytester, "--junitxml=report.xml")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- rmcp faults -*",
+            "faults duplicate=1 (seed 5) over 1 connection(s): drop_request 0, drop_response 0, "
+            "delay 0, duplicate 3, disconnect 0, corrupt 0, kill 0",
+        ]
+    )
+    report = (pytester.path / "report.xml").read_text()
+    assert 'name="rmcp_faults"' in report
+    assert "'duplicate': 3" in report
+
+
+def test_a_passing_test_shows_the_section_with_rP_and_a_test_without_faults_none(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        SERVER
+        + """
+async def test_plain(faulty_spec, fault_injector):
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(faulty_spec(ServerSpec.in_memory("users", build())))
+        await sup.call("users", "record", {"label": "once"})
+    assert sum(fault_injector.counts.values()) == 0
+
+
+def test_without_the_fixture():
+    pass
+"""
+    )
+    result = run(pytester, "-rP")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*- rmcp faults -*", "faults none (seed 0) over 1 connection(s): *"])
+    assert result.stdout.str().count("rmcp faults") == 1
+
+
+def test_chaos_server_in_memory_runs_each_call_once_under_faults(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from mcp import Client
+
+        from rmcp_actors import RMCPSupervisor
+
+        @pytest.mark.rmcp_faults("drop_response=0.3,disconnect=0.1", seed=2)
+        async def test_exactly_once(chaos_server, faulty_spec, fault_injector):
+            async with RMCPSupervisor.open() as sup:
+                await sup.add_server(faulty_spec(chaos_server.spec))
+                for index in range(20):
+                    await sup.call("chaos", "effect", {"label": f"e{index}"}, timeout=30)
+            assert chaos_server.ledger.counts() == {f"e{index}": 1 for index in range(20)}
+            assert fault_injector.counts["drop_response"] > 0
+
+        async def test_a_raw_client(chaos_server):
+            async with Client(chaos_server.transport()) as client:
+                await client.call_tool("effect", {"label": "raw"})
+            assert chaos_server.ledger.total() == 1
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+
+
+def test_chaos_server_over_stdio_survives_kills(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from mcp import Client
+
+        from rmcp_actors import RMCPSupervisor
+
+        @pytest.mark.rmcp_faults("kill=0.4", seed=1)
+        async def test_killed(chaos_server_stdio, faulty_spec, fault_injector):
+            async with RMCPSupervisor.open() as sup:
+                await sup.add_server(faulty_spec(chaos_server_stdio.spec))
+                for index in range(4):
+                    await sup.call("chaos", "effect", {"label": f"k{index}"}, timeout=60)
+            assert chaos_server_stdio.ledger.counts() == {f"k{index}": 1 for index in range(4)}
+            assert fault_injector.counts["kill"] > 0
+
+        async def test_a_raw_client(chaos_server_stdio, fault_injector):
+            async with Client(fault_injector.wrap(chaos_server_stdio.transport())) as client:
+                await client.call_tool("effect", {"label": "raw"})
+            assert chaos_server_stdio.ledger.total() == 1
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
