@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Final, Literal, final
@@ -91,15 +91,16 @@ ProgressCallback = Callable[[WayName, int], None]
 #: :func:`chaos_server_command`, the default.
 ServerCommand = Callable[[Path, "Path | None"], list[str]]
 
-#: The rmcp way's policy, for a network that loses answers and connections but a server that is
-#: healthy. Retries are what save a call here, so they are many (a replayed answer can be lost
-#: again: 12 attempts leave a call 0.25**12 to run out) and close together (a reconnect already
-#: separates them). The retry budget, which stops retries from multiplying a dead dependency's
-#: load, is widened so that it never binds before ``max_attempts``: with a fault on a quarter
-#: of the attempts, the default (a retry per five calls) would end most faulted calls
-#: "unknown". The breaker is off: it would open on the injected faults and refuse calls that
-#: the raw ways get to send, which measures the breaker, not exactly-once. The raw ways have
-#: neither.
+#: The rmcp way's policy, for a network that loses answers and connections in front of a
+#: healthy server. Retries are what save a call here: against a server that deduplicates on a
+#: durable store every attempt is safe, and a lost connection cuts every call in flight on it,
+#: so a call retries until its deadline (``max_attempts = 0``), with short pauses (a reconnect
+#: already separates the attempts) and a quick reconnect. The retry budget, which stops retries
+#: from multiplying a dead dependency's load, is widened so that it never binds: with a fault
+#: on a quarter of the attempts, the default (a retry per five calls) would end most faulted
+#: calls "unknown". The breaker is off: it would open on the injected faults and refuse calls
+#: that the raw ways get to send, which measures the breaker, not exactly-once. The raw ways
+#: have neither.
 CHAOS_POLICY: Final = PolicyOverrides(
     retry=RetryOverrides(max_attempts=0, base_delay_s=0.01, max_delay_s=0.1),
     retry_budget=RetryBudgetOverrides(ratio=11.0, min_per_s=100.0),
@@ -380,7 +381,7 @@ async def _drive(
     calls: int,
     concurrency: int,
     label_prefix: str,
-    call: Callable[[str], Any],
+    call: Callable[[str], Awaitable[_ReportKind]],
     on_done: Callable[[int], None],
 ) -> _Tally:
     """Make ``calls`` logical calls, ``concurrency`` at a time, through ``call(label)``."""
@@ -390,7 +391,7 @@ async def _drive(
     async def worker() -> None:
         for label in labels:
             started = trio.current_time()
-            report: _ReportKind = await call(label)
+            report = await call(label)
             tally.add(label, report, trio.current_time() - started)
             on_done(len(tally.reports))
 
@@ -406,7 +407,6 @@ class _Setup:
     concurrency: int
     transport: ChaosTransport
     workdir: Path
-    raw_attempts: int
     attempt_timeout_s: float
     call_timeout_s: float
     progress: ProgressCallback
@@ -576,7 +576,6 @@ async def run_chaos(
             concurrency=concurrency,
             transport=transport,
             workdir=root,
-            raw_attempts=raw_attempts,
             attempt_timeout_s=attempt_timeout_s or _ATTEMPT_TIMEOUT_S[transport],
             call_timeout_s=call_timeout_s,
             progress=progress or _no_progress,
