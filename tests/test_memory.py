@@ -12,6 +12,7 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 
 import trio
+import trio.lowlevel
 import trio.testing
 from mcp.server.mcpserver import MCPServer
 
@@ -35,7 +36,7 @@ async def traced_per_task(start: Callable[[trio.Nursery], None], ready: Callable
                 await trio.testing.wait_all_tasks_blocked()
                 if ready():
                     break
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             gc.collect()
             held = tracemalloc.get_traced_memory()[0]
             nursery.cancel_scope.cancel()
