@@ -87,7 +87,7 @@ class _Waiter:
     abandoned: bool = False
     # While the call waits: its task, parked (trio), or the event it waits on (other backends).
     # Not an anyio.Event per waiter: under trio that is an Event, a ParkingLot, an OrderedDict
-    # and three coroutines, about 0.8 KB for each call in the queue (docs/design.md).
+    # and three coroutines, about 0.7 KB for each call in the queue (docs/design.md).
     _task: trio.lowlevel.Task | None = None
     _event: anyio.Event | None = None
 
