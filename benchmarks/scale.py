@@ -430,6 +430,10 @@ def main() -> None:
     rmcp_pending = pending["jsonrpc"]["rmcp"]["traced_bytes_per_call"]
     waiting = calls - MAP_CONCURRENCY
     batch["map"]["traced_bytes_per_item"] = batch["map"]["traced_bytes"] / calls
+    # What the batch holds beyond its in-flight calls, spread over the items not started.
+    batch["map"]["traced_bytes_beyond_calls_per_item"] = (
+        batch["map"]["traced_bytes"] - MAP_CONCURRENCY * rmcp_pending
+    ) / waiting
     batch["map_queued"]["traced_bytes_per_waiting_item"] = (
         batch["map_queued"]["traced_bytes"] - MAP_CONCURRENCY * rmcp_pending
     ) / waiting
@@ -484,7 +488,9 @@ def main() -> None:
         f"map        concurrency {MAP_CONCURRENCY}: the batch holds "
         f"{batch['map']['traced_bytes']:,.0f} B traced "
         f"({batch['map']['rss_bytes']:,.0f} B rss) with {MAP_CONCURRENCY} calls pending: "
-        f"{batch['map']['traced_bytes_per_item']:,.1f} B per item of the input\n"
+        f"{batch['map']['traced_bytes_per_item']:,.1f} B per item of the input; beyond its "
+        f"{MAP_CONCURRENCY} pending calls, {batch['map']['traced_bytes_beyond_calls_per_item']:,.1f} B "
+        "per item not started\n"
         f"map_queued concurrency {calls:,}: {batch['map_queued']['traced_bytes']:,.0f} B traced with "
         f"{waiting:,} items waiting for admission: {map_item:,.0f} B per waiting item; goal <= "
         f"{MAP_GOAL_BYTES} B {'MET' if map_item <= MAP_GOAL_BYTES else 'NOT MET'}"
