@@ -159,12 +159,9 @@ def runtime_config(limit: int) -> RMCPConfig:
 
 
 def spec(server: MCPServer, wire: str, limit: int, name: str = "scale") -> ServerSpec:
-    return ServerSpec.in_memory(
-        name,
-        server,
-        wire=wire,
-        overrides=PolicyOverrides(max_concurrency=limit),  # pyright: ignore[reportArgumentType]
-    )
+    transport = "direct" if wire == "direct" else "jsonrpc"
+    overrides = PolicyOverrides(max_concurrency=limit)
+    return ServerSpec.in_memory(name, server, wire=transport, overrides=overrides)
 
 
 def raw_client(server: MCPServer, wire: str) -> Client:
