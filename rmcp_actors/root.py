@@ -543,6 +543,9 @@ class RMCPSupervisor:
         entry = self._server(server)
         policy = entry.policies.get(tool, entry.default_policy)
         request = _request(policy, tool, arguments, idempotency_key, priority, timeout, on_lifecycle, tenant)
+        # The request holds its own copy: a mapping the caller made for the call alone goes
+        # now, not when the call ends (docs/design.md, "Memory per pending call").
+        del arguments
         request.on_progress = on_progress
         if task is not None:
             request.task = task

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 from mcp_test_server import State, build_server
+from mcp_types import CallToolResult
 
 from rmcp_actors import CallResult, Outcome, RMCPSupervisor, RMCPTimeoutAfterSendError, ServerSpec
 from rmcp_actors.client._records import (  # pyright: ignore[reportPrivateUsage]
@@ -23,6 +24,7 @@ from rmcp_actors.client._records import (  # pyright: ignore[reportPrivateUsage]
     call_result,
     lifecycle_event,
 )
+from rmcp_actors.client.call import CallRequest
 from rmcp_actors.lifecycle import LifecycleEvent, RequestState
 
 WIRES = pytest.mark.parametrize("wire", ["jsonrpc", "direct"])
@@ -141,13 +143,19 @@ def test_records_built_through_their_slots_equal_the_constructed_ones() -> None:
         "meta": {"m": 1},
         "lifecycle": (event,),
     }
-    result = call_result(**fields)
+    answer = CallToolResult.model_validate(
+        {"content": [], "structuredContent": {"n": 1}, "isError": False, "_meta": {"m": 1}}
+    )
+    request = CallRequest("t", {}, "r", "k", 0, 10.0)
+    result = call_result(answer, True, request, "s", 1, 0.25, 0.5, (event,))
     assert type(result) is CallResult
     assert result == CallResult(**fields)
     assert repr(result) == repr(CallResult(**fields))
     assert attrs.asdict(result, recurse=False) == fields
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         result.attempts = 2  # type: ignore[misc]
+    failed = call_result(CallToolResult(content=[], is_error=True), False, request, "s", 1, 0.0, 0.5, ())
+    assert (failed.outcome, failed.is_error, failed.meta) == (Outcome.FAILED, True, None)
 
 
 def test_a_record_class_that_validates_is_refused() -> None:

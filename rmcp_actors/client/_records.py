@@ -12,14 +12,17 @@ fails at once instead of building a half-set record.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from mcp_types import ContentBlock
+from mcp_types import CallToolResult
 
 from ..errors import Outcome
 from ..lifecycle import LifecycleEvent, RequestState
 from ..result import CallResult
+
+if TYPE_CHECKING:
+    from .call import CallRequest
 
 __all__ = ["call_result", "lifecycle_event"]
 
@@ -86,36 +89,34 @@ def lifecycle_event(state: RequestState, attempt: int, at: float, detail: str | 
 
 
 def call_result(
-    *,
-    outcome: Outcome,
-    content: list[ContentBlock],
-    structured_content: dict[str, Any] | None,
-    is_error: bool,
-    attempts: int,
+    result: CallToolResult,
     duplicate: bool,
-    request_id: str,
-    idempotency_key: str,
+    request: CallRequest,
     server: str,
-    tool: str,
+    attempts: int,
     queued_s: float,
     elapsed_s: float,
-    meta: dict[str, Any] | None,
     lifecycle: tuple[LifecycleEvent, ...],
 ) -> CallResult:
-    """``CallResult(...)`` with every field given, built faster."""
-    result = _new(CallResult)
-    _outcome(result, outcome)
-    _content(result, content)
-    _structured_content(result, structured_content)
-    _is_error(result, is_error)
-    _attempts(result, attempts)
-    _duplicate(result, duplicate)
-    _request_id(result, request_id)
-    _idempotency_key(result, idempotency_key)
-    _server(result, server)
-    _tool(result, tool)
-    _queued_s(result, queued_s)
-    _elapsed_s(result, elapsed_s)
-    _meta(result, meta)
-    _lifecycle(result, lifecycle)
-    return result
+    """The ``CallResult`` of a call that ended with ``result``, built faster.
+
+    Takes the answer and the request whole rather than field by field: every argument is a
+    slot of the waiting call's frame (see docs/design.md, "Memory per pending call").
+    """
+    is_error = result.is_error
+    built = _new(CallResult)
+    _outcome(built, Outcome.FAILED if is_error else Outcome.SUCCEEDED)
+    _content(built, result.content)
+    _structured_content(built, result.structured_content)
+    _is_error(built, is_error)
+    _attempts(built, attempts)
+    _duplicate(built, duplicate)
+    _request_id(built, request.request_id)
+    _idempotency_key(built, request.idempotency_key)
+    _server(built, server)
+    _tool(built, request.tool)
+    _queued_s(built, queued_s)
+    _elapsed_s(built, elapsed_s)
+    _meta(built, result.meta)
+    _lifecycle(built, lifecycle)
+    return built

@@ -32,7 +32,6 @@ from .._protocol import (
 from ..config import CallPolicy
 from ..config._policy import TaskMode
 from ..errors import (
-    Outcome,
     RMCPArgumentError,
     RMCPAuthError,
     RMCPError,
@@ -285,22 +284,16 @@ async def perform_call(
                 _stamp(error, connection.name, request, progress)
                 raise
             return call_result(
-                outcome=Outcome.FAILED if result.is_error else Outcome.SUCCEEDED,
-                content=result.content,
-                structured_content=result.structured_content,
-                is_error=result.is_error,
-                attempts=progress.attempts,
-                duplicate=rmcp_meta is not None and rmcp_meta.duplicate is True,
-                request_id=request.request_id,
-                idempotency_key=request.idempotency_key,
-                server=connection.name,
-                tool=request.tool,
-                queued_s=progress.queued_s,
+                result,
+                rmcp_meta is not None and rmcp_meta.duplicate is True,
+                request,
+                connection.name,
+                progress.attempts,
+                progress.queued_s,
                 # The answer's own step (acked or answered) was the last one recorded: its time is
                 # when the answer came, and reading it spares a clock read.
-                elapsed_s=progress.events[-1].at - started,
-                meta=result.meta,
-                lifecycle=tuple(progress.events),
+                progress.events[-1].at - started,
+                tuple(progress.events),
             )
         # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
         raise _timeout_error(connection, request, progress)
@@ -321,8 +314,6 @@ async def _attempts(
     scheduler = flow.scheduler
     lane = flow.lane
     budget = flow.budget_for(request.tool)
-    http = connection.spec.transport == "http"
-    direct = connection.spec.wire == "direct"
     gate = flow.limiter.gate()
     tool_gate = flow.limiter.tool_gate(request.tool)
     last_limited: _RateLimited | None = None
@@ -386,18 +377,7 @@ async def _attempts(
             hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
             try:
                 if hedge is None:
-                    answer = await _send(
-                        session,
-                        request,
-                        progress,
-                        deadline,
-                        policy,
-                        _acks_arrive(connection),
-                        http,
-                        direct,
-                        unsafe,
-                        connection,
-                    )
+                    answer = await _send(session, request, progress, deadline, policy, unsafe, connection)
                 else:
                     answer = await _hedged(
                         hedge, budget, connection, flow, session, request, progress, deadline, policy, unsafe
@@ -560,17 +540,12 @@ async def _hedged(
     """Send one attempt of a tool whose policy hedges: raced against hedges when the tool is
     safe to repeat (or the server deduplicates, and a hedge with the same key coalesces with
     the attempt there), each hedge paid from the retry budget and admitted like any attempt."""
-    acks = _acks_arrive(connection)
-    http = connection.spec.transport == "http"
-    direct = connection.spec.wire == "direct"
     sketch = hedge.sketch
 
     async def send(on: Session) -> tuple[CallToolResult, ResponseMeta | None]:
         started = anyio.current_time()
         try:
-            answer = await _send(
-                on, request, progress, deadline, policy, acks, http, direct, unsafe, connection
-            )
+            answer = await _send(on, request, progress, deadline, policy, unsafe, connection)
         except _Failed as failed:
             if failed.verdict.session_lost:
                 connection.report_broken(on)
@@ -835,12 +810,11 @@ async def _send(
     progress: _Progress,
     deadline: float,
     policy: CallPolicy,
-    acks_arrive: bool,
-    http: bool,
-    direct: bool,
     unsafe: bool,
     connection: Connection,
 ) -> tuple[CallToolResult, ResponseMeta | None]:
+    # Few parameters and locals: each is a slot of the frame every pending call keeps
+    # (docs/design.md, "Memory per pending call").
     client = session.client
     assert client is not None  # the caller checked session.usable, with no checkpoint since
     # A deadline that fired while this call waited for its slot ends it here, before it counts
@@ -888,16 +862,19 @@ async def _send(
                 lookup=lookup,
             )
         )
-    ack_timeout_s = _ack_timeout(policy, rmcp) if acks_arrive else None
+    ack_timeout_s = _ack_timeout(policy, rmcp) if rmcp is not None and _acks_arrive(connection) else None
     # From here the request may reach the server: a deadline says "may have run". The
     # lifecycle's SENT step waits for the transport to take the request (see _sent).
     progress.sent = True
     sent_step = _SentStep(progress)
-    if direct:
+    if connection.spec.wire == "direct":
         sent_step()  # no transport: the server's handler is called in this task
     sent_token = current_send_hook.set(sent_step)
-    evidence = Evidence() if http else None
-    token = current_evidence.set(evidence) if http else None
+    if connection.spec.transport == "http":
+        evidence = Evidence()
+        token = current_evidence.set(evidence)
+    else:
+        evidence = token = None
     answer: CallToolResult | TaskSnapshot | TaskRef
     # The SDK calls it positionally: any callable of three arguments fits.
     on_progress = None if request.on_progress is None else cast("ProgressFnT", request.on_progress)
