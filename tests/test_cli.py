@@ -559,7 +559,6 @@ def test_batch_resumes_after_a_results_line_cut_short(
     assert sorted(ledger(tmp_path)) == ["a", "b", "c"]
 
 
-@pytest.mark.xfail(strict=True, reason="resume matched finished lines by line number only")
 def test_batch_with_a_key_field_skips_finished_calls_that_moved_to_another_line(
     capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
 ) -> None:

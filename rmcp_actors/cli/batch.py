@@ -112,9 +112,19 @@ class _Run:
     keys: dict[int, str] = attrs.Factory(dict[int, str])
     # The input's line numbers that hold a call (not blank), once the input was read through.
     present: set[int] = attrs.Factory(set[int])
+    # The earlier runs' final results by key: a call keeps its --key when lines are added or
+    # removed above it, and must not run again because its line number changed.
+    finished: dict[str, dict[str, Any]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.finished = {
+            record["key"]: record
+            for record in self.previous.values()
+            if record.get("outcome") in _FINAL and isinstance(record.get("key"), str)
+        }
 
     @trio.lowlevel.enable_ki_protection
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], *, skipped: bool = False) -> None:
         """Append one result line and flush it; Ctrl-C waits until the line is whole."""
         assert self.out is not None
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -122,7 +132,7 @@ class _Run:
         self.written += 1
         code = ExitCode(record["exit_code"])
         self.codes.add(code)
-        self.counts[OUTCOME_NAMES[code]] += 1
+        self.counts["skipped" if skipped else OUTCOME_NAMES[code]] += 1
         self.progress.advance(self.task)
 
     def invalid(self, line: int, message: str) -> None:
@@ -180,10 +190,17 @@ class _Run:
                 if key is None:
                     continue
                 previous = self.previous.get(line)
+                done = self.finished.get(key)
                 if previous is not None and previous.get("outcome") in _FINAL and previous.get("key") == key:
+                    done = previous
+                if done is not None and done is previous:
                     self.counts["skipped"] += 1
-                    self.codes.add(_CODE_OF[previous["outcome"]])
+                    self.codes.add(_CODE_OF[done["outcome"]])
                     self.progress.advance(self.task)
+                    continue
+                if done is not None:
+                    # Finished on another line of an earlier run: this line takes its result.
+                    self.write({**done, "line": line}, skipped=True)
                     continue
                 if (
                     previous is not None
