@@ -585,3 +585,25 @@ def test_batch_with_a_key_field_skips_finished_calls_that_moved_to_another_line(
         (2, "a", "succeeded"),
         (3, "b", "succeeded"),
     ]
+
+
+@pytest.mark.xfail(strict=True, reason="the final rewrite left the results file readable by its owner only")
+def test_the_final_rewrite_keeps_the_results_file_mode(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "rmcp.toml", server_table("plain", server_argv(zygote)))
+    batch_input = tmp_path / "in.jsonl"
+    out = tmp_path / "in.results.jsonl"
+    batch_input.write_text('{"text": "a"}\n')
+    umask = os.umask(0o022)
+    try:
+        assert rmcp(capsys, "-c", config, "batch", "plain", "echo", batch_input)[0] == 0
+        assert out.stat().st_mode & 0o777 == 0o644  # as any new file: others may read the results
+        out.chmod(0o640)
+        batch_input.write_text('{"text": "a"}\n{"text": "b"}\n')
+        assert rmcp(capsys, "-c", config, "batch", "plain", "echo", batch_input)[0] == 0
+        assert out.stat().st_mode & 0o777 == 0o640  # the mode its owner gave it
+    finally:
+        os.umask(umask)
+    assert [record["text"] for record in results(out)] == ["a", "b"]
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".in.results")] == []
