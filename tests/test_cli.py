@@ -587,7 +587,6 @@ def test_batch_with_a_key_field_skips_finished_calls_that_moved_to_another_line(
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="the final rewrite left the results file readable by its owner only")
 def test_the_final_rewrite_keeps_the_results_file_mode(
     capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
 ) -> None:

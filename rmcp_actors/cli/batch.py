@@ -258,6 +258,8 @@ def _compact(out: Path, present: set[int]) -> None:
     last, _ = _previous_results(out)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
+        # mkstemp makes the file private (0600): the results keep the mode they had.
+        os.fchmod(handle, out.stat().st_mode & 0o7777)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             for line in sorted(last.keys() & present):
                 file.write(json.dumps(last[line], ensure_ascii=False) + "\n")
