@@ -263,6 +263,10 @@ def _compact(out: Path, present: set[int]) -> None:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             for line in sorted(last.keys() & present):
                 file.write(json.dumps(last[line], ensure_ascii=False) + "\n")
+            # On disk before the rename: after a power cut the rename may survive without
+            # the data, and an empty file would have replaced every finished result.
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
