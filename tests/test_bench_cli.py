@@ -213,18 +213,15 @@ def test_table_reads_other_scripts_results_defensively(tmp_path: Path) -> None:
     assert "9,000" not in text  # a throughput, not memory
 
 
-_WRONG_CODE = pytest.mark.xfail(strict=True, reason="the raw client failed first: every error exited 4 or 1")
-
-
 @pytest.mark.parametrize(
     ("tool", "code", "message"),
     [
         # -32000: the server may have run the tool; never "refused" (4).
-        pytest.param("busy", 2, "server is busy", marks=_WRONG_CODE),
+        pytest.param("busy", 2, "server is busy"),
         # -32602: refused before running.
         ("invalid_params", 4, "no such argument shape"),
         # Not listed: the command is wrong.
-        pytest.param("no_such_tool", 3, "does not list tool 'no_such_tool'", marks=_WRONG_CODE),
+        pytest.param("no_such_tool", 3, "does not list tool 'no_such_tool'"),
     ],
 )
 def test_a_failing_call_exits_with_the_code_of_its_outcome(

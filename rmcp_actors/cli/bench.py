@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import attrs
 import trio
 import typer
+from mcp import MCPError
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
 from rich.markup import escape
@@ -23,9 +24,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import RMCPConfig, ServerSpec
-from ..errors import RMCPError, RMCPOutcomeUnknownError
+from ..errors import RMCPError, RMCPServerError
 from ..testing.bench import BenchReport, BenchToolError, run_bench
 from ._app import CliState, ExitCode, app, fail, load_config, stderr, stdout
+from ._outcomes import error_exit_code
 
 __all__ = ["bench"]
 
@@ -46,6 +48,14 @@ _EXAMPLE = (
 def _fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     # Messages quote user input and errors ("[server/tool] ..."): not rich markup.
     return fail(escape(message), code)
+
+
+def _raw_exit_code(error: Exception) -> ExitCode:
+    """A raw client's failure: a JSON-RPC error other than a protocol refusal may come from a
+    tool that ran (as :class:`RMCPServerError` says); anything else happened before sending."""
+    if isinstance(error, MCPError) and error.code not in RMCPServerError.NOT_EXECUTED_CODES:
+        return ExitCode.OUTCOME_UNKNOWN
+    return ExitCode.REFUSED
 
 
 def _arguments(raw: str) -> dict[str, Any]:
@@ -215,13 +225,11 @@ def bench(
             )
         except BenchToolError as exc:
             raise _fail(str(exc), ExitCode.TOOL_ERROR) from None
-        except RMCPOutcomeUnknownError as exc:
-            raise _fail(str(exc), ExitCode.OUTCOME_UNKNOWN) from None
         except RMCPError as exc:
-            raise _fail(str(exc), ExitCode.REFUSED) from None
+            raise _fail(str(exc), error_exit_code(exc)) from None
         except Exception as exc:  # the raw SDK clients' own errors: no server, transport failure
             raise _fail(
-                f"could not run the benchmark against {server!r}: {exc!r}", ExitCode.REFUSED
+                f"could not run the benchmark against {server!r}: {exc!r}", _raw_exit_code(exc)
             ) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict()))

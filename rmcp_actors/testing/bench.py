@@ -302,7 +302,9 @@ async def run_bench(
     measured: dict[ClientName, list[tuple[int, float, list[float]]]] = {name: [] for name in CLIENTS}
     try:
         async with _open_clients(config or RMCPConfig(), spec, tool, arguments, timeout_s) as clients:
-            for name in CLIENTS:
+            # rmcp warms up first: a failing tool then fails through the runtime's one
+            # classification (unknown tool, refused, may have run), not as an untyped SDK error.
+            for name in ("rmcp", "raw", "raw2"):
                 await _block(clients[name], max(warmup, concurrency), concurrency)
             if progress is not None:
                 progress(1, total)
