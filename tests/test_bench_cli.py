@@ -247,6 +247,9 @@ def test_a_failing_call_exits_with_the_code_of_its_outcome(
     assert message in " ".join(capsys.readouterr().err.split())
 
 
+BENCH_RECORD = ["--args", '{"label": "x"}', "--calls", "100000"]
+
+
 def processes_naming(text: str) -> list[str]:
     """The command lines of the running processes that contain ``text``."""
     found: list[str] = []
@@ -260,9 +263,6 @@ def processes_naming(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Ctrl-C inside the SDK's task groups ended with a traceback and exit 1"
-)
 def test_ctrl_c_exits_130_and_stops_the_servers(tmp_path: Path) -> None:
     config = tmp_path / "rmcp.toml"
     args = ", ".join(json.dumps(arg) for arg in stdio_args("--state-dir", str(tmp_path)))
@@ -270,8 +270,7 @@ def test_ctrl_c_exits_130_and_stops_the_servers(tmp_path: Path) -> None:
         f'[servers.test]\ntransport = "stdio"\ncommand = {json.dumps(PYTHON)}\nargs = [{args}]\n'
     )
     program = subprocess.Popen(
-        [PYTHON, "-m", "rmcp_actors", "-c", str(config), "bench", "test", "record"]
-        + ["--args", '{"label": "x"}', "--calls", "100000"],
+        [PYTHON, "-m", "rmcp_actors", "-c", str(config), "bench", "test", "record", *BENCH_RECORD],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -41,7 +41,14 @@ def run(body: Callable[[], Awaitable[_T]], *, interrupted: Callable[[], str] = s
     """
     try:
         return trio.run(body)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        # Ctrl-C reaches the main task wherever it waits: inside the SDK's task groups (the
+        # raw clients of rmcp bench, a handshake) it comes out wrapped in an exception group.
+        interrupt = isinstance(exc, KeyboardInterrupt) or (
+            isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[0] is not None
+        )
+        if not interrupt:
+            raise
         stderr().print(f"[bold red]interrupted[/] {escape(interrupted())}".rstrip(), highlight=False)
         raise typer.Exit(INTERRUPTED) from None
 

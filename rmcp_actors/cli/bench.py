@@ -14,7 +14,6 @@ import sys
 from typing import Annotated, Any, Literal
 
 import attrs
-import trio
 import typer
 from mcp import MCPError
 from mcp.server import Server
@@ -27,6 +26,7 @@ from ..config import RMCPConfig, ServerSpec
 from ..errors import RMCPError, RMCPServerError
 from ..testing.bench import BenchReport, BenchToolError, run_bench
 from ._app import CliState, ExitCode, app, fail, load_config, stderr, stdout
+from ._connect import run
 from ._outcomes import error_exit_code
 
 __all__ = ["bench"]
@@ -210,7 +210,7 @@ def bench(
             progress.update(task, completed=done, total=total)
 
         try:
-            report = trio.run(
+            report = run(
                 lambda: run_bench(
                     spec,
                     tool,
@@ -221,8 +221,11 @@ def bench(
                     blocks=blocks,
                     timeout_s=timeout,
                     progress=advance,
-                )
+                ),
+                interrupted=lambda: "(nothing measured is kept)",
             )
+        except typer.Exit:  # Ctrl-C (130): a RuntimeError, which the last clause would take
+            raise
         except BenchToolError as exc:
             raise _fail(str(exc), ExitCode.TOOL_ERROR) from None
         except RMCPError as exc:
