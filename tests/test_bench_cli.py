@@ -291,7 +291,6 @@ def test_ctrl_c_exits_130_and_stops_the_servers(tmp_path: Path) -> None:
     assert processes_naming(str(tmp_path)) == []  # its three servers are gone
 
 
-@pytest.mark.xfail(strict=True, reason="bench escaped its messages twice")
 def test_error_messages_are_shown_as_written(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "local", "no_such_tool", "--server", "mcp_test_server:build_server", "--calls", "2"]
     assert main([*argv, "--blocks", "1"]) == 3

@@ -18,7 +18,6 @@ import typer
 from mcp import MCPError
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -45,11 +44,6 @@ _EXAMPLE = (
 )
 
 
-def _fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
-    # Messages quote user input and errors ("[server/tool] ..."): not rich markup.
-    return fail(escape(message), code)
-
-
 def _raw_exit_code(error: Exception) -> ExitCode:
     """A raw client's failure: a JSON-RPC error other than a protocol refusal may come from a
     tool that ran (as :class:`RMCPServerError` says); anything else happened before sending."""
@@ -62,9 +56,9 @@ def _arguments(raw: str) -> dict[str, Any]:
     try:
         arguments = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise _fail(f"--args is not valid JSON ({exc.msg} at character {exc.pos}): {raw!r}") from None
+        raise fail(f"--args is not valid JSON ({exc.msg} at character {exc.pos}): {raw!r}") from None
     if not isinstance(arguments, dict):
-        raise _fail(f'--args must be a JSON object such as \'{{"text": "hi"}}\', got {raw!r}')
+        raise fail(f'--args must be a JSON object such as \'{{"text": "hi"}}\', got {raw!r}')
     return arguments  # pyright: ignore[reportUnknownVariableType]
 
 
@@ -73,26 +67,26 @@ def _in_memory_server(target: str) -> object:
     or exit 3."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise _fail(f"--server must be module:attribute (e.g. myapp.server:app), got {target!r}")
+        raise fail(f"--server must be module:attribute (e.g. myapp.server:app), got {target!r}")
     if os.getcwd() not in sys.path:  # the rmcp script, unlike python -m, does not look there
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise _fail(f"--server {target!r}: cannot import {module_name!r} ({exc})") from None
+        raise fail(f"--server {target!r}: cannot import {module_name!r} ({exc})") from None
     server = module
     for part in attribute.split("."):
         if not hasattr(server, part):
-            raise _fail(f"--server {target!r}: {module_name!r} has no attribute {attribute!r}")
+            raise fail(f"--server {target!r}: {module_name!r} has no attribute {attribute!r}")
         server = getattr(server, part)
     if callable(server) and not isinstance(server, MCPServer | Server):
         try:
             server = server()  # a factory such as build_server
         except TypeError as exc:
-            raise _fail(f"--server {target!r}: a factory must take no arguments ({exc})") from None
+            raise fail(f"--server {target!r}: a factory must take no arguments ({exc})") from None
     if not isinstance(server, MCPServer | Server):
         kind = type(server).__name__  # pyright: ignore[reportUnknownArgumentType]
-        raise _fail(f"--server {target!r} is a {kind}, not an mcp MCPServer or low-level Server")
+        raise fail(f"--server {target!r} is a {kind}, not an mcp MCPServer or low-level Server")
     return server  # pyright: ignore[reportUnknownVariableType]
 
 
@@ -110,9 +104,9 @@ def _resolve(
     """The config and the spec of the server to measure, or exit 3 saying what is wrong."""
     if server_target is not None or transport == "memory":
         if server_target is None:
-            raise _fail("--transport memory needs --server module:attribute naming an MCPServer object")
+            raise fail("--transport memory needs --server module:attribute naming an MCPServer object")
         if transport not in (None, "memory"):
-            raise _fail(
+            raise fail(
                 f"--server runs the server in memory; it cannot be combined with --transport {transport}"
             )
         config = _config_if_any(ctx)
@@ -125,11 +119,11 @@ def _resolve(
     spec = config.servers.get(name)
     if spec is None:
         known = ", ".join(sorted(config.servers)) or "none"
-        raise _fail(f"unknown server {name!r} (configured servers: {known})")
+        raise fail(f"unknown server {name!r} (configured servers: {known})")
     if spec.transport == "memory":
-        raise _fail(f"server {name!r} is in memory: name its object with --server module:attribute")
+        raise fail(f"server {name!r} is in memory: name its object with --server module:attribute")
     if transport is not None and transport != spec.transport:
-        raise _fail(f"server {name!r} is configured with transport {spec.transport!r}, not {transport!r}")
+        raise fail(f"server {name!r} is configured with transport {spec.transport!r}, not {transport!r}")
     return config, spec
 
 
@@ -195,7 +189,7 @@ def bench(
     arguments = _arguments(args)
     config, spec = _resolve(ctx, server, transport, server_object)
     if calls < blocks * concurrency:
-        raise _fail(f"--calls ({calls}) must be at least --blocks x --concurrency ({blocks * concurrency})")
+        raise fail(f"--calls ({calls}) must be at least --blocks x --concurrency ({blocks * concurrency})")
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -227,11 +221,11 @@ def bench(
         except typer.Exit:  # Ctrl-C (130): a RuntimeError, which the last clause would take
             raise
         except BenchToolError as exc:
-            raise _fail(str(exc), ExitCode.TOOL_ERROR) from None
+            raise fail(str(exc), ExitCode.TOOL_ERROR) from None
         except RMCPError as exc:
-            raise _fail(str(exc), error_exit_code(exc)) from None
+            raise fail(str(exc), error_exit_code(exc)) from None
         except Exception as exc:  # the raw SDK clients' own errors: no server, transport failure
-            raise _fail(
+            raise fail(
                 f"could not run the benchmark against {server!r}: {exc!r}", _raw_exit_code(exc)
             ) from None
     if as_json:
