@@ -586,6 +586,15 @@ def test_batch_with_a_key_field_skips_finished_calls_that_moved_to_another_line(
         (3, "b", "succeeded"),
     ]
 
+    # Another call with a finished call's key is not that call: it is sent, not given its result.
+    with batch_input.open("a") as file:
+        file.write('{"label": "d", "id": "a"}\n')
+    code, _, err = rmcp(capsys, "-c", config, "batch", "plain", "record", batch_input, "--key", "id")
+    assert code == 0, err
+    assert "1 succeeded, 3 skipped" in err
+    assert sorted(ledger(tmp_path)) == ["a", "b", "c", "d"]
+    assert results(out)[3]["text"] == "recorded d"
+
 
 def test_the_final_rewrite_keeps_the_results_file_mode(
     capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path

@@ -57,6 +57,12 @@ def derived_key(server: str, tool: str, line: int, arguments: dict[str, Any]) ->
     return "rmcp-batch-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def _arguments_digest(arguments: dict[str, Any]) -> str:
+    """What tells two lines' calls apart beyond their key: the canonical JSON of the arguments."""
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
 def _default_out(path: Path) -> Path:
     stem = path.name.removesuffix(".jsonl")
     return path.with_name(f"{stem}.results.jsonl")
@@ -108,7 +114,7 @@ class _Run:
     out: IO[str] | None = None
     # Lines handed to sup.map, by their index in the batch; keys by the arguments' identity
     # until sup.map asks for them (right after taking the item).
-    lines: dict[int, tuple[int, str]] = attrs.Factory(dict[int, tuple[int, str]])
+    lines: dict[int, tuple[int, str, str]] = attrs.Factory(dict[int, tuple[int, str, str]])
     keys: dict[int, str] = attrs.Factory(dict[int, str])
     # The input's line numbers that hold a call (not blank), once the input was read through.
     present: set[int] = attrs.Factory(set[int])
@@ -198,8 +204,10 @@ class _Run:
                     self.codes.add(_CODE_OF[done["outcome"]])
                     self.progress.advance(self.task)
                     continue
-                if done is not None:
-                    # Finished on another line of an earlier run: this line takes its result.
+                digest = _arguments_digest(arguments)
+                if done is not None and done.get("arguments_sha256") == digest:
+                    # The same call finished on another line of an earlier run (lines were
+                    # added or removed above it): this line takes its result.
                     self.write({**done, "line": line}, skipped=True)
                     continue
                 if (
@@ -210,7 +218,7 @@ class _Run:
                     # The call may have run under that key: only the same key lets an RMCP
                     # server replay it rather than run it again (even if --key changed since).
                     key = previous["key"]
-                self.lines[index] = (line, key)
+                self.lines[index] = (line, key, digest)
                 self.keys[id(arguments)] = key
                 index += 1
                 yield arguments
@@ -237,9 +245,9 @@ class _Run:
         return self.keys.pop(id(arguments))
 
     def record(self, index: int, outcome: CallResult | RMCPError) -> None:
-        line, key = self.lines.pop(index)
+        line, key, digest = self.lines.pop(index)
         body = call_record(outcome) if isinstance(outcome, CallResult) else error_record(outcome)
-        self.write({"line": line, "key": key, **body})
+        self.write({"line": line, "key": key, **body, "arguments_sha256": digest})
 
     def exit_code(self) -> ExitCode:
         return next((code for code in _URGENCY if code in self.codes), ExitCode.SUCCEEDED)
