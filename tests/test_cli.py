@@ -617,9 +617,6 @@ def test_the_final_rewrite_keeps_the_results_file_mode(
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".in.results")] == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="resume skipped lines that another tool had finished with the same key"
-)
 def test_batch_results_of_another_tool_are_not_this_tools(
     capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
 ) -> None:

@@ -123,6 +123,12 @@ class _Run:
     finished: dict[str, dict[str, Any]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        # Results of another server or tool (the same file, the same --key) are not this batch's.
+        self.previous = {
+            line: record
+            for line, record in self.previous.items()
+            if (record.get("server"), record.get("tool")) in ((self.server, self.tool), (None, None))
+        }
         self.finished = {
             record["key"]: record
             for record in self.previous.values()
