@@ -632,3 +632,32 @@ def test_batch_results_of_another_tool_are_not_this_tools(
     assert "1 succeeded" in err
     [record] = results(out)
     assert (record["tool"], record["text"]) == ("length", "5")
+
+
+@pytest.mark.xfail(
+    strict=True, reason="an unknown result's key was reused by whatever line took its line number"
+)
+def test_batch_an_unknown_calls_key_stays_with_its_call_when_lines_move(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    server = server_argv(zygote, "--state-dir", str(tmp_path))
+    lossy = write_config(
+        tmp_path / "lossy.toml", server_table("plain", relayed_argv(zygote, server, swallow_probability=1.0))
+    )
+    direct = write_config(tmp_path / "direct.toml", server_table("plain", server))
+    batch_input = tmp_path / "in.jsonl"
+    out = tmp_path / "in.results.jsonl"
+    batch_input.write_text('{"label": "a", "id": "a"}\n')
+    code, _, err = rmcp(capsys, "-c", lossy, "batch", "plain", "record", batch_input, "--key", "id")
+    assert code == 2, err
+    assert results(out)[0]["outcome"] == "unknown"
+
+    # A line added at the top takes the unknown call's line number, not its key: reused for
+    # other arguments, that key would make an RMCP server refuse both calls as conflicts.
+    batch_input.write_text('{"label": "c", "id": "c"}\n{"label": "a", "id": "a"}\n')
+    code, _, err = rmcp(capsys, "-c", direct, "batch", "plain", "record", batch_input, "--key", "id")
+    assert code == 0, err
+    assert [(record["line"], record["key"], record["idempotency_key"]) for record in results(out)] == [
+        (1, "c", "c"),
+        (2, "a", "a"),
+    ]
