@@ -634,9 +634,6 @@ def test_batch_results_of_another_tool_are_not_this_tools(
     assert (record["tool"], record["text"]) == ("length", "5")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an unknown result's key was reused by whatever line took its line number"
-)
 def test_batch_an_unknown_calls_key_stays_with_its_call_when_lines_move(
     capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
 ) -> None:

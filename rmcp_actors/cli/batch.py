@@ -220,9 +220,12 @@ class _Run:
                     previous is not None
                     and previous.get("outcome") == _UNKNOWN
                     and isinstance(previous.get("key"), str)
+                    and previous.get("arguments_sha256") == digest
                 ):
                     # The call may have run under that key: only the same key lets an RMCP
                     # server replay it rather than run it again (even if --key changed since).
+                    # Other arguments on this line number are another call (lines moved, or
+                    # the line was edited): the old key would make them a conflict.
                     key = previous["key"]
                 self.lines[index] = (line, key, digest)
                 self.keys[id(arguments)] = key
