@@ -344,7 +344,6 @@ def test_a_server_that_never_answers_exits_4_within_its_connect_timeout(tmp_path
     assert left == {}
 
 
-@pytest.mark.xfail(strict=True, reason="rmcp bench opened the config's journal and recovered from it")
 def test_bench_opens_no_journal_and_recovers_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,7 +23,7 @@ from ..errors import RMCPError
 from ..root import RMCPSupervisor
 from ._app import ExitCode, fail, stderr
 
-__all__ = ["INTERRUPTED", "Connected", "connect", "require_server", "run"]
+__all__ = ["INTERRUPTED", "Connected", "connect", "require_server", "run", "without_journal"]
 
 _T = TypeVar("_T")
 
@@ -65,6 +65,14 @@ def require_server(config: RMCPConfig, name: str, *, as_json: bool = False) -> N
         )
 
 
+def without_journal(config: RMCPConfig) -> RMCPConfig:
+    """``config`` for a command's runtime, which runs no transactions: it must not recover (run
+    compensations of) another program's incomplete ones from the journal the config names,
+    nor open that journal."""
+    transactions = attrs.evolve(config.transactions, journal=None, recover_on_open=False)
+    return attrs.evolve(config, transactions=transactions)
+
+
 @attrs.frozen
 class Connected:
     """A runtime with some of the configured servers added.
@@ -86,10 +94,7 @@ async def connect(config: RMCPConfig, names: Iterable[str]) -> AsyncGenerator[Co
     others are connected.
     """
     failures: dict[str, RMCPError] = {}
-    # A command runs no transactions: it must not recover (run compensations of) another
-    # program's incomplete ones from the journal the config names, nor open that journal.
-    transactions = attrs.evolve(config.transactions, journal=None, recover_on_open=False)
-    runtime_only = attrs.evolve(config, servers={}, transactions=transactions)
+    runtime_only = attrs.evolve(without_journal(config), servers={})
     async with RMCPSupervisor.open(runtime_only) as supervisor:
 
         async def add(name: str) -> None:

@@ -25,7 +25,7 @@ from ..config import RMCPConfig, ServerSpec
 from ..errors import RMCPError, RMCPServerError
 from ..testing.bench import BenchReport, BenchToolError, run_bench
 from ._app import CliState, ExitCode, app, fail, load_config, stderr, stdout
-from ._connect import run
+from ._connect import run, without_journal
 from ._outcomes import error_exit_code
 
 __all__ = ["bench"]
@@ -209,7 +209,7 @@ def bench(
                     spec,
                     tool,
                     arguments,
-                    config=config,
+                    config=without_journal(config),
                     calls=calls,
                     concurrency=concurrency,
                     blocks=blocks,
