@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import attrs
 import trio
@@ -32,6 +32,16 @@ _T = TypeVar("_T")
 INTERRUPTED = 130
 
 
+def _interrupted(error: BaseException) -> bool:
+    """Whether Ctrl-C ended the run: Ctrl-C reaches the main task wherever it waits, and inside
+    the SDK's task groups (the raw clients of rmcp bench, a handshake) it comes out wrapped in
+    an exception group."""
+    if isinstance(error, BaseExceptionGroup):
+        group = cast("BaseExceptionGroup[BaseException]", error)
+        return any(_interrupted(inner) for inner in group.exceptions)
+    return isinstance(error, KeyboardInterrupt)
+
+
 def run(body: Callable[[], Awaitable[_T]], *, interrupted: Callable[[], str] = str) -> _T:
     """Run ``body`` on trio and return what it returns (the CLI's one event loop).
 
@@ -42,12 +52,7 @@ def run(body: Callable[[], Awaitable[_T]], *, interrupted: Callable[[], str] = s
     try:
         return trio.run(body)
     except BaseException as exc:
-        # Ctrl-C reaches the main task wherever it waits: inside the SDK's task groups (the
-        # raw clients of rmcp bench, a handshake) it comes out wrapped in an exception group.
-        interrupt = isinstance(exc, KeyboardInterrupt) or (
-            isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[0] is not None
-        )
-        if not interrupt:
+        if not _interrupted(exc):
             raise
         stderr().print(f"[bold red]interrupted[/] {escape(interrupted())}".rstrip(), highlight=False)
         raise typer.Exit(INTERRUPTED) from None
