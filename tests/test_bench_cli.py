@@ -24,7 +24,7 @@ from types import ModuleType
 import pytest
 import trio
 from _http import serve_http
-from conftest import PYTHON, stdio_args
+from conftest import PYTHON, processes_naming, stdio_args
 from mcp_test_server import build_server
 
 from rmcp_actors.cli import main
@@ -249,21 +249,6 @@ def test_a_failing_call_exits_with_the_code_of_its_outcome(
 
 
 BENCH_RECORD = ["--args", '{"label": "x"}', "--calls", "100000"]
-
-
-def processes_naming(text: str) -> dict[int, str]:
-    """The running processes whose command line contains ``text``: pid and command line."""
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in command:
-            found[int(entry.name)] = command
-    return found
 
 
 def test_ctrl_c_exits_130_and_stops_the_servers(tmp_path: Path) -> None:

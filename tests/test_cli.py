@@ -21,6 +21,7 @@ from typing import Any
 
 import prefork
 import pytest
+from conftest import processes_naming
 
 from rmcp_actors.cli import main
 from rmcp_actors.testing import relay_command
@@ -658,3 +659,44 @@ def test_batch_an_unknown_calls_key_stays_with_its_call_when_lines_move(
         (1, "c", "c"),
         (2, "a", "a"),
     ]
+
+
+BLOCK_A_MINUTE = ["--args", '{"label": "x", "seconds": 60}']
+
+
+@pytest.mark.xfail(strict=True, reason="SIGTERM ended rmcp at once, leaving its stdio servers running")
+def test_sigterm_stops_the_servers_as_ctrl_c_does(tmp_path: Path) -> None:
+    # Not forked warm: the server's own command line names tmp_path, to find it afterwards.
+    server = [sys.executable, str(ROOT / "tests" / "mcp_test_server.py"), "--state-dir", str(tmp_path)]
+    config = write_config(tmp_path / "rmcp.toml", server_table("plain", server))
+    program = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rmcp_actors",
+            "-c",
+            str(config),
+            "call",
+            "plain",
+            "block_unsafe",
+            *BLOCK_A_MINUTE,
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started = tmp_path / "x.started"
+    deadline = time.monotonic() + 60
+    while not started.exists():  # the tool is running
+        assert program.poll() is None, program.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    program.send_signal(signal.SIGTERM)
+    _, err = program.communicate(timeout=60)
+    left = processes_naming(str(tmp_path))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert program.returncode == 143, err
+    assert "terminated" in err
+    assert left == {}  # stopped with the command, not left to finish the tool
