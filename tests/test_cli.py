@@ -664,7 +664,6 @@ def test_batch_an_unknown_calls_key_stays_with_its_call_when_lines_move(
 BLOCK_A_MINUTE = ["--args", '{"label": "x", "seconds": 60}']
 
 
-@pytest.mark.xfail(strict=True, reason="SIGTERM ended rmcp at once, leaving its stdio servers running")
 def test_sigterm_stops_the_servers_as_ctrl_c_does(tmp_path: Path) -> None:
     # Not forked warm: the server's own command line names tmp_path, to find it afterwards.
     server = [sys.executable, str(ROOT / "tests" / "mcp_test_server.py"), "--state-dir", str(tmp_path)]

@@ -9,6 +9,8 @@ by side, each failure kept as that server's.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TypeVar, cast
@@ -23,13 +25,15 @@ from ..errors import RMCPError
 from ..root import RMCPSupervisor
 from ._app import ExitCode, fail, stderr
 
-__all__ = ["INTERRUPTED", "Connected", "connect", "require_server", "run", "without_journal"]
+__all__ = ["INTERRUPTED", "TERMINATED", "Connected", "connect", "require_server", "run", "without_journal"]
 
 _T = TypeVar("_T")
 
 
 #: The shell's exit code for a program ended by Ctrl-C (128 + SIGINT).
 INTERRUPTED = 130
+#: The shell's exit code for a program ended by SIGTERM (128 + SIGTERM).
+TERMINATED = 143
 
 
 def _interrupted(error: BaseException) -> bool:
@@ -47,15 +51,37 @@ def run(body: Callable[[], Awaitable[_T]], *, interrupted: Callable[[], str] = s
 
     Ctrl-C cancels ``body`` (its ``finally`` blocks and the runtime's shutdown run), prints
     what ``interrupted()`` says (what the user should know about the work cut short, as it
-    stands then) and exits 130.
+    stands then) and exits 130. SIGTERM does the same and exits 143.
     """
+    terminated = False
+
+    def stop_as_ctrl_c(signum: int, frame: object) -> None:
+        # SIGTERM (kill, timeout, a service manager) would end the process at once and leave
+        # its stdio servers running the tool: take Ctrl-C's path, which stops them.
+        nonlocal terminated
+        terminated = True
+        if callable(signal.getsignal(signal.SIGINT)):
+            signal.raise_signal(signal.SIGINT)
+        else:  # SIGINT ignored (a shell's background job): nothing to take over; end as before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    # Signal handlers can only be set from the main thread (main() may run in another).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     try:
         return trio.run(body)
     except BaseException as exc:
         if not _interrupted(exc):
             raise
-        stderr().print(f"[bold red]interrupted[/] {escape(interrupted())}".rstrip(), highlight=False)
-        raise typer.Exit(INTERRUPTED) from None
+        word = "terminated" if terminated else "interrupted"
+        stderr().print(f"[bold red]{word}[/] {escape(interrupted())}".rstrip(), highlight=False)
+        raise typer.Exit(TERMINATED if terminated else INTERRUPTED) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def require_server(config: RMCPConfig, name: str, *, as_json: bool = False) -> None:
