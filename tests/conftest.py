@@ -92,3 +92,18 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         assert process.stdin is not None
         process.stdin.close()
         process.wait(timeout=10)
+
+
+def processes_naming(text: str) -> dict[int, str]:
+    """The running processes whose command line contains ``text``: pid and command line."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in command:
+            found[int(entry.name)] = command
+    return found

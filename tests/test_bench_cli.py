@@ -6,11 +6,16 @@ check that the command measures the three clients and refuses bad input with exi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import queue
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,12 +24,13 @@ from types import ModuleType
 import pytest
 import trio
 from _http import serve_http
-from conftest import PYTHON, stdio_args
+from conftest import PYTHON, processes_naming, stdio_args
 from mcp_test_server import build_server
 
 from rmcp_actors.cli import main
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 SIDE_KEYS = {"calls", "calls_per_s", "median_us", "p99_us", "block_calls_per_s"}
 
@@ -211,3 +217,129 @@ def test_table_reads_other_scripts_results_defensively(tmp_path: Path) -> None:
     assert "| rmcp | 4,000 |" in text
     assert "| raw | 1,500 |" in text
     assert "9,000" not in text  # a throughput, not memory
+
+
+@pytest.mark.parametrize(
+    ("tool", "code", "message"),
+    [
+        # -32000: the server may have run the tool; never "refused" (4).
+        pytest.param("busy", 2, "server is busy"),
+        # -32602: refused before running.
+        ("invalid_params", 4, "no such argument shape"),
+        # Not listed: the command is wrong.
+        pytest.param("no_such_tool", 3, "does not list tool 'no_such_tool'"),
+    ],
+)
+def test_a_failing_call_exits_with_the_code_of_its_outcome(
+    capsys: pytest.CaptureFixture[str], tool: str, code: int, message: str
+) -> None:
+    argv = [
+        "bench",
+        "local",
+        tool,
+        "--server",
+        "mcp_test_server:build_server",
+        "--calls",
+        "2",
+        "--blocks",
+        "1",
+    ]
+    assert main(argv) == code
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+BENCH_RECORD = ["--args", '{"label": "x"}', "--calls", "100000"]
+
+
+def test_ctrl_c_exits_130_and_stops_the_servers(tmp_path: Path) -> None:
+    config = tmp_path / "rmcp.toml"
+    args = ", ".join(json.dumps(arg) for arg in stdio_args("--state-dir", str(tmp_path)))
+    config.write_text(
+        f'[servers.test]\ntransport = "stdio"\ncommand = {json.dumps(PYTHON)}\nargs = [{args}]\n'
+    )
+    program = subprocess.Popen(
+        [PYTHON, "-m", "rmcp_actors", "-c", str(config), "bench", "test", "record", *BENCH_RECORD],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ledger = tmp_path / "ledger"
+    deadline = time.monotonic() + 60
+    while not (ledger.exists() and len(ledger.read_text().splitlines()) >= 5):  # the benchmark runs
+        assert program.poll() is None, program.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    program.send_signal(signal.SIGINT)
+    out, err = program.communicate(timeout=60)
+    assert program.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted" in err
+    assert out == ""
+    assert processes_naming(str(tmp_path)) == {}  # its three servers are gone
+
+
+def test_error_messages_are_shown_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "local", "no_such_tool", "--server", "mcp_test_server:build_server", "--calls", "2"]
+    assert main([*argv, "--blocks", "1"]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: [local/no_such_tool] server 'local' does not list tool" in err
+    assert "\\[" not in err
+
+
+def test_a_server_that_never_answers_exits_4_within_its_connect_timeout(tmp_path: Path) -> None:
+    # A program that starts and never speaks MCP; its argv names tmp_path, to find it afterwards.
+    config = tmp_path / "rmcp.toml"
+    silent = [PYTHON, "-c", "import time; time.sleep(300)", str(tmp_path)]
+    config.write_text(
+        f'[servers.silent]\ntransport = "stdio"\ncommand = {json.dumps(silent[0])}\n'
+        f"args = {json.dumps(silent[1:])}\nconnect_timeout_s = 1\n"
+    )
+    program = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "rmcp_actors",
+            "-c",
+            str(config),
+            "bench",
+            "silent",
+            "echo",
+            "--calls",
+            "2",
+            "--blocks",
+            "1",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = program.communicate(timeout=30)
+    finally:
+        program.kill()
+        left = processes_naming(str(tmp_path))
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert program.returncode == 4, err
+    assert "handshake" in err
+    assert left == {}
+
+
+def test_bench_opens_no_journal_and_recovers_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A config shared with a program that runs transactions: a benchmark must not run its
+    # compensations (recover_on_open) nor create its journal, as every other command.
+    config = write_config(tmp_path)
+    journal = tmp_path / "journal.sqlite"
+    config.write_text(
+        f"[transactions]\njournal = {json.dumps(str(journal))}\nrecover_on_open = true\n\n"
+        + config.read_text()
+    )
+    argv = ["--config", str(config), "bench", "test", "echo", "--args", '{"text": "hi"}']
+    bench_json(capsys, [*argv, "--calls", "2", "--blocks", "1", "--json"])
+    assert not journal.exists()

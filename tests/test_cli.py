@@ -21,6 +21,7 @@ from typing import Any
 
 import prefork
 import pytest
+from conftest import processes_naming
 
 from rmcp_actors.cli import main
 from rmcp_actors.testing import relay_command
@@ -557,3 +558,144 @@ def test_batch_resumes_after_a_results_line_cut_short(
     assert [record["line"] for record in results(out)] == [1, 2, 3]
     assert out.read_text().startswith(finished)
     assert sorted(ledger(tmp_path)) == ["a", "b", "c"]
+
+
+def test_batch_with_a_key_field_skips_finished_calls_that_moved_to_another_line(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    # `record` is not safe to repeat on a plain MCP server: sending a finished line again runs it twice.
+    config = write_config(
+        tmp_path / "rmcp.toml", server_table("plain", server_argv(zygote, "--state-dir", str(tmp_path)))
+    )
+    batch_input = tmp_path / "in.jsonl"
+    out = tmp_path / "in.results.jsonl"
+    batch_input.write_text('{"label": "a", "id": "a"}\n{"label": "b", "id": "b"}\n')
+    assert rmcp(capsys, "-c", config, "batch", "plain", "record", batch_input, "--key", "id")[0] == 0
+
+    # A line added at the top: the finished calls moved down a line, their keys did not.
+    batch_input.write_text(
+        '{"label": "c", "id": "c"}\n{"label": "a", "id": "a"}\n{"label": "b", "id": "b"}\n'
+    )
+    code, _, err = rmcp(capsys, "-c", config, "batch", "plain", "record", batch_input, "--key", "id")
+    assert code == 0, err
+    assert sorted(ledger(tmp_path)) == ["a", "b", "c"]  # nothing ran twice
+    assert "1 succeeded, 2 skipped" in err
+    after = results(out)
+    assert [(record["line"], record["key"], record["outcome"]) for record in after] == [
+        (1, "c", "succeeded"),
+        (2, "a", "succeeded"),
+        (3, "b", "succeeded"),
+    ]
+
+    # Another call with a finished call's key is not that call: it is sent, not given its result.
+    with batch_input.open("a") as file:
+        file.write('{"label": "d", "id": "a"}\n')
+    code, _, err = rmcp(capsys, "-c", config, "batch", "plain", "record", batch_input, "--key", "id")
+    assert code == 0, err
+    assert "1 succeeded, 3 skipped" in err
+    assert sorted(ledger(tmp_path)) == ["a", "b", "c", "d"]
+    assert results(out)[3]["text"] == "recorded d"
+
+
+def test_the_final_rewrite_keeps_the_results_file_mode(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "rmcp.toml", server_table("plain", server_argv(zygote)))
+    batch_input = tmp_path / "in.jsonl"
+    out = tmp_path / "in.results.jsonl"
+    batch_input.write_text('{"text": "a"}\n')
+    umask = os.umask(0o022)
+    try:
+        assert rmcp(capsys, "-c", config, "batch", "plain", "echo", batch_input)[0] == 0
+        assert out.stat().st_mode & 0o777 == 0o644  # as any new file: others may read the results
+        out.chmod(0o640)
+        batch_input.write_text('{"text": "a"}\n{"text": "b"}\n')
+        assert rmcp(capsys, "-c", config, "batch", "plain", "echo", batch_input)[0] == 0
+        assert out.stat().st_mode & 0o777 == 0o640  # the mode its owner gave it
+    finally:
+        os.umask(umask)
+    assert [record["text"] for record in results(out)] == ["a", "b"]
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".in.results")] == []
+
+
+def test_batch_results_of_another_tool_are_not_this_tools(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "rmcp.toml", server_table("plain", server_argv(zygote)))
+    batch_input = tmp_path / "in.jsonl"
+    out = tmp_path / "in.results.jsonl"
+    batch_input.write_text('{"text": "hello", "id": "k1"}\n')
+    assert rmcp(capsys, "-c", config, "batch", "plain", "echo", batch_input, "--key", "id")[0] == 0
+
+    # The same input and keys, another tool, the same default results file.
+    code, _, err = rmcp(capsys, "-c", config, "batch", "plain", "length", batch_input, "--key", "id")
+    assert code == 0, err
+    assert "1 succeeded" in err
+    [record] = results(out)
+    assert (record["tool"], record["text"]) == ("length", "5")
+
+
+def test_batch_an_unknown_calls_key_stays_with_its_call_when_lines_move(
+    capsys: pytest.CaptureFixture[str], zygote: str, tmp_path: Path
+) -> None:
+    server = server_argv(zygote, "--state-dir", str(tmp_path))
+    lossy = write_config(
+        tmp_path / "lossy.toml", server_table("plain", relayed_argv(zygote, server, swallow_probability=1.0))
+    )
+    direct = write_config(tmp_path / "direct.toml", server_table("plain", server))
+    batch_input = tmp_path / "in.jsonl"
+    out = tmp_path / "in.results.jsonl"
+    batch_input.write_text('{"label": "a", "id": "a"}\n')
+    code, _, err = rmcp(capsys, "-c", lossy, "batch", "plain", "record", batch_input, "--key", "id")
+    assert code == 2, err
+    assert results(out)[0]["outcome"] == "unknown"
+
+    # A line added at the top takes the unknown call's line number, not its key: reused for
+    # other arguments, that key would make an RMCP server refuse both calls as conflicts.
+    batch_input.write_text('{"label": "c", "id": "c"}\n{"label": "a", "id": "a"}\n')
+    code, _, err = rmcp(capsys, "-c", direct, "batch", "plain", "record", batch_input, "--key", "id")
+    assert code == 0, err
+    assert [(record["line"], record["key"], record["idempotency_key"]) for record in results(out)] == [
+        (1, "c", "c"),
+        (2, "a", "a"),
+    ]
+
+
+BLOCK_A_MINUTE = ["--args", '{"label": "x", "seconds": 60}']
+
+
+def test_sigterm_stops_the_servers_as_ctrl_c_does(tmp_path: Path) -> None:
+    # Not forked warm: the server's own command line names tmp_path, to find it afterwards.
+    server = [sys.executable, str(ROOT / "tests" / "mcp_test_server.py"), "--state-dir", str(tmp_path)]
+    config = write_config(tmp_path / "rmcp.toml", server_table("plain", server))
+    program = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rmcp_actors",
+            "-c",
+            str(config),
+            "call",
+            "plain",
+            "block_unsafe",
+            *BLOCK_A_MINUTE,
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started = tmp_path / "x.started"
+    deadline = time.monotonic() + 60
+    while not started.exists():  # the tool is running
+        assert program.poll() is None, program.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    program.send_signal(signal.SIGTERM)
+    _, err = program.communicate(timeout=60)
+    left = processes_naming(str(tmp_path))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert program.returncode == 143, err
+    assert "terminated" in err
+    assert left == {}  # stopped with the command, not left to finish the tool

@@ -57,6 +57,12 @@ def derived_key(server: str, tool: str, line: int, arguments: dict[str, Any]) ->
     return "rmcp-batch-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def _arguments_digest(arguments: dict[str, Any]) -> str:
+    """What tells two lines' calls apart beyond their key: the canonical JSON of the arguments."""
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
 def _default_out(path: Path) -> Path:
     stem = path.name.removesuffix(".jsonl")
     return path.with_name(f"{stem}.results.jsonl")
@@ -108,13 +114,29 @@ class _Run:
     out: IO[str] | None = None
     # Lines handed to sup.map, by their index in the batch; keys by the arguments' identity
     # until sup.map asks for them (right after taking the item).
-    lines: dict[int, tuple[int, str]] = attrs.Factory(dict[int, tuple[int, str]])
+    lines: dict[int, tuple[int, str, str]] = attrs.Factory(dict[int, tuple[int, str, str]])
     keys: dict[int, str] = attrs.Factory(dict[int, str])
     # The input's line numbers that hold a call (not blank), once the input was read through.
     present: set[int] = attrs.Factory(set[int])
+    # The earlier runs' final results by key: a call keeps its --key when lines are added or
+    # removed above it, and must not run again because its line number changed.
+    finished: dict[str, dict[str, Any]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Results of another server or tool (the same file, the same --key) are not this batch's.
+        self.previous = {
+            line: record
+            for line, record in self.previous.items()
+            if (record.get("server"), record.get("tool")) in ((self.server, self.tool), (None, None))
+        }
+        self.finished = {
+            record["key"]: record
+            for record in self.previous.values()
+            if record.get("outcome") in _FINAL and isinstance(record.get("key"), str)
+        }
 
     @trio.lowlevel.enable_ki_protection
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], *, skipped: bool = False) -> None:
         """Append one result line and flush it; Ctrl-C waits until the line is whole."""
         assert self.out is not None
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -122,7 +144,7 @@ class _Run:
         self.written += 1
         code = ExitCode(record["exit_code"])
         self.codes.add(code)
-        self.counts[OUTCOME_NAMES[code]] += 1
+        self.counts["skipped" if skipped else OUTCOME_NAMES[code]] += 1
         self.progress.advance(self.task)
 
     def invalid(self, line: int, message: str) -> None:
@@ -180,20 +202,32 @@ class _Run:
                 if key is None:
                     continue
                 previous = self.previous.get(line)
+                done = self.finished.get(key)
                 if previous is not None and previous.get("outcome") in _FINAL and previous.get("key") == key:
+                    done = previous
+                if done is not None and done is previous:
                     self.counts["skipped"] += 1
-                    self.codes.add(_CODE_OF[previous["outcome"]])
+                    self.codes.add(_CODE_OF[done["outcome"]])
                     self.progress.advance(self.task)
+                    continue
+                digest = _arguments_digest(arguments)
+                if done is not None and done.get("arguments_sha256") == digest:
+                    # The same call finished on another line of an earlier run (lines were
+                    # added or removed above it): this line takes its result.
+                    self.write({**done, "line": line}, skipped=True)
                     continue
                 if (
                     previous is not None
                     and previous.get("outcome") == _UNKNOWN
                     and isinstance(previous.get("key"), str)
+                    and previous.get("arguments_sha256") == digest
                 ):
                     # The call may have run under that key: only the same key lets an RMCP
                     # server replay it rather than run it again (even if --key changed since).
+                    # Other arguments on this line number are another call (lines moved, or
+                    # the line was edited): the old key would make them a conflict.
                     key = previous["key"]
-                self.lines[index] = (line, key)
+                self.lines[index] = (line, key, digest)
                 self.keys[id(arguments)] = key
                 index += 1
                 yield arguments
@@ -220,9 +254,9 @@ class _Run:
         return self.keys.pop(id(arguments))
 
     def record(self, index: int, outcome: CallResult | RMCPError) -> None:
-        line, key = self.lines.pop(index)
+        line, key, digest = self.lines.pop(index)
         body = call_record(outcome) if isinstance(outcome, CallResult) else error_record(outcome)
-        self.write({"line": line, "key": key, **body})
+        self.write({"line": line, "key": key, **body, "arguments_sha256": digest})
 
     def exit_code(self) -> ExitCode:
         return next((code for code in _URGENCY if code in self.codes), ExitCode.SUCCEEDED)
@@ -241,9 +275,15 @@ def _compact(out: Path, present: set[int]) -> None:
     last, _ = _previous_results(out)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
+        # mkstemp makes the file private (0600): the results keep the mode they had.
+        os.fchmod(handle, out.stat().st_mode & 0o7777)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             for line in sorted(last.keys() & present):
                 file.write(json.dumps(last[line], ensure_ascii=False) + "\n")
+            # On disk before the rename: after a power cut the rename may survive without
+            # the data, and an empty file would have replaced every finished result.
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -14,18 +14,19 @@ import sys
 from typing import Annotated, Any, Literal
 
 import attrs
-import trio
 import typer
+from mcp import MCPError
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..config import RMCPConfig, ServerSpec
-from ..errors import RMCPError, RMCPOutcomeUnknownError
+from ..errors import RMCPError, RMCPServerError
 from ..testing.bench import BenchReport, BenchToolError, run_bench
 from ._app import CliState, ExitCode, app, fail, load_config, stderr, stdout
+from ._connect import run, without_journal
+from ._outcomes import error_exit_code
 
 __all__ = ["bench"]
 
@@ -43,18 +44,21 @@ _EXAMPLE = (
 )
 
 
-def _fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
-    # Messages quote user input and errors ("[server/tool] ..."): not rich markup.
-    return fail(escape(message), code)
+def _raw_exit_code(error: Exception) -> ExitCode:
+    """A raw client's failure: a JSON-RPC error other than a protocol refusal may come from a
+    tool that ran (as :class:`RMCPServerError` says); anything else happened before sending."""
+    if isinstance(error, MCPError) and error.code not in RMCPServerError.NOT_EXECUTED_CODES:
+        return ExitCode.OUTCOME_UNKNOWN
+    return ExitCode.REFUSED
 
 
 def _arguments(raw: str) -> dict[str, Any]:
     try:
         arguments = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise _fail(f"--args is not valid JSON ({exc.msg} at character {exc.pos}): {raw!r}") from None
+        raise fail(f"--args is not valid JSON ({exc.msg} at character {exc.pos}): {raw!r}") from None
     if not isinstance(arguments, dict):
-        raise _fail(f'--args must be a JSON object such as \'{{"text": "hi"}}\', got {raw!r}')
+        raise fail(f'--args must be a JSON object such as \'{{"text": "hi"}}\', got {raw!r}')
     return arguments  # pyright: ignore[reportUnknownVariableType]
 
 
@@ -63,26 +67,26 @@ def _in_memory_server(target: str) -> object:
     or exit 3."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise _fail(f"--server must be module:attribute (e.g. myapp.server:app), got {target!r}")
+        raise fail(f"--server must be module:attribute (e.g. myapp.server:app), got {target!r}")
     if os.getcwd() not in sys.path:  # the rmcp script, unlike python -m, does not look there
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise _fail(f"--server {target!r}: cannot import {module_name!r} ({exc})") from None
+        raise fail(f"--server {target!r}: cannot import {module_name!r} ({exc})") from None
     server = module
     for part in attribute.split("."):
         if not hasattr(server, part):
-            raise _fail(f"--server {target!r}: {module_name!r} has no attribute {attribute!r}")
+            raise fail(f"--server {target!r}: {module_name!r} has no attribute {attribute!r}")
         server = getattr(server, part)
     if callable(server) and not isinstance(server, MCPServer | Server):
         try:
             server = server()  # a factory such as build_server
         except TypeError as exc:
-            raise _fail(f"--server {target!r}: a factory must take no arguments ({exc})") from None
+            raise fail(f"--server {target!r}: a factory must take no arguments ({exc})") from None
     if not isinstance(server, MCPServer | Server):
         kind = type(server).__name__  # pyright: ignore[reportUnknownArgumentType]
-        raise _fail(f"--server {target!r} is a {kind}, not an mcp MCPServer or low-level Server")
+        raise fail(f"--server {target!r} is a {kind}, not an mcp MCPServer or low-level Server")
     return server  # pyright: ignore[reportUnknownVariableType]
 
 
@@ -100,9 +104,9 @@ def _resolve(
     """The config and the spec of the server to measure, or exit 3 saying what is wrong."""
     if server_target is not None or transport == "memory":
         if server_target is None:
-            raise _fail("--transport memory needs --server module:attribute naming an MCPServer object")
+            raise fail("--transport memory needs --server module:attribute naming an MCPServer object")
         if transport not in (None, "memory"):
-            raise _fail(
+            raise fail(
                 f"--server runs the server in memory; it cannot be combined with --transport {transport}"
             )
         config = _config_if_any(ctx)
@@ -115,11 +119,11 @@ def _resolve(
     spec = config.servers.get(name)
     if spec is None:
         known = ", ".join(sorted(config.servers)) or "none"
-        raise _fail(f"unknown server {name!r} (configured servers: {known})")
+        raise fail(f"unknown server {name!r} (configured servers: {known})")
     if spec.transport == "memory":
-        raise _fail(f"server {name!r} is in memory: name its object with --server module:attribute")
+        raise fail(f"server {name!r} is in memory: name its object with --server module:attribute")
     if transport is not None and transport != spec.transport:
-        raise _fail(f"server {name!r} is configured with transport {spec.transport!r}, not {transport!r}")
+        raise fail(f"server {name!r} is configured with transport {spec.transport!r}, not {transport!r}")
     return config, spec
 
 
@@ -185,7 +189,7 @@ def bench(
     arguments = _arguments(args)
     config, spec = _resolve(ctx, server, transport, server_object)
     if calls < blocks * concurrency:
-        raise _fail(f"--calls ({calls}) must be at least --blocks x --concurrency ({blocks * concurrency})")
+        raise fail(f"--calls ({calls}) must be at least --blocks x --concurrency ({blocks * concurrency})")
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -200,28 +204,29 @@ def bench(
             progress.update(task, completed=done, total=total)
 
         try:
-            report = trio.run(
+            report = run(
                 lambda: run_bench(
                     spec,
                     tool,
                     arguments,
-                    config=config,
+                    config=without_journal(config),
                     calls=calls,
                     concurrency=concurrency,
                     blocks=blocks,
                     timeout_s=timeout,
                     progress=advance,
-                )
+                ),
+                interrupted=lambda: "(nothing measured is kept)",
             )
+        except typer.Exit:  # Ctrl-C (130): a RuntimeError, which the last clause would take
+            raise
         except BenchToolError as exc:
-            raise _fail(str(exc), ExitCode.TOOL_ERROR) from None
-        except RMCPOutcomeUnknownError as exc:
-            raise _fail(str(exc), ExitCode.OUTCOME_UNKNOWN) from None
+            raise fail(str(exc), ExitCode.TOOL_ERROR) from None
         except RMCPError as exc:
-            raise _fail(str(exc), ExitCode.REFUSED) from None
+            raise fail(str(exc), error_exit_code(exc)) from None
         except Exception as exc:  # the raw SDK clients' own errors: no server, transport failure
-            raise _fail(
-                f"could not run the benchmark against {server!r}: {exc!r}", ExitCode.REFUSED
+            raise fail(
+                f"could not run the benchmark against {server!r}: {exc!r}", _raw_exit_code(exc)
             ) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict()))

@@ -40,7 +40,7 @@ from mcp_types import ContentBlock
 from ..client._transport import client_mode
 from ..client.auth import resolve_auth
 from ..config import RMCPConfig, ServerSpec
-from ..errors import RMCPArgumentError, RMCPError
+from ..errors import RMCPArgumentError, RMCPError, RMCPNetworkError
 from ..root import RMCPSupervisor
 
 __all__ = ["BenchReport", "BenchSide", "BenchToolError", "ClientName", "run_bench"]
@@ -169,8 +169,9 @@ def _side(blocks: list[tuple[int, float, list[float]]]) -> BenchSide:
     )
 
 
-def _raw_client(spec: ServerSpec, stack: AsyncExitStack) -> Client:
-    """The bare SDK client a user would write for ``spec``, on the SDK's own transport."""
+def _raw_client(spec: ServerSpec, stack: AsyncExitStack, connect_timeout_s: float) -> Client:
+    """The bare SDK client a user would write for ``spec``, on the SDK's own transport; its
+    handshake bounded by ``connect_timeout_s`` (each call sets its own read timeout)."""
     mode = client_mode(spec.protocol)
     if spec.transport == "stdio":
         assert spec.command is not None  # validated by ServerSpec
@@ -180,15 +181,19 @@ def _raw_client(spec: ServerSpec, stack: AsyncExitStack) -> Client:
             env=dict(spec.env) if spec.env is not None else None,
             cwd=spec.cwd,
         )
-        return Client(params, mode=mode)
+        return Client(params, mode=mode, read_timeout_seconds=connect_timeout_s)
     if spec.transport == "http":
         assert spec.url is not None  # validated by ServerSpec
         headers = dict(spec.headers) if spec.headers is not None else None
         http_client = create_mcp_http_client(headers=headers, auth=resolve_auth(spec))
         stack.push_async_callback(http_client.aclose)
-        return Client(streamable_http_client(spec.url, http_client=http_client), mode=mode)
+        return Client(
+            streamable_http_client(spec.url, http_client=http_client),
+            mode=mode,
+            read_timeout_seconds=connect_timeout_s,
+        )
     server = cast("MCPServer[Any] | Server[Any]", spec.server)
-    return Client(InMemoryTransport(server), mode=mode)
+    return Client(InMemoryTransport(server), mode=mode, read_timeout_seconds=connect_timeout_s)
 
 
 def _tool_error(spec: ServerSpec, tool: str, content: list[ContentBlock]) -> BenchToolError:
@@ -205,12 +210,22 @@ def _tool_error(spec: ServerSpec, tool: str, content: list[ContentBlock]) -> Ben
 async def _open_clients(
     config: RMCPConfig, spec: ServerSpec, tool: str, arguments: Mapping[str, Any], timeout_s: float
 ) -> AsyncGenerator[dict[ClientName, _Call]]:
-    """Open raw, raw2 and rmcp on ``spec``; each entry makes one call of ``tool``."""
+    """Open rmcp, raw and raw2 on ``spec``; each entry makes one call of ``tool``."""
     arguments = dict(arguments)
     async with AsyncExitStack() as stack:
         calls: dict[ClientName, _Call] = {}
+        only_this_server = attrs.evolve(config, servers={spec.name: spec})
+        # rmcp first: a server that cannot be reached fails within connect_timeout_s and says
+        # why, where the SDK's client would wait for its handshake for ever.
+        sup = await stack.enter_async_context(RMCPSupervisor.open(only_this_server))
+        connect_timeout_s = only_this_server.server_policy(spec).connect_timeout_s
         for name in ("raw", "raw2"):
-            client = await stack.enter_async_context(_raw_client(spec, stack))
+            try:
+                client = await stack.enter_async_context(_raw_client(spec, stack, connect_timeout_s))
+            except Exception as exc:
+                raise RMCPNetworkError(
+                    f"the raw SDK client could not connect to {spec.describe()}: {exc!r}", server=spec.name
+                ) from exc
 
             async def raw_call(client: Client = client) -> None:
                 result = await client.call_tool(tool, arguments, read_timeout_seconds=timeout_s)
@@ -218,8 +233,6 @@ async def _open_clients(
                     raise _tool_error(spec, tool, result.content)
 
             calls[name] = raw_call
-        only_this_server = attrs.evolve(config, servers={spec.name: spec})
-        sup = await stack.enter_async_context(RMCPSupervisor.open(only_this_server))
 
         async def rmcp_call() -> None:
             result = await sup.call(spec.name, tool, arguments, timeout=timeout_s)
@@ -302,7 +315,9 @@ async def run_bench(
     measured: dict[ClientName, list[tuple[int, float, list[float]]]] = {name: [] for name in CLIENTS}
     try:
         async with _open_clients(config or RMCPConfig(), spec, tool, arguments, timeout_s) as clients:
-            for name in CLIENTS:
+            # rmcp warms up first: a failing tool then fails through the runtime's one
+            # classification (unknown tool, refused, may have run), not as an untyped SDK error.
+            for name in ("rmcp", "raw", "raw2"):
                 await _block(clients[name], max(warmup, concurrency), concurrency)
             if progress is not None:
                 progress(1, total)
