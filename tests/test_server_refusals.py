@@ -166,3 +166,38 @@ async def test_over_stdio_with_a_sqlite_store(tmp_path: Path) -> None:
     assert record is not None
     assert record.result is not None
     assert b"booked a" in record.result
+
+
+class ReleaseFails:
+    """A MemoryStore that cannot delete a record (a store failing for a moment, say)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore(clock=trio.current_time)
+
+    @property
+    def durable(self) -> bool:
+        return False
+
+    async def release(self, key: str, *, owner: str) -> bool:
+        raise OSError("disk I/O error")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_refusal_the_store_cannot_release_is_recorded_as_any_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The key must not stay claimed by a run that ended: the refusal is stored (and replayed
+    to the key's retries) rather than leave them waiting on it, or reading it in doubt."""
+    store: Any = ReleaseFails()
+    ledger = Ledger()
+    app = build_refusing_server(store, ledger, refusals=1, close_store=False)
+    async with mcp.Client(app) as client:
+        for attempt in (1, 2):
+            with pytest.raises(mcp.MCPError) as refused:
+                await client.call_tool("book", {"label": "a"}, meta=rmcp_meta("k", attempt=attempt))
+            assert "call 1 of 'a'" in refused.value.error.message
+    assert ledger.read() == []
+    statistics = server_side(app).statistics()
+    assert (statistics.executed, statistics.replayed) == (1, 1)
