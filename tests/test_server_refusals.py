@@ -139,6 +139,32 @@ async def test_other_failures_of_a_tool_are_stored_and_replayed(
     assert record.result is not None
 
 
+async def test_a_duplicate_in_another_instance_claims_the_released_key(tmp_path: Path) -> None:
+    """Two instances share a SQLite store: the second's duplicate polls the first's run, and
+    once that run's tool refused, finds the key free (not a refusal) and runs it."""
+    path = tmp_path / "rmcp.sqlite"
+    ledger = Ledger()
+    refusing = build_refusing_server(SQLiteStore(path), ledger, refusals=1)
+    running = build_refusing_server(SQLiteStore(path), ledger, refusals=0)
+    arguments = {"label": "a", "seconds": 0.3}
+    answers: dict[str, Any] = {}
+    async with mcp.Client(refusing) as first, mcp.Client(running) as second:
+
+        async def refused() -> None:
+            with pytest.raises(mcp.MCPError) as error:
+                await first.call_tool("book", arguments, meta=rmcp_meta("k", attempt=1))
+            answers["refusing"] = error.value.error.code
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refused)
+            await trio.sleep(0.1)
+            answers["running"] = await second.call_tool("book", arguments, meta=rmcp_meta("k", attempt=2))
+    assert answers["refusing"] == RATE_LIMITED
+    assert wire_rmcp(answers["running"])["duplicate"] is False
+    assert ledger.read() == ["a"]
+    assert (server_side(refusing).statistics().executed, server_side(running).statistics().executed) == (1, 1)
+
+
 async def test_over_stdio_with_a_sqlite_store(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.txt")
     arguments = [str(REFUSING_SERVER), str(tmp_path / "rmcp.sqlite"), str(ledger.path), "3"]
