@@ -146,7 +146,7 @@ async def test_a_duplicate_in_another_instance_claims_the_released_key(tmp_path:
     ledger = Ledger()
     refusing = build_refusing_server(SQLiteStore(path), ledger, refusals=1)
     running = build_refusing_server(SQLiteStore(path), ledger, refusals=0)
-    arguments = {"label": "a", "seconds": 0.3}
+    arguments = {"label": "a", "seconds": 1}
     answers: dict[str, Any] = {}
     async with mcp.Client(refusing) as first, mcp.Client(running) as second:
 
@@ -157,7 +157,9 @@ async def test_a_duplicate_in_another_instance_claims_the_released_key(tmp_path:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(refused)
-            await trio.sleep(0.1)
+            # The first instance has claimed the key and is in its tool (1 s) when the second asks.
+            while not server_side(refusing).statistics().in_flight:
+                await trio.sleep(0.01)
             answers["running"] = await second.call_tool("book", arguments, meta=rmcp_meta("k", attempt=2))
     assert answers["refusing"] == RATE_LIMITED
     assert wire_rmcp(answers["running"])["duplicate"] is False
