@@ -1074,3 +1074,30 @@ def test_store_errors_pickle_with_their_fields(error: RMCPStoreError | RMCPConfi
     assert type(copy) is type(error)
     assert vars(copy) == vars(error)
     assert str(copy) == str(error)
+
+
+async def test_release_frees_only_the_owners_own_claim(harness: Harness) -> None:
+    """A claim whose tool refused and did nothing is deleted in one step: the key reads absent
+    and the next claim is a new one; nothing but a STARTED record of the owner is released."""
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    await store.register_owner(owner_info("b"), LEASE_S)
+    assert await claim(store, "k")
+    assert await store.mark_entered("k", owner="a")
+    assert not await store.release("k", owner="b")
+    assert await store.release("k", owner="a")
+    assert await store.get("k") is None
+    assert not await store.release("k", owner="a")
+    again = await store.begin("k", fingerprint="fp", tool="tool", owner="b")
+    assert (again.claimed, again.taken_over) == (True, False)
+
+    for settle in ("complete", "mark_in_doubt"):
+        key = f"settled-{settle}"
+        assert await claim(store, key)
+        if settle == "complete":
+            await store.complete(key, owner="a", result=b"done")
+        else:
+            await store.mark_in_doubt(key, owner="a")
+        before = await store.get(key)
+        assert not await store.release(key, owner="a")
+        assert await store.get(key) == before

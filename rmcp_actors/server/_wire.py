@@ -10,8 +10,17 @@ from mcp import MCPError
 from pydantic import BaseModel
 
 from .._protocol import META_KEY, RETRYABLE_NACKS, NackCode, ResponseMeta
+from ..flow._feedback import RATE_LIMITED_CODE
 
-__all__ = ["StoredOutcome", "ack", "decode_outcome", "encode_outcome", "nack", "to_wire"]
+__all__ = [
+    "NOTHING_DONE_ERRORS",
+    "StoredOutcome",
+    "ack",
+    "decode_outcome",
+    "encode_outcome",
+    "nack",
+    "to_wire",
+]
 
 _NACK_ADVICE = {
     NackCode.INVALID_META: "fix the client's _meta.rmcp; the tool did not run",
@@ -37,6 +46,12 @@ _NACK_ADVICE = {
 }
 
 
+NOTHING_DONE_ERRORS = frozenset({RATE_LIMITED_CODE})
+"""JSON-RPC error codes by which a tool says it refused the call and did nothing: ``-32023``
+(SEP-3304, rate limited: try later). Such an outcome releases the key instead of being stored
+(``docs/protocol.md`` section 5); every other error may follow an effect, and is stored."""
+
+
 class StoredOutcome(msgspec.Struct, omit_defaults=True):
     """What a dedup record keeps: the result as sent the first time, or the JSON-RPC error."""
 
@@ -44,6 +59,11 @@ class StoredOutcome(msgspec.Struct, omit_defaults=True):
     error_code: int | None = None
     error_message: str | None = None
     error_data: Any = None
+
+    @property
+    def nothing_done(self) -> bool:
+        """Whether the tool refused the call and did nothing (:data:`NOTHING_DONE_ERRORS`)."""
+        return self.result is None and self.error_code in NOTHING_DONE_ERRORS
 
     def replay(self) -> dict[str, Any]:
         """Return the stored result (not to be mutated), or raise the stored JSON-RPC error."""

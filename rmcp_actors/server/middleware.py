@@ -1042,7 +1042,10 @@ class RMCPServerSide:
                     scope.deadline = anyio.current_time() + self.max_execution_s
                     outcome = await self._run_tool(ctx, call_next, acked=acked)
                     scope.deadline = math.inf
-                    await self._record(key, outcome)
+                    if outcome.nothing_done:
+                        await self._release(key, outcome)
+                    else:
+                        await self._record(key, outcome)
                     run.outcome, stored = outcome, True
             if running and not stored:
                 with anyio.CancelScope(shield=True):
@@ -1074,6 +1077,19 @@ class RMCPServerSide:
 
     def _run_ended(self) -> None:
         self._in_flight -= 1
+
+    async def _release(self, key: str, outcome: StoredOutcome) -> None:
+        """Free the key of a run whose tool refused and did nothing (rate limited): stored,
+        the refusal would be replayed to every retry of the key until it expired. The caller
+        and the duplicates waiting on the run get the refusal itself. A store that cannot
+        release the key gets the refusal recorded as any outcome (a key claimed by nobody's
+        run would make its retries wait, then read in doubt)."""
+        try:
+            await self._store_call("release", lambda: self.store.release(key, owner=self.instance_id))
+            return
+        except RMCPStoreError:
+            logger.exception("RMCP: could not release idempotency key %r after its tool refused", key)
+        await self._record(key, outcome)
 
     async def _record(self, key: str, outcome: StoredOutcome | None) -> None:
         """Store a run's outcome. If the store fails, the caller still gets the result, and

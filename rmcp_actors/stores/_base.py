@@ -15,6 +15,9 @@ not, the tool never ran: :meth:`DedupStore.begin` takes the claim over (atomical
 exactly one claimant wins, and the old owner, should it only have been paused, can no longer
 enter: :meth:`DedupStore.mark_entered` fails for it).
 
+A claim whose tool refused the call without doing anything (rate limited) is released
+(:meth:`DedupStore.release`): the record is deleted, and the key is as if never claimed.
+
 An in-doubt key can be settled by what a reconciler found out
 (:meth:`DedupStore.resolve_in_doubt`): the run happened (its result is stored as
 ``COMPLETED``), or it did not (the key is claimed again, the tool runs now).
@@ -166,6 +169,17 @@ class DedupStore(Protocol):
 
     async def mark_in_doubt(self, key: str, *, owner: str) -> None:
         """Record that the run ``owner`` started was cut short without a result."""
+        ...
+
+    async def release(self, key: str, *, owner: str) -> bool:
+        """Delete the ``STARTED`` record of ``key`` claimed by ``owner``, entered or not: its
+        tool refused the call and did nothing (JSON-RPC ``-32023``), so the key is free again
+        and the next attempt claims it as if it were new.
+
+        Atomic across every user of the store: another caller sees the claim or no record,
+        never anything between. Returns False, changing nothing, when ``key`` is not
+        ``STARTED`` by ``owner``.
+        """
         ...
 
     async def get(self, key: str) -> DedupRecord | None:

@@ -258,6 +258,15 @@ class MemoryStore:
             entry.state = RecordState.IN_DOUBT
             entry.expires_at = max(entry.expires_at, self._clock() + self._ttl_s)
 
+    async def release(self, key: str, *, owner: str) -> bool:
+        """Delete the ``STARTED`` record of ``key`` claimed by ``owner`` (its tool refused and
+        did nothing); False, changing nothing, unless it is ``STARTED`` by ``owner``."""
+        self._check_open()
+        if self._claimed_entry(key, owner) is None:
+            return False
+        del self._records[key]
+        return True
+
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""
         self._check_open()

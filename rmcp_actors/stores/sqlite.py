@@ -129,8 +129,8 @@ class SQLiteStoreStatistics:
         writes: Writes carried by those transactions.
         largest_batch: The most writes one transaction carried.
         queued: Writes waiting for the next flush right now.
-        inline_claims: Claims and entered marks committed on the event loop's thread, outside
-            the queue.
+        inline_claims: Claims, entered marks and releases committed on the event loop's thread,
+            outside the queue.
     """
 
     commits: int
@@ -625,6 +625,24 @@ class SQLiteStore:
             WHERE key = ? AND owner = ? AND state = ?""",
             (RecordState.IN_DOUBT.value, expires_at, key, owner, RecordState.STARTED.value),
         )
+
+    async def release(self, key: str, *, owner: str) -> bool:
+        """Delete the ``STARTED`` record of ``key`` claimed by ``owner`` (its tool refused and
+        did nothing); False, changing nothing, unless it is ``STARTED`` by ``owner``.
+
+        One statement, atomic across processes. Committed as the claim it undoes was (see
+        ``fsync_claims``): a release lost in a crash leaves the entered claim of a gone owner,
+        which reads in doubt, never as run.
+        """
+
+        def apply(connection: sqlite3.Connection) -> bool:
+            deleted = connection.execute(
+                "DELETE FROM records WHERE key = ? AND owner = ? AND state = ?",
+                (key, owner, RecordState.STARTED.value),
+            )
+            return deleted.rowcount == 1
+
+        return await self._claim_write(apply, "release")
 
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""

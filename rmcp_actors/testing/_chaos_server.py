@@ -202,7 +202,9 @@ def build_chaos_server(
         raise ValueError(f"rate_per_s must be a positive number, got {rate_per_s!r}")
     book = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
     gauge = _Gauge()
-    # Outermost first: the rate-limit refusal comes before RMCP claims the call's key.
+    # Outermost first: the rate-limit refusal comes before RMCP claims the call's key, as a
+    # gateway's does. (Raised by the tool, RMCP would release the key as well, after a claim
+    # write and a release per refused call: a flood of refusals must not load the store.)
     app: MCPServer[Any] = MCPServer(name, middleware=[_RateLimitGate(_TokenBucket(rate_per_s))])
 
     @app.tool()
