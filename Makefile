@@ -41,6 +41,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/server_overhead.py
 	$(PY) benchmarks/alternatives.py
 	$(PY) benchmarks/large_payloads.py --json benchmarks/results/large_payloads.json
+	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/chaos.py
 	$(PY) benchmarks/plot.py --readme
 
 conformance: $(STAMP)
