@@ -3,13 +3,19 @@ files of its own with pytester, as a user's suite would run it."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import trio
+
+from rmcp_actors import RMCPSupervisor
+from rmcp_actors.testing.pytest_plugin import ChaosServer, open_chaos_server
 
 pytest_plugins = ["pytester"]
 
@@ -222,3 +228,30 @@ def test_chaos_server_over_stdio_survives_kills(pytester: pytest.Pytester) -> No
         """
     )
     run(pytester).assert_outcomes(passed=2)
+
+
+def _open_descriptors(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (or its -wal, -shm)."""
+    names = {str(path), f"{path}-wal", f"{path}-shm"}
+    descriptors = Path("/proc/self/fd")
+    count = 0
+    for descriptor in descriptors.iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor)
+            count += os.readlink(descriptor) in names
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+@pytest.mark.xfail(strict=True, reason="the chaos_server fixture's SQLite store is never closed")
+def test_the_in_memory_chaos_server_closes_its_store_at_teardown(tmp_path: Path) -> None:
+    async def use(server: ChaosServer) -> None:
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(server.spec)
+            await sup.call("chaos", "effect", {"label": "once"}, timeout=30)
+
+    store = tmp_path / "chaos-store.sqlite"
+    with open_chaos_server(tmp_path) as server:
+        trio.run(use, server)
+        assert _open_descriptors(store) > 0
+        assert server.ledger.counts() == {"once": 1}
+    assert _open_descriptors(store) == 0
