@@ -242,7 +242,6 @@ def _open_descriptors(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
-@pytest.mark.xfail(strict=True, reason="the chaos_server fixture's SQLite store is never closed")
 def test_the_in_memory_chaos_server_closes_its_store_at_teardown(tmp_path: Path) -> None:
     async def use(server: ChaosServer) -> None:
         async with RMCPSupervisor.open() as sup:

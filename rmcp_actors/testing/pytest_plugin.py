@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, final
 
 import attrs
+import trio
 from mcp.client._memory import InMemoryTransport
 from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver import MCPServer
@@ -83,15 +84,23 @@ class ChaosServer:
 @contextmanager
 def open_chaos_server(directory: Path) -> Generator[ChaosServer]:
     """The chaos server in memory (the ``chaos_server`` fixture), serving RMCP on a SQLite store
-    in ``directory``, with its ledger there too."""
-    # The store outlives each connection (an in-memory server's lifespan is one connection).
-    # Left to the garbage collector: closing it needs the event loop, gone at teardown, and
-    # it is idle by then.
+    in ``directory``, with its ledger there too.
+
+    Enter and leave it outside an event loop (as a synchronous fixture is): leaving it closes the
+    store in an event loop of its own.
+    """
+    # The store outlives each connection (an in-memory server's lifespan is one connection), so
+    # the server does not close it: this does, once the test's event loop is gone. Left to the
+    # garbage collector, its connections (five descriptors) stayed open for as long as anything
+    # held the server, and held the files of tmp_path open.
     store = SQLiteStore(directory / "chaos-store.sqlite")
-    with Ledger(directory / "chaos-ledger.sqlite") as ledger:
-        server = build_chaos_server(ledger, store)
-        spec = ServerSpec.in_memory("chaos", server, overrides=CHAOS_POLICY)
-        yield ChaosServer(spec=spec, ledger=ledger, server=server)
+    try:
+        with Ledger(directory / "chaos-ledger.sqlite") as ledger:
+            server = build_chaos_server(ledger, store)
+            spec = ServerSpec.in_memory("chaos", server, overrides=CHAOS_POLICY)
+            yield ChaosServer(spec=spec, ledger=ledger, server=server)
+    finally:
+        trio.run(store.aclose)
 
 
 @contextmanager
