@@ -204,7 +204,6 @@ runpy.run_module("rmcp_actors", run_name="__main__")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="Ctrl-C exits 1 (the rmcp way's failure) with a traceback")
 def test_ctrl_c_aborts_with_130_not_the_exit_status_of_a_failed_run(tmp_path: Path) -> None:
     # Exit 1 means "the rmcp way ran a call twice or reported one wrongly": an interrupted run
     # must not say so. It exits 130 with "Aborted.", as the other commands do.
