@@ -254,3 +254,38 @@ def test_the_in_memory_chaos_server_closes_its_store_at_teardown(tmp_path: Path)
         assert _open_descriptors(store) > 0
         assert server.ledger.counts() == {"once": 1}
     assert _open_descriptors(store) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="the teardown's trio.run is refused inside the running loop")
+def test_chaos_server_teardown_while_the_tests_event_loop_still_runs(pytester: pytest.Pytester) -> None:
+    # anyio's pytest runner keeps its event loop (trio here) open as long as an async fixture of
+    # a wider scope lives: the chaos_server fixture's teardown runs inside that loop's thread.
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(
+        """
+        import pytest
+        from rmcp_actors import RMCPSupervisor
+
+        @pytest.fixture(scope="module")
+        def anyio_backend():
+            return "trio"
+
+        @pytest.fixture(scope="module")
+        async def long_lived():
+            yield
+
+        @pytest.mark.anyio
+        async def test_a_call(long_lived, chaos_server):
+            async with RMCPSupervisor.open() as sup:
+                await sup.add_server(chaos_server.spec)
+                await sup.call("chaos", "effect", {"label": "a"}, timeout=30)
+            assert chaos_server.ledger.total() == 1
+
+        @pytest.mark.anyio
+        async def test_a_new_server(long_lived, chaos_server):
+            assert chaos_server.ledger.total() == 0
+        """
+    )
+    plugin = [] if installed() else ["-p", PLUGIN]
+    result = pytester.runpytest_inprocess(*plugin, "-p", "no:trio", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
