@@ -256,7 +256,6 @@ def test_the_in_memory_chaos_server_closes_its_store_at_teardown(tmp_path: Path)
     assert _open_descriptors(store) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the teardown's trio.run is refused inside the running loop")
 def test_chaos_server_teardown_while_the_tests_event_loop_still_runs(pytester: pytest.Pytester) -> None:
     # anyio's pytest runner keeps its event loop (trio here) open as long as an async fixture of
     # a wider scope lives: the chaos_server fixture's teardown runs inside that loop's thread.

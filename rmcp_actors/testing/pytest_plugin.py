@@ -27,6 +27,7 @@ This module holds what the fixtures build: :class:`ChaosServer`, :func:`open_cha
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any, final
@@ -86,13 +87,14 @@ def open_chaos_server(directory: Path) -> Generator[ChaosServer]:
     """The chaos server in memory (the ``chaos_server`` fixture), serving RMCP on a SQLite store
     in ``directory``, with its ledger there too.
 
-    Enter and leave it outside an event loop (as a synchronous fixture is): leaving it closes the
-    store in an event loop of its own.
+    Leaving it closes the store, in an event loop of its own in a thread of its own: the test's
+    event loop may still run in this thread (anyio's runner keeps it for wider-scoped async
+    fixtures), and the store is idle once the test is over.
     """
     # The store outlives each connection (an in-memory server's lifespan is one connection), so
-    # the server does not close it: this does, once the test's event loop is gone. Left to the
-    # garbage collector, its connections (five descriptors) stayed open for as long as anything
-    # held the server, and held the files of tmp_path open.
+    # the server does not close it: this does. Left to the garbage collector, its connections
+    # (five descriptors) stayed open for as long as anything held the server, and held the files
+    # of tmp_path open.
     store = SQLiteStore(directory / "chaos-store.sqlite")
     try:
         with Ledger(directory / "chaos-ledger.sqlite") as ledger:
@@ -100,7 +102,8 @@ def open_chaos_server(directory: Path) -> Generator[ChaosServer]:
             spec = ServerSpec.in_memory("chaos", server, overrides=CHAOS_POLICY)
             yield ChaosServer(spec=spec, ledger=ledger, server=server)
     finally:
-        trio.run(store.aclose)
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            thread.submit(trio.run, store.aclose).result()
 
 
 @contextmanager
