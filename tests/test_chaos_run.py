@@ -4,6 +4,11 @@ in memory (the CI-sized run through the command line) and over stdio (a smaller 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +18,7 @@ import trio
 
 from rmcp_actors import RMCPNetworkError
 from rmcp_actors.cli import main
-from rmcp_actors.testing import FaultPlan, run_chaos
+from rmcp_actors.testing import FaultPlan, Ledger, run_chaos
 from rmcp_actors.testing._fault_streams import decide  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.testing.chaos import WAYS, ChaosReport, WayName, WayReport, _Tally  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.testing.faults import FaultKind
@@ -187,3 +192,45 @@ async def test_a_server_that_cannot_start_ends_the_run_with_its_error(tmp_path: 
     with trio.fail_after(60), pytest.raises(RMCPNetworkError, match="20 times in a row") as caught:
         await run_chaos(5, 1, transport="stdio", workdir=tmp_path, server_command=broken)
     assert "no-such-server" in str(caught.value.__cause__)
+
+
+# A terminal's Ctrl-C: SIGINT with Python's default handler (a shell that started the test run in
+# the background may have left SIGINT ignored, and a child inherits that).
+CTRL_C_PROGRAM = """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["rmcp", "chaos", "--calls", "100000", "--json"]
+runpy.run_module("rmcp_actors", run_name="__main__")
+"""
+
+
+def test_ctrl_c_aborts_with_130_not_the_exit_status_of_a_failed_run(tmp_path: Path) -> None:
+    # Exit 1 means "the rmcp way ran a call twice or reported one wrongly": an interrupted run
+    # must not say so. It exits 130 with "Aborted.", as the other commands do.
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_PROGRAM],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (ledgers := list(tmp_path.glob("rmcp-chaos-*/raw/ledger.sqlite"))):
+            assert time.monotonic() < deadline, "the run did not start"
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            time.sleep(0.05)
+        with Ledger(ledgers[0]) as book:
+            while book.total() == 0:  # calls are being made
+                assert time.monotonic() < deadline, "no call ran"
+                time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, stdout) == (130, "")
+    assert "Aborted." in stderr
+    assert "Traceback" not in stderr

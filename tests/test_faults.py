@@ -253,6 +253,15 @@ async def test_corrupt_answer_is_a_parse_error_and_the_call_waits_its_deadline(
     assert isinstance(stream_errors[0], ValueError)
 
 
+@pytest.mark.parametrize("method", ["sampling/createMessage", "elicitation/create", "roots/list"])
+def test_a_method_only_servers_send_is_refused(method: str) -> None:
+    # The injector draws faults on the client's requests (and their answers); a request the
+    # server sends would never draw one: a plan naming it would silently inject nothing.
+    with pytest.raises(RMCPConfigError, match="requests the server sends") as error:
+        FaultPlan(disconnect=1.0, methods={"tools/call", method})
+    assert error.value.path == "methods"
+
+
 async def test_methods_outside_the_plan_never_draw_faults() -> None:
     injector = FaultInjector(FaultPlan(disconnect=1.0, methods={"resources/list"}))
     async with Client(injector.wrap(InMemoryTransport(build_server(State())))) as client:

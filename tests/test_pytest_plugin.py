@@ -1,17 +1,25 @@
-"""The pytest plugin (rmcp_actors.testing.pytest_plugin), run on test files of its own with
-pytester, as a user's suite would run it."""
+"""The pytest plugin (_rmcp_actors_pytestplugin, rmcp_actors.testing.pytest_plugin), run on test
+files of its own with pytester, as a user's suite would run it."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import trio
+
+from rmcp_actors import RMCPSupervisor
+from rmcp_actors.testing.pytest_plugin import ChaosServer, open_chaos_server
 
 pytest_plugins = ["pytester"]
 
-PLUGIN = "rmcp_actors.testing.pytest_plugin"
+PLUGIN = "_rmcp_actors_pytestplugin"
 
 # A user's test module: a real in-memory MCP server with a side effect, called through rmcp_actors.
 SERVER = """
@@ -49,6 +57,22 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 def test_the_entry_point_names_the_plugin_module() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"]["pytest11"] == {"rmcp_actors": PLUGIN}
+
+
+def test_loading_the_plugin_imports_neither_rmcp_actors_nor_the_sdk() -> None:
+    # pytest loads the entry point in every run of every suite of an environment that has
+    # rmcp-actors installed: a run that uses no fixture of it must not pay for the SDK's import
+    # (seconds), only for the plugin's hooks.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    module = pyproject["project"]["entry-points"]["pytest11"]["rmcp_actors"]
+    probe = (
+        f"import sys, {module}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('rmcp_actors', 'mcp', 'trio')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_without_a_marker_the_plan_has_no_faults_and_the_option_seeds_it(pytester: pytest.Pytester) -> None:
@@ -204,3 +228,63 @@ def test_chaos_server_over_stdio_survives_kills(pytester: pytest.Pytester) -> No
         """
     )
     run(pytester).assert_outcomes(passed=2)
+
+
+def _open_descriptors(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (or its -wal, -shm)."""
+    names = {str(path), f"{path}-wal", f"{path}-shm"}
+    descriptors = Path("/proc/self/fd")
+    count = 0
+    for descriptor in descriptors.iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor)
+            count += os.readlink(descriptor) in names
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_the_in_memory_chaos_server_closes_its_store_at_teardown(tmp_path: Path) -> None:
+    async def use(server: ChaosServer) -> None:
+        async with RMCPSupervisor.open() as sup:
+            await sup.add_server(server.spec)
+            await sup.call("chaos", "effect", {"label": "once"}, timeout=30)
+
+    store = tmp_path / "chaos-store.sqlite"
+    with open_chaos_server(tmp_path) as server:
+        trio.run(use, server)
+        assert _open_descriptors(store) > 0
+        assert server.ledger.counts() == {"once": 1}
+    assert _open_descriptors(store) == 0
+
+
+def test_chaos_server_teardown_while_the_tests_event_loop_still_runs(pytester: pytest.Pytester) -> None:
+    # anyio's pytest runner keeps its event loop (trio here) open as long as an async fixture of
+    # a wider scope lives: the chaos_server fixture's teardown runs inside that loop's thread.
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(
+        """
+        import pytest
+        from rmcp_actors import RMCPSupervisor
+
+        @pytest.fixture(scope="module")
+        def anyio_backend():
+            return "trio"
+
+        @pytest.fixture(scope="module")
+        async def long_lived():
+            yield
+
+        @pytest.mark.anyio
+        async def test_a_call(long_lived, chaos_server):
+            async with RMCPSupervisor.open() as sup:
+                await sup.add_server(chaos_server.spec)
+                await sup.call("chaos", "effect", {"label": "a"}, timeout=30)
+            assert chaos_server.ledger.total() == 1
+
+        @pytest.mark.anyio
+        async def test_a_new_server(long_lived, chaos_server):
+            assert chaos_server.ledger.total() == 0
+        """
+    )
+    plugin = [] if installed() else ["-p", PLUGIN]
+    result = pytester.runpytest_inprocess(*plugin, "-p", "no:trio", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)

@@ -2,7 +2,7 @@
 what each way got right (see :func:`rmcp_actors.testing.run_chaos`).
 
 Exit status: 0 when the rmcp way ran no call twice and reported none wrongly (0 duplicates,
-0 lost), else 1; 3 for a usage error (a bad ``--faults``).
+0 lost), else 1; 3 for a usage error (a bad ``--faults``); 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -140,9 +140,15 @@ def chaos(
         def advance(way: WayName, done: int) -> None:
             progress.update(tasks[way], completed=done)
 
-        report = trio.run(
-            lambda: run_chaos(calls, concurrency, faults=plan, transport=transport, progress=advance)
-        )
+        try:
+            report = trio.run(
+                lambda: run_chaos(calls, concurrency, faults=plan, transport=transport, progress=advance)
+            )
+        except* KeyboardInterrupt:
+            # trio's nurseries deliver Ctrl-C inside an exception group, which the command line's
+            # own Ctrl-C handling does not recognise: it would print the group and exit 1, the
+            # status of an rmcp way that ran a call twice.
+            raise typer.Abort from None
     if as_json:
         stdout().out(json.dumps(report.to_json()), highlight=False)
     else:

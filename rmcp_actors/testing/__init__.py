@@ -5,8 +5,9 @@ a stdio MCP server and injects faults; ``relay_command`` builds its command line
 
 ``FaultPlan`` and ``FaultInjector`` inject seeded faults into any transport (stdio, Streamable
 HTTP, in memory), for a raw ``mcp.Client`` or every connection rmcp_actors makes. The pytest
-plugin (``rmcp_actors.testing.pytest_plugin``, loaded by pytest when rmcp-actors is installed)
-gives them as fixtures. See docs/testing.md.
+plugin (documented in ``rmcp_actors.testing.pytest_plugin``; pytest loads it, as the top-level
+module ``_rmcp_actors_pytestplugin``, when rmcp-actors is installed) gives them as fixtures. See
+docs/testing.md.
 
 The chaos server (``python -m rmcp_actors.testing.chaos_server``, or ``build_chaos_server`` in
 this process) misbehaves on request and counts its side effects in a ``Ledger``; ``run_chaos``

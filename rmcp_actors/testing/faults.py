@@ -85,6 +85,11 @@ def _to_methods(value: Any) -> Any:
     return frozenset(cast("Iterable[object]", value))
 
 
+# Requests only a server sends (MCP's ServerRequest but ping): the injector sits on the client's
+# side and draws faults on the client's requests, so a plan naming one would inject nothing.
+_SERVER_REQUESTS: Final = frozenset({"sampling/createMessage", "elicitation/create", "roots/list"})
+
+
 def _check_methods(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
@@ -95,6 +100,13 @@ def _check_methods(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> N
         raise RMCPConfigError(
             f"must be a set of JSON-RPC method names such as {{'tools/call'}}, or None for every "
             f"request, got {value!r}",
+            path=attribute.name,
+        )
+    if server_requests := sorted(_SERVER_REQUESTS.intersection(cast("frozenset[str]", value))):
+        raise RMCPConfigError(
+            f"{', '.join(server_requests)}: requests the server sends to the client, which never "
+            "draw faults (faults hit the client's requests and their answers); name the client's "
+            "request that leads to them, such as 'tools/call'",
             path=attribute.name,
         )
 
@@ -137,7 +149,8 @@ class FaultPlan:
             the request (it may or may not have run it); the connection ends with the
             process, and a runtime restarts it by reconnecting.
         methods: The JSON-RPC methods whose requests draw faults; None for every request
-            (``initialize`` included).
+            (``initialize`` included). The client's requests only: a request the server sends
+            (``sampling/createMessage``, ``elicitation/create``, ``roots/list``) is refused.
         silent: Whether a dropped request or answer leaves the connection up. False (the
             default) ends the connection after the loss, as a stream transport does when it
             loses a message; True leaves it up, so the call waits until its deadline (to

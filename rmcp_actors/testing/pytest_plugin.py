@@ -2,7 +2,8 @@
 """pytest plugin: fault injection fixtures for tests of code that calls MCP servers.
 
 pytest loads it by itself wherever rmcp-actors is installed (the ``pytest11`` entry point
-``rmcp_actors``); ``-p no:rmcp_actors`` turns it off. Fixtures:
+``rmcp_actors``, the module ``_rmcp_actors_pytestplugin``, which imports this package only when
+a test uses one of its fixtures); ``-p no:rmcp_actors`` turns it off. Fixtures:
 
 - ``fault_plan``: the test's :class:`~rmcp_actors.testing.FaultPlan`. No faults unless the test
   says so with ``@pytest.mark.rmcp_faults("drop_response=0.2", seed=3)`` (the syntax of
@@ -19,19 +20,20 @@ pytest loads it by itself wherever rmcp-actors is installed (the ``pytest11`` en
 The option ``--rmcp-fault-seed N`` seeds the plans of tests that do not pin a seed, to explore
 other faults or replay a run's.
 
-Loading the plugin imports rmcp_actors (and the MCP SDK), as any module of the package does; a
-suite that does not use it can skip that with ``-p no:rmcp_actors``.
+This module holds what the fixtures build: :class:`ChaosServer`, :func:`open_chaos_server` and
+:func:`open_chaos_server_stdio`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any, final
 
 import attrs
-import pytest
+import trio
 from mcp.client._memory import InMemoryTransport
 from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver import MCPServer
@@ -42,84 +44,8 @@ from ..stores import SQLiteStore
 from ._chaos_server import Ledger, build_chaos_server
 from ._fault_streams import TransportStreams
 from .chaos import CHAOS_POLICY, chaos_server_command, chaos_server_environment
-from .faults import FaultInjector, FaultPlan
 
-__all__ = [
-    "ChaosServer",
-    "chaos_server",
-    "chaos_server_stdio",
-    "fault_injector",
-    "fault_plan",
-    "faulty_spec",
-]
-
-_INJECTOR = pytest.StashKey["FaultInjector"]()
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("rmcp", "rmcp_actors fault injection")
-    group.addoption(
-        "--rmcp-fault-seed",
-        type=int,
-        default=None,
-        metavar="SEED",
-        help="seed of the fault_plan fixture for tests that do not pin one (default 0)",
-    )
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "rmcp_faults(faults='', *, seed=None, **options): the test's fault_plan, in the syntax of "
-        "`rmcp chaos --faults` (e.g. rmcp_faults('drop_response=0.2,disconnect=0.05', seed=3)); "
-        "options are other FaultPlan attributes (methods, delay_s, silent)",
-    )
-
-
-@pytest.fixture
-def fault_plan(request: pytest.FixtureRequest) -> FaultPlan:
-    """The test's fault plan: from its ``rmcp_faults`` marker, else no faults.
-
-    The seed is the marker's ``seed``, else ``--rmcp-fault-seed``, else 0.
-    """
-    option: int | None = request.config.getoption("--rmcp-fault-seed")
-    default_seed = 0 if option is None else option
-    marker = request.node.get_closest_marker("rmcp_faults")
-    if marker is None:
-        return FaultPlan(seed=default_seed)
-    if len(marker.args) > 1 or (marker.args and not isinstance(marker.args[0], str)):
-        raise TypeError(
-            f"rmcp_faults takes one string of faults such as 'drop_response=0.2', got {marker.args!r}"
-        )
-    options: dict[str, Any] = dict(marker.kwargs)
-    seed = options.pop("seed", None)
-    faults: str = marker.args[0] if marker.args else ""
-    return FaultPlan.parse(faults, seed=default_seed if seed is None else seed, **options)
-
-
-@pytest.fixture
-def fault_injector(request: pytest.FixtureRequest, fault_plan: FaultPlan) -> Iterator[FaultInjector]:
-    """A fault injector applying ``fault_plan``; its counts go to the test's report."""
-    injector = FaultInjector(fault_plan)
-    request.node.stash[_INJECTOR] = injector
-    yield injector
-    request.node.user_properties.append(("rmcp_faults", dict(injector.counts)))
-
-
-@pytest.fixture
-def faulty_spec(fault_injector: FaultInjector) -> Callable[[ServerSpec], ServerSpec]:
-    """``faulty_spec(spec)``: the server spec with ``fault_injector`` on every connection."""
-    return fault_injector.spec
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
-    report = yield
-    injector = item.stash.get(_INJECTOR, None)
-    if injector is not None and call.when == "call":
-        # In the call's report, the one shown with a failure (and with -rP for a pass).
-        report.sections.append(("rmcp faults", injector.summary()))
-    return report
+__all__ = ["ChaosServer", "open_chaos_server", "open_chaos_server_stdio"]
 
 
 @final
@@ -156,26 +82,36 @@ class ChaosServer:
         return stdio_client(StdioServerParameters(command=command, args=args, env=chaos_server_environment()))
 
 
-@pytest.fixture
-def chaos_server(tmp_path: Path) -> Iterator[ChaosServer]:
-    """The chaos server in memory, serving RMCP on a SQLite store in ``tmp_path``."""
-    # The store outlives each connection (an in-memory server's lifespan is one connection).
-    # Left to the garbage collector: closing it needs the event loop, gone at teardown, and
-    # it is idle by then.
-    store = SQLiteStore(tmp_path / "chaos-store.sqlite")
-    with Ledger(tmp_path / "chaos-ledger.sqlite") as ledger:
-        server = build_chaos_server(ledger, store)
-        spec = ServerSpec.in_memory("chaos", server, overrides=CHAOS_POLICY)
-        yield ChaosServer(spec=spec, ledger=ledger, server=server)
+@contextmanager
+def open_chaos_server(directory: Path) -> Generator[ChaosServer]:
+    """The chaos server in memory (the ``chaos_server`` fixture), serving RMCP on a SQLite store
+    in ``directory``, with its ledger there too.
+
+    Leaving it closes the store, in an event loop of its own in a thread of its own: the test's
+    event loop may still run in this thread (anyio's runner keeps it for wider-scoped async
+    fixtures), and the store is idle once the test is over.
+    """
+    # The store outlives each connection (an in-memory server's lifespan is one connection), so
+    # the server does not close it: this does. Left to the garbage collector, its connections
+    # (five descriptors) stayed open for as long as anything held the server, and held the files
+    # of tmp_path open.
+    store = SQLiteStore(directory / "chaos-store.sqlite")
+    try:
+        with Ledger(directory / "chaos-ledger.sqlite") as ledger:
+            server = build_chaos_server(ledger, store)
+            spec = ServerSpec.in_memory("chaos", server, overrides=CHAOS_POLICY)
+            yield ChaosServer(spec=spec, ledger=ledger, server=server)
+    finally:
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            thread.submit(trio.run, store.aclose).result()
 
 
-@pytest.fixture
-def chaos_server_stdio(tmp_path: Path) -> Iterator[ChaosServer]:
-    """The chaos server as a subprocess over stdio (``python -m
-    rmcp_actors.testing.chaos_server``), serving RMCP on a SQLite store in ``tmp_path`` that
-    survives its restarts (so ``kill`` faults are replayed, not run twice)."""
-    ledger_path = tmp_path / "chaos-ledger.sqlite"
-    command = chaos_server_command(ledger_path, tmp_path / "chaos-store.sqlite")
+@contextmanager
+def open_chaos_server_stdio(directory: Path) -> Generator[ChaosServer]:
+    """The chaos server as a subprocess over stdio (the ``chaos_server_stdio`` fixture), serving
+    RMCP on a SQLite store in ``directory`` that survives its restarts."""
+    ledger_path = directory / "chaos-ledger.sqlite"
+    command = chaos_server_command(ledger_path, directory / "chaos-store.sqlite")
     spec = ServerSpec.stdio(
         "chaos", command[0], command[1:], env=chaos_server_environment(), overrides=CHAOS_POLICY
     )
