@@ -277,8 +277,6 @@ async def perform_call(
                 tool_gate = flow.limiter.tool_gate(request.tool)
                 last_limited: _RateLimited | None = None
                 tool_lane = lane.tools.get(request.tool) if lane.tools else None
-                # The call this one was made from, if its work runs in this task (see flow.scheduler).
-                parent = current_holding.get()
                 while True:
                     session = connection.current_session() or await connection.wait_session()
                     tool = session.tools.get(request.tool)
@@ -321,7 +319,9 @@ async def perform_call(
                     except BaseException:
                         breaker_pass.release()  # never sent: frees a half-open probe slot
                         raise
-                    holding = Holding(lane, tool_lane, request.tool, parent)
+                    # Its parent: the call this one was made from, if its work runs in this task
+                    # (see flow.scheduler); every attempt resets what it set, so each reads the same.
+                    holding = Holding(lane, tool_lane, request.tool, current_holding.get())
                     nesting = current_holding.set(holding)
                     retry_after_s = 0.0
                     # What this attempt says about the server, for its breakers: nothing, until it is
@@ -447,12 +447,14 @@ async def perform_call(
                     if anyio.current_time() + delay >= deadline - (_MIN_TIME_FOR_ANSWER_S if unsafe else 0.0):
                         # Retrying until the deadline ends here, with the last attempt's error, rather
                         # than in a timeout that would hide it.
-                        why = (
+                        raise _last_error(
+                            last,
+                            connection,
+                            progress,
                             "its retry_after_ms reaches past the call's deadline"
                             if retry_after_s and anyio.current_time() + retry_after_s >= deadline
-                            else "no time is left for another before the call's deadline"
+                            else "no time is left for another before the call's deadline",
                         )
-                        raise _last_error(last, connection, progress, why)
                     if not budget.withdraw_retry():
                         raise _last_error(
                             last,
@@ -844,8 +846,9 @@ async def _send(
         )
     wire = _task_wire(session, request, policy)
     # The key's task, when an earlier call (in this process, or one before it) created one.
-    given_key = request.idempotency_key != request.request_id
-    store = connection.task_store if wire is not None and given_key else None
+    store = (
+        connection.task_store if wire is not None and request.idempotency_key != request.request_id else None
+    )
     if store is not None and (ref := await store.get(connection.name, request.idempotency_key)) is not None:
         progress.attempts += 1
         progress.sent = True  # by the call that created the task
@@ -912,8 +915,8 @@ async def _send(
                 session.requires_task.add(request.tool)
                 # This session had not learnt it yet (a new process, a reconnect): the key may
                 # have created its task already.
-                stored = connection.task_store if given_key else None
-                ref = None if stored is None else await stored.get(connection.name, request.idempotency_key)
+                store = connection.task_store if request.idempotency_key != request.request_id else None
+                ref = None if store is None else await store.get(connection.name, request.idempotency_key)
                 if ref is not None:
                     answer = ref
                 else:
@@ -939,8 +942,12 @@ async def _send(
             # Counted per attempt, here: a race raises one refusal for all its attempts.
             progress.rate_limited += 1
             raise _RateLimited(signal) from error
-        handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
-        verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
+        verdict = classify(
+            error,
+            evidence,
+            transport_closed=session.broken.is_set(),
+            handed_over=sent_step.handed_over or (evidence is not None and evidence.refused is None),
+        )
         if verdict is None:
             raise
         raise _Failed(verdict) from error
@@ -953,22 +960,20 @@ async def _send(
     if isinstance(answer, TaskRef):
         return await _resume(connection, session, request, progress, deadline, answer), None
     if isinstance(answer, TaskSnapshot):
-        result = await _follow(connection, session, request, progress, deadline, wire, answer)
-    else:
-        result = answer
-    rmcp_meta = None if rmcp is None else decode_response_meta(result.meta)
+        answer = await _follow(connection, session, request, progress, deadline, wire, answer)
+    rmcp_meta = None if rmcp is None else decode_response_meta(answer.meta)
     if rmcp_meta is None:
-        if result.is_error and (signal := _result_signal(result, policy)) is not None:
+        if answer.is_error and (signal := _result_signal(answer, policy)) is not None:
             # Opted in: this server's error result says "too fast"; nothing ran (nothing
             # deduplicates it either, so a retry is a fresh request).
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
             progress.rate_limited += 1
             raise _RateLimited(signal)
         progress.record(RequestState.ANSWERED)
-        return result, None
+        return answer, None
     if rmcp_meta.ack:
         progress.record(RequestState.ACKED, "duplicate" if rmcp_meta.duplicate else None)
-        return result, rmcp_meta
+        return answer, rmcp_meta
     progress.record(RequestState.NACKED, rmcp_meta.code)
     if (signal := from_nack(rmcp_meta)) is not None:
         progress.rate_limited += 1
