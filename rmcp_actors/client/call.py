@@ -263,13 +263,11 @@ async def perform_call(
             raise rejected
     # flow: the watchdog sees the call in flight until it ends, however it ends (a dict insert
     # and delete: a context manager would cost five times as much here).
-    in_flight = flow.in_flight
-    in_flight.begin(progress)
+    flow.in_flight.begin(progress)
     try:
         # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
         with loop.move_on_at(deadline):
             try:
-                retry = policy.retry
                 scheduler = flow.scheduler
                 lane = flow.lane
                 budget = flow.budget_for(request.tool)
@@ -287,7 +285,7 @@ async def perform_call(
                         )
                     if progress.relied_on is not None:
                         _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
-                    max_attempts = _max_attempts(retry.max_attempts, session.rmcp)
+                    max_attempts = _max_attempts(policy.retry.max_attempts, session.rmcp)
                     # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
                     breaker_pass = flow.breakers.admit(request.tool, policy.circuit_breaker)
                     if progress.ticket is None:
@@ -388,10 +386,9 @@ async def perform_call(
                             last = refused
                             # Refused, not run: only an earlier lost answer leaves the effect in question.
                             progress.sent = progress.last_ambiguous is not None
-                            meta = refused.meta
-                            fault = fault_of(None, nack_code=meta.code)
-                            fault_reason = f"NACK {meta.code}"
-                            retry_after_s = (meta.retry_after_ms or 0) / 1000
+                            fault = fault_of(None, nack_code=refused.meta.code)
+                            fault_reason = f"NACK {refused.meta.code}"
+                            retry_after_s = (refused.meta.retry_after_ms or 0) / 1000
                         except RMCPError:
                             # A NACK that ends the call (its code is the NACKED step's detail), or an
                             # attempt not sent for lack of time.
@@ -425,7 +422,12 @@ async def perform_call(
                         # The server's wait when it gave one; else a backoff of its own, while the limiter's
                         # cut rate takes over the pacing.
                         delay = retry_after_s or max(
-                            backoff_delay(progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng),
+                            backoff_delay(
+                                progress.rate_limited,
+                                policy.retry.base_delay_s,
+                                policy.retry.max_delay_s,
+                                rng,
+                            ),
                             _MIN_RATE_LIMITED_PAUSE_S,
                         )
                         if anyio.current_time() + delay >= deadline:
@@ -440,7 +442,9 @@ async def perform_call(
                         delay = 0.0  # a new session can take it at once
                     else:
                         delay = max(
-                            backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng),
+                            backoff_delay(
+                                progress.attempts, policy.retry.base_delay_s, policy.retry.max_delay_s, rng
+                            ),
                             retry_after_s,
                         )
                     # An unsafe tool is not sent with too little time left for its answer (see _send).
@@ -491,7 +495,7 @@ async def perform_call(
         # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
         raise _timeout_error(connection, request, progress)
     finally:
-        in_flight.end(progress)
+        flow.in_flight.end(progress)
 
 
 def _max_attempts(configured: int | None, rmcp: ServerSettings | None) -> float:
@@ -837,8 +841,7 @@ async def _send(
             "repeat, so it was not sent (this attempt ran nothing): raise timeout_s, or lower the load",
         )
     rmcp = session.rmcp
-    lookup = request.lookup
-    if lookup and (rmcp is None or not rmcp.lookup):
+    if request.lookup and (rmcp is None or not rmcp.lookup):
         # A server that does not know the flag would run the tool: never send it one.
         raise RMCPNackError(
             NackCode.INVALID_META,
@@ -867,7 +870,7 @@ async def _send(
                 step=request.step,
                 retry_count=progress.attempts - 1 if expect_ack else None,
                 expect_ack=True if expect_ack else None,
-                lookup=lookup,
+                lookup=request.lookup,
             )
         )
     ack_timeout_s = _ack_timeout(policy, rmcp) if rmcp is not None and _acks_arrive(connection) else None
