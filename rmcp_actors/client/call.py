@@ -253,25 +253,222 @@ async def perform_call(
     progress.record(RequestState.QUEUED, at=started)
     breakers = flow.breakers
     if not breakers.server.passing or (
-        (gate := breakers.tools.get(request.tool)) is not None and not gate.passing
+        (tool_breaker := breakers.tools.get(request.tool)) is not None and not tool_breaker.passing
     ):
         # An open breaker refuses the call before its deadline scope is built: the fast-fail
         # is the point of the breaker, and the scope is a third of its cost.
-        refused = breakers.open_rejection(request.tool, started)
-        if refused is not None:
-            _stamp(refused, connection.name, request, progress)
-            raise refused
+        rejected = breakers.open_rejection(request.tool, started)
+        if rejected is not None:
+            _stamp(rejected, connection.name, request, progress)
+            raise rejected
     # flow: the watchdog sees the call in flight until it ends, however it ends (a dict insert
     # and delete: a context manager would cost five times as much here).
-    in_flight = flow.in_flight
-    in_flight.begin(progress)
+    flow.in_flight.begin(progress)
     try:
         # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
         with loop.move_on_at(deadline):
             try:
-                result, rmcp_meta = await _attempts(
-                    connection, flow, policy, request, rng, deadline, progress
-                )
+                scheduler = flow.scheduler
+                lane = flow.lane
+                budget = flow.budget_for(request.tool)
+                gate = flow.limiter.gate()
+                tool_gate = flow.limiter.tool_gate(request.tool)
+                last_limited: _RateLimited | None = None
+                tool_lane = lane.tools.get(request.tool) if lane.tools else None
+                while True:
+                    session = connection.current_session() or await connection.wait_session()
+                    tool = session.tools.get(request.tool)
+                    if tool is None:
+                        raise UnknownToolError(
+                            f"server {connection.name!r} does not list tool {request.tool!r}; it lists: "
+                            f"{', '.join(sorted(session.tools)) or '(no tools)'}",
+                        )
+                    if progress.relied_on is not None:
+                        _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
+                    max_attempts = _max_attempts(policy.retry.max_attempts, session.rmcp)
+                    # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
+                    breaker_pass = flow.breakers.admit(request.tool, policy.circuit_breaker)
+                    if progress.ticket is None:
+                        progress.ticket = scheduler.ticket()
+                        # The call's first attempt refills the retry budget (at the call's start: a
+                        # clock read costs more, ~1 µs); its retries draw from it below.
+                        budget.deposit(started)
+                    # The rate limiter's token comes before the slot, so a rate-limited call holds no slot.
+                    try:
+                        if (gate.engaged or tool_gate is not None) and not take_tokens(gate, tool_gate):
+                            try:
+                                progress.queued_s += await wait_tokens(
+                                    gate, tool_gate, request.priority, deadline, progress.ticket
+                                )
+                            except RMCPTimeoutError as too_long:
+                                if last_limited is None:
+                                    raise
+                                # The server's refusals are why this call cannot go on: say so.
+                                raise _rate_limited_error(
+                                    last_limited,
+                                    f"and the next attempt would pass the call's deadline: {too_long}",
+                                ) from too_long
+                        # A free slot is taken with no cancellation check: _send makes the one the attempt
+                        # needs, where acquire would make a second in a row with nothing in between.
+                        if not scheduler.try_acquire(lane, tool_lane):
+                            progress.queued_s += await scheduler.acquire(
+                                lane, request.priority, progress.ticket, request.tenant, tool_lane
+                            )
+                    except BaseException:
+                        breaker_pass.release()  # never sent: frees a half-open probe slot
+                        raise
+                    # Its parent: the call this one was made from, if its work runs in this task
+                    # (see flow.scheduler); every attempt resets what it set, so each reads the same.
+                    holding = Holding(lane, tool_lane, request.tool, current_holding.get())
+                    nesting = current_holding.set(holding)
+                    retry_after_s = 0.0
+                    # What this attempt says about the server, for its breakers: nothing, until it is
+                    # known. A rate-limit signal leaves it so: the server is up and asks for less (the
+                    # limiter's job).
+                    fault = Fault.IGNORED
+                    fault_reason = ""
+                    steps_before = len(progress.events)  # this attempt's lifecycle steps come after these
+                    try:
+                        if not session.usable:
+                            # The connection dropped while this call waited for a slot: nothing was sent.
+                            continue
+                        unsafe = not _safe_to_repeat(policy, tool)
+                        hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
+                        try:
+                            if hedge is None:
+                                answer = await _send(
+                                    session, request, progress, deadline, policy, unsafe, connection
+                                )
+                            else:
+                                answer = await _hedged(
+                                    hedge,
+                                    budget,
+                                    connection,
+                                    flow,
+                                    session,
+                                    request,
+                                    progress,
+                                    deadline,
+                                    policy,
+                                    unsafe,
+                                )
+                        except _RateLimited as limited:
+                            # Refused, not run; paced by the limiter and bounded by the deadline alone.
+                            last: _Failed | _Nacked | _RateLimited = limited
+                            progress.sent = progress.last_ambiguous is not None
+                            last_limited = limited
+                            if hedge is None:  # else reported by the race's attempt (see _hedged)
+                                flow.limiter.report(request.tool, limited.signal)
+                            retry_after_s = limited.signal.retry_after_s or 0.0
+                            if anyio.current_time() + retry_after_s >= deadline:
+                                raise _rate_limited_error(
+                                    limited, "and the wait it asks for reaches past the call's deadline"
+                                ) from None
+                        except _Failed as failed:
+                            last = failed
+                            verdict = failed.verdict
+                            fault = _fault_of_failure(verdict, failed.__cause__)
+                            if verdict.session_lost and not flow.breakers.first_loss_of(session.generation):
+                                fault = Fault.IGNORED  # the same transport death, seen by another caller
+                            fault_reason = verdict.reason
+                            if verdict.session_lost:
+                                connection.report_broken(session)
+                            if verdict.attempt is Attempt.SENT_AND_LOST:
+                                progress.last_ambiguous = failed.__cause__
+                                if unsafe:
+                                    progress.relied_on = _deduplicating(session.rmcp, progress)
+                            else:
+                                # Nothing ran (or _raise_for raises): only an earlier lost answer leaves
+                                # the effect in question.
+                                _raise_for(verdict, failed.__cause__, request)
+                                progress.sent = progress.last_ambiguous is not None
+                        except _Nacked as refused:
+                            last = refused
+                            # Refused, not run: only an earlier lost answer leaves the effect in question.
+                            progress.sent = progress.last_ambiguous is not None
+                            fault = fault_of(None, nack_code=refused.meta.code)
+                            fault_reason = f"NACK {refused.meta.code}"
+                            retry_after_s = (refused.meta.retry_after_ms or 0) / 1000
+                        except RMCPError:
+                            # A NACK that ends the call (its code is the NACKED step's detail), or an
+                            # attempt not sent for lack of time.
+                            fault, fault_reason = _fault_of_refusal(progress, steps_before)
+                            raise
+                        except anyio.get_cancelled_exc_class():
+                            if (
+                                _step_since(progress, steps_before, RequestState.SENT) is not None
+                                and anyio.current_time() >= deadline
+                            ):
+                                # The call's own deadline cut the attempt off after sending: a timeout.
+                                fault, fault_reason = Fault.TOOL, "no answer within the call's timeout"
+                            raise
+                        else:
+                            fault = Fault.NONE
+                            if (
+                                answer[0].is_error
+                                and (signal := _result_signal(answer[0], policy)) is not None
+                            ):
+                                # Matched, but ACKed by a deduplicating server: a retry with this key would
+                                # only replay the same answer. The limiter still slows down.
+                                flow.limiter.report(request.tool, signal)
+                            break  # the answer: the result is built below, in the deadline's scope
+                    finally:
+                        holding.active = False
+                        current_holding.reset(nesting)
+                        scheduler.release(lane, tool_lane)
+                        # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
+                        _report_to_breakers(breaker_pass, fault, fault_reason, progress)
+                    if isinstance(last, _RateLimited):
+                        # The server's wait when it gave one; else a backoff of its own, while the limiter's
+                        # cut rate takes over the pacing.
+                        delay = retry_after_s or max(
+                            backoff_delay(
+                                progress.rate_limited,
+                                policy.retry.base_delay_s,
+                                policy.retry.max_delay_s,
+                                rng,
+                            ),
+                            _MIN_RATE_LIMITED_PAUSE_S,
+                        )
+                        if anyio.current_time() + delay >= deadline:
+                            raise _rate_limited_error(
+                                last, "and the next attempt would come after the call's deadline"
+                            )
+                        await anyio.sleep(delay)
+                        continue
+                    if progress.counted >= max_attempts:
+                        raise _last_error(last, connection, progress, None)
+                    if isinstance(last, _Failed) and last.verdict.attempt is Attempt.REFUSED:
+                        delay = 0.0  # a new session can take it at once
+                    else:
+                        delay = max(
+                            backoff_delay(
+                                progress.attempts, policy.retry.base_delay_s, policy.retry.max_delay_s, rng
+                            ),
+                            retry_after_s,
+                        )
+                    # An unsafe tool is not sent with too little time left for its answer (see _send).
+                    if anyio.current_time() + delay >= deadline - (_MIN_TIME_FOR_ANSWER_S if unsafe else 0.0):
+                        # Retrying until the deadline ends here, with the last attempt's error, rather
+                        # than in a timeout that would hide it.
+                        raise _last_error(
+                            last,
+                            connection,
+                            progress,
+                            "its retry_after_ms reaches past the call's deadline"
+                            if retry_after_s and anyio.current_time() + retry_after_s >= deadline
+                            else "no time is left for another before the call's deadline",
+                        )
+                    if not budget.withdraw_retry():
+                        raise _last_error(
+                            last,
+                            connection,
+                            progress,
+                            f"it was not retried: the retry budget of {_budget_name(budget)} is exhausted "
+                            "(too many of its calls are failing at once; see retry_budget in config)",
+                        )
+                    if delay:
+                        await anyio.sleep(delay)
             except RMCPError as error:
                 if progress.last_ambiguous is not None and not error.may_have_executed:
                     # A later attempt failed cleanly, but an earlier one was sent and lost.
@@ -284,8 +481,8 @@ async def perform_call(
                 _stamp(error, connection.name, request, progress)
                 raise
             return call_result(
-                result,
-                rmcp_meta is not None and rmcp_meta.duplicate is True,
+                answer[0],
+                answer[1] is not None and answer[1].duplicate is True,
                 request,
                 connection.name,
                 progress.attempts,
@@ -298,193 +495,7 @@ async def perform_call(
         # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
         raise _timeout_error(connection, request, progress)
     finally:
-        in_flight.end(progress)
-
-
-async def _attempts(
-    connection: Connection,
-    flow: ServerFlow,
-    policy: CallPolicy,
-    request: CallRequest,
-    rng: random.Random,
-    deadline: float,
-    progress: _Progress,
-) -> tuple[CallToolResult, ResponseMeta | None]:
-    retry = policy.retry
-    scheduler = flow.scheduler
-    lane = flow.lane
-    budget = flow.budget_for(request.tool)
-    gate = flow.limiter.gate()
-    tool_gate = flow.limiter.tool_gate(request.tool)
-    last_limited: _RateLimited | None = None
-    tool_lane = lane.tools.get(request.tool) if lane.tools else None
-    # The call this one was made from, if its work runs in this task (see flow.scheduler).
-    parent = current_holding.get()
-    while True:
-        session = connection.current_session() or await connection.wait_session()
-        tool = session.tools.get(request.tool)
-        if tool is None:
-            raise UnknownToolError(
-                f"server {connection.name!r} does not list tool {request.tool!r}; it lists: "
-                f"{', '.join(sorted(session.tools)) or '(no tools)'}",
-            )
-        if progress.relied_on is not None:
-            _check_dedup_still_covers(progress.relied_on, session.rmcp, progress)
-        max_attempts = _max_attempts(retry.max_attempts, session.rmcp)
-        # flow: breaker check (server, then tool): an open breaker fails here, nothing sent.
-        breaker_pass = flow.breakers.admit(request.tool, policy.circuit_breaker)
-        if progress.ticket is None:
-            progress.ticket = scheduler.ticket()
-            # The call's first attempt refills the retry budget; its retries draw from it below.
-            # Its start time is the deadline less its timeout: a clock read costs more (~1 µs).
-            budget.deposit(deadline - request.timeout_s)
-        # The rate limiter's token comes before the slot, so a rate-limited call holds no slot.
-        try:
-            if (gate.engaged or tool_gate is not None) and not take_tokens(gate, tool_gate):
-                try:
-                    progress.queued_s += await wait_tokens(
-                        gate, tool_gate, request.priority, deadline, progress.ticket
-                    )
-                except RMCPTimeoutError as too_long:
-                    if last_limited is None:
-                        raise
-                    # The server's refusals are why this call cannot go on: say so.
-                    raise _rate_limited_error(
-                        last_limited, f"and the next attempt would pass the call's deadline: {too_long}"
-                    ) from too_long
-            # A free slot is taken with no cancellation check: _send makes the one the attempt
-            # needs, where acquire would make a second in a row with nothing in between.
-            if not scheduler.try_acquire(lane, tool_lane):
-                progress.queued_s += await scheduler.acquire(
-                    lane, request.priority, progress.ticket, request.tenant, tool_lane
-                )
-        except BaseException:
-            breaker_pass.release()  # never sent: frees a half-open probe slot
-            raise
-        holding = Holding(lane, tool_lane, request.tool, parent)
-        nesting = current_holding.set(holding)
-        retry_after_s = 0.0
-        # What this attempt says about the server, for its breakers: nothing, until it is known.
-        # A rate-limit signal leaves it so: the server is up and asks for less (the limiter's job).
-        fault = Fault.IGNORED
-        fault_reason = ""
-        steps_before = len(progress.events)  # this attempt's lifecycle steps come after these
-        try:
-            if not session.usable:
-                # The connection dropped while this call waited for a slot: nothing was sent.
-                continue
-            unsafe = not _safe_to_repeat(policy, tool)
-            hedge = flow.hedge_for(request.tool, policy) if flow.hedging else None
-            try:
-                if hedge is None:
-                    answer = await _send(session, request, progress, deadline, policy, unsafe, connection)
-                else:
-                    answer = await _hedged(
-                        hedge, budget, connection, flow, session, request, progress, deadline, policy, unsafe
-                    )
-            except _RateLimited as limited:
-                # Refused, not run; paced by the limiter and bounded by the deadline alone.
-                last: _Failed | _Nacked | _RateLimited = limited
-                progress.sent = progress.last_ambiguous is not None
-                last_limited = limited
-                if hedge is None:  # else reported by the race's attempt (see _hedged)
-                    flow.limiter.report(request.tool, limited.signal)
-                retry_after_s = limited.signal.retry_after_s or 0.0
-                if anyio.current_time() + retry_after_s >= deadline:
-                    raise _rate_limited_error(
-                        limited, "and the wait it asks for reaches past the call's deadline"
-                    ) from None
-            except _Failed as failed:
-                last = failed
-                verdict = failed.verdict
-                fault = _fault_of_failure(verdict, failed.__cause__)
-                if verdict.session_lost and not flow.breakers.first_loss_of(session.generation):
-                    fault = Fault.IGNORED  # the same transport death, seen by another caller
-                fault_reason = verdict.reason
-                if verdict.session_lost:
-                    connection.report_broken(session)
-                if verdict.attempt is Attempt.SENT_AND_LOST:
-                    progress.last_ambiguous = failed.__cause__
-                    if unsafe:
-                        progress.relied_on = _deduplicating(session.rmcp, progress)
-                else:
-                    # Nothing ran (or _raise_for raises): only an earlier lost answer leaves
-                    # the effect in question.
-                    _raise_for(verdict, failed.__cause__, request)
-                    progress.sent = progress.last_ambiguous is not None
-            except _Nacked as refused:
-                last = refused
-                # Refused, not run: only an earlier lost answer leaves the effect in question.
-                progress.sent = progress.last_ambiguous is not None
-                meta = refused.meta
-                fault = fault_of(None, nack_code=meta.code)
-                fault_reason = f"NACK {meta.code}"
-                retry_after_s = (meta.retry_after_ms or 0) / 1000
-            except RMCPError:
-                # A NACK that ends the call (its code is the NACKED step's detail), or an
-                # attempt not sent for lack of time.
-                fault, fault_reason = _fault_of_refusal(progress, steps_before)
-                raise
-            except anyio.get_cancelled_exc_class():
-                if (
-                    _step_since(progress, steps_before, RequestState.SENT) is not None
-                    and anyio.current_time() >= deadline
-                ):
-                    # The call's own deadline cut the attempt off after sending: a timeout.
-                    fault, fault_reason = Fault.TOOL, "no answer within the call's timeout"
-                raise
-            else:
-                fault = Fault.NONE
-                if answer[0].is_error and (signal := _result_signal(answer[0], policy)) is not None:
-                    # Matched, but ACKed by a deduplicating server: a retry with this key would
-                    # only replay the same answer. The limiter still slows down.
-                    flow.limiter.report(request.tool, signal)
-                return answer
-        finally:
-            holding.active = False
-            current_holding.reset(nesting)
-            scheduler.release(lane, tool_lane)
-            # flow: report the attempt's outcome (breaker counts, limiter feedback, latency).
-            _report_to_breakers(breaker_pass, fault, fault_reason, progress)
-        if isinstance(last, _RateLimited):
-            # The server's wait when it gave one; else a backoff of its own, while the limiter's
-            # cut rate takes over the pacing.
-            delay = retry_after_s or max(
-                backoff_delay(progress.rate_limited, retry.base_delay_s, retry.max_delay_s, rng),
-                _MIN_RATE_LIMITED_PAUSE_S,
-            )
-            if anyio.current_time() + delay >= deadline:
-                raise _rate_limited_error(last, "and the next attempt would come after the call's deadline")
-            await anyio.sleep(delay)
-            continue
-        if progress.counted >= max_attempts:
-            raise _last_error(last, connection, progress, None)
-        if isinstance(last, _Failed) and last.verdict.attempt is Attempt.REFUSED:
-            delay = 0.0  # a new session can take it at once
-        else:
-            delay = max(
-                backoff_delay(progress.attempts, retry.base_delay_s, retry.max_delay_s, rng), retry_after_s
-            )
-        # An unsafe tool is not sent with too little time left for its answer (see _send).
-        if anyio.current_time() + delay >= deadline - (_MIN_TIME_FOR_ANSWER_S if unsafe else 0.0):
-            # Retrying until the deadline ends here, with the last attempt's error, rather
-            # than in a timeout that would hide it.
-            why = (
-                "its retry_after_ms reaches past the call's deadline"
-                if retry_after_s and anyio.current_time() + retry_after_s >= deadline
-                else "no time is left for another before the call's deadline"
-            )
-            raise _last_error(last, connection, progress, why)
-        if not budget.withdraw_retry():
-            raise _last_error(
-                last,
-                connection,
-                progress,
-                f"it was not retried: the retry budget of {_budget_name(budget)} is exhausted (too many "
-                "of its calls are failing at once; see retry_budget in config)",
-            )
-        if delay:
-            await anyio.sleep(delay)
+        flow.in_flight.end(progress)
 
 
 def _max_attempts(configured: int | None, rmcp: ServerSettings | None) -> float:
@@ -830,8 +841,7 @@ async def _send(
             "repeat, so it was not sent (this attempt ran nothing): raise timeout_s, or lower the load",
         )
     rmcp = session.rmcp
-    lookup = request.lookup
-    if lookup and (rmcp is None or not rmcp.lookup):
+    if request.lookup and (rmcp is None or not rmcp.lookup):
         # A server that does not know the flag would run the tool: never send it one.
         raise RMCPNackError(
             NackCode.INVALID_META,
@@ -839,8 +849,9 @@ async def _send(
         )
     wire = _task_wire(session, request, policy)
     # The key's task, when an earlier call (in this process, or one before it) created one.
-    given_key = request.idempotency_key != request.request_id
-    store = connection.task_store if wire is not None and given_key else None
+    store = (
+        connection.task_store if wire is not None and request.idempotency_key != request.request_id else None
+    )
     if store is not None and (ref := await store.get(connection.name, request.idempotency_key)) is not None:
         progress.attempts += 1
         progress.sent = True  # by the call that created the task
@@ -859,7 +870,7 @@ async def _send(
                 step=request.step,
                 retry_count=progress.attempts - 1 if expect_ack else None,
                 expect_ack=True if expect_ack else None,
-                lookup=lookup,
+                lookup=request.lookup,
             )
         )
     ack_timeout_s = _ack_timeout(policy, rmcp) if rmcp is not None and _acks_arrive(connection) else None
@@ -907,8 +918,8 @@ async def _send(
                 session.requires_task.add(request.tool)
                 # This session had not learnt it yet (a new process, a reconnect): the key may
                 # have created its task already.
-                stored = connection.task_store if given_key else None
-                ref = None if stored is None else await stored.get(connection.name, request.idempotency_key)
+                store = connection.task_store if request.idempotency_key != request.request_id else None
+                ref = None if store is None else await store.get(connection.name, request.idempotency_key)
                 if ref is not None:
                     answer = ref
                 else:
@@ -934,8 +945,12 @@ async def _send(
             # Counted per attempt, here: a race raises one refusal for all its attempts.
             progress.rate_limited += 1
             raise _RateLimited(signal) from error
-        handed_over = sent_step.handed_over or (evidence is not None and evidence.refused is None)
-        verdict = classify(error, evidence, transport_closed=session.broken.is_set(), handed_over=handed_over)
+        verdict = classify(
+            error,
+            evidence,
+            transport_closed=session.broken.is_set(),
+            handed_over=sent_step.handed_over or (evidence is not None and evidence.refused is None),
+        )
         if verdict is None:
             raise
         raise _Failed(verdict) from error
@@ -948,22 +963,20 @@ async def _send(
     if isinstance(answer, TaskRef):
         return await _resume(connection, session, request, progress, deadline, answer), None
     if isinstance(answer, TaskSnapshot):
-        result = await _follow(connection, session, request, progress, deadline, wire, answer)
-    else:
-        result = answer
-    rmcp_meta = None if rmcp is None else decode_response_meta(result.meta)
+        answer = await _follow(connection, session, request, progress, deadline, wire, answer)
+    rmcp_meta = None if rmcp is None else decode_response_meta(answer.meta)
     if rmcp_meta is None:
-        if result.is_error and (signal := _result_signal(result, policy)) is not None:
+        if answer.is_error and (signal := _result_signal(answer, policy)) is not None:
             # Opted in: this server's error result says "too fast"; nothing ran (nothing
             # deduplicates it either, so a retry is a fresh request).
             progress.record(RequestState.NACKED, f"rate_limited ({signal.source.value})")
             progress.rate_limited += 1
             raise _RateLimited(signal)
         progress.record(RequestState.ANSWERED)
-        return result, None
+        return answer, None
     if rmcp_meta.ack:
         progress.record(RequestState.ACKED, "duplicate" if rmcp_meta.duplicate else None)
-        return result, rmcp_meta
+        return answer, rmcp_meta
     progress.record(RequestState.NACKED, rmcp_meta.code)
     if (signal := from_nack(rmcp_meta)) is not None:
         progress.rate_limited += 1
