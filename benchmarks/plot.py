@@ -360,10 +360,22 @@ def table(directory: Path = RESULTS) -> str:
         ]
         blocks.append([_heading("Large results", large), "", *_markdown(header, body)])
     scale = read_results("scale", directory)
-    memory = _memory_figures(_figures(scale)) if scale is not None else {}
-    if scale is not None and memory:
-        body = [[name, f"{amount:,.0f}"] for name, amount in memory.items()]
-        blocks.append([_heading("Memory per pending call", scale), "", *_markdown(["client", "bytes"], body)])
+    verdicts = dig(_figures(scale), "verdicts", default=None)
+    if scale is not None and isinstance(verdicts, dict):
+        rows = (
+            ("a call pending at the server, rmcp - raw (B)", "pending_goal"),
+            ("a call queued in the scheduler, beyond its task (B)", "queued_goal"),
+            ("a sup.map item not started (B)", "map_goal"),
+        )
+        body = [
+            [label, _fmt(dig(verdicts, key, "measured"), ",.0f"), _fmt(dig(verdicts, key, "bytes"), ",.0f")]
+            for label, key in rows
+        ]
+        ratio = dig(_figures(scale), "throughput", "ratios", "rmcp/raw")
+        calls = dig(_figures(scale), "calls", default=0)
+        body.append([f"calls/s at {calls:,} callers, zero-cost server, rmcp / raw", _fmt(ratio), "-"])
+        title = f"{calls:,} concurrent pending calls (traced bytes per call)"
+        blocks.append([_heading(title, scale), "", *_markdown(["figure", "measured", "goal"], body)])
     chaos = read_results("chaos", directory)
     ways = _chaos_ways(chaos) if chaos is not None else {}
     if chaos is not None and ways:

@@ -93,7 +93,7 @@ from mcp.client._memory import InMemoryTransport
 from mcp.server.mcpserver import MCPServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import finite
+from _results import write_results
 
 from rmcp_actors import CallResult, RMCPSupervisor
 from rmcp_actors.config import PolicyOverrides, RMCPConfig, RuntimeSettings, ServerSpec
@@ -516,8 +516,7 @@ def main() -> None:
         "throughput": {"calls_per_s": summary, "rounds": throughput, "ratios": ratios},
         "verdicts": verdicts,
     }
-    options.json.parent.mkdir(parents=True, exist_ok=True)
-    options.json.write_text(json.dumps(finite(document), indent=2) + "\n")
+    write_results("scale", document, quick=options.quick, path=options.json)
 
 
 if __name__ == "__main__":
