@@ -204,8 +204,9 @@ def test_table_reads_other_scripts_results_defensively(tmp_path: Path) -> None:
             {
                 "mode": "full",
                 "figures": {
-                    "scheduler_calls_per_s": {"rmcp": 9000, "raw": 12000},
-                    "pending_call": {"rmcp": {"calls": 10000, "bytes": 4000}, "raw": {"bytes": 1500}},
+                    "calls": 10000,
+                    "verdicts": {"pending_goal": {"bytes": 4096, "measured": 3900.4}, "map_goal": "?"},
+                    "throughput": {"ratios": {"rmcp/raw": 0.7}},
                 },
             }
         )
@@ -214,9 +215,16 @@ def test_table_reads_other_scripts_results_defensively(tmp_path: Path) -> None:
     (tmp_path / "alternatives.json").write_text(json.dumps({"figures": {"overhead": {"rows": "?"}}}))
     text = plot.table(tmp_path)
     assert "| rmcp | - | - | - | - | 0 | 0 | - | - |" in text
-    assert "| rmcp | 4,000 |" in text
-    assert "| raw | 1,500 |" in text
-    assert "9,000" not in text  # a throughput, not memory
+    assert "| a call pending at the server, rmcp - raw (B) | 3,900 | 4,096 |" in text
+    assert "| a call queued in the scheduler, beyond its task (B) | - | - |" in text
+    assert "| a sup.map item not started (B) | - | - |" in text
+    assert "| calls/s at 10,000 callers, zero-cost server, rmcp / raw | 0.70 | - |" in text
+
+
+def test_table_skips_a_scale_file_without_verdicts(tmp_path: Path) -> None:
+    plot = load_plot()
+    (tmp_path / "scale.json").write_text(json.dumps({"figures": {"pending": {"rmcp": 1}}}))
+    assert "concurrent pending calls" not in plot.table(tmp_path)
 
 
 @pytest.mark.parametrize(
