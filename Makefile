@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# Debian-style Pythons may lack the venv module: fall back to virtualenv from PyPI.
 	$(PYTHON) -m venv $(VENV) || { $(PYTHON) -m pip install --user --quiet virtualenv && $(PYTHON) -m virtualenv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet -e '.[test,demo,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,7 +36,6 @@ test: $(STAMP)
 # Full runs, for an idle machine; each writes benchmarks/results/<name>.json, then plot.py draws the
 # PNGs beside them and rewrites README.md's table of figures from them.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/server_overhead.py
 	$(PY) benchmarks/alternatives.py
