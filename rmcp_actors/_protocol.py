@@ -16,6 +16,8 @@ from typing import Any, Final, cast
 import msgspec
 from mcp_types import RequestParamsMeta
 
+from ._transfer import TransferAccept, Upload
+
 __all__ = [
     "EXPERIMENTAL_KEY",
     "EXTENSION_ID",
@@ -59,6 +61,7 @@ class NackCode(enum.StrEnum):
     UNKNOWN_TOOL = "unknown_tool"
     INVALID_ARGUMENTS = "invalid_arguments"
     ABORTED = "aborted"
+    TRANSFER_INCOMPLETE = "transfer_incomplete"
 
 
 RETRYABLE_NACKS: Final = frozenset(
@@ -87,6 +90,10 @@ class RequestMeta(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unkno
     timestamp: str | float | None = None
     lookup: bool | None = None
     """Ask what became of the key without ever running the tool (see docs/protocol.md)."""
+    transfer: TransferAccept | None = None
+    """The client accepts large result items as transfer handles (docs/protocol.md section 9)."""
+    uploads: list[Upload] | None = None
+    """Arguments sent as uploaded payloads (docs/protocol.md section 9)."""
 
     @property
     def attempt_number(self) -> int:

@@ -43,6 +43,10 @@ _NACK_ADVICE = {
         "a lookup settled this key as never run (a transaction was undone, say): the tool did not "
         "run and will never run for this key; use a new key for a new call"
     ),
+    NackCode.TRANSFER_INCOMPLETE: (
+        "the server does not hold every chunk of an uploaded argument; the tool did not run, "
+        "open the upload again (rmcp/transfer/open), send the missing chunks and call again"
+    ),
 }
 
 

@@ -9,6 +9,7 @@ import attrs as _attrs
 
 from ._base import AbortingStore as AbortingStore
 from ._base import BeginOutcome as BeginOutcome
+from ._base import BlobStore as BlobStore
 from ._base import DedupRecord as DedupRecord
 from ._base import DedupStore as DedupStore
 from ._base import OwnerInfo as OwnerInfo
@@ -17,6 +18,7 @@ from ._base import TaskCreation as TaskCreation
 from ._base import TaskRecord as TaskRecord
 from ._base import TaskState as TaskState
 from ._base import TaskStore as TaskStore
+from ._base import TransferConflict as TransferConflict
 from .memory import MemoryStore as MemoryStore
 from .memory_journal import MemoryJournal as MemoryJournal
 from .sqlite import SQLiteStore as SQLiteStore
@@ -27,6 +29,7 @@ from .sqlite_journal import SQLiteJournalStatistics as SQLiteJournalStatistics
 __all__ = [
     "AbortingStore",
     "BeginOutcome",
+    "BlobStore",
     "DedupRecord",
     "DedupStore",
     "MemoryJournal",
@@ -41,6 +44,7 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "TaskStore",
+    "TransferConflict",
 ]
 
 

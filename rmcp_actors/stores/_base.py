@@ -30,9 +30,12 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from .._transfer import TransferHandle
+
 __all__ = [
     "AbortingStore",
     "BeginOutcome",
+    "BlobStore",
     "DedupRecord",
     "DedupStore",
     "OwnerInfo",
@@ -41,6 +44,7 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "TaskStore",
+    "TransferConflict",
 ]
 
 
@@ -344,4 +348,59 @@ class TaskStore(DedupStore, Protocol):
 
     async def list_tasks(self, scope: str, *, offset: int, limit: int) -> list[TaskRecord]:
         """The live tasks of ``scope``, oldest first, from ``offset``, at most ``limit``."""
+        ...
+
+
+class TransferConflict(LookupError):
+    """An upload was opened again under an existing id with another layout (chunk size, count
+    or hashes): the server answers ``-32030``."""
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Chunked payloads of RMCP transfers (docs/protocol.md section 9), kept beside the dedup
+    records: the chunks of large results (tied to the idempotency key whose stored result holds
+    their handle, and kept at least as long as that key's record) and of uploaded arguments.
+
+    A transfer is opened, its chunks are written (in any order, each at most once per index:
+    writing an index again with the same bytes is a no-op), and a result transfer, whose layout
+    is known only once the tool's output has been read, is sealed with its handle. Chunks are
+    stored as separate pieces (SQLite: one row per chunk), never as one giant value. A durable
+    store has a chunk on disk when :meth:`write_chunk` returns. Failures are raised as in
+    :class:`DedupStore`; a write that would take the store past its size cap raises
+    :class:`~rmcp_actors.RMCPStoreError` with ``operation="write_chunk"`` and stores nothing.
+    """
+
+    async def open_transfer(
+        self, handle: TransferHandle, *, key: str | None, scope: str, sealed: bool
+    ) -> list[int]:
+        """Create transfer ``handle.id`` (or find it) and return the sorted indices of the chunks
+        it holds. ``key`` ties a result transfer to its idempotency key (None for an upload);
+        ``scope`` is the caller's principal scope (reads from another scope find nothing).
+        ``sealed=False`` opens a result being produced, whose ``handle`` is provisional (its id and
+        chunk size count) until :meth:`seal_transfer`.
+
+        Raises:
+            TransferConflict: the id exists, sealed, with another layout.
+        """
+        ...
+
+    async def write_chunk(self, transfer_id: str, index: int, data: bytes) -> None:
+        """Store chunk ``index`` (the caller has verified it against the handle)."""
+        ...
+
+    async def seal_transfer(self, handle: TransferHandle) -> None:
+        """Record the final layout of a result transfer opened with ``sealed=False``."""
+        ...
+
+    async def get_transfer(self, transfer_id: str, *, scope: str) -> TransferHandle | None:
+        """The sealed handle of a transfer, or None (unknown, expired, unsealed, other scope)."""
+        ...
+
+    async def read_chunk(self, transfer_id: str, index: int, *, scope: str) -> bytes | None:
+        """Chunk ``index`` of a transfer, or None when the store does not hold it."""
+        ...
+
+    async def delete_transfer(self, transfer_id: str) -> None:
+        """Forget a transfer and its chunks (a result that was never stored, say)."""
         ...
