@@ -4,12 +4,13 @@ counted and logged, over in-memory, stdio and Streamable HTTP transports, with a
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import attrs
 import pytest
@@ -20,7 +21,11 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.message import SessionMessage
+from mcp.types import RequestParams
 from mcp_test_server import State, build_server
+from mcp_types import JSONRPCResponse, Request
+from pydantic import BaseModel, ConfigDict
 
 from rmcp_actors import (
     MemoryStore,
@@ -31,10 +36,20 @@ from rmcp_actors import (
     RMCPSupervisor,
     ServerSpec,
 )
+from rmcp_actors._transfer import (
+    CHUNK_INVALID_CODE,
+    METHOD_READ,
+    METHOD_WRITE,
+    TRANSFER_NOT_FOUND_CODE,
+    decode_chunk,
+    encode_chunk,
+    handle_for,
+    sha256_hex,
+)
 from rmcp_actors.config import CircuitBreakerOverrides, RetryBudgetOverrides
 from rmcp_actors.server import install
-from rmcp_actors.testing import FAULT_KINDS, FaultInjector, FaultPlan, stdio_client
-from rmcp_actors.testing._fault_streams import decide
+from rmcp_actors.testing import CHUNK_METHODS, FAULT_KINDS, FaultInjector, FaultPlan, stdio_client
+from rmcp_actors.testing._fault_streams import _Connection, _damaged_chunk, decide  # pyright: ignore[reportPrivateUsage]
 from rmcp_actors.testing.faults import FaultKind
 
 Transport = AbstractAsyncContextManager[Any]
@@ -589,3 +604,137 @@ async def test_each_kind_on_each_transport(kind: FaultKind, transport: str, tmp_
     assert sum(injector.counts.values()) == 1
     if kind == "delay":
         assert elapsed >= 0.05
+
+
+# --- chunk messages (corrupt_chunk, CHUNK_METHODS) -------------------------------------------
+
+
+class _ReadParams(RequestParams):
+    id: str
+    index: int
+
+
+class _WriteParams(RequestParams):
+    id: str
+    index: int
+    data: str
+    sha256: str
+
+
+class _Read(Request[_ReadParams, Literal["rmcp/transfer/read"]]):
+    method: Literal["rmcp/transfer/read"] = "rmcp/transfer/read"
+    params: _ReadParams
+
+
+class _Write(Request[_WriteParams, Literal["rmcp/transfer/write"]]):
+    method: Literal["rmcp/transfer/write"] = "rmcp/transfer/write"
+    params: _WriteParams
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def chunk_server(payload: bytes, chunk_size: int, written: dict[int, bytes]) -> MCPServer:
+    """A real MCP server that serves ``rmcp/transfer/read`` of ``payload`` and stores verified
+    ``rmcp/transfer/write`` chunks in ``written``, refusing a chunk that fails its SHA-256 as
+    docs/protocol.md section 9 says (the injector's own tests: no RMCP middleware involved)."""
+    server = build_server(State())
+    lowlevel = server._lowlevel_server  # pyright: ignore[reportPrivateUsage]
+
+    async def read(_ctx: Any, params: _ReadParams) -> dict[str, Any]:
+        if not 0 <= params.index * chunk_size <= len(payload):
+            raise MCPError(code=TRANSFER_NOT_FOUND_CODE, message="no such chunk")
+        chunk = payload[params.index * chunk_size : (params.index + 1) * chunk_size]
+        return {
+            "id": params.id,
+            "index": params.index,
+            "data": encode_chunk(chunk),
+            "sha256": sha256_hex(chunk),
+        }
+
+    async def write(_ctx: Any, params: _WriteParams) -> dict[str, Any]:
+        data = decode_chunk(params.data, params.sha256)
+        if data is None:
+            raise MCPError(code=CHUNK_INVALID_CODE, message="chunk does not match its SHA-256")
+        written[params.index] = data
+        return {"id": params.id, "index": params.index}
+
+    lowlevel.add_request_handler(METHOD_READ, _ReadParams, read)
+    lowlevel.add_request_handler(METHOD_WRITE, _WriteParams, write)
+    return server
+
+
+async def send_chunk_request(client: Client, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    request = (
+        _Read(params=_ReadParams(**params))
+        if method == METHOD_READ
+        else _Write(params=_WriteParams(**params))
+    )
+    answer = await client.session.send_request(request, _Answer)
+    return answer.model_extra or {}
+
+
+async def test_corrupt_chunk_damages_the_data_of_read_answers_so_only_the_sha256_tells(
+    tmp_path: Path,
+) -> None:
+    payload = os.urandom(40_000)
+    handle = handle_for("t1", payload, 4096)
+    log = tmp_path / "faults.jsonl"
+    injector = FaultInjector(FaultPlan(seed=3, corrupt_chunk=0.5, methods=CHUNK_METHODS), log=log)
+    async with Client(injector.wrap(InMemoryTransport(chunk_server(payload, 4096, {})))) as client:
+        verified = 0
+        for index in range(handle.chunk_count):
+            answer = await send_chunk_request(client, METHOD_READ, {"id": "t1", "index": index})
+            # The answer parses and its data is base64; the bytes just differ from the handle's.
+            assert base64.b64decode(answer["data"], validate=True)
+            verified += decode_chunk(answer["data"], handle.chunks[index]) is not None
+        assert not (await record_call(client, "not a chunk")).is_error  # other methods draw no fault
+    damaged = injector.counts["corrupt_chunk"]
+    assert 0 < damaged < handle.chunk_count
+    assert verified == handle.chunk_count - damaged
+    assert sum(injector.counts.values()) == damaged
+    assert {event.method for event in injector.events} == {METHOD_READ}
+    assert all(event.detail.startswith("chunk ") for event in injector.events)
+    assert [json.loads(line)["kind"] for line in log.read_text().splitlines()] == ["corrupt_chunk"] * damaged
+
+
+async def test_corrupt_chunk_damages_written_chunks_and_the_server_refuses_them() -> None:
+    payload = os.urandom(20_000)
+    handle = handle_for("up", payload, 4096)
+    written: dict[int, bytes] = {}
+    injector = FaultInjector(FaultPlan(seed=1, corrupt_chunk=1.0, methods={METHOD_WRITE}))
+    async with Client(injector.wrap(InMemoryTransport(chunk_server(b"", 4096, written)))) as client:
+        for index in range(handle.chunk_count):
+            chunk = payload[index * 4096 : (index + 1) * 4096]
+            params = {"id": "up", "index": index, "data": encode_chunk(chunk), "sha256": handle.chunks[index]}
+            with pytest.raises(MCPError) as refused:
+                await send_chunk_request(client, METHOD_WRITE, params)
+            assert refused.value.error.code == CHUNK_INVALID_CODE
+    assert written == {}
+    assert injector.counts["corrupt_chunk"] == handle.chunk_count
+
+
+async def test_corrupt_chunk_leaves_error_answers_alone_uncounted() -> None:
+    injector = FaultInjector(FaultPlan(corrupt_chunk=1.0, methods=CHUNK_METHODS))
+    async with Client(injector.wrap(InMemoryTransport(chunk_server(b"", 4096, {})))) as client:
+        bad = {"id": "up", "index": 0, "data": "!!!!", "sha256": sha256_hex(b"")}
+        with pytest.raises(MCPError):
+            await send_chunk_request(client, METHOD_WRITE, bad)  # not base64: not a chunk to damage
+        with pytest.raises(MCPError):
+            await send_chunk_request(client, METHOD_READ, {"id": "x", "index": -1})  # an error answer
+    assert injector.counts["corrupt_chunk"] == 0
+
+
+def test_corrupted_base64_always_decodes_to_other_bytes() -> None:
+    """Whatever the position drawn, the damaged character's bits all count (no padding bits)."""
+    for size in range(1, 40):
+        payload = bytes(range(size))
+        data = encode_chunk(payload)
+        for seed in range(30):
+            connection = _Connection(FaultPlan(seed=seed), lambda *_: None, 1, None)
+            message = JSONRPCResponse(jsonrpc="2.0", id=1, result={"index": 0, "data": data})
+            damaged = _damaged_chunk(SessionMessage(message), connection, 1, "result")
+            assert damaged is not None
+            damaged_data = cast("Any", damaged[0].message).result["data"]
+            assert base64.b64decode(damaged_data, validate=True) != payload

@@ -147,7 +147,7 @@ async def test_duplicates(faulty_spec, fault_injector):
         [
             "*- rmcp faults -*",
             "faults duplicate=1 (seed 5) over 1 connection(s): drop_request 0, drop_response 0, "
-            "delay 0, duplicate 3, disconnect 0, corrupt 0, kill 0",
+            "delay 0, duplicate 3, disconnect 0, corrupt 0, kill 0, corrupt_chunk 0",
         ]
     )
     report = (pytester.path / "report.xml").read_text()

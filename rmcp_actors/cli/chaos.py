@@ -96,7 +96,7 @@ def chaos(
         typer.Option(
             "--faults",
             help="Fault probabilities, kind=p pairs (drop_request, drop_response, delay, duplicate, "
-            "disconnect, corrupt, kill), or 'none'.",
+            "disconnect, corrupt, kill, corrupt_chunk), or 'none'.",
         ),
     ] = DEFAULT_FAULTS,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the faults: the same run again.")] = 0,

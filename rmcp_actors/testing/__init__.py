@@ -24,13 +24,14 @@ from pathlib import Path
 import attrs
 
 from ..client._stdio import stdio_client as stdio_client
+from .faults import CHUNK_METHODS as CHUNK_METHODS
 from .faults import FAULT_KINDS as FAULT_KINDS
 from .faults import FaultEvent as FaultEvent
 from .faults import FaultInjector as FaultInjector
 from .faults import FaultPlan as FaultPlan
 
 __all__ = ["relay_command"]
-__all__ += ["FAULT_KINDS", "FaultEvent", "FaultInjector", "FaultPlan", "stdio_client"]
+__all__ += ["CHUNK_METHODS", "FAULT_KINDS", "FaultEvent", "FaultInjector", "FaultPlan", "stdio_client"]
 
 
 def relay_command(

@@ -3,7 +3,8 @@
 
 Requests are decided as the client writes them (every draw happens there, in the order the
 client sends, so that a seed replays the same faults); a fault on the answer (``drop_response``,
-``corrupt``) is remembered by request id and applied when the answer arrives.
+``corrupt``, ``corrupt_chunk`` of a request without a chunk) is remembered by request id and
+applied when the answer arrives.
 
 Cutting a connection is local: the read side ends (the client's dispatcher sees the transport
 end, as when a peer goes away) and later writes fail. The wrapped transport itself is closed by
@@ -19,7 +20,7 @@ import signal
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, cast
 
 import anyio
 import attrs
@@ -41,7 +42,9 @@ TransportStreams = tuple[ReadStream[SessionMessage | Exception], WriteStream[Ses
 Recorder = Callable[["FaultKind", str, int | str, int, int, str], None]
 
 # The faults that decide a request's fate (``delay`` only holds it).
-TerminalKind = Literal["drop_request", "drop_response", "duplicate", "disconnect", "corrupt", "kill"]
+TerminalKind = Literal[
+    "drop_request", "drop_response", "duplicate", "disconnect", "corrupt", "kill", "corrupt_chunk"
+]
 
 # When several faults are drawn for one request, the first of these happens (a request is lost
 # only once); ``delay`` combines with any of them.
@@ -52,6 +55,7 @@ TERMINAL_ORDER: Final[tuple[TerminalKind, ...]] = (
     "duplicate",
     "drop_response",
     "corrupt",
+    "corrupt_chunk",
 )
 
 
@@ -129,6 +133,13 @@ class _FaultyReadStream:
             if fault is None:
                 return item
             kind, method, ordinal = fault
+            if kind == "corrupt_chunk":
+                damaged = _damaged_chunk(item, connection, ordinal, "result")
+                if damaged is None:
+                    return item  # an error, or no chunk in the answer: nothing to damage
+                damaged_item, detail = damaged
+                connection.record(kind, method, message.id, connection.number, ordinal, detail)
+                return damaged_item
             connection.record(kind, method, message.id, connection.number, ordinal, "")
             if kind == "corrupt":
                 return _garbled(item)
@@ -230,6 +241,16 @@ class _FaultyWriteStream:
                 await self._inner.send(
                     SessionMessage(message.model_copy(update={"id": copy_id}), item.metadata)
                 )
+            case "corrupt_chunk":
+                damaged = _damaged_chunk(item, connection, ordinal, "params")
+                if damaged is None:
+                    # No chunk in the request (a read): the answer carries it.
+                    connection.answer_faults[message.id] = ("corrupt_chunk", message.method, ordinal)
+                    await self._inner.send(item)
+                else:
+                    damaged_item, detail = damaged
+                    record("corrupt_chunk", detail)
+                    await self._inner.send(damaged_item)
             case "drop_response" | "corrupt":
                 connection.answer_faults[message.id] = (decision.kind, message.method, ordinal)
                 await self._inner.send(item)
@@ -257,6 +278,40 @@ def _garbled(item: SessionMessage) -> Exception:
     except ValueError as parse_error:
         return parse_error
     return ValueError("a corrupted message from the MCP server")  # pragma: no cover - half never parses
+
+
+_BASE64_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_BASE64_SET: Final = frozenset(_BASE64_ALPHABET)
+
+
+def _damaged_chunk(
+    item: SessionMessage, connection: _Connection, ordinal: int, field: Literal["params", "result"]
+) -> tuple[SessionMessage, str] | None:
+    """``item`` with one character of its chunk's base64 ``data`` replaced by another, and a
+    description, or None when the message carries no chunk.
+
+    The message still parses and the data is still base64, so only the chunk's SHA-256 tells:
+    the fault tests the verification of chunks, not the JSON parser. The character is one whose
+    6 bits all count (any before the last group of 4, or that group's first: the others may
+    hold the padding's unused bits), so the decoded bytes always differ.
+    """
+    message = item.message
+    raw_body: object = getattr(message, field, None)
+    if not isinstance(raw_body, dict):
+        return None
+    body = cast("dict[str, Any]", raw_body)
+    data = body.get("data")
+    if not isinstance(data, str) or len(data) < 4:
+        return None
+    rng = _draw(connection.plan.seed, "corrupt_chunk_at", connection.number, ordinal)
+    position = rng.randrange(len(data) - 3)
+    if data[position] not in _BASE64_SET:
+        return None
+    old = _BASE64_ALPHABET.index(data[position])
+    new = _BASE64_ALPHABET[(old + rng.randrange(1, 64)) % 64]
+    copy = message.model_copy(update={field: {**body, "data": data[:position] + new + data[position + 1 :]}})
+    detail = f"chunk {body.get('index')}, character {position}"
+    return SessionMessage(copy, item.metadata), detail
 
 
 def _kill(pid: int) -> None:

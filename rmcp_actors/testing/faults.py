@@ -26,9 +26,11 @@ from ._fault_streams import TransportStreams, faulty_transport
 if TYPE_CHECKING:
     from ..config import ServerSpec
 
-__all__ = ["FAULT_KINDS", "FaultEvent", "FaultInjector", "FaultKind", "FaultPlan"]
+__all__ = ["CHUNK_METHODS", "FAULT_KINDS", "FaultEvent", "FaultInjector", "FaultKind", "FaultPlan"]
 
-FaultKind = Literal["drop_request", "drop_response", "delay", "duplicate", "disconnect", "corrupt", "kill"]
+FaultKind = Literal[
+    "drop_request", "drop_response", "delay", "duplicate", "disconnect", "corrupt", "kill", "corrupt_chunk"
+]
 
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
     "drop_request",
@@ -38,7 +40,12 @@ FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
     "disconnect",
     "corrupt",
     "kill",
+    "corrupt_chunk",
 )
+
+CHUNK_METHODS: Final = frozenset({"rmcp/transfer/read", "rmcp/transfer/write"})
+"""The requests that carry the chunks of transfers (and whose answers do): ``methods`` of a plan
+that hits chunks only, so the calls themselves and the handshake go through."""
 
 
 def _probability(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -148,6 +155,13 @@ class FaultPlan:
         kill: stdio only: the server process is killed with SIGKILL right after it was handed
             the request (it may or may not have run it); the connection ends with the
             process, and a runtime restarts it by reconnecting.
+        corrupt_chunk: A chunk of a chunked transfer (docs/protocol.md section 9) arrives
+            damaged: one character of the base64 ``data`` of an ``rmcp/transfer/write``
+            request, or of the answer to an ``rmcp/transfer/read``, is replaced by another.
+            The message still parses; only the chunk's SHA-256 shows the damage (the server
+            refuses the written chunk, the client reads the chunk again). A message without
+            a chunk (an error answer, another method) is left alone and not counted. Use
+            with ``methods=CHUNK_METHODS``.
         methods: The JSON-RPC methods whose requests draw faults; None for every request
             (``initialize`` included). The client's requests only: a request the server sends
             (``sampling/createMessage``, ``elicitation/create``, ``roots/list``) is refused.
@@ -171,6 +185,7 @@ class FaultPlan:
     disconnect: float = _probability_field()
     corrupt: float = _probability_field()
     kill: float = _probability_field()
+    corrupt_chunk: float = _probability_field()
     methods: frozenset[str] | None = attrs.field(
         default=frozenset({"tools/call"}), converter=_to_methods, validator=_check_methods
     )
