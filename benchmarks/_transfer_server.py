@@ -1,0 +1,84 @@
+"""The transfer benchmark's server, over stdio or Streamable HTTP, with RMCP installed.
+
+Usage::
+
+    python benchmarks/_transfer_server.py [--store memory|PATH] [--http PORT]
+
+``blob(size)`` returns a text of ``size`` characters (a large result), the same text for the
+same size on every run and every process (:func:`payload`), so a restarted server serves the
+same bytes; ``digest(text)`` returns the SHA-256 of its argument's UTF-8 (a large argument, a
+small result). RMCP is installed with a ``MemoryStore`` (default) or a ``SQLiteStore`` at PATH;
+a plain client (no ``_meta.rmcp``) gets the result inline, an RMCP client as a transfer. Over
+stdio the server runs ``rmcp_actors.server.run_stdio`` (linear); with ``--http`` it serves
+``app.streamable_http_app()`` with hypercorn on 127.0.0.1:PORT, its request body cap lifted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import hashlib
+import random
+from pathlib import Path
+
+import trio
+from mcp.server.mcpserver import MCPServer
+
+from rmcp_actors.server import install, run_stdio
+from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
+
+
+@functools.cache
+def payload(size: int) -> str:
+    """``size`` characters of base64 text from a seeded generator: not compressible, the same
+    on every process (cached: the server's own memory is not measured)."""
+    raw = random.Random(size).randbytes(size * 3 // 4 + 3)
+    return base64.b64encode(raw).decode("ascii")[:size]
+
+
+def build_server(store: DedupStore) -> MCPServer:
+    app = MCPServer("transfer-bench")
+
+    @app.tool()
+    async def blob(size: int) -> str:  # pyright: ignore[reportUnusedFunction]
+        """A text of ``size`` characters."""
+        return payload(size)
+
+    @app.tool()
+    async def digest(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        """The SHA-256 (hex) of ``text``'s UTF-8."""
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    install(app, store=store)
+    return app
+
+
+async def serve_http(app: MCPServer, port: int) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    # The SDK refuses request bodies over 4 MiB (413): lifted so that a raw client can send a
+    # large argument inline at all (the chunked client's requests are one chunk each).
+    asgi = app.streamable_http_app(max_request_body_size=1 << 30)
+    await serve(asgi, config)  # pyright: ignore[reportArgumentType]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--store", default="memory", help="memory, or the path of a SQLite file")
+    parser.add_argument("--http", type=int, metavar="PORT")
+    options = parser.parse_args()
+    store = MemoryStore() if options.store == "memory" else SQLiteStore(Path(options.store))
+    app = build_server(store)
+    if options.http is None:
+        run_stdio(app)
+    else:
+        trio.run(serve_http, app, options.http)
+
+
+if __name__ == "__main__":
+    main()
