@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import pytest
@@ -40,12 +41,16 @@ class FakeClock:
 Store = MemoryStore
 
 
+class MakeStore(Protocol):
+    def __call__(self, *, max_blob_bytes: int = ..., upload_ttl_s: float = ...) -> Store: ...
+
+
 @attrs.frozen
 class Harness:
     """A store under test, how to make another one like it, and how to move its clock."""
 
     store: Store
-    make: Callable[..., Store]
+    make: MakeStore
     advance: Callable[[float], Awaitable[None]]
 
 
@@ -55,9 +60,10 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     memory store reads ``trio.current_time`` and moves by ``trio.sleep``."""
     made: list[Store] = []
 
-    def make(**settings: object) -> Store:
-        settings = {"ttl_s": TTL_S, "upload_ttl_s": UPLOAD_TTL_S, **settings}
-        store = MemoryStore(clock=trio.current_time, **settings)
+    def make(*, max_blob_bytes: int = 1 << 30, upload_ttl_s: float = UPLOAD_TTL_S) -> Store:
+        store = MemoryStore(
+            ttl_s=TTL_S, clock=trio.current_time, max_blob_bytes=max_blob_bytes, upload_ttl_s=upload_ttl_s
+        )
         made.append(store)
         return store
 
@@ -299,10 +305,11 @@ async def test_every_blob_method_fails_after_aclose(harness: Harness) -> None:
             await call()
 
 
-@pytest.mark.parametrize(
-    ("setting", "value"), [("max_blob_bytes", 0), ("upload_ttl_s", 0.0), ("upload_ttl_s", float("nan"))]
-)
-async def test_blob_settings_must_be_positive(harness: Harness, setting: str, value: float) -> None:
-    with pytest.raises(RMCPConfigError, match="must be a positive number") as error:
-        harness.make(**{setting: value})
-    assert error.value.path == setting
+async def test_blob_settings_must_be_positive(harness: Harness) -> None:
+    with pytest.raises(RMCPConfigError, match="must be a positive number of bytes") as error:
+        harness.make(max_blob_bytes=0)
+    assert error.value.path == "max_blob_bytes"
+    for ttl in (0.0, float("nan")):
+        with pytest.raises(RMCPConfigError, match="must be a positive number of seconds") as error:
+            harness.make(upload_ttl_s=ttl)
+        assert error.value.path == "upload_ttl_s"
