@@ -7,10 +7,10 @@ Usage::
     python benchmarks/plot.py --readme   # rewrite that table in README.md, between its markers
 
 Reads ``alternatives.json`` (``alternatives.py``), ``large_payloads.json`` (``large_payloads.py
---json``), and, when present, ``scale.json`` and ``chaos.json`` (written by other scripts: read
-defensively, a missing key leaves its bar or row out). No figure is typed by hand: the README's
-table is this script's output, so rerunning a benchmark and then ``plot.py --readme`` keeps the
-two in step (``make bench`` does both).
+--json``), and, when present, ``scale.json``, ``chaos.json`` and ``transfer.json`` (written by
+other scripts: read defensively, a missing key leaves its bar or row out). No figure is typed by
+hand: the README's table is this script's output, so rerunning a benchmark and then ``plot.py
+--readme`` keeps the two in step (``make bench`` does both).
 """
 
 from __future__ import annotations
@@ -269,11 +269,93 @@ def plot_chaos(document: dict[str, Any], out: Path) -> list[Path]:
     return [path]
 
 
+# transfer.py's variants, in the order its rows show them.
+TRANSFER_VARIANTS = {
+    "raw": "raw mcp.Client, inline",
+    "raw_linear": "raw, linear stdio transport",
+    "rmcp_p1": "rmcp chunked, parallel 1",
+    "rmcp_p4": "rmcp chunked, parallel 4",
+    "rmcp_p4_file": "rmcp parallel 4, to a file",
+}
+
+
+def plot_transfer(document: dict[str, Any], out: Path) -> list[Path]:
+    rows = dig(_figures(document), "rows", default={})
+    if not isinstance(rows, dict) or not rows:
+        return []
+    plt = _pyplot()
+    fig, axes_pair = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups = [str(row) for row in rows]
+    for axes, key, ylabel in zip(
+        axes_pair,
+        ("wall_s", "peak_mib"),
+        ("wall time (s, log)", "peak client memory over baseline (MiB)"),
+        strict=True,
+    ):
+        series = {
+            label: [_number(dig(rows, row, variant, key)) for row in groups]
+            for variant, label in TRANSFER_VARIANTS.items()
+        }
+        _grouped_bars(axes, groups, series, ylabel)
+        if key == "wall_s":
+            axes.set_yscale("log")
+    payload = _number(dig(_figures(document), "payload_bytes")) or 0
+    fig.suptitle(
+        f"benchmarks/transfer.py, {payload / (1 << 20):g} MiB ({_mode_label(document)}); "
+        "a missing bar: timed out or failed",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = out / "transfer.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _transfer_table(document: dict[str, Any]) -> list[str]:
+    figures = _figures(document)
+    rows = dig(figures, "rows", default={})
+    if not isinstance(rows, dict) or not rows:
+        return []
+
+    def cell(row: str, variant: str) -> str:
+        measured = dig(rows, row, variant, default=None)
+        if not isinstance(measured, dict):
+            return "-"
+        if "error" in measured:
+            return "timed out" if "timed out" in str(measured["error"]) else "failed"
+        return f"{_fmt(measured.get('wall_s'), '.2f')} s, {_fmt(measured.get('peak_mib'), '.0f')} MiB"
+
+    header = ["variant", *(str(row) for row in rows)]
+    body = [[label, *(cell(row, variant) for row in rows)] for variant, label in TRANSFER_VARIANTS.items()]
+    goals = dig(figures, "goals", default={})
+    goal_rows = [
+        [str(name), _fmt(dig(goal, "value"), ".3g"), str(dig(goal, "goal")), _verdict(dig(goal, "passed"))]
+        for name, goal in (goals.items() if isinstance(goals, dict) else ())
+    ]
+    payload = _number(dig(figures, "payload_bytes")) or 0
+    title = f"{payload / (1 << 20):g} MiB in chunks: wall time, peak client memory over its baseline"
+    return [
+        _heading(title, document),
+        "",
+        *_markdown(header, body),
+        "",
+        *_markdown(["goal", "measured", "target", "verdict"], goal_rows),
+    ]
+
+
+def _verdict(passed: Any) -> str:
+    if passed is None:
+        return "not measured"
+    return ("PASS" if passed else "MISS") if isinstance(passed, bool) else "-"
+
+
 PLOTS = {
     "alternatives": plot_alternatives,
     "large_payloads": plot_large_payloads,
     "scale": plot_scale,
     "chaos": plot_chaos,
+    "transfer": plot_transfer,
 }
 
 
@@ -359,6 +441,9 @@ def table(directory: Path = RESULTS) -> str:
             ["raw2 / raw (control)", *(_fmt(dig(row, "control_raw2_raw")) for row in results)],
         ]
         blocks.append([_heading("Large results", large), "", *_markdown(header, body)])
+    transfer = read_results("transfer", directory)
+    if transfer is not None and (transfer_block := _transfer_table(transfer)):
+        blocks.append(transfer_block)
     scale = read_results("scale", directory)
     verdicts = dig(_figures(scale), "verdicts", default=None)
     if scale is not None and isinstance(verdicts, dict):

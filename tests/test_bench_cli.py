@@ -351,3 +351,32 @@ def test_bench_opens_no_journal_and_recovers_nothing(
     argv = ["--config", str(config), "bench", "test", "echo", "--args", '{"text": "hi"}']
     bench_json(capsys, [*argv, "--calls", "2", "--blocks", "1", "--json"])
     assert not journal.exists()
+
+
+def test_table_shows_the_transfer_benchmark_and_its_verdicts(tmp_path: Path) -> None:
+    plot = load_plot()
+    figures = {
+        "payload_bytes": 50 << 20,
+        "rows": {
+            "result/stdio": {
+                "raw": {"error": "timed out after 180 s"},
+                "rmcp_p4": {"wall_s": 1.234, "peak_mib": 61.2},
+                "rmcp_p4_file": {"error": "boom"},
+            }
+        },
+        "goals": {
+            "result_stdio_wall_s": {"value": 1.234, "goal": "< 2 s", "passed": True},
+            "resume_resent_chunks": {"value": None, "goal": "< 2", "passed": None},
+        },
+    }
+    (tmp_path / "transfer.json").write_text(json.dumps({"mode": "quick", "figures": figures}))
+    text = plot.table(tmp_path)
+    assert "| variant | result/stdio |" in text
+    assert "| raw mcp.Client, inline | timed out |" in text
+    assert "| rmcp chunked, parallel 4 | 1.23 s, 61 MiB |" in text
+    assert "| rmcp parallel 4, to a file | failed |" in text
+    assert "| rmcp chunked, parallel 1 | - |" in text
+    assert "| result_stdio_wall_s | 1.23 | < 2 s | PASS |" in text
+    assert "| resume_resent_chunks | - | < 2 | not measured |" in text
+    (tmp_path / "transfer.json").write_text(json.dumps({"figures": {"rows": "?"}}))
+    assert "in chunks" not in plot.table(tmp_path)
