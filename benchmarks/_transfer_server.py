@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/_transfer_server.py [--store memory|PATH] [--http PORT]
+                                          [--chunk-log PATH] [--kill-at N --kill-marker PATH]
 
 ``blob(size)`` returns a text of ``size`` characters (a large result), the same text for the
 same size on every run and every process (:func:`payload`), so a restarted server serves the
@@ -11,6 +12,12 @@ small result). RMCP is installed with a ``MemoryStore`` (default) or a ``SQLiteS
 a plain client (no ``_meta.rmcp``) gets the result inline, an RMCP client as a transfer. Over
 stdio the server runs ``rmcp_actors.server.run_stdio`` (linear); with ``--http`` it serves
 ``app.streamable_http_app()`` with hypercorn on 127.0.0.1:PORT, its request body cap lifted.
+
+For the resume figures (and tests/test_transfer_chaos.py): ``--chunk-log PATH`` appends a line
+``read INDEX`` or ``write INDEX`` for each chunk the store hands out or takes in (a chunk served
+twice across a restart shows up twice); ``--kill-at N`` makes the server SIGKILL itself as the
+store is asked for its N-th chunk (read or written), before serving or storing it, unless the
+file ``--kill-marker`` exists (the server creates it first: the restarted server lives on).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import argparse
 import base64
 import functools
 import hashlib
+import os
 import random
+import signal
 from pathlib import Path
 
 import trio
@@ -35,6 +44,37 @@ def payload(size: int) -> str:
     on every process (cached: the server's own memory is not measured)."""
     raw = random.Random(size).randbytes(size * 3 // 4 + 3)
     return base64.b64encode(raw).decode("ascii")[:size]
+
+
+def chunk_watching(
+    store_type: type[MemoryStore] | type[SQLiteStore],
+    log: Path | None,
+    kill_at: int | None,
+    marker: Path | None,
+) -> type[MemoryStore] | type[SQLiteStore]:
+    """``store_type`` that logs each chunk it reads or writes and dies at the ``kill_at``-th."""
+    seen = 0
+
+    def watch(operation: str, index: int) -> None:
+        nonlocal seen
+        seen += 1
+        if kill_at is not None and seen == kill_at and marker is not None and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if log is not None:
+            with log.open("a") as lines:
+                lines.write(f"{operation} {index}\n")
+
+    class Watched(store_type):  # type: ignore[misc,valid-type]
+        async def read_chunk(self, transfer_id: str, index: int, *, scope: str) -> bytes | None:
+            watch("read", index)
+            return await super().read_chunk(transfer_id, index, scope=scope)
+
+        async def write_chunk(self, transfer_id: str, index: int, data: bytes) -> None:
+            watch("write", index)
+            await super().write_chunk(transfer_id, index, data)
+
+    return Watched
 
 
 def build_server(store: DedupStore) -> MCPServer:
@@ -71,8 +111,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--store", default="memory", help="memory, or the path of a SQLite file")
     parser.add_argument("--http", type=int, metavar="PORT")
+    parser.add_argument("--chunk-log", type=Path, metavar="PATH")
+    parser.add_argument("--kill-at", type=int, metavar="N")
+    parser.add_argument("--kill-marker", type=Path, metavar="PATH")
     options = parser.parse_args()
-    store = MemoryStore() if options.store == "memory" else SQLiteStore(Path(options.store))
+    if options.chunk_log is None and options.kill_at is None:
+        store = MemoryStore() if options.store == "memory" else SQLiteStore(Path(options.store))
+    else:
+        store_type = MemoryStore if options.store == "memory" else SQLiteStore
+        watched = chunk_watching(store_type, options.chunk_log, options.kill_at, options.kill_marker)
+        store = watched() if options.store == "memory" else watched(Path(options.store))  # pyright: ignore[reportCallIssue]
     app = build_server(store)
     if options.http is None:
         run_stdio(app)

@@ -16,9 +16,11 @@ A 50 MiB result (``blob(size)``) and a 50 MiB argument (``digest(text)``) of the
 * ``rmcp_p1``, ``rmcp_p4``: ``sup.call`` with chunked transfer, 1 or 4 chunk requests in
   flight, the result reassembled in memory (``CallResult.text``) or the argument uploaded;
 * ``rmcp_p4_file`` (results): the same with ``result_sink=<path>``, streamed to a file;
-* ``resume`` (stdio, result to a file, SQLite store): the server SIGKILLs itself when it has
-  served half the chunks; rmcp_actors restarts it and resumes. Figures: wall time and the
-  chunks read twice (``CallResult.transfers[0].refetched``).
+* ``resume`` (stdio, SQLite store, parallel 4, a result to a file or an argument uploaded): the
+  server SIGKILLs itself as its store is asked for the middle chunk (``--kill-at``); rmcp_actors
+  restarts it and resumes. Figures: wall time, the chunks the server handed out or took in
+  twice over its two lives (``served_twice``, from its ``--chunk-log``: the judged figure) and
+  the client's own counts (``refetched``, ``resent``, ``reconnects`` of ``CallResult.transfers``).
 
 Each run of a variant is a fresh subprocess (``--child``): it imports, starts the server,
 connects and makes one small warm-up call, then resets its peak RSS (``/proc/self/clear_refs``;
@@ -182,7 +184,9 @@ async def open_raw(transport: Transport, linear: bool) -> AsyncIterator[Call]:
 
 
 @asynccontextmanager
-async def open_rmcp(transport: Transport, parallel: int, store: str = "memory") -> AsyncIterator[Call]:
+async def open_rmcp(
+    transport: Transport, parallel: int, server_args: tuple[str, ...] = ()
+) -> AsyncIterator[Call]:
     from rmcp_actors import PolicyOverrides, RMCPSupervisor, ServerSpec
     from rmcp_actors.config import TransferOverrides
 
@@ -194,14 +198,14 @@ async def open_rmcp(transport: Transport, parallel: int, store: str = "memory") 
             spec = ServerSpec.stdio(
                 "bench",
                 sys.executable,
-                [str(SERVER), "--store", store],
+                [str(SERVER), *server_args],
                 env=_server_env(),
                 overrides=overrides,
             )
             await sup.add_server(spec)
             yield lambda tool, arguments, **options: sup.call("bench", tool, arguments, **options)
             return
-        async with http_server(store) as url:
+        async with http_server("memory") as url:
             await sup.add_server(ServerSpec.http("bench", url, overrides=overrides))
             yield lambda tool, arguments, **options: sup.call("bench", tool, arguments, **options)
 
@@ -227,14 +231,21 @@ async def child(
     if direction == "result":
         del expected  # the child must not hold the payload it measures receiving
     figures: dict[str, Any] = {}
+    chunk_log = sink.with_name("chunks.log")
     if variant in ("raw", "raw_linear"):
         opened = open_raw(transport, linear=variant == "raw_linear")
+    elif variant == "resume":
+        # Killed as it is asked for the middle chunk, once; restarted on the same SQLite file.
+        middle = str(size // CHUNK_SIZE[transport] // 2 + 1)
+        server_args = ("--store", str(sink.with_name("store.sqlite")), "--chunk-log", str(chunk_log))
+        server_args += ("--kill-at", middle, "--kill-marker", str(sink.with_name("killed")))
+        opened = open_rmcp(transport, parallel=4, server_args=server_args)
     else:
         opened = open_rmcp(transport, parallel=1 if variant == "rmcp_p1" else 4)
     async with opened as call:
         await call("blob", {"size": 16})
         if direction == "result":
-            options: dict[str, Any] = {"result_sink": sink} if variant == "rmcp_p4_file" else {}
+            options: dict[str, Any] = {"result_sink": sink} if variant in ("rmcp_p4_file", "resume") else {}
             run = call("blob", {"size": size}, **options)
         else:
             run = call("digest", {"text": argument})
@@ -250,10 +261,16 @@ async def child(
         if transfers:
             figures["refetched"] = sum(t.refetched for t in transfers)
             figures["resent"] = sum(t.resent for t in transfers)
+            figures["reconnects"] = sum(t.reconnects for t in transfers)
             figures["chunks"] = sum(t.chunks for t in transfers)
+    if variant == "resume":
+        # Chunks the server handed out (read) or took in (write) more than once, over both lives.
+        lines = (await trio.Path(chunk_log).read_text()).splitlines()
+        figures["served_twice"] = len(lines) - len(set(lines))
+        figures["killed"] = await trio.Path(sink.with_name("killed")).exists()
     if direction == "argument":
         got = _text_of(result)
-    elif variant == "rmcp_p4_file":
+    elif variant in ("rmcp_p4_file", "resume"):
         got = hashlib.sha256(await trio.Path(sink).read_bytes()).hexdigest()
     else:
         got = hashlib.sha256(_text_of(result).encode()).hexdigest()
@@ -295,13 +312,13 @@ def summarize(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
         "verified": all(run["verified"] for run in runs),
         "runs": len(runs),
     }
-    for key in ("refetched", "resent", "chunks"):
+    for key in ("refetched", "resent", "reconnects", "chunks", "served_twice", "killed"):
         if key in runs[0]:
             summary[key] = max(run[key] for run in runs)
     return summary
 
 
-def verdicts(rows: dict[str, dict[str, dict[str, Any]]], resume: dict[str, Any] | None) -> dict[str, Any]:
+def verdicts(rows: dict[str, dict[str, dict[str, Any]]], resume: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Each goal of the issue: the figure, the goal and whether it passed (None: not measured)."""
 
     def figure(row: str, variant: str, key: str) -> float | None:
@@ -334,16 +351,22 @@ def verdicts(rows: dict[str, dict[str, dict[str, Any]]], resume: dict[str, Any] 
         "goal": f"< {STREAMED_GOAL_MIB:g} MiB",
         "passed": None if worst_streamed is None else worst_streamed < STREAMED_GOAL_MIB,
     }
-    refetched = resume.get("refetched") if resume else None
-    goals["resume_resent_chunks"] = {
-        "value": refetched,
-        "goal": f"< {RESENT_GOAL}",
-        "passed": None if not isinstance(refetched, int) else refetched < RESENT_GOAL,
-    }
+    for direction in DIRECTIONS:
+        resent = resume.get(direction, {}).get("served_twice")
+        goals[f"resume_{direction}_resent_chunks"] = {
+            "value": resent,
+            "goal": f"< {RESENT_GOAL}",
+            "passed": None if not isinstance(resent, int) else resent < RESENT_GOAL,
+        }
     return goals
 
 
-def render(rows: dict[str, dict[str, dict[str, Any]]], goals: dict[str, Any], size: int) -> str:
+def render(
+    rows: dict[str, dict[str, dict[str, Any]]],
+    resume: dict[str, dict[str, Any]],
+    goals: dict[str, Any],
+    size: int,
+) -> str:
     lines = [
         f"{'payload/transport':<18} {'variant':<13} {'wall s':>8} {'peak MiB':>9} {'x payload':>9}  verified"
     ]
@@ -356,6 +379,8 @@ def render(rows: dict[str, dict[str, dict[str, Any]]], goals: dict[str, Any], si
                 f"{row:<18} {variant:<13} {summary['wall_s']:>8.3f} {summary['peak_mib']:>9.1f} "
                 f"{summary['peak_x_payload']:>9.2f}  {summary['verified']}"
             )
+    for direction, summary in resume.items():
+        lines.append(f"resume {direction}: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
     lines.append(f"payload {size / MIB:g} MiB; goals:")
     for name, goal in goals.items():
         verdict = {True: "PASS", False: "MISS", None: "not measured"}[goal["passed"]]
@@ -405,9 +430,13 @@ def main() -> None:
                     run_child(variant, direction, transport, size, options.timeout) for _ in range(runs)
                 ]
                 row[variant] = summarize(measured, size)
-    resume = None
+    resume: dict[str, Any] = {}
+    for direction in DIRECTIONS:
+        print(f"{direction} over stdio, server killed halfway: resume x{runs}", file=sys.stderr, flush=True)
+        measured = [run_child("resume", direction, "stdio", size, options.timeout) for _ in range(runs)]
+        resume[direction] = summarize(measured, size)
     goals = verdicts(rows, resume)
-    print(render(rows, goals, size))
+    print(render(rows, resume, goals, size))
     figures = {"payload_bytes": size, "runs": runs, "rows": rows, "resume": resume, "goals": goals}
     path = write_results("transfer", figures, quick=options.quick, path=options.json)
     print(f"results: {path}", file=sys.stderr)
