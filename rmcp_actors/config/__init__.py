@@ -40,6 +40,8 @@ from ._policy import RuntimeSettings as RuntimeSettings
 from ._policy import ServerPolicy as ServerPolicy
 from ._policy import ToolOverrides as ToolOverrides
 from ._policy import TransactionSettings as TransactionSettings
+from ._policy import TransferOverrides as TransferOverrides
+from ._policy import TransferPolicy as TransferPolicy
 from ._policy import WhenDisconnected as WhenDisconnected
 from ._servers import ServerSpec as ServerSpec
 from ._servers import Transport as Transport
@@ -71,6 +73,8 @@ __all__ = [
     "ServerSpec",
     "ToolOverrides",
     "TransactionSettings",
+    "TransferOverrides",
+    "TransferPolicy",
     "Transport",
     "WhenDisconnected",
     "Wire",

@@ -20,6 +20,7 @@ from typing import Any, Generic, Literal, Never
 
 import attrs
 
+from .._transfer import DEFAULT_CHUNK_SIZE, DEFAULT_THRESHOLD, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from ..errors import RMCPConfigError
 from ._checks import boolean, int_at_least, is_number, number, one_of, optional, string
 from ._keys import V, policy_group, policy_key, policy_table, policy_variant
@@ -46,6 +47,8 @@ __all__ = [
     "ServerPolicy",
     "TaskMode",
     "ToolOverrides",
+    "TransferOverrides",
+    "TransferPolicy",
     "WhenDisconnected",
 ]
 
@@ -307,6 +310,55 @@ class HedgeOverrides(_HedgeKeys[None]):
     """A partial hedge table: each ``None`` inherits from the level above."""
 
 
+def _chunk_size(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    int_at_least(MIN_CHUNK_SIZE)(_inst, attribute, value)
+    if value > MAX_CHUNK_SIZE:
+        raise RMCPConfigError(
+            f"must be at most {MAX_CHUNK_SIZE} bytes (16 MiB), got {value}", path=attribute.name
+        )
+
+
+def _parallel(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    int_at_least(1)(_inst, attribute, value)
+    if value > _MAX_PARALLEL:
+        raise RMCPConfigError(f"must be at most {_MAX_PARALLEL}, got {value}", path=attribute.name)
+
+
+# More chunk requests in flight than this only queue on the one connection they share.
+_MAX_PARALLEL = 64
+
+
+@policy_group()
+@attrs.frozen(slots=False)  # a variant derives from several groups
+class _TransferKeys(Generic[V]):
+    chunk_size: int | V = policy_key(
+        DEFAULT_CHUNK_SIZE,
+        _chunk_size,
+        "Bytes per chunk asked for (4 KiB to 16 MiB); over streamable HTTP the client asks for "
+        "less when a chunk's base64 would not fit max_sse_event_bytes.",
+    )
+    parallel: int | V = policy_key(4, _parallel, "Chunk requests in flight at once per payload (1 to 64).")
+    threshold: int | V = policy_key(
+        DEFAULT_THRESHOLD,
+        int_at_least(0),
+        "Bytes above which a result item or a string argument moves in chunks (only with a "
+        "server advertising the 'transfer' feature).",
+    )
+    max_bytes_per_s: int | V = policy_key(
+        0, int_at_least(0), "Bandwidth cap of one call's chunks, in bytes per second; 0 means none."
+    )
+
+
+@policy_variant
+class TransferPolicy(_TransferKeys[Never]):
+    """How large payloads move in chunks (fully resolved; docs/protocol.md section 9)."""
+
+
+@policy_variant
+class TransferOverrides(_TransferKeys[None]):
+    """A partial transfer table: each ``None`` inherits from the level above."""
+
+
 # --------------------------------------------------------------------------------------------
 # The policy keys, grouped by the tables they may be written in
 # --------------------------------------------------------------------------------------------
@@ -345,6 +397,9 @@ class _EveryLevel(Generic[V]):
         "Whether calls run as tasks (polled to their result, followed across reconnects): true "
         "when the server supports it for the tool, false never asked for, 'auto' when the tool "
         "requires it (execution.taskSupport = 'required'). On 2026-07-28 the server decides.",
+    )
+    transfer: _TransferKeys[V] = policy_table(
+        _TransferKeys, "Chunked transfer of large results and arguments (see TransferPolicy)."
     )
 
 
