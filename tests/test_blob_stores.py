@@ -19,7 +19,15 @@ import trio.testing
 
 from rmcp_actors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError
 from rmcp_actors._transfer import TransferHandle, handle_for
-from rmcp_actors.stores import BlobStore, MemoryStore, OwnerInfo, SQLiteStore, TransferConflict
+from rmcp_actors.stores import (
+    BlobStore,
+    MemoryStore,
+    OwnerInfo,
+    SQLiteStore,
+    TaskRecord,
+    TaskState,
+    TransferConflict,
+)
 
 TTL_S = 3_600.0
 UPLOAD_TTL_S = 600.0
@@ -279,6 +287,38 @@ async def test_a_result_lives_as_long_as_its_keys_record(
     await harness.advance(2)
     assert await store.purge_expired() == 2  # the record and its transfer
     assert await store.get_transfer("r-1", scope="s") is None
+    assert await store.read_chunk("r-1", 0, scope="s") is None
+
+
+async def test_a_task_result_lives_as_long_as_its_task(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    await store.register_owner(OwnerInfo(instance_id="a", pid=os.getpid(), host=socket.gethostname()), TTL_S)
+    task = TaskRecord(
+        task_id="t-1",
+        key=None,
+        scope="s",
+        fingerprint="fp",
+        tool="tool",
+        state=TaskState.WORKING,
+        owner="a",
+        created_at="2026-01-01T00:00:00Z",
+        updated_at="2026-01-01T00:00:00Z",
+    )
+    assert (await store.create_task(task, ttl_s=TTL_S / 2)).created
+    handle = handle_for("r-1", PAYLOAD, CHUNK)
+    await store.open_transfer(handle, key="t-1", scope="s", sealed=False)
+    await store.write_chunk("r-1", 0, chunks_of(PAYLOAD)[0])
+    assert await store.finish_task(
+        "t-1", owner="a", state=TaskState.COMPLETED, result=b"r", message=None, updated_at="later"
+    )
+
+    await harness.advance(TTL_S / 2 - 1)
+    assert await store.purge_expired() == 0
+    assert await store.read_chunk("r-1", 0, scope="s") == chunks_of(PAYLOAD)[0]
+    await harness.advance(2)
+    assert await store.purge_expired() == 2  # the task and its transfer
     assert await store.read_chunk("r-1", 0, scope="s") is None
 
 

@@ -723,7 +723,7 @@ class SQLiteStore:
 
     async def purge_expired(self) -> int:
         """Delete expired records and tasks, transfers past their lifetime (a result's once its
-        key has no record, an upload's ``upload_ttl_s`` after it was last opened) with their
+        key has no record or task, an upload's ``upload_ttl_s`` after it was last opened) with their
         chunks, and owners whose lease ended more than ``ttl_s`` ago and that have no records
         left; return how many records, tasks and transfers were deleted.
 
@@ -956,13 +956,15 @@ class SQLiteStore:
             LIMIT ?)""",
             (now, TaskState.WORKING.value, now, _PURGE_BATCH),
         ).rowcount
-        # After the records: a result transfer goes with its key's record. An unsealed one left
-        # by a crashed run goes with the record that run left (in doubt, or released).
+        # After the records and tasks: a result transfer goes with its key's record (or task).
+        # An unsealed one left by a crashed run goes with the record that run left (in doubt,
+        # or released).
         gone = [
             row[0]
             for row in connection.execute(
                 """SELECT id FROM transfers WHERE (key IS NULL AND expires_at <= ?) OR (key IS NOT NULL
-                AND NOT EXISTS (SELECT 1 FROM records WHERE records.key = transfers.key)) LIMIT ?""",
+                AND NOT EXISTS (SELECT 1 FROM records WHERE records.key = transfers.key)
+                AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = transfers.key)) LIMIT ?""",
                 (now, _PURGE_BATCH),
             )
         ]
