@@ -316,7 +316,7 @@ class MemoryStore:
 
     async def purge_expired(self) -> int:
         """Delete expired records and tasks, transfers past their lifetime (a result's once its
-        key has no live record, an upload's ``upload_ttl_s`` after it was last opened), and
+        key has no live record or task, an upload's ``upload_ttl_s`` after it was last opened), and
         owners whose lease ended more than ``ttl_s`` ago and that have no records left; return
         how many records, tasks and transfers were deleted.
 
@@ -535,7 +535,10 @@ class MemoryStore:
         if transfer.key is None:
             return self._upload_expired(transfer, now)
         entry = self._records.get(transfer.key)
-        return entry is None or self._expired(entry, now)
+        if entry is not None and not self._expired(entry, now):
+            return False
+        task = self._tasks.get(transfer.key)
+        return task is None or self._task_expired(task, now)
 
     def _drop_transfer(self, transfer_id: str) -> None:
         transfer = self._transfers.pop(transfer_id)
