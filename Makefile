@@ -3,7 +3,7 @@
 #               examples/exactly_once.py: raw MCP with naive retries vs rmcp_actors, under crashes
 #   make test   lint, format check, type check, the test suite (reference servers included) and
 #               make conformance
-#   make bench  the benchmarks (full runs, ~20 min): results in benchmarks/results/, plots, README table
+#   make bench  the benchmarks (full runs, ~35 min): results in benchmarks/results/, plots, README table
 #   make conformance  the official MCP conformance suite (Node 22 and the suite from npm, cached in
 #               $TMPDIR/rmcp-npm-cache) against conformance/client.py and conformance/server.py,
 #               in a loopback-only network namespace (unshare -rn); see docs/conformance.md
@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/large_payloads.py --json benchmarks/results/large_payloads.json
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/chaos.py
+	$(PY) benchmarks/transfer.py
 	$(PY) benchmarks/plot.py --readme
 
 conformance: $(STAMP)

@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/_transfer_server.py [--store memory|PATH] [--http PORT]
-                                          [--chunk-log PATH] [--kill-at N --kill-marker PATH]
+                                          [--chunk-log PATH] [--kill-at read|write:N --kill-marker PATH]
 
 ``blob(size)`` returns a text of ``size`` characters (a large result), the same text for the
 same size on every run and every process (:func:`payload`), so a restarted server serves the
@@ -15,9 +15,11 @@ stdio the server runs ``rmcp_actors.server.run_stdio`` (linear); with ``--http``
 
 For the resume figures (and tests/test_transfer_chaos.py): ``--chunk-log PATH`` appends a line
 ``read INDEX`` or ``write INDEX`` for each chunk the store hands out or takes in (a chunk served
-twice across a restart shows up twice); ``--kill-at N`` makes the server SIGKILL itself as the
-store is asked for its N-th chunk (read or written), before serving or storing it, unless the
-file ``--kill-marker`` exists (the server creates it first: the restarted server lives on).
+twice across a restart shows up twice); ``--kill-at read:N`` (``write:N``) makes the server
+SIGKILL itself as the store is asked to read (write) its N-th chunk, before serving (storing)
+it, unless the file ``--kill-marker`` exists (the server creates it first: the restarted server
+lives on). A result's chunks are written to the store as the tool's result is kept, then read
+by the client; an upload's are written by the client, then read once by the call.
 """
 
 from __future__ import annotations
@@ -107,12 +109,19 @@ async def serve_http(app: MCPServer, port: int) -> None:
     await serve(asgi, config)  # pyright: ignore[reportArgumentType]
 
 
+def _operation_count(text: str) -> tuple[str, int]:
+    operation, _, count = text.partition(":")
+    if operation not in ("read", "write") or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected read:N or write:N, got {text!r}")
+    return operation, int(count)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--store", default="memory", help="memory, or the path of a SQLite file")
     parser.add_argument("--http", type=int, metavar="PORT")
     parser.add_argument("--chunk-log", type=Path, metavar="PATH")
-    parser.add_argument("--kill-at", type=int, metavar="N")
+    parser.add_argument("--kill-at", type=_operation_count, metavar="read|write:N")
     parser.add_argument("--kill-marker", type=Path, metavar="PATH")
     options = parser.parse_args()
     if options.chunk_log is None and options.kill_at is None:

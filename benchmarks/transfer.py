@@ -236,7 +236,8 @@ async def child(
         opened = open_raw(transport, linear=variant == "raw_linear")
     elif variant == "resume":
         # Killed as it is asked for the middle chunk, once; restarted on the same SQLite file.
-        middle = str(size // CHUNK_SIZE[transport] // 2 + 1)
+        operation = "read" if direction == "result" else "write"
+        middle = f"{operation}:{size // CHUNK_SIZE[transport] // 2 + 1}"
         server_args = ("--store", str(sink.with_name("store.sqlite")), "--chunk-log", str(chunk_log))
         server_args += ("--kill-at", middle, "--kill-marker", str(sink.with_name("killed")))
         opened = open_rmcp(transport, parallel=4, server_args=server_args)
@@ -264,8 +265,14 @@ async def child(
             figures["reconnects"] = sum(t.reconnects for t in transfers)
             figures["chunks"] = sum(t.chunks for t in transfers)
     if variant == "resume":
-        # Chunks the server handed out (read) or took in (write) more than once, over both lives.
-        lines = (await trio.Path(chunk_log).read_text()).splitlines()
+        # Chunks the server handed out (result) or took in (argument) more than once, over both
+        # lives (an upload's chunks are also read once, when the call substitutes them).
+        operation = "read " if direction == "result" else "write "
+        lines = [
+            line
+            for line in (await trio.Path(chunk_log).read_text()).splitlines()
+            if line.startswith(operation)
+        ]
         figures["served_twice"] = len(lines) - len(set(lines))
         figures["killed"] = await trio.Path(sink.with_name("killed")).exists()
     if direction == "argument":
