@@ -31,9 +31,15 @@ import hashlib
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import trio
+
+if __name__ == "__main__":
+    # Run as a script, import the rmcp_actors of this checkout: the SDK's default environment
+    # drops PYTHONPATH, so the interpreter would otherwise find whichever copy is installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mcp.server.mcpserver import MCPServer
 
 from rmcp_actors.server import install, run_stdio
