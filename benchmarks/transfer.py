@@ -259,6 +259,8 @@ async def child(
         figures["peak_bytes"] = _peak_bytes(reset) - baseline
         figures["peak_method"] = "VmHWM after clear_refs" if reset else "ru_maxrss (not reset)"
         transfers = getattr(result, "transfers", ())
+        if variant not in ("raw", "raw_linear"):
+            figures["chunked"] = bool(transfers)  # an rmcp row that went inline says so
         if transfers:
             figures["refetched"] = sum(t.refetched for t in transfers)
             figures["resent"] = sum(t.resent for t in transfers)
@@ -319,7 +321,7 @@ def summarize(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
         "verified": all(run["verified"] for run in runs),
         "runs": len(runs),
     }
-    for key in ("refetched", "resent", "reconnects", "chunks", "served_twice", "killed"):
+    for key in ("chunked", "refetched", "resent", "reconnects", "chunks", "served_twice", "killed"):
         if key in runs[0]:
             summary[key] = max(run[key] for run in runs)
     return summary
