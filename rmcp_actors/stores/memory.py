@@ -16,8 +16,26 @@ from typing import final
 import anyio.lowlevel
 import attrs
 
+from .._transfer import TransferHandle
 from ..errors import RMCPConfigError, RMCPStoreClosedError, RMCPUnknownOwnerError
-from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState, TaskCreation, TaskRecord, TaskState
+from ._base import (
+    BeginOutcome,
+    DedupRecord,
+    OwnerInfo,
+    RecordState,
+    TaskCreation,
+    TaskRecord,
+    TaskState,
+    TransferConflict,
+)
+from ._blobs import (
+    DEFAULT_MAX_BLOB_BYTES,
+    DEFAULT_UPLOAD_TTL_S,
+    blob_cap_error,
+    check_blob_limits,
+    same_layout,
+    unknown_transfer,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -35,6 +53,16 @@ class _Entry:
     created_at: float
     expires_at: float
     entered: bool = False
+
+
+@attrs.define(eq=False)
+class _Transfer:
+    handle: TransferHandle
+    key: str | None
+    scope: str
+    sealed: bool
+    opened_at: float
+    chunks: dict[int, bytes] = attrs.Factory(dict[int, bytes])
 
 
 def _own_entered(entry: _Entry, owner: str) -> bool:
@@ -57,9 +85,14 @@ class MemoryStore:
         ttl_s: How long a record lives, counted from its creation.
         clock: The time source for expiries and leases, in seconds; ``time.monotonic`` by
             default. Tests pass ``trio.current_time`` to run under a mock clock.
+        max_blob_bytes: The most bytes of transfer chunks held at once (see
+            :class:`~rmcp_actors.stores.BlobStore`); 1 GiB by default.
+        upload_ttl_s: How long an upload (a transfer without a key) lives after it was last
+            opened; an hour by default.
 
     Raises:
-        RMCPConfigError: When ``max_entries`` or ``ttl_s`` is not positive.
+        RMCPConfigError: When ``max_entries``, ``ttl_s``, ``max_blob_bytes`` or
+            ``upload_ttl_s`` is not positive.
     """
 
     def __init__(
@@ -68,6 +101,8 @@ class MemoryStore:
         max_entries: int = 100_000,
         ttl_s: float = 86_400.0,
         clock: Callable[[], float] | None = None,
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        upload_ttl_s: float = DEFAULT_UPLOAD_TTL_S,
     ) -> None:
         if max_entries <= 0:
             raise RMCPConfigError(
@@ -75,6 +110,7 @@ class MemoryStore:
             )
         if not ttl_s > 0:
             raise RMCPConfigError(f"must be a positive number of seconds, got {ttl_s!r}", path="ttl_s")
+        check_blob_limits(max_blob_bytes, upload_ttl_s)
         self._max_entries = max_entries
         self._ttl_s = ttl_s
         self._clock = clock or time.monotonic
@@ -89,6 +125,10 @@ class MemoryStore:
         # Owners are pruned when their number doubles: a server restarting all day registers a
         # new instance each time, and only those of the last ttl_s can still matter.
         self._owners_after_prune = 0
+        self._transfers: dict[str, _Transfer] = {}
+        self._max_blob_bytes = max_blob_bytes
+        self._upload_ttl_s = upload_ttl_s
+        self._blob_bytes = 0
         self._closed = False
 
     @property
@@ -275,8 +315,10 @@ class MemoryStore:
         return None if entry is None else self._to_record(key, entry, now)
 
     async def purge_expired(self) -> int:
-        """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
-        that have no records left; return how many records were deleted.
+        """Delete expired records and tasks, transfers past their lifetime (a result's once its
+        key has no live record, an upload's ``upload_ttl_s`` after it was last opened), and
+        owners whose lease ended more than ``ttl_s`` ago and that have no records left; return
+        how many records, tasks and transfers were deleted.
 
         Checks at most 1,000 records between two checkpoints, so that purging a large store
         does not hold up the event loop's other tasks.
@@ -297,6 +339,10 @@ class MemoryStore:
         for task_id in [task_id for task_id, task in self._tasks.items() if self._task_expired(task, now)]:
             self._drop_task(task_id)
             deleted += 1
+        gone = [tid for tid, transfer in self._transfers.items() if self._transfer_gone(transfer, now)]
+        for transfer_id in gone:
+            self._drop_transfer(transfer_id)
+            deleted += 1
         self._prune_owners(self._clock())
         return deleted
 
@@ -308,6 +354,8 @@ class MemoryStore:
         self._task_keys.clear()
         self._owner_leases.clear()
         self._released_owners.clear()
+        self._transfers.clear()
+        self._blob_bytes = 0
 
     async def create_task(self, task: TaskRecord, *, ttl_s: float) -> TaskCreation:
         """Write ``task`` unless its key is held by a live task, which is returned instead."""
@@ -382,6 +430,116 @@ class MemoryStore:
             if task.scope == scope and not self._task_expired(task, now)
         ]
         return live[offset : offset + limit]
+
+    async def open_transfer(
+        self, handle: TransferHandle, *, key: str | None, scope: str, sealed: bool
+    ) -> list[int]:
+        """Create transfer ``handle.id``, or find it, and return the indices of its chunks held.
+
+        Opening a sealed transfer again with the same layout resumes it (an upload's lifetime
+        starts over). An unsealed one is the output of a run cut short: opening it again starts
+        it over, without its chunks, since a new run may produce other bytes.
+
+        Raises:
+            TransferConflict: The id is held, sealed, with another layout, or by another scope.
+            RMCPStoreError: A sealed ``handle`` alone is larger than ``max_blob_bytes``.
+        """
+        self._check_open()
+        now = self._clock()
+        existing = self._live_transfer(handle.id, now)
+        if existing is not None:
+            if existing.scope != scope:
+                raise TransferConflict(f"transfer {handle.id!r} belongs to another scope")
+            if existing.sealed:
+                if not same_layout(existing.handle, handle):
+                    raise TransferConflict(f"transfer {handle.id!r} is held with another layout")
+                existing.opened_at = now
+                return sorted(existing.chunks)
+            self._drop_transfer(handle.id)
+        if sealed and handle.size > self._max_blob_bytes:
+            raise blob_cap_error("open_transfer", self._blob_bytes, handle.size, self._max_blob_bytes)
+        self._transfers[handle.id] = _Transfer(
+            handle=handle, key=key, scope=scope, sealed=sealed, opened_at=now
+        )
+        return []
+
+    async def write_chunk(self, transfer_id: str, index: int, data: bytes) -> None:
+        """Store chunk ``index``; the first bytes written for an index stay (the caller
+        verified them against the handle, so a second write carries the same ones).
+
+        Raises:
+            TransferConflict: The store does not hold the transfer (never opened, expired).
+            RMCPStoreError: The chunk would take the store past ``max_blob_bytes``.
+        """
+        self._check_open()
+        transfer = self._live_transfer(transfer_id, self._clock())
+        if transfer is None:
+            raise unknown_transfer(transfer_id)
+        if index in transfer.chunks:
+            return
+        if self._blob_bytes + len(data) > self._max_blob_bytes:
+            raise blob_cap_error("write_chunk", self._blob_bytes, len(data), self._max_blob_bytes)
+        transfer.chunks[index] = data
+        self._blob_bytes += len(data)
+
+    async def seal_transfer(self, handle: TransferHandle) -> None:
+        """Record the final layout of a result transfer; sealing it again with the same layout
+        does nothing.
+
+        Raises:
+            TransferConflict: The store does not hold the transfer, or holds it sealed with
+                another layout.
+        """
+        self._check_open()
+        transfer = self._live_transfer(handle.id, self._clock())
+        if transfer is None:
+            raise unknown_transfer(handle.id)
+        if transfer.sealed and not same_layout(transfer.handle, handle):
+            raise TransferConflict(f"transfer {handle.id!r} is sealed with another layout")
+        transfer.handle, transfer.sealed = handle, True
+
+    async def get_transfer(self, transfer_id: str, *, scope: str) -> TransferHandle | None:
+        """The sealed handle of a transfer of ``scope``, or None."""
+        self._check_open()
+        transfer = self._live_transfer(transfer_id, self._clock())
+        if transfer is None or transfer.scope != scope or not transfer.sealed:
+            return None
+        return transfer.handle
+
+    async def read_chunk(self, transfer_id: str, index: int, *, scope: str) -> bytes | None:
+        """Chunk ``index`` of a transfer of ``scope``, or None when not held."""
+        self._check_open()
+        transfer = self._live_transfer(transfer_id, self._clock())
+        if transfer is None or transfer.scope != scope:
+            return None
+        return transfer.chunks.get(index)
+
+    async def delete_transfer(self, transfer_id: str) -> None:
+        """Forget a transfer and free its chunks' bytes; an unknown id is no error."""
+        self._check_open()
+        if transfer_id in self._transfers:
+            self._drop_transfer(transfer_id)
+
+    def _live_transfer(self, transfer_id: str, now: float) -> _Transfer | None:
+        """The transfer ``transfer_id`` unless it is an upload past its lifetime. A result's
+        chunks stay readable until a purge finds its key's record gone: they must outlive it."""
+        transfer = self._transfers.get(transfer_id)
+        if transfer is None or (transfer.key is None and self._upload_expired(transfer, now)):
+            return None
+        return transfer
+
+    def _upload_expired(self, transfer: _Transfer, now: float) -> bool:
+        return transfer.opened_at + self._upload_ttl_s <= now
+
+    def _transfer_gone(self, transfer: _Transfer, now: float) -> bool:
+        if transfer.key is None:
+            return self._upload_expired(transfer, now)
+        entry = self._records.get(transfer.key)
+        return entry is None or self._expired(entry, now)
+
+    def _drop_transfer(self, transfer_id: str) -> None:
+        transfer = self._transfers.pop(transfer_id)
+        self._blob_bytes -= sum(len(chunk) for chunk in transfer.chunks.values())
 
     def _live_task(self, task_id: str, now: float) -> TaskRecord | None:
         task = self._tasks.get(task_id)
