@@ -32,7 +32,7 @@ import anyio
 import attrs
 import msgspec
 from mcp import MCPError
-from mcp_types import CallToolResult, ContentBlock, Request, RequestParams
+from mcp_types import INTERNAL_ERROR, CallToolResult, ContentBlock, Request, RequestParams
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from .._protocol import META_KEY, ServerSettings
@@ -71,6 +71,7 @@ __all__ = [
     "accept_for",
     "carries_transfers",
     "check_sink",
+    "chunk_size_for",
     "fetch_results",
     "plan_uploads",
     "transfers_on",
@@ -159,13 +160,18 @@ def transfers_on(settings: ServerSettings | None) -> bool:
 
 
 def accept_for(policy: TransferPolicy, connection: Connection) -> TransferAccept:
-    """``_meta.rmcp.transfer`` of a call: the policy's threshold and chunk size, the chunk size
-    cut over streamable HTTP so that one chunk's base64 answer fits ``max_sse_event_bytes``."""
-    chunk_size = policy.chunk_size
-    if connection.spec.transport == "http":
-        fitting = (connection.policy.max_sse_event_bytes - _SSE_OVERHEAD) * 3 // 4
-        chunk_size = min(chunk_size, max(fitting // MIN_CHUNK_SIZE * MIN_CHUNK_SIZE, MIN_CHUNK_SIZE))
-    return TransferAccept(threshold=policy.threshold, chunk_size=chunk_size)
+    """``_meta.rmcp.transfer`` of a call to ``connection``'s server."""
+    sse_limit = connection.policy.max_sse_event_bytes if connection.spec.transport == "http" else None
+    return TransferAccept(threshold=policy.threshold, chunk_size=chunk_size_for(policy.chunk_size, sse_limit))
+
+
+def chunk_size_for(chunk_size: int, sse_limit: int | None) -> int:
+    """The chunk size to ask for: ``chunk_size``, cut (to a multiple of 4 KiB) over streamable
+    HTTP so that one chunk's base64 answer fits the SDK's ``sse_limit`` for an event."""
+    if sse_limit is None:
+        return chunk_size
+    fitting = (sse_limit - _SSE_OVERHEAD) * 3 // 4
+    return min(chunk_size, max(fitting // MIN_CHUNK_SIZE * MIN_CHUNK_SIZE, MIN_CHUNK_SIZE))
 
 
 # -- the requests ---------------------------------------------------------------------------
@@ -231,6 +237,7 @@ class _Link:
         """
         request = _TransferRequest(method=method, params=_Params(**params))
         repeated = False
+        internal_errors = 0
         while True:
             connection = self.connection
             session = connection.current_session() or await connection.wait_session()
@@ -257,6 +264,9 @@ class _Link:
                     raise _Gone(error.message) from error
                 if error.code == CHUNK_INVALID_CODE:
                     raise
+                if error.code == INTERNAL_ERROR and internal_errors < _MAX_TRIES_PER_CHUNK:
+                    internal_errors += 1  # a store failure on the server (section 9.4): ask again
+                    continue
                 verdict = classify(
                     error, evidence, transport_closed=session.broken.is_set(), handed_over=True
                 )
@@ -506,15 +516,16 @@ async def fetch_results(
             with the handles, its outcome the tool's.
     """
     sink = transfer.sink if transfer is not None else None
+    # The uploads' statistics come first (they moved first).
+    statistics: list[TransferStatistics] = list(transfer.statistics) if transfer is not None else []
     items = [(index, _transferred(block)) for index, block in enumerate(result.content)]
     wanted = [(index, item) for index, item in items if item is not None]
     if not wanted:
-        return result
+        return attrs.evolve(result, transfers=tuple(statistics)) if statistics else result
     link = _Link(connection, deadline, record)
     pacer = _Pacer(policy.max_bytes_per_s)
     meter = _Meter(sum(item.handle.size for _, item in wanted), transfer.on_progress if transfer else None)
     content = list(result.content)
-    statistics: list[TransferStatistics] = list(transfer.statistics) if transfer is not None else []
     opened: IO[bytes] | None = None
     path = _sink_path(sink)
     described = path if path is not None or sink is None else repr(sink)
