@@ -43,6 +43,8 @@ from .config import ServerPolicy as ServerPolicy
 from .config import ServerSpec as ServerSpec
 from .config import ToolOverrides as ToolOverrides
 from .config import TransactionSettings as TransactionSettings
+from .config import TransferOverrides as TransferOverrides
+from .config import TransferPolicy as TransferPolicy
 from .errors import Outcome as Outcome
 from .errors import RMCPActorStoppedError as RMCPActorStoppedError
 from .errors import RMCPArgumentError as RMCPArgumentError
@@ -67,6 +69,7 @@ from .errors import RMCPTimeoutAfterSendError as RMCPTimeoutAfterSendError
 from .errors import RMCPTimeoutError as RMCPTimeoutError
 from .errors import RMCPTransactionError as RMCPTransactionError
 from .errors import RMCPTransactionInDoubtError as RMCPTransactionInDoubtError
+from .errors import RMCPTransferError as RMCPTransferError
 from .errors import RMCPUnknownOwnerError as RMCPUnknownOwnerError
 from .errors import UnknownServerError as UnknownServerError
 from .errors import UnknownToolError as UnknownToolError
@@ -75,6 +78,7 @@ from .flow.breaker import BreakerState as BreakerState
 from .lifecycle import LifecycleEvent as LifecycleEvent
 from .lifecycle import RequestState as RequestState
 from .result import CallResult as CallResult
+from .result import TransferStatistics as TransferStatistics
 from .root import RMCPSupervisor as RMCPSupervisor
 from .runtime.health import Health as Health
 from .runtime.health import HealthStatus as HealthStatus
@@ -180,6 +184,10 @@ __all__ = [
     "UnknownToolError",
     "default_token_dir",
     "install",
+    "RMCPTransferError",
+    "TransferOverrides",
+    "TransferPolicy",
+    "TransferStatistics",
 ]
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .lifecycle import LifecycleEvent
+    from .result import CallResult
 
 __all__ = [
     "Outcome",
@@ -39,6 +40,7 @@ __all__ = [
     "RMCPTimeoutError",
     "RMCPTransactionError",
     "RMCPTransactionInDoubtError",
+    "RMCPTransferError",
     "RMCPUnknownOwnerError",
     "UnknownServerError",
     "UnknownToolError",
@@ -427,3 +429,32 @@ class RMCPTaskCancelledError(RMCPError):
     """
 
     default_may_have_executed = True
+
+
+class RMCPTransferError(RMCPError):
+    """A large payload could not be moved in chunks (docs/protocol.md section 9).
+
+    For a result, the tool ran and answered: ``result`` is its answer, each payload not fetched
+    still the ``resource_link`` handle the server sent, and ``outcome`` the tool's own
+    (``SUCCEEDED`` or ``FAILED``), never ``UNKNOWN``. Do not call with a new key to get the
+    payload: that runs the tool again. Call again with the same ``idempotency_key``: an RMCP
+    server replays the same answer (``duplicate``) and its payload, without running the tool,
+    as long as it keeps the key (its ``ttl_s``). The message says why it stopped (the handle
+    expired on the server, the server gone, the sink failing, a chunk corrupt again and again,
+    the call's timeout).
+
+    For an argument (``result`` is ``None``), the upload failed before the call was sent: the
+    tool did not run (``may_have_executed`` is ``False``).
+
+    Attributes:
+        result: The call's result with the payloads not fetched left as handles, or ``None``
+            when the tool did not run.
+    """
+
+    #: Set on an instance for a result (with ``may_have_executed=True``).
+    result: CallResult | None = None
+
+    @property
+    def outcome(self) -> Outcome:
+        """The tool's outcome when it ran (it answered; only its payload is missing)."""
+        return self.result.outcome if self.result is not None else super().outcome

@@ -30,6 +30,10 @@ class RequestState(enum.Enum):
     #: The call runs as a task on the server: created (detail ``created <task id>``), resumed
     #: from the task store (``resumed <task id>``), or a new status (``working: <message>``).
     TASK = "task"
+    #: A payload moving in chunks (docs/protocol.md section 9): an argument uploaded before the
+    #: call is sent, or a result item read after the answer (detail: which payload, its size,
+    #: then how it ended or that it resumes after a reconnect).
+    TRANSFER = "transfer"
 
 
 @attrs.frozen

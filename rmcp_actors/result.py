@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, final
+from typing import Any, Literal, final
 
 import attrs
 from mcp_types import ContentBlock
@@ -10,7 +10,46 @@ from mcp_types import ContentBlock
 from .errors import Outcome
 from .lifecycle import LifecycleEvent
 
-__all__ = ["CallResult"]
+__all__ = ["CallResult", "TransferStatistics"]
+
+
+@final
+@attrs.frozen
+class TransferStatistics:
+    """How one payload of a call moved in chunks (docs/protocol.md section 9).
+
+    Attributes:
+        direction: ``"result"`` (a result item read from the server) or ``"argument"`` (a
+            string argument uploaded before the call).
+        where: Which payload: ``content[2]`` or an argument's path such as ``arguments['text']``.
+        transfer_id: The transfer's id on the server.
+        size: The payload's bytes.
+        sha256: The payload's SHA-256 (hex), verified.
+        chunks: How many chunks the payload has.
+        bytes_moved: Payload bytes that crossed the wire, repeats included.
+        refetched: Chunks read again: corrupt on arrival, or lost with the connection.
+        resent: Chunks written again: refused as corrupt by the server (-32031), or found
+            missing when the call came (NACK ``transfer_incomplete``).
+        already_held: Chunks of an upload the server already held (a resumed or repeated upload).
+        reconnects: Times the transfer waited for a new connection and resumed.
+        elapsed_s: Seconds from the first chunk request to the last verified chunk.
+        sink: Where a streamed result went (a path or the sink's repr); ``None`` when the
+            payload is in ``content``.
+    """
+
+    direction: Literal["result", "argument"]
+    where: str
+    transfer_id: str
+    size: int
+    sha256: str
+    chunks: int
+    bytes_moved: int = 0
+    refetched: int = 0
+    resent: int = 0
+    already_held: int = 0
+    reconnects: int = 0
+    elapsed_s: float = 0.0
+    sink: str | None = None
 
 
 @final
@@ -33,6 +72,8 @@ class CallResult:
         elapsed_s: Seconds from the call to its answer, retries and backoff included.
         meta: The ``_meta`` of the result, as the server sent it.
         lifecycle: The steps of the call, from ``queued`` to ``acked`` or ``answered``.
+        transfers: The payloads that moved in chunks (uploaded arguments, then result items),
+            with their counts of chunks, bytes and retransmissions; empty for a call without.
     """
 
     outcome: Outcome
@@ -49,6 +90,7 @@ class CallResult:
     elapsed_s: float
     meta: dict[str, Any] | None = None
     lifecycle: tuple[LifecycleEvent, ...] = ()
+    transfers: tuple[TransferStatistics, ...] = ()
 
     @property
     def text(self) -> str:

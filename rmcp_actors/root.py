@@ -36,6 +36,7 @@ from .client._tasks import MemoryTaskStore, SQLiteTaskStore, TaskStore
 from .client.call import CallRequest, perform_call
 from .client.callbacks import ProgressCallback, notify_roots_changed
 from .client.connection import Connection, ConnectionState, ConnectionStatistics, RefreshTools
+from .client.transfers import CallTransfer, ResultSink, TransferProgressCallback, check_sink
 from .config import CallPolicy, RateLimitOverrides, RMCPConfig, ServerSpec
 from .errors import (
     RMCPArgumentError,
@@ -479,6 +480,8 @@ class RMCPSupervisor:
         tenant: str | None = None,
         on_progress: ProgressCallback | None = None,
         task: bool | None = None,
+        result_sink: ResultSink | None = None,
+        on_transfer_progress: TransferProgressCallback | None = None,
     ) -> CallResult:
         """Call a tool reliably and return its result once it ran and answered.
 
@@ -510,10 +513,23 @@ class RMCPSupervisor:
                 says (``None``; by default a task exactly when the tool requires one). A server
                 speaking the 2026-07-28 tasks extension decides by itself; its tasks are always
                 followed.
+            result_sink: Where the payloads of result items that a server advertising
+                ``"transfer"`` sends in chunks go, instead of ``content``: a file path (created
+                or truncated), a binary file object, or an async callable awaited with each
+                verified piece in order (``send`` of a memory object stream turns it into an
+                async iterator read by another task). Several such items go one after the
+                other, in content order; ``result.transfers`` gives each one's size. Their
+                handles (``resource_link``) stay in ``content``. Peak memory stays at about
+                ``2 * transfer.parallel`` chunks whatever the size. Without it (the default),
+                the payloads are reassembled into ``content`` as if sent inline.
+            on_transfer_progress: ``(done_bytes, total_bytes)``, called after each verified
+                chunk of the payloads moving in chunks: uploaded arguments first, then result
+                items. An exception it raises is logged and changes nothing about the call.
 
         Returns:
             The result, with ``outcome`` SUCCEEDED, or FAILED when the tool reported an error
-            (or its task failed).
+            (or its task failed); ``transfers`` counts the chunks moved, read again and sent
+            again.
 
         Raises:
             UnknownServerError: ``server`` is not configured.
@@ -537,6 +553,10 @@ class RMCPSupervisor:
                 and the server does not run the tool as a task; nothing was sent.
             RMCPTaskCancelledError: The server cancelled the call's task (the tool may have
                 run in part).
+            RMCPTransferError: A payload moving in chunks could not be moved in full: for a
+                result, the tool ran and ``error.result`` is its answer with the handles (call
+                again with the same ``idempotency_key`` to fetch it without running the tool);
+                for an argument, nothing was sent.
         """
         if timeout is not None:
             _check_timeout(timeout, server, tool)
@@ -549,6 +569,10 @@ class RMCPSupervisor:
         request.on_progress = on_progress
         if task is not None:
             request.task = task
+        if result_sink is not None or on_transfer_progress is not None:
+            if result_sink is not None:
+                check_sink(result_sink, server, tool)
+            request.transfer = CallTransfer(sink=result_sink, on_progress=on_transfer_progress)
         return await perform_call(entry.connection, entry.flow, policy, request, self._random)
 
     async def _step_call(
@@ -758,6 +782,7 @@ class RMCPSupervisor:
         window: int | None = None,
         timeout: float | None = None,
         task: bool | None = None,
+        result_sink: Callable[[Mapping[str, Any] | None], ResultSink] | None = None,
     ) -> Batch:
         """Call one tool once per item of ``arguments``, streaming ``(index, outcome)`` back.
 
@@ -794,6 +819,9 @@ class RMCPSupervisor:
             task: Run every call as a task (see :meth:`call`); with ``key``, rerunning the batch
                 (in a new process, with ``runtime.task_store``) follows the tasks already
                 created instead of creating them again.
+            result_sink: A function of an item's arguments giving where that call's chunked
+                result payloads go (see :meth:`call`), e.g. ``lambda a: f"out/{a['id']}.bin"``;
+                unset reassembles them into each result's ``content``.
 
         Returns:
             The batch, to enter with ``async with``.
@@ -838,6 +866,7 @@ class RMCPSupervisor:
                 timeout=timeout,
                 tenant=tenant,
                 task=task,
+                result_sink=None if result_sink is None else result_sink(item),
             )
 
         return Batch(

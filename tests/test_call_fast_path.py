@@ -142,6 +142,7 @@ def test_records_built_through_their_slots_equal_the_constructed_ones() -> None:
         "elapsed_s": 0.5,
         "meta": {"m": 1},
         "lifecycle": (event,),
+        "transfers": (),
     }
     answer = CallToolResult.model_validate(
         {"content": [], "structuredContent": {"n": 1}, "isError": False, "_meta": {"m": 1}}

@@ -59,6 +59,7 @@ _state, _attempt, _at, _detail = _setters(LifecycleEvent, "state", "attempt", "a
     _elapsed_s,
     _meta,
     _lifecycle,
+    _transfers,
 ) = _setters(
     CallResult,
     "outcome",
@@ -75,6 +76,7 @@ _state, _attempt, _at, _detail = _setters(LifecycleEvent, "state", "attempt", "a
     "elapsed_s",
     "meta",
     "lifecycle",
+    "transfers",
 )
 
 
@@ -119,4 +121,5 @@ def call_result(
     _elapsed_s(built, elapsed_s)
     _meta(built, result.meta)
     _lifecycle(built, lifecycle)
+    _transfers(built, ())
     return built

@@ -29,6 +29,7 @@ from .._protocol import (
     decode_response_meta,
     encode_request_meta,
 )
+from .._transfer import Upload
 from ..config import CallPolicy
 from ..config._policy import TaskMode
 from ..errors import (
@@ -76,6 +77,7 @@ from ._tasks import (
 from .backoff import backoff_delay
 from .callbacks import ProgressCallback
 from .connection import Connection, Session
+from .transfers import CallTransfer, accept_for, fetch_results, plan_uploads, transfers_on, upload_arguments
 
 __all__ = ["CallRequest", "perform_call"]
 
@@ -126,6 +128,9 @@ class CallRequest:
     on_progress: ProgressCallback | None = None
     # Run as a task (True), never ask for one (False), or as the policy's ``task`` says (None).
     task: bool | None = None
+    # Chunked transfer (a sink, a progress callback, the uploads): set for a call that asks for
+    # either, or once it reaches a server advertising "transfer"; None keeps the plain path.
+    transfer: CallTransfer | None = None
 
 
 def _no_events() -> list[LifecycleEvent]:
@@ -264,6 +269,7 @@ async def perform_call(
     # flow: the watchdog sees the call in flight until it ends, however it ends (a dict insert
     # and delete: a context manager would cost five times as much here).
     flow.in_flight.begin(progress)
+    answered: CallResult | None = None
     try:
         # move_on_at builds one scope; anyio.CancelScope(deadline=...) builds two under trio.
         with loop.move_on_at(deadline):
@@ -480,7 +486,7 @@ async def perform_call(
                     raise unknown from error
                 _stamp(error, connection.name, request, progress)
                 raise
-            return call_result(
+            result = call_result(
                 answer[0],
                 answer[1] is not None and answer[1].duplicate is True,
                 request,
@@ -492,10 +498,93 @@ async def perform_call(
                 progress.events[-1].at - started,
                 tuple(progress.events),
             )
-        # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
-        raise _timeout_error(connection, request, progress)
+            if request.transfer is None:
+                return result
+            # Payloads to read (or upload statistics to report): outside this scope, whose
+            # expiry would say "may have run" where the tool is known to have run.
+            answered = result
+        # The scope swallows its own deadline (pyright cannot tell from its union of types).
+        if answered is None:  # pyright: ignore[reportUnnecessaryComparison]
+            # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
+            raise _timeout_error(connection, request, progress)
     finally:
         flow.in_flight.end(progress)
+    return await _finish_transfers(connection, policy, request, progress, answered, deadline)
+
+
+async def _finish_transfers(
+    connection: Connection,
+    policy: CallPolicy,
+    request: CallRequest,
+    progress: _Progress,
+    result: CallResult,
+    deadline: float,
+) -> CallResult:
+    """Read the answer's transferred items (see :mod:`.transfers`), within the call's deadline.
+
+    Raises:
+        RMCPTransferError: A payload could not be read; the tool ran (``error.result``).
+    """
+    try:
+        result = await fetch_results(
+            connection, policy.transfer, result, deadline, request.transfer, _transfer_recorder(progress)
+        )
+    except RMCPError as error:
+        error.lifecycle = tuple(progress.events)
+        raise
+    return attrs.evolve(result, lifecycle=tuple(progress.events))
+
+
+def _transfer_recorder(progress: _Progress) -> Callable[[RequestState, str], None]:
+    def record(state: RequestState, detail: str) -> None:
+        progress.record(state, detail)
+
+    return record
+
+
+async def _upload(
+    connection: Connection,
+    session: Session,
+    request: CallRequest,
+    progress: _Progress,
+    policy: CallPolicy,
+    deadline: float,
+) -> list[Upload] | None:
+    """Upload the call's large string arguments before it is sent (a server advertising
+    "transfer"); return ``_meta.rmcp.uploads``, or None when there is nothing to upload.
+
+    Raises:
+        _Failed: The connection was lost meanwhile (nothing sent): the next attempt resumes.
+        RMCPTransferError: The server refused the upload (nothing ran).
+    """
+    transfer = request.transfer
+    if transfer is None:
+        transfer = request.transfer = CallTransfer()
+    if not transfer.scanned:
+        transfer.scanned = True
+        transfer.uploads = plan_uploads(request.arguments, policy.transfer)
+        if transfer.uploads is not None:
+            request.arguments = transfer.uploads.arguments
+    plan = transfer.uploads
+    if plan is None:
+        return None
+    await upload_arguments(
+        connection, plan, policy.transfer, deadline, transfer, _transfer_recorder(progress)
+    )
+    if not session.usable:
+        # The chunks went over a new session; the call goes on the next attempt, which opens
+        # the upload again and finds them there.
+        raise _Failed(Verdict(Attempt.NOT_SENT, True, "the connection was lost during the upload"))
+    return plan.uploads
+
+
+def _drop_uploads(transfer: CallTransfer, request: CallRequest) -> None:
+    """The server no longer advertises "transfer" (it was replaced): send the arguments whole."""
+    plan = transfer.uploads
+    if plan is not None:
+        request.arguments = plan.original
+    transfer.uploads = None
+    transfer.scanned = False
 
 
 def _max_attempts(configured: int | None, rmcp: ServerSettings | None) -> float:
@@ -860,6 +949,12 @@ async def _send(
     meta = None
     if rmcp is not None:
         expect_ack = rmcp.version == _EXPECT_ACK_VERSION
+        accept = uploads = None
+        if transfers_on(rmcp):
+            accept = accept_for(policy.transfer, connection)
+            uploads = await _upload(connection, session, request, progress, policy, deadline)
+        elif request.transfer is not None:
+            _drop_uploads(request.transfer, request)
         meta = encode_request_meta(
             RequestMeta(
                 request_id=request.request_id,
@@ -871,6 +966,8 @@ async def _send(
                 retry_count=progress.attempts - 1 if expect_ack else None,
                 expect_ack=True if expect_ack else None,
                 lookup=request.lookup,
+                transfer=accept,
+                uploads=uploads,
             )
         )
     ack_timeout_s = _ack_timeout(policy, rmcp) if rmcp is not None and _acks_arrive(connection) else None
@@ -981,7 +1078,11 @@ async def _send(
     if (signal := from_nack(rmcp_meta)) is not None:
         progress.rate_limited += 1
         raise _RateLimited(signal, rmcp_meta)
-    if rmcp_meta.retryable:
+    if rmcp_meta.retryable or (
+        rmcp_meta.code == NackCode.TRANSFER_INCOMPLETE and request.transfer is not None
+    ):
+        # transfer_incomplete: the server lacks an uploaded chunk (nothing ran); the next
+        # attempt opens the upload again and sends what is missing.
         raise _Nacked(rmcp_meta)
     raise _nack_error(rmcp_meta, f"on attempt {progress.attempts}")
 
