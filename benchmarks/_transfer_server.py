@@ -57,16 +57,16 @@ def payload(size: int) -> str:
 def chunk_watching(
     store_type: type[MemoryStore] | type[SQLiteStore],
     log: Path | None,
-    kill_at: int | None,
+    kill_at: tuple[str, int] | None,
     marker: Path | None,
 ) -> type[MemoryStore] | type[SQLiteStore]:
-    """``store_type`` that logs each chunk it reads or writes and dies at the ``kill_at``-th."""
-    seen = 0
+    """``store_type`` that logs each chunk it reads or writes and dies at ``kill_at``
+    (``("read", n)``: as it is asked for its n-th chunk read)."""
+    seen = {"read": 0, "write": 0}
 
     def watch(operation: str, index: int) -> None:
-        nonlocal seen
-        seen += 1
-        if kill_at is not None and seen == kill_at and marker is not None and not marker.exists():
+        seen[operation] += 1
+        if kill_at == (operation, seen[operation]) and marker is not None and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         if log is not None:
