@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/large_payloads.py --json benchmarks/results/large_payloads.json
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/chaos.py
-	$(PY) benchmarks/transfer.py
+	$(PY) benchmarks/transfer.py --traced
 	$(PY) benchmarks/plot.py --readme
 
 conformance: $(STAMP)

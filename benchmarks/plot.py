@@ -324,7 +324,9 @@ def _transfer_table(document: dict[str, Any]) -> list[str]:
             return "-"
         if "error" in measured:
             return "timed out" if "timed out" in str(measured["error"]) else "failed"
-        return f"{_fmt(measured.get('wall_s'), '.2f')} s, {_fmt(measured.get('peak_mib'), '.0f')} MiB"
+        text = f"{_fmt(measured.get('wall_s'), '.2f')} s, {_fmt(measured.get('peak_mib'), '.0f')} MiB"
+        heap = _number(measured.get("traced_peak_mib"))
+        return text if heap is None else f"{text} (heap {heap:.0f})"
 
     header = ["variant", *(str(row) for row in rows)]
     body = [[label, *(cell(row, variant) for row in rows)] for variant, label in TRANSFER_VARIANTS.items()]
@@ -334,7 +336,10 @@ def _transfer_table(document: dict[str, Any]) -> list[str]:
         for name, goal in (goals.items() if isinstance(goals, dict) else ())
     ]
     payload = _number(dig(figures, "payload_bytes")) or 0
-    title = f"{payload / (1 << 20):g} MiB in chunks: wall time, peak client memory over its baseline"
+    title = (
+        f"{payload / (1 << 20):g} MiB in chunks: wall time, peak client RSS over its baseline "
+        "(and peak Python heap, tracemalloc)"
+    )
     return [
         _heading(title, document),
         "",

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/transfer.py [--quick] [--size MIB] [--runs N] [--timeout S] [--json PATH]
+    python benchmarks/transfer.py [--quick] [--size MIB] [--runs N] [--timeout S] [--traced]
+                                  [--json PATH]
 
 A 50 MiB result (``blob(size)``) and a 50 MiB argument (``digest(text)``) of the server
 ``_transfer_server.py`` (RMCP installed, MemoryStore), over stdio and Streamable HTTP on
@@ -28,7 +29,10 @@ without it, ``ru_maxrss``), takes its RSS as the baseline, and times the one lar
 memory is the peak RSS during the call minus that baseline: what the transfer costs the client
 (for an argument, the payload itself is built before the baseline; for a result, holding the
 result is part of the cost). The server is another process, not counted. The payload's SHA-256
-is checked after the measurement. A run that exceeds ``--timeout`` is reported as such.
+is checked after the measurement. A run that exceeds ``--timeout`` is reported as such (and not
+repeated). With ``--traced``, one more run per variant under ``tracemalloc`` gives the peak of
+the Python heap during the call (``traced_peak_mib``): the RSS also counts memory the allocator
+keeps after Python freed it, the heap does not; that run's wall time is not used.
 
 Goals (from the issue), judged on the full run (50 MiB): the stdio result and argument in under
 2 s (``rmcp_p4``); peak memory under 2x the payload when reassembled (``rmcp_p1``/``rmcp_p4``
@@ -50,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -218,10 +223,10 @@ def _text_of(result: Any) -> str:
 
 
 async def child(
-    variant: str, direction: Direction, transport: Transport, size: int, sink: Path
+    variant: str, direction: Direction, transport: Transport, size: int, sink: Path, traced: bool = False
 ) -> dict[str, Any]:
     """Run ``variant`` once in this (fresh) process; return its figures (``sink``: the file a
-    streamed result goes to)."""
+    streamed result goes to; ``traced``: also the peak of the Python heap, by tracemalloc)."""
     sys.path.insert(0, str(SERVER.parent))
     from _transfer_server import payload
 
@@ -253,6 +258,8 @@ async def child(
         else:
             run = call("digest", {"text": argument})
         gc.collect()
+        if traced:
+            tracemalloc.start()
         reset = _reset_peak()
         baseline = _rss_bytes()
         start = time.perf_counter()
@@ -260,6 +267,9 @@ async def child(
         figures["wall_s"] = time.perf_counter() - start
         figures["peak_bytes"] = _peak_bytes(reset) - baseline
         figures["peak_method"] = "VmHWM after clear_refs" if reset else "ru_maxrss (not reset)"
+        if traced:
+            figures["traced_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
         transfers = getattr(result, "transfers", ())
         if variant not in ("raw", "raw_linear"):
             figures["chunked"] = bool(transfers)  # an rmcp row that went inline says so
@@ -294,10 +304,10 @@ async def child(
 
 
 def run_child(
-    variant: str, direction: Direction, transport: Transport, size: int, timeout: float
+    variant: str, direction: Direction, transport: Transport, size: int, timeout: float, traced: bool = False
 ) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--child", variant, "--direction", direction, "--transport", transport]
-    argv += ["--bytes", str(size)]
+    argv += ["--bytes", str(size), *(["--traced"] if traced else [])]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_server_env())
     except subprocess.TimeoutExpired:
@@ -307,6 +317,29 @@ def run_child(
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
         return {"error": tail[0][:300]}
     return json.loads(lines[-1])
+
+
+def measure(
+    variant: str,
+    direction: Direction,
+    transport: Transport,
+    size: int,
+    runs: int,
+    options: argparse.Namespace,
+) -> dict[str, Any]:
+    """``runs`` runs of ``variant`` (fewer if one fails: a timeout would only repeat), then, with
+    ``--traced``, one under tracemalloc; summarized."""
+    measured: list[dict[str, Any]] = []
+    for _ in range(runs):
+        measured.append(run_child(variant, direction, transport, size, options.timeout))
+        if "error" in measured[-1]:
+            return summarize(measured, size)
+    summary = summarize(measured, size)
+    if options.traced:
+        traced = run_child(variant, direction, transport, size, options.timeout, traced=True)
+        if "traced_peak_bytes" in traced:
+            summary["traced_peak_mib"] = traced["traced_peak_bytes"] / MIB
+    return summary
 
 
 def summarize(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
@@ -324,7 +357,16 @@ def summarize(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
         "verified": all(run["verified"] for run in runs),
         "runs": len(runs),
     }
-    for key in ("chunked", "refetched", "resent", "reconnects", "chunks", "served_twice", "killed"):
+    for key in (
+        "chunked",
+        "bytes_moved",
+        "refetched",
+        "resent",
+        "reconnects",
+        "chunks",
+        "served_twice",
+        "killed",
+    ):
         if key in runs[0]:
             summary[key] = max(run[key] for run in runs)
     return summary
@@ -387,9 +429,11 @@ def render(
             if "error" in summary:
                 lines.append(f"{row:<18} {variant:<13} {summary['error']}")
                 continue
+            heap = summary.get("traced_peak_mib")
             lines.append(
                 f"{row:<18} {variant:<13} {summary['wall_s']:>8.3f} {summary['peak_mib']:>9.1f} "
-                f"{summary['peak_x_payload']:>9.2f}  {summary['verified']}"
+                f"{summary['peak_x_payload']:>9.2f} {'-' if heap is None else f'{heap:.1f}':>8}  "
+                f"{summary['verified']}"
             )
     for direction, summary in resume.items():
         lines.append(f"resume {direction}: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
@@ -419,12 +463,23 @@ def main() -> None:
     parser.add_argument("--direction", choices=DIRECTIONS, default="result", help=argparse.SUPPRESS)
     parser.add_argument("--transport", choices=TRANSPORTS, default="stdio", help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--traced",
+        action="store_true",
+        help="one more run per variant under tracemalloc: the peak of the Python heap, beside the RSS",
+    )
     options = parser.parse_args()
     if options.child is not None:
         with tempfile.TemporaryDirectory(prefix="rmcp-transfer-bench-") as directory:
             sink = Path(directory) / "result.txt"
             figures = trio.run(
-                child, options.child, options.direction, options.transport, options.bytes, sink
+                child,
+                options.child,
+                options.direction,
+                options.transport,
+                options.bytes,
+                sink,
+                options.traced,
             )
         print(json.dumps(figures))
         return
@@ -438,15 +493,11 @@ def main() -> None:
                 if not applies(direction, transport, variant):
                     continue
                 print(f"{direction} over {transport}: {variant} x{runs}", file=sys.stderr, flush=True)
-                measured = [
-                    run_child(variant, direction, transport, size, options.timeout) for _ in range(runs)
-                ]
-                row[variant] = summarize(measured, size)
+                row[variant] = measure(variant, direction, transport, size, runs, options)
     resume: dict[str, Any] = {}
     for direction in DIRECTIONS:
         print(f"{direction} over stdio, server killed halfway: resume x{runs}", file=sys.stderr, flush=True)
-        measured = [run_child("resume", direction, "stdio", size, options.timeout) for _ in range(runs)]
-        resume[direction] = summarize(measured, size)
+        resume[direction] = measure("resume", direction, "stdio", size, runs, options)
     goals = verdicts(rows, resume)
     print(render(rows, resume, goals, size))
     figures = {"payload_bytes": size, "runs": runs, "rows": rows, "resume": resume, "goals": goals}
