@@ -88,7 +88,10 @@ def chunk_watching(
 def build_server(store: DedupStore) -> MCPServer:
     app = MCPServer("transfer-bench")
 
-    @app.tool()
+    # Unstructured: MCPServer would also send a ``-> str`` result as ``structuredContent``
+    # ``{"result": ...}``, which is always inline (docs/protocol.md 9.2): the payload twice, once
+    # of them whole in one message.
+    @app.tool(structured_output=False)
     async def blob(size: int) -> str:  # pyright: ignore[reportUnusedFunction]
         """A text of ``size`` characters."""
         return payload(size)

@@ -28,9 +28,11 @@ connects and makes one small warm-up call, then resets its peak RSS (``/proc/sel
 without it, ``ru_maxrss``), takes its RSS as the baseline, and times the one large call. Peak
 memory is the peak RSS during the call minus that baseline: what the transfer costs the client
 (for an argument, the payload itself is built before the baseline; for a result, holding the
-result is part of the cost). The server is another process, not counted. The payload's SHA-256
-is checked after the measurement. A run that exceeds ``--timeout`` is reported as such (and not
-repeated). With ``--traced``, one more run per variant under ``tracemalloc`` gives the peak of
+result is part of the cost, and the child makes its own copy to check it only afterwards). The
+child runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB, so that blocks freed
+before the baseline are not silently reused (see ``_child_env``). The server is another
+process, not counted. The payload's SHA-256 is checked after the measurement. A run that
+exceeds ``--timeout`` is reported as such (and not repeated). With ``--traced``, one more run per variant under ``tracemalloc`` gives the peak of
 the Python heap during the call (``traced_peak_mib``): the RSS also counts memory the allocator
 keeps after Python freed it, the heap does not; that run's wall time is not used.
 
@@ -133,7 +135,22 @@ def _free_port() -> int:
 
 def _server_env() -> dict[str, str]:
     # The SDK's default environment drops PYTHONPATH: the server imports the rmcp_actors measured.
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    environment.pop(_FIXED_MMAP, None)
+    return environment
+
+
+# glibc serves a large block from the heap once its dynamic mmap threshold has grown (up to 32 MiB
+# after a large block was freed), and keeps it there when it is freed: a later allocation reuses
+# it without growing the RSS, so a variant would look cheaper after garbage of its own (making an
+# argument's payload) than in a process that has none. A fixed threshold (which turns the dynamic
+# one off) maps every block above 128 KiB and unmaps it when freed: the RSS follows the live
+# large blocks. Set for the measured child only, for every variant alike.
+_FIXED_MMAP = "MALLOC_MMAP_THRESHOLD_"
+
+
+def _child_env() -> dict[str, str]:
+    return {**_server_env(), _FIXED_MMAP: str(128 << 10)}
 
 
 @asynccontextmanager
@@ -230,11 +247,9 @@ async def child(
     sys.path.insert(0, str(SERVER.parent))
     from _transfer_server import payload
 
-    expected = payload(size)
-    expected_sha = hashlib.sha256(expected.encode()).hexdigest()
-    argument = expected if direction == "argument" else None
-    if direction == "result":
-        del expected  # the child must not hold the payload it measures receiving
+    # A result's payload is made only after the measurement: neither it nor the garbage of
+    # making it may sit in this process (freed memory is reused without growing the RSS).
+    argument = payload(size) if direction == "argument" else None
     figures: dict[str, Any] = {}
     chunk_log = sink.with_name("chunks.log")
     if variant in ("raw", "raw_linear"):
@@ -296,7 +311,7 @@ async def child(
         got = hashlib.sha256(await trio.Path(sink).read_bytes()).hexdigest()
     else:
         got = hashlib.sha256(_text_of(result).encode()).hexdigest()
-    figures["verified"] = got == expected_sha
+    figures["verified"] = got == hashlib.sha256(payload(size).encode()).hexdigest()
     return figures
 
 
@@ -309,7 +324,7 @@ def run_child(
     argv = [sys.executable, __file__, "--child", variant, "--direction", direction, "--transport", transport]
     argv += ["--bytes", str(size), *(["--traced"] if traced else [])]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_server_env())
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_child_env())
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     lines = done.stdout.strip().splitlines()
