@@ -32,9 +32,10 @@ result is part of the cost, and the child makes its own copy to check it only af
 child runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB, so that blocks freed
 before the baseline are not silently reused (see ``_child_env``). The server is another
 process, not counted. The payload's SHA-256 is checked after the measurement. A run that
-exceeds ``--timeout`` is reported as such (and not repeated). With ``--traced``, one more run per variant under ``tracemalloc`` gives the peak of
-the Python heap during the call (``traced_peak_mib``): the RSS also counts memory the allocator
-keeps after Python freed it, the heap does not; that run's wall time is not used.
+exceeds ``--timeout`` is reported as such (and not repeated). With ``--traced``, one more run
+per variant under ``tracemalloc`` gives the peak of the Python heap during the call
+(``traced_peak_mib``): the RSS also counts memory the allocator keeps after Python freed it,
+the heap does not; that run's wall time is not used.
 
 Goals (from the issue), judged on the full run (50 MiB): the stdio result and argument in under
 2 s (``rmcp_p4``); peak memory under 2x the payload when reassembled (``rmcp_p1``/``rmcp_p4``
