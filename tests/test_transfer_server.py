@@ -43,6 +43,7 @@ from rmcp_actors._transfer import (
     upload_id,
 )
 from rmcp_actors.server import rmcp_of
+from rmcp_actors.stores import MemoryStore
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -393,6 +394,31 @@ async def test_a_streamed_result_within_the_threshold_is_inline() -> None:
         result = await client.call_tool("streamed", {"size": 5000}, meta=rmcp_meta("s", transfer=SMALL))
     assert result.content[0].type == "text"
     assert result.content[0].text == payload(5000, 3)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("accept", [None, SMALL], ids=["plain", "transfer"])
+async def test_a_stream_that_fails_is_the_same_tool_error_with_or_without_transfer(
+    accept: dict[str, int] | None,
+) -> None:
+    app = build_transfer_server()
+    meta = None if accept is None else rmcp_meta("broken", transfer=accept)
+    async with mcp.Client(app) as client:
+        result = await client.call_tool("broken_stream", {"size": MIB}, meta=meta)
+    assert result.is_error
+    assert result.content[0].text == (  # type: ignore[union-attr]
+        "Error executing tool broken_stream: the export lost its database"
+    )
+    assert rmcp_of(app).transfers.statistics().results == 0  # type: ignore[union-attr]
+
+
+async def test_an_item_the_store_cannot_hold_is_answered_inline() -> None:
+    app = build_transfer_server(MemoryStore(max_blob_bytes=512 * KIB))
+    async with mcp.Client(app) as client:
+        result = await client.call_tool("text", {"size": MIB}, meta=rmcp_meta("big", transfer=SMALL))
+        again = await client.call_tool("text", {"size": MIB}, meta=rmcp_meta("big", transfer=SMALL))
+    assert result.content[0].text == payload(MIB)  # type: ignore[union-attr]
+    assert again.content[0].text == payload(MIB)  # type: ignore[union-attr]
+    assert runs(app) == {"text": 1}
 
 
 # --- uploads -------------------------------------------------------------------------------------

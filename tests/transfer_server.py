@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, TextContent
 
 from rmcp_actors.server import FastRMCP, stream_result
@@ -66,6 +67,18 @@ def build_transfer_server(store: DedupStore | None = None, **options: Any) -> Fa
                 yield whole[start : start + piece]
 
         return await stream_result(pieces(), mime_type="text/csv")
+
+    @app.tool()
+    async def broken_stream(size: int) -> TextContent:
+        """Streams ``size`` bytes, then fails."""
+        ran("broken_stream")
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for _ in range(0, size, 10_000):
+                yield b"x" * 10_000
+            raise ToolError("the export lost its database")
+
+        return await stream_result(pieces())
 
     @app.tool()
     async def digest(text: str, label: str = "") -> dict[str, Any]:
