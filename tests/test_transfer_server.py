@@ -26,6 +26,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, Request, RequestParams, RequestParamsMeta
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict
+from test_tasks_server import final_result, send, task_of
 from transfer_server import build_transfer_server, lazy_payload, payload
 
 import rmcp_actors
@@ -43,7 +44,8 @@ from rmcp_actors._transfer import (
     sha256_hex,
     upload_id,
 )
-from rmcp_actors.server import rmcp_of
+from rmcp_actors.errors import RMCPConfigError
+from rmcp_actors.server import install, rmcp_of
 from rmcp_actors.stores import MemoryStore, SQLiteStore
 
 KIB = 1 << 10
@@ -200,6 +202,31 @@ async def test_transfer_is_advertised_with_a_blob_store_and_not_when_switched_of
     assert FEATURE_TRANSFER in on["rmcp"]["features"]
     assert FEATURE_TRANSFER not in off["rmcp"]["features"]
     assert raised.value.error.code == -32601
+
+
+async def test_a_server_without_transfer_answers_inline_and_refuses_uploads() -> None:
+    app = build_transfer_server(transfer=False)
+    data = payload(MIB).encode()
+    handle = handle_for(upload_id(sha256_hex(data), 64 * KIB), data, 64 * KIB)
+    async with mcp.Client(app) as client:
+        result = await client.call_tool("text", {"size": MIB}, meta=rmcp_meta("k", transfer=SMALL))
+        refused = await client.call_tool("digest", {"text": ""}, meta=upload_meta(handle, "u"))
+    assert result.content[0].text == payload(MIB)  # type: ignore[union-attr]
+    assert (refused.meta or {})["rmcp"]["code"] == "invalid_meta"
+    assert runs(app) == {"text": 1}
+
+
+def test_install_refuses_a_server_that_serves_the_methods_already() -> None:
+    app = MCPServer("taken")
+    lowlevel = app._lowlevel_server  # pyright: ignore[reportPrivateUsage]
+    lowlevel.add_request_handler("rmcp/transfer/read", _ReadParams, read_nothing)
+    with pytest.raises(RMCPConfigError, match="transfer=False"):
+        install(app)
+    install(MCPServer("untaken"), transfer=False)
+
+
+async def read_nothing(ctx: Any, params: _ReadParams) -> dict[str, Any]:
+    return {}
 
 
 async def test_a_small_result_stays_inline() -> None:
@@ -582,3 +609,16 @@ async def test_a_malformed_upload_handle_is_refused_at_open() -> None:
             await open_upload(client, wrong_id)
     assert refused.value.error.code == -32602
     assert "content addressed" in refused.value.error.message
+
+
+async def test_a_task_call_takes_uploaded_arguments() -> None:
+    text = payload(MIB, 14)
+    app = build_transfer_server(tasks=True)
+    async with mcp.Client(app, mode="legacy") as client:
+        handle = await upload(client, text, 64 * KIB)
+        meta = dict(upload_meta(handle, "as-task"))
+        meta["rmcp"]["transfer"] = SMALL
+        params = {"name": "digest", "arguments": {"text": ""}, "task": {}, "_meta": meta}
+        created = await send(client, "tools/call", params, task=True)
+        result = await final_result(client, task_of(created)["taskId"])
+    assert result["structuredContent"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
