@@ -616,8 +616,8 @@ async def test_a_task_call_takes_uploaded_arguments() -> None:
     app = build_transfer_server(tasks=True)
     async with mcp.Client(app, mode="legacy") as client:
         handle = await upload(client, text, 64 * KIB)
-        meta = dict(upload_meta(handle, "as-task"))
-        meta["rmcp"]["transfer"] = SMALL
+        uploads = [{"path": ["text"], "handle": msgspec.to_builtins(handle)}]
+        meta = rmcp_meta("as-task", uploads=uploads, transfer=SMALL)
         params = {"name": "digest", "arguments": {"text": ""}, "task": {}, "_meta": meta}
         created = await send(client, "tools/call", params, task=True)
         result = await final_result(client, task_of(created)["taskId"])
