@@ -551,20 +551,19 @@ class TransferService:
     async def read(self, ctx: ServerRequestContext[Any, Any], params: _ReadRequest) -> HandlerResult:
         """``rmcp/transfer/read``: one chunk of a result transfer of the caller's scope."""
         scope = principal_scope_of(ctx)
-        handle = await self._method_store_call(
-            "get_transfer", lambda: self.store.get_transfer(params.id, scope=scope)
-        )
-        if handle is None:
-            raise _not_found(params.id)
-        if not 0 <= params.index < handle.chunk_count:
-            raise MCPError(
-                INVALID_PARAMS,
-                f"transfer {params.id!r} has chunks 0 to {handle.chunk_count - 1}, not {params.index}",
-            )
         data = await self._method_store_call(
             "read_chunk", lambda: self.store.read_chunk(params.id, params.index, scope=scope)
         )
         if data is None:
+            # Only now the handle: one store call per chunk served, two per refusal.
+            handle = await self._method_store_call(
+                "get_transfer", lambda: self.store.get_transfer(params.id, scope=scope)
+            )
+            if handle is not None and not 0 <= params.index < handle.chunk_count:
+                raise MCPError(
+                    INVALID_PARAMS,
+                    f"transfer {params.id!r} has chunks 0 to {handle.chunk_count - 1}, not {params.index}",
+                )
             raise _not_found(params.id)
         self._chunks_read += 1
         chunk = ChunkData(id=params.id, index=params.index, data=encode_chunk(data), sha256=sha256_hex(data))
