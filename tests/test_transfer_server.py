@@ -318,6 +318,26 @@ async def test_only_the_large_item_becomes_a_handle_and_binary_items_keep_their_
     assert image_bytes == payload(MIB, 2).encode()
 
 
+async def test_embedded_resources_keep_everything_but_their_text_or_blob() -> None:
+    async with mcp.Client(build_transfer_server()) as client:
+        result = await client.call_tool("resources", {"size": MIB}, meta=rmcp_meta("res", transfer=SMALL))
+        text, blob = (transferred(item) for item in result.content)
+        text_bytes = await read_payload(client, text.handle)
+        blob_bytes = await read_payload(client, blob.handle)
+    assert text.field == "resource.text"
+    assert text.handle.encoding == "utf-8"
+    assert text.content == {
+        "type": "resource",
+        "resource": {"uri": "file:///report.txt", "mimeType": "text/plain"},
+    }
+    assert text_bytes.decode() == payload(MIB, 4)
+    assert blob.field == "resource.blob"
+    assert blob.handle.encoding == "base64"
+    assert blob.handle.media_type == "application/octet-stream"
+    assert blob.content["resource"] == {"uri": "file:///report.bin", "mimeType": "application/octet-stream"}
+    assert blob_bytes == payload(MIB, 5).encode()
+
+
 async def test_the_server_honours_its_own_least_threshold_and_largest_chunk() -> None:
     app = build_transfer_server(transfer_min_threshold=2 * MIB, transfer_max_chunk_size=128 * KIB)
     async with mcp.Client(app) as client:

@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ImageContent, TextContent
+from mcp_types import (
+    BlobResourceContents,
+    EmbeddedResource,
+    ImageContent,
+    TextContent,
+    TextResourceContents,
+)
 
 from rmcp_actors.server import FastRMCP, stream_result
 from rmcp_actors.stores import DedupStore, MemoryStore
@@ -61,6 +67,18 @@ def build_transfer_server(store: DedupStore | None = None, **options: Any) -> Fa
         ran("image")
         data = base64.b64encode(payload(size, 2).encode()).decode()
         return ImageContent(data=data, mime_type="image/png")
+
+    @app.tool()
+    async def resources(size: int) -> list[EmbeddedResource]:
+        """Two embedded resources of ``size`` bytes: one text, one blob."""
+        ran("resources")
+        text = TextResourceContents(uri="file:///report.txt", text=payload(size, 4), mime_type="text/plain")
+        blob = BlobResourceContents(
+            uri="file:///report.bin",
+            blob=base64.b64encode(payload(size, 5).encode()).decode(),
+            mime_type="application/octet-stream",
+        )
+        return [EmbeddedResource(resource=text), EmbeddedResource(resource=blob)]
 
     @app.tool()
     async def streamed(size: int, piece: int = 10_000) -> TextContent:
