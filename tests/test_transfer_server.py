@@ -4,6 +4,7 @@ itself, over in-memory, stdio (a ``FastRMCP.run()`` subprocess) and Streamable H
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import sys
 import tracemalloc
@@ -27,7 +28,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, Request, RequestParams, RequestParamsMeta
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict
 from test_tasks_server import final_result, send, task_of
-from transfer_server import build_transfer_server, lazy_payload, payload
+from transfer_server import binary, build_transfer_server, lazy_payload, payload
 
 import rmcp_actors
 from rmcp_actors._transfer import (
@@ -435,6 +436,30 @@ async def test_a_streamed_result_is_written_chunk_by_chunk(transport: str) -> No
     assert meta.handle.chunk_size == SMALL["chunk_size"]
     assert meta.handle.chunks == list(chunk_digests(data, SMALL["chunk_size"]))
     assert meta.handle.media_type == "text/csv"
+
+
+@pytest.mark.parametrize("accept", [None, SMALL], ids=["plain", "transfer"])
+async def test_a_binary_stream_is_a_blob_resource(accept: dict[str, int] | None) -> None:
+    size = 2 * MIB + 3
+    expected = b"".join(binary(min(50_000, size - start), start) for start in range(0, size, 50_000))
+    meta = None if accept is None else rmcp_meta("zip", transfer=accept)
+    async with mcp.Client(build_transfer_server()) as client:
+        result = await client.call_tool("archive", {"size": size}, meta=meta)
+        (item,) = result.content
+        if accept is None:
+            assert item.type == "resource"
+            data = base64.b64decode(item.resource.blob)  # type: ignore[union-attr]
+        else:
+            moved = transferred(item)
+            assert moved.field == "resource.blob"
+            assert moved.handle.encoding == "base64"
+            assert moved.handle.media_type == "application/zip"
+            assert moved.content == {
+                "type": "resource",
+                "resource": {"uri": "file:///archive.zip", "mimeType": "application/zip"},
+            }
+            data = await read_payload(client, moved.handle)
+    assert data == expected
 
 
 async def test_a_streamed_result_within_the_threshold_is_inline() -> None:

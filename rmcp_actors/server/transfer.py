@@ -32,7 +32,7 @@ from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import MethodBinding, RequestHandler
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, RequestParams, TextContent
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, EmbeddedResource, RequestParams, TextContent
 from mcp_types.methods import serialize_server_result
 
 from .._protocol import META_KEY
@@ -70,6 +70,7 @@ __all__ = [
     "TransferService",
     "TransferStatistics",
     "UploadRefusal",
+    "stream_resource",
     "stream_result",
 ]
 
@@ -103,8 +104,19 @@ class StoreCall(Protocol):
 
 @attrs.frozen
 class _Stream:
+    """A streamed result item: its bytes, and the item they complete (``shape`` lacking its
+    ``field``)."""
+
     chunks: AsyncIterable[bytes | str]
-    mime_type: str | None
+    shape: dict[str, Any]
+    field: str
+    encoding: Encoding
+    media_type: str
+
+    def item(self, payload: bytes) -> dict[str, Any]:
+        """The inline item holding ``payload``."""
+        value = payload.decode() if self.encoding == "utf-8" else base64.b64encode(payload).decode()
+        return _with_field(self.shape, self.field, value)
 
 
 @attrs.frozen(kw_only=True)
@@ -180,20 +192,56 @@ async def stream_result(chunks: AsyncIterable[bytes | str], *, mime_type: str | 
 
     Args:
         chunks: The result's bytes (UTF-8; a chunk boundary may split a character) or text.
-        mime_type: The result's MIME type (``text/plain`` when not given).
+        mime_type: The handle's ``media_type`` (``text/plain`` when not given).
     """
+    stream = _Stream(
+        chunks=chunks,
+        shape={"type": "text"},
+        field="text",
+        encoding="utf-8",
+        media_type=mime_type or "text/plain",
+    )
+    return TextContent.model_validate(await _streamed_or_read(stream))
+
+
+async def stream_resource(
+    chunks: AsyncIterable[bytes], *, uri: str, mime_type: str = "application/octet-stream"
+) -> EmbeddedResource:
+    """Return a tool's binary result from ``chunks`` without building it in memory, as an
+    embedded blob resource: :func:`stream_result` for bytes that are not text (a file, an
+    archive).
+
+    For a client that accepts transferred results the bytes go to the blob store chunk by
+    chunk, and the client rebuilds the resource with its ``blob``; any other call reads them
+    here and gets the resource inline (base64, as MCP carries blobs).
+
+    Args:
+        chunks: The resource's bytes.
+        uri: The resource's URI.
+        mime_type: The resource's MIME type.
+    """
+    stream = _Stream(
+        chunks=chunks,
+        shape={"type": "resource", "resource": {"uri": uri, "mimeType": mime_type}},
+        field="resource.blob",
+        encoding="base64",
+        media_type=mime_type,
+    )
+    return EmbeddedResource.model_validate(await _streamed_or_read(stream))
+
+
+async def _streamed_or_read(stream: _Stream) -> dict[str, Any]:
+    """The placeholder item of a stream the middleware will read, or (no middleware reading
+    streams for this call) the item with all of its bytes."""
     streams = _streams.get()
     if streams is None:
-        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in chunks]
-        item: dict[str, Any] = {"type": "text", "text": b"".join(parts).decode()}
-        if mime_type is not None:
-            item["_meta"] = {META_KEY: {"mime_type": mime_type}}
-        return TextContent.model_validate(item)
+        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in stream.chunks]
+        return stream.item(b"".join(parts))
     marker = uuid.uuid4().hex
-    streams[marker] = _Stream(chunks=chunks, mime_type=mime_type)
-    return TextContent.model_validate(
-        {"type": "text", "text": "", "_meta": {META_KEY: {_STREAM_KEY: marker}}}
-    )
+    streams[marker] = stream
+    placeholder = stream.item(b"")
+    placeholder["_meta"] = {META_KEY: {_STREAM_KEY: marker}}
+    return placeholder
 
 
 def _stream_marker(item: Mapping[str, Any]) -> str | None:
@@ -231,6 +279,13 @@ def _without_field(item: Mapping[str, Any], field: str) -> dict[str, Any]:
         del resource[field.removeprefix("resource.")]
         return {**item, "resource": resource}
     return {key: value for key, value in item.items() if key != field}
+
+
+def _with_field(shape: Mapping[str, Any], field: str, value: str) -> dict[str, Any]:
+    if field.startswith("resource."):
+        resource = {**cast(Mapping[str, Any], shape["resource"]), field.removeprefix("resource."): value}
+        return {**shape, "resource": resource}
+    return {**shape, field: value}
 
 
 def _media_type(item: Mapping[str, Any], field: str) -> str | None:
@@ -471,18 +526,15 @@ class TransferService:
                     data, head = bytes(head), bytearray()
                 await writer.add(data)
             if writer is None:
-                inline: dict[str, Any] = {"type": "text", "text": head.decode()}
-                if stream.mime_type is not None:
-                    inline["_meta"] = {META_KEY: {"mime_type": stream.mime_type}}
-                return inline
-            handle = await writer.finish(encoding="utf-8", media_type=stream.mime_type or "text/plain")
+                return stream.item(bytes(head))
+            handle = await writer.finish(encoding=stream.encoding, media_type=stream.media_type)
         except BaseException:
             if writer is not None:
                 with anyio.CancelScope(shield=True):
                     await self._forget(writer.transfer_id)
             raise
         self._results += 1
-        return _link(target.tool, index, handle, {"type": "text"}, "text")
+        return _link(target.tool, index, handle, stream.shape, stream.field)
 
     async def _open_result(self, transfer_id: str, target: _Target) -> None:
         # Its layout is known once the payload is written: sealed then (seal_transfer).
