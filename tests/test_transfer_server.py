@@ -282,6 +282,15 @@ async def test_a_50_mib_result_over_stdio() -> None:
     assert hashlib.sha256(data).hexdigest() == hashlib.sha256(payload(size).encode()).hexdigest()
 
 
+async def test_a_50_mib_argument_over_stdio() -> None:
+    text = payload(50 * MIB, 6)
+    async with mcp.Client(stdio_server()) as client:
+        handle = await upload(client, text, MIB)
+        result = await client.call_tool("digest", {"text": ""}, meta=upload_meta(handle, "fifty-up"))
+    assert handle.chunk_count == 50
+    assert digest_of(result)["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
 async def test_a_replay_serves_the_same_handle_and_the_tool_ran_once() -> None:
     app = build_transfer_server()
     async with mcp.Client(app) as client:

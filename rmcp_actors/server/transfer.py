@@ -582,21 +582,23 @@ class TransferService:
             self._uploads_substituted += 1
         return result
 
-    async def _uploaded(self, handle: TransferHandle, scope: str) -> bytes | None:
+    async def _uploaded(self, handle: TransferHandle, scope: str) -> bytearray | None:
         """The payload of a complete upload matching ``handle``, or None."""
         stored_id = _upload_store_id(handle.id, scope)
         held = await self.store_call("get_transfer", lambda: self.store.get_transfer(stored_id, scope=scope))
         if held is None or not _same_layout(held, handle):
             return None
-        payload = bytearray()
+        # One buffer of the final size, decoded in place: the payload is held once, then as str.
+        payload = bytearray(held.size)
         for index in range(held.chunk_count):
             chunk = await self.store_call(
                 "read_chunk", lambda index=index: self.store.read_chunk(stored_id, index, scope=scope)
             )
-            if chunk is None:
+            if chunk is None or len(chunk) != held.chunk_length(index):
                 return None
-            payload += chunk
-        return bytes(payload) if sha256_hex(payload) == handle.sha256 else None
+            start = index * held.chunk_size
+            payload[start : start + len(chunk)] = chunk
+        return payload if sha256_hex(payload) == handle.sha256 else None
 
     # -- the methods -----------------------------------------------------------------------
 
