@@ -11,7 +11,7 @@ reaches this module:
   else sees the arguments;
 - the methods ``rmcp/transfer/read``, ``rmcp/transfer/open`` and ``rmcp/transfer/write``.
 
-A tool streams its result with :func:`stream_result`.
+A tool streams its result with :func:`stream_result` (text) or :func:`stream_resource` (bytes).
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
 _STREAM_KEY = "stream"
 
 # Set by the middleware around the tool of a call that accepts transferred results: the
-# streams its tool handed to stream_result(), by marker id. A dict shared by reference, so a
-# tool run in a worker thread (a copied context) registers into the same one.
+# streams its tool handed to stream_result() or stream_resource(), by marker id. A dict shared
+# by reference, so a tool run in a worker thread (a copied context) registers into the same one.
 _streams: contextvars.ContextVar[dict[str, _Stream] | None] = contextvars.ContextVar(
     "rmcp_transfer_streams", default=None
 )
 
 
-class StoreCall(Protocol):
+class _StoreCall(Protocol):
     """``RMCPServerSide._store_call``: one store call, bounded, failures as RMCPStoreError."""
 
     def __call__(self, operation: str, call: Callable[[], Awaitable[_T]], /) -> Awaitable[_T]: ...
@@ -374,7 +374,7 @@ class TransferService:
     """
 
     store: BlobStore
-    store_call: StoreCall
+    store_call: _StoreCall
     min_threshold: int = DEFAULT_MIN_THRESHOLD
     max_chunk_size: int = DEFAULT_SERVER_MAX_CHUNK_SIZE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
