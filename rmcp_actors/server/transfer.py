@@ -89,8 +89,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
 _STREAM_KEY = "stream"
 
 # Set by the middleware around the tool of a call that accepts transferred results: the
-# streams its tool handed to stream_result() or stream_resource(), by marker id. A dict shared
-# by reference, so a tool run in a worker thread (a copied context) registers into the same one.
+# streams its tool handed to stream_result() or stream_resource(), by marker id. A dict mutated
+# in place: a tool running in a copy of the context (a task the SDK starts) registers into it too.
 _streams: contextvars.ContextVar[dict[str, _Stream] | None] = contextvars.ContextVar(
     "rmcp_transfer_streams", default=None
 )
