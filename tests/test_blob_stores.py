@@ -240,6 +240,24 @@ async def test_a_write_past_the_size_cap_stores_nothing(harness: Harness) -> Non
     assert await store.read_chunk("r-1", 1, scope="s") == parts[1]
 
 
+async def test_room_held_by_dead_transfers_is_reclaimed_at_the_cap(harness: Harness) -> None:
+    """No server calls purge_expired on a schedule: a write at the cap must not fail for room
+    that transfers nobody can read any more hold."""
+    store = harness.make(max_blob_bytes=2 * CHUNK)
+    await claim(store, "k")
+    provisional = TransferHandle(id="r-1", size=0, chunk_size=CHUNK, sha256="", chunks=[])
+    await store.open_transfer(provisional, key="k", scope="s", sealed=False)
+    await store.write_chunk("r-1", 0, PAYLOAD[:CHUNK])
+    await store.write_chunk("r-1", 1, PAYLOAD[CHUNK : 2 * CHUNK])
+    # The tool refused after all: its key is free, its output dead.
+    assert await store.release("k", owner="a")
+
+    await store.open_transfer(handle_for("up-1", PAYLOAD[:CHUNK], CHUNK), key=None, scope="s", sealed=True)
+    await store.write_chunk("up-1", 0, PAYLOAD[:CHUNK])
+    assert await store.read_chunk("up-1", 0, scope="s") == PAYLOAD[:CHUNK]
+    assert await store.read_chunk("r-1", 0, scope="s") is None
+
+
 async def test_writing_or_sealing_an_unknown_transfer_conflicts(harness: Harness) -> None:
     store = harness.store
     with pytest.raises(TransferConflict, match="open it again"):

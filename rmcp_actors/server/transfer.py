@@ -11,7 +11,7 @@ reaches this module:
   else sees the arguments;
 - the methods ``rmcp/transfer/read``, ``rmcp/transfer/open`` and ``rmcp/transfer/write``.
 
-A tool streams its result with :func:`stream_result`.
+A tool streams its result with :func:`stream_result` (text) or :func:`stream_resource` (bytes).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import contextvars
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
@@ -31,7 +31,9 @@ import msgspec
 from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import MethodBinding, RequestHandler
-from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, RequestParams, TextContent
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, EmbeddedResource, RequestParams, TextContent
+from mcp_types.methods import serialize_server_result
 
 from .._protocol import META_KEY
 from .._transfer import (
@@ -68,6 +70,7 @@ __all__ = [
     "TransferService",
     "TransferStatistics",
     "UploadRefusal",
+    "stream_resource",
     "stream_result",
 ]
 
@@ -86,14 +89,14 @@ DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
 _STREAM_KEY = "stream"
 
 # Set by the middleware around the tool of a call that accepts transferred results: the
-# streams its tool handed to stream_result(), by marker id. A dict shared by reference, so a
-# tool run in a worker thread (a copied context) registers into the same one.
+# streams its tool handed to stream_result() or stream_resource(), by marker id. A dict mutated
+# in place: a tool running in a copy of the context (a task the SDK starts) registers into it too.
 _streams: contextvars.ContextVar[dict[str, _Stream] | None] = contextvars.ContextVar(
     "rmcp_transfer_streams", default=None
 )
 
 
-class StoreCall(Protocol):
+class _StoreCall(Protocol):
     """``RMCPServerSide._store_call``: one store call, bounded, failures as RMCPStoreError."""
 
     def __call__(self, operation: str, call: Callable[[], Awaitable[_T]], /) -> Awaitable[_T]: ...
@@ -101,8 +104,31 @@ class StoreCall(Protocol):
 
 @attrs.frozen
 class _Stream:
+    """A streamed result item: its bytes, and the item they complete (``shape`` lacking its
+    ``field``)."""
+
     chunks: AsyncIterable[bytes | str]
-    mime_type: str | None
+    shape: dict[str, Any]
+    field: str
+    encoding: Encoding
+    media_type: str
+
+    def item(self, payload: bytes) -> dict[str, Any]:
+        """The inline item holding ``payload``."""
+        value = payload.decode() if self.encoding == "utf-8" else base64.b64encode(payload).decode()
+        return _with_field(self.shape, self.field, value)
+
+
+@attrs.frozen(kw_only=True)
+class _Target:
+    """Where a call's large result items go: the tool, the client's and server's bounds,
+    the dedup key the transfers are tied to and the caller's scope."""
+
+    tool: str
+    threshold: int
+    chunk_size: int
+    key: str | None
+    scope: str
 
 
 @attrs.frozen
@@ -166,20 +192,56 @@ async def stream_result(chunks: AsyncIterable[bytes | str], *, mime_type: str | 
 
     Args:
         chunks: The result's bytes (UTF-8; a chunk boundary may split a character) or text.
-        mime_type: The result's MIME type (``text/plain`` when not given).
+        mime_type: The handle's ``media_type`` (``text/plain`` when not given).
     """
+    stream = _Stream(
+        chunks=chunks,
+        shape={"type": "text"},
+        field="text",
+        encoding="utf-8",
+        media_type=mime_type or "text/plain",
+    )
+    return TextContent.model_validate(await _streamed_or_read(stream))
+
+
+async def stream_resource(
+    chunks: AsyncIterable[bytes], *, uri: str, mime_type: str = "application/octet-stream"
+) -> EmbeddedResource:
+    """Return a tool's binary result from ``chunks`` without building it in memory, as an
+    embedded blob resource: :func:`stream_result` for bytes that are not text (a file, an
+    archive).
+
+    For a client that accepts transferred results the bytes go to the blob store chunk by
+    chunk, and the client rebuilds the resource with its ``blob``; any other call reads them
+    here and gets the resource inline (base64, as MCP carries blobs).
+
+    Args:
+        chunks: The resource's bytes.
+        uri: The resource's URI.
+        mime_type: The resource's MIME type.
+    """
+    stream = _Stream(
+        chunks=chunks,
+        shape={"type": "resource", "resource": {"uri": uri, "mimeType": mime_type}},
+        field="resource.blob",
+        encoding="base64",
+        media_type=mime_type,
+    )
+    return EmbeddedResource.model_validate(await _streamed_or_read(stream))
+
+
+async def _streamed_or_read(stream: _Stream) -> dict[str, Any]:
+    """The placeholder item of a stream the middleware will read, or (no middleware reading
+    streams for this call) the item with all of its bytes."""
     streams = _streams.get()
     if streams is None:
-        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in chunks]
-        item: dict[str, Any] = {"type": "text", "text": b"".join(parts).decode()}
-        if mime_type is not None:
-            item["_meta"] = {META_KEY: {"mime_type": mime_type}}
-        return TextContent.model_validate(item)
+        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in stream.chunks]
+        return stream.item(b"".join(parts))
     marker = uuid.uuid4().hex
-    streams[marker] = _Stream(chunks=chunks, mime_type=mime_type)
-    return TextContent.model_validate(
-        {"type": "text", "text": "", "_meta": {META_KEY: {_STREAM_KEY: marker}}}
-    )
+    streams[marker] = stream
+    placeholder = stream.item(b"")
+    placeholder["_meta"] = {META_KEY: {_STREAM_KEY: marker}}
+    return placeholder
 
 
 def _stream_marker(item: Mapping[str, Any]) -> str | None:
@@ -217,6 +279,13 @@ def _without_field(item: Mapping[str, Any], field: str) -> dict[str, Any]:
         del resource[field.removeprefix("resource.")]
         return {**item, "resource": resource}
     return {key: value for key, value in item.items() if key != field}
+
+
+def _with_field(shape: Mapping[str, Any], field: str, value: str) -> dict[str, Any]:
+    if field.startswith("resource."):
+        resource = {**cast(Mapping[str, Any], shape["resource"]), field.removeprefix("resource."): value}
+        return {**shape, "resource": resource}
+    return {**shape, field: value}
 
 
 def _media_type(item: Mapping[str, Any], field: str) -> str | None:
@@ -305,7 +374,7 @@ class TransferService:
     """
 
     store: BlobStore
-    store_call: StoreCall
+    store_call: _StoreCall
     min_threshold: int = DEFAULT_MIN_THRESHOLD
     max_chunk_size: int = DEFAULT_SERVER_MAX_CHUNK_SIZE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
@@ -351,8 +420,13 @@ class TransferService:
     ) -> CallNext:
         """``call_next`` whose result has its large content items replaced by transfer handles
         (written to the store, tied to ``key``), and whose tool may stream its result."""
-        threshold = max(accept.threshold, self.min_threshold)
-        chunk_size = min(accept.chunk_size, self.max_chunk_size)
+        target = _Target(
+            tool=tool,
+            threshold=max(accept.threshold, self.min_threshold),
+            chunk_size=min(accept.chunk_size, self.max_chunk_size),
+            key=key,
+            scope=scope,
+        )
 
         async def run(ctx: ServerRequestContext[Any, Any]) -> HandlerResult:
             streams: dict[str, _Stream] = {}
@@ -361,82 +435,83 @@ class TransferService:
                 result = await call_next(ctx)
             finally:
                 _streams.reset(token)
-            wire = to_wire(result)
-            content = wire.get("content")
-            if not isinstance(content, list):
-                return wire
-            items: list[Any] = []
-            for index, item in enumerate(cast(list[Any], content)):
-                if isinstance(item, Mapping):
-                    item = cast(Mapping[str, Any], item)
-                    marker = _stream_marker(item)
-                    stream = None if marker is None else streams.pop(marker, None)
-                    if stream is not None:
-                        item = await self._streamed(stream, tool, index, threshold, chunk_size, key, scope)
-                    else:
-                        item = await self._item(item, tool, index, threshold, chunk_size, key, scope)
-                items.append(item)
-            return {**wire, "content": items}
+            try:
+                return await self._rewritten(ctx, to_wire(result), streams, target)
+            finally:
+                for stream in streams.values():
+                    # Handed to stream_result() but not returned by the tool: never read.
+                    chunks: object = stream.chunks
+                    if isinstance(chunks, AsyncGenerator):
+                        await cast(AsyncGenerator[object, None], chunks).aclose()
 
         return run
 
-    async def _item(
+    async def _rewritten(
         self,
-        item: Mapping[str, Any],
-        tool: str,
-        index: int,
-        threshold: int,
-        chunk_size: int,
-        key: str | None,
-        scope: str,
-    ) -> Mapping[str, Any]:
+        ctx: ServerRequestContext[Any, Any],
+        wire: dict[str, Any],
+        streams: dict[str, _Stream],
+        target: _Target,
+    ) -> dict[str, Any]:
+        content = wire.get("content")
+        if not isinstance(content, list):
+            return wire
+        items: list[Any] = []
+        for index, item in enumerate(cast(list[Any], content)):
+            if isinstance(item, Mapping):
+                item = cast(Mapping[str, Any], item)
+                marker = _stream_marker(item)
+                stream = None if marker is None else streams.pop(marker, None)
+                if stream is None:
+                    item = await self._item(item, index, target)
+                else:
+                    try:
+                        item = await self._streamed(stream, index, target)
+                    except MCPError:
+                        raise
+                    except Exception as error:
+                        return _stream_failed(ctx, target.tool, error)
+            items.append(item)
+        return {**wire, "content": items}
+
+    async def _item(self, item: Mapping[str, Any], index: int, target: _Target) -> Mapping[str, Any]:
         found = _payload_field(item)
         if found is None:
             return item
         field, encoding, value = found
         # A string's UTF-8 is at most 4 bytes a character, base64 decodes to 3/4 of its length:
         # most items are told small without encoding them.
-        if len(value) * (4 if encoding == "utf-8" else 1) <= threshold:
+        if len(value) * (4 if encoding == "utf-8" else 1) <= target.threshold:
             return item
         try:
             payload = value.encode() if encoding == "utf-8" else base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             return item
-        if len(payload) <= threshold:
+        if len(payload) <= target.threshold:
             return item
-        transfer_id = _result_id()
-        writer = _ChunkWriter(self, transfer_id, chunk_size)
+        writer = _ChunkWriter(self, _result_id(), target.chunk_size)
         try:
-            await self._open_result(transfer_id, len(payload), chunk_size, key, scope)
+            await self._open_result(writer.transfer_id, target)
             view = memoryview(payload)
-            for start in range(0, len(payload), chunk_size):
-                await writer.add(view[start : start + chunk_size])
+            for start in range(0, len(payload), target.chunk_size):
+                await writer.add(view[start : start + target.chunk_size])
             handle = await writer.finish(encoding=encoding, media_type=_media_type(item, field))
         except RMCPStoreError:
             # The tool ran: its result must reach the client, inline is always acceptable.
             logger.warning(
                 "RMCP: the blob store could not hold result item %d of tool %r; sent inline",
                 index,
-                tool,
+                target.tool,
                 exc_info=True,
             )
-            await self._forget(transfer_id)
+            await self._forget(writer.transfer_id)
             return item
         self._results += 1
-        return _link(tool, index, handle, _without_field(item, field), field)
+        return _link(target.tool, index, handle, _without_field(item, field), field)
 
-    async def _streamed(
-        self,
-        stream: _Stream,
-        tool: str,
-        index: int,
-        threshold: int,
-        chunk_size: int,
-        key: str | None,
-        scope: str,
-    ) -> Mapping[str, Any]:
+    async def _streamed(self, stream: _Stream, index: int, target: _Target) -> Mapping[str, Any]:
         """Read a streamed result into the store chunk by chunk, or inline when it ends
-        within ``threshold`` bytes. A store failure fails the run (its bytes are gone)."""
+        within the threshold. A store failure fails the run (its bytes are gone)."""
         head = bytearray()
         writer: _ChunkWriter | None = None
         try:
@@ -444,39 +519,31 @@ class TransferService:
                 data = piece.encode() if isinstance(piece, str) else piece
                 if writer is None:
                     head += data
-                    if len(head) <= threshold:
+                    if len(head) <= target.threshold:
                         continue
-                    writer = _ChunkWriter(self, _result_id(), chunk_size)
-                    await self._open_result(writer.transfer_id, 0, chunk_size, key, scope)
+                    writer = _ChunkWriter(self, _result_id(), target.chunk_size)
+                    await self._open_result(writer.transfer_id, target)
                     data, head = bytes(head), bytearray()
                 await writer.add(data)
             if writer is None:
-                inline: dict[str, Any] = {"type": "text", "text": head.decode()}
-                if stream.mime_type is not None:
-                    inline["_meta"] = {META_KEY: {"mime_type": stream.mime_type}}
-                return inline
-            handle = await writer.finish(encoding="utf-8", media_type=stream.mime_type or "text/plain")
+                return stream.item(bytes(head))
+            handle = await writer.finish(encoding=stream.encoding, media_type=stream.media_type)
         except BaseException:
             if writer is not None:
                 with anyio.CancelScope(shield=True):
                     await self._forget(writer.transfer_id)
             raise
         self._results += 1
-        return _link(tool, index, handle, {"type": "text"}, "text")
+        return _link(target.tool, index, handle, stream.shape, stream.field)
 
-    async def _open_result(
-        self, transfer_id: str, size: int, chunk_size: int, key: str | None, scope: str
-    ) -> None:
+    async def _open_result(self, transfer_id: str, target: _Target) -> None:
+        # Its layout is known once the payload is written: sealed then (seal_transfer).
         provisional = TransferHandle(
-            id=transfer_id,
-            size=size,
-            chunk_size=chunk_size,
-            sha256="",
-            chunks=[],
+            id=transfer_id, size=0, chunk_size=target.chunk_size, sha256="", chunks=[]
         )
         await self.store_call(
             "open_transfer",
-            lambda: self.store.open_transfer(provisional, key=key, scope=scope, sealed=False),
+            lambda: self.store.open_transfer(provisional, key=target.key, scope=target.scope, sealed=False),
         )
 
     async def _forget(self, transfer_id: str) -> None:
@@ -515,41 +582,42 @@ class TransferService:
             self._uploads_substituted += 1
         return result
 
-    async def _uploaded(self, handle: TransferHandle, scope: str) -> bytes | None:
+    async def _uploaded(self, handle: TransferHandle, scope: str) -> bytearray | None:
         """The payload of a complete upload matching ``handle``, or None."""
         stored_id = _upload_store_id(handle.id, scope)
         held = await self.store_call("get_transfer", lambda: self.store.get_transfer(stored_id, scope=scope))
         if held is None or not _same_layout(held, handle):
             return None
-        payload = bytearray()
+        # One buffer of the final size, decoded in place: the payload is held once, then as str.
+        payload = bytearray(held.size)
         for index in range(held.chunk_count):
             chunk = await self.store_call(
                 "read_chunk", lambda index=index: self.store.read_chunk(stored_id, index, scope=scope)
             )
-            if chunk is None:
+            if chunk is None or len(chunk) != held.chunk_length(index):
                 return None
-            payload += chunk
-        return bytes(payload) if sha256_hex(payload) == handle.sha256 else None
+            start = index * held.chunk_size
+            payload[start : start + len(chunk)] = chunk
+        return payload if sha256_hex(payload) == handle.sha256 else None
 
     # -- the methods -----------------------------------------------------------------------
 
     async def read(self, ctx: ServerRequestContext[Any, Any], params: _ReadRequest) -> HandlerResult:
         """``rmcp/transfer/read``: one chunk of a result transfer of the caller's scope."""
         scope = principal_scope_of(ctx)
-        handle = await self._method_store_call(
-            "get_transfer", lambda: self.store.get_transfer(params.id, scope=scope)
-        )
-        if handle is None:
-            raise _not_found(params.id)
-        if not 0 <= params.index < handle.chunk_count:
-            raise MCPError(
-                INVALID_PARAMS,
-                f"transfer {params.id!r} has chunks 0 to {handle.chunk_count - 1}, not {params.index}",
-            )
         data = await self._method_store_call(
             "read_chunk", lambda: self.store.read_chunk(params.id, params.index, scope=scope)
         )
         if data is None:
+            # Only now the handle: one store call per chunk served, two per refusal.
+            handle = await self._method_store_call(
+                "get_transfer", lambda: self.store.get_transfer(params.id, scope=scope)
+            )
+            if handle is not None and not 0 <= params.index < handle.chunk_count:
+                raise MCPError(
+                    INVALID_PARAMS,
+                    f"transfer {params.id!r} has chunks 0 to {handle.chunk_count - 1}, not {params.index}",
+                )
             raise _not_found(params.id)
         self._chunks_read += 1
         chunk = ChunkData(id=params.id, index=params.index, data=encode_chunk(data), sha256=sha256_hex(data))
@@ -625,6 +693,20 @@ class TransferService:
                 # Held with another layout, or gone since it was looked up.
                 raise MCPError(TRANSFER_NOT_FOUND_CODE, f"RMCP: {error.__cause__}") from None
             raise MCPError(INTERNAL_ERROR, f"RMCP: {error}; retry the request later") from error
+
+
+def _stream_failed(ctx: ServerRequestContext[Any, Any], tool: str, error: Exception) -> dict[str, Any]:
+    """The tool error result for a stream that raised, worded as ``MCPServer`` words a tool's
+    own failure (an unexpected exception's text stays in the server's log)."""
+    if isinstance(error, ToolError | RMCPStoreError):
+        text = f"Error executing tool {tool}: {error}"
+        logger.info("RMCP: the streamed result of tool %r failed: %r", tool, str(error))
+    else:
+        text = f"Error executing tool {tool}"
+        logger.exception("RMCP: the streamed result of tool %r raised", tool)
+    failed = {"resultType": "complete", "content": [{"type": "text", "text": text}], "isError": True}
+    # Shaped for the negotiated version, as the SDK shapes a tool's own result.
+    return serialize_server_result("tools/call", ctx.protocol_version, failed)
 
 
 def _result_id() -> str:

@@ -825,6 +825,10 @@ class SQLiteStore:
             ).fetchone():
                 return
             held = _blob_bytes(connection)
+            if held + len(data) > self._max_blob_bytes and _purge_transfers(connection, now):
+                # Room held by dead transfers is not a reason to refuse (the error below would
+                # roll this purge back with the write: the next one redoes it).
+                held = _blob_bytes(connection)
             if held + len(data) > self._max_blob_bytes:
                 raise blob_cap_error("write_chunk", held, len(data), self._max_blob_bytes)
             connection.execute(
@@ -956,21 +960,8 @@ class SQLiteStore:
             LIMIT ?)""",
             (now, TaskState.WORKING.value, now, _PURGE_BATCH),
         ).rowcount
-        # After the records and tasks: a result transfer goes with its key's record (or task).
-        # An unsealed one left by a crashed run goes with the record that run left (in doubt,
-        # or released).
-        gone = [
-            row[0]
-            for row in connection.execute(
-                """SELECT id FROM transfers WHERE (key IS NULL AND expires_at <= ?) OR (key IS NOT NULL
-                AND NOT EXISTS (SELECT 1 FROM records WHERE records.key = transfers.key)
-                AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = transfers.key)) LIMIT ?""",
-                (now, _PURGE_BATCH),
-            )
-        ]
-        for transfer_id in gone:
-            _delete_transfer(connection, transfer_id)
-        deleted += len(gone)
+        # After the records and tasks, which the transfers of results outlive.
+        deleted += _purge_transfers(connection, now)
         # An owner kept a while after its lease may still renew (a long pause, not a crash), and
         # a released one must stay known as released to a late renewal.
         connection.execute(
@@ -1021,6 +1012,24 @@ def _upload_expired(key: str | None, expires_at: float | None, now: float) -> bo
 def _blob_bytes(connection: sqlite3.Connection) -> int:
     """The bytes of chunks the file holds, over every transfer (expired ones until purged)."""
     return connection.execute("SELECT COALESCE(SUM(stored_bytes), 0) FROM transfers").fetchone()[0]
+
+
+def _purge_transfers(connection: sqlite3.Connection, now: float) -> int:
+    """Delete one batch of transfers past their lifetime: uploads past their expiry, results
+    whose key has neither a record nor a task (an unsealed one left by a crashed run goes with
+    the record that run left, in doubt or released); return how many."""
+    gone = [
+        row[0]
+        for row in connection.execute(
+            """SELECT id FROM transfers WHERE (key IS NULL AND expires_at <= ?) OR (key IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM records WHERE records.key = transfers.key)
+            AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = transfers.key)) LIMIT ?""",
+            (now, _PURGE_BATCH),
+        )
+    ]
+    for transfer_id in gone:
+        _delete_transfer(connection, transfer_id)
+    return len(gone)
 
 
 def _delete_transfer(connection: sqlite3.Connection, transfer_id: str) -> None:
