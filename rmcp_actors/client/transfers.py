@@ -127,7 +127,8 @@ class CallTransfer:
         uploads: The call's upload plan, once its arguments were scanned (``None`` before, or
             when none is large enough).
         scanned: The arguments were scanned (a ``None`` plan then means "nothing to upload").
-        statistics: The uploads' statistics of the latest attempt.
+        statistics: The uploads' statistics, as of the latest attempt.
+        counts: Each upload's counts (by id), kept over the call's attempts.
     """
 
     sink: ResultSink | None = None
@@ -135,6 +136,7 @@ class CallTransfer:
     uploads: UploadPlan | None = None
     scanned: bool = False
     statistics: list[TransferStatistics] = attrs.Factory(list[TransferStatistics])
+    counts: dict[str, _Counts] = attrs.Factory(dict[str, "_Counts"])
 
 
 def check_sink(sink: object, server: str, tool: str) -> None:
@@ -212,6 +214,8 @@ class _Counts:
     resent: int = 0
     already_held: int = 0
     reconnects: int = 0
+    # The chunks of an upload written so far, over every attempt: writing one again is a resend.
+    sent: set[int] = attrs.Factory(set[int])
 
 
 @attrs.define(eq=False)
@@ -726,10 +730,11 @@ async def upload_arguments(
     transfer.statistics = []
     for item in plan.items:
         handle = item.handle
-        counts = _Counts()
+        first_attempt = handle.id not in transfer.counts
+        counts = transfer.counts.setdefault(handle.id, _Counts())
         started = anyio.current_time()
         try:
-            await _upload(link, item, policy.parallel, pacer, counts, meter, record)
+            await _upload(link, item, policy.parallel, pacer, counts, meter, record, first_attempt)
         except (_Gone, _Refused, MCPError) as error:
             record(RequestState.TRANSFER, f"{item.where} not uploaded: {error}")
             raise RMCPTransferError(
@@ -762,6 +767,7 @@ async def _upload(
     counts: _Counts,
     meter: _Meter,
     record: Recorder,
+    first_attempt: bool,
 ) -> None:
     handle = item.handle
     view = memoryview(item.payload)
@@ -774,11 +780,10 @@ async def _upload(
         except msgspec.ValidationError as error:
             raise _Refused(f"the answer to {METHOD_OPEN} is not an OpenResult: {error}") from error
         if first:
-            counts.already_held = len(held)
+            if first_attempt:
+                counts.already_held = len(held)
             meter.advance(sum(handle.chunk_length(index) for index in held if index < handle.chunk_count))
         missing = [index for index in range(handle.chunk_count) if index not in held]
-        if not first:
-            counts.resent += len(missing)
         record(
             RequestState.TRANSFER,
             f"uploading {item.where}: {len(missing)} of {handle.chunk_count} chunk(s) to send",
@@ -806,6 +811,9 @@ async def _write_chunk(
     start = index * handle.chunk_size
     piece = view[start : start + handle.chunk_length(index)]
     params = {"id": handle.id, "index": index, "data": encode_chunk(piece), "sha256": handle.chunks[index]}
+    if index in counts.sent:
+        counts.resent += 1  # written before, and the server lacks it: lost on its side
+    counts.sent.add(index)
     for _ in range(_MAX_TRIES_PER_CHUNK):
         await pacer.take(len(piece))
         counts.bytes_moved += len(piece)
