@@ -4,7 +4,10 @@ then the SQLite store's durability."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -16,7 +19,15 @@ import trio.testing
 
 from rmcp_actors import RMCPConfigError, RMCPStoreClosedError, RMCPStoreError
 from rmcp_actors._transfer import TransferHandle, handle_for
-from rmcp_actors.stores import BlobStore, MemoryStore, OwnerInfo, TransferConflict
+from rmcp_actors.stores import (
+    BlobStore,
+    MemoryStore,
+    OwnerInfo,
+    SQLiteStore,
+    TaskRecord,
+    TaskState,
+    TransferConflict,
+)
 
 TTL_S = 3_600.0
 UPLOAD_TTL_S = 600.0
@@ -38,7 +49,7 @@ class FakeClock:
         return self.now
 
 
-Store = MemoryStore
+Store = MemoryStore | SQLiteStore
 
 
 class MakeStore(Protocol):
@@ -54,21 +65,35 @@ class Harness:
     advance: Callable[[float], Awaitable[None]]
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "sqlite"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     """Each store with an injected clock. Tests that advance it take ``autojump_clock``: the
     memory store reads ``trio.current_time`` and moves by ``trio.sleep``."""
     made: list[Store] = []
+    clock = FakeClock()
 
     def make(*, max_blob_bytes: int = 1 << 30, upload_ttl_s: float = UPLOAD_TTL_S) -> Store:
-        store = MemoryStore(
-            ttl_s=TTL_S, clock=trio.current_time, max_blob_bytes=max_blob_bytes, upload_ttl_s=upload_ttl_s
-        )
+        store: Store
+        if request.param == "memory":
+            store = MemoryStore(
+                ttl_s=TTL_S, clock=trio.current_time, max_blob_bytes=max_blob_bytes, upload_ttl_s=upload_ttl_s
+            )
+        else:
+            store = SQLiteStore(
+                tmp_path / f"store-{len(made)}.db",
+                ttl_s=TTL_S,
+                clock=clock,
+                max_blob_bytes=max_blob_bytes,
+                upload_ttl_s=upload_ttl_s,
+            )
         made.append(store)
         return store
 
     async def advance(seconds: float) -> None:
-        await trio.sleep(seconds)
+        if request.param == "memory":
+            await trio.sleep(seconds)
+        else:
+            clock.now += seconds
 
     yield Harness(make(), make, advance)
     for store in made:
@@ -90,9 +115,14 @@ async def read_all(store: BlobStore, handle: TransferHandle, scope: str = "s") -
     return b"".join(part for part in parts if part is not None)
 
 
-async def claim_and_complete(store: Store, key: str) -> None:
+async def claim(store: Store, key: str = "k") -> None:
+    """Claim ``key``, as the server does before the tool produces a result transfer of it."""
     await store.register_owner(OwnerInfo(instance_id="a", pid=os.getpid(), host=socket.gethostname()), TTL_S)
     assert (await store.begin(key, fingerprint="fp", tool="tool", owner="a")).claimed
+
+
+async def claim_and_complete(store: Store, key: str) -> None:
+    await claim(store, key)
     await store.complete(key, owner="a", result=b"result with handles")
 
 
@@ -103,6 +133,7 @@ async def test_stores_satisfy_the_blob_protocol(harness: Harness) -> None:
 async def test_a_result_is_opened_written_sealed_and_read_back(harness: Harness) -> None:
     store = harness.store
     final = handle_for("r-1", PAYLOAD, CHUNK, encoding="base64", media_type="image/png")
+    await claim(store)
     provisional = TransferHandle(id="r-1", size=0, chunk_size=CHUNK, sha256="", chunks=[])
     assert await store.open_transfer(provisional, key="k", scope="s", sealed=False) == []
     # Chunks arrive in any order.
@@ -146,6 +177,7 @@ async def test_reopening_an_upload_resumes_it_and_another_layout_conflicts(harne
 async def test_reopening_an_unsealed_result_starts_it_over(harness: Harness) -> None:
     """An unsealed result is the output of a run cut short; a new run may produce other bytes."""
     store = harness.store
+    await claim(store)
     provisional = TransferHandle(id="r-1", size=0, chunk_size=CHUNK, sha256="", chunks=[])
     await store.open_transfer(provisional, key="k", scope="s", sealed=False)
     await store.write_chunk("r-1", 0, b"first run")
@@ -189,6 +221,7 @@ async def test_a_write_past_the_size_cap_stores_nothing(harness: Harness) -> Non
         await store.open_transfer(handle, key=None, scope="s", sealed=True)
     assert too_large.value.operation == "open_transfer"
 
+    await claim(store)
     provisional = TransferHandle(id="r-1", size=0, chunk_size=CHUNK, sha256="", chunks=[])
     await store.open_transfer(provisional, key="k", scope="s", sealed=False)
     parts = chunks_of(PAYLOAD)
@@ -205,6 +238,24 @@ async def test_a_write_past_the_size_cap_stores_nothing(harness: Harness) -> Non
     await store.open_transfer(provisional, key="k", scope="s", sealed=False)
     await store.write_chunk("r-1", 1, parts[1])
     assert await store.read_chunk("r-1", 1, scope="s") == parts[1]
+
+
+async def test_room_held_by_dead_transfers_is_reclaimed_at_the_cap(harness: Harness) -> None:
+    """No server calls purge_expired on a schedule: a write at the cap must not fail for room
+    that transfers nobody can read any more hold."""
+    store = harness.make(max_blob_bytes=2 * CHUNK)
+    await claim(store, "k")
+    provisional = TransferHandle(id="r-1", size=0, chunk_size=CHUNK, sha256="", chunks=[])
+    await store.open_transfer(provisional, key="k", scope="s", sealed=False)
+    await store.write_chunk("r-1", 0, PAYLOAD[:CHUNK])
+    await store.write_chunk("r-1", 1, PAYLOAD[CHUNK : 2 * CHUNK])
+    # The tool refused after all: its key is free, its output dead.
+    assert await store.release("k", owner="a")
+
+    await store.open_transfer(handle_for("up-1", PAYLOAD[:CHUNK], CHUNK), key=None, scope="s", sealed=True)
+    await store.write_chunk("up-1", 0, PAYLOAD[:CHUNK])
+    assert await store.read_chunk("up-1", 0, scope="s") == PAYLOAD[:CHUNK]
+    assert await store.read_chunk("r-1", 0, scope="s") is None
 
 
 async def test_writing_or_sealing_an_unknown_transfer_conflicts(harness: Harness) -> None:
@@ -257,6 +308,38 @@ async def test_a_result_lives_as_long_as_its_keys_record(
     assert await store.read_chunk("r-1", 0, scope="s") is None
 
 
+async def test_a_task_result_lives_as_long_as_its_task(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    await store.register_owner(OwnerInfo(instance_id="a", pid=os.getpid(), host=socket.gethostname()), TTL_S)
+    task = TaskRecord(
+        task_id="t-1",
+        key=None,
+        scope="s",
+        fingerprint="fp",
+        tool="tool",
+        state=TaskState.WORKING,
+        owner="a",
+        created_at="2026-01-01T00:00:00Z",
+        updated_at="2026-01-01T00:00:00Z",
+    )
+    assert (await store.create_task(task, ttl_s=TTL_S / 2)).created
+    handle = handle_for("r-1", PAYLOAD, CHUNK)
+    await store.open_transfer(handle, key="t-1", scope="s", sealed=False)
+    await store.write_chunk("r-1", 0, chunks_of(PAYLOAD)[0])
+    assert await store.finish_task(
+        "t-1", owner="a", state=TaskState.COMPLETED, result=b"r", message=None, updated_at="later"
+    )
+
+    await harness.advance(TTL_S / 2 - 1)
+    assert await store.purge_expired() == 0
+    assert await store.read_chunk("r-1", 0, scope="s") == chunks_of(PAYLOAD)[0]
+    await harness.advance(2)
+    assert await store.purge_expired() == 2  # the task and its transfer
+    assert await store.read_chunk("r-1", 0, scope="s") is None
+
+
 async def test_an_unsealed_result_of_a_crashed_run_goes_with_its_record(
     harness: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -281,9 +364,12 @@ async def test_an_unsealed_result_of_a_crashed_run_goes_with_its_record(
 
 async def test_a_result_whose_record_was_never_written_goes_at_the_next_purge(harness: Harness) -> None:
     store = harness.store
+    # Another key's claim first: the SQLite store's first write also purges (then once a minute).
+    await claim(store, "other")
     provisional = TransferHandle(id="r-1", size=0, chunk_size=CHUNK, sha256="", chunks=[])
     await store.open_transfer(provisional, key="never-claimed", scope="s", sealed=False)
     await store.write_chunk("r-1", 0, b"orphan")
+    assert await store.read_chunk("r-1", 0, scope="s") == b"orphan"
     assert await store.purge_expired() == 1
     assert await store.read_chunk("r-1", 0, scope="s") is None
 
@@ -313,3 +399,82 @@ async def test_blob_settings_must_be_positive(harness: Harness) -> None:
         with pytest.raises(RMCPConfigError, match="must be a positive number of seconds") as error:
             harness.make(upload_ttl_s=ttl)
         assert error.value.path == "upload_ttl_s"
+
+
+# SQLite: durability
+
+
+async def test_sqlite_chunks_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    store = SQLiteStore(path)
+    handle = await upload(store)
+    await claim(store, "k")
+    result = handle_for("r-1", PAYLOAD[::-1], CHUNK)
+    await store.open_transfer(result, key="k", scope="s", sealed=False)
+    await store.write_chunk("r-1", 1, chunks_of(PAYLOAD[::-1])[1])
+    await store.aclose()
+
+    reopened = SQLiteStore(path)
+    try:
+        assert await reopened.open_transfer(handle, key=None, scope="s", sealed=True) == [0, 1, 2]
+        assert await reopened.get_transfer("up-1", scope="s") == handle
+        assert await read_all(reopened, handle) == PAYLOAD
+        # Unsealed: no handle to give, but the chunk is there for the run's owner.
+        assert await reopened.get_transfer("r-1", scope="s") is None
+        assert await reopened.read_chunk("r-1", 1, scope="s") == chunks_of(PAYLOAD[::-1])[1]
+    finally:
+        await reopened.aclose()
+
+
+CHILD_WRITER = """
+import sys
+import anyio
+from rmcp_actors._transfer import handle_for
+from rmcp_actors.stores import SQLiteStore
+
+async def main() -> None:
+    store = SQLiteStore(sys.argv[1])
+    payload = bytes(range(256)) * 64
+    handle = handle_for("up-1", payload, 4096)
+    await store.open_transfer(handle, key=None, scope="s", sealed=True)
+    await store.write_chunk("up-1", 0, payload[:4096])
+    await store.write_chunk("up-1", 3, payload[3 * 4096 : 4 * 4096])
+    print("written", flush=True)
+    sys.stdin.read()
+
+anyio.run(main)  # asyncio: the store must not depend on trio
+"""
+
+
+async def test_sqlite_a_written_chunk_survives_a_killed_process(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.db"
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", CHILD_WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        output = b""
+        with trio.fail_after(30):
+            while not output.endswith(b"\n"):
+                data = await process.stdout.receive_some()
+                assert data, f"the child exited early with {await process.wait()}"
+                output += data
+        assert output == b"written\n"
+        # SIGKILL: no aclose, no checkpoint; what write_chunk returned for must be in the file.
+        process.send_signal(signal.SIGKILL)
+        assert await process.wait() == -signal.SIGKILL
+    finally:
+        process.kill()
+        await process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                await stream.aclose()
+
+    store = SQLiteStore(path)
+    try:
+        payload = bytes(range(256)) * 64
+        handle = handle_for("up-1", payload, 4096)
+        assert await store.open_transfer(handle, key=None, scope="s", sealed=True) == [0, 3]
+        assert await store.read_chunk("up-1", 3, scope="s") == payload[3 * 4096 : 4 * 4096]
+    finally:
+        await store.aclose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, Request, RequestParams, RequestParamsMeta
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict
-from transfer_server import build_transfer_server, payload
+from transfer_server import build_transfer_server, lazy_payload, payload
 
 import rmcp_actors
 from rmcp_actors._transfer import (
@@ -43,6 +44,7 @@ from rmcp_actors._transfer import (
     upload_id,
 )
 from rmcp_actors.server import rmcp_of
+from rmcp_actors.stores import MemoryStore, SQLiteStore
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -393,6 +395,87 @@ async def test_a_streamed_result_within_the_threshold_is_inline() -> None:
         result = await client.call_tool("streamed", {"size": 5000}, meta=rmcp_meta("s", transfer=SMALL))
     assert result.content[0].type == "text"
     assert result.content[0].text == payload(5000, 3)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("accept", [None, SMALL], ids=["plain", "transfer"])
+async def test_a_stream_that_fails_is_the_same_tool_error_with_or_without_transfer(
+    accept: dict[str, int] | None,
+) -> None:
+    app = build_transfer_server()
+    meta = None if accept is None else rmcp_meta("broken", transfer=accept)
+    async with mcp.Client(app) as client:
+        result = await client.call_tool("broken_stream", {"size": MIB}, meta=meta)
+    assert result.is_error
+    assert result.content[0].text == (  # type: ignore[union-attr]
+        "Error executing tool broken_stream: the export lost its database"
+    )
+    assert rmcp_of(app).transfers.statistics().results == 0  # type: ignore[union-attr]
+
+
+async def test_an_item_the_store_cannot_hold_is_answered_inline() -> None:
+    app = build_transfer_server(MemoryStore(max_blob_bytes=512 * KIB))
+    async with mcp.Client(app) as client:
+        result = await client.call_tool("text", {"size": MIB}, meta=rmcp_meta("big", transfer=SMALL))
+        again = await client.call_tool("text", {"size": MIB}, meta=rmcp_meta("big", transfer=SMALL))
+    assert result.content[0].text == payload(MIB)  # type: ignore[union-attr]
+    assert again.content[0].text == payload(MIB)  # type: ignore[union-attr]
+    assert runs(app) == {"text": 1}
+
+
+async def test_a_streamed_result_into_sqlite_is_memory_bounded(tmp_path: Path) -> None:
+    size, piece = 16 * MIB, 64 * KIB
+    expected = hashlib.sha256()
+    async for part in lazy_payload(size, piece):
+        expected.update(part)
+    app = build_transfer_server(SQLiteStore(tmp_path / "rmcp.sqlite"))
+    async with mcp.Client(app) as client:
+        tracemalloc.start()
+        try:
+            result = await client.call_tool("lazy", {"size": size}, meta=rmcp_meta("lazy", transfer=SMALL))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        handle = transferred(result.content[0]).handle
+        data = await read_payload(client, handle)
+    assert handle.sha256 == expected.hexdigest()
+    assert len(data) == size
+    # A few chunks' worth, against 16 MiB (and 2-3 times that) when built in memory.
+    assert peak < 4 * MIB, f"peak {peak / MIB:.1f} MiB while streaming a 16 MiB result"
+
+
+async def test_a_result_is_read_from_another_server_process_sharing_the_sqlite_store(tmp_path: Path) -> None:
+    database = str(tmp_path / "rmcp.sqlite")
+    size = 3 * MIB
+    accept = {"threshold": MIB, "chunk_size": 256 * KIB}
+    async with mcp.Client(stdio_server("--sqlite", database)) as client:
+        result = await client.call_tool("text", {"size": size}, meta=rmcp_meta("durable", transfer=accept))
+        handle = transferred(result.content[0]).handle
+        first = await read_chunk(client, handle.id, 0)
+    # The first server is gone; a new one on the same file serves the rest, and the replay.
+    async with mcp.Client(stdio_server("--sqlite", database)) as client:
+        rest = await read_payload(client, handle)
+        again = await client.call_tool("text", {"size": size}, meta=rmcp_meta("durable", transfer=accept))
+    assert decode_chunk(first["data"], handle.chunks[0]) == rest[: 256 * KIB]
+    assert rest.decode() == payload(size)
+    assert transferred(again.content[0]).handle == handle
+    assert (again.meta or {})["rmcp"]["duplicate"] is True
+
+
+async def test_an_upload_survives_a_server_restart_with_sqlite(tmp_path: Path) -> None:
+    database = str(tmp_path / "rmcp.sqlite")
+    text = payload(MIB, 13)
+    data = text.encode()
+    handle = handle_for(upload_id(sha256_hex(data), 64 * KIB), data, 64 * KIB)
+    async with mcp.Client(stdio_server("--sqlite", database)) as client:
+        await open_upload(client, handle)
+        for index in range(5):
+            await write_chunk(client, handle, index, data[index * 64 * KIB : (index + 1) * 64 * KIB])
+    async with mcp.Client(stdio_server("--sqlite", database)) as client:
+        have = await open_upload(client, handle)
+        await upload(client, text, 64 * KIB)
+        result = await client.call_tool("digest", {"text": ""}, meta=upload_meta(handle, "restart"))
+    assert have == [0, 1, 2, 3, 4]
+    assert digest_of(result)["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 # --- uploads -------------------------------------------------------------------------------------

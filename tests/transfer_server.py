@@ -13,18 +13,25 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, TextContent
 
 from rmcp_actors.server import FastRMCP, stream_result
 from rmcp_actors.stores import DedupStore, MemoryStore
 
-__all__ = ["build_transfer_server", "payload"]
+__all__ = ["build_transfer_server", "lazy_payload", "payload"]
 
 
 def payload(size: int, seed: int = 0) -> str:
     """``size`` ASCII characters, different at every offset (a chunk out of place shows)."""
     raw = random.Random(seed).randbytes(size * 3 // 4 + 3)
     return base64.b64encode(raw).decode()[:size]
+
+
+async def lazy_payload(size: int, piece: int) -> AsyncIterator[bytes]:
+    """``size`` bytes as pieces of ``piece`` bytes, each made when asked for."""
+    for start in range(0, size, piece):
+        yield payload(min(piece, size - start), start).encode()
 
 
 def build_transfer_server(store: DedupStore | None = None, **options: Any) -> FastRMCP:
@@ -66,6 +73,24 @@ def build_transfer_server(store: DedupStore | None = None, **options: Any) -> Fa
                 yield whole[start : start + piece]
 
         return await stream_result(pieces(), mime_type="text/csv")
+
+    @app.tool()
+    async def lazy(size: int, piece: int = 64 << 10) -> TextContent:
+        """``lazy_payload(size, piece)`` streamed: never all of it in memory at once."""
+        ran("lazy")
+        return await stream_result(lazy_payload(size, piece))
+
+    @app.tool()
+    async def broken_stream(size: int) -> TextContent:
+        """Streams ``size`` bytes, then fails."""
+        ran("broken_stream")
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for _ in range(0, size, 10_000):
+                yield b"x" * 10_000
+            raise ToolError("the export lost its database")
+
+        return await stream_result(pieces())
 
     @app.tool()
     async def digest(text: str, label: str = "") -> dict[str, Any]:

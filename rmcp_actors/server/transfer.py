@@ -22,7 +22,7 @@ import contextvars
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
@@ -31,7 +31,9 @@ import msgspec
 from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import MethodBinding, RequestHandler
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, RequestParams, TextContent
+from mcp_types.methods import serialize_server_result
 
 from .._protocol import META_KEY
 from .._transfer import (
@@ -103,6 +105,18 @@ class StoreCall(Protocol):
 class _Stream:
     chunks: AsyncIterable[bytes | str]
     mime_type: str | None
+
+
+@attrs.frozen(kw_only=True)
+class _Target:
+    """Where a call's large result items go: the tool, the client's and server's bounds,
+    the dedup key the transfers are tied to and the caller's scope."""
+
+    tool: str
+    threshold: int
+    chunk_size: int
+    key: str | None
+    scope: str
 
 
 @attrs.frozen
@@ -351,8 +365,13 @@ class TransferService:
     ) -> CallNext:
         """``call_next`` whose result has its large content items replaced by transfer handles
         (written to the store, tied to ``key``), and whose tool may stream its result."""
-        threshold = max(accept.threshold, self.min_threshold)
-        chunk_size = min(accept.chunk_size, self.max_chunk_size)
+        target = _Target(
+            tool=tool,
+            threshold=max(accept.threshold, self.min_threshold),
+            chunk_size=min(accept.chunk_size, self.max_chunk_size),
+            key=key,
+            scope=scope,
+        )
 
         async def run(ctx: ServerRequestContext[Any, Any]) -> HandlerResult:
             streams: dict[str, _Stream] = {}
@@ -361,82 +380,83 @@ class TransferService:
                 result = await call_next(ctx)
             finally:
                 _streams.reset(token)
-            wire = to_wire(result)
-            content = wire.get("content")
-            if not isinstance(content, list):
-                return wire
-            items: list[Any] = []
-            for index, item in enumerate(cast(list[Any], content)):
-                if isinstance(item, Mapping):
-                    item = cast(Mapping[str, Any], item)
-                    marker = _stream_marker(item)
-                    stream = None if marker is None else streams.pop(marker, None)
-                    if stream is not None:
-                        item = await self._streamed(stream, tool, index, threshold, chunk_size, key, scope)
-                    else:
-                        item = await self._item(item, tool, index, threshold, chunk_size, key, scope)
-                items.append(item)
-            return {**wire, "content": items}
+            try:
+                return await self._rewritten(ctx, to_wire(result), streams, target)
+            finally:
+                for stream in streams.values():
+                    # Handed to stream_result() but not returned by the tool: never read.
+                    chunks: object = stream.chunks
+                    if isinstance(chunks, AsyncGenerator):
+                        await cast(AsyncGenerator[object, None], chunks).aclose()
 
         return run
 
-    async def _item(
+    async def _rewritten(
         self,
-        item: Mapping[str, Any],
-        tool: str,
-        index: int,
-        threshold: int,
-        chunk_size: int,
-        key: str | None,
-        scope: str,
-    ) -> Mapping[str, Any]:
+        ctx: ServerRequestContext[Any, Any],
+        wire: dict[str, Any],
+        streams: dict[str, _Stream],
+        target: _Target,
+    ) -> dict[str, Any]:
+        content = wire.get("content")
+        if not isinstance(content, list):
+            return wire
+        items: list[Any] = []
+        for index, item in enumerate(cast(list[Any], content)):
+            if isinstance(item, Mapping):
+                item = cast(Mapping[str, Any], item)
+                marker = _stream_marker(item)
+                stream = None if marker is None else streams.pop(marker, None)
+                if stream is None:
+                    item = await self._item(item, index, target)
+                else:
+                    try:
+                        item = await self._streamed(stream, index, target)
+                    except MCPError:
+                        raise
+                    except Exception as error:
+                        return _stream_failed(ctx, target.tool, error)
+            items.append(item)
+        return {**wire, "content": items}
+
+    async def _item(self, item: Mapping[str, Any], index: int, target: _Target) -> Mapping[str, Any]:
         found = _payload_field(item)
         if found is None:
             return item
         field, encoding, value = found
         # A string's UTF-8 is at most 4 bytes a character, base64 decodes to 3/4 of its length:
         # most items are told small without encoding them.
-        if len(value) * (4 if encoding == "utf-8" else 1) <= threshold:
+        if len(value) * (4 if encoding == "utf-8" else 1) <= target.threshold:
             return item
         try:
             payload = value.encode() if encoding == "utf-8" else base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             return item
-        if len(payload) <= threshold:
+        if len(payload) <= target.threshold:
             return item
-        transfer_id = _result_id()
-        writer = _ChunkWriter(self, transfer_id, chunk_size)
+        writer = _ChunkWriter(self, _result_id(), target.chunk_size)
         try:
-            await self._open_result(transfer_id, len(payload), chunk_size, key, scope)
+            await self._open_result(writer.transfer_id, target)
             view = memoryview(payload)
-            for start in range(0, len(payload), chunk_size):
-                await writer.add(view[start : start + chunk_size])
+            for start in range(0, len(payload), target.chunk_size):
+                await writer.add(view[start : start + target.chunk_size])
             handle = await writer.finish(encoding=encoding, media_type=_media_type(item, field))
         except RMCPStoreError:
             # The tool ran: its result must reach the client, inline is always acceptable.
             logger.warning(
                 "RMCP: the blob store could not hold result item %d of tool %r; sent inline",
                 index,
-                tool,
+                target.tool,
                 exc_info=True,
             )
-            await self._forget(transfer_id)
+            await self._forget(writer.transfer_id)
             return item
         self._results += 1
-        return _link(tool, index, handle, _without_field(item, field), field)
+        return _link(target.tool, index, handle, _without_field(item, field), field)
 
-    async def _streamed(
-        self,
-        stream: _Stream,
-        tool: str,
-        index: int,
-        threshold: int,
-        chunk_size: int,
-        key: str | None,
-        scope: str,
-    ) -> Mapping[str, Any]:
+    async def _streamed(self, stream: _Stream, index: int, target: _Target) -> Mapping[str, Any]:
         """Read a streamed result into the store chunk by chunk, or inline when it ends
-        within ``threshold`` bytes. A store failure fails the run (its bytes are gone)."""
+        within the threshold. A store failure fails the run (its bytes are gone)."""
         head = bytearray()
         writer: _ChunkWriter | None = None
         try:
@@ -444,10 +464,10 @@ class TransferService:
                 data = piece.encode() if isinstance(piece, str) else piece
                 if writer is None:
                     head += data
-                    if len(head) <= threshold:
+                    if len(head) <= target.threshold:
                         continue
-                    writer = _ChunkWriter(self, _result_id(), chunk_size)
-                    await self._open_result(writer.transfer_id, 0, chunk_size, key, scope)
+                    writer = _ChunkWriter(self, _result_id(), target.chunk_size)
+                    await self._open_result(writer.transfer_id, target)
                     data, head = bytes(head), bytearray()
                 await writer.add(data)
             if writer is None:
@@ -462,21 +482,16 @@ class TransferService:
                     await self._forget(writer.transfer_id)
             raise
         self._results += 1
-        return _link(tool, index, handle, {"type": "text"}, "text")
+        return _link(target.tool, index, handle, {"type": "text"}, "text")
 
-    async def _open_result(
-        self, transfer_id: str, size: int, chunk_size: int, key: str | None, scope: str
-    ) -> None:
+    async def _open_result(self, transfer_id: str, target: _Target) -> None:
+        # Its layout is known once the payload is written: sealed then (seal_transfer).
         provisional = TransferHandle(
-            id=transfer_id,
-            size=size,
-            chunk_size=chunk_size,
-            sha256="",
-            chunks=[],
+            id=transfer_id, size=0, chunk_size=target.chunk_size, sha256="", chunks=[]
         )
         await self.store_call(
             "open_transfer",
-            lambda: self.store.open_transfer(provisional, key=key, scope=scope, sealed=False),
+            lambda: self.store.open_transfer(provisional, key=target.key, scope=target.scope, sealed=False),
         )
 
     async def _forget(self, transfer_id: str) -> None:
@@ -625,6 +640,20 @@ class TransferService:
                 # Held with another layout, or gone since it was looked up.
                 raise MCPError(TRANSFER_NOT_FOUND_CODE, f"RMCP: {error.__cause__}") from None
             raise MCPError(INTERNAL_ERROR, f"RMCP: {error}; retry the request later") from error
+
+
+def _stream_failed(ctx: ServerRequestContext[Any, Any], tool: str, error: Exception) -> dict[str, Any]:
+    """The tool error result for a stream that raised, worded as ``MCPServer`` words a tool's
+    own failure (an unexpected exception's text stays in the server's log)."""
+    if isinstance(error, ToolError | RMCPStoreError):
+        text = f"Error executing tool {tool}: {error}"
+        logger.info("RMCP: the streamed result of tool %r failed: %r", tool, str(error))
+    else:
+        text = f"Error executing tool {tool}"
+        logger.exception("RMCP: the streamed result of tool %r raised", tool)
+    failed = {"resultType": "complete", "content": [{"type": "text", "text": text}], "isError": True}
+    # Shaped for the negotiated version, as the SDK shapes a tool's own result.
+    return serialize_server_result("tools/call", ctx.protocol_version, failed)
 
 
 def _result_id() -> str:

@@ -375,7 +375,9 @@ class BlobStore(Protocol):
         self, handle: TransferHandle, *, key: str | None, scope: str, sealed: bool
     ) -> list[int]:
         """Create transfer ``handle.id`` (or find it) and return the sorted indices of the chunks
-        it holds. ``key`` ties a result transfer to its idempotency key (None for an upload);
+        it holds. ``key`` ties a result transfer to its idempotency key (None for an upload): the
+        store key of its dedup record (as given to :meth:`DedupStore.begin`), or the task id of a
+        run as a task (:class:`TaskStore`), whose record or task it outlives;
         ``scope`` is the caller's principal scope (reads from another scope find nothing).
         ``sealed=False`` opens a result being produced, whose ``handle`` is provisional (its id and
         chunk size count) until :meth:`seal_transfer`.

@@ -316,7 +316,7 @@ class MemoryStore:
 
     async def purge_expired(self) -> int:
         """Delete expired records and tasks, transfers past their lifetime (a result's once its
-        key has no live record, an upload's ``upload_ttl_s`` after it was last opened), and
+        key has no live record or task, an upload's ``upload_ttl_s`` after it was last opened), and
         owners whose lease ended more than ``ttl_s`` ago and that have no records left; return
         how many records, tasks and transfers were deleted.
 
@@ -339,10 +339,7 @@ class MemoryStore:
         for task_id in [task_id for task_id, task in self._tasks.items() if self._task_expired(task, now)]:
             self._drop_task(task_id)
             deleted += 1
-        gone = [tid for tid, transfer in self._transfers.items() if self._transfer_gone(transfer, now)]
-        for transfer_id in gone:
-            self._drop_transfer(transfer_id)
-            deleted += 1
+        deleted += self._purge_transfers(now)
         self._prune_owners(self._clock())
         return deleted
 
@@ -446,6 +443,8 @@ class MemoryStore:
         """
         self._check_open()
         now = self._clock()
+        # Nothing else purges a server's memory store: each new transfer clears out the dead ones.
+        self._purge_transfers(now)
         existing = self._live_transfer(handle.id, now)
         if existing is not None:
             if existing.scope != scope:
@@ -472,11 +471,15 @@ class MemoryStore:
             RMCPStoreError: The chunk would take the store past ``max_blob_bytes``.
         """
         self._check_open()
-        transfer = self._live_transfer(transfer_id, self._clock())
+        now = self._clock()
+        transfer = self._live_transfer(transfer_id, now)
         if transfer is None:
             raise unknown_transfer(transfer_id)
         if index in transfer.chunks:
             return
+        if self._blob_bytes + len(data) > self._max_blob_bytes:
+            # Room held by dead transfers is not a reason to refuse.
+            self._purge_transfers(now)
         if self._blob_bytes + len(data) > self._max_blob_bytes:
             raise blob_cap_error("write_chunk", self._blob_bytes, len(data), self._max_blob_bytes)
         transfer.chunks[index] = data
@@ -535,7 +538,16 @@ class MemoryStore:
         if transfer.key is None:
             return self._upload_expired(transfer, now)
         entry = self._records.get(transfer.key)
-        return entry is None or self._expired(entry, now)
+        if entry is not None and not self._expired(entry, now):
+            return False
+        task = self._tasks.get(transfer.key)
+        return task is None or self._task_expired(task, now)
+
+    def _purge_transfers(self, now: float) -> int:
+        gone = [tid for tid, transfer in self._transfers.items() if self._transfer_gone(transfer, now)]
+        for transfer_id in gone:
+            self._drop_transfer(transfer_id)
+        return len(gone)
 
     def _drop_transfer(self, transfer_id: str) -> None:
         transfer = self._transfers.pop(transfer_id)

@@ -31,9 +31,28 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast, final
 
 import attrs
+import msgspec
 
+from .._transfer import TransferHandle
 from ..errors import RMCPConfigError, RMCPStoreError, RMCPUnknownOwnerError
-from ._base import BeginOutcome, DedupRecord, OwnerInfo, RecordState, TaskCreation, TaskRecord, TaskState
+from ._base import (
+    BeginOutcome,
+    DedupRecord,
+    OwnerInfo,
+    RecordState,
+    TaskCreation,
+    TaskRecord,
+    TaskState,
+    TransferConflict,
+)
+from ._blobs import (
+    DEFAULT_MAX_BLOB_BYTES,
+    DEFAULT_UPLOAD_TTL_S,
+    blob_cap_error,
+    check_blob_limits,
+    same_layout,
+    unknown_transfer,
+)
 from ._sqlite_batch import Chore, GroupCommit, failure
 
 __all__ = ["SQLiteStore", "SQLiteStoreStatistics"]
@@ -87,7 +106,33 @@ _SCHEMA = (
         lease_expires_at REAL NOT NULL,
         released INTEGER NOT NULL
     )""",
+    # Transfers (BlobStore): a result's lives while its key has a record (key not NULL,
+    # expires_at NULL), an upload's until expires_at. stored_bytes sums its chunks, so that the
+    # size cap reads one row per transfer, not one per chunk.
+    """CREATE TABLE IF NOT EXISTS transfers (
+        id TEXT PRIMARY KEY,
+        handle BLOB NOT NULL,
+        key TEXT,
+        scope TEXT NOT NULL,
+        sealed INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        stored_bytes INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX IF NOT EXISTS transfers_by_key ON transfers (key)",
+    "CREATE INDEX IF NOT EXISTS transfers_by_expiry ON transfers (expires_at)",
+    # One row per chunk: a rowid table, since SQLite keeps a large value in overflow pages that
+    # a WITHOUT ROWID table handles badly.
+    """CREATE TABLE IF NOT EXISTS chunks (
+        transfer_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (transfer_id, idx)
+    )""",
 )
+
+_HANDLE_ENCODER = msgspec.msgpack.Encoder()
+_HANDLE_DECODER = msgspec.msgpack.Decoder(TransferHandle)
 
 
 # Files created before the entered mark existed get the column; their records (and those
@@ -168,6 +213,14 @@ class SQLiteStore:
     cancelled. A caller whose turn it is to flush others' writes finishes that flush
     (shielded, bounded by ``busy_timeout_s``) before it sees its cancellation.
 
+    Transfers (:class:`~rmcp_actors.stores.BlobStore`) live in two tables: ``transfers``, one
+    row per transfer, and ``chunks``, one row per chunk with its bytes. A chunk, an open and a
+    seal are committed as a claim is (see ``fsync_claims``): in the WAL when the method returns,
+    so a crash of any process keeps them, and fsynced by the next FULL commit, such as the
+    ``complete`` whose result names the chunks. An upload chunk that a power loss took is
+    missing, never wrong: the server answers ``transfer_incomplete`` and the client sends it
+    again.
+
     Args:
         path: The database file; created with its schema if absent, readable by its owner
             only (mode 0600, as its -wal and -shm files).
@@ -177,13 +230,19 @@ class SQLiteStore:
             Also read in the store's worker threads.
         busy_timeout_s: How long a transaction waits for another process's write lock.
         fsync_claims: Fsync every claim and entered mark as well (at-most-once across a power
-            loss, at the price of two more fsyncs per call when calls are sequential).
+            loss, at the price of two more fsyncs per call when calls are sequential), and
+            every transfer chunk.
+        max_blob_bytes: The most bytes of transfer chunks the file holds at once, counted
+            over every process sharing it; 1 GiB by default.
+        upload_ttl_s: How long an upload (a transfer without a key) lives after it was last
+            opened; an hour by default.
 
     Failures of SQLite itself (a locked or unwritable file, a full disk) are raised as
     :class:`~rmcp_actors.RMCPStoreError`, with the ``sqlite3`` error as ``__cause__``.
 
     Raises:
-        RMCPConfigError: When ``ttl_s`` is not positive or ``busy_timeout_s`` is negative.
+        RMCPConfigError: When ``ttl_s``, ``max_blob_bytes`` or ``upload_ttl_s`` is not
+            positive, or ``busy_timeout_s`` is negative.
     """
 
     def __init__(
@@ -194,6 +253,8 @@ class SQLiteStore:
         clock: Callable[[], float] | None = None,
         busy_timeout_s: float = 10.0,
         fsync_claims: bool = False,
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        upload_ttl_s: float = DEFAULT_UPLOAD_TTL_S,
     ) -> None:
         if not ttl_s > 0:
             raise RMCPConfigError(f"must be a positive number of seconds, got {ttl_s!r}", path="ttl_s")
@@ -201,6 +262,9 @@ class SQLiteStore:
             raise RMCPConfigError(
                 f"must be zero or more seconds, got {busy_timeout_s!r}", path="busy_timeout_s"
             )
+        check_blob_limits(max_blob_bytes, upload_ttl_s)
+        self._max_blob_bytes = max_blob_bytes
+        self._upload_ttl_s = upload_ttl_s
         self._path = os.fspath(path)
         self._ttl_s = ttl_s
         self._clock = clock or time.time
@@ -658,8 +722,10 @@ class SQLiteStore:
             raise self._store_error("get", error) from error
 
     async def purge_expired(self) -> int:
-        """Delete expired records, and owners whose lease ended more than ``ttl_s`` ago and
-        that have no records left; return how many records were deleted.
+        """Delete expired records and tasks, transfers past their lifetime (a result's once its
+        key has no record or task, an upload's ``upload_ttl_s`` after it was last opened) with their
+        chunks, and owners whose lease ended more than ``ttl_s`` ago and that have no records
+        left; return how many records, tasks and transfers were deleted.
 
         One transaction per batch of records, so other writes interleave with a long purge.
         """
@@ -681,6 +747,168 @@ class SQLiteStore:
         Further calls raise :class:`~rmcp_actors.RMCPStoreClosedError`. Closing twice is harmless.
         """
         await self._batch.aclose()
+
+    async def open_transfer(
+        self, handle: TransferHandle, *, key: str | None, scope: str, sealed: bool
+    ) -> list[int]:
+        """Create transfer ``handle.id``, or find it, and return the indices of its chunks held.
+
+        Opening a sealed transfer again with the same layout resumes it (an upload's lifetime
+        starts over). An unsealed one is the output of a run cut short: opening it again starts
+        it over, without its chunks, since a new run may produce other bytes. Atomic across
+        processes.
+
+        Raises:
+            TransferConflict: The id is held, sealed, with another layout, or by another scope.
+            RMCPStoreError: A sealed ``handle`` alone is larger than ``max_blob_bytes``.
+        """
+        now = self._clock()
+        expires_at = now + self._upload_ttl_s if key is None else None
+
+        def apply(connection: sqlite3.Connection) -> list[int]:
+            row = connection.execute(
+                "SELECT handle, scope, sealed, key, expires_at FROM transfers WHERE id = ?", (handle.id,)
+            ).fetchone()
+            if row is not None and _upload_expired(row[3], row[4], now):
+                _delete_transfer(connection, handle.id)
+                row = None
+            if row is not None:
+                held, held_scope, held_sealed = _HANDLE_DECODER.decode(row[0]), row[1], row[2]
+                if held_scope != scope:
+                    raise TransferConflict(f"transfer {handle.id!r} belongs to another scope")
+                if held_sealed:
+                    if not same_layout(held, handle):
+                        raise TransferConflict(f"transfer {handle.id!r} is held with another layout")
+                    if row[3] is None:
+                        connection.execute(
+                            "UPDATE transfers SET expires_at = ? WHERE id = ?", (expires_at, handle.id)
+                        )
+                    return [
+                        index
+                        for (index,) in connection.execute(
+                            "SELECT idx FROM chunks WHERE transfer_id = ? ORDER BY idx", (handle.id,)
+                        )
+                    ]
+                _delete_transfer(connection, handle.id)
+            if sealed and handle.size > self._max_blob_bytes:
+                raise blob_cap_error(
+                    "open_transfer", _blob_bytes(connection), handle.size, self._max_blob_bytes
+                )
+            connection.execute(
+                """INSERT INTO transfers (id, handle, key, scope, sealed, created_at, expires_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (handle.id, _HANDLE_ENCODER.encode(handle), key, scope, sealed, now, expires_at),
+            )
+            return []
+
+        return await self._write(apply, operation="open_transfer", sync=self._fsync_claims)
+
+    async def write_chunk(self, transfer_id: str, index: int, data: bytes) -> None:
+        """Store chunk ``index`` as its own row; the first bytes written for an index stay (the
+        caller verified them against the handle, so a second write carries the same ones).
+        In the WAL when this returns (see the class docstring).
+
+        Raises:
+            TransferConflict: The store does not hold the transfer (never opened, expired).
+            RMCPStoreError: The chunk would take the file past ``max_blob_bytes``.
+        """
+        now = self._clock()
+
+        def apply(connection: sqlite3.Connection) -> None:
+            row = connection.execute(
+                "SELECT key, expires_at FROM transfers WHERE id = ?", (transfer_id,)
+            ).fetchone()
+            if row is None or _upload_expired(row[0], row[1], now):
+                raise unknown_transfer(transfer_id)
+            if connection.execute(
+                "SELECT 1 FROM chunks WHERE transfer_id = ? AND idx = ?", (transfer_id, index)
+            ).fetchone():
+                return
+            held = _blob_bytes(connection)
+            if held + len(data) > self._max_blob_bytes and _purge_transfers(connection, now):
+                # Room held by dead transfers is not a reason to refuse (the error below would
+                # roll this purge back with the write: the next one redoes it).
+                held = _blob_bytes(connection)
+            if held + len(data) > self._max_blob_bytes:
+                raise blob_cap_error("write_chunk", held, len(data), self._max_blob_bytes)
+            connection.execute(
+                "INSERT INTO chunks (transfer_id, idx, data) VALUES (?, ?, ?)", (transfer_id, index, data)
+            )
+            connection.execute(
+                "UPDATE transfers SET stored_bytes = stored_bytes + ? WHERE id = ?", (len(data), transfer_id)
+            )
+
+        await self._write(apply, operation="write_chunk", sync=self._fsync_claims)
+
+    async def seal_transfer(self, handle: TransferHandle) -> None:
+        """Record the final layout of a result transfer; sealing it again with the same layout
+        does nothing.
+
+        Raises:
+            TransferConflict: The store does not hold the transfer, or holds it sealed with
+                another layout.
+        """
+        now = self._clock()
+
+        def apply(connection: sqlite3.Connection) -> None:
+            row = connection.execute(
+                "SELECT handle, sealed, key, expires_at FROM transfers WHERE id = ?", (handle.id,)
+            ).fetchone()
+            if row is None or _upload_expired(row[2], row[3], now):
+                raise unknown_transfer(handle.id)
+            if row[1] and not same_layout(_HANDLE_DECODER.decode(row[0]), handle):
+                raise TransferConflict(f"transfer {handle.id!r} is sealed with another layout")
+            connection.execute(
+                "UPDATE transfers SET handle = ?, sealed = 1 WHERE id = ?",
+                (_HANDLE_ENCODER.encode(handle), handle.id),
+            )
+
+        await self._write(apply, operation="seal_transfer", sync=self._fsync_claims)
+
+    async def get_transfer(self, transfer_id: str, *, scope: str) -> TransferHandle | None:
+        """The sealed handle of a transfer of ``scope``, or None. A read: changes nothing."""
+        now = self._clock()
+
+        def read(connection: sqlite3.Connection) -> bytes | None:
+            row = connection.execute(
+                """SELECT handle FROM transfers WHERE id = ? AND scope = ? AND sealed = 1
+                AND (expires_at IS NULL OR expires_at > ?)""",
+                (transfer_id, scope, now),
+            ).fetchone()
+            return None if row is None else row[0]
+
+        encoded = await self._read(read, "get_transfer")
+        return None if encoded is None else _HANDLE_DECODER.decode(encoded)
+
+    async def read_chunk(self, transfer_id: str, index: int, *, scope: str) -> bytes | None:
+        """Chunk ``index`` of a transfer of ``scope``, or None when not held. Read in a worker
+        thread: the event loop never waits for the disk."""
+        now = self._clock()
+
+        def read(connection: sqlite3.Connection) -> bytes | None:
+            row = connection.execute(
+                """SELECT c.data FROM chunks AS c JOIN transfers AS t ON t.id = c.transfer_id
+                WHERE c.transfer_id = ? AND c.idx = ? AND t.scope = ?
+                AND (t.expires_at IS NULL OR t.expires_at > ?)""",
+                (transfer_id, index, scope, now),
+            ).fetchone()
+            return None if row is None else row[0]
+
+        return await self._read(read, "read_chunk")
+
+    async def delete_transfer(self, transfer_id: str) -> None:
+        """Forget a transfer and its chunks, freeing their bytes; an unknown id is no error."""
+        await self._write(
+            lambda connection: _delete_transfer(connection, transfer_id),
+            operation="delete_transfer",
+            sync=self._fsync_claims,
+        )
+
+    async def _read(self, query: Callable[[sqlite3.Connection], _T], operation: str) -> _T:
+        try:
+            return await self._batch.read(query)
+        except (sqlite3.Error, OSError) as error:
+            raise self._store_error(operation, error) from error
 
     async def _finish(self, operation: str, statement: str, parameters: tuple[object, ...]) -> None:
         def apply(connection: sqlite3.Connection) -> None:
@@ -732,6 +960,8 @@ class SQLiteStore:
             LIMIT ?)""",
             (now, TaskState.WORKING.value, now, _PURGE_BATCH),
         ).rowcount
+        # After the records and tasks, which the transfers of results outlive.
+        deleted += _purge_transfers(connection, now)
         # An owner kept a while after its lease may still renew (a long pause, not a crash), and
         # a released one must stay known as released to a late renewal.
         connection.execute(
@@ -772,6 +1002,39 @@ class SQLiteStore:
             expires_at=expires_at,
             entered=bool(entered),
         )
+
+
+def _upload_expired(key: str | None, expires_at: float | None, now: float) -> bool:
+    """Whether a transfer row is an upload past its lifetime (a result has no expiry of its own)."""
+    return key is None and expires_at is not None and expires_at <= now
+
+
+def _blob_bytes(connection: sqlite3.Connection) -> int:
+    """The bytes of chunks the file holds, over every transfer (expired ones until purged)."""
+    return connection.execute("SELECT COALESCE(SUM(stored_bytes), 0) FROM transfers").fetchone()[0]
+
+
+def _purge_transfers(connection: sqlite3.Connection, now: float) -> int:
+    """Delete one batch of transfers past their lifetime: uploads past their expiry, results
+    whose key has neither a record nor a task (an unsealed one left by a crashed run goes with
+    the record that run left, in doubt or released); return how many."""
+    gone = [
+        row[0]
+        for row in connection.execute(
+            """SELECT id FROM transfers WHERE (key IS NULL AND expires_at <= ?) OR (key IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM records WHERE records.key = transfers.key)
+            AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = transfers.key)) LIMIT ?""",
+            (now, _PURGE_BATCH),
+        )
+    ]
+    for transfer_id in gone:
+        _delete_transfer(connection, transfer_id)
+    return len(gone)
+
+
+def _delete_transfer(connection: sqlite3.Connection, transfer_id: str) -> None:
+    connection.execute("DELETE FROM chunks WHERE transfer_id = ?", (transfer_id,))
+    connection.execute("DELETE FROM transfers WHERE id = ?", (transfer_id,))
 
 
 def _process_exists(pid: int) -> bool:
