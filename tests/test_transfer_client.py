@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -193,12 +194,35 @@ async def test_over_http_the_default_chunk_size_is_cut_to_fit_the_sse_limit() ->
     assert result.transfers[0].chunks == 5
 
 
-async def test_a_50_mib_result_over_stdio() -> None:
+async def test_a_50_mib_result_over_stdio_is_reassembled_within_twice_its_size() -> None:
     async with supervisor("stdio", transfer=TransferOverrides()) as sup:
-        result = await sup.call("t", "text", {"size": 50 * MIB}, timeout=120)
+        tracemalloc.start()
+        try:
+            result = await sup.call("t", "text", {"size": 50 * MIB}, timeout=120)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
         assert result.content[0].type == "text"
         assert sha(result.content[0].text) == sha(payload(50 * MIB))
         assert result.transfers[0].chunks == 50
+    # The bytes and the string decoded from them (2x) are the floor; beyond them only the
+    # transport's buffers for one message (~1.4 MiB each for the framing and the SDK).
+    assert peak < 2 * 50 * MIB + 4 * MIB
+
+
+async def test_a_50_mib_result_streams_to_a_file_in_bounded_memory(tmp_path: Path) -> None:
+    target = tmp_path / "result.txt"
+    async with supervisor("stdio", transfer=TransferOverrides(parallel=4)) as sup:
+        tracemalloc.start()
+        try:
+            result = await sup.call("t", "text", {"size": 50 * MIB}, result_sink=target, timeout=120)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert result.transfers[0].size == 50 * MIB
+    assert sha(target.read_bytes()) == sha(payload(50 * MIB))
+    # At most 2 * parallel verified chunks of 1 MiB wait for the file, whatever the payload.
+    assert peak < 16 * MIB
 
 
 async def test_base64_and_two_item_results_are_rebuilt_as_sent() -> None:
