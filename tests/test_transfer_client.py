@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ from rmcp_actors import (
     TransferOverrides,
 )
 from rmcp_actors._transfer import MAX_CHUNK_SIZE, TRANSFER_URI_PREFIX
+from rmcp_actors.cli import main
 from rmcp_actors.client.transfers import chunk_size_for, plan_uploads
 from rmcp_actors.config import TransferPolicy
 
@@ -492,3 +494,37 @@ async def test_a_chunk_the_server_lost_before_the_call_is_sent_again_after_its_n
     assert result.transfers[0].resent == 2
     assert result.transfers[0].bytes_moved == MIB + 2 * 64 * KIB
     assert app.runs == {"digest": 1}  # type: ignore[attr-defined]
+
+
+# --- rmcp call -----------------------------------------------------------------------------------
+
+
+def transfer_config(tmp_path: Path) -> Path:
+    config = tmp_path / "rmcp.toml"
+    config.write_text(
+        '[servers.t]\ntransport = "stdio"\n'
+        f"command = {json.dumps(sys.executable)}\nargs = {json.dumps([str(TESTS / 'transfer_server.py')])}\n"
+        f"env = {{ PYTHONPATH = {json.dumps(PYTHONPATH['PYTHONPATH'])} }}\n"
+        "transfer = { threshold = 65536, chunk_size = 65536 }\n"
+    )
+    return config
+
+
+def test_rmcp_call_output_writes_the_payload_to_a_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = transfer_config(tmp_path)
+    target = tmp_path / "out.txt"
+    capsys.readouterr()
+    code = main(["-c", str(config), "call", "t", "text", "-a", json.dumps({"size": MIB}), "-o", str(target)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert sha(target.read_bytes()) == sha(payload(MIB))
+    assert out == ""  # the payload went to the file, not the terminal
+    assert f"content[0]: {MIB} bytes written to {target}" in err.replace("\n", "")
+
+    code = main(["-c", str(config), "call", "t", "text", "-a", json.dumps({"size": 100 * KIB})])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out == payload(100 * KIB) + "\n"
+    assert "%" not in err  # no progress bar off a terminal
