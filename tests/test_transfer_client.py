@@ -453,6 +453,27 @@ async def test_an_upload_sends_only_what_the_server_lacks() -> None:
     assert (moved.already_held, moved.bytes_moved) == (16, 0)
 
 
+async def test_an_upload_cut_by_a_killed_server_resumes_with_what_the_store_holds(tmp_path: Path) -> None:
+    marker = tmp_path / "died"
+    args = ("--sqlite", str(tmp_path / "store.db"), "--die-at-write", "20", "--marker", str(marker))
+    text = payload(2 * MIB, 11)
+    async with supervisor(
+        "stdio",
+        program="transfer_faults.py",
+        args=args,
+        transfer=TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=1),
+    ) as sup:
+        result = await sup.call("t", "digest", {"text": text})
+    assert marker.exists()
+    assert result.structured_content is not None
+    assert result.structured_content["sha256"] == sha(text)
+    moved = result.transfers[0]
+    assert moved.reconnects == 1
+    # Only the write in flight when the process died is sent again.
+    assert moved.resent == 1
+    assert moved.bytes_moved == 2 * MIB  # the write in flight when it died was never answered
+
+
 async def test_a_chunk_refused_as_corrupt_is_sent_again_and_counted() -> None:
     app = build_transfer_server()
     injected = inject(app, corrupt_writes={0: 1, 5: 2})

@@ -6,7 +6,8 @@ answers -32031), writes answered but not stored (the call is then NACKed
 
 Run as a stdio server: ``python transfer_faults.py --sqlite PATH --die-at N --marker PATH``
 dies (``os._exit``) when chunk N is first read while ``PATH`` does not exist, creating it, so
-the restarted process serves every chunk.
+the restarted process serves every chunk (``--die-at-write N``: when chunk N of an upload is
+first written).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def inject(
     corrupt_writes: dict[int, int] | None = None,
     drop_writes: dict[int, int] | None = None,
     die_at: int | None = None,
+    die_at_write: int | None = None,
     marker: Path | None = None,
 ) -> dict[str, int]:
     """Wrap the app's read and write handlers; return the counts of faults injected."""
@@ -61,6 +63,14 @@ def inject(
         return answer
 
     async def write(ctx: Any, params: Any) -> Any:
+        if (
+            die_at_write is not None
+            and params.index == die_at_write
+            and marker is not None
+            and not marker.exists()
+        ):
+            marker.touch()
+            os._exit(17)
         if drops.get(params.index, 0) > 0:
             # Answered as stored, never stored: the call finds the upload incomplete.
             drops[params.index] -= 1
@@ -81,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sqlite")
     parser.add_argument("--die-at", type=int)
+    parser.add_argument("--die-at-write", type=int)
     parser.add_argument("--marker")
     options = parser.parse_args()
     store = None
@@ -89,7 +100,8 @@ def main() -> None:
 
         store = SQLiteStore(options.sqlite)
     app = build_transfer_server(store)
-    inject(app, die_at=options.die_at, marker=Path(options.marker) if options.marker else None)
+    marker = Path(options.marker) if options.marker else None
+    inject(app, die_at=options.die_at, die_at_write=options.die_at_write, marker=marker)
     app.run()
 
 

@@ -816,13 +816,14 @@ async def _write_chunk(
     counts.sent.add(index)
     for _ in range(_MAX_TRIES_PER_CHUNK):
         await pacer.take(len(piece))
-        counts.bytes_moved += len(piece)
         try:
             await link.send(METHOD_WRITE, params, counts, "write")
         except MCPError as error:
             if error.code != CHUNK_INVALID_CODE:
                 raise
+            counts.bytes_moved += len(piece)
             counts.resent += 1  # corrupt on the way: send it again
             continue
+        counts.bytes_moved += len(piece)
         return
     raise _Refused(f"chunk {index} was refused as corrupt {_MAX_TRIES_PER_CHUNK} times in a row")
