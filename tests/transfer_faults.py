@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mcp.server.mcpserver import MCPServer
 from transfer_server import build_transfer_server
@@ -55,7 +55,7 @@ def inject(
         if die_at is not None and params.index == die_at and marker is not None and not marker.exists():
             marker.touch()
             os._exit(17)
-        answer = await read_entry.handler(ctx, params)
+        answer = cast("dict[str, Any]", await read_entry.handler(ctx, params))  # the service's dict
         if reads.get(params.index, 0) > 0:
             reads[params.index] -= 1
             injected["reads"] += 1
