@@ -4,6 +4,7 @@ itself, over in-memory, stdio (a ``FastRMCP.run()`` subprocess) and Streamable H
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import sys
 import tracemalloc
@@ -26,7 +27,8 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, Request, RequestParams, RequestParamsMeta
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict
-from transfer_server import build_transfer_server, lazy_payload, payload
+from test_tasks_server import final_result, send, task_of
+from transfer_server import binary, build_transfer_server, lazy_payload, payload
 
 import rmcp_actors
 from rmcp_actors._transfer import (
@@ -43,7 +45,8 @@ from rmcp_actors._transfer import (
     sha256_hex,
     upload_id,
 )
-from rmcp_actors.server import rmcp_of
+from rmcp_actors.errors import RMCPConfigError
+from rmcp_actors.server import install, rmcp_of
 from rmcp_actors.stores import MemoryStore, SQLiteStore
 
 KIB = 1 << 10
@@ -202,6 +205,31 @@ async def test_transfer_is_advertised_with_a_blob_store_and_not_when_switched_of
     assert raised.value.error.code == -32601
 
 
+async def test_a_server_without_transfer_answers_inline_and_refuses_uploads() -> None:
+    app = build_transfer_server(transfer=False)
+    data = payload(MIB).encode()
+    handle = handle_for(upload_id(sha256_hex(data), 64 * KIB), data, 64 * KIB)
+    async with mcp.Client(app) as client:
+        result = await client.call_tool("text", {"size": MIB}, meta=rmcp_meta("k", transfer=SMALL))
+        refused = await client.call_tool("digest", {"text": ""}, meta=upload_meta(handle, "u"))
+    assert result.content[0].text == payload(MIB)  # type: ignore[union-attr]
+    assert (refused.meta or {})["rmcp"]["code"] == "invalid_meta"
+    assert runs(app) == {"text": 1}
+
+
+def test_install_refuses_a_server_that_serves_the_methods_already() -> None:
+    app = MCPServer("taken")
+    lowlevel = app._lowlevel_server  # pyright: ignore[reportPrivateUsage]
+    lowlevel.add_request_handler("rmcp/transfer/read", _ReadParams, read_nothing)
+    with pytest.raises(RMCPConfigError, match="transfer=False"):
+        install(app)
+    install(MCPServer("untaken"), transfer=False)
+
+
+async def read_nothing(ctx: Any, params: _ReadParams) -> dict[str, Any]:
+    return {}
+
+
 async def test_a_small_result_stays_inline() -> None:
     async with mcp.Client(build_transfer_server()) as client:
         result = await client.call_tool("text", {"size": KIB}, meta=rmcp_meta("k", transfer=SMALL))
@@ -254,6 +282,15 @@ async def test_a_50_mib_result_over_stdio() -> None:
     assert hashlib.sha256(data).hexdigest() == hashlib.sha256(payload(size).encode()).hexdigest()
 
 
+async def test_a_50_mib_argument_over_stdio() -> None:
+    text = payload(50 * MIB, 6)
+    async with mcp.Client(stdio_server()) as client:
+        handle = await upload(client, text, MIB)
+        result = await client.call_tool("digest", {"text": ""}, meta=upload_meta(handle, "fifty-up"))
+    assert handle.chunk_count == 50
+    assert digest_of(result)["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
 async def test_a_replay_serves_the_same_handle_and_the_tool_ran_once() -> None:
     app = build_transfer_server()
     async with mcp.Client(app) as client:
@@ -289,6 +326,26 @@ async def test_only_the_large_item_becomes_a_handle_and_binary_items_keep_their_
     assert image_meta.handle.media_type == "image/png"
     # The payload is the decoded bytes: the client encodes them again to rebuild `data`.
     assert image_bytes == payload(MIB, 2).encode()
+
+
+async def test_embedded_resources_keep_everything_but_their_text_or_blob() -> None:
+    async with mcp.Client(build_transfer_server()) as client:
+        result = await client.call_tool("resources", {"size": MIB}, meta=rmcp_meta("res", transfer=SMALL))
+        text, blob = (transferred(item) for item in result.content)
+        text_bytes = await read_payload(client, text.handle)
+        blob_bytes = await read_payload(client, blob.handle)
+    assert text.field == "resource.text"
+    assert text.handle.encoding == "utf-8"
+    assert text.content == {
+        "type": "resource",
+        "resource": {"uri": "file:///report.txt", "mimeType": "text/plain"},
+    }
+    assert text_bytes.decode() == payload(MIB, 4)
+    assert blob.field == "resource.blob"
+    assert blob.handle.encoding == "base64"
+    assert blob.handle.media_type == "application/octet-stream"
+    assert blob.content["resource"] == {"uri": "file:///report.bin", "mimeType": "application/octet-stream"}
+    assert blob_bytes == payload(MIB, 5).encode()
 
 
 async def test_the_server_honours_its_own_least_threshold_and_largest_chunk() -> None:
@@ -388,6 +445,30 @@ async def test_a_streamed_result_is_written_chunk_by_chunk(transport: str) -> No
     assert meta.handle.chunk_size == SMALL["chunk_size"]
     assert meta.handle.chunks == list(chunk_digests(data, SMALL["chunk_size"]))
     assert meta.handle.media_type == "text/csv"
+
+
+@pytest.mark.parametrize("accept", [None, SMALL], ids=["plain", "transfer"])
+async def test_a_binary_stream_is_a_blob_resource(accept: dict[str, int] | None) -> None:
+    size = 2 * MIB + 3
+    expected = b"".join(binary(min(50_000, size - start), start) for start in range(0, size, 50_000))
+    meta = None if accept is None else rmcp_meta("zip", transfer=accept)
+    async with mcp.Client(build_transfer_server()) as client:
+        result = await client.call_tool("archive", {"size": size}, meta=meta)
+        (item,) = result.content
+        if accept is None:
+            assert item.type == "resource"
+            data = base64.b64decode(item.resource.blob)  # type: ignore[union-attr]
+        else:
+            moved = transferred(item)
+            assert moved.field == "resource.blob"
+            assert moved.handle.encoding == "base64"
+            assert moved.handle.media_type == "application/zip"
+            assert moved.content == {
+                "type": "resource",
+                "resource": {"uri": "file:///archive.zip", "mimeType": "application/zip"},
+            }
+            data = await read_payload(client, moved.handle)
+    assert data == expected
 
 
 async def test_a_streamed_result_within_the_threshold_is_inline() -> None:
@@ -582,3 +663,16 @@ async def test_a_malformed_upload_handle_is_refused_at_open() -> None:
             await open_upload(client, wrong_id)
     assert refused.value.error.code == -32602
     assert "content addressed" in refused.value.error.message
+
+
+async def test_a_task_call_takes_uploaded_arguments() -> None:
+    text = payload(MIB, 14)
+    app = build_transfer_server(tasks=True)
+    async with mcp.Client(app, mode="legacy") as client:
+        handle = await upload(client, text, 64 * KIB)
+        uploads = [{"path": ["text"], "handle": msgspec.to_builtins(handle)}]
+        meta = rmcp_meta("as-task", uploads=uploads, transfer=SMALL)
+        params = {"name": "digest", "arguments": {"text": ""}, "task": {}, "_meta": meta}
+        created = await send(client, "tools/call", params, task=True)
+        result = await final_result(client, task_of(created)["taskId"])
+    assert result["structuredContent"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()

@@ -14,12 +14,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ImageContent, TextContent
+from mcp_types import (
+    BlobResourceContents,
+    EmbeddedResource,
+    ImageContent,
+    TextContent,
+    TextResourceContents,
+)
 
-from rmcp_actors.server import FastRMCP, stream_result
+from rmcp_actors.server import FastRMCP, stream_resource, stream_result
 from rmcp_actors.stores import DedupStore, MemoryStore
 
-__all__ = ["build_transfer_server", "lazy_payload", "payload"]
+__all__ = ["binary", "build_transfer_server", "lazy_payload", "payload"]
 
 
 def payload(size: int, seed: int = 0) -> str:
@@ -32,6 +38,11 @@ async def lazy_payload(size: int, piece: int) -> AsyncIterator[bytes]:
     """``size`` bytes as pieces of ``piece`` bytes, each made when asked for."""
     for start in range(0, size, piece):
         yield payload(min(piece, size - start), start).encode()
+
+
+def binary(size: int, seed: int) -> bytes:
+    """``size`` bytes of no encoding (every byte value occurs)."""
+    return random.Random(seed).randbytes(size)
 
 
 def build_transfer_server(store: DedupStore | None = None, **options: Any) -> FastRMCP:
@@ -63,6 +74,18 @@ def build_transfer_server(store: DedupStore | None = None, **options: Any) -> Fa
         return ImageContent(data=data, mime_type="image/png")
 
     @app.tool()
+    async def resources(size: int) -> list[EmbeddedResource]:
+        """Two embedded resources of ``size`` bytes: one text, one blob."""
+        ran("resources")
+        text = TextResourceContents(uri="file:///report.txt", text=payload(size, 4), mime_type="text/plain")
+        blob = BlobResourceContents(
+            uri="file:///report.bin",
+            blob=base64.b64encode(payload(size, 5).encode()).decode(),
+            mime_type="application/octet-stream",
+        )
+        return [EmbeddedResource(resource=text), EmbeddedResource(resource=blob)]
+
+    @app.tool()
     async def streamed(size: int, piece: int = 10_000) -> TextContent:
         """``payload(size, 3)`` streamed in pieces of ``piece`` bytes."""
         ran("streamed")
@@ -79,6 +102,17 @@ def build_transfer_server(store: DedupStore | None = None, **options: Any) -> Fa
         """``lazy_payload(size, piece)`` streamed: never all of it in memory at once."""
         ran("lazy")
         return await stream_result(lazy_payload(size, piece))
+
+    @app.tool()
+    async def archive(size: int) -> EmbeddedResource:
+        """``size`` bytes of binary, streamed as a blob resource."""
+        ran("archive")
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, size, 50_000):
+                yield binary(min(50_000, size - start), start)
+
+        return await stream_resource(pieces(), uri="file:///archive.zip", mime_type="application/zip")
 
     @app.tool()
     async def broken_stream(size: int) -> TextContent:

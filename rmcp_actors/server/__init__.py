@@ -16,7 +16,7 @@ from .install import FastRMCP, install, reconciler_for, rmcp_of
 from .middleware import RMCPServerSide, ServerStatistics, store_key
 from .reconcile import InDoubtRun, Reconciler, Reconciliation
 from .tasks import TaskEngine, TasksExtension
-from .transfer import TransferService, TransferStatistics, stream_result
+from .transfer import TransferService, TransferStatistics, stream_resource, stream_result
 
 __all__ = [
     "FastRMCP",
@@ -37,4 +37,5 @@ __all__ = [
     "TransferService",
     "TransferStatistics",
     "stream_result",
+    "stream_resource",
 ]

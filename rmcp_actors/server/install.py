@@ -348,7 +348,7 @@ def _serve_transfers(server: Server[Any], transfers: TransferService) -> None:
     taken = [binding.method for binding in bindings if server.get_request_handler(binding.method) is not None]
     if taken:
         raise RMCPConfigError(
-            f"the server already serves {taken}: install RMCP without transfer", path="transfer"
+            f"the server already serves {taken}: install RMCP with transfer=False", path="transfer"
         )
     for binding in bindings:
         server.add_request_handler(binding.method, binding.params_type, binding.handler)

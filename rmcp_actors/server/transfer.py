@@ -11,7 +11,7 @@ reaches this module:
   else sees the arguments;
 - the methods ``rmcp/transfer/read``, ``rmcp/transfer/open`` and ``rmcp/transfer/write``.
 
-A tool streams its result with :func:`stream_result`.
+A tool streams its result with :func:`stream_result` (text) or :func:`stream_resource` (bytes).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import MethodBinding, RequestHandler
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, RequestParams, TextContent
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, EmbeddedResource, RequestParams, TextContent
 from mcp_types.methods import serialize_server_result
 
 from .._protocol import META_KEY
@@ -70,6 +70,7 @@ __all__ = [
     "TransferService",
     "TransferStatistics",
     "UploadRefusal",
+    "stream_resource",
     "stream_result",
 ]
 
@@ -88,14 +89,14 @@ DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
 _STREAM_KEY = "stream"
 
 # Set by the middleware around the tool of a call that accepts transferred results: the
-# streams its tool handed to stream_result(), by marker id. A dict shared by reference, so a
-# tool run in a worker thread (a copied context) registers into the same one.
+# streams its tool handed to stream_result() or stream_resource(), by marker id. A dict mutated
+# in place: a tool running in a copy of the context (a task the SDK starts) registers into it too.
 _streams: contextvars.ContextVar[dict[str, _Stream] | None] = contextvars.ContextVar(
     "rmcp_transfer_streams", default=None
 )
 
 
-class StoreCall(Protocol):
+class _StoreCall(Protocol):
     """``RMCPServerSide._store_call``: one store call, bounded, failures as RMCPStoreError."""
 
     def __call__(self, operation: str, call: Callable[[], Awaitable[_T]], /) -> Awaitable[_T]: ...
@@ -103,8 +104,19 @@ class StoreCall(Protocol):
 
 @attrs.frozen
 class _Stream:
+    """A streamed result item: its bytes, and the item they complete (``shape`` lacking its
+    ``field``)."""
+
     chunks: AsyncIterable[bytes | str]
-    mime_type: str | None
+    shape: dict[str, Any]
+    field: str
+    encoding: Encoding
+    media_type: str
+
+    def item(self, payload: bytes) -> dict[str, Any]:
+        """The inline item holding ``payload``."""
+        value = payload.decode() if self.encoding == "utf-8" else base64.b64encode(payload).decode()
+        return _with_field(self.shape, self.field, value)
 
 
 @attrs.frozen(kw_only=True)
@@ -180,20 +192,56 @@ async def stream_result(chunks: AsyncIterable[bytes | str], *, mime_type: str | 
 
     Args:
         chunks: The result's bytes (UTF-8; a chunk boundary may split a character) or text.
-        mime_type: The result's MIME type (``text/plain`` when not given).
+        mime_type: The handle's ``media_type`` (``text/plain`` when not given).
     """
+    stream = _Stream(
+        chunks=chunks,
+        shape={"type": "text"},
+        field="text",
+        encoding="utf-8",
+        media_type=mime_type or "text/plain",
+    )
+    return TextContent.model_validate(await _streamed_or_read(stream))
+
+
+async def stream_resource(
+    chunks: AsyncIterable[bytes], *, uri: str, mime_type: str = "application/octet-stream"
+) -> EmbeddedResource:
+    """Return a tool's binary result from ``chunks`` without building it in memory, as an
+    embedded blob resource: :func:`stream_result` for bytes that are not text (a file, an
+    archive).
+
+    For a client that accepts transferred results the bytes go to the blob store chunk by
+    chunk, and the client rebuilds the resource with its ``blob``; any other call reads them
+    here and gets the resource inline (base64, as MCP carries blobs).
+
+    Args:
+        chunks: The resource's bytes.
+        uri: The resource's URI.
+        mime_type: The resource's MIME type.
+    """
+    stream = _Stream(
+        chunks=chunks,
+        shape={"type": "resource", "resource": {"uri": uri, "mimeType": mime_type}},
+        field="resource.blob",
+        encoding="base64",
+        media_type=mime_type,
+    )
+    return EmbeddedResource.model_validate(await _streamed_or_read(stream))
+
+
+async def _streamed_or_read(stream: _Stream) -> dict[str, Any]:
+    """The placeholder item of a stream the middleware will read, or (no middleware reading
+    streams for this call) the item with all of its bytes."""
     streams = _streams.get()
     if streams is None:
-        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in chunks]
-        item: dict[str, Any] = {"type": "text", "text": b"".join(parts).decode()}
-        if mime_type is not None:
-            item["_meta"] = {META_KEY: {"mime_type": mime_type}}
-        return TextContent.model_validate(item)
+        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in stream.chunks]
+        return stream.item(b"".join(parts))
     marker = uuid.uuid4().hex
-    streams[marker] = _Stream(chunks=chunks, mime_type=mime_type)
-    return TextContent.model_validate(
-        {"type": "text", "text": "", "_meta": {META_KEY: {_STREAM_KEY: marker}}}
-    )
+    streams[marker] = stream
+    placeholder = stream.item(b"")
+    placeholder["_meta"] = {META_KEY: {_STREAM_KEY: marker}}
+    return placeholder
 
 
 def _stream_marker(item: Mapping[str, Any]) -> str | None:
@@ -231,6 +279,13 @@ def _without_field(item: Mapping[str, Any], field: str) -> dict[str, Any]:
         del resource[field.removeprefix("resource.")]
         return {**item, "resource": resource}
     return {key: value for key, value in item.items() if key != field}
+
+
+def _with_field(shape: Mapping[str, Any], field: str, value: str) -> dict[str, Any]:
+    if field.startswith("resource."):
+        resource = {**cast(Mapping[str, Any], shape["resource"]), field.removeprefix("resource."): value}
+        return {**shape, "resource": resource}
+    return {**shape, field: value}
 
 
 def _media_type(item: Mapping[str, Any], field: str) -> str | None:
@@ -319,7 +374,7 @@ class TransferService:
     """
 
     store: BlobStore
-    store_call: StoreCall
+    store_call: _StoreCall
     min_threshold: int = DEFAULT_MIN_THRESHOLD
     max_chunk_size: int = DEFAULT_SERVER_MAX_CHUNK_SIZE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
@@ -471,18 +526,15 @@ class TransferService:
                     data, head = bytes(head), bytearray()
                 await writer.add(data)
             if writer is None:
-                inline: dict[str, Any] = {"type": "text", "text": head.decode()}
-                if stream.mime_type is not None:
-                    inline["_meta"] = {META_KEY: {"mime_type": stream.mime_type}}
-                return inline
-            handle = await writer.finish(encoding="utf-8", media_type=stream.mime_type or "text/plain")
+                return stream.item(bytes(head))
+            handle = await writer.finish(encoding=stream.encoding, media_type=stream.media_type)
         except BaseException:
             if writer is not None:
                 with anyio.CancelScope(shield=True):
                     await self._forget(writer.transfer_id)
             raise
         self._results += 1
-        return _link(target.tool, index, handle, {"type": "text"}, "text")
+        return _link(target.tool, index, handle, stream.shape, stream.field)
 
     async def _open_result(self, transfer_id: str, target: _Target) -> None:
         # Its layout is known once the payload is written: sealed then (seal_transfer).
@@ -530,41 +582,42 @@ class TransferService:
             self._uploads_substituted += 1
         return result
 
-    async def _uploaded(self, handle: TransferHandle, scope: str) -> bytes | None:
+    async def _uploaded(self, handle: TransferHandle, scope: str) -> bytearray | None:
         """The payload of a complete upload matching ``handle``, or None."""
         stored_id = _upload_store_id(handle.id, scope)
         held = await self.store_call("get_transfer", lambda: self.store.get_transfer(stored_id, scope=scope))
         if held is None or not _same_layout(held, handle):
             return None
-        payload = bytearray()
+        # One buffer of the final size, decoded in place: the payload is held once, then as str.
+        payload = bytearray(held.size)
         for index in range(held.chunk_count):
             chunk = await self.store_call(
                 "read_chunk", lambda index=index: self.store.read_chunk(stored_id, index, scope=scope)
             )
-            if chunk is None:
+            if chunk is None or len(chunk) != held.chunk_length(index):
                 return None
-            payload += chunk
-        return bytes(payload) if sha256_hex(payload) == handle.sha256 else None
+            start = index * held.chunk_size
+            payload[start : start + len(chunk)] = chunk
+        return payload if sha256_hex(payload) == handle.sha256 else None
 
     # -- the methods -----------------------------------------------------------------------
 
     async def read(self, ctx: ServerRequestContext[Any, Any], params: _ReadRequest) -> HandlerResult:
         """``rmcp/transfer/read``: one chunk of a result transfer of the caller's scope."""
         scope = principal_scope_of(ctx)
-        handle = await self._method_store_call(
-            "get_transfer", lambda: self.store.get_transfer(params.id, scope=scope)
-        )
-        if handle is None:
-            raise _not_found(params.id)
-        if not 0 <= params.index < handle.chunk_count:
-            raise MCPError(
-                INVALID_PARAMS,
-                f"transfer {params.id!r} has chunks 0 to {handle.chunk_count - 1}, not {params.index}",
-            )
         data = await self._method_store_call(
             "read_chunk", lambda: self.store.read_chunk(params.id, params.index, scope=scope)
         )
         if data is None:
+            # Only now the handle: one store call per chunk served, two per refusal.
+            handle = await self._method_store_call(
+                "get_transfer", lambda: self.store.get_transfer(params.id, scope=scope)
+            )
+            if handle is not None and not 0 <= params.index < handle.chunk_count:
+                raise MCPError(
+                    INVALID_PARAMS,
+                    f"transfer {params.id!r} has chunks 0 to {handle.chunk_count - 1}, not {params.index}",
+                )
             raise _not_found(params.id)
         self._chunks_read += 1
         chunk = ChunkData(id=params.id, index=params.index, data=encode_chunk(data), sha256=sha256_hex(data))
