@@ -227,6 +227,8 @@ class _Link:
     connection: Connection
     deadline: float
     record: Recorder
+    # Sessions seen lost: the parallel requests that lose one session count one reconnect.
+    lost: set[int] = attrs.Factory(set[int])
 
     async def send(self, method: str, params: dict[str, Any], counts: _Counts, kind: str) -> dict[str, Any]:
         """The answer's fields; a lost answer is asked for again (``kind`` says which count
@@ -241,7 +243,7 @@ class _Link:
         """
         request = _TransferRequest(method=method, params=_Params(**params))
         repeated = False
-        internal_errors = 0
+        internal_errors = lost_answers = 0
         while True:
             connection = self.connection
             session = connection.current_session() or await connection.wait_session()
@@ -282,8 +284,18 @@ class _Link:
                     raise _Refused(verdict.reason if verdict is not None else str(error)) from error
                 if verdict.session_lost or session.broken.is_set():
                     connection.report_broken(session)
-                    counts.reconnects += 1
-                    self.record(RequestState.TRANSFER, f"connection lost ({verdict.reason}): resuming")
+                    if session.generation not in self.lost:
+                        self.lost.add(session.generation)
+                        counts.reconnects += 1
+                        self.record(RequestState.TRANSFER, f"connection lost ({verdict.reason}): resuming")
+                else:
+                    # An answer lost on a session still up (an HTTP stream cut): ask again, a few
+                    # times; the next session, when this one breaks, is waited for above.
+                    lost_answers += 1
+                    if lost_answers >= _MAX_TRIES_PER_CHUNK:
+                        raise _Refused(
+                            f"the answer was lost {lost_answers} times ({verdict.reason})"
+                        ) from error
             except ValidationError as error:
                 raise _Refused(f"the answer is not a transfer answer: {error}") from error
             finally:
@@ -538,7 +550,10 @@ async def fetch_results(
     try:
         with anyio.move_on_at(deadline) as scope:
             if path is not None:
-                opened = await anyio.to_thread.run_sync(_open_for_writing, path)
+                try:
+                    opened = await anyio.to_thread.run_sync(_open_for_writing, path)
+                except OSError as error:
+                    raise _SinkFailed(f"{type(error).__name__}: {error}") from error
             for index, item in wanted:
                 handle = item.handle
                 where = f"content[{index}]"
