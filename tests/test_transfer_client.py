@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import mcp
 import pytest
 import trio
 import trio.lowlevel
@@ -421,6 +422,14 @@ async def test_a_plain_server_gets_plain_calls_and_answers_inline() -> None:
     assert result.text == payload(MIB)
     assert sent.text == str(MIB)
     assert result.transfers == sent.transfers == ()
+
+
+async def test_a_plain_client_of_the_transfer_server_gets_inline_content() -> None:
+    async with mcp.Client(build_transfer_server()) as client:
+        result = await client.call_tool("text", {"size": MIB})
+    (block,) = result.content
+    assert block.type == "text"
+    assert block.text == payload(MIB)
 
 
 # --- arguments -----------------------------------------------------------------------------------
