@@ -11,7 +11,7 @@ import io
 import json
 import sys
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,20 @@ async def test_a_result_streams_to_a_file_object_and_to_an_async_callable_in_ord
     assert b"".join(pieces) == payload(3 * MIB).encode()
     assert len(pieces) == 48
     assert buffer.getvalue() == payload(3 * MIB).encode()
+
+
+async def test_map_gives_each_call_its_own_sink(tmp_path: Path) -> None:
+    items = [{"size": 100 * KIB, "seed": seed} for seed in range(3)]
+
+    def sink(item: Mapping[str, Any] | None) -> Path:
+        assert item is not None
+        return tmp_path / f"{item['seed']}.txt"
+
+    async with supervisor("memory") as sup, sup.map("t", "text", items, result_sink=sink) as results:
+        outcomes = [outcome async for _, outcome in results]
+    assert all(isinstance(outcome, rmcp_actors.CallResult) for outcome in outcomes)
+    for seed in range(3):
+        assert (tmp_path / f"{seed}.txt").read_text() == payload(100 * KIB, seed)
 
 
 async def test_a_memory_channel_turns_the_sink_into_an_async_iterator() -> None:
