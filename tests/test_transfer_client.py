@@ -505,6 +505,19 @@ async def test_an_upload_cut_by_a_killed_server_resumes_with_what_the_store_hold
     assert moved.bytes_moved == 2 * MIB  # the write in flight when it died was never answered
 
 
+async def test_a_server_replaced_mid_upload_by_a_plain_one_gets_the_arguments_whole(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "died"
+    args = ("--die-at-write", "5", "--marker", str(marker), "--plain-after-restart")
+    text = payload(MIB, 12)
+    async with supervisor("stdio", program="transfer_faults.py", args=args) as sup:
+        result = await sup.call("t", "digest", {"text": text, "label": "whole"})
+    assert marker.exists()
+    assert result.structured_content == {"length": MIB, "sha256": sha(text), "label": "whole"}
+    assert result.transfers == ()  # the call that ran sent its arguments inline
+
+
 async def test_a_chunk_refused_as_corrupt_is_sent_again_and_counted() -> None:
     app = build_transfer_server()
     injected = inject(app, corrupt_writes={0: 1, 5: 2})

@@ -13,6 +13,7 @@ first written).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -87,13 +88,30 @@ def inject(
     return injected
 
 
+def plain_server() -> MCPServer:
+    """What replaces the transfer server after a restart with ``--plain-after-restart``: a
+    plain MCP server with the same ``digest`` tool."""
+    plain = MCPServer("plain")
+
+    @plain.tool()
+    def digest(text: str, label: str = "") -> dict[str, Any]:
+        """The length and SHA-256 of ``text``."""
+        return {"length": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(), "label": label}
+
+    return plain
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sqlite")
     parser.add_argument("--die-at", type=int)
     parser.add_argument("--die-at-write", type=int)
     parser.add_argument("--marker")
+    parser.add_argument("--plain-after-restart", action="store_true")
     options = parser.parse_args()
+    if options.plain_after_restart and options.marker and Path(options.marker).exists():
+        plain_server().run()
+        return
     store = None
     if options.sqlite:
         from rmcp_actors.stores import SQLiteStore

@@ -247,6 +247,8 @@ class _Link:
         while True:
             connection = self.connection
             session = connection.current_session() or await connection.wait_session()
+            if not transfers_on(session.rmcp):
+                raise _Refused("the server (reconnected) no longer advertises 'transfer'")
             client = session.client
             assert client is not None  # usable
             if repeated:
