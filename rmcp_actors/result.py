@@ -26,7 +26,8 @@ class TransferStatistics:
         size: The payload's bytes.
         sha256: The payload's SHA-256 (hex), verified.
         chunks: How many chunks the payload has.
-        bytes_moved: Payload bytes that crossed the wire, repeats included.
+        bytes_moved: Payload bytes of the chunk requests the server answered, repeats
+            included (a request lost with the connection is not counted).
         refetched: Chunks read again: corrupt on arrival, or lost with the connection.
         resent: Chunks written again: refused as corrupt by the server (-32031), or found
             missing when the call came (NACK ``transfer_incomplete``).

@@ -18,6 +18,7 @@ from ..errors import (
     RMCPError,
     RMCPIdempotencyConflictError,
     RMCPResultValidationError,
+    RMCPTransferError,
     UnknownServerError,
     UnknownToolError,
 )
@@ -54,11 +55,15 @@ def error_exit_code(error: RMCPError) -> ExitCode:
 
     3 for what the command itself got wrong (server, tool, arguments, a reused key); 1 for a
     result that broke the tool's output schema (the tool ran: like a tool error, calling again
-    would run it again); 2 when the tool may have run; 4 when nothing ran.
+    would run it again) or whose payload could not be fetched in chunks; 2 when the tool may
+    have run; 4 when nothing ran.
     """
     if isinstance(error, _USAGE_ERRORS):
         return ExitCode.USAGE
-    if isinstance(error, RMCPResultValidationError):
+    if isinstance(error, RMCPResultValidationError) or (
+        isinstance(error, RMCPTransferError) and error.result is not None
+    ):
+        # A payload that could not be fetched: the tool ran, its answer is not usable as is.
         return ExitCode.TOOL_ERROR
     return ExitCode.OUTCOME_UNKNOWN if error.may_have_executed else ExitCode.REFUSED
 

@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Generator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
-from ..errors import RMCPError
+from ..client.transfers import TransferProgressCallback
+from ..errors import RMCPError, RMCPTransferError
 from ..result import CallResult
 from ._app import AsJson, ExitCode, app, fail, load_config, print_json, stderr, stdout
 from ._connect import connect, require_server, run
@@ -45,10 +58,48 @@ def parse_arguments(text: str, *, as_json: bool = False) -> dict[str, Any]:
     return cast("dict[str, Any]", value)
 
 
-def _report_result(result: CallResult) -> None:
+@contextmanager
+def _transfer_bar() -> Generator[TransferProgressCallback | None]:
+    """A progress bar on stderr for payloads moving in chunks, shown only on a terminal (and
+    only once a chunk moved: a call without transfers shows nothing)."""
+    console = stderr()
+    if not console.is_terminal:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task: TaskID | None = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = progress.add_task("transfer", total=total)
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def _report_result(result: CallResult, output: Path | None = None) -> None:
     console = stdout()
-    for block in result.content:
+    streamed = {moved.where for moved in result.transfers if moved.sink is not None}
+    for index, block in enumerate(result.content):
+        if f"content[{index}]" in streamed:
+            continue  # its payload is in --output, reported below
         console.print(show_content(block), markup=False, highlight=False)
+    for moved in result.transfers:
+        if moved.sink is not None:
+            stderr().print(
+                f"{moved.where}: {moved.size} bytes written to {escape(str(output))} (sha256 {moved.sha256})",
+                highlight=False,
+            )
     # A tool with structured content usually also returns it as text (MCPServer does): show
     # it as JSON only when there is no text, and --json always carries it.
     if result.structured_content is not None and not result.text:
@@ -69,7 +120,13 @@ def _report_result(result: CallResult) -> None:
 def _report_error(error: RMCPError, code: ExitCode) -> None:
     err = stderr()
     err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
-    if code is ExitCode.OUTCOME_UNKNOWN:
+    if isinstance(error, RMCPTransferError) and error.result is not None:
+        err.print(
+            "The tool ran; only its payload is missing. Fetch it without running the tool again: "
+            f"--idempotency-key {escape(error.idempotency_key or '')}",
+            highlight=False,
+        )
+    elif code is ExitCode.OUTCOME_UNKNOWN:
         err.print(
             "The tool may have run. Check its effect before calling again; against an RMCP "
             "server, calling again with the same key replays the first run instead of running "
@@ -106,6 +163,17 @@ def call(
             show_default=False,
         ),
     ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the payloads of large result items (moved in chunks by a server advertising "
+            "'transfer') to FILE instead of holding them in memory and printing them.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Call a tool reliably and print its result; the exit code says what happened.
@@ -116,6 +184,8 @@ def call(
     Example: [bold]rmcp call time get_current_time --args '{"timezone": "UTC"}'[/]
 
     Example: [bold]rmcp call orders create_order -a '{"item": "book"}' -k order-42 --json[/]
+
+    Example: [bold]rmcp call files export -a '{"table": "logs"}' -o logs.csv[/]
     """
     config = load_config(ctx, as_json=as_json)
     require_server(config, server, as_json=as_json)
@@ -126,12 +196,19 @@ def call(
             error = connected.failures.get(server)
             if error is not None:
                 return error
-            try:
-                return await connected.supervisor.call(
-                    server, tool, arguments, idempotency_key=idempotency_key, timeout=timeout
-                )
-            except RMCPError as error:
-                return error
+            with _transfer_bar() as on_transfer_progress:
+                try:
+                    return await connected.supervisor.call(
+                        server,
+                        tool,
+                        arguments,
+                        idempotency_key=idempotency_key,
+                        timeout=timeout,
+                        result_sink=output,
+                        on_transfer_progress=on_transfer_progress,
+                    )
+                except RMCPError as error:
+                    return error
 
     outcome = run(perform, interrupted=lambda: "(the tool may have run if the request was already sent)")
     if isinstance(outcome, CallResult):
@@ -139,7 +216,7 @@ def call(
         if as_json:
             print_json(call_record(outcome))
         else:
-            _report_result(outcome)
+            _report_result(outcome, output)
     else:
         code = error_exit_code(outcome)
         if as_json:

@@ -44,6 +44,7 @@ from ..errors import (
     RMCPServerError,
     RMCPTimeoutAfterSendError,
     RMCPTimeoutError,
+    RMCPTransferError,
     UnknownToolError,
 )
 from ..flow._feedback import RateLimitSignal, compile_patterns, from_error, from_nack, from_result
@@ -568,9 +569,19 @@ async def _upload(
     plan = transfer.uploads
     if plan is None:
         return None
-    await upload_arguments(
-        connection, plan, policy.transfer, deadline, transfer, _transfer_recorder(progress)
-    )
+    try:
+        await upload_arguments(
+            connection, plan, policy.transfer, deadline, transfer, _transfer_recorder(progress)
+        )
+    except RMCPTransferError:
+        now = connection.current_session()
+        if now is not None and not transfers_on(now.rmcp):
+            # Replaced by a server without "transfer" meanwhile: the next attempt sends the
+            # arguments whole (nothing ran).
+            raise _Failed(
+                Verdict(Attempt.NOT_SENT, False, "the server no longer advertises 'transfer'")
+            ) from None
+        raise
     if not session.usable:
         # The chunks went over a new session; the call goes on the next attempt, which opens
         # the upload again and finds them there.
@@ -579,7 +590,8 @@ async def _upload(
 
 
 def _drop_uploads(transfer: CallTransfer, request: CallRequest) -> None:
-    """The server no longer advertises "transfer" (it was replaced): send the arguments whole."""
+    """The server no longer advertises "transfer" (it was replaced): send the arguments whole,
+    never the ``""`` left at the uploads' places."""
     plan = transfer.uploads
     if plan is not None:
         request.arguments = plan.original
@@ -970,6 +982,8 @@ async def _send(
                 uploads=uploads,
             )
         )
+    elif request.transfer is not None:
+        _drop_uploads(request.transfer, request)  # the server was replaced by a plain one
     ack_timeout_s = _ack_timeout(policy, rmcp) if rmcp is not None and _acks_arrive(connection) else None
     # From here the request may reach the server: a deadline says "may have run". The
     # lifecycle's SENT step waits for the transport to take the request (see _sent).

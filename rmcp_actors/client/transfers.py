@@ -127,7 +127,8 @@ class CallTransfer:
         uploads: The call's upload plan, once its arguments were scanned (``None`` before, or
             when none is large enough).
         scanned: The arguments were scanned (a ``None`` plan then means "nothing to upload").
-        statistics: The uploads' statistics of the latest attempt.
+        statistics: The uploads' statistics, as of the latest attempt.
+        counts: Each upload's counts (by id), kept over the call's attempts.
     """
 
     sink: ResultSink | None = None
@@ -135,6 +136,7 @@ class CallTransfer:
     uploads: UploadPlan | None = None
     scanned: bool = False
     statistics: list[TransferStatistics] = attrs.Factory(list[TransferStatistics])
+    counts: dict[str, _Counts] = attrs.Factory(dict[str, "_Counts"])
 
 
 def check_sink(sink: object, server: str, tool: str) -> None:
@@ -212,6 +214,8 @@ class _Counts:
     resent: int = 0
     already_held: int = 0
     reconnects: int = 0
+    # The chunks of an upload written so far, over every attempt: writing one again is a resend.
+    sent: set[int] = attrs.Factory(set[int])
 
 
 @attrs.define(eq=False)
@@ -223,6 +227,8 @@ class _Link:
     connection: Connection
     deadline: float
     record: Recorder
+    # Sessions seen lost: the parallel requests that lose one session count one reconnect.
+    lost: set[int] = attrs.Factory(set[int])
 
     async def send(self, method: str, params: dict[str, Any], counts: _Counts, kind: str) -> dict[str, Any]:
         """The answer's fields; a lost answer is asked for again (``kind`` says which count
@@ -237,10 +243,12 @@ class _Link:
         """
         request = _TransferRequest(method=method, params=_Params(**params))
         repeated = False
-        internal_errors = 0
+        internal_errors = lost_answers = 0
         while True:
             connection = self.connection
             session = connection.current_session() or await connection.wait_session()
+            if not transfers_on(session.rmcp):
+                raise _Refused("the server (reconnected) no longer advertises 'transfer'")
             client = session.client
             assert client is not None  # usable
             if repeated:
@@ -278,8 +286,18 @@ class _Link:
                     raise _Refused(verdict.reason if verdict is not None else str(error)) from error
                 if verdict.session_lost or session.broken.is_set():
                     connection.report_broken(session)
-                    counts.reconnects += 1
-                    self.record(RequestState.TRANSFER, f"connection lost ({verdict.reason}): resuming")
+                    if session.generation not in self.lost:
+                        self.lost.add(session.generation)
+                        counts.reconnects += 1
+                        self.record(RequestState.TRANSFER, f"connection lost ({verdict.reason}): resuming")
+                else:
+                    # An answer lost on a session still up (an HTTP stream cut): ask again, a few
+                    # times; the next session, when this one breaks, is waited for above.
+                    lost_answers += 1
+                    if lost_answers >= _MAX_TRIES_PER_CHUNK:
+                        raise _Refused(
+                            f"the answer was lost {lost_answers} times ({verdict.reason})"
+                        ) from error
             except ValidationError as error:
                 raise _Refused(f"the answer is not a transfer answer: {error}") from error
             finally:
@@ -534,7 +552,10 @@ async def fetch_results(
     try:
         with anyio.move_on_at(deadline) as scope:
             if path is not None:
-                opened = await anyio.to_thread.run_sync(_open_for_writing, path)
+                try:
+                    opened = await anyio.to_thread.run_sync(_open_for_writing, path)
+                except OSError as error:
+                    raise _SinkFailed(f"{type(error).__name__}: {error}") from error
             for index, item in wanted:
                 handle = item.handle
                 where = f"content[{index}]"
@@ -726,10 +747,11 @@ async def upload_arguments(
     transfer.statistics = []
     for item in plan.items:
         handle = item.handle
-        counts = _Counts()
+        first_attempt = handle.id not in transfer.counts
+        counts = transfer.counts.setdefault(handle.id, _Counts())
         started = anyio.current_time()
         try:
-            await _upload(link, item, policy.parallel, pacer, counts, meter, record)
+            await _upload(link, item, policy.parallel, pacer, counts, meter, record, first_attempt)
         except (_Gone, _Refused, MCPError) as error:
             record(RequestState.TRANSFER, f"{item.where} not uploaded: {error}")
             raise RMCPTransferError(
@@ -762,6 +784,7 @@ async def _upload(
     counts: _Counts,
     meter: _Meter,
     record: Recorder,
+    first_attempt: bool,
 ) -> None:
     handle = item.handle
     view = memoryview(item.payload)
@@ -774,11 +797,10 @@ async def _upload(
         except msgspec.ValidationError as error:
             raise _Refused(f"the answer to {METHOD_OPEN} is not an OpenResult: {error}") from error
         if first:
-            counts.already_held = len(held)
+            if first_attempt:
+                counts.already_held = len(held)
             meter.advance(sum(handle.chunk_length(index) for index in held if index < handle.chunk_count))
         missing = [index for index in range(handle.chunk_count) if index not in held]
-        if not first:
-            counts.resent += len(missing)
         record(
             RequestState.TRANSFER,
             f"uploading {item.where}: {len(missing)} of {handle.chunk_count} chunk(s) to send",
@@ -806,15 +828,19 @@ async def _write_chunk(
     start = index * handle.chunk_size
     piece = view[start : start + handle.chunk_length(index)]
     params = {"id": handle.id, "index": index, "data": encode_chunk(piece), "sha256": handle.chunks[index]}
+    if index in counts.sent:
+        counts.resent += 1  # written before, and the server lacks it: lost on its side
+    counts.sent.add(index)
     for _ in range(_MAX_TRIES_PER_CHUNK):
         await pacer.take(len(piece))
-        counts.bytes_moved += len(piece)
         try:
             await link.send(METHOD_WRITE, params, counts, "write")
         except MCPError as error:
             if error.code != CHUNK_INVALID_CODE:
                 raise
+            counts.bytes_moved += len(piece)
             counts.resent += 1  # corrupt on the way: send it again
             continue
+        counts.bytes_moved += len(piece)
         return
     raise _Refused(f"chunk {index} was refused as corrupt {_MAX_TRIES_PER_CHUNK} times in a row")

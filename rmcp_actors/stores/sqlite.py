@@ -131,6 +131,9 @@ _SCHEMA = (
     )""",
 )
 
+#: ``PRAGMA secure_delete`` reads 0, 1 or 2 and is set by name (a plain ``2`` would mean ON).
+_SECURE_DELETE = {0: "OFF", 1: "ON", 2: "FAST"}
+
 _HANDLE_ENCODER = msgspec.msgpack.Encoder()
 _HANDLE_DECODER = msgspec.msgpack.Decoder(TransferHandle)
 
@@ -1033,7 +1036,15 @@ def _purge_transfers(connection: sqlite3.Connection, now: float) -> int:
 
 
 def _delete_transfer(connection: sqlite3.Connection, transfer_id: str) -> None:
-    connection.execute("DELETE FROM chunks WHERE transfer_id = ?", (transfer_id,))
+    # secure_delete FAST for chunks: the b-tree cells are still zeroed, but not a megabyte of
+    # overflow pages per chunk (SQLite builds that turn secure_delete on, such as Debian's,
+    # would write the whole payload again as zeros: 0.45 s for 50 MiB, against 0.02 s).
+    (previous,) = connection.execute("PRAGMA secure_delete").fetchone()
+    connection.execute("PRAGMA secure_delete = FAST")
+    try:
+        connection.execute("DELETE FROM chunks WHERE transfer_id = ?", (transfer_id,))
+    finally:
+        connection.execute(f"PRAGMA secure_delete = {_SECURE_DELETE[previous]}")
     connection.execute("DELETE FROM transfers WHERE id = ?", (transfer_id,))
 
 
