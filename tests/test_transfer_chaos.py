@@ -127,7 +127,7 @@ async def test_corrupt_argument_chunks_are_refused_and_sent_again_each_counted(
 DROPS = FaultPlan(seed=2, corrupt_chunk=0.15, drop_response=0.05, methods=CHUNK_METHODS)
 
 
-async def test_lost_write_answers_end_the_connection_and_the_upload_resumes() -> None:
+async def test_lost_write_answers_end_the_connection_and_each_is_sent_again_counted() -> None:
     text = transfer_server.payload(3 * MIB + 123)
     injector = FaultInjector(DROPS)
     async with serving("memory", Path(), overrides(parallel=1)) as spec, RMCPSupervisor.open() as sup:
@@ -136,20 +136,7 @@ async def test_lost_write_answers_end_the_connection_and_the_upload_resumes() ->
     assert result.text == sha256(text)
     assert injector.counts["drop_response"] > 0
     assert injector.connections == 1 + injector.counts["drop_response"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="client: a connection lost during an upload starts a new attempt, whose upload "
-    "statistics (resent, reconnects) start from zero: the first attempt's repeats are not on "
-    "CallResult.transfers",
-)
-async def test_lost_write_answers_are_counted_on_the_result() -> None:
-    text = transfer_server.payload(3 * MIB + 123)
-    injector = FaultInjector(DROPS)
-    async with serving("memory", Path(), overrides(parallel=1)) as spec, RMCPSupervisor.open() as sup:
-        await sup.add_server(injector.spec(spec))
-        result = await sup.call("files", "digest", {"text": text})
+    # Counted over the whole call, though a lost connection starts a new attempt.
     (transfer,) = result.transfers
     assert transfer.resent == injector.counts["corrupt_chunk"] + injector.counts["drop_response"]
     assert transfer.reconnects == injector.counts["drop_response"]
@@ -223,4 +210,5 @@ async def test_a_server_killed_mid_upload_resumes_and_gets_the_argument_whole(tm
     # only the one being written when it died was.
     assert served_twice(tmp_path / "chunks.log", "write") < 2
     (transfer,) = result.transfers
-    assert transfer.already_held + transfer.resent >= 25
+    assert transfer.reconnects >= 1
+    assert transfer.resent < 2
