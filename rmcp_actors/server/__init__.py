@@ -16,6 +16,7 @@ from .install import FastRMCP, install, reconciler_for, rmcp_of
 from .middleware import RMCPServerSide, ServerStatistics, store_key
 from .reconcile import InDoubtRun, Reconciler, Reconciliation
 from .tasks import TaskEngine, TasksExtension
+from .transfer import TransferService, TransferStatistics, stream_resource, stream_result
 
 __all__ = [
     "FastRMCP",
@@ -33,4 +34,8 @@ __all__ = [
     "serve_stdio",
     "stdio_server",
     "store_key",
+    "TransferService",
+    "TransferStatistics",
+    "stream_result",
+    "stream_resource",
 ]

@@ -25,6 +25,12 @@ from .middleware import (
 )
 from .reconcile import Reconciler
 from .tasks import TasksExtension, TaskSupport, version_gated
+from .transfer import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MIN_THRESHOLD,
+    DEFAULT_SERVER_MAX_CHUNK_SIZE,
+    TransferService,
+)
 
 __all__ = ["FastRMCP", "install", "reconciler_for", "rmcp_of"]
 
@@ -56,6 +62,10 @@ def install(
     task_support: Mapping[str, TaskSupport] | None = None,
     task_ttl_s: float = 3600.0,
     task_poll_interval_s: float = 1.0,
+    transfer: bool = True,
+    transfer_min_threshold: int = DEFAULT_MIN_THRESHOLD,
+    transfer_max_chunk_size: int = DEFAULT_SERVER_MAX_CHUNK_SIZE,
+    transfer_max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
 ) -> ServerT:
     """Install the RMCP server side on ``server`` (an ``MCPServer`` or a low-level ``Server``)
     and return it.
@@ -92,11 +102,22 @@ def install(
         task_ttl_s: Lifetime of a task whose client asked for none.
         task_poll_interval_s: The least poll interval advised to clients (the rate limiter
             may advise more).
+        transfer: Serve chunked transfers of large results and arguments (feature
+            ``"transfer"``, ``docs/protocol.md`` section 9) when ``store`` is a
+            :class:`~rmcp_actors.stores.BlobStore` (``MemoryStore``, ``SQLiteStore``): a client
+            that asks gets a result item larger than its threshold as a handle to read in
+            chunks, and may upload large arguments first. Calls that do not ask are unchanged.
+        transfer_min_threshold: Result items up to this many bytes stay inline whatever
+            threshold a client asks for.
+        transfer_max_chunk_size: The largest chunk this server cuts or accepts (a client asking
+            for larger chunks gets chunks of this size).
+        transfer_max_upload_bytes: The largest argument this server accepts as an upload.
 
     Raises:
         RMCPConfigError: RMCP is already installed on ``server``, an option is out of range,
             or ``tasks`` with a store that cannot keep tasks, or with a server that already
-            serves ``tasks/*`` methods.
+            serves ``tasks/*`` methods, or ``transfer`` on a server that already serves
+            ``rmcp/transfer/*`` methods.
     """
     if rmcp_of(server) is not None:
         raise RMCPConfigError("RMCP is already installed on this server; install it once")
@@ -117,10 +138,16 @@ def install(
         task_support=dict(task_support or {}),
         task_ttl_s=task_ttl_s,
         task_poll_interval_s=task_poll_interval_s,
+        transfer=transfer,
+        transfer_min_threshold=transfer_min_threshold,
+        transfer_max_chunk_size=transfer_max_chunk_size,
+        transfer_max_upload_bytes=transfer_max_upload_bytes,
     )
     lowlevel = _lowlevel(server)
     if side.tasks is not None:
         _serve_tasks(lowlevel, TasksExtension(side.tasks))
+    if side.transfers is not None:
+        _serve_transfers(lowlevel, side.transfers)
     server.middleware.append(side)
     lowlevel.lifespan = _with_rmcp_lifespan(side, lowlevel.lifespan)
     return server
@@ -181,6 +208,10 @@ class FastRMCP(MCPServer[Any]):
         task_support: Mapping[str, TaskSupport] | None = None,
         task_ttl_s: float = 3600.0,
         task_poll_interval_s: float = 1.0,
+        transfer: bool = True,
+        transfer_min_threshold: int = DEFAULT_MIN_THRESHOLD,
+        transfer_max_chunk_size: int = DEFAULT_SERVER_MAX_CHUNK_SIZE,
+        transfer_max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         **mcpserver_kwargs: Any,
     ) -> None:
         super().__init__(name, **mcpserver_kwargs)
@@ -200,6 +231,10 @@ class FastRMCP(MCPServer[Any]):
             task_support=task_support,
             task_ttl_s=task_ttl_s,
             task_poll_interval_s=task_poll_interval_s,
+            transfer=transfer,
+            transfer_min_threshold=transfer_min_threshold,
+            transfer_max_chunk_size=transfer_max_chunk_size,
+            transfer_max_upload_bytes=transfer_max_upload_bytes,
         )
 
     def tool(
@@ -306,6 +341,17 @@ def _serve_tasks(server: Server[Any], extension: TasksExtension) -> None:
     for binding in bindings:
         server.add_request_handler(binding.method, binding.params_type, version_gated(binding))
     server.extensions[extension.identifier] = extension.settings()
+
+
+def _serve_transfers(server: Server[Any], transfers: TransferService) -> None:
+    bindings = transfers.methods()
+    taken = [binding.method for binding in bindings if server.get_request_handler(binding.method) is not None]
+    if taken:
+        raise RMCPConfigError(
+            f"the server already serves {taken}: install RMCP with transfer=False", path="transfer"
+        )
+    for binding in bindings:
+        server.add_request_handler(binding.method, binding.params_type, binding.handler)
 
 
 def _lowlevel(server: Server[Any] | MCPServer[Any]) -> Server[Any]:

@@ -48,10 +48,12 @@ from .._protocol import (
     decode_request_meta,
     fingerprint,
 )
+from .._transfer import FEATURE_TRANSFER, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from ..errors import RMCPConfigError, RMCPStoreError
 from ..stores import (
     AbortingStore,
     BeginOutcome,
+    BlobStore,
     DedupRecord,
     DedupStore,
     MemoryStore,
@@ -69,6 +71,13 @@ from .tasks import (
     requested_ttl_ms,
     task_asked,
     task_mode_refusal,
+)
+from .transfer import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MIN_THRESHOLD,
+    DEFAULT_SERVER_MAX_CHUNK_SIZE,
+    TransferService,
+    UploadRefusal,
 )
 
 __all__ = ["CallCheck", "RMCPServerSide", "ServerStatistics", "store_key"]
@@ -277,6 +286,22 @@ def _validate_positive(name: str) -> Any:
     return check
 
 
+def _validate_at_least(least: int, name: str) -> Any:
+    def check(_instance: object, _attribute: object, value: int) -> None:
+        if not value >= least:
+            raise RMCPConfigError(f"must be at least {least}, got {value!r}", path=name)
+
+    return check
+
+
+def _validate_between(least: int, most: int, name: str) -> Any:
+    def check(_instance: object, _attribute: object, value: int) -> None:
+        if not least <= value <= most:
+            raise RMCPConfigError(f"must be between {least} and {most}, got {value!r}", path=name)
+
+    return check
+
+
 # Counters and state change on every call: no validators on assignment (they run at init).
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class RMCPServerSide:
@@ -329,6 +354,21 @@ class RMCPServerSide:
     )
     tasks: TaskEngine | None = attrs.field(default=None, init=False)
     """The tasks of this server, when ``run_tasks``."""
+    transfer: bool = True
+    """Serve chunked transfers (``docs/protocol.md`` section 9) when the store is a
+    :class:`~rmcp_actors.stores.BlobStore`."""
+    transfer_min_threshold: int = attrs.field(
+        default=DEFAULT_MIN_THRESHOLD, validator=_validate_at_least(0, "transfer_min_threshold")
+    )
+    transfer_max_chunk_size: int = attrs.field(
+        default=DEFAULT_SERVER_MAX_CHUNK_SIZE,
+        validator=_validate_between(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE, "transfer_max_chunk_size"),
+    )
+    transfer_max_upload_bytes: int = attrs.field(
+        default=DEFAULT_MAX_UPLOAD_BYTES, validator=_validate_at_least(0, "transfer_max_upload_bytes")
+    )
+    transfers: TransferService | None = attrs.field(default=None, init=False)
+    """The transfers of this server, when it serves them."""
     _running: dict[str, _Run] = attrs.field(factory=dict[str, _Run], init=False)
     _in_flight: int = attrs.field(default=0, init=False)
     _idle: anyio.Event | None = attrs.field(default=None, init=False)
@@ -369,6 +409,14 @@ class RMCPServerSide:
                 poll_interval_s=self.task_poll_interval_s,
                 support=self.task_support,
             )
+        if self.transfer and isinstance(self.store, BlobStore):
+            self.transfers = TransferService(
+                store=self.store,
+                store_call=self._store_call,
+                min_threshold=self.transfer_min_threshold,
+                max_chunk_size=self.transfer_max_chunk_size,
+                max_upload_bytes=self.transfer_max_upload_bytes,
+            )
         self._settings_wire = msgspec.to_builtins(self.settings)
 
     @property
@@ -383,6 +431,8 @@ class RMCPServerSide:
             ttl_s = self.store.ttl_s
         if self.run_tasks:
             features.append(FEATURE_TASKS)
+        if self.transfers is not None:
+            features.append(FEATURE_TRANSFER)
         return ServerSettings(
             features=features,
             durable=self.store.durable,
@@ -512,6 +562,11 @@ class RMCPServerSide:
         # an admitted call is still claiming its key.
         self._active += 1
         try:
+            if meta.transfer is not None or meta.uploads is not None:
+                prepared = await self._transferring(ctx, call_next, params, meta, results=True)
+                if not isinstance(prepared, tuple):
+                    return prepared
+                ctx, call_next, params = prepared
             client_key = meta.dedup_key
             if client_key is None:
                 outcome = await self._run_unkeyed(ctx, call_next)
@@ -543,6 +598,51 @@ class RMCPServerSide:
                 self._idle.set()
                 self._idle = None
 
+    async def _transferring(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        params: Mapping[str, Any],
+        meta: RequestMeta,
+        *,
+        results: bool,
+    ) -> tuple[ServerRequestContext[Any, Any], CallNext, Mapping[str, Any]] | HandlerResult:
+        """The call with its uploads in place and, with ``results``, its large result items
+        sent as handles; or the NACK refusing it (nothing ran, no key claimed)."""
+        transfers = self.transfers
+        if transfers is None:
+            if meta.uploads is not None:
+                detail = "this server does not serve transfers (no 'transfer' feature) and took no upload"
+                return self._nack(ctx, NackCode.INVALID_META, detail, meta)
+            # A client that accepts handles accepts inline content too.
+            return ctx, call_next, params
+        principal = authenticated_principal(ctx)
+        scope = principal_scope(principal)
+        tool, arguments = _tool_and_arguments(params)
+        if meta.uploads is not None:
+            try:
+                substituted = await transfers.substitute(arguments, meta.uploads, scope)
+            except RMCPStoreError as error:
+                return self._unavailable(ctx, meta, error)
+            if isinstance(substituted, UploadRefusal):
+                code = NackCode.TRANSFER_INCOMPLETE if substituted.incomplete else NackCode.INVALID_META
+                return self._nack(ctx, code, substituted.detail, meta)
+            params = {**params, "arguments": substituted}
+            ctx = replace(ctx, params=params)
+        if results and meta.transfer is not None:
+            problem = transfers.accept_check(meta.transfer)
+            if problem is not None:
+                return self._nack(ctx, NackCode.INVALID_META, problem, meta)
+            client_key = meta.dedup_key
+            call_next = transfers.results_as_handles(
+                call_next,
+                meta.transfer,
+                tool=tool,
+                key=None if client_key is None else store_key(client_key, principal),
+                scope=scope,
+            )
+        return ctx, call_next, params
+
     async def _task_call(
         self,
         ctx: ServerRequestContext[Any, Any],
@@ -567,6 +667,12 @@ class RMCPServerSide:
                 "declaring io.modelcontextprotocol/tasks on the request (2026-07-28)",
                 meta,
             )
+        if meta is not None and meta.uploads is not None:
+            # A task's result is answered inline (tasks/result); its arguments may be uploaded.
+            prepared = await self._transferring(ctx, call_next, params, meta, results=False)
+            if not isinstance(prepared, tuple):
+                return prepared
+            ctx, call_next, params = prepared
         if _sdk_refuses(ctx, params):
             # No task for a malformed call.
             return await call_next(ctx)
