@@ -478,3 +478,29 @@ async def test_sqlite_a_written_chunk_survives_a_killed_process(tmp_path: Path) 
         assert await store.read_chunk("up-1", 3, scope="s") == payload[3 * 4096 : 4 * 4096]
     finally:
         await store.aclose()
+
+
+async def test_sqlite_two_stores_on_one_file_write_the_same_upload(tmp_path: Path) -> None:
+    """Server processes sharing a file: a chunk both write is held once, counted once."""
+    path = tmp_path / "dedup.db"
+    stores = [SQLiteStore(path, max_blob_bytes=len(PAYLOAD)) for _ in range(2)]
+    handle = handle_for("up-1", PAYLOAD, CHUNK)
+
+    async def send(store: SQLiteStore) -> None:
+        await store.open_transfer(handle, key=None, scope="s", sealed=True)
+        for index, chunk in enumerate(chunks_of(PAYLOAD)):
+            await store.write_chunk(handle.id, index, chunk)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                nursery.start_soon(send, store)
+        assert await stores[0].open_transfer(handle, key=None, scope="s", sealed=True) == [0, 1, 2]
+        assert await read_all(stores[1], handle) == PAYLOAD
+        # Counted once: the cap (exactly the payload) has no room for a byte more.
+        await stores[1].open_transfer(handle_for("up-2", b"x", CHUNK), key=None, scope="s", sealed=True)
+        with pytest.raises(RMCPStoreError, match="max_blob_bytes"):
+            await stores[1].write_chunk("up-2", 0, b"x")
+    finally:
+        for store in stores:
+            await store.aclose()
