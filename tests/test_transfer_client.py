@@ -24,7 +24,7 @@ import trio.testing
 from _http import serve_http
 from mcp.server.mcpserver import MCPServer
 from transfer_faults import inject
-from transfer_server import build_transfer_server, payload
+from transfer_server import binary, build_transfer_server, payload
 
 import rmcp_actors
 from rmcp_actors import (
@@ -239,6 +239,23 @@ async def test_base64_and_two_item_results_are_rebuilt_as_sent() -> None:
     assert [b.type for b in two.content] == ["text", "text"]
     assert two.text == "small\n" + payload(200 * KIB, 1)
     assert [moved.where for moved in two.transfers] == ["content[1]"]
+
+
+async def test_embedded_resources_are_rebuilt_and_a_streamed_blob_goes_to_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "archive.zip"
+    async with supervisor("memory") as sup:
+        both = await sup.call("t", "resources", {"size": 300 * KIB})
+        archive = await sup.call("t", "archive", {"size": MIB}, result_sink=target)
+    text, blob = both.content
+    assert text.type == "resource"
+    assert blob.type == "resource"
+    assert getattr(text.resource, "text", None) == payload(300 * KIB, 4)
+    assert base64.b64decode(getattr(blob.resource, "blob", "")) == payload(300 * KIB, 5).encode()
+    assert str(blob.resource.uri) == "file:///report.bin"
+    assert [moved.where for moved in both.transfers] == ["content[0]", "content[1]"]
+    expected = b"".join(binary(min(50_000, MIB - start), start) for start in range(0, MIB, 50_000))
+    assert target.read_bytes() == expected
+    assert archive.transfers[0].sha256 == sha(expected)
 
 
 @pytest.mark.parametrize("parallel", [1, 4])

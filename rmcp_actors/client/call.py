@@ -487,7 +487,9 @@ async def perform_call(
                     raise unknown from error
                 _stamp(error, connection.name, request, progress)
                 raise
-            result = call_result(
+            # One local for the result, ``answered``: each is a slot of every pending call's
+            # frame (docs/design.md, "Memory per pending call").
+            answered = call_result(
                 answer[0],
                 answer[1] is not None and answer[1].duplicate is True,
                 request,
@@ -500,10 +502,9 @@ async def perform_call(
                 tuple(progress.events),
             )
             if request.transfer is None:
-                return result
+                return answered
             # Payloads to read (or upload statistics to report): outside this scope, whose
             # expiry would say "may have run" where the tool is known to have run.
-            answered = result
         # The scope swallows its own deadline (pyright cannot tell from its union of types).
         if answered is None:  # pyright: ignore[reportUnnecessaryComparison]
             # Only the call's own deadline lands here; an enclosing scope's cancellation propagates.
