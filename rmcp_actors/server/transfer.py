@@ -457,24 +457,35 @@ class TransferService:
         if not isinstance(content, list):
             return wire
         items: list[Any] = []
-        for index, item in enumerate(cast(list[Any], content)):
-            if isinstance(item, Mapping):
-                item = cast(Mapping[str, Any], item)
-                marker = _stream_marker(item)
-                stream = None if marker is None else streams.pop(marker, None)
-                if stream is None:
-                    item = await self._item(item, index, target)
-                else:
-                    try:
-                        item = await self._streamed(stream, index, target)
-                    except MCPError:
-                        raise
-                    except Exception as error:
-                        return _stream_failed(ctx, target.tool, error)
-            items.append(item)
+        # The transfers of the items done so far: forgotten unless the result naming them is
+        # returned (a run cut short by max_execution_s, a later stream failing), or they would
+        # hold their bytes against the size cap for as long as the key's record lives.
+        written: list[str] = []
+        try:
+            for index, item in enumerate(cast(list[Any], content)):
+                if isinstance(item, Mapping):
+                    item = cast(Mapping[str, Any], item)
+                    marker = _stream_marker(item)
+                    stream = None if marker is None else streams.pop(marker, None)
+                    if stream is None:
+                        item = await self._item(item, index, target, written)
+                    else:
+                        try:
+                            item = await self._streamed(stream, index, target, written)
+                        except MCPError:
+                            raise
+                        except Exception as error:
+                            await self._forget_all(written)
+                            return _stream_failed(ctx, target.tool, error)
+                items.append(item)
+        except BaseException:
+            await self._forget_all(written)
+            raise
         return {**wire, "content": items}
 
-    async def _item(self, item: Mapping[str, Any], index: int, target: _Target) -> Mapping[str, Any]:
+    async def _item(
+        self, item: Mapping[str, Any], index: int, target: _Target, written: list[str]
+    ) -> Mapping[str, Any]:
         found = _payload_field(item)
         if found is None:
             return item
@@ -506,10 +517,17 @@ class TransferService:
             )
             await self._forget(writer.transfer_id)
             return item
+        except BaseException:
+            # Cut short (max_execution_s): the chunks written so far would never be read.
+            await self._forget_all([writer.transfer_id])
+            raise
+        written.append(handle.id)
         self._results += 1
         return _link(target.tool, index, handle, _without_field(item, field), field)
 
-    async def _streamed(self, stream: _Stream, index: int, target: _Target) -> Mapping[str, Any]:
+    async def _streamed(
+        self, stream: _Stream, index: int, target: _Target, written: list[str]
+    ) -> Mapping[str, Any]:
         """Read a streamed result into the store chunk by chunk, or inline when it ends
         within the threshold. A store failure fails the run (its bytes are gone)."""
         head = bytearray()
@@ -530,9 +548,9 @@ class TransferService:
             handle = await writer.finish(encoding=stream.encoding, media_type=stream.media_type)
         except BaseException:
             if writer is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._forget(writer.transfer_id)
+                await self._forget_all([writer.transfer_id])
             raise
+        written.append(handle.id)
         self._results += 1
         return _link(target.tool, index, handle, stream.shape, stream.field)
 
@@ -545,6 +563,12 @@ class TransferService:
             "open_transfer",
             lambda: self.store.open_transfer(provisional, key=target.key, scope=target.scope, sealed=False),
         )
+
+    async def _forget_all(self, transfer_ids: list[str]) -> None:
+        # Shielded: called on the way out of a cancelled run; each store call is bounded.
+        with anyio.CancelScope(shield=True):
+            for transfer_id in transfer_ids:
+                await self._forget(transfer_id)
 
     async def _forget(self, transfer_id: str) -> None:
         try:

@@ -1,0 +1,134 @@
+"""Cancellation, concurrency and memory of the server side of chunked transfer, found in
+review (docs/protocol.md section 9): each shown with a real server and store."""
+
+from __future__ import annotations
+
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import mcp
+import pytest
+import trio
+import trio.testing
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import RequestParamsMeta, TextContent
+from test_transfer_server import read_payload, transferred
+
+from rmcp_actors.server import FastRMCP, stream_result
+from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
+
+KIB = 1 << 10
+MIB = 1 << 20
+SMALL = {"threshold": 64 * KIB, "chunk_size": 64 * KIB}
+
+
+def rmcp_meta(key: str | None, **extra: Any) -> RequestParamsMeta:
+    fields: dict[str, Any] = {"version": "0.2", "request_id": uuid.uuid4().hex, **extra}
+    if key is not None:
+        fields["idempotency_key"] = key
+    return cast(RequestParamsMeta, {"rmcp": fields})
+
+
+def code_of(result: Any) -> str | None:
+    return (result.meta or {})["rmcp"].get("code")
+
+
+class SlowChunks:
+    """A MemoryStore (mock clock) whose chunk writes take a second each while ``slow``: a run
+    whose result is being written can be cut short by ``max_execution_s``."""
+
+    def __init__(self, max_blob_bytes: int) -> None:
+        self.inner = MemoryStore(clock=trio.current_time, max_blob_bytes=max_blob_bytes)
+        self.slow = True
+
+    async def write_chunk(self, transfer_id: str, index: int, data: bytes) -> None:
+        if self.slow:
+            await trio.sleep(1)
+        await self.inner.write_chunk(transfer_id, index, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def text_server(store: Any, text: str, **options: Any) -> FastRMCP:
+    app = FastRMCP("review", store=cast(DedupStore, store), **options)
+
+    @app.tool(structured_output=False)
+    async def big() -> str:
+        """``text``, built before the call."""
+        return text
+
+    return app
+
+
+# --- a run cut short while its result is written ---------------------------------------------------
+
+
+async def test_a_result_cut_short_while_written_leaves_no_chunks_and_its_key_in_doubt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowChunks(max_blob_bytes=3 * MIB // 2)
+    # 16 chunks of a second each, cut after 10 s: 640 KiB written when the run is cut short.
+    app = text_server(store, "x" * MIB, max_execution_s=10.0)
+    async with mcp.Client(app) as client:
+        cut = await client.call_tool("big", {}, meta=rmcp_meta("cut", transfer=SMALL))
+        retry = await client.call_tool("big", {}, meta=rmcp_meta("cut", transfer=SMALL))
+        store.slow = False
+        # 1 MiB more fits the cap only if the chunks of the run cut short were freed.
+        after = await client.call_tool("big", {}, meta=rmcp_meta("after", transfer=SMALL))
+        data = await read_payload(client, transferred(after.content[0]).handle)
+    assert code_of(cut) == "in_doubt"
+    # Never a handle to chunks that were not all written.
+    assert code_of(retry) == "in_doubt"
+    assert data == b"x" * MIB
+
+
+async def test_the_items_written_before_a_stream_fails_are_forgotten() -> None:
+    app = text_server(MemoryStore(max_blob_bytes=3 * MIB // 2), "x" * MIB)
+
+    @app.tool()
+    async def then_broken() -> list[TextContent]:
+        """A large item, then a stream that fails: the answer is a tool error."""
+
+        async def pieces() -> AsyncIterator[bytes]:
+            yield b"y" * MIB
+            raise ToolError("the export lost its database")
+
+        return [TextContent(text="z" * MIB), await stream_result(pieces())]
+
+    async with mcp.Client(app) as client:
+        failed = await client.call_tool("then_broken", {}, meta=rmcp_meta("broken", transfer=SMALL))
+        # 1 MiB more fits the cap only if the first item's transfer was freed.
+        after = await client.call_tool("big", {}, meta=rmcp_meta("after", transfer=SMALL))
+        data = await read_payload(client, transferred(after.content[0]).handle)
+    assert failed.is_error
+    assert data == b"x" * MIB
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="the whole str is encoded before its chunks are written")
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_a_str_result_is_not_encoded_whole_on_its_way_to_the_store(kind: str, tmp_path: Path) -> None:
+    size = 16 * MIB
+    text = "é" * (size // 4) + "a" * (size // 2)  # 1.5 bytes of UTF-8 a character on average
+    store = SQLiteStore(tmp_path / "rmcp.sqlite") if kind == "sqlite" else MemoryStore()
+    app = text_server(store, text)
+    async with mcp.Client(app) as client:
+        await client.call_tool("big", {}, meta=rmcp_meta("warm-up", transfer=SMALL))
+        tracemalloc.start()
+        try:
+            result = await client.call_tool("big", {}, meta=rmcp_meta("measured", transfer=SMALL))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        data = await read_payload(client, transferred(result.content[0]).handle)
+    assert data.decode() == text
+    encoded = len(data)
+    # The store's own copy (MemoryStore keeps the chunks) and a few chunks, not a second payload.
+    bound = (encoded if kind == "memory" else 0) + 4 * MIB
+    assert peak < bound, f"peak {peak / MIB:.1f} MiB for a {encoded / MIB:.0f} MiB result ({kind})"
