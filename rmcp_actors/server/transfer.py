@@ -17,12 +17,11 @@ A tool streams its result with :func:`stream_result` (text) or :func:`stream_res
 from __future__ import annotations
 
 import base64
-import binascii
 import contextvars
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
@@ -312,6 +311,33 @@ def _link(
     return link
 
 
+def _payload_pieces(value: str, encoding: Encoding, threshold: int, step: int) -> Iterator[bytes] | None:
+    """The payload of a field's ``value`` in pieces of about ``step`` bytes, each encoded (or
+    decoded) only when asked for, so that the payload is never held whole beside the string;
+    None when it is ``threshold`` bytes or less, or is not base64.
+
+    Raises:
+        ValueError: Here or from a piece: ``value`` has a lone surrogate, or is not base64.
+    """
+    if encoding == "utf-8":
+        if len(value) <= threshold:
+            # At most `threshold` characters: encoded whole to tell its size, which is small.
+            payload = value.encode()
+            return None if len(payload) <= threshold else iter((payload,))
+        # Slicing a str never splits a character: the pieces' UTF-8 is the whole's.
+        return (value[start : start + step].encode() for start in range(0, len(value), step))
+    # What base64.b64decode(validate=True) accepts whole: padded, "=" only at the end.
+    if len(value) % 4 or value.find("=", 0, len(value) - 2) != -1:
+        return None
+    size = len(value) // 4 * 3 - value.endswith("=") - value.endswith("==")
+    if size <= threshold:
+        return None
+    quads = max(4, step // 3 * 4)
+    return (
+        base64.b64decode(value[start : start + quads], validate=True) for start in range(0, len(value), quads)
+    )
+
+
 def _chunk_count(size: int, chunk_size: int) -> int:
     return max(1, -(-size // chunk_size))
 
@@ -495,18 +521,21 @@ class TransferService:
         if len(value) * (4 if encoding == "utf-8" else 1) <= target.threshold:
             return item
         try:
-            payload = value.encode() if encoding == "utf-8" else base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
+            pieces = _payload_pieces(value, encoding, target.threshold, target.chunk_size)
+        except ValueError:
             return item
-        if len(payload) <= target.threshold:
+        if pieces is None:
             return item
         writer = _ChunkWriter(self, _result_id(), target.chunk_size)
         try:
             await self._open_result(writer.transfer_id, target)
-            view = memoryview(payload)
-            for start in range(0, len(payload), target.chunk_size):
-                await writer.add(view[start : start + target.chunk_size])
+            for piece in pieces:
+                await writer.add(piece)
             handle = await writer.finish(encoding=encoding, media_type=_media_type(item, field))
+        except ValueError:
+            # Not base64 after all, or a lone surrogate: sent as the tool gave it.
+            await self._forget(writer.transfer_id)
+            return item
         except RMCPStoreError:
             # The tool ran: its result must reach the client, inline is always acceptable.
             logger.warning(
