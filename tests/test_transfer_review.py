@@ -209,3 +209,68 @@ async def test_a_str_result_with_default_structured_output_does_not_travel_inlin
     assert data == b"r" * (5 * MIB)
     inline = len(json.dumps(result.structured_content))
     assert inline <= MIB, f"{inline} bytes of structuredContent answered inline beside the handle"
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+async def test_a_waiting_duplicate_and_a_replay_get_the_first_runs_readable_handle() -> None:
+    started, release = trio.Event(), trio.Event()
+    app = FastRMCP("review", store=MemoryStore())
+    runs: list[int] = []
+
+    @app.tool(structured_output=False)
+    async def slow() -> str:
+        """A large result, once released."""
+        runs.append(1)
+        started.set()
+        await release.wait()
+        return "s" * MIB
+
+    results: dict[str, Any] = {}
+    async with mcp.Client(app) as client:
+
+        async def call(name: str) -> None:
+            results[name] = await client.call_tool("slow", {}, meta=rmcp_meta("same", transfer=SMALL))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "first")
+            await started.wait()
+            nursery.start_soon(call, "duplicate")
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        await call("replay")
+        handles = [transferred(results[name].content[0]).handle for name in ("first", "duplicate", "replay")]
+        data = [await read_payload(client, handle) for handle in handles]
+    assert runs == [1]
+    assert handles[0] == handles[1] == handles[2]
+    assert data == [b"s" * MIB] * 3
+    assert [(results[name].meta or {})["rmcp"]["duplicate"] for name in ("first", "duplicate", "replay")] == [
+        False,
+        True,
+        True,
+    ]
+
+
+async def test_a_stream_the_store_cannot_hold_is_closed_before_the_answer() -> None:
+    closed: list[bool] = []
+    app = FastRMCP("review", store=MemoryStore(max_blob_bytes=MIB))
+
+    @app.tool()
+    async def export() -> TextContent:
+        """A 4 MiB stream: the store holds 1 MiB."""
+
+        async def pieces() -> AsyncIterator[bytes]:
+            try:
+                for _ in range(64):
+                    yield b"e" * (64 * KIB)
+            finally:
+                closed.append(True)
+
+        return await stream_result(pieces())
+
+    async with mcp.Client(app) as client:
+        result = await client.call_tool("export", {}, meta=rmcp_meta("export", transfer=SMALL))
+        answered = list(closed)
+    assert result.is_error
+    assert answered == [True], "the tool's stream was left suspended, for the GC to close"

@@ -466,9 +466,7 @@ class TransferService:
             finally:
                 for stream in streams.values():
                     # Handed to stream_result() but not returned by the tool: never read.
-                    chunks: object = stream.chunks
-                    if isinstance(chunks, AsyncGenerator):
-                        await cast(AsyncGenerator[object, None], chunks).aclose()
+                    await _close(stream.chunks)
 
         return run
 
@@ -576,6 +574,9 @@ class TransferService:
                 return stream.item(bytes(head))
             handle = await writer.finish(encoding=stream.encoding, media_type=stream.media_type)
         except BaseException:
+            # The store failed or the run was cut short with the stream suspended at a yield:
+            # its cleanup (a cursor, a file) runs now, not whenever the collector finds it.
+            await _close(stream.chunks)
             if writer is not None:
                 await self._forget_all([writer.transfer_id])
             raise
@@ -746,6 +747,12 @@ class TransferService:
                 # Held with another layout, or gone since it was looked up.
                 raise MCPError(TRANSFER_NOT_FOUND_CODE, f"RMCP: {error.__cause__}") from None
             raise MCPError(INTERNAL_ERROR, f"RMCP: {error}; retry the request later") from error
+
+
+async def _close(chunks: AsyncIterable[bytes | str]) -> None:
+    """Close a stream's async generator (a no-op once it ended)."""
+    if isinstance(chunks, AsyncGenerator):
+        await cast(AsyncGenerator[object, None], chunks).aclose()
 
 
 def _stream_failed(ctx: ServerRequestContext[Any, Any], tool: str, error: Exception) -> dict[str, Any]:
