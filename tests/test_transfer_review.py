@@ -16,9 +16,10 @@ import pytest
 import trio
 import trio.testing
 from _http import serve_http
+from mcp import MCPError
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, RequestParamsMeta, TextContent
-from test_transfer_server import read_payload, transferred
+from test_transfer_server import read_chunk, read_payload, transferred
 
 from rmcp_actors.server import FastRMCP, stream_result
 from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
@@ -274,3 +275,21 @@ async def test_a_stream_the_store_cannot_hold_is_closed_before_the_answer() -> N
         answered = list(closed)
     assert result.is_error
     assert answered == [True], "the tool's stream was left suspended, for the GC to close"
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+@pytest.mark.parametrize("index", [-1, 1 << 63, 1 << 70])
+async def test_a_read_index_out_of_range_is_invalid_params_with_either_store(
+    kind: str, index: int, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "rmcp.sqlite") if kind == "sqlite" else MemoryStore()
+    async with mcp.Client(text_server(store, "i" * MIB)) as client:
+        result = await client.call_tool("big", {}, meta=rmcp_meta("k", transfer=SMALL))
+        handle = transferred(result.content[0]).handle
+        with pytest.raises(MCPError) as refused:
+            await read_chunk(client, handle.id, index)
+    # Not -32603 ("retry later"): SQLite cannot bind an integer past 2**63 - 1.
+    assert refused.value.error.code == -32602
