@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import sys
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +20,12 @@ import trio
 import trio.testing
 from _http import serve_http
 from mcp import MCPError
+from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, RequestParamsMeta, TextContent
 from test_transfer_server import read_chunk, read_payload, transferred
 
+import rmcp_actors
 from rmcp_actors.server import FastRMCP, stream_result
 from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
 
@@ -293,3 +298,54 @@ async def test_a_read_index_out_of_range_is_invalid_params_with_either_store(
             await read_chunk(client, handle.id, index)
     # Not -32603 ("retry later"): SQLite cannot bind an integer past 2**63 - 1.
     assert refused.value.error.code == -32602
+
+
+# --- a server gone while a result is written (stdio, SQLite) -------------------------------------
+
+REVIEW_SERVER = str(Path(__file__).with_name("transfer_review_server.py"))
+
+
+def review_server(database: Path) -> StdioServerParameters:
+    package = {"PYTHONPATH": str(Path(rmcp_actors.__file__).resolve().parents[1])}
+    return StdioServerParameters(command=sys.executable, args=[REVIEW_SERVER, str(database)], env=package)
+
+
+def expected_stream(pieces: int) -> bytes:
+    return b"".join(bytes([97 + index % 26]) * (256 * KIB) for index in range(pieces))
+
+
+async def wait_for_pids(marker: Path) -> list[int]:
+    with trio.fail_after(30):
+        while not marker.exists() or not marker.read_text().endswith("\n"):
+            await trio.sleep(0.01)
+    return [int(line) for line in marker.read_text().split()]
+
+
+@pytest.mark.parametrize("gone", ["disconnect", "sigkill"])
+async def test_a_retry_after_the_server_went_away_mid_write_gets_a_readable_handle_or_in_doubt(
+    gone: str, tmp_path: Path
+) -> None:
+    database, marker = tmp_path / "rmcp.sqlite", tmp_path / "marker"
+    pieces = 16
+    arguments = {"pieces": pieces, "marker": str(marker)}
+    async with trio.open_nursery() as nursery, mcp.Client(review_server(database)) as client:
+
+        async def call() -> None:
+            await client.call_tool("slow_stream", arguments, meta=rmcp_meta("gone", transfer=SMALL))
+
+        nursery.start_soon(call)
+        (pid,) = await wait_for_pids(marker)
+        if gone == "sigkill":
+            os.kill(pid, signal.SIGKILL)
+        nursery.cancel_scope.cancel()
+    async with mcp.Client(review_server(database)) as client:
+        retry = await client.call_tool("slow_stream", arguments, meta=rmcp_meta("gone", transfer=SMALL))
+        if gone == "disconnect":
+            # The run is shielded from its caller: it ended, stored, and is replayed.
+            assert (retry.meta or {})["rmcp"]["duplicate"] is True
+            data = await read_payload(client, transferred(retry.content[0]).handle)
+            assert data == expected_stream(pieces)
+        else:
+            assert code_of(retry) == "in_doubt"
+    # The tool ran once.
+    assert len(await wait_for_pids(marker)) == 1
