@@ -26,6 +26,8 @@ from mcp_types import ImageContent, RequestParamsMeta, TextContent
 from test_transfer_server import read_chunk, read_payload, transferred
 
 import rmcp_actors
+from rmcp_actors._transfer import handle_for, sha256_hex, upload_id
+from rmcp_actors.errors import RMCPStoreError
 from rmcp_actors.server import FastRMCP, stream_result
 from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
 
@@ -349,3 +351,30 @@ async def test_a_retry_after_the_server_went_away_mid_write_gets_a_readable_hand
             assert code_of(retry) == "in_doubt"
     # The tool ran once.
     assert len(await wait_for_pids(marker)) == 1
+
+
+async def test_two_sqlite_stores_racing_for_the_size_cap_never_pass_it(tmp_path: Path) -> None:
+    path, chunk = tmp_path / "rmcp.sqlite", 64 * KIB
+    stores = [SQLiteStore(path, max_blob_bytes=MIB) for _ in range(2)]
+    stored: list[int] = []
+
+    async def fill(store: SQLiteStore, name: str) -> None:
+        data = name.encode() * MIB
+        handle = handle_for(upload_id(sha256_hex(data), chunk), data, chunk)
+        await store.open_transfer(handle, key=None, scope="s", sealed=True)
+        for index in range(handle.chunk_count):
+            try:
+                await store.write_chunk(handle.id, index, data[index * chunk : (index + 1) * chunk])
+            except RMCPStoreError:
+                continue
+            stored.append(chunk)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for store, name in zip(stores, "ab", strict=True):
+                nursery.start_soon(fill, store, name)
+    finally:
+        for store in stores:
+            await store.aclose()
+    # Each process's writes are checked against the file's total under its write lock.
+    assert sum(stored) == MIB
