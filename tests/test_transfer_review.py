@@ -23,7 +23,14 @@ from mcp import MCPError
 from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ImageContent, RequestParamsMeta, TextContent
-from test_transfer_server import read_chunk, read_payload, transferred
+from test_transfer_server import (
+    open_upload,
+    read_chunk,
+    read_payload,
+    transferred,
+    upload_meta,
+    write_chunk,
+)
 
 import rmcp_actors
 from rmcp_actors._transfer import handle_for, sha256_hex, upload_id
@@ -378,3 +385,58 @@ async def test_two_sqlite_stores_racing_for_the_size_cap_never_pass_it(tmp_path:
             await store.aclose()
     # Each process's writes are checked against the file's total under its write lock.
     assert sum(stored) == MIB
+
+
+def sizing_server(store: MemoryStore) -> FastRMCP:
+    app = FastRMCP("review", store=store)
+
+    @app.tool()
+    async def size(text: str) -> int:
+        """The length of ``text`` (an uploaded argument)."""
+        return len(text)
+
+    return app
+
+
+async def test_two_callers_uploading_the_same_payload_at_once_both_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    text = "u" * MIB
+    data, chunk = text.encode(), 64 * KIB
+    handle = handle_for(upload_id(sha256_hex(data), chunk), data, chunk)
+    app = sizing_server(MemoryStore(clock=trio.current_time))
+    sizes: list[int] = []
+
+    async def caller(order: range, key: str) -> None:
+        async with mcp.Client(app) as client:
+            await open_upload(client, handle)
+            for index in order:
+                await write_chunk(client, handle, index, data[index * chunk : (index + 1) * chunk])
+                await trio.sleep(1)
+            result = await client.call_tool("size", {"text": ""}, meta=upload_meta(handle, key))
+            sizes.append(cast(dict[str, int], result.structured_content)["result"])
+
+    async with trio.open_nursery() as nursery:
+        # Opposite orders: each writes chunks the other wrote already (no-ops), interleaved.
+        nursery.start_soon(caller, range(handle.chunk_count), "one")
+        nursery.start_soon(caller, range(handle.chunk_count - 1, -1, -1), "two")
+    assert sizes == [MIB, MIB]
+
+
+async def test_an_upload_that_expires_between_writes_is_32030_then_starts_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    data, chunk = b"v" * MIB, 64 * KIB
+    handle = handle_for(upload_id(sha256_hex(data), chunk), data, chunk)
+    app = sizing_server(MemoryStore(clock=trio.current_time, upload_ttl_s=60.0))
+    async with mcp.Client(app) as client:
+        await open_upload(client, handle)
+        await write_chunk(client, handle, 0, data[:chunk])
+        await trio.sleep(61)
+        with pytest.raises(MCPError) as expired:
+            await write_chunk(client, handle, 1, data[chunk : 2 * chunk])
+        have = await open_upload(client, handle)
+        refused = await client.call_tool("size", {"text": ""}, meta=upload_meta(handle, "late"))
+    assert expired.value.error.code == -32030
+    assert have == []
+    assert code_of(refused) == "transfer_incomplete"
