@@ -104,6 +104,36 @@ async def test_a_result_cut_short_while_written_leaves_no_chunks_and_its_key_in_
     assert data == b"x" * MIB
 
 
+async def test_a_stream_that_hangs_is_cut_short_in_doubt_and_leaves_no_chunks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    closed: list[bool] = []
+    store = MemoryStore(clock=trio.current_time, max_blob_bytes=3 * MIB // 2)
+    app = text_server(store, "x" * MIB, max_execution_s=10.0)
+
+    @app.tool()
+    async def stuck() -> TextContent:
+        """1 MiB, then nothing ever again."""
+
+        async def pieces() -> AsyncIterator[bytes]:
+            try:
+                yield b"h" * MIB
+                await trio.sleep_forever()
+                yield b""
+            finally:
+                closed.append(True)
+
+        return await stream_result(pieces())
+
+    async with mcp.Client(app) as client:
+        cut = await client.call_tool("stuck", {}, meta=rmcp_meta("stuck", transfer=SMALL))
+        after = await client.call_tool("big", {}, meta=rmcp_meta("after", transfer=SMALL))
+        data = await read_payload(client, transferred(after.content[0]).handle)
+    assert code_of(cut) == "in_doubt"
+    assert closed == [True]
+    assert data == b"x" * MIB
+
+
 async def test_the_items_written_before_a_stream_fails_are_forgotten() -> None:
     app = text_server(MemoryStore(max_blob_bytes=3 * MIB // 2), "x" * MIB)
 
