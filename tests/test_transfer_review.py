@@ -134,6 +134,31 @@ async def test_a_stream_that_hangs_is_cut_short_in_doubt_and_leaves_no_chunks(
     assert data == b"x" * MIB
 
 
+async def test_a_stream_whose_cleanup_fails_still_leaves_no_chunks() -> None:
+    app = text_server(MemoryStore(max_blob_bytes=MIB), "x" * MIB)
+
+    @app.tool()
+    async def export() -> TextContent:
+        """2 MiB, more than the store holds; its cleanup fails too."""
+
+        async def pieces() -> AsyncIterator[bytes]:
+            try:
+                for _ in range(32):
+                    yield b"c" * (64 * KIB)
+            finally:
+                raise RuntimeError("could not close the cursor")
+
+        return await stream_result(pieces())
+
+    async with mcp.Client(app) as client:
+        failed = await client.call_tool("export", {}, meta=rmcp_meta("export", transfer=SMALL))
+        # The whole cap is free again only if the failed stream's chunks were deleted.
+        after = await client.call_tool("big", {}, meta=rmcp_meta("after", transfer=SMALL))
+        data = await read_payload(client, transferred(after.content[0]).handle)
+    assert failed.is_error
+    assert data == b"x" * MIB
+
+
 async def test_the_items_written_before_a_stream_fails_are_forgotten() -> None:
     app = text_server(MemoryStore(max_blob_bytes=3 * MIB // 2), "x" * MIB)
 

@@ -576,9 +576,12 @@ class TransferService:
         except BaseException:
             # The store failed or the run was cut short with the stream suspended at a yield:
             # its cleanup (a cursor, a file) runs now, not whenever the collector finds it.
-            await _close(stream.chunks)
-            if writer is not None:
-                await self._forget_all([writer.transfer_id])
+            try:
+                await _close(stream.chunks)
+            finally:
+                # Even when the stream's own cleanup fails.
+                if writer is not None:
+                    await self._forget_all([writer.transfer_id])
             raise
         written.append(handle.id)
         self._results += 1
