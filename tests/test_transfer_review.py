@@ -495,3 +495,31 @@ async def test_an_upload_that_expires_between_writes_is_32030_then_starts_over(
     assert expired.value.error.code == -32030
     assert have == []
     assert code_of(refused) == "transfer_incomplete"
+
+
+async def test_a_stream_read_inline_for_a_plain_client_is_held_at_most_twice() -> None:
+    size, piece = 16 * MIB, 256 * KIB
+    app = FastRMCP("review", store=MemoryStore())
+
+    @app.tool()
+    async def export() -> TextContent:
+        """16 MiB of text, made piece by piece."""
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for index in range(size // piece):
+                yield bytes([97 + index % 26]) * piece
+
+        return await stream_result(pieces())
+
+    async with mcp.Client(app) as client:
+        await client.call_tool("export", {})
+        tracemalloc.start()
+        try:
+            # The in-memory transport hands the result over without copying it.
+            result = await client.call_tool("export", {})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert len(result.content[0].text) == size  # type: ignore[union-attr]
+    # The bytes and the str made of them; not a list of pieces, then their join, then the str.
+    assert peak < 2 * size + 4 * MIB, f"peak {peak / MIB:.1f} MiB for a {size // MIB} MiB stream"

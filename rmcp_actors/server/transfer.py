@@ -112,7 +112,7 @@ class _Stream:
     encoding: Encoding
     media_type: str
 
-    def item(self, payload: bytes) -> dict[str, Any]:
+    def item(self, payload: bytes | bytearray) -> dict[str, Any]:
         """The inline item holding ``payload``."""
         value = payload.decode() if self.encoding == "utf-8" else base64.b64encode(payload).decode()
         return _with_field(self.shape, self.field, value)
@@ -234,8 +234,12 @@ async def _streamed_or_read(stream: _Stream) -> dict[str, Any]:
     streams for this call) the item with all of its bytes."""
     streams = _streams.get()
     if streams is None:
-        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in stream.chunks]
-        return stream.item(b"".join(parts))
+        # One growing buffer: the payload is held as bytes, then as the item's str, never also
+        # as a list of pieces and their join.
+        payload = bytearray()
+        async for piece in stream.chunks:
+            payload += piece.encode() if isinstance(piece, str) else piece
+        return stream.item(payload)
     marker = uuid.uuid4().hex
     streams[marker] = stream
     placeholder = stream.item(b"")
