@@ -17,12 +17,11 @@ A tool streams its result with :func:`stream_result` (text) or :func:`stream_res
 from __future__ import annotations
 
 import base64
-import binascii
 import contextvars
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
@@ -113,7 +112,7 @@ class _Stream:
     encoding: Encoding
     media_type: str
 
-    def item(self, payload: bytes) -> dict[str, Any]:
+    def item(self, payload: bytes | bytearray) -> dict[str, Any]:
         """The inline item holding ``payload``."""
         value = payload.decode() if self.encoding == "utf-8" else base64.b64encode(payload).decode()
         return _with_field(self.shape, self.field, value)
@@ -235,8 +234,12 @@ async def _streamed_or_read(stream: _Stream) -> dict[str, Any]:
     streams for this call) the item with all of its bytes."""
     streams = _streams.get()
     if streams is None:
-        parts = [piece.encode() if isinstance(piece, str) else piece async for piece in stream.chunks]
-        return stream.item(b"".join(parts))
+        # One growing buffer: the payload is held as bytes, then as the item's str, never also
+        # as a list of pieces and their join.
+        payload = bytearray()
+        async for piece in stream.chunks:
+            payload += piece.encode() if isinstance(piece, str) else piece
+        return stream.item(payload)
     marker = uuid.uuid4().hex
     streams[marker] = stream
     placeholder = stream.item(b"")
@@ -310,6 +313,33 @@ def _link(
     if handle.media_type is not None:
         link["mimeType"] = handle.media_type
     return link
+
+
+def _payload_pieces(value: str, encoding: Encoding, threshold: int, step: int) -> Iterator[bytes] | None:
+    """The payload of a field's ``value`` in pieces of about ``step`` bytes, each encoded (or
+    decoded) only when asked for, so that the payload is never held whole beside the string;
+    None when it is ``threshold`` bytes or less, or is not base64.
+
+    Raises:
+        ValueError: Here or from a piece: ``value`` has a lone surrogate, or is not base64.
+    """
+    if encoding == "utf-8":
+        if len(value) <= threshold:
+            # At most `threshold` characters: encoded whole to tell its size, which is small.
+            payload = value.encode()
+            return None if len(payload) <= threshold else iter((payload,))
+        # Slicing a str never splits a character: the pieces' UTF-8 is the whole's.
+        return (value[start : start + step].encode() for start in range(0, len(value), step))
+    # What base64.b64decode(validate=True) accepts whole: padded, "=" only at the end.
+    if len(value) % 4 or value.find("=", 0, len(value) - 2) != -1:
+        return None
+    size = len(value) // 4 * 3 - value.endswith("=") - value.endswith("==")
+    if size <= threshold:
+        return None
+    quads = max(4, step // 3 * 4)
+    return (
+        base64.b64decode(value[start : start + quads], validate=True) for start in range(0, len(value), quads)
+    )
 
 
 def _chunk_count(size: int, chunk_size: int) -> int:
@@ -440,9 +470,7 @@ class TransferService:
             finally:
                 for stream in streams.values():
                     # Handed to stream_result() but not returned by the tool: never read.
-                    chunks: object = stream.chunks
-                    if isinstance(chunks, AsyncGenerator):
-                        await cast(AsyncGenerator[object, None], chunks).aclose()
+                    await _close(stream.chunks)
 
         return run
 
@@ -457,24 +485,35 @@ class TransferService:
         if not isinstance(content, list):
             return wire
         items: list[Any] = []
-        for index, item in enumerate(cast(list[Any], content)):
-            if isinstance(item, Mapping):
-                item = cast(Mapping[str, Any], item)
-                marker = _stream_marker(item)
-                stream = None if marker is None else streams.pop(marker, None)
-                if stream is None:
-                    item = await self._item(item, index, target)
-                else:
-                    try:
-                        item = await self._streamed(stream, index, target)
-                    except MCPError:
-                        raise
-                    except Exception as error:
-                        return _stream_failed(ctx, target.tool, error)
-            items.append(item)
+        # The transfers of the items done so far: forgotten unless the result naming them is
+        # returned (a run cut short by max_execution_s, a later stream failing), or they would
+        # hold their bytes against the size cap for as long as the key's record lives.
+        written: list[str] = []
+        try:
+            for index, item in enumerate(cast(list[Any], content)):
+                if isinstance(item, Mapping):
+                    item = cast(Mapping[str, Any], item)
+                    marker = _stream_marker(item)
+                    stream = None if marker is None else streams.pop(marker, None)
+                    if stream is None:
+                        item = await self._item(item, index, target, written)
+                    else:
+                        try:
+                            item = await self._streamed(stream, index, target, written)
+                        except MCPError:
+                            raise
+                        except Exception as error:
+                            await self._forget_all(written)
+                            return _stream_failed(ctx, target.tool, error)
+                items.append(item)
+        except BaseException:
+            await self._forget_all(written)
+            raise
         return {**wire, "content": items}
 
-    async def _item(self, item: Mapping[str, Any], index: int, target: _Target) -> Mapping[str, Any]:
+    async def _item(
+        self, item: Mapping[str, Any], index: int, target: _Target, written: list[str]
+    ) -> Mapping[str, Any]:
         found = _payload_field(item)
         if found is None:
             return item
@@ -484,18 +523,21 @@ class TransferService:
         if len(value) * (4 if encoding == "utf-8" else 1) <= target.threshold:
             return item
         try:
-            payload = value.encode() if encoding == "utf-8" else base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
+            pieces = _payload_pieces(value, encoding, target.threshold, target.chunk_size)
+        except ValueError:
             return item
-        if len(payload) <= target.threshold:
+        if pieces is None:
             return item
         writer = _ChunkWriter(self, _result_id(), target.chunk_size)
         try:
             await self._open_result(writer.transfer_id, target)
-            view = memoryview(payload)
-            for start in range(0, len(payload), target.chunk_size):
-                await writer.add(view[start : start + target.chunk_size])
+            for piece in pieces:
+                await writer.add(piece)
             handle = await writer.finish(encoding=encoding, media_type=_media_type(item, field))
+        except ValueError:
+            # Not base64 after all, or a lone surrogate: sent as the tool gave it.
+            await self._forget(writer.transfer_id)
+            return item
         except RMCPStoreError:
             # The tool ran: its result must reach the client, inline is always acceptable.
             logger.warning(
@@ -506,10 +548,17 @@ class TransferService:
             )
             await self._forget(writer.transfer_id)
             return item
+        except BaseException:
+            # Cut short (max_execution_s): the chunks written so far would never be read.
+            await self._forget_all([writer.transfer_id])
+            raise
+        written.append(handle.id)
         self._results += 1
         return _link(target.tool, index, handle, _without_field(item, field), field)
 
-    async def _streamed(self, stream: _Stream, index: int, target: _Target) -> Mapping[str, Any]:
+    async def _streamed(
+        self, stream: _Stream, index: int, target: _Target, written: list[str]
+    ) -> Mapping[str, Any]:
         """Read a streamed result into the store chunk by chunk, or inline when it ends
         within the threshold. A store failure fails the run (its bytes are gone)."""
         head = bytearray()
@@ -529,10 +578,16 @@ class TransferService:
                 return stream.item(bytes(head))
             handle = await writer.finish(encoding=stream.encoding, media_type=stream.media_type)
         except BaseException:
-            if writer is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._forget(writer.transfer_id)
+            # The store failed or the run was cut short with the stream suspended at a yield:
+            # its cleanup (a cursor, a file) runs now, not whenever the collector finds it.
+            try:
+                await _close(stream.chunks)
+            finally:
+                # Even when the stream's own cleanup fails.
+                if writer is not None:
+                    await self._forget_all([writer.transfer_id])
             raise
+        written.append(handle.id)
         self._results += 1
         return _link(target.tool, index, handle, stream.shape, stream.field)
 
@@ -545,6 +600,12 @@ class TransferService:
             "open_transfer",
             lambda: self.store.open_transfer(provisional, key=target.key, scope=target.scope, sealed=False),
         )
+
+    async def _forget_all(self, transfer_ids: list[str]) -> None:
+        # Shielded: called on the way out of a cancelled run; each store call is bounded.
+        with anyio.CancelScope(shield=True):
+            for transfer_id in transfer_ids:
+                await self._forget(transfer_id)
 
     async def _forget(self, transfer_id: str) -> None:
         try:
@@ -693,6 +754,12 @@ class TransferService:
                 # Held with another layout, or gone since it was looked up.
                 raise MCPError(TRANSFER_NOT_FOUND_CODE, f"RMCP: {error.__cause__}") from None
             raise MCPError(INTERNAL_ERROR, f"RMCP: {error}; retry the request later") from error
+
+
+async def _close(chunks: AsyncIterable[bytes | str]) -> None:
+    """Close a stream's async generator (a no-op once it ended)."""
+    if isinstance(chunks, AsyncGenerator):
+        await cast(AsyncGenerator[object, None], chunks).aclose()
 
 
 def _stream_failed(ctx: ServerRequestContext[Any, Any], tool: str, error: Exception) -> dict[str, Any]:

@@ -886,6 +886,9 @@ class SQLiteStore:
     async def read_chunk(self, transfer_id: str, index: int, *, scope: str) -> bytes | None:
         """Chunk ``index`` of a transfer of ``scope``, or None when not held. Read in a worker
         thread: the event loop never waits for the disk."""
+        if not 0 <= index < 1 << 63:
+            # Past SQLite's integers: no chunk has it (binding it would raise OverflowError).
+            return None
         now = self._clock()
 
         def read(connection: sqlite3.Connection) -> bytes | None:
