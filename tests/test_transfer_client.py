@@ -208,9 +208,9 @@ async def test_a_50_mib_result_over_stdio_is_reassembled_within_twice_its_size()
         assert result.content[0].type == "text"
         assert sha(result.content[0].text) == sha(payload(50 * MIB))
         assert result.transfers[0].chunks == 50
-    # The bytes and the string decoded from them (2x) are the floor; beyond them only the
-    # transport's buffers for one message (~1.4 MiB each for the framing and the SDK).
-    assert peak < 2 * 50 * MIB + 4 * MIB
+    # The string grown in place (see the 24 MiB test below): 55.4 MiB measured, with the chunks
+    # in flight and the transport's buffers.
+    assert peak < 50 * MIB + 10 * MIB
 
 
 async def test_a_50_mib_result_streams_to_a_file_in_bounded_memory(tmp_path: Path) -> None:
