@@ -7,10 +7,10 @@ server, and a call without large payloads, never reaches anything here but one c
 Results: after the answer (outside the attempt loop: the tool ran, and a chunk read is safe to
 repeat), each ``resource_link`` standing for a transferred item is read chunk by chunk, each
 chunk checked against ``handle.chunks[i]`` and read again when it does not match. Verified
-chunks either fill one preallocated buffer that is decoded once into the rebuilt content item
-(reassembly), or are handed in order to the caller's sink (streaming: at most ``2 * parallel``
-chunks held). A lost connection waits for the connection actor's reconnect and resumes with
-the chunks not yet verified.
+chunks are taken in order: decoded one by one onto the rebuilt content item's value, which grows
+in place (reassembly: at most ``parallel`` chunks held besides), or handed to the caller's sink
+(streaming: at most ``2 * parallel`` chunks held). A lost connection waits for the connection
+actor's reconnect and resumes with the chunks not yet verified.
 
 Arguments: a string argument larger than ``threshold`` is uploaded before the ``tools/call``
 (open, then write the chunks the server lacks), and the call carries ``""`` in its place and
@@ -21,11 +21,12 @@ server does not hold.
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import IO, Any, Final, Protocol, cast
 
 import anyio
@@ -45,6 +46,7 @@ from .._transfer import (
     MIN_CHUNK_SIZE,
     TRANSFER_NOT_FOUND_CODE,
     TRANSFER_URI_PREFIX,
+    Encoding,
     OpenResult,
     TransferAccept,
     TransferHandle,
@@ -53,7 +55,6 @@ from .._transfer import (
     decode_chunk,
     encode_chunk,
     handle_for,
-    sha256_hex,
     upload_id,
 )
 from ..errors import RMCPArgumentError, RMCPError, RMCPTransferError
@@ -468,38 +469,65 @@ async def _read_payload(
     pacer: _Pacer,
     counts: _Counts,
     meter: _Meter,
-    ordered: _Ordered | None,
-) -> bytearray | None:
-    """Read every chunk of ``handle``: into a buffer it returns, or through ``ordered``."""
-    buffer = bytearray(handle.size) if ordered is None else None
+    ordered: _Ordered,
+) -> None:
+    """Read every chunk of ``handle`` through ``ordered``."""
 
     async def read(index: int) -> None:
-        if ordered is not None:
-            await ordered.room_for(index)
+        await ordered.room_for(index)
         raw = await _read_chunk(link, handle, index, pacer, counts)
-        if buffer is not None:
-            start = index * handle.chunk_size
-            buffer[start : start + len(raw)] = raw
-        else:
-            assert ordered is not None
-            await ordered.put(index, raw)
+        await ordered.put(index, raw)
         meter.advance(len(raw))
 
     await _run_workers(handle.chunk_count, parallel, read)
-    whole = sha256_hex(buffer) if buffer is not None else (ordered.digest.hexdigest() if ordered else "")
-    if whole != handle.sha256:
+    if ordered.digest.hexdigest() != handle.sha256:
         raise _Refused("the chunks verify one by one but not as a whole (the handle is inconsistent)")
-    return buffer
 
 
-def _rebuild(item: TransferredContent, payload: bytearray) -> ContentBlock:
-    """The original content item, its payload field set from ``payload`` (emptied meanwhile,
-    so that the bytes and the decoded string are never held with a third copy)."""
-    if item.handle.encoding == "base64":
-        value = base64.b64encode(payload).decode("ascii")
+def _grow(encoding: Encoding) -> Generator[None, bytes | None, str]:
+    """The value of a payload field, grown from the payload's chunks sent in order (``None``
+    ends it): UTF-8 decoded, or base64 encoded (3 bytes carried over a chunk boundary).
+
+    ``value`` is a local nothing else refers to, so CPython's ``+=`` resizes the string in place
+    (a realloc, an mremap once it is large) instead of copying it: the payload is never held
+    as bytes and as a string at once (docs/design.md, "Reassembly grows the string")."""
+    value = ""
+    if encoding == "base64":
+        carry = b""
+        while (data := (yield)) is not None:
+            data = carry + data
+            cut = len(data) - len(data) % 3
+            carry = data[cut:]
+            value += base64.b64encode(memoryview(data)[:cut]).decode("ascii")
+        value += base64.b64encode(carry).decode("ascii")
     else:
-        value = payload.decode("utf-8")
-    payload.clear()
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        while (data := (yield)) is not None:
+            value += decoder.decode(data)
+        value += decoder.decode(b"", final=True)
+    return value
+
+
+class _Growing:
+    """A writer for :class:`_Ordered` that grows a payload field's value (:func:`_grow`)."""
+
+    def __init__(self, encoding: Encoding) -> None:
+        self._steps = _grow(encoding)
+        next(self._steps)
+
+    async def write(self, data: bytes) -> None:
+        self._steps.send(data)
+
+    def finish(self) -> str:
+        try:
+            self._steps.send(None)
+        except StopIteration as done:
+            return cast("str", done.value)
+        raise AssertionError("_grow returns once sent None")
+
+
+def _rebuild(item: TransferredContent, value: str) -> ContentBlock:
+    """The original content item, its payload field set to ``value``."""
     content = dict(item.content)
     *parents, name = item.field.split(".")
     inner = content
@@ -565,12 +593,16 @@ async def fetch_results(
                 )
                 counts = _Counts()
                 started = anyio.current_time()
-                ordered = None
+                growing = None
                 if sink is not None:
                     ordered = _Ordered(_sink_writer(sink, opened), max(2 * policy.parallel, 2))
-                payload = await _read_payload(link, handle, policy.parallel, pacer, counts, meter, ordered)
-                if payload is not None:
-                    content[index] = _rebuild(item, payload)
+                else:
+                    # Reassembled: the chunks out of order wait, at most ``parallel`` of them.
+                    growing = _Growing(handle.encoding)
+                    ordered = _Ordered(growing.write, max(policy.parallel, 1))
+                await _read_payload(link, handle, policy.parallel, pacer, counts, meter, ordered)
+                if growing is not None:
+                    content[index] = _rebuild(item, growing.finish())
                 statistics.append(
                     TransferStatistics(
                         direction="result",
