@@ -75,10 +75,20 @@ from ._tasks import (
     follow_task,
     task_declared,
 )
+from ._validation import validation_deferred
 from .backoff import backoff_delay
 from .callbacks import ProgressCallback
 from .connection import Connection, Session
-from .transfers import CallTransfer, accept_for, fetch_results, plan_uploads, transfers_on, upload_arguments
+from .transfers import (
+    CallTransfer,
+    accept_for,
+    check_output,
+    fetch_results,
+    fetch_structured,
+    plan_uploads,
+    transfers_on,
+    upload_arguments,
+)
 
 __all__ = ["CallRequest", "perform_call"]
 
@@ -527,10 +537,14 @@ async def _finish_transfers(
     Raises:
         RMCPTransferError: A payload could not be read; the tool ran (``error.result``).
     """
+    transfer = request.transfer
+    record = _transfer_recorder(progress)
     try:
-        result = await fetch_results(
-            connection, policy.transfer, result, deadline, request.transfer, _transfer_recorder(progress)
-        )
+        result = await fetch_results(connection, policy.transfer, result, deadline, transfer, record)
+        if transfer is not None and transfer.structured:
+            # The SDK's output-schema check was deferred to here (see transfers.validation_deferred).
+            result = await fetch_structured(connection, policy.transfer, result, deadline, record)
+            await check_output(connection, result)
     except RMCPError as error:
         error.lifecycle = tuple(progress.events)
         raise
@@ -960,12 +974,17 @@ async def _send(
         return await _resume(connection, session, request, progress, deadline, ref), None
     progress.attempts += 1
     meta = None
+    deferring = False
     if rmcp is not None:
         expect_ack = rmcp.version == _EXPECT_ACK_VERSION
         accept = uploads = None
         if transfers_on(rmcp):
-            accept = accept_for(policy.transfer, connection)
             uploads = await _upload(connection, session, request, progress, policy, deadline)
+            transfer = request.transfer
+            assert transfer is not None  # made by _upload
+            # Streamed to a sink, a text is not at hand to rebuild {"result": text} from.
+            transfer.structured = deferring = transfer.sink is None
+            accept = accept_for(policy.transfer, connection, structured=deferring)
         elif request.transfer is not None:
             _drop_uploads(request.transfer, request)
         meta = encode_request_meta(
@@ -1001,6 +1020,7 @@ async def _send(
     answer: CallToolResult | TaskSnapshot | TaskRef
     # The SDK calls it positionally: any callable of three arguments fits.
     on_progress = None if request.on_progress is None else cast("ProgressFnT", request.on_progress)
+    deferred = validation_deferred.set(True) if deferring else None
     try:
         if wire is TaskWire.CORE:
             answer = await create_core_task(
@@ -1072,6 +1092,8 @@ async def _send(
         current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
+        if deferred is not None:
+            validation_deferred.reset(deferred)
     if isinstance(answer, TaskRef):
         return await _resume(connection, session, request, progress, deadline, answer), None
     if isinstance(answer, TaskSnapshot):
