@@ -606,12 +606,13 @@ async def _upload(
 
 def _drop_uploads(transfer: CallTransfer, request: CallRequest) -> None:
     """The server no longer advertises "transfer" (it was replaced): send the arguments whole,
-    never the ``""`` left at the uploads' places."""
+    never the ``""`` left at the uploads' places, and let the SDK check the answer as usual."""
     plan = transfer.uploads
     if plan is not None:
         request.arguments = plan.original
     transfer.uploads = None
     transfer.scanned = False
+    transfer.structured = False
 
 
 def _max_attempts(configured: int | None, rmcp: ServerSettings | None) -> float:
@@ -974,7 +975,6 @@ async def _send(
         return await _resume(connection, session, request, progress, deadline, ref), None
     progress.attempts += 1
     meta = None
-    deferring = False
     if rmcp is not None:
         expect_ack = rmcp.version == _EXPECT_ACK_VERSION
         accept = uploads = None
@@ -983,8 +983,8 @@ async def _send(
             transfer = request.transfer
             assert transfer is not None  # made by _upload
             # Streamed to a sink, a text is not at hand to rebuild {"result": text} from.
-            transfer.structured = deferring = transfer.sink is None
-            accept = accept_for(policy.transfer, connection, structured=deferring)
+            transfer.structured = transfer.sink is None
+            accept = accept_for(policy.transfer, connection, structured=transfer.structured)
         elif request.transfer is not None:
             _drop_uploads(request.transfer, request)
         meta = encode_request_meta(
@@ -1020,7 +1020,12 @@ async def _send(
     answer: CallToolResult | TaskSnapshot | TaskRef
     # The SDK calls it positionally: any callable of three arguments fits.
     on_progress = None if request.on_progress is None else cast("ProgressFnT", request.on_progress)
-    deferred = validation_deferred.set(True) if deferring else None
+    # A call that takes a transferred structuredContent checks it once rebuilt (_finish_transfers).
+    deferred = (
+        validation_deferred.set(True)
+        if request.transfer is not None and request.transfer.structured
+        else None
+    )
     try:
         if wire is TaskWire.CORE:
             answer = await create_core_task(
