@@ -13,6 +13,8 @@ from typing import Any, cast
 
 import mcp
 import pytest
+from _http import serve_http
+from mcp_test_server import build_bad_schema_server
 from mcp_types import CallToolRequest, CallToolRequestParams, RequestParamsMeta
 from structured_server import build_structured_server
 from test_transfer_server import SMALL, _Raw, read_chunk, rmcp_meta
@@ -115,13 +117,19 @@ def spec(transport: str, app: Any = None) -> ServerSpec:
     return ServerSpec.stdio("s", sys.executable, [PROGRAM], env=PYTHONPATH, overrides=layer)
 
 
-@pytest.mark.parametrize("transport", ["memory", "stdio"])
+@pytest.mark.parametrize("transport", ["memory", "stdio", "http"])
 async def test_a_5_mib_str_result_crosses_once(transport: str) -> None:
     app = build_structured_server()
     text = payload(5 * MIB)
     async with RMCPSupervisor.open() as sup:
-        await sup.add_server(spec(transport, app))
-        result = await sup.call("s", "text", {"size": 5 * MIB})
+        if transport == "http":
+            async with serve_http(app) as server:
+                layer = PolicyOverrides(transfer=SMALL_POLICY)
+                await sup.add_server(ServerSpec.http("s", server.url, overrides=layer))
+                result = await sup.call("s", "text", {"size": 5 * MIB})
+        else:
+            await sup.add_server(spec(transport, app))
+            result = await sup.call("s", "text", {"size": 5 * MIB})
     assert result.text == text
     assert result.structured_content == {"result": text}
     # Rebuilt from the text item's chunks: the answer carried a reference, not the 5 MiB again
@@ -130,7 +138,7 @@ async def test_a_5_mib_str_result_crosses_once(transport: str) -> None:
     assert result.meta[STRUCTURED_META_KEY] == {"result_of": 0}
     (moved,) = result.transfers
     assert (moved.where, moved.bytes_moved, moved.chunks) == ("content[0]", 5 * MIB, 80)
-    if transport == "memory":
+    if transport != "stdio":
         assert rmcp_of(app).transfers.statistics().chunks_read == 80  # type: ignore[union-attr]
 
 
@@ -157,6 +165,16 @@ async def test_the_output_schema_still_catches_a_bad_structured_result(transport
     assert caught.value.tool == "bad"
     assert caught.value.lifecycle
     assert small.structured_content == {"result": payload(10)}
+
+
+async def test_the_deferred_check_ends_with_the_call() -> None:
+    """A plain server's answers are checked by the SDK as ever, after a deferred call too."""
+    async with RMCPSupervisor.open() as sup:
+        await sup.add_server(spec("memory"))
+        await sup.add_server(ServerSpec.in_memory("plain", build_bad_schema_server()))
+        assert (await sup.call("s", "text", {"size": MIB})).structured_content == {"result": payload(MIB)}
+        with pytest.raises(RMCPResultValidationError, match="output schema"):
+            await sup.call("plain", "broken")
 
 
 async def test_a_result_streamed_to_a_sink_keeps_structured_content_inline(tmp_path: Path) -> None:
