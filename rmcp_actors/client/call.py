@@ -29,7 +29,7 @@ from .._protocol import (
     decode_response_meta,
     encode_request_meta,
 )
-from .._transfer import Upload
+from .._transfer import TransferAccept, Upload
 from ..config import CallPolicy
 from ..config._policy import TaskMode
 from ..errors import (
@@ -604,6 +604,16 @@ async def _upload(
     return plan.uploads
 
 
+def _accept(policy: CallPolicy, connection: Connection, request: CallRequest) -> TransferAccept:
+    """``_meta.rmcp.transfer`` of an attempt to a server advertising "transfer" (``_upload``
+    made ``request.transfer``)."""
+    transfer = request.transfer
+    assert transfer is not None
+    # Streamed to a sink, a text is not at hand to rebuild {"result": text} from.
+    transfer.structured = transfer.sink is None
+    return accept_for(policy.transfer, connection, structured=transfer.structured)
+
+
 def _drop_uploads(transfer: CallTransfer, request: CallRequest) -> None:
     """The server no longer advertises "transfer" (it was replaced): send the arguments whole,
     never the ``""`` left at the uploads' places, and let the SDK check the answer as usual."""
@@ -980,11 +990,7 @@ async def _send(
         accept = uploads = None
         if transfers_on(rmcp):
             uploads = await _upload(connection, session, request, progress, policy, deadline)
-            transfer = request.transfer
-            assert transfer is not None  # made by _upload
-            # Streamed to a sink, a text is not at hand to rebuild {"result": text} from.
-            transfer.structured = transfer.sink is None
-            accept = accept_for(policy.transfer, connection, structured=transfer.structured)
+            accept = _accept(policy, connection, request)
         elif request.transfer is not None:
             _drop_uploads(request.transfer, request)
         meta = encode_request_meta(
@@ -1021,11 +1027,9 @@ async def _send(
     # The SDK calls it positionally: any callable of three arguments fits.
     on_progress = None if request.on_progress is None else cast("ProgressFnT", request.on_progress)
     # A call that takes a transferred structuredContent checks it once rebuilt (_finish_transfers).
-    deferred = (
+    # Set and cleared without a token: every local is a slot of each pending call's frame.
+    if request.transfer is not None and request.transfer.structured:
         validation_deferred.set(True)
-        if request.transfer is not None and request.transfer.structured
-        else None
-    )
     try:
         if wire is TaskWire.CORE:
             answer = await create_core_task(
@@ -1097,8 +1101,8 @@ async def _send(
         current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
-        if deferred is not None:
-            validation_deferred.reset(deferred)
+        if request.transfer is not None and request.transfer.structured:
+            validation_deferred.set(False)
     if isinstance(answer, TaskRef):
         return await _resume(connection, session, request, progress, deadline, answer), None
     if isinstance(answer, TaskSnapshot):
