@@ -35,8 +35,10 @@ __all__ = [
     "OpenResult",
     "ReadParams",
     "TransferAccept",
+    "STRUCTURED_META_KEY",
     "TransferHandle",
     "TransferredContent",
+    "TransferredStructured",
     "Upload",
     "WriteParams",
     "WriteResult",
@@ -85,6 +87,9 @@ class TransferAccept(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_un
 
     threshold: int = DEFAULT_THRESHOLD
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    structured: bool = False
+    """The client also takes a transferred ``structuredContent`` (:class:`TransferredStructured`):
+    it checks the tool's output schema itself, once the payload is rebuilt."""
 
 
 class TransferHandle(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fields=False):
@@ -121,6 +126,25 @@ class TransferredContent(msgspec.Struct, omit_defaults=True, kw_only=True, forbi
     handle: TransferHandle
     content: dict[str, object]
     field: str
+
+
+STRUCTURED_META_KEY: Final = "rmcp.structured"
+"""The key of ``result._meta`` holding a :class:`TransferredStructured` (beside ``rmcp``, which
+the ACK rewrites on every answer)."""
+
+
+class TransferredStructured(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fields=False):
+    """``result._meta["rmcp.structured"]``: the result's ``structuredContent``, left out of the
+    answer because it is larger than the client's threshold.
+
+    Exactly one field is set. ``handle``: the JSON (UTF-8) of ``structuredContent``, read as any
+    transfer. ``result_of``: ``structuredContent`` is ``{"result": text}``, ``text`` being the
+    payload of the transferred text item ``content[result_of]`` (the shape ``MCPServer`` gives a
+    tool returning ``str``): its bytes cross once.
+    """
+
+    handle: TransferHandle | None = None
+    result_of: int | None = None
 
 
 class Upload(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fields=False):

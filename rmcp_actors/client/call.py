@@ -29,7 +29,7 @@ from .._protocol import (
     decode_response_meta,
     encode_request_meta,
 )
-from .._transfer import Upload
+from .._transfer import TransferAccept, Upload
 from ..config import CallPolicy
 from ..config._policy import TaskMode
 from ..errors import (
@@ -75,10 +75,20 @@ from ._tasks import (
     follow_task,
     task_declared,
 )
+from ._validation import validation_deferred
 from .backoff import backoff_delay
 from .callbacks import ProgressCallback
 from .connection import Connection, Session
-from .transfers import CallTransfer, accept_for, fetch_results, plan_uploads, transfers_on, upload_arguments
+from .transfers import (
+    CallTransfer,
+    accept_for,
+    check_output,
+    fetch_results,
+    fetch_structured,
+    plan_uploads,
+    transfers_on,
+    upload_arguments,
+)
 
 __all__ = ["CallRequest", "perform_call"]
 
@@ -527,10 +537,14 @@ async def _finish_transfers(
     Raises:
         RMCPTransferError: A payload could not be read; the tool ran (``error.result``).
     """
+    transfer = request.transfer
+    record = _transfer_recorder(progress)
     try:
-        result = await fetch_results(
-            connection, policy.transfer, result, deadline, request.transfer, _transfer_recorder(progress)
-        )
+        result = await fetch_results(connection, policy.transfer, result, deadline, transfer, record)
+        if transfer is not None and transfer.structured:
+            # The SDK's output-schema check was deferred to here (see transfers.validation_deferred).
+            result = await fetch_structured(connection, policy.transfer, result, deadline, record)
+            await check_output(connection, result)
     except RMCPError as error:
         error.lifecycle = tuple(progress.events)
         raise
@@ -590,14 +604,25 @@ async def _upload(
     return plan.uploads
 
 
+def _accept(policy: CallPolicy, connection: Connection, request: CallRequest) -> TransferAccept:
+    """``_meta.rmcp.transfer`` of an attempt to a server advertising "transfer" (``_upload``
+    made ``request.transfer``)."""
+    transfer = request.transfer
+    assert transfer is not None
+    # Streamed to a sink, a text is not at hand to rebuild {"result": text} from.
+    transfer.structured = transfer.sink is None
+    return accept_for(policy.transfer, connection, structured=transfer.structured)
+
+
 def _drop_uploads(transfer: CallTransfer, request: CallRequest) -> None:
     """The server no longer advertises "transfer" (it was replaced): send the arguments whole,
-    never the ``""`` left at the uploads' places."""
+    never the ``""`` left at the uploads' places, and let the SDK check the answer as usual."""
     plan = transfer.uploads
     if plan is not None:
         request.arguments = plan.original
     transfer.uploads = None
     transfer.scanned = False
+    transfer.structured = False
 
 
 def _max_attempts(configured: int | None, rmcp: ServerSettings | None) -> float:
@@ -964,8 +989,8 @@ async def _send(
         expect_ack = rmcp.version == _EXPECT_ACK_VERSION
         accept = uploads = None
         if transfers_on(rmcp):
-            accept = accept_for(policy.transfer, connection)
             uploads = await _upload(connection, session, request, progress, policy, deadline)
+            accept = _accept(policy, connection, request)
         elif request.transfer is not None:
             _drop_uploads(request.transfer, request)
         meta = encode_request_meta(
@@ -1001,6 +1026,10 @@ async def _send(
     answer: CallToolResult | TaskSnapshot | TaskRef
     # The SDK calls it positionally: any callable of three arguments fits.
     on_progress = None if request.on_progress is None else cast("ProgressFnT", request.on_progress)
+    # A call that takes a transferred structuredContent checks it once rebuilt (_finish_transfers).
+    # Set and cleared without a token: every local is a slot of each pending call's frame.
+    if request.transfer is not None and request.transfer.structured:
+        validation_deferred.set(True)
     try:
         if wire is TaskWire.CORE:
             answer = await create_core_task(
@@ -1072,6 +1101,8 @@ async def _send(
         current_send_hook.reset(sent_token)
         if token is not None:
             current_evidence.reset(token)
+        if request.transfer is not None and request.transfer.structured:
+            validation_deferred.set(False)
     if isinstance(answer, TaskRef):
         return await _resume(connection, session, request, progress, deadline, answer), None
     if isinstance(answer, TaskSnapshot):

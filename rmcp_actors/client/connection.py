@@ -29,6 +29,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from .._exceptions import is_fatal
 from .._protocol import EXPERIMENTAL_KEY, EXTENSION_ID, META_KEY, ServerSettings, decode_server_settings
+from .._transfer import FEATURE_TRANSFER
 from ..config import AuthConfig, ServerPolicy, ServerSpec
 from ..errors import RMCPAuthError, RMCPNetworkError
 from ..runtime import Actor, ActorStatistics, ReplySlot
@@ -36,6 +37,7 @@ from ._failures import Evidence
 from ._http_evidence import current_evidence, describe_refusal
 from ._tasks import TaskStore, gate_task_capability
 from ._transport import Traffic, build_client
+from ._validation import defer_result_validation
 from .auth import resolve_auth
 from .backoff import backoff_delay
 from .callbacks import apply_log_level
@@ -497,6 +499,8 @@ class Connection(Actor[ConnectionRequest]):
                     session.protocol_version = client.protocol_version
                     if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
                         gate_task_capability(client)
+                    if session.rmcp is not None and FEATURE_TRANSFER in session.rmcp.features:
+                        defer_result_validation(client)
                     session.client = client
                     session.ready.set()
                     try:

@@ -44,6 +44,7 @@ from .._transfer import (
     METHOD_READ,
     METHOD_WRITE,
     MIN_CHUNK_SIZE,
+    STRUCTURED_META_KEY,
     TRANSFER_NOT_FOUND_CODE,
     TRANSFER_URI_PREFIX,
     Encoding,
@@ -51,13 +52,14 @@ from .._transfer import (
     TransferAccept,
     TransferHandle,
     TransferredContent,
+    TransferredStructured,
     Upload,
     decode_chunk,
     encode_chunk,
     handle_for,
     upload_id,
 )
-from ..errors import RMCPArgumentError, RMCPError, RMCPTransferError
+from ..errors import RMCPArgumentError, RMCPError, RMCPResultValidationError, RMCPTransferError
 from ..lifecycle import RequestState
 from ..result import CallResult, TransferStatistics
 from ._failures import Attempt, Evidence, classify
@@ -71,9 +73,11 @@ __all__ = [
     "UploadPlan",
     "accept_for",
     "carries_transfers",
+    "check_output",
     "check_sink",
     "chunk_size_for",
     "fetch_results",
+    "fetch_structured",
     "plan_uploads",
     "transfers_on",
     "upload_arguments",
@@ -138,6 +142,9 @@ class CallTransfer:
     scanned: bool = False
     statistics: list[TransferStatistics] = attrs.Factory(list[TransferStatistics])
     counts: dict[str, _Counts] = attrs.Factory(dict[str, "_Counts"])
+    structured: bool = False
+    """The answered attempt accepted a transferred ``structuredContent``: the output schema is
+    checked after the payloads are read (:func:`fetch_structured`)."""
 
 
 def check_sink(sink: object, server: str, tool: str) -> None:
@@ -162,10 +169,16 @@ def transfers_on(settings: ServerSettings | None) -> bool:
     return settings is not None and FEATURE_TRANSFER in settings.features
 
 
-def accept_for(policy: TransferPolicy, connection: Connection) -> TransferAccept:
-    """``_meta.rmcp.transfer`` of a call to ``connection``'s server."""
+def accept_for(policy: TransferPolicy, connection: Connection, *, structured: bool = False) -> TransferAccept:
+    """``_meta.rmcp.transfer`` of a call to ``connection``'s server; ``structured``: the call
+    takes a transferred ``structuredContent`` (its validation then deferred, see
+    :data:`~rmcp_actors.client._validation.validation_deferred`)."""
     sse_limit = connection.policy.max_sse_event_bytes if connection.spec.transport == "http" else None
-    return TransferAccept(threshold=policy.threshold, chunk_size=chunk_size_for(policy.chunk_size, sse_limit))
+    return TransferAccept(
+        threshold=policy.threshold,
+        chunk_size=chunk_size_for(policy.chunk_size, sse_limit),
+        structured=structured,
+    )
 
 
 def chunk_size_for(chunk_size: int, sse_limit: int | None) -> int:
@@ -632,6 +645,112 @@ async def fetch_results(
     if scope.cancelled_caught:
         raise _result_error(None, where, described, result, counts, record)
     return attrs.evolve(result, content=content, transfers=tuple(statistics))
+
+
+async def fetch_structured(
+    connection: Connection,
+    policy: TransferPolicy,
+    result: CallResult,
+    deadline: float,
+    record: Recorder,
+) -> CallResult:
+    """``result`` with its transferred ``structuredContent`` (``_meta["rmcp.structured"]``, read
+    after :func:`fetch_results` rebuilt the content) put back; ``result`` itself when it has none.
+
+    Raises:
+        RMCPTransferError: The payload could not be read, or is not a JSON object; the tool ran.
+    """
+    raw = (result.meta or {}).get(STRUCTURED_META_KEY)
+    if raw is None:
+        return result
+    where = "structuredContent"
+    counts = _Counts()
+    try:
+        try:
+            described = msgspec.convert(raw, TransferredStructured)
+        except msgspec.ValidationError as error:
+            raise _Refused(f"its description in _meta is malformed: {error}") from error
+        if described.result_of is not None:
+            index = described.result_of
+            block = result.content[index] if 0 <= index < len(result.content) else None
+            if block is None or block.type != "text":
+                raise _Refused(f"it repeats content[{index}], which is not a text item")
+            return attrs.evolve(result, structured_content={"result": block.text})
+        handle = described.handle
+        if handle is None or len(handle.chunks) != max(1, -(-handle.size // max(handle.chunk_size, 1))):
+            raise _Refused("its description in _meta has neither a reference nor a valid handle")
+        record(
+            RequestState.TRANSFER, f"reading {where}: {handle.size} bytes in {handle.chunk_count} chunk(s)"
+        )
+        started = anyio.current_time()
+        payload: bytearray | None = None
+        with anyio.move_on_at(deadline) as scope:
+            payload = await _read_payload(
+                _Link(connection, deadline, record),
+                handle,
+                policy.parallel,
+                _Pacer(policy.max_bytes_per_s),
+                counts,
+                _Meter(handle.size, None),
+                None,
+            )
+        if scope.cancelled_caught or payload is None:
+            raise _result_error(None, where, None, result, counts, record)
+        try:
+            structured: object = msgspec.json.decode(payload)
+        except msgspec.DecodeError as error:
+            raise _Refused(f"its payload is not JSON: {error}") from error
+        if not isinstance(structured, dict):
+            raise _Refused("its payload is not a JSON object")
+    except (_Gone, _Refused, RMCPError) as error:
+        if isinstance(error, RMCPTransferError):
+            raise
+        raise _result_error(error, where, None, result, counts, record) from error
+    statistics = TransferStatistics(
+        direction="result",
+        where=where,
+        transfer_id=handle.id,
+        size=handle.size,
+        sha256=handle.sha256,
+        chunks=handle.chunk_count,
+        bytes_moved=counts.bytes_moved,
+        refetched=counts.refetched,
+        reconnects=counts.reconnects,
+        elapsed_s=anyio.current_time() - started,
+    )
+    return attrs.evolve(
+        result,
+        structured_content=cast("dict[str, Any]", structured),
+        transfers=(*result.transfers, statistics),
+    )
+
+
+async def check_output(connection: Connection, result: CallResult) -> None:
+    """Check ``result`` against its tool's output schema, as the SDK's ``call_tool`` checks an
+    answer (deferred for a call that accepted a transferred ``structuredContent``).
+
+    Raises:
+        RMCPResultValidationError: It breaks the schema; the tool ran.
+    """
+    session = connection.current_session()
+    if result.is_error or session is None or session.client is None:
+        return
+    answer = CallToolResult(content=list(result.content))
+    if result.structured_content is not None:
+        answer.structured_content = result.structured_content
+    try:
+        await session.client.session.validate_tool_result(result.tool, answer)
+    except RuntimeError as error:
+        raise RMCPResultValidationError(
+            f"the result breaks the tool's output schema: {error}; the tool ran",
+            server=result.server,
+            tool=result.tool,
+            request_id=result.request_id,
+            idempotency_key=result.idempotency_key,
+            may_have_executed=True,
+        ) from error
+    except MCPError:
+        return  # the tool listing could not be fetched again: the result is the server's
 
 
 def _open_for_writing(path: str) -> IO[bytes]:

@@ -42,6 +42,7 @@ from .._transfer import (
     METHOD_READ,
     METHOD_WRITE,
     MIN_CHUNK_SIZE,
+    STRUCTURED_META_KEY,
     TRANSFER_NOT_FOUND_CODE,
     TRANSFER_URI_PREFIX,
     ChunkData,
@@ -50,6 +51,7 @@ from .._transfer import (
     TransferAccept,
     TransferHandle,
     TransferredContent,
+    TransferredStructured,
     Upload,
     WriteResult,
     decode_chunk,
@@ -128,6 +130,7 @@ class _Target:
     chunk_size: int
     key: str | None
     scope: str
+    structured: bool = False
 
 
 @attrs.frozen
@@ -456,6 +459,7 @@ class TransferService:
             chunk_size=min(accept.chunk_size, self.max_chunk_size),
             key=key,
             scope=scope,
+            structured=accept.structured,
         )
 
         async def run(ctx: ServerRequestContext[Any, Any]) -> HandlerResult:
@@ -489,6 +493,8 @@ class TransferService:
         # returned (a run cut short by max_execution_s, a later stream failing), or they would
         # hold their bytes against the size cap for as long as the key's record lives.
         written: list[str] = []
+        # The texts sent as handles, by index: a structuredContent {"result": text} refers to one.
+        texts: dict[int, str] = {}
         try:
             for index, item in enumerate(cast(list[Any], content)):
                 if isinstance(item, Mapping):
@@ -496,7 +502,10 @@ class TransferService:
                     marker = _stream_marker(item)
                     stream = None if marker is None else streams.pop(marker, None)
                     if stream is None:
+                        original = item
                         item = await self._item(item, index, target, written)
+                        if item is not original and original.get("type") == "text":
+                            texts[index] = original["text"]
                     else:
                         try:
                             item = await self._streamed(stream, index, target, written)
@@ -506,10 +515,64 @@ class TransferService:
                             await self._forget_all(written)
                             return _stream_failed(ctx, target.tool, error)
                 items.append(item)
+            rewritten = {**wire, "content": items}
+            if target.structured and isinstance(structured := wire.get("structuredContent"), Mapping):
+                return await self._structured(
+                    rewritten, cast(Mapping[str, Any], structured), texts, target, written
+                )
         except BaseException:
             await self._forget_all(written)
             raise
-        return {**wire, "content": items}
+        return rewritten
+
+    async def _structured(
+        self,
+        wire: dict[str, Any],
+        structured: Mapping[str, Any],
+        texts: dict[int, str],
+        target: _Target,
+        written: list[str],
+    ) -> dict[str, Any]:
+        """``wire`` with a ``structuredContent`` larger than the threshold left out and described
+        in ``_meta`` (docs/protocol.md 9.2): a reference to the text item it repeats, or its JSON
+        as a transfer of its own."""
+        reference: TransferredStructured | None = None
+        if len(structured) == 1 and isinstance(text := structured.get("result"), str):
+            # MCPServer's shape for a tool returning str: the text item's payload, again.
+            found = next((index for index, sent in texts.items() if sent is text or sent == text), None)
+            if found is not None:
+                reference = TransferredStructured(result_of=found)
+        if reference is None:
+            payload = msgspec.json.encode(structured)
+            if len(payload) <= target.threshold:
+                return wire
+            writer = _ChunkWriter(self, _result_id(), target.chunk_size)
+            written.append(writer.transfer_id)
+            try:
+                await self._open_result(writer.transfer_id, target)
+                view = memoryview(payload)
+                for start in range(0, len(payload), target.chunk_size):
+                    await writer.add(view[start : start + target.chunk_size])
+                handle = await writer.finish(encoding="utf-8", media_type="application/json")
+            except RMCPStoreError:
+                logger.warning(
+                    "RMCP: the blob store could not hold the structured result of tool %r; sent inline",
+                    target.tool,
+                    exc_info=True,
+                )
+                written.remove(writer.transfer_id)
+                await self._forget(writer.transfer_id)
+                return wire
+            self._results += 1
+            reference = TransferredStructured(handle=handle)
+        existing = wire.get("_meta")
+        meta: dict[str, Any] = (
+            dict(cast(Mapping[str, Any], existing)) if isinstance(existing, Mapping) else {}
+        )
+        meta[STRUCTURED_META_KEY] = msgspec.to_builtins(reference)
+        answer = {key: value for key, value in wire.items() if key != "structuredContent"}
+        answer["_meta"] = meta
+        return answer
 
     async def _item(
         self, item: Mapping[str, Any], index: int, target: _Target, written: list[str]
