@@ -255,32 +255,6 @@ async def test_an_item_that_is_not_base64_is_answered_inline_and_leaves_nothing_
     assert data == b"x" * MIB
 
 
-# --- structured output -----------------------------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="structuredContent is always inline (protocol 9.2): MCPServer wraps a str result as "
-    '{"result": text} by default, so the whole payload still travels in the answer beside its '
-    "handle; needs a protocol change, see the review report",
-)
-async def test_a_str_result_with_default_structured_output_does_not_travel_inline() -> None:
-    app = FastRMCP("review", store=MemoryStore())
-
-    @app.tool()
-    async def report() -> str:
-        """A large str result: MCPServer's default structured output wraps it."""
-        return "r" * (5 * MIB)
-
-    accept = {"threshold": MIB, "chunk_size": 256 * KIB}
-    async with serve_http(app) as server, mcp.Client(server.url) as client:
-        result = await client.call_tool("report", {}, meta=rmcp_meta("report", transfer=accept))
-        data = await read_payload(client, transferred(result.content[0]).handle)
-    assert data == b"r" * (5 * MIB)
-    inline = len(json.dumps(result.structured_content))
-    assert inline <= MIB, f"{inline} bytes of structuredContent answered inline beside the handle"
-
-
 # --- concurrency -----------------------------------------------------------------------------------
 
 

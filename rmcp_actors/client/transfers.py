@@ -683,18 +683,22 @@ async def fetch_structured(
             RequestState.TRANSFER, f"reading {where}: {handle.size} bytes in {handle.chunk_count} chunk(s)"
         )
         started = anyio.current_time()
-        payload: bytearray | None = None
+        payload = bytearray()
+
+        async def collect(data: bytes) -> None:
+            payload.extend(data)
+
         with anyio.move_on_at(deadline) as scope:
-            payload = await _read_payload(
+            await _read_payload(
                 _Link(connection, deadline, record),
                 handle,
                 policy.parallel,
                 _Pacer(policy.max_bytes_per_s),
                 counts,
                 _Meter(handle.size, None),
-                None,
+                _Ordered(collect, max(policy.parallel, 1)),
             )
-        if scope.cancelled_caught or payload is None:
+        if scope.cancelled_caught:
             raise _result_error(None, where, None, result, counts, record)
         try:
             structured: object = msgspec.json.decode(payload)
