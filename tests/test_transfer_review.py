@@ -4,7 +4,6 @@ review (docs/protocol.md section 9): each shown with a real server and store."""
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import sys
@@ -18,7 +17,6 @@ import mcp
 import pytest
 import trio
 import trio.testing
-from _http import serve_http
 from mcp import MCPError
 from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver.exceptions import ToolError
