@@ -87,3 +87,28 @@ async def test_a_call_cancelled_mid_read_stops_its_reads_and_closes_its_file(tmp
         # The server and the supervisor still serve calls.
         result = await sup.call("t", "text", {"size": MIB})
     assert result.text == payload(MIB)
+
+
+async def test_upload_progress_stays_monotonic_and_ends_at_the_total_when_a_restart_loses_the_upload(
+    tmp_path: Path,
+) -> None:
+    # A memory store: the restarted process lost the chunks written before it died.
+    marker = tmp_path / "died"
+    args = ("--die-at-write", "5", "--marker", str(marker))
+    text = payload(MIB, 13)
+    seen: list[tuple[int, int]] = []
+    async with supervisor(
+        "stdio",
+        program="transfer_faults.py",
+        args=args,
+        transfer=TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=1),
+    ) as sup:
+        result = await sup.call(
+            "t", "digest", {"text": text}, on_transfer_progress=lambda done, total: seen.append((done, total))
+        )
+    assert marker.exists()
+    assert result.structured_content is not None
+    assert result.structured_content["sha256"] == sha(text)
+    assert all(total == MIB for _, total in seen)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert seen[-1] == (MIB, MIB)
