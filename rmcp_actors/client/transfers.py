@@ -216,6 +216,9 @@ class _Counts:
     reconnects: int = 0
     # The chunks of an upload written so far, over every attempt: writing one again is a resend.
     sent: set[int] = attrs.Factory(set[int])
+    # The chunks of an upload counted in the progress, over every attempt: a chunk the server
+    # lost (restarted with a memory store) and is sent again does not count twice.
+    reported: set[int] = attrs.Factory(set[int])
 
 
 @attrs.define(eq=False)
@@ -750,6 +753,10 @@ async def upload_arguments(
     link = _Link(connection, deadline, record)
     pacer = _Pacer(policy.max_bytes_per_s)
     meter = _Meter(sum(item.handle.size for item in plan.items), transfer.on_progress)
+    # Progress goes on from the earlier attempts' (a retried call's upload does not restart at 0).
+    for item in plan.items:
+        if (earlier := transfer.counts.get(item.handle.id)) is not None:
+            meter.done += sum(item.handle.chunk_length(index) for index in earlier.reported)
     transfer.statistics = []
     for item in plan.items:
         handle = item.handle
@@ -796,16 +803,21 @@ async def _upload(
     view = memoryview(item.payload)
     wire_handle = msgspec.to_builtins(handle)
     first = True
+
+    def report(indices: Sequence[int] | set[int]) -> None:
+        fresh = [index for index in indices if index < handle.chunk_count and index not in counts.reported]
+        counts.reported.update(fresh)
+        meter.advance(sum(handle.chunk_length(index) for index in fresh))
+
     for _ in range(_MAX_UPLOAD_ROUNDS):
         answer = await link.send(METHOD_OPEN, {"handle": wire_handle}, counts, "write")
         try:
             held = set(msgspec.convert(answer, OpenResult).have)
         except msgspec.ValidationError as error:
             raise _Refused(f"the answer to {METHOD_OPEN} is not an OpenResult: {error}") from error
-        if first:
-            if first_attempt:
-                counts.already_held = len(held)
-            meter.advance(sum(handle.chunk_length(index) for index in held if index < handle.chunk_count))
+        if first and first_attempt:
+            counts.already_held = len(held)
+        report(held)
         missing = [index for index in range(handle.chunk_count) if index not in held]
         record(
             RequestState.TRANSFER,
@@ -818,7 +830,7 @@ async def _upload(
         async def write(position: int, missing: list[int] = missing) -> None:
             index = missing[position]
             await _write_chunk(link, handle, view, index, pacer, counts)
-            meter.advance(handle.chunk_length(index))
+            report((index,))
 
         try:
             await _run_workers(len(missing), parallel, write)
