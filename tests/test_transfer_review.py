@@ -15,7 +15,8 @@ from mcp.server.mcpserver import MCPServer
 from test_transfer_client import KIB, MIB, sha, supervisor
 from transfer_server import build_transfer_server, payload
 
-from rmcp_actors import RMCPTimeoutError, RMCPTransferError, TransferOverrides
+import rmcp_actors
+from rmcp_actors import RMCPSupervisor, RMCPTimeoutError, RMCPTransferError, TransferOverrides
 from rmcp_actors._transfer import METHOD_READ, METHOD_WRITE
 
 PARALLEL = TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=4)
@@ -112,3 +113,98 @@ async def test_upload_progress_stays_monotonic_and_ends_at_the_total_when_a_rest
     assert all(total == MIB for _, total in seen)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     assert seen[-1] == (MIB, MIB)
+
+
+async def test_a_sink_on_a_full_disk_fails_its_call_alone(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    pieces: list[bytes] = []
+
+    async def refuse(piece: bytes) -> None:
+        if len(pieces) == 3:
+            raise OSError(28, "No space left on device")
+        pieces.append(piece)
+
+    async with supervisor("memory", transfer=PARALLEL) as sup, trio.open_nursery() as nursery:
+        good: list[Any] = []
+
+        async def healthy() -> None:
+            good.append(await sup.call("t", "text", {"size": 2 * MIB, "seed": 7}))
+
+        nursery.start_soon(healthy)
+        before = open_fds()
+        failed: list[RMCPTransferError] = []
+        # /dev/full: every write fails with ENOSPC, as on a full disk.
+        for sink in (Path("/dev/full"), blocker / "out.txt", refuse):
+            with pytest.raises(RMCPTransferError) as raised:
+                await sup.call("t", "text", {"size": MIB}, result_sink=sink)
+            failed.append(raised.value)
+        assert open_fds() == before
+    assert "No space left on device" in failed[0].message
+    assert "NotADirectoryError" in failed[1].message
+    assert "No space left on device" in failed[2].message
+    for error in failed:
+        assert error.may_have_executed
+        assert error.outcome is rmcp_actors.Outcome.SUCCEEDED
+        assert error.result is not None
+        assert "result sink" in error.message
+    assert len(pieces) == 3
+    assert good[0].text == payload(2 * MIB, 7)
+
+
+async def test_two_transferred_items_go_to_one_file_one_after_the_other(tmp_path: Path) -> None:
+    target = tmp_path / "both.bin"
+    seen: list[tuple[int, int]] = []
+    async with supervisor("memory", transfer=PARALLEL) as sup:
+        result = await sup.call(
+            "t",
+            "resources",
+            {"size": 300 * KIB},
+            result_sink=target,
+            on_transfer_progress=lambda done, total: seen.append((done, total)),
+        )
+    assert target.read_bytes() == payload(300 * KIB, 4).encode() + payload(300 * KIB, 5).encode()
+    assert [moved.size for moved in result.transfers] == [300 * KIB, 300 * KIB]
+    assert [block.type for block in result.content] == ["resource_link", "resource_link"]
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert seen[-1] == (600 * KIB, 600 * KIB)
+
+
+async def test_map_with_sinks_fails_the_item_whose_sink_fails_alone(tmp_path: Path) -> None:
+    (tmp_path / "1.txt").mkdir()  # a directory where item 1's file should go: it cannot be opened
+    items = [{"size": 200 * KIB, "seed": seed} for seed in range(4)]
+
+    def sink(item: Any) -> Path:
+        return tmp_path / f"{item['seed']}.txt"
+
+    async with supervisor("memory", transfer=PARALLEL) as sup:
+        async with sup.map("t", "text", items, result_sink=sink) as results:
+            outcomes = dict([pair async for pair in results])
+    assert isinstance(outcomes[1], RMCPTransferError)
+    for seed in (0, 2, 3):
+        assert isinstance(outcomes[seed], rmcp_actors.CallResult)
+        assert (tmp_path / f"{seed}.txt").read_text() == payload(200 * KIB, seed)
+
+
+async def test_a_supervisor_closed_mid_read_ends_the_call_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    app = build_transfer_server()
+    reached = trio.Event()
+    stall(app, METHOD_READ, 6, reached)
+    errors: list[BaseException] = []
+
+    async def call(sup: RMCPSupervisor) -> None:
+        try:
+            await sup.call("t", "text", {"size": MIB}, timeout=100)
+        except Exception as error:
+            errors.append(error)
+
+    async with trio.open_nursery() as nursery:
+        async with supervisor("memory", app, transfer=PARALLEL) as sup:
+            nursery.start_soon(call, sup)
+            await reached.wait()
+            closed = trio.current_time()
+        with trio.fail_after(5):
+            while not errors:
+                await trio.sleep(0.01)
+    assert trio.current_time() - closed < 5
+    assert isinstance(errors[0], RMCPTransferError)
