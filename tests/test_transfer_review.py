@@ -208,3 +208,64 @@ async def test_a_supervisor_closed_mid_read_ends_the_call_at_once(autojump_clock
                 await trio.sleep(0.01)
     assert trio.current_time() - closed < 5
     assert isinstance(errors[0], RMCPTransferError)
+
+
+async def test_an_upload_cancelled_midway_frees_its_slot_and_a_retry_sends_only_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = build_transfer_server()
+    reached = trio.Event()
+    stall(app, METHOD_WRITE, 9, reached)
+    text = payload(MIB, 21)
+    async with supervisor("memory", app, transfer=PARALLEL, max_concurrency=1) as sup:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: sup.call("t", "digest", {"text": text}, timeout=100))
+            await reached.wait()
+            nursery.cancel_scope.cancel()
+        # The one slot is free: the retry gets it at once and finds the chunks written before.
+        with trio.fail_after(1):
+            result = await sup.call("t", "digest", {"text": text})
+    assert result.structured_content is not None
+    assert result.structured_content["sha256"] == sha(text)
+    moved = result.transfers[0]
+    assert moved.already_held >= 9
+    assert moved.bytes_moved == (16 - moved.already_held) * 64 * KIB
+    assert app.runs == {"digest": 1}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["memory", "stdio"])
+async def test_concurrent_calls_uploading_the_same_text_both_run_with_it_whole(transport: str) -> None:
+    text = payload(2 * MIB, 22)
+    async with supervisor(transport, transfer=PARALLEL) as sup:
+        results: list[Any] = []
+
+        async def call(label: str) -> None:
+            results.append(await sup.call("t", "digest", {"text": text, "label": label}))
+
+        async with trio.open_nursery() as nursery:
+            for label in "abc":
+                nursery.start_soon(call, label)
+    assert sorted(result.structured_content["label"] for result in results) == ["a", "b", "c"]
+    for result in results:
+        assert result.structured_content["sha256"] == sha(text)
+        assert result.structured_content["length"] == 2 * MIB
+
+
+async def test_max_bytes_per_s_bounds_the_rate_of_parallel_reads_and_uploads(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    paced = TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=4, max_bytes_per_s=256 * KIB)
+    text = payload(MIB, 23)
+    async with supervisor("memory", transfer=paced) as sup:
+        started = trio.current_time()
+        result = await sup.call("t", "text", {"size": MIB}, timeout=60)
+        read_s = trio.current_time() - started
+        started = trio.current_time()
+        sent = await sup.call("t", "digest", {"text": text}, timeout=60)
+        upload_s = trio.current_time() - started
+    assert result.text == payload(MIB)
+    assert sent.structured_content is not None
+    assert sent.structured_content["sha256"] == sha(text)
+    # 16 chunks of 64 KiB at 256 KiB/s, 4 at a time: still one every 0.25 s after the first.
+    assert read_s == pytest.approx(15 * 0.25, abs=0.05)
+    assert upload_s == pytest.approx(15 * 0.25, abs=0.05)
