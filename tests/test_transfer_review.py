@@ -16,7 +16,7 @@ from test_transfer_client import KIB, MIB, sha, supervisor
 from transfer_server import build_transfer_server, payload
 
 import rmcp_actors
-from rmcp_actors import RMCPSupervisor, RMCPTimeoutError, RMCPTransferError, TransferOverrides
+from rmcp_actors import HedgeOverrides, RMCPSupervisor, RMCPTimeoutError, RMCPTransferError, TransferOverrides
 from rmcp_actors._transfer import METHOD_READ, METHOD_WRITE
 
 PARALLEL = TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=4)
@@ -269,3 +269,18 @@ async def test_max_bytes_per_s_bounds_the_rate_of_parallel_reads_and_uploads(
     # 16 chunks of 64 KiB at 256 KiB/s, 4 at a time: still one every 0.25 s after the first.
     assert read_s == pytest.approx(15 * 0.25, abs=0.05)
     assert upload_s == pytest.approx(15 * 0.25, abs=0.05)
+
+
+async def test_a_hedge_of_a_call_still_uploading_does_not_upload_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    paced = TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=4, max_bytes_per_s=256 * KIB)
+    text = payload(MIB, 24)
+    app = build_transfer_server()
+    async with supervisor("memory", app, transfer=paced, hedge=HedgeOverrides(delay_s=0.5)) as sup:
+        result = await sup.call("t", "digest", {"text": text}, timeout=60)
+    assert result.structured_content is not None
+    assert result.structured_content["sha256"] == sha(text)
+    (moved,) = result.transfers
+    assert (moved.bytes_moved, moved.resent) == (MIB, 0)
+    assert app.runs == {"digest": 1}  # type: ignore[attr-defined]
