@@ -137,6 +137,9 @@ class CallTransfer:
     scanned: bool = False
     statistics: list[TransferStatistics] = attrs.Factory(list[TransferStatistics])
     counts: dict[str, _Counts] = attrs.Factory(dict[str, "_Counts"])
+    # One upload at a time: a hedge sent while the first attempt still uploads waits for it
+    # and then finds every chunk held, instead of sending the same chunks beside it.
+    uploading: anyio.Lock = attrs.Factory(anyio.Lock)
 
 
 def check_sink(sink: object, server: str, tool: str) -> None:
@@ -750,6 +753,18 @@ async def upload_arguments(
         RMCPTransferError: The server refused the upload (the tool did not run).
         RMCPError: No session could be had (see :meth:`Connection.wait_session`).
     """
+    async with transfer.uploading:
+        await _upload_arguments(connection, plan, policy, deadline, transfer, record)
+
+
+async def _upload_arguments(
+    connection: Connection,
+    plan: UploadPlan,
+    policy: TransferPolicy,
+    deadline: float,
+    transfer: CallTransfer,
+    record: Recorder,
+) -> None:
     link = _Link(connection, deadline, record)
     pacer = _Pacer(policy.max_bytes_per_s)
     meter = _Meter(sum(item.handle.size for item in plan.items), transfer.on_progress)
@@ -757,7 +772,9 @@ async def upload_arguments(
     for item in plan.items:
         if (earlier := transfer.counts.get(item.handle.id)) is not None:
             meter.done += sum(item.handle.chunk_length(index) for index in earlier.reported)
-    transfer.statistics = []
+    # Set once every upload is done: an attempt cut meanwhile (a hedge that lost the race)
+    # leaves the statistics of the one that completed.
+    statistics: list[TransferStatistics] = []
     for item in plan.items:
         handle = item.handle
         first_attempt = handle.id not in transfer.counts
@@ -772,7 +789,7 @@ async def upload_arguments(
                 "sent and the tool did not run: call again (the chunks the server holds are not sent "
                 "again), or pass a smaller argument",
             ) from error
-        transfer.statistics.append(
+        statistics.append(
             TransferStatistics(
                 direction="argument",
                 where=item.where,
@@ -787,6 +804,7 @@ async def upload_arguments(
                 elapsed_s=anyio.current_time() - started,
             )
         )
+    transfer.statistics = statistics
 
 
 async def _upload(
