@@ -177,16 +177,20 @@ async def test_map_with_sinks_fails_the_item_whose_sink_fails_alone(tmp_path: Pa
     def sink(item: Any) -> Path:
         return tmp_path / f"{item['seed']}.txt"
 
-    async with supervisor("memory", transfer=PARALLEL) as sup:
-        async with sup.map("t", "text", items, result_sink=sink) as results:
-            outcomes = dict([pair async for pair in results])
+    async with (
+        supervisor("memory", transfer=PARALLEL) as sup,
+        sup.map("t", "text", items, result_sink=sink) as results,
+    ):
+        outcomes = dict([pair async for pair in results])
     assert isinstance(outcomes[1], RMCPTransferError)
     for seed in (0, 2, 3):
         assert isinstance(outcomes[seed], rmcp_actors.CallResult)
         assert (tmp_path / f"{seed}.txt").read_text() == payload(200 * KIB, seed)
 
 
-async def test_a_supervisor_closed_mid_read_ends_the_call_at_once(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_supervisor_closed_mid_read_ends_the_call_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     app = build_transfer_server()
     reached = trio.Event()
     stall(app, METHOD_READ, 6, reached)
