@@ -288,3 +288,13 @@ async def test_a_hedge_of_a_call_still_uploading_does_not_upload_again(
     (moved,) = result.transfers
     assert (moved.bytes_moved, moved.resent) == (MIB, 0)
     assert app.runs == {"digest": 1}  # type: ignore[attr-defined]
+
+
+async def test_over_http_an_argument_uploads_in_default_size_chunks() -> None:
+    # A 1 MiB chunk's write is 1.33 MiB of base64 in one POST body (only answers are SSE events).
+    text = payload(3 * MIB, 25)
+    async with supervisor("http", transfer=TransferOverrides(threshold=64 * KIB)) as sup:
+        result = await sup.call("t", "digest", {"text": text})
+    assert result.structured_content is not None
+    assert result.structured_content["sha256"] == sha(text)
+    assert result.transfers[0].chunks == 3
