@@ -284,8 +284,12 @@ class _Link:
                 verdict = classify(
                     error, evidence, transport_closed=session.broken.is_set(), handed_over=True
                 )
-                if verdict is not None and verdict.attempt is Attempt.TIMED_OUT:
-                    # The SDK's timeout is the call's deadline less a margin: asking again
+                if (
+                    verdict is not None
+                    and verdict.attempt is Attempt.TIMED_OUT
+                    and self.deadline - anyio.current_time() < 2 * _SDK_TIMEOUT_MARGIN_S
+                ):
+                    # The SDK's timeout, set to the call's deadline less a margin: asking again
                     # could not be answered in time and would hide the timeout behind "lost
                     # answers". The caller's scope at the deadline ends the transfer as one.
                     await anyio.sleep_until(self.deadline)
