@@ -298,3 +298,25 @@ async def test_over_http_an_argument_uploads_in_default_size_chunks() -> None:
     assert result.structured_content is not None
     assert result.structured_content["sha256"] == sha(text)
     assert result.transfers[0].chunks == 3
+
+
+async def test_the_timeout_sent_with_an_uploaded_call_is_what_is_left_after_the_upload(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    paced = TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=4, max_bytes_per_s=256 * KIB)
+    app = build_transfer_server()
+    lowlevel = app._lowlevel_server  # pyright: ignore[reportPrivateUsage]
+    entry = lowlevel.get_request_handler("tools/call")
+    assert entry is not None
+    told: list[int] = []
+
+    async def handler(ctx: Any, params: Any) -> Any:
+        told.append(params.meta["rmcp"]["timeout_ms"])
+        return await entry.handler(ctx, params)
+
+    lowlevel.add_request_handler("tools/call", entry.params_type, handler)
+    async with supervisor("memory", app, transfer=paced) as sup:
+        result = await sup.call("t", "digest", {"text": payload(MIB, 26)}, timeout=10)
+    assert result.structured_content is not None
+    # The upload took 15 * 0.25 s of the 10 s ("how long the client will still wait").
+    assert told == [pytest.approx(6250, abs=50)]
