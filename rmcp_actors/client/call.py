@@ -966,6 +966,9 @@ async def _send(
         if transfers_on(rmcp):
             accept = accept_for(policy.transfer, connection)
             uploads = await _upload(connection, session, request, progress, policy, deadline)
+            if uploads is not None:
+                # The upload took its time: the call carries, and waits, what is left.
+                remaining = deadline - loop.clock()
         elif request.transfer is not None:
             _drop_uploads(request.transfer, request)
         meta = encode_request_meta(
