@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import trio
@@ -320,3 +320,27 @@ async def test_the_timeout_sent_with_an_uploaded_call_is_what_is_left_after_the_
     assert result.structured_content is not None
     # The upload took 15 * 0.25 s of the 10 s ("how long the client will still wait").
     assert told == [pytest.approx(6250, abs=50)]
+
+
+def unread_pipe() -> tuple[int, IO[bytes]]:
+    """A pipe nobody reads: its read end, and its write end as a binary file object."""
+    read_end, write_end = os.pipe()
+    return read_end, open(write_end, "wb", buffering=0)
+
+
+async def test_a_file_sink_that_blocks_forever_ends_at_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The first writes fill the pipe, the next blocks in its worker thread.
+    read_end, sink = unread_pipe()
+    try:
+        async with supervisor("memory", transfer=PARALLEL) as sup:
+            with trio.fail_after(30):
+                with pytest.raises(RMCPTransferError) as raised:
+                    await sup.call("t", "text", {"size": MIB}, result_sink=sink, timeout=5)
+            assert "timeout passed" in raised.value.message
+            # Others still call meanwhile.
+            assert (await sup.call("t", "text", {"size": 100 * KIB})).text == payload(100 * KIB)
+    finally:
+        os.close(read_end)  # the blocked write fails now, and its thread ends
+        sink.close()
