@@ -453,8 +453,12 @@ def _sink_writer(sink: ResultSink, opened: IO[bytes] | None) -> Callable[[bytes]
         try:
             if callable(target):
                 await target(data)
+            elif opened is None:
+                # The caller's file object may block for good (a pipe nobody reads): the
+                # call's deadline or cancel leaves the thread to it rather than wait.
+                await anyio.to_thread.run_sync(cast("IO[bytes]", target).write, data, abandon_on_cancel=True)
             else:
-                await anyio.to_thread.run_sync(cast("IO[bytes]", target).write, data)
+                await anyio.to_thread.run_sync(opened.write, data)
         except Exception as error:
             raise _SinkFailed(f"{type(error).__name__}: {error}") from error
 
