@@ -16,7 +16,14 @@ from test_transfer_client import KIB, MIB, sha, supervisor
 from transfer_server import build_transfer_server, payload
 
 import rmcp_actors
-from rmcp_actors import HedgeOverrides, RMCPSupervisor, RMCPTimeoutError, RMCPTransferError, TransferOverrides
+from rmcp_actors import (
+    HedgeOverrides,
+    RMCPSupervisor,
+    RMCPTimeoutAfterSendError,
+    RMCPTimeoutError,
+    RMCPTransferError,
+    TransferOverrides,
+)
 from rmcp_actors._transfer import METHOD_READ, METHOD_WRITE
 
 PARALLEL = TransferOverrides(threshold=64 * KIB, chunk_size=64 * KIB, parallel=4)
@@ -344,3 +351,48 @@ async def test_a_file_sink_that_blocks_forever_ends_at_the_deadline(
     finally:
         os.close(read_end)  # the blocked write fails now, and its thread ends
         sink.close()
+
+
+async def test_a_supervisor_closed_mid_upload_ends_the_call_with_nothing_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = build_transfer_server()
+    reached = trio.Event()
+    stall(app, METHOD_WRITE, 6, reached)
+    errors: list[Exception] = []
+
+    async def call(sup: RMCPSupervisor) -> None:
+        try:
+            await sup.call("t", "digest", {"text": payload(MIB, 27)}, timeout=100)
+        except Exception as error:
+            errors.append(error)
+
+    async with trio.open_nursery() as nursery, supervisor("memory", app, transfer=PARALLEL) as sup:
+        nursery.start_soon(call, sup)
+        await reached.wait()
+        closed = trio.current_time()
+    assert trio.current_time() - closed < 5
+    (error,) = errors
+    assert isinstance(error, rmcp_actors.RMCPError)
+    assert not error.may_have_executed
+    assert app.runs == {}  # type: ignore[attr-defined]
+
+
+async def test_a_deadline_during_the_call_after_an_upload_is_a_timeout_after_send(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = build_transfer_server()
+
+    @app.tool()
+    async def hang(text: str) -> str:
+        """Never answers."""
+        await trio.sleep_forever()
+        return text
+
+    async with supervisor("memory", app, transfer=PARALLEL) as sup:
+        started = trio.current_time()
+        with pytest.raises(RMCPTimeoutAfterSendError) as raised:
+            await sup.call("t", "hang", {"text": payload(MIB)}, timeout=10)
+        assert trio.current_time() - started == pytest.approx(10, abs=0.05)
+    assert raised.value.may_have_executed
+    assert not isinstance(raised.value, RMCPTransferError)
