@@ -138,8 +138,9 @@ class CallTransfer:
     statistics: list[TransferStatistics] = attrs.Factory(list[TransferStatistics])
     counts: dict[str, _Counts] = attrs.Factory(dict[str, "_Counts"])
     # One upload at a time: a hedge sent while the first attempt still uploads waits for it
-    # and then finds every chunk held, instead of sending the same chunks beside it.
-    uploading: anyio.Lock = attrs.Factory(anyio.Lock)
+    # and then finds every chunk held, instead of sending the same chunks beside it. Made at
+    # the first upload (a pending call without one holds no lock: "Memory per pending call").
+    uploading: anyio.Lock | None = None
 
 
 def check_sink(sink: object, server: str, tool: str) -> None:
@@ -761,6 +762,8 @@ async def upload_arguments(
         RMCPTransferError: The server refused the upload (the tool did not run).
         RMCPError: No session could be had (see :meth:`Connection.wait_session`).
     """
+    if transfer.uploading is None:
+        transfer.uploading = anyio.Lock()
     async with transfer.uploading:
         await _upload_arguments(connection, plan, policy, deadline, transfer, record)
 
