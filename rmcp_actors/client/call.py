@@ -991,6 +991,9 @@ async def _send(
         if transfers_on(rmcp):
             uploads = await _upload(connection, session, request, progress, policy, deadline)
             accept = _accept(policy, connection, request)
+            if uploads is not None:
+                # The upload took its time: the call carries, and waits, what is left.
+                remaining = deadline - loop.clock()
         elif request.transfer is not None:
             _drop_uploads(request.transfer, request)
         meta = encode_request_meta(

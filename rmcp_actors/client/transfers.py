@@ -145,6 +145,10 @@ class CallTransfer:
     structured: bool = False
     """The answered attempt accepted a transferred ``structuredContent``: the output schema is
     checked after the payloads are read (:func:`fetch_structured`)."""
+    # One upload at a time: a hedge sent while the first attempt still uploads waits for it
+    # and then finds every chunk held, instead of sending the same chunks beside it. Made at
+    # the first upload (a pending call without one holds no lock: "Memory per pending call").
+    uploading: anyio.Lock | None = None
 
 
 def check_sink(sink: object, server: str, tool: str) -> None:
@@ -230,6 +234,9 @@ class _Counts:
     reconnects: int = 0
     # The chunks of an upload written so far, over every attempt: writing one again is a resend.
     sent: set[int] = attrs.Factory(set[int])
+    # The chunks of an upload counted in the progress, over every attempt: a chunk the server
+    # lost (restarted with a memory store) and is sent again does not count twice.
+    reported: set[int] = attrs.Factory(set[int])
 
 
 @attrs.define(eq=False)
@@ -292,6 +299,16 @@ class _Link:
                 verdict = classify(
                     error, evidence, transport_closed=session.broken.is_set(), handed_over=True
                 )
+                if (
+                    verdict is not None
+                    and verdict.attempt is Attempt.TIMED_OUT
+                    and self.deadline - anyio.current_time() < 2 * _SDK_TIMEOUT_MARGIN_S
+                ):
+                    # The SDK's timeout, set to the call's deadline less a margin: asking again
+                    # could not be answered in time and would hide the timeout behind "lost
+                    # answers". The caller's scope at the deadline ends the transfer as one.
+                    await anyio.sleep_until(self.deadline)
+                    raise _Refused(verdict.reason) from error
                 if verdict is None or verdict.attempt in (
                     Attempt.ANSWERED,
                     Attempt.UNREADABLE,
@@ -451,8 +468,12 @@ def _sink_writer(sink: ResultSink, opened: IO[bytes] | None) -> Callable[[bytes]
         try:
             if callable(target):
                 await target(data)
+            elif opened is None:
+                # The caller's file object may block for good (a pipe nobody reads): the
+                # call's deadline or cancel leaves the thread to it rather than wait.
+                await anyio.to_thread.run_sync(cast("IO[bytes]", target).write, data, abandon_on_cancel=True)
             else:
-                await anyio.to_thread.run_sync(cast("IO[bytes]", target).write, data)
+                await anyio.to_thread.run_sync(opened.write, data)
         except Exception as error:
             raise _SinkFailed(f"{type(error).__name__}: {error}") from error
 
@@ -896,10 +917,30 @@ async def upload_arguments(
         RMCPTransferError: The server refused the upload (the tool did not run).
         RMCPError: No session could be had (see :meth:`Connection.wait_session`).
     """
+    if transfer.uploading is None:
+        transfer.uploading = anyio.Lock()
+    async with transfer.uploading:
+        await _upload_arguments(connection, plan, policy, deadline, transfer, record)
+
+
+async def _upload_arguments(
+    connection: Connection,
+    plan: UploadPlan,
+    policy: TransferPolicy,
+    deadline: float,
+    transfer: CallTransfer,
+    record: Recorder,
+) -> None:
     link = _Link(connection, deadline, record)
     pacer = _Pacer(policy.max_bytes_per_s)
     meter = _Meter(sum(item.handle.size for item in plan.items), transfer.on_progress)
-    transfer.statistics = []
+    # Progress goes on from the earlier attempts' (a retried call's upload does not restart at 0).
+    for item in plan.items:
+        if (earlier := transfer.counts.get(item.handle.id)) is not None:
+            meter.done += sum(item.handle.chunk_length(index) for index in earlier.reported)
+    # Set once every upload is done: an attempt cut meanwhile (a hedge that lost the race)
+    # leaves the statistics of the one that completed.
+    statistics: list[TransferStatistics] = []
     for item in plan.items:
         handle = item.handle
         first_attempt = handle.id not in transfer.counts
@@ -914,7 +955,7 @@ async def upload_arguments(
                 "sent and the tool did not run: call again (the chunks the server holds are not sent "
                 "again), or pass a smaller argument",
             ) from error
-        transfer.statistics.append(
+        statistics.append(
             TransferStatistics(
                 direction="argument",
                 where=item.where,
@@ -929,6 +970,7 @@ async def upload_arguments(
                 elapsed_s=anyio.current_time() - started,
             )
         )
+    transfer.statistics = statistics
 
 
 async def _upload(
@@ -945,16 +987,21 @@ async def _upload(
     view = memoryview(item.payload)
     wire_handle = msgspec.to_builtins(handle)
     first = True
+
+    def report(indices: Sequence[int] | set[int]) -> None:
+        fresh = [index for index in indices if index < handle.chunk_count and index not in counts.reported]
+        counts.reported.update(fresh)
+        meter.advance(sum(handle.chunk_length(index) for index in fresh))
+
     for _ in range(_MAX_UPLOAD_ROUNDS):
         answer = await link.send(METHOD_OPEN, {"handle": wire_handle}, counts, "write")
         try:
             held = set(msgspec.convert(answer, OpenResult).have)
         except msgspec.ValidationError as error:
             raise _Refused(f"the answer to {METHOD_OPEN} is not an OpenResult: {error}") from error
-        if first:
-            if first_attempt:
-                counts.already_held = len(held)
-            meter.advance(sum(handle.chunk_length(index) for index in held if index < handle.chunk_count))
+        if first and first_attempt:
+            counts.already_held = len(held)
+        report(held)
         missing = [index for index in range(handle.chunk_count) if index not in held]
         record(
             RequestState.TRANSFER,
@@ -967,7 +1014,7 @@ async def _upload(
         async def write(position: int, missing: list[int] = missing) -> None:
             index = missing[position]
             await _write_chunk(link, handle, view, index, pacer, counts)
-            meter.advance(handle.chunk_length(index))
+            report((index,))
 
         try:
             await _run_workers(len(missing), parallel, write)
