@@ -28,9 +28,12 @@ CALLS = 2_000
 # with room for small changes in object sizes.
 QUEUED_BOUND = 3_400
 # Bytes a sup.call pending at the server holds beyond a raw Client.call_tool, over PENDING
-# calls on the JSON-RPC wire, here: 4,101 after issue 11's first pass, 3,537 after its second.
+# calls on the JSON-RPC wire, here: 4,101 after issue 11's first pass, 3,537 after its second
+# (3,620-3,760 in later runs), 3,810-3,900 after issue 12 (the call's transfer field and the
+# locals of the transfer path in perform_call and _send). The bound stays under issue 11's goal
+# of 4,096 bytes.
 PENDING = 500
-PENDING_BOUND = 3_850
+PENDING_BOUND = 4_000
 
 
 async def traced_per_task(
