@@ -36,13 +36,13 @@ INTERRUPTED = 130
 TERMINATED = 143
 
 
-def _interrupted(error: BaseException) -> bool:
+def is_ctrl_c(error: BaseException) -> bool:
     """Whether Ctrl-C ended the run: Ctrl-C reaches the main task wherever it waits, and inside
     the SDK's task groups (the raw clients of rmcp bench, a handshake) it comes out wrapped in
     an exception group."""
     if isinstance(error, BaseExceptionGroup):
         group = cast("BaseExceptionGroup[BaseException]", error)
-        return any(_interrupted(inner) for inner in group.exceptions)
+        return any(is_ctrl_c(inner) for inner in group.exceptions)
     return isinstance(error, KeyboardInterrupt)
 
 
@@ -74,7 +74,7 @@ def run(body: Callable[[], Awaitable[_T]], *, interrupted: Callable[[], str] = s
     try:
         return trio.run(body)
     except BaseException as exc:
-        if not _interrupted(exc):
+        if not is_ctrl_c(exc):
             raise
         word = "terminated" if terminated else "interrupted"
         stderr().print(f"[bold red]{word}[/] {escape(interrupted())}".rstrip(), highlight=False)

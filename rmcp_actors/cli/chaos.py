@@ -19,6 +19,7 @@ from ..errors import RMCPConfigError
 from ..testing.chaos import WAYS, ChaosReport, WayName, run_chaos
 from ..testing.faults import FaultPlan
 from ._app import ExitCode, app, fail, stderr, stdout
+from ._connect import is_ctrl_c
 
 __all__ = ["DEFAULT_FAULTS", "chaos"]
 
@@ -144,11 +145,15 @@ def chaos(
             report = trio.run(
                 lambda: run_chaos(calls, concurrency, faults=plan, transport=transport, progress=advance)
             )
-        except* KeyboardInterrupt:
+        except BaseException as error:
             # trio's nurseries deliver Ctrl-C inside an exception group, which the command line's
             # own Ctrl-C handling does not recognise: it would print the group and exit 1, the
-            # status of an rmcp way that ran a call twice.
-            raise typer.Abort from None
+            # status of an rmcp way that ran a call twice. The group may also hold what the
+            # interrupt broke on its way (the SDK's in-memory server: BrokenResourceError), so
+            # any Ctrl-C in it is an abort, not only a group of Ctrl-Cs alone.
+            if is_ctrl_c(error):
+                raise typer.Abort from None
+            raise
     if as_json:
         stdout().out(json.dumps(report.to_json()), highlight=False)
     else:
