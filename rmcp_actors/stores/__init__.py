@@ -12,6 +12,7 @@ from ._base import BeginOutcome as BeginOutcome
 from ._base import BlobStore as BlobStore
 from ._base import DedupRecord as DedupRecord
 from ._base import DedupStore as DedupStore
+from ._base import ImmediateStore as ImmediateStore
 from ._base import OwnerInfo as OwnerInfo
 from ._base import RecordState as RecordState
 from ._base import TaskCreation as TaskCreation
@@ -32,6 +33,7 @@ __all__ = [
     "BlobStore",
     "DedupRecord",
     "DedupStore",
+    "ImmediateStore",
     "MemoryJournal",
     "MemoryStore",
     "OwnerInfo",

@@ -172,14 +172,25 @@ class MemoryStore:
         if instance_id in self._owner_leases:
             self._released_owners.add(instance_id)
 
-    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
-        """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists."""
+    async def begin(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome:
+        """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists; with
+        ``entered``, claimed already entered, unless ``owner``'s lease lapsed."""
+        return self.begin_now(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
+
+    def begin_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome:
+        """:meth:`begin`, which never waits."""
         self._check_open()
         now = self._clock()
         existing = self._live_entry(key, now)
         if existing is not None and not self._claimable(existing, fingerprint, owner, now):
             return BeginOutcome(claimed=False, existing=self._to_record(key, existing, now))
-        return self._put(key, existing, fingerprint, tool, RecordState.STARTED, owner, now)
+        if entered and not self._owner_alive(owner, now):
+            return BeginOutcome(claimed=False, existing=None)
+        return self._put(key, existing, fingerprint, tool, RecordState.STARTED, owner, now, entered=entered)
 
     async def abort(
         self,
@@ -227,6 +238,8 @@ class MemoryStore:
         state: RecordState,
         owner: str,
         now: float,
+        *,
+        entered: bool = False,
     ) -> BeginOutcome:
         """Store a fresh record of ``key`` in ``state`` (over ``existing``, if any)."""
         if existing is None:
@@ -239,12 +252,17 @@ class MemoryStore:
             result=None,
             created_at=now,
             expires_at=now + self._ttl_s,
+            entered=entered,
         )
         return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
 
     async def mark_entered(self, key: str, *, owner: str) -> bool:
         """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
         by ``owner`` (taken over) or ``owner``'s lease lapsed: the tool must not be called then."""
+        return self.mark_entered_now(key, owner=owner)
+
+    def mark_entered_now(self, key: str, *, owner: str) -> bool:
+        """:meth:`mark_entered`, which never waits."""
         self._check_open()
         entry = self._claimed_entry(key, owner)
         # An owner past its lease reads as gone: entered now, its claim would be in doubt at
@@ -282,6 +300,10 @@ class MemoryStore:
         Does nothing when ``key`` is no longer ``STARTED`` by ``owner`` (it expired and was
         claimed again, or was already finished).
         """
+        self.complete_now(key, owner=owner, result=result)
+
+    def complete_now(self, key: str, *, owner: str, result: bytes) -> bool:
+        """:meth:`complete`, which never waits (always True)."""
         self._check_open()
         entry = self._claimed_entry(key, owner)
         if entry is not None:
@@ -289,6 +311,7 @@ class MemoryStore:
             entry.result = result
             # A run that outlived the TTL must not expire the moment it is recorded.
             entry.expires_at = max(entry.expires_at, self._clock() + self._ttl_s)
+        return True
 
     async def mark_in_doubt(self, key: str, *, owner: str) -> None:
         """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""

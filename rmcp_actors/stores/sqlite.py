@@ -355,8 +355,11 @@ class SQLiteStore:
 
         await self._write(apply, operation="release_owner")
 
-    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
-        """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists.
+    async def begin(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome:
+        """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists; with
+        ``entered``, claimed already entered, unless ``owner``'s lease lapsed.
 
         Atomic across processes: the check and the claim run in one write transaction.
         """
@@ -372,13 +375,24 @@ class SQLiteStore:
                 and (existing.owner == owner or not existing.owner_alive)
             ):
                 return BeginOutcome(claimed=False, existing=existing)
+            if entered and not _lease_held(connection, owner, self._clock()):
+                return BeginOutcome(claimed=False, existing=None)
             # The read above and this write are one transaction under the write lock: of two
             # processes taking over one abandoned claim, the second sees the first's.
             connection.execute(
                 """INSERT OR REPLACE INTO records
                 (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
-                VALUES (?, ?, ?, ?, ?, NULL, ?, ?, 0)""",
-                (key, fingerprint, tool, RecordState.STARTED.value, owner, now, now + self._ttl_s),
+                VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)""",
+                (
+                    key,
+                    fingerprint,
+                    tool,
+                    RecordState.STARTED.value,
+                    owner,
+                    now,
+                    now + self._ttl_s,
+                    int(entered),
+                ),
             )
             return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
 
@@ -1063,3 +1077,13 @@ def _process_exists(pid: int) -> bool:
         # The process exists but belongs to another user.
         return True
     return True
+
+
+def _lease_held(connection: sqlite3.Connection, owner: str, now: float) -> bool:
+    """Whether ``owner`` holds a lease that has not lapsed and was not released: the check
+    :meth:`SQLiteStore.mark_entered` makes, read under the same write lock as the claim."""
+    row = connection.execute(
+        "SELECT 1 FROM owners WHERE instance_id = ? AND released = 0 AND lease_expires_at > ?",
+        (owner, now),
+    ).fetchone()
+    return row is not None
