@@ -349,6 +349,54 @@ def _transfer_table(document: dict[str, Any]) -> list[str]:
     ]
 
 
+SERVER_VARIANTS = {"memory": "MemoryStore", "sqlite": "SQLiteStore", "plain2": "plain2 (control)"}
+
+
+def _server_overhead_table(document: dict[str, Any]) -> list[str]:
+    """The RMCP server side against a plain MCPServer: throughput ratio and added server CPU."""
+    rows = dig(_figures(document), "rows", default=[])
+    if not isinstance(rows, list) or not rows:
+        return []
+    callers = [str(dig(row, "callers")) for row in rows]
+    header = [
+        "server",
+        *(f"calls/s vs plain, x{count}" for count in callers),
+        *(f"added server CPU µs/call, x{count}" for count in callers),
+    ]
+
+    def added(row: Any, variant: str) -> str:
+        mine = _number(dig(row, "variants", variant, "server_cpu_us_per_call"))
+        plain = _number(dig(row, "variants", "plain", "server_cpu_us_per_call"))
+        return "-" if mine is None or plain is None else f"{mine - plain:+.0f}"
+
+    def ratio(row: Any, variant: str) -> str:
+        key = ("control_plain2_plain",) if variant == "plain2" else ("ratios", variant)
+        return _fmt(dig(row, *key), ".3f")
+
+    body = [
+        [label, *(ratio(row, variant) for row in rows), *(added(row, variant) for row in rows)]
+        for variant, label in SERVER_VARIANTS.items()
+    ]
+    goal_rows = [
+        [
+            f"{dig(goal, 'label')} x{dig(row, 'callers')}",
+            _fmt(dig(goal, "measured"), "+.0f" if dig(goal, "at_most") else ".3f"),
+            f"{'<=' if dig(goal, 'at_most') else '>='} {dig(goal, 'goal')}",
+            _verdict(dig(goal, "met")) + (" (within noise)" if dig(goal, "within_noise") else ""),
+        ]
+        for row in rows
+        for goal in dig(row, "goals", default=[])
+    ]
+    title = "The RMCP server side over a plain MCPServer, stdio, the echo tool"
+    return [
+        _heading(title, document),
+        "",
+        *_markdown(header, body),
+        "",
+        *_markdown(["goal", "measured", "target", "verdict"], goal_rows),
+    ]
+
+
 def _verdict(passed: Any) -> str:
     if passed is None:
         return "not measured"
@@ -446,6 +494,9 @@ def table(directory: Path = RESULTS) -> str:
             ["raw2 / raw (control)", *(_fmt(dig(row, "control_raw2_raw")) for row in results)],
         ]
         blocks.append([_heading("Large results", large), "", *_markdown(header, body)])
+    server = read_results("server_overhead", directory)
+    if server is not None and (server_block := _server_overhead_table(server)):
+        blocks.append(server_block)
     transfer = read_results("transfer", directory)
     if transfer is not None and (transfer_block := _transfer_table(transfer)):
         blocks.append(transfer_block)
