@@ -63,6 +63,7 @@ from ..stores import (
     TaskStore,
 )
 from ..stores._base import immediate
+from ._params import surely_accepted
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
 from .reconcile import InDoubtRun, Reconciler, Reconciliation
 from .tasks import (
@@ -177,6 +178,8 @@ class _Run:
 def _sdk_refuses(ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> bool:
     """Whether the SDK refuses this ``tools/call`` on its own (INVALID_PARAMS) before any
     handler runs. A protocol version this SDK cannot check against is let through."""
+    if surely_accepted(ctx.protocol_version, params):
+        return False
     try:
         validate_client_request("tools/call", ctx.protocol_version, params)
     except ValidationError:
