@@ -16,7 +16,7 @@ import mcp
 import pytest
 import trio
 import trio.testing
-from _counting_server import CountingStore, build
+from _counting_server import CountingStore, Wrapped, build
 from mcp import StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.server.mcpserver import MCPServer
@@ -96,7 +96,7 @@ async def test_early_ack_off_claims_in_one_write_even_with_a_progress_token(
     async def echo(text: str) -> str:
         return text
 
-    install(app, store=store, early_ack=False)
+    install(app, store=cast(Any, store), early_ack=False)
     progress = Progress()
     async with mcp.Client(wire(app)) as client:
         await client.call_tool("echo", {"text": "a"}, meta=meta("k"), progress_callback=progress)
@@ -149,7 +149,7 @@ async def test_a_forwarding_store_is_awaited_with_the_same_one_or_two_writes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = Forwarding()
-    async with mcp.Client(wire(build(cast(Any, store)))) as client:
+    async with mcp.Client(wire(build(store))) as client:
         await client.call_tool("echo", {"text": "a"}, meta=meta("a"))
         await client.call_tool("echo", {"text": "b"}, meta=meta("b"), progress_callback=Progress())
     assert store.claims == [True, False]
@@ -184,7 +184,7 @@ async def test_a_lapsed_lease_with_the_one_write_claim_is_renewed_and_the_claim_
     assert store.calls[:3] == [("begin_now", True), ("begin_now", True), ("complete_now", None)]
 
 
-class FailsAtOnce(MemoryStore):
+class FailsAtOnce(Wrapped):
     """A MemoryStore whose immediate ``failing`` method raises (a broken disk, say)."""
 
     def __init__(self, failing: str) -> None:
@@ -225,7 +225,7 @@ async def test_a_claim_that_fails_at_once_is_nacked_unavailable_and_the_tool_doe
     assert runs == []
 
 
-class WaitsForAsync(MemoryStore):
+class WaitsForAsync(Wrapped):
     """A MemoryStore that never answers at once; its async claim hangs when ``hang``."""
 
     def __init__(self, *, hang: bool) -> None:
@@ -250,13 +250,11 @@ class WaitsForAsync(MemoryStore):
         self.async_calls.append("begin")
         if self.hang:
             await trio.sleep_forever()
-        return MemoryStore.begin_now(
-            self, key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered
-        )
+        return self.inner.begin_now(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
 
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         self.async_calls.append("complete")
-        MemoryStore.complete_now(self, key, owner=owner, result=result)
+        self.inner.complete_now(key, owner=owner, result=result)
 
 
 async def test_a_store_that_cannot_answer_at_once_is_awaited(autojump_clock: trio.testing.MockClock) -> None:
@@ -277,7 +275,7 @@ async def test_the_awaited_claim_is_bounded_by_store_timeout(autojump_clock: tri
         runs.append(label)
         return "paid"
 
-    install(app, store=WaitsForAsync(hang=True), store_timeout_s=2.0)
+    install(app, store=cast(Any, WaitsForAsync(hang=True)), store_timeout_s=2.0)
     async with mcp.Client(wire(app)) as client:
         started = trio.current_time()
         with trio.fail_after(60):
@@ -288,7 +286,7 @@ async def test_the_awaited_claim_is_bounded_by_store_timeout(autojump_clock: tri
     assert runs == []
 
 
-class RecordFailsAtOnce(MemoryStore):
+class RecordFailsAtOnce(Wrapped):
     """A MemoryStore whose immediate record raises; its async record works."""
 
     def __init__(self) -> None:
@@ -300,7 +298,7 @@ class RecordFailsAtOnce(MemoryStore):
 
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         self.completed.append(key)
-        MemoryStore.complete_now(self, key, owner=owner, result=result)
+        self.inner.complete_now(key, owner=owner, result=result)
 
 
 async def test_a_record_that_fails_at_once_is_tried_again_awaited(
