@@ -239,7 +239,6 @@ _canonical = msgspec.json.Encoder(order="sorted")
 def fingerprint(tool: str, arguments: Mapping[str, Any] | None) -> str:
     """Hash of a call's tool and canonical JSON arguments: the same key with a different
     fingerprint is an idempotency conflict."""
-    digest = hashlib.sha256(tool.encode())
-    digest.update(b"\x00")
-    digest.update(_canonical.encode(dict(arguments or {})))
-    return digest.hexdigest()
+    # The encoder takes a dict as it is (no copy); other mappings are made one.
+    canonical = _canonical.encode(arguments if type(arguments) is dict else dict(arguments or {}))
+    return hashlib.sha256(b"%b\x00%b" % (tool.encode(), canonical)).hexdigest()

@@ -191,9 +191,11 @@ class SlowClaims:
     def durable(self) -> bool:
         return False
 
-    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
+    async def begin(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome:
         await self.release.wait()
-        return await self.inner.begin(key, fingerprint=fingerprint, tool=tool, owner=owner)
+        return await self.inner.begin(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
 
     async def release_owner(self, instance_id: str) -> None:
         self.released_owners.append(instance_id)
@@ -471,7 +473,9 @@ class SilentClaims:
     def durable(self) -> bool:
         return False
 
-    async def begin(self, key: str, *, fingerprint: str, tool: str, owner: str) -> BeginOutcome:
+    async def begin(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome:
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 

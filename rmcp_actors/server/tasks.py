@@ -10,6 +10,7 @@ lives in the RMCP middleware, which must see a call before anything else (admiss
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -500,6 +501,9 @@ def version_gated(binding: MethodBinding) -> RequestHandler:
     return gated
 
 
+# Every keyed call asks for its principal's scope, and a server sees few principals: a
+# digest computed once each (bounded, for a server with very many).
+@functools.lru_cache(maxsize=1024)
 def principal_scope(principal: str | None) -> str:
     """The scope of a principal's keys and tasks: a fixed-length digest prefix, so that no
     key a client chooses can name another scope's record (see :func:`store_key`)."""

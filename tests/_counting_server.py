@@ -1,0 +1,109 @@
+"""A server over stdio whose RMCP store counts its writes, for tests/test_rmcp_store_calls.py.
+
+``python tests/_counting_server.py`` serves ``echo`` (RMCP on a counting MemoryStore) and
+``writes`` (the store calls so far, as JSON; call it without ``_meta.rmcp``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from mcp.server.mcpserver import MCPServer
+
+from rmcp_actors.server import install
+from rmcp_actors.stores import BeginOutcome, DedupStore, MemoryStore
+
+
+class Wrapped:
+    """A MemoryStore behind a class of a test's own (MemoryStore is final) that implements
+    the hot path's methods itself, so the server calls them (``ImmediateStore``); every other
+    attribute is forwarded."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.inner = MemoryStore(**kwargs)
+
+    @property
+    def durable(self) -> bool:
+        return False
+
+    async def begin(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome:
+        return await self.inner.begin(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
+
+    def begin_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome | None:
+        return self.inner.begin_now(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
+
+    async def mark_entered(self, key: str, *, owner: str) -> bool:
+        return await self.inner.mark_entered(key, owner=owner)
+
+    def mark_entered_now(self, key: str, *, owner: str) -> bool | None:
+        return self.inner.mark_entered_now(key, owner=owner)
+
+    async def complete(self, key: str, *, owner: str, result: bytes) -> None:
+        await self.inner.complete(key, owner=owner, result=result)
+
+    def complete_now(self, key: str, *, owner: str, result: bytes) -> bool:
+        return self.inner.complete_now(key, owner=owner, result=result)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class CountingStore(Wrapped):
+    """Records each claim, entered mark and record, by method."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[tuple[str, bool | None]] = []
+
+    async def begin(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome:
+        self.calls.append(("begin", entered))
+        return await super().begin(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
+
+    def begin_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome | None:
+        self.calls.append(("begin_now", entered))
+        return super().begin_now(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
+
+    async def mark_entered(self, key: str, *, owner: str) -> bool:
+        self.calls.append(("mark_entered", None))
+        return await super().mark_entered(key, owner=owner)
+
+    def mark_entered_now(self, key: str, *, owner: str) -> bool | None:
+        self.calls.append(("mark_entered_now", None))
+        return super().mark_entered_now(key, owner=owner)
+
+    async def complete(self, key: str, *, owner: str, result: bytes) -> None:
+        self.calls.append(("complete", None))
+        await super().complete(key, owner=owner, result=result)
+
+    def complete_now(self, key: str, *, owner: str, result: bytes) -> bool:
+        self.calls.append(("complete_now", None))
+        return super().complete_now(key, owner=owner, result=result)
+
+
+def build(store: Any) -> MCPServer:
+    app = MCPServer("counting")
+
+    @app.tool()
+    async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return text
+
+    @app.tool()
+    async def writes() -> str:  # pyright: ignore[reportUnusedFunction]
+        calls = store.calls if isinstance(store, CountingStore) else []
+        return json.dumps(calls)
+
+    install(app, store=cast(DedupStore, store))
+    return app
+
+
+if __name__ == "__main__":
+    build(CountingStore()).run()
