@@ -2,10 +2,13 @@
 
 Every sqlite call that may wait runs in a worker thread (``anyio.to_thread``), one at a time
 on the store's main connection, so the event loop never blocks on the disk or on another
-process's lock; the store works under trio and asyncio alike. The one exception is a claim
-that needs no fsync (see ``fsync_claims``) when the database is free right now: it commits on
-the event loop's thread through a second connection that never waits (a busy database sends
-it to the queue instead), because a few tens of microseconds of blocking cost less than two
+process's lock; the store works under trio and asyncio alike. The exception is the server's
+hot path when the database is free right now (``ImmediateStore``: ``begin_now``,
+``mark_entered_now``, ``complete_now``, which the async methods try first as well): a claim
+that needs no fsync (see ``fsync_claims``), and a result when no other claim of this store is
+in flight (nobody to share an fsync with) and this file's fsyncs measure fast, commit on the
+event loop's thread through a second connection that never waits (a busy database sends the
+write to the queue instead), because a few tens of microseconds of blocking cost less than two
 hops to a worker thread and back (``GroupCommit.try_inline``, shared with the journal).
 
 Writes are group-committed. The server commits three times per tool call (``begin``,
@@ -221,7 +224,8 @@ class SQLiteStore:
     survives a crash of any process, and the next FULL commit makes them durable too; only a
     power loss or an OS crash during the run can lose them, and then a retry would run the
     tool again. Group commit pays the fsync once per batch
-    of concurrent writes, not per write.
+    of concurrent writes, not per write. A result committed on the event loop's thread
+    (:meth:`complete_now`) is fsynced (``FULL``) just the same before it returns.
 
     A ``STARTED`` record reads ``owner_alive=True`` while its owner is registered, not
     released and within its lease. When the owner's host is this host, the owner's process
