@@ -169,6 +169,15 @@ _INSERT_CLAIM = """INSERT OR REPLACE INTO records
     (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
     VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)"""
 
+_CLAIM_FRESH = """INSERT INTO records
+    (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+    VALUES (?, ?, ?, ?, ?, NULL, ?, ?, 0) ON CONFLICT (key) DO NOTHING"""
+
+_CLAIM_FRESH_ENTERED = """INSERT INTO records
+    (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+    SELECT ?, ?, ?, ?, ?, NULL, ?, ?, 1 WHERE EXISTS (SELECT 1 FROM owners WHERE instance_id = ?
+    AND released = 0 AND lease_expires_at > ?) ON CONFLICT (key) DO NOTHING"""
+
 _MARK_ENTERED = """UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?
     AND EXISTS (SELECT 1 FROM owners WHERE instance_id = ? AND released = 0 AND lease_expires_at > ?)"""
 
@@ -445,6 +454,17 @@ class SQLiteStore:
         queued claim must not judge a lease by when it was queued)."""
         if now is None:
             now = self._clock()
+        expires_at = now + self._ttl_s
+        # A fresh key, the common case, is claimed by one statement (entered, only while the
+        # owner's lease holds); a key with a record, or a refused mark, is read and judged.
+        claim = (key, fingerprint, tool, _STARTED, owner, now, expires_at)
+        if entered:
+            fresh = connection.execute(_CLAIM_FRESH_ENTERED, (*claim, owner, now))
+        else:
+            fresh = connection.execute(_CLAIM_FRESH, claim)
+        if fresh.rowcount == 1:
+            self._claims.add(key)
+            return _CLAIMED
         row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
         existing = None if row is None else self._live_record(row, now)
         if existing is not None and not (
@@ -458,9 +478,7 @@ class SQLiteStore:
             return _NOT_ENTERED
         # The read above and this write are one transaction under the write lock: of two
         # processes taking over one abandoned claim, the second sees the first's.
-        connection.execute(
-            _INSERT_CLAIM, (key, fingerprint, tool, _STARTED, owner, now, now + self._ttl_s, entered)
-        )
+        connection.execute(_INSERT_CLAIM, (key, fingerprint, tool, _STARTED, owner, now, expires_at, entered))
         # Counted here, under the write lock, rather than when the caller resumes: the claims
         # of one batch all count before the first of their runs records its result.
         self._claims.add(key)
