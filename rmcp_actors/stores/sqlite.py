@@ -463,6 +463,8 @@ class SQLiteStore:
         else:
             fresh = connection.execute(_CLAIM_FRESH, claim)
         if fresh.rowcount == 1:
+            # Counted here, under the write lock, rather than when the caller resumes: the
+            # claims of one batch all count before the first of their runs records its result.
             self._claims.add(key)
             return _CLAIMED
         row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
@@ -479,8 +481,6 @@ class SQLiteStore:
         # The read above and this write are one transaction under the write lock: of two
         # processes taking over one abandoned claim, the second sees the first's.
         connection.execute(_INSERT_CLAIM, (key, fingerprint, tool, _STARTED, owner, now, expires_at, entered))
-        # Counted here, under the write lock, rather than when the caller resumes: the claims
-        # of one batch all count before the first of their runs records its result.
         self._claims.add(key)
         return _CLAIMED_OVER if existing is not None else _CLAIMED
 
