@@ -1101,3 +1101,66 @@ async def test_release_frees_only_the_owners_own_claim(harness: Harness) -> None
         before = await store.get(key)
         assert not await store.release(key, owner="a")
         assert await store.get(key) == before
+
+
+async def test_begin_entered_claims_and_enters_in_one_write(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    outcome = await store.begin("k", fingerprint="fp", tool="tool", owner="a", entered=True)
+    assert (outcome.claimed, outcome.existing, outcome.taken_over) == (True, None, False)
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.owner, record.entered) == (RecordState.STARTED, "a", True)
+    # Entered: nobody takes it over, and it is finished as any claim is.
+    again = await store.begin("k", fingerprint="fp", tool="tool", owner="a", entered=True)
+    assert not again.claimed
+    assert again.existing == record
+    await store.complete("k", owner="a", result=b"r")
+    done = await store.get("k")
+    assert done is not None
+    assert (done.state, done.result) == (RecordState.COMPLETED, b"r")
+
+
+async def test_begin_entered_claims_nothing_for_an_owner_whose_lease_lapsed(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    await harness.advance(LEASE_S + 1)
+    outcome = await store.begin("k", fingerprint="fp", tool="tool", owner="a", entered=True)
+    assert (outcome.claimed, outcome.existing) == (False, None)
+    assert await store.get("k") is None
+    # Not entered, the claim is still written: nothing runs before the entered mark, which
+    # refuses it as well.
+    assert await claim(store, "k", owner="a")
+    assert not await store.mark_entered("k", owner="a")
+    await store.renew_owner("a", LEASE_S)
+    outcome = await store.begin("k2", fingerprint="fp", tool="tool", owner="a", entered=True)
+    assert outcome.claimed
+
+
+async def test_begin_entered_claims_nothing_for_a_released_or_unknown_owner(harness: Harness) -> None:
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    await store.release_owner("a")
+    for owner in ("a", "never-registered"):
+        outcome = await store.begin("k", fingerprint="fp", tool="tool", owner=owner, entered=True)
+        assert (outcome.claimed, outcome.existing) == (False, None)
+        assert await store.get("k") is None
+
+
+async def test_begin_entered_over_a_claim_reports_the_claim_whatever_the_lease(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A taken key is reported as taken (the caller waits for it or replays it), even when
+    the claimant's own lease lapsed: only a write it would have made is refused."""
+    store = harness.store
+    await store.register_owner(owner_info("a"), LEASE_S)
+    await store.register_owner(owner_info("b"), LEASE_S * 10)
+    assert await claim(store, "k", owner="b")
+    assert await store.mark_entered("k", owner="b")
+    await harness.advance(LEASE_S + 1)
+    outcome = await store.begin("k", fingerprint="fp", tool="tool", owner="a", entered=True)
+    assert not outcome.claimed
+    assert outcome.existing is not None
+    assert outcome.existing.owner == "b"

@@ -13,14 +13,17 @@ SAVEPOINT so that one failing write does not fail the others. The flusher is alw
 callers: it commits one batch, then hands the role to the oldest queued caller, so no caller
 works for the others for long and no background task is needed.
 
-One exception to the worker thread: a write that needs no fsync (``synchronous=NORMAL``) may
-be committed inline (``try_inline``), on the event loop's thread, when the database is free
-right now: a few tens of microseconds of blocking cost less than two hops to a worker thread
-and back. It goes through a second connection that never waits (another writer's lock sends
-the write to the queue instead) and never checkpoints (a checkpoint fsyncs): the main
-connection checkpoints after its commits, so after ``_INLINE_RUN`` inline commits in a row the
-next write goes through the queue, and the WAL stays bounded even when every write could have
-been inline.
+One exception to the worker thread: a write may be committed inline (``try_inline``), on the
+event loop's thread, when the database is free right now: a few tens of microseconds of
+blocking cost less than two hops to a worker thread and back. It goes through a second
+connection that never waits (another writer's lock sends the write to the queue instead) and
+never checkpoints (a checkpoint fsyncs): the main connection checkpoints after its commits, so
+after ``_INLINE_RUN`` inline commits in a row the next write goes through the queue, and the
+WAL stays bounded even when every write could have been inline. A write that needs an fsync
+(``sync=True``: ``synchronous=FULL``) blocks the loop for that fsync too (~90 µs on a local
+SSD), so it is done inline only while the fsyncs of this file measure fast:
+``fsync_s``, a moving average of the time the FULL commits (inline and in the worker thread)
+took, is at most ``_INLINE_FSYNC_BUDGET_S``.
 
 Several processes may open the same file: every write transaction starts with ``BEGIN
 IMMEDIATE`` (the database's write lock, waited for up to ``busy_timeout_s``).
@@ -49,10 +52,25 @@ _WAL_RETRY_S = 0.005
 
 _T = TypeVar("_T")
 
+#: The statement that sets a connection's synchronous mode, by whether commits must fsync.
+_SYNCHRONOUS = {True: "PRAGMA synchronous = FULL", False: "PRAGMA synchronous = NORMAL"}
+
 #: Inline commits in a row after which a write is sent to the queue, so that the main
 #: connection's commit checkpoints the WAL (SQLite's autocheckpoint, past 1,000 pages): an
 #: inline commit adds a few pages and never checkpoints.
 _INLINE_RUN = 64
+
+#: The slowest moving average of FULL commit times (``GroupCommit.fsync_s``) at which a write
+#: that must be fsynced is still committed on the event loop's thread: 2 ms, twenty times a
+#: local SSD's fsync here (~90 µs). A slower disk (a network filesystem, a saturated device)
+#: sends such writes to the worker thread, so the loop never stalls for longer; commits there
+#: keep measuring, and inline ones resume once the disk is fast again.
+_INLINE_FSYNC_BUDGET_S = 0.002
+#: The weight of the newest measurement in ``fsync_s``.
+_FSYNC_WEIGHT = 0.25
+
+#: The clock that times FULL commits (a module global, so that tests can inject slow fsyncs).
+_timer = time.perf_counter
 
 
 class _Status(enum.Enum):
@@ -133,7 +151,7 @@ class GroupCommit:
         self._chore = chore
         # Opened lazily, in a worker thread: opening may wait for another process's lock.
         self._connection: sqlite3.Connection | None = None
-        self._synchronous: str | None = None
+        self._synchronous: bool | None = None
         # Set by aclose(): new calls are refused, and the connection is not (re)opened.
         self._closing = False
         self._connection_closed = False
@@ -143,7 +161,11 @@ class GroupCommit:
         self._flushing = False
         # The connection of inline commits, opened on first use on the event loop's thread.
         self._inline: sqlite3.Connection | None = None
+        # Its synchronous setting (opened NORMAL): switched only when the next commit needs
+        # the other one (a PRAGMA costs ~2.5 µs).
+        self._inline_sync = False
         self._inline_run = 0
+        self._fsync_s: float | None = None
         self.commits = 0
         self.writes = 0
         self.largest_batch = 0
@@ -152,6 +174,12 @@ class GroupCommit:
     def queued(self) -> int:
         """Writes waiting for the next flush."""
         return len(self._queue)
+
+    @property
+    def fsync_s(self) -> float | None:
+        """The moving average of how long a FULL commit (its fsync) took on this file, in
+        seconds; None before the first."""
+        return self._fsync_s
 
     @property
     def idle(self) -> bool:
@@ -172,16 +200,27 @@ class GroupCommit:
         self.check_open()
         return await self._submit(_Write(apply, sync=sync))
 
-    def try_inline(self, apply: Callable[[sqlite3.Connection], _T]) -> tuple[_T] | None:
-        """Commit ``apply`` with ``synchronous=NORMAL`` here and now if nothing would wait: the
-        main connection is idle and no other connection holds the write lock (see the module
-        docstring). None means "not done": ``write`` it. A 1-tuple tells a None answer from that.
+    def try_inline(
+        self, apply: Callable[[sqlite3.Connection], _T], *, sync: bool = False
+    ) -> tuple[_T] | None:
+        """Commit ``apply`` here and now if nothing would wait: the main connection is idle and
+        no other connection holds the write lock (see the module docstring). None means "not
+        done": ``write`` it. A 1-tuple tells a None answer from that.
+
+        ``sync``: commit with ``synchronous=FULL`` (fsynced when this returns), and only while
+        ``fsync_s`` is within ``_INLINE_FSYNC_BUDGET_S``; else ``NORMAL``.
         """
         if not self.idle or self._inline_run >= _INLINE_RUN:
             # Not open yet (the schema may not exist), busy (the queue batches with it), or
             # time for the main connection to checkpoint.
             return None
+        if sync and self._fsync_s is not None and self._fsync_s > _INLINE_FSYNC_BUDGET_S:
+            return None
         connection = self._inline or self._open_inline()
+        if sync is not self._inline_sync:
+            # Only outside a transaction; it applies to the commits that follow.
+            connection.execute(_SYNCHRONOUS[sync])
+            self._inline_sync = sync
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -190,13 +229,23 @@ class GroupCommit:
             raise
         try:
             value = apply(connection)
-            connection.execute("COMMIT")
+            if sync:
+                started = _timer()
+                connection.execute("COMMIT")
+                self._measured(_timer() - started)
+            else:
+                connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
         self._inline_run += 1
         return (value,)
+
+    def _measured(self, seconds: float) -> None:
+        """Fold the time one FULL commit took into ``fsync_s``."""
+        previous = self._fsync_s
+        self._fsync_s = seconds if previous is None else previous + _FSYNC_WEIGHT * (seconds - previous)
 
     async def read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``query`` on the connection in a worker thread, outside any write."""
@@ -253,7 +302,11 @@ class GroupCommit:
             self.largest_batch = max(self.largest_batch, len(batch))
             try:
                 async with self._lock:
-                    answers, chore_value = await anyio.to_thread.run_sync(self._commit_batch, batch, chore)
+                    answers, chore_value, fsync_s = await anyio.to_thread.run_sync(
+                        self._commit_batch, batch, chore
+                    )
+                if fsync_s is not None:
+                    self._measured(fsync_s)
                 if chore is not None:
                     chore.committed(chore_value)
             except Exception as exc:
@@ -276,27 +329,40 @@ class GroupCommit:
 
     def _commit_batch(
         self, batch: list[_Write[Any]], chore: Chore | None
-    ) -> tuple[list[tuple[object, Exception | None]], object]:
+    ) -> tuple[list[tuple[object, Exception | None]], object, float | None]:
         """Run in a worker thread: apply every write in one transaction, each in a savepoint;
-        return their answers and the chore's value."""
+        return their answers, the chore's value and, for a FULL commit, how long it took."""
         connection = self._open_connection()
-        synchronous = "FULL" if any(write.sync for write in batch) else "NORMAL"
-        if synchronous != self._synchronous:
+        sync = any(write.sync for write in batch)
+        if sync is not self._synchronous:
             # Only outside a transaction; it applies to the commits that follow.
-            connection.execute(f"PRAGMA synchronous = {synchronous}")
-            self._synchronous = synchronous
+            connection.execute(_SYNCHRONOUS[sync])
+            self._synchronous = sync
         connection.execute("BEGIN IMMEDIATE")
         chore_value: object = None
+        fsync_s = None
         try:
-            answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
+            if len(batch) == 1 and chore is None:
+                # Nothing to keep from a failure: its own rollback is the transaction's
+                # (two statements fewer than a savepoint).
+                answers = [_apply_alone(connection, batch[0].apply)]
+                if answers[0][1] is not None:
+                    return answers, None, None
+            else:
+                answers = [_apply_in_savepoint(connection, write.apply) for write in batch]
             if chore is not None:
                 chore_value, _error = _apply_in_savepoint(connection, chore.apply)
-            connection.execute("COMMIT")
+            if sync:
+                started = _timer()
+                connection.execute("COMMIT")
+                fsync_s = _timer() - started
+            else:
+                connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
-        return answers, chore_value
+        return answers, chore_value, fsync_s
 
     def _open_connection(self) -> sqlite3.Connection:
         """Run in a worker thread: the connection, opened and the schema created on first use."""
@@ -314,8 +380,8 @@ class GroupCommit:
         )
         try:
             self._enter_wal(connection)
-            connection.execute("PRAGMA synchronous = FULL")
-            self._synchronous = "FULL"
+            connection.execute(_SYNCHRONOUS[True])
+            self._synchronous = True
             connection.execute("BEGIN IMMEDIATE")
             self._create_schema(connection)
             connection.execute("COMMIT")
@@ -359,6 +425,22 @@ class GroupCommit:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def _apply_alone(
+    connection: sqlite3.Connection, apply: Callable[[sqlite3.Connection], object]
+) -> tuple[object, Exception | None]:
+    """Apply the one write of a transaction; on error roll the transaction back and return
+    the error."""
+    try:
+        return apply(connection), None
+    except Exception as exc:
+        if not connection.in_transaction:
+            # SQLite rolled the transaction back itself (disk full, I/O error): raised as the
+            # failure of the batch, as in a savepoint.
+            raise
+        connection.execute("ROLLBACK")
+        return None, exc
 
 
 def _apply_in_savepoint(

@@ -2,10 +2,13 @@
 
 Every sqlite call that may wait runs in a worker thread (``anyio.to_thread``), one at a time
 on the store's main connection, so the event loop never blocks on the disk or on another
-process's lock; the store works under trio and asyncio alike. The one exception is a claim
-that needs no fsync (see ``fsync_claims``) when the database is free right now: it commits on
-the event loop's thread through a second connection that never waits (a busy database sends
-it to the queue instead), because a few tens of microseconds of blocking cost less than two
+process's lock; the store works under trio and asyncio alike. The exception is the server's
+hot path when the database is free right now (``ImmediateStore``: ``begin_now``,
+``mark_entered_now``, ``complete_now``, which the async methods try first as well): a claim
+that needs no fsync (see ``fsync_claims``), and a result when no other claim of this store is
+in flight (nobody to share an fsync with) and this file's fsyncs measure fast, commit on the
+event loop's thread through a second connection that never waits (a busy database sends the
+write to the queue instead), because a few tens of microseconds of blocking cost less than two
 hops to a worker thread and back (``GroupCommit.try_inline``, shared with the journal).
 
 Writes are group-committed. The server commits three times per tool call (``begin``,
@@ -159,6 +162,34 @@ _SELECT_RECORD = """
     WHERE r.key = ?
 """
 
+_STARTED = RecordState.STARTED.value
+_COMPLETED = RecordState.COMPLETED.value
+
+_INSERT_CLAIM = """INSERT OR REPLACE INTO records
+    (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+    VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)"""
+
+_CLAIM_FRESH = """INSERT INTO records
+    (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+    VALUES (?, ?, ?, ?, ?, NULL, ?, ?, 0) ON CONFLICT (key) DO NOTHING"""
+
+_CLAIM_FRESH_ENTERED = """INSERT INTO records
+    (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+    SELECT ?, ?, ?, ?, ?, NULL, ?, ?, 1 WHERE EXISTS (SELECT 1 FROM owners WHERE instance_id = ?
+    AND released = 0 AND lease_expires_at > ?) ON CONFLICT (key) DO NOTHING"""
+
+_MARK_ENTERED = """UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?
+    AND EXISTS (SELECT 1 FROM owners WHERE instance_id = ? AND released = 0 AND lease_expires_at > ?)"""
+
+# A run that outlived the TTL must not expire the moment it is recorded.
+_COMPLETE = """UPDATE records SET state = ?, result = ?, expires_at = MAX(expires_at, ?)
+    WHERE key = ? AND owner = ? AND state = ?"""
+
+# The answers of a claim that wrote, or did not (immutable: shared by every call).
+_CLAIMED = BeginOutcome(claimed=True, existing=None)
+_CLAIMED_OVER = BeginOutcome(claimed=True, existing=None, taken_over=True)
+_NOT_ENTERED = BeginOutcome(claimed=False, existing=None)
+
 _TASK_COLUMNS = """t.task_id, t.key, t.scope, t.fingerprint, t.tool, t.state, t.owner, t.result, t.message,
     t.created_at, t.updated_at, t.created_clock, t.expires_at, t.ttl_s,
     o.pid, o.host, o.lease_expires_at, o.released"""
@@ -179,6 +210,8 @@ class SQLiteStoreStatistics:
         queued: Writes waiting for the next flush right now.
         inline_claims: Claims, entered marks and releases committed on the event loop's thread,
             outside the queue.
+        inline_results: Results committed (fsynced) on the event loop's thread, outside the
+            queue (see :meth:`SQLiteStore.complete_now`).
     """
 
     commits: int
@@ -186,6 +219,7 @@ class SQLiteStoreStatistics:
     largest_batch: int
     queued: int
     inline_claims: int
+    inline_results: int = 0
 
 
 @final
@@ -199,7 +233,8 @@ class SQLiteStore:
     survives a crash of any process, and the next FULL commit makes them durable too; only a
     power loss or an OS crash during the run can lose them, and then a retry would run the
     tool again. Group commit pays the fsync once per batch
-    of concurrent writes, not per write.
+    of concurrent writes, not per write. A result committed on the event loop's thread
+    (:meth:`complete_now`) is fsynced (``FULL``) just the same before it returns.
 
     A ``STARTED`` record reads ``owner_alive=True`` while its owner is registered, not
     released and within its lease. When the owner's host is this host, the owner's process
@@ -283,6 +318,10 @@ class SQLiteStore:
         )
         self._next_purge_at = -math.inf
         self._inline_claims = 0
+        self._inline_results = 0
+        # The keys this store claimed in this process whose run has not recorded an outcome
+        # yet: while another is in flight, a result waits for a group commit to share.
+        self._claims: set[str] = set()
 
     @property
     def durable(self) -> bool:
@@ -302,6 +341,7 @@ class SQLiteStore:
             largest_batch=self._batch.largest_batch,
             queued=self._batch.queued,
             inline_claims=self._inline_claims,
+            inline_results=self._inline_results,
         )
 
     async def register_owner(self, owner: OwnerInfo, lease_s: float) -> None:
@@ -359,44 +399,90 @@ class SQLiteStore:
         self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
     ) -> BeginOutcome:
         """Claim ``key`` as ``STARTED`` by ``owner``, unless a live record exists; with
-        ``entered``, claimed already entered, unless ``owner``'s lease lapsed.
+        ``entered``, claimed already entered, unless ``owner``'s lease lapsed (or it was
+        released): then nothing is written and ``existing`` is None.
 
         Atomic across processes: the check and the claim run in one write transaction.
+        Committed as ``fsync_claims`` says, inline when the database is free right now.
         """
+        outcome = self.begin_now(key, fingerprint=fingerprint, tool=tool, owner=owner, entered=entered)
+        if outcome is None:
+            apply = functools.partial(self._begin, key, fingerprint, tool, owner, entered, None)
+            try:
+                outcome = await self._write(apply, operation="begin", sync=self._fsync_claims)
+            except BaseException:
+                # A claim that failed to commit, or whose caller left, is not in flight here.
+                self._claims.discard(key)
+                raise
+        return outcome
+
+    def begin_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, entered: bool = False
+    ) -> BeginOutcome | None:
+        """:meth:`begin`, committed here and now on the event loop's thread (in the WAL, as a
+        claim always is); None, changing nothing, when that would wait: the database is busy
+        (a flush of this store, another connection's write lock), ``fsync_claims`` is set, or
+        a purge is due (the queued write carries it)."""
+        if self._fsync_claims:
+            return None
         now = self._clock()
-
-        def apply(connection: sqlite3.Connection) -> BeginOutcome:
-            row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
-            existing = None if row is None else self._live_record(row, now)
-            if existing is not None and not (
-                existing.state is RecordState.STARTED
-                and not existing.entered
-                and existing.fingerprint == fingerprint
-                and (existing.owner == owner or not existing.owner_alive)
-            ):
-                return BeginOutcome(claimed=False, existing=existing)
-            if entered and not _lease_held(connection, owner, self._clock()):
-                return BeginOutcome(claimed=False, existing=None)
-            # The read above and this write are one transaction under the write lock: of two
-            # processes taking over one abandoned claim, the second sees the first's.
-            connection.execute(
-                """INSERT OR REPLACE INTO records
-                (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
-                VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)""",
-                (
-                    key,
-                    fingerprint,
-                    tool,
-                    RecordState.STARTED.value,
-                    owner,
-                    now,
-                    now + self._ttl_s,
-                    int(entered),
-                ),
+        if now >= self._next_purge_at:
+            return None
+        try:
+            done = self._batch.try_inline(
+                lambda connection: self._begin(key, fingerprint, tool, owner, entered, now, connection)
             )
-            return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
+        except sqlite3.Error as error:
+            self._claims.discard(key)
+            raise self._store_error("begin", error) from error
+        if done is None:
+            return None
+        self._inline_claims += 1
+        return done[0]
 
-        return await self._claim_write(apply, "begin")
+    def _begin(
+        self,
+        key: str,
+        fingerprint: str,
+        tool: str,
+        owner: str,
+        entered: bool,
+        now: float | None,
+        connection: sqlite3.Connection,
+    ) -> BeginOutcome:
+        """The write of :meth:`begin`; ``now`` None reads the clock under the write lock (a
+        queued claim must not judge a lease by when it was queued)."""
+        if now is None:
+            now = self._clock()
+        expires_at = now + self._ttl_s
+        # A fresh key, the common case, is claimed by one statement (entered, only while the
+        # owner's lease holds); a key with a record, or a refused mark, is read and judged.
+        claim = (key, fingerprint, tool, _STARTED, owner, now, expires_at)
+        if entered:
+            fresh = connection.execute(_CLAIM_FRESH_ENTERED, (*claim, owner, now))
+        else:
+            fresh = connection.execute(_CLAIM_FRESH, claim)
+        if fresh.rowcount == 1:
+            # Counted here, under the write lock, rather than when the caller resumes: the
+            # claims of one batch all count before the first of their runs records its result.
+            self._claims.add(key)
+            return _CLAIMED
+        row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
+        existing = None if row is None else self._live_record(row, now)
+        if existing is not None and not (
+            existing.state is RecordState.STARTED
+            and not existing.entered
+            and existing.fingerprint == fingerprint
+            and (existing.owner == owner or not existing.owner_alive)
+        ):
+            return BeginOutcome(claimed=False, existing=existing)
+        if entered and not _lease_held(connection, owner, now):
+            return _NOT_ENTERED
+        # The read above and this write are one transaction under the write lock: of two
+        # processes taking over one abandoned claim, the second sees the first's.
+        connection.execute(_INSERT_CLAIM, (key, fingerprint, tool, _STARTED, owner, now, expires_at, entered))
+        self._claims.add(key)
+        return _CLAIMED_OVER if existing is not None else _CLAIMED
 
     async def abort(
         self,
@@ -459,24 +545,37 @@ class SQLiteStore:
         Committed as a claim is (``fsync_claims``), inline when the database is free: a crash
         of any process keeps it.
         """
+        entered = self.mark_entered_now(key, owner=owner)
+        if entered is None:
+            apply = functools.partial(self._mark_entered, key, owner)
+            entered = await self._write(apply, operation="mark_entered", sync=self._fsync_claims)
+            if not entered:
+                self._claims.discard(key)
+        return entered
 
-        def apply(connection: sqlite3.Connection) -> bool:
-            # An owner past its lease reads as gone: entered now, its claim would be in doubt at
-            # once, and a reconciler finding no effect yet would let another claimant run it too.
-            # The time is read under the write lock: a mark that waited for it (behind the
-            # owner's renewals, maybe) must not judge the lease by when it was queued.
-            now = self._clock()
-            return (
-                connection.execute(
-                    """UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?
-                    AND EXISTS (SELECT 1 FROM owners WHERE instance_id = ? AND released = 0
-                    AND lease_expires_at > ?)""",
-                    (key, owner, RecordState.STARTED.value, owner, now),
-                ).rowcount
-                == 1
-            )
+    def mark_entered_now(self, key: str, *, owner: str) -> bool | None:
+        """:meth:`mark_entered`, committed here and now (see :meth:`begin_now`); None when
+        that would wait."""
+        if self._fsync_claims or self._clock() >= self._next_purge_at:
+            return None
+        try:
+            done = self._batch.try_inline(functools.partial(self._mark_entered, key, owner))
+        except sqlite3.Error as error:
+            raise self._store_error("mark_entered", error) from error
+        if done is None:
+            return None
+        self._inline_claims += 1
+        if not done[0]:
+            self._claims.discard(key)
+        return done[0]
 
-        return await self._claim_write(apply, "mark_entered")
+    def _mark_entered(self, key: str, owner: str, connection: sqlite3.Connection) -> bool:
+        # An owner past its lease reads as gone: entered now, its claim would be in doubt at
+        # once, and a reconciler finding no effect yet would let another claimant run it too.
+        # The time is read under the write lock: a mark that waited for it (behind the
+        # owner's renewals, maybe) must not judge the lease by when it was queued.
+        now = self._clock()
+        return connection.execute(_MARK_ENTERED, (key, owner, _STARTED, owner, now)).rowcount == 1
 
     async def resolve_in_doubt(self, key: str, *, owner: str, fingerprint: str, result: bytes | None) -> bool:
         """Settle an in-doubt ``key``: ``COMPLETED`` with ``result`` (committed to disk), or,
@@ -510,7 +609,10 @@ class SQLiteStore:
                 )
             return True
 
-        return await self._write(apply, operation="resolve_in_doubt")
+        settled = await self._write(apply, operation="resolve_in_doubt")
+        if settled and result is None:
+            self._claims.add(key)
+        return settled
 
     async def create_task(self, task: TaskRecord, *, ttl_s: float) -> TaskCreation:
         """Write ``task`` unless its key is held by a live task, which is returned instead.
@@ -670,35 +772,51 @@ class SQLiteStore:
             and (host != self._host or _process_exists(pid))
         )
 
-    async def _claim_write(self, apply: Callable[[sqlite3.Connection], _T], operation: str) -> _T:
-        """Commit a claim's write: without an fsync unless ``fsync_claims``, inline when the
-        database is free right now (see the module docstring), else in the queue."""
-        try:
-            done = None if self._fsync_claims else self._try_inline(apply)
-        except sqlite3.Error as error:
-            raise self._store_error(operation, error) from error
-        if done is not None:
-            self._inline_claims += 1
-            return done[0]
-        return await self._write(apply, operation=operation, sync=self._fsync_claims)
-
     async def complete(self, key: str, *, owner: str, result: bytes) -> None:
         """Store the result of the run ``owner`` started; committed to disk once this returns.
 
         Does nothing when ``key`` is no longer ``STARTED`` by ``owner`` (it expired and was
         claimed again, or was already finished).
         """
+        if self.complete_now(key, owner=owner, result=result):
+            return
+        self._claims.discard(key)
         # A run that outlived the TTL must not expire the moment it is recorded.
-        expires_at = self._clock() + self._ttl_s
-        await self._finish(
-            "complete",
-            """UPDATE records SET state = ?, result = ?, expires_at = MAX(expires_at, ?)
-            WHERE key = ? AND owner = ? AND state = ?""",
-            (RecordState.COMPLETED.value, result, expires_at, key, owner, RecordState.STARTED.value),
-        )
+        parameters = (_COMPLETED, result, self._clock() + self._ttl_s, key, owner, _STARTED)
+        await self._write(functools.partial(_execute, _COMPLETE, parameters), operation="complete")
+
+    def complete_now(self, key: str, *, owner: str, result: bytes) -> bool:
+        """:meth:`complete`, committed (fsynced) here and now on the event loop's thread; False,
+        changing nothing, unless that is both possible at once and cheaper than the worker
+        thread.
+
+        Possible: the database is free (no flush of this store, no other connection's write
+        lock), no purge is due, and this file's fsyncs measure fast (see
+        ``_sqlite_batch._INLINE_FSYNC_BUDGET_S``: the loop blocks for the fsync). Cheaper: no
+        other claim of this store is in flight in this process, so no other write is likely
+        to share the fsync of a group commit; with others in flight, the group commit pays one
+        fsync and one thread hop for the lot.
+        """
+        claims = self._claims
+        if len(claims) > 1 or (claims and key not in claims):
+            return False
+        now = self._clock()
+        if now >= self._next_purge_at:
+            return False
+        parameters = (_COMPLETED, result, now + self._ttl_s, key, owner, _STARTED)
+        try:
+            done = self._batch.try_inline(functools.partial(_execute, _COMPLETE, parameters), sync=True)
+        except sqlite3.Error as error:
+            raise self._store_error("complete", error) from error
+        if done is None:
+            return False
+        self._inline_results += 1
+        claims.discard(key)
+        return True
 
     async def mark_in_doubt(self, key: str, *, owner: str) -> None:
         """Record that the run ``owner`` started was cut short; no-op unless it is ``STARTED``."""
+        self._claims.discard(key)
         expires_at = self._clock() + self._ttl_s
         await self._finish(
             "mark_in_doubt",
@@ -716,6 +834,8 @@ class SQLiteStore:
         which reads in doubt, never as run.
         """
 
+        self._claims.discard(key)
+
         def apply(connection: sqlite3.Connection) -> bool:
             deleted = connection.execute(
                 "DELETE FROM records WHERE key = ? AND owner = ? AND state = ?",
@@ -723,7 +843,16 @@ class SQLiteStore:
             )
             return deleted.rowcount == 1
 
-        return await self._claim_write(apply, "release")
+        done = None
+        if not self._fsync_claims and self._clock() < self._next_purge_at:
+            try:
+                done = self._batch.try_inline(apply)
+            except sqlite3.Error as error:
+                raise self._store_error("release", error) from error
+        if done is not None:
+            self._inline_claims += 1
+            return done[0]
+        return await self._write(apply, operation="release", sync=self._fsync_claims)
 
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""
@@ -993,13 +1122,6 @@ class SQLiteStore:
         )
         return deleted
 
-    def _try_inline(self, apply: Callable[[sqlite3.Connection], _T]) -> tuple[_T] | None:
-        """``GroupCommit.try_inline``, unless a purge is due: the flush that carries the write
-        also purges expired records."""
-        if self._clock() >= self._next_purge_at:
-            return None
-        return self._batch.try_inline(apply)
-
     def _live_record(self, row: tuple[Any, ...], now: float) -> DedupRecord | None:
         """The record of ``row``, or None when it expired. A run whose owner is alive never
         expires: another caller claiming its key would run the tool a second time."""
@@ -1022,6 +1144,10 @@ class SQLiteStore:
             expires_at=expires_at,
             entered=bool(entered),
         )
+
+
+def _execute(statement: str, parameters: tuple[object, ...], connection: sqlite3.Connection) -> None:
+    connection.execute(statement, parameters)
 
 
 def _upload_expired(key: str | None, expires_at: float | None, now: float) -> bool:
