@@ -69,6 +69,8 @@ def build_server(mode: Mode, store: DedupStore | None) -> MCPServer:
                 "commits": counters.commits,
                 "writes": counters.writes,
                 "largest_batch": counters.largest_batch,
+                "inline_claims": counters.inline_claims,
+                "inline_results": counters.inline_results,
             }
         return json.dumps(report)
 
