@@ -83,14 +83,16 @@ async def test_record_replaces_what_begin_would_take_over(store: DedupStore) -> 
 
 async def test_record_and_get_at_once(store: DedupStore) -> None:
     now = records_now(store)
-    assert now is store
+    assert now is not None
     assert now.get_now("k") is None
     assert now.record_now("k", fingerprint="fp", tool="t", owner="a", result=b"r") is None
     found = now.get_now("k")
-    assert found is not None and found is not WOULD_WAIT
+    assert found is not None
+    assert found is not WOULD_WAIT
     assert found.result == b"r"
     again = now.record_now("k", fingerprint="fp", tool="t", owner="b", result=b"x")
-    assert again is not None and again is not WOULD_WAIT
+    assert again is not None
+    assert again is not WOULD_WAIT
     assert again.owner == "a"
 
 
