@@ -22,13 +22,14 @@ import pytest
 import trio
 import trio.testing
 from _counting_server import CountingStore, Wrapped, build
-from mcp import StdioServerParameters
+from mcp import MCPError, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp_types import RequestParamsMeta, TextContent, ToolAnnotations
 
 from rmcp_actors.server import install, rmcp_of, store_key
+from rmcp_actors.server._wire import RATE_LIMITED_CODE
 from rmcp_actors.stores import BeginOutcome, MemoryStore
 
 COUNTING_SERVER = Path(__file__).with_name("_counting_server.py")
@@ -288,3 +289,36 @@ async def test_a_crash_during_a_plain_run_leaves_the_retry_in_doubt(tmp_path: Pa
     assert retry.is_error
     assert (stamp(retry)["ack"], stamp(retry)["code"]) == (False, "in_doubt")
     assert len((tmp_path / "ledger").read_text().splitlines()) == 1
+
+
+async def test_a_refusal_or_a_run_cut_short_records_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    """A tool's "nothing done" refusal (-32023) is not recorded, as a claimed run releases its
+    key; a run cut by max_execution_s records nothing either (no claim to mark in doubt): its
+    caller gets in_doubt, and the retry runs the tool again."""
+    store = CountingStore(clock=trio.current_time)
+    app = MCPServer("t")
+    runs: list[str] = []
+
+    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
+    async def put(label: str) -> str:
+        runs.append(label)
+        if label == "refused" and runs.count("refused") == 1:
+            raise MCPError(RATE_LIMITED_CODE, "over the limit", {"retryAfterMs": 10})
+        if label == "slow" and runs.count("slow") == 1:
+            await trio.sleep(100)
+        return f"put {label}"
+
+    install(app, store=cast(Any, store), max_execution_s=10)
+    async with mcp.Client(InMemoryTransport(app)) as client:
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("put", {"label": "refused"}, meta=meta("r"))
+        again = await client.call_tool("put", {"label": "refused"}, meta=meta("r", 2))
+        cut = await client.call_tool("put", {"label": "slow"}, meta=meta("s"))
+        retried = await client.call_tool("put", {"label": "slow"}, meta=meta("s", 2))
+    assert refused.value.error.code == RATE_LIMITED_CODE
+    assert (text_of(again), stamp(again)["duplicate"]) == ("put refused", False)
+    assert cut.is_error
+    assert stamp(cut)["code"] == "in_doubt"
+    assert (text_of(retried), stamp(retried)["duplicate"]) == ("put slow", False)
+    assert runs == ["refused", "refused", "slow", "slow"]
+    assert store.calls == [("record_now", None), ("record_now", None)]
