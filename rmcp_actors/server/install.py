@@ -114,6 +114,12 @@ def install(
             for larger chunks gets chunks of this size).
         transfer_max_upload_bytes: The largest argument this server accepts as an upload.
 
+    A tool registered on an ``MCPServer`` with ``ToolAnnotations(idempotentHint=True)`` or
+    ``readOnlyHint=True`` runs unclaimed: its outcome is recorded in one store write after the
+    run instead of a claim before it and the result after. Answers are the same, but a crash
+    during such a run leaves no in-doubt record: the retry runs the tool again, as the
+    declaration allows (``docs/protocol.md`` section 5).
+
     Raises:
         RMCPConfigError: RMCP is already installed on ``server``, an option is out of range,
             or ``tasks`` with a store that cannot keep tasks, or with a server that already
