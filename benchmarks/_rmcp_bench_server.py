@@ -6,10 +6,12 @@ Usage::
 
 ``plain`` is a bare ``MCPServer``; ``memory`` and ``sqlite`` install the RMCP server side
 (``install(app, store=...)``) with a ``MemoryStore`` or a ``SQLiteStore`` at ``--store``
-(required for ``sqlite``: pass a fresh file). Every variant serves the same two tools:
+(required for ``sqlite``: pass a fresh file). Every variant serves the same three tools:
 
 * ``echo(text) -> str``: ``async def`` (a sync tool would run in a worker thread) and trivial,
   so that a call measures the server's protocol and RMCP path and nothing else;
+* ``echo_idempotent(text) -> str``: the same, annotated ``idempotentHint=True``: RMCP runs it
+  unclaimed and records its result in one write (``server_overhead.py --idempotent``);
 * ``stats() -> str``: a JSON object with ``cpu_s`` (``time.process_time()``: the CPU time of
   the server process, all threads), ``rmcp`` (``rmcp_of(app).statistics()``, absent on
   ``plain``) and ``store`` (the ``SQLiteStore``'s group-commit counters, on ``sqlite`` only).
@@ -30,6 +32,7 @@ from typing import Any, Literal
 
 import anyio
 from mcp.server.mcpserver import MCPServer
+from mcp_types import ToolAnnotations
 
 from rmcp_actors.server import install, rmcp_of
 from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
@@ -37,6 +40,7 @@ from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
 Mode = Literal["plain", "memory", "sqlite"]
 MODES: tuple[Mode, ...] = ("plain", "memory", "sqlite")
 ECHO_TOOL = "echo"
+IDEMPOTENT_ECHO_TOOL = "echo_idempotent"
 STATS_TOOL = "stats"
 
 
@@ -47,6 +51,11 @@ def build_server(mode: Mode, store: DedupStore | None) -> MCPServer:
     @app.tool()
     async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
         """Return ``text``."""
+        return text
+
+    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
+    async def echo_idempotent(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        """Return ``text`` (declared idempotent)."""
         return text
 
     @app.tool()

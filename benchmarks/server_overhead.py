@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/server_overhead.py [--quick] [--json PATH] [--rounds N]
+    python benchmarks/server_overhead.py [--quick] [--json PATH] [--rounds N] [--progress] [--idempotent]
 
 One process, one ``trio.run``. Four server processes (``_rmcp_bench_server.py``) are started
 once and kept for the whole run, each behind the SDK's raw ``mcp.Client`` with
@@ -34,6 +34,11 @@ figure least moved by the noise of a shared machine.
 the key in two writes (claim, ACK, entered mark) instead of one. Its figures go to
 ``server_overhead_progress.json``.
 
+``--idempotent``: every call goes to ``echo_idempotent``, the same tool annotated
+``idempotentHint=True``: RMCP servers run it unclaimed and record its result in one write
+instead of claim and result. Its figures go to ``server_overhead_idempotent.json`` (with
+``--progress`` as well: ``server_overhead_progress_idempotent.json``).
+
 The figures are written to ``benchmarks/results/server_overhead.json`` (``--json`` elsewhere).
 """
 
@@ -63,7 +68,7 @@ from mcp.types import RequestParamsMeta, TextContent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import Block, Series
 from _results import write_results
-from _rmcp_bench_server import ECHO_TOOL, STATS_TOOL
+from _rmcp_bench_server import ECHO_TOOL, IDEMPOTENT_ECHO_TOOL, STATS_TOOL
 
 from rmcp_actors._protocol import META_KEY, PROTOCOL_VERSION
 
@@ -246,14 +251,15 @@ async def _ignore_progress(progress: float, total: float | None, message: str | 
     """The progress callback of ``--progress`` calls: the early ACK arrives here."""
 
 
-def caller_of(client: Client, *, progress: bool = False) -> Call:
-    """One ``echo`` call through the bare SDK client, with the RMCP ``_meta`` (and, with
-    ``progress``, a progress token: RMCP servers then send an early ACK)."""
+def caller_of(client: Client, *, progress: bool = False, tool: str = ECHO_TOOL) -> Call:
+    """One ``tool`` call (``echo`` or its idempotent twin) through the bare SDK client, with
+    the RMCP ``_meta`` (and, with ``progress``, a progress token: RMCP servers then send an
+    early ACK)."""
     on_progress = _ignore_progress if progress else None
 
     async def call() -> None:
         result = await client.call_tool(
-            ECHO_TOOL,
+            tool,
             {"text": ECHO_TEXT},
             read_timeout_seconds=READ_TIMEOUT_S,
             meta=rmcp_meta(),
@@ -343,11 +349,15 @@ def _delta(after: dict[str, Any], before: dict[str, Any], section: str, key: str
     return int(after[section][key]) - int(before[section][key])
 
 
-async def measure(mode: Mode, progress: Callable[[str], None], *, ask_progress: bool = False) -> list[Row]:
+async def measure(
+    mode: Mode, progress: Callable[[str], None], *, ask_progress: bool = False, tool: str = ECHO_TOOL
+) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="rmcp-bench-") as store_dir:
         async with open_clients(Path(store_dir)) as clients:
-            calls = {name: caller_of(client, progress=ask_progress) for name, client in clients.items()}
+            calls = {
+                name: caller_of(client, progress=ask_progress, tool=tool) for name, client in clients.items()
+            }
             for name, client in clients.items():  # warm-up: tool listing, caches, code paths
                 await check_ack(name, client)
                 await run_block(calls[name], mode.warmup_calls, 1)
@@ -426,6 +436,11 @@ def main() -> None:
     parser.add_argument(
         "--progress", action="store_true", help="every call asks for progress: the early-ACK path"
     )
+    parser.add_argument(
+        "--idempotent",
+        action="store_true",
+        help="every call goes to echo_idempotent (idempotentHint): the unclaimed path",
+    )
     parser.add_argument("--rounds", type=int, help="blocks per variant per row (at least 3)")
     options = parser.parse_args()
     mode = QUICK if options.quick else FULL
@@ -438,12 +453,13 @@ def main() -> None:
         print(message, file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    rows = trio.run(functools.partial(measure, mode, progress, ask_progress=options.progress))
+    tool = IDEMPOTENT_ECHO_TOOL if options.idempotent else ECHO_TOOL
+    rows = trio.run(functools.partial(measure, mode, progress, ask_progress=options.progress, tool=tool))
     wall = time.perf_counter() - started
 
     asking = ", every call asking for progress" if options.progress else ""
     print(
-        f"RMCP server-side overhead over stdio: echo tool, {mode.rounds} interleaved rounds "
+        f"RMCP server-side overhead over stdio: {tool} tool, {mode.rounds} interleaved rounds "
         f"(plain, plain2, memory, sqlite), medians{asking}; "
         f"python {sys.version.split()[0]}, "
         f"{'quick' if options.quick else 'full'} run in {wall:.0f} s; "
@@ -465,10 +481,13 @@ def main() -> None:
     figures = {
         "rounds": mode.rounds,
         "progress": options.progress,
+        "idempotent": options.idempotent,
         "wall_s": wall,
         "rows": [row.summary() for row in rows],
     }
     name = "server_overhead_progress" if options.progress else "server_overhead"
+    if options.idempotent:
+        name += "_idempotent"
     path = write_results(name, figures, quick=options.quick, path=options.json)
     print(f"figures written to {path}")
 

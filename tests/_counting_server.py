@@ -1,7 +1,8 @@
 """A server over stdio whose RMCP store counts its writes, for tests/test_rmcp_store_calls.py.
 
-``python tests/_counting_server.py`` serves ``echo`` (RMCP on a counting MemoryStore) and
-``writes`` (the store calls so far, as JSON; call it without ``_meta.rmcp``).
+``python tests/_counting_server.py`` serves ``echo`` (RMCP on a counting MemoryStore), the
+same tool declared idempotent (``echo_idempotent``: run unclaimed) and ``writes`` (the store
+calls so far, as JSON; call it without ``_meta.rmcp``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import json
 from typing import Any, cast
 
 from mcp.server.mcpserver import MCPServer
+from mcp_types import ToolAnnotations
 
 from rmcp_actors.server import install
-from rmcp_actors.stores import BeginOutcome, DedupStore, MemoryStore
+from rmcp_actors.stores import BeginOutcome, DedupRecord, DedupStore, MemoryStore
 
 
 class Wrapped:
@@ -54,7 +56,8 @@ class Wrapped:
 
 
 class CountingStore(Wrapped):
-    """Records each claim, entered mark and record, by method."""
+    """Records each claim, entered mark and record, by method; it implements ``record_now``
+    and ``get_now`` (reads are not counted), so the server records at once."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -88,12 +91,31 @@ class CountingStore(Wrapped):
         self.calls.append(("complete_now", None))
         return super().complete_now(key, owner=owner, result=result)
 
+    async def record(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | None:
+        self.calls.append(("record", None))
+        return await self.inner.record(key, fingerprint=fingerprint, tool=tool, owner=owner, result=result)
+
+    def record_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | None:
+        self.calls.append(("record_now", None))
+        return self.inner.record_now(key, fingerprint=fingerprint, tool=tool, owner=owner, result=result)
+
+    def get_now(self, key: str) -> DedupRecord | None:
+        return self.inner.get_now(key)
+
 
 def build(store: Any) -> MCPServer:
     app = MCPServer("counting")
 
     @app.tool()
     async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return text
+
+    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
+    async def echo_idempotent(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
         return text
 
     @app.tool()

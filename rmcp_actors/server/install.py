@@ -20,6 +20,7 @@ from .middleware import (
     DEFAULT_RECONCILE_TIMEOUT_S,
     DEFAULT_STORE_TIMEOUT_S,
     CallCheck,
+    Repeatable,
     ResultConverter,
     RMCPServerSide,
 )
@@ -113,6 +114,12 @@ def install(
             for larger chunks gets chunks of this size).
         transfer_max_upload_bytes: The largest argument this server accepts as an upload.
 
+    A tool registered on an ``MCPServer`` with ``ToolAnnotations(idempotentHint=True)`` or
+    ``readOnlyHint=True`` runs unclaimed: its outcome is recorded in one store write after the
+    run instead of a claim before it and the result after. Answers are the same, but a crash
+    during such a run leaves no in-doubt record: the retry runs the tool again, as the
+    declaration allows (``docs/protocol.md`` section 5).
+
     Raises:
         RMCPConfigError: RMCP is already installed on ``server``, an option is out of range,
             or ``tasks`` with a store that cannot keep tasks, or with a server that already
@@ -131,6 +138,7 @@ def install(
         store_timeout_s=store_timeout_s,
         close_store=close_store,
         check_call=_tool_check(server) if isinstance(server, MCPServer) else None,
+        repeatable=_declared_repeatable(server) if isinstance(server, MCPServer) else None,
         reconcilers=dict(reconcilers or {}),
         reconcile_timeout_s=reconcile_timeout_s,
         convert_result=_result_converter(server) if isinstance(server, MCPServer) else None,
@@ -318,6 +326,21 @@ def _tool_check(server: MCPServer[Any]) -> CallCheck:
         return None
 
     return check
+
+
+def _declared_repeatable(server: MCPServer[Any]) -> Repeatable:
+    """Whether ``MCPServer`` registered a tool as idempotent or read-only (its annotations
+    ``idempotentHint``, ``readOnlyHint``): the server author's own declaration, trusted as such
+    (a client's view of annotations is another matter). Looked up per call: tools may be added
+    after installation."""
+    tools = server._tool_manager  # pyright: ignore[reportPrivateUsage]
+
+    def repeatable(name: str) -> bool:
+        tool = tools.get_tool(name)
+        annotations = None if tool is None else tool.annotations
+        return annotations is not None and bool(annotations.idempotent_hint or annotations.read_only_hint)
+
+    return repeatable
 
 
 def _result_converter(server: MCPServer[Any]) -> ResultConverter:

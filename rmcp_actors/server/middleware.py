@@ -61,8 +61,9 @@ from ..stores import (
     OwnerInfo,
     RecordState,
     TaskStore,
+    WouldWait,
 )
-from ..stores._base import immediate
+from ..stores._base import WOULD_WAIT, immediate, records_now
 from ._params import surely_accepted
 from ._wire import StoredOutcome, ack, decode_outcome, encode_outcome, nack, to_wire
 from .reconcile import InDoubtRun, Reconciler, Reconciliation
@@ -86,6 +87,10 @@ from .transfer import (
 __all__ = ["CallCheck", "RMCPServerSide", "ServerStatistics", "store_key"]
 
 _T = TypeVar("_T")
+
+Repeatable = Callable[[str], bool]
+"""Tells whether a second run of a tool is harmless by its own server's declaration (MCP tool
+annotations ``idempotentHint`` or ``readOnlyHint``): its run need not be claimed first."""
 
 CallCheck = Callable[[str, Mapping[str, Any]], "tuple[NackCode, str] | None"]
 """Tells whether the server would refuse a call to ``(tool, arguments)`` without running it:
@@ -362,6 +367,11 @@ class RMCPServerSide:
     )
     close_store: bool = True
     check_call: CallCheck | None = None
+    repeatable: Repeatable | None = None
+    """Tells which tools run unclaimed (see :data:`Repeatable`): a keyed call of one is not
+    claimed before its run, whose outcome is recorded in one write (``DedupStore.record``).
+    A crash during such a run leaves no record: the retry runs the tool again, not ``in_doubt``.
+    """
     reconcilers: dict[str, Reconciler] = attrs.field(factory=dict[str, Reconciler])
     """Per tool name, the reconciler asked about in-doubt runs (see
     :mod:`rmcp_actors.server.reconcile`); may be added to after installation."""
@@ -417,9 +427,13 @@ class RMCPServerSide:
     _active: int = attrs.field(default=0, init=False)
     _aborted: int = attrs.field(default=0, init=False)
     _now: ImmediateStore | None = attrs.field(default=None, init=False)
+    _records_now: ImmediateStore | None = attrs.field(default=None, init=False)
+    _can_record: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._now = immediate(self.store)
+        self._records_now = records_now(self.store)
+        self._can_record = callable(getattr(self.store, "record", None))
         if self.rate_limit_per_s is not None:
             burst = max(1.0, self.rate_limit_per_s)
             self._bucket = _TokenBucket(rate_per_s=self.rate_limit_per_s, burst=burst, tokens=burst)
@@ -621,7 +635,15 @@ class RMCPServerSide:
             )
             if meta.lookup:
                 return await self._look_up(ctx, meta, call)
-            return await self._deduplicated(ctx, call_next, meta, call)
+            # A transfer's result chunks are tied to a claimed key's record: claimed first.
+            unclaimed = (
+                self.repeatable is not None
+                and self._can_record
+                and meta.transfer is None
+                and meta.uploads is None
+                and self.repeatable(tool)
+            )
+            return await self._deduplicated(ctx, call_next, meta, call, unclaimed=unclaimed)
         finally:
             self._active -= 1
             if not self._active and self._idle is not None:
@@ -771,7 +793,13 @@ class RMCPServerSide:
             self._run_ended()
 
     async def _deduplicated(
-        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, meta: RequestMeta, call: _KeyedCall
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        meta: RequestMeta,
+        call: _KeyedCall,
+        *,
+        unclaimed: bool = False,
     ) -> HandlerResult:
         try:
             await self._ensure_owner()
@@ -793,6 +821,14 @@ class RMCPServerSide:
             run = _Run(fingerprint=call_print)
             # Registered before the store is asked, so a local duplicate arriving meanwhile waits.
             self._running[key] = run
+            if unclaimed:
+                ran = await self._run_unclaimed(ctx, call_next, call, run)
+                if isinstance(ran, RMCPStoreError):
+                    return self._unavailable(ctx, meta, ran)
+                if ran:
+                    return self._answer(ctx, run.outcome, meta, duplicate=False)
+                # The key has a record: answered as any call's (replay, conflict, in doubt...),
+                # by a claim that finds it; the run stays registered for local duplicates.
             begun = await self._claim_and_run(ctx, call_next, call, run)
             if isinstance(begun, RMCPStoreError):
                 return self._unavailable(ctx, meta, begun)
@@ -1262,6 +1298,112 @@ class RMCPServerSide:
             self._finish(key, run)
         assert begun is not None  # the scope's deadline is set only after a claim
         return begun
+
+    async def _run_unclaimed(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, call: _KeyedCall, run: _Run
+    ) -> bool | RMCPStoreError:
+        """Run a call to a repeatable tool (see :attr:`repeatable`) without claiming its key:
+        when the store has no live record of it, run the tool as a claimed run is run
+        (shielded, bounded by ``max_execution_s``, early ACK first) and record its outcome in one
+        write. True when it ran (its outcome in ``run``; None when ``max_execution_s`` cut it
+        short: nothing is recorded, there is no claim to mark in doubt); False when the key has
+        a record (``run`` stays registered: claim the key instead); the store's error when the
+        record could not be read (the tool did not run).
+
+        The claim exists so that a crash during the run leaves an in-doubt record and a
+        duplicate in another process waits; for a tool whose second run is harmless by its own
+        server's declaration neither is needed. A record written meanwhile by another process
+        (its run of the key) does not change this run's answer: the tool ran, and its result
+        is valid by that declaration.
+        """
+        key = call.key
+        handed_on = False
+        try:
+            try:
+                found = self._get_now(key)
+                if found is WOULD_WAIT:
+                    found = await self._store_call("get", lambda: self.store.get(key))
+            except RMCPStoreError as error:
+                return error
+            if found is not None:
+                handed_on = True
+                return False
+            run.claimed = True
+            self._run_started()
+            try:
+                with anyio.CancelScope(
+                    shield=True, deadline=anyio.current_time() + self.max_execution_s
+                ) as scope:
+                    acked = run.acked = await self._send_early_ack(ctx, "accepted")
+                    outcome = await self._run_tool(ctx, call_next, acked=acked)
+                    run.outcome = outcome
+                    if not outcome.nothing_done:
+                        # Recorded at once, nothing is awaited: the deadline cannot cut it.
+                        result = encode_outcome(outcome)
+                        existing = self._recorded_unclaimed_now(call, result)
+                        if existing is WOULD_WAIT:
+                            scope.deadline = math.inf
+                            existing = await self._record_unclaimed(call, result)
+                        if existing is not None:
+                            logger.info(
+                                "RMCP: idempotency key %r was recorded by %s while its repeatable "
+                                "tool %r ran here; this run's result answers its caller",
+                                key,
+                                existing.owner,
+                                call.tool,
+                            )
+            finally:
+                self._run_ended()
+            return True
+        finally:
+            if not handed_on:
+                self._finish(key, run)
+
+    def _get_now(self, key: str) -> DedupRecord | WouldWait | None:
+        now = self._records_now
+        if now is None:
+            return WOULD_WAIT
+        try:
+            return now.get_now(key)
+        except RMCPStoreError:
+            raise
+        except Exception as error:
+            raise _store_failure("get", error) from error
+
+    def _recorded_unclaimed_now(self, call: _KeyedCall, result: bytes) -> DedupRecord | WouldWait | None:
+        now = self._records_now
+        if now is None:
+            return WOULD_WAIT
+        try:
+            return now.record_now(
+                call.key, fingerprint=call.fingerprint, tool=call.tool, owner=self.instance_id, result=result
+            )
+        except Exception:
+            logger.warning("RMCP: the dedup store failed in record_now; trying record", exc_info=True)
+            return WOULD_WAIT
+
+    async def _record_unclaimed(self, call: _KeyedCall, result: bytes) -> DedupRecord | None:
+        """Record the outcome of an unclaimed run; a store failure is logged and leaves the key
+        without a record (a retry runs the tool again, harmless by its declaration)."""
+        try:
+            return await self._store_call(
+                "record",
+                lambda: self.store.record(
+                    call.key,
+                    fingerprint=call.fingerprint,
+                    tool=call.tool,
+                    owner=self.instance_id,
+                    result=result,
+                ),
+            )
+        except RMCPStoreError:
+            logger.exception(
+                "RMCP: could not record the outcome of idempotency key %r (tool %r runs unclaimed: "
+                "a retry runs it again)",
+                call.key,
+                call.tool,
+            )
+            return None
 
     async def _run_unkeyed(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext

@@ -7,6 +7,7 @@ re-exported here, and users import from ``rmcp_actors.stores`` only.
 
 import attrs as _attrs
 
+from ._base import WOULD_WAIT as WOULD_WAIT
 from ._base import AbortingStore as AbortingStore
 from ._base import BeginOutcome as BeginOutcome
 from ._base import BlobStore as BlobStore
@@ -20,6 +21,7 @@ from ._base import TaskRecord as TaskRecord
 from ._base import TaskState as TaskState
 from ._base import TaskStore as TaskStore
 from ._base import TransferConflict as TransferConflict
+from ._base import WouldWait as WouldWait
 from .memory import MemoryStore as MemoryStore
 from .memory_journal import MemoryJournal as MemoryJournal
 from .sqlite import SQLiteStore as SQLiteStore
@@ -47,6 +49,8 @@ __all__ = [
     "TaskState",
     "TaskStore",
     "TransferConflict",
+    "WOULD_WAIT",
+    "WouldWait",
 ]
 
 

@@ -18,6 +18,10 @@ enter: :meth:`DedupStore.mark_entered` fails for it).
 A claim whose tool refused the call without doing anything (rate limited) is released
 (:meth:`DedupStore.release`): the record is deleted, and the key is as if never claimed.
 
+A run of a tool that a second run cannot harm (declared idempotent or read-only) may skip the
+claim: its outcome is recorded ``COMPLETED`` in one write (:meth:`DedupStore.record`) where
+no live record exists.
+
 An in-doubt key can be settled by what a reconciler found out
 (:meth:`DedupStore.resolve_in_doubt`): the run happened (its result is stored as
 ``COMPLETED``), or it did not (the key is claimed again, the tool runs now).
@@ -45,8 +49,11 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "TaskStore",
+    "WOULD_WAIT",
     "TransferConflict",
+    "WouldWait",
     "immediate",
+    "records_now",
 ]
 
 
@@ -153,6 +160,21 @@ class DedupStore(Protocol):
         between the two (no early ACK). As :meth:`mark_entered` does, it then claims nothing
         when ``owner`` reads as gone (its lease lapsed, or it was released), and returns
         ``BeginOutcome(claimed=False, existing=None)``.
+        """
+        ...
+
+    async def record(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | None:
+        """Atomically write ``key`` as ``COMPLETED`` by ``owner`` with ``result``, unclaimed: the
+        outcome of a run no claim preceded (a tool declared idempotent or read-only). Written
+        wherever :meth:`begin` would claim the key (absent or expired, or a ``STARTED`` record
+        with this ``fingerprint`` never entered whose owner is gone or is ``owner``), in one
+        write, durable as :meth:`complete` is once this returns; None then. Otherwise nothing
+        changes and the existing live record is returned.
+
+        The server uses it only when the store has it: a store without it gets every run
+        claimed first.
         """
         ...
 
@@ -304,6 +326,17 @@ class TaskRecord:
         return self.state is TaskState.WORKING and not self.owner_alive
 
 
+class WouldWait(enum.Enum):
+    """The answer of an ``ImmediateStore`` method that returns a record or None, when it would
+    have to wait: nothing was done, call the async method (the only member: :data:`WOULD_WAIT`)."""
+
+    WOULD_WAIT = "would_wait"
+
+
+WOULD_WAIT = WouldWait.WOULD_WAIT
+"""See :class:`WouldWait`; compare with ``is``."""
+
+
 class ImmediateStore(DedupStore, Protocol):
     """A dedup store that can often answer the hot path's three calls at once.
 
@@ -319,6 +352,9 @@ class ImmediateStore(DedupStore, Protocol):
     one local commit. A cancel scope per call costs ~9 µs under asyncio and ~12 µs under trio,
     and a worker-thread hop ~55 µs, against a few µs for the work itself
     (``docs/design.md``, "Server-side per-call cost").
+
+    :meth:`record_now` and :meth:`get_now` came later: the server uses them only when the class
+    defines both (:func:`records_now`), and the other three whenever it defines those.
 
     The server uses these methods only when the store's class defines them: a wrapper that
     forwards attributes with ``__getattr__`` is called through its async methods. A subclass
@@ -339,12 +375,36 @@ class ImmediateStore(DedupStore, Protocol):
         """:meth:`DedupStore.complete`, at once; True when done, False when it would wait."""
         ...
 
+    def record_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | WouldWait | None:
+        """:meth:`DedupStore.record`, at once (as durably: fsynced in a durable store); its
+        answer, or :data:`WOULD_WAIT` when it would wait (nothing written).
+
+        Optional, with :meth:`get_now` (see :func:`records_now`)."""
+        ...
+
+    def get_now(self, key: str) -> DedupRecord | WouldWait | None:
+        """:meth:`DedupStore.get`, at once; :data:`WOULD_WAIT` when it would wait."""
+        ...
+
 
 def immediate(store: DedupStore) -> ImmediateStore | None:
     """``store`` when its class implements :class:`ImmediateStore`, else None (attributes
     forwarded by an instance's ``__getattr__`` do not count)."""
     kind = type(store)
     if all(callable(getattr(kind, name, None)) for name in ("begin_now", "mark_entered_now", "complete_now")):
+        return cast(ImmediateStore, store)
+    return None
+
+
+def records_now(store: DedupStore) -> ImmediateStore | None:
+    """``store`` when its class implements :meth:`ImmediateStore.record_now` and
+    :meth:`ImmediateStore.get_now` besides the other three, else None (as :func:`immediate`)."""
+    kind = type(store)
+    if immediate(store) is not None and all(
+        callable(getattr(kind, name, None)) for name in ("record_now", "get_now")
+    ):
         return cast(ImmediateStore, store)
     return None
 

@@ -242,6 +242,22 @@ class GroupCommit:
         self._inline_run += 1
         return (value,)
 
+    def try_read_inline(self, query: Callable[[sqlite3.Connection], _T]) -> tuple[_T] | None:
+        """Run ``query`` here and now on the inline connection, outside any transaction (a
+        reader in WAL mode waits for no writer); None when that is not possible: the file is
+        not open yet (its schema may not exist), the store is closing, or SQLite reports the
+        database busy (it may, briefly, during another connection's WAL recovery). ``query``
+        must exhaust its statements, so that no read transaction stays open."""
+        if self._connection is None or self._closing:
+            return None
+        connection = self._inline or self._open_inline()
+        try:
+            return (query(connection),)
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                return None
+            raise
+
     def _measured(self, seconds: float) -> None:
         """Fold the time one FULL commit took into ``fsync_s``."""
         previous = self._fsync_s

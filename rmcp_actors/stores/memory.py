@@ -256,6 +256,26 @@ class MemoryStore:
         )
         return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
 
+    async def record(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | None:
+        """Write ``key`` as ``COMPLETED`` with ``result``, unclaimed, where :meth:`begin` would
+        claim it (None); else return the live record, changing nothing."""
+        return self.record_now(key, fingerprint=fingerprint, tool=tool, owner=owner, result=result)
+
+    def record_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | None:
+        """:meth:`record`, which never waits."""
+        self._check_open()
+        now = self._clock()
+        existing = self._live_entry(key, now)
+        if existing is not None and not self._claimable(existing, fingerprint, owner, now):
+            return self._to_record(key, existing, now)
+        self._put(key, existing, fingerprint, tool, RecordState.COMPLETED, owner, now, entered=True)
+        self._records[key].result = result
+        return None
+
     async def mark_entered(self, key: str, *, owner: str) -> bool:
         """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
         by ``owner`` (taken over) or ``owner``'s lease lapsed: the tool must not be called then."""
@@ -332,6 +352,10 @@ class MemoryStore:
 
     async def get(self, key: str) -> DedupRecord | None:
         """Return the live record of ``key``, or None when absent or expired."""
+        return self.get_now(key)
+
+    def get_now(self, key: str) -> DedupRecord | None:
+        """:meth:`get`, which never waits."""
         self._check_open()
         now = self._clock()
         entry = self._live_entry(key, now)

@@ -38,6 +38,7 @@ import msgspec
 
 from .._transfer import TransferHandle
 from ..errors import RMCPConfigError, RMCPStoreError, RMCPUnknownOwnerError
+from ._base import WOULD_WAIT as _WOULD_WAIT
 from ._base import (
     BeginOutcome,
     DedupRecord,
@@ -47,6 +48,7 @@ from ._base import (
     TaskRecord,
     TaskState,
     TransferConflict,
+    WouldWait,
 )
 from ._blobs import (
     DEFAULT_MAX_BLOB_BYTES,
@@ -180,6 +182,16 @@ _CLAIM_FRESH_ENTERED = """INSERT INTO records
 
 _MARK_ENTERED = """UPDATE records SET entered = 1 WHERE key = ? AND owner = ? AND state = ?
     AND EXISTS (SELECT 1 FROM owners WHERE instance_id = ? AND released = 0 AND lease_expires_at > ?)"""
+
+# The result of a run no claim preceded (``record``): a fresh key is written by this one
+# statement; a key with a record is read and judged.
+_RECORD_FRESH = """INSERT INTO records
+    (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (key) DO NOTHING"""
+
+_RECORD_OVER = """INSERT OR REPLACE INTO records
+    (key, fingerprint, tool, state, owner, result, created_at, expires_at, entered)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"""
 
 # A run that outlived the TTL must not expire the moment it is recorded.
 _COMPLETE = """UPDATE records SET state = ?, result = ?, expires_at = MAX(expires_at, ?)
@@ -469,12 +481,7 @@ class SQLiteStore:
             return _CLAIMED
         row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
         existing = None if row is None else self._live_record(row, now)
-        if existing is not None and not (
-            existing.state is RecordState.STARTED
-            and not existing.entered
-            and existing.fingerprint == fingerprint
-            and (existing.owner == owner or not existing.owner_alive)
-        ):
+        if existing is not None and not _claimable(existing, fingerprint, owner):
             return BeginOutcome(claimed=False, existing=existing)
         if entered and not _lease_held(connection, owner, now):
             return _NOT_ENTERED
@@ -537,6 +544,66 @@ class SQLiteStore:
             return BeginOutcome(claimed=True, existing=None, taken_over=existing is not None)
 
         return await self._write(apply, operation="abort")
+
+    async def record(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | None:
+        """Write ``key`` as ``COMPLETED`` with ``result``, unclaimed, where :meth:`begin` would
+        claim it (None); else return the live record, changing nothing.
+
+        One write transaction, atomic across processes, committed to disk (``FULL``) once this
+        returns: inline when :meth:`record_now` can, else in a group commit.
+        """
+        found = self.record_now(key, fingerprint=fingerprint, tool=tool, owner=owner, result=result)
+        if found is not _WOULD_WAIT:
+            return found
+        apply = functools.partial(self._record, key, fingerprint, tool, owner, result, None)
+        return await self._write(apply, operation="record")
+
+    def record_now(
+        self, key: str, *, fingerprint: str, tool: str, owner: str, result: bytes
+    ) -> DedupRecord | WouldWait | None:
+        """:meth:`record`, committed (fsynced) here and now on the event loop's thread, when
+        :meth:`complete_now` would commit a result so (and no claim of this store is in flight
+        in this process, whose result could share a group commit); else ``WOULD_WAIT``, changing
+        nothing."""
+        if self._claims:
+            return _WOULD_WAIT
+        now = self._clock()
+        if now >= self._next_purge_at:
+            return _WOULD_WAIT
+        apply = functools.partial(self._record, key, fingerprint, tool, owner, result, now)
+        try:
+            done = self._batch.try_inline(apply, sync=True)
+        except sqlite3.Error as error:
+            raise self._store_error("record", error) from error
+        if done is None:
+            return _WOULD_WAIT
+        self._inline_results += 1
+        return done[0]
+
+    def _record(
+        self,
+        key: str,
+        fingerprint: str,
+        tool: str,
+        owner: str,
+        result: bytes,
+        now: float | None,
+        connection: sqlite3.Connection,
+    ) -> DedupRecord | None:
+        """The write of :meth:`record`; ``now`` None reads the clock under the write lock."""
+        if now is None:
+            now = self._clock()
+        written = (key, fingerprint, tool, _COMPLETED, owner, result, now, now + self._ttl_s)
+        if connection.execute(_RECORD_FRESH, written).rowcount == 1:
+            return None
+        row = connection.execute(_SELECT_RECORD, (key,)).fetchone()
+        existing = None if row is None else self._live_record(row, now)
+        if existing is not None and not _claimable(existing, fingerprint, owner):
+            return existing
+        connection.execute(_RECORD_OVER, written)
+        return None
 
     async def mark_entered(self, key: str, *, owner: str) -> bool:
         """Mark the claim of ``key`` by ``owner`` as entered; False when it is not ``STARTED``
@@ -867,6 +934,22 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as error:
             raise self._store_error("get", error) from error
 
+    def get_now(self, key: str) -> DedupRecord | WouldWait | None:
+        """:meth:`get`, read here and now on the event loop's thread (a read never waits for
+        a writer in WAL mode); ``WOULD_WAIT`` before the store's first write opened the file,
+        or when SQLite reports it busy."""
+        now = self._clock()
+
+        def read(connection: sqlite3.Connection) -> DedupRecord | None:
+            rows = connection.execute(_SELECT_RECORD, (key,)).fetchall()
+            return self._live_record(rows[0], now) if rows else None
+
+        try:
+            done = self._batch.try_read_inline(read)
+        except sqlite3.Error as error:
+            raise self._store_error("get", error) from error
+        return _WOULD_WAIT if done is None else done[0]
+
     async def purge_expired(self) -> int:
         """Delete expired records and tasks, transfers past their lifetime (a result's once its
         key has no record or task, an upload's ``upload_ttl_s`` after it was last opened) with their
@@ -1144,6 +1227,18 @@ class SQLiteStore:
             expires_at=expires_at,
             entered=bool(entered),
         )
+
+
+def _claimable(existing: DedupRecord, fingerprint: str, owner: str) -> bool:
+    """Whether a claim (or an unclaimed record) of ``owner`` may replace the live ``existing``:
+    a claim of the same call that never entered its tool, by ``owner`` itself or by an owner
+    that is gone."""
+    return (
+        existing.state is RecordState.STARTED
+        and not existing.entered
+        and existing.fingerprint == fingerprint
+        and (existing.owner == owner or not existing.owner_alive)
+    )
 
 
 def _execute(statement: str, parameters: tuple[object, ...], connection: sqlite3.Connection) -> None:
