@@ -10,8 +10,8 @@ Usage::
 
 * ``echo(text) -> str``: ``async def`` (a sync tool would run in a worker thread) and trivial,
   so that a call measures the server's protocol and RMCP path and nothing else;
-* ``echo_idempotent(text) -> str``: the same, annotated ``idempotentHint=True``: RMCP runs it
-  unclaimed and records its result in one write (``server_overhead.py --idempotent``);
+* ``echo_read_only(text) -> str``: the same, annotated ``readOnlyHint=True``: RMCP runs it
+  unclaimed and records its result in one write (``server_overhead.py --read-only``);
 * ``stats() -> str``: a JSON object with ``cpu_s`` (``time.process_time()``: the CPU time of
   the server process, all threads), ``rmcp`` (``rmcp_of(app).statistics()``, absent on
   ``plain``) and ``store`` (the ``SQLiteStore``'s group-commit counters, on ``sqlite`` only).
@@ -40,7 +40,7 @@ from rmcp_actors.stores import DedupStore, MemoryStore, SQLiteStore
 Mode = Literal["plain", "memory", "sqlite"]
 MODES: tuple[Mode, ...] = ("plain", "memory", "sqlite")
 ECHO_TOOL = "echo"
-IDEMPOTENT_ECHO_TOOL = "echo_idempotent"
+READ_ONLY_ECHO_TOOL = "echo_read_only"
 STATS_TOOL = "stats"
 
 
@@ -53,9 +53,9 @@ def build_server(mode: Mode, store: DedupStore | None) -> MCPServer:
         """Return ``text``."""
         return text
 
-    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
-    async def echo_idempotent(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
-        """Return ``text`` (declared idempotent)."""
+    @app.tool(annotations=ToolAnnotations(read_only_hint=True))
+    async def echo_read_only(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        """Return ``text`` (declared read-only)."""
         return text
 
     @app.tool()

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/server_overhead.py [--quick] [--json PATH] [--rounds N] [--progress] [--idempotent]
+    python benchmarks/server_overhead.py [--quick] [--json PATH] [--rounds N] [--progress] [--read-only]
 
 One process, one ``trio.run``. Four server processes (``_rmcp_bench_server.py``) are started
 once and kept for the whole run, each behind the SDK's raw ``mcp.Client`` with
@@ -34,10 +34,10 @@ figure least moved by the noise of a shared machine.
 the key in two writes (claim, ACK, entered mark) instead of one. Its figures go to
 ``server_overhead_progress.json``.
 
-``--idempotent``: every call goes to ``echo_idempotent``, the same tool annotated
-``idempotentHint=True``: RMCP servers run it unclaimed and record its result in one write
-instead of claim and result. Its figures go to ``server_overhead_idempotent.json`` (with
-``--progress`` as well: ``server_overhead_progress_idempotent.json``).
+``--read-only``: every call goes to ``echo_read_only``, the same tool annotated
+``readOnlyHint=True``: RMCP servers run it unclaimed and record its result in one write
+instead of claim and result. Its figures go to ``server_overhead_read_only.json`` (with
+``--progress`` as well: ``server_overhead_progress_read_only.json``).
 
 The figures are written to ``benchmarks/results/server_overhead.json`` (``--json`` elsewhere).
 """
@@ -68,7 +68,7 @@ from mcp.types import RequestParamsMeta, TextContent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import Block, Series
 from _results import write_results
-from _rmcp_bench_server import ECHO_TOOL, IDEMPOTENT_ECHO_TOOL, STATS_TOOL
+from _rmcp_bench_server import ECHO_TOOL, READ_ONLY_ECHO_TOOL, STATS_TOOL
 
 from rmcp_actors._protocol import META_KEY, PROTOCOL_VERSION
 
@@ -252,7 +252,7 @@ async def _ignore_progress(progress: float, total: float | None, message: str | 
 
 
 def caller_of(client: Client, *, progress: bool = False, tool: str = ECHO_TOOL) -> Call:
-    """One ``tool`` call (``echo`` or its idempotent twin) through the bare SDK client, with
+    """One ``tool`` call (``echo`` or its read-only twin) through the bare SDK client, with
     the RMCP ``_meta`` (and, with ``progress``, a progress token: RMCP servers then send an
     early ACK)."""
     on_progress = _ignore_progress if progress else None
@@ -437,9 +437,9 @@ def main() -> None:
         "--progress", action="store_true", help="every call asks for progress: the early-ACK path"
     )
     parser.add_argument(
-        "--idempotent",
+        "--read-only",
         action="store_true",
-        help="every call goes to echo_idempotent (idempotentHint): the unclaimed path",
+        help="every call goes to echo_read_only (readOnlyHint): the unclaimed path",
     )
     parser.add_argument("--rounds", type=int, help="blocks per variant per row (at least 3)")
     options = parser.parse_args()
@@ -453,7 +453,7 @@ def main() -> None:
         print(message, file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    tool = IDEMPOTENT_ECHO_TOOL if options.idempotent else ECHO_TOOL
+    tool = READ_ONLY_ECHO_TOOL if options.read_only else ECHO_TOOL
     rows = trio.run(functools.partial(measure, mode, progress, ask_progress=options.progress, tool=tool))
     wall = time.perf_counter() - started
 
@@ -481,13 +481,13 @@ def main() -> None:
     figures = {
         "rounds": mode.rounds,
         "progress": options.progress,
-        "idempotent": options.idempotent,
+        "read_only": options.read_only,
         "wall_s": wall,
         "rows": [row.summary() for row in rows],
     }
     name = "server_overhead_progress" if options.progress else "server_overhead"
-    if options.idempotent:
-        name += "_idempotent"
+    if options.read_only:
+        name += "_read_only"
     path = write_results(name, figures, quick=options.quick, path=options.json)
     print(f"figures written to {path}")
 

@@ -1,7 +1,7 @@
 """A server over stdio whose RMCP store counts its writes, for tests/test_rmcp_store_calls.py.
 
 ``python tests/_counting_server.py`` serves ``echo`` (RMCP on a counting MemoryStore), the
-same tool declared idempotent (``echo_idempotent``: run unclaimed) and ``writes`` (the store
+same tool declared read-only (``echo_read_only``: run unclaimed) and ``writes`` (the store
 calls so far, as JSON; call it without ``_meta.rmcp``).
 """
 
@@ -114,8 +114,8 @@ def build(store: Any) -> MCPServer:
     async def echo(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
         return text
 
-    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
-    async def echo_idempotent(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+    @app.tool(annotations=ToolAnnotations(read_only_hint=True))
+    async def echo_read_only(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
         return text
 
     @app.tool()

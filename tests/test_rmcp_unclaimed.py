@@ -1,4 +1,4 @@
-"""Tools their server declares idempotent or read-only run unclaimed (issue 13): no claim is
+"""Tools their server declares read-only run unclaimed (issue 13): no claim is
 written before the run, the outcome is recorded in one write (``DedupStore.record``), and the
 answers to clients are those of a claimed run: a retry replays, other arguments conflict, a
 local duplicate joins the run. What changes is a crash during the run: no in-doubt record is
@@ -56,7 +56,7 @@ async def effect(label: str) -> str:
         await anyio.sleep(3600)
     return f"done {label}"
 
-@app.tool(annotations=ToolAnnotations(idempotent_hint=True))
+@app.tool(annotations=ToolAnnotations(read_only_hint=True))
 async def put(label: str) -> str:
     return await effect(label)
 
@@ -87,13 +87,13 @@ def text_of(result: Any) -> str:
 
 
 def app_with_runs(store: Any) -> tuple[MCPServer, list[str], trio.Event]:
-    """A counting server with ``put`` (idempotent) and ``pay`` (plain), which log their runs;
-    ``put`` with label "slow" waits for the event."""
+    """A counting server with ``put`` and ``read`` (read-only) and ``set`` (idempotent, not
+    read-only), which log their runs; ``put`` with label "slow" waits for the event."""
     app = build(store)
     runs: list[str] = []
     release = trio.Event()
 
-    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
+    @app.tool(annotations=ToolAnnotations(read_only_hint=True))
     async def put(label: str) -> str:
         runs.append(label)
         if label == "slow":
@@ -105,10 +105,15 @@ def app_with_runs(store: Any) -> tuple[MCPServer, list[str], trio.Event]:
         runs.append(label)
         return f"read {label}"
 
+    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
+    async def set(label: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        runs.append(label)
+        return f"set {label}"
+
     return app, runs, release
 
 
-async def test_an_idempotent_tool_takes_one_write_and_a_plain_one_claim_and_result(
+async def test_a_read_only_tool_takes_one_write_and_a_plain_one_claim_and_result(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = CountingStore(clock=trio.current_time)
@@ -117,12 +122,26 @@ async def test_an_idempotent_tool_takes_one_write_and_a_plain_one_claim_and_resu
         await client.call_tool("echo", {"text": "a"}, meta=meta("plain"))
         assert store.calls == CLAIMED
         store.calls.clear()
-        put = await client.call_tool("echo_idempotent", {"text": "a"}, meta=meta("idem"))
+        put = await client.call_tool("echo_read_only", {"text": "a"}, meta=meta("idem"))
         read = await client.call_tool("read", {"label": "r"}, meta=meta("read"))
     assert (text_of(put), stamp(put)["ack"], stamp(put)["duplicate"]) == ("a", True, False)
     assert text_of(read) == "read r"
     assert store.calls == [("record_now", None), ("record_now", None)]
     assert runs == ["r"]
+
+
+async def test_an_idempotent_tool_that_is_not_read_only_is_claimed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its run may have an effect: a lookup finding no record of an unclaimed key would answer
+    ``aborted`` and hide it from a saga, so it keeps the claim (and in_doubt after a crash)."""
+    store = CountingStore(clock=trio.current_time)
+    app, runs, _ = app_with_runs(store)
+    async with mcp.Client(InMemoryTransport(app)) as client:
+        result = await client.call_tool("set", {"label": "s"}, meta=meta("set"))
+    assert (text_of(result), stamp(result)["ack"]) == ("set s", True)
+    assert store.calls == CLAIMED
+    assert runs == ["s"]
 
 
 async def test_a_retry_is_replayed_and_other_arguments_conflict(
@@ -216,8 +235,8 @@ async def test_a_store_without_record_or_a_low_level_server_claims_first(
 ) -> None:
     store = NoRecord()
     async with mcp.Client(InMemoryTransport(build(store))) as client:
-        result = await client.call_tool("echo_idempotent", {"text": "a"}, meta=meta("k"))
-        retry = await client.call_tool("echo_idempotent", {"text": "a"}, meta=meta("k", 2))
+        result = await client.call_tool("echo_read_only", {"text": "a"}, meta=meta("k"))
+        retry = await client.call_tool("echo_read_only", {"text": "a"}, meta=meta("k", 2))
     assert (text_of(result), stamp(retry)["duplicate"]) == ("a", True)
     assert store.claims == 2
     # Nothing declares a low-level Server's tools.
@@ -226,12 +245,12 @@ async def test_a_store_without_record_or_a_low_level_server_claims_first(
     assert side.repeatable is None
 
 
-async def test_over_stdio_an_idempotent_tool_takes_one_write() -> None:
+async def test_over_stdio_a_read_only_tool_takes_one_write() -> None:
     params = StdioServerParameters(command=sys.executable, args=[str(COUNTING_SERVER)], env=SAME_PACKAGE)
     with trio.fail_after(30):
         async with mcp.Client(params) as client:
-            first = await client.call_tool("echo_idempotent", {"text": "a"}, meta=meta("a"))
-            retry = await client.call_tool("echo_idempotent", {"text": "a"}, meta=meta("a", 2))
+            first = await client.call_tool("echo_read_only", {"text": "a"}, meta=meta("a"))
+            retry = await client.call_tool("echo_read_only", {"text": "a"}, meta=meta("a", 2))
             plain = await client.call_tool("echo", {"text": "b"}, meta=meta("b"))
             writes = json.loads(text_of(await client.call_tool("writes", {})))
     assert (stamp(first)["duplicate"], stamp(retry)["duplicate"], stamp(plain)["duplicate"]) == (
@@ -276,7 +295,7 @@ async def retry_on_a_new_server(folder: Path, tool: str, key: str) -> Any:
             return await client.call_tool(tool, {"label": "x"}, meta=meta(key, 2))
 
 
-async def test_a_crash_during_an_idempotent_run_lets_the_retry_run_it_again(tmp_path: Path) -> None:
+async def test_a_crash_during_a_read_only_run_lets_the_retry_run_it_again(tmp_path: Path) -> None:
     await start_killed_run(tmp_path, "put", "k")
     retry = await retry_on_a_new_server(tmp_path, "put", "k")
     assert (text_of(retry), stamp(retry)["ack"], stamp(retry)["duplicate"]) == ("done x", True, False)
@@ -299,7 +318,7 @@ async def test_a_refusal_or_a_run_cut_short_records_nothing(autojump_clock: trio
     app = MCPServer("t")
     runs: list[str] = []
 
-    @app.tool(annotations=ToolAnnotations(idempotent_hint=True))
+    @app.tool(annotations=ToolAnnotations(read_only_hint=True))
     async def put(label: str) -> str:
         runs.append(label)
         if label == "refused" and runs.count("refused") == 1:

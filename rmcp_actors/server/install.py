@@ -114,9 +114,9 @@ def install(
             for larger chunks gets chunks of this size).
         transfer_max_upload_bytes: The largest argument this server accepts as an upload.
 
-    A tool registered on an ``MCPServer`` with ``ToolAnnotations(idempotentHint=True)`` or
-    ``readOnlyHint=True`` runs unclaimed: its outcome is recorded in one store write after the
-    run instead of a claim before it and the result after. Answers are the same, but a crash
+    A tool registered on an ``MCPServer`` with ``ToolAnnotations(readOnlyHint=True)`` runs
+    unclaimed: its outcome is recorded in one store write after the run instead of a claim
+    before it and the result after. Answers are the same, but a crash
     during such a run leaves no in-doubt record: the retry runs the tool again, as the
     declaration allows (``docs/protocol.md`` section 5).
 
@@ -329,16 +329,17 @@ def _tool_check(server: MCPServer[Any]) -> CallCheck:
 
 
 def _declared_repeatable(server: MCPServer[Any]) -> Repeatable:
-    """Whether ``MCPServer`` registered a tool as idempotent or read-only (its annotations
-    ``idempotentHint``, ``readOnlyHint``): the server author's own declaration, trusted as such
-    (a client's view of annotations is another matter). Looked up per call: tools may be added
-    after installation."""
+    """Whether ``MCPServer`` registered a tool as read-only (``readOnlyHint``): the server
+    author's own declaration, trusted as such. Not ``idempotentHint``: a lookup of an unclaimed
+    key answers ``aborted``, which for a tool with an effect could hide a run that happened
+    (``docs/protocol.md`` section 5). A client's view of annotations is another matter. Looked
+    up per call: tools may be added after installation."""
     tools = server._tool_manager  # pyright: ignore[reportPrivateUsage]
 
     def repeatable(name: str) -> bool:
         tool = tools.get_tool(name)
         annotations = None if tool is None else tool.annotations
-        return annotations is not None and bool(annotations.idempotent_hint or annotations.read_only_hint)
+        return annotations is not None and bool(annotations.read_only_hint)
 
     return repeatable
 
