@@ -79,7 +79,8 @@ def build_server(mode: Mode, store: DedupStore | None) -> MCPServer:
                 "writes": counters.writes,
                 "largest_batch": counters.largest_batch,
                 "inline_claims": counters.inline_claims,
-                "inline_results": counters.inline_results,
+                # Absent from stores before issue 13: the script also measures older checkouts.
+                "inline_results": getattr(counters, "inline_results", 0),
             }
         return json.dumps(report)
 
