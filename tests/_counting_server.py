@@ -11,10 +11,28 @@ import json
 from typing import Any, cast
 
 from mcp.server.mcpserver import MCPServer
-from mcp_types import ToolAnnotations
+from mcp_types import RequestParamsMeta, TextContent, ToolAnnotations
 
 from rmcp_actors.server import install
 from rmcp_actors.stores import BeginOutcome, DedupRecord, DedupStore, MemoryStore
+
+
+def meta(key: str, attempt: int = 1) -> RequestParamsMeta:
+    """The ``_meta`` of a keyed RMCP call (the tests' shared helpers follow)."""
+    return cast(
+        RequestParamsMeta,
+        {"rmcp": {"version": "0.2", "request_id": f"r-{key}", "attempt": attempt, "idempotency_key": key}},
+    )
+
+
+def stamp(result: Any) -> dict[str, Any]:
+    return result.meta["rmcp"]
+
+
+def text_of(result: Any) -> str:
+    content = result.content[0]
+    assert isinstance(content, TextContent)
+    return content.text
 
 
 class Wrapped:

@@ -16,11 +16,10 @@ import mcp
 import pytest
 import trio
 import trio.testing
-from _counting_server import CountingStore, Wrapped, build
+from _counting_server import CountingStore, Wrapped, build, meta, stamp, text_of
 from mcp import StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.server.mcpserver import MCPServer
-from mcp_types import RequestParamsMeta, TextContent
 
 from rmcp_actors.server import install, rmcp_of
 from rmcp_actors.stores import BeginOutcome, MemoryStore
@@ -35,23 +34,6 @@ TWO_WRITES = [("begin_now", False), ("mark_entered_now", None), ("complete_now",
 def wire(app: MCPServer) -> InMemoryTransport:
     """The server behind a real wire in memory (the direct one carries no progress token)."""
     return InMemoryTransport(app)
-
-
-def meta(key: str, attempt: int = 1) -> RequestParamsMeta:
-    return cast(
-        RequestParamsMeta,
-        {"rmcp": {"version": "0.2", "request_id": f"r-{key}", "attempt": attempt, "idempotency_key": key}},
-    )
-
-
-def stamp(result: Any) -> dict[str, Any]:
-    return result.meta["rmcp"]
-
-
-def text_of(result: Any) -> str:
-    content = result.content[0]
-    assert isinstance(content, TextContent)
-    return content.text
 
 
 class Progress:

@@ -21,12 +21,12 @@ import mcp
 import pytest
 import trio
 import trio.testing
-from _counting_server import CountingStore, Wrapped, build
+from _counting_server import CountingStore, Wrapped, build, meta, stamp, text_of
 from mcp import MCPError, StdioServerParameters
 from mcp.client._memory import InMemoryTransport
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
-from mcp_types import RequestParamsMeta, TextContent, ToolAnnotations
+from mcp_types import ToolAnnotations
 
 from rmcp_actors.server import install, rmcp_of, store_key
 from rmcp_actors.server._wire import RATE_LIMITED_CODE
@@ -67,23 +67,6 @@ async def pay(label: str) -> str:
 install(app, store=SQLiteStore(folder / "rmcp.sqlite"))
 app.run()
 """
-
-
-def meta(key: str, attempt: int = 1) -> RequestParamsMeta:
-    return cast(
-        RequestParamsMeta,
-        {"rmcp": {"version": "0.2", "request_id": f"r-{key}", "attempt": attempt, "idempotency_key": key}},
-    )
-
-
-def stamp(result: Any) -> dict[str, Any]:
-    return result.meta["rmcp"]
-
-
-def text_of(result: Any) -> str:
-    content = result.content[0]
-    assert isinstance(content, TextContent)
-    return content.text
 
 
 def app_with_runs(store: Any) -> tuple[MCPServer, list[str], trio.Event]:
