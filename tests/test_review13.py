@@ -5,6 +5,7 @@ time."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sqlite3
@@ -22,7 +23,7 @@ from mcp_types import RequestParamsMeta, TextContent
 
 from rmcp_actors import RMCPStoreError
 from rmcp_actors.server import install
-from rmcp_actors.stores import BeginOutcome, OwnerInfo, SQLiteStore
+from rmcp_actors.stores import BeginOutcome, OwnerInfo, SQLiteStore, _sqlite_batch
 
 
 def meta(key: str, attempt: int = 1) -> RequestParamsMeta:
@@ -73,23 +74,30 @@ async def test_a_claim_committed_after_the_store_timeout_is_run_by_the_retry(
     async with mcp.Client(InMemoryTransport(app)) as client:
         refused = await client.call_tool("pay", {"label": "x"}, meta=meta("k"))
         retry = await client.call_tool("pay", {"label": "x"}, meta=meta("k", 2))
-    assert refused.meta is not None and refused.meta["rmcp"]["code"] == "unavailable"
+    assert refused.meta is not None
+    assert refused.meta["rmcp"]["code"] == "unavailable"
     assert retry.meta is not None
     assert retry.meta["rmcp"].get("code") is None, retry.meta["rmcp"]
     content = retry.content[0]
-    assert isinstance(content, TextContent) and content.text == "paid"
+    assert isinstance(content, TextContent)
+    assert content.text == "paid"
     assert runs == ["x"]
 
 
-async def test_a_claim_whose_entered_mark_failed_is_no_longer_in_flight(tmp_path: Path) -> None:
+async def test_a_claim_whose_entered_mark_failed_is_no_longer_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The server NACKs a call whose entered mark failed and never records its key: counted in
     flight for ever, it would send every later result through the worker thread."""
+    # This file's fsyncs may measure slow on a loaded machine: results inline regardless.
+    monkeypatch.setattr(_sqlite_batch, "_INLINE_FSYNC_BUDGET_S", math.inf)
     path = tmp_path / "dedup.db"
     store = SQLiteStore(path, busy_timeout_s=0)
     await store.register_owner(OwnerInfo(instance_id="a", pid=os.getpid(), host=socket.gethostname()), 30.0)
     try:
         claimed = store.begin_now("stuck", fingerprint="fp", tool="tool", owner="a")
-        assert claimed is not None and claimed.claimed
+        assert claimed is not None
+        assert claimed.claimed
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
@@ -99,7 +107,8 @@ async def test_a_claim_whose_entered_mark_failed_is_no_longer_in_flight(tmp_path
             other.execute("ROLLBACK")
             other.close()
         claimed = store.begin_now("k", fingerprint="fp", tool="tool", owner="a")
-        assert claimed is not None and claimed.claimed
+        assert claimed is not None
+        assert claimed.claimed
         assert store.mark_entered_now("k", owner="a") is True
         assert store.complete_now("k", owner="a", result=b"r")
     finally:
