@@ -1254,9 +1254,13 @@ class RMCPServerSide:
                 bound = anyio.current_time() + self.max_execution_s
             with anyio.CancelScope(shield=True, deadline=bound) as scope:
                 if begun is None:
+                    # Awaited, a claim may commit after store_timeout_s gave up on it: written
+                    # entered, it would read as a run that may have happened (in doubt) though
+                    # the tool never ran. Not entered, a retry claims it again and runs it.
+                    one_write = False
                     try:
                         if reclaim is None:
-                            begun = await self._store_call("begin", self._begin(call, entered=one_write))
+                            begun = await self._store_call("begin", self._begin(call, entered=False))
                         else:
                             begun = await self._store_call("resolve_in_doubt", reclaim)
                     except RMCPStoreError as error:

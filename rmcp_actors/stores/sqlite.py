@@ -615,7 +615,12 @@ class SQLiteStore:
         entered = self.mark_entered_now(key, owner=owner)
         if entered is None:
             apply = functools.partial(self._mark_entered, key, owner)
-            entered = await self._write(apply, operation="mark_entered", sync=self._fsync_claims)
+            try:
+                entered = await self._write(apply, operation="mark_entered", sync=self._fsync_claims)
+            except BaseException:
+                # The server runs no claim whose entered mark failed: not in flight.
+                self._claims.discard(key)
+                raise
             if not entered:
                 self._claims.discard(key)
         return entered
@@ -628,6 +633,7 @@ class SQLiteStore:
         try:
             done = self._batch.try_inline(functools.partial(self._mark_entered, key, owner))
         except sqlite3.Error as error:
+            self._claims.discard(key)
             raise self._store_error("mark_entered", error) from error
         if done is None:
             return None
