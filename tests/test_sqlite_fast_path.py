@@ -25,6 +25,18 @@ from rmcp_actors.stores import OwnerInfo, RecordState, SQLiteStore, _sqlite_batc
 from rmcp_actors.stores._base import immediate
 
 LEASE_S = 30.0
+#: The slow-fsync guard's budget, pinned away in every test but the guard's own: a loaded machine
+#: fsyncs in over 2 ms at times, which turns inline results off (as it should) and would make
+#: these tests depend on the disk.
+REAL_FSYNC_BUDGET_S = _sqlite_batch._INLINE_FSYNC_BUDGET_S  # pyright: ignore[reportPrivateUsage]
+PIN_BUDGET = (
+    "from rmcp_actors.stores import _sqlite_batch; _sqlite_batch._INLINE_FSYNC_BUDGET_S = float('inf')"
+)
+
+
+@pytest.fixture(autouse=True)
+def fsync_budget_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_sqlite_batch, "_INLINE_FSYNC_BUDGET_S", float("inf"))
 
 
 def owner_info(instance_id: str = "a") -> OwnerInfo:
@@ -109,6 +121,7 @@ CHILD = """
 import os, signal, socket, sys
 import anyio
 from rmcp_actors.stores import OwnerInfo, SQLiteStore
+PIN_BUDGET
 
 async def main() -> None:
     store = SQLiteStore(sys.argv[1])
@@ -134,7 +147,10 @@ anyio.run(main)  # asyncio: the store must not depend on trio
 async def test_claims_committed_at_once_survive_a_crash_of_the_process(tmp_path: Path) -> None:
     path = tmp_path / "dedup.db"
     completed = await trio.run_process(
-        [sys.executable, "-c", CHILD, str(path)], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-c", CHILD.replace("PIN_BUDGET", PIN_BUDGET), str(path)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert completed.returncode == -signal.SIGKILL, completed.stderr.decode()
     store = SQLiteStore(path)
@@ -163,6 +179,7 @@ CHILD_RESULT = """
 import os, signal, socket, sys
 import anyio
 from rmcp_actors.stores import OwnerInfo, SQLiteStore
+PIN_BUDGET
 
 async def main() -> None:
     store = SQLiteStore(sys.argv[1])
@@ -179,7 +196,10 @@ anyio.run(main)
 async def test_a_result_committed_at_once_survives_a_crash_of_the_process(tmp_path: Path) -> None:
     path = tmp_path / "dedup.db"
     completed = await trio.run_process(
-        [sys.executable, "-c", CHILD_RESULT, str(path)], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-c", CHILD_RESULT.replace("PIN_BUDGET", PIN_BUDGET), str(path)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert completed.returncode == -signal.SIGKILL, completed.stderr.decode()
     assert stored(path, "k") == (RecordState.COMPLETED.value, 1, b"result")
@@ -313,6 +333,7 @@ async def test_a_slow_fsync_keeps_results_off_the_event_loop(
         # Each reading is step later than the one before: every commit measures step.
         return next(ticks) * step[0]
 
+    monkeypatch.setattr(_sqlite_batch, "_INLINE_FSYNC_BUDGET_S", REAL_FSYNC_BUDGET_S)
     monkeypatch.setattr(_sqlite_batch, "_timer", timer)
     store = SQLiteStore(tmp_path / "dedup.db")
     try:

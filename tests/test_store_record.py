@@ -22,6 +22,7 @@ from rmcp_actors.stores import (
     OwnerInfo,
     RecordState,
     SQLiteStore,
+    _sqlite_batch,
 )
 from rmcp_actors.stores._base import records_now
 
@@ -30,6 +31,13 @@ LEASE_S = 30.0
 
 def owner_info(instance_id: str) -> OwnerInfo:
     return OwnerInfo(instance_id=instance_id, pid=os.getpid(), host=socket.gethostname())
+
+
+@pytest.fixture(autouse=True)
+def fsync_budget_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No slow-fsync guard: a loaded machine fsyncs in over 2 ms at times, which turns inline
+    results off (as it should) and would make these tests depend on the disk."""
+    monkeypatch.setattr(_sqlite_batch, "_INLINE_FSYNC_BUDGET_S", float("inf"))
 
 
 @pytest.fixture(params=["memory", "sqlite"])
