@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n auto --durations=15
 	# Last line: "client scenarios passed: N/M"; fails on a scenario outside conformance/expected-failures.txt.
 	$(PY) scripts/conformance.py
 
