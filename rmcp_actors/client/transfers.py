@@ -637,21 +637,7 @@ async def fetch_results(
                 await _read_payload(link, handle, policy.parallel, pacer, counts, meter, ordered)
                 if growing is not None:
                     content[index] = _rebuild(item, growing.finish())
-                statistics.append(
-                    TransferStatistics(
-                        direction="result",
-                        where=where,
-                        transfer_id=handle.id,
-                        size=handle.size,
-                        sha256=handle.sha256,
-                        chunks=handle.chunk_count,
-                        bytes_moved=counts.bytes_moved,
-                        refetched=counts.refetched,
-                        reconnects=counts.reconnects,
-                        elapsed_s=anyio.current_time() - started,
-                        sink=described,
-                    )
-                )
+                statistics.append(_result_statistics(handle, where, counts, started, described))
                 record(
                     RequestState.TRANSFER,
                     f"{where} verified ({counts.refetched} chunk(s) read again, "
@@ -731,7 +717,19 @@ async def fetch_structured(
         if isinstance(error, RMCPTransferError):
             raise
         raise _result_error(error, where, None, result, counts, record) from error
-    statistics = TransferStatistics(
+    statistics = _result_statistics(handle, where, counts, started)
+    return attrs.evolve(
+        result,
+        structured_content=cast("dict[str, Any]", structured),
+        transfers=(*result.transfers, statistics),
+    )
+
+
+def _result_statistics(
+    handle: TransferHandle, where: str, counts: _Counts, started: float, sink: str | None = None
+) -> TransferStatistics:
+    """What reading one result payload took, for ``CallResult.transfers``."""
+    return TransferStatistics(
         direction="result",
         where=where,
         transfer_id=handle.id,
@@ -742,11 +740,7 @@ async def fetch_structured(
         refetched=counts.refetched,
         reconnects=counts.reconnects,
         elapsed_s=anyio.current_time() - started,
-    )
-    return attrs.evolve(
-        result,
-        structured_content=cast("dict[str, Any]", structured),
-        transfers=(*result.transfers, statistics),
+        sink=sink,
     )
 
 
