@@ -201,6 +201,17 @@ def _store_failure(operation: str, error: Exception) -> RMCPStoreError:
     )
 
 
+def _at_once(operation: str, call: Callable[[], _T]) -> _T:
+    """Run one ``*_now`` store call; a failure of the store's own is raised as
+    :class:`RMCPStoreError` naming ``operation``, as :meth:`RMCPServerSide._store_call` does."""
+    try:
+        return call()
+    except RMCPStoreError:
+        raise
+    except Exception as error:
+        raise _store_failure(operation, error) from error
+
+
 def _tool_and_arguments(params: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     name = params.get("name")
     raw_arguments = params.get("arguments")
@@ -1088,28 +1099,21 @@ class RMCPServerSide:
         now = self._now
         if now is None:
             return None
-        try:
-            return now.begin_now(
+        return _at_once(
+            "begin",
+            lambda: now.begin_now(
                 call.key,
                 fingerprint=call.fingerprint,
                 tool=call.tool,
                 owner=self.instance_id,
                 entered=entered,
-            )
-        except RMCPStoreError:
-            raise
-        except Exception as error:
-            raise _store_failure("begin", error) from error
+            ),
+        )
 
     async def _mark_entered(self, key: str) -> bool:
         now = self._now
         if now is not None:
-            try:
-                entered = now.mark_entered_now(key, owner=self.instance_id)
-            except RMCPStoreError:
-                raise
-            except Exception as error:
-                raise _store_failure("mark_entered", error) from error
+            entered = _at_once("mark_entered", lambda: now.mark_entered_now(key, owner=self.instance_id))
             if entered is not None:
                 return entered
         return await self._store_call(
@@ -1367,12 +1371,7 @@ class RMCPServerSide:
         now = self._records_now
         if now is None:
             return WOULD_WAIT
-        try:
-            return now.get_now(key)
-        except RMCPStoreError:
-            raise
-        except Exception as error:
-            raise _store_failure("get", error) from error
+        return _at_once("get", lambda: now.get_now(key))
 
     def _recorded_unclaimed_now(self, call: _KeyedCall, result: bytes) -> DedupRecord | WouldWait | None:
         now = self._records_now
